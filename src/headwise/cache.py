@@ -1,0 +1,167 @@
+"""The heterogeneous KV cache: per layer, one store per group of KV heads that share a policy.
+
+``HeadwiseCache`` is a transformers ``Cache`` (so ``model(..., past_key_values=cache)`` works and the model's
+own bookkeeping, such as ``get_seq_length``, is right), but its layers do not concatenate keys in
+``update``: they hold the chunk until headwise's attention function (``attention.py``) attends over the
+stores plus the chunk and commits the chunk into each group's store. Every group stores only what its policy
+needs: a ``full`` head grows with the sequence, a ``streaming`` head is a fixed ring buffer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from headwise.plan import HeadPlan, resolve
+from headwise.policies import Policy
+from headwise.spec import ModelSpec
+
+
+@dataclass
+class HeadGroup:
+    """KV heads of one layer sharing one policy (equal policies are grouped, so one kernel call each)."""
+
+    policy: Policy
+    kv_heads: list[int]
+    q_index: torch.Tensor  # query heads of these KV heads, GQA order
+    kv_index: torch.Tensor
+    store: Any = None
+
+
+class HeadwiseLayer(CacheLayerMixin):
+    """One layer: its head groups, and the chunk waiting to be attended and committed."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, layer_idx: int, groups: list[HeadGroup], native_window: int | None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.groups = groups
+        self.native_window = native_window
+        self.seen = 0  # tokens committed
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        # The attention function commits; update only hands the chunk through.
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        for g in self.groups:
+            g.store = None
+        self.seen = 0
+
+
+def group_heads(policies: list[Policy], group_size: int, device: torch.device) -> list[HeadGroup]:
+    """Group the KV heads of one layer by equal policy."""
+    groups: dict[Policy, list[int]] = {}
+    for h, p in enumerate(policies):
+        groups.setdefault(p, []).append(h)
+    out = []
+    for policy, heads in groups.items():
+        q_idx = [h * group_size + j for h in heads for j in range(group_size)]
+        out.append(
+            HeadGroup(
+                policy,
+                heads,
+                torch.tensor(q_idx, dtype=torch.long, device=device),
+                torch.tensor(heads, dtype=torch.long, device=device),
+            )
+        )
+    return out
+
+
+class HeadwiseCache(Cache):
+    """Per-head KV cache of one batch of sequences that advance together (same length)."""
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        plan: HeadPlan,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch: int = 1,
+        use_kernels: bool | None = None,
+    ):
+        plan.check_model(spec)
+        device = torch.device(device)
+        layers = []
+        for i, row in enumerate(resolve(plan.policies(), spec)):
+            groups = group_heads(row, spec.group_size, device)
+            layers.append(HeadwiseLayer(i, groups, spec.layer_windows[i]))
+        super().__init__(layers=layers)
+        self.spec, self.plan = spec, plan
+        self.device, self.dtype, self.batch = device, dtype, batch
+        self.use_kernels = (device.type == "cuda") if use_kernels is None else use_kernels
+        self.shared: dict[str, Any] = {}  # cross-layer state (TidalDecode positions)
+        self.decode_step = 0
+        self.reserved = 0
+
+    # ------------------------------------------------------------------ storage
+    def reserve(self, total_tokens: int) -> None:
+        """Pre-allocate growing stores for ``total_tokens`` (prompt + generation), so they hold exactly that."""
+        self.reserved = total_tokens
+        for layer in self.layers:
+            for g in layer.groups:
+                self._ensure_store(g)
+                if hasattr(g.store, "reserve"):
+                    g.store.reserve(total_tokens)
+
+    def _ensure_store(self, g: HeadGroup) -> Any:
+        if g.store is None:
+            g.store = g.policy.make_store(self.batch, len(g.kv_heads), self.spec.head_dim, self.device, self.dtype)
+        return g.store
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.layers[layer_idx].seen if self.layers else 0
+
+    # ------------------------------------------------------------------ accounting
+    def kv_bytes_by_head(self) -> torch.Tensor:
+        """Bytes held by K/V tensors, ``[layers, kv_heads]`` (a group's bytes split evenly over its heads)."""
+        out = torch.zeros(self.spec.num_layers, self.spec.num_kv_heads, dtype=torch.long)
+        for i, layer in enumerate(self.layers):
+            for g in layer.groups:
+                if g.store is None:
+                    continue
+                nbytes = sum(t.numel() * t.element_size() for t in g.store.tensors())
+                for h in g.kv_heads:
+                    out[i, h] = nbytes // len(g.kv_heads)
+        return out
+
+    def kv_bytes(self) -> int:
+        """Exact bytes held by every tensor of every store (keys, values, metadata)."""
+        total = 0
+        for layer in self.layers:
+            for g in layer.groups:
+                if g.store is not None:
+                    total += sum(t.numel() * t.element_size() for t in g.store.tensors())
+        return total
+
+    def all_tensors(self) -> list[torch.Tensor]:
+        return [t for layer in self.layers for g in layer.groups if g.store is not None for t in g.store.tensors()]
+
+
+@dataclass
+class CacheStats:
+    tokens: int
+    kv_bytes: int
+    dense_kv_bytes: int
+    per_layer: list[int] = field(default_factory=list)
+
+    @property
+    def fraction(self) -> float:
+        return self.kv_bytes / max(1, self.dense_kv_bytes)

@@ -1,0 +1,196 @@
+"""Head plans: which attention policy each (layer, KV head) of a model uses.
+
+File format (JSON, ``"format": "headwise-plan"``, ``"version": 1``)::
+
+    {
+      "format": "headwise-plan",
+      "version": 1,
+      "model": {"architecture": "llama", "num_layers": 30, "num_q_heads": 9,
+                "num_kv_heads": 3, "head_dim": 64, "name": "smollm2-135m"},
+      "layers": [                                   # num_layers lists of num_kv_heads entries
+        [{"policy": "full"},
+         {"policy": "streaming", "params": {"sink": 64, "window": 256}},
+         {"policy": "vertical_slash", "params": {...}, "decode": {"policy": "page_topk", "params": {...}}}],
+        ...
+      ],
+      "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...}   # free-form, informational
+    }
+
+Policies are per *KV head*: with GQA, the query heads sharing a KV head share its cache, so they share its
+policy. ``model`` is the fingerprint the plan was made for; loading it onto another model fails with the
+first mismatch named. Plans are saved atomically (temporary file + rename), so an interrupted save never
+leaves a half-written plan.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headwise.errors import PlanError
+from headwise.policies import Policy, build_policy
+from headwise.spec import ModelSpec
+
+FORMAT = "headwise-plan"
+VERSION = 1
+_FINGERPRINT_KEYS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+
+
+@dataclass
+class HeadPlan:
+    model: dict[str, Any]
+    layers: list[list[dict[str, Any]]]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def uniform(cls, spec: ModelSpec, head: dict[str, Any], name: str = "", **meta: Any) -> HeadPlan:
+        build_policy(head)  # validate once
+        layers = [[json.loads(json.dumps(head)) for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)]
+        model = dict(spec.fingerprint())
+        if name:
+            model["name"] = name
+        return cls(model, layers, dict(meta))
+
+    @classmethod
+    def dense(cls, spec: ModelSpec, name: str = "") -> HeadPlan:
+        """Every head full attention (native sliding-window layers keep their window: see ``resolve``)."""
+        return cls.uniform(spec, {"policy": "full"}, name, created_by="headwise plan dense")
+
+    @classmethod
+    def from_policies(cls, spec: ModelSpec, policies: list[list[Policy]], name: str = "", **meta: Any) -> HeadPlan:
+        layers = [[p.to_spec() for p in row] for row in policies]
+        model = dict(spec.fingerprint())
+        if name:
+            model["name"] = name
+        plan = cls(model, layers, dict(meta))
+        plan.check_shape()
+        return plan
+
+    # ----------------------------------------------------------------- I/O
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers, "meta": self.meta}
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "plan") -> HeadPlan:
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise PlanError(f"{source} is not a headwise plan (expected \"format\": \"{FORMAT}\")")
+        if data.get("version") != VERSION:
+            raise PlanError(f"{source} has plan version {data.get('version')!r}; this headwise reads version {VERSION}")
+        model, layers = data.get("model"), data.get("layers")
+        if not isinstance(model, dict) or any(k not in model for k in _FINGERPRINT_KEYS):
+            raise PlanError(f"{source}: 'model' must give {', '.join(_FINGERPRINT_KEYS)}")
+        if not isinstance(layers, list) or not all(isinstance(row, list) for row in layers):
+            raise PlanError(f"{source}: 'layers' must be a list of per-layer lists of head entries")
+        plan = cls(model, layers, dict(data.get("meta") or {}))
+        plan.check_shape()
+        plan.policies()  # every entry must name a known policy with valid parameters
+        return plan
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HeadPlan:
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except FileNotFoundError:
+            raise PlanError(f"plan file {p} does not exist") from None
+        except OSError as exc:
+            raise PlanError(f"cannot read plan file {p}: {exc.strerror}") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan file {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        return cls.from_dict(data, source=f"plan file {p}")
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write atomically: a crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(self.to_dict(), fh, indent=1)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, p)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return p
+
+    # ----------------------------------------------------------------- checks
+    def check_shape(self) -> None:
+        n_layers, n_kv = int(self.model["num_layers"]), int(self.model["num_kv_heads"])
+        if len(self.layers) != n_layers:
+            raise PlanError(f"plan lists {len(self.layers)} layers but its model header says {n_layers}")
+        for i, row in enumerate(self.layers):
+            if len(row) != n_kv:
+                raise PlanError(f"plan layer {i} lists {len(row)} KV heads but its model header says {n_kv}")
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Fail with the first difference between the plan's fingerprint and the model's."""
+        fp = spec.fingerprint()
+        for key in _FINGERPRINT_KEYS:
+            if key == "architecture":
+                continue  # same shapes, different arch names (gemma3 vs gemma3_text) are fine
+            if int(self.model[key]) != int(fp[key]):
+                name = self.model.get("name", "another model")
+                raise PlanError(
+                    f"plan was made for {name} with {key}={self.model[key]}, but this model has {key}={fp[key]}"
+                )
+
+    def policies(self) -> list[list[Policy]]:
+        return [
+            [build_policy(head, where=f"layer {i} KV head {j}") for j, head in enumerate(row)]
+            for i, row in enumerate(self.layers)
+        ]
+
+    # ----------------------------------------------------------------- summaries
+    def digest(self) -> str:
+        """Short hash of the plan's heads (not its metadata): names a plan in results."""
+        blob = json.dumps({"model": {k: self.model[k] for k in _FINGERPRINT_KEYS}, "layers": self.layers}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(h["policy"] for row in self.layers for h in row))
+
+    def kv_tokens(self, spec: ModelSpec, seq_len: int) -> int:
+        """Token slots held (summed over layers and KV heads) after ``seq_len`` tokens."""
+        total = 0
+        for i, row in enumerate(resolve(self.policies(), spec)):
+            total += sum(p.kv_tokens(seq_len) for p in row)
+            del i
+        return total
+
+    def kv_fraction(self, spec: ModelSpec, seq_len: int) -> float:
+        """KV memory of this plan over the dense plan's, after ``seq_len`` tokens."""
+        return self.kv_tokens(spec, seq_len) / max(1, spec.dense_kv_tokens(seq_len))
+
+    def summary(self, spec: ModelSpec | None = None, seq_len: int | None = None) -> str:
+        parts = [f"{n}×{name}" for name, n in sorted(self.counts().items())]
+        text = ", ".join(parts)
+        if spec is not None and seq_len:
+            text += f" — {100 * self.kv_fraction(spec, seq_len):.1f}% of dense KV at {seq_len} tokens"
+        return text
+
+
+def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]:
+    """Apply the model's own sliding windows: on a layer with native window W, ``full`` means
+    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs)."""
+    from headwise.policies import Full, Streaming
+
+    out = []
+    for i, row in enumerate(policies):
+        window = spec.layer_windows[i] if i < len(spec.layer_windows) else None
+        if window is None:
+            out.append(list(row))
+        else:
+            out.append([Streaming(sink=0, window=window) if isinstance(p, Full) else p for p in row])
+    return out

@@ -1,0 +1,134 @@
+"""The contract every attention policy follows, and the reference attention they share.
+
+A policy decides, for one group of KV heads of one layer, what the cache stores (``make_store``) and how the
+group's query heads attend (``attend``). ``attend`` receives the chunk's queries and the chunk's new keys and
+values, attends over what the store holds plus the chunk, then commits the chunk to the store. Policies know
+nothing of models: only tensors, positions and their own parameters.
+
+Shapes: ``q: [batch, q_heads, q_len, head_dim]`` (the group's query heads, GQA order: the ``r`` query heads
+of KV head 0, then those of KV head 1, ...), ``k, v: [batch, kv_heads, q_len, head_dim]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from headwise.errors import PlanError
+
+
+class KVStore(Protocol):
+    def tensors(self) -> list[torch.Tensor]: ...
+
+
+@dataclass
+class AttendContext:
+    """What a policy may know about the call: where the chunk starts, the scale, the layer.
+
+    ``shared`` is one dict per cache (per sequence batch), for policies whose state crosses layers
+    (TidalDecode's persistent positions); ``step`` counts decode steps (Recycled Attention's refresh).
+    """
+
+    start: int
+    scale: float
+    layer_idx: int = 0
+    native_window: int | None = None
+    shared: dict[str, Any] = field(default_factory=dict)
+    step: int = 0
+    use_kernels: bool = False
+
+    @property
+    def is_decode(self) -> bool:
+        return False
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base class: a frozen dataclass of parameters (each field documented) plus behaviour."""
+
+    name: ClassVar[str] = "base"
+    paper: ClassVar[str] = ""
+
+    def validate(self) -> None:
+        """Raise ``PlanError`` on parameters that make no sense."""
+
+    def params(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Policy):
+                continue
+            out[f.name] = value
+        return out
+
+    def to_spec(self) -> dict[str, Any]:
+        spec: dict[str, Any] = {"policy": self.name}
+        params = self.params()
+        if params:
+            spec["params"] = params
+        decode = getattr(self, "decode", None)
+        if isinstance(decode, Policy):
+            spec["decode"] = decode.to_spec()
+        return spec
+
+    def kv_tokens(self, seq_len: int) -> int:
+        """Token slots one KV head holds after ``seq_len`` tokens (what the memory budget counts)."""
+        raise NotImplementedError
+
+    def make_store(
+        self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
+    ) -> KVStore:
+        raise NotImplementedError
+
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, store: Any, ctx: AttendContext
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def short(self) -> str:
+        """A few characters for tables and heatmap legends."""
+        return self.name
+
+
+def check_positive(policy: Policy, **values: int) -> None:
+    for key, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise PlanError(f"policy '{policy.name}': parameter '{key}' must be a non-negative integer, got {value!r}")
+
+
+def causal_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_start: int, scale: float
+) -> torch.Tensor:
+    """Exact causal attention of a chunk over everything before it.
+
+    q: [B, Hq, L, D] at positions ``q_start .. q_start+L-1``; k, v: [B, Hkv, S, D] at positions ``0 .. S-1``
+    with ``S == q_start + L``. Returns [B, Hq, L, D].
+    """
+    L, S = q.shape[2], k.shape[2]
+    gqa = q.shape[1] != k.shape[1]
+    if L == S:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    if L == 1:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    q_pos = torch.arange(q_start, q_start + L, device=q.device)
+    mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq, L, S]`` (True = attend)."""
+    gqa = q.shape[1] != k.shape[1]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+
+
+def expand_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[B, Hkv, S, D] -> [B, Hkv*group_size, S, D] (each KV head repeated for its query heads)."""
+    if group_size == 1:
+        return x
+    return x.repeat_interleave(group_size, dim=1)

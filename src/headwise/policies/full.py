@@ -1,0 +1,29 @@
+"""``full``: exact attention over the whole context, full KV cache (retrieval heads)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from headwise.policies.base import AttendContext, Policy, causal_attention
+from headwise.policies.stores import DenseStore
+
+
+@dataclass(frozen=True)
+class Full(Policy):
+    """Dense causal attention; the cache keeps every token of this head."""
+
+    name: ClassVar[str] = "full"
+
+    def kv_tokens(self, seq_len: int) -> int:
+        return seq_len
+
+    def make_store(self, batch, heads, head_dim, device, dtype) -> DenseStore:
+        return DenseStore(batch, heads, head_dim, device, dtype)
+
+    def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
+        store.append(k, v)
+        keys, values = store.view()
+        return causal_attention(q, keys, values, ctx.start, ctx.scale)

@@ -1,0 +1,156 @@
+"""Per-head KV storage.
+
+A store holds the keys and values of one *group* of KV heads of one layer (the heads of that layer that
+share a policy) for a batch of sequences: ``keys: [batch, heads, slots, head_dim]``. Unlike transformers'
+stock cache layers, different groups of one layer hold different numbers of tokens, so memory that a
+policy does not need is never allocated.
+
+Two layouts cover every policy:
+- ``DenseStore``: every token, in position order; grows (or is reserved up front for a known length).
+- ``SinkWindowStore``: the first ``sink`` tokens plus a ring buffer of the last ``window`` tokens, with the
+  position of every slot; optionally one compensation slot holding the mean of dropped keys and values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_EMPTY = -(2**62)  # position of an empty ring slot: masked out for every query
+
+
+class DenseStore:
+    """Keys/values of every token so far, ``[batch, heads, capacity, head_dim]``, first ``length`` valid."""
+
+    def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype):
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.device, self.dtype = device, dtype
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Make room for ``total`` tokens in all (exact size: no over-allocation when the length is known)."""
+        if total <= self.capacity:
+            return
+        shape = (self.batch, self.heads, total, self.head_dim)
+        keys = torch.empty(shape, device=self.device, dtype=self.dtype)
+        values = torch.empty(shape, device=self.device, dtype=self.dtype)
+        if self.keys is not None and self.values is not None and self.length:
+            keys[:, :, : self.length] = self.keys[:, :, : self.length]
+            values[:, :, : self.length] = self.values[:, :, : self.length]
+        self.keys, self.values = keys, values
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v: [batch, heads, n, head_dim]``; grows by doubling when no room was reserved."""
+        n = k.shape[2]
+        need = self.length + n
+        if need > self.capacity:
+            self.reserve(max(need, 2 * self.capacity))
+        assert self.keys is not None and self.values is not None
+        self.keys[:, :, self.length : need] = k
+        self.values[:, :, self.length : need] = v
+        self.length = need
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Valid keys and values, ``[batch, heads, length, head_dim]`` (views, no copy)."""
+        if self.keys is None or self.values is None:
+            empty = torch.empty(self.batch, self.heads, 0, self.head_dim, device=self.device, dtype=self.dtype)
+            return empty, empty
+        return self.keys[:, :, : self.length], self.values[:, :, : self.length]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.keys, self.values) if t is not None]
+
+
+class SinkWindowStore:
+    """First ``sink`` tokens + ring of the last ``window`` tokens (+ optional compensation slot).
+
+    ``positions()`` gives the absolute position of every slot, so attention can mask by position whatever
+    the physical order of the ring; softmax does not care about order.
+    """
+
+    def __init__(
+        self,
+        batch: int,
+        heads: int,
+        head_dim: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        sink: int,
+        window: int,
+        compensation: bool = False,
+    ):
+        self.batch, self.heads, self.head_dim = batch, heads, head_dim
+        self.device, self.dtype = device, dtype
+        self.sink, self.window, self.compensation = sink, window, compensation
+        self.seen = 0  # tokens written so far (the next token's position)
+        slots = sink + window
+        self.keys = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
+        self.slot_pos = torch.full((slots,), _EMPTY, dtype=torch.long, device=device)
+        # Running sums of dropped keys/values (fp32 for accuracy) and how many were dropped.
+        self.comp_keys = self.comp_values = None
+        self.dropped = 0
+        if compensation:
+            self.comp_keys = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=torch.float32)
+            self.comp_values = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=torch.float32)
+
+    def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys, values ``[batch, heads, slots, head_dim]`` and positions ``[slots]`` (empty slots hugely negative)."""
+        return self.keys, self.values, self.slot_pos
+
+    def compensation_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Mean of dropped keys and values, ``[batch, heads, 1, head_dim]``, or None if nothing was dropped."""
+        if not self.compensation or self.dropped == 0:
+            return None
+        assert self.comp_keys is not None and self.comp_values is not None
+        return (
+            (self.comp_keys / self.dropped).to(self.dtype),
+            (self.comp_values / self.dropped).to(self.dtype),
+        )
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v: [batch, heads, n, head_dim]`` for positions ``seen .. seen+n-1``."""
+        n = k.shape[2]
+        start = self.seen
+        pos = torch.arange(start, start + n, device=self.device)
+        # Sinks: positions below ``sink`` are kept forever.
+        n_sink_new = max(0, min(n, self.sink - start))
+        if n_sink_new:
+            self.keys[:, :, start : start + n_sink_new] = k[:, :, :n_sink_new]
+            self.values[:, :, start : start + n_sink_new] = v[:, :, :n_sink_new]
+            self.slot_pos[start : start + n_sink_new] = pos[:n_sink_new]
+        rest_k, rest_v, rest_pos = k[:, :, n_sink_new:], v[:, :, n_sink_new:], pos[n_sink_new:]
+        if rest_pos.numel() and self.window > 0:
+            # Tokens of this chunk that will not survive in the ring are dropped straight away.
+            overflow = max(0, rest_pos.numel() - self.window)
+            if overflow and self.compensation:
+                self._drop(rest_k[:, :, :overflow], rest_v[:, :, :overflow])
+            rest_k, rest_v, rest_pos = rest_k[:, :, overflow:], rest_v[:, :, overflow:], rest_pos[overflow:]
+            slots = self.sink + (rest_pos - self.sink) % self.window
+            if self.compensation:
+                old = self.slot_pos[slots] >= 0
+                if bool(old.any()):
+                    self._drop(self.keys[:, :, slots[old]], self.values[:, :, slots[old]])
+            self.keys[:, :, slots] = rest_k
+            self.values[:, :, slots] = rest_v
+            self.slot_pos[slots] = rest_pos
+        elif rest_pos.numel() and self.compensation:
+            self._drop(rest_k, rest_v)
+        self.seen += n
+
+    def _drop(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        assert self.comp_keys is not None and self.comp_values is not None
+        self.comp_keys += k.float().sum(dim=2, keepdim=True)
+        self.comp_values += v.float().sum(dim=2, keepdim=True)
+        self.dropped += k.shape[2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [self.keys, self.values]
+        if self.comp_keys is not None and self.comp_values is not None:
+            out += [self.comp_keys, self.comp_values]
+        return out

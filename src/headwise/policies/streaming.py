@@ -1,0 +1,76 @@
+"""``streaming``: attention sinks + a recent window, constant memory.
+
+StreamingLLM (Xiao et al., 2023, https://arxiv.org/abs/2309.17453) and the streaming heads of
+DuoAttention (Xiao et al., 2024, https://arxiv.org/abs/2410.10819): a query at position ``p`` attends to
+key ``j <= p`` iff ``j < sink`` or ``p - j < window``. During chunked prefill this is DuoAttention's A-shape
+for streaming heads, exactly, token by token.
+
+``compensation=True`` adds RazorAttention's compensation token (Tang et al., 2024,
+https://arxiv.org/abs/2407.15891): one extra slot per head holding the mean key and mean value of every token
+the head has dropped, visible to every later query. The paper builds it once after prefill; here it is
+updated as tokens leave the window, so it also serves chunked prefill and long generations.
+
+A Gemma 3 sliding-window layer is ``streaming(sink=0, window=512)`` exactly (transformers' sliding mask keeps
+``p - j < window``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from headwise.errors import PlanError
+from headwise.policies.base import AttendContext, Policy, check_positive, masked_attention
+from headwise.policies.stores import SinkWindowStore
+
+
+@dataclass(frozen=True)
+class Streaming(Policy):
+    name: ClassVar[str] = "streaming"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2309.17453"
+
+    sink: int = 64
+    """Initial tokens always kept (attention sinks). DuoAttention uses 64 with a 256-token window."""
+    window: int = 256
+    """Recent tokens kept, the query's own included (``p - j < window``)."""
+    compensation: bool = False
+    """RazorAttention compensation token: keep the mean of dropped keys/values as one extra slot."""
+
+    def validate(self) -> None:
+        check_positive(self, sink=self.sink, window=self.window)
+        if self.window < 1:
+            raise PlanError("policy 'streaming': 'window' must be at least 1 (the query itself)")
+        if not isinstance(self.compensation, bool):
+            raise PlanError(f"policy 'streaming': 'compensation' must be true or false, got {self.compensation!r}")
+
+    def kv_tokens(self, seq_len: int) -> int:
+        return min(seq_len, self.sink + self.window) + (1 if self.compensation and seq_len > self.sink + self.window else 0)
+
+    def short(self) -> str:
+        return f"stream{self.sink}+{self.window}" + ("+c" if self.compensation else "")
+
+    def make_store(self, batch, heads, head_dim, device, dtype) -> SinkWindowStore:
+        return SinkWindowStore(batch, heads, head_dim, device, dtype, self.sink, self.window, self.compensation)
+
+    def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+        """The pattern as a mask_mod: ``[L, 1]`` query and ``[1, S]`` key positions -> bool ``[L, S]``."""
+        return (k_pos >= 0) & (k_pos <= q_pos) & ((k_pos < self.sink) | (q_pos - k_pos < self.window))
+
+    def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
+        L = q.shape[2]
+        old_k, old_v, old_pos = store.view()
+        new_pos = torch.arange(ctx.start, ctx.start + L, device=q.device)
+        keys = torch.cat([old_k, k], dim=2)
+        values = torch.cat([old_v, v], dim=2)
+        k_pos = torch.cat([old_pos, new_pos])
+        mask = self.allowed(new_pos[:, None], k_pos[None, :])
+        comp = store.compensation_kv()
+        if comp is not None:
+            keys = torch.cat([comp[0], keys], dim=2)
+            values = torch.cat([comp[1], values], dim=2)
+            mask = torch.cat([torch.ones(L, 1, dtype=torch.bool, device=q.device), mask], dim=1)
+        out = masked_attention(q, keys, values, mask, ctx.scale)
+        store.append(k, v)
+        return out

@@ -1,0 +1,41 @@
+"""Shared fixtures. Real-model fixtures load the bundled weights once per session (converted cache reused)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+SLOW = os.environ.get("HEADWISE_SLOW") == "1"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_slow = pytest.mark.skip(reason="slow check: set HEADWISE_SLOW=1 to run")
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "slow" in item.keywords and not SLOW:
+            item.add_marker(skip_slow)
+        if "gpu" in item.keywords and not torch.cuda.is_available():
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    from headwise.models import load_model
+
+    return load_model("smollm2-135m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    from headwise.models import load_model
+
+    return load_model("gemma3-270m", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def shakespeare_ids(smollm2):
+    from headwise.data import shakespeare
+
+    return smollm2.tokenizer(shakespeare(60_000), return_tensors="pt").input_ids
