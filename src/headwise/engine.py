@@ -127,12 +127,17 @@ class Engine:
             )
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, all_logits: bool = False) -> torch.Tensor:
-        """Feed ``input_ids: [B, L]`` (one chunk) after what ``cache`` holds; returns logits
-        ``[B, L, vocab]`` if ``all_logits`` else ``[B, vocab]`` of the last position."""
+    def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, all_logits: bool = False,
+                keep: torch.Tensor | None = None) -> torch.Tensor:
+        """Feed ``input_ids: [B, L]`` (one chunk) after what ``cache`` holds. Returns logits ``[B, L, vocab]`` if
+        ``all_logits``, ``[B, len(keep), vocab]`` for chunk-relative positions ``keep``, else ``[B, vocab]`` of the
+        last position."""
         start = cache.get_seq_length()
         L = input_ids.shape[1]
         pos = torch.arange(start, start + L, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], L)
+        to_keep: int | torch.Tensor = 0 if all_logits else 1
+        if keep is not None:
+            to_keep = keep.to(input_ids.device)
         with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
             out = self.lm.model(
                 input_ids=input_ids,
@@ -140,10 +145,10 @@ class Engine:
                 past_key_values=cache,
                 use_cache=True,
                 headwise_cache=cache,
-                logits_to_keep=0 if all_logits else 1,
+                logits_to_keep=to_keep,
             )
         logits = out.logits
-        return logits if all_logits else logits[:, -1]
+        return logits if (all_logits or keep is not None) else logits[:, -1]
 
     def prefill(self, input_ids: torch.Tensor, cache: HeadwiseCache, all_logits: bool = False,
                 progress: Any = None) -> torch.Tensor:
@@ -161,11 +166,47 @@ class Engine:
         return torch.cat(outs, dim=1) if all_logits else logits
 
     @torch.inference_mode()
-    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """All next-token logits ``[B, T, vocab]`` of ``input_ids: [B, T]`` under the plan (fidelity, perplexity)."""
+    def logits(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """Next-token logits of ``input_ids: [B, T]`` under the plan: ``[B, T, vocab]``, or ``[B, len(positions),
+        vocab]`` for the given sorted absolute positions only (saves memory with large vocabularies)."""
         self.check_length(input_ids.shape[1])
+        input_ids = input_ids.to(self.lm.device)
         cache = self.new_cache(input_ids.shape[0], reserve=input_ids.shape[1])
-        return self.prefill(input_ids.to(self.lm.device), cache, all_logits=True)
+        if positions is None:
+            return self.prefill(input_ids, cache, all_logits=True)
+        positions = positions.to(torch.long).cpu()
+        outs = []
+        for s in range(0, input_ids.shape[1], self.chunk_size):
+            e = min(s + self.chunk_size, input_ids.shape[1])
+            keep = positions[(positions >= s) & (positions < e)] - s
+            if keep.numel() == 0:
+                keep = torch.tensor([e - s - 1])  # still run the chunk; drop its logits below
+                self.forward(input_ids[:, s:e], cache, keep=keep)
+                continue
+            outs.append(self.forward(input_ids[:, s:e], cache, keep=keep))
+        return torch.cat(outs, dim=1)
+
+    @torch.inference_mode()
+    def decode_batch(self, caches: Sequence[HeadwiseCache], token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """One decode step of ``N`` independent sequences in one forward (the server's continuous batching).
+
+        ``caches[i]`` is sequence ``i``'s batch-1 cache (each with its own length and per-head stores) and
+        ``token_ids[i]`` its next token. Projections and MLPs run on the ``[N, 1]`` batch; attention runs row
+        by row with each row's cache (``headwise_caches`` in ``attention.py``). Each cache's ``decode_step``
+        advances first, as in ``generate``. Returns next-token logits ``[N, vocab]``.
+        """
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1, 1).to(self.lm.device)
+        if ids.shape[0] != len(caches) or ids.shape[0] == 0:
+            raise InputError(f"decode_batch needs one token per cache, got {ids.shape[0]} tokens for {len(caches)} caches")
+        pos = torch.tensor([[c.get_seq_length()] for c in caches], dtype=torch.long, device=self.lm.device)
+        for c in caches:
+            c.decode_step += 1
+        with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
+            # No past_key_values: the model must not build one shared cache; every row's own cache is
+            # reached through headwise_caches, and position_ids carry every row's own position.
+            out = self.lm.model(input_ids=ids, position_ids=pos, use_cache=False,
+                                headwise_caches=list(caches), logits_to_keep=1)
+        return out.logits[:, -1]
 
     # ------------------------------------------------------------------ generation
     def encode(self, text: str) -> torch.Tensor:
@@ -192,7 +233,7 @@ class Engine:
         ids = ids.to(self.lm.device)
         tok = self.lm.tokenizer
         stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else (
-            {tok.eos_token_id} if tok.eos_token_id is not None else set()
+            {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
         )
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         stats = GenerationStats(prompt_tokens=ids.shape[1])
@@ -213,7 +254,7 @@ class Engine:
                 break
             generated.append(next_id)
             stats.new_tokens = len(generated)
-            full = tok.decode(generated, skip_special_tokens=True)
+            full = tok.decode(generated, skip_special_tokens=True) if tok is not None else ""  # tokenizer-less tests
             piece, text_so_far = full[len(text_so_far):], full
             hit = next((s for s in params.stop if s and s in text_so_far), None)
             if hit is not None:

@@ -113,6 +113,7 @@ def _transformers() -> Any:
     except ImportError as exc:  # pragma: no cover - install problem
         raise ModelLoadError(f"transformers is not installed ({exc}); run `make install`") from None
     transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
     return transformers
 
 

@@ -1,0 +1,271 @@
+"""``headwise`` command line: info, generate, plan, and the subcommands of profile/eval/serve/bench.
+
+User mistakes (a bad model name, plan or file) are ``HeadwiseError``s: printed on one line, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from headwise.errors import HeadwiseError, InputError
+
+# Subcommand modules; each exposes ``register(subparsers)``.
+_COMMAND_MODULES = (
+    "headwise.profile.cli",
+    "headwise.eval.cli",
+    "headwise.server.cli",
+    "headwise.bench.cli",
+)
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), a .gguf file or a HF model directory")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, float16")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from headwise.models import load_model
+
+    dtype = args.dtype
+    if dtype is None:
+        import torch
+
+        dtype = "bfloat16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "float32"
+    return load_model(args.model, device=args.device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- info
+def cmd_info(args: argparse.Namespace) -> int:
+    lm = _load(args)
+    s = lm.spec
+    dtype_bytes = lm.dtype.itemsize
+    n_window = sum(w is not None for w in s.layer_windows)
+    info = {
+        "model": lm.name,
+        "source": lm.source,
+        "architecture": s.architecture,
+        "layers": s.num_layers,
+        "query_heads": s.num_q_heads,
+        "kv_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "max_context": s.max_context,
+        "sliding_window_layers": n_window,
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "kv_bytes_per_token": s.kv_bytes_per_token(dtype_bytes),
+        "parameters": sum(p.numel() for p in lm.model.parameters()),
+    }
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    print(f"{lm.name}  ({lm.source})")
+    print(f"  architecture       {s.architecture}")
+    print(f"  parameters         {info['parameters'] / 1e6:.1f} M ({info['dtype']})")
+    print(f"  layers             {s.num_layers}" + (f" ({n_window} sliding-window, {s.num_layers - n_window} global)" if n_window else ""))
+    print(f"  heads              {s.num_q_heads} query / {s.num_kv_heads} KV (GQA group {s.group_size}), head_dim {s.head_dim}")
+    print(f"  context            {s.max_context} tokens")
+    print(f"  KV bytes per token {info['kv_bytes_per_token']} ({_fmt_bytes(info['kv_bytes_per_token'])}, {info['dtype']}; "
+          "sliding-window layers stop growing past their window)")
+    for n in (4096, s.max_context):
+        if n:
+            print(f"  dense KV at {n:>6} {_fmt_bytes(s.dense_kv_bytes(n, dtype_bytes))}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- generate
+def _read_prompt(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"prompt file {p} does not exist") from None
+    except IsADirectoryError:
+        raise InputError(f"prompt file {p} is a directory") from None
+    except UnicodeDecodeError:
+        raise InputError(f"prompt file {p} is not UTF-8 text") from None
+    except OSError as exc:
+        raise InputError(f"cannot read prompt file {p}: {exc.strerror}") from None
+    if not text.strip():
+        raise InputError(f"prompt file {p} is empty")
+    return text
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from headwise.engine import Engine, SamplingParams
+    from headwise.plan import HeadPlan
+
+    if args.prompt_file is None and args.prompt is None:
+        raise InputError("give the prompt with --prompt-file FILE (or --prompt TEXT)")
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
+    lm = _load(args)
+    engine = Engine(lm, plan, chunk_size=args.chunk_size)
+    if args.chat and getattr(lm.tokenizer, "chat_template", None):
+        prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                  add_generation_prompt=True)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
+    stats = None
+    t0 = time.perf_counter()
+    for ev in engine.generate(prompt, params):
+        if ev.stats is not None:
+            stats = ev.stats
+        elif not args.quiet:
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    assert stats is not None
+    if not args.quiet:
+        sys.stdout.write("\n")
+    summary = stats.to_dict() | {"plan": engine.plan.digest(), "total_s": round(time.perf_counter() - t0, 3)}
+    print(
+        f"[{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s:.2f} s ({stats.prefill_tokens_per_s:.0f} tok/s); "
+        f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tok/s; KV held {_fmt_bytes(stats.kv_bytes)} "
+        f"= {100 * stats.kv_fraction:.1f}% of dense ({_fmt_bytes(stats.dense_kv_bytes)})]",
+        file=sys.stderr,
+    )
+    if args.stats_json:
+        Path(args.stats_json).write_text(json.dumps(summary, indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- plan
+def _parse_params(text: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not text:
+        return out
+    for item in text.split(","):
+        if "=" not in item:
+            raise InputError(f"--params expects key=value[,key=value], got '{item}'")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from headwise.plan import HeadPlan
+    from headwise.spec import ModelSpec
+
+    if args.plan_cmd == "show":
+        plan = HeadPlan.load(args.plan)
+        print(f"plan {args.plan} (digest {plan.digest()}) for {plan.model.get('name', plan.model['architecture'])}")
+        print("  " + plan.summary())
+        for i, row in enumerate(plan.policies()):
+            print(f"  layer {i:>3}: " + "  ".join(p.short() for p in row))
+        return 0
+    lm = _load(args)
+    spec: ModelSpec = lm.spec
+    if args.plan_cmd == "dense":
+        plan = HeadPlan.dense(spec, lm.name)
+    else:
+        head: dict[str, Any] = {"policy": args.policy}
+        params = _parse_params(args.params)
+        if params:
+            head["params"] = params
+        plan = HeadPlan.uniform(spec, head, lm.name, created_by="headwise plan uniform")
+    path = plan.save(args.output)
+    at = args.at or min(spec.max_context or 4096, 4096)
+    print(f"wrote {path}: {plan.summary(spec, at)}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="headwise", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log details and show tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("info", help="a model's attention shape and KV bytes per token")
+    _add_model_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate text with a head plan (streams tokens)")
+    _add_model_args(p)
+    p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
+    p.add_argument("--prompt-file", help="UTF-8 text file with the prompt ('-' for stdin)")
+    p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--quiet", action="store_true", help="print only the statistics line")
+    p.add_argument("--stats-json", help="also write the statistics as JSON to this file")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("plan", help="make or show head plans")
+    psub = p.add_subparsers(dest="plan_cmd", metavar="PLAN_COMMAND", required=True)
+    q = psub.add_parser("dense", help="every head full attention")
+    _add_model_args(q)
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
+    q.set_defaults(func=cmd_plan)
+    q = psub.add_parser("uniform", help="the same policy for every head (baselines)")
+    _add_model_args(q)
+    q.add_argument("--policy", required=True)
+    q.add_argument("--params", help="key=value[,key=value] (JSON values)")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
+    q.set_defaults(func=cmd_plan)
+    q = psub.add_parser("show", help="print a plan's heads")
+    q.add_argument("plan")
+    q.set_defaults(func=cmd_plan)
+
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == mod_name:
+                continue  # optional part not present in this build
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="headwise: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    if args.verbose:
+        logging.getLogger("headwise").setLevel(logging.INFO)
+    try:
+        return int(args.func(args) or 0)
+    except HeadwiseError as exc:
+        if args.verbose:
+            raise
+        print(f"headwise: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("headwise: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
