@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
         try:
             mod = importlib.import_module(mod_name)
         except ModuleNotFoundError as exc:
-            if exc.name == mod_name:
+            if exc.name and mod_name.startswith(exc.name):
                 continue  # optional part not present in this build
             raise
         mod.register(sub)

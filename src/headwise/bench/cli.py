@@ -1,0 +1,86 @@
+"""``headwise bench``: rerun the GPU speed measurements of the README and print the table.
+
+Runs the prefill benchmark (block-sparse patterns vs dense SDPA vs FlexAttention) and the decode benchmark
+(heterogeneous cache and page selection vs dense SDPA) at Llama-3-8B attention shapes, in one process, and writes
+one JSON document (command, commit, device, results) to ``bench/results/`` unless ``--no-save``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from headwise.errors import HeadwiseError
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def device_name() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise HeadwiseError("headwise bench measures GPU kernels and needs a CUDA GPU; none is visible here")
+    which = [w.strip() for w in args.which.split(",") if w.strip()]
+    unknown = sorted(set(which) - {"prefill", "decode"})
+    if unknown:
+        raise HeadwiseError(f"unknown benchmark(s) {', '.join(unknown)}; choose from prefill, decode")
+    batches = tuple(int(b) for b in args.batch.split(","))
+    doc: dict[str, Any] = {
+        "command": "headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
+        "commit": git_commit(),
+        "device": device_name(),
+        "torch": torch.__version__,
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "results": {},
+    }
+    if "prefill" in which:
+        from headwise.bench import prefill
+
+        res = prefill.run_prefill_bench(seq_len=args.prefill_len, batches=batches)
+        doc["results"]["prefill"] = res
+        print(prefill.format_table(res))
+    if "decode" in which:
+        from headwise.bench import decode
+
+        res = decode.run_decode_bench(seq_len=args.decode_len, batches=batches)
+        doc["results"]["decode"] = res
+        print(decode.format_table(res))
+    if not args.no_save:
+        out = Path(args.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"bench_{_dt.date.today().isoformat()}.json"
+        path.write_text(json.dumps(doc, indent=1, default=str))
+        print(f"wrote {path}")
+    print(json.dumps(doc, default=str))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("bench", help="GPU speed: sparse prefill and decode vs dense SDPA and FlexAttention")
+    p.add_argument("--which", default="prefill,decode", help="prefill,decode (default both)")
+    p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
+    p.add_argument("--prefill-len", type=int, default=131072)
+    p.add_argument("--decode-len", type=int, default=131072)
+    p.add_argument("--out-dir", default="bench/results")
+    p.add_argument("--no-save", action="store_true")
+    p.set_defaults(func=run)
