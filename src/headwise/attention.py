@@ -38,6 +38,9 @@ def headwise_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query: [B, Hq, L, D]; key, value: [B, Hkv, L, D] (this chunk only). Returns ([B, L, Hq, D], None)."""
+    caches = kwargs.get("headwise_caches")
+    if caches is not None:
+        return _attend_rows(module, query, key, value, scaling, caches)
     cache = kwargs.get("headwise_cache")
     if not isinstance(cache, HeadwiseCache):
         raise HeadwiseError(
@@ -50,12 +53,12 @@ def headwise_attention(
     L = query.shape[2]
     if len(layer.groups) == 1:
         g = layer.groups[0]
-        ctx = _ctx(cache, layer, start, scale)
+        ctx = _ctx(cache, layer, start, scale, g.kv_heads)
         out = g.policy.attend(query, key, value, cache._ensure_store(g), ctx)
     else:
         out = torch.empty_like(query)
         for g in layer.groups:
-            ctx = _ctx(cache, layer, start, scale)
+            ctx = _ctx(cache, layer, start, scale, g.kv_heads)
             q = query.index_select(1, g.q_index)
             k = key.index_select(1, g.kv_index)
             v = value.index_select(1, g.kv_index)
@@ -64,7 +67,32 @@ def headwise_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float) -> AttendContext:
+def _attend_rows(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scaling: float | None,
+    caches: list[HeadwiseCache],
+) -> tuple[torch.Tensor, None]:
+    """Batched decode of independent sequences: batch row ``i`` attends with ``caches[i]`` (batch 1 each).
+
+    The server stacks one token row per running request into one forward, so projections and MLPs run
+    batched; attention cannot, because every request's cache holds its own per-head lengths. Each row goes
+    through the single-cache path above, unchanged. query: [N, Hq, L, D]; key, value: [N, Hkv, L, D];
+    returns ([N, L, Hq, D], None).
+    """
+    if len(caches) != query.shape[0]:
+        raise HeadwiseError(f"headwise_caches holds {len(caches)} caches for a batch of {query.shape[0]} rows")
+    outs = [
+        headwise_attention(module, query[i : i + 1], key[i : i + 1], value[i : i + 1], None, scaling,
+                           headwise_cache=c)[0]
+        for i, c in enumerate(caches)
+    ]
+    return torch.cat(outs, dim=0), None
+
+
+def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: list[int]) -> AttendContext:
     return AttendContext(
         start=start,
         scale=scale,
@@ -73,6 +101,7 @@ def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float) -> AttendCo
         shared=cache.shared,
         step=cache.decode_step,
         use_kernels=cache.use_kernels,
+        kv_heads=tuple(kv_heads),
     )
 
 

@@ -10,13 +10,25 @@ import dataclasses
 from typing import Any
 
 from headwise.errors import PlanError
+from headwise.policies.a_shape import AShape
 from headwise.policies.base import AttendContext, Policy
+from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
+from headwise.policies.page_topk import PageTopK
+from headwise.policies.recycled import Recycled
 from headwise.policies.streaming import Streaming
+from headwise.policies.tidal import Tidal
+from headwise.policies.vertical_slash import VerticalSlash
 
 _REGISTRY: dict[str, type[Policy]] = {
     Full.name: Full,
     Streaming.name: Streaming,
+    PageTopK.name: PageTopK,
+    Tidal.name: Tidal,
+    Recycled.name: Recycled,
+    AShape.name: AShape,
+    VerticalSlash.name: VerticalSlash,
+    BlockTopK.name: BlockTopK,
 }
 
 
@@ -64,4 +76,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AttendContext", "Full", "Policy", "Streaming", "build_policy", "policy_names", "register"]
+__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names", "register"]

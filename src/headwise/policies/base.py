@@ -31,6 +31,8 @@ class AttendContext:
 
     ``shared`` is one dict per cache (per sequence batch), for policies whose state crosses layers
     (TidalDecode's persistent positions); ``step`` counts decode steps (Recycled Attention's refresh).
+    ``kv_heads`` names the layer's KV heads this call's group holds, in the group's order (empty: unknown),
+    so cross-layer state can follow a head index from layer to layer.
     """
 
     start: int
@@ -40,6 +42,7 @@ class AttendContext:
     shared: dict[str, Any] = field(default_factory=dict)
     step: int = 0
     use_kernels: bool = False
+    kv_heads: tuple[int, ...] = ()
 
     @property
     def is_decode(self) -> bool:

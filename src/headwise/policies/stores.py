@@ -154,3 +154,69 @@ class SinkWindowStore:
         if self.comp_keys is not None and self.comp_values is not None:
             out += [self.comp_keys, self.comp_values]
         return out
+
+
+class PagedStore(DenseStore):
+    """``DenseStore`` + the channel-wise min and max key of every page of ``page_size`` tokens (Quest).
+
+    ``bounds: [batch, heads, page_capacity, 2, head_dim]``: ``[..., 0, :]`` is the page's min key,
+    ``[..., 1, :]`` its max, over the tokens written so far (the newest page may be partial). Kept in the
+    KV dtype: the min/max of stored keys are themselves stored values, so the Quest bound stays exact.
+    The bounds are metadata bytes the cache really holds, so ``tensors()`` includes them (one page's bounds
+    are ``2 * head_dim`` values: one token slot's worth per page).
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                 page_size: int = 16):
+        super().__init__(batch, heads, head_dim, device, dtype)
+        self.page_size = page_size
+        self.bounds: torch.Tensor | None = None
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding at least one token."""
+        return -(-self.length // self.page_size)
+
+    def reserve(self, total: int) -> None:
+        super().reserve(total)
+        pages = -(-self.capacity // self.page_size)
+        have = 0 if self.bounds is None else self.bounds.shape[2]
+        if pages <= have:
+            return
+        bounds = torch.empty(self.batch, self.heads, pages, 2, self.head_dim, device=self.device, dtype=self.dtype)
+        if self.bounds is not None and have:
+            bounds[:, :, :have] = self.bounds
+        self.bounds = bounds
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append ``k, v: [batch, heads, n, head_dim]`` and refresh the bounds of every page they touch."""
+        old = self.length
+        super().append(k, v)
+        self._refresh_bounds(old, self.length)
+
+    def _refresh_bounds(self, start: int, end: int) -> None:
+        """Recompute the bounds of the pages holding tokens ``start .. end-1`` from the stored keys (a page
+        already partly filled is reduced again over all its tokens: at most ``page_size`` reads)."""
+        if end <= start:
+            return
+        assert self.keys is not None and self.bounds is not None
+        P = self.page_size
+        first = start // P
+        seg = self.keys[:, :, first * P : end]  # [B, H, n, D], starts on a page boundary
+        n_full = seg.shape[2] // P
+        if n_full:
+            pages = seg[:, :, : n_full * P].reshape(self.batch, self.heads, n_full, P, self.head_dim)
+            self.bounds[:, :, first : first + n_full, 0] = pages.amin(dim=3)
+            self.bounds[:, :, first : first + n_full, 1] = pages.amax(dim=3)
+        tail = seg[:, :, n_full * P :]
+        if tail.shape[2]:
+            self.bounds[:, :, first + n_full, 0] = tail.amin(dim=2)
+            self.bounds[:, :, first + n_full, 1] = tail.amax(dim=2)
+
+    def page_bounds(self) -> torch.Tensor:
+        """Bounds of the pages in use, ``[batch, heads, num_pages, 2, head_dim]`` (a view)."""
+        assert self.bounds is not None
+        return self.bounds[:, :, : self.num_pages]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + ([self.bounds] if self.bounds is not None else [])

@@ -1,0 +1,1 @@
+"""Benchmarks run by bench/*.py scripts and the ``headwise bench`` command."""

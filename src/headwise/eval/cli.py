@@ -1,0 +1,154 @@
+"""``headwise eval`` and ``headwise demo``.
+
+    headwise eval smollm2-135m --plans dense,plans/smollm2-135m.json,streaming@equal --lengths 1k,2k
+    headwise eval --report-only eval-out/smollm2-135m       # redraw the report from results.json
+    headwise demo                                           # dense vs headwise on SmolLM2, < 10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from headwise.errors import InputError
+
+DEMO_MODEL = "smollm2-135m"
+DEMO_PLAN = Path("plans") / "smollm2-135m.json"
+DEMO_TASKS = ["passkey", "needle", "variable_tracking", "mqar", "fidelity"]
+DEMO_DEPTHS = [0.25, 0.5, 0.75]
+DEMO_FALLBACK_HEAD = {"policy": "streaming", "params": {"sink": 64, "window": 192}}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("eval", help="evaluate plans on generated long-context tasks; write a report",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
+    p.add_argument("--plans", default="dense",
+                   help="comma-separated: dense, PLAN.json, streaming@equal, quest@equal, streaming@0.25, quest@0.25")
+    p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
+    p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k)")
+    p.add_argument("--depths", default=None, help="needle depths for passkey/needle (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--samples", type=int, default=4, help="samples per task × length (× depth); default 4")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="output directory (default eval-out/MODEL)")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's answer length")
+    p.add_argument("--on-too-long", choices=("skip", "stop"), default="skip",
+                   help="a length above the model's context: skip it with a note (default) or stop")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--preset", choices=("demo",), default=None, help="demo: the `headwise demo` configuration")
+    p.add_argument("--report-only", metavar="DIR", default=None, help="redraw the report from DIR/results.json")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+    d = subparsers.add_parser("demo", help="dense vs headwise on SmolLM2: table + HTML report (< 10 min on 2 CPU cores)")
+    d.add_argument("--out", default="eval-out/demo", help="output directory (default eval-out/demo)")
+    d.add_argument("--device", default=None)
+    d.add_argument("--no-progress", action="store_true")
+    d.set_defaults(func=run_demo)
+
+
+def _dtype(device: str | None, dtype: str | None) -> str:
+    if dtype:
+        return dtype
+    import torch
+
+    return "bfloat16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "float32"
+
+
+def run(args: argparse.Namespace) -> int:
+    from headwise.eval.report import terminal_report, write_report
+    from headwise.eval.runner import (
+        EvalConfig,
+        command_line,
+        parse_depths,
+        parse_length,
+        parse_list,
+        parse_tasks,
+    )
+
+    if args.report_only:
+        path = Path(args.report_only) / "results.json"
+        try:
+            results = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise InputError(f"{path} does not exist: run `headwise eval` with --out {args.report_only} first") from None
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path} is not valid JSON (line {exc.lineno})") from None
+        print(terminal_report(results))
+        files = write_report(results, Path(args.report_only))
+        print(f"report: {files['html']}")
+        return 0
+    if args.preset == "demo":
+        return run_demo(args)
+    if not args.model:
+        raise InputError("give a model: headwise eval MODEL --plans ... (or --preset demo, or --report-only DIR)")
+    cfg = EvalConfig(
+        model=args.model,
+        plans=parse_list(args.plans, "plans"),
+        tasks=parse_tasks(args.tasks),
+        lengths=[parse_length(x) for x in parse_list(args.lengths, "lengths")],
+        depths=parse_depths(args.depths),
+        samples=args.samples,
+        seed=args.seed,
+        out=Path(args.out or Path("eval-out") / Path(args.model).name.removesuffix(".gguf")),
+        max_new_tokens=args.max_new_tokens,
+        on_too_long=args.on_too_long,
+        device=args.device,
+        dtype=_dtype(args.device, args.dtype),
+        chunk_size=args.chunk_size,
+        command=command_line(),
+        progress=not args.no_progress,
+    )
+    return _run_and_report(cfg)
+
+
+def _run_and_report(cfg: Any, lm: Any = None) -> int:
+    from headwise.eval.report import terminal_report, write_report
+    from headwise.eval.runner import run_eval
+
+    t0 = time.perf_counter()
+    results = run_eval(cfg, lm)
+    print(terminal_report(results))
+    files = write_report(results, Path(cfg.out))
+    print(f"\nresults: {Path(cfg.out) / 'results.json'}\nreport:  {files['html']}")
+    print(f"({results['runs_this_time']} runs this time, {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """Dense vs headwise on SmolLM2 at 1K tokens: passkey and needle at 3 depths, variable tracking, MQAR,
+    fidelity; 2 samples each. Uses plans/smollm2-135m.json when present, else a uniform streaming plan."""
+    from headwise.eval.runner import EvalConfig, command_line
+    from headwise.models import load_model
+    from headwise.plan import HeadPlan
+
+    t0 = time.perf_counter()
+    device = getattr(args, "device", None)
+    lm = load_model(DEMO_MODEL, device=device, dtype=_dtype(device, None))
+    out = Path(getattr(args, "out", None) or "eval-out/demo")
+    if DEMO_PLAN.is_file():
+        plan_path = str(DEMO_PLAN)
+        print(f"headwise demo: using the profiled plan {DEMO_PLAN}", file=sys.stderr)
+        plans = ["dense", plan_path, "streaming@equal"]
+    else:
+        plan = HeadPlan.uniform(lm.spec, DEMO_FALLBACK_HEAD, lm.name,
+                                created_by="headwise demo (no profile found: uniform streaming)")
+        plan_path = str(plan.save(out / "streaming-demo-plan.json"))
+        print(f"headwise demo: {DEMO_PLAN} not found, so no profiled plan: built a streaming-heavy plan on the fly "
+              f"(every head streaming, 64 sinks + 192 recent tokens) at {plan_path}. Run `headwise profile "
+              f"{DEMO_MODEL}` for a plan that keeps the heads that retrieve.", file=sys.stderr)
+        plans = ["dense", plan_path]
+    cfg = EvalConfig(
+        model=DEMO_MODEL, plans=plans, tasks=list(DEMO_TASKS), lengths=[1024], depths=list(DEMO_DEPTHS), samples=2,
+        seed=0, out=out, device=device, dtype=_dtype(device, None), command=command_line(),
+        progress=not getattr(args, "no_progress", False),
+    )
+    code = _run_and_report(cfg, lm)
+    print(f"demo finished in {time.perf_counter() - t0:.0f} s (model load included)")
+    return code

@@ -1,0 +1,266 @@
+"""The eval report: a terminal table, two PNG plots and one self-contained HTML page.
+
+Everything is drawn from ``results.json`` (``runner.run_eval``), so a report can be redrawn without running a
+model: ``headwise eval --report-only OUT``. Plots use matplotlib's Agg backend (no display needed); the HTML
+embeds them as base64, so the page is one file that can be mailed or committed.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+from matplotlib.ticker import FuncFormatter
+
+DEPTH_TASKS = ("passkey", "needle")
+
+
+def _len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _mib(n: float | None) -> str:
+    return "-" if n is None else f"{n / 2**20:.2f}"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.0f}"
+
+
+def _plans(results: dict[str, Any]) -> list[str]:
+    return [p["label"] for p in results["plans"]]
+
+
+def _gen_tasks(results: dict[str, Any]) -> list[str]:
+    return [t for t in results["tasks"] if t != "fidelity"]
+
+
+def accuracy_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows: one row per plan, one column per task × length, then the mean; scores in %."""
+    acc = {(a["plan"], a["task"], a["length"]): a["score"] for a in results["accuracy"]}
+    cols = [(t, L) for t in _gen_tasks(results) for L in results["lengths"]]
+    header = ["plan"] + [f"{t} {_len(L)}" for t, L in cols] + ["mean"]
+    rows = []
+    for p in _plans(results):
+        vals = [acc.get((p, t, L)) for t, L in cols]
+        got = [v for v in vals if v is not None]
+        rows.append([p] + [_pct(v) for v in vals] + [_pct(sum(got) / len(got) if got else None)])
+    return header, rows
+
+
+def performance_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    header = ["plan", "length", "KV MiB", "KV % dense", "prefill s", "prefill tok/s", "decode tok/s"]
+    rows = []
+    for r in results["performance"]:
+        rows.append([
+            r["plan"], _len(r["length"]), _mib(r["kv_bytes"]),
+            "-" if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}",
+            "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}",
+            "-" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:.0f}",
+            "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",
+        ])
+    return header, rows
+
+
+def fidelity_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per plan and length: KL(dense‖plan), top-1 agreement, perplexity overall and per position bucket."""
+    fid = results.get("fidelity") or []
+    labels: list[str] = []
+    for r in fid:
+        for b in r["buckets"]:
+            if b["label"] not in labels:
+                labels.append(b["label"])
+    header = ["plan", "length", "KL nats", "top-1 %", "ppl", "ppl dense"] + [f"ppl {lab}" for lab in labels]
+    rows = []
+    for r in fid:
+        by = {b["label"]: b for b in r["buckets"]}
+        o = r["overall"]
+        rows.append([r["plan"], _len(r["length"]), f"{o['kl']:.4f}", f"{100 * o['top1']:.1f}", f"{o['ppl']:.2f}",
+                     f"{o['ppl_dense']:.2f}"] + [f"{by[lab]['ppl']:.2f}" if lab in by else "-" for lab in labels])
+    return header, rows
+
+
+def format_table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = "  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths)))
+    out = [line, "-" * len(line)]
+    for r in rows:
+        out.append("  ".join(str(x).ljust(w) if i == 0 else str(x).rjust(w) for i, (x, w) in enumerate(zip(r, widths))))
+    return "\n".join(out)
+
+
+def terminal_report(results: dict[str, Any]) -> str:
+    parts = [f"{results['model']} on {results['device']} — seed {results['seed']}, "
+             f"{results['samples']} sample(s) per cell, commit {results.get('commit') or 'unknown'}"]
+    if _gen_tasks(results):
+        parts += ["", "accuracy (%)", format_table(*accuracy_table(results))]
+        parts += ["", "memory and speed (mean over samples)", format_table(*performance_table(results))]
+    if results.get("fidelity"):
+        parts += ["", "fidelity to dense (Shakespeare)", format_table(*fidelity_table(results))]
+    for n in results.get("notes", []):
+        parts.append(f"note: {n}")
+    return "\n".join(parts)
+
+
+# ------------------------------------------------------------------------------------------ plots
+def needle_heatmap(results: dict[str, Any], path: Path) -> Path | None:
+    """Accuracy over length × depth, one panel per plan (one row of panels per depth task)."""
+    rows = results.get("accuracy_by_depth") or []
+    tasks = [t for t in DEPTH_TASKS if any(r["task"] == t for r in rows)]
+    if not tasks:
+        return None
+    plans = _plans(results)
+    lengths, depths = results["lengths"], sorted({r["depth"] for r in rows})
+    cell = {(r["plan"], r["task"], r["length"], r["depth"]): r["score"] for r in rows}
+    fig, axes = plt.subplots(len(tasks), len(plans), figsize=(2.2 + 2.0 * len(plans), 0.6 + 2.2 * len(tasks)),
+                             squeeze=False, constrained_layout=True)
+    im = None
+    for i, t in enumerate(tasks):
+        for j, p in enumerate(plans):
+            ax = axes[i][j]
+            grid = [[cell.get((p, t, L, d), math.nan) for L in lengths] for d in depths]
+            im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto", origin="upper")
+            for y, row in enumerate(grid):
+                for x, v in enumerate(row):
+                    if not math.isnan(v):
+                        ax.text(x, y, f"{100 * v:.0f}", ha="center", va="center", fontsize=7)
+            ax.set_xticks(range(len(lengths)), [_len(L) for L in lengths], fontsize=7)
+            ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths], fontsize=7)
+            ax.set_title(f"{p}\n{t}", fontsize=8)
+            if j == 0:
+                ax.set_ylabel("depth")
+            if i == len(tasks) - 1:
+                ax.set_xlabel("length (tokens)")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.8, label="accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_memory(results: dict[str, Any], path: Path) -> Path | None:
+    """Mean accuracy over the generation tasks against KV memory held, one point per plan × length."""
+    acc: dict[tuple[str, int], list[float]] = defaultdict(list)
+    for a in results["accuracy"]:
+        acc[(a["plan"], a["length"])].append(a["score"])
+    perf = {(r["plan"], r["length"]): r for r in results["performance"] if r["kv_bytes"] is not None}
+    if not perf:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), constrained_layout=True)
+    markers = "osD^vP*X"
+    for k, p in enumerate(_plans(results)):
+        pts = sorted((perf[(p, L)]["kv_bytes"] / 2**20, sum(acc[(p, L)]) / len(acc[(p, L)]), L)
+                     for L in results["lengths"] if (p, L) in perf and acc.get((p, L)))
+        if not pts:
+            continue
+        ax.plot([x for x, _, _ in pts], [100 * y for _, y, _ in pts], marker=markers[k % len(markers)], label=p)
+        for x, y, L in pts:
+            ax.annotate(_len(L), (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    plain = FuncFormatter(lambda x, _pos: f"{x:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
+    ax.set_xlabel("KV cache held (MiB, log scale; labels: prompt length)")
+    ax.set_ylabel("mean accuracy (%)")
+    ax.set_ylim(-5, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{results['model']}: accuracy vs KV memory", fontsize=10)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ HTML
+def _html_table(header: list[str], rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(x))}</td>" for x in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _img(path: Path | None, alt: str) -> str:
+    if path is None:
+        return ""
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:13px}td,th{border:1px solid #ccc;padding:3px 8px;
+text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3f3f3}
+code,pre{background:#f6f6f6;padding:2px 4px}pre{padding:8px;white-space:pre-wrap}img{max-width:100%}
+.meta td{text-align:left}"""
+
+
+def html_report(results: dict[str, Any], heatmap: Path | None, memory_plot: Path | None) -> str:
+    e = html.escape
+    meta_rows = [
+        ["model", f"{results['model']} ({results['model_source']})"],
+        ["device", results["device"]], ["dtype", results["dtype"]],
+        ["commit", results.get("commit") or "unknown"], ["seed", str(results["seed"])],
+        ["samples per cell", str(results["samples"])], ["created", results["created"]],
+    ]
+    plan_rows = []
+    for p in results["plans"]:
+        for L, summary in p["summary"].items():
+            plan_rows.append([p["label"], _len(int(L)), p["digest"][L], summary, p["source"]])
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>headwise eval: {e(results['model'])}</title><style>{_CSS}</style></head><body>",
+        f"<h1>headwise eval: {e(results['model'])}</h1>",
+        f"<p>Made by:</p><pre>{e(results.get('command') or '')}</pre>",
+        "<table class='meta'>" + "".join(f"<tr><td>{e(k)}</td><td>{e(v)}</td></tr>" for k, v in meta_rows)
+        + "</table>",
+        "<h2>Plans</h2>",
+        _html_table(["plan", "length", "digest", "heads", "source"], plan_rows),
+    ]
+    if _gen_tasks(results):
+        parts += [
+            "<h2>Accuracy (%)</h2>",
+            "<p>Greedy decoding; a score is the share of samples answered (contains) or the share of answers "
+            "recalled (multi-answer tasks); see docs/eval.md.</p>",
+            _html_table(*accuracy_table(results)),
+            "<h2>Memory and speed</h2>",
+            "<p>KV bytes are what the cache really holds after prefill and decode (GenerationStats), "
+            "averaged over samples.</p>",
+            _html_table(*performance_table(results)),
+        ]
+    if heatmap is not None:
+        parts += ["<h2>Needle in a haystack: length × depth</h2>", _img(heatmap, "needle heatmap")]
+    if memory_plot is not None:
+        parts += ["<h2>Accuracy vs KV memory</h2>", _img(memory_plot, "accuracy vs KV memory")]
+    if results.get("fidelity"):
+        parts += [
+            "<h2>Fidelity to dense</h2>",
+            "<p>Shakespeare from a seeded offset; KL(dense ‖ plan) in nats per token and top-1 agreement of the "
+            "next-token distributions; perplexity per bucket of predicted-token position.</p>",
+            _html_table(*fidelity_table(results)),
+        ]
+    if results.get("notes"):
+        parts += ["<h2>Notes</h2><ul>"] + [f"<li>{e(n)}</li>" for n in results["notes"]] + ["</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(results: dict[str, Any], out: Path) -> dict[str, Path]:
+    """Write ``needle_heatmap.png``, ``accuracy_vs_kv.png`` and ``report.html`` into ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    heat = needle_heatmap(results, out / "needle_heatmap.png")
+    mem = accuracy_vs_memory(results, out / "accuracy_vs_kv.png")
+    page = out / "report.html"
+    page.write_text(html_report(results, heat, mem), encoding="utf-8")
+    files = {"html": page}
+    if heat is not None:
+        files["heatmap"] = heat
+    if mem is not None:
+        files["memory_plot"] = mem
+    return files

@@ -1,0 +1,564 @@
+"""``headwise eval``: several plans, the same generated tasks, one results file.
+
+    headwise eval smollm2-135m --plans dense,plans/smollm2-135m.json,streaming@equal,quest@equal \\
+        --tasks passkey,needle,mqar,fidelity --lengths 1k,2k --samples 4 --out eval-out
+
+Plan specs (``--plans``, comma-separated):
+
+- ``dense``: every head full attention.
+- a plan file (``plans/x.json``): must have been made for this model (checked against its fingerprint).
+- ``streaming@equal`` / ``streaming@F``: StreamingLLM for every head of the global-attention layers (a sink
+  plus a recent window), the window chosen per length so the KV token slots held at that length equal those
+  of the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``). Native sliding-window
+  layers (Gemma 3) keep their own window: they hold it under every plan.
+- ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) for every head of the global
+  layers, attending a token budget per decode step equal to the reference plan's KV slots per head. Quest keeps
+  the whole cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds:
+  it matches the budget of *attended* tokens, not memory.
+
+Every sample's result is appended to ``OUT/samples.jsonl`` under a key (model, plan digest, task, length,
+depth, seed, sample index) as soon as it is scored; a rerun with the same arguments reads them back and only
+runs what is missing, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
+from headwise.eval.scoring import score
+from headwise.eval.tasks import TASKS, make_sample, task_info
+from headwise.plan import HeadPlan
+
+FIDELITY = "fidelity"
+"""Pseudo-task: KL(dense ‖ plan), top-1 agreement and perplexity by position on Shakespeare (fidelity.py)."""
+DEFAULT_TASKS = (*TASKS, FIDELITY)
+DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+STREAMING_SINK = 64  # DuoAttention's streaming heads use 64 sinks with a 256-token window
+QUEST_PAGE = 16  # Quest's page size
+
+
+# ------------------------------------------------------------------------------------------ parsing
+def parse_length(text: str) -> int:
+    """``"4k"`` -> 4096, ``"1500"`` -> 1500."""
+    m = re.fullmatch(r"\s*(\d+)\s*([kK]?)\s*", text)
+    if not m:
+        raise InputError(f"cannot read length '{text}': use a number of tokens such as 1500, 1k or 8K")
+    return int(m.group(1)) * (1024 if m.group(2) else 1)
+
+
+def parse_list(text: str | None, what: str) -> list[str]:
+    items = [t.strip() for t in (text or "").split(",") if t.strip()]
+    if not items:
+        raise InputError(f"--{what} is empty")
+    return items
+
+
+def parse_tasks(text: str | None) -> list[str]:
+    if text is None or text.strip() == "all":
+        return list(DEFAULT_TASKS)
+    tasks = parse_list(text, "tasks")
+    for t in tasks:
+        if t != FIDELITY and t not in TASKS:
+            raise InputError(f"unknown task '{t}'; valid tasks: {', '.join(DEFAULT_TASKS)} (or 'all')")
+    return list(dict.fromkeys(tasks))
+
+
+def parse_depths(text: str | None) -> list[float]:
+    if text is None:
+        return list(DEFAULT_DEPTHS)
+    out = []
+    for t in parse_list(text, "depths"):
+        try:
+            d = float(t)
+        except ValueError:
+            raise InputError(f"cannot read depth '{t}': use fractions between 0 and 1, e.g. 0,0.5,1") from None
+        if not 0.0 <= d <= 1.0:
+            raise InputError(f"depth {d} is outside [0, 1]")
+        out.append(d)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ plans
+@dataclass
+class PlanEntry:
+    """One ``--plans`` item: a label and, per length, the plan to run (or why it cannot run)."""
+
+    label: str
+    source: str
+    make: Callable[[int], HeadPlan]
+
+    def plan_for(self, length: int) -> HeadPlan:
+        return self.make(length)
+
+
+def _baseline_head_tokens(spec: Any, target_tokens: float, length: int) -> int:
+    """Token slots each global-layer KV head may hold so the whole cache holds ``target_tokens``."""
+    fixed = sum(min(length, w) * spec.num_kv_heads for w in spec.layer_windows if w is not None)
+    n_global = sum(w is None for w in spec.layer_windows) * spec.num_kv_heads
+    if n_global == 0:
+        raise PlanError("the model has no global-attention layer: a streaming or Quest baseline changes nothing")
+    return int((target_tokens - fixed) // n_global)
+
+
+def streaming_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
+    """StreamingLLM on every global-layer KV head, at ``target_tokens`` slots in all after ``length`` tokens."""
+    per_head = _baseline_head_tokens(spec, target_tokens, length)
+    if per_head < 2:
+        raise PlanError(f"{label}: a budget of {target_tokens:.0f} KV slots at {length} tokens leaves "
+                        f"{per_head} per global head; a streaming head needs at least 2")
+    sink = min(STREAMING_SINK, per_head // 4) or 1
+    head = {"policy": "streaming", "params": {"sink": sink, "window": per_head - sink}}
+    return _on_global_layers(spec, head, name, f"streaming baseline ({label}) at {length} tokens")
+
+
+def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
+    """Quest (``page_topk``) on every global-layer KV head, attending as many tokens per head as the
+    reference holds per head (rounded down to whole pages)."""
+    from headwise.policies import policy_names
+
+    if "page_topk" not in policy_names():
+        raise PlanError(f"{label}: the Quest policy 'page_topk' is not available in this build")
+    per_head = _baseline_head_tokens(spec, target_tokens, length)
+    budget = (per_head // QUEST_PAGE) * QUEST_PAGE
+    if budget < 2 * QUEST_PAGE:
+        raise PlanError(f"{label}: a budget of {per_head} tokens per head at {length} tokens is under "
+                        f"two {QUEST_PAGE}-token pages")
+    head = {"policy": "page_topk", "params": {"page_size": QUEST_PAGE, "budget": budget}}
+    return _on_global_layers(spec, head, name, f"Quest baseline ({label}) at {length} tokens")
+
+
+def _on_global_layers(spec: Any, head: dict[str, Any], name: str, created_by: str) -> HeadPlan:
+    plan = HeadPlan.uniform(spec, head, name, created_by=created_by)
+    for i, w in enumerate(spec.layer_windows):
+        if w is not None:  # the model's own sliding window: `full` resolves to it
+            plan.layers[i] = [{"policy": "full"} for _ in range(spec.num_kv_heads)]
+    return plan
+
+
+_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)")
+
+
+def _load_plan_file(item: str, lm: Any) -> HeadPlan:
+    plan = HeadPlan.load(item)
+    try:
+        plan.check_model(lm.spec)
+    except PlanError as exc:
+        raise PlanError(f"plan file {item} does not fit {lm.name}: {exc}") from None
+    return plan
+
+
+def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
+    """Turn ``--plans`` items into ``PlanEntry``s, in order. Plan files are loaded and checked against the
+    model now; the first one is the reference that ``@equal`` baselines match."""
+    spec = lm.spec
+    for item in items:
+        if item != "dense" and not _BASELINE.fullmatch(item) and not (item.endswith(".json") or os.path.exists(item)):
+            raise InputError(
+                f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION"
+            )
+    files = {item: _load_plan_file(item, lm) for item in items if item.endswith(".json") or os.path.exists(item)}
+    reference = next(iter(files), None)
+    entries: list[PlanEntry] = []
+    for item in items:
+        m = _BASELINE.fullmatch(item)
+        if item == "dense":
+            dense = HeadPlan.dense(spec, lm.name)
+            entries.append(PlanEntry("dense", "dense", lambda _L, p=dense: p))
+        elif item in files:
+            stem = Path(item).stem
+            label = item if any(e.label == stem for e in entries) else stem
+            entries.append(PlanEntry(label, item, lambda _L, p=files[item]: p))
+        elif m:
+            kind, amount = m.groups()
+            if amount == "equal":
+                if reference is None:
+                    raise InputError(f"{item} matches the memory of a plan file: list a plan file in --plans, "
+                                     f"or give a fraction of dense such as {kind}@0.25")
+
+                def target(L: int, ref: HeadPlan = files[reference]) -> float:
+                    return ref.kv_tokens(spec, L)
+
+                desc = f"{kind} at the KV slots of {reference}"
+            else:
+                try:
+                    frac = float(amount)
+                except ValueError:
+                    raise InputError(f"cannot read the fraction in '{item}'") from None
+                if not 0 < frac <= 1:
+                    raise InputError(f"'{item}': the fraction of dense KV must be in (0, 1]")
+
+                def target(L: int, frac: float = frac) -> float:
+                    return frac * spec.dense_kv_tokens(L)
+
+                desc = f"{kind} at {frac:g} of dense KV slots"
+            build = streaming_baseline if kind == "streaming" else quest_baseline
+            entries.append(PlanEntry(item, desc, lambda L, b=build, t=target, lab=item: b(spec, lm.name, t(L), L, lab)))
+    labels = [e.label for e in entries]
+    if len(set(labels)) != len(labels):
+        raise InputError(f"--plans lists the same plan twice: {', '.join(labels)}")
+    return entries
+
+
+# ------------------------------------------------------------------------------------------ cache
+class SampleCache:
+    """Per-sample results in a JSONL file, one line per result, appended as soon as it exists."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows: dict[str, dict[str, Any]] = {}
+        if path.is_file():
+            for n, line in enumerate(path.read_text().splitlines(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    self.rows[row["key"]] = row
+                except (json.JSONDecodeError, KeyError):
+                    # A line cut by an interrupt: the sample is simply run again.
+                    print(f"headwise eval: ignoring unreadable line {n} of {path}", file=sys.stderr)
+
+    @staticmethod
+    def key(model: str, digest: str, task: str, length: int, depth: float | None, seed: int, idx: int) -> str:
+        return json.dumps([model, digest, task, length, depth, seed, idx])
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        return self.rows.get(key)
+
+    def put(self, row: dict[str, Any]) -> None:
+        self.rows[row["key"]] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")
+            fh.flush()
+
+
+# ------------------------------------------------------------------------------------------ run
+@dataclass
+class EvalConfig:
+    model: str
+    plans: list[str]
+    tasks: list[str]
+    lengths: list[int]
+    depths: list[float] = field(default_factory=lambda: list(DEFAULT_DEPTHS))
+    samples: int = 4
+    seed: int = 0
+    out: Path = Path("eval-out")
+    max_new_tokens: int | None = None
+    on_too_long: str = "skip"
+    device: str | None = None
+    dtype: str | None = None
+    chunk_size: int = 512
+    command: str = ""
+    progress: bool = True
+
+
+def sample_seed(seed: int, idx: int) -> int:
+    return seed * 100_003 + idx
+
+
+def git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(lm: Any) -> str:
+    import torch
+
+    if lm.device.type == "cuda":
+        return torch.cuda.get_device_name(lm.device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
+
+
+def _tqdm(enabled: bool, **kw: Any) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(disable=not enabled, dynamic_ncols=True, **kw)
+
+
+def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
+    """Run every plan on every task × length (× depth) sample; write ``OUT/results.json``; return it."""
+    from headwise.engine import Engine
+
+    tasks = parse_tasks(",".join(cfg.tasks)) if cfg.tasks else list(DEFAULT_TASKS)
+    if cfg.samples < 1:
+        raise InputError(f"--samples must be at least 1, got {cfg.samples}")
+    if cfg.on_too_long not in ("skip", "stop"):
+        raise InputError(f"--on-too-long must be 'skip' or 'stop', got '{cfg.on_too_long}'")
+    if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    if lm is None:
+        from headwise.models import load_model
+
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    entries = resolve_plans(cfg.plans, lm)
+    spec = lm.spec
+    notes: list[str] = []
+
+    # Which lengths fit the model's context (prompt + the longest answer).
+    lengths: list[int] = []
+    longest_answer = max([cfg.max_new_tokens or task_info(t).max_new_tokens for t in tasks if t in TASKS] or [0])
+    for L in cfg.lengths:
+        need = int(L * 1.02) + longest_answer  # prompts may run 2% over their nominal length
+        if spec.max_context and need > spec.max_context:
+            msg = (f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of "
+                   f"{spec.max_context} tokens")
+            if cfg.on_too_long == "stop":
+                raise ContextLengthError(msg + "; drop it from --lengths or pass --on-too-long skip")
+            notes.append(msg + ": skipped")
+            print(f"headwise eval: {msg}: skipped", file=sys.stderr)
+        else:
+            lengths.append(L)
+
+    # Plans per length (baselines depend on it); a baseline that cannot be built is skipped with a note.
+    plans: dict[tuple[str, int], HeadPlan] = {}
+    for e in entries:
+        for L in lengths:
+            try:
+                plans[(e.label, L)] = e.plan_for(L)
+            except PlanError as exc:
+                notes.append(f"{e.label} at {L}: skipped: {exc}")
+                print(f"headwise eval: {e.label} at {L} tokens skipped: {exc}", file=sys.stderr)
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = SampleCache(out / "samples.jsonl")
+    model_key = f"{lm.name}:{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}"
+    gen_tasks = [t for t in tasks if t in TASKS]
+    jobs = []
+    for L in lengths:
+        for t in gen_tasks:
+            depths: list[float | None] = list(cfg.depths) if task_info(t).uses_depth else [None]
+            for d in depths:
+                for i in range(cfg.samples):
+                    jobs.append((L, t, d, i))
+    engines: dict[str, Any] = {}
+    ran = 0
+    bar = _tqdm(cfg.progress, total=len(jobs) * len(entries), desc="eval", unit="run")
+    try:
+        for L, t, d, i in jobs:
+            sample = None
+            for e in entries:
+                plan = plans.get((e.label, L))
+                if plan is None:
+                    bar.update(1)
+                    continue
+                digest = plan.digest()
+                key = SampleCache.key(model_key, digest, t, L, d, cfg.seed, i)
+                if cache.get(key) is not None:
+                    bar.update(1)
+                    continue
+                if sample is None:
+                    sample = make_sample(t, lm.tokenizer, L, d, sample_seed(cfg.seed, i))
+                if digest not in engines:
+                    engines[digest] = Engine(lm, plan, chunk_size=cfg.chunk_size)
+                bar.set_postfix_str(f"{e.label} {t} {L}")
+                row = _run_sample(engines[digest], sample, cfg.max_new_tokens)
+                row.update(key=key, plan=e.label, digest=digest, task=t, length=L, depth=d, seed=cfg.seed, idx=i)
+                cache.put(row)
+                ran += 1
+                bar.update(1)
+        fid_rows = _run_fidelity(cfg, lm, entries, plans, lengths, cache, model_key) if FIDELITY in tasks else []
+    finally:
+        bar.close()
+    results = _collect(cfg, lm, entries, plans, lengths, tasks, cache, model_key, notes)
+    results["runs_this_time"] = ran + len(fid_rows)
+    path = out / "results.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=1))
+    os.replace(tmp, path)
+    return results
+
+
+def _run_sample(engine: Any, sample: Any, max_new_tokens: int | None) -> dict[str, Any]:
+    """Greedy generation of one sample; returns its output, score and the engine's statistics."""
+    n_new = max_new_tokens or sample.max_new_tokens
+    text, stats = [], None
+    for ev in engine.generate(sample.prompt, max_new_tokens=n_new, temperature=0.0):
+        if ev.stats is not None:
+            stats = ev.stats
+        else:
+            text.append(ev.text)
+    assert stats is not None
+    output = "".join(text)
+    return {
+        "output": output,
+        "answers": sample.answers,
+        "score": score(sample.meta["scoring"], output, sample.answers),
+        "prompt_tokens": stats.prompt_tokens,
+        "stats": stats.to_dict(),
+    }
+
+
+def _run_fidelity(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
+                  lengths: list[int], cache: SampleCache, model_key: str) -> list[dict[str, Any]]:
+    from headwise.eval.fidelity import fidelity, text_ids
+
+    rows = []
+    for L in lengths:
+        todo: dict[str, HeadPlan] = {}
+        keys: dict[str, str] = {}
+        for e in entries:
+            plan = plans.get((e.label, L))
+            if plan is None:
+                continue
+            key = SampleCache.key(model_key, plan.digest(), FIDELITY, L, None, cfg.seed, 0)
+            if cache.get(key) is None:
+                todo[e.label], keys[e.label] = plan, key
+        if not todo:
+            continue
+        ids = text_ids(lm, L, cfg.seed)
+        bar = _tqdm(cfg.progress, total=L, desc=f"fidelity {L}", unit="tok")
+        try:
+            res = fidelity(lm, todo, ids, progress=bar)
+        finally:
+            bar.close()
+        for label, plan in todo.items():
+            row = {
+                "key": keys[label], "plan": label, "digest": plan.digest(), "task": FIDELITY, "length": L,
+                "depth": None, "seed": cfg.seed, "idx": 0,
+                "overall": {"ppl_dense": res["overall"]["ppl_dense"]} | res["overall"]["plans"][label],
+                "buckets": [
+                    {"range": b["range"], "label": b["label"], "tokens": b["tokens"], "ppl_dense": b["ppl_dense"]}
+                    | b["plans"][label]
+                    for b in res["buckets"]
+                ],
+            }
+            cache.put(row)
+            rows.append(row)
+    return rows
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
+             lengths: list[int], tasks: list[str], cache: SampleCache, model_key: str,
+             notes: list[str]) -> dict[str, Any]:
+    """Aggregate the cached rows of this configuration into the results document."""
+    spec = lm.spec
+    rows: list[dict[str, Any]] = []
+    fid: list[dict[str, Any]] = []
+    for e in entries:
+        for L in lengths:
+            plan = plans.get((e.label, L))
+            if plan is None:
+                continue
+            digest = plan.digest()
+            for t in tasks:
+                if t == FIDELITY:
+                    r = cache.get(SampleCache.key(model_key, digest, FIDELITY, L, None, cfg.seed, 0))
+                    if r is not None:
+                        fid.append(r | {"plan": e.label})
+                    continue
+                depths: list[float | None] = list(cfg.depths) if task_info(t).uses_depth else [None]
+                for d in depths:
+                    for i in range(cfg.samples):
+                        r = cache.get(SampleCache.key(model_key, digest, t, L, d, cfg.seed, i))
+                        if r is not None:
+                            rows.append(r | {"plan": e.label})
+    acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    by_depth: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
+    perf: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        acc[(r["plan"], r["task"], r["length"])].append(r["score"])
+        if r["depth"] is not None:
+            by_depth[(r["plan"], r["task"], r["length"], r["depth"])].append(r["score"])
+        perf[(r["plan"], r["length"])].append(r["stats"])
+    accuracy = [
+        {"plan": p, "task": t, "length": L, "score": round(_mean(v), 4), "n": len(v)}
+        for (p, t, L), v in acc.items()
+    ]
+    depth_rows = [
+        {"plan": p, "task": t, "length": L, "depth": d, "score": round(_mean(v), 4), "n": len(v)}
+        for (p, t, L, d), v in by_depth.items()
+    ]
+    dtype_bytes = lm.dtype.itemsize
+    perf_rows = []
+    for e in entries:
+        for L in lengths:
+            plan = plans.get((e.label, L))
+            if plan is None:
+                continue
+            st = perf.get((e.label, L), [])
+            perf_rows.append({
+                "plan": e.label, "length": L,
+                "kv_bytes": round(_mean([s["kv_bytes"] for s in st])) if st else None,
+                "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in st])) if st else None,
+                "kv_fraction": round(_mean([s["kv_fraction"] for s in st]), 4) if st else None,
+                "planned_kv_fraction": round(plan.kv_fraction(spec, L), 4),
+                "planned_kv_bytes": plan.kv_tokens(spec, L) * 2 * spec.head_dim * dtype_bytes,
+                "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
+                "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,
+                "prefill_tokens_per_s": round(_mean([s["prefill_tokens_per_s"] for s in st]), 2) if st else None,
+                "decode_tokens_per_s": round(_mean([s["decode_tokens_per_s"] for s in st]), 2) if st else None,
+                "runs": len(st),
+            })
+    plan_info = []
+    for e in entries:
+        digests = {str(L): plans[(e.label, L)].digest() for L in lengths if (e.label, L) in plans}
+        summaries = {str(L): plans[(e.label, L)].summary(spec, L) for L in lengths if (e.label, L) in plans}
+        plan_info.append({"label": e.label, "source": e.source, "digest": digests, "summary": summaries})
+    return {
+        "format": "headwise-eval",
+        "version": 1,
+        "model": lm.name,
+        "model_source": lm.source,
+        "spec": spec.to_dict(),
+        "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": device_name(lm),
+        "commit": git_commit(),
+        "seed": cfg.seed,
+        "command": cfg.command,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "tasks": tasks,
+        "lengths": lengths,
+        "depths": list(cfg.depths),
+        "samples": cfg.samples,
+        "max_new_tokens": cfg.max_new_tokens,
+        "plans": plan_info,
+        "accuracy": accuracy,
+        "accuracy_by_depth": depth_rows,
+        "performance": perf_rows,
+        "fidelity": fid,
+        "notes": notes,
+        "rows": [{k: v for k, v in r.items() if k != "key"} for r in rows],
+    }
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    args = list(sys.argv[1:] if argv is None else argv)
+    return "headwise " + " ".join(shlex.quote(a) for a in args)
+
+
+__all__ = ["EvalConfig", "HeadwiseError", "PlanEntry", "SampleCache", "resolve_plans", "run_eval"]

@@ -1,0 +1,59 @@
+"""Scoring generated text against a task's answers.
+
+Two rules, as in RULER's ``string_match_part`` / ``string_match_all``:
+
+- ``contains`` (passkey, needle, multikey_needle): 1.0 if any answer appears in the output, else 0.0.
+- ``recall`` (multi-value, multi-query, variable tracking, word extraction, MQAR): the fraction of answers
+  that appear in the output.
+
+"Appears" is stricter than RULER's substring test: the answer must stand as a whole word (``71432`` is
+not found in ``714329``, ``fair`` not in ``affair``), so listing long digit strings earns nothing. Matching is
+case-insensitive and whitespace-insensitive (runs of whitespace count as one space, and digits split by
+spaces, as small models sometimes write ``7 1 4 3 2``, are joined).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+from headwise.errors import InputError
+
+_SPACES = re.compile(r"\s+")
+_SPLIT_DIGITS = re.compile(r"(?<=\d)\s+(?=\d)")
+
+
+def normalize(text: str) -> str:
+    """Lowercase, whitespace runs collapsed to one space, stripped."""
+    return _SPACES.sub(" ", text).strip().lower()
+
+
+def found(answer: str, output: str) -> bool:
+    """Whether ``answer`` appears in ``output`` as a whole word (case and whitespace insensitive)."""
+    a = normalize(answer)
+    if not a:
+        return False
+    pattern = re.compile(r"(?<![0-9a-z])" + re.escape(a) + r"(?![0-9a-z])")
+    out = normalize(output)
+    if pattern.search(out):
+        return True
+    return a.isdigit() and bool(pattern.search(_SPLIT_DIGITS.sub("", out)))
+
+
+def score(rule: str, output: str, answers: Sequence[str]) -> float:
+    """Score in [0, 1] of ``output`` under ``rule`` (``contains`` or ``recall``)."""
+    if not answers:
+        raise InputError("a sample with no answers cannot be scored")
+    hits = [found(a, output) for a in answers]
+    if rule == "contains":
+        return 1.0 if any(hits) else 0.0
+    if rule == "recall":
+        return sum(hits) / len(hits)
+    raise InputError(f"unknown scoring rule '{rule}'; known: contains, recall")
+
+
+def score_task(task: str, output: str, answers: Sequence[str]) -> float:
+    """Score ``output`` by the rule of ``task`` (see ``tasks.TASKS``)."""
+    from headwise.eval.tasks import task_info
+
+    return score(task_info(task).scoring, output, answers)

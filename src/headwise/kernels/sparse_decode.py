@@ -1,0 +1,549 @@
+"""Paged sparse decode attention (flash-decoding over selected pages) and Quest page scoring, in Triton.
+
+Algorithm
+    One new query token per sequence. The cache of each KV head is contiguous, ``k, v: [B, Hkv, S_cap, D]``;
+    a *page* is a run of ``page_size`` consecutive token slots (page ``p`` = slots ``p*page_size ..``). A page
+    table ``[B, Hkv, max_pages]`` lists, per KV head, the pages to attend (any order, no duplicates; entries
+    past ``counts[b, h]`` are ignored). Only slots ``< length`` exist, so the newest page may be partial.
+
+    ``sparse_decode`` is flash-decoding (Dao et al., 2023): the page list of each (sequence, KV head) is cut
+    into ``num_splits`` contiguous runs, one program per run; a program loads the ``GROUP`` query heads
+    that share the KV head (GQA packing: K/V are read once for all of them), walks its pages
+    ``BLOCK_N`` tokens at a time, reading K/V rows straight from the cache through the page table (no
+    gather into a temporary: a gathered copy costs more than dense attention), and keeps an online softmax.
+    Each program writes its normalised partial output and log-sum-exp; a second small kernel merges the
+    splits with log-sum-exp weights. With one split the first kernel writes the output directly.
+
+    ``page_table=None`` means "every page below ``length``": the same kernel serves full heads and the
+    ring buffer of streaming heads (at decode every stored token is visible, whatever its position).
+    ``page_size=1`` makes the table a list of token positions (TidalDecode, Recycled Attention).
+
+    ``quest_page_scores`` is Quest's criticality estimate (Tang et al., 2024, https://arxiv.org/abs/2406.10774):
+    with the per-page channel-wise min and max key, ``score = sum_d max(q_d * min_d, q_d * max_d)``, an upper
+    bound of ``q . k`` for every key ``k`` of the page. For GQA we sum the bound over the query heads of the KV
+    head (pages are selected per KV head, since the cache and the kernel are per KV head), which bounds
+    ``sum_r q_r . k``. Written as ``relu(q) . max + min(q, 0) . min`` it is one pass over the page bounds.
+    ``select_pages`` keeps the top pages within a token budget, always with the first page (attention sinks)
+    and the newest page; its Triton path finds the k-th largest score by bisection on the float bits in one
+    program per (sequence, KV head), much cheaper than ``torch.topk`` at these sizes.
+
+Limits
+    ``page_size`` is a power of two in [1, 128]; ``head_dim`` is any size up to 256 (padded to a power of
+    two inside the kernel); the group of query heads per KV head is at most 64. A (sequence, head) with
+    zero pages gets a zero output. K/V may be fp32, fp16 or bf16 (q the same dtype); accumulation is fp32.
+
+Tested
+    tests/test_kernels_decode.py: kernel vs fp32 reference under TRITON_INTERPRET=1 (S=97, page 16 with a
+    partial last page, GQA 4:1 and 1:1, different page counts per head, pages listed in a random order,
+    D 64 and 128, several splits with empty ones). On an H100 at Llama-3-8B shapes by
+    ``src/headwise/bench/decode.py`` (max error vs reference, bench/results/decode_*.json).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
+_MAX_SPLITS = 512  # the merge kernel holds all splits of a column block in registers
+_TOKENS_PER_ITER = 64  # K/V rows per inner iteration: enough for a tensor-core tile, small enough for registers
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` on tensor cores in ``b``'s dtype with fp32 accumulation. Triton's interpreter gets bf16 dots
+    wrong and truncates (rather than rounds) fp32 -> bf16, so there both operands are multiplied in fp32
+    (``a`` unrounded): the interpreter checks the indexing and the softmax, not bf16 rounding."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE:  # fp32 caches: full fp32 products, not TF32
+        return tl.dot(a.to(b.dtype), b, input_precision="ieee")
+    return tl.dot(a.to(b.dtype), b)
+
+
+@triton.jit
+def _attend_block(
+    q, k_base, v_base, table_row, p0, page_hi, length, scale_log2e, stride_kn, stride_vn,
+    m_i, l_i, acc, offs_n, offs_d, mask_d,
+    PAGE: tl.constexpr, ALL_PAGES: tl.constexpr, INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+):
+    """One online-softmax step over the ``PAGES_PER_ITER`` page slots starting at ``p0`` of the page list."""
+    slot = p0 + offs_n // PAGE
+    valid = slot < page_hi
+    if ALL_PAGES:
+        page = slot.to(tl.int64)
+    else:
+        page = tl.load(table_row + slot, mask=valid, other=0).to(tl.int64)
+        valid = valid & (page >= 0)
+    tok = page * PAGE + offs_n % PAGE
+    valid = valid & (tok < length)
+    k = tl.load(k_base + tok[:, None] * stride_kn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+    s = _dot(q, tl.trans(k), INTERPRET, IEEE) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
+    s = tl.where(valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    alpha = tl.exp2(m_i - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(v_base + tok[:, None] * stride_vn + offs_d[None, :], mask=valid[:, None] & mask_d[None, :], other=0.0)
+    acc = acc * alpha[:, None] + _dot(p, v, INTERPRET, IEEE)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _sparse_decode_kernel(
+    Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out,
+    length, scale_log2e, n_kv_heads, n_table, pages_per_split, iters_per_split,
+    stride_qb, stride_qh,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_tb, stride_th,
+    stride_cb, stride_ch,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    n_first, length2, n_kv_heads2, pages_per_split2, iters_per_split2, k2_off, v2_off,
+    stride_k2b, stride_k2h, stride_k2n, stride_v2b, stride_v2h, stride_v2n,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE: tl.constexpr, PAGES_PER_ITER: tl.constexpr,
+    ALL_PAGES: tl.constexpr, HAS_COUNTS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
+    IEEE: tl.constexpr, SECOND: tl.constexpr,
+):
+    BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
+    pid_bh = tl.program_id(0)
+    split = tl.program_id(1)
+    if SECOND:
+        # Programs past the first group's ``n_first`` serve the second group: its own cache (addressed as an
+        # element offset from K/V, so one kernel argument list serves both), length, heads and split size.
+        is2 = pid_bh >= n_first
+        local = tl.where(is2, pid_bh - n_first, pid_bh)
+        n_kv = tl.where(is2, n_kv_heads2, n_kv_heads)
+        b = local // n_kv
+        h = local % n_kv
+        length = tl.where(is2, length2, length)
+        pages_per_split = tl.where(is2, pages_per_split2, pages_per_split)
+        iters_per_split = tl.where(is2, iters_per_split2, iters_per_split)
+        k_off = tl.where(is2, k2_off + b * stride_k2b + h * stride_k2h, b * stride_kb + h * stride_kh)
+        v_off = tl.where(is2, v2_off + b * stride_v2b + h * stride_v2h, b * stride_vb + h * stride_vh)
+        stride_kn = tl.where(is2, stride_k2n, stride_kn)
+        stride_vn = tl.where(is2, stride_v2n, stride_vn)
+        q_row0 = tl.where(is2, (n_kv_heads + h) * GROUP, h * GROUP)
+    else:
+        b = pid_bh // n_kv_heads
+        h = pid_bh % n_kv_heads
+        k_off = b * stride_kb + h * stride_kh
+        v_off = b * stride_vb + h * stride_vh
+        q_row0 = h * GROUP
+
+    if ALL_PAGES:
+        n_pages = (length + PAGE - 1) // PAGE
+    elif HAS_COUNTS:
+        n_pages = tl.minimum(tl.load(COUNTS + b * stride_cb + h * stride_ch), n_table)
+    else:
+        n_pages = n_table
+    page_lo = split * pages_per_split
+    page_hi = tl.minimum(page_lo + pages_per_split, n_pages)
+
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_rows = q_row0 + offs_h
+    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+
+    k_base = K + k_off
+    v_base = V + v_off
+    # A finite floor for the running max: an iteration (or a whole split) with no valid token then leaves
+    # the state unchanged (exp2(-inf - floor) = 0, alpha = 1) instead of producing -inf - -inf = NaN.
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+
+    # A fixed trip count from the host (the loop pipelines, and heads with fewer pages just mask the tail).
+    # Triton's interpreter (with numpy >= 2.4) cannot take a runtime ``range`` bound, so under
+    # TRITON_INTERPRET=1 the same block step runs in a ``while`` loop.
+    if INTERPRET:
+        it = 0
+        while it < iters_per_split:
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, TABLE + b * stride_tb + h * stride_th, page_lo + it * PAGES_PER_ITER,
+                page_hi, length, scale_log2e, stride_kn, stride_vn, m_i, l_i, acc, offs_n, offs_d, mask_d,
+                PAGE, ALL_PAGES, INTERPRET, IEEE)
+            it += 1
+    else:
+        for it in range(0, iters_per_split):
+            m_i, l_i, acc = _attend_block(
+                q, k_base, v_base, TABLE + b * stride_tb + h * stride_th, page_lo + it * PAGES_PER_ITER,
+                page_hi, length, scale_log2e, stride_kn, stride_vn, m_i, l_i, acc, offs_n, offs_d, mask_d,
+                PAGE, ALL_PAGES, INTERPRET, IEEE)
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if SINGLE_SPLIT:
+        tl.store(Out + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 out, mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    O_PART, LSE_PART, Out, n_q_heads, n_splits,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    """Out[b, hq, cols] = sum_s w_s O_PART[b, hq, s, cols] / sum_s w_s, w_s = 2^(lse_s - max lse); one program
+    per (sequence, query head, ``BLOCK_DM`` columns), so all splits of its columns fit in registers."""
+    pid = tl.program_id(0)
+    b = pid // n_q_heads
+    hq = pid % n_q_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.program_id(1) * BLOCK_DM + tl.arange(0, BLOCK_DM)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(LSE_PART + b * stride_lb + hq * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    m = tl.where(m == float("-inf"), 0.0, m)  # no pages at all: every weight is 0, output 0
+    w = tl.exp2(lse - m)  # [BLOCK_S]
+    total = tl.sum(w, 0)
+    parts = tl.load(O_PART + b * stride_pb + hq * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    acc = tl.sum(w[:, None] * parts, 0)
+    total = tl.where(total > 0, total, 1.0)
+    tl.store(Out + b * stride_ob + hq * stride_oh + offs_d, (acc / total).to(Out.dtype.element_ty), mask=mask_d)
+
+
+@triton.jit
+def _quest_scores_kernel(
+    Q, BOUNDS, SCORES, n_kv_heads, n_pages,
+    stride_qb, stride_qh,
+    stride_bb, stride_bh, stride_bp, stride_bm,
+    stride_sb, stride_sh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, KEEP_ENDS: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    b = pid_bh // n_kv_heads
+    h = pid_bh % n_kv_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_d = offs_d < HEAD_DIM
+    mask_p = offs_p < n_pages
+    q = tl.load(Q + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
+                mask=(offs_h < GROUP)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+    q_pos = tl.sum(tl.maximum(q, 0.0), 0)  # [BLOCK_D]: sum over the group's query heads of relu(q)
+    q_neg = tl.sum(tl.minimum(q, 0.0), 0)
+    base = BOUNDS + b * stride_bb + h * stride_bh + offs_p[:, None] * stride_bp + offs_d[None, :]
+    m2 = mask_p[:, None] & mask_d[None, :]
+    k_min = tl.load(base, mask=m2, other=0.0).to(tl.float32)
+    k_max = tl.load(base + stride_bm, mask=m2, other=0.0).to(tl.float32)
+    score = tl.sum(k_max * q_pos[None, :] + k_min * q_neg[None, :], 1)
+    if KEEP_ENDS:
+        score = tl.where((offs_p == 0) | (offs_p == n_pages - 1), float("inf"), score)
+    tl.store(SCORES + b * stride_sb + h * stride_sh + offs_p, score, mask=mask_p)
+
+
+@triton.jit
+def _topk_kernel(
+    SCORES, OUT, n_kv_heads, n, k,
+    stride_sb, stride_sh, stride_ob, stride_oh,
+    BLOCK: tl.constexpr,
+):
+    """Indices of the ``k`` largest of ``n`` fp32 scores of one (sequence, KV head), any order.
+
+    The whole row sits in registers. Floats map to int32 keys with the same order; a 32-step bisection finds
+    the k-th largest key T; the output is every key > T plus the first (by index) keys == T up to ``k``.
+    """
+    pid = tl.program_id(0)
+    b = pid // n_kv_heads
+    h = pid % n_kv_heads
+    offs = tl.arange(0, BLOCK)
+    valid = offs < n
+    x = tl.load(SCORES + b * stride_sb + h * stride_sh + offs, mask=valid, other=float("-inf"))
+    bits = x.to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # int order == float order
+    key = tl.where(valid, key, -(2**40))  # padding below every real key
+    lo = tl.full([], -(2**31), tl.int64)  # invariant: count(key >= lo) >= k
+    hi = tl.full([], 2**31 - 1, tl.int64)
+    for _ in range(32):
+        mid = lo + (hi - lo + 1) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid - 1)
+    above = key > lo
+    tie = key == lo
+    room = k - tl.sum(above.to(tl.int32), 0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(OUT + b * stride_ob + h * stride_oh + slot, offs, mask=take)
+
+
+# ----------------------------------------------------------------------------------------------- launchers
+@functools.lru_cache(maxsize=8)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def _num_splits(work_items: int, max_pages: int, pages_per_iter: int, device: torch.device,
+                programs_per_sm: int = 2) -> int:
+    """Enough programs to fill the GPU ``programs_per_sm`` times over, never more splits than page iterations."""
+    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device()) if device.type == "cuda" else 4
+    iters = max(1, math.ceil(max_pages / pages_per_iter))
+    return max(1, min(iters, math.ceil(programs_per_sm * sms / max(1, work_items)), _MAX_SPLITS))
+
+
+def _launch_sparse_decode(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+    page_table: torch.Tensor | None, counts: torch.Tensor | None, page_size: int, scale: float,
+    num_splits: int | None, out: torch.Tensor | None = None, tokens_per_iter: int = _TOKENS_PER_ITER,
+    num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 2,
+    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+) -> torch.Tensor:
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    Hkv2 = 0 if second is None else second[0].shape[1]
+    assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, "k, v must be [B, Hkv, S_cap, D] like q"
+    assert Hq % (Hkv + Hkv2) == 0 and Hq // (Hkv + Hkv2) <= 64, "query heads must be a multiple (<= 64) of KV heads"
+    assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(2) == 1, "head_dim must be contiguous"
+    assert page_size >= 1 and page_size & (page_size - 1) == 0 and page_size <= 128, "page_size: power of 2 <= 128"
+    assert D <= 256, "head_dim up to 256"
+    assert 0 < length <= k.shape[2], f"length {length} outside the cache's {k.shape[2]} slots"
+    group = Hq // (Hkv + Hkv2)
+    all_pages = page_table is None
+    if all_pages:
+        max_pages = math.ceil(length / page_size)
+        table = q  # unused pointer
+    else:
+        assert page_table.shape[:2] == (B, Hkv), "page_table must be [B, Hkv, max_pages]"
+        assert page_table.dtype in (torch.int32, torch.int64)
+        max_pages = page_table.shape[2]
+        table = page_table
+    if counts is not None:
+        assert counts.shape == (B, Hkv)
+    pages_per_iter = max(1, tokens_per_iter // page_size)
+    splits = min(num_splits or _num_splits(B * Hkv, max_pages, pages_per_iter, q.device, programs_per_sm), _MAX_SPLITS)
+    pages_per_split = math.ceil(max(1, max_pages) / splits)
+    pages_per_split = math.ceil(pages_per_split / pages_per_iter) * pages_per_iter
+    splits = max(1, math.ceil(max(1, max_pages) / pages_per_split))
+    iters_per_split = pages_per_split // pages_per_iter
+    # The second group (every page of its own cache): its own split size, on the same grid.
+    k2, v2, length2 = second if second is not None else (k, v, 0)
+    pps2 = iters2 = k2_off = v2_off = 0
+    if second is not None:
+        assert all_pages and k2.dtype == k.dtype and v2.dtype == v.dtype and k2.shape[0] == B and k2.shape[3] == D
+        assert k2.stride(3) == 1 and v2.stride(3) == 1 and 0 < length2 <= k2.shape[2]
+        pages2 = math.ceil(length2 / page_size)
+        splits2 = min(splits, _num_splits(B * Hkv2, pages2, pages_per_iter, q.device, programs_per_sm))
+        pps2 = math.ceil(math.ceil(pages2 / splits2) / pages_per_iter) * pages_per_iter
+        splits = max(splits, math.ceil(pages2 / pps2))
+        iters2 = pps2 // pages_per_iter
+        k2_off = (k2.data_ptr() - k.data_ptr()) // k.element_size()
+        v2_off = (v2.data_ptr() - v.data_ptr()) // v.element_size()
+    if out is None:
+        out = torch.empty_like(q)
+    assert out.shape == q.shape and out.stride(2) == 1
+    if splits > 1:
+        o_part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # unused
+    cnt = counts if counts is not None else q
+    block_d = triton.next_power_of_2(D)
+    _sparse_decode_kernel[(B * (Hkv + Hkv2), splits)](
+        q, k, v, table, cnt, o_part, lse_part, out,
+        length, scale * _LOG2E, Hkv, max_pages, pages_per_split, iters_per_split,
+        q.stride(0), q.stride(1),
+        k.stride(0), k.stride(1), k.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        table.stride(0), table.stride(1),
+        cnt.stride(0), cnt.stride(1),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2) if splits > 1 else 0,
+        lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1),
+        B * Hkv, length2, max(1, Hkv2), pps2, iters2, k2_off, v2_off,
+        k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
+        GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
+        PAGE=page_size, PAGES_PER_ITER=pages_per_iter,
+        ALL_PAGES=all_pages, HAS_COUNTS=counts is not None, SINGLE_SPLIT=splits == 1, INTERPRET=_INTERPRET,
+        IEEE=k.dtype == torch.float32, SECOND=second is not None,
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    if splits > 1:
+        block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(splits)))
+        _merge_splits_kernel[(B * Hq, triton.cdiv(D, block_dm))](
+            o_part, lse_part, out, Hq, splits,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2),
+            lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(splits),
+            num_warps=4,
+        )
+    return out
+
+
+def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool) -> torch.Tensor:
+    B, Hq, D = q.shape
+    Hkv = bounds.shape[1]
+    assert bounds.shape[0] == B and bounds.shape[3:] == (2, D) and bounds.shape[2] >= n_pages >= 1
+    assert bounds.stride(4) == 1 and q.stride(2) == 1 and Hq % Hkv == 0
+    group = Hq // Hkv
+    scores = torch.empty(B, Hkv, n_pages, device=q.device, dtype=torch.float32)
+    block_p = 64
+    _quest_scores_kernel[(B * Hkv, triton.cdiv(n_pages, block_p))](
+        q, bounds, scores, Hkv, n_pages,
+        q.stride(0), q.stride(1),
+        bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
+        scores.stride(0), scores.stride(1),
+        GROUP=group, BLOCK_H=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
+        BLOCK_P=block_p, KEEP_ENDS=keep_ends, num_warps=4,
+    )
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------- public API
+def sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    page_table: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    page_size: int = 16,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    **tuning: int,
+) -> torch.Tensor:
+    """Attention of one new token over the listed pages of a contiguous per-head cache.
+
+    q: [B, Hq, D] (GQA order); k, v: [B, Hkv, S_cap, D], slots ``< length`` valid; page_table: int32/int64
+    [B, Hkv, max_pages] (None: every page), -1 or entries past ``counts: [B, Hkv]`` ignored. Returns [B, Hq, D].
+    ``second=(k2, v2, length2)`` adds a second group of KV heads in the same launch, attended over all its
+    ``length2`` slots (e.g. the streaming heads' ring buffers next to the full heads' cache): q then holds the
+    first group's query heads followed by the second's, same group size; the first group must be all pages.
+    ``out`` (a [B, Hq, D] view, e.g. a slice of a layer's output) receives the result in place. ``num_splits``
+    (default: ``programs_per_sm`` programs per SM) and ``tuning`` (``tokens_per_iter``, ``num_warps``,
+    ``num_stages``, ``programs_per_sm``) only change speed.
+    """
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _launch_sparse_decode(q, k, v, int(length), page_table, counts, page_size, scale, num_splits, out,
+                                 second=second, **tuning)
+
+
+def sparse_decode_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    page_table: torch.Tensor | None = None,
+    counts: torch.Tensor | None = None,
+    page_size: int = 16,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch ``sparse_decode``: a boolean mask of the listed pages' slots, then masked softmax.
+
+    Products in the inputs' dtype, softmax in fp32, probabilities rounded to the dtype before ``@ V`` (as
+    flash-attention's ``attention_ref``); pass fp32 tensors for an fp32 reference. Shapes as ``sparse_decode``.
+    """
+    B, Hq, D = q.shape
+    Hkv = k.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    keys, values = k[:, :, :length], v[:, :, :length]
+    slot_page = torch.arange(length, device=q.device) // page_size  # page of every slot
+    if page_table is None:
+        visible = torch.ones(B, Hkv, length, dtype=torch.bool, device=q.device)
+    else:
+        n_pages = math.ceil(length / page_size)
+        listed = page_table.long()
+        keep = listed >= 0
+        if counts is not None:
+            keep &= torch.arange(listed.shape[2], device=q.device) < counts[..., None].long()
+        chosen = torch.zeros(B, Hkv, n_pages + 1, dtype=torch.bool, device=q.device)
+        chosen.scatter_(2, torch.where(keep, listed, n_pages), True)  # dropped entries land in a spare column
+        visible = chosen[:, :, slot_page]
+    group = Hq // Hkv
+    kx = keys.repeat_interleave(group, dim=1)
+    vx = values.repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhd,bhsd->bhs", q, kx).float() * scale
+    logits = logits.masked_fill(~visible.repeat_interleave(group, dim=1), float("-inf"))
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0)  # a head with no page: all -inf -> zero output
+    return torch.einsum("bhs,bhsd->bhd", probs.to(v.dtype), vx)
+
+
+def quest_page_scores(
+    q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True
+) -> torch.Tensor:
+    """Quest upper bounds per page, summed over each KV head's query heads (Triton).
+
+    q: [B, Hq, D]; bounds: [B, Hkv, page_cap, 2, D] (``[..., 0, :]`` channel-wise min key of the page,
+    ``[..., 1, :]`` max), first ``n_pages`` valid. Returns fp32 [B, Hkv, n_pages]; with ``keep_ends`` the first
+    and last page score +inf so any top-k keeps them.
+    """
+    return _launch_quest_scores(q, bounds, n_pages, keep_ends)
+
+
+def quest_page_scores_reference(
+    q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True
+) -> torch.Tensor:
+    """Plain PyTorch ``quest_page_scores``: ``sum_r sum_d max(q_rd * min_d, q_rd * max_d)`` in fp32."""
+    B, Hq, D = q.shape
+    Hkv = bounds.shape[1]
+    qg = q.float().view(B, Hkv, Hq // Hkv, 1, D)
+    k_min = bounds[:, :, :n_pages, 0].float().unsqueeze(2)  # [B, Hkv, 1, P, D]
+    k_max = bounds[:, :, :n_pages, 1].float().unsqueeze(2)
+    scores = torch.maximum(qg * k_min, qg * k_max).sum(dim=(2, 4))
+    if keep_ends:
+        scores[:, :, 0] = float("inf")
+        scores[:, :, n_pages - 1] = float("inf")
+    return scores
+
+
+_TOPK_MAX_BLOCK = 32768  # scores per row the Triton top-k holds in registers (512K tokens at page 16)
+
+
+def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = False) -> torch.Tensor:
+    """Top ``budget_pages`` pages per (sequence, KV head): scores [B, Hkv, P] -> table [B, Hkv, k], any order.
+
+    ``k = min(budget_pages, P)``. Score the first and newest page +inf (``keep_ends``) to always keep them.
+    ``use_kernel``: one Triton program per row (bisection on the scores' bits; ``torch.topk`` cost 40+ us for
+    8192 pages on an H100, more than our attention over the chosen pages) returning int32; the same set as
+    ``torch.topk`` up to ties. Rows longer than 32768 pages use ``torch.topk``.
+    """
+    B, H, P = scores.shape
+    k = max(1, min(budget_pages, P))
+    if not use_kernel or P > _TOPK_MAX_BLOCK:
+        return torch.topk(scores, k, dim=-1, sorted=False).indices
+    assert scores.dtype == torch.float32 and scores.stride(2) == 1
+    out = torch.empty(B, H, k, device=scores.device, dtype=torch.int32)
+    block = triton.next_power_of_2(P)
+    _topk_kernel[(B * H,)](
+        scores, out, H, P, k,
+        scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
+        BLOCK=block, num_warps=4 if block <= 4096 else (8 if block <= 16384 else 16),
+    )
+    return out
+
+
+__all__ = [
+    "quest_page_scores",
+    "quest_page_scores_reference",
+    "select_pages",
+    "sparse_decode",
+    "sparse_decode_reference",
+]

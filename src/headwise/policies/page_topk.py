@@ -1,0 +1,102 @@
+"""``page_topk``: query-aware page selection for decode (Quest).
+
+Quest (Tang et al., 2024, https://arxiv.org/abs/2406.10774) splits each head's KV cache into pages of
+``page_size`` tokens and keeps every page's channel-wise min and max key. At each decode step the query
+scores every page with the upper bound ``sum_d max(q_d * min_d, q_d * max_d)`` of ``q . k`` inside it, and
+attends exactly over the top pages that fit in a token budget. Prefill is exact full attention.
+
+How this differs from the paper, and why:
+- GQA: the cache, and so the page choice, is per KV head; the bound is summed over the query heads sharing
+  the KV head (Quest's models are MHA, one query head per KV head, where the two coincide).
+- The first page (attention sinks) and the newest page (the current token's) are always kept; they count
+  against the budget. ``budget // page_size`` pages are attended (all of them while they fit).
+- A one-token chunk is treated as a decode step (selection applies); longer chunks are prefill.
+
+Memory: the full cache is kept (pages are read selectively, not dropped), plus the page bounds: ``2 * head_dim``
+values per page, one token slot's worth, so ``kv_tokens = seq_len + ceil(seq_len / page_size)``.
+CPU: reference (mask of the selected pages + SDPA). CUDA with kernels: Triton scoring + Triton top-k +
+the paged sparse decode kernel (``kernels/sparse_decode.py``), no gathered copy of K/V.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from headwise.errors import PlanError
+from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
+from headwise.policies.selection import attend_selected
+from headwise.policies.stores import PagedStore
+
+
+def quest_scores(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
+    """Quest page scores, summed over each KV head's query heads, first and newest page forced to +inf.
+
+    q: [B, Hq, D]; bounds: [B, Hkv, P, 2, D] (min, max key per page). Returns fp32 [B, Hkv, P].
+    ``relu(q) . max + min(q, 0) . min`` equals ``sum_d max(q_d min_d, q_d max_d)`` (min <= max), and summing
+    over the group first turns it into one matrix-vector product per KV head.
+    """
+    B, Hq, D = q.shape
+    Hkv, P = bounds.shape[1], bounds.shape[2]
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    q_pos = qg.clamp(min=0).sum(dim=2)  # [B, Hkv, D]
+    q_neg = qg.clamp(max=0).sum(dim=2)
+    scores = torch.einsum("bhpd,bhd->bhp", bounds[:, :, :, 1].float(), q_pos)
+    scores += torch.einsum("bhpd,bhd->bhp", bounds[:, :, :, 0].float(), q_neg)
+    scores[:, :, 0] = float("inf")
+    scores[:, :, P - 1] = float("inf")
+    return scores
+
+
+@dataclass(frozen=True)
+class PageTopK(Policy):
+    name: ClassVar[str] = "page_topk"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2406.10774"
+
+    page_size: int = 16
+    """Tokens per page (a power of two up to 128). Quest uses 16."""
+    budget: int = 4096
+    """Tokens attended per decode step, as whole pages (first and newest page included)."""
+
+    def validate(self) -> None:
+        check_positive(self, page_size=self.page_size, budget=self.budget)
+        if self.page_size < 1 or self.page_size > 128 or self.page_size & (self.page_size - 1):
+            raise PlanError(f"policy 'page_topk': 'page_size' must be a power of two from 1 to 128, got {self.page_size}")
+        if self.budget < 2 * self.page_size:
+            raise PlanError(
+                f"policy 'page_topk': 'budget' ({self.budget} tokens) must hold at least two pages "
+                f"(the first and the newest, {2 * self.page_size} tokens)"
+            )
+
+    def kv_tokens(self, seq_len: int) -> int:
+        return seq_len + -(-seq_len // self.page_size)
+
+    def short(self) -> str:
+        return f"quest{self.budget}/{self.page_size}"
+
+    def make_store(self, batch, heads, head_dim, device, dtype) -> PagedStore:
+        return PagedStore(batch, heads, head_dim, device, dtype, self.page_size)
+
+    def select(self, q: torch.Tensor, store: PagedStore, use_kernels: bool) -> torch.Tensor:
+        """Pages to attend: q [B, Hq, D] -> page table [B, Hkv, min(budget pages, pages in use)] (int64 from
+        ``torch.topk`` on the reference path, int32 from the Triton top-k)."""
+        n_pages = store.num_pages
+        bounds = store.page_bounds()
+        k = min(self.budget // self.page_size, n_pages)
+        if use_kernels:
+            # Triton is imported only when kernels are asked for.
+            from headwise.kernels.sparse_decode import quest_page_scores, select_pages
+
+            assert store.bounds is not None
+            return select_pages(quest_page_scores(q, store.bounds, n_pages), k, use_kernel=True)
+        return torch.topk(quest_scores(q, bounds), k, dim=-1, sorted=False).indices
+
+    def attend(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
+        store.append(k, v)  # the current token is part of the newest page it may select
+        if q.shape[2] != 1:
+            keys, values = store.view()
+            return causal_attention(q, keys, values, ctx.start, ctx.scale)
+        table = self.select(q[:, :, 0], store, ctx.use_kernels)
+        return attend_selected(q, store, table, self.page_size, ctx)

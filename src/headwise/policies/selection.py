@@ -1,0 +1,57 @@
+"""Decode over a selected subset of a head's cache: shared by ``page_topk``, ``tidal`` and ``recycled``.
+
+A selection is a table ``[batch, kv_heads, n]`` of page indices (pages of ``page_size`` slots; with
+``page_size=1`` the entries are token positions) into a ``DenseStore``'s keys and values; entries < 0 are
+padding. The reference path turns it into a boolean mask over the stored tokens and runs masked SDPA; the
+kernel path (``ctx.use_kernels``) hands the table to ``kernels.sparse_decode``, which reads only the listed
+pages inside the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from headwise.policies.base import AttendContext, masked_attention
+from headwise.policies.stores import DenseStore
+
+
+def visible_mask(table: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
+    """Slots a selection lets a query see: table ``[B, Hkv, n]`` -> bool ``[B, Hkv, length]``."""
+    B, H, _ = table.shape
+    n_pages = -(-length // page_size)
+    listed = table.long()
+    chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=table.device)
+    chosen.scatter_(2, torch.where(listed >= 0, listed, n_pages), True)  # padding lands in a spare column
+    slot_page = torch.arange(length, device=table.device) // page_size
+    return chosen[:, :, slot_page]
+
+
+def attend_selected(
+    q: torch.Tensor, store: DenseStore, table: torch.Tensor, page_size: int, ctx: AttendContext
+) -> torch.Tensor:
+    """One decode query ``q: [B, Hq, 1, D]`` over the selected pages of ``store`` (the new token already
+    committed). Returns ``[B, Hq, 1, D]``."""
+    keys, values = store.view()
+    if ctx.use_kernels:
+        # Triton is imported only when kernels are asked for.
+        from headwise.kernels.sparse_decode import sparse_decode
+
+        assert store.keys is not None and store.values is not None
+        out = sparse_decode(q[:, :, 0], store.keys, store.values, store.length, table, None, page_size, ctx.scale)
+        return out.unsqueeze(2)
+    group = q.shape[1] // keys.shape[1]
+    mask = visible_mask(table, store.length, page_size).repeat_interleave(group, dim=1).unsqueeze(2)
+    return masked_attention(q, keys, values, mask, ctx.scale)
+
+
+def group_attention_mass(q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention probabilities of one decode query, summed over the query heads of each KV head.
+
+    q: [B, Hq, 1, D]; keys: [B, Hkv, S, D]. Returns fp32 [B, Hkv, S] (each row sums to the group size).
+    Used to pick token positions per KV head (the cache, and the kernel's table, are per KV head).
+    """
+    B, Hq, _, D = q.shape
+    Hkv = keys.shape[1]
+    qg = q.float().view(B, Hkv, Hq // Hkv, D)
+    logits = torch.einsum("bhgd,bhsd->bhgs", qg, keys.float()) * scale
+    return torch.softmax(logits, dim=-1).sum(dim=2)

@@ -1,0 +1,109 @@
+"""``vertical_slash``: a few key columns plus a few diagonals, estimated online (MInference's Vertical-Slash).
+
+MInference 1.0 (Jiang et al., 2024, https://arxiv.org/abs/2407.02490), section 3.2: attend the last
+``last_q`` queries to all keys, sum their attention per key column ("vertical") and per diagonal offset
+``p - j`` ("slash"), keep the top ``vertical_size`` columns and top ``slash_size`` diagonals, and compute
+attention only there. Here the estimate is made per chunk (from the chunk's last ``last_q`` queries, over
+store + chunk), per query head.
+
+How this differs from MInference's kernel: MInference computes the slashes as block ranges but gathers the
+vertical columns *token by token* into dense tiles, so 1,000 scattered columns cost about 1,000 keys per
+query. Here both are converted to key blocks of ``block_size`` tokens for the block-sparse kernel: a column
+selects its whole block, and a diagonal at offset ``o`` selects, for query block ``a``, the blocks
+``a - o // block_size`` and ``a - ceil(o / block_size)``. That attends a superset of MInference's entries
+(never fewer), costs up to ``block_size`` keys per chosen column when columns are scattered, so budgets
+here are smaller than MInference's (defaults 64 + 64 rather than 1000 + 6096). The first block (sinks) and
+each query's own block are always kept, standing in for MInference's forced first columns and last
+diagonals.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from headwise.errors import PlanError
+from headwise.kernels.prefill_index import compact_rows, query_block_ids
+from headwise.policies.base import Policy, check_positive
+from headwise.policies.full import Full
+from headwise.policies.sparse_prefill import PrefillPattern
+
+
+def last_query_attention(q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float, last_q: int) -> torch.Tensor:
+    """Causal softmax attention of the chunk's last ``last_q`` queries to every key, fp32.
+
+    q: [B, Hq, L, D] at positions ``q_offset ..``; keys: [B, Hkv, S, D]. Returns [B, Hq, R, S], R = min(last_q, L).
+    GQA without copying keys: the query heads of one KV head are stacked as rows of one matrix product.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    R = min(last_q, L)
+    qs = q[:, :, L - R :].reshape(B, Hkv, (Hq // Hkv) * R, D)
+    # Scores in the model's dtype (a ranking needs no more), softmax in fp32; no fp32 copy of all keys.
+    scores = torch.matmul(qs, keys.transpose(-1, -2)).view(B, Hq, R, S).float() * scale
+    q_pos = torch.arange(q_offset + L - R, q_offset + L, device=q.device)
+    causal = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]
+    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+
+
+def vertical_slash_scores(probs: torch.Tensor, first_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Column and diagonal mass of an attention slice.
+
+    probs: [B, H, R, S], rows at consecutive positions ``first_pos ..``. Returns vertical [B, H, S] (mass on
+    key ``j``) and slash [B, H, S] (mass on offset ``o = p - j``, ``o`` from 0).
+    """
+    vertical = probs.sum(dim=2)
+    slash = torch.zeros_like(vertical)
+    for r in range(probs.shape[2]):
+        p = first_pos + r
+        # Row r's keys 0..p read backwards are offsets 0..p.
+        slash[..., : p + 1] += probs[:, :, r, : p + 1].flip(-1)
+    return vertical, slash
+
+
+@dataclass(frozen=True)
+class VerticalSlash(PrefillPattern):
+    name: ClassVar[str] = "vertical_slash"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2407.02490"
+
+    vertical_size: int = 64
+    """Key columns kept (top by attention of the last queries); each costs its whole block."""
+    slash_size: int = 64
+    """Diagonals kept (top by attention of the last queries); each costs one or two blocks per query block."""
+    last_q: int = 64
+    """Queries at the end of each chunk used to estimate the pattern (MInference: 64)."""
+    block_size: int = 64
+    """Block granularity for the kernel (MInference: 64)."""
+    decode: Policy = field(default_factory=Full)
+    """Policy for one-token steps and the cache; must keep every token (``full``, ``page_topk``)."""
+
+    def validate(self) -> None:
+        super().validate()
+        check_positive(self, vertical_size=self.vertical_size, slash_size=self.slash_size, last_q=self.last_q)
+        if self.last_q < 1:
+            raise PlanError("policy 'vertical_slash': 'last_q' must be at least 1")
+
+    def short(self) -> str:
+        return f"VS{self.vertical_size}/{self.slash_size}" + self.decode_suffix()
+
+    def build_index(self, q, keys, q_offset, scale):
+        """Per query head: block_idx [B, Hq, n_q_blocks, M]."""
+        L, S, bs = q.shape[2], keys.shape[2], self.block_size
+        R = min(self.last_q, L)
+        probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
+        vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
+        cols = vertical.topk(min(self.vertical_size, S), dim=-1).indices  # [B, Hq, nv]
+        offs = slash.topk(min(self.slash_size, S), dim=-1).indices  # [B, Hq, ns]
+        diags = torch.cat([offs // bs, (offs + bs - 1) // bs], dim=-1)  # block diagonals a - kb
+        rows = query_block_ids(L, q_offset, bs, q.device)  # [n]
+        B, H = cols.shape[:2]
+        n = rows.shape[0]
+        r = rows[None, None, :, None]
+        vert = (cols // bs)[:, :, None, :].expand(B, H, n, -1)
+        slsh = r - diags[:, :, None, :]
+        fixed = torch.stack([torch.zeros_like(rows), rows], dim=-1)[None, None].expand(B, H, n, 2)
+        cand = torch.cat([vert, slsh, fixed], dim=-1)
+        valid = (cand >= 0) & (cand <= r)
+        return compact_rows(cand, valid)

@@ -1,0 +1,188 @@
+"""An exact attention function that lets the profiler look at (and edit) every head's attention.
+
+Registered in transformers' ``AttentionInterface`` as ``"headwise-probe"``; nothing of the model classes is
+patched. The profiler runs the model inside ``probing(model)`` and passes a ``Probe`` as the keyword
+``headwise_probe=...`` of the model's forward (transformers hands unknown keywords through to attention
+functions). The probe decides what to look at:
+
+* ``observe(layer, weights, q_pos, k_pos)`` receives exact softmax weights ``[B, Hq, Lq, S]`` of the query rows
+  it asked for (``rows(layer, L)``), with absolute query and key positions; query heads are in model order
+  (GQA: the ``group_size`` query heads of KV head 0 first).
+* ``capture(layer, query, key, scale, window)`` sees the rotated queries and keys (pattern search);
+* ``edit(layer, out)`` may change the attention output ``[B, Hq, L, D]`` before ``o_proj`` (head masking).
+
+Attention itself is computed from absolute positions: causal, plus the layer's own sliding window
+(Gemma 3), so no mask function is registered for this name (transformers then builds none). The caller
+sets ``probe.q_start``, the absolute position of the forward's first query; with transformers' own cache
+the ``S`` keys handed to a layer are always the last ``S`` positions up to the last query (a sliding layer's
+cache is trimmed from the left), so key positions follow from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from headwise.attention import attention_implementation
+
+PROBE_NAME = "headwise-probe"
+_ROW_BLOCK = 512  # query rows whose weights are materialised at once (memory: Hq * 512 * S floats)
+
+
+class Probe:
+    """Base probe: looks at nothing, changes nothing (exact attention through SDPA)."""
+
+    q_start: int = 0
+
+    def rows(self, layer: int, q_len: int) -> slice | None:
+        """Which query rows (of this forward's ``q_len``) need weights; ``None``: none."""
+        return None
+
+    def observe(self, layer: int, weights: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:
+        """weights: [B, Hq, Lq, S] (float32) for query positions ``q_pos: [Lq]`` and keys ``k_pos: [S]``."""
+
+    def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        """out: [B, Hq, L, D] attention output of the layer's query heads; return the (edited) output."""
+        return out
+
+    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
+                window: int | None) -> None:
+        """Sees the layer's rotated query [B, Hq, L, D] and keys [B, Hkv, S, D] (pattern search)."""
+
+
+def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """bool [Lq, S]: causal, and inside the layer's native sliding window when it has one."""
+    ok = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        ok &= (q_pos[:, None] - k_pos[None, :]) < window
+    return ok
+
+
+def probe_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """query: [B, Hq, L, D]; key, value: [B, Hkv, S, D] (everything the layer's cache holds, this chunk
+    included). Returns ([B, L, Hq, D], None)."""
+    probe: Probe = kwargs.get("headwise_probe") or Probe()
+    layer = int(module.layer_idx)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    window = kwargs.get("sliding_window")
+    softcap = kwargs.get("softcap")
+    L, S = query.shape[2], key.shape[2]
+    q_pos = torch.arange(probe.q_start, probe.q_start + L, device=query.device)
+    k_pos = torch.arange(probe.q_start + L - S, probe.q_start + L, device=query.device)
+    mask = allowed_mask(q_pos, k_pos, window)
+    group = query.shape[1] // key.shape[1]
+    if softcap is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    else:  # Gemma 2 style logit soft-capping: only the explicit path can apply it
+        out = _explicit(query, key, value, mask, scale, softcap)
+    probe.capture(layer, query, key, scale, window)
+    rows = probe.rows(layer, L)
+    if rows is not None:
+        k_full = key.repeat_interleave(group, dim=1).float()
+        start, stop = rows.indices(L)[:2]
+        for s in range(start, stop, _ROW_BLOCK):
+            e = min(stop, s + _ROW_BLOCK)
+            scores = torch.matmul(query[:, :, s:e].float(), k_full.transpose(-1, -2)) * scale
+            if softcap is not None:
+                scores = torch.tanh(scores / softcap) * softcap
+            scores = scores.masked_fill(~mask[s:e], float("-inf"))
+            probe.observe(layer, torch.softmax(scores, dim=-1), q_pos[s:e], k_pos)
+    out = probe.edit(layer, out)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
+              softcap: float) -> torch.Tensor:
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = torch.tanh(torch.matmul(q, k.transpose(-1, -2)) * scale / softcap) * softcap
+    return torch.matmul(torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1), v)
+
+
+AttentionInterface.register(PROBE_NAME, probe_attention)
+
+
+@contextmanager
+def probing(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model`` through the probe attention inside the block (restored in ``finally``)."""
+    with attention_implementation(model, PROBE_NAME):
+        yield
+
+
+class HeadMask(Probe):
+    """Zeroes the attention output of chosen query heads (the causal test of Wu et al., section 4).
+
+    ``heads``: (layer, query head) pairs to silence.
+    """
+
+    def __init__(self, heads: list[tuple[int, int]] | set[tuple[int, int]]):
+        self.by_layer: dict[int, list[int]] = {}
+        for layer, head in heads:
+            self.by_layer.setdefault(int(layer), []).append(int(head))
+
+    def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        heads = self.by_layer.get(layer)
+        if not heads:
+            return out
+        out = out.clone()
+        out[:, heads] = 0
+        return out
+
+
+@torch.inference_mode()
+def greedy_generate(lm: Any, prompt_ids: torch.Tensor, max_new_tokens: int, probe: Probe | None = None,
+                    chunk: int = 1024, stop_ids: set[int] | None = None,
+                    on_step: Any = None) -> list[int]:
+    """Greedy decoding through the probe attention with transformers' own cache.
+
+    prompt_ids: [1, T]. ``on_step(token_id)`` is called after each generated token (the probe has just seen
+    the query that produced it). Returns the generated ids (stop token excluded).
+    """
+    from transformers import DynamicCache
+
+    probe = probe or Probe()
+    model = lm.model
+    device = next(model.parameters()).device
+    ids = prompt_ids.to(device)
+    cache = DynamicCache(config=model.config)
+    out: list[int] = []
+    with probing(model):
+        logits = None
+        T = ids.shape[1]
+        for s in range(0, T, chunk):
+            probe.q_start = s
+            part = ids[:, s : s + chunk]
+            pos = torch.arange(s, s + part.shape[1], device=device)[None]
+            logits = model(input_ids=part, position_ids=pos, past_key_values=cache, use_cache=True,
+                           headwise_probe=probe, logits_to_keep=1).logits[:, -1]
+        assert logits is not None
+        pos_now = T
+        for _ in range(max_new_tokens):
+            nxt = int(torch.argmax(logits[0]).item())
+            if stop_ids and nxt in stop_ids:
+                break
+            out.append(nxt)
+            if on_step is not None:
+                on_step(nxt)
+            if len(out) == max_new_tokens:
+                break
+            probe.q_start = pos_now
+            logits = model(input_ids=torch.tensor([[nxt]], device=device),
+                           position_ids=torch.tensor([[pos_now]], device=device), past_key_values=cache,
+                           use_cache=True, headwise_probe=probe, logits_to_keep=1).logits[:, -1]
+            pos_now += 1
+    return out

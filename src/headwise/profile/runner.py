@@ -1,0 +1,202 @@
+"""``profile_model``: measure the heads, pick the deciding score, solve the budget, return the plan.
+
+Which score decides which heads stay full (``method``):
+
+* ``retrieval`` — Wu et al. retrieval score (``retrieval.py``), max over the query heads of a KV head;
+* ``duo`` — DuoAttention gates (``duo.py``), one per KV head already;
+* ``razor`` — RazorAttention max(echo, induction) (``razor.py``), max over the group;
+* ``mass`` — attention mass a head loses under ``streaming(64, 256)`` at the longest profiled length
+  (``mass.py``), max over the group.
+
+Max over the group because the query heads of a KV head share its cache: one retrieving query head is
+enough to need the whole context. The retrieval, mass and echo/induction scores are always measured (they
+are cheap and go in the plan's metadata and picture); the DuoAttention gates only with ``method="duo"``.
+Streaming spans always come from the mass profile (``solver.py``).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from headwise.errors import HeadwiseError
+from headwise.models import LoadedModel
+from headwise.plan import HeadPlan
+from headwise.profile.probe import Probe, probing
+from headwise.profile.solver import check_budget, solve
+
+METHODS = ("retrieval", "duo", "razor", "mass")
+DEFAULT_METHOD = "retrieval"
+"""The deciding score by default: see docs/profiling.md for the numbers behind the choice."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How much the profiler measures (``fast`` is for tests and smoke runs, not for shipped plans)."""
+
+    retrieval_lengths: tuple[int, ...] = (512, 1024, 2048)
+    retrieval_depths: tuple[float, ...] = (0.25, 0.75)
+    retrieval_tasks: tuple[str, ...] = ("needle", "passkey")
+    mass_length: int = 2048
+    razor_segment: int = 256
+    razor_batch: int = 2
+    duo_steps: int = 40
+    duo_seq_len: int = 768
+    duo_time_limit_s: float = 420.0
+    prefill_density: float | None = None
+    """If set, full heads on global layers get the best prefill pattern of at most this block density."""
+    pattern_length: int = 1024
+
+    @classmethod
+    def fast(cls, prefill_density: float | None = None) -> Settings:
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, prefill_density, 512)
+
+
+class _LayerSeen(Probe):
+    def __init__(self) -> None:
+        self.layers: set[int] = set()
+
+    def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
+        self.layers.add(layer)
+        return out
+
+
+def check_reachable(lm: LoadedModel) -> None:
+    """Raise ``HeadwiseError`` unless every layer's attention runs through our attention function."""
+    spec = lm.spec
+    if spec.num_layers < 1 or spec.num_q_heads < 1 or spec.num_kv_heads < 1:
+        raise HeadwiseError(f"{lm.name} has no attention heads to profile (layers={spec.num_layers}, "
+                            f"query heads={spec.num_q_heads}, KV heads={spec.num_kv_heads})")
+    probe = _LayerSeen()
+    device = next(lm.model.parameters()).device
+    try:
+        with torch.inference_mode(), probing(lm.model):
+            lm.model(input_ids=torch.ones(1, 4, dtype=torch.long, device=device), headwise_probe=probe,
+                     use_cache=False)
+    except TypeError as exc:
+        raise HeadwiseError(f"{lm.name}: its forward does not pass attention keywords through ({exc}); "
+                            "headwise can only profile models whose attention uses transformers' AttentionInterface"
+                            ) from None
+    missing = sorted(set(range(spec.num_layers)) - probe.layers)
+    if missing:
+        raise HeadwiseError(
+            f"{lm.name}: no attention heads reachable in layer(s) {missing[:8]}{'...' if len(missing) > 8 else ''}: "
+            "their attention does not call transformers' AttentionInterface, so headwise cannot observe them"
+        )
+
+
+def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
+    """[layers, q_heads] -> [layers, kv_heads]: max over each KV head's query heads (GQA order)."""
+    return x.view(x.shape[0], -1, group).amax(-1)
+
+
+def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
+                  settings: Settings | None = None, progress: bool = True, command: str = "") -> HeadPlan:
+    """Measure, solve and return the plan (not saved: the caller saves it atomically)."""
+    from headwise.profile.mass import SPAN_OPTIONS, mass_scores
+    from headwise.profile.razor import razor_scores
+    from headwise.profile.retrieval import retrieval_scores
+
+    check_budget(budget)
+    if method not in METHODS:
+        raise HeadwiseError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
+    settings = settings or Settings()
+    spec = lm.spec
+    check_reachable(lm)
+    timings: dict[str, float] = {}
+    cpu0 = time.process_time()
+    t = time.perf_counter()
+    ret = retrieval_scores(lm, settings.retrieval_lengths, settings.retrieval_depths, settings.retrieval_tasks,
+                           progress=progress)
+    timings["retrieval_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    mass = mass_scores(lm, settings.mass_length, progress=progress)
+    timings["mass_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    razor = razor_scores(lm, settings.razor_segment, 3, settings.razor_batch, progress=progress)
+    timings["razor_s"] = time.perf_counter() - t
+    g = spec.group_size
+    kv_scores = {
+        "retrieval": group_max(ret.scores, g),
+        "razor": group_max(razor.score, g),
+        "mass": group_max(mass.streaming_loss(), g),
+    }
+    duo_meta: dict[str, Any] = {}
+    if method == "duo":
+        from headwise.profile.duo import train_gates
+
+        t = time.perf_counter()
+        duo = train_gates(lm, settings.duo_steps, settings.duo_seq_len, progress=progress,
+                          time_limit_s=settings.duo_time_limit_s)
+        timings["duo_s"] = time.perf_counter() - t
+        kv_scores["duo"] = duo.alpha
+        duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "first_loss": duo.losses[0],
+                    "last_loss": duo.losses[-1]}
+    # span recall of a KV head = mean over its query heads and over the profiled lengths
+    recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
+    t = time.perf_counter()
+    sol = solve(spec, kv_scores[method], budget, target_len, recall)
+    timings["solve_s"] = time.perf_counter() - t
+    policies = sol.policies
+    pattern_meta: dict[str, Any] = {}
+    if settings.prefill_density is not None:
+        from headwise.profile.patterns import search_patterns
+
+        t = time.perf_counter()
+        found = search_patterns(lm, sol.full_heads, settings.pattern_length, settings.prefill_density,
+                                progress=progress)
+        timings["patterns_s"] = time.perf_counter() - t
+        for (i, j), choice in found.items():
+            policies[i][j] = choice.policy
+            pattern_meta[f"{i},{j}"] = {"chosen": choice.policy.to_spec(), "recall": round(choice.recall, 4),
+                                        "density": round(choice.density, 4), "candidates": choice.table}
+    # CPU seconds of this process (all threads): less sensitive than wall time to other jobs on a shared machine
+    timings["process_cpu_s"] = time.process_time() - cpu0
+    r2 = lambda x: [[round(float(v), 4) for v in row] for row in x.tolist()]  # noqa: E731
+    meta: dict[str, Any] = {
+        "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
+        "method": method,
+        "budget": budget,
+        "target_len": target_len,
+        "solution": sol.info(),
+        "timings_s": {k: round(v, 2) for k, v in timings.items()},
+        "dense_needle_accuracy": round(ret.accuracy, 4),
+        "settings": {k: list(v) if isinstance(v, tuple) else v for k, v in settings.__dict__.items()},
+        "scores": {
+            "retrieval_q": r2(ret.scores),
+            "echo_q": r2(razor.echo),
+            "induction_q": r2(razor.induction),
+            "sink_mass_q": r2(mass.sink),
+            "local_mass_q": r2(mass.local),
+            **{f"{k}_kv": r2(v) for k, v in kv_scores.items()},
+        },
+        "score_aggregation": "max over the query heads of each KV head",
+        "span_options": [list(o) for o in SPAN_OPTIONS],
+        "span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in recall.tolist()],
+    }
+    if duo_meta:
+        meta["duo"] = duo_meta
+    if settings.prefill_density is not None:
+        meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
+                                    "heads": pattern_meta}
+    return HeadPlan.from_policies(spec, policies, lm.name, **meta)
+
+
+def draw_plan(plan: HeadPlan, spec: Any, path: str) -> str:
+    """Heatmap PNG of the plan's recorded scores and its policies."""
+    import numpy as np
+
+    from headwise.profile.heatmap import draw
+
+    s = plan.meta.get("scores", {})
+    panels = {name: np.array(s[key]) for name, key in (
+        ("retrieval (q heads)", "retrieval_q"), ("echo (q)", "echo_q"), ("induction (q)", "induction_q"),
+        ("sink mass (q)", "sink_mass_q"), ("local mass (q)", "local_mass_q"), ("duo alpha (kv)", "duo_kv"),
+    ) if key in s}
+    pols = plan.policies()
+    title = (f"{plan.model.get('name', '')}: method={plan.meta.get('method')} budget={plan.meta.get('budget')} "
+             f"@ {plan.meta.get('target_len')} tok -> {plan.meta.get('solution', {}).get('kv_fraction')} of dense KV")
+    return str(draw(path, panels, pols, list(spec.layer_windows), title))

@@ -1,0 +1,167 @@
+"""From head scores to a plan that meets a KV-memory budget.
+
+The budget is a fraction of the dense plan's KV bytes after ``target_len`` tokens (``ModelSpec.dense_kv_tokens``:
+a native sliding-window layer holds at most its window, so its ``full`` costs ``min(T, W)``). Every KV head gets
+either ``full`` or a streaming span; the solver
+
+1. puts every head on its cheapest streaming span (if even that exceeds the budget: ``BudgetError``);
+2. walks the heads by score, highest first, and makes a head ``full`` whenever the extra tokens still fit
+   (a head that does not fit is skipped, the walk goes on to cheaper ones; heads scoring ``<= min_score`` are
+   never made full);
+3. spends what is left on the streaming heads' spans: repeatedly the upgrade with the largest gain per extra
+   token (gain = attention mass kept, from ``mass.py``'s elastic span recalls, MoA-style; without recall data,
+   spans grow round-robin), until nothing more fits.
+
+So the plan never exceeds the budget, and among heads of equal cost the full ones are the highest-scoring.
+
+Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
+``N = target_len`` (a plan stores fixed windows; a longer input keeps the window chosen for the target).
+Global layers stream with ``sink=64`` (DuoAttention); on a native sliding-window layer the span is a shorter
+window with ``sink=0``, so the head never sees a token the model's own window hides.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from headwise.errors import BudgetError
+from headwise.policies import Full, Policy, Streaming
+from headwise.profile.mass import SPAN_OPTIONS, STREAM_SINK, span_window
+from headwise.spec import ModelSpec
+
+
+def check_budget(budget: float) -> None:
+    if not isinstance(budget, (int, float)) or not (0.0 < float(budget) <= 1.0):
+        raise BudgetError(
+            f"--budget is a fraction of the dense KV memory and must be in (0, 1], got {budget!r} "
+            "(e.g. 0.25 keeps a quarter of the dense cache)"
+        )
+
+
+@dataclass
+class Option:
+    policy: Policy
+    cost: int
+    """KV token slots at the target length."""
+    value: float
+    """Attention mass kept (1 for full)."""
+    span: tuple[int, float] | None = None
+
+
+@dataclass
+class Solution:
+    policies: list[list[Policy]]
+    full_heads: list[tuple[int, int]]
+    kv_tokens: int
+    cap_tokens: int
+    dense_tokens: int
+    skipped: list[tuple[int, int]] = field(default_factory=list)
+    """High-scoring heads that could not be made full within the budget."""
+
+    @property
+    def fraction(self) -> float:
+        return self.kv_tokens / max(1, self.dense_tokens)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "kv_tokens": self.kv_tokens,
+            "cap_tokens": self.cap_tokens,
+            "dense_tokens": self.dense_tokens,
+            "kv_fraction": round(self.fraction, 4),
+            "full_heads": [list(h) for h in self.full_heads],
+            "skipped_full": [list(h) for h in self.skipped],
+        }
+
+
+def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Tensor | None) -> list[Option]:
+    """Streaming options of one KV head, cheapest first, then ``full`` last.
+
+    recall: [len(SPAN_OPTIONS)] mass kept by each elastic span (the KV head's mean over its query heads), or None.
+    """
+    native = spec.layer_windows[layer] if layer < len(spec.layer_windows) else None
+    full_cost = min(target_len, native) if native is not None else target_len
+    seen: dict[int, Option] = {}
+    for o, span in enumerate(SPAN_OPTIONS):
+        w = span_window(span, target_len)
+        pol = Streaming(sink=0, window=w + STREAM_SINK) if native is not None else Streaming(sink=STREAM_SINK, window=w)
+        cost = pol.kv_tokens(target_len)
+        if cost >= full_cost:
+            continue  # no cheaper than full: not a streaming option at this length
+        value = float(recall[o]) if recall is not None else 0.0
+        if cost not in seen or value > seen[cost].value:
+            seen[cost] = Option(pol, cost, value, span)
+    opts = sorted(seen.values(), key=lambda x: x.cost)
+    # keep only options that buy something: with recall data a bigger span must keep more mass
+    if recall is not None:
+        pruned: list[Option] = []
+        for opt in opts:
+            if not pruned or opt.value > pruned[-1].value:
+                pruned.append(opt)
+        opts = pruned
+    opts.append(Option(Full(), full_cost, 1.0))
+    return opts
+
+
+def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
+          recall: torch.Tensor | None = None, min_score: float = 0.0) -> Solution:
+    """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None."""
+    check_budget(budget)
+    if target_len < 1:
+        raise BudgetError(f"--target-len must be a positive number of tokens, got {target_len}")
+    L, H = spec.num_layers, spec.num_kv_heads
+    if tuple(scores.shape) != (L, H):
+        raise ValueError(f"scores must be [layers={L}, kv_heads={H}], got {tuple(scores.shape)}")
+    dense = spec.dense_kv_tokens(target_len)
+    cap = int(budget * dense)
+    opts = [[head_options(spec, i, target_len, None if recall is None else recall[i, j]) for j in range(H)]
+            for i in range(L)]
+    choice = [[0] * H for _ in range(L)]  # index into opts: cheapest streaming span (or full if nothing cheaper)
+    used = sum(opts[i][j][0].cost for i in range(L) for j in range(H))
+    if used > cap:
+        raise BudgetError(
+            f"budget {budget} ({cap} KV token slots at {target_len} tokens) is below the smallest streaming plan "
+            f"({used} slots = {used / dense:.3f} of dense); raise --budget or --target-len"
+        )
+    order = sorted(((float(scores[i, j]), i, j) for i in range(L) for j in range(H)), key=lambda t: (-t[0], t[1], t[2]))
+    full: list[tuple[int, int]] = []
+    skipped: list[tuple[int, int]] = []
+    for s, i, j in order:
+        if s <= min_score:
+            break
+        last = len(opts[i][j]) - 1
+        extra = opts[i][j][last].cost - opts[i][j][choice[i][j]].cost
+        if extra <= 0:
+            choice[i][j] = last
+            full.append((i, j))
+        elif used + extra <= cap:
+            choice[i][j] = last
+            used += extra
+            full.append((i, j))
+        else:
+            skipped.append((i, j))
+    full_set = set(full)
+    while True:  # spend the rest on spans: best gain per extra token first
+        best: tuple[float, int, int, int, int] | None = None
+        for i in range(L):
+            for j in range(H):
+                if (i, j) in full_set:
+                    continue
+                cur = opts[i][j][choice[i][j]]
+                for k in range(choice[i][j] + 1, len(opts[i][j]) - 1):  # streaming upgrades only
+                    extra = opts[i][j][k].cost - cur.cost
+                    if used + extra > cap:
+                        break
+                    gain = (opts[i][j][k].value - cur.value) if recall is not None else 1.0 / (1 + choice[i][j])
+                    key = gain / extra
+                    if best is None or key > best[0]:
+                        best = (key, i, j, k, extra)
+        if best is None:
+            break
+        _, i, j, k, extra = best
+        choice[i][j] = k
+        used += extra
+    policies = [[opts[i][j][choice[i][j]].policy for j in range(H)] for i in range(L)]
+    return Solution(policies, sorted(full), used, cap, dense, skipped)

@@ -1,0 +1,10 @@
+"""``headwise serve``: an OpenAI-compatible server with continuous batching over per-head KV caches.
+
+``scheduler.py`` owns the model in one thread (admission from real KV bytes, chunked prefill, one batched
+decode step for every running request); ``app.py`` is the FastAPI front (optional extra ``headwise[serve]``);
+``protocol.py`` validates requests and builds OpenAI-shaped responses and errors.
+"""
+
+from headwise.server.scheduler import Event, GenRequest, Metrics, Scheduler
+
+__all__ = ["Event", "GenRequest", "Metrics", "Scheduler"]

@@ -1,0 +1,92 @@
+"""``headwise serve MODEL --plan PLAN``: the OpenAI-compatible server (see docs/serving.md)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+
+from headwise.errors import HeadwiseError, InputError
+
+log = logging.getLogger("headwise.server")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from headwise.cli import _add_model_args
+
+    p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=32, help="most requests decoding together (default 32)")
+    p.add_argument("--kv-budget-gb", type=float, default=None,
+                   help="KV-cache memory that admission keeps to, in GB (default: 90%% of free GPU memory on "
+                        "CUDA, a quarter of available RAM up to 8 GB on CPU)")
+    p.add_argument("--max-queue", type=int, default=64,
+                   help="requests allowed to wait for admission; beyond that the server answers 429 (default 64)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's choice); on a machine busy with other work, fewer "
+                        "threads avoid OpenMP spin contention")
+    p.add_argument("--served-model-name", default=None, help="model id clients send (default: MODEL as given)")
+    p.set_defaults(func=run)
+
+
+def default_kv_budget(device: str) -> int:
+    """Bytes: 90% of free GPU memory after the weights are loaded; on CPU a quarter of available RAM, at most
+    8 GB (the rest stays for activations, the tokenizer and everything else on the machine)."""
+    import torch
+
+    if device == "cuda":
+        free, _ = torch.cuda.mem_get_info()
+        return int(0.9 * free)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        avail = 8 << 30
+    return int(min(8e9, avail / 4))
+
+
+def build(args: argparse.Namespace):
+    """Load the model and plan and build (app, scheduler) from parsed arguments."""
+    from headwise.cli import _load
+    from headwise.engine import Engine
+    from headwise.plan import HeadPlan
+    from headwise.server.app import create_app
+    from headwise.server.scheduler import Scheduler
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    if args.max_batch < 1:
+        raise InputError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.max_queue < 0:
+        raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
+    if args.kv_budget_gb is not None and args.kv_budget_gb <= 0:
+        raise InputError(f"--kv-budget-gb must be positive, got {args.kv_budget_gb}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise InputError(f"--threads must be at least 1, got {args.threads}")
+        import torch
+
+        torch.set_num_threads(args.threads)
+    plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
+    lm = _load(args)
+    engine = Engine(lm, plan, chunk_size=args.chunk_size)
+    budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
+    app = create_app(scheduler, args.served_model_name or lm.name)
+    return app, scheduler
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+    except ImportError:
+        raise HeadwiseError("headwise serve needs FastAPI and uvicorn: pip install 'headwise[serve]'") from None
+    app, scheduler = build(args)
+    log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d",
+                args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
+                scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    return 0

@@ -1,0 +1,133 @@
+"""The eval runner: plan specs and baselines, bad input, the per-sample cache, and a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from headwise.errors import ContextLengthError, InputError, PlanError
+from headwise.eval.report import write_report
+from headwise.eval.runner import (
+    EvalConfig,
+    parse_length,
+    parse_tasks,
+    quest_baseline,
+    resolve_plans,
+    run_eval,
+    streaming_baseline,
+)
+from headwise.plan import HeadPlan
+from headwise.spec import ModelSpec
+
+GEMMA_LIKE = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768,
+                       tuple(None if i in (5, 11, 17) else 512 for i in range(18)))
+
+
+def test_lengths_read_k_suffixes():
+    assert [parse_length(x) for x in ("1k", "8K", "1500")] == [1024, 8192, 1500]
+    with pytest.raises(InputError, match="cannot read length"):
+        parse_length("1m")
+
+
+def test_unknown_task_lists_the_valid_ones():
+    with pytest.raises(InputError, match=r"unknown task 'haystack'; valid tasks: passkey, needle.*fidelity"):
+        parse_tasks("passkey,haystack")
+
+
+def test_streaming_baseline_holds_the_reference_kv_and_keeps_native_windows():
+    ref = HeadPlan.uniform(GEMMA_LIKE, {"policy": "streaming", "params": {"sink": 64, "window": 448}})
+    ref.layers[5] = [{"policy": "full"}]
+    L = 4096
+    target = ref.kv_tokens(GEMMA_LIKE, L)
+    base = streaming_baseline(GEMMA_LIKE, "g", target, L, "streaming@equal")
+    n_global = 3
+    assert target - n_global < base.kv_tokens(GEMMA_LIKE, L) <= target
+    for i, w in enumerate(GEMMA_LIKE.layer_windows):
+        assert base.layers[i][0]["policy"] == ("full" if w is not None else "streaming")
+
+
+def test_quest_baseline_attends_the_reference_budget_per_head():
+    pytest.importorskip("headwise.policies.page_topk")
+    spec = ModelSpec("llama", 4, 4, 2, 16, 8192, (None,) * 4)
+    base = quest_baseline(spec, "m", 0.25 * spec.dense_kv_tokens(2048), 2048, "quest@0.25")
+    assert {h["params"]["budget"] for row in base.layers for h in row} == {512}
+
+
+def test_plan_for_another_model_is_refused(smollm2, tmp_path):
+    path = HeadPlan.dense(GEMMA_LIKE, "gemma3-270m").save(tmp_path / "gemma.json")
+    with pytest.raises(PlanError, match="does not fit smollm2-135m"):
+        resolve_plans([str(path)], smollm2)
+
+
+def test_equal_memory_baselines_follow_the_plan_file_at_each_length(smollm2, tmp_path):
+    spec = smollm2.spec
+    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": 192}}, "smollm2-135m")
+    ref.layers[3] = [{"policy": "full"}] * spec.num_kv_heads
+    path = ref.save(tmp_path / "mine.json")
+    entries = resolve_plans(["dense", str(path), "streaming@equal"], smollm2)
+    assert [e.label for e in entries] == ["dense", "mine", "streaming@equal"]
+    n_heads = spec.num_layers * spec.num_kv_heads
+    for L in (1024, 4096):
+        held = entries[2].plan_for(L).kv_tokens(spec, L)
+        assert ref.kv_tokens(spec, L) - n_heads < held <= ref.kv_tokens(spec, L)
+
+
+def test_equal_memory_baseline_needs_a_plan_file(smollm2):
+    with pytest.raises(InputError, match="list a plan file"):
+        resolve_plans(["dense", "streaming@equal"], smollm2)
+
+
+def test_unknown_plan_spec_says_what_is_accepted(smollm2):
+    with pytest.raises(InputError, match="streaming@equal"):
+        resolve_plans(["sparse"], smollm2)
+
+
+def _cfg(tmp_path, **kw):
+    base = dict(model="smollm2-135m", plans=["dense"], tasks=["passkey"], lengths=[96], depths=[0.5], samples=1,
+                out=tmp_path / "out", max_new_tokens=4, progress=False, command="pytest")
+    return EvalConfig(**(base | kw))
+
+
+def test_length_above_context_stops_when_asked(smollm2, tmp_path):
+    with pytest.raises(ContextLengthError, match="exceeds smollm2-135m's context of 8192"):
+        run_eval(_cfg(tmp_path, lengths=[9000], on_too_long="stop"), smollm2)
+
+
+def test_length_above_context_is_skipped_with_a_note(smollm2, tmp_path):
+    res = run_eval(_cfg(tmp_path, lengths=[9000]), smollm2)
+    assert res["lengths"] == [] and res["rows"] == []
+    assert any("9000" in n and "skipped" in n for n in res["notes"])
+
+
+def test_tiny_eval_writes_results_and_report_then_resumes_without_model_work(smollm2, tmp_path):
+    cfg = _cfg(tmp_path, plans=["dense", "streaming@0.5"], tasks=["passkey", "fidelity"])
+    res = run_eval(cfg, smollm2)
+    out = cfg.out
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["model"] == "smollm2-135m" and saved["seed"] == 0
+    assert {p["label"] for p in saved["plans"]} == {"dense", "streaming@0.5"}
+    assert len(saved["rows"]) == 2 and {r["task"] for r in saved["fidelity"]} == {"fidelity"}
+    kv = {r["plan"]: r["kv_bytes"] for r in saved["performance"]}
+    assert kv["streaming@0.5"] < kv["dense"]
+    assert res["runs_this_time"] == 4  # 2 plans x (1 passkey sample + fidelity)
+    files = write_report(saved, out)
+    page = files["html"].read_text()
+    assert "data:image/png;base64," in page and "pytest" in page
+
+    calls = []
+    hook = smollm2.model.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        again = run_eval(cfg, smollm2)
+    finally:
+        hook.remove()
+    assert calls == [] and again["runs_this_time"] == 0
+    assert again["accuracy"] == res["accuracy"]
+
+
+def test_cli_reports_bad_task_in_one_line(capsys):
+    from headwise.cli import main
+
+    assert main(["eval", "smollm2-135m", "--tasks", "haystack"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown task 'haystack'" in err[0]

@@ -1,0 +1,58 @@
+"""Scoring on hand-made answers: right, wrong and partial, for every task."""
+
+from __future__ import annotations
+
+import pytest
+
+from headwise.errors import InputError
+from headwise.eval.scoring import found, score, score_task
+
+CASES = [
+    # task, answers, output, expected score
+    ("passkey", ["71432"], " 71432. Remember it.", 1.0),
+    ("passkey", ["71432"], " 71423.", 0.0),
+    ("passkey", ["71432"], " 714321", 0.0),
+    ("needle", ["4726193"], " 4726193.", 1.0),
+    ("needle", ["4726193"], " 4726 193", 1.0),
+    ("needle", ["4726193"], " not mentioned", 0.0),
+    ("multikey_needle", ["5550001"], " 5550001", 1.0),
+    ("multikey_needle", ["5550001"], " 5550002 (the other key)", 0.0),
+    ("multivalue_needle", ["1111111", "2222222", "3333333", "4444444"], " 1111111, 2222222, 3333333 and 4444444", 1.0),
+    ("multivalue_needle", ["1111111", "2222222", "3333333", "4444444"], " 1111111 and 3333333", 0.5),
+    ("multivalue_needle", ["1111111", "2222222", "3333333", "4444444"], " 9999999", 0.0),
+    ("multiquery_needle", ["1234567", "7654321", "1111222", "3333444"], " 1234567, 7654321, 0000000", 0.5),
+    ("variable_tracking", ["ABCDE", "FGHIJ", "KLMNO", "PQRST", "UVWXY"], " ABCDE, FGHIJ, KLMNO, PQRST, UVWXY", 1.0),
+    ("variable_tracking", ["ABCDE", "FGHIJ", "KLMNO", "PQRST", "UVWXY"], " abcde fghij", 0.4),
+    ("variable_tracking", ["ABCDE", "FGHIJ", "KLMNO", "PQRST", "UVWXY"], " ABCDEF", 0.0),
+    ("common_words", [f"w{i}" for i in range(10)], " " + ", ".join(f"w{i}" for i in range(10)), 1.0),
+    ("common_words", [f"w{i}" for i in range(10)], "\n1. W0\n2. w1\n3. x", 0.2),
+    ("frequent_words", ["toz", "ljmg", "fge"], " toz, ljmg, fge", 1.0),
+    ("frequent_words", ["toz", "ljmg", "fge"], " tozz ljmg", 1 / 3),
+    ("mqar", ["1355", "1790", "3527", "2459"], " 1355, scarcity = 1790, doom = 3527, eagle = 2459", 1.0),
+    ("mqar", ["1355", "1790", "3527", "2459"], " 1355, scarcity = 2991", 0.25),
+    ("mqar", ["1355", "1790", "3527", "2459"], " 2991", 0.0),
+]
+
+
+@pytest.mark.parametrize(("task", "answers", "output", "expected"), CASES)
+def test_scores_hand_made_answers(task, answers, output, expected):
+    assert score_task(task, output, answers) == pytest.approx(expected)
+
+
+def test_matching_ignores_case_and_whitespace():
+    assert found("silver lantern", "The  SILVER\n lantern shone")
+
+
+def test_answer_must_stand_as_a_whole_word():
+    assert not found("fair", "an affair")
+    assert not found("123", "41234")
+
+
+def test_unknown_rule_is_refused():
+    with pytest.raises(InputError, match="unknown scoring rule"):
+        score("fuzzy", "x", ["x"])
+
+
+def test_sample_without_answers_is_refused():
+    with pytest.raises(InputError, match="no answers"):
+        score("recall", "x", [])

@@ -1,0 +1,157 @@
+"""The paged sparse decode kernel and Quest scoring against plain-PyTorch references (Triton interpreter on CPU).
+
+Tolerance, as in flash-attention's tests: the kernel in dtype X may err (vs an fp32 reference) at most twice
+as much as plain PyTorch computing in dtype X, plus a small absolute slack.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+
+from headwise.kernels.sparse_decode import (
+    quest_page_scores,
+    quest_page_scores_reference,
+    select_pages,
+    sparse_decode,
+    sparse_decode_reference,
+)
+from headwise.policies.stores import PagedStore
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+S, PAGE = 97, 16  # 7 pages, the last one holding a single token
+
+
+def _cache(batch: int, kv_heads: int, group: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, kv_heads * group, dim, generator=g)
+    k = torch.randn(batch, kv_heads, S + 11, dim, generator=g)  # capacity beyond the valid length
+    v = torch.randn(batch, kv_heads, S + 11, dim, generator=g)
+    return [t.to(DEVICE, dtype) for t in (q, k, v)]
+
+
+def _permuted_table(batch: int, kv_heads: int, seed: int = 0):
+    """A different number of pages per (sequence, head), listed in a random order, -1 padded."""
+    g = torch.Generator().manual_seed(seed)
+    n_pages = -(-S // PAGE)
+    table = torch.full((batch, kv_heads, n_pages), -1, dtype=torch.int32)
+    counts = torch.zeros(batch, kv_heads, dtype=torch.int32)
+    for b in range(batch):
+        for h in range(kv_heads):
+            n = 1 + (2 * (b * kv_heads + h)) % n_pages  # 1, 3, 5, 7 pages
+            table[b, h, :n] = torch.randperm(n_pages, generator=g)[:n].int()
+            counts[b, h] = n
+    return table.to(DEVICE), counts.to(DEVICE)
+
+
+def _check(out: torch.Tensor, out_pt: torch.Tensor, out_ref: torch.Tensor) -> None:
+    err = (out.float() - out_ref).abs().max().item()
+    err_pt = (out_pt.float() - out_ref).abs().max().item()
+    assert err <= 2 * err_pt + 1e-4, f"kernel error {err:.2e} vs PyTorch-same-dtype error {err_pt:.2e}"
+
+
+@pytest.mark.parametrize(
+    ("group", "dim", "dtype"),
+    [(4, 64, torch.bfloat16), (1, 128, torch.float16), (4, 128, torch.float32)],
+    ids=["gqa4-d64-bf16", "mha-d128-fp16", "gqa4-d128-fp32"],
+)
+@pytest.mark.parametrize("num_splits", [1, 3], ids=["one-split", "three-splits"])
+def test_kernel_reads_only_listed_pages(group, dim, dtype, num_splits):
+    q, k, v = _cache(2, 2, group, dim, dtype)
+    table, counts = _permuted_table(2, 2)
+    # One page per iteration, so three splits each hold pages (and some heads leave a split empty).
+    out = sparse_decode(q, k, v, S, table, counts, PAGE, num_splits=num_splits, tokens_per_iter=PAGE)
+    ref = sparse_decode_reference(q.float(), k.float(), v.float(), S, table, counts, PAGE)
+    _check(out, sparse_decode_reference(q, k, v, S, table, counts, PAGE), ref)
+
+
+def test_all_pages_is_dense_attention_over_the_valid_slots():
+    q, k, v = _cache(2, 2, 4, 64, torch.bfloat16, seed=1)
+    out = sparse_decode(q, k, v, S, None, page_size=PAGE)
+    qf, kf, vf = q.float()[:, :, None], k.float()[:, :, :S], v.float()[:, :, :S]
+    ref = F.scaled_dot_product_attention(qf, kf, vf, enable_gqa=True)[:, :, 0]
+    _check(out, sparse_decode_reference(q, k, v, S, None, page_size=PAGE), ref)
+
+
+def test_second_group_in_the_same_launch_attends_its_own_cache():
+    """Full heads over a long cache and streaming heads over their ring buffer, one launch (plan_a's layer)."""
+    q, k, v = _cache(2, 5, 4, 64, torch.bfloat16, seed=7)  # KV heads 0-1: first group, 2-4: second group
+    ring_k, ring_v = k[:, 2:, :40].contiguous(), v[:, 2:, :40].contiguous()
+    out = sparse_decode(q, k[:, :2], v[:, :2], S, None, page_size=PAGE, second=(ring_k, ring_v, 37), num_splits=3)
+    for heads, args in ((slice(0, 8), (k[:, :2], v[:, :2], S)), (slice(8, 20), (ring_k, ring_v, 37))):
+        ref = sparse_decode_reference(q[:, heads].float(), args[0].float(), args[1].float(), args[2], page_size=PAGE)
+        pt = sparse_decode_reference(q[:, heads], *args, page_size=PAGE)
+        _check(out[:, heads], pt, ref)
+
+
+def test_page_size_one_takes_token_positions_and_writes_into_a_given_slice():
+    q, k, v = _cache(1, 2, 4, 64, torch.float32, seed=2)
+    positions = torch.tensor([[[96, 3, 50, 0, 17], [5, 95, -1, -1, -1]]], device=DEVICE)
+    out = torch.full((1, 12, 64), float("nan"), device=DEVICE)[:, 2:10]  # write into a slice, in place
+    sparse_decode(q, k, v, S, positions, page_size=1, num_splits=3, out=out, tokens_per_iter=16)
+    mask = torch.zeros(1, 2, S, dtype=torch.bool, device=DEVICE)
+    mask[0, 0, [96, 3, 50, 0, 17]] = True
+    mask[0, 1, [5, 95]] = True
+    ref = F.scaled_dot_product_attention(q[:, :, None], k[:, :, :S], v[:, :, :S], enable_gqa=True,
+                                         attn_mask=mask.repeat_interleave(4, dim=1)[:, :, None])[:, :, 0]
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_quest_score_bounds_every_key_of_its_page():
+    q, k, _ = _cache(1, 2, 4, 64, torch.float32, seed=3)
+    store = PagedStore(1, 2, 64, torch.device(DEVICE), torch.float32, PAGE)
+    store.append(k[:, :, :S], k[:, :, :S])
+    scores = quest_page_scores_reference(q, store.page_bounds(), store.num_pages, keep_ends=False)
+    qk = torch.einsum("bhgd,bhsd->bhs", q.view(1, 2, 4, 64), k[:, :, :S])  # q.k summed over the group
+    for p in range(store.num_pages):
+        page_max = qk[:, :, p * PAGE : (p + 1) * PAGE].amax(dim=-1)
+        assert bool((scores[:, :, p] >= page_max - 1e-4).all())
+
+
+def test_quest_kernel_matches_reference_and_keeps_the_ends():
+    q, _, _ = _cache(2, 2, 4, 64, torch.bfloat16, seed=4)
+    bounds = torch.randn(2, 2, 9, 2, 64).to(DEVICE, torch.bfloat16)
+    bounds = torch.stack([bounds.amin(dim=3), bounds.amax(dim=3)], dim=3)
+    out = quest_page_scores(q, bounds, 7)
+    ref = quest_page_scores_reference(q, bounds, 7)
+    assert bool(torch.isinf(out[:, :, [0, 6]]).all())
+    torch.testing.assert_close(out[:, :, 1:6], ref[:, :, 1:6], atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "triton"])
+def test_select_pages_takes_the_top_scores_within_the_budget(use_kernel):
+    scores = torch.tensor([[[float("inf"), 1.0, 5.0, 3.0, -2.0, float("inf")]]], device=DEVICE)
+    chosen = select_pages(scores, budget_pages=4, use_kernel=use_kernel)
+    assert sorted(chosen[0, 0].tolist()) == [0, 2, 3, 5]
+    assert sorted(select_pages(scores, budget_pages=99, use_kernel=use_kernel)[0, 0].tolist()) == list(range(6))
+
+
+def test_triton_top_k_selects_the_same_scores_as_torch_with_ties_and_negatives():
+    g = torch.Generator().manual_seed(6)
+    scores = torch.randn(2, 3, 300, generator=g).round(decimals=1).to(DEVICE)  # many ties
+    scores[..., 0] = scores[..., -1] = float("inf")
+    chosen = select_pages(scores, 37, use_kernel=True).long()
+    expected = torch.topk(scores, 37, dim=-1).values
+    assert all(len(set(row.tolist())) == 37 for row in chosen.view(-1, 37))
+    torch.testing.assert_close(scores.gather(2, chosen).sort(-1).values, expected.sort(-1).values)
+
+
+def test_paged_store_bounds_follow_chunked_appends():
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(2, 3, S, 8, generator=g)
+    store = PagedStore(2, 3, 8, torch.device("cpu"), torch.float32, PAGE)
+    for a, b in [(0, 5), (5, 40), (40, 41), (41, 97)]:  # partial pages, a one-token step, page-crossing chunks
+        store.append(keys[:, :, a:b], keys[:, :, a:b])
+    pages = torch.nn.functional.pad(keys, (0, 0, 0, 7 * PAGE - S), value=float("nan")).view(2, 3, 7, PAGE, 8)
+    torch.testing.assert_close(store.page_bounds()[:, :, :, 0], pages.nan_to_num(float("inf")).amin(dim=3))
+    torch.testing.assert_close(store.page_bounds()[:, :, :, 1], pages.nan_to_num(float("-inf")).amax(dim=3))
+    assert any(t is store.bounds for t in store.tensors())  # metadata bytes are counted

@@ -1,0 +1,61 @@
+"""``headwise profile`` from the command line: user mistakes and Ctrl-C give one clear line and no plan file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from headwise.cli import main
+
+
+@pytest.mark.parametrize("budget", ["0", "1.5", "-0.25"])
+def test_budget_outside_zero_one_is_a_one_line_error(budget, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    rc = main(["profile", "smollm2-135m", "--budget", budget, "-o", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2
+    assert err.startswith("headwise: error:") and "(0, 1]" in err and "\n" not in err
+    assert not out.exists()
+
+
+def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["profile", "no-such-model", "--budget", "0.25", "-o", str(tmp_path / "p.json")])
+    assert rc == 2 and "unknown model 'no-such-model'" in capsys.readouterr().err
+
+
+def test_ctrl_c_during_profiling_leaves_no_plan(tmp_path):
+    out = tmp_path / "plan.json"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "headwise.cli", "profile", "smollm2-135m", "--budget", "0.25", "-o", str(out), "--fast"],
+        stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )
+    seen = ""
+    deadline = time.time() + 240
+    assert proc.stderr is not None
+    while "retrieval score" not in seen and time.time() < deadline:  # wait until profiling has started
+        seen += proc.stderr.read(1)
+    assert "retrieval score" in seen, seen
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "interrupted; no plan written" in seen + rest
+    assert "Traceback" not in seen + rest
+    assert not out.exists() and not list(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_fast_profile_writes_plan_png_and_command(tmp_path):
+    out = tmp_path / "plan.json"
+    rc = main(["profile", "smollm2-135m", "--budget", "0.25", "-o", str(out), "--fast", "--no-progress"])
+    assert rc == 0
+    plan = json.loads(out.read_text())
+    assert plan["meta"]["created_by"].startswith("headwise profile smollm2-135m --budget 0.25")
+    assert plan["meta"]["solution"]["kv_fraction"] <= 0.25
+    assert (tmp_path / "plan.png").stat().st_size > 10_000

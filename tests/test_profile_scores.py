@@ -1,0 +1,167 @@
+"""Head measurements on hand-made attention patterns and tiny random models."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from headwise.errors import HeadwiseError
+from headwise.models import LoadedModel
+from headwise.profile.duo import passkey_batch, train_gates
+from headwise.profile.mass import SPAN_OPTIONS, MassProbe
+from headwise.profile.probe import HeadMask, Probe, probe_attention, probing
+from headwise.profile.razor import RepeatProbe
+from headwise.profile.retrieval import ArgmaxProbe, copy_events
+from headwise.profile.runner import check_reachable, group_max
+from headwise.spec import ModelSpec
+
+
+def test_copy_event_needs_argmax_inside_needle_on_the_generated_token():
+    prompt = torch.tensor([5, 6, 7, 42, 43, 44, 8, 9])  # needle = positions 3..5
+    argmax = torch.tensor([[4, 4, 1], [3, 7, 4]])  # [layers=2, heads=3]
+    hits = copy_events(argmax, token=43, prompt_ids=prompt, span=(3, 6))
+    # (0,0), (0,1), (1,2) look at position 4 = token 43 inside the needle; (1,0) looks inside at another token;
+    # (0,2) and (1,1) look outside the needle
+    assert hits.tolist() == [[True, True, False], [False, False, True]]
+
+
+def _layer(idx: int) -> torch.nn.Module:
+    m = torch.nn.Module()
+    m.layer_idx = idx
+    return m
+
+
+def test_probe_reports_each_query_heads_most_attended_absolute_position():
+    D, S = 8, 10
+    k = torch.randn(1, 1, S, D) * 0.1
+    q = torch.zeros(1, 2, 1, D)
+    k[0, 0, 3, 0] = 5.0  # key 3 stands out for query head 0 ...
+    q[0, 0, 0] = 5.0
+    k[0, 0, 7, 0] = -5.0
+    k[0, 0, 7, 1] = 5.0  # ... key 7 for query head 1
+    q[0, 1, 0, 1] = 5.0
+    probe = ArgmaxProbe(num_layers=2, num_q_heads=2)
+    probe.q_start = 100 + S - 1  # the cache holds positions 100..109 (a sliding layer trimmed its start)
+    probe_attention(_layer(1), q, k, torch.randn(1, 1, S, D), None, headwise_probe=probe)
+    assert probe.argmax[1].tolist() == [103, 107]
+
+
+def test_probe_attention_equals_sdpa_and_head_mask_zeroes_one_head():
+    q, k, v = torch.randn(1, 4, 6, 8), torch.randn(1, 2, 6, 8), torch.randn(1, 2, 6, 8)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    out, _ = probe_attention(_layer(0), q, k, v, None, headwise_probe=Probe())
+    assert torch.allclose(out.transpose(1, 2), ref, atol=1e-6)
+    masked, _ = probe_attention(_layer(0), q, k, v, None, headwise_probe=HeadMask([(0, 2)]))
+    masked = masked.transpose(1, 2)
+    assert masked[:, 2].abs().max() == 0 and torch.equal(masked[:, [0, 1, 3]], out.transpose(1, 2)[:, [0, 1, 3]])
+
+
+def _one_hot_rows(q_pos: torch.Tensor, targets: list[int], S: int) -> torch.Tensor:
+    """weights [1, heads, Lq, S]: head h puts all its mass on key ``q - targets[h]`` (a distance) or key -d."""
+    w = torch.zeros(1, len(targets), len(q_pos), S)
+    for h, t in enumerate(targets):
+        for r, q in enumerate(q_pos.tolist()):
+            w[0, h, r, (q - t) if t >= 0 else -t - 1] = 1.0
+    return w
+
+
+def test_mass_probe_separates_sink_local_and_far_heads():
+    S = 1024
+    q_pos = torch.arange(S - 128, S)
+    k_pos = torch.arange(S)
+    # head 0 on key 0 (sink), head 1 on itself (local), head 2 at distance 600 (far, outside the sink)
+    probe = MassProbe(1, 3, bins=[S])
+    probe.observe(0, _one_hot_rows(q_pos, [-1, 0, 600], S), q_pos, k_pos)
+    n = probe.count[0, 0]
+    assert (probe.sink[0, :, 0] / n).tolist() == [1.0, 0.0, 0.0]
+    assert (probe.local[0, :, 0] / n).tolist() == [0.0, 1.0, 0.0]
+    recall = probe.recall[0, :, :, 0] / n
+    assert torch.all(recall[0] == 1) and torch.all(recall[1] == 1)  # sinks and the window are always kept
+    for o, (a, b) in enumerate(SPAN_OPTIONS):
+        assert recall[2, o] == float(a + b * S > 600)
+
+
+def test_repeat_probe_scores_echo_and_induction_heads():
+    n, S = 16, 48
+    q_pos = torch.arange(n, S)
+    probe = RepeatProbe(1, 3, segment=n)
+    # head 0 attends to the previous occurrence (echo), head 1 to the token after it (induction), head 2 to itself
+    probe.observe(0, _one_hot_rows(q_pos, [n, n - 1, 0], S), q_pos, torch.arange(S))
+    echo, induction = probe.echo[0] / probe.count, probe.induction[0] / probe.count
+    assert echo.tolist() == [1.0, 0.0, 0.0]
+    assert induction.tolist() == [0.0, 1.0, 0.0]
+
+
+def test_group_max_takes_the_strongest_query_head_of_each_kv_head():
+    x = torch.tensor([[0.1, 0.9, 0.2, 0.0, 0.3, 0.4]])
+    assert group_max(x, 3).tolist() == [[pytest.approx(0.9), pytest.approx(0.4)]]
+
+
+@pytest.fixture(scope="module")
+def tiny(smollm2) -> LoadedModel:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, attn_implementation="sdpa")
+    model = LlamaForCausalLM(cfg).eval()
+    return LoadedModel("tiny-llama", model, smollm2.tokenizer, ModelSpec.from_config(cfg), "random")
+
+
+def test_probe_forward_equals_the_models_own_sdpa_forward(tiny):
+    ids = torch.randint(0, 1000, (1, 40))
+    with torch.no_grad():
+        ref = tiny.model(ids).logits
+        with probing(tiny.model):
+            got = tiny.model(ids, headwise_probe=Probe()).logits
+    assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_gate_training_moves_only_the_gates(tiny):
+    before = [p.detach().clone() for p in tiny.model.parameters()]
+    flags = [p.requires_grad for p in tiny.model.parameters()]
+    result = train_gates(tiny, steps=3, seq_len=160, n_keys=2, sink=4, window=8, progress=False)
+    assert result.alpha.shape == (2, 2)
+    assert torch.all((result.alpha >= 0) & (result.alpha <= 1))
+    assert result.alpha.min() < 1.0  # the L1 push moved them off their initial 1
+    assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters()))
+    assert [p.requires_grad for p in tiny.model.parameters()] == flags  # restored after training
+
+
+def test_passkey_data_has_the_requested_length_and_ends_with_the_recall(smollm2):
+    import random
+
+    ids, n_recall = passkey_batch(smollm2.tokenizer, 300, 3, random.Random(0))
+    assert ids.shape == (1, 300)
+    tail = smollm2.tokenizer.decode(ids[0, -n_recall:])
+    assert tail.count("The pass key number") == 3
+
+
+def test_model_without_reachable_attention_is_refused():
+    class NoAttention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.config = types.SimpleNamespace(_attn_implementation="sdpa")
+
+        def forward(self, input_ids, **kwargs):
+            return self.emb(input_ids)
+
+    lm = LoadedModel("no-attn", NoAttention(), None, ModelSpec("llama", 2, 2, 1, 4, 128, (None, None)), "test")
+    with pytest.raises(HeadwiseError, match=r"no attention heads reachable in layer\(s\) \[0, 1\]"):
+        check_reachable(lm)
+
+
+def test_pattern_search_picks_a_pattern_within_the_density_or_keeps_full(tiny):
+    from headwise.policies import Full
+    from headwise.profile.patterns import search_patterns
+
+    found = search_patterns(tiny, [(0, 0), (1, 1)], length=512, density=0.6, min_recall=0.0, progress=False)
+    assert set(found) == {(0, 0), (1, 1)}
+    for choice in found.values():
+        assert not isinstance(choice.policy, Full) and choice.density <= 0.6
+        assert choice.recall == pytest.approx(max(r["recall"] for r in choice.table if r["density"] <= 0.6), abs=1e-4)
+        assert choice.policy.kv_tokens(4096) == 4096  # a prefill pattern keeps the whole cache: memory unchanged

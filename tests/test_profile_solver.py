@@ -1,0 +1,94 @@
+"""The budget solver: plans never exceed the budget, and the highest-scoring heads are the ones kept full."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.errors import BudgetError
+from headwise.plan import HeadPlan
+from headwise.policies import Full, Streaming
+from headwise.profile.mass import SPAN_OPTIONS
+from headwise.profile.solver import solve
+from headwise.spec import ModelSpec
+
+LLAMA = ModelSpec("llama", 6, 8, 4, 64, 8192, (None,) * 6)
+GEMMA = ModelSpec("gemma3_text", 6, 4, 1, 256, 32768, (512, 512, None, 512, 512, None))
+
+
+def _plan_fraction(spec: ModelSpec, sol, T: int) -> float:
+    return HeadPlan.from_policies(spec, sol.policies).kv_fraction(spec, T)
+
+
+@pytest.mark.parametrize("budget", [0.1, 0.25, 0.5, 1.0])
+def test_plan_kv_memory_is_at_most_the_budget(budget):
+    scores = torch.rand(6, 4, generator=torch.Generator().manual_seed(1))
+    sol = solve(LLAMA, scores, budget, 4096)
+    plan_tokens = HeadPlan.from_policies(LLAMA, sol.policies).kv_tokens(LLAMA, 4096)
+    assert plan_tokens == sol.kv_tokens <= int(budget * LLAMA.dense_kv_tokens(4096))
+
+
+def test_budget_is_spent_almost_entirely():
+    sol = solve(LLAMA, torch.rand(6, 4), 0.25, 4096)
+    # spans grow until no upgrade fits: less than one smallest span step is left over
+    assert sol.cap_tokens - sol.kv_tokens < 64 * 4 * 6
+
+
+def test_full_heads_are_the_highest_scoring():
+    # 0.25 of 24 heads x 4096 = 24576 slots; 24 minimal spans take 24 x 128, each full head 3968 more: 5 fit
+    scores = torch.zeros(6, 4)
+    ranked = [(0, 1), (2, 3), (5, 0), (1, 1), (4, 2), (3, 2), (0, 0)]
+    for rank, (i, j) in enumerate(ranked):
+        scores[i, j] = 1.0 - 0.1 * rank
+    sol = solve(LLAMA, scores, 0.25, 4096)
+    assert set(sol.full_heads) == set(ranked[:5])
+    assert all(isinstance(sol.policies[i][j], Full) for i, j in ranked[:5])
+    assert not isinstance(sol.policies[3][2], Full)
+
+
+def test_heads_scoring_zero_are_never_made_full():
+    scores = torch.zeros(6, 4)
+    scores[1, 2] = 0.3
+    sol = solve(LLAMA, scores, 0.5, 4096)
+    assert sol.full_heads == [(1, 2)]
+
+
+def test_budget_one_keeps_every_scored_head_full():
+    sol = solve(LLAMA, torch.rand(6, 4) + 0.01, 1.0, 4096)
+    assert all(isinstance(p, Full) for row in sol.policies for p in row)
+
+
+def test_spans_go_to_heads_that_lose_most_mass():
+    # recall per (layer, head, option): heads of layer 0 need long spans, the others keep everything already
+    recall = torch.ones(6, 4, len(SPAN_OPTIONS))
+    for o, (a, b) in enumerate(SPAN_OPTIONS):
+        recall[0, :, o] = min(1.0, (a + b * 4096) / 2048)
+    sol = solve(LLAMA, torch.zeros(6, 4), 0.2, 4096, recall)
+    windows = [[p.window for p in row] for row in sol.policies]
+    assert min(windows[0]) > max(max(r) for r in windows[1:])
+
+
+def test_gemma_sliding_layers_stream_inside_their_own_window():
+    sol = solve(GEMMA, torch.zeros(6, 1), 0.25, 4096)
+    for i, row in enumerate(sol.policies):
+        if GEMMA.layer_windows[i] is not None:
+            p = row[0]
+            assert isinstance(p, Full) or (isinstance(p, Streaming) and p.sink == 0 and p.window < 512)
+
+
+def test_gemma_global_head_is_skipped_when_it_cannot_fit():
+    scores = torch.zeros(6, 1)
+    scores[2, 0] = 1.0  # a global layer: full costs 4096 of the 0.25 * (4*512 + 2*4096) = 2560 allowed
+    sol = solve(GEMMA, scores, 0.25, 4096)
+    assert (2, 0) in sol.skipped and (2, 0) not in sol.full_heads
+
+
+@pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, float("nan")])
+def test_budget_outside_zero_one_is_refused(budget):
+    with pytest.raises(BudgetError, match=r"\(0, 1\]"):
+        solve(LLAMA, torch.zeros(6, 4), budget, 4096)
+
+
+def test_budget_below_smallest_streaming_plan_is_refused_with_numbers():
+    with pytest.raises(BudgetError, match="below the smallest streaming plan"):
+        solve(LLAMA, torch.zeros(6, 4), 0.01, 4096)

@@ -1,0 +1,78 @@
+"""Server pieces without a model: streaming text hold-back, request validation, ``headwise serve`` arguments."""
+
+from __future__ import annotations
+
+import pytest
+
+from headwise.server.protocol import APIError, parse_request
+from headwise.server.scheduler import _first_stop, _safe_end
+
+
+def test_partial_stop_string_is_held_back_until_decided():
+    # "Hello ##" could still become the stop string "###": only "Hello " may be sent.
+    assert _safe_end("Hello ##", ["###"]) == len("Hello ")
+    assert _safe_end("Hello #x", ["###"]) == len("Hello #x")
+    assert _first_stop("Hello ### bye", ["###"]) == len("Hello ")
+
+
+def test_split_utf8_character_is_held_back():
+    # A multi-byte character cut between tokens decodes as U+FFFD until its last byte arrives.
+    assert _safe_end("caf\ufffd", []) == 3
+    assert _safe_end("café", []) == 4
+
+
+def test_earliest_of_several_stop_strings_wins():
+    assert _first_stop("a. b! c", ["!", "."]) == 1
+    assert _first_stop("abc", ["x", "y"]) is None
+
+
+def test_completion_defaults_follow_openai():
+    p = parse_request({"model": "m", "prompt": "hi"}, chat=False, default_max_tokens=16)
+    assert p.params.max_new_tokens == 16 and p.params.temperature == 1.0 and p.params.top_p == 1.0
+    assert not p.stream and p.prompt == "hi"
+
+
+def test_token_id_prompt_and_single_item_batch_are_accepted():
+    assert parse_request({"model": "m", "prompt": [1, 2, 3]}, False, 16).prompt_ids == [1, 2, 3]
+    assert parse_request({"model": "m", "prompt": ["hi"]}, False, 16).prompt == "hi"
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "m", "prompt": "hi", "max_tokens": True}, "max_tokens"),
+        ({"model": "m", "prompt": "hi", "seed": 1.5}, "seed"),
+        ({"model": "m", "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"model": "m", "prompt": "hi", "stop": 3}, "stop"),
+        ({"model": "m", "prompt": ["a", "b"]}, "prompt"),
+        ({"model": "m", "prompt": ""}, "prompt"),
+        ({"model": "m", "prompt": "hi", "temperature": 2.5}, "temperature"),
+        ({"model": "m", "prompt": "hi", "echo": True}, "echo"),
+        ({"model": 7, "prompt": "hi"}, "model"),
+    ],
+)
+def test_invalid_fields_are_named_in_the_error(body, param):
+    with pytest.raises(APIError) as info:
+        parse_request(body, chat=False, default_max_tokens=16)
+    assert info.value.status == 400 and info.value.param == param
+
+
+def test_chat_content_parts_are_joined_and_developer_is_system():
+    p = parse_request({"model": "m", "messages": [
+        {"role": "developer", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}]},
+        chat=True, default_max_tokens=None)
+    assert p.messages == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"}]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [("--max-batch", "0", "--max-batch"), ("--port", "70000", "--port"), ("--kv-budget-gb", "-1", "--kv-budget-gb"),
+     ("--max-queue", "-1", "--max-queue")],
+)
+def test_serve_rejects_bad_options_in_one_line(flag, value, message, capsys):
+    from headwise.cli import main
+
+    assert main(["serve", "smollm2-135m", flag, value]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headwise: error:") and message in err and "\n" not in err
