@@ -25,15 +25,19 @@ from headwise.data import shakespeare
 from headwise.engine import Engine
 from headwise.models import load_model
 from headwise.plan import HeadPlan
+from headwise.policies import Full, PageTopK
 from headwise.policies.tidal import tidal_policies
 
 
 def plans(spec, budget: int) -> dict[str, HeadPlan]:
     """The policy mixes compared, each at ``budget`` tokens attended per decode step and head."""
     n_sel = (2, spec.num_layers * 2 // 5)  # TidalDecode's Llama-3-8B choice (layers 2 and 13 of 32), scaled
+    quest = PageTopK(page_size=16, budget=budget)
     return {
         f"page_topk(page 16, budget {budget})": HeadPlan.uniform(
             spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": budget}}),
+        f"page_topk(page 16, budget {budget}), layers 0-1 full (Quest's setting)": HeadPlan.from_policies(
+            spec, [[Full() if i < 2 else quest] * spec.num_kv_heads for i in range(spec.num_layers)]),
         f"tidal(budget {budget}, selection layers {n_sel})": HeadPlan.from_policies(
             spec, tidal_policies(spec.num_layers, spec.num_kv_heads, budget, n_sel)),
         f"recycled(budget {budget}, stride 10)": HeadPlan.uniform(
@@ -49,6 +53,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--budget-fraction", type=float, default=0.25)
+    ap.add_argument("--only", default="", help="run only the plans whose name contains this text")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -63,6 +68,8 @@ def main() -> int:
     dense = [decode_logits(dense_engine, s, args.prompt_len, args.steps) for s in slices]
     rows = []
     for name, plan in plans(lm.spec, budget).items():
+        if args.only not in name:
+            continue
         logits = [decode_logits(Engine(lm, plan), s, args.prompt_len, args.steps) for s in slices]
         score = agreement(torch.cat(dense), torch.cat(logits))
         rows.append({"plan": name, **score, "kv_fraction_at_prompt": plan.kv_fraction(lm.spec, args.prompt_len)})
@@ -78,7 +85,8 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"decode_quality_{datetime.date.today().isoformat()}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    suffix = f"_{''.join(c if c.isalnum() else '-' for c in args.only)}" if args.only else ""
+    (out / f"decode_quality_{datetime.date.today().isoformat()}{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
     for r in rows:
         print(f"{r['plan']:<45} {r['top1_agreement']:.3f}  KL {r['kl']:.4f}  KV {100 * r['kv_fraction_at_prompt']:.1f}%")
     print(json.dumps(doc))

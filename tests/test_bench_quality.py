@@ -62,13 +62,14 @@ def test_fill_plan_refuses_fixed_heads_over_the_budget():
 
 
 def test_mix_kv_fraction_matches_the_bytes_the_cache_holds():
-    lm = tiny_model("llama")
-    plan = q.global_mixes(lm.spec, 256, 0.5, _scores(lm.spec), "test")["full2(test)+stream+comp"]
-    engine = Engine(lm, plan, chunk_size=64)
+    lm = tiny_model("llama", max_position_embeddings=4096)
+    mixes = q.global_mixes(lm.spec, 2048, 0.5, _scores(lm.spec), "test")
+    plan = next(p for name, p in mixes.items() if name.endswith("(test)+stream+comp"))
+    engine = Engine(lm, plan, chunk_size=512)
     cache: HeadwiseCache = engine.new_cache(1)
-    engine.forward(torch.randint(0, 128, (1, 256)), cache)
-    dense = lm.spec.dense_kv_bytes(256, dtype_bytes=torch.finfo(lm.dtype).bits // 8)
-    assert cache.kv_bytes() / dense == pytest.approx(plan.kv_fraction(lm.spec, 256))
+    engine.forward(torch.randint(0, 128, (1, 2048)), cache)
+    dense = lm.spec.dense_kv_bytes(2048, dtype_bytes=torch.finfo(lm.dtype).bits // 8)
+    assert cache.kv_bytes() / dense == pytest.approx(plan.kv_fraction(lm.spec, 2048))
     assert any(isinstance(p, Streaming) and p.compensation for row in plan.policies() for p in row)
 
 

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_config
 
 from headwise.cli import main
 from headwise.plan import HeadPlan
 from headwise.spec import ModelSpec
+from tiny import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model
 
 from headwise.engine import Engine
 from headwise.plan import HeadPlan
+from tiny import ARCHS, tiny_model
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -41,10 +41,21 @@ def test_streaming_baseline_holds_the_reference_kv_and_keeps_native_windows():
     L = 4096
     target = ref.kv_tokens(GEMMA_LIKE, L)
     base = streaming_baseline(GEMMA_LIKE, "g", target, L, "streaming@equal")
-    n_global = 3
-    assert target - n_global < base.kv_tokens(GEMMA_LIKE, L) <= target
+    assert target - 18 < base.kv_tokens(GEMMA_LIKE, L) <= target
     for i, w in enumerate(GEMMA_LIKE.layer_windows):
         assert base.layers[i][0]["policy"] == ("full" if w is not None else "streaming")
+
+
+def test_streaming_baseline_cuts_native_windows_when_the_reference_does():
+    ref = HeadPlan.uniform(GEMMA_LIKE, {"policy": "streaming", "params": {"sink": 0, "window": 128}})
+    ref.layers[5] = [{"policy": "full"}]
+    L = 4096
+    target = ref.kv_tokens(GEMMA_LIKE, L)
+    base = streaming_baseline(GEMMA_LIKE, "g", target, L, "streaming@equal")
+    assert target - 18 < base.kv_tokens(GEMMA_LIKE, L) <= target
+    sliding = base.layers[0][0]
+    assert sliding["policy"] == "streaming" and sliding["params"]["sink"] == 0
+    assert sliding["params"]["window"] == sum(base.layers[5][0]["params"].values())
 
 
 def test_quest_baseline_attends_the_reference_budget_per_head():

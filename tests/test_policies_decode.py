@@ -33,9 +33,11 @@ def tiny():
     return tiny_model("llama")
 
 
-def _generate(lm, plan, use_kernels=False):
+def _generate(lm, plan, use_kernels=False, n=8):
+    """Greedy tokens; the kernel path (Triton's interpreter, slow) generates 4."""
+    n = 4 if use_kernels else n
     engine = Engine(lm, plan, chunk_size=32, use_kernels=use_kernels)
-    return [e.token_id for e in engine.generate(PROMPT, max_new_tokens=8) if e.token_id >= 0]
+    return [e.token_id for e in engine.generate(PROMPT, max_new_tokens=n) if e.token_id >= 0]
 
 
 @pytest.mark.parametrize(
@@ -49,7 +51,7 @@ def _generate(lm, plan, use_kernels=False):
 @pytest.mark.parametrize("use_kernels", [False, pytest.param(True, marks=needs_interpreter)], ids=["reference", "kernel"])
 def test_full_budget_generates_like_dense(tiny, head, use_kernels):
     plan = HeadPlan.uniform(tiny.spec, head)
-    assert _generate(tiny, plan, use_kernels) == _generate(tiny, HeadPlan.dense(tiny.spec))
+    assert _generate(tiny, plan, use_kernels) == _generate(tiny, HeadPlan.dense(tiny.spec), n=4 if use_kernels else 8)
 
 
 def test_tidal_with_full_budget_generates_like_dense(tiny):
@@ -70,7 +72,7 @@ def test_small_budgets_change_the_output_and_kernel_matches_reference(tiny):
     for plan in plans:
         ref = _generate(tiny, plan)
         assert ref != dense
-        assert _generate(tiny, plan, use_kernels=True) == ref
+        assert _generate(tiny, plan, use_kernels=True) == ref[:4]
 
 
 def _needle_kv(seq: int = 160, dim: int = 16, needle: int = 77):

@@ -215,30 +215,6 @@ def test_disconnected_stream_frees_its_cache_at_once(engine):
         assert httpx.get(url + "/health", timeout=TIMEOUT).json()["status"] == "ok"
 
 
-def test_decode_batch_rows_equal_single_sequence_decode(engine):
-    """Engine.decode_batch: row i of one batched step equals sequence i decoded alone with its own cache
-    (different prompt lengths, so every row sits at its own position with its own per-head store lengths)."""
-    texts = ["Hi", "The quick brown fox jumps over the lazy dog and", "One, two, three, four,"]
-    alone, batched = [], []
-    for t in texts:
-        ids = engine.encode(t)
-        a, b = engine.new_cache(1, reserve=ids.shape[1] + 3), engine.new_cache(1, reserve=ids.shape[1] + 3)
-        engine.prefill(ids, a)
-        engine.prefill(ids, b)
-        alone.append(a)
-        batched.append(b)
-    tokens = [11, 22, 33]
-    for _ in range(3):
-        got = engine.decode_batch(batched, tokens)
-        for i, c in enumerate(alone):
-            c.decode_step += 1
-            want = engine.forward(torch.tensor([[tokens[i]]]), c)[0]
-            assert (got[i] - want).abs().max() < 1e-4
-        assert [c.get_seq_length() for c in batched] == [c.get_seq_length() for c in alone]
-        tokens = [int(t) + 1 for t in tokens]
-    assert [c.kv_bytes() for c in batched] == [c.kv_bytes() for c in alone]
-
-
 def test_kv_estimate_is_what_the_request_cache_really_reserves(engine):
     scheduler = Scheduler(engine)
     for total in (5, 40, 300):

@@ -23,10 +23,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-import torch  # noqa: E402
+import torch
 
-from headwise.errors import ModelLoadError  # noqa: E402
-from headwise.spec import SUPPORTED_ARCHITECTURES, ModelSpec  # noqa: E402
+from headwise.errors import ModelLoadError
+from headwise.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 
 log = logging.getLogger("headwise")
 
@@ -129,7 +129,7 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str, gguf_file: str | None
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as exc:
         raise ModelLoadError(f"missing package to read {path}: {exc}") from None
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         what = f"{path / gguf_file}" if gguf_file else str(path)
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"cannot load model from {what}: {msg}") from None

@@ -20,6 +20,11 @@ from headwise.errors import HeadwiseError
 
 
 def git_commit() -> str:
+    """The checkout's commit; ``HEADWISE_COMMIT`` names it where the tree travels without .git (GPU box)."""
+    import os
+
+    if os.environ.get("HEADWISE_COMMIT"):
+        return os.environ["HEADWISE_COMMIT"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                               check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
@@ -53,23 +58,33 @@ def run(args: argparse.Namespace) -> int:
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "results": {},
     }
+    path = Path(args.out_dir) / f"bench_{_dt.date.today().isoformat()}.json"
+
+    def save() -> None:  # after each part, so a run cut short keeps what it measured
+        if not args.no_save:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(doc, indent=1, default=str))
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
     if "prefill" in which:
         from headwise.bench import prefill
 
-        res = prefill.run_prefill_bench(seq_len=args.prefill_len, batches=batches)
+        res = prefill.run_prefill_bench(seq_len=args.prefill_len, batches=batches, block_size=args.block_size,
+                                        log=log)
         doc["results"]["prefill"] = res
-        print(prefill.format_table(res))
+        save()
+        print(prefill.format_table(res), flush=True)
     if "decode" in which:
         from headwise.bench import decode
 
-        res = decode.run_decode_bench(seq_len=args.decode_len, batches=batches)
+        res = decode.run_decode_bench(seq_len=args.decode_len, batches=batches, page_size=args.page_size,
+                                      budget=args.budget, log=log)
         doc["results"]["decode"] = res
-        print(decode.format_table(res))
+        save()
+        print(decode.format_table(res), flush=True)
     if not args.no_save:
-        out = Path(args.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / f"bench_{_dt.date.today().isoformat()}.json"
-        path.write_text(json.dumps(doc, indent=1, default=str))
         print(f"wrote {path}")
     print(json.dumps(doc, default=str))
     return 0
@@ -81,6 +96,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     p.add_argument("--prefill-len", type=int, default=131072)
     p.add_argument("--decode-len", type=int, default=131072)
+    p.add_argument("--block-size", type=int, default=64, help="prefill block size in tokens (default 64)")
+    p.add_argument("--page-size", type=int, default=32, help="page_topk page size in tokens (default 32)")
+    p.add_argument("--budget", type=int, default=4096, help="page_topk token budget (default 4096)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-save", action="store_true")
     p.set_defaults(func=run)

@@ -345,12 +345,13 @@ def draw_recall(res: Mapping[str, Any], path: str | Path, title: str = "") -> Pa
         im = ax.imshow(r["recall"], vmin=0, vmax=1, cmap="viridis", aspect="auto")
         ax.set_title(f"{name}\nmean {r['mean']:.3f}, min {r['min']:.3f}, density {r['mean_density']:.3f}", fontsize=8)
         ax.set_xlabel("query head")
+        ax.set_xticks(range(len(r["recall"][0])))
         ax.set_yticks(range(len(res["layers"])), [str(x) for x in res["layers"]])
-        ax.set_ylabel("layer")
+    axes[0][0].set_ylabel("layer")
     if im is not None:
         fig.colorbar(im, ax=axes[0].tolist(), label="attention recall")
     if title:
-        fig.suptitle(title, fontsize=9)
+        fig.suptitle(title, fontsize=9, y=1.06)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")

@@ -18,14 +18,15 @@ from headwise.errors import InputError
 
 DEMO_MODEL = "smollm2-135m"
 DEMO_PLAN = Path("plans") / "smollm2-135m.json"
-DEMO_TASKS = ["passkey", "needle", "variable_tracking", "mqar", "fidelity"]
+DEMO_TASKS = ["passkey", "needle", "multikey_needle", "fidelity"]
 DEMO_DEPTHS = [0.25, 0.5, 0.75]
 DEMO_FALLBACK_HEAD = {"policy": "streaming", "params": {"sink": 64, "window": 192}}
 
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate plans on generated long-context tasks; write a report",
-                              description=__doc__.splitlines()[0])
+                              description="Run a model under several head plans on generated long-context tasks; "
+                              "write results.json, PNG plots and a self-contained HTML report (docs/eval.md).")
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
     p.add_argument("--plans", default="dense",
                    help="comma-separated: dense, PLAN.json, streaming@equal, quest@equal, streaming@0.25, quest@0.25")
@@ -122,8 +123,8 @@ def _run_and_report(cfg: Any, lm: Any = None) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Dense vs headwise on SmolLM2 at 1K tokens: passkey and needle at 3 depths, variable tracking, MQAR,
-    fidelity; 2 samples each. Uses plans/smollm2-135m.json when present, else a uniform streaming plan."""
+    """Dense vs headwise on SmolLM2 at 1K tokens: passkey and needle at 3 depths, multi-key needle, fidelity;
+    2 samples each. Uses plans/smollm2-135m.json when present, else a uniform streaming plan."""
     from headwise.eval.runner import EvalConfig, command_line
     from headwise.models import load_model
     from headwise.plan import HeadPlan

@@ -91,7 +91,9 @@ def fidelity(lm: LoadedModel, plans: Mapping[str, HeadPlan], ids: torch.Tensor, 
     chunk = chunk or max(16, min(512, LOGIT_BUDGET // vocab))
     dense = Engine(lm, HeadPlan.dense(lm.spec, lm.name), chunk_size=chunk)
     dense.check_length(T)
-    engines = {name: Engine(lm, plan, chunk_size=chunk) for name, plan in plans.items()}
+    # A plan equal to dense (same digest) is dense: reuse dense's logits instead of running it again.
+    same = {name for name, plan in plans.items() if plan.digest() == dense.plan.digest()}
+    engines = {name: Engine(lm, plan, chunk_size=chunk) for name, plan in plans.items() if name not in same}
     caches = {name: e.new_cache(1, reserve=T) for name, e in engines.items()}
     dense_cache = dense.new_cache(1, reserve=T)
     edges = bucket_edges(T)
@@ -109,7 +111,7 @@ def fidelity(lm: LoadedModel, plans: Mapping[str, HeadPlan], ids: torch.Tensor, 
         nll_d = -logp_d.gather(1, target[:, None])[:, 0]
         top_d = logp_d.argmax(-1)
         p_d = logp_d.exp()
-        per_plan = {}
+        per_plan = {name: (nll_d, torch.zeros_like(nll_d), torch.ones_like(top_d, dtype=torch.bool)) for name in same}
         for name, e in engines.items():
             logp = torch.log_softmax(e.forward(x, caches[name], all_logits=True)[0, :n_pred].float(), dim=-1)
             kl = (p_d * (logp_d - logp)).sum(-1)
@@ -130,7 +132,7 @@ def fidelity(lm: LoadedModel, plans: Mapping[str, HeadPlan], ids: torch.Tensor, 
     def stats(accs_: list[_Acc]) -> dict[str, Any]:
         n = sum(a.n for a in accs_)
         out: dict[str, Any] = {"tokens": n, "ppl_dense": _ppl(sum(a.nll_dense for a in accs_), n), "plans": {}}
-        for name in engines:
+        for name in plans:
             out["plans"][name] = {
                 "ppl": _ppl(sum(a.nll_plan.get(name, 0.0) for a in accs_), n),
                 "kl": round(sum(a.kl.get(name, 0.0) for a in accs_) / max(1, n), 6),

@@ -7,14 +7,13 @@ Plan specs (``--plans``, comma-separated):
 
 - ``dense``: every head full attention.
 - a plan file (``plans/x.json``): must have been made for this model (checked against its fingerprint).
-- ``streaming@equal`` / ``streaming@F``: StreamingLLM for every head of the global-attention layers (a sink
-  plus a recent window), the window chosen per length so the KV token slots held at that length equal those
-  of the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``). Native sliding-window
-  layers (Gemma 3) keep their own window: they hold it under every plan.
-- ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) for every head of the global
-  layers, attending a token budget per decode step equal to the reference plan's KV slots per head. Quest keeps
-  the whole cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds:
-  it matches the budget of *attended* tokens, not memory.
+- ``streaming@equal`` / ``streaming@F``: StreamingLLM on every KV head, all heads holding the same number of
+  tokens (``streaming_baseline``), chosen per length so the KV token slots held at that length equal those of
+  the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``).
+- ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
+  attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
+  cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
+  matches the budget of *attended* tokens, not memory.
 
 Every sample's result is appended to ``OUT/samples.jsonl`` under a key (model, plan digest, task, length,
 depth, seed, sample index) as soon as it is scored; a rerun with the same arguments reads them back and only
@@ -104,47 +103,66 @@ class PlanEntry:
         return self.make(length)
 
 
-def _baseline_head_tokens(spec: Any, target_tokens: float, length: int) -> int:
-    """Token slots each global-layer KV head may hold so the whole cache holds ``target_tokens``."""
-    fixed = sum(min(length, w) * spec.num_kv_heads for w in spec.layer_windows if w is not None)
-    n_global = sum(w is None for w in spec.layer_windows) * spec.num_kv_heads
-    if n_global == 0:
-        raise PlanError("the model has no global-attention layer: a streaming or Quest baseline changes nothing")
-    return int((target_tokens - fixed) // n_global)
+def _head_budget(spec: Any, target_tokens: float, length: int, label: str, least: int) -> int:
+    """The per-head token count ``b`` that spreads ``target_tokens`` evenly over all KV heads, each holding
+    ``min(b, cap)`` where ``cap`` is what it can hold at ``length`` (a native sliding layer never holds more
+    than its window): the largest ``b`` with ``sum(min(b, cap)) <= target_tokens`` (water filling)."""
+    caps = [min(length, w) if w is not None else length for w in spec.layer_windows] * spec.num_kv_heads
+
+    def held(b: int) -> int:
+        return sum(min(b, c) for c in caps)
+
+    lo, hi = 0, length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if held(mid) <= target_tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    if lo < least:
+        raise PlanError(f"{label}: a budget of {target_tokens:.0f} KV slots at {length} tokens leaves {lo} per "
+                        f"KV head; it needs at least {least}")
+    return lo
 
 
 def streaming_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
-    """StreamingLLM on every global-layer KV head, at ``target_tokens`` slots in all after ``length`` tokens."""
-    per_head = _baseline_head_tokens(spec, target_tokens, length)
-    if per_head < 2:
-        raise PlanError(f"{label}: a budget of {target_tokens:.0f} KV slots at {length} tokens leaves "
-                        f"{per_head} per global head; a streaming head needs at least 2")
-    sink = min(STREAMING_SINK, per_head // 4) or 1
-    head = {"policy": "streaming", "params": {"sink": sink, "window": per_head - sink}}
-    return _on_global_layers(spec, head, name, f"streaming baseline ({label}) at {length} tokens")
+    """StreamingLLM on every KV head, all heads holding the same ``b`` tokens (``_head_budget``) so the cache
+    holds ``target_tokens`` slots after ``length`` tokens. Global layers: ``b`` = 64 sinks (fewer for tiny
+    budgets) + a recent window. Native sliding layers: their own window, cut to ``b`` with no sink when ``b`` is
+    smaller (a sink outside the native window would show the layer tokens it was never trained to see)."""
+    b = _head_budget(spec, target_tokens, length, label, 2)
+    sink = min(STREAMING_SINK, b // 4) or 1
+    rows = []
+    for w in spec.layer_windows:
+        if w is None:
+            head = {"policy": "streaming", "params": {"sink": sink, "window": b - sink}}
+        elif b >= min(length, w):
+            head = {"policy": "full"}  # resolves to the native window
+        else:
+            head = {"policy": "streaming", "params": {"sink": 0, "window": b}}
+        rows.append([dict(head) for _ in range(spec.num_kv_heads)])
+    return _plan(spec, rows, name, f"streaming baseline ({label}) at {length} tokens")
 
 
 def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
-    """Quest (``page_topk``) on every global-layer KV head, attending as many tokens per head as the
-    reference holds per head (rounded down to whole pages)."""
+    """Quest (``page_topk``) on every global-layer KV head, attending ``b`` tokens per decode step (whole
+    pages; ``b`` as for the streaming baseline). Native sliding layers keep their window: Quest keeps the full
+    cache, and on a sliding layer it would attend past the window."""
     from headwise.policies import policy_names
 
     if "page_topk" not in policy_names():
         raise PlanError(f"{label}: the Quest policy 'page_topk' is not available in this build")
-    per_head = _baseline_head_tokens(spec, target_tokens, length)
-    budget = (per_head // QUEST_PAGE) * QUEST_PAGE
-    if budget < 2 * QUEST_PAGE:
-        raise PlanError(f"{label}: a budget of {per_head} tokens per head at {length} tokens is under "
-                        f"two {QUEST_PAGE}-token pages")
-    head = {"policy": "page_topk", "params": {"page_size": QUEST_PAGE, "budget": budget}}
-    return _on_global_layers(spec, head, name, f"Quest baseline ({label}) at {length} tokens")
+    b = _head_budget(spec, target_tokens, length, label, 2 * QUEST_PAGE)
+    head = {"policy": "page_topk", "params": {"page_size": QUEST_PAGE, "budget": (b // QUEST_PAGE) * QUEST_PAGE}}
+    rows = [[dict(head) if w is None else {"policy": "full"} for _ in range(spec.num_kv_heads)]
+            for w in spec.layer_windows]
+    return _plan(spec, rows, name, f"Quest baseline ({label}) at {length} tokens")
 
 
-def _on_global_layers(spec: Any, head: dict[str, Any], name: str, created_by: str) -> HeadPlan:
-    plan = HeadPlan.uniform(spec, head, name, created_by=created_by)
-    for i, w in enumerate(spec.layer_windows):
-        if w is not None:  # the model's own sliding window: `full` resolves to it
-            plan.layers[i] = [{"policy": "full"} for _ in range(spec.num_kv_heads)]
+def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: str) -> HeadPlan:
+    plan = HeadPlan.uniform(spec, {"policy": "full"}, name, created_by=created_by)
+    plan.layers = rows
+    plan.policies()  # validate
     return plan
 
 
@@ -160,16 +178,23 @@ def _load_plan_file(item: str, lm: Any) -> HeadPlan:
     return plan
 
 
-def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
-    """Turn ``--plans`` items into ``PlanEntry``s, in order. Plan files are loaded and checked against the
-    model now; the first one is the reference that ``@equal`` baselines match."""
-    spec = lm.spec
+def check_plan_specs(items: Sequence[str]) -> None:
+    """Fail on an unknown spec or an unreadable plan file before any model is loaded."""
     for item in items:
-        if item != "dense" and not _BASELINE.fullmatch(item) and not (item.endswith(".json") or os.path.exists(item)):
+        if item.endswith(".json") or os.path.exists(item):
+            HeadPlan.load(item)
+        elif item != "dense" and not _BASELINE.fullmatch(item):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION"
             )
+
+
+def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
+    """Turn ``--plans`` items into ``PlanEntry``s, in order. Plan files are loaded and checked against the
+    model now; the first one is the reference that ``@equal`` baselines match."""
+    spec = lm.spec
+    check_plan_specs(items)
     files = {item: _load_plan_file(item, lm) for item in items if item.endswith(".json") or os.path.exists(item)}
     reference = next(iter(files), None)
     entries: list[PlanEntry] = []
@@ -316,6 +341,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
         raise InputError(f"--on-too-long must be 'skip' or 'stop', got '{cfg.on_too_long}'")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    check_plan_specs(cfg.plans)
     if lm is None:
         from headwise.models import load_model
 
@@ -462,6 +488,11 @@ def _mean(xs: Sequence[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
+def _rate(stats: list[dict[str, Any]], tokens: str, seconds: str) -> float | None:
+    total_s = sum(s[seconds] for s in stats)
+    return round(sum(s[tokens] for s in stats) / total_s, 2) if stats and total_s > 0 else None
+
+
 def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
              lengths: list[int], tasks: list[str], cache: SampleCache, model_key: str,
              notes: list[str]) -> dict[str, Any]:
@@ -520,8 +551,10 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                 "planned_kv_bytes": plan.kv_tokens(spec, L) * 2 * spec.head_dim * dtype_bytes,
                 "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
                 "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,
-                "prefill_tokens_per_s": round(_mean([s["prefill_tokens_per_s"] for s in st]), 2) if st else None,
-                "decode_tokens_per_s": round(_mean([s["decode_tokens_per_s"] for s in st]), 2) if st else None,
+                # Rates over totals (tokens / seconds), not means of per-sample rates, so they agree with the
+                # mean times above.
+                "prefill_tokens_per_s": _rate(st, "prompt_tokens", "prefill_s"),
+                "decode_tokens_per_s": _rate(st, "new_tokens", "decode_s"),
                 "runs": len(st),
             })
     plan_info = []

@@ -70,6 +70,15 @@ def _accuracy_probe(lm: LoadedModel, samples: list[Any], probe_factory: Any, des
     return sum(hits) / max(1, len(hits)), hits
 
 
+def _save(path: str, result: dict[str, Any]) -> None:
+    """Write (atomically) after every condition: a run cut short still leaves what it measured."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(p)
+
+
 def masking(args: argparse.Namespace) -> dict[str, Any]:
     lm = load_model(args.model, device="cpu")
     plan = HeadPlan.load(args.plan)
@@ -85,13 +94,7 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
     samples = _prompts(lm, args.tasks.split(","), [int(x) for x in args.lengths.split(",")],
                        [float(x) for x in args.depths.split(",")], args.seeds)
     t0 = time.time()
-    dense_acc, dense_hits = _accuracy_probe(lm, samples, Probe, "dense")
-    top_acc, top_hits = _accuracy_probe(lm, samples, lambda: HeadMask(top), f"mask top-{k}")
-    rand = []
-    for j, heads in enumerate(draws):
-        acc, hits = _accuracy_probe(lm, samples, lambda h=heads: HeadMask(h), f"mask random #{j}")
-        rand.append({"heads": [list(h) for h in heads], "accuracy": acc, "hits": hits})
-    return {
+    result: dict[str, Any] = {
         "experiment": "retrieval-head masking (Wu et al. section 4)",
         "model": args.model,
         "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
@@ -100,35 +103,51 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
         "k": k,
         "top_heads": [{"layer": i, "q_head": h, "score": round(float(scores[i, h]), 4)} for i, h in top],
         "prompts": [{"task": s.task, "length": s.length, "depth": s.depth, "seed": s.seed} for s in samples],
-        "dense": {"accuracy": dense_acc, "hits": dense_hits},
-        "mask_top_k": {"accuracy": top_acc, "hits": top_hits},
-        "mask_random_k": {"mean_accuracy": sum(r["accuracy"] for r in rand) / len(rand), "draws": rand},
-        "seconds": round(time.time() - t0, 1),
+        "complete": False,
     }
+    acc, hits = _accuracy_probe(lm, samples, Probe, "dense")
+    result["dense"] = {"accuracy": acc, "hits": hits}
+    _save(args.output, result)
+    acc, hits = _accuracy_probe(lm, samples, lambda: HeadMask(top), f"mask top-{k}")
+    result["mask_top_k"] = {"accuracy": acc, "hits": hits}
+    _save(args.output, result)
+    rand: list[dict[str, Any]] = []
+    for j, heads in enumerate(draws):
+        acc, hits = _accuracy_probe(lm, samples, lambda h=heads: HeadMask(h), f"mask random #{j}")
+        rand.append({"heads": [list(h) for h in heads], "accuracy": acc, "hits": hits})
+        result["mask_random_k"] = {"mean_accuracy": sum(r["accuracy"] for r in rand) / len(rand), "draws": rand}
+        result["seconds"] = round(time.time() - t0, 1)
+        _save(args.output, result)
+    result["complete"] = True
+    return result
 
 
 def _plans_at(lm: LoadedModel, profile: HeadPlan, budget: float, length: int, random_draws: int,
-              seed: int) -> dict[str, HeadPlan]:
+              seed: int, methods: list[str] | None = None) -> dict[str, HeadPlan]:
+    """The compared plans, most telling first: profiled default, streaming at equal memory, random full heads,
+    then the other measured scores."""
     from headwise.eval.runner import streaming_baseline
 
     spec = lm.spec
     meta = profile.meta
     recall = torch.tensor(meta["span_recall_kv"]) if "span_recall_kv" in meta else None
-    plans: dict[str, HeadPlan] = {}
+    default = meta.get("method")
+    by_method: dict[str, HeadPlan] = {}
     for key, scores in meta["scores"].items():
-        if key.endswith("_kv"):
-            name = key[: -len("_kv")]
+        name = key[: -len("_kv")]
+        if key.endswith("_kv") and (methods is None or name in methods or name == default):
             sol = solve(spec, torch.tensor(scores), budget, length, recall)
-            plans[f"{name}{' (profiled default)' if name == meta.get('method') else ''}"] = HeadPlan.from_policies(
-                spec, sol.policies, lm.name, method=name)
+            by_method[name] = HeadPlan.from_policies(spec, sol.policies, lm.name, method=name)
+    ref = by_method[default]
+    plans: dict[str, HeadPlan] = {f"{default} (profiled default)": ref}
+    # equal memory: what the profiled plan holds at this length
+    plans["streaming (all heads)"] = streaming_baseline(spec, "streaming", ref.kv_tokens(spec, length), length,
+                                                        "equal memory")
     g = torch.Generator().manual_seed(seed)
     for j in range(random_draws):
         sol = solve(spec, torch.rand(spec.num_layers, spec.num_kv_heads, generator=g) + 1e-3, budget, length, recall)
         plans[f"random full #{j}"] = HeadPlan.from_policies(spec, sol.policies, lm.name, method="random")
-    # equal memory: what the profiled plan holds at this length
-    ref = next(p for n, p in plans.items() if "profiled" in n)
-    plans["streaming (all heads)"] = streaming_baseline(spec, "streaming", ref.kv_tokens(spec, length), length,
-                                                        "equal memory")
+    plans.update({name: p for name, p in by_method.items() if name != default})
     return plans
 
 
@@ -139,6 +158,7 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
 
     lm = load_model(args.model, device="cpu")
     profile = HeadPlan.load(args.plan)
+    methods = args.methods.split(",") if args.methods else None
     t0 = time.time()
     out: dict[str, Any] = {
         "experiment": f"plans at budget {args.budget}: which score decides the full heads",
@@ -146,10 +166,30 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
         "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
         "profile": {"plan": args.plan, "created_by": profile.meta.get("created_by"), "method": profile.meta.get("method")},
         "budget": args.budget,
+        "complete": False,
     }
+    # fidelity over Shakespeare, plans solved at the text length
+    fid_len = args.fidelity_length
+    if "fidelity" not in args.parts:
+        fid_len = 0
+    if fid_len:
+        plans = _plans_at(lm, profile, args.budget, fid_len, args.random_draws, args.seed, methods)
+        fid = fidelity(lm, plans, text_ids(lm, fid_len, args.seed))
+        out["fidelity"] = {
+            "length": fid_len,
+            "kv_fraction": {n: round(p.kv_fraction(lm.spec, fid_len), 4) for n, p in plans.items()},
+            "summary": {n: p.summary() for n, p in plans.items()},
+            "overall": fid["overall"],
+            "buckets": fid["buckets"],
+        }
+        out["seconds"] = round(time.time() - t0, 1)
+        _save(args.output, out)
+    if "needle" not in args.parts:
+        out["complete"] = True
+        return out
     # needle accuracy, plans solved at the prompt length
     needle_len = args.needle_length
-    plans = _plans_at(lm, profile, args.budget, needle_len, args.random_draws, args.seed)
+    plans = _plans_at(lm, profile, args.budget, needle_len, args.random_draws, args.seed, methods)
     samples = _prompts(lm, args.tasks.split(","), [needle_len], [float(x) for x in args.depths.split(",")], args.seeds)
     needle: dict[str, Any] = {}
     for name, plan in [("dense", HeadPlan.dense(lm.spec, lm.name)), *plans.items()]:
@@ -160,18 +200,11 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
             hits.append(int(score(smp.meta["scoring"], text, smp.answers) >= 1.0))
         needle[name] = {"accuracy": sum(hits) / len(hits), "hits": hits,
                         "kv_fraction": round(plan.kv_fraction(lm.spec, needle_len), 4), "summary": plan.summary()}
-    out["needle"] = {"length": needle_len, "prompts": len(samples), "tasks": args.tasks, "plans": needle}
-    # fidelity over Shakespeare, plans solved at the text length
-    fid_len = args.fidelity_length
-    plans = _plans_at(lm, profile, args.budget, fid_len, args.random_draws, args.seed)
-    fid = fidelity(lm, plans, text_ids(lm, fid_len, args.seed))
-    out["fidelity"] = {
-        "length": fid_len,
-        "kv_fraction": {n: round(p.kv_fraction(lm.spec, fid_len), 4) for n, p in plans.items()},
-        "overall": fid["overall"],
-        "buckets": fid["buckets"],
-    }
+        out["needle"] = {"length": needle_len, "prompts": len(samples), "tasks": args.tasks, "plans": needle}
+        out["seconds"] = round(time.time() - t0, 1)
+        _save(args.output, out)
     out["seconds"] = round(time.time() - t0, 1)
+    out["complete"] = True
     return out
 
 
@@ -198,15 +231,13 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seeds", type=int, default=2)
     b.add_argument("--fidelity-length", type=int, default=4096)
     b.add_argument("--random-draws", type=int, default=3)
+    b.add_argument("--parts", default="fidelity,needle", help="which measurements: fidelity, needle or both")
+    b.add_argument("--methods", default=None, help="measured scores to build plans from (default: all in the profile)")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)
     result = masking(args) if args.cmd == "masking" else budget_compare(args)
-    path = Path(args.output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(path)
+    _save(args.output, result)
     print(json.dumps({k: v for k, v in result.items() if k in ("experiment", "seconds")}))
     return 0
 

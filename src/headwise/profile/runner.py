@@ -185,6 +185,34 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     return HeadPlan.from_policies(spec, policies, lm.name, **meta)
 
 
+def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
+                        command: str = "") -> HeadPlan:
+    """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring).
+
+    The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
+    check_budget(budget)
+    source.check_model(lm.spec)
+    meta = dict(source.meta)
+    key = f"{method}_kv"
+    if key not in meta.get("scores", {}):
+        have = sorted(k[: -len("_kv")] for k in meta.get("scores", {}) if k.endswith("_kv"))
+        raise HeadwiseError(f"the profile in --from-scores has no '{method}' scores (it has: {', '.join(have) or 'none'}); "
+                            f"profile again with --method {method}")
+    recall = torch.tensor(meta["span_recall_kv"]) if "span_recall_kv" in meta else None
+    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len, recall)
+    meta.update({
+        "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
+        "scores_from": {"created_by": source.meta.get("created_by"), "method": source.meta.get("method"),
+                        "budget": source.meta.get("budget"), "target_len": source.meta.get("target_len")},
+        "method": method,
+        "budget": budget,
+        "target_len": target_len,
+        "solution": sol.info(),
+    })
+    meta.pop("prefill_patterns", None)
+    return HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta)
+
+
 def draw_plan(plan: HeadPlan, spec: Any, path: str) -> str:
     """Heatmap PNG of the plan's recorded scores and its policies."""
     import numpy as np
