@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", default=None, help="profiled plan (default plans/<model>.json, used when it exists)")
     ap.add_argument("--scores-from", choices=("auto", "profile", "mass"), default="auto",
                     help="what picks the full heads: the profiled plan's scores, or the measured 'mass' criterion")
-    ap.add_argument("--only", default="", help="comma-separated substrings: run only the mixes whose name has one")
+    ap.add_argument("--only", default="", help="comma-separated regular expressions: run only the mixes whose name matches one (re.search)")
     ap.add_argument("--no-quality", action="store_true")
     ap.add_argument("--no-recall", action="store_true")
     ap.add_argument("--recall-layers", default="0,5,10,15,20,25")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import random
+import re
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -398,7 +399,7 @@ def run_quality(lm: LoadedModel, seq_len: int, budget: float, plan_path: Path | 
     if profiled is not None:
         mixes[f"profiled plan ({plan_path})"] = profiled
     if only:
-        mixes = {k: v for k, v in mixes.items() if any(o in k for o in only)}
+        mixes = {k: v for k, v in mixes.items() if any(re.search(o, k) for o in only)}
     rows = {}
     for name, plan in mixes.items():
         frac = plan.kv_fraction(spec, seq_len)

@@ -193,6 +193,8 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
     samples = _prompts(lm, args.tasks.split(","), [needle_len], [float(x) for x in args.depths.split(",")], args.seeds)
     needle: dict[str, Any] = {}
     for name, plan in [("dense", HeadPlan.dense(lm.spec, lm.name)), *plans.items()]:
+        if args.only and not any(name.startswith(o) for o in args.only.split(",")):
+            continue
         eng = Engine(lm, plan)
         hits = []
         for smp in tqdm(samples, desc=f"needle {name}", leave=False):
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seeds", type=int, default=2)
     b.add_argument("--fidelity-length", type=int, default=4096)
     b.add_argument("--random-draws", type=int, default=3)
+    b.add_argument("--only", default=None, help="comma-separated plan-name prefixes to run (split work)")
     b.add_argument("--parts", default="fidelity,needle", help="which measurements: fidelity, needle or both")
     b.add_argument("--methods", default=None, help="measured scores to build plans from (default: all in the profile)")
     b.add_argument("--seed", type=int, default=0)
