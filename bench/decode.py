@@ -9,16 +9,11 @@ line is the JSON document. What is measured: ``headwise.bench.decode`` (module d
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
-
-import torch
 
 from headwise.bench.decode import format_table, run_decode_bench
+from headwise.bench.record import result_doc, write_doc
 
 
 def main() -> int:
@@ -40,22 +35,8 @@ def main() -> int:
         kv_len=args.kv_len,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("HEADWISE_COMMIT", "unknown")
-    doc = {
-        "command": "PYTHONPATH=src python3 " + " ".join(sys.argv),
-        "commit": commit,
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "results": results,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"decode_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), results)
+    write_doc(doc, args.out, "decode")
     print(format_table(results))
     print(json.dumps(doc))
     return 0

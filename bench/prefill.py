@@ -9,16 +9,11 @@ stdout line is the JSON document. What is measured: ``headwise.bench.prefill`` (
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import subprocess
 import sys
-from pathlib import Path
-
-import torch
 
 from headwise.bench.prefill import format_table, run_prefill_bench
+from headwise.bench.record import result_doc, write_doc
 
 
 def main() -> int:
@@ -40,23 +35,8 @@ def main() -> int:
         flex=not args.no_flex,
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = os.environ.get("HEADWISE_COMMIT", "unknown")
-    doc = {
-        "command": "PYTHONPATH=src python3 " + " ".join(sys.argv),
-        "commit": commit,
-        "device": torch.cuda.get_device_name(0),
-        "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "results": results,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = "" if args.block_size == 128 else f"_bs{args.block_size}"
-    path = out / f"prefill_{datetime.date.today().isoformat()}{tag}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    doc = result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), results)
+    write_doc(doc, args.out, "prefill" if args.block_size == 128 else f"prefill_bs{args.block_size}")
     print(format_table(results))
     print(json.dumps(doc))
     return 0

@@ -11,33 +11,12 @@ import argparse
 import datetime as _dt
 import json
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+from headwise.bench.record import result_doc
 from headwise.errors import HeadwiseError
-
-
-def git_commit() -> str:
-    """The checkout's commit; ``HEADWISE_COMMIT`` names it where the tree travels without .git (GPU box)."""
-    import os
-
-    if os.environ.get("HEADWISE_COMMIT"):
-        return os.environ["HEADWISE_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def device_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    return "cpu"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -50,14 +29,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise HeadwiseError(f"unknown benchmark(s) {', '.join(unknown)}; choose from prefill, decode")
     batches = tuple(int(b) for b in args.batch.split(","))
-    doc: dict[str, Any] = {
-        "command": "headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]),
-        "commit": git_commit(),
-        "device": device_name(),
-        "torch": torch.__version__,
-        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
-        "results": {},
-    }
+    doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), {})
     path = Path(args.out_dir) / f"bench_{_dt.date.today().isoformat()}.json"
 
     def save() -> None:  # after each part, so a run cut short keeps what it measured

@@ -14,7 +14,7 @@ The mixed attention is the attention function ``"headwise-duo"`` registered in t
 Where this differs from the paper (to fit a CPU in minutes; the code itself runs on a GPU with larger
 settings): the paper trains Llama-scale models on sequences of ~1K-32K tokens for 2,000 steps with
 sink 64 / window 256; here the defaults are sequences of 1,024 tokens, sink 16 / window 64 (the same
-"window much shorter than the distances to recall" regime, scaled down), 4 pass keys, 30-40 steps of Adam
+"window much shorter than the distances to recall" regime, scaled down), 4 pass keys, 40 steps of Adam
 (lr 0.05), and the distillation loss is the squared error *relative* to the dense hidden state's squared
 norm (so one L1 weight serves models with different hidden scales); lambda = 0.05 on the mean gate.
 """
