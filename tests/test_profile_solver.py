@@ -92,3 +92,14 @@ def test_budget_outside_zero_one_is_refused(budget):
 def test_budget_below_smallest_streaming_plan_is_refused_with_numbers():
     with pytest.raises(BudgetError, match="below the smallest streaming plan"):
         solve(LLAMA, torch.zeros(6, 4), 0.01, 4096)
+
+
+def test_full_share_caps_what_full_heads_take_and_keeps_the_budget():
+    spec = ModelSpec("llama", 4, 4, 2, 16, 4096, (None,) * 4)
+    scores = torch.arange(8, dtype=torch.float32).reshape(4, 2) + 1
+    everything = solve(spec, scores, 0.5, 4096, full_share=1.0)
+    half = solve(spec, scores, 0.5, 4096, full_share=0.5)
+    none = solve(spec, scores, 0.5, 4096, full_share=0.0)
+    assert len(none.full_heads) == 0 < len(half.full_heads) < len(everything.full_heads)
+    for sol in (everything, half, none):
+        assert sol.kv_tokens <= sol.cap_tokens

@@ -106,8 +106,15 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
 
 
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
-          recall: torch.Tensor | None = None, min_score: float = 0.0) -> Solution:
-    """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None."""
+          recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0) -> Solution:
+    """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None.
+
+    ``full_share`` caps the part of the budget above the cheapest spans that full heads may take; the rest is
+    left to streaming spans. With 1.0, full heads come first and streaming heads may be left at their cheapest
+    span (measured on SmolLM2: good needles, poor next-token agreement; see docs/profiling.md).
+    """
+    if not 0.0 <= full_share <= 1.0:
+        raise BudgetError(f"full_share must be within [0, 1], got {full_share}")
     check_budget(budget)
     if target_len < 1:
         raise BudgetError(f"--target-len must be a positive number of tokens, got {target_len}")
@@ -125,6 +132,7 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
             f"budget {budget} ({cap} KV token slots at {target_len} tokens) is below the smallest streaming plan "
             f"({used} slots = {used / dense:.3f} of dense); raise --budget or --target-len"
         )
+    full_cap = used + int(full_share * (cap - used))
     order = sorted(((float(scores[i, j]), i, j) for i in range(L) for j in range(H)), key=lambda t: (-t[0], t[1], t[2]))
     full: list[tuple[int, int]] = []
     skipped: list[tuple[int, int]] = []
@@ -136,7 +144,7 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
         if extra <= 0:
             choice[i][j] = last
             full.append((i, j))
-        elif used + extra <= cap:
+        elif used + extra <= full_cap:
             choice[i][j] = last
             used += extra
             full.append((i, j))
