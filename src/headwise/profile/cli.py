@@ -17,6 +17,7 @@ from headwise.errors import InputError
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     DEFAULT_METHOD,
+    FULL_SHARE,
     METHODS,
     Settings,
     draw_plan,
@@ -38,6 +39,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help=f"score that decides which heads stay full (default {DEFAULT_METHOD}; see docs/profiling.md)")
     p.add_argument("--target-len", type=int, default=4096, help="length the budget is computed at (default 4096)")
+    p.add_argument("--full-share", type=float, default=FULL_SHARE,
+                   help=f"share of the spare budget full heads may take, the rest grows streaming spans "
+                        f"(default {FULL_SHARE})")
     p.add_argument("--prefill-patterns", type=float, default=None, metavar="DENSITY",
                    help="also give full heads on global layers the MInference prefill pattern keeping the most "
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
@@ -84,11 +88,11 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, device=args.device)
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
-                                       args.method, command_line(args))
+                                       args.method, command_line(args), full_share=args.full_share)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
-                                 command=command_line(args))
+                                 command=command_line(args), full_share=args.full_share)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

@@ -64,6 +64,11 @@ class _LayerSeen(Probe):
         return out
 
 
+FULL_SHARE = 0.5
+"""Share of the spare budget full heads may take: measured best of 1.0/0.5/0.25/0 on SmolLM2
+(bench/full_share_sweep.py, docs/profiling.md)."""
+
+
 def check_reachable(lm: LoadedModel) -> None:
     """Raise ``HeadwiseError`` unless every layer's attention runs through our attention function."""
     spec = lm.spec
@@ -94,7 +99,8 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
-                  settings: Settings | None = None, progress: bool = True, command: str = "") -> HeadPlan:
+                  settings: Settings | None = None, progress: bool = True, command: str = "",
+                  full_share: float = FULL_SHARE) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
@@ -138,7 +144,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     # span recall of a KV head = mean over its query heads and over the profiled lengths
     recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
     t = time.perf_counter()
-    sol = solve(spec, kv_scores[method], budget, target_len, recall)
+    sol = solve(spec, kv_scores[method], budget, target_len, recall, full_share=full_share)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -161,6 +167,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "method": method,
         "budget": budget,
         "target_len": target_len,
+        "full_share": full_share,
         "solution": sol.info(),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
         "dense_needle_accuracy": round(ret.accuracy, 4),
@@ -186,7 +193,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
 
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
-                        command: str = "") -> HeadPlan:
+                        command: str = "", full_share: float = FULL_SHARE) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring).
 
     The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
@@ -199,7 +206,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         raise HeadwiseError(f"the profile in --from-scores has no '{method}' scores (it has: {', '.join(have) or 'none'}); "
                             f"profile again with --method {method}")
     recall = torch.tensor(meta["span_recall_kv"]) if "span_recall_kv" in meta else None
-    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len, recall)
+    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len, recall, full_share=full_share)
     meta.update({
         "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
         "scores_from": {"created_by": source.meta.get("created_by"), "method": source.meta.get("method"),
@@ -207,6 +214,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         "method": method,
         "budget": budget,
         "target_len": target_len,
+        "full_share": full_share,
         "solution": sol.info(),
     })
     meta.pop("prefill_patterns", None)
