@@ -12,6 +12,7 @@ of KV head 0, then those of KV head 1, ...), ``k, v: [batch, kv_heads, q_len, he
 from __future__ import annotations
 
 import dataclasses
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Protocol
 
@@ -50,13 +51,13 @@ class AttendContext:
 
 
 @dataclass(frozen=True)
-class Policy:
+class Policy(ABC):
     """Base class: a frozen dataclass of parameters (each field documented) plus behaviour."""
 
     name: ClassVar[str] = "base"
     paper: ClassVar[str] = ""
 
-    def validate(self) -> None:
+    def validate(self) -> None:  # noqa: B027 - optional hook: a policy with nothing to check keeps it
         """Raise ``PlanError`` on parameters that make no sense."""
 
     def params(self) -> dict[str, Any]:
@@ -78,19 +79,21 @@ class Policy:
             spec["decode"] = decode.to_spec()
         return spec
 
+    @abstractmethod
     def kv_tokens(self, seq_len: int) -> int:
         """Token slots one KV head holds after ``seq_len`` tokens (what the memory budget counts)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def make_store(
         self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype
     ) -> KVStore:
-        raise NotImplementedError
+        """An empty store for ``heads`` KV heads of a batch (the layout this policy needs, nothing more)."""
 
+    @abstractmethod
     def attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, store: Any, ctx: AttendContext
     ) -> torch.Tensor:
-        raise NotImplementedError
+        """Attend the chunk's queries over ``store`` + the chunk, then commit the chunk to ``store``."""
 
     def short(self) -> str:
         """A few characters for tables and heatmap legends."""

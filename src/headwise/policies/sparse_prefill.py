@@ -29,6 +29,7 @@ is refused at attention time.
 from __future__ import annotations
 
 import logging
+from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +55,7 @@ def check_block_size(policy: Policy, block_size: Any) -> None:
 def keeps_full_cache(policy: Policy) -> bool:
     """Whether ``policy``'s store holds every token in order (a ``DenseStore``): probed with an empty store,
     which allocates nothing."""
-    try:
-        store = policy.make_store(1, 1, 16, torch.device("cpu"), torch.float32)
-    except NotImplementedError:
-        return False
-    return isinstance(store, DenseStore)
+    return isinstance(policy.make_store(1, 1, 16, torch.device("cpu"), torch.float32), DenseStore)
 
 
 @dataclass(frozen=True)
@@ -93,13 +90,13 @@ class PrefillPattern(Policy):
         return "" if isinstance(self.decode, Full) else f"|{self.decode.short()}"
 
     # ---------------------------------------------------------------- the pattern
+    @abstractmethod
     def build_index(
         self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Block index of a chunk (plan step): q [B, Hq, L, D] at positions ``q_offset ..``; keys [B, Hkv, S, D]
         (store + chunk, ``S = q_offset + L``). Returns block_idx int32 [Bi, Hi, n_q_blocks, M] and block_count
         int32 [Bi, Hi, n_q_blocks] (``kernels/block_sparse.py``: format; Bi in {1, B}, Hi in {1, Hkv, Hq})."""
-        raise NotImplementedError
 
     def mask(self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
         """The pattern as a dense token mask bool [Bi, Hi, L, S] (reference and pictures)."""
