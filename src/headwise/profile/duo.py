@@ -33,6 +33,7 @@ from transformers import AttentionInterface
 
 from headwise.attention import attention_implementation
 from headwise.models import LoadedModel
+from headwise.policies.streaming import Streaming
 from headwise.profile.probe import allowed_mask
 
 DUO_NAME = "headwise-duo"
@@ -70,8 +71,8 @@ def duo_attention(
     T = query.shape[2]
     pos = torch.arange(T, device=query.device)
     full_mask = allowed_mask(pos, pos, kwargs.get("sliding_window"))
-    dist = pos[:, None] - pos[None, :]
-    stream_mask = full_mask & ((pos[None, :] < gates.sink) | (dist < gates.window))
+    # The streaming side is exactly the ``streaming`` policy's pattern, inside the layer's own window.
+    stream_mask = full_mask & Streaming(sink=gates.sink, window=gates.window).allowed(pos[:, None], pos[None, :])
     group = query.shape[1] // key.shape[1]
     full = F.scaled_dot_product_attention(query, key, value, attn_mask=full_mask, scale=scale, enable_gqa=group > 1)
     stream = F.scaled_dot_product_attention(query, key, value, attn_mask=stream_mask, scale=scale,
