@@ -11,37 +11,27 @@ import json
 
 import httpx
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 openai = pytest.importorskip("openai")
 
 from headwise.engine import Engine  # noqa: E402
 from headwise.plan import HeadPlan  # noqa: E402
-from headwise.policies import Full, Streaming  # noqa: E402
 from headwise.server.app import create_app  # noqa: E402
 from headwise.server.background import serve_in_thread  # noqa: E402
 from headwise.server.scheduler import Scheduler  # noqa: E402
+from server_common import mixed_plan as server_mixed_plan  # noqa: E402
+from server_common import one_torch_thread  # noqa: E402, F401 (fixture)
 
 MODEL = "smollm2-135m"
 TIMEOUT = 120.0
 
 
 def mixed_plan(spec) -> HeadPlan:
-    """Half the KV heads full, half streaming(sink=2, window=8), alternating by (layer + head)."""
-    rows = [[Full() if (i + h) % 2 == 0 else Streaming(sink=2, window=8) for h in range(spec.num_kv_heads)]
-            for i in range(spec.num_layers)]
-    return HeadPlan.from_policies(spec, rows, MODEL)
+    return server_mixed_plan(spec, window=8, name=MODEL)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The server, its scheduler and the test's client threads share this process: one intra-op thread
-    keeps OpenMP workers from spinning against them (10x faster steps on a busy 2-core machine)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

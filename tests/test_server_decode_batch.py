@@ -8,15 +8,13 @@ import torch
 
 from headwise.engine import Engine
 from headwise.plan import HeadPlan
-from headwise.policies import Full, Streaming
+from server_common import mixed_plan as server_mixed_plan
 from tiny import ARCHS, tiny_model
 
 
 def mixed_plan(spec) -> HeadPlan:
-    """Full and streaming(sink=2, window=6) heads alternating: the prompts below overflow the window."""
-    rows = [[Full() if (i + h) % 2 == 0 else Streaming(sink=2, window=6) for h in range(spec.num_kv_heads)]
-            for i in range(spec.num_layers)]
-    return HeadPlan.from_policies(spec, rows)
+    """The prompts below overflow the streaming heads' window of 6."""
+    return server_mixed_plan(spec, window=6)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
