@@ -21,6 +21,8 @@ from headwise.kernels.sparse_decode import (
     select_pages,
     sparse_decode,
     sparse_decode_reference,
+    top_pages_reference,
+    topk_sparse_decode,
 )
 from headwise.policies.stores import PagedStore
 
@@ -121,10 +123,11 @@ def test_quest_kernel_matches_reference_and_keeps_the_ends():
     q, _, _ = _cache(2, 2, 4, 64, torch.bfloat16, seed=4)
     bounds = torch.randn(2, 2, 9, 2, 64).to(DEVICE, torch.bfloat16)
     bounds = torch.stack([bounds.amin(dim=3), bounds.amax(dim=3)], dim=3)
-    out = quest_page_scores(q, bounds, 7)
     ref = quest_page_scores_reference(q, bounds, 7)
-    assert bool(torch.isinf(out[:, :, [0, 6]]).all())
-    torch.testing.assert_close(out[:, :, 1:6], ref[:, :, 1:6], atol=1e-3, rtol=1e-4)
+    for tiles in ({}, {"block_p": 4, "num_warps": 2}):  # several programs per head, the last one partial
+        out = quest_page_scores(q, bounds, 7, **tiles)
+        assert bool(torch.isinf(out[:, :, [0, 6]]).all())
+        torch.testing.assert_close(out[:, :, 1:6], ref[:, :, 1:6], atol=1e-3, rtol=1e-4)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True], ids=["torch", "triton"])
@@ -155,3 +158,55 @@ def test_paged_store_bounds_follow_chunked_appends():
     torch.testing.assert_close(store.page_bounds()[:, :, :, 0], pages.nan_to_num(float("inf")).amin(dim=3))
     torch.testing.assert_close(store.page_bounds()[:, :, :, 1], pages.nan_to_num(float("-inf")).amax(dim=3))
     assert any(t is store.bounds for t in store.tensors())  # metadata bytes are counted
+
+
+def _tied_scores(batch: int, kv_heads: int, n_pages: int, seed: int) -> torch.Tensor:
+    """Scores with many ties (one decimal), -0.0 next to 0.0, and +inf at both ends (``keep_ends``)."""
+    g = torch.Generator().manual_seed(seed)
+    scores = torch.randn(batch, kv_heads, n_pages, generator=g).round(decimals=0)
+    scores[..., 1] = -0.0
+    scores[..., 2] = 0.0
+    scores[..., 0] = scores[..., -1] = float("inf")
+    return scores.to(DEVICE)
+
+
+@pytest.mark.parametrize("fused_merge", [0, 1], ids=["merge-kernel", "last-program-merges"])
+@pytest.mark.parametrize(("group", "dim", "budget", "num_splits"),
+                         [(4, 64, 3, 2), (1, 80, 5, 3), (4, 64, 7, 4), (4, 64, 1, 1)],
+                         ids=["gqa4-3of7-2splits", "mha-d80-5of7-3splits", "all-pages-4splits", "one-page"])
+def test_topk_decode_selects_in_kernel_and_attends_those_pages(group, dim, budget, num_splits, fused_merge):
+    """Selection inside the attention kernel: the exact ``top_pages_reference`` set (ties to the lower page, -0.0
+    == 0.0), attended with a partial last page, over several splits (some empty), batch 2, 3 KV heads."""
+    q, k, v = _cache(2, 3, group, dim, torch.bfloat16, seed=8)
+    scores = _tied_scores(2, 3, -(-S // PAGE), seed=9)
+    table = torch.full((2, 3, min(budget, scores.shape[-1])), -7, dtype=torch.int32, device=DEVICE)
+    out = topk_sparse_decode(q, k, v, S, scores, budget, PAGE, num_splits=num_splits, tokens_per_iter=PAGE,
+                             table_out=table, fused_merge=fused_merge)
+    expected = top_pages_reference(scores, budget)
+    assert torch.equal(table.long(), expected)
+    ref = sparse_decode_reference(q.float(), k.float(), v.float(), S, expected, None, PAGE)
+    _check(out, sparse_decode_reference(q, k, v, S, expected, None, PAGE), ref)
+
+
+def test_select_pages_kernel_is_the_reference_selection():
+    scores = _tied_scores(2, 3, 300, seed=10)
+    for budget in (1, 2, 37, 300):
+        torch.testing.assert_close(select_pages(scores, budget, use_kernel=True).long(),
+                                   top_pages_reference(scores, budget), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("num_splits", [2, 5], ids=["two-splits", "five-splits"])
+def test_last_program_merge_matches_the_merge_kernel(num_splits):
+    """``fused_merge=1`` (the last program of a head merges, counters reset for the next call) on a page table
+    with empty splits, then on all pages with a second group, each twice: the same answer every call."""
+    q, k, v = _cache(2, 2, 4, 64, torch.bfloat16, seed=11)
+    table, counts = _permuted_table(2, 2, seed=12)
+    ref = sparse_decode(q, k, v, S, table, counts, PAGE, num_splits=num_splits, tokens_per_iter=PAGE)
+    for _ in range(2):
+        torch.testing.assert_close(sparse_decode(q, k, v, S, table, counts, PAGE, num_splits=num_splits,
+                                                 tokens_per_iter=PAGE, fused_merge=1), ref)
+    ring_k, ring_v = k[:, 1:, :40].contiguous(), v[:, 1:, :40].contiguous()
+    two = {"second": (ring_k, ring_v, 37), "num_splits": num_splits, "tokens_per_iter": PAGE, "page_size": PAGE}
+    ref = sparse_decode(q, k[:, :1], v[:, :1], S, None, **two)
+    for _ in range(2):
+        torch.testing.assert_close(sparse_decode(q, k[:, :1], v[:, :1], S, None, fused_merge=1, **two), ref)

@@ -15,8 +15,10 @@ its cost is the real one):
   pages of both groups in one launch (``second=``; also timed as one call per group). FlexAttention gets the
   same mask over a dense cache (it skips masked blocks).
 - ``page_topk``: every KV head Quest with a 4096-token budget over the full cache: Triton page scoring (from
-  the page bounds ``PagedStore`` keeps) + Triton top-k + our kernel, all included in the time (also timed:
-  the same with ``torch.topk``, and the parts alone).
+  the page bounds ``PagedStore`` keeps), then either our kernel selecting the top pages itself
+  (``topk_sparse_decode``) or Triton top-k + our kernel, whichever tunes faster at that batch size, all
+  included in the time (also timed: the other path, the three-kernel path with ``torch.topk``, the parts).
+  Our kernels' settings are tuned per batch size first (``TUNING``; every candidate's time is in the results).
 
 Timing: each measurement is the median over repetitions of CUDA-event-timed calls after warm-up, with the
 L2 cache flushed before each repetition (a decode step's K/V are not in L2: other layers ran in between).
@@ -62,7 +64,7 @@ class _Timer:
                 fn()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, stream=stream):  # the warm-up stream: buffers it set up are reused
             fn()
         graph.replay()
         return self._median(graph.replay, reps)
@@ -129,19 +131,28 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
-                  topk_kernel: bool = True, **tuning):
-    """One layer's Quest decode step: Triton page scores, top-k (Triton, or ``torch.topk`` with
-    ``topk_kernel=False``), our kernel over the chosen pages (``stop`` = "scores" or "topk" ends early, to
-    time the parts)."""
-    from headwise.kernels.sparse_decode import quest_page_scores, select_pages, sparse_decode
+                  fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
+                  **tuning):
+    """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
+    pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
+    ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
+    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours."""
+    from headwise.kernels.sparse_decode import (
+        quest_page_scores,
+        select_pages,
+        sparse_decode,
+        topk_sparse_decode,
+    )
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
 
     def run() -> torch.Tensor:
-        scores = quest_page_scores(q, bounds, n_pages)
+        scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps)
         if stop == "scores":
             return scores
+        if fused:
+            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **tuning)
         table = select_pages(scores, k_pages, use_kernel=topk_kernel)
         if stop == "topk":
             return table
@@ -270,58 +281,67 @@ def run_decode_bench(
             flex_fn = torch.compile(flex_attention, dynamic=False)
         except Exception as exc:  # reported in the results, never silent
             results.append({"section": "flex", "error": repr(exc)[:300]})
-    tuning = _tune(timer, seq_len, budget, page_size, full_kv, sink, window, results, log) if tune else {}
+    tuning: dict[int, dict[str, dict[str, int]]] = {}
     for batch in batches:
-        results += _time_batch(timer, flex_fn, batch, seq_len, budget, page_size, full_kv, sink, window, tuning, log,
-                               t0, flex_deadline_s)
+        results += _time_batch(timer, flex_fn, batch, seq_len, budget, page_size, full_kv, sink, window, tune,
+                               tuning, log, t0, flex_deadline_s)
         torch.cuda.empty_cache()
     results.append({"section": "meta", "wall_s": round(time.perf_counter() - t0, 1), "budget": budget,
                     "page_size": page_size, "full_kv_heads": full_kv, "sink": sink, "window": window,
-                    "tuning": tuning})
+                    "score_tuning": SCORE_TUNING, "tuning": tuning})
     return results
 
 
-TUNING = [
-    {"tokens_per_iter": t, "num_warps": w, "num_stages": st, "programs_per_sm": p}
-    for t in (64, 128) for w in (4, 8) for st in (2, 3) for p in (2, 4, 8)
-]
+# Candidate settings of our kernels, timed per batch size (CUDA-graph time) before the timed rows; the best
+# is used. plan_a: the tile/occupancy knobs of ``sparse_decode`` (the last-program merge, ``fused_merge=1``,
+# measured slower here: it lowers occupancy). page_topk: ``fused`` = the selection inside the attention
+# kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge).
+TUNING = {
+    "plan_a": [
+        {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
+        {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
+        {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
+        {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
+    ],
+    "page_topk": [
+        {"fused": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 0},
+        {"fused": 1, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
+        {"fused": 1, "tokens_per_iter": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
+        {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
+        {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+    ],
+}
+SCORE_TUNING = {"block_p": 64, "score_warps": 8}  # the scoring kernel's best in a sweep of block_p x num_warps
 
 
-def _tune(timer: _Timer, seq_len: int, budget: int, page_size: int, full_kv: int, sink: int, window: int,
+def _tune(timer: _Timer, factories: dict[str, Callable[[dict[str, int]], Callable[[], Any]]], batch: int,
           results: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, dict[str, int]]:
-    """Pick our kernel's tile settings per workload on batch 1 (CUDA-graph time, the kernel-bound regime)."""
-    g = torch.Generator(device="cuda").manual_seed(7)
-    q = torch.randn(1, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(1, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn_like(k)
-    k_ring, v_ring = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
-    bounds = _page_bounds(k, page_size)
-    factories = {
-        "plan_a": lambda cfg: _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
-        "page_topk": lambda cfg: _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg),
-    }
+    """Pick our kernels' settings per workload at this batch size (CUDA-graph time; every candidate's time is
+    kept in the results)."""
     best: dict[str, dict[str, int]] = {}
     for workload, make in factories.items():
         best_ms = float("inf")
-        for cfg in TUNING:
+        for cfg in TUNING[workload]:
             try:
-                ms = timer.graph(make(cfg), reps=15)
+                ms = timer.graph(make(cfg), reps=20)
             except Exception as exc:  # a config that does not compile is reported and skipped
-                results.append({"section": "tune", "workload": workload, **cfg, "error": repr(exc)[:200]})
+                results.append({"section": "tune", "workload": workload, "batch": batch, **cfg,
+                                "error": repr(exc)[:200]})
                 continue
-            results.append({"section": "tune", "workload": workload, **cfg, "graph_ms": ms})
+            results.append({"section": "tune", "workload": workload, "batch": batch, **cfg, "graph_ms": ms})
             if ms < best_ms:
                 best[workload], best_ms = cfg, ms
-        log(f"tune {workload}: best {best.get(workload)} at {best_ms:.4f} ms")
+        log(f"tune {workload} B={batch}: best {best.get(workload)} at {best_ms:.4f} ms")
     return best
 
 
 def _time_batch(
     timer: _Timer, flex_fn: Any, batch: int, seq_len: int, budget: int, page_size: int, full_kv: int,
-    sink: int, window: int, tuning: dict[str, dict[str, int]], log: Callable[[str], None],
+    sink: int, window: int, tune: bool, tuning: dict[int, dict[str, dict[str, int]]], log: Callable[[str], None],
     started: float = 0.0, flex_deadline_s: float = float("inf"),
 ) -> list[dict[str, Any]]:
-    """All workloads at one batch size; one row per workload with speed-ups over the faster dense SDPA."""
+    """All workloads at one batch size (our kernels tuned first when ``tune``, the picks stored in
+    ``tuning[batch]``); one row per workload with speed-ups over the faster dense SDPA."""
     from headwise.kernels.sparse_decode import sparse_decode
 
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -354,24 +374,37 @@ def _time_batch(
                 rows[name] = {"error": repr(exc)[:300]}
     # plan_a: our kernel per group over the real per-group layouts (full heads' cache, streaming ring).
     k_ring, v_ring = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
-    cfg_a, cfg_q = tuning.get("plan_a", {}), tuning.get("page_topk", {})
+    bounds = _page_bounds(k, page_size)
+    factories = {
+        "plan_a": lambda cfg: _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
+        "page_topk": lambda cfg: _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **SCORE_TUNING, **cfg),
+    }
+    tune_rows: list[dict[str, Any]] = []
+    tuning[batch] = _tune(timer, factories, batch, tune_rows, log) if tune else {}
+    cfg_a, cfg_q = tuning[batch].get("plan_a", {}), dict(tuning[batch].get("page_topk", {"fused": 1}))
+    cfg_q.update(SCORE_TUNING)
+    cfg_q3 = {"fused": 0, **SCORE_TUNING}  # the three-kernel path, its default settings
     rows["ours_plan_a"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len,
                                                   full_kv, **cfg_a))
     rows["ours_plan_a_per_group"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring,
                                                             seq_len, full_kv, one_launch=False, **cfg_a))
-    # page_topk: scoring + selection + kernel (and its parts alone).
-    bounds = _page_bounds(k, page_size)
+    # page_topk: scoring + selection + kernel (the tuned path; the other path; the parts alone).
     rows["ours_page_topk"] = _both(timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q))
+    rows["ours_page_topk"]["fused"] = cfg_q["fused"]
+    other = {"fused": 1, **SCORE_TUNING} if not cfg_q["fused"] else cfg_q3
+    rows[f"ours_page_topk_{'fused' if other['fused'] else 'three_kernels'}"] = _both(
+        timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **other))
     for part in ("scores", "topk"):
         rows[f"ours_page_topk_until_{part}"] = _both(
-            timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, stop=part, **cfg_q))
+            timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, stop=part, **cfg_q3))
     rows["ours_page_topk_torch_topk"] = _both(
-        timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, topk_kernel=False, **cfg_q))
+        timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, topk_kernel=False, **cfg_q3))
     # Our kernel as a dense decode (every head, every page): its bandwidth next to SDPA's.
     rows["ours_all_pages"] = _both(timer, lambda: sparse_decode(q, k, v, seq_len, None, page_size=64, **cfg_a))
+    rows["ours_all_pages"]["note"] = "plan_a's tuned settings"
     read = 2 * batch * HKV * seq_len * D * 2  # K and V bytes of a dense step
     dense = {m: min(rows["dense_sdpa_gqa"][m], rows["dense_sdpa_packed"][m]) for m in ("eager_ms", "graph_ms")}
-    out = []
+    out: list[dict[str, Any]] = list(tune_rows)
     for name, r in rows.items():
         row: dict[str, Any] = {"section": "time", "workload": name, "batch": batch, "seq_len": seq_len, **r}
         for m in ("eager_ms", "graph_ms"):

@@ -7,12 +7,15 @@ Algorithm
     past ``counts[b, h]`` are ignored). Only slots ``< length`` exist, so the newest page may be partial.
 
     ``sparse_decode`` is flash-decoding (Dao et al., 2023): the page list of each (sequence, KV head) is cut
-    into ``num_splits`` contiguous runs, one program per run; a program loads the ``GROUP`` query heads
-    that share the KV head (GQA packing: K/V are read once for all of them), walks its pages
+    into ``num_splits`` contiguous runs, one program per run (a 1-D grid, the splits of a head consecutive
+    and the first group's long programs first, so the hardware deals them out evenly); a program loads the
+    ``GROUP`` query heads that share the KV head (GQA packing: K/V are read once for all of them), walks its pages
     ``BLOCK_N`` tokens at a time, reading K/V rows straight from the cache through the page table (no
     gather into a temporary: a gathered copy costs more than dense attention), and keeps an online softmax.
     Each program writes its normalised partial output and log-sum-exp; a second small kernel merges the
-    splits with log-sum-exp weights. With one split the first kernel writes the output directly.
+    splits with log-sum-exp weights (or, ``fused_merge=1``, the last program of each head to finish merges
+    them, found by an acq_rel atomic counter that it resets). With one split the first kernel writes the
+    output directly.
 
     ``page_table=None`` means "every page below ``length``": the same kernel serves full heads and the
     ring buffer of streaming heads (at decode every stored token is visible, whatever its position), and
@@ -26,8 +29,11 @@ Algorithm
     head (pages are selected per KV head, since the cache and the kernel are per KV head), which bounds
     ``sum_r q_r . k``. Written as ``relu(q) . max + min(q, 0) . min`` it is one pass over the page bounds.
     ``select_pages`` keeps the top pages within a token budget, always with the first page (attention sinks)
-    and the newest page; its Triton path finds the k-th largest score by bisection on the float bits in one
-    program per (sequence, KV head), about half ``torch.topk``'s time at these sizes.
+    and the newest page; its Triton path finds the k-th largest score bit by bit on the float bits (stopping
+    once exactly k scores lie above the prefix) in one program per (sequence, KV head); ties go to the lower
+    page index, so exactly k pages. ``topk_sparse_decode`` does that selection inside the attention kernel:
+    every program of a head finds the same k pages from the scores and attends its share of them, so Quest
+    decode is score -> attend (-> merge) instead of score -> top-k -> attend -> merge.
 
 Limits
     ``page_size`` is a power of two in [1, 128]; ``head_dim`` is any size up to 256 (padded to a power of
@@ -41,7 +47,8 @@ Limits
 Tested
     tests/test_kernels_decode.py: kernel vs fp32 reference under TRITON_INTERPRET=1 (S=97, page 16 with a
     partial last page, GQA 4:1 and 1:1, different page counts per head, pages listed in a random order,
-    D 64 and 128, several splits with empty ones, two groups in one launch, top-k with ties); the same file
+    D 64, 80 and 128, several splits with empty ones, two groups in one launch, both merges, top-k with ties
+    and -0.0, in-kernel selection against ``top_pages_reference``); the same file
     passes on an H100 with real kernels. At Llama-3-8B shapes, 128K tokens, on an H100
     (``src/headwise/bench/decode.py``, bench/results/decode_2026-11-23.json): max error vs the fp32 reference
     at most half of PyTorch-in-bf16's; dense over all pages runs at SDPA's speed (2.7 TB/s).
@@ -105,9 +112,92 @@ def _attend_block(
 
 
 @triton.jit
+def _order_keys(x, valid):
+    """fp32 -> int32 keys with the same order (signed int order == float order, -0.0 == 0.0); ``INT_MIN`` where
+    not valid."""
+    bits = tl.where(x == 0.0, 0.0, x).to(tl.int32, bitcast=True)
+    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF)
+    return tl.where(valid, key, -2147483648)
+
+
+@triton.jit
+def _top_k_mask(key, k, n_valid):
+    """Which entries of the int32 ``key`` row (``INT_MIN`` padding, ``1 <= k <= n_valid`` real entries) are its
+    ``k`` largest: every key above the k-th largest, then keys equal to it in index order until ``k`` are taken.
+
+    The threshold ``t`` is built a bit at a time on the unsigned view ``u = key ^ INT_MIN``, most significant
+    first, keeping each bit while ``count(u >= t) >= k``; after 32 bits ``t`` is the k-th largest ``u``. The
+    reductions bound this loop, so it stops as soon as ``count(u >= t) == k``: then the ``k`` keys ``>= t``
+    are the answer (no tie across ``t``), usually well before the 32nd bit."""
+    INT_MIN: tl.constexpr = -2147483648
+    t = tl.full([], 0, tl.int32)  # unsigned prefix, as int32 bits
+    n_t = n_valid  # count(u >= t)
+    bit = 31
+    while (bit >= 0) & (n_t != k):
+        cand = t | (tl.full([], 1, tl.int32) << bit)
+        n = tl.sum((key >= (cand ^ INT_MIN)).to(tl.int32), 0)
+        t = tl.where(n >= k, cand, t)
+        n_t = tl.where(n >= k, n, n_t)
+        bit -= 1
+    kth = t ^ INT_MIN
+    above = key > kth
+    tie = key == kth
+    room = k - tl.sum(above.to(tl.int32), 0)
+    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
+
+
+@triton.jit
+def _select_top_pages(scores_row, n_scores, k, table_row, slot_lo, slot_hi, BLOCK_SC: tl.constexpr):
+    """Write slots ``[slot_lo, slot_hi)`` of the head's top-``k`` page list (pages in ascending order) to
+    ``table_row``: every program of the head finds the same ``k`` pages from the scores, and writes its part."""
+    offs = tl.arange(0, BLOCK_SC)
+    valid = offs < n_scores
+    key = _order_keys(tl.load(scores_row + offs, mask=valid, other=float("-inf")), valid)
+    take = _top_k_mask(key, k, n_scores) & valid
+    slot = tl.cumsum(take.to(tl.int32), 0) - 1
+    tl.store(table_row + slot, offs, mask=take & (slot >= slot_lo) & (slot < slot_hi))
+
+
+@triton.jit
+def _merge_head_splits(o_part_rows, lse_part_rows, out_rows, n_splits, stride_ph, stride_ps, stride_lh, stride_oh,
+                       GROUP: tl.constexpr, BLOCK_G: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr):
+    """Out = sum_s w_s O_s / sum_s w_s, w_s = 2^(lse_s - max lse), for the ``GROUP`` query rows of one KV head,
+    over its ``n_splits`` partials (loaded past L1: other programs wrote them)."""
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_g = offs_g < GROUP
+    mask_d = offs_d < HEAD_DIM
+    offs_s = tl.arange(0, BLOCK_SPL)
+    lse = tl.load(lse_part_rows + offs_g[None, :] * stride_lh + offs_s[:, None],
+                  mask=(offs_s[:, None] < n_splits) & mask_g[None, :], other=float("-inf"), cache_modifier=".cg")
+    m = tl.max(lse, 0)  # [BLOCK_G]
+    m = tl.where(m == float("-inf"), 0.0, m)  # no pages at all: every weight is 0, output 0
+    total = tl.sum(tl.exp2(lse - m[None, :]), 0)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    offs_c = tl.arange(0, MERGE_CHUNK)
+    s0 = 0
+    while s0 < n_splits:  # a ``while``: Triton's interpreter takes no runtime ``range`` bound
+        sp = s0 + offs_c
+        ms = sp < n_splits
+        lse_c = tl.load(lse_part_rows + offs_g[None, :] * stride_lh + sp[:, None], mask=ms[:, None] & mask_g[None, :],
+                        other=float("-inf"), cache_modifier=".cg")
+        w = tl.exp2(lse_c - m[None, :])  # [CHUNK, BLOCK_G]
+        parts = tl.load(o_part_rows + sp[:, None, None] * stride_ps + offs_g[None, :, None] * stride_ph
+                        + offs_d[None, None, :], mask=ms[:, None, None] & mask_g[None, :, None] & mask_d[None, None, :],
+                        other=0.0, cache_modifier=".cg")
+        acc += tl.sum(w[:, :, None] * parts, 0)
+        s0 += MERGE_CHUNK
+    total = tl.where(total > 0, total, 1.0)
+    tl.store(out_rows + offs_g[:, None] * stride_oh + offs_d[None, :], (acc / total[:, None]).to(out_rows.dtype.element_ty),
+             mask=mask_g[:, None] & mask_d[None, :])
+
+
+@triton.jit
 def _sparse_decode_kernel(
-    Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out,
-    length, scale_log2e, n_kv_heads, n_table, pages_per_split, iters_per_split,
+    Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out, SCORES, COUNTERS,
+    n_scores, stride_sb, stride_sh,
+    length, scale_log2e, n_kv_heads, n_table, pages_per_split, iters_per_split, n_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
@@ -116,24 +206,33 @@ def _sparse_decode_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    n_first, length2, n_kv_heads2, pages_per_split2, iters_per_split2, k2_off, v2_off,
+    n_first, length2, n_kv_heads2, pages_per_split2, iters_per_split2, n_splits2, k2_off, v2_off,
     stride_k2b, stride_k2h, stride_k2n, stride_v2b, stride_v2h, stride_v2n,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, PAGES_PER_ITER: tl.constexpr,
     ALL_PAGES: tl.constexpr, HAS_COUNTS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr, SECOND: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK_SC: tl.constexpr,
+    FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
-    pid_bh = tl.program_id(0)
-    split = tl.program_id(1)
+    # A 1-D grid, split fastest: program ``pid`` is split ``pid % n_splits`` of (sequence, KV head)
+    # ``pid // n_splits``, so the programs of one head are consecutive and the hardware hands them out evenly.
+    pid = tl.program_id(0)
     if SECOND:
         # Programs past the first group's ``n_first`` serve the second group: its own cache (addressed as an
-        # element offset from K/V, so one kernel argument list serves both), length, heads and split size.
-        is2 = pid_bh >= n_first
-        local = tl.where(is2, pid_bh - n_first, pid_bh)
+        # element offset from K/V, so one kernel argument list serves both), length, heads and splits. The
+        # first group's programs come first, so the long ones start first.
+        is2 = pid >= n_first
+        local = tl.where(is2, pid - n_first, pid)
+        n_bh1 = n_first // n_splits
+        n_splits = tl.where(is2, n_splits2, n_splits)
+        split = local % n_splits
+        bh = local // n_splits
         n_kv = tl.where(is2, n_kv_heads2, n_kv_heads)
-        b = local // n_kv
-        h = local % n_kv
+        b = bh // n_kv
+        h = bh % n_kv
+        pid_bh = tl.where(is2, n_bh1 + bh, bh)  # index of this (sequence, KV head) over both
         length = tl.where(is2, length2, length)
         pages_per_split = tl.where(is2, pages_per_split2, pages_per_split)
         iters_per_split = tl.where(is2, iters_per_split2, iters_per_split)
@@ -143,6 +242,8 @@ def _sparse_decode_kernel(
         stride_vn = tl.where(is2, stride_v2n, stride_vn)
         q_row0 = tl.where(is2, (n_kv_heads + h) * GROUP, h * GROUP)
     else:
+        split = pid % n_splits
+        pid_bh = pid // n_splits
         b = pid_bh // n_kv_heads
         h = pid_bh % n_kv_heads
         k_off = b * stride_kb + h * stride_kh
@@ -157,6 +258,11 @@ def _sparse_decode_kernel(
         n_pages = n_table
     page_lo = split * pages_per_split
     page_hi = tl.minimum(page_lo + pages_per_split, n_pages)
+    if TOPK:
+        # The table is ours to fill: the head's top ``n_table`` pages by score, this program's slots of it.
+        _select_top_pages(SCORES + b * stride_sb + h * stride_sh, n_scores, n_table,
+                          TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC)
+        tl.debug_barrier()  # the slots this program wrote, visible to all its threads
 
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
@@ -203,21 +309,34 @@ def _sparse_decode_kernel(
         tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
                  out, mask=mask_h[:, None] & mask_d[None, :])
         tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
+        if FUSED_MERGE:
+            # The last program of this (sequence, KV head) to finish merges all its splits: the counter's
+            # acq_rel add publishes this program's partial (after the barrier: all its threads' stores) and,
+            # for the last one, makes every other program's visible. The last one resets the counter.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(COUNTERS + pid_bh, 1, sem="acq_rel", scope="gpu")
+            if arrived == n_splits - 1:
+                _merge_head_splits(O_PART + b * stride_pb + q_row0 * stride_ph, LSE_PART + b * stride_lb + q_row0 * stride_lh,
+                                   Out + b * stride_ob + q_row0 * stride_oh, n_splits, stride_ph, stride_ps, stride_lh,
+                                   stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SPL, MERGE_CHUNK)
+                tl.atomic_xchg(COUNTERS + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
 def _merge_splits_kernel(
-    O_PART, LSE_PART, Out, n_q_heads, n_splits,
+    O_PART, LSE_PART, Out, n_q_heads, n_splits, n_q_first, n_splits2,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Out[b, hq, cols] = sum_s w_s O_PART[b, hq, s, cols] / sum_s w_s, w_s = 2^(lse_s - max lse); one program
-    per (sequence, query head, ``BLOCK_DM`` columns), so all splits of its columns fit in registers."""
+    per (sequence, query head, ``BLOCK_DM`` columns), so all splits of its columns fit in registers. Query heads
+    from ``n_q_first`` on (a second group) have ``n_splits2`` splits."""
     pid = tl.program_id(0)
     b = pid // n_q_heads
     hq = pid % n_q_heads
+    n_splits = tl.where(hq < n_q_first, n_splits, n_splits2)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.program_id(1) * BLOCK_DM + tl.arange(0, BLOCK_DM)
     mask_s = offs_s < n_splits
@@ -272,33 +391,16 @@ def _topk_kernel(
     stride_sb, stride_sh, stride_ob, stride_oh,
     BLOCK: tl.constexpr,
 ):
-    """Indices of the ``k`` largest of ``n`` fp32 scores of one (sequence, KV head), any order.
+    """Indices of the ``k`` largest of ``n`` fp32 scores of one (sequence, KV head), in ascending order.
 
-    The whole row sits in registers. Floats map to int32 keys with the same order; a 32-step bisection finds
-    the k-th largest key T; the output is every key > T plus the first (by index) keys == T up to ``k``.
+    The whole row sits in registers as int32 keys with the float order; ``_top_k_mask`` finds the k-th
+    largest key T bit by bit; the output is every key > T plus the first (by index) keys == T up to ``k``.
     """
     pid = tl.program_id(0)
     b = pid // n_kv_heads
     h = pid % n_kv_heads
-    offs = tl.arange(0, BLOCK)
-    valid = offs < n
-    x = tl.load(SCORES + b * stride_sb + h * stride_sh + offs, mask=valid, other=float("-inf"))
-    bits = x.to(tl.int32, bitcast=True)
-    key = tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64)  # int order == float order
-    key = tl.where(valid, key, -(2**40))  # padding below every real key
-    lo = tl.full([], -(2**31), tl.int64)  # invariant: count(key >= lo) >= k
-    hi = tl.full([], 2**31 - 1, tl.int64)
-    for _ in range(32):
-        mid = lo + (hi - lo + 1) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), 0) >= k
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid - 1)
-    above = key > lo
-    tie = key == lo
-    room = k - tl.sum(above.to(tl.int32), 0)
-    take = above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
-    slot = tl.cumsum(take.to(tl.int32), 0) - 1
-    tl.store(OUT + b * stride_ob + h * stride_oh + slot, offs, mask=take)
+    _select_top_pages(SCORES + b * stride_sb + h * stride_sh, n, k, OUT + b * stride_ob + h * stride_oh, 0, k,
+                      BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -315,13 +417,33 @@ def _num_splits(work_items: int, max_pages: int, pages_per_iter: int, device: to
     return max(1, min(iters, math.ceil(programs_per_sm * sms / max(1, work_items)), _MAX_SPLITS))
 
 
+_COUNTERS: dict[tuple[str, int, int], torch.Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """Zeroed int32 arrival counters for the fused merge, one buffer per (device, stream): kernels on one
+    stream run in order and each leaves its counters at 0, so the buffer is reused without clearing (a
+    separate buffer per stream keeps concurrent streams apart). Allocated outside CUDA-graph capture when
+    the capturing stream ran the kernel once before (warm-up), else its zeroing is captured with it."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index if device.index is not None else -1, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 256), dtype=torch.int32, device=device)
+        _COUNTERS[key] = buf
+    return buf
+
+
 def _launch_sparse_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
     page_table: torch.Tensor | None, counts: torch.Tensor | None, page_size: int, scale: float,
     num_splits: int | None, out: torch.Tensor | None = None, tokens_per_iter: int = _TOKENS_PER_ITER,
     num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 2,
     second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    scores: torch.Tensor | None = None, fused_merge: int = 0,
 ) -> torch.Tensor:
+    """Launch ``_sparse_decode_kernel`` (and ``_merge_splits_kernel`` unless ``fused_merge``). With ``scores``,
+    ``page_table`` is the output table ``[B, Hkv, k]`` the kernel fills with each head's top ``k`` pages."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     Hkv2 = 0 if second is None else second[0].shape[1]
@@ -341,6 +463,12 @@ def _launch_sparse_decode(
         assert page_table.dtype in (torch.int32, torch.int64)
         max_pages = page_table.shape[2]
         table = page_table
+    n_scores = 0
+    if scores is not None:
+        assert counts is None and page_table.dtype == torch.int32 and page_table.stride(2) == 1
+        assert scores.shape[:2] == (B, Hkv) and scores.dtype == torch.float32 and scores.stride(2) == 1
+        n_scores = scores.shape[2]
+        assert 1 <= max_pages <= n_scores <= _TOPK_MAX_BLOCK, "1 <= budget pages <= scored pages <= 32768"
     if counts is not None:
         assert counts.shape == (B, Hkv)
     pages_per_iter = max(1, tokens_per_iter // page_size)
@@ -351,74 +479,84 @@ def _launch_sparse_decode(
     iters_per_split = pages_per_split // pages_per_iter
     # The second group (every page of its own cache): its own split size, on the same grid.
     k2, v2, length2 = second if second is not None else (k, v, 0)
-    pps2 = iters2 = k2_off = v2_off = 0
+    pps2 = iters2 = k2_off = v2_off = splits2 = 0
     if second is not None:
         assert all_pages and k2.dtype == k.dtype and v2.dtype == v.dtype and k2.shape[0] == B and k2.shape[3] == D
         assert k2.stride(3) == 1 and v2.stride(3) == 1 and 0 < length2 <= k2.shape[2]
         pages2 = math.ceil(length2 / page_size)
-        splits2 = min(splits, _num_splits(B * Hkv2, pages2, pages_per_iter, q.device, programs_per_sm))
+        splits2 = _num_splits(B * Hkv2, pages2, pages_per_iter, q.device, programs_per_sm)
         pps2 = math.ceil(math.ceil(pages2 / splits2) / pages_per_iter) * pages_per_iter
-        splits = max(splits, math.ceil(pages2 / pps2))
+        splits2 = math.ceil(pages2 / pps2)
         iters2 = pps2 // pages_per_iter
         k2_off = (k2.data_ptr() - k.data_ptr()) // k.element_size()
         v2_off = (v2.data_ptr() - v.data_ptr()) // v.element_size()
     if out is None:
         out = torch.empty_like(q)
     assert out.shape == q.shape and out.stride(2) == 1
-    if splits > 1:
-        o_part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    max_splits = max(splits, splits2)
+    if max_splits > 1:
+        o_part = torch.empty(B, Hq, max_splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B, Hq, max_splits, device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out  # unused
     cnt = counts if counts is not None else q
+    sc = scores if scores is not None else q
     block_d = triton.next_power_of_2(D)
-    _sparse_decode_kernel[(B * (Hkv + Hkv2), splits)](
-        q, k, v, table, cnt, o_part, lse_part, out,
-        length, scale * _LOG2E, Hkv, max_pages, pages_per_split, iters_per_split,
+    fused = bool(fused_merge) and max_splits > 1
+    block_g = triton.next_power_of_2(group)
+    counters = _counters(q.device, B * (Hkv + Hkv2)) if fused else q
+    n_first = B * Hkv * splits
+    _sparse_decode_kernel[(n_first + B * Hkv2 * splits2,)](
+        q, k, v, table, cnt, o_part, lse_part, out, sc, counters,
+        n_scores, sc.stride(0), sc.stride(1),
+        length, scale * _LOG2E, Hkv, max_pages, pages_per_split, iters_per_split, splits,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         table.stride(0), table.stride(1),
         cnt.stride(0), cnt.stride(1),
-        o_part.stride(0), o_part.stride(1), o_part.stride(2) if splits > 1 else 0,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2) if max_splits > 1 else 0,
         lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1),
-        B * Hkv, length2, max(1, Hkv2), pps2, iters2, k2_off, v2_off,
+        n_first, length2, max(1, Hkv2), pps2, iters2, max(1, splits2), k2_off, v2_off,
         k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
         PAGE=page_size, PAGES_PER_ITER=pages_per_iter,
-        ALL_PAGES=all_pages, HAS_COUNTS=counts is not None, SINGLE_SPLIT=splits == 1, INTERPRET=_INTERPRET,
+        ALL_PAGES=all_pages, HAS_COUNTS=counts is not None, SINGLE_SPLIT=max_splits == 1, INTERPRET=_INTERPRET,
         IEEE=k.dtype == torch.float32, SECOND=second is not None,
+        TOPK=scores is not None, BLOCK_SC=triton.next_power_of_2(max(1, n_scores)),
+        FUSED_MERGE=fused, BLOCK_G=block_g, BLOCK_SPL=triton.next_power_of_2(max_splits),
+        MERGE_CHUNK=max(1, min(triton.next_power_of_2(max_splits), 8192 // (block_g * block_d))),
         num_warps=num_warps, num_stages=num_stages,
     )
-    if splits > 1:
-        block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(splits)))
+    if max_splits > 1 and not fused:
+        block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(max_splits)))
         _merge_splits_kernel[(B * Hq, triton.cdiv(D, block_dm))](
-            o_part, lse_part, out, Hq, splits,
+            o_part, lse_part, out, Hq, splits, Hkv * group, max(1, splits2),
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(splits),
+            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(max_splits),
             num_warps=4,
         )
     return out
 
 
-def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool) -> torch.Tensor:
+def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool, block_p: int = 64,
+                         num_warps: int = 4) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = bounds.shape[1]
     assert bounds.shape[0] == B and bounds.shape[3:] == (2, D) and bounds.shape[2] >= n_pages >= 1
     assert bounds.stride(4) == 1 and q.stride(2) == 1 and Hq % Hkv == 0
     group = Hq // Hkv
     scores = torch.empty(B, Hkv, n_pages, device=q.device, dtype=torch.float32)
-    block_p = 64
     _quest_scores_kernel[(B * Hkv, triton.cdiv(n_pages, block_p))](
         q, bounds, scores, Hkv, n_pages,
         q.stride(0), q.stride(1),
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
         scores.stride(0), scores.stride(1),
         GROUP=group, BLOCK_H=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_P=block_p, KEEP_ENDS=keep_ends, num_warps=4,
+        BLOCK_P=block_p, KEEP_ENDS=keep_ends, num_warps=num_warps,
     )
     return scores
 
@@ -447,7 +585,8 @@ def sparse_decode(
     first group's query heads followed by the second's, same group size; the first group must be all pages.
     ``out`` (a [B, Hq, D] view, e.g. a slice of a layer's output) receives the result in place. ``num_splits``
     (default: ``programs_per_sm`` programs per SM) and ``tuning`` (``tokens_per_iter``, ``num_warps``,
-    ``num_stages``, ``programs_per_sm``) only change speed.
+    ``num_stages``, ``programs_per_sm``, ``fused_merge``: 1 = the last program of each KV head merges the
+    splits, 0 = a second merge kernel) only change speed.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _launch_sparse_decode(q, k, v, int(length), page_table, counts, page_size, scale, num_splits, out,
@@ -494,16 +633,61 @@ def sparse_decode_reference(
     return torch.einsum("bhs,bhsd->bhd", probs.to(v.dtype), vx)
 
 
+def topk_sparse_decode(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    length: int,
+    scores: torch.Tensor,
+    budget_pages: int,
+    page_size: int = 16,
+    scale: float | None = None,
+    num_splits: int | None = None,
+    out: torch.Tensor | None = None,
+    table_out: torch.Tensor | None = None,
+    **tuning: int,
+) -> torch.Tensor:
+    """``sparse_decode`` over the top ``budget_pages`` pages of ``scores`` per KV head, chosen inside the kernel.
+
+    scores: fp32 [B, Hkv, P] (``quest_page_scores``; its +inf ends are always kept), ``P <= 32768``. Each program
+    of a head finds the head's k-th largest score itself (``k = min(budget_pages, P)``, ties to the lower page
+    index, so exactly ``k`` pages: the set ``select_pages(..., use_kernel=True)`` returns) and attends its share
+    of them, and the last program of the head merges the splits: one launch instead of top-k, attention and
+    merge. ``table_out`` (int32 [B, Hkv, k]) receives the chosen pages in ascending order. Other arguments and
+    ``tuning`` as ``sparse_decode`` (``programs_per_sm`` defaults to 1 here).
+    """
+    B, Hkv, P = scores.shape
+    n_keep = max(1, min(int(budget_pages), P))
+    if table_out is None:
+        table_out = torch.empty(B, Hkv, n_keep, device=q.device, dtype=torch.int32)
+    assert table_out.shape == (B, Hkv, n_keep), f"table_out must be [B, Hkv, {n_keep}]"
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    tuning.setdefault("programs_per_sm", 1)  # every program repeats the selection: few, longer programs
+    tuning.setdefault("num_warps", 8)  # the selection's reductions go faster over more warps
+    return _launch_sparse_decode(q, k, v, int(length), table_out, None, page_size, scale, num_splits, out,
+                                 scores=scores, **tuning)
+
+
+def top_pages_reference(scores: torch.Tensor, budget_pages: int) -> torch.Tensor:
+    """Plain PyTorch selection of ``topk_sparse_decode`` / ``select_pages(use_kernel=True)``: the top
+    ``min(budget_pages, P)`` pages per row, ties to the lower index, in ascending page order (int64)."""
+    n_keep = max(1, min(int(budget_pages), scores.shape[-1]))
+    order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
+    return order[..., :n_keep].sort(dim=-1).values
+
+
 def quest_page_scores(
-    q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True
+    q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True, block_p: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Quest upper bounds per page, summed over each KV head's query heads (Triton).
 
     q: [B, Hq, D]; bounds: [B, Hkv, page_cap, 2, D] (``[..., 0, :]`` channel-wise min key of the page,
     ``[..., 1, :]`` max), first ``n_pages`` valid. Returns fp32 [B, Hkv, n_pages]; with ``keep_ends`` the first
-    and last page score +inf so any top-k keeps them.
+    and last page score +inf so any top-k keeps them. ``block_p`` (pages per program) and ``num_warps`` only
+    change speed.
     """
-    return _launch_quest_scores(q, bounds, n_pages, keep_ends)
+    return _launch_quest_scores(q, bounds, n_pages, keep_ends, block_p, num_warps)
 
 
 def quest_page_scores_reference(
@@ -543,7 +727,7 @@ def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = Fal
     _topk_kernel[(B * H,)](
         scores, out, H, P, k,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=block, num_warps=4 if block <= 4096 else (8 if block <= 16384 else 16),
+        BLOCK=block, num_warps=4 if block <= 1024 else (8 if block <= 8192 else 16),
     )
     return out
 
@@ -554,4 +738,6 @@ __all__ = [
     "select_pages",
     "sparse_decode",
     "sparse_decode_reference",
+    "top_pages_reference",
+    "topk_sparse_decode",
 ]
