@@ -21,7 +21,11 @@ its cost is the real one):
   Our kernels' settings are tuned per batch size first (``TUNING``; every candidate's time is in the results).
 
 Timing: each measurement is the median over repetitions of CUDA-event-timed calls after warm-up, with the
-L2 cache flushed before each repetition (a decode step's K/V are not in L2: other layers ran in between).
+L2 cache flushed before each repetition (a decode step's K/V are not in L2: other layers ran in between) by
+reading a 256 MB buffer, so L2 holds clean lines, as after the weight reads of a real layer. The headline rows
+are also timed after a writing flush (``l2_flush: "write"`` rows, the method before 2026-11-23c), which leaves
+L2 full of dirty lines the timed kernel must write back: 6-10 us more per step, dense and sparse alike, on an
+H100 (bench/results/decode_explore2_2026-11-23.json), which weighs more on the short sparse steps.
 "eager" times include Python launch overhead as a plain PyTorch loop pays it; "graph" times replay the same
 work captured in a CUDA graph, as serving engines run decode. Also: ours vs reference max error on the GPU at
 the benchmark shapes, and the KV bytes a real ``HeadwiseCache`` holds for a 32K-token prompt under plan_a.
@@ -46,10 +50,18 @@ GROUP = HQ // HKV
 
 # ------------------------------------------------------------------------------------------------ timing
 class _Timer:
-    """Median CUDA-event time of ``fn`` with L2 flushed before every repetition; eager and CUDA-graph."""
+    """Median CUDA-event time of ``fn`` with L2 flushed before every repetition; eager and CUDA-graph.
 
-    def __init__(self) -> None:
-        self.flush_buf = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")  # > 50 MB L2
+    ``flush="read"`` (default) sums a 256 MB buffer before each repetition, leaving L2 full of clean lines, as
+    the weight reads of the layer's other operations leave it in a real decode step. ``flush="write"`` zeroes
+    the buffer instead (what this benchmark did before 2026-11-23c): L2 is then full of dirty lines that the
+    timed kernel writes back to HBM as its reads evict them (up to L2's 50 MB), a fixed cost charged to it
+    that weighs more on a short (sparse) kernel than on dense attention."""
+
+    def __init__(self, flush: str = "read") -> None:
+        assert flush in ("read", "write")
+        self.flush = flush
+        self.flush_buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")  # > 50 MB L2
 
     def eager(self, fn: Callable[[], Any], warmup: int = 5, reps: int = 30) -> float:
         for _ in range(warmup):
@@ -72,7 +84,10 @@ class _Timer:
     def _median(self, fn: Callable[[], Any], reps: int) -> float:
         times = []
         for _ in range(reps):
-            self.flush_buf.zero_()
+            if self.flush == "write":
+                self.flush_buf.zero_()
+            else:
+                self.flush_buf.view(torch.int64).sum()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
@@ -132,11 +147,12 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
-                  **tuning):
+                  radix4: int = -1, **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
     pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
     ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
-    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours."""
+    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours;
+    ``radix4`` picks the top-k threshold search (-1: the kernels' default)."""
     from headwise.kernels.sparse_decode import (
         quest_page_scores,
         select_pages,
@@ -146,14 +162,15 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
+    sel = {} if radix4 < 0 else {"radix4": radix4}
 
     def run() -> torch.Tensor:
         scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps)
         if stop == "scores":
             return scores
         if fused:
-            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **tuning)
-        table = select_pages(scores, k_pages, use_kernel=topk_kernel)
+            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **sel, **tuning)
+        table = select_pages(scores, k_pages, use_kernel=topk_kernel, radix4=radix4)
         if stop == "topk":
             return table
         return sparse_decode(q, k, v, seq_len, table, None, page_size, **tuning)
@@ -272,7 +289,8 @@ def run_decode_bench(
         results.append(row)
         log(f"{section}: {row}")
         torch.cuda.empty_cache()
-    timer = _Timer()
+    timer = _Timer("read")
+    timer_w = _Timer("write")
     flex_fn = None
     if flex:
         try:
@@ -284,7 +302,7 @@ def run_decode_bench(
     tuning: dict[int, dict[str, dict[str, int]]] = {}
     for batch in batches:
         results += _time_batch(timer, flex_fn, batch, seq_len, budget, page_size, full_kv, sink, window, tune,
-                               tuning, log, t0, flex_deadline_s)
+                               tuning, log, t0, flex_deadline_s, timer_w)
         torch.cuda.empty_cache()
     results.append({"section": "meta", "wall_s": round(time.perf_counter() - t0, 1), "budget": budget,
                     "page_size": page_size, "full_kv_heads": full_kv, "sink": sink, "window": window,
@@ -295,16 +313,23 @@ def run_decode_bench(
 # Candidate settings of our kernels, timed per batch size (CUDA-graph time) before the timed rows; the best
 # is used. plan_a: the tile/occupancy knobs of ``sparse_decode`` (the last-program merge, ``fused_merge=1``,
 # measured slower here: it lowers occupancy). page_topk: ``fused`` = the selection inside the attention
-# kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge).
+# kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge);
+# ``radix4`` = the in-kernel threshold search two bits per reduction (bench/results/decode_explore2_2026-11-23.json).
 TUNING = {
     "plan_a": [
         {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
         {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
         {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
         {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
+        {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
+        {"tokens_per_iter": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2},
     ],
     "page_topk": [
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 0},
+        {"fused": 1, "radix4": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
+         "fused_merge": 0},
+        {"fused": 1, "radix4": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 2,
+         "fused_merge": 0},
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 1, "tokens_per_iter": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -338,10 +363,12 @@ def _tune(timer: _Timer, factories: dict[str, Callable[[dict[str, int]], Callabl
 def _time_batch(
     timer: _Timer, flex_fn: Any, batch: int, seq_len: int, budget: int, page_size: int, full_kv: int,
     sink: int, window: int, tune: bool, tuning: dict[int, dict[str, dict[str, int]]], log: Callable[[str], None],
-    started: float = 0.0, flex_deadline_s: float = float("inf"),
+    started: float = 0.0, flex_deadline_s: float = float("inf"), timer_w: _Timer | None = None,
 ) -> list[dict[str, Any]]:
     """All workloads at one batch size (our kernels tuned first when ``tune``, the picks stored in
-    ``tuning[batch]``); one row per workload with speed-ups over the faster dense SDPA."""
+    ``tuning[batch]``); one row per workload with speed-ups over the faster dense SDPA. With ``timer_w`` (a
+    writing-flush timer), dense SDPA and our two headline workloads are timed again under it
+    (``section: "time"``, ``l2_flush: "write"``, speed-ups against dense under the same flush)."""
     from headwise.kernels.sparse_decode import sparse_decode
 
     g = torch.Generator(device="cuda").manual_seed(batch)
@@ -402,11 +429,16 @@ def _time_batch(
     # Our kernel as a dense decode (every head, every page): its bandwidth next to SDPA's.
     rows["ours_all_pages"] = _both(timer, lambda: sparse_decode(q, k, v, seq_len, None, page_size=64, **cfg_a))
     rows["ours_all_pages"]["note"] = "plan_a's tuned settings"
+    fns_w = {"dense_sdpa_gqa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+             "ours_plan_a": _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg_a),
+             "ours_page_topk": _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q)}
+    rows_w = {name: {"graph_ms": timer_w.graph(fn)} for name, fn in fns_w.items()} if timer_w is not None else {}
     read = 2 * batch * HKV * seq_len * D * 2  # K and V bytes of a dense step
     dense = {m: min(rows["dense_sdpa_gqa"][m], rows["dense_sdpa_packed"][m]) for m in ("eager_ms", "graph_ms")}
     out: list[dict[str, Any]] = list(tune_rows)
     for name, r in rows.items():
-        row: dict[str, Any] = {"section": "time", "workload": name, "batch": batch, "seq_len": seq_len, **r}
+        row: dict[str, Any] = {"section": "time", "workload": name, "batch": batch, "seq_len": seq_len,
+                               "l2_flush": "read", **r}
         for m in ("eager_ms", "graph_ms"):
             if m in r and dense[m] == dense[m] and r[m] == r[m]:
                 row[f"speedup_vs_dense_{m[:-3]}"] = dense[m] / r[m]
@@ -414,6 +446,11 @@ def _time_batch(
             row["dense_read_tb_s"] = read / (r["graph_ms"] * 1e-3) / 1e12
         out.append(row)
         log(f"B={batch} {name}: {r}")
+    for name, r in rows_w.items():
+        row = {"section": "time", "workload": name, "batch": batch, "seq_len": seq_len, "l2_flush": "write", **r,
+               "speedup_vs_dense_graph": rows_w["dense_sdpa_gqa"]["graph_ms"] / r["graph_ms"]}
+        out.append(row)
+        log(f"B={batch} {name} (writing flush): {r}")
     return out
 
 
@@ -438,6 +475,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
             f"{r['workload']:<19}{r['batch']:>3}{r['eager_ms']:>10.3f}{r['graph_ms']:>10.3f}"
             f"{r.get('speedup_vs_dense_eager', float('nan')):>15.2f}{r.get('speedup_vs_dense_graph', float('nan')):>15.2f}"
         )
+    for r in results:
+        if r.get("l2_flush") == "write":
+            lines.append(f"{r['workload']:<19}{r['batch']:>3}{'':>10}{r['graph_ms']:>10.3f}{'write flush':>15}"
+                         f"{r['speedup_vs_dense_graph']:>15.2f}")
     for r in results:
         if "error" in r:
             lines.append(f"{r.get('section')} {r.get('workload', '')}: error {r['error']}")
