@@ -138,12 +138,11 @@ def test_select_pages_takes_the_top_scores_within_the_budget(use_kernel):
     assert sorted(select_pages(scores, budget_pages=99, use_kernel=use_kernel)[0, 0].tolist()) == list(range(6))
 
 
-@pytest.mark.parametrize("radix4", [0, 1], ids=["one-bit", "two-bits"])
-def test_triton_top_k_selects_the_same_scores_as_torch_with_ties_and_negatives(radix4):
+def test_triton_top_k_selects_the_same_scores_as_torch_with_ties_and_negatives():
     g = torch.Generator().manual_seed(6)
     scores = torch.randn(2, 3, 300, generator=g).round(decimals=1).to(DEVICE)  # many ties
     scores[..., 0] = scores[..., -1] = float("inf")
-    chosen = select_pages(scores, 37, use_kernel=True, radix4=radix4).long()
+    chosen = select_pages(scores, 37, use_kernel=True).long()
     expected = torch.topk(scores, 37, dim=-1).values
     assert all(len(set(row.tolist())) == 37 for row in chosen.view(-1, 37))
     torch.testing.assert_close(scores.gather(2, chosen).sort(-1).values, expected.sort(-1).values)
@@ -171,34 +170,29 @@ def _tied_scores(batch: int, kv_heads: int, n_pages: int, seed: int) -> torch.Te
     return scores.to(DEVICE)
 
 
-@pytest.mark.parametrize("radix4", [0, 1], ids=["one-bit", "two-bits"])
 @pytest.mark.parametrize("fused_merge", [0, 1], ids=["merge-kernel", "last-program-merges"])
 @pytest.mark.parametrize(("group", "dim", "budget", "num_splits"),
                          [(4, 64, 3, 2), (1, 80, 5, 3), (4, 64, 7, 4), (4, 64, 1, 1)],
                          ids=["gqa4-3of7-2splits", "mha-d80-5of7-3splits", "all-pages-4splits", "one-page"])
-def test_topk_decode_selects_in_kernel_and_attends_those_pages(group, dim, budget, num_splits, fused_merge, radix4):
-    """Selection inside the attention kernel (threshold one or two bits per step): the exact
-    ``top_pages_reference`` set (ties to the lower page, -0.0 == 0.0), attended with a partial last page, over
-    several splits (some empty), batch 2, 3 KV heads."""
+def test_topk_decode_selects_in_kernel_and_attends_those_pages(group, dim, budget, num_splits, fused_merge):
+    """Selection inside the attention kernel: the exact ``top_pages_reference`` set (ties to the lower page, -0.0
+    == 0.0), attended with a partial last page, over several splits (some empty), batch 2, 3 KV heads."""
     q, k, v = _cache(2, 3, group, dim, torch.bfloat16, seed=8)
     scores = _tied_scores(2, 3, -(-S // PAGE), seed=9)
     table = torch.full((2, 3, min(budget, scores.shape[-1])), -7, dtype=torch.int32, device=DEVICE)
     out = topk_sparse_decode(q, k, v, S, scores, budget, PAGE, num_splits=num_splits, tokens_per_iter=PAGE,
-                             table_out=table, fused_merge=fused_merge, radix4=radix4)
+                             table_out=table, fused_merge=fused_merge)
     expected = top_pages_reference(scores, budget)
     assert torch.equal(table.long(), expected)
     ref = sparse_decode_reference(q.float(), k.float(), v.float(), S, expected, None, PAGE)
     _check(out, sparse_decode_reference(q, k, v, S, expected, None, PAGE), ref)
 
 
-@pytest.mark.parametrize("radix4", [0, 1], ids=["one-bit", "two-bits"])
-def test_select_pages_kernel_is_the_reference_selection(radix4):
-    """Tied rows (300 pages, one decimal) and untied ones (5000 pages: the threshold needs many low bits)."""
-    untied = torch.randn(1, 2, 5000, generator=torch.Generator().manual_seed(13)).to(DEVICE)
-    for scores, budgets in ((_tied_scores(2, 3, 300, seed=10), (1, 2, 37, 299, 300)), (untied, (1, 128, 4999))):
-        for budget in budgets:
-            torch.testing.assert_close(select_pages(scores, budget, use_kernel=True, radix4=radix4).long(),
-                                       top_pages_reference(scores, budget), rtol=0, atol=0)
+def test_select_pages_kernel_is_the_reference_selection():
+    scores = _tied_scores(2, 3, 300, seed=10)
+    for budget in (1, 2, 37, 300):
+        torch.testing.assert_close(select_pages(scores, budget, use_kernel=True).long(),
+                                   top_pages_reference(scores, budget), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_splits", [2, 5], ids=["two-splits", "five-splits"])

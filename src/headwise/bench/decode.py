@@ -147,12 +147,11 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
-                  radix4: int = -1, **tuning):
+                  **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
     pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
     ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
-    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours;
-    ``radix4`` picks the top-k threshold search (-1: the kernels' default)."""
+    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours."""
     from headwise.kernels.sparse_decode import (
         quest_page_scores,
         select_pages,
@@ -162,15 +161,14 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
-    sel = {} if radix4 < 0 else {"radix4": radix4}
 
     def run() -> torch.Tensor:
         scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps)
         if stop == "scores":
             return scores
         if fused:
-            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **sel, **tuning)
-        table = select_pages(scores, k_pages, use_kernel=topk_kernel, radix4=radix4)
+            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **tuning)
+        table = select_pages(scores, k_pages, use_kernel=topk_kernel)
         if stop == "topk":
             return table
         return sparse_decode(q, k, v, seq_len, table, None, page_size, **tuning)
@@ -313,8 +311,9 @@ def run_decode_bench(
 # Candidate settings of our kernels, timed per batch size (CUDA-graph time) before the timed rows; the best
 # is used. plan_a: the tile/occupancy knobs of ``sparse_decode`` (the last-program merge, ``fused_merge=1``,
 # measured slower here: it lowers occupancy). page_topk: ``fused`` = the selection inside the attention
-# kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge);
-# ``radix4`` = the in-kernel threshold search two bits per reduction (bench/results/decode_explore2_2026-11-23.json).
+# kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge).
+# A top-k threshold search two bits per reduction measured no faster (bench_2026-11-23c.json's tune rows with
+# ``radix4``, at 07ce7fb) and was removed.
 TUNING = {
     "plan_a": [
         {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
@@ -326,10 +325,6 @@ TUNING = {
     ],
     "page_topk": [
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 0},
-        {"fused": 1, "radix4": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
-         "fused_merge": 0},
-        {"fused": 1, "radix4": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 2,
-         "fused_merge": 0},
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 1, "tokens_per_iter": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},

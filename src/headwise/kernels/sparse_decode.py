@@ -31,8 +31,7 @@ Algorithm
     ``select_pages`` keeps the top pages within a token budget, always with the first page (attention sinks)
     and the newest page; its Triton path finds the k-th largest score bit by bit on the float bits (stopping
     once exactly k scores lie above the prefix) in one program per (sequence, KV head); ties go to the lower
-    page index, so exactly k pages (``radix4=1``: two bits per step, the three candidate counts packed into one
-    int64 reduction, at most 16 steps). ``topk_sparse_decode`` does that selection inside the attention kernel:
+    page index, so exactly k pages. ``topk_sparse_decode`` does that selection inside the attention kernel:
     every program of a head finds the same k pages from the scores and attends its share of them, so Quest
     decode is score -> attend (-> merge) instead of score -> top-k -> attend -> merge.
 
@@ -68,7 +67,6 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
 _MAX_SPLITS = 512  # the merge kernel holds all splits of a column block in registers
-_RADIX4 = 0  # top-k threshold one bit per reduction (``_top_k_mask``); 1: two bits (``_top_k_mask_radix4``)
 _TOKENS_PER_ITER = 64  # K/V rows per inner iteration: enough for a tensor-core tile, small enough for registers
 
 
@@ -149,48 +147,13 @@ def _top_k_mask(key, k, n_valid):
 
 
 @triton.jit
-def _top_k_mask_radix4(key, k, n_valid):
-    """``_top_k_mask`` two bits per step: the counts of ``u >= t|01``, ``t|10`` and ``t|11`` (``u`` the unsigned
-    view, ``t`` the prefix so far) come out of one reduction, packed 21 bits apiece in an int64 (counts <= 32768),
-    so the 32-bit threshold takes at most 16 reductions instead of 32 (same early exit at ``count == k``)."""
-    INT_MIN: tl.constexpr = -2147483648
-    FIELD: tl.constexpr = 2097151  # 21 bits
-    t = tl.full([], 0, tl.int32)
-    n_t = n_valid
-    bit = 30
-    while (bit >= 0) & (n_t != k):
-        c1 = t | (tl.full([], 1, tl.int32) << bit)
-        c2 = t | (tl.full([], 2, tl.int32) << bit)
-        c3 = t | (tl.full([], 3, tl.int32) << bit)
-        packed = tl.sum((key >= (c1 ^ INT_MIN)).to(tl.int64)
-                        + ((key >= (c2 ^ INT_MIN)).to(tl.int64) << 21)
-                        + ((key >= (c3 ^ INT_MIN)).to(tl.int64) << 42), 0)
-        n1 = (packed & FIELD).to(tl.int32)
-        n2 = ((packed >> 21) & FIELD).to(tl.int32)
-        n3 = (packed >> 42).to(tl.int32)
-        # counts fall as the candidate rises (n1 >= n2 >= n3): keep the highest candidate with >= k keys above
-        t = tl.where(n3 >= k, c3, tl.where(n2 >= k, c2, tl.where(n1 >= k, c1, t)))
-        n_t = tl.where(n3 >= k, n3, tl.where(n2 >= k, n2, tl.where(n1 >= k, n1, n_t)))
-        bit -= 2
-    kth = t ^ INT_MIN
-    above = key > kth
-    tie = key == kth
-    room = k - tl.sum(above.to(tl.int32), 0)
-    return above | (tie & (tl.cumsum(tie.to(tl.int32), 0) <= room))
-
-
-@triton.jit
-def _select_top_pages(scores_row, n_scores, k, table_row, slot_lo, slot_hi, BLOCK_SC: tl.constexpr,
-                      RADIX4: tl.constexpr):
+def _select_top_pages(scores_row, n_scores, k, table_row, slot_lo, slot_hi, BLOCK_SC: tl.constexpr):
     """Write slots ``[slot_lo, slot_hi)`` of the head's top-``k`` page list (pages in ascending order) to
     ``table_row``: every program of the head finds the same ``k`` pages from the scores, and writes its part."""
     offs = tl.arange(0, BLOCK_SC)
     valid = offs < n_scores
     key = _order_keys(tl.load(scores_row + offs, mask=valid, other=float("-inf")), valid)
-    if RADIX4:
-        take = _top_k_mask_radix4(key, k, n_scores) & valid
-    else:
-        take = _top_k_mask(key, k, n_scores) & valid
+    take = _top_k_mask(key, k, n_scores) & valid
     slot = tl.cumsum(take.to(tl.int32), 0) - 1
     tl.store(table_row + slot, offs, mask=take & (slot >= slot_lo) & (slot < slot_hi))
 
@@ -249,7 +212,7 @@ def _sparse_decode_kernel(
     PAGE: tl.constexpr, PAGES_PER_ITER: tl.constexpr,
     ALL_PAGES: tl.constexpr, HAS_COUNTS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr, SECOND: tl.constexpr,
-    TOPK: tl.constexpr, BLOCK_SC: tl.constexpr, RADIX4: tl.constexpr,
+    TOPK: tl.constexpr, BLOCK_SC: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
@@ -298,7 +261,7 @@ def _sparse_decode_kernel(
     if TOPK:
         # The table is ours to fill: the head's top ``n_table`` pages by score, this program's slots of it.
         _select_top_pages(SCORES + b * stride_sb + h * stride_sh, n_scores, n_table,
-                          TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC, RADIX4)
+                          TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC)
         tl.debug_barrier()  # the slots this program wrote, visible to all its threads
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -426,7 +389,7 @@ def _quest_scores_kernel(
 def _topk_kernel(
     SCORES, OUT, n_kv_heads, n, k,
     stride_sb, stride_sh, stride_ob, stride_oh,
-    BLOCK: tl.constexpr, RADIX4: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     """Indices of the ``k`` largest of ``n`` fp32 scores of one (sequence, KV head), in ascending order.
 
@@ -437,7 +400,7 @@ def _topk_kernel(
     b = pid // n_kv_heads
     h = pid % n_kv_heads
     _select_top_pages(SCORES + b * stride_sb + h * stride_sh, n, k, OUT + b * stride_ob + h * stride_oh, 0, k,
-                      BLOCK, RADIX4)
+                      BLOCK)
 
 
 # ----------------------------------------------------------------------------------------------- launchers
@@ -477,7 +440,7 @@ def _launch_sparse_decode(
     num_splits: int | None, out: torch.Tensor | None = None, tokens_per_iter: int = _TOKENS_PER_ITER,
     num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 2,
     second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
-    scores: torch.Tensor | None = None, fused_merge: int = 0, radix4: int = _RADIX4,
+    scores: torch.Tensor | None = None, fused_merge: int = 0,
 ) -> torch.Tensor:
     """Launch ``_sparse_decode_kernel`` (and ``_merge_splits_kernel`` unless ``fused_merge``). With ``scores``,
     ``page_table`` is the output table ``[B, Hkv, k]`` the kernel fills with each head's top ``k`` pages."""
@@ -561,7 +524,7 @@ def _launch_sparse_decode(
         PAGE=page_size, PAGES_PER_ITER=pages_per_iter,
         ALL_PAGES=all_pages, HAS_COUNTS=counts is not None, SINGLE_SPLIT=max_splits == 1, INTERPRET=_INTERPRET,
         IEEE=k.dtype == torch.float32, SECOND=second is not None,
-        TOPK=scores is not None, BLOCK_SC=triton.next_power_of_2(max(1, n_scores)), RADIX4=bool(radix4),
+        TOPK=scores is not None, BLOCK_SC=triton.next_power_of_2(max(1, n_scores)),
         FUSED_MERGE=fused, BLOCK_G=block_g, BLOCK_SPL=triton.next_power_of_2(max_splits),
         MERGE_CHUNK=max(1, min(triton.next_power_of_2(max_splits), 8192 // (block_g * block_d))),
         num_warps=num_warps, num_stages=num_stages,
@@ -691,8 +654,7 @@ def topk_sparse_decode(
     index, so exactly ``k`` pages: the set ``select_pages(..., use_kernel=True)`` returns) and attends its share
     of them, and the last program of the head merges the splits: one launch instead of top-k, attention and
     merge. ``table_out`` (int32 [B, Hkv, k]) receives the chosen pages in ascending order. Other arguments and
-    ``tuning`` as ``sparse_decode`` (``programs_per_sm`` defaults to 1 here), plus ``radix4`` (1: find the
-    threshold two bits per reduction; the same pages, only the speed differs).
+    ``tuning`` as ``sparse_decode`` (``programs_per_sm`` defaults to 1 here).
     """
     B, Hkv, P = scores.shape
     n_keep = max(1, min(int(budget_pages), P))
@@ -747,12 +709,12 @@ def quest_page_scores_reference(
 _TOPK_MAX_BLOCK = 32768  # scores per row the Triton top-k holds in registers (512K tokens at page 16)
 
 
-def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = False, radix4: int = -1) -> torch.Tensor:
+def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = False) -> torch.Tensor:
     """Top ``budget_pages`` pages per (sequence, KV head): scores [B, Hkv, P] -> table [B, Hkv, k], any order.
 
     ``k = min(budget_pages, P)``. Score the first and newest page +inf (``keep_ends``) to always keep them.
-    ``use_kernel``: one Triton program per row (bisection on the scores' bits, ``radix4=1`` two bits per step,
-    -1 the module default) returning int32; the same set as ``torch.topk`` up to ties. On an H100, 8 x 8192 pages: about 21 us against ``torch.topk``'s 43 us,
+    ``use_kernel``: one Triton program per row (bisection on the scores' bits) returning int32; the same set
+    as ``torch.topk`` up to ties. On an H100, 8 x 8192 pages: about 21 us against ``torch.topk``'s 43 us,
     which was more than our attention over the chosen pages. Rows longer than 32768 pages use ``torch.topk``.
     """
     B, H, P = scores.shape
@@ -762,11 +724,10 @@ def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = Fal
     assert scores.dtype == torch.float32 and scores.stride(2) == 1
     out = torch.empty(B, H, k, device=scores.device, dtype=torch.int32)
     block = triton.next_power_of_2(P)
-    radix4 = _RADIX4 if radix4 < 0 else radix4
     _topk_kernel[(B * H,)](
         scores, out, H, P, k,
         scores.stride(0), scores.stride(1), out.stride(0), out.stride(1),
-        BLOCK=block, RADIX4=bool(radix4), num_warps=4 if block <= 1024 else (8 if block <= 8192 else 16),
+        BLOCK=block, num_warps=4 if block <= 1024 else (8 if block <= 8192 else 16),
     )
     return out
 
