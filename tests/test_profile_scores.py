@@ -165,3 +165,72 @@ def test_pattern_search_picks_a_pattern_within_the_density_or_keeps_full(tiny):
         assert not isinstance(choice.policy, Full) and choice.density <= 0.6
         assert choice.recall == pytest.approx(max(r["recall"] for r in choice.table if r["density"] <= 0.6), abs=1e-4)
         assert choice.policy.kv_tokens(4096) == 4096  # a prefill pattern keeps the whole cache: memory unchanged
+
+
+def test_span_error_measures_output_change_not_lost_mass():
+    S, D, T = 1024, 4, 1024
+    q_pos, k_pos = torch.arange(S - 128, S), torch.arange(S)
+    g = torch.Generator().manual_seed(0)
+    # head 0 spreads its attention evenly over every key, but all its values are equal: any window keeps its output
+    # head 1 puts everything at distance 600: windows shorter than that change its output; head 2 attends to itself
+    w = torch.cat([torch.full((1, 1, 128, S), 1.0 / S), _one_hot_rows(q_pos, [600, 0], S)], dim=1)
+    w[0, 0] = w[0, 0].tril(S - 128)  # causal rows of a uniform head: renormalise over the visible keys
+    w[0, 0] /= w[0, 0].sum(-1, keepdim=True)
+    values = torch.randn(1, 3, S, D, generator=g)
+    values[0, 0] = values[0, 0, :1]
+    module = torch.nn.Module()
+    module.o_proj = torch.nn.Linear(3 * D, 8, bias=False)
+    probe = MassProbe(1, 3, bins=[S], target_len=T, num_kv_heads=3)
+    probe.observe(0, w, q_pos, k_pos)
+    probe.observe_values(0, w, values, q_pos, k_pos, module)
+    err = probe.span_error()
+    assert err is not None and err.shape == (1, 3, len(SPAN_OPTIONS))
+    recall = probe.recall[0, :, :, 0] / probe.count[0, 0]
+    for o, option in enumerate(SPAN_OPTIONS):
+        win = round(option[0] + option[1] * T)
+        assert err[0, 0, o] < 1e-6 and err[0, 2, o] < 1e-6
+        assert (err[0, 1, o] > 0.01) == (win <= 600)
+        if win < S - 128 - 64:
+            assert recall[0, o] < 0.9  # the uniform head does lose mass under this window: mass alone would flag it
+
+
+def test_span_error_is_none_without_o_proj():
+    probe = MassProbe(1, 2, bins=[256], target_len=256, num_kv_heads=1)
+    w = torch.softmax(torch.randn(1, 2, 128, 256), -1)
+    probe.observe_values(0, w, torch.randn(1, 2, 256, 4), torch.arange(128, 256), torch.arange(256), torch.nn.Module())
+    assert probe.span_error() is None
+
+
+def test_layer_sensitivity_is_zero_only_where_streaming_changes_nothing(tiny):
+    from headwise.profile.mass import layer_sensitivity
+
+    kl = layer_sensitivity(tiny, 400, window=64, progress=False)  # 64 + 64 tokens kept of 400: the layers differ
+    assert kl.shape == (2,) and bool((kl > 0).all())
+    assert bool((layer_sensitivity(tiny, 100, window=64, progress=False) < 1e-6).all())  # 64 + 64 covers 100 tokens
+
+
+def test_weighted_span_error_turns_each_layers_error_into_its_measured_kl():
+    from headwise.profile.mass import CALIB_WINDOW, weighted_span_error
+
+    o = SPAN_OPTIONS.index((CALIB_WINDOW, 0.0))
+    err = torch.rand(3, 2, len(SPAN_OPTIONS)) + 0.1
+    kl = torch.tensor([0.5, 0.01, 0.0])
+    w = weighted_span_error(err, kl)
+    assert torch.allclose(w[:, :, o].sum(-1), kl)  # the calibration window reproduces each layer's KL
+    assert torch.allclose(w[0] / err[0], torch.full_like(err[0], float(0.5 / err[0, :, o].sum())))
+    assert bool((w[2] == 0).all())
+
+
+def test_profile_records_calibrated_spans_and_resolving_needs_the_same_target(tiny):
+    from headwise.profile.runner import Settings, Spans, profile_model, resolve_from_scores
+
+    plan = profile_model(tiny, 0.5, target_len=512, settings=Settings.fast(), progress=False)
+    meta = plan.meta
+    assert meta["span_recall_target_len"] == 512 and len(meta["layer_kl"]) == 2
+    spans = Spans.from_meta(meta)
+    assert spans is not None and spans.error is not None and spans.error.shape == (2, 2, len(SPAN_OPTIONS))
+    assert meta["solution"]["kv_tokens"] <= meta["solution"]["cap_tokens"]
+    again = resolve_from_scores(tiny, plan, 0.4, 512, "retrieval")
+    assert again.meta["solution"]["kv_fraction"] <= 0.4
+    with pytest.raises(HeadwiseError, match="--target-len 1024"):
+        resolve_from_scores(tiny, plan, 0.4, 1024, "retrieval")

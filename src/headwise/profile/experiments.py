@@ -13,8 +13,10 @@ probe attention (exact attention + the head mask).
 ``budget``: at one KV budget, plans that differ only in which score decides the full heads (every method the
 profile measured, plus random scores), the streaming-for-all baseline at equal memory, and dense, compared
 on needle/passkey accuracy and top-1 next-token agreement with dense over Shakespeare
-(``headwise.eval.fidelity``). Every plan is re-solved from the profile's recorded scores for the length it is
-evaluated at, so "equal KV memory" holds at that length.
+(``headwise.eval.fidelity``). Every plan is re-solved for the length it is evaluated at, as
+``headwise profile --target-len LENGTH`` would: head scores from the profile's record (they do not depend on
+the target), spans measured again for that length (``mass.py``: the windows' output error is a property of
+the target length), the profiler's default ``full_share``; so "equal KV memory" holds at that length.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from headwise.bench.record import device_name, git_commit
 from headwise.models import LoadedModel, load_model
 from headwise.plan import HeadPlan
 from headwise.profile.probe import HeadMask, Probe, greedy_generate
@@ -98,6 +101,8 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": "retrieval-head masking (Wu et al. section 4)",
         "model": args.model,
         "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "device": device_name(),
         "scores_from": {"plan": args.plan, "created_by": plan.meta.get("created_by")},
         "query_heads": n_heads,
         "k": k,
@@ -123,38 +128,52 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _plans_at(lm: LoadedModel, profile: HeadPlan, budget: float, length: int, random_draws: int,
-              seed: int, methods: list[str] | None = None) -> dict[str, HeadPlan]:
+              seed: int, methods: list[str] | None = None, full_share: float | None = None,
+              calibrate: bool = True) -> dict[str, HeadPlan]:
     """The compared plans, most telling first: profiled default, streaming at equal memory, random full heads,
     then the other measured scores."""
     from headwise.eval.runner import streaming_baseline
+    from headwise.profile.mass import mass_scores
+    from headwise.profile.runner import FULL_SHARE, Spans, measure_spans
 
     spec = lm.spec
     meta = profile.meta
-    recall = torch.tensor(meta["span_recall_kv"]) if "span_recall_kv" in meta else None
+    spans = Spans.from_meta(meta)
+    if spans is None or meta.get("span_recall_target_len") != length or (calibrate and spans.layer_kl is None):
+        mass_len = min(length, spec.max_context or length)  # measure for this length, as the profiler would
+        spans = measure_spans(lm, mass_scores(lm, mass_len, target_len=length), mass_len, calibrate)
+    recall = spans.value
+    full_share = FULL_SHARE if full_share is None else full_share
     default = meta.get("method")
     by_method: dict[str, HeadPlan] = {}
     for key, scores in meta["scores"].items():
         name = key[: -len("_kv")]
         if key.endswith("_kv") and (methods is None or name in methods or name == default):
-            sol = solve(spec, torch.tensor(scores), budget, length, recall)
+            sol = solve(spec, torch.tensor(scores), budget, length, recall, full_share=full_share)
             by_method[name] = HeadPlan.from_policies(spec, sol.policies, lm.name, method=name)
     ref = by_method[default]
     plans: dict[str, HeadPlan] = {f"{default} (profiled default)": ref}
     # equal memory: what the profiled plan holds at this length
     plans["streaming (all heads)"] = streaming_baseline(spec, "streaming", ref.kv_tokens(spec, length), length,
                                                         "equal memory")
-    g = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
     for j in range(random_draws):
-        sol = solve(spec, torch.rand(spec.num_layers, spec.num_kv_heads, generator=g) + 1e-3, budget, length, recall)
+        sol = solve(spec, torch.rand(spec.num_layers, spec.num_kv_heads, generator=gen) + 1e-3, budget, length, recall,
+                    full_share=full_share)
         plans[f"random full #{j}"] = HeadPlan.from_policies(spec, sol.policies, lm.name, method="random")
     plans.update({name: p for name, p in by_method.items() if name != default})
     return plans
+
+
+def _mean(xs: list[float]) -> float:
+    return round(sum(xs) / len(xs), 6)
 
 
 def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
     from headwise.engine import Engine
     from headwise.eval.fidelity import fidelity, text_ids
     from headwise.eval.scoring import score
+    from headwise.profile.runner import FULL_SHARE
 
     lm = load_model(args.model, device="cpu")
     profile = HeadPlan.load(args.plan)
@@ -164,8 +183,12 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
         "experiment": f"plans at budget {args.budget}: which score decides the full heads",
         "model": args.model,
         "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
+        "commit": git_commit(),
+        "device": device_name(),
         "profile": {"plan": args.plan, "created_by": profile.meta.get("created_by"), "method": profile.meta.get("method")},
         "budget": args.budget,
+        "full_share": FULL_SHARE if args.full_share is None else args.full_share,
+        "calibrated_spans": not args.no_calibrate,
         "complete": False,
     }
     # fidelity over Shakespeare, plans solved at the text length
@@ -173,14 +196,20 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
     if "fidelity" not in args.parts:
         fid_len = 0
     if fid_len:
-        plans = _plans_at(lm, profile, args.budget, fid_len, args.random_draws, args.seed, methods)
-        fid = fidelity(lm, plans, text_ids(lm, fid_len, args.seed))
+        plans = _plans_at(lm, profile, args.budget, fid_len, args.random_draws, args.seed, methods, args.full_share,
+                          not args.no_calibrate)
+        runs = [fidelity(lm, plans, text_ids(lm, fid_len, args.seed + t)) for t in range(args.texts)]
+        overall = {"tokens": sum(r["overall"]["tokens"] for r in runs), "texts": args.texts,
+                   "ppl_dense": _mean([r["overall"]["ppl_dense"] for r in runs]),
+                   "plans": {n: {k: _mean([r["overall"]["plans"][n][k] for r in runs]) for k in ("ppl", "kl", "top1")}
+                             for n in plans}}
         out["fidelity"] = {
             "length": fid_len,
             "kv_fraction": {n: round(p.kv_fraction(lm.spec, fid_len), 4) for n, p in plans.items()},
             "summary": {n: p.summary() for n, p in plans.items()},
-            "overall": fid["overall"],
-            "buckets": fid["buckets"],
+            "overall": overall,
+            "per_text": [r["overall"] for r in runs],
+            "buckets": runs[0]["buckets"],
         }
         out["seconds"] = round(time.time() - t0, 1)
         _save(args.output, out)
@@ -189,7 +218,8 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
         return out
     # needle accuracy, plans solved at the prompt length
     needle_len = args.needle_length
-    plans = _plans_at(lm, profile, args.budget, needle_len, args.random_draws, args.seed, methods)
+    plans = _plans_at(lm, profile, args.budget, needle_len, args.random_draws, args.seed, methods,
+                      args.full_share, not args.no_calibrate)
     samples = _prompts(lm, args.tasks.split(","), [needle_len], [float(x) for x in args.depths.split(",")], args.seeds)
     needle: dict[str, Any] = {}
     for name, plan in [("dense", HeadPlan.dense(lm.spec, lm.name)), *plans.items()]:
@@ -232,10 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--depths", default="0.2,0.5,0.8")
     b.add_argument("--seeds", type=int, default=2)
     b.add_argument("--fidelity-length", type=int, default=4096)
+    b.add_argument("--texts", type=int, default=1, help="Shakespeare texts (seeds) the fidelity is averaged over")
     b.add_argument("--random-draws", type=int, default=3)
     b.add_argument("--only", default=None, help="comma-separated plan-name prefixes to run (split work)")
     b.add_argument("--parts", default="fidelity,needle", help="which measurements: fidelity, needle or both")
     b.add_argument("--methods", default=None, help="measured scores to build plans from (default: all in the profile)")
+    b.add_argument("--full-share", type=float, default=None,
+                   help="share of the spare budget full heads may take (default: the profiler's)")
+    b.add_argument("--no-calibrate", action="store_true", help="spans from uncalibrated output errors")
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("-o", "--output", required=True)
     args = ap.parse_args(argv)

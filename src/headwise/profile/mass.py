@@ -4,11 +4,36 @@ Over real text (Shakespeare), for queries near several lengths ``N`` (the last `
 
 * ``sink``: attention share on the first ``SINK_TOKENS`` tokens (StreamingLLM's attention sinks);
 * ``local``: share on the recent ``LOCAL_WINDOW`` tokens (the query's own included; the first 64 tokens excluded);
-* ``span_recall[option, bin]``: share kept by ``streaming(sink, window = a + b * N)`` for each elastic span
-  option ``(a, b)`` of ``SPAN_OPTIONS`` (MoA's span = a + b*N, https://arxiv.org/abs/2406.14909).
+* ``span_recall[option, bin]``: share kept by ``streaming(sink, window)`` for each elastic span option ``(a, b)``
+  of ``SPAN_OPTIONS`` (MoA's span = a + b*N, https://arxiv.org/abs/2406.14909).
 
-The span recalls feed the pattern search (``patterns.py``); ``1 - recall`` of the default streaming span is the
-``mass`` head score (what a head loses if it streams).
+Which window an option stands for: a plan stores fixed windows, chosen for a target length ``T``
+(``solver.py``), so the recall that the solver trades against cost must be measured with the window the plan
+will hold, ``a + b*T``, over queries spread across the whole ``[0, T)`` (``mass_scores(..., target_len=T)``:
+eight bins up to ``T``). Measuring ``a + b*N`` at short profiling lengths ``N`` instead credits an option
+with the recall of a smaller window than it costs (what the first version did; docs/profiling.md shows what
+that cost in next-token agreement). Without ``target_len`` the probe measures ``a + b*N`` per bin (MoA's own
+profile, used to look at how spans should scale).
+
+* ``span_error[kv_head, option]`` (with ``target_len`` and a model whose attention has ``o_proj``): what the
+  window does to the layer's output. For each KV head, the attention output of its query heads restricted to
+  the option's sink + window (softmax renormalised over the kept keys, as the ``streaming`` policy computes
+  it), pushed through their slice of ``o_proj``, minus the dense one: the squared norm of that change in the
+  residual stream, summed over the bins' queries and divided by the squared norm of the layer's whole
+  attention output over the same queries. Mass is a poor proxy for this: a head that spreads its attention
+  over similar values loses mass under a window but barely changes its output, and a head whose ``o_proj``
+  slice is small hardly matters. Measured on SmolLM2 at 4K (docs/profiling.md): spans picked by this error
+  beat uniform streaming on next-token agreement at equal memory; spans picked by mass did not.
+
+* ``layer_sensitivity``: the output error is relative to its own layer, and layers differ in how much the
+  model's prediction moves when their attention changes. So each layer is calibrated once end to end: the KL
+  from dense of the next-token distribution when that layer alone streams (``CALIB_WINDOW``), over the same
+  text, divided by the summed ``span_error`` of that window in the layer, gives the layer's KL per unit of
+  error; every span error of the layer is scaled by it (``weighted_span_error``). On SmolLM2 this factor
+  ranges over more than 10x between layers (docs/profiling.md). The solver then minimises a predicted total KL.
+
+The solver trades ``1 - weighted span_error`` (else the mass recall) against cost; ``1 - recall`` of the default
+streaming span is the ``mass`` head score (what a head loses if it streams).
 """
 
 from __future__ import annotations
@@ -20,6 +45,7 @@ import torch
 from tqdm.auto import tqdm
 
 from headwise.models import LoadedModel
+from headwise.policies import Full, Policy, Streaming
 from headwise.profile.probe import Probe, probing
 
 SINK_TOKENS = 4
@@ -29,9 +55,11 @@ LOCAL_WINDOW = 256
 STREAM_SINK = 64
 """Sink kept by the streaming options searched (DuoAttention's 64)."""
 SPAN_OPTIONS: tuple[tuple[int, float], ...] = tuple(
-    (a, b) for a in (64, 128, 256, 512) for b in (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4)
+    (a, b) for a in (64, 128, 256, 512) for b in (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 )
 """(a, b) of window = a + b*N: fixed windows (b = 0) and windows growing with the input length."""
+CALIB_WINDOW = 256
+"""Window of the streaming span that ``layer_sensitivity`` applies to one layer at a time."""
 BIN = 128
 """Queries per length bin (the ``BIN`` positions just before ``N``)."""
 
@@ -44,12 +72,22 @@ def span_window(option: tuple[int, float], n: int) -> int:
 class MassProbe(Probe):
     """Accumulates, per layer and query head, the mass statistics for queries in each length bin."""
 
-    def __init__(self, num_layers: int, num_q_heads: int, bins: Sequence[int]):
+    def __init__(self, num_layers: int, num_q_heads: int, bins: Sequence[int], target_len: int | None = None,
+                 num_kv_heads: int | None = None, layer_windows: Sequence[int | None] = ()):
         self.bins = list(bins)
+        self.target_len = target_len
+        """If set, option ``(a, b)`` is measured with the window ``a + b*target_len`` in every bin."""
         self.sink = torch.zeros(num_layers, num_q_heads, len(self.bins))
         self.local = torch.zeros_like(self.sink)
         self.recall = torch.zeros(num_layers, num_q_heads, len(SPAN_OPTIONS), len(self.bins))
         self.count = torch.zeros(num_layers, len(self.bins))
+        # output error of each window (needs target_len: the windows are those of the plan)
+        self.wants_values = target_len is not None and num_kv_heads is not None
+        self.num_kv_heads = num_kv_heads or num_q_heads
+        self.layer_windows = list(layer_windows)
+        self.windows = sorted({span_window(o, target_len) for o in SPAN_OPTIONS}) if target_len else []
+        self.err = torch.zeros(num_layers, self.num_kv_heads, len(self.windows))
+        self.out_norm = torch.zeros(num_layers)
 
     def rows(self, layer: int, q_len: int) -> slice | None:
         first = self.q_start
@@ -77,9 +115,44 @@ class MassProbe(Probe):
             sink_mass = w[..., is_sink].sum(dim=(0, 2, 3))
             self.local[layer, :, i] += cum[:, min(LOCAL_WINDOW, dmax) - 1].cpu()
             for o, option in enumerate(SPAN_OPTIONS):
-                win = min(span_window(option, n), dmax)
+                win = min(span_window(option, self.target_len or n), dmax)
                 self.recall[layer, :, o, i] += (sink_mass + cum[:, win - 1]).cpu()
             self.count[layer, i] += float(w.shape[0] * w.shape[2])
+
+    def observe_values(self, layer: int, weights: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
+                       k_pos: torch.Tensor, module: torch.nn.Module) -> None:
+        o_proj = getattr(module, "o_proj", None)
+        if not isinstance(getattr(o_proj, "weight", None), torch.Tensor):
+            self.wants_values = False  # no o_proj to measure through: the solver falls back to mass recall
+            return
+        B, Hq, _, D = weights.shape[0], weights.shape[1], weights.shape[2], values.shape[-1]
+        H = self.num_kv_heads
+        w_o = o_proj.weight.float().view(-1, Hq, D)  # [hidden, Hq, D]: each query head's slice of o_proj
+        native = self.layer_windows[layer] if layer < len(self.layer_windows) else None
+        for n in self.bins:
+            sel = (q_pos >= n - BIN) & (q_pos < n)
+            if not bool(sel.any()):
+                continue
+            w = weights[:, :, sel]  # [B, Hq, l, S]
+            dense = w @ values  # [B, Hq, l, D]
+            self.out_norm[layer] += torch.einsum("bhld,ehd->ble", dense, w_o).pow(2).sum().cpu()
+            dist = q_pos[sel][:, None] - k_pos[None, :]  # [l, S]
+            for a, win in enumerate(self.windows):
+                # the streaming policy's kept keys: sink + window, or on a native sliding layer window + sink
+                keep = (dist < win + STREAM_SINK) if native is not None else (k_pos[None, :] < STREAM_SINK) | (dist < win)
+                kept = w * keep
+                out = (kept @ values) / kept.sum(-1, keepdim=True).clamp(min=1e-30)
+                res = torch.einsum("bhld,ehd->bhle", out - dense, w_o)  # [B, Hq, l, hidden]
+                res = res.view(B, H, Hq // H, *res.shape[2:]).sum(2)  # a KV head's query heads act together
+                self.err[layer, :, a] += res.pow(2).sum(dim=(0, 2, 3)).cpu()
+
+    def span_error(self) -> torch.Tensor | None:
+        """[layers, kv_heads, len(SPAN_OPTIONS)] relative output error of each option's window (None if not measured)."""
+        if not self.wants_values or not self.windows or not bool((self.out_norm > 0).all()):
+            return None
+        rel = self.err / self.out_norm[:, None, None]
+        return torch.stack([rel[:, :, self.windows.index(span_window(o, self.target_len or 0))]
+                            for o in SPAN_OPTIONS], dim=-1)
 
 
 @dataclass
@@ -91,6 +164,8 @@ class MassResult:
     """[layers, q_heads] share on the last LOCAL_WINDOW tokens (mean over bins)."""
     span_recall: torch.Tensor
     """[layers, q_heads, len(SPAN_OPTIONS), len(bins)] share kept by each elastic streaming span."""
+    span_error: torch.Tensor | None = None
+    """[layers, kv_heads, len(SPAN_OPTIONS)] relative output error of each span at the target length, or None."""
 
     def streaming_loss(self, window: int = LOCAL_WINDOW) -> torch.Tensor:
         """[layers, q_heads] mass lost by ``streaming(STREAM_SINK, window)`` at the longest bin."""
@@ -99,14 +174,19 @@ class MassResult:
 
 
 def mass_scores(lm: LoadedModel, length: int = 2048, bins: Sequence[int] | None = None, chunk: int = 1024,
-                progress: bool = True) -> MassResult:
-    """Run ``length`` tokens of Shakespeare through the probe and collect the mass statistics."""
-    from headwise.data import shakespeare
+                progress: bool = True, target_len: int | None = None) -> MassResult:
+    """Run ``length`` tokens of Shakespeare through the probe and collect the mass statistics.
 
+    With ``target_len`` the span recalls are those of the windows a plan for ``target_len`` holds, and the
+    default bins are eight, centred in eighths of ``length`` (every query position counts alike in next-token
+    agreement, so the recall should too)."""
     spec = lm.spec
-    bins = sorted(bins or [length // 4, length // 2, length])
-    ids = lm.tokenizer(shakespeare(length * 8), return_tensors="pt").input_ids[:, :length]
-    probe = MassProbe(spec.num_layers, spec.num_q_heads, bins)
+    if bins is None:
+        bins = ([min(length, (2 * k + 1) * length // 16 + BIN // 2) for k in range(8)] if target_len
+                else [length // 4, length // 2, length])
+    bins = sorted(b for b in bins if b >= BIN)
+    ids = text_for_profile(lm, length)
+    probe = MassProbe(spec.num_layers, spec.num_q_heads, bins, target_len, spec.num_kv_heads, spec.layer_windows)
     from transformers import DynamicCache
 
     cache = DynamicCache(config=lm.model.config)
@@ -122,4 +202,52 @@ def mass_scores(lm: LoadedModel, length: int = 2048, bins: Sequence[int] | None 
     sink = (probe.sink / count[:, None]).mean(-1)
     local = (probe.local / count[:, None]).mean(-1)
     recall = probe.recall / count[:, None, None]
-    return MassResult(bins, sink, local, recall)
+    return MassResult(bins, sink, local, recall, probe.span_error())
+
+
+def text_for_profile(lm: LoadedModel, length: int) -> torch.Tensor:
+    """``[1, length]`` ids of the profiling text (Shakespeare from the start of Hamlet)."""
+    from headwise.data import shakespeare
+
+    return lm.tokenizer(shakespeare(length * 8), return_tensors="pt").input_ids[:, :length]
+
+
+def _streaming_for(native: int | None, window: int) -> Streaming:
+    """The solver's streaming option for a window (``solver.head_options``): sink + window on a global layer,
+    a window without sink on a native sliding layer."""
+    return Streaming(sink=0, window=window + STREAM_SINK) if native is not None else Streaming(sink=STREAM_SINK,
+                                                                                               window=window)
+
+
+@torch.inference_mode()
+def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, progress: bool = True,
+                      max_positions: int = 1024) -> torch.Tensor:
+    """[layers] mean KL(dense || plan) in nats of the next-token distribution, where the plan streams every KV
+    head of one layer (``window``, the solver's option for it) and keeps the others full; over ``length`` tokens of
+    the profiling text, at up to ``max_positions`` evenly spaced positions (memory: vocabulary x positions)."""
+    from headwise.engine import Engine
+    from headwise.plan import HeadPlan
+
+    spec = lm.spec
+    ids = text_for_profile(lm, length)
+    positions = torch.arange(0, ids.shape[1], max(1, ids.shape[1] // max_positions))
+    dense = Engine(lm).logits(ids, positions).float().log_softmax(-1)
+    kl = torch.zeros(spec.num_layers)
+    for layer in tqdm(range(spec.num_layers), desc="layer sensitivity", unit="layer", disable=not progress):
+        native = spec.layer_windows[layer] if layer < len(spec.layer_windows) else None
+        if native is not None and window + STREAM_SINK >= min(native, length):
+            continue  # the option keeps the whole native window: nothing to measure
+        pols: list[list[Policy]] = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
+        pols[layer] = [_streaming_for(native, window)] * spec.num_kv_heads
+        out = Engine(lm, HeadPlan.from_policies(spec, pols, lm.name)).logits(ids, positions).float().log_softmax(-1)
+        kl[layer] = (dense.exp() * (dense - out)).sum(-1).mean().clamp(min=0)
+    return kl
+
+
+def weighted_span_error(span_error: torch.Tensor, layer_kl: torch.Tensor, window: int = CALIB_WINDOW) -> torch.Tensor:
+    """Scale each layer's span errors [layers, kv_heads, options] by its KL per unit of error (the calibration
+    window's error summed over the layer's heads); a layer whose calibration error is zero keeps weight 0."""
+    o = SPAN_OPTIONS.index((window, 0.0))
+    per_unit = layer_kl / span_error[:, :, o].sum(-1).clamp(min=1e-12)
+    per_unit = torch.where(span_error[:, :, o].sum(-1) > 1e-12, per_unit, torch.zeros_like(per_unit))
+    return span_error * per_unit[:, None, None]

@@ -8,6 +8,8 @@ functions). The probe decides what to look at:
 * ``observe(layer, weights, q_pos, k_pos)`` receives exact softmax weights ``[B, Hq, Lq, S]`` of the query rows
   it asked for (``rows(layer, L)``), with absolute query and key positions; query heads are in model order
   (GQA: the ``group_size`` query heads of KV head 0 first).
+* ``observe_values(layer, weights, values, q_pos, k_pos, module)`` (only if ``wants_values``) also gets the
+  values ``[B, Hq, S, D]`` (expanded to the query heads) and the attention module (for ``o_proj``);
 * ``capture(layer, query, key, scale, window)`` sees the rotated queries and keys (pattern search);
 * ``edit(layer, out)`` may change the attention output ``[B, Hq, L, D]`` before ``o_proj`` (head masking).
 
@@ -38,6 +40,8 @@ class Probe:
     """Base probe: looks at nothing, changes nothing (exact attention through SDPA)."""
 
     q_start: int = 0
+    wants_values: bool = False
+    """If True, ``observe_values`` is called with the same weights as ``observe``."""
 
     def rows(self, layer: int, q_len: int) -> slice | None:
         """Which query rows (of this forward's ``q_len``) need weights; ``None``: none."""
@@ -45,6 +49,10 @@ class Probe:
 
     def observe(self, layer: int, weights: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor) -> None:
         """weights: [B, Hq, Lq, S] (float32) for query positions ``q_pos: [Lq]`` and keys ``k_pos: [S]``."""
+
+    def observe_values(self, layer: int, weights: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
+                       k_pos: torch.Tensor, module: torch.nn.Module) -> None:
+        """weights as in ``observe``; values: [B, Hq, S, D] (float32); module: the layer's attention module."""
 
     def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """out: [B, Hq, L, D] attention output of the layer's query heads; return the (edited) output."""
@@ -93,6 +101,7 @@ def probe_attention(
     rows = probe.rows(layer, L)
     if rows is not None:
         k_full = key.repeat_interleave(group, dim=1).float()
+        v_full = value.repeat_interleave(group, dim=1).float() if probe.wants_values else None
         start, stop = rows.indices(L)[:2]
         for s in range(start, stop, _ROW_BLOCK):
             e = min(stop, s + _ROW_BLOCK)
@@ -100,7 +109,10 @@ def probe_attention(
             if softcap is not None:
                 scores = torch.tanh(scores / softcap) * softcap
             scores = scores.masked_fill(~mask[s:e], float("-inf"))
-            probe.observe(layer, torch.softmax(scores, dim=-1), q_pos[s:e], k_pos)
+            weights = torch.softmax(scores, dim=-1)
+            probe.observe(layer, weights, q_pos[s:e], k_pos)
+            if v_full is not None:
+                probe.observe_values(layer, weights, v_full, q_pos[s:e], k_pos, module)
     out = probe.edit(layer, out)
     return out.transpose(1, 2).contiguous(), None
 

@@ -40,7 +40,8 @@ class Settings:
     retrieval_lengths: tuple[int, ...] = (512, 1024, 2048)
     retrieval_depths: tuple[float, ...] = (0.25, 0.75)
     retrieval_tasks: tuple[str, ...] = ("needle", "passkey")
-    mass_length: int = 2048
+    mass_length: int = 0
+    """Tokens of text for the mass profile; 0: the plan's target length (capped at the model's context)."""
     razor_segment: int = 256
     razor_batch: int = 2
     duo_steps: int = 40
@@ -49,10 +50,12 @@ class Settings:
     prefill_density: float | None = None
     """If set, full heads on global layers get the best prefill pattern of at most this block density."""
     pattern_length: int = 1024
+    calibrate: bool = True
+    """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, prefill_density, 512)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, prefill_density, 512, True)
 
 
 class _LayerSeen(Probe):
@@ -64,9 +67,10 @@ class _LayerSeen(Probe):
         return out
 
 
-FULL_SHARE = 0.5
-"""Share of the spare budget full heads may take: measured best of 1.0/0.5/0.25/0 on SmolLM2
-(bench/full_share_sweep.py, docs/profiling.md)."""
+FULL_SHARE = 0.25
+"""Share of the spare budget (above the cheapest spans) full heads may take. Measured on SmolLM2 at budget 0.25
+with calibrated spans (docs/profiling.md): 0.25 beats streaming-for-all and random full heads on next-token
+agreement at 1K and 4K; 0.5 loses top-1 agreement at 4K; 0 keeps no retrieval head."""
 
 
 def check_reachable(lm: LoadedModel) -> None:
@@ -91,6 +95,66 @@ def check_reachable(lm: LoadedModel) -> None:
             f"{lm.name}: no attention heads reachable in layer(s) {missing[:8]}{'...' if len(missing) > 8 else ''}: "
             "their attention does not call transformers' AttentionInterface, so headwise cannot observe them"
         )
+
+
+def span_value(recall: torch.Tensor, error: torch.Tensor | None) -> torch.Tensor:
+    """What the solver maximises per (layer, KV head, span option): ``1 - output error`` when it was measured
+    (``mass.py``), else the attention mass kept."""
+    return recall if error is None else 1.0 - error
+
+
+@dataclass
+class Spans:
+    """What the solver needs about streaming spans, per (layer, KV head, ``SPAN_OPTIONS`` option)."""
+
+    recall: torch.Tensor
+    """attention mass kept (mean over the KV head's query heads and the bins)"""
+    error: torch.Tensor | None
+    """relative output error, or None where the model has no ``o_proj`` to measure through"""
+    layer_kl: torch.Tensor | None
+    """[layers] KL when the layer alone streams at ``CALIB_WINDOW`` (None: not calibrated)"""
+
+    @property
+    def weighted_error(self) -> torch.Tensor | None:
+        from headwise.profile.mass import weighted_span_error
+
+        if self.error is None or self.layer_kl is None:
+            return self.error
+        return weighted_span_error(self.error, self.layer_kl)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return span_value(self.recall, self.weighted_error)
+
+    def meta(self) -> dict[str, Any]:
+        r = lambda x: [[[float(f"{v:.4g}") for v in h] for h in row] for row in x.tolist()]  # noqa: E731
+        out: dict[str, Any] = {}
+        if self.error is not None:
+            out["span_error_kv"] = r(self.error)
+        if self.layer_kl is not None:
+            out["layer_kl"] = [float(f"{v:.4g}") for v in self.layer_kl.tolist()]
+        return out
+
+    @classmethod
+    def from_meta(cls, meta: dict[str, Any]) -> Spans | None:
+        if "span_recall_kv" not in meta:
+            return None
+        err, kl = meta.get("span_error_kv"), meta.get("layer_kl")
+        return cls(torch.tensor(meta["span_recall_kv"]), None if err is None else torch.tensor(err),
+                   None if kl is None else torch.tensor(kl))
+
+
+def measure_spans(lm: LoadedModel, mass: Any, length: int, calibrate: bool = True, progress: bool = True) -> Spans:
+    """Per KV head: the mass profile's span recalls and output errors, and (``calibrate``) each layer's KL
+    sensitivity measured end to end over ``length`` tokens (``mass.layer_sensitivity``)."""
+    from headwise.profile.mass import SPAN_OPTIONS, layer_sensitivity
+
+    spec = lm.spec
+    g = spec.group_size
+    # span recall of a KV head = mean over its query heads and over the profiled bins
+    recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
+    layer_kl = layer_sensitivity(lm, length, progress=progress) if calibrate and mass.span_error is not None else None
+    return Spans(recall, mass.span_error, layer_kl)
 
 
 def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -119,7 +183,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                            progress=progress)
     timings["retrieval_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    mass = mass_scores(lm, settings.mass_length, progress=progress)
+    mass_len = min(settings.mass_length or target_len, spec.max_context or target_len)
+    mass = mass_scores(lm, mass_len, progress=progress, target_len=target_len)
     timings["mass_s"] = time.perf_counter() - t
     t = time.perf_counter()
     razor = razor_scores(lm, settings.razor_segment, 3, settings.razor_batch, progress=progress)
@@ -141,10 +206,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         kv_scores["duo"] = duo.alpha
         duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "first_loss": duo.losses[0],
                     "last_loss": duo.losses[-1]}
-    # span recall of a KV head = mean over its query heads and over the profiled lengths
-    recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
     t = time.perf_counter()
-    sol = solve(spec, kv_scores[method], budget, target_len, recall, full_share=full_share)
+    spans = measure_spans(lm, mass, mass_len, settings.calibrate, progress)
+    timings["layer_sensitivity_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -182,7 +248,9 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         },
         "score_aggregation": "max over the query heads of each KV head",
         "span_options": [list(o) for o in SPAN_OPTIONS],
-        "span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in recall.tolist()],
+        "span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in spans.recall.tolist()],
+        "span_recall_target_len": target_len,
+        **spans.meta(),
     }
     if duo_meta:
         meta["duo"] = duo_meta
@@ -205,8 +273,14 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         have = sorted(k[: -len("_kv")] for k in meta.get("scores", {}) if k.endswith("_kv"))
         raise HeadwiseError(f"the profile in --from-scores has no '{method}' scores (it has: {', '.join(have) or 'none'}); "
                             f"profile again with --method {method}")
-    recall = torch.tensor(meta["span_recall_kv"]) if "span_recall_kv" in meta else None
-    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len, recall, full_share=full_share)
+    spans = Spans.from_meta(meta)
+    if spans is not None and meta.get("span_recall_target_len") != target_len:
+        raise HeadwiseError(
+            f"the span recalls in --from-scores were measured for windows at "
+            f"{meta.get('span_recall_target_len', 'an unrecorded length')} tokens, not --target-len {target_len}; "
+            f"profile again with --target-len {target_len}")
+    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
+                None if spans is None else spans.value, full_share=full_share)
     meta.update({
         "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
         "scores_from": {"created_by": source.meta.get("created_by"), "method": source.meta.get("method"),
