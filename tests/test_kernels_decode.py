@@ -210,3 +210,39 @@ def test_last_program_merge_matches_the_merge_kernel(num_splits):
     ref = sparse_decode(q, k[:, :1], v[:, :1], S, None, **two)
     for _ in range(2):
         torch.testing.assert_close(sparse_decode(q, k[:, :1], v[:, :1], S, None, fused_merge=1, **two), ref)
+
+
+def _hard_scores() -> torch.Tensor:
+    """Rows that stress the histogram selection: ties with -0.0, all equal, many +inf (the k-th largest
+    among the keys above the finite range), tiny and huge magnitudes with -inf, and a smooth random row."""
+    g = torch.Generator().manual_seed(13)
+    rows = _tied_scores(1, 2, 300, seed=14)[0].cpu()
+    equal = torch.full((300,), 2.5)
+    infs = torch.randn(300, generator=g)
+    infs[::3] = float("inf")
+    wide = torch.randn(300, generator=g) * 1e-30
+    wide[5], wide[9], wide[11] = float("-inf"), 3e38, -3e38
+    smooth = torch.randn(300, generator=g)
+    return torch.stack([rows[0], rows[1], equal, infs, wide, smooth])[None].to(DEVICE)
+
+
+@pytest.mark.parametrize("bins", [8, 256], ids=["8-bins", "256-bins"])
+def test_histogram_selection_is_the_reference_selection(bins):
+    """``bins`` > 0 (the histogram select): the exact ``top_pages_reference`` set, in ascending order, on rows
+    where the k-th largest sits in a crowded bin, in a run of ties, among +inf, or at the range's ends."""
+    scores = _hard_scores()
+    for budget in (1, 2, 37, 100, 299, 300):
+        torch.testing.assert_close(select_pages(scores, budget, use_kernel=True, bins=bins).long(),
+                                   top_pages_reference(scores, budget), rtol=0, atol=0)
+
+
+def test_topk_decode_with_histogram_selection_attends_the_reference_pages():
+    q, k, v = _cache(2, 3, 4, 64, torch.bfloat16, seed=15)
+    scores = _tied_scores(2, 3, -(-S // PAGE), seed=16)
+    table = torch.full((2, 3, 3), -7, dtype=torch.int32, device=DEVICE)
+    out = topk_sparse_decode(q, k, v, S, scores, 3, PAGE, num_splits=2, tokens_per_iter=PAGE, table_out=table,
+                             select_bins=4)
+    expected = top_pages_reference(scores, 3)
+    assert torch.equal(table.long(), expected)
+    ref = sparse_decode_reference(q.float(), k.float(), v.float(), S, expected, None, PAGE)
+    _check(out, sparse_decode_reference(q, k, v, S, expected, None, PAGE), ref)

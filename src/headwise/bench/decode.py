@@ -147,11 +147,12 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
-                  **tuning):
+                  select_bins: int = 0, **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
     pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
     ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
-    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``tuning`` ours."""
+    ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``select_bins`` (0 =
+    bisection, else the histogram selection with that many bins) the Triton top-k, ``tuning`` ours."""
     from headwise.kernels.sparse_decode import (
         quest_page_scores,
         select_pages,
@@ -167,8 +168,9 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
         if stop == "scores":
             return scores
         if fused:
-            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, **tuning)
-        table = select_pages(scores, k_pages, use_kernel=topk_kernel)
+            return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, select_bins=select_bins,
+                                      **tuning)
+        table = select_pages(scores, k_pages, use_kernel=topk_kernel, bins=select_bins)
         if stop == "topk":
             return table
         return sparse_decode(q, k, v, seq_len, table, None, page_size, **tuning)
@@ -313,7 +315,9 @@ def run_decode_bench(
 # measured slower here: it lowers occupancy). page_topk: ``fused`` = the selection inside the attention
 # kernel (score -> attend -> merge), else the three-kernel path (score -> Triton top-k -> attend -> merge).
 # A top-k threshold search two bits per reduction measured no faster (bench_2026-11-23c.json's tune rows with
-# ``radix4``, at 07ce7fb) and was removed.
+# ``radix4``, at 07ce7fb) and was removed. ``select_bins``: the histogram selection (``_top_k_mask_hist``);
+# 256 bins saved ~1 us at batch 1 in exploration (decode_explore3_2026-11-23.json), 1024-2048 bins were slower
+# than bisection (Triton's histogram gets slower with the bin count).
 TUNING = {
     "plan_a": [
         {"tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 2},
@@ -325,10 +329,17 @@ TUNING = {
     ],
     "page_topk": [
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 0},
+        {"fused": 1, "select_bins": 256, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
+         "fused_merge": 0},
+        {"fused": 1, "select_bins": 128, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
+         "fused_merge": 0},
+        {"fused": 1, "select_bins": 256, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 2,
+         "fused_merge": 0},
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 1, "tokens_per_iter": 128, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 1},
         {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
         {"fused": 0, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 8},
+        {"fused": 0, "select_bins": 256, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
     ],
 }
 SCORE_TUNING = {"block_p": 64, "score_warps": 8}  # the scoring kernel's best in a sweep of block_p x num_warps
@@ -405,7 +416,8 @@ def _time_batch(
     tuning[batch] = _tune(timer, factories, batch, tune_rows, log) if tune else {}
     cfg_a, cfg_q = tuning[batch].get("plan_a", {}), dict(tuning[batch].get("page_topk", {"fused": 1}))
     cfg_q.update(SCORE_TUNING)
-    cfg_q3 = {"fused": 0, **SCORE_TUNING}  # the three-kernel path, its default settings
+    # the three-kernel path, its default settings and the picked selection method (also for the parts' rows)
+    cfg_q3 = {"fused": 0, "select_bins": cfg_q.get("select_bins", 0), **SCORE_TUNING}
     rows["ours_plan_a"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len,
                                                   full_kv, **cfg_a))
     rows["ours_plan_a_per_group"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring,
@@ -413,7 +425,8 @@ def _time_batch(
     # page_topk: scoring + selection + kernel (the tuned path; the other path; the parts alone).
     rows["ours_page_topk"] = _both(timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q))
     rows["ours_page_topk"]["fused"] = cfg_q["fused"]
-    other = {"fused": 1, **SCORE_TUNING} if not cfg_q["fused"] else cfg_q3
+    rows["ours_page_topk"]["select_bins"] = cfg_q.get("select_bins", 0)
+    other = {"fused": 1, "select_bins": cfg_q.get("select_bins", 0), **SCORE_TUNING} if not cfg_q["fused"] else cfg_q3
     rows[f"ours_page_topk_{'fused' if other['fused'] else 'three_kernels'}"] = _both(
         timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **other))
     for part in ("scores", "topk"):
