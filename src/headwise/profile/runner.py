@@ -127,7 +127,7 @@ class Spans:
         return span_value(self.recall, self.weighted_error)
 
     def meta(self) -> dict[str, Any]:
-        r = lambda x: [[[float(f"{v:.4g}") for v in h] for h in row] for row in x.tolist()]  # noqa: E731
+        r = lambda x: [[[float(f"{v:.6g}") for v in h] for h in row] for row in x.tolist()]  # noqa: E731
         out: dict[str, Any] = {}
         if self.error is not None:
             out["span_error_kv"] = r(self.error)
