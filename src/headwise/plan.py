@@ -188,7 +188,7 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
 
     out = []
     for i, row in enumerate(policies):
-        window = spec.layer_windows[i] if i < len(spec.layer_windows) else None
+        window = spec.native_window(i)
         if window is None:
             out.append(list(row))
         else:

@@ -41,6 +41,10 @@ class ModelSpec:
     def num_kv_heads_total(self) -> int:
         return self.num_layers * self.num_kv_heads
 
+    def native_window(self, layer: int) -> int | None:
+        """The model's own sliding window of ``layer`` (``None``: global attention)."""
+        return self.layer_windows[layer] if layer < len(self.layer_windows) else None
+
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Bytes of K and V that one token adds to a dense cache (all layers, all KV heads)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes

@@ -69,7 +69,7 @@ def budget_tokens(spec: ModelSpec, seq_len: int, budget: float) -> int:
 def _stream(spec: ModelSpec, layer: int, slots: int, compensation: bool) -> Streaming:
     """A streaming head holding ``slots`` KV slots (the compensation token included): sink 64 on a global layer,
     sink 0 and at most the native window on a sliding layer."""
-    native = spec.layer_windows[layer] if layer < len(spec.layer_windows) else None
+    native = spec.native_window(layer)
     held = slots - (1 if compensation else 0)
     if native is not None:
         return Streaming(sink=0, window=max(1, min(held, native)), compensation=compensation)

@@ -133,15 +133,13 @@ def _plans_at(lm: LoadedModel, profile: HeadPlan, budget: float, length: int, ra
     """The compared plans, most telling first: profiled default, streaming at equal memory, random full heads,
     then the other measured scores."""
     from headwise.eval.runner import streaming_baseline
-    from headwise.profile.mass import mass_scores
     from headwise.profile.runner import FULL_SHARE, Spans, measure_spans
 
     spec = lm.spec
     meta = profile.meta
     spans = Spans.from_meta(meta)
     if spans is None or meta.get("span_recall_target_len") != length or (calibrate and spans.layer_kl is None):
-        mass_len = min(length, spec.max_context or length)  # measure for this length, as the profiler would
-        spans = measure_spans(lm, mass_scores(lm, mass_len, target_len=length), mass_len, calibrate)
+        spans = measure_spans(lm, length, calibrate)  # measured for this length, as the profiler would
     recall = spans.value
     full_share = FULL_SHARE if full_share is None else full_share
     default = meta.get("method")

@@ -69,6 +69,13 @@ def span_window(option: tuple[int, float], n: int) -> int:
     return round(a + b * n)
 
 
+def streaming_option(native: int | None, window: int) -> Streaming:
+    """The streaming policy a span of ``window`` tokens stands for: sink 64 + window on a global layer; on a layer
+    with a native sliding window (trained without sinks) the same slots as one window, no sink."""
+    return Streaming(sink=0, window=window + STREAM_SINK) if native is not None else Streaming(sink=STREAM_SINK,
+                                                                                               window=window)
+
+
 class MassProbe(Probe):
     """Accumulates, per layer and query head, the mass statistics for queries in each length bin."""
 
@@ -129,6 +136,7 @@ class MassProbe(Probe):
         H = self.num_kv_heads
         w_o = o_proj.weight.float().view(-1, Hq, D)  # [hidden, Hq, D]: each query head's slice of o_proj
         native = self.layer_windows[layer] if layer < len(self.layer_windows) else None
+        policies = [streaming_option(native, win) for win in self.windows]
         for n in self.bins:
             sel = (q_pos >= n - BIN) & (q_pos < n)
             if not bool(sel.any()):
@@ -136,11 +144,8 @@ class MassProbe(Probe):
             w = weights[:, :, sel]  # [B, Hq, l, S]
             dense = w @ values  # [B, Hq, l, D]
             self.out_norm[layer] += torch.einsum("bhld,ehd->ble", dense, w_o).pow(2).sum().cpu()
-            dist = q_pos[sel][:, None] - k_pos[None, :]  # [l, S]
-            for a, win in enumerate(self.windows):
-                # the streaming policy's kept keys: sink + window, or on a native sliding layer window + sink
-                keep = (dist < win + STREAM_SINK) if native is not None else (k_pos[None, :] < STREAM_SINK) | (dist < win)
-                kept = w * keep
+            for a, policy in enumerate(policies):
+                kept = w * policy.allowed(q_pos[sel][:, None], k_pos[None, :])  # the keys the policy keeps
                 out = (kept @ values) / kept.sum(-1, keepdim=True).clamp(min=1e-30)
                 res = torch.einsum("bhld,ehd->bhle", out - dense, w_o)  # [B, Hq, l, hidden]
                 res = res.view(B, H, Hq // H, *res.shape[2:]).sum(2)  # a KV head's query heads act together
@@ -212,13 +217,6 @@ def text_for_profile(lm: LoadedModel, length: int) -> torch.Tensor:
     return lm.tokenizer(shakespeare(length * 8), return_tensors="pt").input_ids[:, :length]
 
 
-def _streaming_for(native: int | None, window: int) -> Streaming:
-    """The solver's streaming option for a window (``solver.head_options``): sink + window on a global layer,
-    a window without sink on a native sliding layer."""
-    return Streaming(sink=0, window=window + STREAM_SINK) if native is not None else Streaming(sink=STREAM_SINK,
-                                                                                               window=window)
-
-
 @torch.inference_mode()
 def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, progress: bool = True,
                       max_positions: int = 1024) -> torch.Tensor:
@@ -234,11 +232,11 @@ def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, 
     dense = Engine(lm).logits(ids, positions).float().log_softmax(-1)
     kl = torch.zeros(spec.num_layers)
     for layer in tqdm(range(spec.num_layers), desc="layer sensitivity", unit="layer", disable=not progress):
-        native = spec.layer_windows[layer] if layer < len(spec.layer_windows) else None
+        native = spec.native_window(layer)
         if native is not None and window + STREAM_SINK >= min(native, length):
             continue  # the option keeps the whole native window: nothing to measure
         pols: list[list[Policy]] = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
-        pols[layer] = [_streaming_for(native, window)] * spec.num_kv_heads
+        pols[layer] = [streaming_option(native, window)] * spec.num_kv_heads
         out = Engine(lm, HeadPlan.from_policies(spec, pols, lm.name)).logits(ids, positions).float().log_softmax(-1)
         kl[layer] = (dense.exp() * (dense - out)).sum(-1).mean().clamp(min=0)
     return kl
@@ -247,7 +245,6 @@ def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, 
 def weighted_span_error(span_error: torch.Tensor, layer_kl: torch.Tensor, window: int = CALIB_WINDOW) -> torch.Tensor:
     """Scale each layer's span errors [layers, kv_heads, options] by its KL per unit of error (the calibration
     window's error summed over the layer's heads); a layer whose calibration error is zero keeps weight 0."""
-    o = SPAN_OPTIONS.index((window, 0.0))
-    per_unit = layer_kl / span_error[:, :, o].sum(-1).clamp(min=1e-12)
-    per_unit = torch.where(span_error[:, :, o].sum(-1) > 1e-12, per_unit, torch.zeros_like(per_unit))
+    calib = span_error[:, :, SPAN_OPTIONS.index((window, 0.0))].sum(-1)
+    per_unit = torch.where(calib > 1e-12, layer_kl / calib.clamp(min=1e-12), torch.zeros_like(layer_kl))
     return span_error * per_unit[:, None, None]

@@ -25,8 +25,10 @@ import torch
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
+from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
 from headwise.profile.solver import check_budget, solve
+from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass")
 DEFAULT_METHOD = "retrieval"
@@ -55,7 +57,7 @@ class Settings:
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, prefill_density, 512, True)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, prefill_density, 512)
 
 
 class _LayerSeen(Probe):
@@ -144,12 +146,23 @@ class Spans:
                    None if kl is None else torch.tensor(kl))
 
 
-def measure_spans(lm: LoadedModel, mass: Any, length: int, calibrate: bool = True, progress: bool = True) -> Spans:
-    """Per KV head: the mass profile's span recalls and output errors, and (``calibrate``) each layer's KL
-    sensitivity measured end to end over ``length`` tokens (``mass.layer_sensitivity``)."""
-    from headwise.profile.mass import SPAN_OPTIONS, layer_sensitivity
+def profile_length(spec: ModelSpec, target_len: int, mass_length: int = 0) -> int:
+    """Tokens of text the spans are measured on: ``mass_length``, or by default the target length, within the
+    model's context."""
+    return min(mass_length or target_len, spec.max_context or target_len)
+
+
+def measure_spans(lm: LoadedModel, target_len: int, calibrate: bool = True, progress: bool = True,
+                  mass: MassResult | None = None, length: int | None = None) -> Spans:
+    """Per KV head: the span recalls and output errors of the mass profile for ``target_len`` (measured here
+    unless ``mass`` is given), and (``calibrate``) each layer's KL sensitivity measured end to end over the same
+    ``length`` tokens (``mass.layer_sensitivity``)."""
+    from headwise.profile.mass import SPAN_OPTIONS, layer_sensitivity, mass_scores
 
     spec = lm.spec
+    length = length or profile_length(spec, target_len)
+    if mass is None:
+        mass = mass_scores(lm, length, progress=progress, target_len=target_len)
     g = spec.group_size
     # span recall of a KV head = mean over its query heads and over the profiled bins
     recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
@@ -183,7 +196,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                            progress=progress)
     timings["retrieval_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    mass_len = min(settings.mass_length or target_len, spec.max_context or target_len)
+    mass_len = profile_length(spec, target_len, settings.mass_length)
     mass = mass_scores(lm, mass_len, progress=progress, target_len=target_len)
     timings["mass_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -207,7 +220,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "first_loss": duo.losses[0],
                     "last_loss": duo.losses[-1]}
     t = time.perf_counter()
-    spans = measure_spans(lm, mass, mass_len, settings.calibrate, progress)
+    spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
     timings["layer_sensitivity_s"] = time.perf_counter() - t
     t = time.perf_counter()
     sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share)

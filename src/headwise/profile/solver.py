@@ -28,8 +28,8 @@ from typing import Any
 import torch
 
 from headwise.errors import BudgetError
-from headwise.policies import Full, Policy, Streaming
-from headwise.profile.mass import SPAN_OPTIONS, STREAM_SINK, span_window
+from headwise.policies import Full, Policy
+from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
 from headwise.spec import ModelSpec
 
 
@@ -81,12 +81,12 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
 
     recall: [len(SPAN_OPTIONS)] mass kept by each elastic span (the KV head's mean over its query heads), or None.
     """
-    native = spec.layer_windows[layer] if layer < len(spec.layer_windows) else None
+    native = spec.native_window(layer)
     full_cost = min(target_len, native) if native is not None else target_len
     seen: dict[int, Option] = {}
     for o, span in enumerate(SPAN_OPTIONS):
         w = span_window(span, target_len)
-        pol = Streaming(sink=0, window=w + STREAM_SINK) if native is not None else Streaming(sink=STREAM_SINK, window=w)
+        pol = streaming_option(native, w)
         cost = pol.kv_tokens(target_len)
         if cost >= full_cost:
             continue  # no cheaper than full: not a streaming option at this length
