@@ -29,13 +29,15 @@ from headwise.policies import Full, PageTopK
 from headwise.policies.tidal import tidal_policies
 
 
-def plans(spec, budget: int) -> dict[str, HeadPlan]:
-    """The policy mixes compared, each at ``budget`` tokens attended per decode step and head."""
+def plans(spec, budget: int, page_sizes: tuple[int, ...] = (16,)) -> dict[str, HeadPlan]:
+    """The policy mixes compared, each at ``budget`` tokens attended per decode step and head (``page_topk`` at
+    each of ``page_sizes``: coarser pages read fewer page bounds but choose at a coarser grain)."""
     n_sel = (2, spec.num_layers * 2 // 5)  # TidalDecode's Llama-3-8B choice (layers 2 and 13 of 32), scaled
     quest = PageTopK(page_size=16, budget=budget)
+    quest_plans = {f"page_topk(page {p}, budget {budget})": HeadPlan.uniform(
+        spec, {"policy": "page_topk", "params": {"page_size": p, "budget": budget}}) for p in page_sizes}
     return {
-        f"page_topk(page 16, budget {budget})": HeadPlan.uniform(
-            spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": budget}}),
+        **quest_plans,
         f"page_topk(page 16, budget {budget}), layers 0-1 full (Quest's setting)": HeadPlan.from_policies(
             spec, [[Full() if i < 2 else quest] * spec.num_kv_heads for i in range(spec.num_layers)]),
         f"tidal(budget {budget}, selection layers {n_sel})": HeadPlan.from_policies(
@@ -54,6 +56,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=2)
     ap.add_argument("--budget-fraction", type=float, default=0.25)
     ap.add_argument("--only", default="", help="run only the plans whose name contains this text")
+    ap.add_argument("--page-sizes", default="16", help="page_topk page sizes, comma-separated (default 16)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -67,7 +70,8 @@ def main() -> int:
               for i in range(args.samples)]
     dense = [decode_logits(dense_engine, s, args.prompt_len, args.steps) for s in slices]
     rows = []
-    for name, plan in plans(lm.spec, budget).items():
+    page_sizes = tuple(int(p) for p in args.page_sizes.split(","))
+    for name, plan in plans(lm.spec, budget, page_sizes).items():
         if args.only not in name:
             continue
         logits = [decode_logits(Engine(lm, plan), s, args.prompt_len, args.steps) for s in slices]
@@ -79,13 +83,14 @@ def main() -> int:
         "model": lm.name,
         "device": "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "prompt_len": args.prompt_len, "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
+        "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
         "wall_s": round(time.perf_counter() - t0, 1),
         "results": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    suffix = f"_{''.join(c if c.isalnum() else '-' for c in args.only)}" if args.only else ""
+    tag = args.only + (f" pages {args.page_sizes} prompt {args.prompt_len}" if args.page_sizes != "16" else "")
+    suffix = f"_{''.join(c if c.isalnum() else '-' for c in tag)}" if tag else ""
     (out / f"decode_quality_{datetime.date.today().isoformat()}{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
     for r in rows:
         print(f"{r['plan']:<45} {r['top1_agreement']:.3f}  KL {r['kl']:.4f}  KV {100 * r['kv_fraction_at_prompt']:.1f}%")
