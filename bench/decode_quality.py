@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from headwise.bench.decode import agreement, decode_logits
+from headwise.bench.record import git_commit
 from headwise.data import shakespeare
 from headwise.engine import Engine
 from headwise.models import load_model
@@ -81,6 +82,7 @@ def main() -> int:
     doc = {
         "command": "PYTHONPATH=src python3 " + " ".join(sys.argv),
         "model": lm.name,
+        "commit": git_commit(),
         "device": "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
