@@ -9,30 +9,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import statistics
 
 import torch
 
 from headwise.bench.decode import HKV, HQ, SCORE_TUNING, D, _page_bounds, _page_topk_fn, _Timer
+from headwise.bench.decode import kernel_durations as kernel_times
 from headwise.kernels import sparse_decode as sd
-
-
-def kernel_times(fn, reps: int = 20) -> dict[str, float]:
-    """Median GPU duration (us) of each kernel name ``fn`` launches, over ``reps`` calls."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per.setdefault(ev.name[:60], []).append(ev.device_time)
-    return {name: round(statistics.median(v), 2) for name, v in per.items()}
 
 
 def main() -> None:

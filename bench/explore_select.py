@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 import triton
 import triton.language as tl
 
+from headwise.bench.decode import kernel_durations
 from headwise.kernels import sparse_decode as sd
 
 
@@ -48,17 +48,9 @@ def _floor_kernel(S, Out, n, BLOCK: tl.constexpr, MODE: tl.constexpr, REPS: tl.c
 
 
 def kernel_us(fn, reps: int = 30) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    t = [ev.device_time for ev in prof.events() if ev.device_type == torch.autograd.DeviceType.CUDA]
-    return round(statistics.median(t), 2)
+    """GPU time (µs) of the one kernel ``fn`` launches (median over ``reps``)."""
+    (us,) = kernel_durations(fn, reps).values()
+    return us
 
 
 def main() -> None:

@@ -97,6 +97,25 @@ class _Timer:
         return statistics.median(times)
 
 
+def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
+    """Median GPU duration (µs) of each kernel ``fn`` launches (by name, first 60 characters), over ``reps``
+    calls, from the PyTorch profiler (CUPTI). No L2 flush: a breakdown, not a headline time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per.setdefault(ev.name[:60], []).append(ev.device_time)
+    return {name: round(statistics.median(v), 2) for name, v in per.items()}
+
+
 def _both(timer: _Timer, fn: Callable[[], Any]) -> dict[str, Any]:
     try:
         out: dict[str, Any] = {"eager_ms": timer.eager(fn)}
