@@ -60,6 +60,8 @@ class Streaming(Policy):
 
     def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
         L = q.shape[2]
+        if L == 1 and ctx.use_kernels and not self.compensation:
+            return self._decode_kernel(q, k, v, store, ctx)
         old_k, old_v, old_pos = store.view()
         new_pos = torch.arange(ctx.start, ctx.start + L, device=q.device)
         keys = torch.cat([old_k, k], dim=2)
@@ -74,3 +76,16 @@ class Streaming(Policy):
         out = masked_attention(q, keys, values, mask, ctx.scale)
         store.append(k, v)
         return out
+
+    def _decode_kernel(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
+        """One decode token on the decode kernel: once the token is written, the store holds exactly what it
+        may see (the sinks and the last ``window`` positions, itself included), in slots ``0 .. n-1`` whatever
+        the ring's rotation, and attention does not care about order; one kernel over the ring, no copy, no
+        mask. (With ``compensation`` the extra slot lives outside the ring: the reference path serves it.)"""
+        # Triton is imported only when kernels are asked for.
+        from headwise.kernels.sparse_decode import sparse_decode
+
+        store.append(k, v)
+        n = min(store.seen, self.sink + self.window)
+        out = sparse_decode(q[:, :, 0], store.keys, store.values, n, None, page_size=64, scale=ctx.scale)
+        return out.unsqueeze(2)
