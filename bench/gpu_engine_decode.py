@@ -4,8 +4,9 @@ No model weights reach the GPU box, so this builds a random-weight Llama with Ll
 shapes (32 query / 8 KV heads, head_dim 128, hidden 4096) and a few layers, prefills a long random prompt and
 times single-token decode steps (median of CUDA-synchronised steps): the model's own SDPA path with a
 ``DynamicCache``, headwise with the dense plan, and headwise with a DuoAttention-style plan (KV heads 0-1 full,
-2-7 streaming sink 64 + window 1024) on the reference path (masked SDPA over the ring) and on the decode kernel.
-It also checks that the two plan paths give the same next-token logits.
+2-7 streaming sink 64 + window 1024), each on the reference path (SDPA) and on the decode kernel
+(``use_kernels``); it checks that both paths give the same next-token logits, and times PyTorch's SDPA on one
+layer's shapes with a fixed and with a growing cache length.
 
     PYTHONPATH=src python3 bench/gpu_engine_decode.py OUT.json [--context 32768] [--layers 4] [--steps 20]
     TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/gpu_engine_decode.py /tmp/x.json --context 256 --hidden 256 --steps 2
@@ -82,8 +83,8 @@ def main() -> None:
     plan_a = HeadPlan.from_policies(lm.spec, [[Full()] * 2 + [Streaming(sink=64, window=1024)] * 6
                                               for _ in range(args.layers)])
     logits = {}
-    for name, plan, kernels in (("headwise_dense", None, True), ("plan_a_reference", plan_a, False),
-                                ("plan_a_kernel", plan_a, True)):
+    for name, plan, kernels in (("headwise_dense_reference", None, False), ("headwise_dense_kernel", None, True),
+                                ("plan_a_reference", plan_a, False), ("plan_a_kernel", plan_a, True)):
         engine = Engine(lm, plan, chunk_size=4096, use_kernels=kernels)
         hw = engine.new_cache(1, reserve=args.context + args.steps + 8)
         engine.prefill(prompt, hw)
@@ -98,7 +99,22 @@ def main() -> None:
         res[f"{name}_kv_bytes"] = hw.kv_bytes()
         del hw
     res["plan_a_kernel_vs_reference_max_abs_logit_diff"] = (logits["plan_a_kernel"] - logits["plan_a_reference"]).abs().max().item()
-    res["plan_a_vs_dense_top1_same"] = bool(logits["plan_a_kernel"].argmax() == logits["headwise_dense"].argmax())
+    res["dense_kernel_vs_reference_max_abs_logit_diff"] = (
+        logits["headwise_dense_kernel"] - logits["headwise_dense_reference"]).abs().max().item()
+
+    # PyTorch SDPA on one layer's decode shapes: the same cache length every call, or one more token each call
+    # (as in decode), to see what a new length costs it.
+    q = torch.randn(1, 32, 1, 128, device=dev, dtype=model.dtype)
+    kv = torch.randn(2, 1, 8, args.context + 4 * args.steps, 128, device=dev, dtype=model.dtype)
+    n = [args.context]
+
+    def sdpa(grow: bool) -> None:
+        torch.nn.functional.scaled_dot_product_attention(q, kv[0, :, :, : n[0]], kv[1, :, :, : n[0]], enable_gqa=True)
+        n[0] += 1 if grow else 0
+
+    sdpa(False)
+    res["sdpa_one_layer_same_length_ms"] = _median_step_ms(lambda: sdpa(False), args.steps)
+    res["sdpa_one_layer_growing_length_ms"] = _median_step_ms(lambda: sdpa(True), args.steps)
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as fh:
         json.dump(result_doc("PYTHONPATH=src python3 bench/gpu_engine_decode.py $OUT/gpu_engine_decode.json", res), fh,

@@ -180,17 +180,14 @@ def test_decode_policies_keep_the_full_cache(tiny):
     assert cache.kv_bytes() == tiny.spec.dense_kv_bytes(100, 4)
 
 
-@needs_interpreter
-@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
-def test_streaming_decode_kernel_matches_the_reference_as_the_ring_wraps(group):
-    """A streaming head's decode steps on the decode kernel (the ring attended in place) give the reference
-    path's output, before the ring fills, as it wraps and long after; compensation stays on the reference."""
-    policy = build_policy({"policy": "streaming", "params": {"sink": 4, "window": 9}})
+def _decode_kernel_matches_reference(policy, group: int) -> None:
+    """Feed two stores the same 7-token prompt and 23 decode steps; the kernel path's outputs equal the
+    reference path's at every step."""
     g = torch.Generator().manual_seed(5)
     B, Hkv, D = 2, 2, 16
     stores = [policy.make_store(B, Hkv, D, torch.device("cpu"), torch.float32) for _ in range(2)]
     prompt_k, prompt_v = torch.randn(2, B, Hkv, 7, D, generator=g)
-    for store in stores:  # a 7-token prompt: the ring is not full yet
+    for store in stores:  # a 7-token prompt (a streaming ring is not full yet)
         policy.attend(torch.randn(B, Hkv * group, 7, D, generator=g), prompt_k, prompt_v, store,
                       AttendContext(start=0, scale=D**-0.5))
     for pos in range(7, 30):
@@ -199,6 +196,22 @@ def test_streaming_decode_kernel_matches_the_reference_as_the_ring_wraps(group):
         outs = [policy.attend(q, k, v, store, AttendContext(start=pos, scale=D**-0.5, use_kernels=use))
                 for store, use in zip(stores, (False, True))]
         torch.testing.assert_close(outs[1], outs[0], rtol=1e-5, atol=1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+def test_full_decode_kernel_matches_the_reference(group):
+    _decode_kernel_matches_reference(build_policy({"policy": "full"}), group)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("group", [1, 4], ids=["mha", "gqa4"])
+def test_streaming_decode_kernel_matches_the_reference_as_the_ring_wraps(group):
+    """A streaming head's decode steps on the decode kernel (the ring attended in place) give the reference
+    path's output, before the ring fills, as it wraps and long after; compensation stays on the reference."""
+    _decode_kernel_matches_reference(build_policy({"policy": "streaming", "params": {"sink": 4, "window": 9}}), group)
+    g = torch.Generator().manual_seed(6)
+    B, Hkv, D = 2, 2, 16
     comp = build_policy({"policy": "streaming", "params": {"sink": 4, "window": 9, "compensation": True}})
     store = comp.make_store(B, Hkv, D, torch.device("cpu"), torch.float32)
     comp.attend(torch.randn(B, Hkv, 20, D, generator=g), *torch.randn(2, B, Hkv, 20, D, generator=g), store,

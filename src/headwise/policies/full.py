@@ -25,5 +25,15 @@ class Full(Policy):
 
     def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
         store.append(k, v)
+        if q.shape[2] == 1 and ctx.use_kernels:
+            # A decode step on the decode kernel (flash-decoding over every stored token, the length a runtime
+            # argument): PyTorch's SDPA would pick its cuDNN backend, which builds a new plan for every new
+            # cache length in eager decode (bench/results/gpu_engine_decode_2026-11-23.json).
+            from headwise.kernels.sparse_decode import sparse_decode  # Triton only when kernels are asked for
+
+            assert store.keys is not None and store.values is not None
+            out = sparse_decode(q[:, :, 0], store.keys, store.values, store.length, None, page_size=64,
+                                scale=ctx.scale)
+            return out.unsqueeze(2)
         keys, values = store.view()
         return causal_attention(q, keys, values, ctx.start, ctx.scale)
