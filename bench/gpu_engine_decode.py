@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
@@ -117,8 +118,7 @@ def main() -> None:
     res["sdpa_one_layer_growing_length_ms"] = _median_step_ms(lambda: sdpa(True), args.steps)
     print(json.dumps(res, indent=1))
     with open(args.out, "w") as fh:
-        json.dump(result_doc("PYTHONPATH=src python3 bench/gpu_engine_decode.py $OUT/gpu_engine_decode.json", res), fh,
-                  indent=1)
+        json.dump(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), fh, indent=1)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,9 @@ def test_ctrl_c_during_profiling_leaves_no_plan(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-m", "headwise.cli", "profile", "smollm2-135m", "--budget", "0.25", "-o", str(out), "--fast"],
         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        # A run started in the background (``make test &``) inherits SIGINT ignored, and Python then installs no
+        # KeyboardInterrupt handler: give the child the default disposition, as a terminal would.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     seen = ""
     deadline = time.time() + 240
