@@ -133,9 +133,20 @@ class SinkWindowStore:
             rest_k, rest_v, rest_pos = rest_k[:, :, overflow:], rest_v[:, :, overflow:], rest_pos[overflow:]
             slots = self.sink + (rest_pos - self.sink) % self.window
             if self.compensation:
-                old = self.slot_pos[slots] >= 0
-                if bool(old.any()):
-                    self._drop(self.keys[:, :, slots[old]], self.values[:, :, slots[old]])
+                # The slots written now that already hold a token: before this chunk the ring held positions
+                # max(sink, start - window) .. start - 1 (never overflow of their chunk), i.e. ``held``
+                # consecutive residues from ``r0``. Counted on the host and weighted on the device: no device
+                # sync per step.
+                held = start - max(self.sink, start - self.window)
+                if held > 0:
+                    r0 = (start - held - self.sink) % self.window
+                    m = rest_pos.numel()
+                    s0 = (start + n - m - self.sink) % self.window  # residue of rest_pos[0]
+                    n_old = sum(max(0, min(s0 + m, r0 + sh + held) - max(s0, r0 + sh))
+                                for sh in (-self.window, 0, self.window))
+                    if n_old:
+                        old = (((rest_pos - self.sink) % self.window - r0) % self.window < held).to(torch.float32)
+                        self._drop(self.keys[:, :, slots], self.values[:, :, slots], old, n_old)
             self.keys[:, :, slots] = rest_k
             self.values[:, :, slots] = rest_v
             self.slot_pos[slots] = rest_pos
@@ -143,11 +154,19 @@ class SinkWindowStore:
             self._drop(rest_k, rest_v)
         self.seen += n
 
-    def _drop(self, k: torch.Tensor, v: torch.Tensor) -> None:
+    def _drop(self, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None, count: int = 0) -> None:
+        """Add dropped tokens ``k, v: [batch, heads, n, head_dim]`` to the running sums; with ``weight`` ([n], 1 for
+        the tokens that count, 0 otherwise) only those, ``count`` of them."""
         assert self.comp_keys is not None and self.comp_values is not None
-        self.comp_keys += k.float().sum(dim=2, keepdim=True)
-        self.comp_values += v.float().sum(dim=2, keepdim=True)
-        self.dropped += k.shape[2]
+        if weight is None:
+            self.comp_keys += k.float().sum(dim=2, keepdim=True)
+            self.comp_values += v.float().sum(dim=2, keepdim=True)
+            self.dropped += k.shape[2]
+            return
+        w = weight[None, None, :, None]
+        self.comp_keys += (k.float() * w).sum(dim=2, keepdim=True)
+        self.comp_values += (v.float() * w).sum(dim=2, keepdim=True)
+        self.dropped += count
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.keys, self.values]
