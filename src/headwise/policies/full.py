@@ -26,9 +26,9 @@ class Full(Policy):
     def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
         store.append(k, v)
         if q.shape[2] == 1 and ctx.use_kernels:
-            # A decode step on the decode kernel (flash-decoding over every stored token, the length a runtime
-            # argument): PyTorch's SDPA would pick its cuDNN backend, which builds a new plan for every new
-            # cache length in eager decode (bench/results/gpu_engine_decode_2026-11-23.json).
+            # A decode step on the decode kernel: flash-decoding over every stored token, the length a runtime
+            # argument. (Eager SDPA decode measured ~9 ms per layer at 32K, likely a backend plan built for each
+            # new cache length: docs/kernels.md, "Engine decode on a GPU".)
             from headwise.kernels.sparse_decode import sparse_decode  # Triton only when kernels are asked for
 
             assert store.keys is not None and store.values is not None
