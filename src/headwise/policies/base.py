@@ -125,6 +125,18 @@ def causal_attention(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
+def kernel_decode(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,
+    table: torch.Tensor | None = None, page_size: int = 64,
+) -> torch.Tensor:
+    """One decode query ``q: [B, Hq, 1, D]`` on the Triton paged decode kernel over a per-head cache
+    ``keys, values: [B, Hkv, capacity, D]`` (slots ``< length`` valid): every slot, or the pages of ``table``
+    (``kernels.sparse_decode``). Returns ``[B, Hq, 1, D]``. Triton is imported only when kernels are asked for."""
+    from headwise.kernels.sparse_decode import sparse_decode
+
+    return sparse_decode(q[:, :, 0], keys, values, length, table, None, page_size, scale).unsqueeze(2)
+
+
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:

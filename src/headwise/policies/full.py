@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from headwise.policies.base import AttendContext, Policy, causal_attention
+from headwise.policies.base import AttendContext, Policy, causal_attention, kernel_decode
 from headwise.policies.stores import DenseStore
 
 
@@ -29,11 +29,7 @@ class Full(Policy):
             # A decode step on the decode kernel: flash-decoding over every stored token, the length a runtime
             # argument. (Eager SDPA decode measured ~9 ms per layer at 32K, likely a backend plan built for each
             # new cache length: docs/kernels.md, "Engine decode on a GPU".)
-            from headwise.kernels.sparse_decode import sparse_decode  # Triton only when kernels are asked for
-
             assert store.keys is not None and store.values is not None
-            out = sparse_decode(q[:, :, 0], store.keys, store.values, store.length, None, page_size=64,
-                                scale=ctx.scale)
-            return out.unsqueeze(2)
+            return kernel_decode(q, store.keys, store.values, store.length, ctx.scale)
         keys, values = store.view()
         return causal_attention(q, keys, values, ctx.start, ctx.scale)

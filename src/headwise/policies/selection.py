@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from headwise.policies.base import AttendContext, masked_attention
+from headwise.policies.base import AttendContext, kernel_decode, masked_attention
 from headwise.policies.stores import DenseStore
 
 
@@ -33,12 +33,8 @@ def attend_selected(
     committed). Returns ``[B, Hq, 1, D]``."""
     keys, values = store.view()
     if ctx.use_kernels:
-        # Triton is imported only when kernels are asked for.
-        from headwise.kernels.sparse_decode import sparse_decode
-
         assert store.keys is not None and store.values is not None
-        out = sparse_decode(q[:, :, 0], store.keys, store.values, store.length, table, None, page_size, ctx.scale)
-        return out.unsqueeze(2)
+        return kernel_decode(q, store.keys, store.values, store.length, ctx.scale, table, page_size)
     group = q.shape[1] // keys.shape[1]
     mask = visible_mask(table, store.length, page_size).repeat_interleave(group, dim=1).unsqueeze(2)
     return masked_attention(q, keys, values, mask, ctx.scale)

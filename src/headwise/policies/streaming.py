@@ -22,7 +22,7 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, check_positive, masked_attention
+from headwise.policies.base import AttendContext, Policy, check_positive, kernel_decode, masked_attention
 from headwise.policies.stores import SinkWindowStore
 
 
@@ -82,10 +82,5 @@ class Streaming(Policy):
         may see (the sinks and the last ``window`` positions, itself included), in slots ``0 .. n-1`` whatever
         the ring's rotation, and attention does not care about order; one kernel over the ring, no copy, no
         mask. (With ``compensation`` the extra slot lives outside the ring: the reference path serves it.)"""
-        # Triton is imported only when kernels are asked for.
-        from headwise.kernels.sparse_decode import sparse_decode
-
         store.append(k, v)
-        n = min(store.seen, self.sink + self.window)
-        out = sparse_decode(q[:, :, 0], store.keys, store.values, n, None, page_size=64, scale=ctx.scale)
-        return out.unsqueeze(2)
+        return kernel_decode(q, store.keys, store.values, min(store.seen, self.sink + self.window), ctx.scale)
