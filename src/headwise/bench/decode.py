@@ -166,14 +166,18 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
-                  select_bins: int = 0, **tuning):
+                  select_bins: int = 0, score_hist: int = 0, scales: torch.Tensor | None = None, **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
     pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
     ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
     ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``select_bins`` (0 =
-    bisection, else the histogram selection with that many bins) the Triton top-k, ``tuning`` ours."""
+    bisection, else the histogram selection with that many bins) the Triton top-k, ``score_hist`` = 1 makes
+    the scoring kernel count its scores for the fused selection (``topk_sparse_decode(hist=...)``), ``scales``
+    means ``bounds`` are 8-bit (``quantize_bounds``), ``tuning`` ours (``pdl``: programmatic dependent launch
+    for every kernel of the step)."""
     from headwise.kernels.sparse_decode import (
         quest_page_scores,
+        score_histogram,
         select_pages,
         sparse_decode,
         topk_sparse_decode,
@@ -181,14 +185,17 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
+    hist = score_histogram(q.shape[0], k.shape[1], q.device) if score_hist and fused and not stop else None
+    pdl = tuning.get("pdl")
 
     def run() -> torch.Tensor:
-        scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps)
+        scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps, scales=scales,
+                                   hist=hist, pdl=pdl)
         if stop == "scores":
             return scores
         if fused:
             return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, select_bins=select_bins,
-                                      **tuning)
+                                      hist=hist, **tuning)
         table = select_pages(scores, k_pages, use_kernel=topk_kernel, bins=select_bins)
         if stop == "topk":
             return table

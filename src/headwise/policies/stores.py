@@ -16,6 +16,31 @@ from __future__ import annotations
 import torch
 
 _EMPTY = -(2**62)  # position of an empty ring slot: masked out for every query
+E4M3_MAX = 448.0  # largest finite float8 e4m3 value
+
+
+def quantize_bounds(bounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Page bounds ``[..., 2, D]`` (min row, max row) -> float8 e4m3 codes of the same shape and fp32 scales
+    ``[..., 2]``, one per row (its absmax / 448, with a little headroom), rounded *outward*: the min row down
+    and the max row up, to the next e4m3 value, so ``codes * scale`` still bounds every key of the page and
+    Quest's score stays an upper bound of ``q . k``, only a looser one. Half the bytes of bf16 bounds."""
+    x = bounds.float()
+    amax = x.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax * ((1 + 2**-10) / E4M3_MAX), torch.ones_like(amax))
+    codes = (x / scale[..., None]).to(torch.float8_e4m3fn)  # round to nearest, |x / scale| < 448
+    val = codes.float()
+    u = codes.view(torch.uint8).to(torch.int16)
+    deq = val * scale[..., None]
+    down = torch.where(val > 0, u - 1, torch.where(val == 0, 0x81, u + 1))  # next e4m3 value below
+    up = torch.where(val < 0, u - 1, torch.where(val == 0, 0x01, u + 1))  # next e4m3 value above
+    u = torch.stack([torch.where(deq[..., 0, :] > x[..., 0, :], down[..., 0, :], u[..., 0, :]),
+                     torch.where(deq[..., 1, :] < x[..., 1, :], up[..., 1, :], u[..., 1, :])], dim=-2)
+    return u.to(torch.uint8).view(torch.float8_e4m3fn), scale
+
+
+def dequantize_bounds(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """``quantize_bounds``'s inverse, in fp32: ``[..., 2, D]``."""
+    return codes.float() * scales[..., None]
 
 
 class DenseStore:
