@@ -485,7 +485,7 @@ def _merge_splits_kernel(
         while p0 < n_scores:
             pz = p0 + offs_z
             mz = pz < n_scores
-            hi, lo = _score_hist_keys(_order_keys(tl.load(SCORES + b * stride_sb + h * stride_sh + pz, mask=mz), mz))
+            hi, _ = _score_hist_keys(_order_keys(tl.load(SCORES + b * stride_sb + h * stride_sh + pz, mask=mz), mz))
             tl.store(hist_row + (hi >> 8), 0, mask=mz)
             tl.store(hist_row + 256 + hi, 0, mask=mz)
             p0 += n_share * BLOCK_Z
@@ -549,7 +549,7 @@ def _quest_scores_kernel(
     if WRITE_HIST:
         # Count the scores in the head's 16-bit-key histogram for the selection (``_top_k_mask_ghist``). The
         # coarse counter (top 8 bits) is usually the same for all this program's pages: one atomic then.
-        hi, lo = _score_hist_keys(_order_keys(score, mask_p))
+        hi, _ = _score_hist_keys(_order_keys(score, mask_p))
         row = HIST + pid_bh * HIST_ROW
         c = hi >> 8
         c_lo = tl.min(tl.where(mask_p, c, 255), 0)
