@@ -105,7 +105,7 @@ def _score_tile(bounds_ptr, scales_ptr, q_ptr, offs_p, mask_p, offs_h, offs_d, s
 
 @triton.jit
 def _quest_pipeline_kernel(
-    Q, BOUNDS, SCALES, K, V, SCORES, HIST, TABLE, O_PART, LSE_PART, Out, SYNC,
+    Q, BOUNDS, SCALES, K, V, SCORES, HIST, TABLE, O_PART, LSE_PART, Out, SYNC, TRACE,
     n_kv_heads, n_bh, n_pages, k_sel, length, scale_log2e, n_sc, n_att, slots_per_att, iters_per_att, n_prog,
     stride_qb, stride_qh,
     stride_bb, stride_bh, stride_bp, stride_bm,
@@ -119,9 +119,11 @@ def _quest_pipeline_kernel(
     PAGE: tl.constexpr, PAGES_PER_ITER: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_SC: tl.constexpr,
     SCALED: tl.constexpr, KEEP_ENDS: tl.constexpr, USE_TICKET: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr, TRACING: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
+    if TRACING:  # [t, sm, start, phase times...] per program, in ns of the GPU's global timer
+        t0 = tl.extra.cuda.globaltimer()
     # SYNC: [0] ticket; then per (sequence, KV head): scored counters, selected flags, arrival counters
     DONE = SYNC + 1
     READY = DONE + n_bh
@@ -132,6 +134,11 @@ def _quest_pipeline_kernel(
             tl.atomic_xchg(SYNC, 0, sem="relaxed", scope="gpu")  # every ticket is taken: reset for the next call
     else:
         t = tl.program_id(0)
+    if TRACING:
+        tr = TRACE + t * 8
+        tl.store(tr, t.to(tl.int64))
+        tl.store(tr + 1, tl.extra.cuda.smid().to(tl.int64))
+        tl.store(tr + 2, t0)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
 
@@ -173,22 +180,33 @@ def _quest_pipeline_kernel(
             tl.atomic_add(row + 256 + hk, 1, mask=mask_p, sem="relaxed")
             tl.debug_barrier()  # all threads' scores and counts, before the release
             tl.atomic_add(DONE + bh, 1, sem="release", scope="gpu")
+            if TRACING:  # noqa: SIM102 (a compile-time switch around a runtime test)
+                if bh == 0:
+                    tl.store(tr + 3, tl.extra.cuda.globaltimer())
             lo, hi, q, s_lo, s_hi = lo1, hi1, q1, s_lo1, s_hi1
             bh += 1
+        if TRACING:
+            tl.store(tr + 4, tl.extra.cuda.globaltimer())
     elif t < n_sc + n_bh:
         # ---- selector of head bh: the page table, then the flag, then the histogram counters back to zero
         bh = t - n_sc
         _wait_at_least(DONE + bh, n_sc, INTERPRET)
+        if TRACING:
+            tl.store(tr + 3, tl.extra.cuda.globaltimer())
         _select_top_pages(SCORES + bh * n_pages, n_pages, k_sel, TABLE + bh * k_sel, 0, k_sel, BLOCK_SC, -1,
                           HIST + bh * HIST_ROW)
         tl.debug_barrier()
         tl.atomic_xchg(READY + bh, 1, sem="release", scope="gpu")
+        if TRACING:
+            tl.store(tr + 4, tl.extra.cuda.globaltimer())
         offs = tl.arange(0, BLOCK_SC)
         valid = offs < n_pages
         hk, _ = _score_hist_keys(_order_keys(tl.load(SCORES + bh * n_pages + offs, mask=valid), valid))
         row = HIST + bh * HIST_ROW
         tl.store(row + (hk >> 8), 0, mask=valid)
         tl.store(row + 256 + hk, 0, mask=valid)
+        if TRACING:
+            tl.store(tr + 5, tl.extra.cuda.globaltimer())
     else:
         # ---- attender: slots [split * slots_per_att, ...) of head bh's page table
         a = t - n_sc - n_bh
@@ -210,6 +228,8 @@ def _quest_pipeline_kernel(
         slot_lo = split * slots_per_att
         slot_hi = tl.minimum(slot_lo + slots_per_att, k_sel)
         _wait_at_least(READY + bh, 1, INTERPRET)
+        if TRACING:
+            tl.store(tr + 3, tl.extra.cuda.globaltimer())
         it = 0
         while it < iters_per_att:
             m_i, l_i, acc = _attend_block(
@@ -223,6 +243,8 @@ def _quest_pipeline_kernel(
                  acc / l_safe[:, None], mask=mask_h[:, None] & mask_d[None, :])
         tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
         tl.debug_barrier()
+        if TRACING:
+            tl.store(tr + 4, tl.extra.cuda.globaltimer())
         arrived = tl.atomic_add(ARRIVE + bh, 1, sem="acq_rel", scope="gpu")
         if arrived == n_att - 1:
             q_row0 = h * GROUP
@@ -232,9 +254,12 @@ def _quest_pipeline_kernel(
             tl.atomic_xchg(ARRIVE + bh, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(READY + bh, 0, sem="relaxed", scope="gpu")
             tl.atomic_xchg(DONE + bh, 0, sem="relaxed", scope="gpu")
+            if TRACING:
+                tl.store(tr + 5, tl.extra.cuda.globaltimer())
 
 
 _SCRATCH: dict[tuple[str, int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+LAST_LAUNCH: dict[str, object] = {}  # the last launch's compiled kernel (registers, spills: for benchmarks)
 
 
 def _scratch(device: torch.device, n_bh: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,6 +295,7 @@ def quest_decode(
     tokens_per_iter: int = 64,
     num_warps: int = 4,
     ticket: bool | None = None,
+    trace: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One Quest decode step in one launch: ``quest_page_scores`` + ``topk_sparse_decode``, the same pages and
     output (up to summation order), with the phases pipelined across heads (see the module docstring).
@@ -280,7 +306,8 @@ def quest_decode(
     (int32 [B, Hkv, k]) and ``scores_out`` (fp32 [B, Hkv, n_pages]) receive the chosen pages (ascending) and the
     scores. ``scorers`` (default: one per SM), ``attenders_per_head`` (default: about 4 programs per SM in all),
     ``tokens_per_iter`` and ``num_warps`` only change speed; ``ticket`` (default on a GPU) numbers programs in
-    start order so that waits cannot deadlock whatever the GPU runs at once.
+    start order so that waits cannot deadlock whatever the GPU runs at once. ``trace`` (int64 [>= programs, 8],
+    GPU only, zeroed): each program's ticket, SM and global-timer stamps (start, then after each phase).
     """
     B, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -320,8 +347,9 @@ def quest_decode(
     block_d = triton.next_power_of_2(D)
     block_g = triton.next_power_of_2(group)
     use_ticket = (q.device.type == "cuda" if ticket is None else bool(ticket)) and not _INTERPRET
-    _quest_pipeline_kernel[(n_prog,)](
-        q, bounds, sc, k, v, scores, hist, table, o_part, lse_part, out, sync,
+    LAST_LAUNCH["n_sc"] = n_sc
+    LAST_LAUNCH["kernel"] = _quest_pipeline_kernel[(n_prog,)](
+        q, bounds, sc, k, v, scores, hist, table, o_part, lse_part, out, sync, trace if trace is not None else sync,
         Hkv, n_bh, n_pages, k_sel, int(length), scale * _LOG2E, n_sc, n_att, slots, slots // pages_per_iter, n_prog,
         q.stride(0), q.stride(1),
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
@@ -337,7 +365,7 @@ def quest_decode(
         USE_TICKET=use_ticket, INTERPRET=_INTERPRET, IEEE=k.dtype == torch.float32,
         BLOCK_G=block_g, BLOCK_SPL=triton.next_power_of_2(n_att),
         MERGE_CHUNK=max(1, min(triton.next_power_of_2(n_att), 8192 // (block_g * block_d))),
-        num_warps=num_warps,
+        TRACING=trace is not None and not _INTERPRET, num_warps=num_warps,
     )
     return out
 
