@@ -187,10 +187,11 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
     k_pages = budget // page_size
     hist = score_histogram(q.shape[0], k.shape[1], q.device) if score_hist and fused and not stop else None
     pdl = tuning.get("pdl")
+    pdl_first = tuning.pop("pdl_first", 1)  # 0: the scoring kernel (the step's first) launches normally
 
     def run() -> torch.Tensor:
         scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps, scales=scales,
-                                   hist=hist, pdl=pdl)
+                                   hist=hist, pdl=pdl if pdl_first else 0)
         if stop == "scores":
             return scores
         if fused:
