@@ -1,6 +1,6 @@
-"""Quest decode with 8-bit page bounds, and programmatic dependent launch on the kernels after the first (H100,
-Llama-3-8B layer, 128K tokens, 4K budget): CUDA-graph step times next to dense SDPA (the faster of its two
-forms), per-kernel durations. Exploration for issue 3's page_topk batch-1 target; writes JSON to --out.
+"""Quest decode with 8-bit page bounds (H100, Llama-3-8B layer, 128K tokens, 4K budget): CUDA-graph step times next to dense SDPA (the faster of its two
+forms), per-kernel durations. Exploration for issue 3's page_topk batch-1 target (at b595a61 it also timed programmatic
+dependent launch after the first kernel: no gain, removed); writes JSON to --out.
 
     HEADWISE_COMMIT=<sha> PYTHONPATH=src python3 bench/explore_quest_fp8.py --out $OUT/explore_quest_fp8.json
 """
@@ -43,14 +43,12 @@ def main() -> None:
         variants = {
             "fused": (fused, {}),
             "fused_bins256": (dict(fused, select_bins=256), {}),
-            "fused_pdl_after_first": (dict(fused, pdl=1, pdl_first=0), {}),
             "three": (three, {}),
         }
         for sb in (64, 128):
             for sw in (4, 8):
                 variants[f"fused_e4m3_bp{sb}_w{sw}"] = (fused, {"block_p": sb, "score_warps": sw})
                 variants[f"three_e4m3_bp{sb}_w{sw}"] = (three, {"block_p": sb, "score_warps": sw})
-        variants["fused_e4m3_pdl_after_first"] = (dict(fused, pdl=1, pdl_first=0), {})
         for name, (cfg, score_cfg) in variants.items():
             e4m3 = "e4m3" in name
             st = {**SCORE_TUNING, **score_cfg}

@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 from headwise.kernels.sparse_decode import (
     quest_page_scores,
     quest_page_scores_reference,
-    score_histogram_reference,
     select_pages,
     sparse_decode,
     sparse_decode_reference,
@@ -247,49 +246,6 @@ def test_topk_decode_with_histogram_selection_attends_the_reference_pages():
     assert torch.equal(table.long(), expected)
     ref = sparse_decode_reference(q.float(), k.float(), v.float(), S, expected, None, PAGE)
     _check(out, sparse_decode_reference(q, k, v, S, expected, None, PAGE), ref)
-
-
-def test_scoring_kernel_counts_its_scores_in_the_histogram():
-    """``quest_page_scores(hist=...)``: the counters equal ``score_histogram_reference`` of the scores it
-    returned, over several programs per head (one with pages in two coarse bins), batch 2."""
-    q, _, _ = _cache(2, 3, 4, 64, torch.bfloat16, seed=17)
-    bounds = torch.randn(2, 3, 40, 2, 64).to(DEVICE, torch.bfloat16)
-    bounds = torch.stack([bounds.amin(dim=3), bounds.amax(dim=3)], dim=3)
-    bounds[0, 0, 5] *= -1e-20  # scores of other magnitudes and signs: other coarse bins
-    hist = torch.zeros(6, 256 + 65536, dtype=torch.int32, device=DEVICE)
-    scores = quest_page_scores(q, bounds, 37, block_p=8, hist=hist)
-    assert torch.equal(hist, score_histogram_reference(scores))
-
-
-@pytest.mark.parametrize("num_splits", [1, 3], ids=["one-split", "three-splits"])
-def test_histogram_topk_decode_is_the_reference_selection_and_resets_the_counters(num_splits):
-    """``topk_sparse_decode(hist=...)``: the exact ``top_pages_reference`` set on rows where the k-th largest
-    sits among ties, -0.0, many +inf, in a run of equal scores or at huge/tiny magnitudes; the output attends
-    those pages; afterwards the counters are all zero again (reset by the merge, or wholesale with one split)."""
-    scores = _hard_scores().view(2, 3, 300)
-    q, k, v = _cache(2, 3, 4, 64, torch.bfloat16, seed=18)
-    length = 300
-    k = torch.randn(2, 3, length, 64).to(DEVICE, torch.bfloat16)
-    v = torch.randn(2, 3, length, 64).to(DEVICE, torch.bfloat16)
-    for budget in (1, 2, 37, 100, 300):
-        hist = score_histogram_reference(scores)
-        table = torch.full((2, 3, budget), -7, dtype=torch.int32, device=DEVICE)
-        out = topk_sparse_decode(q, k, v, length, scores, budget, 1, num_splits=num_splits, tokens_per_iter=16,
-                                 table_out=table, hist=hist)
-        expected = top_pages_reference(scores, budget)
-        assert torch.equal(table.long(), expected), budget
-        assert not hist.any(), "counters left behind"
-    ref = sparse_decode_reference(q.float(), k.float(), v.float(), length, expected, None, 1)
-    _check(out, sparse_decode_reference(q, k, v, length, expected, None, 1), ref)
-
-
-def test_histogram_selection_with_stale_counters_falls_back_to_the_exact_search():
-    scores = _tied_scores(2, 3, -(-S // PAGE), seed=19)
-    q, k, v = _cache(2, 3, 4, 64, torch.bfloat16, seed=20)
-    hist = score_histogram_reference(scores) * 2  # a scoring call whose selection never ran
-    table = torch.full((2, 3, 3), -7, dtype=torch.int32, device=DEVICE)
-    topk_sparse_decode(q, k, v, S, scores, 3, PAGE, num_splits=2, tokens_per_iter=PAGE, table_out=table, hist=hist)
-    assert torch.equal(table.long(), top_pages_reference(scores, 3))
 
 
 def test_quest_kernel_reads_8bit_bounds_with_their_scales():

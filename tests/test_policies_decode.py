@@ -218,3 +218,41 @@ def test_streaming_decode_kernel_matches_the_reference_as_the_ring_wraps(group):
                 AttendContext(start=0, scale=D**-0.5))
     assert comp.attend(torch.randn(B, Hkv, 1, D, generator=g), *torch.randn(2, B, Hkv, 1, D, generator=g), store,
                        AttendContext(start=20, scale=D**-0.5, use_kernels=True)).shape == (B, Hkv, 1, D)
+
+
+def test_page_topk_e4m3_bounds_still_bound_every_key_and_find_the_needle():
+    """``bounds="e4m3"``: after chunked appends the store holds ``quantize_bounds`` of the exact page bounds
+    (codes + one scale per page row), which still bound every key of their page; the needle's page is chosen;
+    the bounds take half the bytes (plus the scales)."""
+    from headwise.policies.stores import quantize_bounds
+
+    q, k, v = _needle_kv()
+    policy = PageTopK(page_size=16, budget=48, bounds="e4m3")
+    store = policy.make_store(1, 1, 16, torch.device("cpu"), torch.float32)
+    for a, b in [(0, 5), (5, 40), (40, 41), (41, 159)]:
+        policy.attend(q.expand(1, 2, b - a, 16), k[:, :, a:b], v[:, :, a:b], store, AttendContext(a, 1.0))
+    pages = k[:, :, :160].view(1, 1, 10, 16, 16)[:, :, :, :, :]
+    exact = torch.stack([pages.amin(dim=3), pages.amax(dim=3)], dim=3)
+    exact[:, :, 9] = torch.stack([k[:, :, 144:159].amin(dim=2), k[:, :, 144:159].amax(dim=2)], dim=2)
+    codes, scales = quantize_bounds(exact)
+    assert torch.equal(store.bounds[:, :, :10].view(torch.uint8), codes.view(torch.uint8))
+    torch.testing.assert_close(store.bound_scales[:, :, :10], scales)
+    deq = store.page_bounds()
+    assert bool((deq[..., 0, :] <= exact[..., 0, :]).all() and (deq[..., 1, :] >= exact[..., 1, :]).all())
+    table = policy.select(q[:, :, 0], store, use_kernels=False)
+    assert 77 // 16 in table[0, 0].tolist()
+    assert policy.kv_tokens(160) == 160 + 5
+    assert store.bounds.element_size() == 1 and store.bound_scales.shape == store.bounds.shape[:4]
+
+
+def test_page_topk_rejects_an_unknown_bound_format():
+    with pytest.raises(PlanError, match="bounds"):
+        build_policy({"policy": "page_topk", "params": {"bounds": "int4"}})
+
+
+@needs_interpreter
+def test_page_topk_e4m3_kernel_path_matches_its_reference_path(tiny):
+    plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32,
+                                                                          "bounds": "e4m3"}})
+    ref = _generate(tiny, plan)
+    assert _generate(tiny, plan, use_kernels=True) == ref[:4]

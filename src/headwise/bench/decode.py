@@ -19,6 +19,8 @@ its cost is the real one):
   (``topk_sparse_decode``) or Triton top-k + our kernel, whichever tunes faster at that batch size, all
   included in the time (also timed: the other path, the three-kernel path with ``torch.topk``, the parts).
   Our kernels' settings are tuned per batch size first (``TUNING``; every candidate's time is in the results).
+- ``page_topk_e4m3``: the same with the page bounds in 8 bits (``PageTopK(bounds="e4m3")``, ``quantize_bounds``):
+  half the bytes the scoring kernel reads; tuned separately.
 
 Timing: each measurement is the median over repetitions of CUDA-event-timed calls after warm-up, with the
 L2 cache flushed before each repetition (a decode step's K/V are not in L2: other layers ran in between) by
@@ -43,6 +45,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from headwise.policies.stores import quantize_bounds
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
 GROUP = HQ // HKV
@@ -166,18 +170,15 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
 
 def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
-                  select_bins: int = 0, score_hist: int = 0, scales: torch.Tensor | None = None, **tuning):
+                  select_bins: int = 0, scales: torch.Tensor | None = None, **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
     pages itself and merging its splits (two launches in all), or top-k (Triton, or ``torch.topk`` with
     ``topk_kernel=False``) + our kernel over the chosen pages + the split merge. ``stop`` = "scores" or "topk"
     ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``select_bins`` (0 =
-    bisection, else the histogram selection with that many bins) the Triton top-k, ``score_hist`` = 1 makes
-    the scoring kernel count its scores for the fused selection (``topk_sparse_decode(hist=...)``), ``scales``
-    means ``bounds`` are 8-bit (``quantize_bounds``), ``tuning`` ours (``pdl``: programmatic dependent launch
-    for every kernel of the step)."""
+    bisection, else the histogram selection with that many bins) the Triton top-k, ``scales`` means ``bounds``
+    are 8-bit codes (``quantize_bounds``), ``tuning`` ours."""
     from headwise.kernels.sparse_decode import (
         quest_page_scores,
-        score_histogram,
         select_pages,
         sparse_decode,
         topk_sparse_decode,
@@ -185,18 +186,14 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
-    hist = score_histogram(q.shape[0], k.shape[1], q.device) if score_hist and fused and not stop else None
-    pdl = tuning.get("pdl")
-    pdl_first = tuning.pop("pdl_first", 1)  # 0: the scoring kernel (the step's first) launches normally
 
     def run() -> torch.Tensor:
-        scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps, scales=scales,
-                                   hist=hist, pdl=pdl if pdl_first else 0)
+        scores = quest_page_scores(q, bounds, n_pages, block_p=block_p, num_warps=score_warps, scales=scales)
         if stop == "scores":
             return scores
         if fused:
             return topk_sparse_decode(q, k, v, seq_len, scores, k_pages, page_size, select_bins=select_bins,
-                                      hist=hist, **tuning)
+                                      **tuning)
         table = select_pages(scores, k_pages, use_kernel=topk_kernel, bins=select_bins)
         if stop == "topk":
             return table
@@ -354,7 +351,7 @@ TUNING = {
         {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2},
         {"tokens_per_iter": 128, "num_warps": 8, "num_stages": 3, "programs_per_sm": 2},
     ],
-    "page_topk": [
+    "page_topk": [  # also the candidates of page_topk_e4m3 (the same step with 8-bit page bounds)
         {"fused": 1, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1, "fused_merge": 0},
         {"fused": 1, "select_bins": 256, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
          "fused_merge": 0},
@@ -369,6 +366,7 @@ TUNING = {
         {"fused": 0, "select_bins": 256, "tokens_per_iter": 64, "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
     ],
 }
+TUNING["page_topk_e4m3"] = TUNING["page_topk"]
 SCORE_TUNING = {"block_p": 64, "score_warps": 8}  # the scoring kernel's best in a sweep of block_p x num_warps
 
 
@@ -435,9 +433,12 @@ def _time_batch(
     # plan_a: our kernel per group over the real per-group layouts (full heads' cache, streaming ring).
     k_ring, v_ring = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
     bounds = _page_bounds(k, page_size)
+    codes, scales = quantize_bounds(bounds)  # page_topk with bounds="e4m3": what PagedStore holds then
     factories = {
         "plan_a": lambda cfg: _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
         "page_topk": lambda cfg: _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **SCORE_TUNING, **cfg),
+        "page_topk_e4m3": lambda cfg: _page_topk_fn(q, k, v, codes, seq_len, budget, page_size, scales=scales,
+                                                    **SCORE_TUNING, **cfg),
     }
     tune_rows: list[dict[str, Any]] = []
     tuning[batch] = _tune(timer, factories, batch, tune_rows, log) if tune else {}
@@ -461,6 +462,12 @@ def _time_batch(
             timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, stop=part, **cfg_q3))
     rows["ours_page_topk_torch_topk"] = _both(
         timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, topk_kernel=False, **cfg_q3))
+    # page_topk with 8-bit page bounds (bounds="e4m3"): the same step reading half the scoring bytes
+    cfg_e = dict(tuning[batch].get("page_topk_e4m3", cfg_q))
+    cfg_e.update(SCORE_TUNING)
+    rows["ours_page_topk_e4m3"] = _both(timer, _page_topk_fn(q, k, v, codes, seq_len, budget, page_size,
+                                                             scales=scales, **cfg_e))
+    rows["ours_page_topk_e4m3"]["fused"] = cfg_e["fused"]
     # Our kernel as a dense decode (every head, every page): its bandwidth next to SDPA's.
     rows["ours_all_pages"] = _both(timer, lambda: sparse_decode(q, k, v, seq_len, None, page_size=64, **cfg_a))
     rows["ours_all_pages"]["note"] = "plan_a's tuned settings"

@@ -71,7 +71,6 @@ _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
 _MAX_SPLITS = 512  # the merge kernel holds all splits of a column block in registers
 _TOKENS_PER_ITER = 64  # K/V rows per inner iteration: enough for a tensor-core tile, small enough for registers
-HIST_ROW = tl.constexpr(256 + 65536)  # scoring-histogram counters per (sequence, KV head): coarse, then fine
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -211,74 +210,15 @@ def _hist_combine(s_a, mx_a, mn_a, s_b, mx_b, mn_b):
 
 
 @triton.jit
-def _score_hist_keys(key):
-    """The 16-bit histogram bin of int32 order keys: the top 16 bits of the unsigned view (sign, exponent and 7
-    mantissa bits of the score), in [0, 65536); and the low 16 bits, which order keys inside a bin."""
-    u = key ^ -2147483648
-    return (u >> 16) & 0xFFFF, u & 0xFFFF
-
-
-@triton.jit
-def _top_k_mask_ghist(key, k, n_valid, valid, hist_row):
-    """``_top_k_mask`` from the histogram the scoring kernel built (``quest_page_scores(hist=...)``): the same
-    set (every key above the k-th largest, then ties by index), with no histogram or bisection over the
-    whole row in this program.
-
-    ``hist_row`` holds 256 coarse counters (the top 8 bits of the 16-bit bin) then 65536 fine ones (the
-    16-bit bin). Two short suffix sums, over the coarse row and over the 256 fine counters inside the k-th
-    largest key's coarse bin, give its fine bin ``T`` and ``room``, how many keys of ``T`` belong to the top
-    ``k``. Keys above ``T`` are taken; inside ``T`` (a few pages: its scores agree to 8 significant bits) the
-    room-th largest is found bit by bit on the low 16 bits, stopping as soon as exactly ``room`` keys lie
-    above the prefix. Exact for any scores. If the counters do not add up to ``n_valid`` (a scoring call
-    whose selection never ran left counts behind), it falls back to ``_top_k_mask``: still exact, slower."""
-    offs = tl.arange(0, 256)
-    coarse = tl.load(hist_row + offs, cache_modifier=".cg")
-    total = tl.sum(coarse, 0)
-    if total != n_valid:
-        take = _top_k_mask(key, k, n_valid)
-    else:
-        ge = total - tl.cumsum(coarse, 0) + coarse  # count(coarse bin >= c), non-increasing in c
-        c_star = tl.sum((ge >= k).to(tl.int32), 0) - 1  # the k-th largest key's coarse bin
-        above = tl.sum(tl.where(offs > c_star, coarse, 0), 0)
-        fine = tl.load(hist_row + 256 + c_star * 256 + offs, cache_modifier=".cg")
-        ge_f = above + tl.sum(fine, 0) - tl.cumsum(fine, 0) + fine  # count(key bin >= (c_star, f))
-        f_star = tl.sum((ge_f >= k).to(tl.int32), 0) - 1
-        above += tl.sum(tl.where(offs > f_star, fine, 0), 0)
-        n_t = tl.sum(tl.where(offs == f_star, fine, 0), 0)  # keys in the bin: count(rel >= 0)
-        room = k - above
-        hi, lo = _score_hist_keys(key)
-        t_bin = c_star * 256 + f_star
-        take = valid & (hi > t_bin)
-        rel = tl.where(valid & (hi == t_bin), lo, -1)
-        t = tl.full([], 0, tl.int32)
-        bit = 15
-        while (bit >= 0) & (n_t != room):
-            cand = t | (tl.full([], 1, tl.int32) << bit)
-            n = tl.sum((rel >= cand).to(tl.int32), 0)
-            t = tl.where(n >= room, cand, t)
-            n_t = tl.where(n >= room, n, n_t)
-            bit -= 1
-        take = take | (rel > t)
-        tie = rel == t
-        if n_t != room:  # equal keys straddle the k-th place: the lower pages first
-            tie = tie & (tl.cumsum(tie.to(tl.int32), 0) <= room - (n_t - tl.sum(tie.to(tl.int32), 0)))
-        take = take | tie
-    return take
-
-
-@triton.jit
 def _select_top_pages(scores_row, n_scores, k, table_row, slot_lo, slot_hi, BLOCK_SC: tl.constexpr,
-                      NBINS: tl.constexpr = 0, hist_row=None):
+                      NBINS: tl.constexpr = 0):
     """Write slots ``[slot_lo, slot_hi)`` of the head's top-``k`` page list (pages in ascending order) to
     ``table_row``: every program of the head finds the same ``k`` pages from the scores, and writes its part.
-    ``NBINS`` > 0 selects by a histogram of that many bins (``_top_k_mask_hist``), -1 by the scoring kernel's
-    histogram at ``hist_row`` (``_top_k_mask_ghist``), 0 by bisection."""
+    ``NBINS`` > 0 selects by a histogram of that many bins (``_top_k_mask_hist``), 0 by bisection."""
     offs = tl.arange(0, BLOCK_SC)
     valid = offs < n_scores
     key = _order_keys(tl.load(scores_row + offs, mask=valid, other=float("-inf")), valid)
-    if NBINS < 0:
-        take = _top_k_mask_ghist(key, k, n_scores, valid, hist_row) & valid
-    elif NBINS > 0:
+    if NBINS > 0:
         take = _top_k_mask_hist(key, k, n_scores, valid, NBINS) & valid
     else:
         take = _top_k_mask(key, k, n_scores) & valid
@@ -323,7 +263,7 @@ def _merge_head_splits(o_part_rows, lse_part_rows, out_rows, n_splits, stride_ph
 
 @triton.jit
 def _sparse_decode_kernel(
-    Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out, SCORES, COUNTERS, HIST,
+    Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out, SCORES, COUNTERS,
     n_scores, stride_sb, stride_sh,
     length, scale_log2e, n_kv_heads, n_table, pages_per_split, iters_per_split, n_splits,
     stride_qb, stride_qh,
@@ -342,12 +282,8 @@ def _sparse_decode_kernel(
     IEEE: tl.constexpr, SECOND: tl.constexpr,
     TOPK: tl.constexpr, BLOCK_SC: tl.constexpr, NBINS: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
-    USE_GDC: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
-    if USE_GDC:  # programmatic dependent launch: started early, wait here for the previous kernel's writes
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     # A 1-D grid, split fastest: program ``pid`` is split ``pid % n_splits`` of (sequence, KV head)
     # ``pid // n_splits``, so the programs of one head are consecutive and the hardware hands them out evenly.
     pid = tl.program_id(0)
@@ -393,8 +329,7 @@ def _sparse_decode_kernel(
     if TOPK:
         # The table is ours to fill: the head's top ``n_table`` pages by score, this program's slots of it.
         _select_top_pages(SCORES + b * stride_sb + h * stride_sh, n_scores, n_table,
-                          TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC, NBINS,
-                          HIST + pid_bh * HIST_ROW)
+                          TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC, NBINS)
         tl.debug_barrier()  # the slots this program wrote, visible to all its threads
 
     offs_h = tl.arange(0, BLOCK_H)
@@ -461,34 +396,14 @@ def _merge_splits_kernel(
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    SCORES, HIST, n_scores, stride_sb, stride_sh, group,
-    HEAD_DIM: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_S: tl.constexpr, USE_GDC: tl.constexpr,
-    ZERO_HIST: tl.constexpr, BLOCK_Z: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_DM: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """Out[b, hq, cols] = sum_s w_s O_PART[b, hq, s, cols] / sum_s w_s, w_s = 2^(lse_s - max lse); one program
     per (sequence, query head, ``BLOCK_DM`` columns), so all splits of its columns fit in registers. Query heads
-    from ``n_q_first`` on (a second group) have ``n_splits2`` splits. ``ZERO_HIST``: the programs of each KV head
-    also reset the scoring histogram counters its pages' scores incremented (the selection has read them)."""
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
+    from ``n_q_first`` on (a second group) have ``n_splits2`` splits."""
     pid = tl.program_id(0)
     b = pid // n_q_heads
     hq = pid % n_q_heads
-    if ZERO_HIST:
-        n_share = group * tl.num_programs(1)
-        share = (hq % group) * tl.num_programs(1) + tl.program_id(1)
-        h = hq // group
-        hist_row = HIST + (b * (n_q_heads // group) + h) * HIST_ROW
-        offs_z = tl.arange(0, BLOCK_Z)
-        p0 = share * BLOCK_Z
-        while p0 < n_scores:
-            pz = p0 + offs_z
-            mz = pz < n_scores
-            hi, _ = _score_hist_keys(_order_keys(tl.load(SCORES + b * stride_sb + h * stride_sh + pz, mask=mz), mz))
-            tl.store(hist_row + (hi >> 8), 0, mask=mz)
-            tl.store(hist_row + 256 + hi, 0, mask=mz)
-            p0 += n_share * BLOCK_Z
     n_splits = tl.where(hq < n_q_first, n_splits, n_splits2)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.program_id(1) * BLOCK_DM + tl.arange(0, BLOCK_DM)
@@ -508,18 +423,14 @@ def _merge_splits_kernel(
 
 @triton.jit
 def _quest_scores_kernel(
-    Q, BOUNDS, SCORES, SCALES, HIST, n_kv_heads, n_pages,
+    Q, BOUNDS, SCORES, SCALES, n_kv_heads, n_pages,
     stride_qb, stride_qh,
     stride_bb, stride_bh, stride_bp, stride_bm,
     stride_sb, stride_sh,
     stride_cb, stride_ch, stride_cp,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, KEEP_ENDS: tl.constexpr, SCALED: tl.constexpr, WRITE_HIST: tl.constexpr,
-    USE_GDC: tl.constexpr,
+    BLOCK_P: tl.constexpr, KEEP_ENDS: tl.constexpr, SCALED: tl.constexpr,
 ):
-    if USE_GDC:
-        tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
     b = pid_bh // n_kv_heads
@@ -537,7 +448,7 @@ def _quest_scores_kernel(
     m2 = mask_p[:, None] & mask_d[None, :]
     k_min = tl.load(base, mask=m2, other=0.0).to(tl.float32)
     k_max = tl.load(base + stride_bm, mask=m2, other=0.0).to(tl.float32)
-    if SCALED:  # 8-bit bounds: one scale per page row (min row, max row)
+    if SCALED:  # 8-bit bounds (``quantize_bounds``): one scale per page row, applied to the row's dot product
         sc = SCALES + b * stride_cb + h * stride_ch + offs_p * stride_cp
         score = (tl.sum(k_max * q_pos[None, :], 1) * tl.load(sc + 1, mask=mask_p, other=0.0)
                  + tl.sum(k_min * q_neg[None, :], 1) * tl.load(sc, mask=mask_p, other=0.0))
@@ -546,19 +457,6 @@ def _quest_scores_kernel(
     if KEEP_ENDS:
         score = tl.where((offs_p == 0) | (offs_p == n_pages - 1), float("inf"), score)
     tl.store(SCORES + b * stride_sb + h * stride_sh + offs_p, score, mask=mask_p)
-    if WRITE_HIST:
-        # Count the scores in the head's 16-bit-key histogram for the selection (``_top_k_mask_ghist``). The
-        # coarse counter (top 8 bits) is usually the same for all this program's pages: one atomic then.
-        hi, _ = _score_hist_keys(_order_keys(score, mask_p))
-        row = HIST + pid_bh * HIST_ROW
-        c = hi >> 8
-        c_lo = tl.min(tl.where(mask_p, c, 255), 0)
-        c_hi = tl.max(tl.where(mask_p, c, 0), 0)
-        if c_lo == c_hi:
-            tl.atomic_add(row + c_lo, tl.sum(mask_p.to(tl.int32), 0), sem="relaxed")
-        else:
-            tl.atomic_add(row + c, 1, mask=mask_p, sem="relaxed")
-        tl.atomic_add(row + 256 + hi, 1, mask=mask_p, sem="relaxed")
 
 
 @triton.jit
@@ -610,37 +508,6 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     return buf
 
 
-_HISTS: dict[tuple[str, int, int], torch.Tensor] = {}
-
-
-def score_histogram(batch: int, kv_heads: int, device: torch.device) -> torch.Tensor:
-    """The zeroed int32 counters ``[batch * kv_heads, 256 + 65536]`` that ``quest_page_scores(hist=...)`` fills
-    and ``topk_sparse_decode(hist=...)`` reads and resets: one buffer per (device, stream), grown as needed,
-    as ``_counters``. A scoring call must be followed by its selection on the same stream before the next
-    scoring call (the selection then leaves the counters at zero; if not, it notices and still selects
-    exactly, by bisection, slower)."""
-    dev = torch.device(device)
-    stream = torch.cuda.current_stream(dev).cuda_stream if dev.type == "cuda" else 0
-    key = (dev.type, dev.index if dev.index is not None else -1, stream)
-    buf = _HISTS.get(key)
-    if buf is None or buf.shape[0] < batch * kv_heads:
-        buf = torch.zeros(batch * kv_heads, int(HIST_ROW), dtype=torch.int32, device=dev)
-        _HISTS[key] = buf
-    return buf[: batch * kv_heads]
-
-
-def use_pdl(device: torch.device) -> bool:
-    """Whether our kernels launch with programmatic dependent launch (``HEADWISE_PDL=1``, Hopper or newer):
-    each kernel then starts while the previous one finishes and waits for its writes in ``gdc_wait``."""
-    if _INTERPRET or device.type != "cuda" or os.environ.get("HEADWISE_PDL", "0") != "1":
-        return False
-    return torch.cuda.get_device_capability(device)[0] >= 9
-
-
-def _pdl_args(pdl: bool) -> dict[str, bool]:
-    return {"launch_pdl": True} if pdl else {}
-
-
 def _launch_sparse_decode(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
     page_table: torch.Tensor | None, counts: torch.Tensor | None, page_size: int, scale: float,
@@ -648,11 +515,9 @@ def _launch_sparse_decode(
     num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 2,
     second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
     scores: torch.Tensor | None = None, fused_merge: int = 0, select_bins: int = 0,
-    hist: torch.Tensor | None = None, pdl: int | None = None,
 ) -> torch.Tensor:
     """Launch ``_sparse_decode_kernel`` (and ``_merge_splits_kernel`` unless ``fused_merge``). With ``scores``,
-    ``page_table`` is the output table ``[B, Hkv, k]`` the kernel fills with each head's top ``k`` pages
-    (``hist``: from the scoring histogram, which the merge then resets)."""
+    ``page_table`` is the output table ``[B, Hkv, k]`` the kernel fills with each head's top ``k`` pages."""
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     Hkv2 = 0 if second is None else second[0].shape[1]
@@ -678,9 +543,6 @@ def _launch_sparse_decode(
         assert scores.shape[:2] == (B, Hkv) and scores.dtype == torch.float32 and scores.stride(2) == 1
         n_scores = scores.shape[2]
         assert 1 <= max_pages <= n_scores <= _TOPK_MAX_BLOCK, "1 <= budget pages <= scored pages <= 32768"
-    if hist is not None:
-        assert scores is not None and hist.shape == (B * Hkv, int(HIST_ROW)) and hist.dtype == torch.int32
-        select_bins, fused_merge = -1, 0  # the separate merge kernel resets the counters
     if counts is not None:
         assert counts.shape == (B, Hkv)
     pages_per_iter = max(1, tokens_per_iter // page_size)
@@ -715,13 +577,11 @@ def _launch_sparse_decode(
     sc = scores if scores is not None else q
     block_d = triton.next_power_of_2(D)
     fused = bool(fused_merge) and max_splits > 1
-    pdl_on = use_pdl(q.device) if pdl is None else bool(pdl) and q.device.type == "cuda" and not _INTERPRET
-    hist_t = hist if hist is not None else q
     block_g = triton.next_power_of_2(group)
     counters = _counters(q.device, B * (Hkv + Hkv2)) if fused else q
     n_first = B * Hkv * splits
     _sparse_decode_kernel[(n_first + B * Hkv2 * splits2,)](
-        q, k, v, table, cnt, o_part, lse_part, out, sc, counters, hist_t,
+        q, k, v, table, cnt, o_part, lse_part, out, sc, counters,
         n_scores, sc.stride(0), sc.stride(1),
         length, scale * _LOG2E, Hkv, max_pages, pages_per_split, iters_per_split, splits,
         q.stride(0), q.stride(1),
@@ -741,7 +601,7 @@ def _launch_sparse_decode(
         TOPK=scores is not None, BLOCK_SC=triton.next_power_of_2(max(1, n_scores)), NBINS=int(select_bins),
         FUSED_MERGE=fused, BLOCK_G=block_g, BLOCK_SPL=triton.next_power_of_2(max_splits),
         MERGE_CHUNK=max(1, min(triton.next_power_of_2(max_splits), 8192 // (block_g * block_d))),
-        USE_GDC=pdl_on, num_warps=num_warps, num_stages=num_stages, **_pdl_args(pdl_on),
+        num_warps=num_warps, num_stages=num_stages,
     )
     if max_splits > 1 and not fused:
         block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(max_splits)))
@@ -750,40 +610,32 @@ def _launch_sparse_decode(
             o_part.stride(0), o_part.stride(1), o_part.stride(2),
             lse_part.stride(0), lse_part.stride(1),
             out.stride(0), out.stride(1),
-            sc, hist_t, n_scores, sc.stride(0), sc.stride(1), group,
-            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(max_splits), USE_GDC=pdl_on,
-            ZERO_HIST=hist is not None, BLOCK_Z=128, num_warps=4, **_pdl_args(pdl_on),
+            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(max_splits),
+            num_warps=4,
         )
-    elif hist is not None:  # no merge kernel ran: reset the whole buffer
-        hist.zero_()
     return out
 
 
 def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool, block_p: int = 64,
-                         num_warps: int = 4, scales: torch.Tensor | None = None, hist: torch.Tensor | None = None,
-                         pdl: int | None = None) -> torch.Tensor:
+                         num_warps: int = 4, scales: torch.Tensor | None = None) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = bounds.shape[1]
     assert bounds.shape[0] == B and bounds.shape[3:] == (2, D) and bounds.shape[2] >= n_pages >= 1
     assert bounds.stride(4) == 1 and q.stride(2) == 1 and Hq % Hkv == 0
     if scales is not None:
-        assert scales.shape[:2] == (B, Hkv) and scales.shape[3:] == (2,) and scales.shape[2] >= n_pages
+        assert scales.shape[:2] == (B, Hkv) and scales.shape[2] >= n_pages and scales.shape[3:] == (2,)
         assert scales.dtype == torch.float32 and scales.stride(3) == 1
-    if hist is not None:
-        assert hist.shape == (B * Hkv, int(HIST_ROW)) and hist.dtype == torch.int32 and hist.is_contiguous()
     group = Hq // Hkv
     scores = torch.empty(B, Hkv, n_pages, device=q.device, dtype=torch.float32)
-    sc = scales if scales is not None else scores
-    pdl_on = use_pdl(q.device) if pdl is None else bool(pdl) and q.device.type == "cuda" and not _INTERPRET
+    sc = scales if scales is not None else scores  # unused pointer without scales
     _quest_scores_kernel[(B * Hkv, triton.cdiv(n_pages, block_p))](
-        q, bounds, scores, sc, hist if hist is not None else scores, Hkv, n_pages,
+        q, bounds, scores, sc, Hkv, n_pages,
         q.stride(0), q.stride(1),
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
         scores.stride(0), scores.stride(1),
         sc.stride(0), sc.stride(1), sc.stride(2) if scales is not None else 0,
         GROUP=group, BLOCK_H=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
-        BLOCK_P=block_p, KEEP_ENDS=keep_ends, SCALED=scales is not None, WRITE_HIST=hist is not None,
-        USE_GDC=pdl_on, num_warps=num_warps, **_pdl_args(pdl_on),
+        BLOCK_P=block_p, KEEP_ENDS=keep_ends, SCALED=scales is not None, num_warps=num_warps,
     )
     return scores
 
@@ -872,7 +724,6 @@ def topk_sparse_decode(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     table_out: torch.Tensor | None = None,
-    hist: torch.Tensor | None = None,
     **tuning: int,
 ) -> torch.Tensor:
     """``sparse_decode`` over the top ``budget_pages`` pages of ``scores`` per KV head, chosen inside the kernel.
@@ -883,9 +734,7 @@ def topk_sparse_decode(
     of them, and the last program of the head merges the splits: one launch instead of top-k, attention and
     merge. ``table_out`` (int32 [B, Hkv, k]) receives the chosen pages in ascending order. Other arguments and
     ``tuning`` as ``sparse_decode`` (``programs_per_sm`` defaults to 1 here), plus ``select_bins`` (0: bisection,
-    else the histogram selection with that many bins; the same pages either way). ``hist``: the counters that
-    ``quest_page_scores(..., hist=hist)`` filled for these scores (``score_histogram``); the selection then
-    reads them instead of searching the scores (the same pages, fewer steps) and the merge resets them.
+    else the histogram selection with that many bins; the same pages either way).
     """
     B, Hkv, P = scores.shape
     n_keep = max(1, min(int(budget_pages), P))
@@ -896,7 +745,7 @@ def topk_sparse_decode(
     tuning.setdefault("programs_per_sm", 1)  # every program repeats the selection: few, longer programs
     tuning.setdefault("num_warps", 8)  # the selection's reductions go faster over more warps
     return _launch_sparse_decode(q, k, v, int(length), table_out, None, page_size, scale, num_splits, out,
-                                 scores=scores, hist=hist, **tuning)
+                                 scores=scores, **tuning)
 
 
 def top_pages_reference(scores: torch.Tensor, budget_pages: int) -> torch.Tensor:
@@ -907,35 +756,20 @@ def top_pages_reference(scores: torch.Tensor, budget_pages: int) -> torch.Tensor
     return order[..., :n_keep].sort(dim=-1).values
 
 
-def score_histogram_reference(scores: torch.Tensor) -> torch.Tensor:
-    """Plain PyTorch counters of ``quest_page_scores(hist=...)`` for fp32 ``scores [B, Hkv, P]``:
-    ``[B * Hkv, 256 + 65536]`` int32, the coarse (top 8 bits) then fine (top 16 bits) bin counts of each row's
-    order keys (the float bits, made monotone as unsigned integers; -0.0 counted as 0.0)."""
-    bits = torch.where(scores == 0, torch.zeros_like(scores), scores).float().contiguous().view(torch.int32).long()
-    u = torch.where(bits >= 0, bits + 2**31, 2**31 - 1 - (bits & 0x7FFFFFFF))  # unsigned, float order
-    hi = (u >> 16).view(-1, scores.shape[-1])
-    rows = torch.arange(hi.shape[0], device=hi.device)[:, None]
-    fine = torch.zeros(hi.shape[0], 65536, dtype=torch.int32, device=hi.device).index_put_(
-        (rows.expand_as(hi), hi), torch.ones_like(hi, dtype=torch.int32), accumulate=True)
-    coarse = fine.view(-1, 256, 256).sum(dim=2, dtype=torch.int32)
-    return torch.cat([coarse, fine], dim=1)
-
-
 def quest_page_scores(
     q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True, block_p: int = 64,
-    num_warps: int = 4, scales: torch.Tensor | None = None, hist: torch.Tensor | None = None,
-    pdl: int | None = None,
+    num_warps: int = 4, scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Quest upper bounds per page, summed over each KV head's query heads (Triton).
 
     q: [B, Hq, D]; bounds: [B, Hkv, page_cap, 2, D] (``[..., 0, :]`` channel-wise min key of the page,
     ``[..., 1, :]`` max), first ``n_pages`` valid. Returns fp32 [B, Hkv, n_pages]; with ``keep_ends`` the first
     and last page score +inf so any top-k keeps them. ``scales`` (fp32 [B, Hkv, page_cap, 2]): the bounds are
-    8-bit (``quantize_bounds``) and row ``r`` of page ``p`` is ``bounds[..., p, r, :] * scales[..., p, r]``.
-    ``hist`` (``score_histogram``): also count the scores there for ``topk_sparse_decode(hist=...)``.
-    ``block_p`` (pages per program), ``num_warps`` and ``pdl`` only change speed.
+    8-bit codes (``headwise.policies.stores.quantize_bounds``) and row ``r`` of page ``p`` stands for
+    ``bounds[..., p, r, :] * scales[..., p, r]``. ``block_p`` (pages per program) and ``num_warps`` only change
+    speed.
     """
-    return _launch_quest_scores(q, bounds, n_pages, keep_ends, block_p, num_warps, scales, hist, pdl)
+    return _launch_quest_scores(q, bounds, n_pages, keep_ends, block_p, num_warps, scales)
 
 
 def quest_page_scores_reference(
@@ -989,8 +823,6 @@ def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = Fal
 __all__ = [
     "quest_page_scores",
     "quest_page_scores_reference",
-    "score_histogram",
-    "score_histogram_reference",
     "select_pages",
     "sparse_decode",
     "sparse_decode_reference",

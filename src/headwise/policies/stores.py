@@ -204,17 +204,23 @@ class PagedStore(DenseStore):
     """``DenseStore`` + the channel-wise min and max key of every page of ``page_size`` tokens (Quest).
 
     ``bounds: [batch, heads, page_capacity, 2, head_dim]``: ``[..., 0, :]`` is the page's min key,
-    ``[..., 1, :]`` its max, over the tokens written so far (the newest page may be partial). Kept in the
-    KV dtype: the min/max of stored keys are themselves stored values, so the Quest bound stays exact.
+    ``[..., 1, :]`` its max, over the tokens written so far (the newest page may be partial). With
+    ``bound_format="exact"`` they are kept in the KV dtype: the min/max of stored keys are themselves stored
+    values, so the Quest bound stays exact. With ``"e4m3"`` they are float8 codes rounded outward, with one fp32
+    scale per page row in ``bound_scales: [batch, heads, page_capacity, 2]`` (``quantize_bounds``): still
+    bounds, a little looser, half the bytes, which is half of what a Quest step reads to score the pages.
     The bounds are metadata bytes the cache really holds, so ``tensors()`` includes them (one page's bounds
-    are ``2 * head_dim`` values: one token slot's worth per page).
+    are ``2 * head_dim`` values: one token slot's worth per page, half of one in e4m3).
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 page_size: int = 16):
+                 page_size: int = 16, bound_format: str = "exact"):
         super().__init__(batch, heads, head_dim, device, dtype)
+        assert bound_format in ("exact", "e4m3"), bound_format
         self.page_size = page_size
+        self.bound_format = bound_format
         self.bounds: torch.Tensor | None = None
+        self.bound_scales: torch.Tensor | None = None
 
     @property
     def num_pages(self) -> int:
@@ -227,10 +233,17 @@ class PagedStore(DenseStore):
         have = 0 if self.bounds is None else self.bounds.shape[2]
         if pages <= have:
             return
-        bounds = torch.empty(self.batch, self.heads, pages, 2, self.head_dim, device=self.device, dtype=self.dtype)
+        e4m3 = self.bound_format == "e4m3"
+        bounds = torch.empty(self.batch, self.heads, pages, 2, self.head_dim, device=self.device,
+                             dtype=torch.float8_e4m3fn if e4m3 else self.dtype)
         if self.bounds is not None and have:
             bounds[:, :, :have] = self.bounds
         self.bounds = bounds
+        if e4m3:
+            scales = torch.empty(self.batch, self.heads, pages, 2, device=self.device, dtype=torch.float32)
+            if self.bound_scales is not None and have:
+                scales[:, :, :have] = self.bound_scales
+            self.bound_scales = scales
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v: [batch, heads, n, head_dim]`` and refresh the bounds of every page they touch."""
@@ -248,19 +261,30 @@ class PagedStore(DenseStore):
         first = start // P
         seg = self.keys[:, :, first * P : end]  # [B, H, n, D], starts on a page boundary
         n_full = seg.shape[2] // P
+        parts = []
         if n_full:
             pages = seg[:, :, : n_full * P].reshape(self.batch, self.heads, n_full, P, self.head_dim)
-            self.bounds[:, :, first : first + n_full, 0] = pages.amin(dim=3)
-            self.bounds[:, :, first : first + n_full, 1] = pages.amax(dim=3)
+            parts.append(torch.stack([pages.amin(dim=3), pages.amax(dim=3)], dim=3))
         tail = seg[:, :, n_full * P :]
         if tail.shape[2]:
-            self.bounds[:, :, first + n_full, 0] = tail.amin(dim=2)
-            self.bounds[:, :, first + n_full, 1] = tail.amax(dim=2)
+            parts.append(torch.stack([tail.amin(dim=2), tail.amax(dim=2)], dim=2)[:, :, None])
+        exact = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
+        last = first + exact.shape[2]
+        if self.bound_format == "e4m3":
+            assert self.bound_scales is not None
+            self.bounds[:, :, first:last], self.bound_scales[:, :, first:last] = quantize_bounds(exact)
+        else:
+            self.bounds[:, :, first:last] = exact
 
     def page_bounds(self) -> torch.Tensor:
-        """Bounds of the pages in use, ``[batch, heads, num_pages, 2, head_dim]`` (a view)."""
+        """Bounds of the pages in use, ``[batch, heads, num_pages, 2, head_dim]``: a view in the KV dtype, or
+        (e4m3) the codes times their scales, in fp32."""
         assert self.bounds is not None
+        if self.bound_format == "e4m3":
+            assert self.bound_scales is not None
+            return dequantize_bounds(self.bounds[:, :, : self.num_pages], self.bound_scales[:, :, : self.num_pages])
         return self.bounds[:, :, : self.num_pages]
 
     def tensors(self) -> list[torch.Tensor]:
-        return super().tensors() + ([self.bounds] if self.bounds is not None else [])
+        meta = [t for t in (self.bounds, self.bound_scales) if t is not None]
+        return super().tensors() + meta
