@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel path runs in Triton's interpreter on CPU tensors
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    # the kernel path runs in Triton's interpreter on CPU tensors (on a GPU machine, setting it would switch
+    # every later test's kernels to the interpreter too)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import headwise.kernels.sparse_decode as sparse_decode_kernels
 from headwise.cache import HeadwiseCache
