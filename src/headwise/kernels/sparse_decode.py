@@ -27,7 +27,9 @@ Algorithm
     with the per-page channel-wise min and max key, ``score = sum_d max(q_d * min_d, q_d * max_d)``, an upper
     bound of ``q . k`` for every key ``k`` of the page. For GQA we sum the bound over the query heads of the KV
     head (pages are selected per KV head, since the cache and the kernel are per KV head), which bounds
-    ``sum_r q_r . k``. Written as ``relu(q) . max + min(q, 0) . min`` it is one pass over the page bounds.
+    ``sum_r q_r . k``. Written as ``relu(q) . max + min(q, 0) . min`` it is one pass over the page bounds. The
+    bounds may be 8-bit e4m3 codes with one fp32 scale per page row (``PageTopK(bounds="e4m3")``, rounded outward
+    by ``policies.stores.quantize_bounds``): half the bytes, the scale applied to each row's dot product.
     ``select_pages`` keeps the top pages within a token budget, always with the first page (attention sinks)
     and the newest page; its Triton path finds the k-th largest score bit by bit on the float bits (stopping
     once exactly k scores lie above the prefix) in one program per (sequence, KV head); ties go to the lower
@@ -51,7 +53,7 @@ Tested
     partial last page, GQA 4:1 and 1:1, different page counts per head, pages listed in a random order,
     D 64, 80 and 128, several splits with empty ones, two groups in one launch, both merges, top-k with ties
     and -0.0, in-kernel selection against ``top_pages_reference``, the histogram selection on crowded bins,
-    ties, +inf runs and -inf/huge ranges); the same file
+    ties, +inf runs and -inf/huge ranges, scoring from 8-bit bounds); the same file
     passes on an H100 with real kernels. At Llama-3-8B shapes, 128K tokens, on an H100
     (``src/headwise/bench/decode.py``, bench/results/decode_2026-11-23.json): max error vs the fp32 reference
     at most half of PyTorch-in-bf16's; dense over all pages runs at SDPA's speed (2.7 TB/s).
