@@ -6,8 +6,8 @@ Scoring reads the page bounds (min and max key per channel per page): half the b
 over its page, only looser. This measures what the looser bound does to the chosen pages, as top-1 agreement
 and KL against dense over teacher-forced decode steps (as bench/decode_quality.py), next to the exact bounds.
 
-Only the bound values change (rounded in place, in the store's dtype); the kernel that would read 8-bit bounds
-is not built.
+Since 6082f27 the store keeps them in 8 bits (``PageTopK(bounds="e4m3")``, ``PagedStore(bound_format="e4m3")``)
+and this script runs that option (at 84afe3a it rounded the values of exact bounds in place, the same numbers).
 
     PYTHONPATH=src python3 bench/quest_bounds_precision.py [--prompt-len 4096] [--budget 512] [--samples 2]
 """
@@ -28,39 +28,6 @@ from headwise.data import shakespeare
 from headwise.engine import Engine
 from headwise.models import load_model
 from headwise.plan import HeadPlan
-from headwise.policies.stores import PagedStore
-
-_E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-E4M3_VALUES = _E4M3[torch.isfinite(_E4M3)].unique()  # sorted, -448 .. 448
-E4M3_MAX = 448.0
-
-
-def round_outward_e4m3(bounds: torch.Tensor) -> torch.Tensor:
-    """``bounds [..., 2, D]`` (min row, max row) -> the same shape with each row scaled to +-448 by its absmax,
-    the min rounded down and the max rounded up to float8 e4m3 values, scaled back."""
-    x = bounds.float()
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / E4M3_MAX * (1 + 2**-10)  # headroom at +-448
-    y = (x / scale).clamp(-E4M3_MAX, E4M3_MAX)
-    table = E4M3_VALUES.to(y.device)
-    lo_idx = (torch.searchsorted(table, y[..., 0, :].contiguous(), right=True) - 1).clamp(0, table.numel() - 1)
-    hi_idx = torch.searchsorted(table, y[..., 1, :].contiguous(), right=False).clamp(0, table.numel() - 1)
-    last = table.numel() - 1
-    # x / scale was rounded: one step further out where the scaled-back value crossed x
-    lo_idx = torch.where(table[lo_idx] * scale[..., 0, :] > x[..., 0, :], (lo_idx - 1).clamp(min=0), lo_idx)
-    hi_idx = torch.where(table[hi_idx] * scale[..., 1, :] < x[..., 1, :], (hi_idx + 1).clamp(max=last), hi_idx)
-    out = torch.stack([table[lo_idx], table[hi_idx]], dim=-2) * scale
-    assert bool((out[..., 0, :] <= x[..., 0, :]).all() and (out[..., 1, :] >= x[..., 1, :]).all())
-    return out.to(bounds.dtype)
-
-
-_exact_refresh = PagedStore._refresh_bounds
-
-
-def _refresh_fp8(self: PagedStore, start: int, end: int) -> None:
-    _exact_refresh(self, start, end)
-    if end > start and self.bounds is not None:
-        first, last = start // self.page_size, (end - 1) // self.page_size + 1
-        self.bounds[:, :, first:last] = round_outward_e4m3(self.bounds[:, :, first:last])
 
 
 def main() -> int:
@@ -81,13 +48,10 @@ def main() -> int:
     dense = torch.cat([decode_logits(Engine(lm), s, args.prompt_len, args.steps) for s in slices])
     rows = []
     for page in (int(p) for p in args.page_sizes.split(",")):
-        plan = HeadPlan.uniform(lm.spec, {"policy": "page_topk", "params": {"page_size": page, "budget": args.budget}})
-        for bounds in ("exact", "e4m3-outward"):
-            PagedStore._refresh_bounds = _refresh_fp8 if bounds != "exact" else _exact_refresh  # type: ignore[method-assign]
-            try:
-                logits = torch.cat([decode_logits(Engine(lm, plan), s, args.prompt_len, args.steps) for s in slices])
-            finally:
-                PagedStore._refresh_bounds = _exact_refresh  # type: ignore[method-assign]
+        for bounds in ("exact", "e4m3"):
+            plan = HeadPlan.uniform(lm.spec, {"policy": "page_topk",
+                                              "params": {"page_size": page, "budget": args.budget, "bounds": bounds}})
+            logits = torch.cat([decode_logits(Engine(lm, plan), s, args.prompt_len, args.steps) for s in slices])
             rows.append({"page_size": page, "bounds": bounds, **agreement(dense, logits)})
             print(f"page {page:>3} bounds {bounds:<13} top-1 {rows[-1]['top1_agreement']:.3f}  KL {rows[-1]['kl']:.4f}",
                   file=sys.stderr, flush=True)
@@ -100,7 +64,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quest_bounds_precision_{datetime.date.today().isoformat()}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"quest_bounds_precision_{datetime.date.today().isoformat()}b.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc))
     return 0
 
