@@ -64,7 +64,7 @@ def main() -> int:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"quest_bounds_precision_{datetime.date.today().isoformat()}b.json").write_text(json.dumps(doc, indent=1) + "\n")
+    (out / f"quest_bounds_precision_{datetime.date.today().isoformat()}.json").write_text(json.dumps(doc, indent=1) + "\n")
     print(json.dumps(doc))
     return 0
 
