@@ -259,3 +259,15 @@ def test_page_topk_e4m3_kernel_path_matches_its_reference_path(tiny):
                                                                           "bounds": "e4m3"}})
     ref = _generate(tiny, plan)
     assert _generate(tiny, plan, use_kernels=True) == ref[:4]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fused_max", [0, 10**6], ids=["top-k-kernel", "selection-in-attention-kernel"])
+def test_page_topk_kernel_paths_both_match_the_reference(tiny, monkeypatch, fused_max):
+    """Both kernel paths of ``page_topk`` (a top-k kernel feeding the attention kernel, or the selection inside
+    it, chosen by ``FUSED_SELECT_MAX_HEADS``) generate what the reference path generates."""
+    import headwise.policies.page_topk as page_topk_module
+
+    monkeypatch.setattr(page_topk_module, "FUSED_SELECT_MAX_HEADS", fused_max)
+    plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32}})
+    assert _generate(tiny, plan, use_kernels=True) == _generate(tiny, plan)[:4]

@@ -20,8 +20,10 @@ How this differs from the paper, and why:
 Memory: the full cache is kept (pages are read selectively, not dropped), plus the page bounds: ``2 * head_dim``
 values per page, one token slot's worth, so ``kv_tokens = seq_len + ceil(seq_len / page_size)`` (e4m3: half a
 slot per page, plus two fp32 scales).
-CPU: reference (mask of the selected pages + SDPA). CUDA with kernels: Triton scoring + Triton top-k +
-the paged sparse decode kernel (``kernels/sparse_decode.py``), no gathered copy of K/V.
+CPU: reference (mask of the selected pages + SDPA). CUDA with kernels: Triton scoring, then for a few
+(sequence, KV head) pairs the attention kernel choosing the pages itself (``topk_sparse_decode``), else a Triton
+top-k + the paged sparse decode kernel (``kernels/sparse_decode.py``); the same pages either way, no gathered
+copy of K/V.
 """
 
 from __future__ import annotations
@@ -54,6 +56,13 @@ def quest_scores(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
     scores[:, :, 0] = float("inf")
     scores[:, :, P - 1] = float("inf")
     return scores
+
+
+# Up to this many (sequence, KV head) pairs per layer group, the kernel path selects pages inside the attention
+# kernel (score -> select+attend -> merge); beyond, a separate top-k kernel feeds the attention kernel. On an H100
+# at 128K tokens: 8 pairs (batch 1) 32.3 against 35.2 us, 32 pairs (batch 4) 77.4 against 68.9 us
+# (bench/results/bench_2026-11-23e.json).
+FUSED_SELECT_MAX_HEADS = 16
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ class PageTopK(Policy):
 
             assert store.bounds is not None
             scores = quest_page_scores(q, store.bounds, n_pages, scales=store.bound_scales)
-            return select_pages(scores, k, use_kernel=True)
+            return select_pages(scores, k, use_kernel=True, bins=256)
         return torch.topk(quest_scores(q, store.page_bounds()), k, dim=-1, sorted=False).indices
 
     def attend(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
@@ -109,5 +118,19 @@ class PageTopK(Policy):
         if q.shape[2] != 1:
             keys, values = store.view()
             return causal_attention(q, keys, values, ctx.start, ctx.scale)
+        if ctx.use_kernels and q.shape[0] * store.heads <= FUSED_SELECT_MAX_HEADS and store.num_pages <= 32768:
+            return self._attend_fused(q, store, ctx)
         table = self.select(q[:, :, 0], store, ctx.use_kernels)
         return attend_selected(q, store, table, self.page_size, ctx)
+
+    def _attend_fused(self, q: torch.Tensor, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
+        """Kernel path for few (sequence, KV head) pairs: the attention kernel selects the pages itself
+        (``topk_sparse_decode``: the same pages as ``select``, one launch less)."""
+        from headwise.kernels.sparse_decode import quest_page_scores, topk_sparse_decode
+
+        assert store.bounds is not None and store.keys is not None and store.values is not None
+        n_pages = store.num_pages
+        scores = quest_page_scores(q[:, :, 0], store.bounds, n_pages, scales=store.bound_scales)
+        out = topk_sparse_decode(q[:, :, 0], store.keys, store.values, store.length, scores,
+                                 self.budget // self.page_size, self.page_size, ctx.scale, select_bins=128)
+        return out.unsqueeze(2)
