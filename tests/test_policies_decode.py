@@ -271,3 +271,31 @@ def test_page_topk_kernel_paths_both_match_the_reference(tiny, monkeypatch, fuse
     monkeypatch.setattr(page_topk_module, "FUSED_SELECT_MAX_HEADS", fused_max)
     plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32}})
     assert _generate(tiny, plan, use_kernels=True) == _generate(tiny, plan)[:4]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bounds", ["exact", "e4m3"])
+def test_page_topk_on_gpu_kernel_paths_generate_like_the_reference(bounds):
+    """On CUDA (fp32 model, so the kernels multiply in full fp32): both kernel paths of ``page_topk`` (the
+    selection inside the attention kernel, and the top-k kernel, forced by the switch) generate the reference
+    path's tokens with a budget far below the context."""
+    import headwise.policies.page_topk as page_topk_module
+
+    lm = tiny_model("llama")
+    lm.model.to("cuda")
+    plan = HeadPlan.uniform(lm.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 48,
+                                                                        "bounds": bounds}})
+    prompt = torch.randint(0, 128, (1, 300), generator=torch.Generator().manual_seed(3)).cuda()
+
+    def gen(use_kernels: bool) -> list[int]:
+        engine = Engine(lm, plan, chunk_size=128, use_kernels=use_kernels)
+        return [e.token_id for e in engine.generate(prompt, max_new_tokens=12) if e.token_id >= 0]
+
+    ref = gen(False)
+    assert gen(True) == ref
+    old = page_topk_module.FUSED_SELECT_MAX_HEADS
+    page_topk_module.FUSED_SELECT_MAX_HEADS = 0
+    try:
+        assert gen(True) == ref
+    finally:
+        page_topk_module.FUSED_SELECT_MAX_HEADS = old
