@@ -14,8 +14,9 @@ How this differs from the paper, and why:
 - Option ``bounds="e4m3"`` (not in the paper): the page bounds are stored as float8 e4m3 with one scale per page
   row, rounded outward so the score is still an upper bound of ``q . k`` over the page, only looser. Half the
   metadata bytes, and half of what a decode step reads to score pages (at 128K tokens on an H100, batch 1: the
-  step from 31.9 to 29.9 us; SmolLM2 4K decode fidelity, top-1 agreement 0.844 vs 0.859 with exact bounds:
-  bench/results/quest_batch1_attempts_2026-11-23b.json, quest_bounds_precision_2026-11-23.json).
+  step from 32.3 to 30.5 us, bench/results/bench_2026-11-23e.json). Decode fidelity on SmolLM2 (4K prompt,
+  512-token budget, pages of 32, 6 x 64 teacher-forced steps): top-1 agreement with dense 0.812 / KL 0.102
+  against 0.810 / 0.105 with exact bounds (bench/results/quest_bounds_precision_2026-11-23c.json).
 
 Memory: the full cache is kept (pages are read selectively, not dropped), plus the page bounds: ``2 * head_dim``
 values per page, one token slot's worth, so ``kv_tokens = seq_len + ceil(seq_len / page_size)`` (e4m3: half a
