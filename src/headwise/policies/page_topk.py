@@ -106,12 +106,9 @@ class PageTopK(Policy):
         n_pages = store.num_pages
         k = min(self.budget // self.page_size, n_pages)
         if use_kernels:
-            # Triton is imported only when kernels are asked for.
-            from headwise.kernels.sparse_decode import quest_page_scores, select_pages
+            from headwise.kernels.sparse_decode import select_pages
 
-            assert store.bounds is not None
-            scores = quest_page_scores(q, store.bounds, n_pages, scales=store.bound_scales)
-            return select_pages(scores, k, use_kernel=True, bins=256)
+            return select_pages(_kernel_scores(q, store), k, use_kernel=True, bins=256)
         return torch.topk(quest_scores(q, store.page_bounds()), k, dim=-1, sorted=False).indices
 
     def attend(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
@@ -127,11 +124,19 @@ class PageTopK(Policy):
     def _attend_fused(self, q: torch.Tensor, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
         """Kernel path for few (sequence, KV head) pairs: the attention kernel selects the pages itself
         (``topk_sparse_decode``: the same pages as ``select``, one launch less)."""
-        from headwise.kernels.sparse_decode import quest_page_scores, topk_sparse_decode
+        from headwise.kernels.sparse_decode import topk_sparse_decode
 
-        assert store.bounds is not None and store.keys is not None and store.values is not None
-        n_pages = store.num_pages
-        scores = quest_page_scores(q[:, :, 0], store.bounds, n_pages, scales=store.bound_scales)
-        out = topk_sparse_decode(q[:, :, 0], store.keys, store.values, store.length, scores,
+        assert store.keys is not None and store.values is not None
+        q0 = q[:, :, 0]
+        out = topk_sparse_decode(q0, store.keys, store.values, store.length, _kernel_scores(q0, store),
                                  self.budget // self.page_size, self.page_size, ctx.scale, select_bins=128)
         return out.unsqueeze(2)
+
+
+def _kernel_scores(q: torch.Tensor, store: PagedStore) -> torch.Tensor:
+    """Quest scores of the pages in use by the Triton kernel (``quest_page_scores``, 8-bit bounds with their
+    scales): q [B, Hq, D] -> fp32 [B, Hkv, pages]. Triton is imported only when kernels are asked for."""
+    from headwise.kernels.sparse_decode import quest_page_scores
+
+    assert store.bounds is not None
+    return quest_page_scores(q, store.bounds, store.num_pages, scales=store.bound_scales)

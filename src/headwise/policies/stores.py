@@ -234,16 +234,16 @@ class PagedStore(DenseStore):
         if pages <= have:
             return
         e4m3 = self.bound_format == "e4m3"
-        bounds = torch.empty(self.batch, self.heads, pages, 2, self.head_dim, device=self.device,
-                             dtype=torch.float8_e4m3fn if e4m3 else self.dtype)
-        if self.bounds is not None and have:
-            bounds[:, :, :have] = self.bounds
-        self.bounds = bounds
+        self.bounds = self._grown(self.bounds, (pages, 2, self.head_dim), torch.float8_e4m3fn if e4m3 else self.dtype)
         if e4m3:
-            scales = torch.empty(self.batch, self.heads, pages, 2, device=self.device, dtype=torch.float32)
-            if self.bound_scales is not None and have:
-                scales[:, :, :have] = self.bound_scales
-            self.bound_scales = scales
+            self.bound_scales = self._grown(self.bound_scales, (pages, 2), torch.float32)
+
+    def _grown(self, old: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A new ``[batch, heads, *shape]`` per-page buffer holding ``old``'s pages at the front."""
+        new = torch.empty(self.batch, self.heads, *shape, device=self.device, dtype=dtype)
+        if old is not None and old.shape[2]:
+            new[:, :, : old.shape[2]] = old
+        return new
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v: [batch, heads, n, head_dim]`` and refresh the bounds of every page they touch."""
