@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from headwise.bench.decode import kernel_durations
 from headwise.kernels import sparse_decode as sd
 
 
@@ -64,23 +65,17 @@ def main() -> None:
             got = topk_sort(scores, k, num_warps=w)
             r[f"exact_w{w}"] = bool(torch.equal(got.long(), ref))
             if dev == "cuda":
-                r[f"sort_w{w}_us"] = sd_kernel_us(functools.partial(topk_sort, scores, k, num_warps=w))
-                r[f"sort_unordered_w{w}_us"] = sd_kernel_us(functools.partial(topk_sort, scores, k, num_warps=w,
+                r[f"sort_w{w}_us"] = kernel_durations(functools.partial(topk_sort, scores, k, num_warps=w))
+                r[f"sort_unordered_w{w}_us"] = kernel_durations(functools.partial(topk_sort, scores, k, num_warps=w,
                                                                               ascending=False))
         if dev == "cuda":
             for bins in (0, 128):
-                r[f"shipped_bins{bins}_us"] = sd_kernel_us(functools.partial(sd.select_pages, scores, k,
+                r[f"shipped_bins{bins}_us"] = kernel_durations(functools.partial(sd.select_pages, scores, k,
                                                                              use_kernel=True, bins=bins))
         res[f"B{B}_H{H}_P{P}_k{k}"] = r
         print(json.dumps({f"B{B}_H{H}_P{P}_k{k}": r}), flush=True)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
-
-
-def sd_kernel_us(fn) -> dict[str, float]:
-    from headwise.bench.decode import kernel_durations
-
-    return kernel_durations(fn)
 
 
 if __name__ == "__main__":

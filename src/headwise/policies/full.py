@@ -27,8 +27,8 @@ class Full(Policy):
         store.append(k, v)
         if q.shape[2] == 1 and ctx.use_kernels:
             # A decode step on the decode kernel: flash-decoding over every stored token, the length a runtime
-            # argument. (Eager SDPA decode measured ~9 ms per layer at 32K, likely a backend plan built for each
-            # new cache length: docs/kernels.md, "Engine decode on a GPU".)
+            # argument. (Without kernels, causal_attention -> decode_sdpa names SDPA's flash backend: left to
+            # choose, SDPA re-planned at every new cache length; docs/kernels.md, "Engine decode on a GPU".)
             assert store.keys is not None and store.values is not None
             return kernel_decode(q, store.keys, store.values, store.length, ctx.scale)
         keys, values = store.view()
