@@ -253,23 +253,20 @@ def test_page_topk_rejects_an_unknown_bound_format():
         build_policy({"policy": "page_topk", "params": {"bounds": "int4"}})
 
 
-@needs_interpreter
-def test_page_topk_e4m3_kernel_path_matches_its_reference_path(tiny):
-    plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32,
-                                                                          "bounds": "e4m3"}})
-    ref = _generate(tiny, plan)
-    assert _generate(tiny, plan, use_kernels=True) == ref[:4]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("fused_max", [0, 10**6], ids=["top-k-kernel", "selection-in-attention-kernel"])
-def test_page_topk_kernel_paths_both_match_the_reference(tiny, monkeypatch, fused_max):
+@pytest.mark.parametrize(("bounds", "fused_max"), [("exact", 0), ("exact", 10**6), ("e4m3", 10**6)],
+                         ids=["top-k-kernel", "selection-in-attention-kernel", "e4m3-bounds"])
+def test_page_topk_kernel_paths_both_match_the_reference(tiny, monkeypatch, bounds, fused_max):
     """Both kernel paths of ``page_topk`` (a top-k kernel feeding the attention kernel, or the selection inside
-    it, chosen by ``FUSED_SELECT_MAX_HEADS``) generate what the reference path generates."""
+    it, chosen by ``FUSED_SELECT_MAX_HEADS``), and the kernel path with 8-bit bounds, generate what the
+    reference path generates."""
     import headwise.policies.page_topk as page_topk_module
 
     monkeypatch.setattr(page_topk_module, "FUSED_SELECT_MAX_HEADS", fused_max)
-    plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32}})
+    plan = HeadPlan.uniform(tiny.spec, {"policy": "page_topk", "params": {"page_size": 16, "budget": 32,
+                                                                          "bounds": bounds}})
     assert _generate(tiny, plan, use_kernels=True) == _generate(tiny, plan)[:4]
 
 
