@@ -3,9 +3,10 @@
 No model weights reach the GPU box, so this builds a random-weight Llama with Llama-3-8B's attention and MLP
 shapes (32 query / 8 KV heads, head_dim 128, hidden 4096) and a few layers, prefills a long random prompt and
 times single-token decode steps (median of CUDA-synchronised steps): the model's own SDPA path with a
-``DynamicCache``, headwise with the dense plan, and headwise with a DuoAttention-style plan (KV heads 0-1 full,
-2-7 streaming sink 64 + window 1024), each on the reference path (SDPA) and on the decode kernel
-(``use_kernels``); it checks that both paths give the same next-token logits, and times PyTorch's SDPA on one
+``DynamicCache`` (left to choose its backend, and with flash named), headwise with the dense plan, and headwise
+with a DuoAttention-style plan (KV heads 0-1 full, 2-7 streaming sink 64 + window 1024), each on the reference
+path (SDPA), on the decode kernel (``use_kernels``), and on the kernel with steps replayed from a CUDA graph
+(``GraphDecoder``); it checks that the paths give the same next-token logits, and times PyTorch's SDPA on one
 layer's shapes with a fixed and with a growing cache length.
 
     PYTHONPATH=src python3 bench/gpu_engine_decode.py OUT.json [--context 32768] [--layers 4] [--steps 20]
@@ -25,7 +26,7 @@ import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from headwise.bench.record import result_doc
-from headwise.engine import Engine
+from headwise.engine import Engine, GraphDecoder
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.policies import Full
@@ -79,6 +80,11 @@ def main() -> None:
         i[0] += 1
 
     res["hf_sdpa_ms"] = _median_step_ms(hf_step, args.steps)
+    if dev == "cuda":  # the same with SDPA's flash backend named (no re-planning at each new length)
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+            res["hf_sdpa_flash_ms"] = _median_step_ms(hf_step, args.steps)
     cache = None  # free the DynamicCache
 
     plan_a = HeadPlan.from_policies(lm.spec, [[Full()] * 2 + [Streaming(sink=64, window=1024)] * 6
@@ -99,6 +105,28 @@ def main() -> None:
         res[f"{name}_ms"] = _median_step_ms(step, args.steps)
         res[f"{name}_kv_bytes"] = hw.kv_bytes()
         del hw
+        if kernels and dev == "cuda":
+            # The same decode steps replayed from one CUDA graph (GraphDecoder), and its logits against the
+            # eager kernel step's over a few steps.
+            hw, ref = engine.new_cache(1, reserve=args.context + 2 * args.steps + 16), engine.new_cache(
+                1, reserve=args.context + 2 * args.steps + 16)
+            engine.prefill(prompt, hw)
+            engine.prefill(prompt, ref)
+            decoder = GraphDecoder(engine, hw)
+            diff = 0.0
+            for t in range(4):
+                tok = int(nxt[0, t])
+                a = engine.forward(nxt[:, t : t + 1], ref).float()
+                diff = max(diff, (decoder.step(tok).float() - a).abs().max().item())
+            res[f"{name}_graph_vs_eager_max_abs_logit_diff"] = diff
+            g = [4]
+
+            def graph_step(decoder=decoder, g=g) -> None:
+                decoder.step(int(nxt[0, g[0] % 8]))
+                g[0] += 1
+
+            res[f"{name}_graph_ms"] = _median_step_ms(graph_step, args.steps)
+            del hw, ref, decoder
     res["plan_a_kernel_vs_reference_max_abs_logit_diff"] = (logits["plan_a_kernel"] - logits["plan_a_reference"]).abs().max().item()
     res["dense_kernel_vs_reference_max_abs_logit_diff"] = (
         logits["headwise_dense_kernel"] - logits["headwise_dense_reference"]).abs().max().item()

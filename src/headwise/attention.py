@@ -102,6 +102,7 @@ def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: l
         step=cache.decode_step,
         use_kernels=cache.use_kernels,
         kv_heads=tuple(kv_heads),
+        position=cache.position,
     )
 
 

@@ -110,6 +110,9 @@ class HeadwiseCache(Cache):
         self.shared: dict[str, Any] = {}  # cross-layer state (TidalDecode positions)
         self.decode_step = 0
         self.reserved = 0
+        # Set by the engine's CUDA-graph decode (``engine.GraphDecoder``): the decode token's position, on the
+        # device, which graph-capable policies read instead of host-side lengths.
+        self.position: torch.Tensor | None = None
 
     # ------------------------------------------------------------------ storage
     def reserve(self, total_tokens: int) -> None:
@@ -128,6 +131,30 @@ class HeadwiseCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.layers[layer_idx].seen if self.layers else 0
+
+    # ------------------------------------------------------------------ CUDA-graph decode
+    def graph_blockers(self) -> list[str]:
+        """Why a decode step of this cache cannot be replayed from a CUDA graph (empty: it can): policies whose
+        decode reads host-side state (``Policy.graph_decode``), a batch above 1, or no kernels."""
+        why = []
+        if not self.use_kernels:
+            why.append("the decode kernels are off (use_kernels)")
+        if self.batch != 1:
+            why.append(f"batch {self.batch} (graphs replay batch-1 decode)")
+        names = sorted({f"{g.policy.name} ({g.policy.short()})" for layer in self.layers for g in layer.groups
+                        if not g.policy.graph_decode})
+        if names:
+            why.append("policies without graph decode: " + ", ".join(names))
+        return why
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` decode tokens in the host-side counters (layers and stores) that a replayed CUDA graph
+        wrote on the device; ``-n`` takes back what capturing a step counted without running it."""
+        for layer in self.layers:
+            layer.seen += n
+            for g in layer.groups:
+                if g.store is not None:
+                    g.store.advance(n)
 
     # ------------------------------------------------------------------ accounting
     def kv_bytes_by_head(self) -> torch.Tensor:

@@ -97,7 +97,10 @@ class Engine:
     """Runs a loaded model with a head plan."""
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 use_kernels: bool | None = None):
+                 use_kernels: bool | None = None, cuda_graphs: bool | None = None):
+        """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: ``generate`` replays its decode
+        steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
+        of the plan allow it, else eager steps; True: required (an error says what prevents it); False: never."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -106,6 +109,7 @@ class Engine:
         self.plan.policies()
         self.chunk_size = chunk_size
         self.use_kernels = use_kernels
+        self.cuda_graphs = cuda_graphs
 
     @property
     def spec(self):
@@ -128,25 +132,33 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache: HeadwiseCache, all_logits: bool = False,
-                keep: torch.Tensor | None = None) -> torch.Tensor:
+                keep: torch.Tensor | None = None, position: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``input_ids: [B, L]`` (one chunk) after what ``cache`` holds. Returns logits ``[B, L, vocab]`` if
         ``all_logits``, ``[B, len(keep), vocab]`` for chunk-relative positions ``keep``, else ``[B, vocab]`` of the
-        last position."""
+        last position. ``position`` (one long element on the device): a batch-1 decode token at that position,
+        run on the graph-ready path (``GraphDecoder``)."""
         start = cache.get_seq_length()
         L = input_ids.shape[1]
-        pos = torch.arange(start, start + L, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], L)
+        if position is not None:
+            pos = position.view(1, 1)
+        else:
+            pos = torch.arange(start, start + L, device=input_ids.device).unsqueeze(0).expand(input_ids.shape[0], L)
         to_keep: int | torch.Tensor = 0 if all_logits else 1
         if keep is not None:
             to_keep = keep.to(input_ids.device)
-        with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
-            out = self.lm.model(
-                input_ids=input_ids,
-                position_ids=pos,
-                past_key_values=cache,
-                use_cache=True,
-                headwise_cache=cache,
-                logits_to_keep=to_keep,
-            )
+        cache.position = position
+        try:
+            with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
+                out = self.lm.model(
+                    input_ids=input_ids,
+                    position_ids=pos,
+                    past_key_values=cache,
+                    use_cache=True,
+                    headwise_cache=cache,
+                    logits_to_keep=to_keep,
+                )
+        finally:
+            cache.position = None
         logits = out.logits
         return logits if (all_logits or keep is not None) else logits[:, -1]
 
@@ -208,6 +220,18 @@ class Engine:
                                 headwise_caches=list(caches), logits_to_keep=1)
         return out.logits[:, -1]
 
+    def graph_decoder(self, cache: HeadwiseCache) -> GraphDecoder | None:
+        """The CUDA-graph decoder ``generate`` uses for ``cache`` under ``cuda_graphs`` (None: eager steps)."""
+        if self.cuda_graphs is False:
+            return None
+        why = ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
+        why += cache.graph_blockers()
+        if why:
+            if self.cuda_graphs:
+                raise InputError("CUDA-graph decode was asked for, but " + "; ".join(why))
+            return None
+        return GraphDecoder(self, cache)
+
     # ------------------------------------------------------------------ generation
     def encode(self, text: str) -> torch.Tensor:
         ids = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
@@ -239,6 +263,7 @@ class Engine:
         stats = GenerationStats(prompt_tokens=ids.shape[1])
         total = ids.shape[1] + params.max_new_tokens - 1  # the last new token is never fed back
         cache = self.new_cache(1, reserve=total)
+        graphs = self.graph_decoder(cache)
         sync = _sync_fn(self.lm.device)
         t0 = time.perf_counter()
         logits = self.prefill(ids, cache)
@@ -267,12 +292,69 @@ class Engine:
             yield TokenEvent(next_id, piece)
             if step + 1 < params.max_new_tokens:
                 cache.decode_step += 1
-                logits = self.forward(torch.tensor([[next_id]], device=self.lm.device), cache)
+                if graphs is not None:
+                    logits = graphs.step(next_id)
+                else:
+                    logits = self.forward(torch.tensor([[next_id]], device=self.lm.device), cache)
         sync()
         stats.decode_s = time.perf_counter() - t1
         stats.kv_bytes = cache.kv_bytes()
         stats.dense_kv_bytes = self.spec.dense_kv_bytes(cache.get_seq_length(), self.lm.dtype.itemsize)
         yield TokenEvent(-1, "", stats)
+
+
+class GraphDecoder:
+    """Batch-1 decode steps of one cache replayed from a CUDA graph.
+
+    Eager decode on a GPU is bound by launches and Python (docs/kernels.md, "Engine decode on a GPU"). Here the
+    first step runs eagerly on the graph-ready path: the token's position is a device tensor
+    (``AttendContext.position``), the stores write at slots computed from it, and the kernels read their
+    lengths from it (``kernels.sparse_decode.DeviceLength``), sized for the cache's reserved length. That step
+    also compiles the kernels. Then the same step is captured once. Every later step writes the token id and
+    position into the graph's input tensors, replays it, and counts the token in the host-side counters
+    (``HeadwiseCache.advance``). One capture serves the whole generation.
+
+    Needs a batch-1 cache with reserved room, the kernels, and policies with ``graph_decode`` (``full``,
+    ``streaming`` without compensation, prefill patterns that decode with them). ``capture=False`` runs every
+    step eagerly on the graph-ready path: it tests everything but the capture itself, on any device.
+    """
+
+    def __init__(self, engine: Engine, cache: HeadwiseCache, capture: bool = True):
+        why = cache.graph_blockers()
+        if why:
+            raise InputError("this cache cannot decode from a CUDA graph: " + "; ".join(why))
+        if cache.reserved <= cache.get_seq_length():
+            raise InputError("CUDA-graph decode needs room reserved in the cache (Engine.new_cache(reserve=...))")
+        self.engine, self.cache, self.capture = engine, cache, capture
+        device = engine.lm.device
+        self.ids = torch.zeros(1, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits: torch.Tensor | None = None
+
+    def step(self, token_id: int) -> torch.Tensor:
+        """Feed ``token_id`` at the cache's next position; returns its logits ``[1, vocab]``, valid until the
+        next step (a graph's output buffer)."""
+        cache = self.cache
+        n = cache.get_seq_length()
+        if n >= cache.reserved:
+            raise ContextLengthError(f"the cache holds room for {cache.reserved} tokens; a decode step at position {n} "
+                                     f"does not fit")
+        self.ids.fill_(int(token_id))
+        self.position.fill_(n)
+        if self.graph is not None:
+            self.graph.replay()
+            cache.advance(1)
+            assert self.logits is not None
+            return self.logits
+        logits = self.engine.forward(self.ids, cache, position=self.position)
+        if self.capture:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self.engine.forward(self.ids, cache, position=self.position)
+            cache.advance(-1)  # capturing ran the step's host code, not the step
+            self.graph = graph
+        return logits
 
 
 def _sync_fn(device: torch.device):

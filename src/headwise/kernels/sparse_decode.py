@@ -64,6 +64,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -76,6 +77,26 @@ _TOKENS_PER_ITER = 64  # K/V rows per inner iteration: enough for a tensor-core 
 
 
 # ----------------------------------------------------------------------------------------------- kernels
+@dataclass(frozen=True)
+class DeviceLength:
+    """A cache length that lives on the device, for decode steps replayed from a CUDA graph: the valid slots
+    are ``min(count[0] + add, limit)``, read by the kernel when it runs; the launch (grid, splits) is sized for
+    ``limit`` slots, and programs past the valid ones find nothing to attend. ``count`` is a one-element
+    integer tensor on the kernel's device (e.g. the position of the token being decoded, with ``add=1``)."""
+
+    count: torch.Tensor
+    add: int
+    limit: int
+
+
+def _length_args(length: int | DeviceLength) -> tuple[int, torch.Tensor | None, int]:
+    """(limit, device tensor or None, add) of a length argument."""
+    if isinstance(length, DeviceLength):
+        assert length.count.numel() == 1 and not length.count.is_floating_point(), "count: one integer element"
+        return int(length.limit), length.count, int(length.add)
+    return int(length), None, 0
+
+
 @triton.jit
 def _dot(a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     """``a @ b`` on tensor cores in ``b``'s dtype with fp32 accumulation. Triton's interpreter gets bf16 dots
@@ -278,14 +299,22 @@ def _sparse_decode_kernel(
     stride_ob, stride_oh,
     n_first, length2, n_kv_heads2, pages_per_split2, iters_per_split2, n_splits2, k2_off, v2_off,
     stride_k2b, stride_k2h, stride_k2n, stride_v2b, stride_v2h, stride_v2n,
+    LEN, len_add, LEN2, len2_add,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE: tl.constexpr, PAGES_PER_ITER: tl.constexpr,
     ALL_PAGES: tl.constexpr, HAS_COUNTS: tl.constexpr, SINGLE_SPLIT: tl.constexpr, INTERPRET: tl.constexpr,
     IEEE: tl.constexpr, SECOND: tl.constexpr,
     TOPK: tl.constexpr, BLOCK_SC: tl.constexpr, NBINS: tl.constexpr,
     FUSED_MERGE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_SPL: tl.constexpr, MERGE_CHUNK: tl.constexpr,
+    DEV_LEN: tl.constexpr,
 ):
     BLOCK_N: tl.constexpr = PAGE * PAGES_PER_ITER
+    if DEV_LEN:
+        # Lengths that live on the device (``DeviceLength``, CUDA-graph decode): the host sized the launch for
+        # ``length`` slots, the limit; the valid ones are ``min(LEN[0] + len_add, limit)``, read now.
+        length = tl.minimum(tl.load(LEN).to(tl.int32) + len_add, length)
+        if SECOND:
+            length2 = tl.minimum(tl.load(LEN2).to(tl.int32) + len2_add, length2)
     # A 1-D grid, split fastest: program ``pid`` is split ``pid % n_splits`` of (sequence, KV head)
     # ``pid // n_splits``, so the programs of one head are consecutive and the hardware hands them out evenly.
     pid = tl.program_id(0)
@@ -511,11 +540,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
 
 
 def _launch_sparse_decode(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int | DeviceLength,
     page_table: torch.Tensor | None, counts: torch.Tensor | None, page_size: int, scale: float,
     num_splits: int | None, out: torch.Tensor | None = None, tokens_per_iter: int = _TOKENS_PER_ITER,
     num_warps: int = 4, num_stages: int = 2, programs_per_sm: int = 2,
-    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    second: tuple[torch.Tensor, torch.Tensor, int | DeviceLength] | None = None,
     scores: torch.Tensor | None = None, fused_merge: int = 0, select_bins: int = 0,
 ) -> torch.Tensor:
     """Launch ``_sparse_decode_kernel`` (and ``_merge_splits_kernel`` unless ``fused_merge``). With ``scores``,
@@ -523,6 +552,7 @@ def _launch_sparse_decode(
     B, Hq, D = q.shape
     Hkv = k.shape[1]
     Hkv2 = 0 if second is None else second[0].shape[1]
+    length, len_t, len_add = _length_args(length)
     assert k.shape == v.shape and k.shape[0] == B and k.shape[3] == D, "k, v must be [B, Hkv, S_cap, D] like q"
     assert Hq % (Hkv + Hkv2) == 0 and Hq // (Hkv + Hkv2) <= 64, "query heads must be a multiple (<= 64) of KV heads"
     assert k.stride(3) == 1 and v.stride(3) == 1 and q.stride(2) == 1, "head_dim must be contiguous"
@@ -555,6 +585,10 @@ def _launch_sparse_decode(
     iters_per_split = pages_per_split // pages_per_iter
     # The second group (every page of its own cache): its own split size, on the same grid.
     k2, v2, length2 = second if second is not None else (k, v, 0)
+    length2, len2_t, len2_add = _length_args(length2)
+    assert second is None or (len_t is None) == (len2_t is None), "both groups' lengths on the device, or neither"
+    if len_t is not None:
+        assert len_t.device == q.device, "a DeviceLength's count must be on q's device"
     pps2 = iters2 = k2_off = v2_off = splits2 = 0
     if second is not None:
         assert all_pages and k2.dtype == k.dtype and v2.dtype == v.dtype and k2.shape[0] == B and k2.shape[3] == D
@@ -596,6 +630,7 @@ def _launch_sparse_decode(
         out.stride(0), out.stride(1),
         n_first, length2, max(1, Hkv2), pps2, iters2, max(1, splits2), k2_off, v2_off,
         k2.stride(0), k2.stride(1), k2.stride(2), v2.stride(0), v2.stride(1), v2.stride(2),
+        len_t if len_t is not None else q, len_add, len2_t if len2_t is not None else q, len2_add,
         GROUP=group, BLOCK_H=max(16, triton.next_power_of_2(group)), HEAD_DIM=D, BLOCK_D=block_d,
         PAGE=page_size, PAGES_PER_ITER=pages_per_iter,
         ALL_PAGES=all_pages, HAS_COUNTS=counts is not None, SINGLE_SPLIT=max_splits == 1, INTERPRET=_INTERPRET,
@@ -603,7 +638,7 @@ def _launch_sparse_decode(
         TOPK=scores is not None, BLOCK_SC=triton.next_power_of_2(max(1, n_scores)), NBINS=int(select_bins),
         FUSED_MERGE=fused, BLOCK_G=block_g, BLOCK_SPL=triton.next_power_of_2(max_splits),
         MERGE_CHUNK=max(1, min(triton.next_power_of_2(max_splits), 8192 // (block_g * block_d))),
-        num_warps=num_warps, num_stages=num_stages,
+        DEV_LEN=len_t is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if max_splits > 1 and not fused:
         block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(max_splits)))
@@ -647,19 +682,20 @@ def sparse_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    length: int,
+    length: int | DeviceLength,
     page_table: torch.Tensor | None = None,
     counts: torch.Tensor | None = None,
     page_size: int = 16,
     scale: float | None = None,
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
-    second: tuple[torch.Tensor, torch.Tensor, int] | None = None,
+    second: tuple[torch.Tensor, torch.Tensor, int | DeviceLength] | None = None,
     **tuning: int,
 ) -> torch.Tensor:
     """Attention of one new token over the listed pages of a contiguous per-head cache.
 
-    q: [B, Hq, D] (GQA order); k, v: [B, Hkv, S_cap, D], slots ``< length`` valid; page_table: int32/int64
+    q: [B, Hq, D] (GQA order); k, v: [B, Hkv, S_cap, D], slots ``< length`` valid (an int, or a ``DeviceLength``
+    read by the kernel at run time, so a CUDA graph can replay the call as the cache grows); page_table: int32/int64
     [B, Hkv, max_pages] (None: every page), -1 or entries past ``counts: [B, Hkv]`` ignored. Returns [B, Hq, D].
     ``second=(k2, v2, length2)`` adds a second group of KV heads in the same launch, attended over all its
     ``length2`` slots (e.g. the streaming heads' ring buffers next to the full heads' cache): q then holds the
@@ -670,7 +706,8 @@ def sparse_decode(
     splits, 0 = a second merge kernel) only change speed.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    return _launch_sparse_decode(q, k, v, int(length), page_table, counts, page_size, scale, num_splits, out,
+    length = length if isinstance(length, DeviceLength) else int(length)
+    return _launch_sparse_decode(q, k, v, length, page_table, counts, page_size, scale, num_splits, out,
                                  second=second, **tuning)
 
 

@@ -34,7 +34,10 @@ class AttendContext:
     ``shared`` is one dict per cache (per sequence batch), for policies whose state crosses layers
     (TidalDecode's persistent positions); ``step`` counts decode steps (Recycled Attention's refresh).
     ``kv_heads`` names the layer's KV heads this call's group holds, in the group's order (empty: unknown),
-    so cross-layer state can follow a head index from layer to layer.
+    so cross-layer state can follow a head index from layer to layer. ``position`` is set for a decode step that
+    a CUDA graph will replay (``Policy.graph_decode``): a one-element long tensor on the device holding the
+    decode token's position, which the policy must use instead of any host-side length (``start`` and the
+    stores' counters are then only right at capture time).
     """
 
     start: int
@@ -45,6 +48,7 @@ class AttendContext:
     step: int = 0
     use_kernels: bool = False
     kv_heads: tuple[int, ...] = ()
+    position: torch.Tensor | None = None
 
     @property
     def is_decode(self) -> bool:
@@ -100,6 +104,12 @@ class Policy(ABC):
         """A few characters for tables and heatmap legends."""
         return self.name
 
+    @property
+    def graph_decode(self) -> bool:
+        """Whether a decode step of this policy (on the kernels) can be captured in a CUDA graph and replayed:
+        it then reads the token's position from ``AttendContext.position`` on the device, never a host value."""
+        return False
+
 
 def check_positive(policy: Policy, **values: int) -> None:
     for key, value in values.items():
@@ -146,14 +156,18 @@ def decode_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float)
 
 def kernel_decode(
     q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, length: int, scale: float,
-    table: torch.Tensor | None = None, page_size: int = 64,
+    table: torch.Tensor | None = None, page_size: int = 64, position: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode query ``q: [B, Hq, 1, D]`` on the Triton paged decode kernel over a per-head cache
     ``keys, values: [B, Hkv, capacity, D]`` (slots ``< length`` valid): every slot, or the pages of ``table``
-    (``kernels.sparse_decode``). Returns ``[B, Hq, 1, D]``. Triton is imported only when kernels are asked for."""
-    from headwise.kernels.sparse_decode import sparse_decode
+    (``kernels.sparse_decode``). Returns ``[B, Hq, 1, D]``. With ``position`` (the decode token's position on
+    the device, ``AttendContext.position``) the valid slots are ``min(position + 1, length)``, read by the kernel
+    when it runs, so a CUDA graph can replay the call; ``length`` is then the limit the launch is sized for.
+    Triton is imported only when kernels are asked for."""
+    from headwise.kernels.sparse_decode import DeviceLength, sparse_decode
 
-    return sparse_decode(q[:, :, 0], keys, values, length, table, None, page_size, scale).unsqueeze(2)
+    n: int | DeviceLength = length if position is None else DeviceLength(position, 1, length)
+    return sparse_decode(q[:, :, 0], keys, values, n, table, None, page_size, scale).unsqueeze(2)
 
 
 def masked_attention(

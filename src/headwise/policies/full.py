@@ -23,7 +23,14 @@ class Full(Policy):
     def make_store(self, batch, heads, head_dim, device, dtype) -> DenseStore:
         return DenseStore(batch, heads, head_dim, device, dtype)
 
+    @property
+    def graph_decode(self) -> bool:
+        return True
+
     def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
+        if ctx.position is not None:  # a decode step for a CUDA graph: every slot, the length on the device
+            store.append_at(k, v, ctx.position)
+            return kernel_decode(q, store.keys, store.values, store.capacity, ctx.scale, position=ctx.position)
         store.append(k, v)
         if q.shape[2] == 1 and ctx.use_kernels:
             # A decode step on the decode kernel: flash-decoding over every stored token, the length a runtime

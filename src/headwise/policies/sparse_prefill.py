@@ -86,6 +86,10 @@ class PrefillPattern(Policy):
     def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
         return self.decode.make_store(batch, heads, head_dim, device, dtype)
 
+    @property
+    def graph_decode(self) -> bool:
+        return self.decode.graph_decode
+
     def decode_suffix(self) -> str:
         return "" if isinstance(self.decode, Full) else f"|{self.decode.short()}"
 

@@ -80,6 +80,20 @@ class DenseStore:
         self.values[:, :, self.length : need] = v
         self.length = need
 
+    def append_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
+        """Append one token ``k, v: [batch, heads, 1, head_dim]`` at the slot a device tensor names (``position``:
+        one long element, the token's position, equal to ``length``): no host value enters the copy, so a CUDA
+        graph can replay it step after step. The room must be reserved (a graph cannot grow the buffers)."""
+        if self.keys is None or self.values is None or self.length >= self.capacity:
+            raise RuntimeError("DenseStore.append_at needs reserved room (HeadwiseCache.reserve)")
+        self.keys.index_copy_(2, position, k)
+        self.values.index_copy_(2, position, v)
+        self.length += 1
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens that a replayed CUDA graph wrote (or, negative, take back a capture's count)."""
+        self.length += n
+
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Valid keys and values, ``[batch, heads, length, head_dim]`` (views, no copy)."""
         if self.keys is None or self.values is None:
@@ -177,6 +191,21 @@ class SinkWindowStore:
             self.slot_pos[slots] = rest_pos
         elif rest_pos.numel() and self.compensation:
             self._drop(rest_k, rest_v)
+        self.seen += n
+
+    def append_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
+        """Write one token ``k, v: [batch, heads, 1, head_dim]`` whose position is the device tensor ``position``
+        (one long element, equal to ``seen``): its slot is computed on the device, so a CUDA graph can replay
+        the write. Not with compensation (which needs the dropped token's host-side bookkeeping)."""
+        assert not self.compensation and self.window > 0, "append_at: a ring without compensation slot"
+        slot = torch.where(position < self.sink, position, self.sink + (position - self.sink) % self.window)
+        self.keys.index_copy_(2, slot, k)
+        self.values.index_copy_(2, slot, v)
+        self.slot_pos.index_copy_(0, slot, position)
+        self.seen += 1
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens that a replayed CUDA graph wrote (or, negative, take back a capture's count)."""
         self.seen += n
 
     def _drop(self, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None, count: int = 0) -> None:

@@ -58,8 +58,16 @@ class Streaming(Policy):
         """The pattern as a mask_mod: ``[L, 1]`` query and ``[1, S]`` key positions -> bool ``[L, S]``."""
         return (k_pos >= 0) & (k_pos <= q_pos) & ((k_pos < self.sink) | (q_pos - k_pos < self.window))
 
+    @property
+    def graph_decode(self) -> bool:
+        return not self.compensation
+
     def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
         L = q.shape[2]
+        if ctx.position is not None:  # a decode step for a CUDA graph: the ring slot and length on the device
+            store.append_at(k, v, ctx.position)
+            return kernel_decode(q, store.keys, store.values, self.sink + self.window, ctx.scale,
+                                 position=ctx.position)
         if L == 1 and ctx.use_kernels and not self.compensation:
             return self._decode_kernel(q, k, v, store, ctx)
         old_k, old_v, old_pos = store.view()

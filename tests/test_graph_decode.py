@@ -1,0 +1,165 @@
+"""CUDA-graph decode (``engine.GraphDecoder``): the graph-ready path (device positions, ``append_at``,
+``DeviceLength``) against the eager kernel path on CPU under Triton's interpreter, the host-side counters, what
+blocks a graph, and (on a GPU) generation from a replayed graph against eager generation."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import headwise.kernels.sparse_decode as sparse_decode_kernels
+from headwise.engine import Engine, GraphDecoder
+from headwise.errors import InputError
+from headwise.kernels.sparse_decode import DeviceLength, sparse_decode, sparse_decode_reference
+from headwise.plan import HeadPlan
+from headwise.policies import build_policy
+from headwise.policies.stores import DenseStore, SinkWindowStore
+from tiny import tiny_model
+
+needs_interpreter = pytest.mark.skipif(not sparse_decode_kernels._INTERPRET,
+                                       reason="kernels were decorated for a GPU; CPU tensors need TRITON_INTERPRET=1")
+
+FULL = {"policy": "full"}
+STREAM = {"policy": "streaming", "params": {"sink": 4, "window": 24}}
+ASHAPE = {"policy": "a_shape", "params": {"block_size": 16, "sink": 16, "local": 32}}
+
+
+def _plan(spec, rows):
+    return HeadPlan.from_policies(spec, [[build_policy(h) for h in row] for row in rows])
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model("llama")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("length", [1, 17, 64, 97])
+def test_device_length_matches_host_length(length):
+    """``DeviceLength`` (the length read by the kernel from a device tensor, the launch sized for the limit)
+    gives what the host length gives, for both groups of a two-group launch."""
+    g = torch.Generator().manual_seed(length)
+    q = torch.randn(1, 12, 64, generator=g)
+    k, v = torch.randn(2, 1, 2, 97, 64, generator=g)
+    k2, v2 = torch.randn(2, 1, 1, 24, 64, generator=g)
+    pos = torch.tensor([length - 1])
+    one = sparse_decode(q[:, :8], k, v, DeviceLength(pos, 1, 97), page_size=16, num_splits=3)
+    torch.testing.assert_close(one, sparse_decode_reference(q[:, :8], k, v, length, page_size=16), atol=1e-5, rtol=1e-5)
+    two = sparse_decode(q, k, v, DeviceLength(pos, 1, 97), page_size=16, second=(k2, v2, DeviceLength(pos, 1, 24)))
+    host = sparse_decode(q, k, v, length, page_size=16, second=(k2, v2, min(length, 24)))
+    torch.testing.assert_close(two, host, atol=1e-6, rtol=1e-6)
+
+
+def test_append_at_writes_what_append_writes():
+    """Token by token through the ring's wrap, ``append_at`` (slot computed on the device) leaves each store
+    exactly as ``append`` does."""
+    g = torch.Generator().manual_seed(0)
+    toks = torch.randn(2, 1, 2, 40, 8, generator=g)
+    for make in (lambda: DenseStore(1, 2, 8, torch.device("cpu"), torch.float32),
+                 lambda: SinkWindowStore(1, 2, 8, torch.device("cpu"), torch.float32, sink=3, window=7)):
+        a, b = make(), make()
+        if isinstance(a, DenseStore):
+            a.reserve(40)
+            b.reserve(40)
+        for t in range(40):
+            k, v = toks[0][:, :, t : t + 1], toks[1][:, :, t : t + 1]
+            a.append(k, v)
+            b.append_at(k, v, torch.tensor([t]))
+        for x, y in zip(a.tensors(), b.tensors()):
+            if isinstance(a, DenseStore):
+                x, y = x[:, :, :40], y[:, :, :40]
+            assert torch.equal(x, y)
+        if isinstance(a, SinkWindowStore):
+            assert torch.equal(a.slot_pos, b.slot_pos) and a.seen == b.seen == 40
+        else:
+            assert a.length == b.length == 40
+
+
+def test_dense_append_at_needs_reserved_room():
+    store = DenseStore(1, 1, 4, torch.device("cpu"), torch.float32)
+    with pytest.raises(RuntimeError, match="reserved room"):
+        store.append_at(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([0]))
+
+
+@needs_interpreter
+@pytest.mark.parametrize("prompt_len", [100, 12], ids=["ring-full", "ring-filling"])
+def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len):
+    """Full, streaming and A-shape (full decode) heads in one plan: each decode step on the graph-ready path
+    (``GraphDecoder(capture=False)``) gives the eager kernel path's logits, and the host-side counters agree.
+    With a 12-token prompt the streaming ring fills during decode (its length grows on the device)."""
+    plan = _plan(tiny.spec, [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]])
+    engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
+    prompt = torch.randint(0, 128, (1, prompt_len), generator=torch.Generator().manual_seed(1))
+    steps = 5 if prompt_len > 50 else 20  # the short prompt crosses sink + window = 28
+    eager, ready = engine.new_cache(1, reserve=prompt_len + steps), engine.new_cache(1, reserve=prompt_len + steps)
+    assert ready.graph_blockers() == []
+    engine.prefill(prompt, eager)
+    engine.prefill(prompt, ready)
+    decoder = GraphDecoder(engine, ready, capture=False)
+    tok = 7
+    for _ in range(steps):
+        a = engine.forward(torch.tensor([[tok]]), eager)
+        b = decoder.step(tok)
+        torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-5)
+        tok = int(a[0].argmax())
+    assert ready.get_seq_length() == eager.get_seq_length() == prompt_len + steps
+    for la, lb in zip(eager.layers, ready.layers):
+        for ga, gb in zip(la.groups, lb.groups):
+            assert getattr(ga.store, "length", None) == getattr(gb.store, "length", None)
+            assert getattr(ga.store, "seen", None) == getattr(gb.store, "seen", None)
+
+
+def test_what_blocks_a_graph(tiny):
+    """Policies that read host-side state at decode, no kernels, or a CPU model: a clear reason each, an
+    InputError where a graph is required, eager steps where it is only allowed."""
+    plan = _plan(tiny.spec, [[FULL, {"policy": "page_topk", "params": {"page_size": 16, "budget": 64}}],
+                             [STREAM, {"policy": "streaming", "params": {"sink": 4, "window": 24,
+                                                                         "compensation": True}}],
+                             [FULL, FULL], [FULL, FULL]])
+    cache = Engine(tiny, plan, use_kernels=True).new_cache(1, reserve=64)
+    (why,) = cache.graph_blockers()
+    assert why == "policies without graph decode: page_topk (quest64/16), streaming (stream4+24+c)"
+    with pytest.raises(InputError, match="without graph decode"):
+        GraphDecoder(Engine(tiny, plan, use_kernels=True), cache)
+    dense = HeadPlan.dense(tiny.spec)
+    assert "kernels are off" in Engine(tiny, dense, use_kernels=False).new_cache(1, reserve=8).graph_blockers()[0]
+    with pytest.raises(InputError, match="room reserved"):
+        GraphDecoder(Engine(tiny, dense, use_kernels=True), Engine(tiny, dense, use_kernels=True).new_cache(1))
+    if not torch.cuda.is_available():  # the tiny model is on the CPU
+        with pytest.raises(InputError, match="not CUDA"):
+            list(Engine(tiny, dense, use_kernels=True, cuda_graphs=True).generate([1, 2, 3], max_new_tokens=2))
+        allowed = Engine(tiny, dense, use_kernels=True)  # cuda_graphs=None: eager steps, no error
+        assert allowed.graph_decoder(allowed.new_cache(1, reserve=8)) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graph_generation_matches_eager_on_gpu(dtype):
+    """On CUDA: ``generate`` with decode steps replayed from one captured graph gives the tokens of eager
+    kernel steps, with a streaming ring that wraps during generation; the logits of a replayed step match
+    the eager step's."""
+    lm = tiny_model("llama")
+    lm.model.to("cuda", dtype)
+    plan = _plan(lm.spec, [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]])
+    prompt = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(2)).cuda()
+
+    def gen(graphs: bool) -> list[int]:
+        engine = Engine(lm, plan, chunk_size=32, use_kernels=True, cuda_graphs=graphs)
+        return [e.token_id for e in engine.generate(prompt, max_new_tokens=40) if e.token_id >= 0]
+
+    assert gen(True) == gen(False)
+    engine = Engine(lm, plan, chunk_size=32, use_kernels=True)
+    eager, replay = engine.new_cache(1, reserve=60), engine.new_cache(1, reserve=60)
+    engine.prefill(prompt, eager)
+    engine.prefill(prompt, replay)
+    decoder = GraphDecoder(engine, replay)
+    for tok in (5, 9, 11, 3):
+        a = engine.forward(torch.tensor([[tok]], device="cuda"), eager).float()
+        b = decoder.step(tok).float()
+        torch.testing.assert_close(b, a, atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=0)
+    assert decoder.graph is not None and replay.get_seq_length() == eager.get_seq_length()
