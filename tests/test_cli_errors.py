@@ -123,6 +123,15 @@ def test_prompt_longer_than_context(capsys, tiny_dir, tmp_path):
     assert_one_line_error(rc, err, "exceeds", "context of 64 tokens")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU refusal")
+def test_cuda_graphs_on_a_cpu(capsys, tiny_dir):
+    rc, _, err = run(capsys, "generate", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "2", "--cuda-graphs", "on")
+    assert_one_line_error(rc, err, "CUDA-graph decode was asked for", "not CUDA")
+    rc, _, err = run(capsys, "generate", str(tiny_dir), "--prompt", "hi", "--max-new-tokens", "2", "--cuda-graphs",
+                       "auto")
+    assert rc == 0 and "CUDA graph" not in err
+
+
 def test_unreadable_prompt_file(capsys, tiny_dir, tmp_path):
     rc, _, err = run(capsys, "generate", str(tiny_dir), "--prompt-file", str(tmp_path / "missing.txt"))
     assert_one_line_error(rc, err, "missing.txt", "does not exist")

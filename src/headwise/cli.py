@@ -119,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
     lm = _load(args)
-    engine = Engine(lm, plan, chunk_size=args.chunk_size)
+    graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+    engine = Engine(lm, plan, chunk_size=args.chunk_size, cuda_graphs=graphs)
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
@@ -139,7 +140,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = stats.to_dict() | {"plan": engine.plan.digest(), "total_s": round(time.perf_counter() - t0, 3)}
     print(
         f"[{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s:.2f} s ({stats.prefill_tokens_per_s:.0f} tok/s); "
-        f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tok/s; KV held {_fmt_bytes(stats.kv_bytes)} "
+        f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tok/s"
+        f"{' (CUDA graph)' if stats.cuda_graph else ''}; KV held {_fmt_bytes(stats.kv_bytes)} "
         f"= {100 * stats.kv_fraction:.1f}% of dense ({_fmt_bytes(stats.dense_kv_bytes)})]",
         file=sys.stderr,
     )
@@ -212,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="replay decode steps from a CUDA graph: auto (default: when the GPU, the kernels and "
+                        "every policy of the plan allow it), on (an error says what prevents it), off")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the statistics line")
     p.add_argument("--stats-json", help="also write the statistics as JSON to this file")

@@ -35,6 +35,7 @@ class GenerationStats:
     kv_bytes: int = 0
     dense_kv_bytes: int = 0
     finish_reason: str = "length"
+    cuda_graph: bool = False  # decode steps replayed from a CUDA graph
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -60,6 +61,7 @@ class GenerationStats:
             "dense_kv_bytes": self.dense_kv_bytes,
             "kv_fraction": round(self.kv_fraction, 4),
             "finish_reason": self.finish_reason,
+            "cuda_graph": self.cuda_graph,
         }
 
 
@@ -264,6 +266,7 @@ class Engine:
         total = ids.shape[1] + params.max_new_tokens - 1  # the last new token is never fed back
         cache = self.new_cache(1, reserve=total)
         graphs = self.graph_decoder(cache)
+        stats.cuda_graph = graphs is not None
         sync = _sync_fn(self.lm.device)
         t0 = time.perf_counter()
         logits = self.prefill(ids, cache)
