@@ -4,7 +4,8 @@ No model weights reach the GPU box, so this builds a random-weight Llama with Ll
 shapes (32 query / 8 KV heads, head_dim 128, hidden 4096) and a few layers, prefills a long random prompt and
 times single-token decode steps (median of CUDA-synchronised steps): the model's own SDPA path with a
 ``DynamicCache`` (left to choose its backend, and with flash named), headwise with the dense plan, and headwise
-with a DuoAttention-style plan (KV heads 0-1 full, 2-7 streaming sink 64 + window 1024), each on the reference
+with a DuoAttention-style plan (KV heads 0-1 full, 2-7 streaming sink 64 + window 1024) and with Quest on every
+head (``page_topk``, pages of 32, a 4096-token budget), each on the reference
 path (SDPA), on the decode kernel (``use_kernels``), and on the kernel with steps replayed from a CUDA graph
 (``GraphDecoder``); it checks that the paths give the same next-token logits, and times PyTorch's SDPA on one
 layer's shapes with a fixed and with a growing cache length.
@@ -30,6 +31,7 @@ from headwise.engine import Engine, GraphDecoder
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.policies import Full
+from headwise.policies.page_topk import PageTopK
 from headwise.policies.streaming import Streaming
 from headwise.spec import ModelSpec
 
@@ -89,9 +91,11 @@ def main() -> None:
 
     plan_a = HeadPlan.from_policies(lm.spec, [[Full()] * 2 + [Streaming(sink=64, window=1024)] * 6
                                               for _ in range(args.layers)])
+    quest = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=32, budget=4096)] * 8 for _ in range(args.layers)])
     logits = {}
     for name, plan, kernels in (("headwise_dense_reference", None, False), ("headwise_dense_kernel", None, True),
-                                ("plan_a_reference", plan_a, False), ("plan_a_kernel", plan_a, True)):
+                                ("plan_a_reference", plan_a, False), ("plan_a_kernel", plan_a, True),
+                                ("page_topk_reference", quest, False), ("page_topk_kernel", quest, True)):
         engine = Engine(lm, plan, chunk_size=4096, use_kernels=kernels)
         hw = engine.new_cache(1, reserve=args.context + args.steps + 8)
         engine.prefill(prompt, hw)
@@ -128,6 +132,8 @@ def main() -> None:
             res[f"{name}_graph_ms"] = _median_step_ms(graph_step, args.steps)
             del hw, ref, decoder
     res["plan_a_kernel_vs_reference_max_abs_logit_diff"] = (logits["plan_a_kernel"] - logits["plan_a_reference"]).abs().max().item()
+    res["page_topk_kernel_vs_reference_max_abs_logit_diff"] = (
+        logits["page_topk_kernel"] - logits["page_topk_reference"]).abs().max().item()
     res["dense_kernel_vs_reference_max_abs_logit_diff"] = (
         logits["headwise_dense_kernel"] - logits["headwise_dense_reference"]).abs().max().item()
 

@@ -15,10 +15,16 @@ if not torch.cuda.is_available():
 import headwise.kernels.sparse_decode as sparse_decode_kernels
 from headwise.engine import Engine, GraphDecoder
 from headwise.errors import InputError
-from headwise.kernels.sparse_decode import DeviceLength, sparse_decode, sparse_decode_reference
+from headwise.kernels.sparse_decode import (
+    DeviceLength,
+    quest_page_scores,
+    quest_page_scores_reference,
+    sparse_decode,
+    sparse_decode_reference,
+)
 from headwise.plan import HeadPlan
 from headwise.policies import build_policy
-from headwise.policies.stores import DenseStore, SinkWindowStore
+from headwise.policies.stores import DenseStore, PagedStore, SinkWindowStore, quantize_bounds
 from tiny import tiny_model
 
 needs_interpreter = pytest.mark.skipif(not sparse_decode_kernels._INTERPRET,
@@ -27,6 +33,12 @@ needs_interpreter = pytest.mark.skipif(not sparse_decode_kernels._INTERPRET,
 FULL = {"policy": "full"}
 STREAM = {"policy": "streaming", "params": {"sink": 4, "window": 24}}
 ASHAPE = {"policy": "a_shape", "params": {"block_size": 16, "sink": 16, "local": 32}}
+QUEST = {"policy": "page_topk", "params": {"page_size": 4, "budget": 32}}
+QUEST8 = {"policy": "page_topk", "params": {"page_size": 4, "budget": 32, "bounds": "e4m3"}}
+PLANS = {
+    "full-streaming-ashape": [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]],
+    "quest": [[QUEST, STREAM], [QUEST, QUEST], [FULL, QUEST], [QUEST8, QUEST8]],
+}
 
 
 def _plan(spec, rows):
@@ -55,25 +67,48 @@ def test_device_length_matches_host_length(length):
     torch.testing.assert_close(two, host, atol=1e-6, rtol=1e-6)
 
 
+@needs_interpreter
+@pytest.mark.parametrize("tokens", [1, 30, 33, 96])
+def test_quest_scores_from_a_device_length(tokens):
+    """``quest_page_scores`` with a ``DeviceLength`` of tokens: the valid pages' scores as with the host page
+    count (ends +inf), one column per reserved page, -inf past the valid ones; 8-bit bounds too."""
+    g = torch.Generator().manual_seed(tokens)
+    q = torch.randn(1, 4, 16, generator=g)
+    bounds = torch.randn(1, 2, 6, 2, 16, generator=g).sort(dim=3).values  # 6 pages of 16 reserved
+    n = -(-tokens // 16)
+    codes, scales = quantize_bounds(bounds)
+    for b, sc in ((bounds, None), (codes, scales)):
+        got = quest_page_scores(q, b, DeviceLength(torch.tensor([tokens - 1]), 1, 96), scales=sc, page_size=16)
+        assert got.shape == (1, 2, 6)
+        torch.testing.assert_close(got[:, :, :n], quest_page_scores_reference(q, b, n, scales=sc))
+        assert (got[:, :, n:] == float("-inf")).all()
+
+
 def test_append_at_writes_what_append_writes():
     """Token by token through the ring's wrap, ``append_at`` (slot computed on the device) leaves each store
     exactly as ``append`` does."""
     g = torch.Generator().manual_seed(0)
     toks = torch.randn(2, 1, 2, 40, 8, generator=g)
-    for make in (lambda: DenseStore(1, 2, 8, torch.device("cpu"), torch.float32),
-                 lambda: SinkWindowStore(1, 2, 8, torch.device("cpu"), torch.float32, sink=3, window=7)):
+    cpu = torch.device("cpu")
+    for make in (lambda: DenseStore(1, 2, 8, cpu, torch.float32),
+                 lambda: PagedStore(1, 2, 8, cpu, torch.float32, page_size=4),
+                 lambda: PagedStore(1, 2, 8, cpu, torch.bfloat16, page_size=8, bound_format="e4m3"),
+                 lambda: SinkWindowStore(1, 2, 8, cpu, torch.float32, sink=3, window=7)):
         a, b = make(), make()
         if isinstance(a, DenseStore):
             a.reserve(40)
             b.reserve(40)
         for t in range(40):
-            k, v = toks[0][:, :, t : t + 1], toks[1][:, :, t : t + 1]
+            k, v = toks[0][:, :, t : t + 1].to(a.dtype), toks[1][:, :, t : t + 1].to(a.dtype)
             a.append(k, v)
             b.append_at(k, v, torch.tensor([t]))
+            if isinstance(a, PagedStore):  # the page bounds after every token, partial pages included
+                assert torch.equal(a.page_bounds(), b.page_bounds())
         for x, y in zip(a.tensors(), b.tensors()):
             if isinstance(a, DenseStore):
                 x, y = x[:, :, :40], y[:, :, :40]
-            assert torch.equal(x, y)
+            assert torch.equal(x.view(torch.uint8) if x.dtype == torch.float8_e4m3fn else x,
+                               y.view(torch.uint8) if y.dtype == torch.float8_e4m3fn else y)
         if isinstance(a, SinkWindowStore):
             assert torch.equal(a.slot_pos, b.slot_pos) and a.seen == b.seen == 40
         else:
@@ -87,12 +122,16 @@ def test_dense_append_at_needs_reserved_room():
 
 
 @needs_interpreter
-@pytest.mark.parametrize("prompt_len", [100, 12], ids=["ring-full", "ring-filling"])
-def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len):
-    """Full, streaming and A-shape (full decode) heads in one plan: each decode step on the graph-ready path
-    (``GraphDecoder(capture=False)``) gives the eager kernel path's logits, and the host-side counters agree.
-    With a 12-token prompt the streaming ring fills during decode (its length grows on the device)."""
-    plan = _plan(tiny.spec, [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]])
+@pytest.mark.parametrize("plan_name", list(PLANS))
+@pytest.mark.parametrize("prompt_len", [100, 12], ids=["long", "short"])
+def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len, plan_name):
+    """Each decode step on the graph-ready path (``GraphDecoder(capture=False)``) gives the eager kernel path's
+    logits, and the host-side counters agree: full, streaming and A-shape (full decode) heads; Quest heads (exact
+    and 8-bit bounds, pages of 4, a 32-token budget) with streaming and full ones. From a 12-token prompt the
+    streaming ring fills during decode (its length grows on the device) and the Quest heads hold fewer pages than
+    their budget at first (the kernel keeps -inf pages past the length, whose tokens it masks); from 100 tokens
+    the ring wraps and Quest really selects."""
+    plan = _plan(tiny.spec, PLANS[plan_name])
     engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
     prompt = torch.randint(0, 128, (1, prompt_len), generator=torch.Generator().manual_seed(1))
     steps = 5 if prompt_len > 50 else 20  # the short prompt crosses sink + window = 28
@@ -112,18 +151,21 @@ def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len):
         for ga, gb in zip(la.groups, lb.groups):
             assert getattr(ga.store, "length", None) == getattr(gb.store, "length", None)
             assert getattr(ga.store, "seen", None) == getattr(gb.store, "seen", None)
+            if getattr(ga.store, "bounds", None) is not None:  # the page bounds written on the device: the same
+                n = ga.store.num_pages
+                assert torch.equal(ga.store.page_bounds(), gb.store.page_bounds()[:, :, :n])
 
 
 def test_what_blocks_a_graph(tiny):
     """Policies that read host-side state at decode, no kernels, or a CPU model: a clear reason each, an
     InputError where a graph is required, eager steps where it is only allowed."""
-    plan = _plan(tiny.spec, [[FULL, {"policy": "page_topk", "params": {"page_size": 16, "budget": 64}}],
+    plan = _plan(tiny.spec, [[FULL, {"policy": "recycled", "params": {"budget": 16, "stride": 3}}],
                              [STREAM, {"policy": "streaming", "params": {"sink": 4, "window": 24,
                                                                          "compensation": True}}],
                              [FULL, FULL], [FULL, FULL]])
     cache = Engine(tiny, plan, use_kernels=True).new_cache(1, reserve=64)
     (why,) = cache.graph_blockers()
-    assert why == "policies without graph decode: page_topk (quest64/16), streaming (stream4+24+c)"
+    assert why.startswith("policies without graph decode: recycled (") and why.endswith("streaming (stream4+24+c)")
     with pytest.raises(InputError, match="without graph decode"):
         GraphDecoder(Engine(tiny, plan, use_kernels=True), cache)
     dense = HeadPlan.dense(tiny.spec)
@@ -138,14 +180,15 @@ def test_what_blocks_a_graph(tiny):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plan_name", list(PLANS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graph_generation_matches_eager_on_gpu(dtype):
+def test_graph_generation_matches_eager_on_gpu(dtype, plan_name):
     """On CUDA: ``generate`` with decode steps replayed from one captured graph gives the tokens of eager
-    kernel steps, with a streaming ring that wraps during generation; the logits of a replayed step match
-    the eager step's."""
+    kernel steps, with a streaming ring that wraps and Quest pages that fill during generation; the logits of a
+    replayed step match the eager step's."""
     lm = tiny_model("llama")
     lm.model.to("cuda", dtype)
-    plan = _plan(lm.spec, [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]])
+    plan = _plan(lm.spec, PLANS[plan_name])
     prompt = torch.randint(0, 128, (1, 50), generator=torch.Generator().manual_seed(2)).cuda()
 
     def gen(graphs: bool) -> list[int]:

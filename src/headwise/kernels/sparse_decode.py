@@ -459,8 +459,10 @@ def _quest_scores_kernel(
     stride_bb, stride_bh, stride_bp, stride_bm,
     stride_sb, stride_sh,
     stride_cb, stride_ch, stride_cp,
+    LEN, len_add,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_P: tl.constexpr, KEEP_ENDS: tl.constexpr, SCALED: tl.constexpr,
+    BLOCK_P: tl.constexpr, KEEP_ENDS: tl.constexpr, SCALED: tl.constexpr, DEV_LEN: tl.constexpr,
+    PAGE: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -470,6 +472,9 @@ def _quest_scores_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_d = offs_d < HEAD_DIM
+    n_out = n_pages  # columns written
+    if DEV_LEN:  # the valid pages from a token count on the device; the columns past them score -inf
+        n_pages = tl.minimum((tl.load(LEN).to(tl.int32) + len_add + PAGE - 1) // PAGE, n_pages)
     mask_p = offs_p < n_pages
     q = tl.load(Q + b * stride_qb + (h * GROUP + offs_h)[:, None] * stride_qh + offs_d[None, :],
                 mask=(offs_h < GROUP)[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
@@ -487,7 +492,9 @@ def _quest_scores_kernel(
         score = tl.sum(k_max * q_pos[None, :] + k_min * q_neg[None, :], 1)
     if KEEP_ENDS:
         score = tl.where((offs_p == 0) | (offs_p == n_pages - 1), float("inf"), score)
-    tl.store(SCORES + b * stride_sb + h * stride_sh + offs_p, score, mask=mask_p)
+    if DEV_LEN:
+        score = tl.where(mask_p, score, float("-inf"))
+    tl.store(SCORES + b * stride_sb + h * stride_sh + offs_p, score, mask=offs_p < n_out)
 
 
 @triton.jit
@@ -653,10 +660,16 @@ def _launch_sparse_decode(
     return out
 
 
-def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool, block_p: int = 64,
-                         num_warps: int = 4, scales: torch.Tensor | None = None) -> torch.Tensor:
+def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int | DeviceLength, keep_ends: bool,
+                         block_p: int = 64, num_warps: int = 4, scales: torch.Tensor | None = None,
+                         page_size: int = 0) -> torch.Tensor:
     B, Hq, D = q.shape
     Hkv = bounds.shape[1]
+    len_t, len_add = None, 0
+    if isinstance(n_pages, DeviceLength):  # tokens on the device -> pages, the launch sized for the limit's pages
+        assert page_size >= 1, "a DeviceLength counts tokens: give page_size"
+        tokens, len_t, len_add = _length_args(n_pages)
+        n_pages = -(-tokens // page_size)
     assert bounds.shape[0] == B and bounds.shape[3:] == (2, D) and bounds.shape[2] >= n_pages >= 1
     assert bounds.stride(4) == 1 and q.stride(2) == 1 and Hq % Hkv == 0
     if scales is not None:
@@ -671,8 +684,10 @@ def _launch_quest_scores(q: torch.Tensor, bounds: torch.Tensor, n_pages: int, ke
         bounds.stride(0), bounds.stride(1), bounds.stride(2), bounds.stride(3),
         scores.stride(0), scores.stride(1),
         sc.stride(0), sc.stride(1), sc.stride(2) if scales is not None else 0,
+        len_t if len_t is not None else q, len_add,
         GROUP=group, BLOCK_H=triton.next_power_of_2(group), HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D),
         BLOCK_P=block_p, KEEP_ENDS=keep_ends, SCALED=scales is not None, num_warps=num_warps,
+        DEV_LEN=len_t is not None, PAGE=max(1, page_size),
     )
     return scores
 
@@ -755,7 +770,7 @@ def topk_sparse_decode(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    length: int,
+    length: int | DeviceLength,
     scores: torch.Tensor,
     budget_pages: int,
     page_size: int = 16,
@@ -783,7 +798,8 @@ def topk_sparse_decode(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     tuning.setdefault("programs_per_sm", 1)  # every program repeats the selection: few, longer programs
     tuning.setdefault("num_warps", 8)  # the selection's reductions go faster over more warps
-    return _launch_sparse_decode(q, k, v, int(length), table_out, None, page_size, scale, num_splits, out,
+    length = length if isinstance(length, DeviceLength) else int(length)
+    return _launch_sparse_decode(q, k, v, length, table_out, None, page_size, scale, num_splits, out,
                                  scores=scores, **tuning)
 
 
@@ -796,8 +812,8 @@ def top_pages_reference(scores: torch.Tensor, budget_pages: int) -> torch.Tensor
 
 
 def quest_page_scores(
-    q: torch.Tensor, bounds: torch.Tensor, n_pages: int, keep_ends: bool = True, block_p: int = 64,
-    num_warps: int = 4, scales: torch.Tensor | None = None,
+    q: torch.Tensor, bounds: torch.Tensor, n_pages: int | DeviceLength, keep_ends: bool = True, block_p: int = 64,
+    num_warps: int = 4, scales: torch.Tensor | None = None, page_size: int = 0,
 ) -> torch.Tensor:
     """Quest upper bounds per page, summed over each KV head's query heads (Triton).
 
@@ -806,9 +822,11 @@ def quest_page_scores(
     and last page score +inf so any top-k keeps them. ``scales`` (fp32 [B, Hkv, page_cap, 2]): the bounds are
     8-bit codes (``headwise.policies.stores.quantize_bounds``) and row ``r`` of page ``p`` stands for
     ``bounds[..., p, r, :] * scales[..., p, r]``. ``block_p`` (pages per program) and ``num_warps`` only change
-    speed.
+    speed. ``n_pages`` may be a ``DeviceLength`` of *tokens* (with ``page_size``): the kernel derives the valid
+    pages when it runs (a CUDA graph replays the call as the cache grows), and the output has one column per page
+    of the limit, those past the valid pages -inf.
     """
-    return _launch_quest_scores(q, bounds, n_pages, keep_ends, block_p, num_warps, scales)
+    return _launch_quest_scores(q, bounds, n_pages, keep_ends, block_p, num_warps, scales, page_size)
 
 
 def quest_page_scores_reference(
@@ -860,6 +878,7 @@ def select_pages(scores: torch.Tensor, budget_pages: int, use_kernel: bool = Fal
 
 
 __all__ = [
+    "DeviceLength",
     "quest_page_scores",
     "quest_page_scores_reference",
     "select_pages",

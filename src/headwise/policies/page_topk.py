@@ -111,7 +111,13 @@ class PageTopK(Policy):
             return select_pages(_kernel_scores(q, store), k, use_kernel=True, bins=256)
         return torch.topk(quest_scores(q, store.page_bounds()), k, dim=-1, sorted=False).indices
 
+    @property
+    def graph_decode(self) -> bool:
+        return True
+
     def attend(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
+        if ctx.position is not None:
+            return self._attend_graph(q, k, v, store, ctx)
         store.append(k, v)  # the current token is part of the newest page it may select
         if q.shape[2] != 1:
             keys, values = store.view()
@@ -130,6 +136,27 @@ class PageTopK(Policy):
         q0 = q[:, :, 0]
         out = topk_sparse_decode(q0, store.keys, store.values, store.length, _kernel_scores(q0, store),
                                  self.budget // self.page_size, self.page_size, ctx.scale, select_bins=128)
+        return out.unsqueeze(2)
+
+
+    def _attend_graph(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
+        """A decode step for a CUDA graph (``AttendContext.position``): the fused kernel path, with every length
+        read on the device. The scores cover every reserved page, those past the valid ones -inf, and the kernel
+        keeps ``budget // page_size`` of them: while fewer pages than that exist, the extra picks are pages past
+        the cache's length, whose tokens the kernel masks, so the same tokens are attended as on the eager path."""
+        from headwise.kernels.sparse_decode import DeviceLength, quest_page_scores, topk_sparse_decode
+
+        store.append_at(k, v, ctx.position)
+        assert store.keys is not None and store.values is not None and store.bounds is not None
+        pages = store.bounds.shape[2]
+        if pages > 32768:
+            raise PlanError(f"policy 'page_topk': CUDA-graph decode scores at most 32768 pages per head, the cache "
+                            f"reserves {pages} (use larger pages, or Engine(cuda_graphs=False))")
+        length = DeviceLength(ctx.position, 1, store.capacity)
+        q0 = q[:, :, 0]
+        scores = quest_page_scores(q0, store.bounds, length, scales=store.bound_scales, page_size=self.page_size)
+        out = topk_sparse_decode(q0, store.keys, store.values, length, scores, self.budget // self.page_size,
+                                 self.page_size, ctx.scale, select_bins=128)
         return out.unsqueeze(2)
 
 

@@ -305,6 +305,27 @@ class PagedStore(DenseStore):
         else:
             self.bounds[:, :, first:last] = exact
 
+    def append_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
+        """``DenseStore.append_at`` (one token at a device position) and the bounds of its page, recomputed on the
+        device over the page's tokens up to ``position``: what ``append`` writes, with no host value in the copy."""
+        super().append_at(k, v, position)
+        assert self.keys is not None and self.bounds is not None
+        P = self.page_size
+        page = torch.div(position, P, rounding_mode="floor")
+        slots = page * P + torch.arange(P, device=position.device)
+        toks = self.keys.index_select(2, slots.clamp(max=self.capacity - 1))  # [B, H, P, D]
+        valid = (slots <= position)[None, None, :, None]
+        inf = torch.tensor(float("inf"), dtype=toks.dtype, device=toks.device)
+        exact = torch.stack([torch.where(valid, toks, inf).amin(dim=2), torch.where(valid, toks, -inf).amax(dim=2)],
+                            dim=2)[:, :, None]  # [B, H, 1, 2, D]
+        if self.bound_format == "e4m3":
+            assert self.bound_scales is not None
+            codes, scales = quantize_bounds(exact)
+            self.bounds.view(torch.uint8).index_copy_(2, page, codes.view(torch.uint8))
+            self.bound_scales.index_copy_(2, page, scales)
+        else:
+            self.bounds.index_copy_(2, page, exact)
+
     def page_bounds(self) -> torch.Tensor:
         """Bounds of the pages in use, ``[batch, heads, num_pages, 2, head_dim]``: a view in the KV dtype, or
         (e4m3) the codes times their scales, in fp32."""
