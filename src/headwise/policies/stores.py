@@ -314,10 +314,9 @@ class PagedStore(DenseStore):
         page = torch.div(position, P, rounding_mode="floor")
         slots = page * P + torch.arange(P, device=position.device)
         toks = self.keys.index_select(2, slots.clamp(max=self.capacity - 1))  # [B, H, P, D]
-        valid = (slots <= position)[None, None, :, None]
-        inf = torch.tensor(float("inf"), dtype=toks.dtype, device=toks.device)
-        exact = torch.stack([torch.where(valid, toks, inf).amin(dim=2), torch.where(valid, toks, -inf).amax(dim=2)],
-                            dim=2)[:, :, None]  # [B, H, 1, 2, D]
+        past = (slots > position)[None, None, :, None]  # slots of the page not written yet
+        exact = torch.stack([toks.masked_fill(past, float("inf")).amin(dim=2),
+                             toks.masked_fill(past, float("-inf")).amax(dim=2)], dim=2)[:, :, None]  # [B, H, 1, 2, D]
         if self.bound_format == "e4m3":
             assert self.bound_scales is not None
             codes, scales = quantize_bounds(exact)
