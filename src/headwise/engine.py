@@ -318,7 +318,7 @@ class GraphDecoder:
     (``HeadwiseCache.advance``). One capture serves the whole generation.
 
     Needs a batch-1 cache with reserved room, the kernels, and policies with ``graph_decode`` (``full``,
-    ``streaming`` without compensation, prefill patterns that decode with them). ``capture=False`` runs every
+    ``streaming`` without compensation, ``page_topk``, prefill patterns that decode with them). ``capture=False`` runs every
     step eagerly on the graph-ready path: it tests everything but the capture itself, on any device.
     """
 

@@ -24,7 +24,9 @@ slot per page, plus two fp32 scales).
 CPU: reference (mask of the selected pages + SDPA). CUDA with kernels: Triton scoring, then for a few
 (sequence, KV head) pairs the attention kernel choosing the pages itself (``topk_sparse_decode``), else a Triton
 top-k + the paged sparse decode kernel (``kernels/sparse_decode.py``); the same pages either way, no gathered
-copy of K/V.
+copy of K/V. Decode steps replayed from a CUDA graph (``engine.GraphDecoder``) take the fused path with every
+length read on the device: the bounds of the token's page are refreshed on the device (``PagedStore.append_at``),
+and all reserved pages are scored, those past the cache's length -inf (``_attend_graph``).
 """
 
 from __future__ import annotations
