@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 
 import headwise.kernels.sparse_decode as sparse_decode_kernels
 from headwise.engine import Engine, GraphDecoder
-from headwise.errors import InputError
+from headwise.errors import HeadwiseError, InputError
 from headwise.kernels.sparse_decode import (
     DeviceLength,
     quest_page_scores,
@@ -154,6 +154,31 @@ def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len, plan_name)
             if getattr(ga.store, "bounds", None) is not None:  # the page bounds written on the device: the same
                 n = ga.store.num_pages
                 assert torch.equal(ga.store.page_bounds(), gb.store.page_bounds()[:, :, :n])
+
+
+@needs_interpreter
+def test_failed_capture_falls_back_to_eager(tiny, caplog):
+    """A capture that fails (here: no CUDA at all) leaves the host-side counters as they were and the steps go on
+    eagerly with a warning, giving the eager path's logits; under ``cuda_graphs=True`` it is a HeadwiseError."""
+    plan = _plan(tiny.spec, PLANS["quest"])
+    prompt = torch.randint(0, 128, (1, 40), generator=torch.Generator().manual_seed(4))
+    engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
+    eager, ready = engine.new_cache(1, reserve=48), engine.new_cache(1, reserve=48)
+    engine.prefill(prompt, eager)
+    engine.prefill(prompt, ready)
+    decoder = GraphDecoder(engine, ready)  # capture=True: the first step's capture fails without CUDA
+    with caplog.at_level("WARNING", logger="headwise.engine"):
+        for tok in (3, 8, 1):
+            torch.testing.assert_close(decoder.step(tok), engine.forward(torch.tensor([[tok]]), eager),
+                                       atol=2e-5, rtol=1e-5)
+    assert decoder.graph is None and "capturing one in a CUDA graph failed" in caplog.text
+    assert ready.get_seq_length() == eager.get_seq_length() == 43
+    strict = Engine(tiny, plan, chunk_size=32, use_kernels=True, cuda_graphs=True)
+    cache = strict.new_cache(1, reserve=48)
+    strict.prefill(prompt, cache)
+    with pytest.raises(HeadwiseError, match="capturing a decode step in a CUDA graph failed"):
+        GraphDecoder(strict, cache).step(3)
+    assert cache.get_seq_length() == 41  # the eager step counted, the failed capture did not
 
 
 def test_what_blocks_a_graph(tiny):

@@ -147,9 +147,24 @@ class HeadwiseCache(Cache):
             why.append("policies without graph decode: " + ", ".join(names))
         return why
 
+    def host_counters(self) -> list[tuple[int, list[tuple[int | None, int | None]]]]:
+        """The host-side token counters (each layer's ``seen``, each store's ``length`` / ``seen``), to put back
+        with ``restore_host_counters`` after running a step's host code without the step (a graph capture)."""
+        return [(layer.seen, [(getattr(g.store, "length", None), getattr(g.store, "seen", None)) for g in layer.groups])
+                for layer in self.layers]
+
+    def restore_host_counters(self, saved: list[tuple[int, list[tuple[int | None, int | None]]]]) -> None:
+        for layer, (seen, stores) in zip(self.layers, saved):
+            layer.seen = seen
+            for g, (length, store_seen) in zip(layer.groups, stores):
+                if length is not None:
+                    g.store.length = length
+                if store_seen is not None:
+                    g.store.seen = store_seen
+
     def advance(self, n: int) -> None:
         """Count ``n`` decode tokens in the host-side counters (layers and stores) that a replayed CUDA graph
-        wrote on the device; ``-n`` takes back what capturing a step counted without running it."""
+        wrote on the device."""
         for layer in self.layers:
             layer.seen += n
             for g in layer.groups:

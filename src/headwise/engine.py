@@ -10,6 +10,7 @@ cache (``attention.py``, ``cache.py``) run every layer's attention head group by
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ import torch
 
 from headwise import attention as _attention  # registers the "headwise" attention implementation
 from headwise.cache import HeadwiseCache
-from headwise.errors import ContextLengthError, InputError
+from headwise.errors import ContextLengthError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 
 DEFAULT_CHUNK = 512
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -319,7 +321,10 @@ class GraphDecoder:
 
     Needs a batch-1 cache with reserved room, the kernels, and policies with ``graph_decode`` (``full``,
     ``streaming`` without compensation, ``page_topk``, prefill patterns that decode with them). ``capture=False`` runs every
-    step eagerly on the graph-ready path: it tests everything but the capture itself, on any device.
+    step eagerly on the graph-ready path: it tests everything but the capture itself, on any device. If the capture
+    fails (a model whose forward cannot be captured, e.g. one with offloading hooks), the host-side counters are
+    restored and the steps go on eagerly with a warning, or, under ``Engine(cuda_graphs=True)``, a
+    ``HeadwiseError`` says why.
     """
 
     def __init__(self, engine: Engine, cache: HeadwiseCache, capture: bool = True):
@@ -352,12 +357,25 @@ class GraphDecoder:
             return self.logits
         logits = self.engine.forward(self.ids, cache, position=self.position)
         if self.capture:
+            self._capture()
+        return logits
+
+    def _capture(self) -> None:
+        cache = self.cache
+        saved = cache.host_counters()
+        try:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 self.logits = self.engine.forward(self.ids, cache, position=self.position)
-            cache.advance(-1)  # capturing ran the step's host code, not the step
-            self.graph = graph
-        return logits
+        except Exception as exc:  # any capture failure: fall back (or report) with the cause
+            cache.restore_host_counters(saved)
+            self.capture = False
+            if self.engine.cuda_graphs:
+                raise HeadwiseError(f"capturing a decode step in a CUDA graph failed: {exc}") from exc
+            log.warning("decode steps run eagerly: capturing one in a CUDA graph failed (%s)", exc)
+            return
+        cache.restore_host_counters(saved)  # capturing ran the step's host code, not the step
+        self.graph = graph
 
 
 def _sync_fn(device: torch.device):

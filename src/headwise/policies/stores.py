@@ -91,7 +91,7 @@ class DenseStore:
         self.length += 1
 
     def advance(self, n: int) -> None:
-        """Count ``n`` tokens that a replayed CUDA graph wrote (or, negative, take back a capture's count)."""
+        """Count ``n`` tokens that a replayed CUDA graph wrote."""
         self.length += n
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,7 +205,7 @@ class SinkWindowStore:
         self.seen += 1
 
     def advance(self, n: int) -> None:
-        """Count ``n`` tokens that a replayed CUDA graph wrote (or, negative, take back a capture's count)."""
+        """Count ``n`` tokens that a replayed CUDA graph wrote."""
         self.seen += n
 
     def _drop(self, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None, count: int = 0) -> None:
