@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import headwise.kernels.sparse_decode as sparse_decode_kernels
-from headwise.engine import Engine, GraphDecoder
+from headwise.engine import GRAPH_MIN_STEPS, Engine, GraphDecoder
 from headwise.errors import HeadwiseError, InputError
 from headwise.kernels.sparse_decode import (
     DeviceLength,
@@ -202,6 +202,10 @@ def test_what_blocks_a_graph(tiny):
             list(Engine(tiny, dense, use_kernels=True, cuda_graphs=True).generate([1, 2, 3], max_new_tokens=2))
         allowed = Engine(tiny, dense, use_kernels=True)  # cuda_graphs=None: eager steps, no error
         assert allowed.graph_decoder(allowed.new_cache(1, reserve=8)) is None
+    # no decode step to replay (one new token): no graph, no error, even when asked for
+    strict = Engine(tiny, dense, use_kernels=True, cuda_graphs=True)
+    assert strict.graph_decoder(strict.new_cache(1, reserve=8), decode_steps=0) is None
+    assert len([e for e in strict.generate([1, 2, 3], max_new_tokens=1) if e.token_id >= 0]) == 1
 
 
 @pytest.mark.gpu
@@ -221,6 +225,11 @@ def test_graph_generation_matches_eager_on_gpu(dtype, plan_name):
         return [e.token_id for e in engine.generate(prompt, max_new_tokens=40) if e.token_id >= 0]
 
     assert gen(True) == gen(False)
+    for n in (1, 2, 3, 5):  # short generations: below GRAPH_MIN_STEPS decode steps auto mode stays eager
+        auto = Engine(lm, plan, chunk_size=32, use_kernels=True)
+        events = list(auto.generate(prompt, max_new_tokens=n))
+        assert events[-1].stats.cuda_graph == (n - 1 >= GRAPH_MIN_STEPS)
+        assert [e.token_id for e in events if e.token_id >= 0] == gen(False)[:n]
     engine = Engine(lm, plan, chunk_size=32, use_kernels=True)
     eager, replay = engine.new_cache(1, reserve=60), engine.new_cache(1, reserve=60)
     engine.prefill(prompt, eager)

@@ -25,6 +25,7 @@ from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 
 DEFAULT_CHUNK = 512
+GRAPH_MIN_STEPS = 4  # decode steps from which generate replays them from a CUDA graph unless told otherwise
 log = logging.getLogger(__name__)
 
 
@@ -224,9 +225,11 @@ class Engine:
                                 headwise_caches=list(caches), logits_to_keep=1)
         return out.logits[:, -1]
 
-    def graph_decoder(self, cache: HeadwiseCache) -> GraphDecoder | None:
-        """The CUDA-graph decoder ``generate`` uses for ``cache`` under ``cuda_graphs`` (None: eager steps)."""
-        if self.cuda_graphs is False:
+    def graph_decoder(self, cache: HeadwiseCache, decode_steps: int = GRAPH_MIN_STEPS) -> GraphDecoder | None:
+        """The CUDA-graph decoder ``generate`` uses for ``cache`` and ``decode_steps`` steps under ``cuda_graphs``
+        (None: eager steps). Allowed but not asked for, a graph is used from ``GRAPH_MIN_STEPS`` steps on (the first
+        step runs eagerly and the capture costs about one more)."""
+        if self.cuda_graphs is False or decode_steps < 1 or (self.cuda_graphs is None and decode_steps < GRAPH_MIN_STEPS):
             return None
         why = ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
         why += cache.graph_blockers()
@@ -267,7 +270,7 @@ class Engine:
         stats = GenerationStats(prompt_tokens=ids.shape[1])
         total = ids.shape[1] + params.max_new_tokens - 1  # the last new token is never fed back
         cache = self.new_cache(1, reserve=total)
-        graphs = self.graph_decoder(cache)
+        graphs = self.graph_decoder(cache, params.max_new_tokens - 1)
         stats.cuda_graph = graphs is not None
         sync = _sync_fn(self.lm.device)
         t0 = time.perf_counter()
