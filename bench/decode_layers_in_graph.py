@@ -1,0 +1,113 @@
+"""Decode attention per layer as the engine runs it: many layers' attention steps in one CUDA graph.
+
+``headwise bench`` times one layer's decode attention per CUDA-graph replay, with L2 flushed before each replay.
+Every replay then also pays the graph's launch (~3.6 us on an H100, what an empty graph times at), a cost that
+a model's decode step pays once for all its layers: ``engine.GraphDecoder`` captures the whole step. This script
+captures ``--layers`` consecutive attention steps, each over its own cache (as a model's layers are: no layer
+finds its K/V in L2, without any flush), replays the graph and divides by the number of layers. Same shapes and
+kernels as ``headwise bench`` (Llama-3-8B attention, bf16, 128K tokens, random q/k/v): dense SDPA (the faster of
+its two forms there, ``enable_gqa``), plan_a (25% full + 75% streaming heads, one launch), page_topk with exact
+and with 8-bit bounds (scoring, then the attention kernel selecting the top pages itself, 128-bin histogram;
+pages of 32, 4096-token budget). The single-layer, flushed timing of ``headwise bench`` runs in the same process
+for comparison.
+
+    PYTHONPATH=src python3 bench/decode_layers_in_graph.py $OUT/decode_layers_in_graph.json [--layers 32] [--batch 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from headwise.bench.decode import (
+    HKV,
+    HQ,
+    SCORE_TUNING,
+    D,
+    _page_bounds,
+    _page_topk_fn,
+    _plan_a_fn,
+    _ring,
+    _Timer,
+)
+from headwise.bench.record import result_doc
+from headwise.policies.stores import quantize_bounds
+
+PAGE, BUDGET, FULL_KV, SINK, WINDOW = 32, 4096, 2, 64, 1024
+PLAN_A = {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}  # bench_2026-11-23e picks
+QUEST = {"fused": 1, "select_bins": 128, "tokens_per_iter": 64, "num_warps": 8, "num_stages": 2, "programs_per_sm": 1,
+         "fused_merge": 0, **SCORE_TUNING}
+
+
+def _layer_fns(batch: int, seq_len: int, seed: int) -> dict[str, object]:
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    bounds = _page_bounds(k, PAGE)
+    codes, scales = quantize_bounds(bounds)
+    k_ring, v_ring = _ring(k[:, FULL_KV:], SINK, WINDOW), _ring(v[:, FULL_KV:], SINK, WINDOW)
+    q4 = q[:, :, None]
+    return {
+        "dense_sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
+        "plan_a": _plan_a_fn(q, k[:, :FULL_KV], v[:, :FULL_KV], k_ring, v_ring, seq_len, FULL_KV, **PLAN_A),
+        "page_topk": _page_topk_fn(q, k, v, bounds, seq_len, BUDGET, PAGE, **QUEST),
+        "page_topk_e4m3": _page_topk_fn(q, k, v, codes, seq_len, BUDGET, PAGE, scales=scales, **QUEST),
+    }
+
+
+def _graph_per_layer_us(fns: list, reps: int = 20) -> float:
+    """Median time of one replay of a graph running ``fns`` in order, per function, in us."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for fn in fns:
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=stream):
+        for fn in fns:
+            fn()
+    graph.replay()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return 1e3 * statistics.median(times) / len(fns)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--seq-len", type=int, default=131072)
+    args = ap.parse_args()
+    layers = [_layer_fns(args.batch, args.seq_len, seed) for seed in range(args.layers)]
+    res: dict[str, object] = {"layers": args.layers, "batch": args.batch, "seq_len": args.seq_len, "page_size": PAGE,
+                              "budget": BUDGET, "plan_a_tuning": PLAN_A, "page_topk_tuning": QUEST}
+    timer = _Timer()
+    for name in layers[0]:
+        fns = [layer[name] for layer in layers]
+        res[f"{name}_per_layer_in_graph_us"] = round(_graph_per_layer_us(fns), 2)
+        res[f"{name}_one_layer_flushed_graph_us"] = round(1e3 * timer.graph(fns[0]), 2)
+        print(name, res[f"{name}_per_layer_in_graph_us"], res[f"{name}_one_layer_flushed_graph_us"], flush=True)
+    for name in ("plan_a", "page_topk", "page_topk_e4m3"):
+        for how in ("per_layer_in_graph", "one_layer_flushed_graph"):
+            res[f"{name}_speedup_{how}"] = round(res[f"dense_sdpa_{how}_us"] / res[f"{name}_{how}_us"], 2)
+    print(json.dumps(res, indent=1))
+    with open(args.out, "w") as fh:
+        json.dump(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
