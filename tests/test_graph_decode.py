@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import headwise.kernels.sparse_decode as sparse_decode_kernels
-from headwise.engine import GRAPH_MIN_STEPS, Engine, GraphDecoder
+from headwise.engine import GRAPH_MIN_STEPS, Engine, GraphDecoder, SamplingParams
 from headwise.errors import HeadwiseError, InputError
 from headwise.kernels.sparse_decode import (
     DeviceLength,
@@ -240,3 +240,60 @@ def test_graph_generation_matches_eager_on_gpu(dtype, plan_name):
         b = decoder.step(tok).float()
         torch.testing.assert_close(b, a, atol=1e-4 if dtype == torch.float32 else 3e-2, rtol=0)
     assert decoder.graph is not None and replay.get_seq_length() == eager.get_seq_length()
+
+
+class _DigitTokenizer:
+    """Just enough tokenizer for the scheduler: token ids as space-separated text."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(str(i) for i in ids)
+
+
+def _scheduler_check(device: str) -> None:
+    """The server's scheduler (no HTTP): a request decoding alone runs through its own CUDA-graph decoder, two
+    requests decode together eagerly, and when the shorter one ends the longer one goes on alone through its
+    decoder again; every request's tokens equal offline eager ``Engine.generate``'s."""
+    from headwise.models import LoadedModel
+    from headwise.server.scheduler import GenRequest, Scheduler
+
+    base = tiny_model("llama")
+    base.model.to(device)
+    lm = LoadedModel(base.name, base.model, _DigitTokenizer(), base.spec, base.source)
+    plan = _plan(lm.spec, PLANS["quest"])
+    engine = Engine(lm, plan, chunk_size=32, use_kernels=True)
+    prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 70)]
+    want = [[e.token_id for e in Engine(lm, plan, chunk_size=32, use_kernels=True, cuda_graphs=False).generate(
+        p, max_new_tokens=m) if e.token_id >= 0] for p, m in zip(prompts, (12, 4))]
+
+    def run(pairs):
+        sched = Scheduler(engine, max_batch=4, kv_budget_bytes=1 << 30, max_queue=4)
+        reqs = [GenRequest(str(i), p, SamplingParams(max_new_tokens=m), set(), lambda ev: None)
+                for i, (p, m) in enumerate(pairs)]
+        for r in reqs:
+            sched.submit(r)
+        with sched._cond:
+            sched._admit()
+        while any(not r.finished for r in reqs):
+            sched.step()
+        return [r.generated for r in reqs], sched.metrics
+
+    alone, m1 = run([(prompts[0], 12)])
+    assert alone == [want[0]] and m1.decode_graph_steps == m1.decode_steps == 11
+    both, m2 = run([(prompts[0], 12), (prompts[1], 4)])
+    assert both == want
+    assert 0 < m2.decode_graph_steps < m2.decode_steps and m2.peak_running == 2
+
+
+@needs_interpreter
+def test_scheduler_runs_a_lone_request_through_its_graph_decoder(monkeypatch):
+    """On CPU, with the graph decoder's capture off (everything but the capture itself)."""
+    monkeypatch.setattr(Engine, "graph_decoder", lambda self, cache, steps=GRAPH_MIN_STEPS:
+                        GraphDecoder(self, cache, capture=False) if steps >= GRAPH_MIN_STEPS else None)
+    _scheduler_check("cpu")
+
+
+@pytest.mark.gpu
+def test_scheduler_replays_a_lone_request_from_its_graph():
+    _scheduler_check("cuda")

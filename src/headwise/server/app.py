@@ -297,4 +297,8 @@ def render_metrics(scheduler: Scheduler) -> str:
     metric("headwise_requests_cancelled_total", "counter", "Requests dropped because the client went away.",
            [("", m.cancelled)])
     metric("headwise_decode_steps_total", "counter", "Batched decode steps run.", [("", m.decode_steps)])
+    metric("headwise_decode_graph_steps_total", "counter",
+           "Decode steps of a request alone run by its CUDA-graph decoder (the first captures, the rest replay; "
+           "counted in decode_steps too).",
+           [("", m.decode_graph_steps)])
     return "\n".join(lines) + "\n"

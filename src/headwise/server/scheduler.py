@@ -11,7 +11,10 @@ Each loop iteration (a *step*):
    prefill.
 3. **Decode** ONE token for all decoding requests together: their last tokens are stacked into one
    ``[N, 1]`` forward (``Engine.decode_batch``), projections and MLPs batched, attention row by row with
-   each row's cache.
+   each row's cache. A request decoding alone replays its step from a CUDA graph instead (its own
+   ``engine.GraphDecoder``, captured at its first lone step), where the engine allows graphs: one client on
+   a GPU gets ``Engine.generate``'s speed; the graph survives steps taken in a batch (positions and lengths
+   live on the device).
 
 Requests join and leave between steps: a finished, stopped or cancelled request (client gone) is dropped
 and its cache freed before the next step, so its KV bytes are back in the budget at once.
@@ -33,7 +36,7 @@ from typing import Any
 import torch
 
 from headwise.cache import HeadwiseCache
-from headwise.engine import Engine, SamplingParams, sample_next
+from headwise.engine import Engine, GraphDecoder, SamplingParams, sample_next
 from headwise.errors import HeadwiseError
 from headwise.plan import resolve
 
@@ -90,6 +93,7 @@ class GenRequest:
     generator: torch.Generator | None = None
     kv_bytes: int = 0
     finished: bool = False
+    graphs: GraphDecoder | bool | None = None  # its CUDA-graph decoder; False: the engine allows none
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -115,6 +119,7 @@ class Metrics:
         self.prompt_tokens = 0
         self.cancelled = 0
         self.decode_steps = 0
+        self.decode_graph_steps = 0  # of which replayed from a request's CUDA graph (a request alone)
         self.queue_depth = 0
         self.running = 0
         self.peak_running = 0  # largest batch seen in one decode step
@@ -308,7 +313,13 @@ class Scheduler:
         self.metrics.add_tokens(sum(len(r.generated) for r in ready) - before, time.perf_counter())
         if feed:
             try:
-                logits = self.engine.decode_batch([r.cache for r in feed], [r.generated[-1] for r in feed])
+                graphs = self._graphs(feed[0]) if len(feed) == 1 else None
+                if graphs is not None:  # alone: its step replayed from its CUDA graph
+                    feed[0].cache.decode_step += 1
+                    logits = graphs.step(feed[0].generated[-1])
+                    self.metrics.decode_graph_steps += 1
+                else:
+                    logits = self.engine.decode_batch([r.cache for r in feed], [r.generated[-1] for r in feed])
                 self.metrics.decode_steps += 1
                 self.metrics.peak_running = max(self.metrics.peak_running, len(feed))
                 for r, row in zip(feed, logits):
@@ -320,8 +331,17 @@ class Scheduler:
             self._running = [r for r in self._running if not r.finished]
             for r in done:
                 r.cache = None  # free the KV memory now
+                r.graphs = None
             self._account()
             self._admit()
+
+    def _graphs(self, r: GenRequest) -> GraphDecoder | None:
+        """``r``'s CUDA-graph decoder, made at its first lone decode step (None where the engine allows none:
+        not CUDA, no kernels, a policy without graph decode, or too few steps left to pay for a capture)."""
+        if r.graphs is None:
+            assert r.cache is not None
+            r.graphs = self.engine.graph_decoder(r.cache, r.params.max_new_tokens - len(r.generated)) or False
+        return r.graphs or None
 
     def _prefill_chunk(self, r: GenRequest) -> int:
         eng = self.engine
@@ -399,6 +419,7 @@ class Scheduler:
             if r.cancelled and not r.finished:
                 self._finish(r, cancelled=True)
                 r.cache = None
+                r.graphs = None
 
     def _account(self) -> None:
         for r in self._running:
