@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
     p.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="replay decode steps from a CUDA graph: auto (default: when the GPU, the kernels and "
-                        "every policy of the plan allow it), on (an error says what prevents it), off")
+                        "every policy of the plan allow it, from 8 decode steps on), on (an error says what "
+                        "prevents it), off")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the statistics line")
     p.add_argument("--stats-json", help="also write the statistics as JSON to this file")

@@ -25,7 +25,7 @@ from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 
 DEFAULT_CHUNK = 512
-GRAPH_MIN_STEPS = 4  # decode steps from which generate replays them from a CUDA graph unless told otherwise
+GRAPH_MIN_STEPS = 8  # decode steps from which generate replays them from a CUDA graph unless told (capture ~3 steps)
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +105,8 @@ class Engine:
                  use_kernels: bool | None = None, cuda_graphs: bool | None = None):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: ``generate`` replays its decode
         steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
-        of the plan allow it, else eager steps; True: required (an error says what prevents it); False: never."""
+        of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
+        True: required (an error says what prevents it); False: never."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -227,8 +228,9 @@ class Engine:
 
     def graph_decoder(self, cache: HeadwiseCache, decode_steps: int = GRAPH_MIN_STEPS) -> GraphDecoder | None:
         """The CUDA-graph decoder ``generate`` uses for ``cache`` and ``decode_steps`` steps under ``cuda_graphs``
-        (None: eager steps). Allowed but not asked for, a graph is used from ``GRAPH_MIN_STEPS`` steps on (the first
-        step runs eagerly and the capture costs about one more)."""
+        (None: eager steps). Allowed but not asked for, a graph is used from ``GRAPH_MIN_STEPS`` steps on: the first
+        step runs eagerly and is captured, which cost about three eager steps on an H100 (4 layers of Llama-3-8B
+        shapes, bench/results/gpu_engine_decode_2026-11-23d.json)."""
         if self.cuda_graphs is False or decode_steps < 1 or (self.cuda_graphs is None and decode_steps < GRAPH_MIN_STEPS):
             return None
         why = ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
