@@ -25,18 +25,14 @@ import torch
 import torch.nn.functional as F
 
 from headwise.bench.decode import (
-    HKV,
-    HQ,
     SCORE_TUNING,
-    D,
-    _page_bounds,
     _page_topk_fn,
     _plan_a_fn,
     _ring,
     _Timer,
+    random_decode_layer,
 )
 from headwise.bench.record import result_doc
-from headwise.policies.stores import quantize_bounds
 
 PAGE, BUDGET, FULL_KV, SINK, WINDOW = 32, 4096, 2, 64, 1024
 PLAN_A = {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}  # bench_2026-11-23e picks
@@ -45,12 +41,7 @@ QUEST = {"fused": 1, "select_bins": 128, "tokens_per_iter": 64, "num_warps": 8, 
 
 
 def _layer_fns(batch: int, seq_len: int, seed: int) -> dict[str, object]:
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    bounds = _page_bounds(k, PAGE)
-    codes, scales = quantize_bounds(bounds)
+    q, k, v, bounds, codes, scales = random_decode_layer(batch, seq_len, PAGE, seed)
     k_ring, v_ring = _ring(k[:, FULL_KV:], SINK, WINDOW), _ring(v[:, FULL_KV:], SINK, WINDOW)
     q4 = q[:, :, None]
     return {

@@ -15,9 +15,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from headwise.bench.decode import HKV, HQ, SCORE_TUNING, D, _page_bounds, _page_topk_fn, _Timer
+from headwise.bench.decode import HKV, HQ, SCORE_TUNING, D, _page_topk_fn, _Timer, random_decode_layer
 from headwise.bench.decode import kernel_durations as kernel_times
-from headwise.policies.stores import quantize_bounds
 
 
 def main() -> None:
@@ -30,12 +29,7 @@ def main() -> None:
     res: dict[str, object] = {"commit": os.environ.get("HEADWISE_COMMIT", "?"), "device": torch.cuda.get_device_name(),
                               "seq_len": S, "budget": budget, "page": page}
     for B in (int(b) for b in args.batches.split(",")):
-        g = torch.Generator(device="cuda").manual_seed(B)
-        q = torch.randn(B, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        k = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        v = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
-        bounds = _page_bounds(k, page)
-        codes, scales = quantize_bounds(bounds)
+        q, k, v, bounds, codes, scales = random_decode_layer(B, S, page, seed=B)
         r: dict[str, object] = {}
         fused = dict(fused=1, tokens_per_iter=64, num_warps=8, num_stages=2, fused_merge=0, select_bins=128,
                      programs_per_sm=1)

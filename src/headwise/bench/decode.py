@@ -141,6 +141,18 @@ def _page_bounds(k: torch.Tensor, page_size: int) -> torch.Tensor:
     return torch.stack([pages.amin(dim=3), pages.amax(dim=3)], dim=3).contiguous()
 
 
+def random_decode_layer(batch: int, seq_len: int, page_size: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """One layer's random bf16 decode inputs on CUDA, ``q [B, HQ, D]``, ``k, v [B, HKV, S, D]``, and what a
+    ``PagedStore`` holds for them: exact page bounds, and their e4m3 codes and scales (``bounds="e4m3"``)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    bounds = _page_bounds(k, page_size)
+    codes, scales = quantize_bounds(bounds)
+    return q, k, v, bounds, codes, scales
+
+
 def _ring(k: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     """A streaming head's store after the whole cache was written: sinks + the last ``window`` tokens (ring
     order does not matter to decode attention)."""
@@ -402,10 +414,7 @@ def _time_batch(
     (``section: "time"``, ``l2_flush: "write"``, speed-ups against dense under the same flush)."""
     from headwise.kernels.sparse_decode import sparse_decode
 
-    g = torch.Generator(device="cuda").manual_seed(batch)
-    q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    v = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
+    q, k, v, bounds, codes, scales = random_decode_layer(batch, seq_len, page_size, seed=batch)
     q4 = q[:, :, None]
     q_packed = q.view(batch, HKV, GROUP, D)
     rows: dict[str, dict[str, Any]] = {}
@@ -432,8 +441,6 @@ def _time_batch(
                 rows[name] = {"error": repr(exc)[:300]}
     # plan_a: our kernel per group over the real per-group layouts (full heads' cache, streaming ring).
     k_ring, v_ring = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
-    bounds = _page_bounds(k, page_size)
-    codes, scales = quantize_bounds(bounds)  # page_topk with bounds="e4m3": what PagedStore holds then
     factories = {
         "plan_a": lambda cfg: _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
         "page_topk": lambda cfg: _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **SCORE_TUNING, **cfg),
