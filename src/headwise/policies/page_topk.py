@@ -32,7 +32,7 @@ and all reserved pages are scored, those past the cache's length -inf (``_attend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
@@ -40,6 +40,9 @@ from headwise.errors import PlanError
 from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
 from headwise.policies.selection import attend_selected
 from headwise.policies.stores import PagedStore
+
+if TYPE_CHECKING:
+    from headwise.kernels.sparse_decode import DeviceLength
 
 
 def quest_scores(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
@@ -66,6 +69,7 @@ def quest_scores(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 # at 128K tokens: 8 pairs (batch 1) 32.3 against 35.2 us, 32 pairs (batch 4) 77.4 against 68.9 us
 # (bench/results/bench_2026-11-23e.json).
 FUSED_SELECT_MAX_HEADS = 16
+MAX_SELECT_PAGES = 32768  # pages per head the in-kernel selection holds in registers (kernels' _TOPK_MAX_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -124,42 +128,41 @@ class PageTopK(Policy):
         if q.shape[2] != 1:
             keys, values = store.view()
             return causal_attention(q, keys, values, ctx.start, ctx.scale)
-        if ctx.use_kernels and q.shape[0] * store.heads <= FUSED_SELECT_MAX_HEADS and store.num_pages <= 32768:
-            return self._attend_fused(q, store, ctx)
+        if ctx.use_kernels and q.shape[0] * store.heads <= FUSED_SELECT_MAX_HEADS and store.num_pages <= MAX_SELECT_PAGES:
+            q0 = q[:, :, 0]
+            return self._attend_fused(q0, store, store.length, _kernel_scores(q0, store), ctx)
         table = self.select(q[:, :, 0], store, ctx.use_kernels)
         return attend_selected(q, store, table, self.page_size, ctx)
 
-    def _attend_fused(self, q: torch.Tensor, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
-        """Kernel path for few (sequence, KV head) pairs: the attention kernel selects the pages itself
-        (``topk_sparse_decode``: the same pages as ``select``, one launch less)."""
+    def _attend_fused(self, q0: torch.Tensor, store: PagedStore, length: int | DeviceLength, scores: torch.Tensor,
+                      ctx: AttendContext) -> torch.Tensor:
+        """Kernel path for few (sequence, KV head) pairs, and for CUDA-graph steps: the attention kernel selects
+        the pages itself from ``scores`` (``topk_sparse_decode``: the same pages as ``select``, one launch less).
+        q0: [B, Hq, D]; returns [B, Hq, 1, D]."""
         from headwise.kernels.sparse_decode import topk_sparse_decode
 
         assert store.keys is not None and store.values is not None
-        q0 = q[:, :, 0]
-        out = topk_sparse_decode(q0, store.keys, store.values, store.length, _kernel_scores(q0, store),
-                                 self.budget // self.page_size, self.page_size, ctx.scale, select_bins=128)
+        out = topk_sparse_decode(q0, store.keys, store.values, length, scores, self.budget // self.page_size,
+                                 self.page_size, ctx.scale, select_bins=128)
         return out.unsqueeze(2)
-
 
     def _attend_graph(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
         """A decode step for a CUDA graph (``AttendContext.position``): the fused kernel path, with every length
         read on the device. The scores cover every reserved page, those past the valid ones -inf, and the kernel
         keeps ``budget // page_size`` of them: while fewer pages than that exist, the extra picks are pages past
         the cache's length, whose tokens the kernel masks, so the same tokens are attended as on the eager path."""
-        from headwise.kernels.sparse_decode import DeviceLength, quest_page_scores, topk_sparse_decode
+        from headwise.kernels.sparse_decode import DeviceLength, quest_page_scores
 
         store.append_at(k, v, ctx.position)
-        assert store.keys is not None and store.values is not None and store.bounds is not None
+        assert store.bounds is not None
         pages = store.bounds.shape[2]
-        if pages > 32768:
-            raise PlanError(f"policy 'page_topk': CUDA-graph decode scores at most 32768 pages per head, the cache "
-                            f"reserves {pages} (use larger pages, or Engine(cuda_graphs=False))")
+        if pages > MAX_SELECT_PAGES:
+            raise PlanError(f"policy 'page_topk': CUDA-graph decode scores at most {MAX_SELECT_PAGES} pages per head, "
+                            f"the cache reserves {pages} (use larger pages, or Engine(cuda_graphs=False))")
         length = DeviceLength(ctx.position, 1, store.capacity)
         q0 = q[:, :, 0]
         scores = quest_page_scores(q0, store.bounds, length, scales=store.bound_scales, page_size=self.page_size)
-        out = topk_sparse_decode(q0, store.keys, store.values, length, scores, self.budget // self.page_size,
-                                 self.page_size, ctx.scale, select_bins=128)
-        return out.unsqueeze(2)
+        return self._attend_fused(q0, store, length, scores, ctx)
 
 
 def _kernel_scores(q: torch.Tensor, store: PagedStore) -> torch.Tensor:

@@ -299,11 +299,18 @@ class PagedStore(DenseStore):
             parts.append(torch.stack([tail.amin(dim=2), tail.amax(dim=2)], dim=2)[:, :, None])
         exact = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]
         last = first + exact.shape[2]
+        for buf, rows in self._stored_bounds(exact):
+            buf[:, :, first:last] = rows
+
+    def _stored_bounds(self, exact: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What to write for pages whose exact bounds are ``exact: [B, H, n, 2, D]``, as (buffer, rows) pairs to
+        write at those pages: the bounds, or (e4m3) their codes, both as bytes, and their scales."""
+        assert self.bounds is not None
         if self.bound_format == "e4m3":
             assert self.bound_scales is not None
-            self.bounds[:, :, first:last], self.bound_scales[:, :, first:last] = quantize_bounds(exact)
-        else:
-            self.bounds[:, :, first:last] = exact
+            codes, scales = quantize_bounds(exact)
+            return [(self.bounds.view(torch.uint8), codes.view(torch.uint8)), (self.bound_scales, scales)]
+        return [(self.bounds, exact)]
 
     def append_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
         """``DenseStore.append_at`` (one token at a device position) and the bounds of its page, recomputed on the
@@ -317,13 +324,8 @@ class PagedStore(DenseStore):
         past = (slots > position)[None, None, :, None]  # slots of the page not written yet
         exact = torch.stack([toks.masked_fill(past, float("inf")).amin(dim=2),
                              toks.masked_fill(past, float("-inf")).amax(dim=2)], dim=2)[:, :, None]  # [B, H, 1, 2, D]
-        if self.bound_format == "e4m3":
-            assert self.bound_scales is not None
-            codes, scales = quantize_bounds(exact)
-            self.bounds.view(torch.uint8).index_copy_(2, page, codes.view(torch.uint8))
-            self.bound_scales.index_copy_(2, page, scales)
-        else:
-            self.bounds.index_copy_(2, page, exact)
+        for buf, rows in self._stored_bounds(exact):
+            buf.index_copy_(2, page, rows)
 
     def page_bounds(self) -> torch.Tensor:
         """Bounds of the pages in use, ``[batch, heads, num_pages, 2, head_dim]``: a view in the KV dtype, or
