@@ -16,7 +16,7 @@ set -uo pipefail
 phase=${1:?phase}
 arg=${2:-}
 WORK=${WORK:-/tmp/q}
-SHARDS=${SHARDS:-12}
+SHARDS=${SHARDS:-16}
 MODEL=smollm2-135m
 GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
 export PYTHONPATH=/tmp/site:$PWD/src HEADWISE_CACHE=/tmp/hwcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
@@ -33,7 +33,8 @@ pack() {
   ls -la "$OUT"
 }
 
-TASKS=passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe
+TASKS=passkey,needle,multikey_needle,multiquery_needle,variable_tracking,probe
+PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal,plans/$MODEL-retrieval.json
 DEPTHS=0.1,0.3,0.5,0.7,0.9
 
 # eval NAME SECONDS ARGS...: shards in parallel until SECONDS, then (if all done) collect the report.
@@ -68,27 +69,27 @@ profile)
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
     hw profile $MODEL --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
-    for b in 0.1 0.25 0.375 0.75; do
+    hw profile $MODEL --budget 0.5 --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" --method retrieval \
+      -o "$WORK/plans/$MODEL-retrieval.json" --no-progress 2>&1 | tail -1
+    for b in 0.25 0.375 0.75; do
       hw profile $MODEL --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
   cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
-  sharded_eval main "$(left)" --plans dense,plans/$MODEL.json,streaming@equal,random@equal,quest@equal \
-    --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
   pack
   ;;
 eval)
   cp "$WORK"/plans/*.json plans/
-  sharded_eval main "$(left)" --plans dense,plans/$MODEL.json,streaming@equal,random@equal,quest@equal \
-    --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
   pack
   ;;
 curve)
   cp "$WORK"/plans/*.json plans/
-  per=$(( $(left) / 4 ))
-  for b in 0.1 0.25 0.375 0.75; do
+  per=$(( $(left) / 3 ))
+  for b in 0.25 0.375 0.75; do
     sharded_eval "curve-b$b" "$per" --plans plans/$MODEL-b$b.json,streaming@equal,random@equal \
       --tasks passkey,multikey_needle,variable_tracking --lengths 2k --depths $DEPTHS --samples 100
   done

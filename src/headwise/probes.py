@@ -65,9 +65,10 @@ def _code(rng: random.Random) -> str:
 
 
 HAYSTACKS: dict[str, Callable[[random.Random], str]] = {
-    "salad": _salad, "log": _log, "inventory": _inventory, "code": _code,
+    "salad": _salad, "log": _log, "inventory": _inventory, "code": _code, "cycle": _salad,
 }
-"""Haystack units: each call returns one sentence or line."""
+"""Haystack units: each call returns one sentence or line. ``cycle`` repeats a few word-salad sentences over and
+over (the regime of repeated-filler passkey tests, in sentences of its own), where the others never repeat."""
 
 
 def _hex(rng: random.Random) -> str:
@@ -159,12 +160,19 @@ def _filled(tokenizer: Any, rng: random.Random, haystack: str, n_tokens: int,
     """Haystack units up to ``n_tokens`` with each ``(depth, ids)`` insert placed between units at that relative
     depth. Returns the ids and each insert's start offset (in the order given)."""
     unit = HAYSTACKS[haystack]
+    if haystack == "cycle":
+        few = [unit(rng) for _ in range(rng.randint(3, 6))]
+        unit = lambda r, few=few, it=iter(range(10**9)): few[next(it) % len(few)]  # noqa: E731
     pieces: list[list[int]] = []
     total = sum(len(ids) for _, ids in inserts)
     while total < n_tokens:
-        ids = _ids(tokenizer, unit(rng))
-        pieces.append(ids)
-        total += len(ids)
+        # Units are tokenized in batches (one call of the fast tokenizer for many): data for gate training is
+        # drawn at every step.
+        for ids in tokenizer([unit(rng) for _ in range(64)], add_special_tokens=False).input_ids:
+            if total >= n_tokens:
+                break
+            pieces.append(list(ids))
+            total += len(ids)
     if pieces and total > n_tokens:  # trim the last unit to land on the length
         pieces[-1] = pieces[-1][: len(pieces[-1]) - (total - n_tokens)]
     slots: dict[int, list[int]] = {}

@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--from-scores", metavar="PLAN", default=None,
                    help="re-solve from the scores recorded in an earlier profile's plan (no measuring; seconds)")
     p.add_argument("--duo-steps", type=int, default=None,
-                   help="DuoAttention gate-training steps (default: 400 on a GPU, 40 on a CPU)")
+                   help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")

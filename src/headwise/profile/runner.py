@@ -64,10 +64,10 @@ class Settings:
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
-        """What shipped plans are profiled with, on a GPU: gates trained for 400 steps of 4 sequences (the loss
+        """What shipped plans are profiled with, on a GPU: gates trained for 300 steps of 4 sequences (the loss
         has flattened well before on the bundled models: the curve is in the plan's ``meta.duo``), retrieval
         probes at five depths."""
-        return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=400, duo_seq_len=0,
+        return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
                    duo_time_limit_s=300.0, duo_batch=4, prefill_density=prefill_density)
 
 
