@@ -161,17 +161,21 @@ class HeadPlan:
     def counts(self) -> dict[str, int]:
         return dict(Counter(h["policy"] for row in self.layers for h in row))
 
-    def kv_tokens(self, spec: ModelSpec, seq_len: int) -> int:
-        """Token slots held (summed over layers and KV heads) after ``seq_len`` tokens."""
-        total = 0
-        for i, row in enumerate(resolve(self.policies(), spec)):
-            total += sum(p.kv_tokens(seq_len) for p in row)
-            del i
-        return total
+    def kv_bytes(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int:
+        """KV bytes held (summed over layers and KV heads) after ``seq_len`` tokens, K/V in ``dtype_bytes``-byte
+        elements (``Policy.kv_bytes``: a quantized head counts its codes, scales and residual)."""
+        return sum(p.kv_bytes(seq_len, spec.head_dim, dtype_bytes) for row in resolve(self.policies(), spec) for p in row)
 
-    def kv_fraction(self, spec: ModelSpec, seq_len: int) -> float:
-        """KV memory of this plan over the dense plan's, after ``seq_len`` tokens."""
-        return self.kv_tokens(spec, seq_len) / max(1, spec.dense_kv_tokens(seq_len))
+    def kv_tokens(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int:
+        """Token slots held (summed over layers and KV heads) after ``seq_len`` tokens, in dense-equivalent slots:
+        ``kv_bytes`` over the bytes of one dense slot (a key and a value), rounded up. The slots themselves for plans
+        without quantized heads; a quantized head counts the slots its bytes would fill."""
+        slot = 2 * spec.head_dim * dtype_bytes
+        return -(-self.kv_bytes(spec, seq_len, dtype_bytes) // slot)
+
+    def kv_fraction(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> float:
+        """KV memory (bytes) of this plan over the dense plan's, after ``seq_len`` tokens."""
+        return self.kv_bytes(spec, seq_len, dtype_bytes) / max(1, spec.dense_kv_bytes(seq_len, dtype_bytes))
 
     def summary(self, spec: ModelSpec | None = None, seq_len: int | None = None) -> str:
         parts = [f"{n}×{name}" for name, n in sorted(self.counts().items())]

@@ -15,6 +15,7 @@ from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
 from headwise.policies.page_topk import PageTopK
+from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
 from headwise.policies.streaming import Streaming
 from headwise.policies.tidal import Tidal
@@ -29,6 +30,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     AShape.name: AShape,
     VerticalSlash.name: VerticalSlash,
     BlockTopK.name: BlockTopK,
+    Quantized.name: Quantized,
 }
 
 
@@ -76,4 +78,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names", "register"]
+__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names", "register"]

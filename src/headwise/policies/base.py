@@ -86,7 +86,13 @@ class Policy(ABC):
 
     @abstractmethod
     def kv_tokens(self, seq_len: int) -> int:
-        """Token slots one KV head holds after ``seq_len`` tokens (what the memory budget counts)."""
+        """Token slots one KV head holds after ``seq_len`` tokens (each a key and a value in the KV dtype, for every
+        policy that stores tokens densely; a policy that stores them otherwise says so in ``kv_bytes``)."""
+
+    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Bytes one KV head holds after ``seq_len`` tokens, what plans and the solver's budget count: by default
+        ``kv_tokens`` slots of one key and one value of ``head_dim`` elements of ``dtype_bytes`` each."""
+        return self.kv_tokens(seq_len) * 2 * head_dim * dtype_bytes
 
     @abstractmethod
     def make_store(

@@ -83,6 +83,9 @@ class PrefillPattern(Policy):
     def kv_tokens(self, seq_len: int) -> int:
         return self.decode.kv_tokens(seq_len)
 
+    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        return self.decode.kv_bytes(seq_len, head_dim, dtype_bytes)
+
     def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
         return self.decode.make_store(batch, heads, head_dim, device, dtype)
 

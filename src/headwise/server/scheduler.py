@@ -174,18 +174,17 @@ class Scheduler:
         self.error: BaseException | None = None
         spec = engine.spec
         self._policies = resolve(engine.plan.policies(), spec)
-        self._bytes_per_slot = 2 * spec.head_dim * engine.lm.dtype.itemsize  # one K + one V vector
         self._probe_warned = False
 
     # ------------------------------------------------------------------ admission
     def _plan_bytes(self, seq_len: int) -> int:
-        slots = sum(p.kv_tokens(seq_len) for row in self._policies for p in row)
-        return slots * self._bytes_per_slot
+        spec, dtype_bytes = self.engine.spec, self.engine.lm.dtype.itemsize
+        return sum(p.kv_bytes(seq_len, spec.head_dim, dtype_bytes) for row in self._policies for p in row)
 
     def kv_estimate(self, total_tokens: int) -> int:
         """KV bytes a request's cache will hold at ``total_tokens`` (prompt + generated), before it runs.
 
-        The larger of (a) the plan's token slots × bytes per slot and (b) what the request's cache reserves
+        The larger of (a) the plan's bytes (``Policy.kv_bytes``) and (b) what the request's cache reserves
         up front, measured by building that cache on the ``meta`` device (shapes without storage, about a
         millisecond): (b) sees what (a) cannot, such as a streaming ring allocated whole or page metadata kept
         in another dtype; (a) covers stores that grow instead of reserving."""

@@ -1,0 +1,137 @@
+"""KIVI quantization of keys and values, in plain PyTorch: codes, fp16 scales and zero points, 4-bit packing.
+
+KIVI (Liu et al., 2024, https://arxiv.org/abs/2402.02750) quantizes keys *per channel* (one scale and zero point
+per channel per run of ``group`` consecutive tokens: key outliers live in fixed channels) and values *per token*
+(one per token per run of ``group`` consecutive channels, the last run partial when ``group`` does not divide
+``head_dim``). Scales and zero points are float16, as KIVI's; the zero point is the group's minimum rounded
+*down* to float16 and the scale its range rounded *up*, so every code lies in ``[0, 2^bits - 1]`` and a
+dequantized element errs by at most half its scale (float16 holds the parameters: keys and values beyond
++-65504 are not supported). Codes are uint8, one per byte at 8 bits, two per byte at 4 bits (channel ``2j`` in
+the low nibble of byte ``j``, ``2j + 1`` in the high one). ``x = code * scale + zero``.
+
+Used by the ``quantized`` policy's store (``policies/quantized.py``) and by the Triton decode kernel's reference
+(``kernels/quant_decode.py``); no Triton here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SCALE_DTYPE = torch.float16
+"""Dtype of scales and zero points (KIVI's): 2 bytes each."""
+
+
+# ----------------------------------------------------------------------------------------------- quantization
+def packed_dim(head_dim: int, bits: int) -> int:
+    """Bytes of one token's codes: ``ceil(head_dim * bits / 8)``."""
+    return -(-head_dim * bits // 8)
+
+
+def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp16 (scale, zero) of groups whose fp32 min and max are ``lo, hi``: zero = lo rounded down, scale = the
+    range above it over ``2^bits - 1``, rounded up (times ``1 + 2^-10`` before fp16's round-to-nearest, whose
+    relative error is below ``2^-11``), so ``(hi - zero) / scale <= 2^bits - 1``. A constant group gets scale 1."""
+    zero = lo.to(SCALE_DTYPE)
+    below = torch.nextafter(zero, torch.tensor(float("-inf"), dtype=SCALE_DTYPE, device=zero.device))
+    zero = torch.where(zero.float() > lo, below, zero)
+    scale = ((hi - zero.float()) / (2**bits - 1) * (1 + 2**-10)).to(SCALE_DTYPE)
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return scale, zero
+
+
+def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+    """fp32 ``x`` and broadcastable fp16 params -> uint8 codes in ``[0, 2^bits - 1]`` (round to nearest)."""
+    return torch.round((x - zero.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.uint8)
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes ``[..., D]`` -> ``[..., ceil(D * bits / 8)]`` (4 bits: channel 2j low nibble, 2j + 1 high)."""
+    if bits == 8:
+        return codes
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def unpack(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
+    """``pack``'s inverse: ``[..., ceil(D * bits / 8)]`` -> uint8 codes ``[..., head_dim]``."""
+    if bits == 8:
+        return packed
+    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :head_dim]
+
+
+def quantize_keys(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-channel quantization of ``k: [B, H, n, D]`` (``n`` a multiple of ``group``) over runs of ``group``
+    tokens -> (codes ``[B, H, n, packed_dim]`` uint8, scale and zero ``[B, H, n / group, D]`` fp16)."""
+    B, H, n, D = k.shape
+    assert n % group == 0, f"keys are quantized in whole groups of {group} tokens, got {n}"
+    x = k.float().reshape(B, H, n // group, group, D)
+    scale, zero = _params(x.amin(dim=3), x.amax(dim=3), bits)
+    codes = _codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).reshape(B, H, n, D)
+    return pack(codes, bits), scale, zero
+
+
+def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-token quantization of ``v: [B, H, n, D]`` over runs of ``group`` channels (the last one partial)
+    -> (codes ``[B, H, n, packed_dim]`` uint8, scale and zero ``[B, H, n, ceil(D / group)]`` fp16)."""
+    B, H, n, D = v.shape
+    ng = -(-D // group)
+    x = v.float()
+    pad = ng * group - D
+    lo = torch.nn.functional.pad(x, (0, pad), value=float("inf")).reshape(B, H, n, ng, group).amin(dim=4)
+    hi = torch.nn.functional.pad(x, (0, pad), value=float("-inf")).reshape(B, H, n, ng, group).amax(dim=4)
+    scale, zero = _params(lo, hi, bits)
+    codes = _codes(x, _per_channel(scale, group, D), _per_channel(zero, group, D), bits)
+    return pack(codes, bits), scale, zero
+
+
+def _per_channel(p: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
+    """``[..., ceil(D / group)]`` channel-group params -> ``[..., D]``."""
+    return p.repeat_interleave(group, dim=-1)[..., :head_dim]
+
+
+def dequantize_keys(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                    head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``quantize_keys``'s inverse: ``[B, H, n, D]`` in ``dtype`` (computed in fp32, then rounded)."""
+    c = unpack(codes, bits, head_dim).float()
+    s = scale.float().repeat_interleave(group, dim=2)[:, :, : c.shape[2]]
+    z = zero.float().repeat_interleave(group, dim=2)[:, :, : c.shape[2]]
+    return (c * s + z).to(dtype)
+
+
+def dequantize_values(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int,
+                      head_dim: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``quantize_values``'s inverse: ``[B, H, n, D]`` in ``dtype`` (computed in fp32, then rounded)."""
+    c = unpack(codes, bits, head_dim).float()
+    s = _per_channel(scale.float(), group, head_dim)[:, :, : c.shape[2]]
+    z = _per_channel(zero.float(), group, head_dim)[:, :, : c.shape[2]]
+    return (c * s + z).to(dtype)
+
+
+@dataclass(frozen=True)
+class QuantizedKV:
+    """The quantized part of a per-head cache (buffers may hold room beyond ``n_quant`` tokens).
+
+    k_codes, v_codes: uint8 ``[B, H, cap, packed_dim]``; k_scale, k_zero: fp16 ``[B, H, cap / group, D]``;
+    v_scale, v_zero: fp16 ``[B, H, cap, ceil(D / group)]``; the first ``n_quant`` tokens valid."""
+
+    k_codes: torch.Tensor
+    k_scale: torch.Tensor
+    k_zero: torch.Tensor
+    v_codes: torch.Tensor
+    v_scale: torch.Tensor
+    v_zero: torch.Tensor
+    n_quant: int
+    bits: int
+    group: int
+
+    def dequantize(self, head_dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the ``n_quant`` tokens, ``[B, H, n_quant, D]`` in ``dtype``."""
+        n, g = self.n_quant, self.group
+        keys = dequantize_keys(self.k_codes[:, :, :n], self.k_scale[:, :, : n // g], self.k_zero[:, :, : n // g],
+                               self.bits, g, head_dim, dtype)
+        values = dequantize_values(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
+                                   self.bits, g, head_dim, dtype)
+        return keys, values

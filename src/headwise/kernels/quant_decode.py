@@ -1,0 +1,272 @@
+"""Decode attention over a KIVI-quantized per-head KV cache, in Triton, with its plain-PyTorch reference.
+
+Layout
+    A quantized KV head holds its oldest ``n_quant`` tokens (a multiple of ``group``) as KIVI codes
+    (``kernels/kv_quant.py``: keys per channel over runs of ``group`` tokens, values per token over runs of
+    ``group`` channels, fp16 scales and zero points, 4-bit codes two per byte) and its newest ``n_res`` tokens in
+    full precision (the residual): ``k_codes, v_codes: [B, H, n, ceil(D*bits/8)]`` uint8,
+    ``k_scale, k_zero: [B, H, n / group, D]``, ``v_scale, v_zero: [B, H, n, ceil(D / group)]``.
+
+Algorithm
+    ``quant_decode`` is flash-decoding (Dao et al., 2023) over the concatenation "quantized tokens, then residual
+    tokens": a 1-D grid of (sequence, KV head, split) programs, each walking its run of token positions
+    ``BLOCK_N`` at a time. A block may straddle the boundary: its positions below ``n_quant`` load codes, scales
+    and zeros and dequantize them in registers (fp32), the others load the residual rows; masked loads read only
+    what each position needs, so no dequantized copy of the cache is ever written. The ``GROUP`` query heads of
+    a KV head share one program (GQA packing). An online softmax runs over the blocks; with several splits each
+    program writes its normalised partial output and log-sum-exp and a small kernel merges them.
+
+Limits
+    ``bits`` is 8 or 4; ``head_dim`` up to 256; up to 64 query heads per KV head; K/V residual and q in fp32,
+    fp16 or bf16; accumulation fp32. Under TRITON_INTERPRET=1 the products run in fp32 (the interpreter's bf16
+    dot is wrong), so the interpreter checks indexing, unpacking and the softmax; on a GPU the dequantized rows
+    are rounded to q's dtype for tensor-core products, as the reference rounds its dequantized cache. Not yet
+    capturable in a CUDA graph (the lengths are host integers).
+
+Tested
+    tests/test_quant_decode.py under TRITON_INTERPRET=1 on the CPU: odd lengths, a residual alone, a quantized
+    part alone, partial value channel groups (D = 80, group 32), batch 2, GQA 4:1 and 1:1, several splits, 8 and
+    4 bits, against an fp32 reference with flash-attention's tolerance (error <= 2x PyTorch's in the same dtype).
+    Not yet run on a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from headwise.kernels.kv_quant import QuantizedKV, packed_dim
+
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
+_MAX_SPLITS = 256  # the merge kernel holds every split of a query head in registers
+
+
+# ----------------------------------------------------------------------------------------------- kernels
+@triton.jit
+def _dot(a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
+    """``a @ b`` with fp32 accumulation: in fp32 under the interpreter (its bf16 dot is wrong), full fp32 products
+    for fp32 inputs, else tensor cores in ``a``'s dtype."""
+    if INTERPRET:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    if IEEE:
+        return tl.dot(a, b.to(a.dtype), input_precision="ieee")
+    return tl.dot(a, b.to(a.dtype))
+
+
+@triton.jit
+def _load_codes(base, tok, stride_n, offs_d, mask, BITS: tl.constexpr):
+    """Codes ``[BLOCK_N, BLOCK_D]`` as fp32: a byte each at 8 bits, a nibble of byte ``d // 2`` at 4 bits."""
+    if BITS == 8:
+        return tl.load(base + tok[:, None] * stride_n + offs_d[None, :], mask=mask, other=0).to(tl.float32)
+    byte = tl.load(base + tok[:, None] * stride_n + (offs_d // 2)[None, :], mask=mask, other=0)
+    return ((byte >> ((offs_d % 2) * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
+
+
+@triton.jit
+def _quant_decode_kernel(
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, LSE_PART, Out,
+    n_quant, n_total, scale_log2e, n_kv_heads, tokens_per_split, iters_per_split, n_splits,
+    stride_qb, stride_qh,
+    stride_kcb, stride_kch, stride_kcn,
+    stride_ksb, stride_ksh, stride_ksg,
+    stride_vcb, stride_vch, stride_vcn,
+    stride_vsb, stride_vsh, stride_vsn,
+    stride_rkb, stride_rkh, stride_rkn,
+    stride_rvb, stride_rvh, stride_rvn,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr, QGROUP: tl.constexpr, BITS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    split = pid % n_splits
+    bh = pid // n_splits
+    b = bh // n_kv_heads
+    h = bh % n_kv_heads
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_rows = h * GROUP + offs_h
+    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    kc_base = KC + b * stride_kcb + h * stride_kch
+    ks_base = KS + b * stride_ksb + h * stride_ksh
+    kz_base = KZ + b * stride_ksb + h * stride_ksh
+    vc_base = VC + b * stride_vcb + h * stride_vch
+    vs_base = VS + b * stride_vsb + h * stride_vsh
+    vz_base = VZ + b * stride_vsb + h * stride_vsh
+    rk_base = RK + b * stride_rkb + h * stride_rkh
+    rv_base = RV + b * stride_rvb + h * stride_rvh
+    v_grp = offs_d // QGROUP  # the value channel group of every channel
+    # A finite floor for the running max: a block with no valid token leaves the state unchanged.
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    lo = split * tokens_per_split
+    hi = tl.minimum(lo + tokens_per_split, n_total)
+    it = 0
+    while it < iters_per_split:  # a ``while``: the interpreter takes no runtime ``range`` bound
+        tok = lo + it * BLOCK_N + offs_n
+        valid = tok < hi
+        in_q = valid & (tok < n_quant)
+        in_r = valid & (tok >= n_quant)
+        mq = in_q[:, None] & mask_d[None, :]
+        mr = in_r[:, None] & mask_d[None, :]
+        rtok = tok - n_quant
+        # Keys: per-channel params of the token's group of QGROUP tokens.
+        kgrp = tok // QGROUP
+        ks = tl.load(ks_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+        kz = tl.load(kz_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
+        k = _load_codes(kc_base, tok, stride_kcn, offs_d, mq, BITS) * ks + kz
+        kr = tl.load(rk_base + rtok[:, None] * stride_rkn + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+        k = tl.where(in_q[:, None], k, kr)
+        s = _dot(q, tl.trans(k), INTERPRET, IEEE) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
+        s = tl.where(valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        # Values: per-token params of the channel's group of QGROUP channels.
+        vs = tl.load(vs_base + tok[:, None] * stride_vsn + v_grp[None, :], mask=mq, other=0.0).to(tl.float32)
+        vz = tl.load(vz_base + tok[:, None] * stride_vsn + v_grp[None, :], mask=mq, other=0.0).to(tl.float32)
+        v = _load_codes(vc_base, tok, stride_vcn, offs_d, mq, BITS) * vs + vz
+        vr = tl.load(rv_base + rtok[:, None] * stride_rvn + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
+        v = tl.where(in_q[:, None], v, vr)
+        acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v, INTERPRET, IEEE)
+        m_i = m_new
+        it += 1
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if SINGLE_SPLIT:
+        tl.store(Out + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 out, mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
+def _merge_kernel(O_PART, LSE_PART, Out, n_q_heads, n_splits,
+                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Out[b, hq] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse); one program per (sequence, query
+    head)."""
+    pid = tl.program_id(0)
+    b = pid // n_q_heads
+    hq = pid % n_q_heads
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_s = offs_s < n_splits
+    mask_d = offs_d < HEAD_DIM
+    lse = tl.load(LSE_PART + b * stride_lb + hq * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.exp2(lse - m)
+    parts = tl.load(O_PART + b * stride_pb + hq * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
+    tl.store(Out + b * stride_ob + hq * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
+
+
+# ----------------------------------------------------------------------------------------------- launcher
+def _num_splits(work_items: int, n_total: int, block_n: int, device: torch.device) -> int:
+    """About two programs per SM, never more splits than token blocks."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+    blocks = max(1, math.ceil(n_total / block_n))
+    return max(1, min(blocks, math.ceil(2 * sms / max(1, work_items)), _MAX_SPLITS))
+
+
+def quant_decode(
+    q: torch.Tensor, kv: QuantizedKV, res_k: torch.Tensor, res_v: torch.Tensor, n_res: int,
+    scale: float | None = None, num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+) -> torch.Tensor:
+    """Attention of one new token over a quantized per-head cache plus its full-precision residual.
+
+    q: [B, Hq, D] (GQA order); kv: the quantized part (its first ``kv.n_quant`` tokens, positions
+    ``0 .. n_quant - 1``); res_k, res_v: [B, Hkv, >= n_res, D], positions ``n_quant .. n_quant + n_res - 1``.
+    Returns [B, Hq, D] in q's dtype. ``num_splits``, ``block_n`` and ``num_warps`` only change speed.
+    """
+    B, Hq, D = q.shape
+    Hkv = res_k.shape[1]
+    n_quant, bits, group = kv.n_quant, kv.bits, kv.group
+    n_total = n_quant + n_res
+    assert bits in (4, 8) and n_quant % group == 0 and n_total >= 1
+    assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
+    assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, bits)
+    assert kv.k_codes.shape[2] >= n_quant and kv.v_codes.shape[2] >= n_quant
+    assert kv.k_scale.shape[3] == D and kv.v_scale.shape[3] == -(-D // group)
+    assert kv.k_scale.stride() == kv.k_zero.stride() and kv.v_scale.stride() == kv.v_zero.stride()
+    assert Hq % Hkv == 0 and Hq // Hkv <= 64 and D <= 256, "at most 64 query heads per KV head, head_dim <= 256"
+    for t in (q, res_k, res_v, kv.k_codes, kv.k_scale, kv.v_codes, kv.v_scale):
+        assert t.stride(-1) == 1, "the last dimension must be contiguous"
+    group_q = Hq // Hkv
+    splits = min(num_splits or _num_splits(B * Hkv, n_total, block_n, q.device), _MAX_SPLITS)
+    tokens_per_split = math.ceil(math.ceil(n_total / splits) / block_n) * block_n
+    splits = math.ceil(n_total / tokens_per_split)
+    out = torch.empty_like(q)
+    if splits > 1:
+        o_part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B, Hq, splits, device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # unused
+    block_d = triton.next_power_of_2(D)
+    _quant_decode_kernel[(B * Hkv * splits,)](
+        q, kv.k_codes, kv.k_scale, kv.k_zero, kv.v_codes, kv.v_scale, kv.v_zero, res_k, res_v,
+        o_part, lse_part, out,
+        n_quant, n_total, (D**-0.5 if scale is None else scale) * _LOG2E, Hkv, tokens_per_split,
+        tokens_per_split // block_n, splits,
+        q.stride(0), q.stride(1),
+        kv.k_codes.stride(0), kv.k_codes.stride(1), kv.k_codes.stride(2),
+        kv.k_scale.stride(0), kv.k_scale.stride(1), kv.k_scale.stride(2),
+        kv.v_codes.stride(0), kv.v_codes.stride(1), kv.v_codes.stride(2),
+        kv.v_scale.stride(0), kv.v_scale.stride(1), kv.v_scale.stride(2),
+        res_k.stride(0), res_k.stride(1), res_k.stride(2),
+        res_v.stride(0), res_v.stride(1), res_v.stride(2),
+        o_part.stride(0), o_part.stride(1), o_part.stride(2) if splits > 1 else 0,
+        lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1),
+        GROUP=group_q, BLOCK_H=max(16, triton.next_power_of_2(group_q)), HEAD_DIM=D, BLOCK_D=block_d,
+        BLOCK_N=block_n, QGROUP=group, BITS=bits, SINGLE_SPLIT=splits == 1, INTERPRET=_INTERPRET,
+        IEEE=q.dtype == torch.float32, num_warps=num_warps,
+    )
+    if splits > 1:
+        _merge_kernel[(B * Hq,)](
+            o_part, lse_part, out, Hq, splits,
+            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
+            out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
+        )
+    return out
+
+
+def quant_decode_reference(
+    q: torch.Tensor, kv: QuantizedKV, res_k: torch.Tensor, res_v: torch.Tensor, n_res: int,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch ``quant_decode``: dequantize the cache into q's dtype, append the residual, and attend.
+
+    Products in q's dtype, softmax in fp32, probabilities rounded to the dtype before ``@ V`` (as
+    flash-attention's ``attention_ref``); pass an fp32 q (and residual) for the fp32 reference. Shapes as
+    ``quant_decode``."""
+    _, Hq, D = q.shape
+    keys, values = kv.dequantize(D, q.dtype)
+    keys = torch.cat([keys, res_k[:, :, :n_res].to(q.dtype)], dim=2)
+    values = torch.cat([values, res_v[:, :, :n_res].to(q.dtype)], dim=2)
+    group = Hq // keys.shape[1]
+    kx, vx = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhd,bhsd->bhs", q, kx).float() * (D**-0.5 if scale is None else scale)
+    probs = torch.softmax(logits, dim=-1)
+    return torch.einsum("bhs,bhsd->bhd", probs.to(q.dtype), vx)
+
+
+__all__ = ["quant_decode", "quant_decode_reference"]
