@@ -7,12 +7,23 @@ either ``full`` or a streaming span; the solver
 1. puts every head on its cheapest streaming span (if even that exceeds the budget: ``BudgetError``);
 2. walks the heads by score, highest first, and makes a head ``full`` whenever the extra tokens still fit
    (a head that does not fit is skipped, the walk goes on to cheaper ones; heads scoring ``<= min_score`` are
-   never made full);
+   never made full); with ``quantize`` (below) this walk makes heads *whole* at their cheapest (4-bit), and a
+   second walk by score upgrades each to the dearest whole option that still fits (``full``, else 8-bit);
 3. spends what is left on the streaming heads' spans: repeatedly the upgrade with the largest gain per extra
    token (gain = attention mass kept, from ``mass.py``'s elastic span recalls, MoA-style; without recall data,
    spans grow round-robin), until nothing more fits.
 
 So the plan never exceeds the budget, and among heads of equal cost the full ones are the highest-scoring.
+
+With ``quantize=True`` (off by default: the solver then behaves exactly as above), a global-layer head also has
+two ``quantized`` options (KIVI, ``policies/quantized.py``) between its streaming spans and ``full``: 8-bit and
+4-bit codes, every token kept and reachable, at their bytes' worth of dense token slots (about 0.56 and 0.31 of
+``full`` at long lengths with KIVI's group of 32; ``Quantized.kv_bytes``). Step 2 then first keeps as many of the
+top-ranked heads whole as fit at 4 bits, and only then spends what is left on precision (8-bit, ``full``) in
+score order: when there are too few slots for every head the ranking wants full, they stay reachable at about a
+quarter or a half of the bytes (Gemma 3's three global KV heads hold 61% of its KV at 4K) rather than the top one
+full and the rest streaming. Without ``quantize`` the cheapest whole option is ``full`` and step 2 is as above. Native sliding-window layers get no quantized option: it would keep
+tokens the model's own window hides. Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
 ``N = target_len`` (a plan stores fixed windows; a longer input keeps the window chosen for the target).
@@ -28,7 +39,7 @@ from typing import Any
 import torch
 
 from headwise.errors import BudgetError
-from headwise.policies import Full, Policy
+from headwise.policies import Full, Policy, Quantized
 from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
 from headwise.spec import ModelSpec
 
@@ -39,6 +50,15 @@ def check_budget(budget: float) -> None:
             f"--budget is a fraction of the dense KV memory and must be in (0, 1], got {budget!r} "
             "(e.g. 0.25 keeps a quarter of the dense cache)"
         )
+
+
+QUANT_FIDELITY: dict[int, float] = {8: 0.999, 4: 0.99}
+"""Assumed value (fidelity, 1 for ``full``) of a quantized option, by bits: KIVI reports 8- and 4-bit keys and
+values within noise of fp16 on LongBench and retrieval; on SmolLM2-135M a 64-token greedy continuation under
+all-8-bit heads equals dense's token for token (tests/test_quantized.py). Only the order matters to the solver:
+full > 8-bit > 4-bit > any streaming span that loses mass."""
+QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=8))
+"""The quantized options offered with ``solve(quantize=True)``, cheapest first (KIVI's group 32, residual 128)."""
 
 
 @dataclass
@@ -59,7 +79,9 @@ class Solution:
     cap_tokens: int
     dense_tokens: int
     skipped: list[tuple[int, int]] = field(default_factory=list)
-    """High-scoring heads that could not be made full within the budget."""
+    """High-scoring heads that could not be made full (nor, with ``quantize``, quantized) within the budget."""
+    quantized_heads: list[tuple[int, int]] = field(default_factory=list)
+    """High-scoring heads kept whole as ``quantized`` because ``full`` did not fit (``solve(quantize=True)``)."""
 
     @property
     def fraction(self) -> float:
@@ -73,11 +95,21 @@ class Solution:
             "kv_fraction": round(self.fraction, 4),
             "full_heads": [list(h) for h in self.full_heads],
             "skipped_full": [list(h) for h in self.skipped],
+            "quantized_heads": [list(h) for h in self.quantized_heads],
         }
 
 
-def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Tensor | None) -> list[Option]:
-    """Streaming options of one KV head, cheapest first, then ``full`` last.
+def slot_cost(policy: Policy, spec: ModelSpec, target_len: int, dtype_bytes: int = 2) -> int:
+    """What ``policy`` holds at ``target_len`` in dense token slots (``kv_tokens`` for a dense store; bytes over a
+    slot's bytes, rounded up, for a quantized one)."""
+    slot = 2 * spec.head_dim * dtype_bytes
+    return -(-policy.kv_bytes(target_len, spec.head_dim, dtype_bytes) // slot)
+
+
+def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Tensor | None,
+                 quantize: bool = False) -> list[Option]:
+    """Streaming options of one KV head, cheapest first, then (``quantize``, global layers) the quantized options
+    cheaper than ``full``, cheapest first (their costs may fall among the spans'), then ``full`` last.
 
     recall: [len(SPAN_OPTIONS)] mass kept by each elastic span (the KV head's mean over its query heads), or None.
     """
@@ -101,13 +133,27 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
             if not pruned or opt.value > pruned[-1].value:
                 pruned.append(opt)
         opts = pruned
+    if quantize and native is None:
+        for pol in QUANT_OPTIONS:
+            cost = slot_cost(pol, spec, target_len)
+            if cost < full_cost:
+                opts.append(Option(pol, cost, QUANT_FIDELITY[pol.bits]))
     opts.append(Option(Full(), full_cost, 1.0))
     return opts
 
 
+def _cheapest_whole(options: list[Option]) -> int:
+    """Index of the cheapest option that keeps every token: the first quantized one, else ``full`` (the last)."""
+    return next((k for k, o in enumerate(options) if isinstance(o.policy, Quantized)), len(options) - 1)
+
+
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
-          recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0) -> Solution:
+          recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
+          quantize: bool = False) -> Solution:
     """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None.
+
+    ``quantize``: offer ``quantized`` 8- and 4-bit options to the heads whose ``full`` does not fit (module
+    docstring); off, the solver is unchanged.
 
     ``full_share`` caps the part of the budget above the cheapest spans that full heads may take; the rest is
     left to streaming spans. With 1.0, full heads come first and streaming heads may be left at their cheapest
@@ -123,7 +169,7 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
         raise ValueError(f"scores must be [layers={L}, kv_heads={H}], got {tuple(scores.shape)}")
     dense = spec.dense_kv_tokens(target_len)
     cap = int(budget * dense)
-    opts = [[head_options(spec, i, target_len, None if recall is None else recall[i, j]) for j in range(H)]
+    opts = [[head_options(spec, i, target_len, None if recall is None else recall[i, j], quantize) for j in range(H)]
             for i in range(L)]
     choice = [[0] * H for _ in range(L)]  # index into opts: cheapest streaming span (or full if nothing cheaper)
     used = sum(opts[i][j][0].cost for i in range(L) for j in range(H))
@@ -134,23 +180,31 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
         )
     full_cap = used + int(full_share * (cap - used))
     order = sorted(((float(scores[i, j]), i, j) for i in range(L) for j in range(H)), key=lambda t: (-t[0], t[1], t[2]))
-    full: list[tuple[int, int]] = []
+    reached: list[tuple[int, int]] = []  # heads kept whole (full or quantized), in score order
     skipped: list[tuple[int, int]] = []
     for s, i, j in order:
         if s <= min_score:
             break
-        last = len(opts[i][j]) - 1
-        extra = opts[i][j][last].cost - opts[i][j][choice[i][j]].cost
-        if extra <= 0:
-            choice[i][j] = last
-            full.append((i, j))
-        elif used + extra <= full_cap:
-            choice[i][j] = last
-            used += extra
-            full.append((i, j))
+        o, cur = opts[i][j], choice[i][j]
+        k = _cheapest_whole(o)
+        extra = o[k].cost - o[cur].cost
+        if extra <= 0 or used + extra <= full_cap:
+            choice[i][j] = k
+            used += max(0, extra)
+            reached.append((i, j))
         else:
             skipped.append((i, j))
-    full_set = set(full)
+    for i, j in reached:  # then, by score, each whole head to the dearest whole option that fits (full first)
+        o, cur = opts[i][j], choice[i][j]
+        for k in range(len(o) - 1, cur, -1):
+            extra = o[k].cost - o[cur].cost
+            if used + extra <= full_cap:
+                choice[i][j] = k
+                used += extra
+                break
+    full = [(i, j) for i, j in reached if isinstance(opts[i][j][choice[i][j]].policy, Full)]
+    quantized = [(i, j) for i, j in reached if isinstance(opts[i][j][choice[i][j]].policy, Quantized)]
+    full_set = set(reached)
     while True:  # spend the rest on spans: best gain per extra token first
         best: tuple[float, int, int, int, int] | None = None
         for i in range(L):
@@ -159,6 +213,8 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
                     continue
                 cur = opts[i][j][choice[i][j]]
                 for k in range(choice[i][j] + 1, len(opts[i][j]) - 1):  # streaming upgrades only
+                    if opts[i][j][k].span is None:
+                        break
                     extra = opts[i][j][k].cost - cur.cost
                     if used + extra > cap:
                         break
@@ -172,4 +228,4 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
         choice[i][j] = k
         used += extra
     policies = [[opts[i][j][choice[i][j]].policy for j in range(H)] for i in range(L)]
-    return Solution(policies, sorted(full), used, cap, dense, skipped)
+    return Solution(policies, sorted(full), used, cap, dense, skipped, sorted(quantized))
