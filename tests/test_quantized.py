@@ -165,3 +165,10 @@ def test_solver_offers_quantized_options_only_when_asked_and_only_on_global_laye
         for i, row in enumerate(on.policies):
             if GEMMA3.native_window(i) is not None:
                 assert not isinstance(row[0], Quantized)
+
+
+def test_a_plan_with_quantized_heads_decodes_eagerly_and_says_why():
+    lm = tiny_model("llama", num_hidden_layers=1)
+    plan = HeadPlan.from_policies(lm.spec, [[Full(), Quantized()]])
+    cache = Engine(lm, plan, use_kernels=True).new_cache(reserve=8)
+    assert any("quantized" in why for why in cache.graph_blockers())

@@ -95,6 +95,12 @@ class Quantized(Policy):
     def short(self) -> str:
         return f"int{self.bits}g{self.group}r{self.residual}"
 
+    @property
+    def graph_decode(self) -> bool:
+        """False: a step's residual is reallocated at its new size and groups leave it by host-side counts, so a
+        CUDA graph cannot replay it (``engine.GraphDecoder`` runs such plans eagerly)."""
+        return False
+
     def make_store(self, batch, heads, head_dim, device, dtype) -> QuantizedStore:
         return QuantizedStore(batch, heads, head_dim, device, dtype, self)
 
