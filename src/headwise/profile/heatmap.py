@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 import numpy as np
 
-from headwise.policies import Full, Policy, Streaming
+from headwise.policies import Full, Policy, Quantized, Streaming
 
 
 def policy_grid(policies: list[list[Policy]], native: list[int | None]) -> tuple[np.ndarray, list[list[str]]]:
@@ -28,6 +28,9 @@ def policy_grid(policies: list[list[Policy]], native: list[int | None]) -> tuple
             elif isinstance(p, Streaming):
                 grid[i, j] = 0.3
                 labels[-1].append(f"{p.sink}+{p.window}")
+            elif isinstance(p, Quantized):  # the whole context, in fewer bits: between streaming and full
+                grid[i, j] = 0.9 if p.bits == 8 else 0.8
+                labels[-1].append(f"int{p.bits}")
             else:
                 grid[i, j] = 0.6
                 labels[-1].append(p.short())
