@@ -68,7 +68,8 @@ def main() -> None:
             rows.append(row)
     rows.sort(key=lambda r: -r["passkey"])
     result["heads_by_passkey_mass"] = rows
-    json.dump(result, open(out, "w"), indent=1)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
     for r in rows[:20]:
         print(json.dumps(r))
 
