@@ -9,7 +9,7 @@ needs: a ``full`` head grows with the sequence, a ``streaming`` head is a fixed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -195,15 +195,3 @@ class HeadwiseCache(Cache):
 
     def all_tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for g in layer.groups if g.store is not None for t in g.store.tensors()]
-
-
-@dataclass
-class CacheStats:
-    tokens: int
-    kv_bytes: int
-    dense_kv_bytes: int
-    per_layer: list[int] = field(default_factory=list)
-
-    @property
-    def fraction(self) -> float:
-        return self.kv_bytes / max(1, self.dense_kv_bytes)
