@@ -239,17 +239,24 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"cannot fetch hub model '{repo_id}': {msg}") from None
 
 
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype models load in unless told: bfloat16 on CUDA, float32 elsewhere (CPU matmuls in bf16 are slow)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | str | None = None
 ) -> LoadedModel:
-    """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id."""
+    """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id, on
+    ``device`` (default: CUDA if available) in ``dtype`` (default: ``default_dtype(device)``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
+        name = dtype
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(name)
         if dtype is None:
-            raise ModelLoadError("dtype must be one of float32, bfloat16, float16")
-    dtype = dtype or torch.float32
+            raise ModelLoadError(f"dtype must be one of float32, bfloat16, float16, got '{name}'")
+    dtype = dtype or default_dtype(device)
     kind, path = resolve_source(name_or_path)
     if kind == "bundled":
         path = BUNDLED[name_or_path].locate()
