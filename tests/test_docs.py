@@ -12,7 +12,7 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
 TOP = ("src", "bench", "docs", "plans", "tests")
 # A path in backticks or plain text that starts at a top-level folder of the repository; ``COMMIT:path`` cites
 # git history, not the tree, and is left alone.
-BARE = re.compile(r"(?<![\w./$:-])((?:%s)/[\w.*/-]*[\w*/])" % "|".join(TOP))
+BARE = re.compile(r"(?<![\w./$:-])((?:" + "|".join(TOP) + r")/[\w.*/-]*[\w*/])")
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 

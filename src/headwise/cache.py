@@ -60,6 +60,9 @@ class HeadwiseLayer(CacheLayerMixin):
     def get_max_length(self) -> int:
         return -1
 
+    def get_max_cache_shape(self) -> int:  # get_max_length's name before transformers 5.14
+        return -1
+
     def reset(self) -> None:
         for g in self.groups:
             g.store = None
