@@ -12,10 +12,10 @@ log = logging.getLogger("headwise.server")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from headwise.cli import _add_model_args
+    from headwise.cli import add_model_args
 
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -50,7 +50,7 @@ def default_kv_budget(device: str) -> int:
 
 def build(args: argparse.Namespace):
     """Load the model and plan and build (app, scheduler) from parsed arguments."""
-    from headwise.cli import _load
+    from headwise.cli import load_from_args
     from headwise.engine import Engine
     from headwise.plan import HeadPlan
     from headwise.server.app import create_app
@@ -71,7 +71,7 @@ def build(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = _load(args)
+    lm = load_from_args(args)
     engine = Engine(lm, plan, chunk_size=args.chunk_size)
     budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
     scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
