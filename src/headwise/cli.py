@@ -117,6 +117,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    # Checked (NaN, negative, out of range) before the model loads: a bad flag fails in a second.
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
     lm = _load(args)
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
@@ -124,8 +127,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
     stats = None
     t0 = time.perf_counter()
     for ev in engine.generate(prompt, params):

@@ -79,14 +79,35 @@ def build(args: argparse.Namespace):
     return app, scheduler
 
 
+class SchedulerDiedError(HeadwiseError):
+    """The scheduler thread died: the process exits non-zero so that a supervisor restarts it."""
+
+    exit_code = 70  # EX_SOFTWARE: an internal failure, not a usage error
+
+
+def serve(app, scheduler, host: str, port: int) -> int:
+    """Run ``app`` with uvicorn until it is stopped; raises ``SchedulerDiedError`` if the scheduler died."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                           timeout_graceful_shutdown=5))
+    # uvicorn polls should_exit every 0.1 s, so setting it from the scheduler thread is safe.
+    scheduler.on_death = lambda exc: setattr(server, "should_exit", True)
+    server.run()
+    if scheduler.error is not None:
+        err = scheduler.error
+        raise SchedulerDiedError(f"the scheduler thread died ({type(err).__name__}: {err}); exiting with status "
+                                 f"{SchedulerDiedError.exit_code} so that a supervisor can restart the server")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise HeadwiseError("headwise serve needs FastAPI and uvicorn: pip install 'headwise[serve]'") from None
     app, scheduler = build(args)
     log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d",
                 args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
                 scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0
+    return serve(app, scheduler, args.host, args.port)

@@ -13,12 +13,13 @@ own clients send some. One extension is read, as vLLM and SGLang do: ``ignore_eo
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from headwise.engine import SamplingParams
+from headwise.engine import SEED_END, SEED_MIN, SamplingParams
 
 
 class APIError(Exception):
@@ -73,6 +74,8 @@ def _number(body: dict[str, Any], key: str, default: float, lo: float, hi: float
         return default
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise _bad(f"'{key}' must be a number, got {_type_name(value)}", key)
+    if not math.isfinite(value):  # NaN passes both range checks below
+        raise _bad(f"'{key}' must be a finite number, got {value}", key)
     if value > hi or value < lo or (lo_open and value == lo):
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise _bad(f"'{key}' must be in {bound}, got {value}", key)
@@ -139,6 +142,8 @@ def parse_request(body: Any, chat: bool, default_max_tokens: int | None) -> Pars
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True)
     seed = _integer(body, "seed")
+    if seed is not None and not SEED_MIN <= seed < SEED_END:
+        raise _bad(f"'seed' must be in [-2^63, 2^64), got {seed}", "seed")
     params = SamplingParams(
         max_new_tokens=max_tokens or 0, temperature=temperature, top_p=top_p, seed=seed, stop=_stop(body)
     )

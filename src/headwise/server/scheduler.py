@@ -25,6 +25,7 @@ Nothing here knows HTTP: the app hands in ``GenRequest`` objects with an ``emit`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -172,6 +173,10 @@ class Scheduler:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Called (from the scheduler thread) if the loop dies despite the per-request guards; the server sets
+        # it to end the process with a non-zero status, so that a supervisor restarts it rather than a
+        # process that answers 503 forever lives on.
+        self.on_death: Callable[[BaseException], None] | None = None
         spec = engine.spec
         self._policies = resolve(engine.plan.policies(), spec)
         self._bytes_per_slot = 2 * spec.head_dim * engine.lm.dtype.itemsize  # one K + one V vector
@@ -273,7 +278,10 @@ class Scheduler:
             self.error = exc
             log.exception("scheduler thread died")
             for r in [*self._waiting, *self._running]:
-                self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(Exception):
+                    self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+            if self.on_death is not None:
+                self.on_death(exc)
 
     def _admit(self) -> None:
         """Move waiting requests into the batch (FIFO, no overtaking: a big request is never starved)."""
@@ -307,8 +315,11 @@ class Scheduler:
         feed: list[GenRequest] = []
         before = sum(len(r.generated) for r in ready)
         for r in ready:
-            if self._sample_and_emit(r):
-                feed.append(r)
+            try:  # one request's failure (a bad parameter, a tokenizer error) ends that request only
+                if self._sample_and_emit(r):
+                    feed.append(r)
+            except Exception as exc:
+                self._fail([r], exc)
         # Tokens the requests kept (a sampled EOS ends a request but is not generated text).
         self.metrics.add_tokens(sum(len(r.generated) for r in ready) - before, time.perf_counter())
         if feed:
@@ -412,7 +423,10 @@ class Scheduler:
     def _fail(self, reqs: Sequence[GenRequest], exc: BaseException) -> None:
         log.exception("generation failed for %d request(s)", len(reqs))
         for r in reqs:
-            self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+            try:
+                self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+            except Exception:  # its consumer's emit failed too: it is finished all the same
+                log.exception("could not tell request %s that it failed", r.id)
 
     def _drop_cancelled(self) -> None:
         for r in self._running:
