@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
+from headwise.model_args import add_model_args, load_model_from_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -34,21 +35,9 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), a .gguf file or a HF model directory")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, float16")
-
-
-def _load(args: argparse.Namespace) -> Any:
-    from headwise.models import load_model
-
-    dtype = args.dtype
-    if dtype is None:
-        import torch
-
-        dtype = "bfloat16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "float32"
-    return load_model(args.model, device=args.device, dtype=dtype)
+# Kept under their old names for the commands below; subcommand modules import headwise.model_args directly.
+_add_model_args = add_model_args
+_load = load_model_from_args
 
 
 # ---------------------------------------------------------------------------------------------- info
