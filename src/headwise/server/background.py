@@ -49,6 +49,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None,
     try:
         yield f"http://{host}:{port}"
     finally:
+        ctx.scheduler.stop()  # what still runs ends now with an error event, so uvicorn need not wait for it
         server.should_exit = True
         thread.join(30)
         sock.close()
