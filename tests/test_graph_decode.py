@@ -95,9 +95,8 @@ def test_append_at_writes_what_append_writes():
                  lambda: PagedStore(1, 2, 8, cpu, torch.bfloat16, page_size=8, bound_format="e4m3"),
                  lambda: SinkWindowStore(1, 2, 8, cpu, torch.float32, sink=3, window=7)):
         a, b = make(), make()
-        if isinstance(a, DenseStore):
-            a.reserve(40)
-            b.reserve(40)
+        a.reserve(40)
+        b.reserve(40)
         for t in range(40):
             k, v = toks[0][:, :, t : t + 1].to(a.dtype), toks[1][:, :, t : t + 1].to(a.dtype)
             a.append(k, v)
@@ -115,8 +114,11 @@ def test_append_at_writes_what_append_writes():
             assert a.length == b.length == 40
 
 
-def test_dense_append_at_needs_reserved_room():
-    store = DenseStore(1, 1, 4, torch.device("cpu"), torch.float32)
+@pytest.mark.parametrize("make", [lambda: DenseStore(1, 1, 4, torch.device("cpu"), torch.float32),
+                                  lambda: SinkWindowStore(1, 1, 4, torch.device("cpu"), torch.float32, 2, 3)],
+                         ids=["dense", "ring"])
+def test_append_at_needs_reserved_room(make):
+    store = make()
     with pytest.raises(RuntimeError, match="reserved room"):
         store.append_at(torch.zeros(1, 1, 1, 4), torch.zeros(1, 1, 1, 4), torch.tensor([0]))
 

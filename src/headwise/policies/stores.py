@@ -127,16 +127,42 @@ class SinkWindowStore:
         self.device, self.dtype = device, dtype
         self.sink, self.window, self.compensation = sink, window, compensation
         self.seen = 0  # tokens written so far (the next token's position)
-        slots = sink + window
-        self.keys = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
-        self.values = torch.zeros(batch, heads, slots, head_dim, device=device, dtype=dtype)
-        self.slot_pos = torch.full((slots,), _EMPTY, dtype=torch.long, device=device)
-        # Running sums of dropped keys/values (fp32 for accuracy) and how many were dropped.
-        self.comp_keys = self.comp_values = None
+        # The ring is allocated as tokens arrive (or as ``reserve`` asks), never beyond ``sink + window`` slots:
+        # a short prompt holds no more slots than it has tokens. Until the ring first wraps, position ``p`` lives
+        # in slot ``p``, so growing the buffers keeps every slot where it is.
+        self.max_slots = sink + window
+        self.keys = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        self.values = torch.zeros(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        self.slot_pos = torch.full((0,), _EMPTY, dtype=torch.long, device=device)
+        # Running sums of dropped keys/values (fp32 for accuracy) and how many were dropped; allocated at the
+        # first drop.
+        self.comp_keys: torch.Tensor | None = None
+        self.comp_values: torch.Tensor | None = None
         self.dropped = 0
-        if compensation:
-            self.comp_keys = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=torch.float32)
-            self.comp_values = torch.zeros(batch, heads, 1, head_dim, device=device, dtype=torch.float32)
+
+    @property
+    def capacity(self) -> int:
+        """Slots allocated: at most ``sink + window``."""
+        return self.keys.shape[2]
+
+    def reserve(self, total: int) -> None:
+        """Allocate the slots ``total`` tokens will use (``min(total, sink + window)``), so that decode steps
+        (and a CUDA graph replaying them) never grow the buffers."""
+        self._grow(min(total, self.max_slots))
+
+    def _grow(self, slots: int) -> None:
+        if slots <= self.capacity:
+            return
+        shape = (self.batch, self.heads, slots, self.head_dim)
+        keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        values = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        slot_pos = torch.full((slots,), _EMPTY, dtype=torch.long, device=self.device)
+        n = self.capacity
+        if n:
+            keys[:, :, :n] = self.keys
+            values[:, :, :n] = self.values
+            slot_pos[:n] = self.slot_pos
+        self.keys, self.values, self.slot_pos = keys, values, slot_pos
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys, values ``[batch, heads, slots, head_dim]`` and positions ``[slots]`` (empty slots hugely negative)."""
@@ -156,6 +182,9 @@ class SinkWindowStore:
         """Write ``k, v: [batch, heads, n, head_dim]`` for positions ``seen .. seen+n-1``."""
         n = k.shape[2]
         start = self.seen
+        need = min(start + n, self.max_slots)
+        if need > self.capacity:  # grow as DenseStore does (doubling), never past sink + window
+            self._grow(min(self.max_slots, max(need, 2 * self.capacity)))
         pos = torch.arange(start, start + n, device=self.device)
         # Sinks: positions below ``sink`` are kept forever.
         n_sink_new = max(0, min(n, self.sink - start))
@@ -198,6 +227,8 @@ class SinkWindowStore:
         (one long element, equal to ``seen``): its slot is computed on the device, so a CUDA graph can replay
         the write. Not with compensation (which needs the dropped token's host-side bookkeeping)."""
         assert not self.compensation and self.window > 0, "append_at: a ring without compensation slot"
+        if self.capacity < min(self.seen + 1, self.max_slots):
+            raise RuntimeError("SinkWindowStore.append_at needs reserved room (HeadwiseCache.reserve)")
         slot = torch.where(position < self.sink, position, self.sink + (position - self.sink) % self.window)
         self.keys.index_copy_(2, slot, k)
         self.values.index_copy_(2, slot, v)
@@ -211,7 +242,10 @@ class SinkWindowStore:
     def _drop(self, k: torch.Tensor, v: torch.Tensor, weight: torch.Tensor | None = None, count: int = 0) -> None:
         """Add dropped tokens ``k, v: [batch, heads, n, head_dim]`` to the running sums; with ``weight`` ([n], 1 for
         the tokens that count, 0 otherwise) only those, ``count`` of them."""
-        assert self.comp_keys is not None and self.comp_values is not None
+        if self.comp_keys is None or self.comp_values is None:
+            zeros = (self.batch, self.heads, 1, self.head_dim)
+            self.comp_keys = torch.zeros(zeros, device=self.device, dtype=torch.float32)
+            self.comp_values = torch.zeros(zeros, device=self.device, dtype=torch.float32)
         if weight is None:
             self.comp_keys += k.float().sum(dim=2, keepdim=True)
             self.comp_values += v.float().sum(dim=2, keepdim=True)

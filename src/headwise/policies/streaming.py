@@ -66,8 +66,7 @@ class Streaming(Policy):
         L = q.shape[2]
         if ctx.position is not None:  # a decode step for a CUDA graph: the ring slot and length on the device
             store.append_at(k, v, ctx.position)
-            return kernel_decode(q, store.keys, store.values, self.sink + self.window, ctx.scale,
-                                 position=ctx.position)
+            return kernel_decode(q, store.keys, store.values, store.capacity, ctx.scale, position=ctx.position)
         if L == 1 and ctx.use_kernels and not self.compensation:
             return self._decode_kernel(q, k, v, store, ctx)
         old_k, old_v, old_pos = store.view()
