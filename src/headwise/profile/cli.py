@@ -40,9 +40,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help=f"score that decides which heads stay full (default {DEFAULT_METHOD}; see docs/profiling.md)")
     p.add_argument("--target-len", type=int, default=4096, help="length the budget is computed at (default 4096)")
-    p.add_argument("--full-share", type=float, default=FULL_SHARE,
-                   help=f"share of the spare budget full heads may take, the rest grows streaming spans "
-                        f"(default {FULL_SHARE})")
+    p.add_argument("--full-share", type=float, default=None,
+                   help="share of the spare budget full heads may take, the rest grows streaming spans (default: "
+                        "chosen by the retrieval that held-in probes keep, docs/profiling.md; without probes "
+                        f"(--fast on a CPU) {FULL_SHARE})")
     p.add_argument("--prefill-patterns", type=float, default=None, metavar="DENSITY",
                    help="also give full heads on global layers the MInference prefill pattern keeping the most "
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
@@ -67,7 +68,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--fast")
     if args.duo_steps is not None:
         parts += ["--duo-steps", str(args.duo_steps)]
-    if args.full_share != FULL_SHARE:
+    if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
 
@@ -106,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
         lm = load_model(args.model, device=args.device)
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
-                                       args.method, command_line(args), full_share=args.full_share)
+                                       args.method, command_line(args), full_share=args.full_share,
+                                       select_probes=settings.select_probes)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
