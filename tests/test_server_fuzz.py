@@ -69,7 +69,9 @@ def mutated(draw: st.DrawFn, valid: st.SearchStrategy) -> dict:
     body = draw(valid)
     for _ in range(draw(st.integers(1, 3))):
         key = draw(st.sampled_from(KEYS))
-        if key == "messages" and isinstance(body.get("messages"), list) and draw(st.booleans()):
+        messages = body.get("messages")
+        if key == "messages" and isinstance(messages, list) and messages and isinstance(messages[0], dict) \
+                and draw(st.booleans()):
             body["messages"][0][draw(st.sampled_from(["role", "content"]))] = draw(any_json)
         else:
             body[key] = draw(any_json)
