@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
+from headwise.model_args import add_model_args, load_from_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -34,22 +35,6 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def add_model_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    """The model-loading arguments every command shares: MODEL, --device, --dtype (read by ``load_from_args``).
-    ``required=False``: MODEL may be left out (commands that can also run without a model)."""
-    p.add_argument("model", nargs=None if required else "?",
-                   help="bundled name (smollm2-135m, gemma3-270m), a .gguf file, a HF model directory or a hub id "
-                        "(org/name)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None,
-                   help="float32, bfloat16 or float16 (default: bfloat16 on CUDA, float32 on CPU)")
-
-
-def load_from_args(args: argparse.Namespace) -> Any:
-    """Load the model named by ``add_model_args``' arguments (a ``LoadedModel``)."""
-    from headwise.models import load_model
-
-    return load_model(args.model, device=args.device, dtype=args.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- info
@@ -118,6 +103,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    # Checked (NaN, negative, out of range) before the model loads: a bad flag fails in a second.
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
     lm = load_from_args(args)
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
@@ -125,8 +113,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
     stats = None
     t0 = time.perf_counter()
     for ev in engine.generate(prompt, params):

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headwise.cli import add_model_args
 from headwise.errors import InputError
+from headwise.model_args import add_model_args
 
 DEMO_MODEL = "smollm2-135m"
 # The shipped plans are in the repository's plans/ folder, found from this file rather than the working

@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from headwise.cli import add_model_args, load_from_args
 from headwise.errors import InputError
+from headwise.model_args import add_model_args, load_from_args
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     DEFAULT_METHOD,
