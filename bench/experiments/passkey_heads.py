@@ -15,6 +15,7 @@ import sys
 
 import torch
 
+from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
 from headwise.plan import HeadPlan
@@ -68,7 +69,8 @@ def main() -> None:
             rows.append(row)
     rows.sort(key=lambda r: -r["passkey"])
     result["heads_by_passkey_mass"] = rows
-    json.dump(result, open(out, "w"), indent=1)
+    write_result(result_doc("PYTHONPATH=src python bench/experiments/passkey_heads.py " + " ".join(sys.argv[1:]),
+                            result), out)
     for r in rows[:20]:
         print(json.dumps(r))
 

@@ -33,16 +33,15 @@ Tested
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from headwise.kernels.common import INTERPRET
 from headwise.kernels.kv_quant import QuantizedKV, packed_dim
 
 _LOG2E = 1.4426950408889634
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
 _MAX_SPLITS = 256  # the merge kernel holds every split of a query head in registers
 
 
@@ -236,7 +235,7 @@ def quant_decode(
         lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group_q, BLOCK_H=max(16, triton.next_power_of_2(group_q)), HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, QGROUP=group, BITS=bits, SINGLE_SPLIT=splits == 1, INTERPRET=_INTERPRET,
+        BLOCK_N=block_n, QGROUP=group, BITS=bits, SINGLE_SPLIT=splits == 1, INTERPRET=INTERPRET,
         IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
     if splits > 1:

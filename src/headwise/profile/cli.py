@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
+from headwise.model_args import add_model_args, load_from_args
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     DEFAULT_METHOD,
@@ -33,7 +34,7 @@ def register(subparsers: Any) -> None:
         "profile", help="measure every head's role and write a plan that meets a KV-memory budget",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
+    add_model_args(p)
     p.add_argument("--budget", type=float, required=True,
                    help="KV memory as a fraction of dense at --target-len, in (0, 1] (e.g. 0.25)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (a PNG heatmap goes next to it)")
@@ -52,7 +53,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -100,11 +100,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
-    from headwise.models import load_model
-
     t0 = time.perf_counter()
     try:
-        lm = load_model(args.model, device=args.device)
+        lm = load_from_args(args)
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,

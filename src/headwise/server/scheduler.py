@@ -25,6 +25,7 @@ Nothing here knows HTTP: the app hands in ``GenRequest`` objects with an ``emit`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -55,6 +56,10 @@ class SchedulerStoppedError(HeadwiseError):
     """The scheduler is not running (HTTP 503)."""
 
 
+class ShuttingDownError(SchedulerStoppedError):
+    """The server is draining before it stops: no new requests (HTTP 503 with Retry-After)."""
+
+
 @dataclass
 class Event:
     """What the scheduler tells a request's consumer: a text piece, the end, or an error."""
@@ -66,6 +71,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
+    status: int = 500  # for errors: the HTTP status a non-streaming answer carries (503: shutting down)
 
 
 @dataclass
@@ -163,15 +169,20 @@ class Scheduler:
         self.kv_budget = int(kv_budget_bytes)
         self.prefill_budget = prefill_tokens_per_step or engine.chunk_size
         self.metrics = Metrics()
-        # Fast tokenizers refuse concurrent use ("Already borrowed"): the app encodes on the event loop while
-        # this thread decodes, so both take this lock.
+        # Fast tokenizers refuse concurrent use ("Already borrowed"): every use of the engine's tokenizer takes
+        # this lock. The app encodes prompts with its own copies, so it never waits on this thread's decoding.
         self.tok_lock = threading.Lock()
         self._cond = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._running: list[GenRequest] = []
         self._stop = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Called (from the scheduler thread) if the loop dies despite the per-request guards; the server sets
+        # it to end the process with a non-zero status, so that a supervisor restarts it rather than a
+        # process that answers 503 forever lives on.
+        self.on_death: Callable[[BaseException], None] | None = None
         spec = engine.spec
         self._policies = resolve(engine.plan.policies(), spec)
         self._probe_warned = False
@@ -214,6 +225,9 @@ class Scheduler:
                 f"{self.kv_budget / 2**20:.1f} MiB; lower max_tokens or shorten the prompt"
             )
         with self._cond:
+            if self._draining and not self._stop:
+                raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another "
+                                        "replica or after it restarts")
             if self._stop or self.error is not None:
                 raise SchedulerStoppedError("the server's scheduler is not running")
             if len(self._waiting) >= self.max_queue and not self._can_admit_now(req):
@@ -244,15 +258,37 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still queued or running end with a 503 error event."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
         for r in [*self._waiting, *self._running]:
-            self._finish(r, error="the server is shutting down")
+            with contextlib.suppress(Exception):
+                self._finish(r, error="the server is shutting down; this request was cut short", status=503)
         self._waiting.clear()
         self._running.clear()
+
+    def drain(self, grace_s: float) -> bool:
+        """Graceful stop: refuse new requests (``ShuttingDownError``), give the queued and running ones up to
+        ``grace_s`` seconds to finish, then ``stop``. True if every request finished within the grace."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + grace_s
+        idle = False
+        while time.monotonic() < deadline and self.alive:
+            with self._cond:
+                if not self._waiting and not self._running:
+                    idle = True
+                    break
+            time.sleep(0.05)
+        self.stop()
+        return idle
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def alive(self) -> bool:
@@ -272,7 +308,10 @@ class Scheduler:
             self.error = exc
             log.exception("scheduler thread died")
             for r in [*self._waiting, *self._running]:
-                self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(Exception):
+                    self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+            if self.on_death is not None:
+                self.on_death(exc)
 
     def _admit(self) -> None:
         """Move waiting requests into the batch (FIFO, no overtaking: a big request is never starved)."""
@@ -306,8 +345,11 @@ class Scheduler:
         feed: list[GenRequest] = []
         before = sum(len(r.generated) for r in ready)
         for r in ready:
-            if self._sample_and_emit(r):
-                feed.append(r)
+            try:  # one request's failure (a bad parameter, a tokenizer error) ends that request only
+                if self._sample_and_emit(r):
+                    feed.append(r)
+            except Exception as exc:
+                self._fail([r], exc)
         # Tokens the requests kept (a sampled EOS ends a request but is not generated text).
         self.metrics.add_tokens(sum(len(r.generated) for r in ready) - before, time.perf_counter())
         if feed:
@@ -395,7 +437,7 @@ class Scheduler:
             r.emit(Event("token", text=piece, token_id=token_id))
 
     def _finish(self, r: GenRequest, reason: str | None = None, error: str | None = None,
-                cancelled: bool = False) -> None:
+                cancelled: bool = False, status: int = 500) -> None:
         if r.finished:
             return
         r.finished = True
@@ -403,7 +445,7 @@ class Scheduler:
             self.metrics.cancelled += 1
             return
         if error is not None:
-            r.emit(Event("error", message=error))
+            r.emit(Event("error", message=error, status=status))
             return
         r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids),
                      completion_tokens=len(r.generated)))
@@ -411,7 +453,10 @@ class Scheduler:
     def _fail(self, reqs: Sequence[GenRequest], exc: BaseException) -> None:
         log.exception("generation failed for %d request(s)", len(reqs))
         for r in reqs:
-            self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+            try:
+                self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+            except Exception:  # its consumer's emit failed too: it is finished all the same
+                log.exception("could not tell request %s that it failed", r.id)
 
     def _drop_cancelled(self) -> None:
         for r in self._running:
