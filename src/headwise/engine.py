@@ -29,9 +29,10 @@ import torch
 
 from headwise import attention as _attention  # registers the "headwise" attention implementation
 from headwise.cache import HeadwiseCache
-from headwise.errors import ContextLengthError, HeadwiseError, InputError
+from headwise.errors import BudgetError, ContextLengthError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan, resolve
+from headwise.pool import PagePool, SequencePages
 from headwise.sequence import GenerationStats, SamplingParams, Sequence, Status, TokenEvent, sample_next
 
 DEFAULT_CHUNK = 512
@@ -47,6 +48,7 @@ class StepInfo:
     """What one ``Engine.step`` did (the server's metrics read it)."""
 
     decode_rows: int = 0  # sequences that fed back a token
+    preempted: int = 0  # sequences preempted to free pages
     prefill_tokens: int = 0  # prompt tokens read
     graph: bool = False  # the step was replayed from a sequence's CUDA graph
     seconds: float = 0.0
@@ -57,11 +59,13 @@ class Engine:
     """Runs a loaded model with a head plan."""
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 use_kernels: bool | None = None, cuda_graphs: bool | None = None):
+                 use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
-        True: required (an error says what prevents it); False: never."""
+        True: required (an error says what prevents it); False: never. ``pool``: the KV pages sequences hold
+        (``pool.py``): a step grows a sequence only when its pages are there, preempting the newest sequence
+        when the pool runs dry; without one, every sequence's cache is reserved for its whole length."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -77,6 +81,7 @@ class Engine:
         self.tok_lock = threading.Lock()
         self._lock = threading.RLock()  # one step (or add, abort) at a time
         self._ids = itertools.count()
+        self.pool = pool
 
     @property
     def spec(self):
@@ -271,6 +276,11 @@ class Engine:
         if plan is not None:
             plan.check_model(self.spec)
             plan.policies()
+        if self.pool is not None:
+            most = SequencePages(self.pool, plan or self.plan).pages_at(len(ids) + params.max_new_tokens - 1)
+            if most > self.pool.num_pages:
+                raise BudgetError(f"this sequence needs up to {most} KV pages, more than the pool's {self.pool.num_pages}; "
+                                  "lower max_new_tokens, shorten the prompt or give the pool more memory")
         if stop_ids is None:
             tok = self.lm.tokenizer
             stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else (
@@ -310,15 +320,18 @@ class Engine:
             budget = self.chunk_size if prefill_tokens is None else prefill_tokens
             decode: list[Sequence] = []
             chunks: list[tuple[Sequence, list[int]]] = []
-            for s in self.live:  # arrival order
+            for s in list(self.live):  # arrival order: the older a sequence, the sooner it gets its pages
                 if s.status is Status.DECODE:
-                    decode.append(s)
+                    if self._hold(s, s.cached + 1, info):
+                        decode.append(s)
                     continue
                 if s.status is not Status.PREFILL or budget <= 0:
                     continue
+                chunk = s.prompt_ids[s.prefilled : s.prefilled + self.chunk_size]
+                if not self._hold(s, s.prefilled + len(chunk), info):
+                    continue
                 if s.cache is None and not self._start(s):
                     continue
-                chunk = s.prompt_ids[s.prefilled : s.prefilled + self.chunk_size]
                 chunks.append((s, chunk))
                 budget -= len(chunk)
             t0 = time.perf_counter()
@@ -338,6 +351,23 @@ class Engine:
             for s in info.finished:
                 self._release(s)
             return info
+
+    def _hold(self, s: Sequence, tokens: int, info: StepInfo) -> bool:
+        """Make ``s`` hold pages for ``tokens`` tokens (always, without a pool). When the pool is dry, preempt the
+        newest sequence holding pages that arrived after ``s``, until they fit; False (``s`` waits) if none is left."""
+        if self.pool is None:
+            return True
+        if s.pages is None:
+            s.pages = SequencePages(self.pool, s.plan)
+        while not s.pages.grow(tokens):
+            later = self.live[self.live.index(s) + 1 :]
+            victim = next((v for v in reversed(later) if v.pages is not None and v.pages.held), None)
+            if victim is None:
+                return False
+            self._release_memory(victim)
+            victim.preempt()
+            info.preempted += 1
+        return True
 
     def _start(self, s: Sequence) -> bool:
         """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``); False if that failed."""
@@ -365,7 +395,7 @@ class Engine:
                 info.decode_rows, info.graph = 1, True
                 s.stats.cuda_graph = True
                 s.fed += 1
-                return [(s, logits[0])]
+                return [(s, logits[0])] if s.fed == len(s.generated) else []
         decode = [s for s in decode if not s.finished]  # _graphs may have failed one
         members = [*decode, *(s for s, _ in chunks)]
         if not members:
@@ -373,8 +403,10 @@ class Engine:
         feeds = [[s.generated[s.fed]] for s in decode] + [c for _, c in chunks]
         caches = [s.cache for s in members]
         assert all(c is not None for c in caches)
-        # Logits where a token is sampled: every decode row, a chunk ending its prompt.
-        sample = [True] * len(decode) + [s.prefilled + len(c) >= len(s.prompt_ids) for s, c in chunks]
+        # Logits where a token is sampled: a decode row caught up with its tokens (not one replaying them after
+        # a preemption), a chunk ending the prompt of a sequence that has not sampled yet.
+        sample = [s.fed + 1 == len(s.generated) for s in decode]
+        sample += [s.prefilled + len(c) >= len(s.prompt_ids) and not s.generated for s, c in chunks]
         keep = [i for i, x in enumerate(sample) if x]
         try:
             for s in decode:
@@ -396,6 +428,8 @@ class Engine:
         for (s, c) in chunks:
             s.prefilled += len(c)
             info.prefill_tokens += len(c)
+            if s.prefilled == len(s.prompt_ids) and s.generated:
+                s.status = Status.DECODE  # a preempted sequence replays its tokens next
         kept = [members[i] for i in keep]
         return list(zip(kept, logits, strict=True))
 
@@ -428,13 +462,18 @@ class Engine:
         return out
 
     def _release(self, s: Sequence) -> None:
-        """Take finished ``s`` out of the live set; record its KV stats and free its cache."""
+        """Take finished ``s`` out of the live set; record its KV stats and free its cache and pages."""
         if s in self.live:
             self.live.remove(s)
         if s.cache is not None:
-            s.stats.kv_bytes = s.cache.kv_bytes()
+            s.stats.kv_bytes = s.cache.kv_bytes() if s.pages is None else s.pages.nbytes
             s.stats.dense_kv_bytes = self.spec.dense_kv_bytes(s.cache.get_seq_length(), self.lm.dtype.itemsize)
+        self._release_memory(s)
+
+    def _release_memory(self, s: Sequence) -> None:
         s.cache, s.graphs = None, None
+        if s.pages is not None:
+            s.pages.release()
 
     def generate(self, prompt: str | torch.Tensor | Seq[int], params: SamplingParams | None = None,
                  **kw: Any) -> Iterator[TokenEvent]:

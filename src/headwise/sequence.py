@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from headwise.cache import HeadwiseCache
     from headwise.engine import GraphDecoder
     from headwise.plan import HeadPlan
+    from headwise.pool import SequencePages
 
 
 @dataclass
@@ -150,7 +151,10 @@ class Sequence:
         self.cache: HeadwiseCache | None = None  # made at its first step, freed when it finishes
         self.prefilled = 0  # prompt tokens in the cache
         self.generated: list[int] = []
-        self.fed = 0  # generated tokens in the cache (behind ``generated`` by one while decoding)
+        self.fed = 0  # generated tokens in the cache (behind ``generated`` by one while decoding; less while a
+        # preempted sequence replays its tokens)
+        self.pages: SequencePages | None = None  # its page tables when the engine has a ``PagePool``
+        self.preemptions = 0
         self.text = ""  # decoded output, cut at a stop string
         self.emitted = 0  # characters of ``text`` released in events
         self.finish_reason: str | None = None
@@ -159,6 +163,7 @@ class Sequence:
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.arrived = time.perf_counter()
         self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self._events: list[TokenEvent] = []
 
     @property
@@ -178,8 +183,19 @@ class Sequence:
 
     @property
     def kv_bytes(self) -> int:
-        """KV bytes its cache holds now (0 before its first step and once freed)."""
+        """KV bytes it holds now: its pages x page bytes under a pool, else its cache's tensors."""
+        if self.pages is not None:
+            return self.pages.nbytes
         return self.cache.kv_bytes() if self.cache is not None else 0
+
+    def preempt(self) -> None:
+        """Forget the cache (the engine frees it and the pages): the prompt is read again, then the generated
+        tokens are fed back one per step without sampling (``fed < len(generated)``), which rebuilds the cache
+        by the very steps that built it, whatever the policies, before sampling goes on."""
+        self.cache, self.graphs = None, None
+        self.prefilled = self.fed = 0
+        self.status = Status.PREFILL
+        self.preemptions += 1
 
     def accept(self, token_id: int, detokenize: Callable[[list[int]], str]) -> None:
         """Take a sampled token: end on a stop token, a stop string or the length limit; release safe text."""
@@ -215,6 +231,7 @@ class Sequence:
         if self.finished:
             return
         self.status = Status.FINISHED
+        self.finished_at = time.perf_counter()
         self.finish_reason = self.stats.finish_reason = reason
         self.error = error
         if error is None and self.emitted < len(self.text):

@@ -6,7 +6,8 @@ iteration is one ``Engine.step``, exactly what offline ``Engine.generate`` runs.
 
 1. **Admission**: waiting requests (FIFO, no overtaking) become live while the batch has room (``max_batch``)
    and the KV budget can hold the new request's worst case (``Engine.kv_estimate`` at its
-   ``Sequence.max_tokens``).
+   ``Sequence.max_tokens``); under an engine with a page pool (``pool.py``), while the free pages hold its
+   prompt (the engine preempts the newest sequence if decoding later runs the pool dry).
 2. **The queue, bounded** (``max_queue``; 429 past it), and the thread.
 3. **Cancellation**: a request whose client went away is aborted before the next step, so its KV bytes are
    back in the budget at once.
@@ -28,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from headwise.engine import Engine, SamplingParams, StepInfo
-from headwise.errors import HeadwiseError
+from headwise.errors import BudgetError, HeadwiseError
+from headwise.pool import SequencePages
 from headwise.sequence import Sequence
 
 log = logging.getLogger("headwise.server")
@@ -77,6 +79,7 @@ class GenRequest:
     seq: Sequence | None = None
     finished: bool = False
     prompt_counted: bool = False  # its prompt tokens are in the metrics
+    prompt_pages: int = 0  # KV pages its prompt takes, under an engine with a page pool
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -167,9 +170,14 @@ class Scheduler:
     def submit(self, req: GenRequest) -> None:
         """Queue ``req``; raises ``QueueFullError`` (queue at its bound), ``TooLargeError`` (can never fit) or
         ``SchedulerStoppedError``."""
-        req.seq = self.engine.new_sequence(req.prompt_ids, req.params, stop_ids=req.stop_ids, seq_id=req.id)
+        try:
+            req.seq = self.engine.new_sequence(req.prompt_ids, req.params, stop_ids=req.stop_ids, seq_id=req.id)
+        except BudgetError as exc:  # more pages than the engine's whole pool
+            raise TooLargeError(str(exc)) from None
         req.kv_estimate = self.engine.kv_estimate(req.seq.max_tokens)
-        if req.kv_estimate > self.kv_budget:
+        if self.engine.pool is not None:
+            req.prompt_pages = SequencePages(self.engine.pool, req.seq.plan).pages_at(len(req.prompt_ids))
+        elif req.kv_estimate > self.kv_budget:
             raise TooLargeError(
                 f"this request needs up to {req.kv_estimate / 2**20:.1f} MiB of KV cache (prompt "
                 f"{len(req.prompt_ids)} + max_tokens {req.params.max_new_tokens} tokens under plan "
@@ -194,6 +202,12 @@ class Scheduler:
     def _fits(self, req: GenRequest) -> bool:
         if len(self._running) >= self.max_batch:
             return False
+        pool = self.engine.pool
+        if pool is not None:
+            # Pages: the prompt must fit in the free pages left by the admitted prompts not read yet; growing
+            # past it is the engine's (it preempts the newest sequence when the pool runs dry).
+            owed = sum(r.prompt_pages for r in self._running if r.seq is not None and r.seq.pages is None)
+            return pool.free_pages - owed >= req.prompt_pages
         in_use = sum(r.reserved_bytes for r in self._running)
         return in_use + req.kv_estimate <= self.kv_budget
 
