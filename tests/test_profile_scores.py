@@ -9,7 +9,7 @@ import torch
 
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
-from headwise.profile.duo import passkey_batch, train_gates
+from headwise.profile.duo import train_gates
 from headwise.profile.mass import SPAN_OPTIONS, MassProbe
 from headwise.profile.probe import HeadMask, Probe, probe_attention, probing
 from headwise.profile.razor import RepeatProbe
@@ -123,21 +123,12 @@ def test_probe_forward_equals_the_models_own_sdpa_forward(tiny):
 def test_gate_training_moves_only_the_gates(tiny):
     before = [p.detach().clone() for p in tiny.model.parameters()]
     flags = [p.requires_grad for p in tiny.model.parameters()]
-    result = train_gates(tiny, steps=3, seq_len=160, n_keys=2, sink=4, window=8, progress=False)
+    result = train_gates(tiny, steps=3, seq_len=256, n_keys=2, sink=4, window=8, batch=2, progress=False)
     assert result.alpha.shape == (2, 2)
     assert torch.all((result.alpha >= 0) & (result.alpha <= 1))
     assert result.alpha.min() < 1.0  # the L1 push moved them off their initial 1
     assert all(torch.equal(a, b) for a, b in zip(before, tiny.model.parameters()))
     assert [p.requires_grad for p in tiny.model.parameters()] == flags  # restored after training
-
-
-def test_passkey_data_has_the_requested_length_and_ends_with_the_recall(smollm2):
-    import random
-
-    ids, n_recall = passkey_batch(smollm2.tokenizer, 300, 3, random.Random(0))
-    assert ids.shape == (1, 300)
-    tail = smollm2.tokenizer.decode(ids[0, -n_recall:])
-    assert tail.count("The pass key number") == 3
 
 
 def test_model_without_reachable_attention_is_refused():

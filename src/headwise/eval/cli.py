@@ -29,11 +29,13 @@ def register(subparsers: Any) -> None:
                               "write results.json, PNG plots and a self-contained HTML report (docs/eval.md).")
     p.add_argument("model", nargs="?", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
     p.add_argument("--plans", default="dense",
-                   help="comma-separated: dense, PLAN.json, streaming@equal, quest@equal, streaming@0.25, quest@0.25")
+                   help="comma-separated: dense, PLAN.json, streaming@equal, random@equal, quest@equal, streaming@0.25, "
+                        "quest@0.25")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k)")
     p.add_argument("--depths", default=None, help="needle depths for passkey/needle (default 0,0.25,0.5,0.75,1)")
-    p.add_argument("--samples", type=int, default=4, help="samples per task × length (× depth); default 4")
+    p.add_argument("--samples", type=int, default=4, help="samples per task × length cell, spread over the depths for tasks with one; default 4 "
+                        "(results need >= 100 per cell: docs/eval.md)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output directory (default eval-out/MODEL)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's answer length")
@@ -42,6 +44,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--shard", default=None, metavar="I/N",
+                   help="run only every N-th sample from the I-th (parallel processes on one GPU); a run "
+                        "without --shard then collects every shard's rows and writes the report")
+    p.add_argument("--collect", action="store_true",
+                   help="generate nothing: write results and report from the rows already in --out (after --shard runs)")
     p.add_argument("--preset", choices=("demo",), default=None, help="demo: the `headwise demo` configuration")
     p.add_argument("--report-only", metavar="DIR", default=None, help="redraw the report from DIR/results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -70,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         parse_depths,
         parse_length,
         parse_list,
+        parse_shard,
         parse_tasks,
     )
 
@@ -105,7 +113,15 @@ def run(args: argparse.Namespace) -> int:
         chunk_size=args.chunk_size,
         command=command_line(),
         progress=not args.no_progress,
+        shard=parse_shard(args.shard) if args.shard else None,
+        collect_only=args.collect,
     )
+    if cfg.shard is not None:
+        from headwise.eval.runner import run_eval
+
+        done = run_eval(cfg)
+        print(f"shard {args.shard}: {done['runs_this_time']} runs; collect with the same command without --shard")
+        return 0
     return _run_and_report(cfg)
 
 
@@ -146,7 +162,7 @@ def run_demo(args: argparse.Namespace) -> int:
               f"{DEMO_MODEL}` for a plan that keeps the heads that retrieve.", file=sys.stderr)
         plans = ["dense", plan_path]
     cfg = EvalConfig(
-        model=DEMO_MODEL, plans=plans, tasks=list(DEMO_TASKS), lengths=[1024], depths=list(DEMO_DEPTHS), samples=2,
+        model=DEMO_MODEL, plans=plans, tasks=list(DEMO_TASKS), lengths=[1024], depths=list(DEMO_DEPTHS), samples=6,
         seed=0, out=out, device=device, dtype=_dtype(device, None), command=command_line(),
         progress=not getattr(args, "no_progress", False),
     )

@@ -43,26 +43,38 @@ def _gen_tasks(results: dict[str, Any]) -> list[str]:
     return [t for t in results["tasks"] if t != "fidelity"]
 
 
+def _cell(a: dict[str, Any] | None) -> str:
+    """``score [lo-hi]`` in %, the Wilson 95% interval in brackets where the results have it."""
+    if a is None:
+        return "-"
+    ci = a.get("ci95")
+    return _pct(a["score"]) + (f" [{_pct(ci[0])}-{_pct(ci[1])}]" if ci else "")
+
+
 def accuracy_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Header and rows: one row per plan, one column per task × length, then the mean; scores in %."""
-    acc = {(a["plan"], a["task"], a["length"]): a["score"] for a in results["accuracy"]}
+    """Header and rows: one row per plan, one column per task × length (score and Wilson 95% interval), then
+    the mean; in %."""
+    acc = {(a["plan"], a["task"], a["length"]): a for a in results["accuracy"]}
     cols = [(t, L) for t in _gen_tasks(results) for L in results["lengths"]]
     header = ["plan"] + [f"{t} {_len(L)}" for t, L in cols] + ["mean"]
     rows = []
     for p in _plans(results):
-        vals = [acc.get((p, t, L)) for t, L in cols]
-        got = [v for v in vals if v is not None]
-        rows.append([p] + [_pct(v) for v in vals] + [_pct(sum(got) / len(got) if got else None)])
+        cells = [acc.get((p, t, L)) for t, L in cols]
+        got = [c["score"] for c in cells if c is not None]
+        rows.append([p] + [_cell(c) for c in cells] + [_pct(sum(got) / len(got) if got else None)])
     return header, rows
 
 
 def performance_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["plan", "length", "KV MiB", "KV % dense", "prefill s", "prefill tok/s", "decode tok/s"]
+    header = ["plan", "length", "KV MiB", "KV % dense", "KV % dense (measured)", "prefill s", "prefill tok/s",
+              "decode tok/s"]
     rows = []
     for r in results["performance"]:
+        measured = r.get("kv_fraction_measured")
         rows.append([
             r["plan"], _len(r["length"]), _mib(r["kv_bytes"]),
             "-" if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}",
+            "-" if measured is None else f"{100 * measured:.1f}",
             "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}",
             "-" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:.0f}",
             "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",

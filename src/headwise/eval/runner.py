@@ -10,6 +10,9 @@ Plan specs (``--plans``, comma-separated):
 - ``streaming@equal`` / ``streaming@F``: StreamingLLM on every KV head, all heads holding the same number of
   tokens (``streaming_baseline``), chosen per length so the KV token slots held at that length equal those of
   the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``).
+- ``random@equal``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
+  global layers and within native sliding layers apart), so it holds exactly the same KV at every length and
+  differs only in *which* heads keep what: the test of whether the profiler found the heads that matter.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -37,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
-from headwise.eval.scoring import score
+from headwise.eval.scoring import score, wilson
 from headwise.eval.tasks import TASKS, make_sample, task_info
 from headwise.plan import HeadPlan
 
@@ -166,7 +169,25 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
     return plan
 
 
-_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)")
+_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal")
+
+
+def random_baseline(spec: Any, reference: HeadPlan, name: str, seed: int = 0) -> HeadPlan:
+    """``reference``'s per-head policies dealt to the KV heads in a seeded random order, global layers and native
+    sliding layers apart (a policy means something else on a sliding layer): the same KV bytes at every length,
+    other heads."""
+    import random
+
+    rows = [[dict(h) for h in row] for row in reference.layers]
+    rng = random.Random(f"headwise-random-baseline:{seed}")
+    for sliding in (False, True):
+        slots = [(i, j) for i, w in enumerate(spec.layer_windows) if (w is not None) == sliding
+                 for j in range(spec.num_kv_heads)]
+        heads = [reference.layers[i][j] for i, j in slots]
+        rng.shuffle(heads)
+        for (i, j), h in zip(slots, heads):
+            rows[i][j] = dict(h)
+    return _plan(spec, rows, name, f"random placement of {reference.meta.get('created_by', 'the plan')}'s policies")
 
 
 def _load_plan_file(item: str, lm: Any) -> HeadPlan:
@@ -186,7 +207,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
         elif item != "dense" and not _BASELINE.fullmatch(item):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
-                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION"
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal"
             )
 
 
@@ -207,6 +228,11 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             stem = Path(item).stem
             label = item if any(e.label == stem for e in entries) else stem
             entries.append(PlanEntry(label, item, lambda _L, p=files[item]: p))
+        elif item == "random@equal":
+            if reference is None:
+                raise InputError("random@equal deals a plan file's policies to random heads: list a plan file in --plans")
+            rnd = random_baseline(spec, files[reference], lm.name)
+            entries.append(PlanEntry(item, f"{reference}'s policies on random heads", lambda _L, p=rnd: p))
         elif m:
             kind, amount = m.groups()
             if amount == "equal":
@@ -240,13 +266,14 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
 
 # ------------------------------------------------------------------------------------------ cache
 class SampleCache:
-    """Per-sample results in a JSONL file, one line per result, appended as soon as it exists."""
+    """Per-sample results in JSONL files, one line per result, appended to ``path`` as soon as it exists; the
+    rows of every ``samples*.jsonl`` beside it are read too (shards of one run, ``--shard``)."""
 
     def __init__(self, path: Path):
         self.path = path
         self.rows: dict[str, dict[str, Any]] = {}
-        if path.is_file():
-            for n, line in enumerate(path.read_text().splitlines(), 1):
+        for f in sorted(path.parent.glob("samples*.jsonl")) if path.parent.is_dir() else []:
+            for n, line in enumerate(f.read_text().splitlines(), 1):
                 if not line.strip():
                     continue
                 try:
@@ -254,7 +281,7 @@ class SampleCache:
                     self.rows[row["key"]] = row
                 except (json.JSONDecodeError, KeyError):
                     # A line cut by an interrupt: the sample is simply run again.
-                    print(f"headwise eval: ignoring unreadable line {n} of {path}", file=sys.stderr)
+                    print(f"headwise eval: ignoring unreadable line {n} of {f}", file=sys.stderr)
 
     @staticmethod
     def key(model: str, digest: str, task: str, length: int, depth: float | None, seed: int, idx: int) -> str:
@@ -289,6 +316,29 @@ class EvalConfig:
     chunk_size: int = 512
     command: str = ""
     progress: bool = True
+    collect_only: bool = False
+    """Generate nothing: write the results from the rows already in ``out`` (fidelity and memory rows that are
+    missing are still measured: a few forwards per plan)."""
+    shard: tuple[int, int] | None = None
+    """``(i, n)``: run only every ``n``-th sample from the ``i``-th (several processes share a GPU), writing
+    ``samples-shard-i-of-n.jsonl``; a run without a shard then finds every row and writes the results."""
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"2/8"`` -> (2, 8)."""
+    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", text)
+    if not m or not 0 <= int(m.group(1)) < int(m.group(2)):
+        raise InputError(f"cannot read shard '{text}': use I/N with 0 <= I < N, e.g. 0/8")
+    return int(m.group(1)), int(m.group(2))
+
+
+def cell_samples(task: str, depths: Sequence[float], samples: int) -> list[tuple[float | None, int]]:
+    """The (depth, index) pairs of one task × length cell: ``samples`` in all, spread evenly over ``depths`` for
+    tasks with a depth (each depth gets ``ceil(samples / len(depths))``)."""
+    if not task_info(task).uses_depth:
+        return [(None, i) for i in range(samples)]
+    per = -(-samples // len(depths))
+    return [(d, i) for d in depths for i in range(per)]
 
 
 def sample_seed(seed: int, idx: int) -> int:
@@ -377,16 +427,19 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    cache = SampleCache(out / "samples.jsonl")
+    name = "samples.jsonl" if cfg.shard is None else f"samples-shard-{cfg.shard[0]}-of-{cfg.shard[1]}.jsonl"
+    cache = SampleCache(out / name)
     model_key = f"{lm.name}:{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}"
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = []
     for L in lengths:
         for t in gen_tasks:
-            depths: list[float | None] = list(cfg.depths) if task_info(t).uses_depth else [None]
-            for d in depths:
-                for i in range(cfg.samples):
-                    jobs.append((L, t, d, i))
+            for d, i in cell_samples(t, cfg.depths, cfg.samples):
+                jobs.append((L, t, d, i))
+    if cfg.shard is not None:
+        jobs = jobs[cfg.shard[0] :: cfg.shard[1]]
+    if cfg.collect_only:
+        jobs = []
     engines: dict[str, Any] = {}
     ran = 0
     bar = _tqdm(cfg.progress, total=len(jobs) * len(entries), desc="eval", unit="run")
@@ -413,7 +466,10 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
                 cache.put(row)
                 ran += 1
                 bar.update(1)
+        if cfg.shard is not None:
+            return {"shard": list(cfg.shard), "runs_this_time": ran}
         fid_rows = _run_fidelity(cfg, lm, entries, plans, lengths, cache, model_key) if FIDELITY in tasks else []
+        _measure_memory(cfg, lm, entries, plans, lengths, cache, model_key)
     finally:
         bar.close()
     results = _collect(cfg, lm, entries, plans, lengths, tasks, cache, model_key, notes)
@@ -443,6 +499,51 @@ def _run_sample(engine: Any, sample: Any, max_new_tokens: int | None) -> dict[st
         "prompt_tokens": stats.prompt_tokens,
         "stats": stats.to_dict(),
     }
+
+
+MEMORY = "memory"
+"""Pseudo-task row: the KV bytes a plan's cache holds after a prompt of the evaluated length, counted by the
+tensors' sizes and, on CUDA, by the allocator."""
+
+
+def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
+                    lengths: list[int], cache: SampleCache, model_key: str) -> None:
+    """For each plan and length: prefill a ``length``-token prompt into a cache reserved for it plus 16 new
+    tokens (as ``generate`` reserves), then read the bytes its tensors hold and, on CUDA, what the allocator
+    gave out between before the cache was made and after the prefill (the cache alive, the logits freed)."""
+    import torch
+
+    from headwise.engine import Engine
+
+    for L in lengths:
+        for e in entries:
+            plan = plans.get((e.label, L))
+            if plan is None:
+                continue
+            key = SampleCache.key(model_key, plan.digest(), MEMORY, L, None, cfg.seed, 0)
+            if cache.get(key) is not None:
+                continue
+            engine = Engine(lm, plan, chunk_size=cfg.chunk_size)
+            ids = torch.randint(0, lm.spec.num_layers + 100, (1, L)).to(lm.device)
+            new = 16
+            cuda = lm.device.type == "cuda"
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                m0 = torch.cuda.memory_allocated(lm.device)
+            kv_cache = engine.new_cache(1, reserve=L + new - 1)
+            logits = engine.prefill(ids, kv_cache)
+            del logits
+            allocated = None
+            if cuda:
+                torch.cuda.synchronize()
+                allocated = torch.cuda.memory_allocated(lm.device) - m0
+            dense = lm.spec.dense_kv_bytes(L + new - 1, lm.dtype.itemsize)
+            cache.put({"key": key, "plan": e.label, "digest": plan.digest(), "task": MEMORY, "length": L,
+                       "depth": None, "seed": cfg.seed, "idx": 0, "tokens": L + new - 1,
+                       "kv_bytes_tensors": kv_cache.kv_bytes(), "kv_bytes_allocator": allocated,
+                       "dense_kv_bytes": dense})
+            del kv_cache
 
 
 def _run_fidelity(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
@@ -512,12 +613,10 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                     if r is not None:
                         fid.append(r | {"plan": e.label})
                     continue
-                depths: list[float | None] = list(cfg.depths) if task_info(t).uses_depth else [None]
-                for d in depths:
-                    for i in range(cfg.samples):
-                        r = cache.get(SampleCache.key(model_key, digest, t, L, d, cfg.seed, i))
-                        if r is not None:
-                            rows.append(r | {"plan": e.label})
+                for d, i in cell_samples(t, cfg.depths, cfg.samples):
+                    r = cache.get(SampleCache.key(model_key, digest, t, L, d, cfg.seed, i))
+                    if r is not None:
+                        rows.append(r | {"plan": e.label})
     acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
     by_depth: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
     perf: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
@@ -527,7 +626,8 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
             by_depth[(r["plan"], r["task"], r["length"], r["depth"])].append(r["score"])
         perf[(r["plan"], r["length"])].append(r["stats"])
     accuracy = [
-        {"plan": p, "task": t, "length": L, "score": round(_mean(v), 4), "n": len(v)}
+        {"plan": p, "task": t, "length": L, "score": round(_mean(v), 4), "n": len(v),
+         "ci95": [round(x, 4) for x in wilson(_mean(v), len(v))]}
         for (p, t, L), v in acc.items()
     ]
     depth_rows = [
@@ -542,12 +642,18 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
             if plan is None:
                 continue
             st = perf.get((e.label, L), [])
+            mem = cache.get(SampleCache.key(model_key, plan.digest(), MEMORY, L, None, cfg.seed, 0)) or {}
             perf_rows.append({
                 "plan": e.label, "length": L,
                 "kv_bytes": round(_mean([s["kv_bytes"] for s in st])) if st else None,
                 "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in st])) if st else None,
                 "kv_fraction": round(_mean([s["kv_fraction"] for s in st]), 4) if st else None,
                 "planned_kv_fraction": round(plan.kv_fraction(spec, L), 4),
+                "measured_tokens": mem.get("tokens"),
+                "kv_bytes_tensors": mem.get("kv_bytes_tensors"),
+                "kv_bytes_allocator": mem.get("kv_bytes_allocator"),
+                "kv_fraction_measured": (round((mem.get("kv_bytes_allocator") or mem["kv_bytes_tensors"])
+                                               / mem["dense_kv_bytes"], 4) if mem else None),
                 "planned_kv_bytes": plan.kv_tokens(spec, L) * 2 * spec.head_dim * dtype_bytes,
                 "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
                 "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,

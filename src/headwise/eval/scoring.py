@@ -57,3 +57,15 @@ def score_task(task: str, output: str, answers: Sequence[str]) -> float:
     from headwise.eval.tasks import task_info
 
     return score(task_info(task).scoring, output, answers)
+
+
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion ``p`` observed over ``n`` samples. For tasks scored by
+    recall (fractions of answers per sample), ``p`` is the mean score and ``n`` the samples: the interval treats
+    each sample as one trial, which is wider than counting answers as independent trials."""
+    if n <= 0:
+        return (0.0, 1.0)
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return (max(0.0, centre - half), min(1.0, centre + half))

@@ -26,6 +26,8 @@ Tasks (``TASKS``):
   times and the others once, so the task keeps its shape at 1K tokens, where 300 repeats do not fit.
 - ``frequent_words``: coded words drawn with Zipf (alpha 2) frequencies; name the 3 most frequent (RULER
   ``fwe``). Counts are set from the Zipf weights rather than sampled, so the top 3 are never tied.
+- ``probe``: one of the profiler's retrieval probes (``probes.py``: other haystacks, values and wordings than
+  every task above). The profiler never sees the tasks above; this one is what it was fitted on.
 - ``mqar``: Multi-Query Associative Recall (Arora et al., Zoology, https://arxiv.org/abs/2312.04927) in
   words: a list of ``key = value`` pairs, then 4 queried keys; the model continues "k1 =" and must give each
   value in turn. Zoology feeds token ids to models trained on the task; a pretrained LM reads the pairs as
@@ -440,6 +442,19 @@ def _mqar(tokenizer: Any, length: int, depth: float | None, rng: random.Random):
     return prompt, [values[i] for i in asked], meta
 
 
+def _probe(tokenizer: Any, length: int, depth: float | None, rng: random.Random):
+    """The profiler's own retrieval probe (``probes.retrieval_probe``): reported beside the held-out tasks, so a
+    report shows both how a plan does on the formats it was profiled on and on formats it never saw."""
+    from headwise.probes import retrieval_probe
+
+    p = retrieval_probe(tokenizer, length, 0.5 if depth is None else depth, rng.randrange(2**31))
+    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None and p.ids[0] == tokenizer.bos_token_id else 0
+    prompt = tokenizer.decode(p.ids[bos:])
+    fmt = p.format
+    return prompt, [p.answer], {"format": {"haystack": fmt.haystack, "value": fmt.value,
+                                           "template": fmt.template.fact}}
+
+
 TASKS: dict[str, TaskInfo] = {
     t.name: t
     for t in (
@@ -452,6 +467,7 @@ TASKS: dict[str, TaskInfo] = {
         TaskInfo("common_words", _common_words, False, "recall", 64, "the 10 most repeated words of a list"),
         TaskInfo("frequent_words", _frequent_words, False, "recall", 24, "the 3 most frequent coded words"),
         TaskInfo("mqar", _mqar, False, "recall", 40, "values of 4 keys from a key = value list"),
+        TaskInfo("probe", _probe, True, "contains", 16, "the profiler's own retrieval probes (held-in formats)"),
     )
 }
 

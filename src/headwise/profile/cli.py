@@ -8,6 +8,7 @@ interrupted run leaves no plan file (an older plan at the same path stays as it 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -47,6 +48,8 @@ def register(subparsers: Any) -> None:
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
     p.add_argument("--from-scores", metavar="PLAN", default=None,
                    help="re-solve from the scores recorded in an earlier profile's plan (no measuring; seconds)")
+    p.add_argument("--duo-steps", type=int, default=None,
+                   help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -62,22 +65,37 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--from-scores", str(args.from_scores)]
     if args.fast:
         parts.append("--fast")
+    if args.duo_steps is not None:
+        parts += ["--duo-steps", str(args.duo_steps)]
+    if args.full_share != FULL_SHARE:
+        parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(args: argparse.Namespace, device: str) -> Settings:
+    """``--fast``: smoke-run settings; else what shipped plans use on a GPU, or the CPU-sized defaults."""
     if args.prefill_patterns is not None and not (0 < args.prefill_patterns <= 1):
         raise InputError(f"--prefill-patterns is a block density in (0, 1], got {args.prefill_patterns}")
     if args.fast:
-        return Settings.fast(args.prefill_patterns)
-    return Settings(prefill_density=args.prefill_patterns)
+        s = Settings.fast(args.prefill_patterns)
+    elif device == "cuda":
+        s = Settings.gpu(args.prefill_patterns)
+    else:
+        s = Settings(prefill_density=args.prefill_patterns)
+    if args.duo_steps is not None:
+        if args.duo_steps < 1:
+            raise InputError(f"--duo-steps must be at least 1, got {args.duo_steps}")
+        s = dataclasses.replace(s, duo_steps=args.duo_steps)
+    return s
 
 
 def run(args: argparse.Namespace) -> int:
     check_budget(args.budget)  # before loading anything: a bad budget fails in a blink
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")
-    settings = _settings(args)
+    import torch
+
+    settings = _settings(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")

