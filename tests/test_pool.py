@@ -115,3 +115,35 @@ def test_a_25_percent_kv_plan_admits_3_5x_the_dense_sequences_at_32k():
     assert pool.free_pages == pool.num_pages
     assert n_dense == 15  # 60 GiB / 4 GiB of bf16 KV per 32K-token sequence
     assert n_duo >= 3.5 * n_dense, (n_duo, n_dense)
+
+
+def test_the_scheduler_admits_by_free_pages_and_refuses_what_the_pool_cannot_hold():
+    from headwise.engine import SamplingParams
+    from headwise.server.scheduler import GenRequest, Scheduler, TooLargeError
+
+    lm = tiny_model("llama")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (30, 26, 34)]
+    want = [[e.token_id for e in Engine(lm, chunk_size=16).generate(p, max_new_tokens=12, stop_token_ids=[])
+             if e.token_id >= 0] for p in prompts]
+    # Dense tiny llama: 8 KV heads in all, pages of 4 tokens: the prompts take 64 + 56 + 72 = 192 pages, and
+    # 41-45 tokens at the end 88-96 pages each: 200 pages admit all three and run dry while they decode.
+    pool = PagePool(lm.spec, 200 * 4 * 2 * 16 * 4, dtype_bytes=4, page_size=4)
+    scheduler = Scheduler(Engine(lm, chunk_size=16, pool=pool), max_batch=8, kv_budget_bytes=1, max_queue=8)
+    with pytest.raises(TooLargeError, match="more than the pool"):
+        scheduler.submit(GenRequest("big", list(range(1, 110)), SamplingParams(max_new_tokens=4), set(),
+                                    lambda ev: None))
+    done: dict[str, int] = {}
+    reqs = [GenRequest(str(i), p, SamplingParams(max_new_tokens=12), set(),
+                       lambda ev, i=i: done.update({str(i): ev.completion_tokens}) if ev.kind == "done" else None)
+            for i, p in enumerate(prompts)]
+    for r in reqs:
+        scheduler.submit(r)
+    with scheduler._cond:
+        scheduler._admit()
+    assert len(scheduler._running) == 3, "the three prompts fit the free pages"
+    while not all(r.finished for r in reqs):
+        scheduler.step()
+    assert [r.generated for r in reqs] == want and done == {"0": 12, "1": 12, "2": 12}
+    assert sum(r.seq.preemptions for r in reqs) >= 1
+    assert pool.free_pages == pool.num_pages
