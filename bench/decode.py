@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python3 bench/decode.py [--seq-len 131072] [--batches 1,4] [--out bench/results]
 
-Writes bench/results/decode_<date>.json ({command, commit, device, results}), prints a table; the last stdout
+Writes bench/results/decode_<date>.json (``headwise.bench.record``: command, commit, device, results), prints a table; the last stdout
 line is the JSON document. What is measured: ``headwise.bench.decode`` (module docstring).
 """
 
@@ -13,7 +13,7 @@ import json
 import sys
 
 from headwise.bench.decode import format_table, run_decode_bench
-from headwise.bench.record import result_doc, write_doc
+from headwise.bench.record import result_doc, result_path, write_result
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     doc = result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), results)
-    write_doc(doc, args.out, "decode")
+    write_result(doc, result_path(args.out, "decode"))
     print(format_table(results))
     print(json.dumps(doc))
     return 0

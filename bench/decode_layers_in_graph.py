@@ -18,21 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
-import torch
 import torch.nn.functional as F
 
-from headwise.bench.decode import (
-    SCORE_TUNING,
-    _page_topk_fn,
-    _plan_a_fn,
-    _ring,
-    _Timer,
-    random_decode_layer,
-)
-from headwise.bench.record import result_doc
+from headwise.bench.decode import SCORE_TUNING, page_topk_fn, plan_a_fn, random_decode_layer, ring_cache
+from headwise.bench.record import result_doc, write_result
+from headwise.bench.timing import Timer
 
 PAGE, BUDGET, FULL_KV, SINK, WINDOW = 32, 4096, 2, 64, 1024
 PLAN_A = {"tokens_per_iter": 128, "num_warps": 4, "num_stages": 3, "programs_per_sm": 2}  # bench_2026-11-23e picks
@@ -42,38 +34,19 @@ QUEST = {"fused": 1, "select_bins": 128, "tokens_per_iter": 64, "num_warps": 8, 
 
 def _layer_fns(batch: int, seq_len: int, seed: int) -> dict[str, object]:
     q, k, v, bounds, codes, scales = random_decode_layer(batch, seq_len, PAGE, seed)
-    k_ring, v_ring = _ring(k[:, FULL_KV:], SINK, WINDOW), _ring(v[:, FULL_KV:], SINK, WINDOW)
+    k_ring, v_ring = ring_cache(k[:, FULL_KV:], SINK, WINDOW), ring_cache(v[:, FULL_KV:], SINK, WINDOW)
     q4 = q[:, :, None]
     return {
         "dense_sdpa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
-        "plan_a": _plan_a_fn(q, k[:, :FULL_KV], v[:, :FULL_KV], k_ring, v_ring, seq_len, FULL_KV, **PLAN_A),
-        "page_topk": _page_topk_fn(q, k, v, bounds, seq_len, BUDGET, PAGE, **QUEST),
-        "page_topk_e4m3": _page_topk_fn(q, k, v, codes, seq_len, BUDGET, PAGE, scales=scales, **QUEST),
+        "plan_a": plan_a_fn(q, k[:, :FULL_KV], v[:, :FULL_KV], k_ring, v_ring, seq_len, FULL_KV, **PLAN_A),
+        "page_topk": page_topk_fn(q, k, v, bounds, seq_len, BUDGET, PAGE, **QUEST),
+        "page_topk_e4m3": page_topk_fn(q, k, v, codes, seq_len, BUDGET, PAGE, scales=scales, **QUEST),
     }
 
 
 def _graph_per_layer_us(fns: list, reps: int = 20) -> float:
-    """Median time of one replay of a graph running ``fns`` in order, per function, in us."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for fn in fns:
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, stream=stream):
-        for fn in fns:
-            fn()
-    graph.replay()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return 1e3 * statistics.median(times) / len(fns)
+    """Median time of one replay of a graph running ``fns`` in order (no L2 flush), per function, in us."""
+    return 1e3 * Timer(flush=None).graph(lambda: [fn() for fn in fns], reps) / len(fns)
 
 
 def main() -> None:
@@ -86,7 +59,7 @@ def main() -> None:
     layers = [_layer_fns(args.batch, args.seq_len, seed) for seed in range(args.layers)]
     res: dict[str, object] = {"layers": args.layers, "batch": args.batch, "seq_len": args.seq_len, "page_size": PAGE,
                               "budget": BUDGET, "plan_a_tuning": PLAN_A, "page_topk_tuning": QUEST}
-    timer = _Timer()
+    timer = Timer()
     for name in layers[0]:
         fns = [layer[name] for layer in layers]
         res[f"{name}_per_layer_in_graph_us"] = round(_graph_per_layer_us(fns), 2)
@@ -96,8 +69,7 @@ def main() -> None:
         for how in ("per_layer_in_graph", "one_layer_flushed_graph"):
             res[f"{name}_speedup_{how}"] = round(res[f"dense_sdpa_{how}_us"] / res[f"{name}_{how}_us"], 2)
     print(json.dumps(res, indent=1))
-    with open(args.out, "w") as fh:
-        json.dump(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), fh, indent=1)
+    write_result(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), args.out)
 
 
 if __name__ == "__main__":

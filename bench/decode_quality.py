@@ -13,16 +13,14 @@ Writes bench/results/decode_quality_<date>.json; the last stdout line is the JSO
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from headwise.bench.decode import agreement, decode_logits
-from headwise.bench.record import git_commit
+from headwise.bench.record import result_doc, result_path, write_result
 from headwise.data import shakespeare
 from headwise.engine import Engine
 from headwise.models import load_model
@@ -85,22 +83,13 @@ def main() -> int:
         score = agreement(torch.cat(dense), torch.cat(logits))
         rows.append({"plan": name, **score, "kv_fraction_at_prompt": plan.kv_fraction(lm.spec, args.prompt_len)})
         print(f"{name:<45} top-1 agreement {score['top1_agreement']:.3f}  KL {score['kl']:.4f}", file=sys.stderr, flush=True)
-    doc = {
-        "command": "PYTHONPATH=src python3 " + " ".join(sys.argv),
+    doc = result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), {
         "model": lm.name,
-        "commit": git_commit(),
-        "device": "cpu",
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "bounds": args.bounds, "steps": args.steps, "samples": args.samples, "budget_tokens": budget,
-        "wall_s": round(time.perf_counter() - t0, 1),
-        "results": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = args.only + (f" pages {args.page_sizes} prompt {args.prompt_len}" if args.page_sizes != "16" else "")
-    tag += f" bounds {args.bounds}" if args.bounds != "exact" else ""
-    suffix = f"_{''.join(c if c.isalnum() else '-' for c in tag)}" if tag else ""
-    (out / f"decode_quality_{datetime.date.today().isoformat()}{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
+        "prompt_len": args.prompt_len, "page_sizes": list(page_sizes), "bounds": args.bounds, "steps": args.steps,
+        "samples": args.samples, "budget_tokens": budget, "wall_s": round(time.perf_counter() - t0, 1),
+        "plans": rows,
+    }, device="cpu")
+    write_result(doc, result_path(args.out, "decode_quality"))
     for r in rows:
         print(f"{r['plan']:<45} {r['top1_agreement']:.3f}  KL {r['kl']:.4f}  KV {100 * r['kv_fraction_at_prompt']:.1f}%")
     print(json.dumps(doc))

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 
 import torch
 from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
 
-from headwise.bench.record import result_doc
+from headwise.bench.record import result_doc, write_result
+from headwise.bench.timing import Timer
 from headwise.engine import Engine, GraphDecoder
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
@@ -39,17 +39,6 @@ from headwise.spec import ModelSpec
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _median_step_ms(step, steps: int) -> float:
-    times = []
-    for _ in range(steps):
-        _sync()
-        t = time.perf_counter()
-        step()
-        _sync()
-        times.append(1e3 * (time.perf_counter() - t))
-    return statistics.median(times)
 
 
 @torch.inference_mode()
@@ -81,12 +70,12 @@ def main() -> None:
         model(input_ids=nxt[:, i[0] % 8 : i[0] % 8 + 1], past_key_values=cache, use_cache=True)
         i[0] += 1
 
-    res["hf_sdpa_ms"] = _median_step_ms(hf_step, args.steps)
+    res["hf_sdpa_ms"] = Timer.wall(hf_step, args.steps)
     if dev == "cuda":  # the same with SDPA's flash backend named (no re-planning at each new length)
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-            res["hf_sdpa_flash_ms"] = _median_step_ms(hf_step, args.steps)
+            res["hf_sdpa_flash_ms"] = Timer.wall(hf_step, args.steps)
     cache = None  # free the DynamicCache
 
     plan_a = HeadPlan.from_policies(lm.spec, [[Full()] * 2 + [Streaming(sink=64, window=1024)] * 6
@@ -106,7 +95,7 @@ def main() -> None:
             engine.forward(nxt[:, j[0] : j[0] + 1], hw)
             j[0] += 1
 
-        res[f"{name}_ms"] = _median_step_ms(step, args.steps)
+        res[f"{name}_ms"] = Timer.wall(step, args.steps)
         res[f"{name}_kv_bytes"] = hw.kv_bytes()
         del hw
         if kernels and dev == "cuda":
@@ -143,7 +132,7 @@ def main() -> None:
                 decoder.step(int(nxt[0, g[0] % 8]))
                 g[0] += 1
 
-            res[f"{name}_graph_ms"] = _median_step_ms(graph_step, args.steps)
+            res[f"{name}_graph_ms"] = Timer.wall(graph_step, args.steps)
             del hw, ref, decoder
     res["plan_a_kernel_vs_reference_max_abs_logit_diff"] = (logits["plan_a_kernel"] - logits["plan_a_reference"]).abs().max().item()
     res["page_topk_kernel_vs_reference_max_abs_logit_diff"] = (
@@ -162,11 +151,10 @@ def main() -> None:
         n[0] += 1 if grow else 0
 
     sdpa(False)
-    res["sdpa_one_layer_same_length_ms"] = _median_step_ms(lambda: sdpa(False), args.steps)
-    res["sdpa_one_layer_growing_length_ms"] = _median_step_ms(lambda: sdpa(True), args.steps)
+    res["sdpa_one_layer_same_length_ms"] = Timer.wall(lambda: sdpa(False), args.steps)
+    res["sdpa_one_layer_growing_length_ms"] = Timer.wall(lambda: sdpa(True), args.steps)
     print(json.dumps(res, indent=1))
-    with open(args.out, "w") as fh:
-        json.dump(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), fh, indent=1)
+    write_result(result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), res), args.out)
 
 
 if __name__ == "__main__":

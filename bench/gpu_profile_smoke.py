@@ -13,7 +13,7 @@ import time
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from headwise.bench.record import result_doc
+from headwise.bench.record import result_doc, write_result
 from headwise.models import LoadedModel
 from headwise.profile.duo import train_gates
 from headwise.profile.runner import Settings, profile_model
@@ -39,5 +39,4 @@ res = {"duo": {"steps": duo.steps, "seconds": round(duo_s, 2), "first_loss": duo
        "profile": {"seconds": round(prof_s, 2), "solution": plan.meta["solution"], "layer_kl": plan.meta.get("layer_kl"),
                    "has_span_error": "span_error_kv" in plan.meta}}
 print(json.dumps(res, indent=1))
-with open(sys.argv[2], "w") as fh:
-    json.dump(result_doc("PYTHONPATH=src python bench/gpu_profile_smoke.py .gpu_tok $OUT/gpu_profile_smoke.json", res), fh, indent=1)
+write_result(result_doc("PYTHONPATH=src python bench/gpu_profile_smoke.py " + " ".join(sys.argv[1:]), res), sys.argv[2])

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import ipaddress
 import json
 import math
@@ -31,11 +30,12 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import httpx
+
+from headwise.bench.record import result_doc, result_path, write_result
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -210,23 +210,11 @@ def main() -> int:
     }
     if summary["single_request_tokens_per_s"]:
         summary["speedup_over_single"] = round(summary["aggregate_tokens_per_s"] / summary["single_request_tokens_per_s"], 2)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    doc = {
-        "command": "python " + " ".join(sys.argv),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    doc = result_doc("python " + " ".join(sys.argv), summary) | {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m": os.getloadavg()[0]},
         "server": {"model": model, "plan": health.get("plan")},
-        "results": summary,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"_{args.tag}" if args.tag else ""
-    path = out / f"serve_loadtest_{datetime.date.today().isoformat()}{tag}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path = write_result(doc, result_path(args.out, "serve_loadtest" + (f"_{args.tag}" if args.tag else "")))
     print(f"{summary['ok']}/{summary['requests']} ok, {summary['aggregate_tokens_per_s']} tok/s aggregate vs "
           f"{summary['single_request_tokens_per_s']} tok/s alone; TTFT p50/p90/p99 {summary['ttft_s']}; "
           f"e2e {summary['e2e_s']}; written to {path}", file=sys.stderr)

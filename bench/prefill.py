@@ -13,7 +13,7 @@ import json
 import sys
 
 from headwise.bench.prefill import format_table, run_prefill_bench
-from headwise.bench.record import result_doc, write_doc
+from headwise.bench.record import result_doc, result_path, write_result
 
 
 def main() -> int:
@@ -36,7 +36,7 @@ def main() -> int:
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     doc = result_doc("PYTHONPATH=src python3 " + " ".join(sys.argv), results)
-    write_doc(doc, args.out, "prefill" if args.block_size == 128 else f"prefill_bs{args.block_size}")
+    write_result(doc, result_path(args.out, "prefill" if args.block_size == 128 else f"prefill_bs{args.block_size}"))
     print(format_table(results))
     print(json.dumps(doc))
     return 0

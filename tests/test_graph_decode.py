@@ -12,22 +12,18 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import headwise.kernels.sparse_decode as sparse_decode_kernels
 from headwise.engine import GRAPH_MIN_STEPS, Engine, GraphDecoder, SamplingParams
 from headwise.errors import HeadwiseError, InputError
-from headwise.kernels.sparse_decode import (
-    DeviceLength,
-    quest_page_scores,
-    quest_page_scores_reference,
-    sparse_decode,
-    sparse_decode_reference,
-)
+from headwise.kernels.common import INTERPRET, DeviceLength
+from headwise.kernels.decode_reference import quest_page_scores_reference, sparse_decode_reference
+from headwise.kernels.paged_decode import sparse_decode
+from headwise.kernels.quest import quest_page_scores
 from headwise.plan import HeadPlan
 from headwise.policies import build_policy
 from headwise.policies.stores import DenseStore, PagedStore, SinkWindowStore, quantize_bounds
 from tiny import tiny_model
 
-needs_interpreter = pytest.mark.skipif(not sparse_decode_kernels._INTERPRET,
+needs_interpreter = pytest.mark.skipif(not INTERPRET,
                                        reason="kernels were decorated for a GPU; CPU tensors need TRITON_INTERPRET=1")
 
 FULL = {"policy": "full"}

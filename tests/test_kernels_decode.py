@@ -15,15 +15,13 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
 
-from headwise.kernels.sparse_decode import (
-    quest_page_scores,
+from headwise.kernels.decode_reference import (
     quest_page_scores_reference,
-    select_pages,
-    sparse_decode,
     sparse_decode_reference,
     top_pages_reference,
-    topk_sparse_decode,
 )
+from headwise.kernels.paged_decode import sparse_decode, topk_sparse_decode
+from headwise.kernels.quest import quest_page_scores, select_pages
 from headwise.policies.stores import PagedStore
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":

@@ -13,10 +13,10 @@ if not torch.cuda.is_available():
     # every later test's kernels to the interpreter too)
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import headwise.kernels.sparse_decode as sparse_decode_kernels
 from headwise.cache import HeadwiseCache
 from headwise.engine import Engine
 from headwise.errors import PlanError
+from headwise.kernels.common import INTERPRET
 from headwise.plan import HeadPlan
 from headwise.policies import AttendContext, build_policy
 from headwise.policies.page_topk import PageTopK
@@ -26,7 +26,7 @@ from tiny import tiny_model
 
 # The tiny model runs on the CPU: its kernel path needs the interpreter (another test module may have imported
 # the kernels first, compiled for a GPU).
-needs_interpreter = pytest.mark.skipif(not sparse_decode_kernels._INTERPRET,
+needs_interpreter = pytest.mark.skipif(not INTERPRET,
                                        reason="kernels were decorated for a GPU; CPU tensors need TRITON_INTERPRET=1")
 PROMPT = torch.randint(0, 128, (1, 100), generator=torch.Generator().manual_seed(0))
 

@@ -9,9 +9,9 @@ import torch
 from headwise.engine import Engine
 from headwise.errors import PlanError
 from headwise.kernels.prefill_index import indices_to_mask
+from headwise.metrics import attention_recall
 from headwise.plan import HeadPlan
 from headwise.policies import AShape, BlockTopK, Full, PageTopK, Streaming, VerticalSlash, build_policy
-from headwise.policies.recall import attention_recall
 from headwise.policies.sparse_prefill import draw_mask
 from tiny import tiny_model
 

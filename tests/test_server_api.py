@@ -202,3 +202,21 @@ def test_stream_with_usage_reports_token_counts(served):
     assert events[-1] == "[DONE]"
     last = json.loads(events[-2])
     assert last["choices"] == [] and last["usage"]["completion_tokens"] == 4
+
+
+def test_openapi_schema_declares_the_protocol(served):
+    url = served[0]
+    schema = httpx.get(url + "/openapi.json", timeout=TIMEOUT).json()
+    comps = schema["components"]["schemas"]
+    body = schema["paths"]["/v1/completions"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert body["$ref"].endswith("/CompletionRequest")
+    props = comps["CompletionRequest"]["properties"]
+    assert {"model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "stream"} <= set(props)
+    assert set(comps["CompletionRequest"]["required"]) == {"model", "prompt"}
+    chat = comps["ChatCompletionRequest"]
+    assert "messages" in chat["required"] and "max_completion_tokens" in chat["properties"]
+    responses = schema["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert responses["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/ChatCompletionResponse")
+    assert responses["400"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
+    assert "/v1/models" in schema["paths"] and "/health" in schema["paths"]
+    assert httpx.get(url + "/docs", timeout=TIMEOUT).status_code == 200

@@ -210,5 +210,6 @@ def test_kv_estimate_is_what_the_request_cache_really_reserves(engine):
     for total in (5, 40, 300):
         real = engine.new_cache(1, reserve=total).kv_bytes()
         assert engine.kv_estimate(total) == real
-    # The streaming heads' rings are allocated as tokens arrive: at 5 tokens the cache holds the plan's slots.
+    # Streaming rings grow as tokens arrive (up to sink + window): a short request reserves exactly its plan's
+    # slots (K and V, head_dim 64, float32), not whole rings.
     assert engine.kv_estimate(5) == engine.plan.kv_tokens(engine.spec, 5) * 2 * 64 * 4

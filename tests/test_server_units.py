@@ -58,3 +58,64 @@ def test_serve_rejects_bad_options_in_one_line(flag, value, message, capsys):
     assert main(["serve", "smollm2-135m", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("headwise: error:") and message in err and "\n" not in err
+
+
+@pytest.mark.parametrize(
+    ("loc", "param"),
+    [(("body", "messages", 0, "role"), "messages[0].role"), (("body", "prompt", "list[int]", 3), "prompt"),
+     (("body", "temperature"), "temperature"), (("body",), None)],
+)
+def test_error_param_is_the_field_path_without_union_member_tags(loc, param):
+    from headwise.server.protocol import _param
+
+    assert _param(loc) == param
+
+
+def _scope(path: str = "/v1/completions", method: str = "POST") -> dict:
+    return {"type": "http", "path": path, "method": method, "scheme": "http"}
+
+
+@pytest.mark.parametrize(
+    ("headers", "status"),
+    [
+        ({"host": "127.0.0.1:8000"}, None),
+        ({"host": "[::1]:8000"}, None),
+        ({"host": "LOCALHOST"}, None),
+        ({"host": "evil.example:8000"}, 400),
+        ({"host": "127.0.0.1.evil.example"}, 400),
+        ({"host": "127.0.0.1:8000", "origin": "http://evil.example"}, 403),
+        ({"host": "127.0.0.1:8000", "origin": "null"}, 403),
+        ({"host": "127.0.0.1:8000", "origin": "http://127.0.0.1:8000"}, None),
+        ({"host": "127.0.0.1:8000", "origin": "http://ok.example"}, None),
+    ],
+)
+def test_guard_checks_host_then_origin(headers, status):
+    from headwise.server.app import Guard, ServerConfig
+
+    guard = Guard(None, ServerConfig(allowed_origins=("http://ok.example",)), metrics_sink=lambda s: None)
+    refusal = guard.refusal(_scope(), headers)
+    assert (refusal.status if refusal else None) == status
+
+
+def test_guard_wants_the_api_key_on_v1_only():
+    from headwise.server.app import Guard, ServerConfig
+
+    guard = Guard(None, ServerConfig(api_key="k", allowed_hosts=None), metrics_sink=lambda s: None)
+    assert guard.refusal(_scope(), {}).status == 401
+    assert guard.refusal(_scope(), {"authorization": "Bearer k"}) is None
+    assert guard.refusal(_scope(), {"authorization": "bearer k"}) is None
+    assert guard.refusal(_scope("/health", "GET"), {}) is None
+    assert guard.refusal(_scope("/v1/completions", "OPTIONS"), {}) is None  # CORS preflights carry no key
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--max-body-mb", "0"], "--max-body-mb"), (["--request-timeout", "nan"], "--request-timeout"),
+     (["--shutdown-grace", "-1"], "--shutdown-grace"), (["--api-key", " "], "--api-key")],
+)
+def test_serve_rejects_bad_limits_in_one_line(flags, message, capsys):
+    from headwise.cli import main
+
+    assert main(["serve", "smollm2-135m", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("headwise: error:") and message in err and "\n" not in err

@@ -9,7 +9,7 @@ needs: a ``full`` head grows with the sequence, a ``streaming`` head is a fixed 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -59,6 +59,9 @@ class HeadwiseLayer(CacheLayerMixin):
         return self.seen
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # get_max_length's name before transformers 5.14
         return -1
 
     def reset(self) -> None:
@@ -192,15 +195,3 @@ class HeadwiseCache(Cache):
 
     def all_tensors(self) -> list[torch.Tensor]:
         return [t for layer in self.layers for g in layer.groups if g.store is not None for t in g.store.tensors()]
-
-
-@dataclass
-class CacheStats:
-    tokens: int
-    kv_bytes: int
-    dense_kv_bytes: int
-    per_layer: list[int] = field(default_factory=list)
-
-    @property
-    def fraction(self) -> float:
-        return self.kv_bytes / max(1, self.dense_kv_bytes)

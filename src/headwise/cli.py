@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
+from headwise.model_args import add_model_args, load_from_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -34,26 +35,11 @@ def _fmt_bytes(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), a .gguf file or a HF model directory")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, float16")
-
-
-def _load(args: argparse.Namespace) -> Any:
-    from headwise.models import load_model
-
-    dtype = args.dtype
-    if dtype is None:
-        import torch
-
-        dtype = "bfloat16" if (args.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "float32"
-    return load_model(args.model, device=args.device, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------- info
 def cmd_info(args: argparse.Namespace) -> int:
-    lm = _load(args)
+    lm = load_from_args(args)
     s = lm.spec
     dtype_bytes = lm.dtype.itemsize
     n_window = sum(w is not None for w in s.layer_windows)
@@ -117,15 +103,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     if args.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    # Checked (NaN, negative, out of range) before the model loads: a bad flag fails in a second.
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                            seed=args.seed)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = _load(args)
+    lm = load_from_args(args)
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
     engine = Engine(lm, plan, chunk_size=args.chunk_size, cuda_graphs=graphs)
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
         prompt = lm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                                   add_generation_prompt=True)
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                            seed=args.seed)
     stats = None
     t0 = time.perf_counter()
     for ev in engine.generate(prompt, params):
@@ -177,7 +164,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         for i, row in enumerate(plan.policies()):
             print(f"  layer {i:>3}: " + "  ".join(p.short() for p in row))
         return 0
-    lm = _load(args)
+    lm = load_from_args(args)
     spec: ModelSpec = lm.spec
     if args.plan_cmd == "dense":
         plan = HeadPlan.dense(spec, lm.name)
@@ -200,12 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("info", help="a model's attention shape and KV bytes per token")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("generate", help="generate text with a head plan (streams tokens)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
     p.add_argument("--prompt-file", help="UTF-8 text file with the prompt ('-' for stdin)")
     p.add_argument("--prompt", help="prompt text (instead of --prompt-file)")
@@ -226,12 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plan", help="make or show head plans")
     psub = p.add_subparsers(dest="plan_cmd", metavar="PLAN_COMMAND", required=True)
     q = psub.add_parser("dense", help="every head full attention")
-    _add_model_args(q)
+    add_model_args(q)
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
     q.set_defaults(func=cmd_plan)
     q = psub.add_parser("uniform", help="the same policy for every head (baselines)")
-    _add_model_args(q)
+    add_model_args(q)
     q.add_argument("--policy", required=True)
     q.add_argument("--params", help="key=value[,key=value] (JSON values)")
     q.add_argument("-o", "--output", required=True)

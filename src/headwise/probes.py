@@ -22,6 +22,7 @@ held-out tasks).
 
 from __future__ import annotations
 
+import itertools
 import random
 import string
 from collections.abc import Callable
@@ -162,7 +163,8 @@ def _filled(tokenizer: Any, rng: random.Random, haystack: str, n_tokens: int,
     unit = HAYSTACKS[haystack]
     if haystack == "cycle":
         few = [unit(rng) for _ in range(rng.randint(3, 6))]
-        unit = lambda r, few=few, it=iter(range(10**9)): few[next(it) % len(few)]  # noqa: E731
+        turn = itertools.count()
+        unit = lambda r: few[next(turn) % len(few)]  # noqa: E731
     pieces: list[list[int]] = []
     total = sum(len(ids) for _, ids in inserts)
     while total < n_tokens:

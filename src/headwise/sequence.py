@@ -15,6 +15,7 @@ text hold-back live here, once, for ``Engine.generate`` and the server alike:
 from __future__ import annotations
 
 import enum
+import math
 import time
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
+
+from headwise.errors import InputError
 
 if TYPE_CHECKING:
     from headwise.cache import HeadwiseCache
@@ -38,6 +41,24 @@ class SamplingParams:
     seed: int | None = None
     stop: Seq[str] = field(default_factory=tuple)
     stop_token_ids: Seq[int] | None = None  # None: the tokenizer's EOS
+
+    def __post_init__(self) -> None:
+        # NaN passes every ``<``/``>`` range check, so finiteness is checked first.
+        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
+                and self.temperature >= 0):
+            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
+        if not (isinstance(self.top_p, int | float) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p}")
+        if self.seed is not None and not SEED_MIN <= self.seed < SEED_END:
+            raise InputError(f"seed must be in [-2^63, 2^64), got {self.seed}")
+
+
+# The range torch.Generator.manual_seed accepts.
+SEED_MIN, SEED_END = -(1 << 63), 1 << 64
+# Below this temperature sampling is greedy in all but name, so it is done greedily: logits divided by a
+# tiny temperature overflow float32 (a logit of 30 over 1e-38 is past 3.4e38, and inf - inf is NaN inside
+# the softmax), while at 1e-4 a logit gap of 1e-3 already makes the runner-up e^-10 less likely.
+GREEDY_TEMPERATURE = 1e-4
 
 
 @dataclass
@@ -89,12 +110,28 @@ class TokenEvent:
     stats: GenerationStats | None = None  # set on the last event
 
 
+def _greedy(logits: torch.Tensor) -> int:
+    """Index of the largest logit, NaN counted as -inf (argmax would pick a NaN)."""
+    return int(torch.argmax(torch.nan_to_num(logits.float(), nan=-math.inf)).item())
+
+
+def is_greedy(params: SamplingParams) -> bool:
+    """Whether ``sample_next`` picks the largest logit for ``params`` (also for a NaN temperature)."""
+    return not params.temperature > GREEDY_TEMPERATURE
+
+
 def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [vocab] -> token id (greedy at temperature 0, else temperature + nucleus sampling)."""
-    if params.temperature <= 0:
-        return int(torch.argmax(logits).item())
+    """logits: [vocab] -> token id (greedy at temperature 0, else temperature + nucleus sampling).
+
+    Safe against any parameter that got past validation: a NaN or tiny temperature is greedy, a NaN top_p
+    keeps the whole distribution, and logits that give no finite distribution (NaN or inf) fall back to greedy
+    instead of handing ``torch.multinomial`` NaN probabilities."""
+    if is_greedy(params):
+        return _greedy(logits)
     probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if params.top_p < 1.0:
+    if not bool(torch.isfinite(probs).all()):
+        return _greedy(logits)
+    if params.top_p < 1.0:  # False for NaN: no nucleus cut
         sorted_p, idx = torch.sort(probs, descending=True)
         keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
         keep[0] = True

@@ -8,14 +8,12 @@ one JSON document (command, commit, device, results) to ``bench/results/`` unles
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import shlex
 import sys
-from pathlib import Path
 from typing import Any
 
-from headwise.bench.record import result_doc
+from headwise.bench.record import result_doc, result_path, write_result
 from headwise.errors import HeadwiseError
 
 
@@ -32,12 +30,11 @@ def run(args: argparse.Namespace) -> int:
         raise HeadwiseError(f"unknown benchmark(s) {', '.join(unknown)}; choose from prefill, decode")
     batches = tuple(int(b) for b in args.batch.split(","))
     doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), {})
-    path = Path(args.out_dir) / f"bench_{_dt.date.today().isoformat()}.json"
+    path = result_path(args.out_dir, "bench")
 
     def save() -> None:  # after each part, so a run cut short keeps what it measured
         if not args.no_save:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(doc, indent=1, default=str))
+            write_result(doc, path)
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -66,13 +63,14 @@ def run(args: argparse.Namespace) -> int:
 
 def run_serve(args: argparse.Namespace) -> int:
     """``headwise bench serve``: offered load against the engine in-process and over HTTP (``bench/serve.py``)."""
+    from pathlib import Path
+
     from headwise.bench import serve
-    from headwise.bench.record import write_doc
 
     doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), serve.run(args))
     if not args.no_save:
         plan = "dense" if args.plan == "dense" else Path(args.plan).stem
-        print(f"wrote {write_doc(doc, args.out_dir, f'serve_{plan}')}")
+        print(f"wrote {write_result(doc, result_path(args.out_dir, f'serve_{plan}'))}")
     print(json.dumps(doc, default=str))
     return 0
 

@@ -38,7 +38,6 @@ decode steps of a real model (``bench/decode_quality.py``).
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -46,81 +45,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from headwise.bench.timing import Timer
 from headwise.policies.stores import quantize_bounds
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
 GROUP = HQ // HKV
 
 
-# ------------------------------------------------------------------------------------------------ timing
-class _Timer:
-    """Median CUDA-event time of ``fn`` with L2 flushed before every repetition; eager and CUDA-graph.
-
-    ``flush="read"`` (default) sums a 256 MB buffer before each repetition, leaving L2 full of clean lines, as
-    the weight reads of the layer's other operations leave it in a real decode step. ``flush="write"`` zeroes
-    the buffer instead (what this benchmark did before 2026-11-23c): L2 is then full of dirty lines that the
-    timed kernel writes back to HBM as its reads evict them (up to L2's 50 MB), a fixed cost charged to it
-    that weighs more on a short (sparse) kernel than on dense attention."""
-
-    def __init__(self, flush: str = "read") -> None:
-        assert flush in ("read", "write")
-        self.flush = flush
-        self.flush_buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda")  # > 50 MB L2
-
-    def eager(self, fn: Callable[[], Any], warmup: int = 5, reps: int = 30) -> float:
-        for _ in range(warmup):
-            fn()
-        return self._median(fn, reps)
-
-    def graph(self, fn: Callable[[], Any], reps: int = 30) -> float:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=stream):  # the warm-up stream: buffers it set up are reused
-            fn()
-        graph.replay()
-        return self._median(graph.replay, reps)
-
-    def _median(self, fn: Callable[[], Any], reps: int) -> float:
-        times = []
-        for _ in range(reps):
-            if self.flush == "write":
-                self.flush_buf.zero_()
-            else:
-                self.flush_buf.view(torch.int64).sum()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end))
-        return statistics.median(times)
-
-
-def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
-    """Median GPU duration (µs) of each kernel ``fn`` launches (by name, first 60 characters), over ``reps``
-    calls, from the PyTorch profiler (CUPTI). No L2 flush: a breakdown, not a headline time."""
-    from torch.profiler import ProfilerActivity, profile
-
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per: dict[str, list[float]] = {}
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per.setdefault(ev.name[:60], []).append(ev.device_time)
-    return {name: round(statistics.median(v), 2) for name, v in per.items()}
-
-
-def _both(timer: _Timer, fn: Callable[[], Any]) -> dict[str, Any]:
+def _both(timer: Timer, fn: Callable[[], Any]) -> dict[str, Any]:
     try:
         out: dict[str, Any] = {"eager_ms": timer.eager(fn)}
     except Exception as exc:  # a workload that fails is reported in the results, the others still run
@@ -134,7 +66,7 @@ def _both(timer: _Timer, fn: Callable[[], Any]) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ workloads
-def _page_bounds(k: torch.Tensor, page_size: int) -> torch.Tensor:
+def page_bounds(k: torch.Tensor, page_size: int) -> torch.Tensor:
     """What ``PagedStore`` holds for a full cache: [B, H, S / page, 2, D] min/max keys per page."""
     B, H, S, Dh = k.shape
     pages = k.view(B, H, S // page_size, page_size, Dh)
@@ -148,21 +80,21 @@ def random_decode_layer(batch: int, seq_len: int, page_size: int, seed: int) -> 
     q = torch.randn(batch, HQ, D, device="cuda", dtype=torch.bfloat16, generator=g)
     k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
     v = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=torch.bfloat16, generator=g)
-    bounds = _page_bounds(k, page_size)
+    bounds = page_bounds(k, page_size)
     codes, scales = quantize_bounds(bounds)
     return q, k, v, bounds, codes, scales
 
 
-def _ring(k: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+def ring_cache(k: torch.Tensor, sink: int, window: int) -> torch.Tensor:
     """A streaming head's store after the whole cache was written: sinks + the last ``window`` tokens (ring
     order does not matter to decode attention)."""
     return torch.cat([k[:, :, :sink], k[:, :, -window:]], dim=2).contiguous()
 
 
-def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, one_launch: bool = True, **tuning):
+def plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, one_launch: bool = True, **tuning):
     """One layer's decode under plan_a (query heads of the full KV heads first, as the group order is):
     both groups in one launch (``second=``), or one kernel call per group writing its slice of the output."""
-    from headwise.kernels.sparse_decode import sparse_decode
+    from headwise.kernels.paged_decode import sparse_decode
 
     n_full_q = full_kv * GROUP
     q_full, q_stream = q[:, :n_full_q], q[:, n_full_q:]
@@ -180,7 +112,7 @@ def _plan_a_fn(q, k_full, v_full, k_ring, v_ring, seq_len: int, full_kv: int, on
     return run
 
 
-def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
+def page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, stop: str = "",
                   fused: bool = True, topk_kernel: bool = True, block_p: int = 64, score_warps: int = 4,
                   select_bins: int = 0, scales: torch.Tensor | None = None, **tuning):
     """One layer's Quest decode step: Triton page scores, then either (``fused``) our kernel choosing the top
@@ -189,12 +121,8 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
     ends early, to time the parts; ``block_p``/``score_warps`` tune the scoring kernel, ``select_bins`` (0 =
     bisection, else the histogram selection with that many bins) the Triton top-k, ``scales`` means ``bounds``
     are 8-bit codes (``quantize_bounds``), ``tuning`` ours."""
-    from headwise.kernels.sparse_decode import (
-        quest_page_scores,
-        select_pages,
-        sparse_decode,
-        topk_sparse_decode,
-    )
+    from headwise.kernels.paged_decode import sparse_decode, topk_sparse_decode
+    from headwise.kernels.quest import quest_page_scores, select_pages
 
     n_pages = seq_len // page_size
     k_pages = budget // page_size
@@ -217,13 +145,9 @@ def _page_topk_fn(q, k, v, bounds, seq_len: int, budget: int, page_size: int, st
 def check_errors(seq_len: int, budget: int, page_size: int, full_kv: int, sink: int, window: int,
                  device: str = "cuda") -> dict[str, Any]:
     """Ours vs an fp32 reference at the benchmark shapes (batch 1), next to PyTorch-in-bf16's error."""
-    from headwise.kernels.sparse_decode import (
-        quest_page_scores,
-        quest_page_scores_reference,
-        select_pages,
-        sparse_decode,
-        sparse_decode_reference,
-    )
+    from headwise.kernels.decode_reference import quest_page_scores_reference, sparse_decode_reference
+    from headwise.kernels.paged_decode import sparse_decode
+    from headwise.kernels.quest import quest_page_scores, select_pages
 
     g = torch.Generator(device=device).manual_seed(0)
     q = torch.randn(1, HQ, D, device=device, generator=g, dtype=torch.bfloat16)
@@ -241,7 +165,7 @@ def check_errors(seq_len: int, budget: int, page_size: int, full_kv: int, sink: 
     errs("all_pages", sparse_decode(q, k, v, seq_len, None, page_size=64), (q, k, v, seq_len), {"page_size": 64})
     # plan_a streaming group over its ring buffer.
     n_full_q = full_kv * GROUP
-    kr, vr = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
+    kr, vr = ring_cache(k[:, full_kv:], sink, window), ring_cache(v[:, full_kv:], sink, window)
     errs("ring", sparse_decode(q[:, n_full_q:], kr, vr, sink + window, None, page_size=64),
          (q[:, n_full_q:], kr, vr, sink + window), {"page_size": 64})
     # plan_a in one launch: both groups against their references.
@@ -252,7 +176,7 @@ def check_errors(seq_len: int, budget: int, page_size: int, full_kv: int, sink: 
     out["plan_a_one_launch_max_abs_err_ours"] = max((one[:, :n_full_q].float() - ref_full).abs().max().item(),
                                                     (one[:, n_full_q:].float() - ref_ring).abs().max().item())
     # page_topk: the same table for ours and the reference (scores compared separately).
-    bounds = _page_bounds(k, page_size)
+    bounds = page_bounds(k, page_size)
     n_pages = seq_len // page_size
     scores = quest_page_scores(q, bounds, n_pages)
     scores_ref = quest_page_scores_reference(q, bounds, n_pages)
@@ -325,8 +249,8 @@ def run_decode_bench(
         results.append(row)
         log(f"{section}: {row}")
         torch.cuda.empty_cache()
-    timer = _Timer("read")
-    timer_w = _Timer("write")
+    timer = Timer("read")
+    timer_w = Timer("write")
     flex_fn = None
     if flex:
         try:
@@ -382,7 +306,7 @@ TUNING["page_topk_e4m3"] = TUNING["page_topk"]
 SCORE_TUNING = {"block_p": 64, "score_warps": 8}  # the scoring kernel's best in a sweep of block_p x num_warps
 
 
-def _tune(timer: _Timer, factories: dict[str, Callable[[dict[str, int]], Callable[[], Any]]], batch: int,
+def _tune(timer: Timer, factories: dict[str, Callable[[dict[str, int]], Callable[[], Any]]], batch: int,
           results: list[dict[str, Any]], log: Callable[[str], None]) -> dict[str, dict[str, int]]:
     """Pick our kernels' settings per workload at this batch size (CUDA-graph time; every candidate's time is
     kept in the results)."""
@@ -404,15 +328,15 @@ def _tune(timer: _Timer, factories: dict[str, Callable[[dict[str, int]], Callabl
 
 
 def _time_batch(
-    timer: _Timer, flex_fn: Any, batch: int, seq_len: int, budget: int, page_size: int, full_kv: int,
+    timer: Timer, flex_fn: Any, batch: int, seq_len: int, budget: int, page_size: int, full_kv: int,
     sink: int, window: int, tune: bool, tuning: dict[int, dict[str, dict[str, int]]], log: Callable[[str], None],
-    started: float = 0.0, flex_deadline_s: float = float("inf"), timer_w: _Timer | None = None,
+    started: float = 0.0, flex_deadline_s: float = float("inf"), timer_w: Timer | None = None,
 ) -> list[dict[str, Any]]:
     """All workloads at one batch size (our kernels tuned first when ``tune``, the picks stored in
     ``tuning[batch]``); one row per workload with speed-ups over the faster dense SDPA. With ``timer_w`` (a
     writing-flush timer), dense SDPA and our two headline workloads are timed again under it
     (``section: "time"``, ``l2_flush: "write"``, speed-ups against dense under the same flush)."""
-    from headwise.kernels.sparse_decode import sparse_decode
+    from headwise.kernels.paged_decode import sparse_decode
 
     q, k, v, bounds, codes, scales = random_decode_layer(batch, seq_len, page_size, seed=batch)
     q4 = q[:, :, None]
@@ -440,11 +364,11 @@ def _time_batch(
             except Exception as exc:  # FlexAttention failing is a result too
                 rows[name] = {"error": repr(exc)[:300]}
     # plan_a: our kernel per group over the real per-group layouts (full heads' cache, streaming ring).
-    k_ring, v_ring = _ring(k[:, full_kv:], sink, window), _ring(v[:, full_kv:], sink, window)
+    k_ring, v_ring = ring_cache(k[:, full_kv:], sink, window), ring_cache(v[:, full_kv:], sink, window)
     factories = {
-        "plan_a": lambda cfg: _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
-        "page_topk": lambda cfg: _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **SCORE_TUNING, **cfg),
-        "page_topk_e4m3": lambda cfg: _page_topk_fn(q, k, v, codes, seq_len, budget, page_size, scales=scales,
+        "plan_a": lambda cfg: plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg),
+        "page_topk": lambda cfg: page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **SCORE_TUNING, **cfg),
+        "page_topk_e4m3": lambda cfg: page_topk_fn(q, k, v, codes, seq_len, budget, page_size, scales=scales,
                                                     **SCORE_TUNING, **cfg),
     }
     tune_rows: list[dict[str, Any]] = []
@@ -453,34 +377,34 @@ def _time_batch(
     cfg_q.update(SCORE_TUNING)
     # the three-kernel path, its default settings and the picked selection method (also for the parts' rows)
     cfg_q3 = {"fused": 0, "select_bins": cfg_q.get("select_bins", 0), **SCORE_TUNING}
-    rows["ours_plan_a"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len,
+    rows["ours_plan_a"] = _both(timer, plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len,
                                                   full_kv, **cfg_a))
-    rows["ours_plan_a_per_group"] = _both(timer, _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring,
+    rows["ours_plan_a_per_group"] = _both(timer, plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring,
                                                             seq_len, full_kv, one_launch=False, **cfg_a))
     # page_topk: scoring + selection + kernel (the tuned path; the other path; the parts alone).
-    rows["ours_page_topk"] = _both(timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q))
+    rows["ours_page_topk"] = _both(timer, page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q))
     rows["ours_page_topk"]["fused"] = cfg_q["fused"]
     rows["ours_page_topk"]["select_bins"] = cfg_q.get("select_bins", 0)
     other = {"fused": 1, "select_bins": cfg_q.get("select_bins", 0), **SCORE_TUNING} if not cfg_q["fused"] else cfg_q3
     rows[f"ours_page_topk_{'fused' if other['fused'] else 'three_kernels'}"] = _both(
-        timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **other))
+        timer, page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **other))
     for part in ("scores", "topk"):
         rows[f"ours_page_topk_until_{part}"] = _both(
-            timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, stop=part, **cfg_q3))
+            timer, page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, stop=part, **cfg_q3))
     rows["ours_page_topk_torch_topk"] = _both(
-        timer, _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, topk_kernel=False, **cfg_q3))
+        timer, page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, topk_kernel=False, **cfg_q3))
     # page_topk with 8-bit page bounds (bounds="e4m3"): the same step reading half the scoring bytes
     cfg_e = dict(tuning[batch].get("page_topk_e4m3", cfg_q))
     cfg_e.update(SCORE_TUNING)
-    rows["ours_page_topk_e4m3"] = _both(timer, _page_topk_fn(q, k, v, codes, seq_len, budget, page_size,
+    rows["ours_page_topk_e4m3"] = _both(timer, page_topk_fn(q, k, v, codes, seq_len, budget, page_size,
                                                              scales=scales, **cfg_e))
     rows["ours_page_topk_e4m3"]["fused"] = cfg_e["fused"]
     # Our kernel as a dense decode (every head, every page): its bandwidth next to SDPA's.
     rows["ours_all_pages"] = _both(timer, lambda: sparse_decode(q, k, v, seq_len, None, page_size=64, **cfg_a))
     rows["ours_all_pages"]["note"] = "plan_a's tuned settings"
     fns_w = {"dense_sdpa_gqa": lambda: F.scaled_dot_product_attention(q4, k, v, enable_gqa=True),
-             "ours_plan_a": _plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg_a),
-             "ours_page_topk": _page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q)}
+             "ours_plan_a": plan_a_fn(q, k[:, :full_kv], v[:, :full_kv], k_ring, v_ring, seq_len, full_kv, **cfg_a),
+             "ours_page_topk": page_topk_fn(q, k, v, bounds, seq_len, budget, page_size, **cfg_q)}
     rows_w = {name: {"graph_ms": timer_w.graph(fn)} for name, fn in fns_w.items()} if timer_w is not None else {}
     read = 2 * batch * HKV * seq_len * D * 2  # K and V bytes of a dense step
     dense = {m: min(rows["dense_sdpa_gqa"][m], rows["dense_sdpa_packed"][m]) for m in ("eager_ms", "graph_ms")}

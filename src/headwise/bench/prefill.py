@@ -18,7 +18,6 @@ a small tile sweep for our kernel, then timings with CUDA events after warm-up (
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,12 +25,20 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from headwise.bench.timing import Timer
 from headwise.kernels.prefill_index import density, flex_block_mask
 from headwise.policies.a_shape import AShape
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.vertical_slash import VerticalSlash
 
 HQ, HKV, D = 32, 8, 128  # Llama-3-8B attention
+
+
+def cuda_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 10) -> float:
+    """Median milliseconds of ``fn`` (``Timer`` without an L2 flush: a prefill's inputs dwarf L2)."""
+    return Timer(flush=None).eager(fn, warmup, reps)
+
+
 TILE_CONFIGS = [
     {"block_m": 128, "block_n": 64, "num_warps": 8, "num_stages": 3},
     {"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3},
@@ -41,22 +48,6 @@ TILE_CONFIGS = [
     {"block_m": 64, "block_n": 64, "num_warps": 4, "num_stages": 4},
     {"block_m": 64, "block_n": 32, "num_warps": 4, "num_stages": 3},
 ]
-
-
-def cuda_time(fn: Callable[[], Any], warmup: int = 2, reps: int = 10) -> float:
-    """Median milliseconds of ``fn`` over ``reps`` runs, each timed with CUDA events after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def dense_flops(batch: int, seq_len: int) -> float:

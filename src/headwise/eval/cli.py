@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
+from headwise.model_args import add_model_args
 
 DEMO_MODEL = "smollm2-135m"
-DEMO_PLAN = Path("plans") / "smollm2-135m.json"
+# The shipped plans are in the repository's plans/ folder, found from this file rather than the working
+# directory; an installation without the repository has none, and the demo then builds a streaming plan.
+DEMO_PLAN = Path(__file__).resolve().parents[3] / "plans" / "smollm2-135m.json"
 DEMO_TASKS = ["passkey", "needle", "multikey_needle", "fidelity"]
 DEMO_DEPTHS = [0.25, 0.5, 0.75]
 DEMO_FALLBACK_HEAD = {"policy": "streaming", "params": {"sink": 64, "window": 192}}
@@ -27,7 +30,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("eval", help="evaluate plans on generated long-context tasks; write a report",
                               description="Run a model under several head plans on generated long-context tasks; "
                               "write results.json, PNG plots and a self-contained HTML report (docs/eval.md).")
-    p.add_argument("model", nargs="?", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
+    add_model_args(p, required=False)
     p.add_argument("--plans", default="dense",
                    help="comma-separated: dense, PLAN.json, streaming@equal, random@equal, quest@equal, streaming@0.25, "
                         "quest@0.25")
@@ -41,8 +44,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="override each task's answer length")
     p.add_argument("--on-too-long", choices=("skip", "stop"), default="skip",
                    help="a length above the model's context: skip it with a note (default) or stop")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    p.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16 (default on CUDA), float16")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only every N-th sample from the I-th (parallel processes on one GPU); a run "
@@ -59,14 +60,6 @@ def register(subparsers: Any) -> None:
     d.add_argument("--device", default=None)
     d.add_argument("--no-progress", action="store_true")
     d.set_defaults(func=run_demo)
-
-
-def _dtype(device: str | None, dtype: str | None) -> str:
-    if dtype:
-        return dtype
-    import torch
-
-    return "bfloat16" if (device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda" else "float32"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -109,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         on_too_long=args.on_too_long,
         device=args.device,
-        dtype=_dtype(args.device, args.dtype),
+        dtype=args.dtype,
         chunk_size=args.chunk_size,
         command=command_line(),
         progress=not args.no_progress,
@@ -147,7 +140,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     device = getattr(args, "device", None)
-    lm = load_model(DEMO_MODEL, device=device, dtype=_dtype(device, None))
+    lm = load_model(DEMO_MODEL, device=device)
     out = Path(getattr(args, "out", None) or "eval-out/demo")
     if DEMO_PLAN.is_file():
         plan_path = str(DEMO_PLAN)
@@ -163,7 +156,7 @@ def run_demo(args: argparse.Namespace) -> int:
         plans = ["dense", plan_path]
     cfg = EvalConfig(
         model=DEMO_MODEL, plans=plans, tasks=list(DEMO_TASKS), lengths=[1024], depths=list(DEMO_DEPTHS), samples=6,
-        seed=0, out=out, device=device, dtype=_dtype(device, None), command=command_line(),
+        seed=0, out=out, device=device, command=command_line(),
         progress=not getattr(args, "no_progress", False),
     )
     code = _run_and_report(cfg, lm)

@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import time
 from collections import defaultdict
@@ -39,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from headwise.bench.record import device_name, git_commit
 from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
 from headwise.eval.scoring import score, wilson
 from headwise.eval.tasks import TASKS, make_sample, task_info
@@ -345,35 +344,6 @@ def sample_seed(seed: int, idx: int) -> int:
     return seed * 100_003 + idx
 
 
-def git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
-        if out.returncode != 0:
-            return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return out.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def device_name(lm: Any) -> str:
-    import torch
-
-    if lm.device.type == "cuda":
-        return torch.cuda.get_device_name(lm.device)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"cpu: {cpu}, {torch.get_num_threads()} threads"
-
-
 def _tqdm(enabled: bool, **kw: Any) -> Any:
     from tqdm import tqdm
 
@@ -675,7 +645,7 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
         "model_source": lm.source,
         "spec": spec.to_dict(),
         "dtype": str(lm.dtype).replace("torch.", ""),
-        "device": device_name(lm),
+        "device": device_name(lm.device),
         "commit": git_commit(),
         "seed": cfg.seed,
         "command": cfg.command,

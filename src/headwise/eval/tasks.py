@@ -444,12 +444,23 @@ def _mqar(tokenizer: Any, length: int, depth: float | None, rng: random.Random):
 
 def _probe(tokenizer: Any, length: int, depth: float | None, rng: random.Random):
     """The profiler's own retrieval probe (``probes.retrieval_probe``): reported beside the held-out tasks, so a
-    report shows both how a plan does on the formats it was profiled on and on formats it never saw."""
+    report shows both how a plan does on the formats it was profiled on and on formats it never saw. The probe
+    is built in token ids; its text re-tokenizes shorter (tokens merge across its units), so the length asked
+    of the probe is corrected until the prompt's own count is within ``LENGTH_TOLERANCE``."""
     from headwise.probes import retrieval_probe
 
-    p = retrieval_probe(tokenizer, length, 0.5 if depth is None else depth, rng.randrange(2**31))
-    bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None and p.ids[0] == tokenizer.bos_token_id else 0
-    prompt = tokenizer.decode(p.ids[bos:])
+    seed = rng.randrange(2**31)
+    ask = length
+    for _ in range(6):
+        p = retrieval_probe(tokenizer, ask, 0.5 if depth is None else depth, seed)
+        bos = 1 if getattr(tokenizer, "bos_token_id", None) is not None and p.ids[0] == tokenizer.bos_token_id else 0
+        prompt = tokenizer.decode(p.ids[bos:])
+        n = _n_tokens(tokenizer, prompt)
+        if abs(n - length) <= LENGTH_TOLERANCE * length:
+            break
+        ask += length - n
+    else:
+        raise InputError(f"cannot size a probe prompt to {length} tokens (closest: {n})")
     fmt = p.format
     return prompt, [p.answer], {"format": {"haystack": fmt.haystack, "value": fmt.value,
                                            "template": fmt.template.fact}}

@@ -32,12 +32,6 @@ _REGISTRY: dict[str, type[Policy]] = {
 }
 
 
-def register(cls: type[Policy]) -> type[Policy]:
-    """Add a policy class to the registry (used by policy modules that load optional kernels)."""
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
 def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -76,4 +70,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names", "register"]
+__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]

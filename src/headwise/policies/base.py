@@ -72,10 +72,6 @@ class AttendContext:
     kv_heads: tuple[int, ...] = ()
     position: torch.Tensor | None = None
 
-    @property
-    def is_decode(self) -> bool:
-        return False
-
 
 @dataclass(frozen=True)
 class Policy(ABC):
@@ -182,11 +178,12 @@ def kernel_decode(
 ) -> torch.Tensor:
     """One decode query ``q: [B, Hq, 1, D]`` on the Triton paged decode kernel over a per-head cache
     ``keys, values: [B, Hkv, capacity, D]`` (slots ``< length`` valid): every slot, or the pages of ``table``
-    (``kernels.sparse_decode``). Returns ``[B, Hq, 1, D]``. With ``position`` (the decode token's position on
+    (``kernels/paged_decode.py``). Returns ``[B, Hq, 1, D]``. With ``position`` (the decode token's position on
     the device, ``AttendContext.position``) the valid slots are ``min(position + 1, length)``, read by the kernel
     when it runs, so a CUDA graph can replay the call; ``length`` is then the limit the launch is sized for.
     Triton is imported only when kernels are asked for."""
-    from headwise.kernels.sparse_decode import DeviceLength, sparse_decode
+    from headwise.kernels.common import DeviceLength
+    from headwise.kernels.paged_decode import sparse_decode
 
     n: int | DeviceLength = length if position is None else DeviceLength(position, 1, length)
     return sparse_decode(q[:, :, 0], keys, values, n, table, None, page_size, scale).unsqueeze(2)
@@ -198,10 +195,3 @@ def masked_attention(
     """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq, L, S]`` (True = attend)."""
     gqa = q.shape[1] != k.shape[1]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-
-
-def expand_kv(x: torch.Tensor, group_size: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv*group_size, S, D] (each KV head repeated for its query heads)."""
-    if group_size == 1:
-        return x
-    return x.repeat_interleave(group_size, dim=1)

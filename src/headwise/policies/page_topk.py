@@ -23,7 +23,7 @@ values per page, one token slot's worth, so ``kv_tokens = seq_len + ceil(seq_len
 slot per page, plus two fp32 scales).
 CPU: reference (mask of the selected pages + SDPA). CUDA with kernels: Triton scoring, then for a few
 (sequence, KV head) pairs the attention kernel choosing the pages itself (``topk_sparse_decode``), else a Triton
-top-k + the paged sparse decode kernel (``kernels/sparse_decode.py``); the same pages either way, no gathered
+top-k + the paged sparse decode kernel (``kernels/paged_decode.py``, scores and selection in ``kernels/quest.py``); the same pages either way, no gathered
 copy of K/V. Decode steps replayed from a CUDA graph (``engine.GraphDecoder``) take the fused path with every
 length read on the device: the bounds of the token's page are refreshed on the device (``PagedStore.append_at``),
 and all reserved pages are scored, those past the cache's length -inf (``_attend_graph``).
@@ -32,44 +32,22 @@ and all reserved pages are scored, those past the cache's length -inf (``_attend
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
 from headwise.errors import PlanError
+from headwise.kernels.common import MAX_SELECT_PAGES, DeviceLength
+from headwise.kernels.decode_reference import quest_page_scores_reference
 from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
 from headwise.policies.selection import attend_selected
 from headwise.policies.stores import PagedStore
-
-if TYPE_CHECKING:
-    from headwise.kernels.sparse_decode import DeviceLength
-
-
-def quest_scores(q: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
-    """Quest page scores, summed over each KV head's query heads, first and newest page forced to +inf.
-
-    q: [B, Hq, D]; bounds: [B, Hkv, P, 2, D] (min, max key per page). Returns fp32 [B, Hkv, P].
-    ``relu(q) . max + min(q, 0) . min`` equals ``sum_d max(q_d min_d, q_d max_d)`` (min <= max), and summing
-    over the group first turns it into one matrix-vector product per KV head.
-    """
-    B, Hq, D = q.shape
-    Hkv, P = bounds.shape[1], bounds.shape[2]
-    qg = q.float().view(B, Hkv, Hq // Hkv, D)
-    q_pos = qg.clamp(min=0).sum(dim=2)  # [B, Hkv, D]
-    q_neg = qg.clamp(max=0).sum(dim=2)
-    scores = torch.einsum("bhpd,bhd->bhp", bounds[:, :, :, 1].float(), q_pos)
-    scores += torch.einsum("bhpd,bhd->bhp", bounds[:, :, :, 0].float(), q_neg)
-    scores[:, :, 0] = float("inf")
-    scores[:, :, P - 1] = float("inf")
-    return scores
-
 
 # Up to this many (sequence, KV head) pairs per layer group, the kernel path selects pages inside the attention
 # kernel (score -> select+attend -> merge); beyond, a separate top-k kernel feeds the attention kernel. On an H100
 # at 128K tokens: 8 pairs (batch 1) 32.3 against 35.2 us, 32 pairs (batch 4) 77.4 against 68.9 us
 # (bench/results/bench_2026-11-23e.json).
 FUSED_SELECT_MAX_HEADS = 16
-MAX_SELECT_PAGES = 32768  # pages per head the in-kernel selection holds in registers (kernels' _TOPK_MAX_BLOCK)
 
 
 @dataclass(frozen=True)
@@ -112,10 +90,10 @@ class PageTopK(Policy):
         n_pages = store.num_pages
         k = min(self.budget // self.page_size, n_pages)
         if use_kernels:
-            from headwise.kernels.sparse_decode import select_pages
+            from headwise.kernels.quest import select_pages
 
             return select_pages(_kernel_scores(q, store), k, use_kernel=True, bins=256)
-        return torch.topk(quest_scores(q, store.page_bounds()), k, dim=-1, sorted=False).indices
+        return torch.topk(quest_page_scores_reference(q, store.page_bounds(), n_pages), k, dim=-1, sorted=False).indices
 
     @property
     def graph_decode(self) -> bool:
@@ -139,7 +117,7 @@ class PageTopK(Policy):
         """Kernel path for few (sequence, KV head) pairs, and for CUDA-graph steps: the attention kernel selects
         the pages itself from ``scores`` (``topk_sparse_decode``: the same pages as ``select``, one launch less).
         q0: [B, Hq, D]; returns [B, Hq, 1, D]."""
-        from headwise.kernels.sparse_decode import topk_sparse_decode
+        from headwise.kernels.paged_decode import topk_sparse_decode
 
         assert store.keys is not None and store.values is not None
         out = topk_sparse_decode(q0, store.keys, store.values, length, scores, self.budget // self.page_size,
@@ -151,7 +129,7 @@ class PageTopK(Policy):
         read on the device. The scores cover every reserved page, those past the valid ones -inf, and the kernel
         keeps ``budget // page_size`` of them: while fewer pages than that exist, the extra picks are pages past
         the cache's length, whose tokens the kernel masks, so the same tokens are attended as on the eager path."""
-        from headwise.kernels.sparse_decode import DeviceLength, quest_page_scores
+        from headwise.kernels.quest import quest_page_scores
 
         store.append_at(k, v, ctx.position)
         assert store.bounds is not None
@@ -168,7 +146,7 @@ class PageTopK(Policy):
 def _kernel_scores(q: torch.Tensor, store: PagedStore) -> torch.Tensor:
     """Quest scores of the pages in use by the Triton kernel (``quest_page_scores``, 8-bit bounds with their
     scales): q [B, Hq, D] -> fp32 [B, Hkv, pages]. Triton is imported only when kernels are asked for."""
-    from headwise.kernels.sparse_decode import quest_page_scores
+    from headwise.kernels.quest import quest_page_scores
 
     assert store.bounds is not None
     return quest_page_scores(q, store.bounds, store.num_pages, scales=store.bound_scales)

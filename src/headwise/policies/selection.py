@@ -3,7 +3,7 @@
 A selection is a table ``[batch, kv_heads, n]`` of page indices (pages of ``page_size`` slots; with
 ``page_size=1`` the entries are token positions) into a ``DenseStore``'s keys and values; entries < 0 are
 padding. The reference path turns it into a boolean mask over the stored tokens and runs masked SDPA; the
-kernel path (``ctx.use_kernels``) hands the table to ``kernels.sparse_decode``, which reads only the listed
+kernel path (``ctx.use_kernels``) hands the table to ``kernels/paged_decode.py``, which reads only the listed
 pages inside the kernel.
 """
 
@@ -11,19 +11,9 @@ from __future__ import annotations
 
 import torch
 
+from headwise.kernels.decode_reference import page_mask
 from headwise.policies.base import AttendContext, kernel_decode, masked_attention
 from headwise.policies.stores import DenseStore
-
-
-def visible_mask(table: torch.Tensor, length: int, page_size: int) -> torch.Tensor:
-    """Slots a selection lets a query see: table ``[B, Hkv, n]`` -> bool ``[B, Hkv, length]``."""
-    B, H, _ = table.shape
-    n_pages = -(-length // page_size)
-    listed = table.long()
-    chosen = torch.zeros(B, H, n_pages + 1, dtype=torch.bool, device=table.device)
-    chosen.scatter_(2, torch.where(listed >= 0, listed, n_pages), True)  # padding lands in a spare column
-    slot_page = torch.arange(length, device=table.device) // page_size
-    return chosen[:, :, slot_page]
 
 
 def attend_selected(
@@ -36,7 +26,7 @@ def attend_selected(
         assert store.keys is not None and store.values is not None
         return kernel_decode(q, store.keys, store.values, store.length, ctx.scale, table, page_size)
     group = q.shape[1] // keys.shape[1]
-    mask = visible_mask(table, store.length, page_size).repeat_interleave(group, dim=1).unsqueeze(2)
+    mask = page_mask(table, store.length, page_size).repeat_interleave(group, dim=1).unsqueeze(2)
     return masked_attention(q, keys, values, mask, ctx.scale)
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
+from headwise.model_args import add_model_args, load_from_args
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     DEFAULT_METHOD,
@@ -33,16 +34,17 @@ def register(subparsers: Any) -> None:
         "profile", help="measure every head's role and write a plan that meets a KV-memory budget",
         description=__doc__.splitlines()[0],
     )
-    p.add_argument("model", help="bundled name (smollm2-135m, gemma3-270m), .gguf file or HF directory")
+    add_model_args(p)
     p.add_argument("--budget", type=float, required=True,
                    help="KV memory as a fraction of dense at --target-len, in (0, 1] (e.g. 0.25)")
     p.add_argument("-o", "--output", required=True, help="plan file to write (a PNG heatmap goes next to it)")
     p.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD,
                    help=f"score that decides which heads stay full (default {DEFAULT_METHOD}; see docs/profiling.md)")
     p.add_argument("--target-len", type=int, default=4096, help="length the budget is computed at (default 4096)")
-    p.add_argument("--full-share", type=float, default=FULL_SHARE,
-                   help=f"share of the spare budget full heads may take, the rest grows streaming spans "
-                        f"(default {FULL_SHARE})")
+    p.add_argument("--full-share", type=float, default=None,
+                   help="share of the spare budget full heads may take, the rest grows streaming spans (default: "
+                        "chosen by the retrieval that held-in probes keep, docs/profiling.md; without probes "
+                        f"(--fast on a CPU) {FULL_SHARE})")
     p.add_argument("--prefill-patterns", type=float, default=None, metavar="DENSITY",
                    help="also give full heads on global layers the MInference prefill pattern keeping the most "
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
@@ -51,7 +53,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -67,7 +68,7 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--fast")
     if args.duo_steps is not None:
         parts += ["--duo-steps", str(args.duo_steps)]
-    if args.full_share != FULL_SHARE:
+    if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
 
@@ -99,14 +100,13 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
-    from headwise.models import load_model
-
     t0 = time.perf_counter()
     try:
-        lm = load_model(args.model, device=args.device)
+        lm = load_from_args(args)
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
-                                       args.method, command_line(args), full_share=args.full_share)
+                                       args.method, command_line(args), full_share=args.full_share,
+                                       select_probes=settings.select_probes)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,

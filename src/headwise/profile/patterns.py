@@ -4,7 +4,7 @@ MInference 1.0 (Jiang et al., 2024, https://arxiv.org/abs/2407.02490, section 3.
 pattern (A-shape, Vertical-Slash, Block-Sparse) and budget that keeps the most attention mass at equal cost.
 Here: Shakespeare of ``length`` tokens runs through the probe once; for every KV head that the budget
 solver kept ``full`` on a global-attention layer, each candidate ``a_shape`` / ``vertical_slash`` /
-``block_topk`` configuration is scored by attention recall (``policies/recall.py``, mean over the KV head's
+``block_topk`` configuration is scored by attention recall (``headwise/metrics.py``, mean over the KV head's
 query heads) and by its cost, the share of causal key blocks it computes (its density). The candidate with
 the highest recall among those with density ``<= density`` wins; if none keeps ``min_recall`` of the mass
 the head stays plain ``full``. Budgets scale with the input (MoA, https://arxiv.org/abs/2406.14909): A-shape's
@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from headwise.metrics import attention_recall
 from headwise.models import LoadedModel
 from headwise.policies import AShape, BlockTopK, Full, Policy, VerticalSlash
-from headwise.policies.recall import attention_recall
 from headwise.profile.probe import Probe, probing
 
 BLOCK = 64

@@ -52,6 +52,9 @@ class Settings:
     """Longest gate-training sequence; 0: twice the plan's target length, within the model's context."""
     duo_time_limit_s: float = 420.0
     duo_batch: int = 1
+    select_probes: int = 8
+    """Retrieval probes per length (the target length and twice it) that candidate plans are judged on
+    (``select.py``); 0: no selection, the solver's ``full_share`` as given."""
     prefill_density: float | None = None
     """If set, full heads on global layers get the best prefill pattern of at most this block density."""
     pattern_length: int = 1024
@@ -60,7 +63,7 @@ class Settings:
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, prefill_density, 512)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
@@ -68,7 +71,7 @@ class Settings:
         has flattened well before on the bundled models: the curve is in the plan's ``meta.duo``), retrieval
         probes at five depths."""
         return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
-                   duo_time_limit_s=300.0, duo_batch=4, prefill_density=prefill_density)
+                   duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density)
 
 
 class _LayerSeen(Probe):
@@ -81,10 +84,12 @@ class _LayerSeen(Probe):
 
 
 FULL_SHARE = 1.0
-"""Share of the spare budget (above the cheapest spans) full heads may take. 1.0: every head the deciding score
-ranks high enough to fit is made full before any streaming window grows, so a budget never trades a retrieval
-head for wider windows (issue 19: the earlier 0.25, chosen on next-token agreement, lost 42-56 points of
-passkey on SmolLM2)."""
+"""Share of the spare budget (above the cheapest spans) full heads may take when it is not chosen by measurement
+(``--full-share``, ``--from-scores``). 1.0: every head the deciding score ranks high enough to fit is made full
+before any streaming window grows. The earlier 0.25, chosen on next-token agreement, lost 42-56 points of
+passkey on SmolLM2 (issue 19)."""
+SELECT_SHARES = (1.0, 0.75, 0.5, 0.25)
+"""Full-head shares of the budget that ``profile_model`` tries (``select.py``) when none is given."""
 
 
 def check_reachable(lm: LoadedModel) -> None:
@@ -189,8 +194,12 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float = FULL_SHARE) -> HeadPlan:
-    """Measure, solve and return the plan (not saved: the caller saves it atomically)."""
+                  full_share: float | None = None) -> HeadPlan:
+    """Measure, solve and return the plan (not saved: the caller saves it atomically).
+
+    ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
+    ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
+    ``settings.select_probes`` is 0 (then ``FULL_SHARE``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -238,7 +247,13 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
     timings["layer_sensitivity_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share)
+    selection: dict[str, Any] = {}
+    if full_share is None and settings.select_probes > 0:
+        sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
+                                                     settings.select_probes)
+    else:
+        full_share = FULL_SHARE if full_share is None else full_share
+        sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -282,15 +297,36 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     }
     if duo_meta:
         meta["duo"] = duo_meta
+    if selection:
+        meta["selection"] = selection
     if settings.prefill_density is not None:
         meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
                                     "heads": pattern_meta}
     return HeadPlan.from_policies(spec, policies, lm.name, **meta)
 
 
+def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
+            spans: Spans, n_probes: int) -> tuple[Any, str, float, dict[str, Any]]:
+    """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
+    from headwise.profile.select import Candidate, probe_set, select
+
+    spec = lm.spec
+    rankings = [method] + [m for m in ("duo", "retrieval") if m != method and m in kv_scores]
+    cands = [Candidate(r, f, solve(spec, kv_scores[r], budget, target_len, spans.value, full_share=f))
+             for r in rankings for f in SELECT_SHARES]
+    limit = spec.max_context or 2 * target_len
+    lengths = sorted({min(target_len, limit - 32), min(2 * target_len, limit - 32)})
+    probes = probe_set(lm.tokenizer, lengths, n_probes)
+    best, dense = select(lm, cands, probes)
+    info = {"probes_per_length": n_probes, "lengths": lengths, "dense_probe_accuracy": round(dense, 4),
+            "candidates": [c.info() for c in cands], "chosen": best.info()}
+    return best.solution, best.ranking, best.full_share, info
+
+
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
-                        command: str = "", full_share: float = FULL_SHARE) -> HeadPlan:
-    """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring).
+                        command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0) -> HeadPlan:
+    """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
+    with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``).
 
     The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
     check_budget(budget)
@@ -307,8 +343,17 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
             f"the span recalls in --from-scores were measured for windows at "
             f"{meta.get('span_recall_target_len', 'an unrecorded length')} tokens, not --target-len {target_len}; "
             f"profile again with --target-len {target_len}")
-    sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
-                None if spans is None else spans.value, full_share=full_share)
+    selection: dict[str, Any] = {}
+    if full_share is None and select_probes > 0 and spans is not None:
+        kv_scores = {k[: -len("_kv")]: torch.tensor(v) for k, v in meta["scores"].items() if k.endswith("_kv")}
+        sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans, select_probes)
+    else:
+        full_share = FULL_SHARE if full_share is None else full_share
+        sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
+                    None if spans is None else spans.value, full_share=full_share)
+    meta.pop("selection", None)
+    if selection:
+        meta["selection"] = selection
     meta.update({
         "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
         "scores_from": {"created_by": source.meta.get("created_by"), "method": source.meta.get("method"),

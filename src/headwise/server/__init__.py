@@ -2,7 +2,8 @@
 
 ``scheduler.py`` owns the model in one thread (admission from real KV bytes, chunked prefill, one batched
 decode step for every running request); ``app.py`` is the FastAPI front (optional extra ``headwise[serve]``);
-``protocol.py`` validates requests and builds OpenAI-shaped responses and errors.
+``protocol.py`` declares the OpenAI protocol as pydantic models; ``http.py`` runs uvicorn with a draining
+shutdown.
 """
 
 from headwise.server.scheduler import Event, GenRequest, Metrics, Scheduler

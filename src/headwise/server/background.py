@@ -25,14 +25,20 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 @contextmanager
 def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None,
-                    start_timeout_s: float = 60.0) -> Iterator[str]:
-    """Serve ``app`` with uvicorn in a daemon thread; yields the base URL; shuts down (lifespan included) on exit."""
-    import uvicorn
+                    start_timeout_s: float = 60.0, server_out: list[Any] | None = None) -> Iterator[str]:
+    """Serve ``app`` (from ``create_app``) in a daemon thread, as ``headwise serve`` would; yields the base URL;
+    shuts down (draining, then the lifespan) on exit. ``server_out`` receives the ``DrainingServer``, for tests
+    that start its shutdown themselves."""
+    from headwise.server.http import bind, make_server
 
-    port = port or free_port(host)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="on",
-                                           timeout_graceful_shutdown=5))
-    thread = threading.Thread(target=server.run, name="headwise-uvicorn", daemon=True)
+    ctx = app.state.ctx
+    sock = bind(host, port or 0)
+    port = sock.getsockname()[1]
+    server = make_server(app, ctx.scheduler, sock, host, port, grace_s=ctx.config.shutdown_grace_s,
+                         head_timeout_s=ctx.config.request_timeout_s)
+    if server_out is not None:
+        server_out.append(server)
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="headwise-uvicorn", daemon=True)
     thread.start()
     deadline = time.monotonic() + start_timeout_s
     while not server.started:
@@ -43,5 +49,7 @@ def serve_in_thread(app: Any, host: str = "127.0.0.1", port: int | None = None,
     try:
         yield f"http://{host}:{port}"
     finally:
+        ctx.scheduler.stop()  # what still runs ends now with an error event, so uvicorn need not wait for it
         server.should_exit = True
         thread.join(30)
+        sock.close()

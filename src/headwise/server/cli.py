@@ -7,15 +7,14 @@ import logging
 import os
 
 from headwise.errors import HeadwiseError, InputError
+from headwise.model_args import add_model_args, load_from_args
 
 log = logging.getLogger("headwise.server")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from headwise.cli import _add_model_args
-
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
@@ -30,6 +29,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="torch CPU threads (default: torch's choice); on a machine busy with other work, fewer "
                         "threads avoid OpenMP spin contention")
     p.add_argument("--served-model-name", default=None, help="model id clients send (default: MODEL as given)")
+    p.add_argument("--api-key", default=os.environ.get("HEADWISE_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $HEADWISE_API_KEY; none if unset)")
+    p.add_argument("--allowed-origins", default="",
+                   help="comma-separated browser origins allowed to call the API (e.g. http://localhost:3000; "
+                        "'*' for any); requests from any other origin are refused (default: none)")
+    p.add_argument("--allowed-hosts", default=None,
+                   help="comma-separated Host header names accepted ('*' for any; default: localhost, 127.0.0.1 "
+                        "and ::1 when bound to a loopback address, any otherwise)")
+    p.add_argument("--max-body-mb", type=float, default=16, help="largest request body in MiB (default 16)")
+    p.add_argument("--request-timeout", type=float, default=30,
+                   help="seconds a request's headers, then its body, may take to arrive (default 30)")
+    p.add_argument("--shutdown-grace", type=float, default=30,
+                   help="on SIGTERM, seconds running requests get to finish before their streams are ended "
+                        "(default 30)")
     p.set_defaults(func=run)
 
 
@@ -48,9 +61,35 @@ def default_kv_budget(device: str) -> int:
     return int(min(8e9, avail / 4))
 
 
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (text or "").split(",") if x.strip())
+
+
+def server_config(args: argparse.Namespace):
+    """The app's ``ServerConfig`` from the flags (checked)."""
+    from headwise.server.app import ServerConfig, is_loopback
+
+    for flag, value in (("--max-body-mb", args.max_body_mb), ("--request-timeout", args.request_timeout)):
+        if not value > 0:
+            raise InputError(f"{flag} must be positive, got {value}")
+    if not args.shutdown_grace >= 0:
+        raise InputError(f"--shutdown-grace must be 0 or more, got {args.shutdown_grace}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise InputError("--api-key (or HEADWISE_API_KEY) is empty")
+    hosts = _names(args.allowed_hosts)
+    if "*" in hosts:
+        allowed_hosts = None
+    elif hosts:
+        allowed_hosts = hosts
+    else:
+        allowed_hosts = ServerConfig.allowed_hosts if is_loopback(args.host) else None
+    return ServerConfig(api_key=args.api_key, allowed_hosts=allowed_hosts, allowed_origins=_names(args.allowed_origins),
+                        max_body_bytes=int(args.max_body_mb * (1 << 20)), request_timeout_s=args.request_timeout,
+                        shutdown_grace_s=args.shutdown_grace)
+
+
 def build(args: argparse.Namespace):
     """Load the model and plan and build (app, scheduler) from parsed arguments."""
-    from headwise.cli import _load
     from headwise.engine import Engine
     from headwise.plan import HeadPlan
     from headwise.server.app import create_app
@@ -64,6 +103,7 @@ def build(args: argparse.Namespace):
         raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.kv_budget_gb is not None and args.kv_budget_gb <= 0:
         raise InputError(f"--kv-budget-gb must be positive, got {args.kv_budget_gb}")
+    config = server_config(args)
     if args.threads is not None:
         if args.threads < 1:
             raise InputError(f"--threads must be at least 1, got {args.threads}")
@@ -71,22 +111,54 @@ def build(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = _load(args)
+    lm = load_from_args(args)
     engine = Engine(lm, plan, chunk_size=args.chunk_size)
     budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
     scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
-    app = create_app(scheduler, args.served_model_name or lm.name)
+    app = create_app(scheduler, args.served_model_name or lm.name, config)
     return app, scheduler
+
+
+class SchedulerDiedError(HeadwiseError):
+    """The scheduler thread died: the process exits non-zero so that a supervisor restarts it."""
+
+    exit_code = 70  # EX_SOFTWARE: an internal failure, not a usage error
+
+
+def serve(app, scheduler, sock) -> int:
+    """Run ``app`` on the bound socket ``sock`` until a signal drains and stops it; raises
+    ``SchedulerDiedError`` if the scheduler died."""
+    from headwise.server.http import make_server
+
+    config = app.state.ctx.config
+    host, port = sock.getsockname()[:2]
+    server = make_server(app, scheduler, sock, host, port, grace_s=config.shutdown_grace_s,
+                         head_timeout_s=config.request_timeout_s)
+    server.run(sockets=[sock])
+    if scheduler.error is not None:
+        err = scheduler.error
+        raise SchedulerDiedError(f"the scheduler thread died ({type(err).__name__}: {err}); exiting with status "
+                                 f"{SchedulerDiedError.exit_code} so that a supervisor can restart the server")
+    return 0
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401
     except ImportError:
         raise HeadwiseError("headwise serve needs FastAPI and uvicorn: pip install 'headwise[serve]'") from None
-    app, scheduler = build(args)
-    log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d",
-                args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
-                scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0
+    from headwise.server.http import bind
+
+    if not 0 < args.port < 65536:
+        raise InputError(f"--port must be in 1..65535, got {args.port}")
+    server_config(args)  # bad flags fail before the port is taken
+    sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded
+    try:
+        app, scheduler = build(args)
+        log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d%s",
+                    args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
+                    scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue,
+                    ", API key required" if args.api_key else "")
+        return serve(app, scheduler, sock)
+    finally:
+        sock.close()

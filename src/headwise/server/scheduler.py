@@ -20,6 +20,7 @@ Nothing here knows HTTP: the app hands in ``GenRequest`` objects with an ``emit`
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -48,6 +49,10 @@ class SchedulerStoppedError(HeadwiseError):
     """The scheduler is not running (HTTP 503)."""
 
 
+class ShuttingDownError(SchedulerStoppedError):
+    """The server is draining before it stops: no new requests (HTTP 503 with Retry-After)."""
+
+
 @dataclass
 class Event:
     """What the scheduler tells a request's consumer: a text piece, the end, or an error."""
@@ -59,6 +64,7 @@ class Event:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     message: str = ""
+    status: int = 500  # for errors: the HTTP status a non-streaming answer carries (503: shutting down)
 
 
 @dataclass
@@ -158,13 +164,21 @@ class Scheduler:
         self.kv_budget = int(kv_budget_bytes)
         self.prefill_budget = prefill_tokens_per_step or engine.chunk_size
         self.metrics = Metrics()
-        self.tok_lock = engine.tok_lock  # the app encodes under it while this thread detokenizes
+        # Fast tokenizers refuse concurrent use ("Already borrowed"): every use of the engine's tokenizer takes
+        # this lock (the engine's, which detokenizes under it in its step). The app encodes prompts with its own
+        # copies, so it never waits on this thread's decoding.
+        self.tok_lock = engine.tok_lock
         self._cond = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._running: list[GenRequest] = []
         self._stop = False
+        self._draining = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
+        # Called (from the scheduler thread) if the loop dies despite the per-request guards; the server sets
+        # it to end the process with a non-zero status, so that a supervisor restarts it rather than a
+        # process that answers 503 forever lives on.
+        self.on_death: Callable[[BaseException], None] | None = None
 
     # ------------------------------------------------------------------ admission
     def submit(self, req: GenRequest) -> None:
@@ -185,6 +199,9 @@ class Scheduler:
                 f"{self.kv_budget / 2**20:.1f} MiB; lower max_tokens or shorten the prompt"
             )
         with self._cond:
+            if self._draining and not self._stop:
+                raise ShuttingDownError("the server is shutting down and takes no new requests; retry on another "
+                                        "replica or after it restarts")
             if self._stop or self.error is not None:
                 raise SchedulerStoppedError("the server's scheduler is not running")
             if len(self._waiting) >= self.max_queue and not self._can_admit_now(req):
@@ -221,15 +238,37 @@ class Scheduler:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop the thread; requests still queued or running end with a 503 error event."""
         with self._cond:
             self._stop = True
             self._cond.notify()
         if self._thread is not None:
             self._thread.join(timeout)
         for r in [*self._waiting, *self._running]:
-            self._finish(r, error="the server is shutting down")
+            with contextlib.suppress(Exception):
+                self._finish(r, error="the server is shutting down; this request was cut short", status=503)
         self._waiting.clear()
         self._running.clear()
+
+    def drain(self, grace_s: float) -> bool:
+        """Graceful stop: refuse new requests (``ShuttingDownError``), give the queued and running ones up to
+        ``grace_s`` seconds to finish, then ``stop``. True if every request finished within the grace."""
+        with self._cond:
+            self._draining = True
+        deadline = time.monotonic() + grace_s
+        idle = False
+        while time.monotonic() < deadline and self.alive:
+            with self._cond:
+                if not self._waiting and not self._running:
+                    idle = True
+                    break
+            time.sleep(0.05)
+        self.stop()
+        return idle
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def alive(self) -> bool:
@@ -249,7 +288,10 @@ class Scheduler:
             self.error = exc
             log.exception("scheduler thread died")
             for r in [*self._waiting, *self._running]:
-                self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+                with contextlib.suppress(Exception):
+                    self._finish(r, error=f"internal error: {type(exc).__name__}: {exc}")
+            if self.on_death is not None:
+                self.on_death(exc)
 
     def _admit(self) -> None:
         """Make waiting requests live (FIFO, no overtaking: a big request is never starved)."""
@@ -279,21 +321,34 @@ class Scheduler:
             self.metrics.peak_running = max(self.metrics.peak_running, info.decode_rows)
         kept = 0
         for r in self._running:
-            assert r.seq is not None
-            if not r.prompt_counted and r.seq.prefilled == len(r.seq.prompt_ids):
-                r.prompt_counted = True
-                self.metrics.prompt_tokens += len(r.prompt_ids)
-            for ev in r.seq.take_events():
-                kept += ev.token_id >= 0
-                if ev.text:
-                    r.emit(Event("token", text=ev.text, token_id=ev.token_id))
-            if r.seq.finished:
-                self._end(r)
+            try:  # one consumer's failure ends that request only
+                kept += self._hand_out(r)
+            except Exception as exc:
+                log.exception("could not hand request %s its events", r.id)
+                with contextlib.suppress(Exception):
+                    self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+                r.finished = True
         self.metrics.add_tokens(kept, time.perf_counter())
         with self._cond:
             self._running = [r for r in self._running if not r.finished]
             self._account()
             self._admit()
+
+    def _hand_out(self, r: GenRequest) -> int:
+        """Send ``r`` the events its sequence produced in the step; returns the tokens it kept."""
+        seq = r.seq
+        assert seq is not None
+        if not r.prompt_counted and seq.prefilled == len(seq.prompt_ids):
+            r.prompt_counted = True
+            self.metrics.prompt_tokens += len(r.prompt_ids)
+        kept = 0
+        for ev in seq.take_events():
+            kept += ev.token_id >= 0
+            if ev.text:
+                r.emit(Event("token", text=ev.text, token_id=ev.token_id))
+        if seq.finished:
+            self._end(r)
+        return kept
 
     def _end(self, r: GenRequest) -> None:
         """Report how ``r``'s sequence ended."""
@@ -306,7 +361,7 @@ class Scheduler:
             self._finish(r, reason=seq.finish_reason)
 
     def _finish(self, r: GenRequest, reason: str | None = None, error: str | None = None,
-                cancelled: bool = False) -> None:
+                cancelled: bool = False, status: int = 500) -> None:
         if r.finished:
             return
         r.finished = True
@@ -316,7 +371,7 @@ class Scheduler:
             self.metrics.cancelled += 1
             return
         if error is not None:
-            r.emit(Event("error", message=error))
+            r.emit(Event("error", message=error, status=status))
             return
         r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids),
                      completion_tokens=len(r.generated)))

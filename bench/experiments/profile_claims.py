@@ -1,9 +1,9 @@
 """Experiments that check the profiler's claims on the bundled models (CPU). Each writes one JSON file.
 
-    python -m headwise.profile.experiments masking --model gemma3-270m --plan plans/gemma3-270m.json \\
-        -o bench/results/retrieval_masking_gemma3-270m.json
-    python -m headwise.profile.experiments budget --model smollm2-135m --plan plans/smollm2-135m.json \\
-        -o bench/results/profile_budget_smollm2-135m.json
+    PYTHONPATH=src python bench/experiments/profile_claims.py masking --model gemma3-270m \\
+        --plan plans/gemma3-270m.json -o bench/results/retrieval_masking_gemma3-270m.json
+    PYTHONPATH=src python bench/experiments/profile_claims.py budget --model smollm2-135m \\
+        --plan plans/smollm2-135m.json -o bench/results/profile_budget_smollm2-135m.json
 
 ``masking`` (Wu et al., section 4): zero the attention output of the top-k retrieval heads (k = 5% of the
 query heads, rounded up; scores from the plan's profile) versus k random other heads (several draws), and
@@ -27,13 +27,12 @@ import math
 import random
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from headwise.bench.record import device_name, git_commit
+from headwise.bench.record import result_doc, write_result
 from headwise.models import LoadedModel, load_model
 from headwise.plan import HeadPlan
 from headwise.profile.probe import HeadMask, Probe, greedy_generate
@@ -73,13 +72,12 @@ def _accuracy_probe(lm: LoadedModel, samples: list[Any], probe_factory: Any, des
     return sum(hits) / max(1, len(hits)), hits
 
 
+COMMAND = "PYTHONPATH=src python bench/experiments/profile_claims.py " + " ".join(sys.argv[1:])
+
+
 def _save(path: str, result: dict[str, Any]) -> None:
     """Write (atomically) after every condition: a run cut short still leaves what it measured."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(p)
+    write_result(result_doc(COMMAND, result), path)
 
 
 def masking(args: argparse.Namespace) -> dict[str, Any]:
@@ -100,9 +98,6 @@ def masking(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {
         "experiment": "retrieval-head masking (Wu et al. section 4)",
         "model": args.model,
-        "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
-        "commit": git_commit(),
-        "device": device_name(),
         "scores_from": {"plan": args.plan, "created_by": plan.meta.get("created_by")},
         "query_heads": n_heads,
         "k": k,
@@ -180,9 +175,6 @@ def budget_compare(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {
         "experiment": f"plans at budget {args.budget}: which score decides the full heads",
         "model": args.model,
-        "command": "python -m headwise.profile.experiments " + " ".join(sys.argv[1:]),
-        "commit": git_commit(),
-        "device": device_name(),
         "profile": {"plan": args.plan, "created_by": profile.meta.get("created_by"), "method": profile.meta.get("method")},
         "budget": args.budget,
         "full_share": FULL_SHARE if args.full_share is None else args.full_share,

@@ -1,0 +1,99 @@
+"""The one timer of the benchmarks: median CUDA-event time (L2 flushed or not, eager or CUDA-graph replay), median
+wall-clock time of a synchronised step (what a host loop pays), and per-kernel durations from the profiler."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+
+class Timer:
+    """Median CUDA-event time of ``fn`` with L2 flushed before every repetition; eager and CUDA-graph.
+
+    ``flush="read"`` (default) sums a 256 MB buffer before each repetition, leaving L2 full of clean lines, as
+    the weight reads of the layer's other operations leave it in a real decode step. ``flush="write"`` zeroes
+    the buffer instead (what this benchmark did before 2026-11-23c): L2 is then full of dirty lines that the
+    timed kernel writes back to HBM as its reads evict them (up to L2's 50 MB), a fixed cost charged to it
+    that weighs more on a short (sparse) kernel than on dense attention. ``flush=None``: no flush (long kernels,
+    such as a 128K-token prefill, whose inputs do not fit in L2 anyway). Returns milliseconds."""
+
+    def __init__(self, flush: str | None = "read") -> None:
+        assert flush in ("read", "write", None)
+        self.flush = flush
+        # > 50 MB L2; no buffer (and no CUDA needed, for ``wall``) without a flush
+        self.flush_buf = torch.zeros(256 * 1024 * 1024, dtype=torch.int8, device="cuda") if flush else None
+
+    def eager(self, fn: Callable[[], Any], warmup: int = 5, reps: int = 30) -> float:
+        for _ in range(warmup):
+            fn()
+        torch.cuda.synchronize()
+        return self._median(fn, reps)
+
+    def graph(self, fn: Callable[[], Any], reps: int = 30) -> float:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):  # the warm-up stream: buffers it set up are reused
+            fn()
+        graph.replay()
+        return self._median(graph.replay, reps)
+
+    @staticmethod
+    def wall(fn: Callable[[], Any], reps: int = 20) -> float:
+        """Median wall-clock milliseconds of ``fn`` between device synchronisations (CPU or CUDA): launch and
+        Python overhead included, as an eager decode loop pays them. No warm-up, no flush."""
+        times = []
+        for _ in range(reps):
+            _sync()
+            t0 = time.perf_counter()
+            fn()
+            _sync()
+            times.append(1e3 * (time.perf_counter() - t0))
+        return statistics.median(times)
+
+    def _median(self, fn: Callable[[], Any], reps: int) -> float:
+        times = []
+        for _ in range(reps):
+            if self.flush_buf is not None and self.flush == "write":
+                self.flush_buf.zero_()
+            elif self.flush_buf is not None:
+                self.flush_buf.view(torch.int64).sum()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
+    """Median GPU duration (µs) of each kernel ``fn`` launches (by name, first 60 characters), over ``reps``
+    calls, from the PyTorch profiler (CUPTI). No L2 flush: a breakdown, not a headline time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per.setdefault(ev.name[:60], []).append(ev.device_time)
+    return {name: round(statistics.median(v), 2) for name, v in per.items()}
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()

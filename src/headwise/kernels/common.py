@@ -1,0 +1,32 @@
+"""What the decode kernels and the policies that call them share, without importing Triton: the device-side
+cache length of CUDA-graph decode and the in-kernel selection's page limit."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
+MAX_SELECT_PAGES = 32768  # page scores per row the Triton top-k holds in registers (512K tokens at page 16)
+
+
+@dataclass(frozen=True)
+class DeviceLength:
+    """A cache length that lives on the device, for decode steps replayed from a CUDA graph: the valid slots
+    are ``min(count[0] + add, limit)``, read by the kernel when it runs; the launch (grid, splits) is sized for
+    ``limit`` slots, and programs past the valid ones find nothing to attend. ``count`` is a one-element
+    integer tensor on the kernel's device (e.g. the position of the token being decoded, with ``add=1``)."""
+
+    count: torch.Tensor
+    add: int
+    limit: int
+
+
+def length_args(length: int | DeviceLength) -> tuple[int, torch.Tensor | None, int]:
+    """(limit, device tensor or None, add) of a length argument."""
+    if isinstance(length, DeviceLength):
+        assert length.count.numel() == 1 and not length.count.is_floating_point(), "count: one integer element"
+        return int(length.limit), length.count, int(length.add)
+    return int(length), None, 0

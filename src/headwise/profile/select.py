@@ -1,0 +1,165 @@
+"""Choosing a plan by the retrieval it keeps, measured on the profiler's probes.
+
+A deciding score (DuoAttention gates, retrieval scores) ranks the heads; how much of the budget goes to full
+heads and how much to wider streaming windows is a separate choice, and next-token agreement on text is the
+wrong judge of it (issue 19: a plan chosen that way kept 52% of dense's passkey). So the profiler solves a
+few candidates (each ranking x a few shares of the budget for full heads), runs each on held-in retrieval
+probes (``probes.retrieval_probe``, at the target length and twice it) with the answer fed in, and keeps the
+one that answers the most probes exactly, the mean answer-token NLL breaking ties.
+
+Each candidate runs as masks: a ``full`` head attends causally (inside the layer's native window), a
+``streaming`` head to its sinks and window, which is what those policies compute token by token (the engine's
+caches hold exactly the keys the masks allow). "Answers exactly" means every answer token is the argmax at
+its position, i.e. greedy decoding would write the answer first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+
+from headwise.attention import attention_implementation
+from headwise.errors import HeadwiseError
+from headwise.models import LoadedModel
+from headwise.policies import Full, Policy
+from headwise.policies.streaming import Streaming
+from headwise.profile.probe import allowed_mask
+from headwise.spec import ModelSpec
+
+PLAN_MASK_NAME = "headwise-planmask"
+
+
+def plan_masks(spec: ModelSpec, policies: list[list[Policy]], length: int, device: torch.device) -> list[torch.Tensor]:
+    """Per layer, bool ``[kv_heads, length, length]``: which keys each KV head's queries may see under the plan."""
+    pos = torch.arange(length, device=device)
+    out = []
+    for i, row in enumerate(policies):
+        base = allowed_mask(pos, pos, spec.native_window(i))
+        heads = []
+        for pol in row:
+            if isinstance(pol, Full):
+                heads.append(base)
+            elif isinstance(pol, Streaming):
+                heads.append(base & pol.allowed(pos[:, None], pos[None, :]))
+            else:
+                raise HeadwiseError(f"plan selection runs full and streaming heads only, not '{pol.name}'")
+        out.append(torch.stack(heads))
+    return out
+
+
+def plan_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
+                        **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """A whole sequence under the plan's masks (keyword ``headwise_plan_masks``). query: [B, Hq, T, D]; key,
+    value: [B, Hkv, T, D]. Returns ([B, T, Hq, D], None)."""
+    masks: list[torch.Tensor] = kwargs["headwise_plan_masks"]
+    m = masks[int(module.layer_idx)]
+    group = query.shape[1] // key.shape[1]
+    m = m.repeat_interleave(group, dim=0)[None]
+    out = F.scaled_dot_product_attention(query, key, value, attn_mask=m, enable_gqa=group > 1,
+                                         scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(PLAN_MASK_NAME, plan_mask_attention)
+
+
+@dataclass
+class ProbeSet:
+    ids: dict[int, torch.Tensor]
+    """length -> [n, length + answer] prompt with the answer fed in (answers padded to one length by repetition)."""
+    answer: dict[int, torch.Tensor]
+    """length -> [n, A] answer token ids (-1 past a shorter answer)."""
+
+
+def _answer_ids(tokenizer: Any, probe: Any) -> list[int] | None:
+    """The answer's tokens as greedy decoding would write them after the prompt (None if they do not split off)."""
+    tpl = probe.format.template
+    sep = " " if " {value}" in tpl.fact else ""
+    prompt = tokenizer.decode(probe.ids)
+    whole = list(tokenizer(prompt + sep + probe.answer, add_special_tokens=False).input_ids)
+    base = list(tokenizer(prompt, add_special_tokens=False).input_ids)
+    if whole[: len(base)] != base or len(whole) == len(base):
+        return None
+    return whole[len(base):]
+
+
+def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003) -> ProbeSet:
+    """``n`` retrieval probes per length (depths spread over (0, 1)), each with its answer tokens."""
+    from headwise.probes import retrieval_probe
+
+    ids: dict[int, torch.Tensor] = {}
+    answers: dict[int, torch.Tensor] = {}
+    for L in lengths:
+        rows, ans = [], []
+        k = 0
+        while len(rows) < n:
+            p = retrieval_probe(tokenizer, L, (len(rows) + 0.5) / n, seed + k)
+            k += 1
+            a = _answer_ids(tokenizer, p)
+            if a is None or len(p.ids) != L:
+                continue
+            rows.append(p.ids)
+            ans.append(a)
+        width = max(len(a) for a in ans)
+        ids[L] = torch.tensor([r + (a * width)[:width] for r, a in zip(rows, ans)])
+        answers[L] = torch.tensor([a + [-1] * (width - len(a)) for a in ans])
+    return ProbeSet(ids, answers)
+
+
+@torch.no_grad()
+def retrieval_on_probes(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
+                        batch: int = 8) -> tuple[float, float]:
+    """(share of probes answered exactly, mean answer-token NLL) under the plan (``None``: dense)."""
+    model = lm.model
+    device = next(model.parameters()).device
+    hits, nll, tokens, total = 0, 0.0, 0, 0
+    for L, ids in probes.ids.items():
+        ans = probes.answer[L].to(device)
+        A = ans.shape[1]
+        masks = plan_masks(lm.spec, policies, L + A, device) if policies is not None else None
+        for s in range(0, ids.shape[0], batch):
+            x = ids[s : s + batch].to(device)
+            if masks is None:
+                logits = model(input_ids=x, use_cache=False, logits_to_keep=A + 1).logits
+            else:
+                with attention_implementation(model, PLAN_MASK_NAME):
+                    logits = model(input_ids=x, use_cache=False, headwise_plan_masks=masks,
+                                   logits_to_keep=A + 1).logits
+            pred = logits[:, :A].float()  # position L-1+j predicts answer token j
+            a = ans[s : s + batch]
+            valid = a >= 0
+            ok = (pred.argmax(-1) == a) | ~valid
+            hits += int(ok.all(-1).sum())
+            lp = torch.log_softmax(pred, -1).gather(-1, a.clamp(min=0)[..., None])[..., 0]
+            nll -= float((lp * valid).sum())
+            tokens += int(valid.sum())
+            total += x.shape[0]
+    return hits / max(1, total), nll / max(1, tokens)
+
+
+@dataclass
+class Candidate:
+    ranking: str
+    full_share: float
+    solution: Any
+    accuracy: float = 0.0
+    nll: float = 0.0
+
+    def info(self) -> dict[str, Any]:
+        return {"ranking": self.ranking, "full_share": self.full_share, "full_heads": len(self.solution.full_heads),
+                "kv_fraction": round(self.solution.fraction, 4), "probe_accuracy": round(self.accuracy, 4),
+                "probe_nll": round(self.nll, 4)}
+
+
+def select(lm: LoadedModel, candidates: list[Candidate], probes: ProbeSet) -> tuple[Candidate, float]:
+    """Score every candidate on ``probes``; returns the best and dense's accuracy on the same probes."""
+    dense, _ = retrieval_on_probes(lm, None, probes)
+    for c in candidates:
+        c.accuracy, c.nll = retrieval_on_probes(lm, c.solution.policies, probes)
+    best = max(candidates, key=lambda c: (round(c.accuracy, 6), -c.nll))
+    return best, dense
