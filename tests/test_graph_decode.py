@@ -252,7 +252,7 @@ class _DigitTokenizer:
 def _scheduler_check(device: str) -> None:
     """The server's scheduler (no HTTP): a request decoding alone runs through its own CUDA-graph decoder, two
     requests decode together eagerly, and when the shorter one ends the longer one goes on alone through its
-    decoder again; every request's tokens equal offline eager ``Engine.generate``'s."""
+    decoder; every request's tokens equal offline eager ``Engine.generate``'s."""
     from headwise.models import LoadedModel
     from headwise.server.scheduler import GenRequest, Scheduler
 
@@ -263,7 +263,7 @@ def _scheduler_check(device: str) -> None:
     engine = Engine(lm, plan, chunk_size=32, use_kernels=True)
     prompts = [torch.randint(0, 128, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (40, 70)]
     want = [[e.token_id for e in Engine(lm, plan, chunk_size=32, use_kernels=True, cuda_graphs=False).generate(
-        p, max_new_tokens=m) if e.token_id >= 0] for p, m in zip(prompts, (12, 4))]
+        p, max_new_tokens=m) if e.token_id >= 0] for p, m in zip(prompts, (16, 4))]
 
     def run(pairs):
         sched = Scheduler(engine, max_batch=4, kv_budget_bytes=1 << 30, max_queue=4)
@@ -277,9 +277,11 @@ def _scheduler_check(device: str) -> None:
             sched.step()
         return [r.generated for r in reqs], sched.metrics
 
-    alone, m1 = run([(prompts[0], 12)])
-    assert alone == [want[0]] and m1.decode_graph_steps == m1.decode_steps == 11
-    both, m2 = run([(prompts[0], 12), (prompts[1], 4)])
+    alone, m1 = run([(prompts[0], 16)])
+    assert alone == [want[0]] and m1.decode_graph_steps == m1.decode_steps == 15
+    # The second prompt's chunks run beside the first one's decode steps; once it ends, the first has more
+    # than GRAPH_MIN_STEPS steps left and goes on alone through its decoder.
+    both, m2 = run([(prompts[0], 16), (prompts[1], 4)])
     assert both == want
     assert 0 < m2.decode_graph_steps < m2.decode_steps and m2.peak_running == 2
 

@@ -97,7 +97,7 @@ def test_a_failing_request_ends_alone_and_the_others_go_on(engine):
         scheduler.submit(good)
         assert good_done.wait(TIMEOUT)
         assert good_events[-1].kind == "done" and good_events[-1].completion_tokens == 6
-        assert bad.finished and bad.cache is None
+        assert bad.finished and bad.seq is not None and bad.seq.cache is None
         assert scheduler.alive
     finally:
         scheduler.stop()

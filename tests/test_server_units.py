@@ -1,29 +1,11 @@
-"""Server pieces without a model: streaming text hold-back, request validation, ``headwise serve`` arguments."""
+"""Server pieces without a model: request validation, ``headwise serve`` arguments (the text hold-back is the
+engine's: tests/test_sequence.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from headwise.server.protocol import APIError, parse_request
-from headwise.server.scheduler import _first_stop, _safe_end
-
-
-def test_partial_stop_string_is_held_back_until_decided():
-    # "Hello ##" could still become the stop string "###": only "Hello " may be sent.
-    assert _safe_end("Hello ##", ["###"]) == len("Hello ")
-    assert _safe_end("Hello #x", ["###"]) == len("Hello #x")
-    assert _first_stop("Hello ### bye", ["###"]) == len("Hello ")
-
-
-def test_split_utf8_character_is_held_back():
-    # A multi-byte character cut between tokens decodes as U+FFFD until its last byte arrives.
-    assert _safe_end("caf\ufffd", []) == 3
-    assert _safe_end("café", []) == 4
-
-
-def test_earliest_of_several_stop_strings_wins():
-    assert _first_stop("a. b! c", ["!", "."]) == 1
-    assert _first_stop("abc", ["x", "y"]) is None
 
 
 def test_completion_defaults_follow_openai():

@@ -7,14 +7,15 @@ put back in query-head order.
 
 No mask function is registered for "headwise" on purpose: transformers then skips building a mask (its
 documented path for backends that mask themselves) and each policy applies causality and its own pattern
-from absolute positions. The cache travels as the ``headwise_cache`` keyword, which transformers passes
-through to attention functions.
+from absolute positions. The cache travels as the ``headwise_cache`` keyword (or, for several sequences packed
+in one forward, ``headwise_batch``), which transformers passes through to attention functions.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,9 +39,9 @@ def headwise_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     """query: [B, Hq, L, D]; key, value: [B, Hkv, L, D] (this chunk only). Returns ([B, L, Hq, D], None)."""
-    caches = kwargs.get("headwise_caches")
-    if caches is not None:
-        return _attend_rows(module, query, key, value, scaling, caches)
+    batch = kwargs.get("headwise_batch")
+    if batch is not None:
+        return _attend_packed(module, query, key, value, scaling, batch)
     cache = kwargs.get("headwise_cache")
     if not isinstance(cache, HeadwiseCache):
         raise HeadwiseError(
@@ -67,29 +68,39 @@ def headwise_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _attend_rows(
+@dataclass
+class PackedBatch:
+    """Chunks of several sequences packed along the token axis of one ``[1, T]`` forward (``Engine.step``).
+
+    Segment ``i`` is tokens ``starts[i] .. starts[i] + lengths[i] - 1`` of the packed row and belongs to the
+    sequence whose batch-1 cache is ``caches[i]``: a prompt chunk, or one decode token. Projections, MLPs and
+    the LM head run once over the packed row; attention runs segment by segment, each over its own cache,
+    because every sequence's cache holds its own per-head lengths.
+    """
+
+    caches: list[HeadwiseCache]
+    starts: list[int]
+    lengths: list[int]
+
+
+def _attend_packed(
     module: torch.nn.Module,
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     scaling: float | None,
-    caches: list[HeadwiseCache],
+    batch: PackedBatch,
 ) -> tuple[torch.Tensor, None]:
-    """Batched decode of independent sequences: batch row ``i`` attends with ``caches[i]`` (batch 1 each).
-
-    The server stacks one token row per running request into one forward, so projections and MLPs run
-    batched; attention cannot, because every request's cache holds its own per-head lengths. Each row goes
-    through the single-cache path above, unchanged. query: [N, Hq, L, D]; key, value: [N, Hkv, L, D];
-    returns ([N, L, Hq, D], None).
-    """
-    if len(caches) != query.shape[0]:
-        raise HeadwiseError(f"headwise_caches holds {len(caches)} caches for a batch of {query.shape[0]} rows")
+    """query: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (the packed row). Returns ([1, T, Hq, D], None)."""
+    if query.shape[0] != 1 or sum(batch.lengths) != query.shape[2]:
+        raise HeadwiseError(f"a packed batch of {sum(batch.lengths)} tokens in {len(batch.caches)} segments does not "
+                            f"match the forward's {query.shape[2]} tokens in {query.shape[0]} rows")
     outs = [
-        headwise_attention(module, query[i : i + 1], key[i : i + 1], value[i : i + 1], None, scaling,
-                           headwise_cache=c)[0]
-        for i, c in enumerate(caches)
+        headwise_attention(module, query[:, :, s : s + n], key[:, :, s : s + n], value[:, :, s : s + n], None,
+                           scaling, headwise_cache=c)[0]
+        for c, s, n in zip(batch.caches, batch.starts, batch.lengths)
     ]
-    return torch.cat(outs, dim=0), None
+    return torch.cat(outs, dim=1), None
 
 
 def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: list[int]) -> AttendContext:

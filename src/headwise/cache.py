@@ -17,6 +17,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
+from headwise.policies.base import KVStore
 from headwise.spec import ModelSpec
 
 
@@ -28,7 +29,7 @@ class HeadGroup:
     kv_heads: list[int]
     q_index: torch.Tensor  # query heads of these KV heads, GQA order
     kv_index: torch.Tensor
-    store: Any = None
+    store: KVStore | None = None
 
 
 class HeadwiseLayer(CacheLayerMixin):
@@ -123,11 +124,9 @@ class HeadwiseCache(Cache):
         self.reserved = total_tokens
         for layer in self.layers:
             for g in layer.groups:
-                self._ensure_store(g)
-                if hasattr(g.store, "reserve"):
-                    g.store.reserve(total_tokens)
+                self._ensure_store(g).reserve(total_tokens)
 
-    def _ensure_store(self, g: HeadGroup) -> Any:
+    def _ensure_store(self, g: HeadGroup) -> KVStore:
         if g.store is None:
             g.store = g.policy.make_store(self.batch, len(g.kv_heads), self.spec.head_dim, self.device, self.dtype)
         return g.store
@@ -150,20 +149,18 @@ class HeadwiseCache(Cache):
             why.append("policies without graph decode: " + ", ".join(names))
         return why
 
-    def host_counters(self) -> list[tuple[int, list[tuple[int | None, int | None]]]]:
-        """The host-side token counters (each layer's ``seen``, each store's ``length`` / ``seen``), to put back
-        with ``restore_host_counters`` after running a step's host code without the step (a graph capture)."""
-        return [(layer.seen, [(getattr(g.store, "length", None), getattr(g.store, "seen", None)) for g in layer.groups])
+    def host_counters(self) -> list[tuple[int, list[int | None]]]:
+        """The host-side token counters (each layer's ``seen``, each store's ``tokens``), to put back with
+        ``restore_host_counters`` after running a step's host code without the step (a graph capture)."""
+        return [(layer.seen, [None if g.store is None else g.store.tokens for g in layer.groups])
                 for layer in self.layers]
 
-    def restore_host_counters(self, saved: list[tuple[int, list[tuple[int | None, int | None]]]]) -> None:
+    def restore_host_counters(self, saved: list[tuple[int, list[int | None]]]) -> None:
         for layer, (seen, stores) in zip(self.layers, saved):
             layer.seen = seen
-            for g, (length, store_seen) in zip(layer.groups, stores):
-                if length is not None:
-                    g.store.length = length
-                if store_seen is not None:
-                    g.store.seen = store_seen
+            for g, tokens in zip(layer.groups, stores):
+                if g.store is not None and tokens is not None:
+                    g.store.rewind(tokens)
 
     def advance(self, n: int) -> None:
         """Count ``n`` decode tokens in the host-side counters (layers and stores) that a replayed CUDA graph

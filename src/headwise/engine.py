@@ -1,8 +1,14 @@
-"""The engine: chunked prefill and decode of a real model through a head plan.
+"""The engine: chunked prefill and decode of a real model through a head plan, one step at a time.
 
     engine = Engine(load_model("smollm2-135m"), HeadPlan.load("plans/smollm2-135m.json"))
     for event in engine.generate(prompt_ids, max_new_tokens=64):
         print(event.text, end="")
+
+``generate`` is ``add`` plus a loop of ``step``. ``Engine.add`` makes a ``Sequence`` (``sequence.py``: one
+request's prompt, sampling, stop rules and cache) live; ``Engine.step`` advances every live sequence once, in
+one forward: each decoding sequence feeds back its last token, and sequences still reading their prompt run
+their next chunk (chunked prefill mixed with decode, as vLLM and Sarathi do), within a budget of prompt tokens
+per step. The server's scheduler (``server/scheduler.py``) only decides which sequences are live.
 
 The engine owns nothing model-specific: transformers runs the model; headwise's attention function and
 cache (``attention.py``, ``cache.py``) run every layer's attention head group by head group.
@@ -10,10 +16,13 @@ cache (``attention.py``, ``cache.py``) run every layer's attention head group by
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
+from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,122 +30,54 @@ import torch
 
 from headwise import attention as _attention  # registers the "headwise" attention implementation
 from headwise.cache import HeadwiseCache
-from headwise.errors import ContextLengthError, HeadwiseError, InputError
+from headwise.errors import BudgetError, ContextLengthError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
+from headwise.pool import PagePool, SequencePages
+from headwise.sequence import (
+    GREEDY_TEMPERATURE,
+    SEED_END,
+    SEED_MIN,
+    GenerationStats,
+    SamplingParams,
+    Sequence,
+    Status,
+    TokenEvent,
+    is_greedy,
+    sample_next,
+)
 
 DEFAULT_CHUNK = 512
-GRAPH_MIN_STEPS = 8  # decode steps from which generate replays them from a CUDA graph unless told (capture ~3 steps)
+GRAPH_MIN_STEPS = 8  # decode steps from which a lone sequence replays them from a CUDA graph unless told (capture ~3 steps)
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class GenerationStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    kv_bytes: int = 0
-    dense_kv_bytes: int = 0
-    finish_reason: str = "length"
-    cuda_graph: bool = False  # decode steps replayed from a CUDA graph
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return self.new_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def kv_fraction(self) -> float:
-        return self.kv_bytes / max(1, self.dense_kv_bytes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "new_tokens": self.new_tokens,
-            "prefill_s": round(self.prefill_s, 4),
-            "decode_s": round(self.decode_s, 4),
-            "prefill_tokens_per_s": round(self.prefill_tokens_per_s, 2),
-            "decode_tokens_per_s": round(self.decode_tokens_per_s, 2),
-            "kv_bytes": self.kv_bytes,
-            "dense_kv_bytes": self.dense_kv_bytes,
-            "kv_fraction": round(self.kv_fraction, 4),
-            "finish_reason": self.finish_reason,
-            "cuda_graph": self.cuda_graph,
-        }
+__all__ = ["DEFAULT_CHUNK", "GRAPH_MIN_STEPS", "GREEDY_TEMPERATURE", "SEED_END", "SEED_MIN", "Engine", "GenerationStats", "GraphDecoder", "SamplingParams",
+           "Sequence", "StepInfo", "TokenEvent", "sample_next"]
 
 
 @dataclass
-class TokenEvent:
-    token_id: int
-    text: str
-    stats: GenerationStats | None = None  # set on the last event
+class StepInfo:
+    """What one ``Engine.step`` did (the server's metrics read it)."""
 
-
-@dataclass
-class SamplingParams:
-    max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: Sequence[str] = field(default_factory=tuple)
-    stop_token_ids: Sequence[int] | None = None  # None: the tokenizer's EOS
-
-    def __post_init__(self) -> None:
-        # NaN passes every ``<``/``>`` range check, so finiteness is checked first.
-        if not (isinstance(self.temperature, int | float) and math.isfinite(self.temperature)
-                and self.temperature >= 0):
-            raise InputError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature}")
-        if not (isinstance(self.top_p, int | float) and math.isfinite(self.top_p) and 0 < self.top_p <= 1):
-            raise InputError(f"top_p must be a number in (0, 1], got {self.top_p}")
-        if self.seed is not None and not SEED_MIN <= self.seed < SEED_END:
-            raise InputError(f"seed must be in [-2^63, 2^64), got {self.seed}")
-
-
-# The range torch.Generator.manual_seed accepts.
-SEED_MIN, SEED_END = -(1 << 63), 1 << 64
-# Below this temperature sampling is greedy in all but name, so it is done greedily: logits divided by a
-# tiny temperature overflow float32 (a logit of 30 over 1e-38 is past 3.4e38, and inf - inf is NaN inside
-# the softmax), while at 1e-4 a logit gap of 1e-3 already makes the runner-up e^-10 less likely.
-GREEDY_TEMPERATURE = 1e-4
-
-
-def _greedy(logits: torch.Tensor) -> int:
-    """Index of the largest logit, NaN counted as -inf (argmax would pick a NaN)."""
-    return int(torch.argmax(torch.nan_to_num(logits.float(), nan=-math.inf)).item())
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """logits: [vocab] -> token id (greedy at temperature 0, else temperature + nucleus sampling).
-
-    Safe against any parameter that got past validation: a NaN or tiny temperature is greedy, a NaN top_p
-    keeps the whole distribution, and logits that give no finite distribution (NaN or inf) fall back to greedy
-    instead of handing ``torch.multinomial`` NaN probabilities."""
-    if not params.temperature > GREEDY_TEMPERATURE:  # also NaN
-        return _greedy(logits)
-    probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-    if not bool(torch.isfinite(probs).all()):
-        return _greedy(logits)
-    if params.top_p < 1.0:  # False for NaN: no nucleus cut
-        sorted_p, idx = torch.sort(probs, descending=True)
-        keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < params.top_p
-        keep[0] = True
-        probs = torch.zeros_like(probs).scatter(0, idx[keep], sorted_p[keep])
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+    decode_rows: int = 0  # sequences that fed back a token
+    preempted: int = 0  # sequences preempted to free pages
+    prefill_tokens: int = 0  # prompt tokens read
+    graph: bool = False  # the step was replayed from a sequence's CUDA graph
+    seconds: float = 0.0
+    finished: list[Sequence] = field(default_factory=list)  # sequences that ended in this step
 
 
 class Engine:
     """Runs a loaded model with a head plan."""
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 use_kernels: bool | None = None, cuda_graphs: bool | None = None):
-        """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: ``generate`` replays its decode
-        steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
+                 use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None):
+        """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
+        its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
-        True: required (an error says what prevents it); False: never."""
+        True: required (an error says what prevents it); False: never. ``pool``: the KV pages sequences hold
+        (``pool.py``): a step grows a sequence only when its pages are there, preempting the newest sequence
+        when the pool runs dry; without one, every sequence's cache is reserved for its whole length."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -146,19 +87,46 @@ class Engine:
         self.chunk_size = chunk_size
         self.use_kernels = use_kernels
         self.cuda_graphs = cuda_graphs
+        self.live: list[Sequence] = []  # sequences ``step`` advances, in arrival order
+        # Fast tokenizers refuse concurrent use ("Already borrowed"): detokenizing in ``step`` and encoding
+        # elsewhere (the server's handlers) both take this lock.
+        self.tok_lock = threading.Lock()
+        self._lock = threading.RLock()  # one step (or add, abort) at a time
+        self._ids = itertools.count()
+        self.pool = pool
 
     @property
     def spec(self):
         return self.lm.spec
 
     # ------------------------------------------------------------------ building blocks
-    def new_cache(self, batch: int = 1, reserve: int | None = None) -> HeadwiseCache:
-        cache = HeadwiseCache(self.spec, self.plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
+    def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None) -> HeadwiseCache:
+        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens."""
+        cache = HeadwiseCache(self.spec, plan or self.plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
         if reserve:
             cache.reserve(reserve)
         return cache
 
+    def kv_estimate(self, total_tokens: int, plan: HeadPlan | None = None) -> int:
+        """KV bytes a sequence's cache will hold at ``total_tokens`` (``Sequence.max_tokens``), before it runs.
+
+        The larger of (a) the plan's bytes (``Policy.kv_bytes``) and (b) what the cache reserves up front,
+        measured by building it on the ``meta`` device (shapes without storage, about a millisecond): (b) sees
+        what (a) cannot, such as page metadata kept in another dtype; (a) covers stores that grow instead of
+        reserving."""
+        plan = plan or self.plan
+        planned = plan.kv_bytes(self.spec, total_tokens, self.lm.dtype.itemsize)
+        try:
+            probe = HeadwiseCache(self.spec, plan, "meta", self.lm.dtype, 1, self.use_kernels)
+            probe.reserve(total_tokens)
+            reserved = probe.kv_bytes()
+        except Exception as exc:  # a store that cannot be built on "meta": the plan's count alone
+            log.debug("KV estimate from the plan only: a store cannot be sized on the meta device (%s)", exc)
+            reserved = 0
+        return max(planned, reserved)
+
     def check_length(self, prompt_tokens: int, new_tokens: int = 0) -> None:
+        """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context."""
         limit = self.spec.max_context
         if limit and prompt_tokens + new_tokens > limit:
             raise ContextLengthError(
@@ -235,29 +203,40 @@ class Engine:
         return torch.cat(outs, dim=1)
 
     @torch.inference_mode()
-    def decode_batch(self, caches: Sequence[HeadwiseCache], token_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """One decode step of ``N`` independent sequences in one forward (the server's continuous batching).
-
-        ``caches[i]`` is sequence ``i``'s batch-1 cache (each with its own length and per-head stores) and
-        ``token_ids[i]`` its next token. Projections and MLPs run on the ``[N, 1]`` batch; attention runs row
-        by row with each row's cache (``headwise_caches`` in ``attention.py``). Each cache's ``decode_step``
-        advances first, as in ``generate``. Returns next-token logits ``[N, vocab]``.
-        """
-        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1, 1).to(self.lm.device)
-        if ids.shape[0] != len(caches) or ids.shape[0] == 0:
-            raise InputError(f"decode_batch needs one token per cache, got {ids.shape[0]} tokens for {len(caches)} caches")
-        pos = torch.tensor([[c.get_seq_length()] for c in caches], dtype=torch.long, device=self.lm.device)
+    def decode_batch(self, caches: Seq[HeadwiseCache], token_ids: Seq[int] | torch.Tensor) -> torch.Tensor:
+        """One decode step of ``N`` independent sequences in one forward: ``caches[i]`` is sequence ``i``'s batch-1
+        cache and ``token_ids[i]`` its next token; each cache's ``decode_step`` advances first. Returns next-token
+        logits ``[N, vocab]`` (``forward_packed`` with one-token segments)."""
+        ids = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1).tolist()
+        if len(ids) != len(caches) or not ids:
+            raise InputError(f"decode_batch needs one token per cache, got {len(ids)} tokens for {len(caches)} caches")
         for c in caches:
             c.decode_step += 1
+        return self.forward_packed(list(caches), [[t] for t in ids], list(range(len(ids))))
+
+    @torch.inference_mode()
+    def forward_packed(self, caches: list[HeadwiseCache], chunks: list[list[int]], keep: list[int]) -> torch.Tensor:
+        """Feed ``chunks[i]`` after what ``caches[i]`` holds, for every ``i``, in one forward: the chunks are packed
+        along the token axis of one ``[1, T]`` row with each token's own position; projections, MLPs and the LM head
+        run once over the row, attention segment by segment over each cache (``attention.PackedBatch``). Returns
+        next-token logits ``[len(keep), vocab]`` for the segments ``keep`` names (at their last token)."""
+        lengths = [len(c) for c in chunks]
+        starts = list(itertools.accumulate(lengths, initial=0))[:-1]
+        device = self.lm.device
+        ids = torch.tensor([[t for c in chunks for t in c]], dtype=torch.long, device=device)
+        pos = torch.tensor([[c.get_seq_length() + j for c, n in zip(caches, lengths) for j in range(n)]],
+                           dtype=torch.long, device=device)
+        last = torch.tensor([starts[i] + lengths[i] - 1 for i in keep], dtype=torch.long, device=device)
+        batch = _attention.PackedBatch(caches, starts, lengths)
         with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
-            # No past_key_values: the model must not build one shared cache; every row's own cache is
-            # reached through headwise_caches, and position_ids carry every row's own position.
-            out = self.lm.model(input_ids=ids, position_ids=pos, use_cache=False,
-                                headwise_caches=list(caches), logits_to_keep=1)
-        return out.logits[:, -1]
+            # No past_key_values: the model must not build one shared cache; every segment's own cache is
+            # reached through headwise_batch, and position_ids carry every token's own position.
+            out = self.lm.model(input_ids=ids, position_ids=pos, use_cache=False, headwise_batch=batch,
+                                logits_to_keep=last)
+        return out.logits[0]
 
     def graph_decoder(self, cache: HeadwiseCache, decode_steps: int = GRAPH_MIN_STEPS) -> GraphDecoder | None:
-        """The CUDA-graph decoder ``generate`` uses for ``cache`` and ``decode_steps`` steps under ``cuda_graphs``
+        """The CUDA-graph decoder a sequence decoding alone uses for ``cache`` and ``decode_steps`` steps under ``cuda_graphs``
         (None: eager steps). Allowed but not asked for, a graph is used from ``GRAPH_MIN_STEPS`` steps on: the first
         step runs eagerly and is captured, which cost about three eager steps on an H100 (4 layers of Llama-3-8B
         shapes, bench/results/gpu_engine_decode_2026-11-23d.json)."""
@@ -273,74 +252,259 @@ class Engine:
 
     # ------------------------------------------------------------------ generation
     def encode(self, text: str) -> torch.Tensor:
-        ids = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
+        with self.tok_lock:
+            ids = self.lm.tokenizer(text, return_tensors="pt", add_special_tokens=True).input_ids
         if ids.shape[1] == 0:
             raise InputError("the prompt is empty")
         return ids
 
-    def generate(self, prompt: str | torch.Tensor | Sequence[int], params: SamplingParams | None = None,
-                 **kw: Any) -> Iterator[TokenEvent]:
-        """Stream generated tokens; the last event carries ``GenerationStats``."""
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of generated token ids (special tokens skipped; ``""`` without a tokenizer, as in tiny-model tests)."""
+        tok = self.lm.tokenizer
+        if tok is None:
+            return ""
+        with self.tok_lock:
+            return tok.decode(ids, skip_special_tokens=True)
+
+    def new_sequence(self, prompt: str | torch.Tensor | Seq[int], params: SamplingParams | None = None, *,
+                     stop_ids: set[int] | None = None, plan: HeadPlan | None = None, seq_id: str | None = None,
+                     **kw: Any) -> Sequence:
+        """A checked ``Sequence`` that is not live yet (``add`` makes it live). ``stop_ids``: the token ids that end
+        it (default: ``params.stop_token_ids``, else the tokenizer's EOS). ``plan``: its own head plan (default:
+        the engine's); sequences under different plans step together."""
         params = params or SamplingParams(**kw)
         if params.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
         if isinstance(prompt, str):
-            ids = self.encode(prompt)
+            ids = self.encode(prompt)[0].tolist()
         elif isinstance(prompt, torch.Tensor):
-            ids = prompt.reshape(1, -1)
+            ids = prompt.reshape(-1).tolist()
         else:
-            ids = torch.tensor([list(prompt)], dtype=torch.long)
-        if ids.shape[1] == 0:
+            ids = [int(t) for t in prompt]
+        if not ids:
             raise InputError("the prompt is empty")
-        self.check_length(ids.shape[1], params.max_new_tokens)
-        ids = ids.to(self.lm.device)
-        tok = self.lm.tokenizer
-        stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else (
-            {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set()
-        )
-        gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        stats = GenerationStats(prompt_tokens=ids.shape[1])
-        total = ids.shape[1] + params.max_new_tokens - 1  # the last new token is never fed back
-        cache = self.new_cache(1, reserve=total)
-        graphs = self.graph_decoder(cache, params.max_new_tokens - 1)
-        stats.cuda_graph = graphs is not None
-        sync = _sync_fn(self.lm.device)
-        t0 = time.perf_counter()
-        logits = self.prefill(ids, cache)
-        sync()
-        stats.prefill_s = time.perf_counter() - t0
-        generated: list[int] = []
-        text_so_far = ""
-        t1 = time.perf_counter()
-        for step in range(params.max_new_tokens):
-            next_id = sample_next(logits[0], params, gen)
-            if next_id in stop_ids:
-                stats.finish_reason = "stop"
-                break
-            generated.append(next_id)
-            stats.new_tokens = len(generated)
-            full = tok.decode(generated, skip_special_tokens=True) if tok is not None else ""  # tokenizer-less tests
-            piece, text_so_far = full[len(text_so_far):], full
-            hit = next((s for s in params.stop if s and s in text_so_far), None)
-            if hit is not None:
-                overshoot = len(text_so_far) - text_so_far.index(hit)
-                piece = piece[: max(0, len(piece) - overshoot)]
-                stats.finish_reason = "stop"
-                if piece:
-                    yield TokenEvent(next_id, piece)
-                break
-            yield TokenEvent(next_id, piece)
-            if step + 1 < params.max_new_tokens:
-                cache.decode_step += 1
-                if graphs is not None:
-                    logits = graphs.step(next_id)
-                else:
-                    logits = self.forward(torch.tensor([[next_id]], device=self.lm.device), cache)
-        sync()
-        stats.decode_s = time.perf_counter() - t1
-        stats.kv_bytes = cache.kv_bytes()
-        stats.dense_kv_bytes = self.spec.dense_kv_bytes(cache.get_seq_length(), self.lm.dtype.itemsize)
-        yield TokenEvent(-1, "", stats)
+        self.check_length(len(ids), params.max_new_tokens)
+        if plan is not None:
+            plan.check_model(self.spec)
+            plan.policies()
+        if self.pool is not None:
+            most = SequencePages(self.pool, plan or self.plan).pages_at(len(ids) + params.max_new_tokens - 1)
+            if most > self.pool.num_pages:
+                raise BudgetError(f"this sequence needs up to {most} KV pages, more than the pool's {self.pool.num_pages}; "
+                                  "lower max_new_tokens, shorten the prompt or give the pool more memory")
+        if stop_ids is None:
+            tok = self.lm.tokenizer
+            stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else (
+                {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set())
+        return Sequence(seq_id or f"seq-{next(self._ids)}", ids, params, stop_ids, plan or self.plan)
+
+    def add(self, prompt: str | torch.Tensor | Seq[int] | Sequence, params: SamplingParams | None = None,
+            **kw: Any) -> Sequence:
+        """Make a sequence live: the next ``step`` starts its prompt. ``prompt`` is a ``Sequence`` from
+        ``new_sequence``, or what ``new_sequence`` takes (with ``params`` and its keywords)."""
+        seq = prompt if isinstance(prompt, Sequence) else self.new_sequence(prompt, params, **kw)
+        with self._lock:
+            if seq.finished or seq in self.live:
+                raise InputError(f"sequence {seq.id} is finished or live already")
+            self.live.append(seq)
+        return seq
+
+    def abort(self, seq: Sequence) -> None:
+        """Drop ``seq`` (a client went away): it finishes with ``finish_reason == "abort"`` and its cache is freed
+        before the next step. A finished sequence is left as it is."""
+        with self._lock:
+            seq.finish("abort")
+            self._release(seq)
+
+    @torch.inference_mode()
+    def step(self, prefill_tokens: int | None = None) -> StepInfo:
+        """Advance every live sequence once, in one forward; sample and take a token for each sequence that
+        reached the end of its prompt or decodes. Prompt chunks (``chunk_size`` tokens, at the same offsets as a
+        sequence alone) are taken in arrival order while ``prefill_tokens`` (default ``chunk_size``) remain, at
+        least one chunk per step, so a long prompt delays the decoding sequences by about one chunk per step.
+
+        A failure is the failing sequences' alone: one sequence's (making its cache, choosing its graph,
+        sampling) ends it with ``finish_reason == "error"`` and ``Sequence.error`` set; a failed forward ends the
+        sequences it carried (their caches may hold part of the step). The others go on."""
+        with self._lock:
+            info = StepInfo()
+            budget = self.chunk_size if prefill_tokens is None else prefill_tokens
+            decode: list[Sequence] = []
+            chunks: list[tuple[Sequence, list[int]]] = []
+            for s in list(self.live):  # arrival order: the older a sequence, the sooner it gets its pages
+                if s.status is Status.DECODE:
+                    if self._hold(s, s.cached + 1, info):
+                        decode.append(s)
+                    continue
+                if s.status is not Status.PREFILL or budget <= 0:
+                    continue
+                chunk = s.prompt_ids[s.prefilled : s.prefilled + self.chunk_size]
+                if not self._hold(s, s.prefilled + len(chunk), info):
+                    continue
+                if s.cache is None and not self._start(s):
+                    continue
+                chunks.append((s, chunk))
+                budget -= len(chunk)
+            t0 = time.perf_counter()
+            rows = self._forward_step(decode, chunks, info)
+            sampled = self._sample(rows)
+            info.seconds = time.perf_counter() - t0
+            for s in decode:
+                s.stats.decode_s += info.seconds
+            for s, _ in chunks:
+                s.stats.prefill_s += info.seconds
+            for s, token in sampled:
+                try:
+                    s.accept(token, self.detokenize)
+                except Exception as exc:  # e.g. a tokenizer that cannot decode a sampled id
+                    s.finish("error", exc)
+            info.finished = [s for s in self.live if s.finished]
+            for s in info.finished:
+                self._release(s)
+            return info
+
+    def _hold(self, s: Sequence, tokens: int, info: StepInfo) -> bool:
+        """Make ``s`` hold pages for ``tokens`` tokens (always, without a pool). When the pool is dry, preempt the
+        newest sequence holding pages that arrived after ``s``, until they fit; False (``s`` waits) if none is left."""
+        if self.pool is None:
+            return True
+        if s.pages is None:
+            s.pages = SequencePages(self.pool, s.plan)
+        while not s.pages.grow(tokens):
+            later = self.live[self.live.index(s) + 1 :]
+            victim = next((v for v in reversed(later) if v.pages is not None and v.pages.held), None)
+            if victim is None:
+                return False
+            self._release_memory(victim)
+            victim.preempt()
+            info.preempted += 1
+        return True
+
+    def _start(self, s: Sequence) -> bool:
+        """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``); False if that failed."""
+        try:
+            s.cache = self.new_cache(1, reserve=s.max_tokens, plan=s.plan)
+        except Exception as exc:  # e.g. out of memory: this sequence alone fails
+            s.finish("error", exc)
+            return False
+        return True
+
+    def _forward_step(self, decode: list[Sequence], chunks: list[tuple[Sequence, list[int]]],
+                      info: StepInfo) -> list[tuple[Sequence, torch.Tensor]]:
+        """Run the step's forward; returns (sequence, next-token logits ``[vocab]``) for each sequence to sample."""
+        if len(decode) == 1 and not chunks:
+            graphs = self._graphs(decode[0])
+            if graphs is not None:
+                s = decode[0]
+                assert s.cache is not None
+                try:
+                    s.cache.decode_step += 1
+                    logits = graphs.step(s.generated[s.fed])
+                except Exception as exc:
+                    s.finish("error", exc)
+                    return []
+                info.decode_rows, info.graph = 1, True
+                s.stats.cuda_graph = True
+                s.fed += 1
+                return [(s, logits[0])] if s.fed == len(s.generated) else []
+        decode = [s for s in decode if not s.finished]  # _graphs may have failed one
+        members = [*decode, *(s for s, _ in chunks)]
+        if not members:
+            return []
+        feeds = [[s.generated[s.fed]] for s in decode] + [c for _, c in chunks]
+        caches = [s.cache for s in members]
+        assert all(c is not None for c in caches)
+        # Logits where a token is sampled: a decode row caught up with its tokens (not one replaying them after
+        # a preemption), a chunk ending the prompt of a sequence that has not sampled yet.
+        sample = [s.fed + 1 == len(s.generated) for s in decode]
+        sample += [s.prefilled + len(c) >= len(s.prompt_ids) and not s.generated for s, c in chunks]
+        keep = [i for i, x in enumerate(sample) if x]
+        try:
+            for s in decode:
+                s.cache.decode_step += 1  # type: ignore[union-attr]
+            if len(members) == 1:  # one sequence: the plain batch-1 forward, [1, vocab] at its last token
+                ids = torch.tensor([feeds[0]], dtype=torch.long, device=self.lm.device)
+                logits = self.forward(ids, caches[0])[: len(keep)]  # type: ignore[arg-type]
+            else:
+                logits = self.forward_packed(caches, feeds, keep)  # type: ignore[arg-type]
+            _sync_fn(self.lm.device)()
+        except Exception as exc:  # the forward all of them shared
+            log.exception("a step of %d sequence(s) failed", len(members))
+            for s in members:
+                s.finish("error", exc)
+            return []
+        info.decode_rows = len(decode)
+        for s in decode:
+            s.fed += 1
+        for (s, c) in chunks:
+            s.prefilled += len(c)
+            info.prefill_tokens += len(c)
+            if s.prefilled == len(s.prompt_ids) and s.generated:
+                s.status = Status.DECODE  # a preempted sequence replays its tokens next
+        kept = [members[i] for i in keep]
+        return list(zip(kept, logits, strict=True))
+
+    def _graphs(self, s: Sequence) -> GraphDecoder | None:
+        """``s``'s CUDA-graph decoder, made at its first lone decode step (None where the engine allows none: not
+        CUDA, no kernels, a policy without graph decode, or too few steps left to pay for a capture)."""
+        if s.graphs is None:
+            assert s.cache is not None
+            try:
+                s.graphs = self.graph_decoder(s.cache, s.params.max_new_tokens - len(s.generated)) or False
+            except Exception as exc:  # cuda_graphs=True and something prevents them: this sequence fails
+                s.finish("error", exc)
+                return None
+        return s.graphs or None
+
+    def _sample(self, rows: list[tuple[Sequence, torch.Tensor]]) -> list[tuple[Sequence, int]]:
+        """One token per row; greedy rows with one argmax over the batch (one device sync)."""
+        out: list[tuple[Sequence, int]] = []
+        greedy = [i for i, (s, _) in enumerate(rows) if is_greedy(s.params)]
+        stacked = torch.stack([rows[i][1] for i in greedy]).float() if greedy else None
+        # NaN counted as -inf (argmax would pick a NaN), as sample_next does.
+        picked = torch.nan_to_num(stacked, nan=-math.inf).argmax(dim=-1).tolist() if stacked is not None else []
+        best = dict(zip(greedy, picked))
+        for i, (s, logits) in enumerate(rows):
+            if i in best:
+                out.append((s, best[i]))
+                continue
+            try:
+                out.append((s, sample_next(logits, s.params, s.generator)))
+            except Exception as exc:  # e.g. non-finite probabilities
+                s.finish("error", exc)
+        return out
+
+    def _release(self, s: Sequence) -> None:
+        """Take finished ``s`` out of the live set; record its KV stats and free its cache and pages."""
+        if s in self.live:
+            self.live.remove(s)
+        if s.cache is not None:
+            s.stats.kv_bytes = s.cache.kv_bytes() if s.pages is None else s.pages.nbytes
+            s.stats.dense_kv_bytes = self.spec.dense_kv_bytes(s.cache.get_seq_length(), self.lm.dtype.itemsize)
+        self._release_memory(s)
+
+    def _release_memory(self, s: Sequence) -> None:
+        s.cache, s.graphs = None, None
+        if s.pages is not None:
+            s.pages.release()
+
+    def generate(self, prompt: str | torch.Tensor | Seq[int], params: SamplingParams | None = None,
+                 **kw: Any) -> Iterator[TokenEvent]:
+        """Stream generated tokens; the last event carries ``GenerationStats``. ``add`` + a loop of ``step``:
+        other live sequences advance with it. A failure of this sequence is raised."""
+        seq = self.add(prompt, params, **kw)
+        try:
+            while True:
+                if not seq.finished:
+                    self.step()
+                if seq.error is not None:
+                    raise seq.error
+                yield from seq.take_events()
+                if seq.finished:
+                    return
+        finally:
+            if not seq.finished:  # the consumer stopped early
+                self.abort(seq)
 
 
 class GraphDecoder:

@@ -20,6 +20,8 @@ from headwise.errors import HeadwiseError
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    if args.what == "serve":
+        return run_serve(args)
     if not torch.cuda.is_available():
         raise HeadwiseError("headwise bench measures GPU kernels and needs a CUDA GPU; none is visible here")
     which = [w.strip() for w in args.which.split(",") if w.strip()]
@@ -59,8 +61,25 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_serve(args: argparse.Namespace) -> int:
+    """``headwise bench serve``: offered load against the engine in-process and over HTTP (``bench/serve.py``)."""
+    from pathlib import Path
+
+    from headwise.bench import serve
+
+    doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), serve.run(args))
+    if not args.no_save:
+        plan = "dense" if args.plan == "dense" else Path(args.plan).stem
+        print(f"wrote {write_result(doc, result_path(args.out_dir, f'serve_{plan}'))}")
+    print(json.dumps(doc, default=str))
+    return 0
+
+
 def register(subparsers: Any) -> None:
-    p = subparsers.add_parser("bench", help="GPU speed: sparse prefill and decode vs dense SDPA and FlexAttention")
+    p = subparsers.add_parser("bench", help="GPU speed: sparse prefill and decode vs dense SDPA and FlexAttention; "
+                                            "'bench serve': offered load against the serving engine")
+    p.add_argument("what", nargs="?", choices=("kernels", "serve"), default="kernels",
+                   help="kernels (default): the GPU kernel benchmarks; serve: the serving benchmark")
     p.add_argument("--which", default="prefill,decode", help="prefill,decode (default both)")
     p.add_argument("--batch", default="1,4", help="batch sizes (default 1,4)")
     p.add_argument("--prefill-len", type=int, default=131072)
@@ -70,4 +89,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--budget", type=int, default=4096, help="page_topk token budget (default 4096)")
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-save", action="store_true")
+    from headwise.bench.serve import add_arguments
+
+    add_arguments(p)
     p.set_defaults(func=run)

@@ -24,7 +24,29 @@ from headwise.errors import PlanError
 
 
 class KVStore(Protocol):
-    def tensors(self) -> list[torch.Tensor]: ...
+    """What the cache asks of every policy's store (``stores.py``: ``DenseStore``, ``SinkWindowStore``,
+    ``PagedStore`` and their subclasses); a policy's ``attend`` knows its own store's full type."""
+
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far: the next token's position."""
+        ...
+
+    def reserve(self, total: int) -> None:
+        """Allocate what ``total`` tokens will use, so decode steps (and a CUDA graph) never grow the buffers."""
+        ...
+
+    def advance(self, n: int) -> None:
+        """Count ``n`` tokens that a replayed CUDA graph wrote."""
+        ...
+
+    def rewind(self, tokens: int) -> None:
+        """Set the token count back to ``tokens`` (after a graph capture ran a step's host code, not the step)."""
+        ...
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the store holds (what KV bytes count)."""
+        ...
 
 
 @dataclass

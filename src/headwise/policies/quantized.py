@@ -157,6 +157,21 @@ class QuantizedStore:
             setattr(self, name, new)
         self.capacity = tokens
 
+    @property
+    def tokens(self) -> int:
+        """Tokens written so far: the next token's position."""
+        return self.length
+
+    def advance(self, n: int) -> None:
+        """Never called: no CUDA graph writes this store (``Quantized.graph_decode`` is False)."""
+        raise RuntimeError("a quantized store is not written by CUDA graphs (Quantized.graph_decode is False)")
+
+    def rewind(self, tokens: int) -> None:
+        """Only to the count it holds: a quantized store's decode never runs under a graph capture, and codes
+        already written cannot be taken back."""
+        if tokens != self.length:
+            raise RuntimeError(f"a quantized store cannot rewind from {self.length} to {tokens} tokens")
+
     def reserve(self, total: int) -> None:
         """Allocate the codes ``total`` tokens will need (exact: no over-allocation when the length is known)."""
         need = self.policy.quantized_length(total)

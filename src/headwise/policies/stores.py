@@ -57,6 +57,13 @@ class DenseStore:
     def capacity(self) -> int:
         return 0 if self.keys is None else self.keys.shape[2]
 
+    @property
+    def tokens(self) -> int:
+        return self.length
+
+    def rewind(self, tokens: int) -> None:
+        self.length = tokens
+
     def reserve(self, total: int) -> None:
         """Make room for ``total`` tokens in all (exact size: no over-allocation when the length is known)."""
         if total <= self.capacity:
@@ -144,6 +151,13 @@ class SinkWindowStore:
     def capacity(self) -> int:
         """Slots allocated: at most ``sink + window``."""
         return self.keys.shape[2]
+
+    @property
+    def tokens(self) -> int:
+        return self.seen
+
+    def rewind(self, tokens: int) -> None:
+        self.seen = tokens
 
     def reserve(self, total: int) -> None:
         """Allocate the slots ``total`` tokens will use (``min(total, sink + window)``), so that decode steps

@@ -1,23 +1,18 @@
-"""Continuous batching: one thread owns the model and advances every running request one step at a time.
+"""Continuous batching: one thread owns the engine, decides which requests are live, and steps the engine.
 
-Each loop iteration (a *step*):
+The generation itself (chunked prefill mixed with batched decode, sampling, stop rules, text hold-back, the
+CUDA-graph choice for a lone sequence) is the engine's: each request is one ``Sequence`` and each loop
+iteration is one ``Engine.step``, exactly what offline ``Engine.generate`` runs. Here only:
 
-1. **Admit** waiting requests (FIFO) while the running batch has room (``max_batch``) and the KV budget can
-   hold the new request's worst case (its KV estimate at prompt + max_tokens). A request gets its own batch-1
-   ``HeadwiseCache`` reserved for its whole length, so every request keeps its own per-head lengths.
-2. **Prefill**, chunked: requests still reading their prompt run their next chunk (chunk boundaries are the
-   engine's, so the logits equal offline ``Engine.generate``), at most about ``chunk_size`` prompt tokens per
-   step, so a long prompt delays the running requests' next tokens by one chunk's time, not by its whole
-   prefill.
-3. **Decode** ONE token for all decoding requests together: their last tokens are stacked into one
-   ``[N, 1]`` forward (``Engine.decode_batch``), projections and MLPs batched, attention row by row with
-   each row's cache. A request decoding alone replays its step from a CUDA graph instead (its own
-   ``engine.GraphDecoder``, captured at its first lone step), where the engine allows graphs: one client on
-   a GPU gets ``Engine.generate``'s speed; the graph survives steps taken in a batch (positions and lengths
-   live on the device).
-
-Requests join and leave between steps: a finished, stopped or cancelled request (client gone) is dropped
-and its cache freed before the next step, so its KV bytes are back in the budget at once.
+1. **Admission**: waiting requests (FIFO, no overtaking) become live while the batch has room (``max_batch``)
+   and the KV budget can hold the new request's worst case (``Engine.kv_estimate`` at its
+   ``Sequence.max_tokens``); under an engine with a page pool (``pool.py``), while the free pages hold its
+   prompt (the engine preempts the newest sequence if decoding later runs the pool dry).
+2. **The queue, bounded** (``max_queue``; 429 past it), and the thread.
+3. **Cancellation**: a request whose client went away is aborted before the next step, so its KV bytes are
+   back in the budget at once.
+4. **Events and metrics**: each step's token events go to the requests' consumers; a sequence that failed
+   ends its request alone with an error event, the others go on.
 
 Nothing here knows HTTP: the app hands in ``GenRequest`` objects with an ``emit`` callback and reads
 ``Metrics``.
@@ -30,16 +25,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
-from headwise.cache import HeadwiseCache
-from headwise.engine import Engine, GraphDecoder, SamplingParams, sample_next
-from headwise.errors import HeadwiseError
-from headwise.plan import resolve
+from headwise.engine import Engine, SamplingParams, StepInfo
+from headwise.errors import BudgetError, HeadwiseError
+from headwise.pool import SequencePages
+from headwise.sequence import Sequence
 
 log = logging.getLogger("headwise.server")
 
@@ -76,7 +69,7 @@ class Event:
 
 @dataclass
 class GenRequest:
-    """One generation request as the scheduler sees it.
+    """One generation request as the scheduler sees it: its ``Sequence`` (made at ``submit``) and its consumer.
 
     ``emit`` is called from the scheduler thread for every event; it must not block (the app hands events
     to its event loop with ``call_soon_threadsafe``).
@@ -89,17 +82,10 @@ class GenRequest:
     emit: Callable[[Event], None]
     kv_estimate: int = 0
     submitted: float = field(default_factory=time.perf_counter)
-    # --- state owned by the scheduler thread
-    cache: HeadwiseCache | None = None
-    prefilled: int = 0
-    logits: torch.Tensor | None = None  # [vocab] next-token logits once prefill is done
-    generated: list[int] = field(default_factory=list)
-    text: str = ""
-    emitted: int = 0  # characters of ``text`` already sent
-    generator: torch.Generator | None = None
-    kv_bytes: int = 0
+    seq: Sequence | None = None
     finished: bool = False
-    graphs: GraphDecoder | bool | None = None  # its CUDA-graph decoder; False: the engine allows none
+    prompt_counted: bool = False  # its prompt tokens are in the metrics
+    prompt_pages: int = 0  # KV pages its prompt takes, under an engine with a page pool
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:
@@ -109,6 +95,15 @@ class GenRequest:
     @property
     def cancelled(self) -> bool:
         return self._cancelled.is_set()
+
+    @property
+    def generated(self) -> list[int]:
+        return self.seq.generated if self.seq is not None else []
+
+    @property
+    def kv_bytes(self) -> int:
+        """Bytes its cache holds now (0 before its first step and once it is freed)."""
+        return self.seq.kv_bytes if self.seq is not None else 0
 
     @property
     def reserved_bytes(self) -> int:
@@ -153,7 +148,7 @@ class Metrics:
 
 
 class Scheduler:
-    """Owns the engine in one thread; see the module docstring for the step."""
+    """Owns the engine in one thread; see the module docstring."""
 
     def __init__(self, engine: Engine, max_batch: int = 32, kv_budget_bytes: int = 2 << 30,
                  max_queue: int = 64, prefill_tokens_per_step: int | None = None):
@@ -170,8 +165,9 @@ class Scheduler:
         self.prefill_budget = prefill_tokens_per_step or engine.chunk_size
         self.metrics = Metrics()
         # Fast tokenizers refuse concurrent use ("Already borrowed"): every use of the engine's tokenizer takes
-        # this lock. The app encodes prompts with its own copies, so it never waits on this thread's decoding.
-        self.tok_lock = threading.Lock()
+        # this lock (the engine's, which detokenizes under it in its step). The app encodes prompts with its own
+        # copies, so it never waits on this thread's decoding.
+        self.tok_lock = engine.tok_lock
         self._cond = threading.Condition()
         self._waiting: deque[GenRequest] = deque()
         self._running: list[GenRequest] = []
@@ -183,41 +179,19 @@ class Scheduler:
         # it to end the process with a non-zero status, so that a supervisor restarts it rather than a
         # process that answers 503 forever lives on.
         self.on_death: Callable[[BaseException], None] | None = None
-        spec = engine.spec
-        self._policies = resolve(engine.plan.policies(), spec)
-        self._probe_warned = False
 
     # ------------------------------------------------------------------ admission
-    def _plan_bytes(self, seq_len: int) -> int:
-        spec, dtype_bytes = self.engine.spec, self.engine.lm.dtype.itemsize
-        return sum(p.kv_bytes(seq_len, spec.head_dim, dtype_bytes) for row in self._policies for p in row)
-
-    def kv_estimate(self, total_tokens: int) -> int:
-        """KV bytes a request's cache will hold at ``total_tokens`` (prompt + generated), before it runs.
-
-        The larger of (a) the plan's bytes (``Policy.kv_bytes``) and (b) what the request's cache reserves
-        up front, measured by building that cache on the ``meta`` device (shapes without storage, about a
-        millisecond): (b) sees what (a) cannot, such as a streaming ring allocated whole or page metadata kept
-        in another dtype; (a) covers stores that grow instead of reserving."""
-        eng = self.engine
-        planned = self._plan_bytes(total_tokens)
-        try:
-            probe = HeadwiseCache(eng.spec, eng.plan, "meta", eng.lm.dtype, 1, eng.use_kernels)
-            probe.reserve(total_tokens)
-            reserved = probe.kv_bytes()
-        except Exception as exc:  # a store that cannot be built on "meta": the plan's count alone
-            if not self._probe_warned:
-                log.warning("KV estimate from the plan only: a store cannot be sized on the meta device (%s)", exc)
-                self._probe_warned = True
-            reserved = 0
-        return max(planned, reserved)
-
     def submit(self, req: GenRequest) -> None:
         """Queue ``req``; raises ``QueueFullError`` (queue at its bound), ``TooLargeError`` (can never fit) or
         ``SchedulerStoppedError``."""
-        total = len(req.prompt_ids) + req.params.max_new_tokens - 1
-        req.kv_estimate = self.kv_estimate(total)
-        if req.kv_estimate > self.kv_budget:
+        try:
+            req.seq = self.engine.new_sequence(req.prompt_ids, req.params, stop_ids=req.stop_ids, seq_id=req.id)
+        except BudgetError as exc:  # more pages than the engine's whole pool
+            raise TooLargeError(str(exc)) from None
+        req.kv_estimate = self.engine.kv_estimate(req.seq.max_tokens)
+        if self.engine.pool is not None:
+            req.prompt_pages = SequencePages(self.engine.pool, req.seq.plan).pages_at(len(req.prompt_ids))
+        elif req.kv_estimate > self.kv_budget:
             raise TooLargeError(
                 f"this request needs up to {req.kv_estimate / 2**20:.1f} MiB of KV cache (prompt "
                 f"{len(req.prompt_ids)} + max_tokens {req.params.max_new_tokens} tokens under plan "
@@ -245,6 +219,12 @@ class Scheduler:
     def _fits(self, req: GenRequest) -> bool:
         if len(self._running) >= self.max_batch:
             return False
+        pool = self.engine.pool
+        if pool is not None:
+            # Pages: the prompt must fit in the free pages left by the admitted prompts not read yet; growing
+            # past it is the engine's (it preempts the newest sequence when the pool runs dry).
+            owed = sum(r.prompt_pages for r in self._running if r.seq is not None and r.seq.pages is None)
+            return pool.free_pages - owed >= req.prompt_pages
         in_use = sum(r.reserved_bytes for r in self._running)
         return in_use + req.kv_estimate <= self.kv_budget
 
@@ -314,7 +294,7 @@ class Scheduler:
                 self.on_death(exc)
 
     def _admit(self) -> None:
-        """Move waiting requests into the batch (FIFO, no overtaking: a big request is never starved)."""
+        """Make waiting requests live (FIFO, no overtaking: a big request is never starved)."""
         while self._waiting:
             head = self._waiting[0]
             if head.cancelled:
@@ -324,123 +304,69 @@ class Scheduler:
             if not self._fits(head):
                 break
             self._waiting.popleft()
+            assert head.seq is not None
+            self.engine.add(head.seq)
             self._running.append(head)
         self.metrics.queue_depth = len(self._waiting)
         self.metrics.running = len(self._running)
 
     # ------------------------------------------------------------------ one step
     def step(self) -> None:
-        """Prefill (chunked, bounded) and one batched decode step; drop finished and cancelled requests."""
+        """Drop cancelled requests, run one engine step, hand out its events; then admit."""
         self._drop_cancelled()
-        budget = self.prefill_budget
-        for r in list(self._running):
-            if r.logits is not None or budget <= 0 or r.finished:
-                continue
-            try:
-                budget -= self._prefill_chunk(r)
+        info = self.engine.step(self.prefill_budget) if self._running else StepInfo()
+        if info.decode_rows:
+            self.metrics.decode_steps += 1
+            self.metrics.decode_graph_steps += info.graph
+            self.metrics.peak_running = max(self.metrics.peak_running, info.decode_rows)
+        kept = 0
+        for r in self._running:
+            try:  # one consumer's failure ends that request only
+                kept += self._hand_out(r)
             except Exception as exc:
-                self._fail([r], exc)
-        self._drop_cancelled()
-        ready = [r for r in self._running if r.logits is not None and not r.finished]
-        feed: list[GenRequest] = []
-        before = sum(len(r.generated) for r in ready)
-        for r in ready:
-            try:  # one request's failure (a bad parameter, a tokenizer error) ends that request only
-                if self._sample_and_emit(r):
-                    feed.append(r)
-            except Exception as exc:
-                self._fail([r], exc)
-        # Tokens the requests kept (a sampled EOS ends a request but is not generated text).
-        self.metrics.add_tokens(sum(len(r.generated) for r in ready) - before, time.perf_counter())
-        if feed:
-            try:
-                graphs = self._graphs(feed[0]) if len(feed) == 1 else None
-                if graphs is not None:  # alone: its step replayed from its CUDA graph
-                    feed[0].cache.decode_step += 1
-                    logits = graphs.step(feed[0].generated[-1])
-                    self.metrics.decode_graph_steps += 1
-                else:
-                    logits = self.engine.decode_batch([r.cache for r in feed], [r.generated[-1] for r in feed])
-                self.metrics.decode_steps += 1
-                self.metrics.peak_running = max(self.metrics.peak_running, len(feed))
-                for r, row in zip(feed, logits):
-                    r.logits = row
-            except Exception as exc:
-                self._fail(feed, exc)
+                log.exception("could not hand request %s its events", r.id)
+                with contextlib.suppress(Exception):
+                    self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
+                r.finished = True
+        self.metrics.add_tokens(kept, time.perf_counter())
         with self._cond:
-            done = [r for r in self._running if r.finished]
             self._running = [r for r in self._running if not r.finished]
-            for r in done:
-                r.cache = None  # free the KV memory now
-                r.graphs = None
             self._account()
             self._admit()
 
-    def _graphs(self, r: GenRequest) -> GraphDecoder | None:
-        """``r``'s CUDA-graph decoder, made at its first lone decode step (None where the engine allows none:
-        not CUDA, no kernels, a policy without graph decode, or too few steps left to pay for a capture)."""
-        if r.graphs is None:
-            assert r.cache is not None
-            r.graphs = self.engine.graph_decoder(r.cache, r.params.max_new_tokens - len(r.generated)) or False
-        return r.graphs or None
-
-    def _prefill_chunk(self, r: GenRequest) -> int:
-        eng = self.engine
-        if r.cache is None:
-            total = len(r.prompt_ids) + r.params.max_new_tokens - 1  # the last new token is never fed back
-            r.cache = eng.new_cache(1, reserve=total)
-            if r.params.seed is not None:
-                r.generator = torch.Generator().manual_seed(r.params.seed)
-        s = r.prefilled
-        chunk = r.prompt_ids[s : s + eng.chunk_size]
-        ids = torch.tensor([chunk], dtype=torch.long, device=eng.lm.device)
-        logits = eng.forward(ids, r.cache)
-        r.prefilled = s + len(chunk)
-        if r.prefilled >= len(r.prompt_ids):
-            r.logits = logits[0]
-            r.kv_bytes = r.cache.kv_bytes()
+    def _hand_out(self, r: GenRequest) -> int:
+        """Send ``r`` the events its sequence produced in the step; returns the tokens it kept."""
+        seq = r.seq
+        assert seq is not None
+        if not r.prompt_counted and seq.prefilled == len(seq.prompt_ids):
+            r.prompt_counted = True
             self.metrics.prompt_tokens += len(r.prompt_ids)
-        return len(chunk)
+        kept = 0
+        for ev in seq.take_events():
+            kept += ev.token_id >= 0
+            if ev.text:
+                r.emit(Event("token", text=ev.text, token_id=ev.token_id))
+        if seq.finished:
+            self._end(r)
+        return kept
 
-    def _sample_and_emit(self, r: GenRequest) -> bool:
-        """Sample ``r``'s next token and send the text it completes; True if ``r`` needs another forward."""
-        assert r.logits is not None
-        p = r.params
-        tok_id = sample_next(r.logits, p, r.generator)
-        r.logits = None
-        if tok_id in r.stop_ids:
-            self._flush(r, final=True)
-            self._finish(r, reason="stop")
-            return False
-        r.generated.append(tok_id)
-        with self.tok_lock:
-            r.text = self.engine.lm.tokenizer.decode(r.generated, skip_special_tokens=True)
-        hit = _first_stop(r.text, p.stop)
-        if hit is not None:
-            r.text = r.text[:hit]
-            self._flush(r, final=True, token_id=tok_id)
-            self._finish(r, reason="stop")
-            return False
-        last = len(r.generated) >= p.max_new_tokens
-        self._flush(r, final=last, token_id=tok_id)
-        if last:
-            self._finish(r, reason="length")
-            return False
-        return True
-
-    def _flush(self, r: GenRequest, final: bool, token_id: int = -1) -> None:
-        """Send the text that is safe to send: not a possible start of a stop string, nor a split UTF-8 char."""
-        end = len(r.text) if final else _safe_end(r.text, r.params.stop)
-        if end > r.emitted:
-            piece = r.text[r.emitted : end]
-            r.emitted = end
-            r.emit(Event("token", text=piece, token_id=token_id))
+    def _end(self, r: GenRequest) -> None:
+        """Report how ``r``'s sequence ended."""
+        seq = r.seq
+        assert seq is not None
+        if seq.error is not None:
+            log.error("request %s failed", r.id, exc_info=seq.error)
+            self._finish(r, error=f"generation failed: {type(seq.error).__name__}: {seq.error}")
+        else:
+            self._finish(r, reason=seq.finish_reason)
 
     def _finish(self, r: GenRequest, reason: str | None = None, error: str | None = None,
                 cancelled: bool = False, status: int = 500) -> None:
         if r.finished:
             return
         r.finished = True
+        if r.seq is not None and not r.seq.finished:
+            self.engine.abort(r.seq)  # frees its cache
         if cancelled:
             self.metrics.cancelled += 1
             return
@@ -450,53 +376,20 @@ class Scheduler:
         r.emit(Event("done", finish_reason=reason, prompt_tokens=len(r.prompt_ids),
                      completion_tokens=len(r.generated)))
 
-    def _fail(self, reqs: Sequence[GenRequest], exc: BaseException) -> None:
-        log.exception("generation failed for %d request(s)", len(reqs))
-        for r in reqs:
-            try:
-                self._finish(r, error=f"generation failed: {type(exc).__name__}: {exc}")
-            except Exception:  # its consumer's emit failed too: it is finished all the same
-                log.exception("could not tell request %s that it failed", r.id)
-
     def _drop_cancelled(self) -> None:
         for r in self._running:
             if r.cancelled and not r.finished:
                 self._finish(r, cancelled=True)
-                r.cache = None
-                r.graphs = None
+        with self._cond:
+            self._running = [r for r in self._running if not r.finished]
 
     def _account(self) -> None:
-        for r in self._running:
-            if r.cache is not None:
-                r.kv_bytes = r.cache.kv_bytes()  # growing stores (unreserved policies) are seen as they grow
         self.metrics.running = len(self._running)
         self.metrics.queue_depth = len(self._waiting)
-        self.metrics.kv_bytes_in_use = sum(r.kv_bytes for r in self._running if r.cache is not None)
+        self.metrics.kv_bytes_in_use = sum(r.kv_bytes for r in self._running)
         self.metrics.kv_bytes_reserved = sum(r.reserved_bytes for r in self._running)
 
     def snapshot(self) -> dict[str, Any]:
         """Queue and batch sizes for ``/health``."""
         with self._cond:
             return {"running": len(self._running), "waiting": len(self._waiting)}
-
-
-def _first_stop(text: str, stops: Sequence[str]) -> int | None:
-    """Index where the earliest stop string starts in ``text``, or None."""
-    found = [text.find(s) for s in stops if s]
-    found = [i for i in found if i >= 0]
-    return min(found) if found else None
-
-
-def _safe_end(text: str, stops: Sequence[str]) -> int:
-    """Length of the prefix of ``text`` that can be sent now: hold back a trailing partial UTF-8 character
-    (decoded as U+FFFD) and any suffix that could still grow into a stop string."""
-    end = len(text)
-    while end > 0 and text[end - 1] == "\ufffd":
-        end -= 1
-    hold = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, end), 0, -1):
-            if text[end - k : end] == s[:k]:
-                hold = max(hold, k)
-                break
-    return end - hold

@@ -1,0 +1,154 @@
+"""KV memory in fixed-size pages: one pool per model, page tables per sequence and (layer, head group).
+
+A *page* is ``page_size`` token slots of one KV head (its keys and values): ``page_size * 2 * head_dim *
+dtype_bytes`` bytes. The pool is sized once from a memory budget (``PagePool(spec, budget_bytes)``, or
+``PagePool.from_free_memory`` for a fraction of the free GPU memory, as vLLM's ``gpu_memory_utilization``)
+and hands out page ids; a sequence's ``SequencePages`` holds, for every (layer, head group) of its plan, the
+pages of each of the group's KV heads:
+
+- ``full`` and ``page_topk`` heads take pages as they grow (``page_topk``'s page bounds are slots it holds too:
+  ``Policy.kv_tokens`` counts them);
+- ``streaming`` heads take the pages of their ring as its slots fill, up to ``sink + window`` slots, then
+  hold that ring for good (a plan never holds more than the tokens it has seen, nor more than dense);
+- layers with a native sliding window hold their window (``plan.resolve``).
+
+Pages go back when the sequence ends or is preempted. The engine asks for a sequence's pages before every
+step that grows it (``Engine.step``): admission is counting free pages, and when the pool runs dry the newest
+sequence is preempted (its pages freed, its tokens recomputed later). KV bytes reported = pages held x page
+bytes.
+
+What the pool does not do yet: the stores keep their keys and values in their own tensors (``cache.py``); the
+pool governs how many sequences run at once and what they are counted to hold. Reading the KV through these
+page tables is the batched varlen decode kernels' job (issue 13, part 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from headwise.errors import BudgetError
+from headwise.plan import HeadPlan, resolve
+from headwise.policies import Policy
+from headwise.spec import ModelSpec
+
+DEFAULT_PAGE_SIZE = 16  # tokens per page, as vLLM's default block size and Quest's page
+
+
+class PagePool:
+    """Free list of ``num_pages`` pages of ``page_size`` token slots of one KV head each."""
+
+    def __init__(self, spec: ModelSpec, budget_bytes: int, dtype_bytes: int = 2, page_size: int = DEFAULT_PAGE_SIZE):
+        if page_size < 1:
+            raise BudgetError(f"page size must be a positive number of tokens, got {page_size}")
+        self.spec, self.page_size = spec, page_size
+        self.page_bytes = page_size * 2 * spec.head_dim * dtype_bytes  # keys + values of one head
+        self.num_pages = int(budget_bytes) // self.page_bytes
+        if self.num_pages < 1:
+            raise BudgetError(f"a KV budget of {budget_bytes} bytes holds no page of {self.page_bytes} bytes "
+                              f"({page_size} tokens of one KV head); raise --kv-memory")
+        # Free pages: the ones never handed out (ids ``_fresh ..``), then the ones given back; no list of every
+        # page id (a 60 GiB pool of bf16 pages for head_dim 128 has 15.7M of them).
+        self._fresh = 0
+        self._returned: list[int] = []
+
+    @classmethod
+    def from_free_memory(cls, spec: ModelSpec, fraction: float, device: torch.device, dtype_bytes: int = 2,
+                         page_size: int = DEFAULT_PAGE_SIZE) -> PagePool:
+        """A pool of ``fraction`` of the device's free memory now (after the weights are loaded)."""
+        if not 0 < fraction <= 1:
+            raise BudgetError(f"the KV memory fraction must be in (0, 1], got {fraction}")
+        if device.type != "cuda":
+            raise BudgetError(f"a fraction of free memory needs a CUDA device, not {device.type}; give --kv-memory GB")
+        free, _ = torch.cuda.mem_get_info(device)
+        return cls(spec, int(free * fraction), dtype_bytes, page_size)
+
+    @property
+    def free_pages(self) -> int:
+        return self.num_pages - self._fresh + len(self._returned)
+
+    @property
+    def used_pages(self) -> int:
+        return self.num_pages - self.free_pages
+
+    def take(self, n: int) -> list[int] | None:
+        """``n`` page ids, or None (and nothing taken) if fewer are free."""
+        if n > self.free_pages:
+            return None
+        k = min(n, len(self._returned))
+        out = self._returned[len(self._returned) - k :]
+        del self._returned[len(self._returned) - k :]
+        out += range(self._fresh, self._fresh + n - k)
+        self._fresh += n - k
+        return out
+
+    def give_back(self, pages: list[int]) -> None:
+        self._returned.extend(pages)
+
+
+@dataclass
+class GroupPages:
+    """The pages of one (layer, head group): ``pages[h]`` are KV head ``h``'s (of the group), in slot order."""
+
+    policy: Policy
+    heads: int
+    pages: list[list[int]]
+
+    def table(self) -> torch.Tensor:
+        """Page table ``[heads, pages]`` (int32, as the paged kernels index)."""
+        return torch.tensor(self.pages, dtype=torch.int32)
+
+
+class SequencePages:
+    """One sequence's page tables under ``plan``, per layer and head group (KV heads of a layer with equal
+    policies share a group, as in ``cache.group_heads``)."""
+
+    def __init__(self, pool: PagePool, plan: HeadPlan):
+        self.pool = pool
+        self.groups: list[list[GroupPages]] = []
+        for row in resolve(plan.policies(), pool.spec):
+            counts: dict[Policy, int] = {}
+            for p in row:
+                counts[p] = counts.get(p, 0) + 1
+            self.groups.append([GroupPages(p, n, [[] for _ in range(n)]) for p, n in counts.items()])
+        self.tokens = 0  # the length the pages hold
+
+    def pages_at(self, tokens: int) -> int:
+        """Pages this sequence holds at ``tokens`` tokens (all layers, groups and heads)."""
+        P = self.pool.page_size
+        return sum(g.heads * -(-g.policy.kv_tokens(tokens) // P) for layer in self.groups for g in layer)
+
+    @property
+    def held(self) -> int:
+        return sum(len(h) for layer in self.groups for g in layer for h in g.pages)
+
+    @property
+    def nbytes(self) -> int:
+        return self.held * self.pool.page_bytes
+
+    def grow(self, tokens: int) -> bool:
+        """Hold pages for ``tokens`` tokens: take what is missing from the pool, all or nothing. False (nothing
+        taken) when the pool has too few free pages."""
+        if tokens <= self.tokens:
+            return True
+        P = self.pool.page_size
+        need = [(g, -(-g.policy.kv_tokens(tokens) // P) - len(g.pages[0])) for layer in self.groups for g in layer]
+        ids = self.pool.take(sum(g.heads * max(0, n) for g, n in need))
+        if ids is None:
+            return False
+        it = iter(ids)
+        for g, n in need:
+            for head in g.pages:
+                head.extend(next(it) for _ in range(max(0, n)))
+        self.tokens = tokens
+        return True
+
+    def release(self) -> None:
+        """Give every page back."""
+        for layer in self.groups:
+            for g in layer:
+                for head in g.pages:
+                    self.pool.give_back(head)
+                    head.clear()
+        self.tokens = 0

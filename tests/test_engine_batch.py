@@ -1,0 +1,138 @@
+"""``Engine.add`` / ``Engine.step``: sequences of different lengths, plans and arrival times advance together
+(prompt chunks packed beside decode tokens in one forward) and each produces exactly what it produces alone;
+``generate`` and the server's scheduler give the same text; a failure ends only the sequences it touched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.engine import Engine, SamplingParams
+from headwise.models import LoadedModel
+from headwise.plan import HeadPlan
+from headwise.policies import AShape, Full, PageTopK, Policy
+from server_common import mixed_plan
+from tiny import ARCHS, tiny_model
+
+
+def uniform_plan(spec, policy: Policy) -> HeadPlan:
+    """``policy`` on every KV head (prefill patterns only on global-attention layers, as they require)."""
+    rows = [[policy if spec.layer_windows[i] is None or not isinstance(policy, AShape) else Full()]
+            * spec.num_kv_heads for i in range(spec.num_layers)]
+    return HeadPlan.from_policies(spec, rows)
+
+
+def plans(spec) -> list[HeadPlan]:
+    """Dense; full + streaming heads whose window the prompts overflow; Quest pages; an A-shape prefill."""
+    return [HeadPlan.dense(spec), mixed_plan(spec, window=6), uniform_plan(spec, PageTopK(page_size=4, budget=8)),
+            uniform_plan(spec, AShape(sink=16, local=16, block_size=16))]
+
+
+def greedy_alone(engine: Engine, prompt: list[int], n: int, plan: HeadPlan) -> list[int]:
+    alone = Engine(engine.lm, plan, chunk_size=engine.chunk_size)
+    return [e.token_id for e in alone.generate(prompt, max_new_tokens=n, stop_token_ids=[]) if e.token_id >= 0]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sequences_with_different_lengths_plans_and_arrivals_equal_each_alone(arch):
+    lm = tiny_model(arch)
+    engine = Engine(lm, chunk_size=16)
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 70], [6, 10, 8, 5], [0, 0, 3, 7]  # 40, 70 pass Gemma 3's window of 16
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    seq_plans = plans(lm.spec)
+    want = [greedy_alone(engine, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
+
+    seqs: list = [None] * len(prompts)
+    mixed_steps = 0
+    step = 0
+    while step <= max(arrive) or engine.live:
+        for i, at in enumerate(arrive):
+            if at == step:
+                seqs[i] = engine.add(prompts[i], max_new_tokens=new[i], stop_token_ids=[], plan=seq_plans[i])
+        info = engine.step()
+        assert info.prefill_tokens < 2 * engine.chunk_size, "about one chunk of prompt per step"
+        mixed_steps += info.decode_rows > 0 and info.prefill_tokens > 0
+        step += 1
+    assert [s.generated for s in seqs] == want
+    assert mixed_steps >= 2, "prompt chunks must have run beside decode tokens"
+    assert all(s.finish_reason == "length" and s.cache is None for s in seqs)
+
+
+def test_abandoned_generate_leaves_nothing_live():
+    engine = Engine(tiny_model("llama"), chunk_size=16)
+    events = engine.generate(list(range(1, 30)), max_new_tokens=20, stop_token_ids=[])
+    next(events), next(events)
+    events.close()
+    assert engine.live == []
+
+
+class _FailingTokenizer:
+    """A tokenizer (stand-in for a third-party one) that cannot decode token ``bad``."""
+
+    eos_token_id = None
+
+    def __init__(self, bad: int):
+        self.bad = bad
+
+    def decode(self, ids, skip_special_tokens=True):
+        if self.bad in ids:
+            raise ValueError(f"cannot decode token {self.bad}")
+        return " ".join(map(str, ids))
+
+
+def test_a_failing_sequence_ends_alone_and_the_others_go_on():
+    base = tiny_model("llama")
+    gen = torch.Generator().manual_seed(3)
+    a, b = (torch.randint(0, 128, (n,), generator=gen).tolist() for n in (12, 30))
+    want_a = greedy_alone(Engine(base, chunk_size=16), a, 8, HeadPlan.dense(base.spec))
+    want_b = greedy_alone(Engine(base, chunk_size=16), b, 8, HeadPlan.dense(base.spec))
+    bad = next(t for t in want_a[2:] if t not in want_b)
+    lm = LoadedModel(base.name, base.model, _FailingTokenizer(bad), base.spec, base.source)
+    engine = Engine(lm, chunk_size=16)
+    sa = engine.add(a, SamplingParams(max_new_tokens=8))
+    sb = engine.add(b, SamplingParams(max_new_tokens=8))
+    while engine.live:
+        engine.step()
+    assert sa.finish_reason == "error" and isinstance(sa.error, ValueError) and sa.cache is None
+    assert sa.generated == want_a[: want_a.index(bad) + 1]
+    assert sb.error is None and sb.generated == want_b
+    with pytest.raises(ValueError, match="cannot decode"):
+        list(engine.generate(a, max_new_tokens=8))
+    assert engine.live == []
+
+
+# --------------------------------------------------------------------------- generate == server (real model)
+CASES = [
+    # Emoji split over several byte tokens: never a half character in an event.
+    ("Emoji story: 🐱🐶", ()),
+    # Japanese, split characters, and a stop string whose first character ("バ") appears before it does.
+    ("日本語の文章を書いてください。東京は", ("バス",)),
+    ("The capital of France is", ("\n\n", " Paris.")),
+]
+
+
+@pytest.mark.parametrize(("prompt", "stop"), CASES)
+def test_generate_and_the_server_scheduler_give_identical_text(smollm2, prompt, stop):
+    from headwise.server.scheduler import GenRequest, Scheduler
+
+    engine = Engine(smollm2, mixed_plan(smollm2.spec, window=8))
+    params = SamplingParams(max_new_tokens=24, stop=stop)
+    offline = [e.text for e in engine.generate(prompt, params)]
+    emitted: list = []
+    scheduler = Scheduler(engine, max_batch=2, kv_budget_bytes=1 << 30, max_queue=2)
+    ids = engine.encode(prompt)[0].tolist()
+    req = GenRequest("r", ids, params, {smollm2.tokenizer.eos_token_id}, emitted.append)
+    scheduler.submit(req)
+    with scheduler._cond:
+        scheduler._admit()
+    while not req.finished:
+        scheduler.step()
+    served = [e.text for e in emitted if e.kind == "token"]
+    assert "".join(served) == "".join(offline)
+    assert [t for t in offline if t] == served, "the same pieces, released at the same tokens"
+    assert not any("\ufffd" in t for t in served[:-1]), "a half character is held back until it is whole"
+    if stop:
+        text = "".join(served)
+        assert emitted[-1].finish_reason == "stop" or not any(s in text for s in stop)
+        assert not any(s in text for s in stop)

@@ -1,0 +1,149 @@
+"""The KV page pool (``headwise/pool.py``) and the engine under it: pages follow each policy, come back at the
+end, a dry pool preempts the newest sequence and its recompute gives the same tokens, and a 25%-KV plan runs
+several times as many 32K-token sequences as the dense plan in the same pool."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.engine import Engine
+from headwise.errors import BudgetError
+from headwise.plan import HeadPlan
+from headwise.policies import Full, PageTopK, Streaming
+from headwise.pool import PagePool, SequencePages
+from headwise.spec import ModelSpec
+from server_common import mixed_plan
+from tiny import tiny_model
+
+LLAMA3_8B = ModelSpec(architecture="llama", num_layers=32, num_q_heads=32, num_kv_heads=8, head_dim=128,
+                      max_context=131072)
+
+
+def one_head_plan(policy) -> tuple[ModelSpec, HeadPlan]:
+    spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=2, num_kv_heads=1, head_dim=8, max_context=4096)
+    return spec, HeadPlan.from_policies(spec, [[policy]])
+
+
+def test_pool_hands_out_pages_all_or_nothing():
+    spec, _ = one_head_plan(Full())
+    pool = PagePool(spec, budget_bytes=10 * 4 * 2 * 8 * 2, dtype_bytes=2, page_size=4)
+    assert pool.num_pages == 10 and pool.page_bytes == 4 * 2 * 8 * 2
+    a = pool.take(7)
+    assert a is not None and len(set(a)) == 7 and pool.free_pages == 3
+    assert pool.take(4) is None and pool.free_pages == 3, "a refused request takes nothing"
+    pool.give_back(a)
+    assert pool.free_pages == 10
+
+
+def test_full_heads_grow_by_pages_and_streaming_rings_stop_at_sink_plus_window():
+    spec, full = one_head_plan(Full())
+    pool = PagePool(spec, 1 << 20, dtype_bytes=2, page_size=4)
+    pages = SequencePages(pool, full)
+    assert pages.grow(1) and pages.held == 1
+    assert pages.grow(9) and pages.held == 3  # ceil(9 / 4)
+    assert pages.nbytes == 3 * pool.page_bytes
+    spec, ring = one_head_plan(Streaming(sink=2, window=6))  # 8 slots: two pages, taken once
+    stream = SequencePages(pool, ring)
+    held = []
+    for n in (1, 5, 8, 9, 100, 1000):
+        assert stream.grow(n)
+        held.append(stream.held)
+    assert held == [1, 2, 2, 2, 2, 2], "never more than the tokens seen, never more than the ring"
+    spec, quest = one_head_plan(PageTopK(page_size=4, budget=8))
+    paged = SequencePages(pool, quest)
+    assert paged.grow(16) and paged.held == 5, "16 tokens + one bounds slot per page of 4 = 20 slots"
+    before = pool.free_pages
+    for p in (pages, stream, paged):
+        p.release()
+    assert pool.free_pages == before + 3 + 2 + 5 == pool.num_pages
+
+
+def test_a_sequence_larger_than_the_pool_is_refused():
+    lm = tiny_model("llama")
+    pool = PagePool(lm.spec, budget_bytes=20 * 4 * 2 * 16 * 4, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    with pytest.raises(BudgetError, match="more than the pool"):
+        engine.add(list(range(1, 40)), max_new_tokens=4)
+
+
+def test_preempted_sequences_recompute_the_same_greedy_tokens():
+    lm = tiny_model("llama")
+    plans = [mixed_plan(lm.spec, window=6), HeadPlan.dense(lm.spec),
+             HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8)] * 2] * 4), mixed_plan(lm.spec, 6)]
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (5, 23, 40, 30)]
+    want = []
+    for p, plan in zip(prompts, plans):
+        alone = Engine(lm, plan, chunk_size=16)
+        want.append([e.token_id for e in alone.generate(p, max_new_tokens=20, stop_token_ids=[]) if e.token_id >= 0])
+    probe = PagePool(lm.spec, 1 << 30, dtype_bytes=4, page_size=4)
+    most = max(SequencePages(probe, plan).pages_at(len(p) + 19) for p, plan in zip(prompts, plans))
+    pool = PagePool(lm.spec, (most + 40) * probe.page_bytes, dtype_bytes=4, page_size=4)  # too small for all
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    seqs = [engine.add(p, max_new_tokens=20, stop_token_ids=[], plan=plan) for p, plan in zip(prompts, plans)]
+    preempted, peak = 0, 0
+    while engine.live:
+        info = engine.step()
+        preempted += info.preempted
+        peak = max(peak, pool.used_pages)
+        assert all(s.kv_bytes == s.pages.held * pool.page_bytes for s in engine.live if s.pages is not None)
+    assert preempted >= 2 and seqs[0].preemptions == 0, "the oldest sequence is never the one preempted"
+    assert [s.generated for s in seqs] == want
+    assert peak <= pool.num_pages and pool.free_pages == pool.num_pages, "every page back at the end"
+
+
+def concurrent_32k(plan: HeadPlan, pool: PagePool) -> int:
+    """Sequences of 32K tokens admitted into ``pool`` until its allocator refuses one."""
+    held = []
+    while True:
+        pages = SequencePages(pool, plan)
+        if not pages.grow(32768):
+            break
+        held.append(pages)
+    for p in held:
+        p.release()
+    return len(held)
+
+
+def test_a_25_percent_kv_plan_admits_3_5x_the_dense_sequences_at_32k():
+    dense = HeadPlan.dense(LLAMA3_8B)
+    row = [Full()] * 2 + [Streaming(sink=64, window=256)] * 6  # 25% full heads, DuoAttention's streaming heads
+    duo = HeadPlan.from_policies(LLAMA3_8B, [row] * LLAMA3_8B.num_layers)
+    pool = PagePool(LLAMA3_8B, budget_bytes=60 * 2**30, dtype_bytes=2)  # bf16, pages of 16 tokens
+    n_dense, n_duo = concurrent_32k(dense, pool), concurrent_32k(duo, pool)
+    assert pool.free_pages == pool.num_pages
+    assert n_dense == 15  # 60 GiB / 4 GiB of bf16 KV per 32K-token sequence
+    assert n_duo >= 3.5 * n_dense, (n_duo, n_dense)
+
+
+def test_the_scheduler_admits_by_free_pages_and_refuses_what_the_pool_cannot_hold():
+    from headwise.engine import SamplingParams
+    from headwise.server.scheduler import GenRequest, Scheduler, TooLargeError
+
+    lm = tiny_model("llama")
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (30, 26, 34)]
+    want = [[e.token_id for e in Engine(lm, chunk_size=16).generate(p, max_new_tokens=12, stop_token_ids=[])
+             if e.token_id >= 0] for p in prompts]
+    # Dense tiny llama: 8 KV heads in all, pages of 4 tokens: the prompts take 64 + 56 + 72 = 192 pages, and
+    # 41-45 tokens at the end 88-96 pages each: 200 pages admit all three and run dry while they decode.
+    pool = PagePool(lm.spec, 200 * 4 * 2 * 16 * 4, dtype_bytes=4, page_size=4)
+    scheduler = Scheduler(Engine(lm, chunk_size=16, pool=pool), max_batch=8, kv_budget_bytes=1, max_queue=8)
+    with pytest.raises(TooLargeError, match="more than the pool"):
+        scheduler.submit(GenRequest("big", list(range(1, 110)), SamplingParams(max_new_tokens=4), set(),
+                                    lambda ev: None))
+    done: dict[str, int] = {}
+    reqs = [GenRequest(str(i), p, SamplingParams(max_new_tokens=12), set(),
+                       lambda ev, i=i: done.update({str(i): ev.completion_tokens}) if ev.kind == "done" else None)
+            for i, p in enumerate(prompts)]
+    for r in reqs:
+        scheduler.submit(r)
+    with scheduler._cond:
+        scheduler._admit()
+    assert len(scheduler._running) == 3, "the three prompts fit the free pages"
+    while not all(r.finished for r in reqs):
+        scheduler.step()
+    assert [r.generated for r in reqs] == want and done == {"0": 12, "1": 12, "2": 12}
+    assert sum(r.seq.preemptions for r in reqs) >= 1
+    assert pool.free_pages == pool.num_pages
