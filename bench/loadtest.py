@@ -26,7 +26,6 @@ import math
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from urllib.parse import urlparse
 import httpx
 
 from headwise.bench.record import result_doc, result_path, write_result
+from headwise.bench.server_proc import spawn_server
 
 
 def percentiles(xs: list[float]) -> dict[str, float]:
@@ -123,29 +123,12 @@ def scrape(url: str) -> dict[str, float]:
 
 
 def spawn(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "headwise.cli", "serve", args.spawn, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1))]
+    cmd = ["--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1))]
     if args.plan:
         cmd += ["--plan", args.plan]
     if args.server_threads:
         cmd += ["--threads", str(args.server_threads)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"loadtest: the server exited with status {proc.returncode}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGTERM)
-    sys.exit("loadtest: the server did not become healthy within 300 s")
+    return spawn_server(args.spawn, cmd, "loadtest")
 
 
 def main() -> int:

@@ -26,7 +26,6 @@ import json
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,8 @@ from typing import Any
 
 import httpx
 from loadtest import make_prompts, percentiles
+
+from headwise.bench.server_proc import spawn_server
 
 HOSTILE = [
     ("bad_json", "/v1/completions", b'{"model": "M", "prompt": '),
@@ -71,28 +72,11 @@ def offline_references(args: argparse.Namespace, prompts: list[str]) -> list[str
 
 
 def spawn(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cmd = [sys.executable, "-m", "headwise.cli", "serve", args.spawn, "--host", "127.0.0.1", "--port", str(port),
-           "--max-batch", str(args.streams), "--max-queue", str(2 * args.streams), "--threads", "1",
+    cmd = ["--max-batch", str(args.streams), "--max-queue", str(2 * args.streams), "--threads", "1",
            "--shutdown-grace", "10"]
     if args.plan:
         cmd += ["--plan", args.plan]
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            sys.exit(f"serve_hostile: the server exited with status {proc.returncode}: {proc.stderr.read()}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    os.killpg(proc.pid, signal.SIGKILL)
-    sys.exit("serve_hostile: the server did not become healthy within 300 s")
+    return spawn_server(args.spawn, cmd, "serve_hostile", capture_stderr=True)
 
 
 def rss_bytes(pid: int) -> int:

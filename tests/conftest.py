@@ -43,3 +43,20 @@ def shakespeare_ids(smollm2):
     from headwise.data import shakespeare
 
     return smollm2.tokenizer(shakespeare(60_000), return_tensors="pt").input_ids
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(smollm2):
+    """A 2-layer random Llama (4 query / 2 KV heads) that reads SmolLM2's tokenizer: probes and prompts made
+    for the real model run through it in a blink."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headwise.models import LoadedModel
+    from headwise.spec import ModelSpec
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=1024, attn_implementation="sdpa")
+    return LoadedModel("tiny-llama", LlamaForCausalLM(cfg).eval(), smollm2.tokenizer, ModelSpec.from_config(cfg),
+                       "random")

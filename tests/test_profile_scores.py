@@ -99,16 +99,9 @@ def test_group_max_takes_the_strongest_query_head_of_each_kv_head():
     assert group_max(x, 3).tolist() == [[pytest.approx(0.9), pytest.approx(0.4)]]
 
 
-@pytest.fixture(scope="module")
-def tiny(smollm2) -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, attn_implementation="sdpa")
-    model = LlamaForCausalLM(cfg).eval()
-    return LoadedModel("tiny-llama", model, smollm2.tokenizer, ModelSpec.from_config(cfg), "random")
+@pytest.fixture
+def tiny(tiny_llama) -> LoadedModel:
+    return tiny_llama
 
 
 def test_probe_forward_equals_the_models_own_sdpa_forward(tiny):

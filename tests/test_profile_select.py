@@ -12,16 +12,9 @@ from headwise.profile.select import plan_mask_attention, plan_masks, probe_set, 
 from headwise.spec import ModelSpec
 
 
-@pytest.fixture(scope="module")
-def tiny(smollm2) -> LoadedModel:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64,
-                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=1024, attn_implementation="sdpa")
-    return LoadedModel("tiny-llama", LlamaForCausalLM(cfg).eval(), smollm2.tokenizer, ModelSpec.from_config(cfg),
-                       "random")
+@pytest.fixture
+def tiny(tiny_llama) -> LoadedModel:
+    return tiny_llama
 
 
 MIXED = [[Full(), Streaming(sink=4, window=8)], [Streaming(sink=2, window=16), Full()]]

@@ -513,7 +513,7 @@ class GraphDecoder:
     Eager decode on a GPU is bound by launches and Python (docs/kernels.md, "Engine decode on a GPU"). Here the
     first step runs eagerly on the graph-ready path: the token's position is a device tensor
     (``AttendContext.position``), the stores write at slots computed from it, and the kernels read their
-    lengths from it (``kernels.sparse_decode.DeviceLength``), sized for the cache's reserved length. That step
+    lengths from it (``kernels.common.DeviceLength``), sized for the cache's reserved length. That step
     also compiles the kernels. Then the same step is captured once. Every later step writes the token id and
     position into the graph's input tensors, replays it, and counts the token in the host-side counters
     (``HeadwiseCache.advance``). One capture serves the whole generation.
