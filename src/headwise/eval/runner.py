@@ -618,13 +618,13 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                 "kv_bytes": round(_mean([s["kv_bytes"] for s in st])) if st else None,
                 "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in st])) if st else None,
                 "kv_fraction": round(_mean([s["kv_fraction"] for s in st]), 4) if st else None,
-                "planned_kv_fraction": round(plan.kv_fraction(spec, L), 4),
+                "planned_kv_fraction": round(plan.kv_fraction(spec, L, dtype_bytes), 4),
                 "measured_tokens": mem.get("tokens"),
                 "kv_bytes_tensors": mem.get("kv_bytes_tensors"),
                 "kv_bytes_allocator": mem.get("kv_bytes_allocator"),
                 "kv_fraction_measured": (round((mem.get("kv_bytes_allocator") or mem["kv_bytes_tensors"])
                                                / mem["dense_kv_bytes"], 4) if mem else None),
-                "planned_kv_bytes": plan.kv_tokens(spec, L) * 2 * spec.head_dim * dtype_bytes,
+                "planned_kv_bytes": plan.kv_bytes(spec, L, dtype_bytes),
                 "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
                 "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,
                 # Rates over totals (tokens / seconds), not means of per-sample rates, so they agree with the
