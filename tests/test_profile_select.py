@@ -49,3 +49,30 @@ def test_all_full_candidate_scores_as_dense(tiny):
     full = [[Full(), Full()], [Full(), Full()]]
     assert retrieval_on_probes(tiny, full, probes) == pytest.approx(retrieval_on_probes(tiny, None, probes))
     assert probes.ids[300].shape[0] == 3 and probes.ids[300].shape[1] > 300
+
+
+def test_a_quantized_head_is_scored_with_every_token_visible():
+    from headwise.policies.quantized import Quantized
+
+    spec = ModelSpec("llama", 1, 2, 2, 8, 128, (None,))
+    full, quant = plan_masks(spec, [[Full(), Quantized(bits=4)]], 12, torch.device("cpu"))[0]
+    assert torch.equal(full, quant)
+
+
+def test_gemma_plan_resolved_with_quantize_keeps_global_heads_reachable(gemma3):
+    """Issue 19: at a budget where Gemma's global heads cannot all stay full, --quantize keeps the ones the ranking
+    scores (above 0) in 4-8 bits instead of streaming them."""
+    from pathlib import Path
+
+    from headwise.policies.quantized import Quantized
+    from headwise.profile.runner import resolve_from_scores
+
+    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m.json")
+    args = (gemma3, source, 0.35, source.meta["target_len"], source.meta["method"])
+    plain = resolve_from_scores(*args, full_share=1.0)
+    quant = resolve_from_scores(*args, full_share=1.0, quantize=True)
+    scores = source.meta["scores"][f"{source.meta['method']}_kv"]
+    ranked = [i for i, w in enumerate(gemma3.spec.layer_windows) if w is None and scores[i][0] > 0]
+    reach = lambda plan: sum(isinstance(plan.policies()[i][0], Full | Quantized) for i in ranked)  # noqa: E731
+    assert reach(quant) == len(ranked) > reach(plain)  # every global head the ranking wants stays reachable
+    assert quant.kv_fraction(gemma3.spec, source.meta["target_len"]) <= 0.35

@@ -50,6 +50,9 @@ def register(subparsers: Any) -> None:
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
     p.add_argument("--from-scores", metavar="PLAN", default=None,
                    help="re-solve from the scores recorded in an earlier profile's plan (no measuring; seconds)")
+    p.add_argument("--quantize", action="store_true",
+                   help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
+                        "(Gemma 3's few global heads)")
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
@@ -68,6 +71,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--fast")
     if args.duo_steps is not None:
         parts += ["--duo-steps", str(args.duo_steps)]
+    if args.quantize:
+        parts.append("--quantize")
     if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
@@ -106,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
-                                       select_probes=settings.select_probes)
+                                       select_probes=settings.select_probes, quantize=args.quantize)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
-                                 command=command_line(args), full_share=args.full_share)
+                                 command=command_line(args), full_share=args.full_share, quantize=args.quantize)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

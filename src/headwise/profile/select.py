@@ -26,6 +26,7 @@ from headwise.attention import attention_implementation
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy
+from headwise.policies.quantized import Quantized
 from headwise.policies.streaming import Streaming
 from headwise.profile.probe import allowed_mask
 from headwise.spec import ModelSpec
@@ -41,7 +42,7 @@ def plan_masks(spec: ModelSpec, policies: list[list[Policy]], length: int, devic
         base = allowed_mask(pos, pos, spec.native_window(i))
         heads = []
         for pol in row:
-            if isinstance(pol, Full):
+            if isinstance(pol, Full | Quantized):  # a quantized head sees every token (its rounding is left out)
                 heads.append(base)
             elif isinstance(pol, Streaming):
                 heads.append(base & pol.allowed(pos[:, None], pos[None, :]))
