@@ -442,16 +442,30 @@ def _launch_sparse_decode(
         DEV_LEN=len_t is not None, num_warps=num_warps, num_stages=num_stages,
     )
     if max_splits > 1 and not fused:
-        block_dm = min(block_d, max(16, 8192 // triton.next_power_of_2(max_splits)))
-        _merge_splits_kernel[(B * Hq, triton.cdiv(D, block_dm))](
-            o_part, lse_part, out, Hq, splits, Hkv * group, max(1, splits2),
-            o_part.stride(0), o_part.stride(1), o_part.stride(2),
-            lse_part.stride(0), lse_part.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(max_splits),
-            num_warps=4,
-        )
+        merge_splits(o_part, lse_part, out, splits, Hkv * group, max(1, splits2))
     return out
+
+
+def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor, n_splits: int,
+                 n_q_first: int | None = None, n_splits2: int | None = None) -> None:
+    """Split-K merge: ``out[b, hq] = sum_s w_s o_part[b, hq, s] / sum_s w_s`` with ``w_s = 2^(lse_s - max lse)``
+    (log2-domain log-sum-exps). o_part: [B, Hq, >= splits, D] fp32; lse_part: [B, Hq, >= splits] fp32; out:
+    [B, Hq, D]. Query heads from ``n_q_first`` on have ``n_splits2`` splits (a second head group); a head with no
+    keys at all gets 0. Every decode kernel that splits its keys merges through this."""
+    B, Hq, D = out.shape
+    n_q_first = Hq if n_q_first is None else n_q_first
+    n_splits2 = n_splits if n_splits2 is None else n_splits2
+    most = max(n_splits, n_splits2)
+    assert most <= _MAX_SPLITS, f"at most {_MAX_SPLITS} splits"
+    block_dm = min(triton.next_power_of_2(D), max(16, 8192 // triton.next_power_of_2(most)))
+    _merge_splits_kernel[(B * Hq, triton.cdiv(D, block_dm))](
+        o_part, lse_part, out, Hq, n_splits, n_q_first, n_splits2,
+        o_part.stride(0), o_part.stride(1), o_part.stride(2),
+        lse_part.stride(0), lse_part.stride(1),
+        out.stride(0), out.stride(1),
+        HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(most),
+        num_warps=4,
+    )
 
 
 # ----------------------------------------------------------------------------------------------- public API

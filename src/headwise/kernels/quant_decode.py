@@ -40,9 +40,10 @@ import triton.language as tl
 
 from headwise.kernels.common import INTERPRET
 from headwise.kernels.kv_quant import QuantizedKV, packed_dim
+from headwise.kernels.paged_decode import merge_splits
 
 _LOG2E = 1.4426950408889634
-_MAX_SPLITS = 256  # the merge kernel holds every split of a query head in registers
+_MAX_SPLITS = 256  # splits of one launch (the merge, paged_decode.merge_splits, takes up to 512)
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -155,28 +156,6 @@ def _quant_decode_kernel(
         tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
 
 
-@triton.jit
-def _merge_kernel(O_PART, LSE_PART, Out, n_q_heads, n_splits,
-                  stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, stride_ob, stride_oh,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """Out[b, hq] = sum_s w_s O_s / sum_s w_s with w_s = 2^(lse_s - max lse); one program per (sequence, query
-    head)."""
-    pid = tl.program_id(0)
-    b = pid // n_q_heads
-    hq = pid % n_q_heads
-    offs_s = tl.arange(0, BLOCK_S)
-    offs_d = tl.arange(0, BLOCK_D)
-    mask_s = offs_s < n_splits
-    mask_d = offs_d < HEAD_DIM
-    lse = tl.load(LSE_PART + b * stride_lb + hq * stride_lh + offs_s, mask=mask_s, other=float("-inf"))
-    m = tl.max(lse, 0)
-    w = tl.exp2(lse - m)
-    parts = tl.load(O_PART + b * stride_pb + hq * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
-                    mask=mask_s[:, None] & mask_d[None, :], other=0.0)
-    out = tl.sum(w[:, None] * parts, 0) / tl.sum(w, 0)
-    tl.store(Out + b * stride_ob + hq * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=mask_d)
-
-
 # ----------------------------------------------------------------------------------------------- launcher
 def _num_splits(work_items: int, n_total: int, block_n: int, device: torch.device) -> int:
     """About two programs per SM, never more splits than token blocks."""
@@ -239,12 +218,7 @@ def quant_decode(
         IEEE=q.dtype == torch.float32, num_warps=num_warps,
     )
     if splits > 1:
-        _merge_kernel[(B * Hq,)](
-            o_part, lse_part, out, Hq, splits,
-            o_part.stride(0), o_part.stride(1), o_part.stride(2), lse_part.stride(0), lse_part.stride(1),
-            out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits), num_warps=4,
-        )
+        merge_splits(o_part, lse_part, out, splits)
     return out
 
 
