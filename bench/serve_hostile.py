@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import json
 import os
 import platform
@@ -29,12 +28,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
 from loadtest import make_prompts, percentiles
 
+from headwise.bench.record import result_doc, result_path, write_result
 from headwise.bench.server_proc import spawn_server
 
 HOSTILE = [
@@ -316,24 +315,13 @@ def main() -> int:
                                                "headwise_running_requests_peak", "headwise_generated_tokens_total"))},
         "offline_reference_s": round(ref_s, 1),
     }
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    doc = {
-        "command": "python " + " ".join(sys.argv),
-        "commit": commit,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    doc = result_doc("python " + " ".join(sys.argv), summary) | {
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                     "note": args.note},
         "server": {"model": model, "plan": health.get("plan"), "streams": args.streams,
                    "max_tokens": args.max_tokens, "seconds": args.seconds},
-        "results": summary,
     }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serve_hostile_{datetime.date.today().isoformat()}.json"
-    path.write_text(json.dumps(doc, indent=1) + "\n")
+    path = write_result(doc, result_path(args.out, "serve_hostile"))
     print(f"{summary['good_unmixed']}/{summary['good_requests']} good requests complete and unmixed; "
           f"{summary['hostile_requests']} hostile ({summary['hostile_5xx']} 5xx); /health p99 "
           f"{summary['health_s'].get('p99')} s; RSS {summary['rss_mib']['first_after_30s']} -> "

@@ -142,6 +142,25 @@ def _merge_head_splits(o_part_rows, lse_part_rows, out_rows, n_splits, stride_ph
 
 
 @triton.jit
+def store_split(acc, m_i, l_i, Out, O_PART, LSE_PART, b, q_rows, split, offs_d, mask_h, mask_d,
+                stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
+                SINGLE_SPLIT: tl.constexpr):
+    """The end of one split of a flash-decoding program over query rows ``q_rows``: with one split, the normalised
+    output into ``Out``; else the normalised partial into ``O_PART`` and its log2-domain log-sum-exp into
+    ``LSE_PART`` (-inf where the split saw no key), for ``merge_splits``. Shared by every decode kernel."""
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    if SINGLE_SPLIT:
+        tl.store(Out + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
+                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
+    else:
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
+                 out, mask=mask_h[:, None] & mask_d[None, :])
+        tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
+
+
+@triton.jit
 def _sparse_decode_kernel(
     Q, K, V, TABLE, COUNTS, O_PART, LSE_PART, Out, SCORES, COUNTERS,
     n_scores, stride_sb, stride_sh,
@@ -255,27 +274,19 @@ def _sparse_decode_kernel(
                 page_hi, length, scale_log2e, stride_kn, stride_vn, m_i, l_i, acc, offs_n, offs_d, mask_d,
                 PAGE, ALL_PAGES, INTERPRET, IEEE)
 
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    if SINGLE_SPLIT:
-        tl.store(Out + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                 out, mask=mask_h[:, None] & mask_d[None, :])
-        tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
-        if FUSED_MERGE:
-            # The last program of this (sequence, KV head) to finish merges all its splits: the counter's
-            # acq_rel add publishes this program's partial (after the barrier: all its threads' stores) and,
-            # for the last one, makes every other program's visible. The last one resets the counter.
-            tl.debug_barrier()
-            arrived = tl.atomic_add(COUNTERS + pid_bh, 1, sem="acq_rel", scope="gpu")
-            if arrived == n_splits - 1:
-                _merge_head_splits(O_PART + b * stride_pb + q_row0 * stride_ph, LSE_PART + b * stride_lb + q_row0 * stride_lh,
-                                   Out + b * stride_ob + q_row0 * stride_oh, n_splits, stride_ph, stride_ps, stride_lh,
-                                   stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SPL, MERGE_CHUNK)
-                tl.atomic_xchg(COUNTERS + pid_bh, 0, sem="relaxed", scope="gpu")
+    store_split(acc, m_i, l_i, Out, O_PART, LSE_PART, b, q_rows, split, offs_d, mask_h, mask_d,
+                stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SINGLE_SPLIT)
+    if not SINGLE_SPLIT and FUSED_MERGE:
+        # The last program of this (sequence, KV head) to finish merges all its splits: the counter's
+        # acq_rel add publishes this program's partial (after the barrier: all its threads' stores) and,
+        # for the last one, makes every other program's visible. The last one resets the counter.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(COUNTERS + pid_bh, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_splits - 1:
+            _merge_head_splits(O_PART + b * stride_pb + q_row0 * stride_ph, LSE_PART + b * stride_lb + q_row0 * stride_lh,
+                               Out + b * stride_ob + q_row0 * stride_oh, n_splits, stride_ph, stride_ps, stride_lh,
+                               stride_oh, GROUP, BLOCK_G, HEAD_DIM, BLOCK_D, BLOCK_SPL, MERGE_CHUNK)
+            tl.atomic_xchg(COUNTERS + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from headwise.kernels.common import INTERPRET
 from headwise.kernels.kv_quant import QuantizedKV, packed_dim
-from headwise.kernels.paged_decode import merge_splits
+from headwise.kernels.paged_decode import merge_splits, store_split
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 256  # splits of one launch (the merge, paged_decode.merge_splits, takes up to 512)
@@ -144,16 +144,8 @@ def _quant_decode_kernel(
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v, INTERPRET, IEEE)
         m_i = m_new
         it += 1
-    l_safe = tl.where(l_i > 0, l_i, 1.0)
-    out = acc / l_safe[:, None]
-    if SINGLE_SPLIT:
-        tl.store(Out + b * stride_ob + q_rows[:, None] * stride_oh + offs_d[None, :],
-                 out.to(Out.dtype.element_ty), mask=mask_h[:, None] & mask_d[None, :])
-    else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
-        tl.store(O_PART + b * stride_pb + q_rows[:, None] * stride_ph + split * stride_ps + offs_d[None, :],
-                 out, mask=mask_h[:, None] & mask_d[None, :])
-        tl.store(LSE_PART + b * stride_lb + q_rows * stride_lh + split, lse, mask=mask_h)
+    store_split(acc, m_i, l_i, Out, O_PART, LSE_PART, b, q_rows, split, offs_d, mask_h, mask_d,
+                stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh, SINGLE_SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------- launcher
