@@ -11,6 +11,7 @@ from typing import Any
 
 from headwise.errors import PlanError
 from headwise.policies.a_shape import AShape
+from headwise.policies.act import ACT
 from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
@@ -31,6 +32,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     VerticalSlash.name: VerticalSlash,
     BlockTopK.name: BlockTopK,
     Quantized.name: Quantized,
+    ACT.name: ACT,
 }
 
 
@@ -72,4 +74,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]

@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
+    p.add_argument("--act", action="store_true",
+                   help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
+                        "held-in and held-out text (docs/profiling.md)")
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
@@ -73,6 +76,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--duo-steps", str(args.duo_steps)]
     if args.quantize:
         parts.append("--quantize")
+    if args.act:
+        parts.append("--act")
     if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
@@ -102,6 +107,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     settings = _settings(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.act and args.from_scores:
+        raise InputError("--act measures each full head's loss with and without ACT; it cannot run with --from-scores "
+                         "(which measures nothing): drop one of them")
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
@@ -115,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
-                                 command=command_line(args), full_share=args.full_share, quantize=args.quantize)
+                                 command=command_line(args), full_share=args.full_share, quantize=args.quantize,
+                                 act=args.act)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

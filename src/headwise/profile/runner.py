@@ -60,10 +60,12 @@ class Settings:
     pattern_length: int = 1024
     calibrate: bool = True
     """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
+    act_length: int = 1024
+    """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512, act_length=256)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
@@ -71,7 +73,8 @@ class Settings:
         has flattened well before on the bundled models: the curve is in the plan's ``meta.duo``), retrieval
         probes at five depths."""
         return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
-                   duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density)
+                   duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density,
+                   act_length=2048)
 
 
 class _LayerSeen(Probe):
@@ -194,13 +197,14 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: bool = False) -> HeadPlan:
+                  full_share: float | None = None, quantize: bool = False, act: bool = False) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
     ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
-    4 bits (policy ``quantized``) where full does not fit."""
+    4 bits (policy ``quantized``) where full does not fit. ``act``: the full heads whose ACT calibration lowers the
+    loss on held-in and held-out text get policy ``act`` (``act.py``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -270,6 +274,16 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
             policies[i][j] = choice.policy
             pattern_meta[f"{i},{j}"] = {"chosen": choice.policy.to_spec(), "recall": round(choice.recall, 4),
                                         "density": round(choice.density, 4), "candidates": choice.table}
+    act_meta: dict[str, Any] = {}
+    if act:
+        from headwise.profile.act import act_texts, choose_act_heads, with_act
+
+        t = time.perf_counter()
+        held_in, held_out = act_texts(lm, min(settings.act_length, (spec.max_context or settings.act_length)))
+        choice = choose_act_heads(lm, policies, held_in, held_out, progress=progress)
+        policies = with_act(policies, choice.heads)
+        timings["act_s"] = time.perf_counter() - t
+        act_meta = choice.meta()
     # CPU seconds of this process (all threads): less sensitive than wall time to other jobs on a shared machine
     timings["process_cpu_s"] = time.process_time() - cpu0
     r2 = lambda x: [[round(float(v), 4) for v in row] for row in x.tolist()]  # noqa: E731
@@ -299,6 +313,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     }
     if duo_meta:
         meta["duo"] = duo_meta
+    if act:
+        meta["act"] = act_meta
     if selection:
         meta["selection"] = selection
     if settings.prefill_density is not None:

@@ -1,0 +1,74 @@
+"""ACT on a GPU (issue 16): retrieval accuracy and perplexity with and without hidden-sink calibration.
+
+    PYTHONPATH=src python3 bench/act_quality.py [--model smollm2-135m] [--act-length 2048] [--lengths 1k,2k]
+        [--samples 100] [--out bench/results]
+
+1. ``profile/act.py`` picks the heads of the dense plan whose calibration lowers the loss on ``--act-length``
+   held-in tokens of Shakespeare, and keeps them only if together they lower the loss on the next ``--act-length``
+   tokens (held out); the plan (dense + ``act`` heads) is written to ``<out>/act_<model>.json``.
+2. ``headwise eval`` runs dense and that plan on every generated retrieval task (``--samples`` per task x length
+   cell, >= 100 for a result) and the fidelity pseudo-task (perplexity of both by position, KL, top-1 agreement).
+
+If no head helps, step 2 is skipped and the result says so (the plan would be dense). Writes
+``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's summary; the eval's own report is in
+``<out>/act-eval-<model>/``); the last stdout line is the JSON document.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from headwise.bench.record import result_doc, result_path, write_result
+from headwise.eval.runner import DEFAULT_TASKS, EvalConfig, parse_length, run_eval
+from headwise.models import load_model
+from headwise.plan import HeadPlan
+from headwise.policies import Full
+from headwise.profile.act import act_texts, choose_act_heads, with_act
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--act-length", type=int, default=2048)
+    ap.add_argument("--lengths", default="1k,2k")
+    ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--out", default="bench/results")
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    lm = load_model(args.model)
+    spec = lm.spec
+    dense = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
+    held_in, held_out = act_texts(lm, args.act_length)
+    choice = choose_act_heads(lm, dense, held_in, held_out)
+    select_s = time.perf_counter() - t0
+    out = Path(args.out)
+    command = "PYTHONPATH=src python3 " + " ".join(sys.argv)
+    results = {"model": lm.name, "act_length": args.act_length, "choice": choice.meta(),
+               "select_s": round(select_s, 1)}
+    if choice.heads:
+        plan = HeadPlan.from_policies(spec, with_act(dense, choice.heads), lm.name, created_by=command,
+                                      act=choice.meta())
+        plan_path = plan.save(out / f"act_{lm.name}.json")
+        cfg = EvalConfig(model=args.model, plans=["dense", str(plan_path)], tasks=list(DEFAULT_TASKS),
+                         lengths=[parse_length(x) for x in args.lengths.split(",")], samples=args.samples,
+                         out=out / f"act-eval-{lm.name}", command=command)
+        ev = run_eval(cfg, lm)
+        results.update(plan=str(plan_path), eval_dir=str(cfg.out), eval=ev)
+    else:
+        results["note"] = "no head lowered the loss on held-in and held-out text: ACT stays off for this model"
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    doc = result_doc(command, results, device="cuda" if torch.cuda.is_available() else "cpu")
+    path = write_result(doc, result_path(out, f"act_quality_{lm.name}"))
+    print(f"wrote {path}", file=sys.stderr)
+    print(json.dumps(doc, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

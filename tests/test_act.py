@@ -1,0 +1,126 @@
+"""ACT's hidden-sink calibration (policy ``act``): the paper's map edit, its place in the engine, its memory, and the
+profiler's per-head choice."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.engine import Engine
+from headwise.errors import PlanError
+from headwise.plan import HeadPlan
+from headwise.policies import ACT, Full, build_policy
+from headwise.policies.act import act_attention, hidden_sinks
+from headwise.policies.base import causal_attention
+from headwise.profile.act import choose_act_heads, mean_loss, with_act
+from tiny import tiny_model
+
+
+def paper_act(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, beta: float, thres: float) -> torch.Tensor:
+    """ACT's own edit of one head's map (``atten_process_eval`` in the authors' code), transcribed: q, k, v [L, D]."""
+    L = q.shape[0]
+    scores = (q @ k.T) * q.shape[-1] ** -0.5
+    scores = scores.masked_fill(torch.ones(L, L, dtype=torch.bool).triu(1), float("-inf"))
+    head = scores.softmax(-1)
+    indices = torch.nonzero(torch.where(head.sum(0) / torch.arange(L, 0, -1) > thres, 1, 0))
+    indices = indices[1:]
+    copied = head.clone()
+    available = head[:, indices].sum(dim=1) * (1 - beta)
+    head[:, indices] *= beta
+    copied[1:, indices] *= 0
+    ratios = copied / copied.sum(dim=1, keepdim=True)
+    head = head + available * ratios
+    head[0, 0] = 1
+    return head @ v
+
+
+def planted(L: int = 40, D: int = 16, sinks: tuple[int, ...] = (7, 19), seed: int = 0):
+    """Random queries and keys, except that every query has a strong affinity for the keys in ``sinks`` (and
+    for key 0), which become sinks."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(L, D, generator=g)
+    k = torch.randn(L, D, generator=g)
+    v = torch.randn(L, D, generator=g)
+    q[:, 0] = 4.0
+    for j in (0, *sinks):
+        k[j, 0] = 4.0
+    return q, k, v
+
+
+def test_act_reproduces_the_papers_edit_of_the_attention_map():
+    q, k, v = planted()
+    want = paper_act(q, k, v, beta=0.4, thres=0.1)
+    received = torch.zeros(1, 1, q.shape[0])
+    got = act_attention(q[None, None], k[None, None], v[None, None], received, 0, q.shape[-1] ** -0.5, 0.4, 0.1)
+    sinks = hidden_sinks(received, q.shape[0], 1, 0.1)[0, 0]
+    assert sinks[[7, 19]].all() and not sinks[0], "planted sinks found, the initial one left alone"
+    assert torch.allclose(got[0, 0], want, atol=1e-5)
+    plain = causal_attention(q[None, None], k[None, None], v[None, None], 0, q.shape[-1] ** -0.5)
+    assert (got - plain).abs().max() > 1e-2, "calibration must change the output here"
+
+
+def test_act_with_beta_one_or_no_sinks_is_full_attention():
+    lm = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 70))
+    dense = Engine(lm, chunk_size=32).logits(ids)
+    for policy in (ACT(beta=1.0), ACT(threshold=1.0)):
+        got = Engine(lm, HeadPlan.uniform(lm.spec, policy.to_spec()), chunk_size=32).logits(ids)
+        assert (got - dense).abs().max().item() <= 1e-4
+
+
+def test_act_column_sums_count_every_query_of_prefill_and_decode():
+    """Every query row hands out one unit of attention per query head: after a 50-token prefill and 3 decode steps
+    the store's column sums of a KV head add up to 53 x its query heads."""
+    lm = tiny_model("llama")
+    plan = HeadPlan.uniform(lm.spec, ACT(threshold=0.05).to_spec())
+    eng = Engine(lm, plan, chunk_size=1000)
+    ids = torch.randint(0, 128, (1, 50))
+    cache = eng.new_cache(1, reserve=53)
+    eng.prefill(ids, cache)
+    for t in (3, 5, 7):
+        eng.forward(torch.tensor([[t]]), cache)
+    store = cache.layers[0].groups[0].store
+    assert store.length == 53
+    assert torch.allclose(store.received[:, :, :53].sum(-1), torch.full((1, 2), 53.0 * lm.spec.group_size), atol=1e-3)
+
+
+def test_act_cache_counts_its_column_sums():
+    lm = tiny_model("llama")
+    plan = HeadPlan.uniform(lm.spec, ACT().to_spec())
+    eng = Engine(lm, plan)
+    cache = eng.new_cache(1, reserve=60)
+    eng.prefill(torch.randint(0, 128, (1, 60)), cache)
+    assert cache.kv_bytes() == plan.kv_bytes(lm.spec, 60, 4)  # fp32 model: 4-byte keys and values
+
+
+@pytest.mark.parametrize("bad", [{"beta": 1.5}, {"threshold": -0.1}, {"beta": "x"}])
+def test_act_rejects_bad_parameters(bad):
+    with pytest.raises(PlanError, match="act"):
+        build_policy({"policy": "act", "params": bad})
+
+
+def test_act_on_a_native_sliding_window_layer_is_refused():
+    lm = tiny_model("gemma3_text")
+    pols = [[ACT() if i == 0 else Full()] * lm.spec.num_kv_heads for i in range(lm.spec.num_layers)]
+    with pytest.raises(PlanError, match="sliding window"):
+        Engine(lm, HeadPlan.from_policies(lm.spec, pols)).logits(torch.randint(0, 128, (1, 20)))
+
+
+def test_profiler_keeps_act_only_where_it_lowers_the_loss():
+    lm = tiny_model("llama")
+    g = torch.Generator().manual_seed(1)
+    held_in, held_out = torch.randint(0, 128, (1, 96), generator=g), torch.randint(0, 128, (1, 96), generator=g)
+    base = [[Full()] * lm.spec.num_kv_heads for _ in range(lm.spec.num_layers)]
+    act = ACT(threshold=0.05)
+    choice = choose_act_heads(lm, base, held_in, held_out, act=act, margin=0.0, progress=False)
+    assert len(choice.delta) == lm.spec.num_layers * lm.spec.num_kv_heads  # every full head was tried
+    i, j = next(iter(choice.delta))
+    alone = mean_loss(lm, with_act(base, [(i, j)], act), held_in) - choice.base_loss
+    assert abs(alone - choice.delta[(i, j)]) < 1e-6
+    assert choice.heads and all(choice.delta[h] < 0 for h in choice.heads)
+    if choice.heads:
+        assert choice.held_out_with is not None and choice.held_out_with < choice.held_out_base
+    default = choose_act_heads(lm, base, held_in, held_out, act=act, progress=False)
+    assert default.heads == [], "noise-sized gains (1e-6 nats) switch nothing on at the default margin"
+    strict = choose_act_heads(lm, base, held_in, held_out, act=act, margin=1e9, progress=False)
+    assert strict.heads == [] and strict.held_out_with is None
