@@ -15,6 +15,7 @@ from headwise.policies.act import ACT
 from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
+from headwise.policies.hyper import Hyper
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
@@ -33,6 +34,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     BlockTopK.name: BlockTopK,
     Quantized.name: Quantized,
     ACT.name: ACT,
+    Hyper.name: Hyper,
 }
 
 
@@ -74,4 +76,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "Hyper", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
