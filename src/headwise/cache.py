@@ -117,6 +117,8 @@ class HeadwiseCache(Cache):
         # Set by the engine's CUDA-graph decode (``engine.GraphDecoder``): the decode token's position, on the
         # device, which graph-capable policies read instead of host-side lengths.
         self.position: torch.Tensor | None = None
+        # SeerAttention gates of the plan (``policies/seer.py``), on this cache's device
+        self.gates = None if plan.gates is None else plan.gates.on(device)
 
     # ------------------------------------------------------------------ storage
     def reserve(self, total_tokens: int) -> None:

@@ -16,6 +16,10 @@ File format (JSON, ``"format": "headwise-plan"``, ``"version": 1``)::
       "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...}   # free-form, informational
     }
 
+A plan with SeerAttention heads (policy ``seer``) carries learned gates (``HeadPlan.gates``): ``save`` writes them
+beside the plan as ``<plan>.gates.safetensors`` and names the file and its sha256 in ``meta.seer_gates``; ``load``
+reads them back (a missing or changed file is a ``PlanError``).
+
 Policies are per *KV head*: with GQA, the query heads sharing a KV head share its cache, so they share its
 policy. ``model`` is the fingerprint the plan was made for; loading it onto another model fails with the
 first mismatch named. Plans are saved atomically (temporary file + rename), so an interrupted save never
@@ -31,11 +35,14 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from headwise.errors import PlanError
 from headwise.policies import Policy, build_policy
 from headwise.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from headwise.policies.seer import SeerGates
 
 FORMAT = "headwise-plan"
 VERSION = 1
@@ -47,6 +54,8 @@ class HeadPlan:
     model: dict[str, Any]
     layers: list[list[dict[str, Any]]]
     meta: dict[str, Any] = field(default_factory=dict)
+    gates: SeerGates | None = field(default=None, repr=False, compare=False)
+    """SeerAttention gates of the plan's ``seer`` heads (``policies/seer.py``); saved beside the plan file."""
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -106,12 +115,25 @@ class HeadPlan:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise PlanError(f"plan file {p} is not valid JSON (line {exc.lineno}: {exc.msg})") from None
-        return cls.from_dict(data, source=f"plan file {p}")
+        plan = cls.from_dict(data, source=f"plan file {p}")
+        named = plan.meta.get("seer_gates")
+        if isinstance(named, dict) and "file" in named:
+            from headwise.policies.seer import SeerGates
+
+            plan.gates = SeerGates.load(p.parent / str(named["file"]), named.get("sha256"))
+        return plan
 
     def save(self, path: str | os.PathLike[str]) -> Path:
-        """Write atomically: a crash or Ctrl-C leaves either the old file or the new one, never half of one."""
+        """Write atomically: a crash or Ctrl-C leaves either the old file or the new one, never half of one. Gates
+        (``self.gates``) are written first, beside the plan (``seer.gates_path``), and named in ``meta.seer_gates``."""
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
+        if self.gates is not None:
+            from headwise.policies.seer import gates_path
+
+            gp = gates_path(p)
+            self.meta["seer_gates"] = {"file": gp.name, "sha256": self.gates.save(gp),
+                                       "block_size": self.gates.block_size, "layers": sorted(self.gates.layers)}
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
             with os.fdopen(fd, "w") as fh:

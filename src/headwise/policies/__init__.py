@@ -19,6 +19,7 @@ from headwise.policies.hyper import Hyper
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
+from headwise.policies.seer import Seer
 from headwise.policies.streaming import Streaming
 from headwise.policies.tidal import Tidal
 from headwise.policies.vertical_slash import VerticalSlash
@@ -35,6 +36,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     Quantized.name: Quantized,
     ACT.name: ACT,
     Hyper.name: Hyper,
+    Seer.name: Seer,
 }
 
 
@@ -76,4 +78,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "Hyper", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "Hyper", "PageTopK", "Policy", "Quantized", "Recycled", "Seer", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]

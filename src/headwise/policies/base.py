@@ -59,7 +59,8 @@ class AttendContext:
     so cross-layer state can follow a head index from layer to layer. ``position`` is set for a decode step that
     a CUDA graph will replay (``Policy.graph_decode``): a one-element long tensor on the device holding the
     decode token's position, which the policy must use instead of any host-side length (``start`` and the
-    stores' counters are then only right at capture time).
+    stores' counters are then only right at capture time). ``gate`` is the plan's learned state for this layer
+    (SeerAttention's ``LayerGate``, ``policies/seer.py``), None when the plan has none.
     """
 
     start: int
@@ -71,6 +72,7 @@ class AttendContext:
     use_kernels: bool = False
     kv_heads: tuple[int, ...] = ()
     position: torch.Tensor | None = None
+    gate: Any = None
 
 
 @dataclass(frozen=True)

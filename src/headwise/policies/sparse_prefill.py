@@ -105,6 +105,10 @@ class PrefillPattern(Policy):
         (store + chunk, ``S = q_offset + L``). Returns block_idx int32 [Bi, Hi, n_q_blocks, M] and block_count
         int32 [Bi, Hi, n_q_blocks] (``kernels/block_sparse.py``: format; Bi in {1, B}, Hi in {1, Hkv, Hq})."""
 
+    def index(self, q: torch.Tensor, keys: torch.Tensor, ctx: AttendContext) -> tuple[torch.Tensor, torch.Tensor]:
+        """The index ``attend`` uses: ``build_index`` at the chunk's start (``seer`` also reads the context's gate)."""
+        return self.build_index(q, keys, ctx.start, ctx.scale)
+
     def mask(self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
         """The pattern as a dense token mask bool [Bi, Hi, L, S] (reference and pictures)."""
         idx, count = self.build_index(q, keys, q_offset, scale)
@@ -122,7 +126,7 @@ class PrefillPattern(Policy):
             raise PlanError(f"policy '{self.name}': the decode policy's store must keep every token")
         store.append(k, v)  # the decode policy's store commits (Quest's page bounds included)
         keys, values = store.view()
-        idx, count = self.build_index(q, keys, ctx.start, ctx.scale)
+        idx, count = self.index(q, keys, ctx)
         if ctx.use_kernels and q.is_cuda:
             from headwise.kernels.block_sparse import SUPPORTED_HEAD_DIMS, block_sparse_attention  # Triton
 

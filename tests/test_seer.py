@@ -1,0 +1,105 @@
+"""SeerAttention (policy ``seer``): the gate's distillation target, training on the tiny model, the gate file beside
+the plan, and the policy in the engine."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from headwise.engine import Engine
+from headwise.errors import PlanError
+from headwise.plan import HeadPlan
+from headwise.policies import Full, Seer, build_policy
+from headwise.policies.seer import SeerGates, gates_path
+from headwise.profile.seer import block_targets, gate_recall, profile_texts, train_gates
+from tiny import tiny_model
+
+BS = 16
+
+
+def seer_plan(lm, gates, **params):
+    pol = Seer(block_size=BS, **params)
+    plan = HeadPlan.from_policies(lm.spec, [[pol, Full()] for _ in range(lm.spec.num_layers)], lm.name)
+    plan.gates = gates
+    return plan
+
+
+def random_gates(lm, seed=0):
+    s = lm.spec
+    return SeerGates.init(list(range(s.num_layers)), s.num_q_heads, s.num_kv_heads, s.head_dim, BS, seed=seed)
+
+
+def test_block_target_is_the_max_pooled_attention_map_renormalised():
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 40, 8, generator=g), torch.randn(1, 1, 40, 8, generator=g)
+    got = block_targets(q, k, 0.5, 16)  # 3 x 3 blocks, the last one partial
+    p = (q @ k.repeat_interleave(2, 1).transpose(-1, -2) * 0.5).masked_fill(
+        torch.ones(40, 40, dtype=torch.bool).triu(1), float("-inf")).softmax(-1)
+    a, b = 2, 1  # query block 2 (rows 32..39), key block 1 (keys 16..31)
+    want = p[:, :, 32:40, 16:32].amax(dim=(-1, -2))
+    row = torch.stack([p[:, :, 32:40, 16 * j : 16 * (j + 1)].amax(dim=(-1, -2)) for j in range(3)], -1).sum(-1)
+    assert torch.allclose(got[:, :, a, b], want / row, atol=1e-6)
+    assert torch.allclose(got.sum(-1), torch.ones(1, 2, 3), atol=1e-5)
+    assert (got[:, :, 0, 1:] == 0).all(), "causal: nothing after the query block"
+
+
+def test_training_raises_block_recall_over_a_random_gate(smollm2):
+    """Distillation on SmolLM2's real attention (the tiny random models attend almost uniformly: a random gate and a
+    trained one both keep 0.654 of the mass there, nothing to learn). Top-2 blocks of 16 on held-out text: same
+    density before and after, more attention mass kept after (CPU, ~25 s)."""
+    s = smollm2.spec
+    texts = profile_texts(smollm2, 256, 5)
+    held_out, texts = texts[4:], texts[:4]
+    start = SeerGates.init(list(range(s.num_layers)), s.num_q_heads, s.num_kv_heads, s.head_dim, BS, seed=3)
+    before = gate_recall(smollm2, start, held_out, topk=2)
+    again = SeerGates.init(list(range(s.num_layers)), s.num_q_heads, s.num_kv_heads, s.head_dim, BS, seed=3)
+    trained = train_gates(smollm2, texts, steps=10, block_size=BS, lr=1e-2, progress=False, gates=again)
+    after = gate_recall(smollm2, trained.gates, held_out, topk=2)
+    mean = lambda d: sum(r for r, _ in d.values()) / len(d)  # noqa: E731
+    assert mean(after) > mean(before) + 0.02, (mean(before), mean(after))
+    assert all(abs(after[i][1] - before[i][1]) < 1e-6 for i in after), "same top-k: same density"
+
+
+def test_gates_round_trip_beside_the_plan(tmp_path):
+    lm = tiny_model("llama")
+    plan = seer_plan(lm, random_gates(lm), topk=2)
+    path = plan.save(tmp_path / "p.json")
+    gfile = gates_path(path)
+    assert gfile.name == "p.gates.safetensors" and gfile.exists()
+    assert plan.meta["seer_gates"]["file"] == gfile.name
+    assert gfile.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle: safetensors starts with its header length
+    loaded = HeadPlan.load(path)
+    for i, g in plan.gates.layers.items():
+        assert torch.equal(loaded.gates.layers[i].wq, g.wq) and torch.equal(loaded.gates.layers[i].wk, g.wk)
+    ids = torch.randint(0, 128, (1, 70))
+    assert torch.equal(Engine(lm, plan, chunk_size=32).logits(ids), Engine(lm, loaded, chunk_size=32).logits(ids))
+    gfile.write_bytes(gfile.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(PlanError, match="sha256"):
+        HeadPlan.load(path)
+    gfile.unlink()
+    with pytest.raises(PlanError, match="do not exist"):
+        HeadPlan.load(path)
+
+
+def test_seer_keeping_every_block_is_dense_and_a_small_topk_is_not():
+    lm = tiny_model("llama")
+    ids = torch.randint(0, 128, (2, 97))
+    dense = Engine(lm, chunk_size=40).logits(ids)
+    every = Engine(lm, seer_plan(lm, random_gates(lm), topk=97), chunk_size=40).logits(ids)
+    assert (every - dense).abs().max().item() <= 1e-4
+    sparse = Engine(lm, seer_plan(lm, random_gates(lm), topk=1), chunk_size=40).logits(ids)
+    assert (sparse - dense).abs().max().item() > 1e-3
+    thresh = Engine(lm, seer_plan(lm, random_gates(lm), topk=0, threshold=0.3), chunk_size=40).logits(ids)
+    assert torch.isfinite(thresh).all()
+
+
+def test_seer_without_its_gate_is_refused():
+    lm = tiny_model("llama")
+    with pytest.raises(PlanError, match="gate"):
+        Engine(lm, seer_plan(lm, None, topk=2)).logits(torch.randint(0, 128, (1, 40)))
+
+
+@pytest.mark.parametrize("bad", [{"topk": 2, "threshold": 0.1}, {"topk": 0}, {"threshold": 1.5, "topk": 0}])
+def test_seer_rejects_bad_parameters(bad):
+    with pytest.raises(PlanError, match="seer"):
+        build_policy({"policy": "seer", "params": bad})
