@@ -103,3 +103,29 @@ def test_seer_without_its_gate_is_refused():
 def test_seer_rejects_bad_parameters(bad):
     with pytest.raises(PlanError, match="seer"):
         build_policy({"policy": "seer", "params": bad})
+
+
+def test_profile_trains_gates_and_writes_them_beside_the_plan(tiny_llama, tmp_path):
+    """The fast profile with ``train_gates`` (and ``act``) on a 2-layer random Llama: the gates travel with the plan,
+    are saved beside it and load back; ACT's choice is recorded."""
+    from headwise.profile.runner import Settings, profile_model
+
+    plan = profile_model(tiny_llama, 1.0, target_len=512, method="mass", full_share=1.0, progress=False,
+                         settings=Settings.fast(prefill_density=0.6), act=True, train_gates=True)
+    assert plan.meta["solution"]["full_heads"], "budget 1.0 ranked by mass: heads stay full and get a pattern search"
+    assert plan.gates is not None and sorted(plan.gates.layers) == [0, 1]
+    assert plan.meta["seer_training"]["steps"] == Settings.fast().seer_steps
+    assert "held_out_loss" in plan.meta["act"]
+    searched = plan.meta["prefill_patterns"]["heads"]
+    assert any(c["policy"]["policy"] == "seer" for h in searched.values() for c in h["candidates"])
+    path = plan.save(tmp_path / "plan.json")
+    assert (tmp_path / "plan.gates.safetensors").exists()
+    assert sorted(HeadPlan.load(path).gates.layers) == [0, 1]
+
+
+def test_train_gates_without_a_pattern_density_is_a_one_line_error(tmp_path, capsys):
+    from headwise.cli import main
+
+    rc = main(["profile", "smollm2-135m", "--budget", "0.25", "-o", str(tmp_path / "p.json"), "--train-gates"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--prefill-patterns" in err and "\n" not in err

@@ -56,6 +56,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--act", action="store_true",
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
                         "held-in and held-out text (docs/profiling.md)")
+    p.add_argument("--train-gates", action="store_true",
+                   help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
+                        "--prefill-patterns search; saved beside the plan as PLAN.gates.safetensors")
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
@@ -78,6 +81,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--quantize")
     if args.act:
         parts.append("--act")
+    if args.train_gates:
+        parts.append("--train-gates")
     if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
     return " ".join(parts)
@@ -110,6 +115,9 @@ def run(args: argparse.Namespace) -> int:
     if args.act and args.from_scores:
         raise InputError("--act measures each full head's loss with and without ACT; it cannot run with --from-scores "
                          "(which measures nothing): drop one of them")
+    if args.train_gates and (args.from_scores or args.prefill_patterns is None):
+        raise InputError("--train-gates needs --prefill-patterns DENSITY (the gate competes with the other prefill "
+                         "patterns at that density) and cannot run with --from-scores")
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
@@ -124,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
-                                 act=args.act)
+                                 act=args.act, train_gates=args.train_gates)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

@@ -27,16 +27,19 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from headwise.kernels.prefill_index import indices_to_mask
 from headwise.metrics import attention_recall
 from headwise.models import LoadedModel
-from headwise.policies import AShape, BlockTopK, Full, Policy, VerticalSlash
+from headwise.policies import AShape, BlockTopK, Full, Policy, Seer, VerticalSlash
+from headwise.policies.seer import SeerGates
 from headwise.profile.probe import Probe, probing
 
 BLOCK = 64
 
 
-def candidates(length: int) -> list[Policy]:
-    """The search grid at ``length`` tokens: budgets as fractions of the number of key blocks."""
+def candidates(length: int, seer: bool = False) -> list[Policy]:
+    """The search grid at ``length`` tokens: budgets as fractions of the number of key blocks (``seer``: also
+    SeerAttention's gate at the block-top-k budgets)."""
     n = max(1, length // BLOCK)
     out: list[Policy] = []
     for frac in (1 / 8, 1 / 4, 1 / 2):
@@ -45,6 +48,8 @@ def candidates(length: int) -> list[Policy]:
         out.append(VerticalSlash(vertical_size=max(1, k * BLOCK // 2), slash_size=max(1, k * BLOCK // 2),
                                  block_size=BLOCK))
         out.append(BlockTopK(topk=k, block_size=BLOCK))
+        if seer:
+            out.append(Seer(topk=k, block_size=BLOCK))
     return out
 
 
@@ -75,8 +80,10 @@ class PatternChoice:
 
 
 def search_patterns(lm: LoadedModel, heads: list[tuple[int, int]], length: int = 1024, density: float = 0.3,
-                    min_recall: float = 0.9, progress: bool = True) -> dict[tuple[int, int], PatternChoice]:
-    """heads: (layer, kv_head) pairs to search (global layers only). Returns the choice for each."""
+                    min_recall: float = 0.9, progress: bool = True,
+                    gates: SeerGates | None = None) -> dict[tuple[int, int], PatternChoice]:
+    """heads: (layer, kv_head) pairs to search (global layers only). Returns the choice for each. With ``gates``
+    (block size ``BLOCK``), SeerAttention's gate competes too."""
     from headwise.data import shakespeare
 
     spec = lm.spec
@@ -89,13 +96,21 @@ def search_patterns(lm: LoadedModel, heads: list[tuple[int, int]], length: int =
     with torch.inference_mode(), probing(lm.model):
         lm.model(input_ids=ids.to(device), headwise_probe=probe, use_cache=False, logits_to_keep=1)
     g = spec.group_size
-    cands = candidates(ids.shape[1])
+    cands = candidates(ids.shape[1], seer=gates is not None)
+    cpu_gates = gates.on("cpu") if gates is not None else None
     out: dict[tuple[int, int], PatternChoice] = {}
     for layer in tqdm(sorted(probe.qk), desc="pattern search", unit="layer", disable=not progress):
         q, k, scale = probe.qk[layer]
         rows = []
         for pol in cands:
-            mask = pol.mask(q, k, 0, scale)  # [Bi, Hi, L, S]
+            if isinstance(pol, Seer):
+                gate = cpu_gates.layer(layer) if cpu_gates is not None else None
+                if gate is None:
+                    continue
+                idx, count = pol.build_index(q, k, 0, scale, gate=gate)
+                mask = indices_to_mask(idx, count, BLOCK, q.shape[2], k.shape[2], 0)
+            else:
+                mask = pol.mask(q, k, 0, scale)  # [Bi, Hi, L, S]
             if mask.shape[1] not in (1, q.shape[1]):
                 mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
             dens = _density(mask).expand(q.shape[1]) if mask.shape[1] == 1 else _density(mask)

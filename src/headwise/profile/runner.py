@@ -61,11 +61,17 @@ class Settings:
     calibrate: bool = True
     """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
     act_length: int = 1024
+    seer_steps: int = 40
+    """SeerAttention gate-training steps (``seer.py``, with ``train_gates=True``), one sequence each."""
+    seer_seq_len: int = 1024
+    """Tokens per gate-training sequence."""
+    seer_time_limit_s: float = 300.0
     """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512, act_length=256)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512, act_length=256, seer_steps=4,
+                   seer_seq_len=256)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
@@ -74,7 +80,7 @@ class Settings:
         probes at five depths."""
         return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
                    duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density,
-                   act_length=2048)
+                   act_length=2048, seer_steps=300, seer_seq_len=4096)
 
 
 class _LayerSeen(Probe):
@@ -197,14 +203,17 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: bool = False, act: bool = False) -> HeadPlan:
+                  full_share: float | None = None, quantize: bool = False, act: bool = False,
+                  train_gates: bool = False) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
     ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
     4 bits (policy ``quantized``) where full does not fit. ``act``: the full heads whose ACT calibration lowers the
-    loss on held-in and held-out text get policy ``act`` (``act.py``)."""
+    loss on held-in and held-out text get policy ``act`` (``act.py``). ``train_gates``: SeerAttention gates are
+    trained (``seer.py``), join the prefill-pattern search (needs ``settings.prefill_density``) and travel with the
+    plan (``HeadPlan.gates``, saved beside it)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -263,12 +272,27 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
+    gates = None
+    if train_gates:
+        from headwise.profile.patterns import BLOCK
+        from headwise.profile.seer import profile_texts
+        from headwise.profile.seer import train_gates as fit_gates
+
+        if settings.prefill_density is None:
+            raise HeadwiseError("training SeerAttention gates needs a prefill-pattern density (--prefill-patterns) "
+                                "for the gate to compete at")
+        t = time.perf_counter()
+        seq = min(settings.seer_seq_len, spec.max_context or settings.seer_seq_len)
+        fit = fit_gates(lm, profile_texts(lm, seq, 8, offset=1), settings.seer_steps, BLOCK, progress=progress,
+                        time_limit_s=settings.seer_time_limit_s)
+        gates = fit.gates.on("cpu")
+        timings["seer_gates_s"] = time.perf_counter() - t
     if settings.prefill_density is not None:
         from headwise.profile.patterns import search_patterns
 
         t = time.perf_counter()
         found = search_patterns(lm, sol.full_heads, settings.pattern_length, settings.prefill_density,
-                                progress=progress)
+                                progress=progress, gates=gates)
         timings["patterns_s"] = time.perf_counter() - t
         for (i, j), choice in found.items():
             policies[i][j] = choice.policy
@@ -320,7 +344,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if settings.prefill_density is not None:
         meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
                                     "heads": pattern_meta}
-    return HeadPlan.from_policies(spec, policies, lm.name, **meta)
+    plan = HeadPlan.from_policies(spec, policies, lm.name, **meta)
+    if gates is not None:
+        plan.meta["seer_training"] = dict(gates.info)
+        plan.gates = gates
+    return plan
 
 
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
