@@ -30,7 +30,7 @@ ROW_BLOCK = 512
 """Query rows whose attention map is materialised at once for the targets."""
 
 
-class _QK(Probe):
+class QKProbe(Probe):
     """Keeps every chosen layer's rotated queries and keys of one forward."""
 
     def __init__(self, layers: set[int]):
@@ -95,7 +95,7 @@ def train_gates(lm: LoadedModel, texts: torch.Tensor, steps: int, block_size: in
     for w in params:
         w.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr)
-    probe = _QK(set(layers))
+    probe = QKProbe(set(layers))
     out = GateTraining(gates)
     t0 = time.perf_counter()
     for step in tqdm(range(steps), desc="SeerAttention gates", unit="step", disable=not progress):
@@ -126,7 +126,7 @@ def train_gates(lm: LoadedModel, texts: torch.Tensor, steps: int, block_size: in
 def gate_recall(lm: LoadedModel, gates: SeerGates, ids: torch.Tensor, topk: int) -> dict[int, tuple[float, float]]:
     """Per gated layer: (attention recall, block density) of ``Seer(topk)``'s index on ``ids: [1, L]``, recall the mean
     over the layer's query heads."""
-    probe = _QK(set(gates.layers))
+    probe = QKProbe(set(gates.layers))
     device = next(lm.model.parameters()).device
     with torch.inference_mode(), probing(lm.model):
         lm.model(input_ids=ids.to(device), headwise_probe=probe, use_cache=False, logits_to_keep=1)
