@@ -10,7 +10,15 @@ from headwise.engine import Engine
 from headwise.errors import PlanError
 from headwise.plan import HeadPlan
 from headwise.policies import Full, Hyper, build_policy
-from headwise.policies.hyper import exact_lse, gray_rank, hyper_causal, hyper_unmasked, merge, relative_error
+from headwise.policies.hyper import (
+    exact_lse,
+    gray_rank,
+    hyper_causal,
+    hyper_unmasked,
+    lsh_buckets,
+    merge,
+    relative_error,
+)
 from tiny import tiny_model
 
 
@@ -43,6 +51,20 @@ def test_causal_recursion_with_blocks_covering_every_key_is_exact(n):
     want, lse_want = exact_lse(q, k, v, 0.25, causal=True)
     got, lse = hyper_causal(q, k, v, 0.25, cfg, cfg.planes(16, 0, "cpu"), torch.Generator().manual_seed(0))
     assert torch.allclose(got, want, atol=1e-5) and torch.allclose(lse, lse_want, atol=1e-4)
+
+
+def test_sorted_blocks_attend_inside_their_block_and_padded_keys_are_masked():
+    """No samples: each query attends exactly the keys of the sorted key block paired with its sorted query block;
+    90 keys in blocks of 32 leave 6 padded slots that must get no weight."""
+    cfg = Hyper(block_size=32, sample_size=0, lsh_bits=3, min_seq_len=16)
+    q, k, v = rand(1, 1, 50, 8), rand(1, 1, 90, 8, seed=1), rand(1, 1, 90, 8, seed=2)
+    planes = cfg.planes(8, 0, "cpu")
+    got, _ = hyper_unmasked(q, k, v, 0.3, cfg, planes, torch.Generator().manual_seed(0))
+    q_block, k_block = torch.empty(50, dtype=torch.long), torch.empty(90, dtype=torch.long)
+    q_block[torch.argsort(lsh_buckets(q, planes)[0, 0], stable=True)] = torch.arange(50) // 17  # 3 blocks of 17
+    k_block[torch.argsort(lsh_buckets(k, planes)[0, 0], stable=True)] = torch.arange(90) // 32
+    want, _ = exact_lse(q, k, v, 0.3, causal=False, key_ok=q_block[:, None] == k_block[None, :])
+    assert torch.allclose(got, want, atol=1e-5)
 
 
 def paired(n=512, D=32, seed=0):

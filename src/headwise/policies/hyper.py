@@ -25,10 +25,10 @@ How this differs from the authors' code: padded keys (sequence lengths that are 
 masked rather than attended as zero vectors; queries are padded to a whole number of blocks per key block (the
 code assumes it divides); the duplicate-entry mask of step 2 is always applied (their CUDA path skips it); the
 bucket order is the *position* in the Gray sequence (their code indexes the Gray sequence by the bucket id, which
-is a different order); GQA key heads are expanded to the query heads. GPU path: the exact causal base problems run
-on PyTorch's flash attention (``aten._scaled_dot_product_flash_attention``, which also returns the log-sum-exp);
-the block and sample parts are batched matrix products over a few heads at a time (no kernel of ours takes an
-arbitrary permutation of keys).
+is a different order); GQA key heads are expanded to the query heads. GPU path: the exact causal base problems, and the sortLSH
+blocks when no key is padded, run on PyTorch's flash attention (``aten._scaled_dot_product_flash_attention``, which
+also returns the log-sum-exp); the sampled part (and blocks with padded keys) are fp32 matrix products over a few
+heads at a time (our block-sparse kernel takes block lists in position order and returns no log-sum-exp).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ import torch
 from headwise.errors import PlanError
 from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.full import Full
-from headwise.policies.sparse_prefill import keeps_full_cache
+from headwise.policies.sparse_prefill import PrefillPattern, keeps_full_cache
 from headwise.policies.stores import DenseStore
 
 log = logging.getLogger(__name__)
@@ -127,12 +127,18 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     for h0 in range(0, H, step):
         hs = slice(h0, min(H, h0 + step))
         qs = q_sorted[:, hs]
-        ob, lb = exact_lse(qs.reshape(B, -1, nb, qb, D), k_sorted[:, hs].reshape(B, -1, nb, kb, D),
-                           v_sorted[:, hs].reshape(B, -1, nb, kb, D), scale, causal=False, key_ok=key_ok)
+        if nb * kb == m:  # no padded key: (query block, key block) pairs as 4-D heads (flash attention on CUDA)
+            ob, lb = exact_lse(qs.reshape(B, -1, qb, D), k_sorted[:, hs].reshape(B, -1, kb, D),
+                               v_sorted[:, hs].reshape(B, -1, kb, D), scale, causal=False)
+        else:
+            ob, lb = exact_lse(qs.reshape(B, -1, nb, qb, D), k_sorted[:, hs].reshape(B, -1, nb, kb, D),
+                               v_sorted[:, hs].reshape(B, -1, nb, kb, D), scale, causal=False, key_ok=key_ok)
         ob, lb = ob.reshape(B, -1, nb * qb, D), lb.reshape(B, -1, nb * qb)
-        not_dup = q_block != (samples[:, hs] // kb)[:, :, None, :]  # a sampled key of the own block is counted once
-        os_, ls = exact_lse(qs, k_sub[:, hs], v_sub[:, hs], scale, causal=False, key_ok=not_dup)
-        o, lsum = merge(ob, lb, os_, ls + math.log(m / cfg.sample_size))
+        o, lsum = ob, lb
+        if cfg.sample_size:
+            not_dup = q_block != (samples[:, hs] // kb)[:, :, None, :]  # a sample of the own block is counted once
+            os_, ls = exact_lse(qs, k_sub[:, hs], v_sub[:, hs], scale, causal=False, key_ok=not_dup)
+            o, lsum = merge(ob, lb, os_, ls + math.log(m / cfg.sample_size))
         inv = torch.argsort(q_order[:, hs], dim=-1)  # back to the queries' own order
         out[:, hs] = _gather_rows(o[:, :, :n], inv)
         lse[:, hs] = lsum[:, :, :n].gather(-1, inv)
@@ -190,6 +196,8 @@ class Hyper(Policy):
                        min_seq_len=self.min_seq_len, seed=self.seed)
         if self.block_size < 1 or self.lsh_bits < 1 or self.lsh_bits > 16:
             raise PlanError("policy 'hyper': 'block_size' must be at least 1 and 'lsh_bits' in 1..16")
+        if isinstance(self.decode, (PrefillPattern, Hyper)):
+            raise PlanError("policy 'hyper': the decode policy cannot itself be a prefill pattern")
         if not isinstance(self.decode, Policy) or not keeps_full_cache(self.decode):
             raise PlanError(f"policy 'hyper': decode policy {getattr(self.decode, 'name', self.decode)!r} must keep "
                             "the full cache (use 'full' or 'page_topk'): HyperAttention prefill reads every token")
