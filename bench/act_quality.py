@@ -1,7 +1,7 @@
 """ACT on a GPU (issue 16): retrieval accuracy and perplexity with and without hidden-sink calibration.
 
     PYTHONPATH=src python3 bench/act_quality.py [--model smollm2-135m] [--act-length 2048] [--lengths 1k,2k]
-        [--samples 100] [--out bench/results]
+        [--samples 100] [--shards 16] [--time-limit 480] [--dtype float32] [--out bench/results]
 
 1. ``profile/act.py`` picks the heads of the dense plan whose calibration lowers the loss on ``--act-length``
    held-in tokens of Shakespeare, and keeps them only if together they lower the loss on the next ``--act-length``
@@ -9,15 +9,21 @@
 2. ``headwise eval`` runs dense and that plan on every generated retrieval task (``--samples`` per task x length
    cell, >= 100 for a result) and the fidelity pseudo-task (perplexity of both by position, KL, top-1 agreement).
 
-If no head helps, step 2 is skipped and the result says so (the plan would be dense). Writes
-``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's summary; the eval's own report is in
-``<out>/act-eval-<model>/``); the last stdout line is the JSON document.
+If no head helps, step 2 is skipped and the result says so (the plan would be dense). With ``--shards N`` the eval
+runs as N ``headwise eval --shard i/N`` processes on the one GPU (each decodes at batch 1) for at most
+``--time-limit`` seconds, then one ``--collect`` run writes the report; a second call resumes (the plan file and the
+eval's rows are reused). Writes ``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's results; the
+eval's own report is in ``<out>/act-eval-<model>/``); the last stdout line is the JSON document.
+
+GPU estimate (H200, SmolLM2): selection ~1 min (90 heads x 2 forwards of 2048 tokens); eval 2 plans x 8 tasks x 2
+lengths x 100 samples ~10-20 min in 16 shards: two calls of ``--time-limit 480``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -38,28 +44,47 @@ def main() -> int:
     ap.add_argument("--act-length", type=int, default=2048)
     ap.add_argument("--lengths", default="1k,2k")
     ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--shards", type=int, default=1, help="parallel eval processes on the GPU (1: in this process)")
+    ap.add_argument("--time-limit", type=int, default=480, help="seconds the shards may run (a later call resumes)")
+    ap.add_argument("--dtype", default=None, help="model dtype (default: the device's)")
     ap.add_argument("--out", default="bench/results")
     args = ap.parse_args()
     t0 = time.perf_counter()
-    lm = load_model(args.model)
+    lm = load_model(args.model, dtype=args.dtype)
     spec = lm.spec
-    dense = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
-    held_in, held_out = act_texts(lm, args.act_length)
-    choice = choose_act_heads(lm, dense, held_in, held_out)
-    select_s = time.perf_counter() - t0
     out = Path(args.out)
     command = "PYTHONPATH=src python3 " + " ".join(sys.argv)
-    results = {"model": lm.name, "act_length": args.act_length, "choice": choice.meta(),
-               "select_s": round(select_s, 1)}
-    if choice.heads:
-        plan = HeadPlan.from_policies(spec, with_act(dense, choice.heads), lm.name, created_by=command,
-                                      act=choice.meta())
-        plan_path = plan.save(out / f"act_{lm.name}.json")
+    plan_path = out / f"act_{lm.name}.json"
+    if plan_path.exists():  # a resumed call: the heads were chosen by the first
+        plan = HeadPlan.load(plan_path)
+        choice_meta = plan.meta["act"]
+    else:
+        dense = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
+        held_in, held_out = act_texts(lm, args.act_length)
+        choice = choose_act_heads(lm, dense, held_in, held_out)
+        choice_meta = choice.meta()
+        if choice.heads:
+            plan = HeadPlan.from_policies(spec, with_act(dense, choice.heads), lm.name, created_by=command,
+                                          act=choice_meta)
+            plan.save(plan_path)
+    results = {"model": lm.name, "act_length": args.act_length, "choice": choice_meta,
+               "select_s": round(time.perf_counter() - t0, 1)}
+    if choice_meta["heads"]:
+        lengths = [parse_length(x) for x in args.lengths.split(",")]
         cfg = EvalConfig(model=args.model, plans=["dense", str(plan_path)], tasks=list(DEFAULT_TASKS),
-                         lengths=[parse_length(x) for x in args.lengths.split(",")], samples=args.samples,
-                         out=out / f"act-eval-{lm.name}", command=command)
-        ev = run_eval(cfg, lm)
-        results.update(plan=str(plan_path), eval_dir=str(cfg.out), eval=ev)
+                         lengths=lengths, samples=args.samples, out=out / f"act-eval-{lm.name}", command=command,
+                         dtype=args.dtype)
+        if args.shards > 1:
+            base = [sys.executable, "-m", "headwise.cli", "eval", args.model, "--plans", f"dense,{plan_path}",
+                    "--lengths", args.lengths, "--samples", str(args.samples), "--out", str(cfg.out), "--no-progress"]
+            base += ["--dtype", args.dtype] if args.dtype else []
+            procs = [subprocess.Popen(["timeout", str(args.time_limit), *base, "--shard", f"{i}/{args.shards}"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                     for i in range(args.shards)]
+            for p in procs:
+                p.wait()
+            cfg.collect_only = True
+        results.update(plan=str(plan_path), eval_dir=str(cfg.out), eval=run_eval(cfg, lm))
     else:
         results["note"] = "no head lowered the loss on held-in and held-out text: ACT stays off for this model"
     results["wall_s"] = round(time.perf_counter() - t0, 1)
