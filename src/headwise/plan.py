@@ -134,6 +134,8 @@ class HeadPlan:
             gp = gates_path(p)
             self.meta["seer_gates"] = {"file": gp.name, "sha256": self.gates.save(gp),
                                        "block_size": self.gates.block_size, "layers": sorted(self.gates.layers)}
+        else:
+            self.meta.pop("seer_gates", None)  # no gates travel with this plan: name no file
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
         try:
             with os.fdopen(fd, "w") as fh:

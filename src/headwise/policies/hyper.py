@@ -28,7 +28,8 @@ bucket order is the *position* in the Gray sequence (their code indexes the Gray
 is a different order); GQA key heads are expanded to the query heads. GPU path: the exact causal base problems, and the sortLSH
 blocks when no key is padded, run on PyTorch's flash attention (``aten._scaled_dot_product_flash_attention``, which
 also returns the log-sum-exp); the sampled part (and blocks with padded keys) are fp32 matrix products over a few
-heads at a time (our block-sparse kernel takes block lists in position order and returns no log-sum-exp).
+heads at a time (our block-sparse kernel takes block lists in position order and returns no log-sum-exp). Without
+``use_kernels`` every piece is the fp32 reference.
 """
 
 from __future__ import annotations
@@ -53,12 +54,12 @@ HEAD_CHUNK_ELEMENTS = 2**28
 
 # ---------------------------------------------------------------------------------------------- pieces
 def exact_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool,
-              key_ok: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              key_ok: torch.Tensor | None = None, flash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with its log-sum-exp: q [..., n, D], k, v [..., m, D] (same leading dims); ``causal`` aligns
     the last query with the last key; ``key_ok`` bool broadcastable to [..., n, m] masks entries. Returns out fp32
-    [..., n, D] and lse fp32 [..., n] (-inf and zeros for rows with nothing to attend). On CUDA, an unmasked fp16/bf16
-    problem runs on PyTorch's flash attention."""
-    if (q.is_cuda and key_ok is None and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4
+    [..., n, D] and lse fp32 [..., n] (-inf and zeros for rows with nothing to attend). On CUDA with ``flash``, an
+    unmasked fp16/bf16 problem runs on PyTorch's flash attention; otherwise (the reference) fp32 matrix products."""
+    if (flash and q.is_cuda and key_ok is None and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4
             and q.shape[-1] <= 256 and (not causal or q.shape[-2] == k.shape[-2])):
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
         return out.float(), lse.float()
@@ -102,13 +103,13 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cfg: Hyper,
-                   planes: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   planes: torch.Tensor, gen: torch.Generator, flash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of the module docstring. q [B, H, n, D]; k, v [B, H, m, D] (heads matched). Returns out fp32
-    [B, H, n, D], lse fp32 [B, H, n]; exact when ``n < min_seq_len``."""
+    [B, H, n, D], lse fp32 [B, H, n]; exact when ``n < min_seq_len``. ``flash``: ``exact_lse``'s fast path."""
     B, H, n, D = q.shape
     m = k.shape[2]
     if n < cfg.min_seq_len or m <= cfg.block_size:
-        return exact_lse(q, k, v, scale, causal=False)
+        return exact_lse(q, k, v, scale, causal=False, flash=flash)
     q_order = torch.argsort(lsh_buckets(q, planes), dim=-1, stable=True)
     k_order = torch.argsort(lsh_buckets(k, planes), dim=-1, stable=True)
     nb = -(-m // cfg.block_size)
@@ -129,7 +130,7 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         qs = q_sorted[:, hs]
         if nb * kb == m:  # no padded key: (query block, key block) pairs as 4-D heads (flash attention on CUDA)
             ob, lb = exact_lse(qs.reshape(B, -1, qb, D), k_sorted[:, hs].reshape(B, -1, kb, D),
-                               v_sorted[:, hs].reshape(B, -1, kb, D), scale, causal=False)
+                               v_sorted[:, hs].reshape(B, -1, kb, D), scale, causal=False, flash=flash)
         else:
             ob, lb = exact_lse(qs.reshape(B, -1, nb, qb, D), k_sorted[:, hs].reshape(B, -1, nb, kb, D),
                                v_sorted[:, hs].reshape(B, -1, nb, kb, D), scale, causal=False, key_ok=key_ok)
@@ -146,18 +147,18 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
 
 
 def hyper_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cfg: Hyper,
-                 planes: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                 planes: torch.Tensor, gen: torch.Generator, flash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal HyperAttention of ``q, k, v: [B, H, n, D]`` (same positions) by recursive halving. Returns out fp32
     [B, H, n, D], lse fp32 [B, H, n]."""
     B, H, n, D = q.shape
     if n <= cfg.min_seq_len:
-        return exact_lse(q, k, v, scale, causal=True)
+        return exact_lse(q, k, v, scale, causal=True, flash=flash)
     if n % 2:  # a zero row at the end: only the padded query (dropped) can see the padded key
         q, k, v = (torch.nn.functional.pad(x, (0, 0, 0, 1)) for x in (q, k, v))
     half = q.shape[2] // 2
-    o_bd, l_bd = hyper_causal(*(x.reshape(B, 2 * H, half, D) for x in (q, k, v)), scale, cfg, planes, gen)
+    o_bd, l_bd = hyper_causal(*(x.reshape(B, 2 * H, half, D) for x in (q, k, v)), scale, cfg, planes, gen, flash)
     o_bd, l_bd = o_bd.reshape(B, H, 2 * half, D), l_bd.reshape(B, H, 2 * half)
-    o_low, l_low = hyper_unmasked(q[:, :, half:], k[:, :, :half], v[:, :, :half], scale, cfg, planes, gen)
+    o_low, l_low = hyper_unmasked(q[:, :, half:], k[:, :, :half], v[:, :, :half], scale, cfg, planes, gen, flash)
     o_down, l_down = merge(o_bd[:, :, half:], l_bd[:, :, half:], o_low, l_low)
     out = torch.cat([o_bd[:, :, :half], o_down], dim=2)[:, :, :n]
     lse = torch.cat([l_bd[:, :, :half], l_down], dim=2)[:, :, :n]
@@ -225,17 +226,17 @@ class Hyper(Policy):
         return torch.randn(head_dim, self.lsh_bits, generator=g).to(device)
 
     def approximate(self, q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float,
-                    layer: int = 0) -> torch.Tensor:
+                    layer: int = 0, flash: bool = True) -> torch.Tensor:
         """The chunk's attention: q [B, Hq, L, D] at positions ``start ..``; keys, values [B, Hkv, start + L, D].
-        Returns [B, Hq, L, D] in q's dtype."""
+        Returns [B, Hq, L, D] in q's dtype. ``flash``: exact pieces on PyTorch's flash attention where it applies."""
         r = q.shape[1] // keys.shape[1]
         k = keys.repeat_interleave(r, dim=1) if r > 1 else keys
         v = values.repeat_interleave(r, dim=1) if r > 1 else values
         planes = self.planes(q.shape[-1], layer, q.device)
         gen = torch.Generator(device=q.device).manual_seed(self.seed * 1_000_003 + layer * 65_537 + start)
-        out, lse = hyper_causal(q, k[:, :, start:], v[:, :, start:], scale, self, planes, gen)
+        out, lse = hyper_causal(q, k[:, :, start:], v[:, :, start:], scale, self, planes, gen, flash)
         if start > 0:
-            o_pre, l_pre = hyper_unmasked(q, k[:, :, :start], v[:, :, :start], scale, self, planes, gen)
+            o_pre, l_pre = hyper_unmasked(q, k[:, :, :start], v[:, :, :start], scale, self, planes, gen, flash)
             out, lse = merge(out, lse, o_pre, l_pre)
         return out.to(q.dtype)
 
@@ -249,4 +250,4 @@ class Hyper(Policy):
             raise PlanError("policy 'hyper': the decode policy's store must keep every token")
         store.append(k, v)
         keys, values = store.view()
-        return self.approximate(q, keys, values, ctx.start, ctx.scale, ctx.layer_idx)
+        return self.approximate(q, keys, values, ctx.start, ctx.scale, ctx.layer_idx, flash=ctx.use_kernels)

@@ -132,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
-                                 act=args.act, train_gates=args.train_gates)
+                                 act=args.act, train_seer_gates=args.train_gates)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

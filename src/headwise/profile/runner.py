@@ -62,7 +62,7 @@ class Settings:
     """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
     act_length: int = 1024
     seer_steps: int = 40
-    """SeerAttention gate-training steps (``seer.py``, with ``train_gates=True``), one sequence each."""
+    """SeerAttention gate-training steps (``seer.py``, with ``train_seer_gates=True``), one sequence each."""
     seer_seq_len: int = 1024
     """Tokens per gate-training sequence."""
     seer_time_limit_s: float = 300.0
@@ -204,14 +204,14 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: bool = False, act: bool = False,
-                  train_gates: bool = False) -> HeadPlan:
+                  train_seer_gates: bool = False) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
     ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
     4 bits (policy ``quantized``) where full does not fit. ``act``: the full heads whose ACT calibration lowers the
-    loss on held-in and held-out text get policy ``act`` (``act.py``). ``train_gates``: SeerAttention gates are
+    loss on held-in and held-out text get policy ``act`` (``act.py``). ``train_seer_gates``: SeerAttention gates are
     trained (``seer.py``), join the prefill-pattern search (needs ``settings.prefill_density``) and travel with the
     plan (``HeadPlan.gates``, saved beside it)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
@@ -273,7 +273,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
     gates = None
-    if train_gates:
+    if train_seer_gates:
         from headwise.profile.patterns import BLOCK
         from headwise.profile.seer import profile_texts
         from headwise.profile.seer import train_gates as fit_gates
@@ -413,7 +413,8 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         "full_share": full_share,
         "solution": sol.info(),
     })
-    meta.pop("prefill_patterns", None)
+    for key in ("prefill_patterns", "seer_gates", "seer_training"):  # patterns (and their gates) are not re-solved
+        meta.pop(key, None)
     return HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta)
 
 
