@@ -14,7 +14,8 @@ HyperAttention (Han et al., 2023, https://arxiv.org/abs/2310.05869; code: github
 
 Causal attention (``hyper_causal``): split the sequence in halves; the two diagonal halves are causal problems
 (recursively), the lower-left quarter is unmasked (step 1-3); a problem of at most ``min_seq_len`` queries is
-computed exactly (so prompts up to ``2 * min_seq_len`` tokens are exact with the default 4096).
+computed exactly, and an unmasked one of fewer queries too (so prompts shorter than ``2 * min_seq_len`` tokens, 8192
+with the default, are exact).
 
 Chunked prefill: a chunk's queries attend the chunk causally (``hyper_causal``) and every earlier token without a
 mask (``hyper_unmasked``), merged. Decode and storage are the ``decode`` policy's, which must keep every token
