@@ -186,7 +186,9 @@ def random_baseline(spec: Any, reference: HeadPlan, name: str, seed: int = 0) ->
         rng.shuffle(heads)
         for (i, j), h in zip(slots, heads):
             rows[i][j] = dict(h)
-    return _plan(spec, rows, name, f"random placement of {reference.meta.get('created_by', 'the plan')}'s policies")
+    plan = _plan(spec, rows, name, f"random placement of {reference.meta.get('created_by', 'the plan')}'s policies")
+    plan.gates = reference.gates  # a SeerAttention gate covers every head of its layer, wherever a seer head lands
+    return plan
 
 
 def _load_plan_file(item: str, lm: Any) -> HeadPlan:
