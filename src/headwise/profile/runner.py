@@ -6,11 +6,14 @@ Which score decides which heads stay full (``method``):
 * ``duo`` — DuoAttention gates (``duo.py``), one per KV head already;
 * ``razor`` — RazorAttention max(echo, induction) (``razor.py``), max over the group;
 * ``mass`` — attention mass a head loses under ``streaming(64, 256)`` at the longest profiled length
-  (``mass.py``), max over the group.
+  (``mass.py``), max over the group;
+* ``ablation`` — the order in which backward elimination on held-in retrieval probes switches heads to streaming
+  (``ablate.py``): measured retrieval loss of the plan itself, not a per-head proxy.
 
 Max over the group because the query heads of a KV head share its cache: one retrieving query head is
 enough to need the whole context. The retrieval, mass and echo/induction scores are always measured (they
-are cheap and go in the plan's metadata and picture); the DuoAttention gates only with ``method="duo"``.
+are cheap and go in the plan's metadata and picture); the DuoAttention gates only with ``method="duo"``, the
+ablation only with ``method="ablation"``.
 Streaming spans always come from the mass profile (``solver.py``).
 """
 
@@ -30,7 +33,7 @@ from headwise.profile.probe import Probe, probing
 from headwise.profile.solver import check_budget, solve
 from headwise.spec import ModelSpec
 
-METHODS = ("retrieval", "duo", "razor", "mass")
+METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
 docs/results.md hold the GPU evaluation behind the choice)."""
@@ -60,10 +63,16 @@ class Settings:
     pattern_length: int = 1024
     calibrate: bool = True
     """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
+    ablation_probes: int = 8
+    """Retrieval probes per length (the target length and twice it) the ablation ranking is measured on
+    (``ablate.py``; only those dense answers exactly count)."""
+    ablation_drop: float = 0.15
+    ablation_time_limit_s: float = 600.0
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512)
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
+                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
@@ -71,7 +80,8 @@ class Settings:
         has flattened well before on the bundled models: the curve is in the plan's ``meta.duo``), retrieval
         probes at five depths."""
         return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
-                   duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density)
+                   duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density,
+                   ablation_probes=48, ablation_time_limit_s=300.0)
 
 
 class _LayerSeen(Probe):
@@ -231,6 +241,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "mass": group_max(mass.streaming_loss(), g),
     }
     duo_meta: dict[str, Any] = {}
+    ablation_meta: dict[str, Any] = {}
     if method == "duo":
         from headwise.profile.duo import train_gates
 
@@ -244,6 +255,18 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "batch": settings.duo_batch,
                     "first_loss": duo.losses[0], "last_loss": duo.losses[-1],
                     "loss_curve": {str(i): round(duo.losses[i], 5) for i in range(0, len(duo.losses), every)}}
+    if method == "ablation":
+        from headwise.profile.ablate import ablation_ranking
+        from headwise.profile.select import probe_set
+
+        t = time.perf_counter()
+        abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
+                                             seed=ABLATION_SEED),
+                               drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
+                               progress=progress)
+        timings["ablation_s"] = time.perf_counter() - t
+        kv_scores["ablation"] = abl.score
+        ablation_meta = abl.meta()
     t = time.perf_counter()
     spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
     timings["layer_sensitivity_s"] = time.perf_counter() - t
@@ -297,6 +320,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "span_recall_target_len": target_len,
         **spans.meta(),
     }
+    if ablation_meta:
+        meta["ablation"] = ablation_meta
     if duo_meta:
         meta["duo"] = duo_meta
     if selection:
@@ -307,18 +332,28 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     return HeadPlan.from_policies(spec, policies, lm.name, **meta)
 
 
+ABLATION_SEED = 2_000_003
+"""Seed of the ablation's probes: not the selection's (``select.probe_set``'s default), so the share of the budget
+for full heads is chosen on probes the ranking was not fitted to."""
+
+
+def probe_lengths(spec: ModelSpec, target_len: int) -> list[int]:
+    """Lengths the held-in probes run at: the target length and twice it, within the model's context."""
+    limit = spec.max_context or 2 * target_len
+    return sorted({min(target_len, limit - 32), min(2 * target_len, limit - 32)})
+
+
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
             spans: Spans, n_probes: int, quantize: bool = False) -> tuple[Any, str, float, dict[str, Any]]:
     """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
     from headwise.profile.select import Candidate, probe_set, select
 
     spec = lm.spec
-    rankings = [method] + [m for m in ("duo", "retrieval") if m != method and m in kv_scores]
+    rankings = [method] + [m for m in ("ablation", "duo", "retrieval") if m != method and m in kv_scores]
     cands = [Candidate(r, f, solve(spec, kv_scores[r], budget, target_len, spans.value, full_share=f,
                                    quantize=quantize))
              for r in rankings for f in SELECT_SHARES]
-    limit = spec.max_context or 2 * target_len
-    lengths = sorted({min(target_len, limit - 32), min(2 * target_len, limit - 32)})
+    lengths = probe_lengths(spec, target_len)
     probes = probe_set(lm.tokenizer, lengths, n_probes)
     best, dense = select(lm, cands, probes)
     info = {"probes_per_length": n_probes, "lengths": lengths, "dense_probe_accuracy": round(dense, 4),
