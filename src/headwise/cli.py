@@ -17,6 +17,7 @@ from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
 from headwise.model_args import add_model_args, load_from_args
+from headwise.tp import add_tp_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -95,9 +96,13 @@ def _read_prompt(path: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from headwise.engine import Engine, SamplingParams
+    from headwise import tp
+    from headwise.engine import SamplingParams
     from headwise.plan import HeadPlan
 
+    if tp.is_other_rank(args):  # another rank of --tp: rank 0 reads the prompt and drives this one
+        with tp.loaded(args):
+            return 0
     if args.prompt_file is None and args.prompt is None:
         raise InputError("give the prompt with --prompt-file FILE (or --prompt TEXT)")
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
@@ -107,7 +112,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = load_from_args(args)
+    with tp.loaded(args, plan) as lm:
+        assert lm is not None
+        return _generate(args, lm, plan, prompt, params)
+
+
+def _generate(args: argparse.Namespace, lm: Any, plan: Any, prompt: str, params: Any) -> int:
+    from headwise.engine import Engine
+
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
     engine = Engine(lm, plan, chunk_size=args.chunk_size, cuda_graphs=graphs)
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
@@ -277,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the statistics line")
     p.add_argument("--stats-json", help="also write the statistics as JSON to this file")
+    add_tp_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="make or show head plans")

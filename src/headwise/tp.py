@@ -147,14 +147,20 @@ class TPGroup:
         return int(t.item())
 
     # ------------------------------------------------------------------ the end
+    def stop(self) -> None:
+        """Rank 0: end the other ranks' ``serve_ranks`` (their mirrors go); this group can drive again later."""
+        self.driver = False
+        self._announced.clear()
+        self._plans_sent.clear()
+        self.send({"op": "stop", "free": [], "new": {}, "state": [], "args": {}})
+
     def close(self) -> None:
         """Stop the other ranks (rank 0 of a driven run), leave the process group, reap spawned ranks."""
         import torch.distributed as dist
 
         try:
             if self.driver:
-                self.driver = False
-                self.send({"op": "stop", "free": [], "new": {}, "state": [], "args": {}})
+                self.stop()
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
