@@ -7,7 +7,6 @@ import random
 
 import pytest
 import torch
-from tiny import ARCHS, tiny_model
 
 from headwise.cli import main
 from headwise.engine import Engine
@@ -18,6 +17,7 @@ from headwise.policies import Full, Streaming
 from headwise.policies.tidal import tidal_policies
 from headwise.spec import ModelSpec
 from headwise.tp import permute_kv_heads
+from tiny import ARCHS, tiny_model
 
 LLAMA3_8B = ModelSpec("llama", 32, 32, 8, 128, 131072, (None,) * 32)
 

@@ -122,21 +122,75 @@ def test_two_ranks_over_gloo_give_the_logits_of_one_process(model_dir, tmp_path)
     assert res["naive/dense/kv_bytes"] == res["balanced/dense/kv_bytes"]
 
 
-def test_generate_with_tp_2_spawns_a_rank_and_gives_the_tokens_of_one_process(model_dir, tmp_path):
-    spec = ModelSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(model_dir))
-    plan_path = mixed_plan(spec).save(tmp_path / "mixed.json")
+def _env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1"}
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
+    return env
 
-    def generate(*extra: str) -> str:
-        cmd = [sys.executable, "-m", "headwise.cli", "generate", str(model_dir), "--plan", str(plan_path),
-               "--prompt", "The pass key is 71432. Remember it. The pass key is", "--max-new-tokens", "12",
-               "--chunk-size", "8", *extra]
-        run = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-        assert run.returncode == 0, run.stderr
-        return run.stdout
 
-    one = generate()
-    two = generate("--tp", "2")
-    assert two == one and len(one.strip()) > 0
+def _greedy_texts(path: Path, plan: HeadPlan, prompts: list[str], n: int) -> list[str]:
+    from headwise.models import _load_dir
+    from headwise.sequence import SamplingParams
+
+    model, tok = _load_dir(path, torch.float32, "cpu")
+    engine = Engine(LoadedModel("tiny", model, tok, ModelSpec.from_config(model.config), str(path)), plan,
+                    chunk_size=8)
+    return ["".join(ev.text for ev in engine.generate(p, SamplingParams(max_new_tokens=n))) for p in prompts]
+
+
+PROMPTS = ["The pass key is 71432. Remember it. The pass key is", "Once upon a time", "A B C D E F G H I J K L M"]
+
+
+def test_generate_with_tp_2_spawns_a_rank_and_gives_the_tokens_of_one_process(model_dir, tmp_path):
+    spec = ModelSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(model_dir))
+    plan = mixed_plan(spec)
+    cmd = [sys.executable, "-m", "headwise.cli", "generate", str(model_dir), "--plan", str(plan.save(tmp_path / "p.json")),
+           "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--chunk-size", "8", "--tp", "2"]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert "per-rank KV" in run.stderr  # rank 0 said how it placed the heads
+    assert run.stdout == _greedy_texts(model_dir, plan, PROMPTS[:1], 12)[0] + "\n"
+
+
+@pytest.mark.slow
+def test_server_on_rank_0_drives_the_other_rank(model_dir, tmp_path):
+    """Concurrent requests (packed into shared forwards) to ``serve --tp 2`` get one process's greedy tokens; SIGTERM
+    ends both ranks."""
+    import json
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    spec = ModelSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(model_dir))
+    plan = mixed_plan(spec)
+    port = _free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "headwise.cli", "serve", str(model_dir), "--port", str(port),
+                             "--plan", str(plan.save(tmp_path / "p.json")), "--chunk-size", "8", "--tp", "2"],
+                            env=_env(), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/v1/completions"
+    try:
+        for _ in range(150):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2)
+                break
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                time.sleep(1)
+        texts: dict[int, str] = {}
+
+        def ask(i: int) -> None:
+            body = json.dumps({"model": str(model_dir), "prompt": PROMPTS[i], "max_tokens": 8, "temperature": 0})
+            req = urllib.request.Request(url, body.encode(), {"content-type": "application/json"})
+            texts[i] = json.loads(urllib.request.urlopen(req, timeout=120).read())["choices"][0]["text"]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(PROMPTS))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert [texts[i] for i in range(len(PROMPTS))] == _greedy_texts(model_dir, plan, PROMPTS, 8)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
