@@ -132,3 +132,29 @@ def test_plan_show_and_balance_cli(tmp_path, capsys):
     assert back.kv_order(2) is not None and back.kv_order(4) is not None
     assert main(["plan", "show", str(src), "--tp", "3"]) == 2
     assert "does not divide" in capsys.readouterr().err
+
+
+def test_solver_keeps_a_multiple_of_the_ranks_full_and_stays_in_budget():
+    from headwise.profile.solver import solve
+
+    scores = torch.rand(32, 8, generator=torch.Generator().manual_seed(0))
+    plain, ranked = solve(LLAMA3_8B, scores, 0.25, 131072), solve(LLAMA3_8B, scores, 0.25, 131072, ranks=4)
+    assert len(plain.full_heads) % 4 != 0 and len(ranked.full_heads) % 4 == 0
+    assert set(ranked.full_heads) < set(plain.full_heads)  # the lowest-scoring extra ones went
+    assert ranked.kv_tokens <= ranked.cap_tokens
+    plan = HeadPlan.from_policies(LLAMA3_8B, ranked.policies)
+    assert measure(plan, LLAMA3_8B, 4, 131072, balance(plan, LLAMA3_8B, 4, 131072)).spread <= 0.05
+
+
+def test_profile_from_scores_with_tp_records_a_placement(smollm2, tmp_path):
+    from pathlib import Path
+
+    from headwise.profile.runner import resolve_from_scores
+
+    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m.json")
+    plan = resolve_from_scores(smollm2, source, 0.25, source.meta["target_len"], source.meta["method"],
+                               full_share=1.0, ranks=3)
+    assert plan.counts().get("full", 0) % 3 == 0 and plan.kv_order(3) is not None
+    assert plan.kv_fraction(smollm2.spec, source.meta["target_len"]) <= 0.25
+    placed = measure(plan, smollm2.spec, 3, source.meta["target_len"], plan.kv_order(3))
+    assert placed.spread <= measure(plan, smollm2.spec, 3, source.meta["target_len"]).spread
