@@ -194,3 +194,20 @@ def test_server_on_rank_0_drives_the_other_rank(model_dir, tmp_path):
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=120) == 0
+
+
+@pytest.mark.slow
+def test_tp_decode_bench_runs_at_tiny_shapes_over_two_ranks(tmp_path):
+    """bench/tp_decode.py's CPU dry run (the GPU command at tiny shapes, gloo): every layout fits and is timed."""
+    import json
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "tp_decode.py"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script),
+           "--tiny", "--weights", str(tmp_path / "w"), "--out", str(tmp_path), "--steps", "2", "--warmup", "1"]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    doc = json.loads(run.stdout.strip().splitlines()[-1])
+    runs = doc["results"]["runs"]
+    assert doc["results"]["tp"] == 2 and all(runs[k]["fits"] for k in ("dense/naive", "25/naive", "25/balanced"))
+    naive, placed = runs["25/naive"]["rank_kv_bytes"], runs["25/balanced"]["rank_kv_bytes"]
+    assert max(placed) - min(placed) < max(naive) - min(naive)  # the stores the ranks really hold evened out

@@ -123,15 +123,20 @@ def _transformers() -> Any:
 
 
 def _load_dir(path: Path, dtype: torch.dtype, device: str | None, gguf_file: str | None = None,
-              **extra: Any) -> tuple[Any, Any]:
-    """Tokenizer and model of ``path`` on ``device`` (None: where ``extra``, e.g. a ``distributed_config``, puts it)."""
+              tokenizer: bool = True, **extra: Any) -> tuple[Any, Any]:
+    """Tokenizer (None with ``tokenizer=False``) and model of ``path`` on ``device`` (None: where ``extra``, e.g. a
+    ``distributed_config``, puts it)."""
     tf = _transformers()
     kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "local_files_only": True, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True) if gguf_file \
-            else tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if not tokenizer:
+            tok = None
+        elif gguf_file:
+            tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
+        else:
+            tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as exc:
         raise ModelLoadError(f"missing package to read {path}: {exc}") from None
@@ -145,7 +150,7 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str | None, gguf_file: str
     model.eval()
     if device is not None:
         model.to(device)
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
+    if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return model, tok
 

@@ -315,14 +315,15 @@ def _setup(args: argparse.Namespace, tp: int, plan: HeadPlan | None) -> dict[str
 
 
 def load_share(name: str, path: str, source: str, dtype: torch.dtype, group: TPGroup,
-               order: Order | None = None) -> LoadedModel:
+               order: Order | None = None, tokenizer: bool = True) -> LoadedModel:
     """This rank's share of the model in ``path`` (every rank calls it), its KV heads re-indexed by ``order``."""
     from transformers.distributed import DistributedConfig
 
     from headwise.models import LoadedModel, _load_dir
     from headwise.spec import ModelSpec
 
-    model, tok = _load_dir(Path(path), dtype, None, distributed_config=DistributedConfig(tp_size=group.size))
+    model, tok = _load_dir(Path(path), dtype, None, tokenizer=tokenizer,
+                           distributed_config=DistributedConfig(tp_size=group.size))
     spec = ModelSpec.from_config(model.config)
     if order is not None:
         permute_kv_heads(model, order, spec)
