@@ -211,3 +211,13 @@ def test_tp_decode_bench_runs_at_tiny_shapes_over_two_ranks(tmp_path):
     assert doc["results"]["tp"] == 2 and all(runs[k]["fits"] for k in ("dense/naive", "25/naive", "25/balanced"))
     naive, placed = runs["25/naive"]["rank_kv_bytes"], runs["25/balanced"]["rank_kv_bytes"]
     assert max(placed) - min(placed) < max(naive) - min(naive)  # the stores the ranks really hold evened out
+
+
+def test_tp_that_does_not_split_the_heads_is_a_one_line_error(model_dir, capsys):
+    """--tp 3 over 4 KV heads: the command says why and exits 2 before it starts any other rank."""
+    from headwise.cli import main
+
+    assert main(["generate", str(model_dir), "--prompt", "hi", "--tp", "3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("headwise: error: tensor parallelism over 3 ranks splits whole heads")
+    assert "WORLD_SIZE" not in os.environ  # nothing was started

@@ -161,6 +161,8 @@ class TPGroup:
         try:
             if self.driver:
                 self.stop()
+        except Exception as exc:  # e.g. Ctrl-C reached the other ranks too, and they are gone
+            log.warning("could not tell the other tensor-parallel ranks to stop (%s)", exc)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
@@ -340,17 +342,21 @@ def loaded(args: argparse.Namespace, plan: HeadPlan | None = None) -> Iterator[L
     stopped them (the command then returns). The ranks are stopped and the process group left on exit."""
     from headwise.model_args import load_from_args
 
-    group = start(getattr(args, "tp", 1), getattr(args, "argv", sys.argv[1:]))
+    n = getattr(args, "tp", 1)
+    # Spawning the ranks ourselves: check the model, the rank count and the plan before any rank starts.
+    setup = _setup(args, n, plan) if n > 1 and "WORLD_SIZE" not in os.environ else None
+    group = start(n, getattr(args, "argv", sys.argv[1:]))
     if group is None:
         yield load_from_args(args)
         return
     try:
         if group.rank == 0:
-            try:
-                setup = _setup(args, group.size, plan)
-            except HeadwiseError as exc:
-                group.send({"error": str(exc)})
-                raise
+            if setup is None:
+                try:
+                    setup = _setup(args, group.size, plan)
+                except HeadwiseError as exc:
+                    group.send({"error": str(exc)})
+                    raise
             group.send(setup)
         else:
             setup = group.receive()
