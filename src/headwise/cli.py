@@ -214,7 +214,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         spec = _plan_spec(plan, args.model) if tps else None
         for tp in tps:
             check_tp(spec, tp)
-        at = args.at or (default_at(spec) if spec is not None else 0)
+        at = args.at or int(plan.meta.get("target_len") or 0) or (default_at(spec) if spec is not None else 0)
         if args.plan_cmd == "balance":
             if not tps:
                 raise InputError("give the rank counts to balance for: --tp N (repeatable)")
@@ -255,7 +255,8 @@ def _add_rank_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--tp", type=int, action="append",
                    help="tensor-parallel rank count (repeatable): per-rank KV bytes, naive split vs balanced")
     q.add_argument("--at", type=int, default=None,
-                   help="context length of the KV figures (default: the model's context, at most 131072)")
+                   help="context length of the KV figures (default: the plan's target length, else the model's "
+                        "context, at most 131072)")
     q.add_argument("--model", default=None,
                    help="read the model's config for native sliding windows (default: the plan's header, every "
                         "layer global)")

@@ -115,7 +115,7 @@ class TPGroup:
             uid, plan = entry
             if uid not in self._announced:
                 digest = plan.digest()
-                new[uid] = {"batch": c.batch, "digest": digest,
+                new[uid] = {"batch": c.batch, "digest": digest, "use_kernels": c.use_kernels,
                             "plan": None if digest in self._plans_sent else plan.to_dict()}
                 self._plans_sent.add(digest)
                 self._announced.add(uid)
@@ -400,6 +400,7 @@ def serve_ranks(engine: Engine, group: TPGroup) -> None:
             if new["plan"] is not None:
                 plans[new["digest"]] = HeadPlan.from_dict(new["plan"])
             caches[uid] = engine.new_cache(new["batch"], plan=plans[new["digest"]])
+            caches[uid].use_kernels = new["use_kernels"]  # the same attention path as rank 0's cache
         targets = []
         for uid, step, reserved in msg["state"]:
             cache = caches[uid]
