@@ -18,7 +18,7 @@ random head scores (seed 0; 63 full KV heads of 256, the rest streaming), as ben
     python bench/tp_decode.py --weights /tmp/llama3-8b-random --out bench/results
     torchrun --standalone --nproc-per-node 2 bench/tp_decode.py --weights /tmp/llama3-8b-random --out bench/results
     python bench/tp_decode.py --summary bench/results/tp_decode_tp1_<date>.json bench/results/tp_decode_tp2_<date>.json
-    # CPU dry run of the script itself (tiny shapes, gloo):
+    # CPU dry run of the script itself (tiny shapes, gloo; add --kernels with TRITON_INTERPRET=1 for the GPU's path):
     torchrun --standalone --nproc-per-node 2 bench/tp_decode.py --tiny --weights /tmp/tiny-random --out /tmp
 
 The last stdout line of a run is its JSON document (also ``OUT/tp_decode_tp<N>_<date>.json``, rank 0).
@@ -109,7 +109,7 @@ def _gather(group: tp.TPGroup | None, value: Any) -> list[Any]:
 
 def run_one(lm: LoadedModel, group: tp.TPGroup | None, plan: HeadPlan, args: argparse.Namespace) -> dict[str, Any]:
     """Time decode steps of a batch-``args.batch`` cache under ``plan`` (this rank's share)."""
-    engine = Engine(lm, plan)
+    engine = Engine(lm, plan, use_kernels=True if args.kernels else None)
     device = lm.device
     cache: HeadwiseCache | None = None
     try:
@@ -180,6 +180,8 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=0.25)
     ap.add_argument("--plans", default="dense,25", help="dense,25 (default both)")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes (4 layers, hidden 128): a CPU dry run")
+    ap.add_argument("--kernels", action="store_true",
+                    help="the Triton decode kernels also off CUDA (a CPU dry run with TRITON_INTERPRET=1)")
     ap.add_argument("--summary", nargs="+", metavar="RESULT", help="compare result files (TP 1 and TP N) and stop")
     args = ap.parse_args()
     if args.summary:
