@@ -39,8 +39,8 @@ AT = 131072
 def llama3_plan(seed: int, ranks: int = 1, budget: float = 0.25) -> HeadPlan:
     scores = torch.rand(LLAMA3_8B.num_layers, LLAMA3_8B.num_kv_heads, generator=torch.Generator().manual_seed(seed))
     sol = solve(LLAMA3_8B, scores, budget, AT, ranks=ranks)
-    return HeadPlan.from_policies(LLAMA3_8B, sol.policies, "llama3-8b-shape", budget=budget, scores=f"uniform seed {seed}",
-                                  ranks=ranks)
+    return HeadPlan.from_policies(LLAMA3_8B, sol.policies, "llama3-8b-shape", budget=budget,
+                                  scores=f"uniform seed {seed}", ranks=ranks)
 
 
 def spec_of(plan: HeadPlan) -> ModelSpec:

@@ -165,7 +165,8 @@ def summary(paths: list[str]) -> None:
             if n > 1 and ref.get("fits"):
                 out[f"tp{n}/{key} vs tp1"] = round(r["tokens_per_s"] / ref["tokens_per_s"], 3)
             if key.endswith("/balanced") and runs.get(f"{plan}/naive", {}).get("fits"):
-                out[f"tp{n}/{plan} balanced vs naive"] = round(r["tokens_per_s"] / runs[f"{plan}/naive"]["tokens_per_s"], 3)
+                naive = runs[f"{plan}/naive"]["tokens_per_s"]
+                out[f"tp{n}/{plan} balanced vs naive"] = round(r["tokens_per_s"] / naive, 3)
     print(json.dumps(out, indent=1))
 
 
@@ -238,8 +239,8 @@ def main() -> None:
                         plan, spec, n, args.context, order, dtype.itemsize).rank_bytes]
                 runs[f"{name}/{how}"] = res
                 if rank == 0:
-                    print(f"TP {n} {name}/{how}: {json.dumps({k: v for k, v in res.items() if k != 'rank0_step_ms_all'})}",
-                          flush=True)
+                    shown = {k: v for k, v in res.items() if k != "rank0_step_ms_all"}
+                    print(f"TP {n} {name}/{how}: {json.dumps(shown)}", flush=True)
         results = {"tp": n, "context": args.context, "batch": args.batch, "steps": args.steps, "tiny": args.tiny,
                    "plan_25": {"digest": plans["25"].digest(), "counts": plans["25"].counts(),
                                "kv_fraction": round(plans["25"].kv_fraction(spec, args.context), 4)},

@@ -3,7 +3,7 @@
 The model is a tiny random Llama (4 layers, 8 query / 4 KV heads) saved with SmolLM2's tokenizer, loaded by
 transformers' own tensor parallelism (``DistributedConfig(tp_size=2)``). Tolerance: fp32 logits within 1e-5
 absolute; the two runs differ only in the order of fp32 sums (each rank's share of o and of the MLP, summed by
-an all-reduce; the vocabulary-split embedding), which moves logits of magnitude ~1 by about 1e-7.
+an all-reduce; the vocabulary-split embedding): 3.6e-7 at most on logits of magnitude 0.8 when this was written.
 """
 
 from __future__ import annotations
@@ -145,8 +145,8 @@ PROMPTS = ["The pass key is 71432. Remember it. The pass key is", "Once upon a t
 def test_generate_with_tp_2_spawns_a_rank_and_gives_the_tokens_of_one_process(model_dir, tmp_path):
     spec = ModelSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(model_dir))
     plan = mixed_plan(spec)
-    cmd = [sys.executable, "-m", "headwise.cli", "generate", str(model_dir), "--plan", str(plan.save(tmp_path / "p.json")),
-           "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--chunk-size", "8", "--tp", "2"]
+    cmd = [sys.executable, "-m", "headwise.cli", "generate", str(model_dir),
+           "--plan", str(plan.save(tmp_path / "p.json")), "--prompt", PROMPTS[0], "--max-new-tokens", "12", "--chunk-size", "8", "--tp", "2"]
     run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert "per-rank KV" in run.stderr  # rank 0 said how it placed the heads
