@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -30,6 +30,9 @@ import torch
 
 from headwise.errors import ModelLoadError
 from headwise.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+
+if TYPE_CHECKING:
+    from headwise.tp import TPGroup
 
 log = logging.getLogger("headwise")
 
@@ -100,7 +103,7 @@ class LoadedModel:
     tokenizer: Any
     spec: ModelSpec
     source: str
-    tp: Any = None
+    tp: TPGroup | None = None
     """The ``tp.TPGroup`` this process's share of a tensor-parallel model belongs to (None: the whole model)."""
 
     @property
