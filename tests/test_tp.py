@@ -221,3 +221,25 @@ def test_tp_that_does_not_split_the_heads_is_a_one_line_error(model_dir, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("headwise: error: tensor parallelism over 3 ranks splits whole heads")
     assert "WORLD_SIZE" not in os.environ  # nothing was started
+
+
+@pytest.mark.slow
+def test_eval_with_tp_2_matches_one_process(model_dir, tmp_path):
+    """``headwise eval --tp 2``: the same fidelity to dense and the same measured KV bytes (summed over the ranks)."""
+    import json
+
+    from headwise.cli import main
+
+    spec = ModelSpec.from_config(__import__("transformers").AutoConfig.from_pretrained(model_dir))
+    plan = str(mixed_plan(spec).save(tmp_path / "mixed.json"))
+    common = ["eval", str(model_dir), "--plans", f"dense,{plan}", "--tasks", "fidelity", "--lengths", "128",
+              "--samples", "1", "--no-progress"]
+    cmd = [sys.executable, "-m", "headwise.cli", *common, "--tp", "2", "--out", str(tmp_path / "two")]
+    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    two, one = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("two", "one"))
+    for a, b in zip(two["fidelity"], one["fidelity"], strict=True):
+        assert a["plan"] == b["plan"] and abs(a["overall"]["kl"] - b["overall"]["kl"]) < 1e-4
+    kv = lambda res: sorted((r["plan"], r["kv_bytes_tensors"]) for r in res["performance"])  # noqa: E731
+    assert kv(two) == kv(one) and all(b for _, b in kv(one))
