@@ -11,7 +11,9 @@ their next chunk (chunked prefill mixed with decode, as vLLM and Sarathi do), wi
 per step. The server's scheduler (``server/scheduler.py``) only decides which sequences are live.
 
 The engine owns nothing model-specific: transformers runs the model; headwise's attention function and
-cache (``attention.py``, ``cache.py``) run every layer's attention head group by head group.
+cache (``attention.py``, ``cache.py``) run every layer's attention head group by head group. On a
+tensor-parallel model (``LoadedModel.tp``, ``tp.py``) a cache holds this rank's heads only, and rank 0 announces
+each forward to the other ranks before it runs it.
 """
 
 from __future__ import annotations
@@ -101,8 +103,16 @@ class Engine:
 
     # ------------------------------------------------------------------ building blocks
     def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None) -> HeadwiseCache:
-        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens."""
-        cache = HeadwiseCache(self.spec, plan or self.plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
+        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens. On a
+        tensor-parallel model: this rank's share of ``plan`` (``TPGroup.local_plan``)."""
+        plan = plan or self.plan
+        tp = self.lm.tp
+        if tp is None:
+            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
+        else:
+            cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
+                                  batch, self.use_kernels)
+            tp.register(cache, plan)
         if reserve:
             cache.reserve(reserve)
         return cache
@@ -125,6 +135,16 @@ class Engine:
             reserved = 0
         return max(planned, reserved)
 
+    def kv_bytes(self, cache: HeadwiseCache) -> int:
+        """Exact bytes ``cache``'s stores hold (``HeadwiseCache.kv_bytes``), summed over the ranks of a
+        tensor-parallel model."""
+        tp = self.lm.tp
+        if tp is None:
+            return cache.kv_bytes()
+        if tp.driver:
+            tp.announce("kv_bytes", [cache])
+        return tp.sum(cache.kv_bytes())
+
     def check_length(self, prompt_tokens: int, new_tokens: int = 0) -> None:
         """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context."""
         limit = self.spec.max_context
@@ -141,6 +161,12 @@ class Engine:
         ``all_logits``, ``[B, len(keep), vocab]`` for chunk-relative positions ``keep``, else ``[B, vocab]`` of the
         last position. ``position`` (one long element on the device): a batch-1 decode token at that position,
         run on the graph-ready path (``GraphDecoder``)."""
+        tp = self.lm.tp
+        if tp is not None and tp.driver:
+            if position is not None:
+                raise HeadwiseError("graph-ready decode steps do not run on a tensor-parallel model")
+            tp.announce("forward", [cache], input_ids=input_ids.cpu(), all_logits=all_logits,
+                        keep=None if keep is None else keep.cpu())
         start = cache.get_seq_length()
         L = input_ids.shape[1]
         if position is not None:
@@ -220,6 +246,9 @@ class Engine:
         along the token axis of one ``[1, T]`` row with each token's own position; projections, MLPs and the LM head
         run once over the row, attention segment by segment over each cache (``attention.PackedBatch``). Returns
         next-token logits ``[len(keep), vocab]`` for the segments ``keep`` names (at their last token)."""
+        tp = self.lm.tp
+        if tp is not None and tp.driver:
+            tp.announce("forward_packed", list(caches), chunks=[list(c) for c in chunks], keep=list(keep))
         lengths = [len(c) for c in chunks]
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         device = self.lm.device
@@ -243,6 +272,7 @@ class Engine:
         if self.cuda_graphs is False or decode_steps < 1 or (self.cuda_graphs is None and decode_steps < GRAPH_MIN_STEPS):
             return None
         why = ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
+        why += [] if self.lm.tp is None else ["the model is tensor-parallel (its ranks step together eagerly)"]
         why += cache.graph_blockers()
         if why:
             if self.cuda_graphs:
@@ -479,7 +509,7 @@ class Engine:
         if s in self.live:
             self.live.remove(s)
         if s.cache is not None:
-            s.stats.kv_bytes = s.cache.kv_bytes() if s.pages is None else s.pages.nbytes
+            s.stats.kv_bytes = self.kv_bytes(s.cache) if s.pages is None else s.pages.nbytes
             s.stats.dense_kv_bytes = self.spec.dense_kv_bytes(s.cache.get_seq_length(), self.lm.dtype.itemsize)
         self._release_memory(s)
 
@@ -527,7 +557,7 @@ class GraphDecoder:
     """
 
     def __init__(self, engine: Engine, cache: HeadwiseCache, capture: bool = True):
-        why = cache.graph_blockers()
+        why = cache.graph_blockers() + ([] if engine.lm.tp is None else ["the model is tensor-parallel"])
         if why:
             raise InputError("this cache cannot decode from a CUDA graph: " + "; ".join(why))
         if cache.reserved <= cache.get_seq_length():

@@ -13,12 +13,19 @@ File format (JSON, ``"format": "headwise-plan"``, ``"version": 1``)::
          {"policy": "vertical_slash", "params": {...}, "decode": {"policy": "page_topk", "params": {...}}}],
         ...
       ],
-      "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...}   # free-form, informational
+      "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...},  # free-form, informational
+      "placement": {"3": {"order": [[0, 2, 1], ...], "at": 8192}}             # optional, see below
     }
 
 Policies are per *KV head*: with GQA, the query heads sharing a KV head share its cache, so they share its
 policy. ``model`` is the fingerprint the plan was made for; loading it onto another model fails with the
-first mismatch named. Plans are saved atomically (temporary file + rename), so an interrupted save never
+first mismatch named.
+
+``placement`` (optional) records, per tensor-parallel rank count, the order in which the KV heads of each layer
+are laid out before the ranks split them (``placement.py``: ``order[l][p]`` is the KV head at position ``p`` of
+layer ``l``; rank ``r`` of ``N`` holds positions ``r*k .. r*k + k - 1``). It is layout, not behaviour: the heads
+of ``layers`` stay in the model's own order, the digest ignores it, and a run without tensor parallelism ignores
+it. ``headwise plan balance`` writes it. Plans are saved atomically (temporary file + rename), so an interrupted save never
 leaves a half-written plan.
 """
 
@@ -47,6 +54,8 @@ class HeadPlan:
     model: dict[str, Any]
     layers: list[list[dict[str, Any]]]
     meta: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per rank count (as a string key), ``{"order": [[kv head, ...] per layer], "at": tokens}``."""
 
     # ----------------------------------------------------------------- construction
     @classmethod
@@ -75,7 +84,10 @@ class HeadPlan:
 
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers, "meta": self.meta}
+        out = {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers, "meta": self.meta}
+        if self.placement:
+            out["placement"] = self.placement
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> HeadPlan:
@@ -88,9 +100,19 @@ class HeadPlan:
             raise PlanError(f"{source}: 'model' must give {', '.join(_FINGERPRINT_KEYS)}")
         if not isinstance(layers, list) or not all(isinstance(row, list) for row in layers):
             raise PlanError(f"{source}: 'layers' must be a list of per-layer lists of head entries")
+        placement = data.get("placement") or {}
+        if not isinstance(placement, dict):
+            raise PlanError(f"{source}: 'placement' must map rank counts to {{\"order\": ..., \"at\": ...}}")
         plan = cls(model, layers, dict(data.get("meta") or {}))
         plan.check_shape()
         plan.policies()  # every entry must name a known policy with valid parameters
+        for key, entry in placement.items():
+            if not str(key).isdigit() or int(key) < 2 or int(model["num_kv_heads"]) % int(key):
+                raise PlanError(f"{source}: placement key {key!r} must be a rank count of 2 or more that divides "
+                                f"the {model['num_kv_heads']} KV heads")
+            if not isinstance(entry, dict):
+                raise PlanError(f"{source}: placement {key} must be an object with 'order' and 'at'")
+            plan = plan.with_placement(int(key), entry.get("order"), entry.get("at", 0), where=f"{source}: placement {key}")
         return plan
 
     @classmethod
@@ -151,6 +173,43 @@ class HeadPlan:
             [build_policy(head, where=f"layer {i} KV head {j}") for j, head in enumerate(row)]
             for i, row in enumerate(self.layers)
         ]
+
+    # ----------------------------------------------------------------- tensor parallelism (placement.py)
+    def with_placement(self, tp: int, order: Any, at: int, where: str = "placement") -> HeadPlan:
+        """A copy that records ``order`` as the KV-head placement for ``tp`` ranks, balanced at ``at`` tokens."""
+        from headwise.placement import check_order, check_permutable
+
+        checked = check_order(order, len(self.layers), int(self.model["num_kv_heads"]), where)
+        check_permutable(self, checked)
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise PlanError(f"{where}: 'at' must be a number of tokens, got {at!r}")
+        placement = dict(self.placement) | {str(tp): {"order": checked, "at": at}}
+        return HeadPlan(self.model, self.layers, dict(self.meta), placement)
+
+    def kv_order(self, tp: int) -> list[list[int]] | None:
+        """The recorded placement for ``tp`` ranks (None: none recorded)."""
+        entry = self.placement.get(str(tp))
+        return None if entry is None else [list(row) for row in entry["order"]]
+
+    def permuted(self, order: list[list[int]]) -> HeadPlan:
+        """This plan for a model whose KV heads were re-indexed by ``order`` (``tp.permute_kv_heads``): position
+        ``p`` of layer ``l`` gets head ``order[l][p]``'s entry. Same model fingerprint; no placement."""
+        from headwise.placement import check_order, check_permutable
+
+        checked = check_order(order, len(self.layers), int(self.model["num_kv_heads"]))
+        check_permutable(self, checked)
+        layers = [[row[h] for h in perm] for row, perm in zip(self.layers, checked)]
+        return HeadPlan(self.model, layers, dict(self.meta))
+
+    def shard(self, rank: int, size: int) -> HeadPlan:
+        """The heads rank ``rank`` of ``size`` holds under transformers' column-wise split (KV heads
+        ``rank*k .. rank*k + k - 1`` with their query heads): a plan for a model with ``1/size`` of the heads."""
+        n_kv, n_q = int(self.model["num_kv_heads"]), int(self.model["num_q_heads"])
+        if size < 1 or n_kv % size or n_q % size or not 0 <= rank < size:
+            raise PlanError(f"cannot give rank {rank} of {size} a share of {n_q} query / {n_kv} KV heads")
+        k = n_kv // size
+        model = dict(self.model) | {"num_kv_heads": k, "num_q_heads": n_q // size}
+        return HeadPlan(model, [row[rank * k : (rank + 1) * k] for row in self.layers], dict(self.meta))
 
     # ----------------------------------------------------------------- summaries
     def digest(self) -> str:

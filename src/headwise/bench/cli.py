@@ -22,6 +22,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.what == "serve":
         return run_serve(args)
+    if args.tp > 1:
+        raise HeadwiseError("--tp is for 'headwise bench serve'; the kernel benchmarks run on one GPU "
+                            "(bench/tp_decode.py times decode steps over several)")
     if not torch.cuda.is_available():
         raise HeadwiseError("headwise bench measures GPU kernels and needs a CUDA GPU; none is visible here")
     which = [w.strip() for w in args.which.split(",") if w.strip()]
@@ -67,7 +70,10 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from headwise.bench import serve
 
-    doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), serve.run(args))
+    results = serve.run(args)
+    if results is None:  # another tensor-parallel rank: rank 0 records
+        return 0
+    doc = result_doc("headwise bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]), results)
     if not args.no_save:
         plan = "dense" if args.plan == "dense" else Path(args.plan).stem
         print(f"wrote {write_result(doc, result_path(args.out_dir, f'serve_{plan}'))}")
@@ -90,6 +96,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out-dir", default="bench/results")
     p.add_argument("--no-save", action="store_true")
     from headwise.bench.serve import add_arguments
+    from headwise.tp import add_tp_args
+
+    add_tp_args(p)
 
     add_arguments(p)
     p.set_defaults(func=run)

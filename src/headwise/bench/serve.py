@@ -148,11 +148,11 @@ def run_http(engine: Engine, load: Load, max_batch: int, kv_budget_bytes: int, m
     return _summary(load, max(r["done"] for r in rs) - t0, ttft, tpot, sum(r["tokens"] for r in rs), peak)
 
 
-def run(args: Any) -> dict[str, Any]:
-    """``headwise bench serve``: load the model and plan, run the drivers asked for, return the results."""
-    from headwise.models import load_model
+def run(args: Any) -> dict[str, Any] | None:
+    """``headwise bench serve``: load the model and plan, run the drivers asked for, return the results (None on
+    a tensor-parallel rank other than 0: rank 0 drove it)."""
+    from headwise import tp
     from headwise.plan import HeadPlan
-    from headwise.pool import PagePool
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -160,13 +160,22 @@ def run(args: Any) -> dict[str, Any]:
     unknown = sorted(set(modes) - {"in-process", "http"})
     if unknown:
         raise InputError(f"unknown --mode {', '.join(unknown)}; choose from in-process, http")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    plan = HeadPlan.load(args.plan) if args.plan != "dense" else HeadPlan.dense(lm.spec, lm.name)
+    given = HeadPlan.load(args.plan) if args.plan != "dense" else None
+    with tp.loaded(args, given) as lm:
+        if lm is None:
+            return None
+        return _run(args, lm, modes, given or HeadPlan.dense(lm.spec, lm.name))
+
+
+def _run(args: Any, lm: Any, modes: list[str], plan: Any) -> dict[str, Any]:
+    from headwise.pool import PagePool
+
     load = Load(args.requests, args.prompt_len, args.output_len, args.rate, args.seed)
     results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "load": {
         "requests": load.requests, "prompt_len": load.prompt_len, "output_len": load.output_len,
         "rate": "inf" if math.isinf(load.rate) else load.rate, "seed": load.seed},
-        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "torch_threads": torch.get_num_threads()}
+        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "torch_threads": torch.get_num_threads(),
+        "tp": args.tp, "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order)}
     kv_bytes = int(args.kv_memory * 2**30)
     for mode in modes:
         pool = PagePool(lm.spec, kv_bytes, lm.dtype.itemsize) if mode == "in-process" and args.kv_memory else None

@@ -511,7 +511,7 @@ def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: d
             dense = lm.spec.dense_kv_bytes(L + new - 1, lm.dtype.itemsize)
             cache.put({"key": key, "plan": e.label, "digest": plan.digest(), "task": MEMORY, "length": L,
                        "depth": None, "seed": cfg.seed, "idx": 0, "tokens": L + new - 1,
-                       "kv_bytes_tensors": kv_cache.kv_bytes(), "kv_bytes_allocator": allocated,
+                       "kv_bytes_tensors": engine.kv_bytes(kv_cache), "kv_bytes_allocator": allocated,
                        "dense_kv_bytes": dense})
             del kv_cache
 

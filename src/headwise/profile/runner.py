@@ -204,13 +204,14 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: bool = False) -> HeadPlan:
+                  full_share: float | None = None, quantize: bool = False, ranks: int = 1) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
     ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
-    4 bits (policy ``quantized``) where full does not fit."""
+    4 bits (policy ``quantized``) where full does not fit. ``ranks``: the tensor-parallel ranks the plan will run
+    over (``solve``'s ``ranks``; the plan records a balanced placement for them, ``with_ranks``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -274,11 +275,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     selection: dict[str, Any] = {}
     if full_share is None and settings.select_probes > 0:
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
-                                                     settings.select_probes, quantize)
+                                                     settings.select_probes, quantize, ranks)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
-                    quantize=quantize)
+                    quantize=quantize, ranks=ranks)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -329,7 +330,14 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if settings.prefill_density is not None:
         meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
                                     "heads": pattern_meta}
-    return HeadPlan.from_policies(spec, policies, lm.name, **meta)
+    return with_ranks(HeadPlan.from_policies(spec, policies, lm.name, **meta), spec, ranks, target_len)
+
+
+def with_ranks(plan: HeadPlan, spec: Any, ranks: int, at: int) -> HeadPlan:
+    """``plan`` with a balanced placement for ``ranks`` tensor-parallel ranks at ``at`` tokens (``ranks > 1``)."""
+    from headwise.placement import balance
+
+    return plan.with_placement(ranks, balance(plan, spec, ranks, at), at) if ranks > 1 else plan
 
 
 ABLATION_SEED = 2_000_003
@@ -344,14 +352,14 @@ def probe_lengths(spec: ModelSpec, target_len: int) -> list[int]:
 
 
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
-            spans: Spans, n_probes: int, quantize: bool = False) -> tuple[Any, str, float, dict[str, Any]]:
+            spans: Spans, n_probes: int, quantize: bool = False, ranks: int = 1) -> tuple[Any, str, float, dict[str, Any]]:
     """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
     from headwise.profile.select import Candidate, probe_set, select
 
     spec = lm.spec
     rankings = [method] + [m for m in ("ablation", "duo", "retrieval") if m != method and m in kv_scores]
     cands = [Candidate(r, f, solve(spec, kv_scores[r], budget, target_len, spans.value, full_share=f,
-                                   quantize=quantize))
+                                   quantize=quantize, ranks=ranks))
              for r in rankings for f in SELECT_SHARES]
     lengths = probe_lengths(spec, target_len)
     probes = probe_set(lm.tokenizer, lengths, n_probes)
@@ -363,7 +371,7 @@ def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, bu
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
-                        quantize: bool = False) -> HeadPlan:
+                        quantize: bool = False, ranks: int = 1) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``).
 
@@ -386,11 +394,11 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
     if full_share is None and select_probes > 0 and spans is not None:
         kv_scores = {k[: -len("_kv")]: torch.tensor(v) for k, v in meta["scores"].items() if k.endswith("_kv")}
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans, select_probes,
-                                                     quantize)
+                                                     quantize, ranks)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
-                    None if spans is None else spans.value, full_share=full_share, quantize=quantize)
+                    None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks)
     meta.pop("selection", None)
     if selection:
         meta["selection"] = selection
@@ -405,7 +413,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         "solution": sol.info(),
     })
     meta.pop("prefill_patterns", None)
-    return HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta)
+    return with_ranks(HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta), lm.spec, ranks, target_len)
 
 
 def draw_plan(plan: HeadPlan, spec: Any, path: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
 from headwise.model_args import add_model_args, load_from_args
@@ -16,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_model_args(p)
     p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
+    from headwise.tp import add_tp_args
+
+    add_tp_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="most requests decoding together (default 32)")
@@ -88,8 +92,8 @@ def server_config(args: argparse.Namespace):
                         shutdown_grace_s=args.shutdown_grace)
 
 
-def build(args: argparse.Namespace):
-    """Load the model and plan and build (app, scheduler) from parsed arguments."""
+def build(args: argparse.Namespace, lm: Any = None):
+    """Load the model (unless given: ``lm``) and plan and build (app, scheduler) from parsed arguments."""
     from headwise.engine import Engine
     from headwise.plan import HeadPlan
     from headwise.server.app import create_app
@@ -111,7 +115,7 @@ def build(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = load_from_args(args)
+    lm = lm if lm is not None else load_from_args(args)
     engine = Engine(lm, plan, chunk_size=args.chunk_size)
     budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
     scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
@@ -147,18 +151,30 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise HeadwiseError("headwise serve needs FastAPI and uvicorn: pip install 'headwise[serve]'") from None
+    from headwise import tp
     from headwise.server.http import bind
 
+    if tp.is_other_rank(args):  # another rank of --tp: the server runs on rank 0 and drives this one
+        with tp.loaded(args):
+            return 0
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     server_config(args)  # bad flags fail before the port is taken
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded
     try:
-        app, scheduler = build(args)
-        log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d%s",
-                    args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
-                    scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue,
-                    ", API key required" if args.api_key else "")
-        return serve(app, scheduler, sock)
+        if args.tp > 1:
+            from headwise.plan import HeadPlan
+
+            with tp.loaded(args, HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None) as lm:
+                return _serve(args, sock, *build(args, lm))
+        return _serve(args, sock, *build(args))
     finally:
         sock.close()
+
+
+def _serve(args: argparse.Namespace, sock: Any, app: Any, scheduler: Any) -> int:
+    log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d%s%s",
+                args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
+                scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue,
+                ", API key required" if args.api_key else "", f", {args.tp} tensor-parallel ranks" if args.tp > 1 else "")
+    return serve(app, scheduler, sock)
