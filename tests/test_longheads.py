@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from headwise.cache import HeadwiseCache
 from headwise.engine import Engine
-from headwise.errors import ContextLengthError, PlanError
+from headwise.errors import ContextLengthError, InputError, PlanError
 from headwise.plan import HeadPlan
 from headwise.policies import AttendContext, build_policy
 from headwise.policies.base import causal_attention
@@ -200,3 +200,24 @@ def test_bad_parameters_and_missing_rope_are_reported():
     store = policy.make_store(1, 2, 12, q.device, q.dtype)
     with pytest.raises(PlanError, match="RoPE"):
         policy.attend(q, k, v, store, AttendContext(start=0, scale=0.3))
+
+
+
+def test_eval_runs_longheads_past_the_context_and_skips_dense_there(smollm2, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headwise.eval.runner import EvalConfig, resolve_plans, run_eval
+    from headwise.models import LoadedModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    lm = LoadedModel("tiny-256", LlamaForCausalLM(cfg).eval(), smollm2.tokenizer, ModelSpec.from_config(cfg), "random")
+    with pytest.raises(InputError, match="multiple of the chunk"):
+        resolve_plans(["longheads@100/16"], lm)
+    res = run_eval(EvalConfig(model="tiny", plans=["dense", "longheads@128/16"], tasks=["passkey"], lengths=[200, 400],
+                              depths=[0.5], samples=1, max_new_tokens=4, out=tmp_path, progress=False,
+                              command="pytest"), lm)
+    ran = {(r["plan"], r["length"]) for r in res["rows"] if r["task"] == "passkey"}
+    assert ran == {("dense", 200), ("longheads@128/16", 200), ("longheads@128/16", 400)}
+    assert any(n.startswith("dense: length 400") and "skipped" in n for n in res["notes"])
