@@ -552,7 +552,7 @@ def _run_fidelity(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dic
                 todo[e.label], keys[e.label] = plan, key
         if not todo:
             continue
-        if lm.spec.max_context and L > lm.spec.max_context:  # fidelity is against dense, which cannot run there
+        if lm.spec.max_context and lm.spec.max_context < L:  # fidelity is against dense, which cannot run there
             continue
         ids = text_ids(lm, L, cfg.seed)
         bar = _tqdm(cfg.progress, total=L, desc=f"fidelity {L}", unit="tok")

@@ -18,6 +18,7 @@ from headwise.policies.longheads import LongHeads
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
+from headwise.policies.retrieval_offload import RetrievalOffload
 from headwise.policies.streaming import Streaming
 from headwise.policies.tidal import Tidal
 from headwise.policies.vertical_slash import VerticalSlash
@@ -33,6 +34,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     BlockTopK.name: BlockTopK,
     Quantized.name: Quantized,
     LongHeads.name: LongHeads,
+    RetrievalOffload.name: RetrievalOffload,
 }
 
 
@@ -74,4 +76,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "LongHeads", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "LongHeads", "PageTopK", "Policy", "Quantized", "Recycled", "RetrievalOffload", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
