@@ -113,3 +113,15 @@ def test_bad_parameters_are_reported():
         build_policy({"policy": "retrieval_offload", "params": {"index": "annoy"}})
     with pytest.raises(PlanError, match="window"):
         build_policy({"policy": "retrieval_offload", "params": {"window": 0}})
+
+
+def test_the_offload_bench_runs_at_cpu_size():
+    from headwise.bench.offload import run
+
+    res = run(tokens=3000, layers=2, q_heads=4, kv_heads=2, head_dim=16, steps=3, sink=8, window=32, top_k=50,
+              index="exact", device="cpu", dtype=torch.float32, fill_chunk=700)
+    assert res["recall_at_top_k"] == 1.0  # the exact index returns the exact top-k
+    assert 0 < res["attention_mass_kept"] < 1
+    assert res["device_kv_bytes_model"] == 32 * 2 * 2 * 40 * 16 * 4  # sinks + window, K and V, 32 layers
+    assert res["host_kv_bytes_model"] == 32 * 2 * 2 * (3000 + 3 - 40) * 16 * 4
+    assert res["decode_tokens_per_s_model"] > 0 and res["dense_decode_ms_per_layer"] > 0
