@@ -67,7 +67,7 @@ def run(tokens: int = 1 << 20, layers: int = 1, q_heads: int = 32, kv_heads: int
     fill_s = time.perf_counter() - t0
 
     step_s, dense_s, recalls, masses = [], [], [], []
-    for step in range(steps):
+    for _ in range(steps):
         inputs = []
         for i, store in enumerate(stores):
             n_host = store.host_length
