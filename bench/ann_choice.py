@@ -6,7 +6,9 @@ holds them) are indexed by maximum inner product, one index per KV head (8192 ke
 last 256 positions (each query head against its KV head's index) ask for their top 100 keys. Queries and keys come
 from different distributions (RetrievalAttention's point), so recall is measured against the exact top-100 by
 ``q . k``, at several search widths (HNSW ``ef``). Per library: build seconds per 1,000 keys, microseconds per query
-(one query at a time, as a decode step asks; one thread), recall@100. Each library's HNSW at M=32, ef_construction=128.
+(one query at a time, as a decode step asks; one thread), recall@100. Each library's HNSW at M=32, ef_construction=128;
+and faiss's inverted file (``IndexIVFFlat``, ``4 sqrt(n)`` lists from k-means, inner product), at several shares of
+the lists scanned (``nprobe / nlist``), which builds in a fraction of HNSW's time.
 
 Run: PYTHONPATH=src python bench/ann_choice.py   (needs faiss-cpu, hnswlib and usearch; last stdout line: the JSON
 document, also written to bench/results/ann_choice_<date>.json)
@@ -29,6 +31,7 @@ from headwise.models import load_model
 
 LAYERS, TOKENS, QUERIES, TOP, M, EF_BUILD = (5, 15, 25), 8192, 256, 100, 32, 128
 EFS = (64, 128, 256, 512)
+PROBES = (0.01, 0.02, 0.05, 0.1)  # faiss IVF: share of the lists scanned (nlist = 4 sqrt(n))
 torch.set_num_threads(1)
 captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -41,6 +44,15 @@ def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 def build(lib: str, keys: np.ndarray) -> Any:
     n, d = keys.shape
+    if lib == "faiss-ivf":
+        import faiss
+
+        faiss.omp_set_num_threads(1)
+        nlist = int(4 * n**0.5)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.train(keys)
+        index.add(keys)
+        return index
     if lib == "faiss":
         import faiss
 
@@ -63,7 +75,10 @@ def build(lib: str, keys: np.ndarray) -> Any:
     return index
 
 
-def search(lib: str, index: Any, q: np.ndarray, ef: int) -> np.ndarray:
+def search(lib: str, index: Any, q: np.ndarray, ef: float) -> np.ndarray:
+    if lib == "faiss-ivf":
+        index.nprobe = max(1, round(ef * index.nlist))
+        return index.search(q[None], TOP)[1][0]
     if lib == "faiss":
         index.hnsw.efSearch = ef
         return index.search(q[None], TOP)[1][0]
@@ -83,8 +98,9 @@ def main() -> None:
         lm.model(input_ids=ids, use_cache=False, logits_to_keep=1)
     group = lm.spec.group_size
     rows: dict[str, Any] = {}
-    for lib in ("faiss", "hnswlib", "usearch"):
-        build_s, per_ef = 0.0, {ef: {"us": 0.0, "hits": 0, "n": 0} for ef in EFS}
+    for lib in ("faiss", "hnswlib", "usearch", "faiss-ivf"):
+        widths = PROBES if lib == "faiss-ivf" else EFS
+        build_s, per_ef = 0.0, {ef: {"us": 0.0, "hits": 0, "n": 0} for ef in widths}
         for layer in LAYERS:
             q_all, k_all = captured[layer]
             for h in range(k_all.shape[0]):
@@ -94,7 +110,7 @@ def main() -> None:
                 build_s += time.perf_counter() - t0
                 qs = q_all[h * group : (h + 1) * group, -QUERIES:].reshape(-1, keys.shape[1]).float().numpy()
                 exact = np.argsort(-(qs @ keys.T), axis=1)[:, :TOP]
-                for ef in EFS:
+                for ef in widths:
                     t0 = time.perf_counter()
                     got = [search(lib, index, np.ascontiguousarray(q), ef) for q in qs]
                     per_ef[ef]["us"] += (time.perf_counter() - t0) * 1e6

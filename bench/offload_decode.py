@@ -27,12 +27,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--ef", type=int, default=256)
-    p.add_argument("--index", default="hnsw", choices=["hnsw", "exact"])
+    p.add_argument("--index", default="ivf", choices=["hnsw", "ivf", "exact"])
+    p.add_argument("--probe", type=float, default=0.02)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-dense", action="store_true", help="skip the dense decode baseline (and its KV copy)")
     a = p.parse_args()
     res = run(tokens=a.tokens, layers=a.layers, steps=a.steps, top_k=a.top_k, ef=a.ef, index=a.index,
-              device=a.device, dense=not a.no_dense)
+              probe=a.probe, device=a.device, dense=not a.no_dense)
     cmd = "PYTHONPATH=src python bench/offload_decode.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if k not in ("no_dense", "device")) + (
         " --no-dense" if a.no_dense else "")

@@ -5,11 +5,12 @@ heads, head_dim 128, bf16) holds 128 KiB of KV per token over its 32 layers: 128
 16 GB budget. Under ``retrieval_offload`` the device keeps ``sink + window`` tokens per head (84 MB for 32 layers at
 the defaults) and every other token is on the host behind the index.
 
-What runs: ``layers`` attention layers of that shape (random KV: keys ``mu + N(0, 1)`` with a per-head shared
-direction ``mu``, as attention keys share one; values ``N(0, 1)``) are filled with ``tokens`` tokens through the
-policy's own store (host copy + index build, timed), then ``steps`` decode steps run through ``RetrievalOffload.attend``
-(kernels on with CUDA), each query head's query aimed at a few host keys (``q = sum of 4 host keys' deviations from
-mu + noise``, a needle-like query). Per step, timed with device syncs: the stack's seconds; the 32-layer model's
+What runs: ``layers`` attention layers of that shape (synthetic KV: keys ``mu + z A + 0.3 N(0, 1)`` with a per-head
+shared direction ``mu`` and ``z`` of ``rank`` dimensions, since attention keys share a direction and have a low
+intrinsic dimension; values ``N(0, 1)``) are filled with ``tokens`` tokens through the policy's own store (host copy +
+index build, timed), then ``steps`` decode steps run through ``RetrievalOffload.attend`` (kernels on with CUDA), each
+query head's query aimed at one random host key (``q = k_j - mu + 0.3 N(0, 1)``). Synthetic data: how an index
+does on real keys and queries is ``bench/ann_choice.py``'s measurement. Per step, timed with device syncs: the stack's seconds; the 32-layer model's
 tokens/s is extrapolated as ``1 / (32 * seconds per layer)`` (attention only: no MLP, no projections). Not timed,
 per step and query head: recall of the retrieved set against the exact top-``top_k`` by ``q . k`` over the host
 keys, and the share of dense attention's mass (softmax over every token) that the static set + retrieved tokens
@@ -37,10 +38,10 @@ def _sync(device: torch.device) -> None:
 def run(tokens: int = 1 << 20, layers: int = 1, q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
         steps: int = 20, sink: int = 128, window: int = 512, top_k: int = 100, ef: int = 256, index: str = "hnsw",
         device: str = "cuda", dtype: torch.dtype = torch.bfloat16, fill_chunk: int = 65536, dense: bool = True,
-        layers_total: int = 32, seed: int = 0) -> dict[str, Any]:
+        layers_total: int = 32, rank: int = 16, probe: float = 0.02, seed: int = 0) -> dict[str, Any]:
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
-    policy = RetrievalOffload(sink=sink, window=window, top_k=top_k, index=index, ef=ef)
+    policy = RetrievalOffload(sink=sink, window=window, top_k=top_k, index=index, ef=ef, probe=probe)
     policy.validate()
     group, scale = q_heads // kv_heads, head_dim ** -0.5
     use_kernels = dev.type == "cuda"
@@ -50,10 +51,12 @@ def run(tokens: int = 1 << 20, layers: int = 1, q_heads: int = 32, kv_heads: int
         store = policy.make_store(1, kv_heads, head_dim, dev, dtype)
         store.reserve(tokens + steps)
         mu = 2.0 * torch.randn(1, kv_heads, 1, head_dim, device=dev, generator=g)
+        basis = torch.randn(1, kv_heads, rank, head_dim, device=dev, generator=g) / rank**0.5
         ks, vs = [], []
         for a in range(0, tokens, fill_chunk):
             n = min(fill_chunk, tokens - a)
-            k = (mu + torch.randn(1, kv_heads, n, head_dim, device=dev, generator=g)).to(dtype)
+            z = torch.randn(1, kv_heads, n, rank, device=dev, generator=g)
+            k = (mu + z @ basis + 0.3 * torch.randn(1, kv_heads, n, head_dim, device=dev, generator=g)).to(dtype)
             v = torch.randn(1, kv_heads, n, head_dim, device=dev, generator=g).to(dtype)
             store.append(k, v)
             if dense:
@@ -71,10 +74,10 @@ def run(tokens: int = 1 << 20, layers: int = 1, q_heads: int = 32, kv_heads: int
         inputs = []
         for i, store in enumerate(stores):
             n_host = store.host_length
-            picks = store.host_k[0][torch.arange(kv_heads)[:, None], torch.randint(0, n_host, (kv_heads, 4 * group))]
-            aim = (picks.float().to(dev) - mus[i][0]).view(kv_heads, group, 4, head_dim).sum(dim=2)
-            q = (aim.reshape(1, q_heads, 1, head_dim) + 0.5 * torch.randn(1, q_heads, 1, head_dim, device=dev, generator=g))
-            k = (mus[i] + torch.randn(1, kv_heads, 1, head_dim, device=dev, generator=g)).to(dtype)
+            picks = store.host_k[0][torch.arange(kv_heads)[:, None], torch.randint(0, n_host, (kv_heads, group))]
+            aim = picks.float().to(dev) - mus[i][0]  # [kv_heads, group, D]
+            q = (aim.reshape(1, q_heads, 1, head_dim) + 0.3 * torch.randn(1, q_heads, 1, head_dim, device=dev, generator=g))
+            k = (mus[i] + 0.3 * torch.randn(1, kv_heads, 1, head_dim, device=dev, generator=g)).to(dtype)
             v = torch.randn(1, kv_heads, 1, head_dim, device=dev, generator=g).to(dtype)
             inputs.append((q.to(dtype), k, v))
         _sync(dev)

@@ -47,7 +47,8 @@ from headwise.errors import PlanError
 from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.stores import SinkWindowStore
 
-INDEXES = ("hnsw", "exact")
+INDEXES = ("hnsw", "ivf", "exact")
+IVF_TRAIN_AT = 4096  # host keys from which an "ivf" index is trained (exact search before)
 HOST_BLOCK = 1 << 24  # logits per block when prefill streams host tokens to the device (64 MiB of fp32)
 
 
@@ -63,12 +64,17 @@ class RetrievalOffload(Policy):
     top_k: int = 100
     """Host tokens each query head retrieves and attends per decode step (the paper retrieves 100)."""
     index: str = "hnsw"
-    """"hnsw": approximate (faiss HNSW over the keys, maximum inner product); "exact": every host key scored."""
+    """"hnsw": faiss HNSW graph over the keys; "ivf": faiss inverted file (k-means lists, ``probe`` of them scanned),
+    which builds far faster; "exact": every host key scored. All by maximum inner product."""
     ef: int = 256
     """HNSW search width (candidates kept while searching; at least ``top_k`` is used): recall against speed."""
+    probe: float = 0.02
+    """IVF: share of the inverted lists scanned per query (RetrievalAttention scans 1-3% of the keys)."""
 
     def validate(self) -> None:
         check_positive(self, sink=self.sink, window=self.window, top_k=self.top_k, ef=self.ef)
+        if not isinstance(self.probe, int | float) or isinstance(self.probe, bool) or not 0 < self.probe <= 1:
+            raise PlanError(f"policy 'retrieval_offload': 'probe' must be a share in (0, 1], got {self.probe!r}")
         if self.window < 1:
             raise PlanError("policy 'retrieval_offload': 'window' must be at least 1 (the query itself)")
         if self.index not in INDEXES:
@@ -78,7 +84,7 @@ class RetrievalOffload(Policy):
         return min(seq_len, self.sink + self.window)
 
     def short(self) -> str:
-        return f"offload{self.sink}+{self.window}+{self.top_k}" + ("x" if self.index == "exact" else "")
+        return f"offload{self.sink}+{self.window}+{self.top_k}" + {"hnsw": "", "ivf": "i", "exact": "x"}[self.index]
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> OffloadStore:
         return OffloadStore(batch, heads, head_dim, device, dtype, self)
@@ -131,7 +137,7 @@ class OffloadStore:
         self.host_k = torch.empty(batch, heads, 0, head_dim, dtype=dtype)
         self.host_v = torch.empty(batch, heads, 0, head_dim, dtype=dtype)
         self.host_length = 0
-        self.indexes = [[make_index(policy.index, head_dim, policy.ef) for _ in range(heads)] for _ in range(batch)]
+        self.indexes = [[make_index(policy, head_dim) for _ in range(heads)] for _ in range(batch)]
 
     @property
     def tokens(self) -> int:
@@ -220,7 +226,7 @@ class OffloadStore:
             out[b, h * group : (h + 1) * group] = self.indexes[b][h].search(qn[b, h * group : (h + 1) * group], k)
 
         pairs = [(b, h) for b in range(B) for h in range(self.heads)]
-        if len(pairs) > 1 and self.policy.index == "hnsw":  # faiss releases the GIL while it searches
+        if len(pairs) > 1 and self.policy.index != "exact":  # faiss releases the GIL while it searches
             list(_pool().map(one, pairs))
         else:
             for bh in pairs:
@@ -291,8 +297,51 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=min(32, os.cpu_count() or 1), thread_name_prefix="headwise-ann")
 
 
-def make_index(kind: str, dim: int, ef: int) -> Any:
-    return HnswIndex(dim, ef) if kind == "hnsw" else ExactIndex(dim)
+class IvfIndex:
+    """faiss's inverted file over the keys by inner product (``IndexIVFFlat``): trained (k-means, ``min(4 sqrt(n),
+    n / 39)`` lists) once ``IVF_TRAIN_AT`` keys are there, exact search before; later keys join the trained lists.
+    A search scans ``probe`` of the lists. Builds in a fraction of HNSW's time (``bench/results/ann_choice_*.json``);
+    lists trained on the first keys may grow uneven over a long context."""
+
+    def __init__(self, dim: int, probe: float):
+        try:
+            import faiss
+        except ImportError:
+            raise PlanError("policy 'retrieval_offload' with index \"ivf\" needs faiss-cpu: pip install "
+                            "'headwise[offload]' (or use index \"exact\")") from None
+        self.faiss, self.dim, self.probe = faiss, dim, probe
+        self.exact: ExactIndex | None = ExactIndex(dim)
+        self.index: Any = None
+
+    def add(self, keys: np.ndarray) -> None:
+        keys = np.ascontiguousarray(keys, dtype=np.float32)
+        if self.exact is None:
+            self.index.add(keys)
+            return
+        self.exact.add(keys)
+        n = self.exact.n
+        if n >= IVF_TRAIN_AT:
+            nlist = max(1, min(int(4 * n**0.5), n // 39))
+            self.index = self.faiss.IndexIVFFlat(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
+                                                 self.faiss.METRIC_INNER_PRODUCT)
+            self.index.train(self.exact.keys[:n])
+            self.index.add(self.exact.keys[:n])
+            self.exact = None
+
+    def search(self, q: np.ndarray, k: int) -> np.ndarray:
+        """``[m, k]`` ids; -1 where the scanned lists held fewer than ``k`` keys."""
+        if self.exact is not None:
+            return self.exact.search(q, k)
+        self.index.nprobe = max(1, round(self.probe * self.index.nlist))
+        return self.index.search(np.ascontiguousarray(q, dtype=np.float32), k)[1].astype(np.int64)
+
+
+def make_index(policy: RetrievalOffload, dim: int) -> Any:
+    if policy.index == "hnsw":
+        return HnswIndex(dim, policy.ef)
+    if policy.index == "ivf":
+        return IvfIndex(dim, policy.probe)
+    return ExactIndex(dim)
 
 
 def attention_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
