@@ -28,7 +28,7 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--ef", type=int, default=256)
     p.add_argument("--index", default="ivf", choices=["hnsw", "ivf", "exact"])
-    p.add_argument("--probe", type=float, default=0.02)
+    p.add_argument("--probe", type=float, default=0.05)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--no-dense", action="store_true", help="skip the dense decode baseline (and its KV copy)")
     a = p.parse_args()

@@ -36,9 +36,9 @@ def _sync(device: torch.device) -> None:
 
 
 def run(tokens: int = 1 << 20, layers: int = 1, q_heads: int = 32, kv_heads: int = 8, head_dim: int = 128,
-        steps: int = 20, sink: int = 128, window: int = 512, top_k: int = 100, ef: int = 256, index: str = "hnsw",
+        steps: int = 20, sink: int = 128, window: int = 512, top_k: int = 100, ef: int = 256, index: str = "ivf",
         device: str = "cuda", dtype: torch.dtype = torch.bfloat16, fill_chunk: int = 65536, dense: bool = True,
-        layers_total: int = 32, rank: int = 16, probe: float = 0.02, seed: int = 0) -> dict[str, Any]:
+        layers_total: int = 32, rank: int = 16, probe: float = 0.05, seed: int = 0) -> dict[str, Any]:
     dev = torch.device(device)
     g = torch.Generator(device=dev).manual_seed(seed)
     policy = RetrievalOffload(sink=sink, window=window, top_k=top_k, index=index, ef=ef, probe=probe)
