@@ -221,3 +221,14 @@ def test_eval_runs_longheads_past_the_context_and_skips_dense_there(smollm2, tmp
     ran = {(r["plan"], r["length"]) for r in res["rows"] if r["task"] == "passkey"}
     assert ran == {("dense", 200), ("longheads@128/16", 200), ("longheads@128/16", 400)}
     assert any(n.startswith("dense: length 400") and "skipped" in n for n in res["notes"])
+
+
+def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm2):
+    from headwise.server.app import AppContext, ServerConfig
+    from headwise.server.scheduler import Scheduler
+
+    def limit(plan):
+        return AppContext.build(Scheduler(Engine(smollm2, plan)), "m", ServerConfig()).max_context
+
+    assert limit(HeadPlan.dense(smollm2.spec)) == 8192
+    assert limit(HeadPlan.uniform(smollm2.spec, {"policy": "longheads"})) is None
