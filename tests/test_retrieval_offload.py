@@ -128,3 +128,10 @@ def test_the_offload_bench_runs_at_cpu_size():
     assert res["device_kv_bytes_model"] == 32 * 2 * 2 * 40 * 16 * 4  # sinks + window, K and V, 32 layers
     assert res["host_kv_bytes_model"] == 32 * 2 * 2 * (3000 + 3 - 40) * 16 * 4
     assert res["decode_tokens_per_s_model"] > 0 and res["dense_decode_ms_per_layer"] > 0
+
+
+def test_sizing_an_offload_cache_allocates_no_host_memory():
+    lm = tiny_model("llama")
+    plan = HeadPlan.uniform(lm.spec, {"policy": "retrieval_offload", "params": {"sink": 4, "window": 16}})
+    engine = Engine(lm, plan)
+    assert engine.kv_estimate(1 << 30) == plan.kv_bytes(lm.spec, 1 << 30, 4)  # a billion tokens: the device part

@@ -136,10 +136,12 @@ class OffloadStore:
         self.device, self.dtype, self.policy = device, dtype, policy
         self.ring = SinkWindowStore(batch, heads, head_dim, device, dtype, policy.sink, policy.window)
         self.pin = device.type == "cuda"
-        self.host_k = torch.empty(batch, heads, 0, head_dim, dtype=dtype)
-        self.host_v = torch.empty(batch, heads, 0, head_dim, dtype=dtype)
+        # A cache sized on the meta device (Engine.kv_estimate) allocates nothing on the host either.
+        self.host = torch.device("meta") if device.type == "meta" else torch.device("cpu")
+        self.host_k = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.host)
+        self.host_v = torch.empty(batch, heads, 0, head_dim, dtype=dtype, device=self.host)
         self.host_length = 0
-        self.indexes = [[make_index(policy, head_dim) for _ in range(heads)] for _ in range(batch)]
+        self.indexes: list[list[Any]] = []  # made when the first tokens leave the ring
 
     @property
     def tokens(self) -> int:
@@ -169,8 +171,8 @@ class OffloadStore:
         if rows <= self.host_k.shape[2]:
             return
         shape = (self.batch, self.heads, rows, self.head_dim)
-        hk = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
-        hv = torch.empty(shape, dtype=self.dtype, pin_memory=self.pin)
+        hk = torch.empty(shape, dtype=self.dtype, device=self.host, pin_memory=self.pin)
+        hv = torch.empty(shape, dtype=self.dtype, device=self.host, pin_memory=self.pin)
         hk[:, :, : self.host_length] = self.host_k[:, :, : self.host_length]
         hv[:, :, : self.host_length] = self.host_v[:, :, : self.host_length]
         self.host_k, self.host_v = hk, hv
@@ -205,6 +207,8 @@ class OffloadStore:
         self.host_k[:, :, self.host_length : need] = hk
         self.host_v[:, :, self.host_length : need] = hv
         keys = hk.float().numpy()
+        if not self.indexes:
+            self.indexes = [[make_index(self.policy, self.head_dim) for _ in range(self.heads)] for _ in range(self.batch)]
         for b in range(self.batch):
             for h in range(self.heads):
                 self.indexes[b][h].add(keys[b, h])
