@@ -11,19 +11,21 @@
 #
 # Needs the bundled weights on the machine (../shared/tools/weights-to-device.sh, as `bench/retrieval_quality.sh
 # setup` fetches them). Resumes what an earlier call left in $WORK (default /tmp/lh); packs $OUT/longheads-NAME.tgz.
+# PLANS, LENGTHS, SAMPLES (default 50) and SHARDS (default 12) override the defaults, e.g. one call per length:
+#   LENGTHS=64k bench/longheads_eval.sh gemma 590
 set -uo pipefail
 name=${1:?gemma or smollm2}
 secs=${2:?seconds}
 WORK=${WORK:-/tmp/lh}
 SHARDS=${SHARDS:-12}
 case $name in
-gemma) MODEL=gemma3-270m; PLANS=dense,longheads,longheads@8192; LENGTHS=16k,32k,64k ;;
-smollm2) MODEL=smollm2-135m; PLANS=dense,longheads@2048,longheads; LENGTHS=16k,32k ;;
+gemma) MODEL=gemma3-270m; PLANS=${PLANS:-dense,longheads,longheads@8192}; LENGTHS=${LENGTHS:-16k,32k,64k} ;;
+smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads@2048,longheads}; LENGTHS=${LENGTHS:-16k,32k} ;;
 *) echo "unknown run '$name': gemma or smollm2" >&2; exit 2 ;;
 esac
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
-ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples 50)
+ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples "${SAMPLES:-50}")
 out=$WORK/eval-$name
 mkdir -p "$out" "$WORK/logs"
 T0=$(date +%s)
