@@ -88,12 +88,16 @@ class LongHeads(Policy):
         return self.window
 
     def kv_tokens(self, seq_len: int) -> int:
-        return seq_len + -(-(seq_len // self.chunk_size) // 2)
+        return self._slots(seq_len) + -(-(seq_len // self.chunk_size) // 2)
+
+    def _slots(self, seq_len: int) -> int:
+        """Token slots: whole chunks (a chosen chunk is read as one block)."""
+        return -(-seq_len // self.chunk_size) * self.chunk_size
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Keys and values of every token and one representative key per complete chunk (the queries of the
+        """Keys and values in whole chunks and one representative key per complete chunk (the queries of the
         chunk being filled are not counted: see the module docstring)."""
-        return (2 * seq_len + seq_len // self.chunk_size) * head_dim * dtype_bytes
+        return (2 * self._slots(seq_len) + seq_len // self.chunk_size) * head_dim * dtype_bytes
 
     def short(self) -> str:
         return f"longheads{self.top_k}x{self.chunk_size}"
@@ -157,23 +161,26 @@ class LongHeads(Policy):
         a_q = (n - 1) * C + pos % C  # the query's re-assigned position
         shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Hkv, Lb, n]
         q_slots = rotate(q.view(B, Hkv, G, Lb, 1, D), shift[:, :, None], rope)  # [B, Hkv, G, Lb, n, D]
-        assert store.keys is not None and store.values is not None
-        tok = (table[..., None] * C + torch.arange(C, device=q.device)).clamp_max(store.length - 1)  # [B,Hkv,Lb,n,C]
-        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1, 1)
-        hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1, 1)
-        keys, values = store.keys[bi, hi, tok], store.values[bi, hi, tok]  # [B, Hkv, Lb, n, C, D]
-        logits = torch.einsum("bhglnd,bhlncd->bhglnc", q_slots.to(keys.dtype), keys).float() * scale
+        keys_c, values_c = store.chunks()  # [B, Hkv, chunks, C, D]
+        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+        hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
+        keys, values = keys_c[bi, hi, table], values_c[bi, hi, table]  # [B, Hkv, Lb, n, C, D]: whole chunks
+        # Batched matmuls over the gathered blocks as they lie (no copy of them): [.., C, D] @ [.., D, G].
+        logits = torch.matmul(keys, q_slots.to(keys.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B,Hkv,Lb,n,C,G]
         # Own chunk (the last slot): only offsets up to the query's.
         future = torch.zeros(Lb, n, C, dtype=torch.bool, device=q.device)
         future[:, -1] = torch.arange(C, device=q.device)[None, :] > (pos % C)[:, None]
-        logits = logits.masked_fill(future[None, None, None], -math.inf)
-        probs = torch.softmax(logits.flatten(-2), dim=-1).view_as(logits).to(values.dtype)
-        out = torch.einsum("bhglnc,bhlncd->bhgld", probs, values)
-        return out.reshape(B, Hq, Lb, D).to(q.dtype)
+        logits = logits.masked_fill(future[None, None, :, :, :, None], -math.inf)
+        probs = torch.softmax(logits.view(B, Hkv, Lb, n * C, G), dim=3).to(values.dtype)
+        out = torch.matmul(probs.transpose(-1, -2), values.view(B, Hkv, Lb, n * C, D))  # [B, Hkv, Lb, G, D]
+        return out.permute(0, 1, 3, 2, 4).reshape(B, Hq, Lb, D).to(q.dtype)
 
 
 class ChunkStore(DenseStore):
-    """``DenseStore`` (keys as the model rotated them) + LongHeads' chunk representatives.
+    """``DenseStore`` (keys as the model rotated them) in whole chunks + LongHeads' chunk representatives.
+
+    The buffers hold a whole number of chunks, zeroed past the tokens written, so a chosen chunk is read as one block
+    (``chunks``) and the unwritten tail of the newest chunk (masked out) holds no NaN.
 
     ``reps: [batch, heads, chunk_capacity, head_dim]``, first ``n_reps`` valid: the representative key of every
     complete chunk (``chunk_representatives``). ``pending: [batch, q_heads, chunk_size, head_dim]``: the queries
@@ -189,8 +196,25 @@ class ChunkStore(DenseStore):
         self.pending: torch.Tensor | None = None
 
     def reserve(self, total: int) -> None:
-        super().reserve(total)
+        slots = -(-total // self.chunk_size) * self.chunk_size
+        if slots > self.capacity:
+            super().reserve(slots)
+            assert self.keys is not None and self.values is not None
+            self.keys[:, :, self.length :].zero_()
+            self.values[:, :, self.length :].zero_()
         self._grow_reps(total // self.chunk_size)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        need = self.length + k.shape[2]
+        if need > self.capacity:  # grow by doubling, in whole chunks
+            self.reserve(max(need, 2 * self.capacity))
+        super().append(k, v)
+
+    def chunks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as ``[batch, heads, chunks, chunk_size, head_dim]`` views (every allocated chunk)."""
+        assert self.keys is not None and self.values is not None
+        shape = (self.batch, self.heads, self.capacity // self.chunk_size, self.chunk_size, self.head_dim)
+        return self.keys.view(shape), self.values.view(shape)
 
     def _grow_reps(self, chunks: int) -> None:
         if chunks <= self.reps.shape[2]:
