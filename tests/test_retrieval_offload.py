@@ -135,3 +135,15 @@ def test_sizing_an_offload_cache_allocates_no_host_memory():
     plan = HeadPlan.uniform(lm.spec, {"policy": "retrieval_offload", "params": {"sink": 4, "window": 16}})
     engine = Engine(lm, plan)
     assert engine.kv_estimate(1 << 30) == plan.kv_bytes(lm.spec, 1 << 30, 4)  # a billion tokens: the device part
+
+
+def test_eval_spec_and_gemma_sliding_layers():
+    from headwise.cache import HeadwiseCache
+    from headwise.eval.runner import resolve_plans
+
+    lm = tiny_model("gemma3_text")
+    (entry,) = resolve_plans(["offload@50"], lm)
+    plan = entry.plan_for(100)
+    assert plan.layers[2][0] == {"policy": "retrieval_offload", "params": {"top_k": 50}}
+    names = [layer.groups[0].policy.name for layer in HeadwiseCache(lm.spec, plan).layers]
+    assert names == ["streaming", "streaming", "retrieval_offload", "streaming"]  # native windows stay

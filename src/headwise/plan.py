@@ -202,9 +202,10 @@ class HeadPlan:
 
 def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]:
     """Apply the model's own sliding windows: on a layer with native window W, ``full`` means
-    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs); so does
-    ``longheads``, whose purpose (keeping distances within the trained length) the window already serves."""
-    from headwise.policies import Full, LongHeads, Streaming
+    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs); so do ``longheads``
+    (keeping distances within the trained length: the window does) and ``retrieval_offload`` (a window's KV is small
+    enough for the device)."""
+    from headwise.policies import Full, LongHeads, RetrievalOffload, Streaming
 
     out = []
     for i, row in enumerate(policies):
@@ -212,5 +213,5 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
         if window is None:
             out.append(list(row))
         else:
-            out.append([Streaming(sink=0, window=window) if isinstance(p, Full | LongHeads) else p for p in row])
+            out.append([Streaming(sink=0, window=window) if isinstance(p, Full | LongHeads | RetrievalOffload) else p for p in row])
     return out

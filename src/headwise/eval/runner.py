@@ -170,6 +170,7 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
 
 _BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal")
 _LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
+_OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
 
 def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256) -> HeadPlan:
@@ -215,11 +216,11 @@ def check_plan_specs(items: Sequence[str]) -> None:
     for item in items:
         if item.endswith(".json") or os.path.exists(item):
             HeadPlan.load(item)
-        elif item != "dense" and not _BASELINE.fullmatch(item) and not _LONGHEADS.fullmatch(item):
+        elif item != "dense" and not any(r.fullmatch(item) for r in (_BASELINE, _LONGHEADS, _OFFLOAD)):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal, longheads, "
-                "longheads@WINDOW"
+                "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
             )
 
 
@@ -244,6 +245,12 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             window = int(lm_match.group(1)) if lm_match.group(1) else None
             lh = longheads_plan(spec, lm.name, window, int(lm_match.group(2) or 256))
             entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
+        elif off_match := _OFFLOAD.fullmatch(item):
+            head: dict[str, Any] = {"policy": "retrieval_offload"}
+            if off_match.group(1):
+                head["params"] = {"top_k": int(off_match.group(1))}
+            off = HeadPlan.uniform(spec, head, lm.name, created_by=f"headwise eval {item}")
+            entries.append(PlanEntry(item, f"RetrievalAttention on every head, {item}", lambda _L, p=off: p))
         elif item == "random@equal":
             if reference is None:
                 raise InputError("random@equal deals a plan file's policies to random heads: list a plan file in --plans")
