@@ -114,6 +114,7 @@ def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: l
         use_kernels=cache.use_kernels,
         kv_heads=tuple(kv_heads),
         position=cache.position,
+        rope=cache.rope(layer.layer_idx),
     )
 
 

@@ -117,6 +117,14 @@ class HeadwiseCache(Cache):
         # Set by the engine's CUDA-graph decode (``engine.GraphDecoder``): the decode token's position, on the
         # device, which graph-capable policies read instead of host-side lengths.
         self.position: torch.Tensor | None = None
+        self._rope: dict[int, torch.Tensor | None] = {}
+
+    def rope(self, layer_idx: int) -> torch.Tensor | None:
+        """Layer ``layer_idx``'s RoPE inverse frequencies on the cache's device (fp32), or None where unknown."""
+        if layer_idx not in self._rope:
+            inv = self.spec.rope_inv_freq(layer_idx)
+            self._rope[layer_idx] = None if inv is None else torch.tensor(inv, dtype=torch.float32, device=self.device)
+        return self._rope[layer_idx]
 
     # ------------------------------------------------------------------ storage
     def reserve(self, total_tokens: int) -> None:

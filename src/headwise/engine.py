@@ -145,13 +145,15 @@ class Engine:
             tp.announce("kv_bytes", [cache])
         return tp.sum(cache.kv_bytes())
 
-    def check_length(self, prompt_tokens: int, new_tokens: int = 0) -> None:
-        """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context."""
-        limit = self.spec.max_context
+    def check_length(self, prompt_tokens: int, new_tokens: int = 0, plan: HeadPlan | None = None) -> None:
+        """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context
+        under ``plan`` (default: the engine's; ``HeadPlan.max_context``: a ``longheads`` plan has no limit)."""
+        limit = (plan or self.plan).max_context(self.spec)
         if limit and prompt_tokens + new_tokens > limit:
             raise ContextLengthError(
                 f"prompt of {prompt_tokens} tokens + {new_tokens} new tokens exceeds {self.lm.name}'s context of "
-                f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
+                f"{limit} tokens; shorten the prompt or lower --max-new-tokens (or use a plan whose heads keep "
+                f"distances within it, such as longheads)"
             )
 
     @torch.inference_mode()
@@ -313,10 +315,10 @@ class Engine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise InputError("the prompt is empty")
-        self.check_length(len(ids), params.max_new_tokens)
         if plan is not None:
             plan.check_model(self.spec)
             plan.policies()
+        self.check_length(len(ids), params.max_new_tokens, plan)
         if self.pool is not None:
             most = SequencePages(self.pool, plan or self.plan).pages_at(len(ids) + params.max_new_tokens - 1)
             if most > self.pool.num_pages:

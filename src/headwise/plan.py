@@ -236,6 +236,21 @@ class HeadPlan:
         """KV memory (bytes) of this plan over the dense plan's, after ``seq_len`` tokens."""
         return self.kv_bytes(spec, seq_len, dtype_bytes) / max(1, spec.dense_kv_bytes(seq_len, dtype_bytes))
 
+    def max_context(self, spec: ModelSpec) -> int | None:
+        """The longest sequence this plan may run on the model: its trained context (``spec.max_context``; None:
+        unknown), unless every head of every global-attention layer shows RoPE only distances within it
+        (``Policy.position_span``, e.g. ``longheads``), in which case None: no limit (native sliding-window layers
+        never look past their window)."""
+        limit = spec.max_context
+        if not limit:
+            return None
+        for row in resolve(self.policies(), spec):
+            for p in row:
+                span = p.position_span
+                if span is None or span > limit:
+                    return limit
+        return None
+
     def summary(self, spec: ModelSpec | None = None, seq_len: int | None = None) -> str:
         parts = [f"{n}×{name}" for name, n in sorted(self.counts().items())]
         text = ", ".join(parts)
@@ -246,8 +261,10 @@ class HeadPlan:
 
 def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]:
     """Apply the model's own sliding windows: on a layer with native window W, ``full`` means
-    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs)."""
-    from headwise.policies import Full, Streaming
+    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs); so do ``longheads``
+    (keeping distances within the trained length: the window does) and ``retrieval_offload`` (a window's KV is small
+    enough for the device)."""
+    from headwise.policies import Full, LongHeads, RetrievalOffload, Streaming
 
     out = []
     for i, row in enumerate(policies):
@@ -255,5 +272,5 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
         if window is None:
             out.append(list(row))
         else:
-            out.append([Streaming(sink=0, window=window) if isinstance(p, Full) else p for p in row])
+            out.append([Streaming(sink=0, window=window) if isinstance(p, Full | LongHeads | RetrievalOffload) else p for p in row])
     return out

@@ -14,9 +14,11 @@ from headwise.policies.a_shape import AShape
 from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
+from headwise.policies.longheads import LongHeads
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
+from headwise.policies.retrieval_offload import RetrievalOffload
 from headwise.policies.streaming import Streaming
 from headwise.policies.tidal import Tidal
 from headwise.policies.vertical_slash import VerticalSlash
@@ -31,6 +33,8 @@ _REGISTRY: dict[str, type[Policy]] = {
     VerticalSlash.name: VerticalSlash,
     BlockTopK.name: BlockTopK,
     Quantized.name: Quantized,
+    LongHeads.name: LongHeads,
+    RetrievalOffload.name: RetrievalOffload,
 }
 
 
@@ -72,4 +76,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "PageTopK", "Policy", "Quantized", "Recycled", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["AShape", "AttendContext", "BlockTopK", "Full", "LongHeads", "PageTopK", "Policy", "Quantized", "Recycled", "RetrievalOffload", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]

@@ -59,7 +59,9 @@ class AttendContext:
     so cross-layer state can follow a head index from layer to layer. ``position`` is set for a decode step that
     a CUDA graph will replay (``Policy.graph_decode``): a one-element long tensor on the device holding the
     decode token's position, which the policy must use instead of any host-side length (``start`` and the
-    stores' counters are then only right at capture time).
+    stores' counters are then only right at capture time). ``rope`` is the layer's RoPE inverse frequencies (fp32
+    ``[rotary_dim / 2]`` on the device; None where the model's are unknown), for policies that move keys to other
+    positions (``rope.rotate``).
     """
 
     start: int
@@ -71,6 +73,7 @@ class AttendContext:
     use_kernels: bool = False
     kv_heads: tuple[int, ...] = ()
     position: torch.Tensor | None = None
+    rope: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -127,6 +130,14 @@ class Policy(ABC):
     def short(self) -> str:
         """A few characters for tables and heatmap legends."""
         return self.name
+
+    @property
+    def position_span(self) -> int | None:
+        """The largest query-key distance RoPE shows this head, whatever the context's length, or None where it
+        grows with the context (every policy that attends keys at their own positions, sinks included). A plan whose
+        global-attention heads all have a span within the model's trained length may run past it
+        (``HeadPlan.max_context``)."""
+        return None
 
     @property
     def graph_decode(self) -> bool:

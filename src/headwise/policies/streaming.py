@@ -62,6 +62,12 @@ class Streaming(Policy):
     def graph_decode(self) -> bool:
         return not self.compensation
 
+    @property
+    def position_span(self) -> int | None:
+        """Without sinks (a native sliding window), no key further than ``window``; sinks (and the compensation
+        slot, a mean of keys at their own positions) are as far as the context is long."""
+        return self.window if self.sink == 0 and not self.compensation else None
+
     def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
         L = q.shape[2]
         if ctx.position is not None:  # a decode step for a CUDA graph: the ring slot and length on the device
