@@ -137,16 +137,16 @@ class HeadwiseCache(Cache):
     # ------------------------------------------------------------------ CUDA-graph decode
     def graph_blockers(self) -> list[str]:
         """Why a decode step of this cache cannot be replayed from a CUDA graph (empty: it can): policies whose
-        decode reads host-side state (``Policy.graph_decode``), a batch above 1, or no kernels."""
+        decode reads host-side state (``Policy.graph_decode``, ``Policy.graph_blocker``), a batch above 1, or no
+        kernels."""
         why = []
         if not self.use_kernels:
             why.append("the decode kernels are off (use_kernels)")
         if self.batch != 1:
             why.append(f"batch {self.batch} (graphs replay batch-1 decode)")
-        names = sorted({f"{g.policy.name} ({g.policy.short()})" for layer in self.layers for g in layer.groups
-                        if not g.policy.graph_decode})
-        if names:
-            why.append("policies without graph decode: " + ", ".join(names))
+        blockers = sorted({b for layer in self.layers for g in layer.groups if (b := g.policy.graph_blocker())})
+        if blockers:
+            why.append("policies without graph decode: " + "; ".join(blockers))
         return why
 
     def host_counters(self) -> list[tuple[int, list[int | None]]]:

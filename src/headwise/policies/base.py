@@ -57,7 +57,7 @@ class AttendContext:
     (TidalDecode's persistent positions); ``step`` counts decode steps (Recycled Attention's refresh).
     ``kv_heads`` names the layer's KV heads this call's group holds, in the group's order (empty: unknown),
     so cross-layer state can follow a head index from layer to layer. ``position`` is set for a decode step that
-    a CUDA graph will replay (``Policy.graph_decode``): a one-element long tensor on the device holding the
+    a CUDA graph will replay (``Policy.graph_decode``, ``Policy.graph_blocker``): a one-element long tensor on the device holding the
     decode token's position, which the policy must use instead of any host-side length (``start`` and the
     stores' counters are then only right at capture time).
     """
@@ -79,6 +79,14 @@ class Policy(ABC):
 
     name: ClassVar[str] = "base"
     paper: ClassVar[str] = ""
+    graph_decode: ClassVar[bool] = False
+    """Declared once per class (as vLLM's attention backends declare CUDA-graph support): whether a decode step of
+    this policy (on the kernels) can be captured in a CUDA graph and replayed. It then reads the token's position
+    from ``AttendContext.position`` on the device, never a host value. A parameter that rules it out for one
+    instance says why in ``graph_blocker``."""
+    keeps_every_token: ClassVar[bool] = False
+    """Declared once per class: whether the store holds every token's key and value as they came, in position order
+    (a ``DenseStore``), so that a prefill pattern may attend the whole prefix through it (``sparse_prefill.py``)."""
 
     def validate(self) -> None:  # noqa: B027 - optional hook: a policy with nothing to check keeps it
         """Raise ``PlanError`` on parameters that make no sense."""
@@ -128,11 +136,10 @@ class Policy(ABC):
         """A few characters for tables and heatmap legends."""
         return self.name
 
-    @property
-    def graph_decode(self) -> bool:
-        """Whether a decode step of this policy (on the kernels) can be captured in a CUDA graph and replayed:
-        it then reads the token's position from ``AttendContext.position`` on the device, never a host value."""
-        return False
+    def graph_blocker(self) -> str | None:
+        """Why this policy's decode steps cannot be replayed from a CUDA graph (None: they can): by default its
+        class's ``graph_decode``; a policy whose parameters can rule it out says which."""
+        return None if self.graph_decode else f"{self.name} ({self.short()}) has no CUDA-graph decode"
 
 
 def check_positive(policy: Policy, **values: int) -> None:

@@ -16,16 +16,14 @@ class Full(Policy):
     """Dense causal attention; the cache keeps every token of this head."""
 
     name: ClassVar[str] = "full"
+    graph_decode: ClassVar[bool] = True
+    keeps_every_token: ClassVar[bool] = True
 
     def kv_tokens(self, seq_len: int) -> int:
         return seq_len
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> DenseStore:
         return DenseStore(batch, heads, head_dim, device, dtype)
-
-    @property
-    def graph_decode(self) -> bool:
-        return True
 
     def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.position is not None:  # a decode step for a CUDA graph: every slot, the length on the device

@@ -30,6 +30,7 @@ from headwise.policies.stores import SinkWindowStore
 class Streaming(Policy):
     name: ClassVar[str] = "streaming"
     paper: ClassVar[str] = "https://arxiv.org/abs/2309.17453"
+    graph_decode: ClassVar[bool] = True  # without compensation: ``graph_blocker``
 
     sink: int = 64
     """Initial tokens always kept (attention sinks). DuoAttention uses 64 with a 256-token window."""
@@ -58,9 +59,11 @@ class Streaming(Policy):
         """The pattern as a mask_mod: ``[L, 1]`` query and ``[1, S]`` key positions -> bool ``[L, S]``."""
         return (k_pos >= 0) & (k_pos <= q_pos) & ((k_pos < self.sink) | (q_pos - k_pos < self.window))
 
-    @property
-    def graph_decode(self) -> bool:
-        return not self.compensation
+    def graph_blocker(self) -> str | None:
+        if self.compensation:
+            return (f"streaming ({self.short()}) with compensation: the dropped tokens' running mean is counted on "
+                    "the host")
+        return None
 
     def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
         L = q.shape[2]
