@@ -24,16 +24,48 @@ page tables is the batched varlen decode kernels' job (issue 13, part 3).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from headwise.errors import BudgetError
+from headwise.errors import BudgetError, InputError
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
 from headwise.spec import ModelSpec
 
 DEFAULT_PAGE_SIZE = 16  # tokens per page, as vLLM's default block size and Quest's page
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """A KV memory budget as ``--kv-memory`` gives it: ``gb`` gigabytes (10^9 bytes), or a ``fraction`` of the
+    device's free memory at start-up, after the weights are loaded (vLLM's ``gpu_memory_utilization`` counts the
+    whole device; this counts what is left)."""
+
+    gb: float | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> KVMemory:
+        """``"40"`` (GB) or ``"90%"`` (of free device memory)."""
+        raw = str(text).strip()
+        try:
+            number = float(raw[:-1] if raw.endswith("%") else raw)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0) or (raw.endswith("%") and number > 100):
+            raise InputError(f"--kv-memory takes gigabytes (e.g. 40) or a share of free device memory (e.g. 90%), "
+                             f"got {text!r}")
+        return cls(fraction=number / 100) if raw.endswith("%") else cls(gb=number)
+
+    def pool(self, spec: ModelSpec, device: torch.device, dtype_bytes: int, page_size: int = DEFAULT_PAGE_SIZE,
+             ) -> PagePool:
+        """The page pool this budget sizes for ``spec``'s pages on ``device``."""
+        if self.fraction is not None:
+            return PagePool.from_free_memory(spec, self.fraction, device, dtype_bytes, page_size)
+        assert self.gb is not None
+        return PagePool(spec, int(self.gb * 1e9), dtype_bytes, page_size)
 
 
 class PagePool:
@@ -60,7 +92,7 @@ class PagePool:
         if not 0 < fraction <= 1:
             raise BudgetError(f"the KV memory fraction must be in (0, 1], got {fraction}")
         if device.type != "cuda":
-            raise BudgetError(f"a fraction of free memory needs a CUDA device, not {device.type}; give --kv-memory GB")
+            raise BudgetError(f"a share of free memory needs a CUDA device, not {device.type}; give --kv-memory in GB")
         free, _ = torch.cuda.mem_get_info(device)
         return cls(spec, int(free * fraction), dtype_bytes, page_size)
 
