@@ -16,7 +16,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
 
-from headwise.kernels.batch_decode import batch_decode, batch_decode_reference, ring_slot, write_pool
+from headwise.kernels.batch_decode import batch_decode
+from headwise.kernels.decode_reference import batch_decode_reference
+from headwise.pool import PagePool, ring_slot
+from headwise.spec import ModelSpec
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -27,8 +30,8 @@ PAGE = 16
 
 class Pool:
     """A garbage-filled pool and, per row, a shuffled set of its pages; ``history[b]`` is row ``b``'s keys and
-    values by position ``[H, length, D]``, written into its pages through ``write_pool`` one token at a time (as
-    decode steps write them)."""
+    values by position ``[H, length, D]``, written into its pages through ``PagePool.write`` one token at a time
+    (as decode steps write them)."""
 
     def __init__(self, lengths: list[int], heads: int, group: int, dim: int, dtype: torch.dtype, page_slots: int,
                  sink: int = 0, window: int = 0, seed: int = 0):
@@ -36,8 +39,13 @@ class Pool:
         self.lengths, self.heads, self.group, self.dim, self.dtype = lengths, heads, group, dim, dtype
         per_row = -(-page_slots // PAGE)
         n_pages = len(lengths) * heads * per_row + 3
-        kv = torch.randn(n_pages, 2, PAGE, dim, generator=g).to(DEVICE, dtype)
-        self.k_pool, self.v_pool = kv[:, 0], kv[:, 1]
+        spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=heads * group, num_kv_heads=heads,
+                         head_dim=dim, max_context=4096)
+        pool = PagePool(spec, n_pages * PAGE * 2 * dim * dtype.itemsize, dtype.itemsize, PAGE)
+        pool.allocate(DEVICE, dtype)
+        assert pool.kv is not None and pool.num_pages == n_pages
+        pool.kv.copy_(torch.randn(pool.kv.shape, generator=g))
+        self.k_pool, self.v_pool = pool.keys, pool.values
         order = torch.randperm(n_pages, generator=g)[: len(lengths) * heads * per_row]
         self.table = order.view(len(lengths), heads, per_row).int().to(DEVICE)
         self.q = torch.randn(len(lengths), heads * group, dim, generator=g).to(DEVICE, dtype)
@@ -48,7 +56,7 @@ class Pool:
                 pos = torch.tensor([[p]], device=DEVICE)
                 slot = ring_slot(pos, sink, window) if window else pos
                 k, v = self.history[b][:, :, p : p + 1][:, None]  # [1, H, 1, D] each
-                write_pool(self.k_pool, self.v_pool, self.table[b : b + 1], slot, k, v)
+                pool.write(self.table[b : b + 1], slot, k, v)
 
     def semantic(self, visible) -> torch.Tensor:
         """fp32 attention of each row's query over the positions ``visible(b, n)`` (a bool [n]) of its history."""

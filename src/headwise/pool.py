@@ -25,7 +25,7 @@ page tables is the batched varlen decode kernels' job (issue 13, part 3).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -84,6 +84,45 @@ class PagePool:
         # page id (a 60 GiB pool of bf16 pages for head_dim 128 has 15.7M of them).
         self._fresh = 0
         self._returned: list[int] = []
+        self.kv: torch.Tensor | None = None  # the pages themselves, once ``allocate`` made them
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Allocate the pages, once: ``kv: [num_pages, 2, page_size, head_dim]`` (a page's keys, then its values,
+        contiguous). An engine over an allocated pool keeps the KV of ``paged_layout`` policies in these pages."""
+        if self.kv is not None:
+            raise BudgetError("the page pool is allocated already (one allocation, at start-up)")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if itemsize * self.page_size * 2 * self.spec.head_dim != self.page_bytes:
+            raise BudgetError(f"the pool was sized for pages of {self.page_bytes} bytes; {dtype} pages would not be")
+        self.kv = torch.empty(self.num_pages, 2, self.page_size, self.spec.head_dim, device=device, dtype=dtype)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every page's keys, ``[num_pages, page_size, head_dim]`` (a view of ``kv``)."""
+        assert self.kv is not None, "PagePool.allocate first"
+        return self.kv[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        assert self.kv is not None, "PagePool.allocate first"
+        return self.kv[:, 1]
+
+    def write(self, table: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values at token slots through page tables: the one write path into the pages.
+
+        table: int [N, H, pages] (row ``n``'s logical -> physical pages); slots: int [N, T] on the pool's device,
+        the slot of each of row ``n``'s ``T`` tokens (its position, or ``ring_slot`` of it); k, v: [N, H, T, D].
+        Everything is indexed on the device (no host value enters the copy), as gpt-fast's
+        ``KVCache.update(input_pos, ...)``, so a CUDA graph could replay it. The pages must be in the table already
+        (``SequencePages.grow``) and the slots of one call distinct (a ring keeps at most its ``window`` newest
+        tokens of a chunk: the older ones would be overwritten within the call)."""
+        P = self.page_size
+        N, H, T, D = k.shape
+        logical = torch.div(slots, P, rounding_mode="floor").long()  # [N, T]
+        phys = table.long().gather(2, logical[:, None, :].expand(N, H, T)).reshape(-1)  # [N * H * T]
+        within = (slots.long() % P)[:, None, :].expand(N, H, T).reshape(-1)
+        self.keys.index_put_((phys, within), k.reshape(-1, D).to(self.keys.dtype))
+        self.values.index_put_((phys, within), v.reshape(-1, D).to(self.values.dtype))
 
     @classmethod
     def from_free_memory(cls, spec: ModelSpec, fraction: float, device: torch.device, dtype_bytes: int = 2,
@@ -119,6 +158,12 @@ class PagePool:
         self._returned.extend(pages)
 
 
+def ring_slot(position: torch.Tensor, sink: int, window: int) -> torch.Tensor:
+    """The slot of token ``position`` in a streaming head's layout (``SinkWindowStore``'s): position ``p`` in slot
+    ``p`` below ``sink``, then around the ring of ``window`` slots. Any integer tensor, computed on its device."""
+    return torch.where(position < sink, position, sink + (position - sink) % window)
+
+
 @dataclass
 class GroupPages:
     """The pages of one (layer, head group): ``pages[h]`` are KV head ``h``'s (of the group), in slot order."""
@@ -126,10 +171,14 @@ class GroupPages:
     policy: Policy
     heads: int
     pages: list[list[int]]
+    _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table) until pages change
 
-    def table(self) -> torch.Tensor:
-        """Page table ``[heads, pages]`` (int32, as the paged kernels index)."""
-        return torch.tensor(self.pages, dtype=torch.int32)
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: built again only when
+        the pages changed (at most once per ``page_size`` tokens)."""
+        if self._table is None or self._table[0] != str(device):
+            self._table = (str(device), torch.tensor(self.pages, dtype=torch.int32, device=device))
+        return self._table[1]
 
 
 class SequencePages:
@@ -171,6 +220,8 @@ class SequencePages:
             return False
         it = iter(ids)
         for g, n in need:
+            if n > 0:
+                g._table = None
             for head in g.pages:
                 head.extend(next(it) for _ in range(max(0, n)))
         self.tokens = tokens
@@ -180,6 +231,7 @@ class SequencePages:
         """Give every page back."""
         for layer in self.groups:
             for g in layer:
+                g._table = None
                 for head in g.pages:
                     self.pool.give_back(head)
                     head.clear()

@@ -2,8 +2,8 @@
 
 Layout
     The pool holds pages of ``page_size`` token slots of one KV head: ``k_pool, v_pool: [num_pages, page_size, D]``
-    (views of one allocation, e.g. ``pool.PagePool.kv[:, 0]`` and ``[:, 1]``; any page and slot strides, D
-    contiguous). Batch row ``b`` is one sequence; the group's KV head ``h`` of that sequence keeps its token
+    (views of one allocation: ``pool.PagePool.keys`` and ``.values``; any page and slot strides, D contiguous),
+    written through ``PagePool.write``. Batch row ``b`` is one sequence; the group's KV head ``h`` of that sequence keeps its token
     slots in the pages of its table: ``table: int32 [B, H, max_pages]``, logical page ``i`` (slots
     ``i * page_size ..``) lives in physical page ``table[b, h, i]``, in any order over the pool (pages are handed
     out by ``pool.PagePool``). ``lengths: int32 [B]`` on the device are the tokens each sequence holds (0: an
@@ -39,7 +39,7 @@ Limits
 
 Tested
     tests/test_kernels_batch_decode.py, under TRITON_INTERPRET=1 against ``batch_decode_reference`` (fp32, a
-    Python loop over rows that gathers each row's pages; below) and against the policies' own semantics
+    Python loop over rows that gathers each row's pages; ``kernels/decode_reference.py``) and against the policies' own semantics
     (StreamingLLM's mask over positions, Quest's selected pages): ragged lengths with partial pages, a zero-length
     row, an empty batch, ring wrap, GQA 4:1 and 1:1, pages shuffled over the pool, one and several splits.
 """
@@ -248,67 +248,4 @@ def batch_decode(
     return out
 
 
-def ring_slot(position: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """The slot of token ``position`` in a streaming head's layout (``SinkWindowStore``'s): position ``p`` in slot
-    ``p`` below ``sink``, then around the ring of ``window`` slots. Any integer tensor, computed on its device."""
-    return torch.where(position < sink, position, sink + (position - sink) % window)
-
-
-def write_pool(k_pool: torch.Tensor, v_pool: torch.Tensor, table: torch.Tensor, slots: torch.Tensor,
-               k: torch.Tensor, v: torch.Tensor) -> None:
-    """Write keys and values at token slots through page tables: the one write path into the pool.
-
-    table: int [N, H, pages] (row ``n``'s logical -> physical pages); slots: int [N, T] (the slot of each of row
-    ``n``'s ``T`` tokens: its position, or ``ring_slot`` of it); k, v: [N, H, T, D]. Everything is indexed on the
-    device (no host value enters the copy), as gpt-fast's ``KVCache.update(input_pos, ...)``, so a CUDA graph can
-    replay it. The pages must be in the table already (``pool.SequencePages.grow``) and the slots of one call
-    distinct (a ring takes at most its ``window`` newest tokens of a chunk: the older ones would be overwritten)."""
-    page_size = k_pool.shape[1]
-    N, H, T, D = k.shape
-    logical = torch.div(slots, page_size, rounding_mode="floor").long()  # [N, T]
-    phys = table.long().gather(2, logical[:, None, :].expand(N, H, T)).reshape(-1)  # [N * H * T]
-    within = (slots.long() % page_size)[:, None, :].expand(N, H, T).reshape(-1)
-    k_pool.index_put_((phys, within), k.reshape(-1, D).to(k_pool.dtype))
-    v_pool.index_put_((phys, within), v.reshape(-1, D).to(v_pool.dtype))
-
-
-def batch_decode_reference(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    table: torch.Tensor,
-    lengths: torch.Tensor,
-    page_size: int,
-    *,
-    ring: int = 0,
-    selected: torch.Tensor | None = None,
-    scale: float | None = None,
-) -> torch.Tensor:
-    """Plain PyTorch ``batch_decode``, row by row: gather the row's attended slots from its pages, then softmax.
-
-    Products in the inputs' dtype, softmax in fp32 (pass fp32 tensors for an fp32 reference). Shapes as
-    ``batch_decode``; a row with nothing to attend gets zeros."""
-    B, Hq, D = q.shape
-    H = table.shape[1]
-    scale = D**-0.5 if scale is None else scale
-    out = torch.zeros_like(q)
-    for b in range(B):
-        n = int(lengths[b])
-        if ring:
-            n = min(n, ring)
-        for h in range(H):
-            pages = torch.arange(-(-n // page_size)) if selected is None else selected[b, h].long().cpu()
-            pages = pages[(pages >= 0) & (pages * page_size < n)]
-            slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
-            slots = slots[slots < n].to(q.device)
-            if slots.numel() == 0:
-                continue
-            phys, within = table[b, h].long()[slots // page_size], slots % page_size
-            keys, values = k_pool[phys, within], v_pool[phys, within]  # [m, D]
-            qh = q[b, h * (Hq // H) : (h + 1) * (Hq // H)]  # the group's query heads
-            probs = torch.softmax((qh @ keys.T).float() * scale, dim=-1)
-            out[b, h * (Hq // H) : (h + 1) * (Hq // H)] = (probs.to(values.dtype) @ values).to(q.dtype)
-    return out
-
-
-__all__ = ["batch_decode", "batch_decode_reference", "ring_slot", "write_pool"]
+__all__ = ["batch_decode"]
