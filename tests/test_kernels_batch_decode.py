@@ -18,7 +18,8 @@ if not torch.cuda.is_available():
 
 from headwise.kernels.batch_decode import batch_decode
 from headwise.kernels.decode_reference import batch_decode_reference
-from headwise.pool import PagePool, ring_slot
+from headwise.policies.base import PagedLayout
+from headwise.pool import PagePool
 from headwise.spec import ModelSpec
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -54,7 +55,7 @@ class Pool:
         for b, n in enumerate(lengths):
             for p in range(n):
                 pos = torch.tensor([[p]], device=DEVICE)
-                slot = ring_slot(pos, sink, window) if window else pos
+                slot = PagedLayout(sink, window).slots(pos)
                 k, v = self.history[b][:, :, p : p + 1][:, None]  # [1, H, 1, D] each
                 pool.write(self.table[b : b + 1], slot, k, v)
 

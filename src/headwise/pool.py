@@ -111,7 +111,7 @@ class PagePool:
         """Write keys and values at token slots through page tables: the one write path into the pages.
 
         table: int [N, H, pages] (row ``n``'s logical -> physical pages); slots: int [N, T] on the pool's device,
-        the slot of each of row ``n``'s ``T`` tokens (its position, or ``ring_slot`` of it); k, v: [N, H, T, D].
+        the slot of each of row ``n``'s ``T`` tokens (``PagedLayout.slots`` of its position); k, v: [N, H, T, D].
         Everything is indexed on the device (no host value enters the copy), as gpt-fast's
         ``KVCache.update(input_pos, ...)``, so a CUDA graph could replay it. The pages must be in the table already
         (``SequencePages.grow``) and the slots of one call distinct (a ring keeps at most its ``window`` newest
@@ -156,12 +156,6 @@ class PagePool:
 
     def give_back(self, pages: list[int]) -> None:
         self._returned.extend(pages)
-
-
-def ring_slot(position: torch.Tensor, sink: int, window: int) -> torch.Tensor:
-    """The slot of token ``position`` in a streaming head's layout (``SinkWindowStore``'s): position ``p`` in slot
-    ``p`` below ``sink``, then around the ring of ``window`` slots. Any integer tensor, computed on its device."""
-    return torch.where(position < sink, position, sink + (position - sink) % window)
 
 
 @dataclass

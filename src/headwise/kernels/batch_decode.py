@@ -14,7 +14,7 @@ Layout
 Modes (the same kernel; what changes is which of a row's slots are attended)
     full        slots ``< lengths[b]``: every token.
     streaming   ``ring = sink + window``: ``SinkWindowStore``'s layout, position ``p`` in slot ``p`` below
-                ``sink`` and in slot ``sink + (p - sink) % window`` after (``ring_slot``). The slots held are
+                ``sink`` and in slot ``sink + (p - sink) % window`` after (``PagedLayout.slots``). The slots held are
                 the first ``min(lengths[b], ring)``, and at decode every held slot is visible: the ring holds
                 exactly the last ``window`` positions, the query's own included (StreamingLLM's pattern for the
                 newest token), in whatever rotation, and softmax over a set does not care about order.

@@ -74,6 +74,27 @@ class AttendContext:
 
 
 @dataclass(frozen=True)
+class PagedLayout:
+    """Where a head's tokens sit in its pool pages (``Policy.paged_layout``): position ``p`` in slot ``p``, or, with a
+    ``window``, the first ``sink`` positions in slots ``0 .. sink-1`` and the others around a ring of ``window``
+    slots after them (``SinkWindowStore``'s layout)."""
+
+    sink: int = 0
+    window: int = 0  # 0: every token, no ring
+
+    @property
+    def ring(self) -> int:
+        """Slots a head holds at most (0: no bound)."""
+        return self.sink + self.window if self.window else 0
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slot of each token position (any integer tensor, computed on its device)."""
+        if not self.window:
+            return positions
+        return torch.where(positions < self.sink, positions, self.sink + (positions - self.sink) % self.window)
+
+
+@dataclass(frozen=True)
 class Policy(ABC):
     """Base class: a frozen dataclass of parameters (each field documented) plus behaviour."""
 
@@ -135,6 +156,12 @@ class Policy(ABC):
     def short(self) -> str:
         """A few characters for tables and heatmap legends."""
         return self.name
+
+    def paged_layout(self) -> PagedLayout | None:
+        """How an engine over a page pool keeps this policy's KV (``paged_cache.py``): in the sequence's pool pages,
+        laid out as the ``PagedLayout`` says, or (None, the default) in the policy's own store beside the pool. Decode
+        steps of paged groups run batched, over all the step's sequences at once (``paged_cache.decode_over_pool``)."""
+        return None
 
     def graph_blocker(self) -> str | None:
         """Why this policy's decode steps cannot be replayed from a CUDA graph (None: they can): by default its

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from headwise.policies.base import AttendContext, Policy, causal_attention, kernel_decode
+from headwise.policies.base import AttendContext, PagedLayout, Policy, causal_attention, kernel_decode
 from headwise.policies.stores import DenseStore
 
 
@@ -21,6 +21,9 @@ class Full(Policy):
 
     def kv_tokens(self, seq_len: int) -> int:
         return seq_len
+
+    def paged_layout(self) -> PagedLayout | None:
+        return PagedLayout()
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> DenseStore:
         return DenseStore(batch, heads, head_dim, device, dtype)

@@ -38,7 +38,7 @@ import torch
 
 from headwise.errors import PlanError
 from headwise.kernels.prefill_index import indices_to_mask
-from headwise.policies.base import AttendContext, Policy, masked_attention
+from headwise.policies.base import AttendContext, PagedLayout, Policy, masked_attention
 from headwise.policies.full import Full
 from headwise.policies.stores import DenseStore
 
@@ -87,6 +87,9 @@ class PrefillPattern(Policy):
 
     def graph_blocker(self) -> str | None:
         return self.decode.graph_blocker()
+
+    def paged_layout(self) -> PagedLayout | None:
+        return self.decode.paged_layout()
 
     def decode_suffix(self) -> str:
         return "" if isinstance(self.decode, Full) else f"|{self.decode.short()}"

@@ -22,7 +22,14 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, check_positive, kernel_decode, masked_attention
+from headwise.policies.base import (
+    AttendContext,
+    PagedLayout,
+    Policy,
+    check_positive,
+    kernel_decode,
+    masked_attention,
+)
 from headwise.policies.stores import SinkWindowStore
 
 
@@ -58,6 +65,9 @@ class Streaming(Policy):
     def allowed(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
         """The pattern as a mask_mod: ``[L, 1]`` query and ``[1, S]`` key positions -> bool ``[L, S]``."""
         return (k_pos >= 0) & (k_pos <= q_pos) & ((k_pos < self.sink) | (q_pos - k_pos < self.window))
+
+    def paged_layout(self) -> PagedLayout | None:
+        return None if self.compensation else PagedLayout(self.sink, self.window)  # compensation: a slot off the ring
 
     def graph_blocker(self) -> str | None:
         if self.compensation:
