@@ -17,9 +17,12 @@ step that grows it (``Engine.step``): admission is counting free pages, and when
 sequence is preempted (its pages freed, its tokens recomputed later). KV bytes reported = pages held x page
 bytes.
 
-What the pool does not do yet: the stores keep their keys and values in their own tensors (``cache.py``); the
-pool governs how many sequences run at once and what they are counted to hold. Reading the KV through these
-page tables is the batched varlen decode kernels' job (issue 13, part 3).
+The pages themselves are one tensor, allocated once (``PagePool.allocate``, which ``Engine(pool=...)`` calls):
+``kv: [num_pages, 2, page_size, head_dim]``, written only through ``PagePool.write``. The groups whose policy has
+a ``paged_layout`` (``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``) keep
+their KV there (``paged_cache.py``); the others (``page_topk``, ``tidal``, ``recycled``, ``quantized``, streaming
+with compensation) keep their own store tensors beside the pool while their pages are counted, so a plan of
+those holds more memory than the pool.
 """
 
 from __future__ import annotations
