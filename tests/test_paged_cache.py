@@ -133,3 +133,18 @@ def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone():
     pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
     seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [5, 5], [0, 1], seq_plans)
     assert [s.generated for s in seqs] == want
+
+
+def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
+    from headwise.errors import BudgetError
+
+    lm = tiny_model("llama")  # fp32
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=2, page_size=4)
+    with pytest.raises(BudgetError, match="sized for pages of"):
+        Engine(lm, pool=pool)
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
+    Engine(lm, pool=pool)
+    assert pool.kv is not None
+    with pytest.raises(BudgetError, match="allocated already"):
+        pool.allocate("cpu", torch.float32)
+    Engine(lm, pool=pool)  # a second engine over the same pages: no second allocation

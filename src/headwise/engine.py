@@ -99,7 +99,7 @@ class Engine:
         if pool is not None:
             if pool.kv is None:
                 pool.allocate(lm.device, lm.dtype)
-            elif pool.kv.dtype != lm.dtype or pool.kv.device != lm.device:
+            elif pool.kv.dtype != lm.dtype or pool.kv.device.type != lm.device.type:
                 raise BudgetError(f"the page pool holds {pool.kv.dtype} pages on {pool.kv.device}; the model runs in "
                                   f"{lm.dtype} on {lm.device}")
 
