@@ -156,3 +156,11 @@ def test_lengths_are_read_on_the_device_so_one_launch_size_serves_growing_rows()
     shorter = pool.lengths_t - torch.tensor([8, 0], dtype=torch.int32, device=DEVICE)
     fewer = batch_decode(pool.q, pool.k_pool, pool.v_pool, pool.table, shorter, 64, PAGE, tokens_per_iter=PAGE)
     assert not torch.allclose(fewer[0], at_limit[0]) and torch.equal(fewer[1], at_limit[1])
+
+
+def test_the_benchmark_workloads_compute_what_the_reference_does():
+    """``headwise bench --which batch_decode``'s dense and 25%-full layers at Llama-3-8B head shapes, tiny lengths."""
+    from headwise.bench.batch_decode import check
+
+    errors = check(2, 40, PAGE, DEVICE, torch.float32)
+    assert errors["dense_pool_max_abs_err"] < 1e-4 and errors["plan_25_max_abs_err"] < 1e-4
