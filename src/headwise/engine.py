@@ -78,8 +78,10 @@ class Engine:
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
         True: required (an error says what prevents it); False: never. ``pool``: the KV pages sequences hold
-        (``pool.py``): a step grows a sequence only when its pages are there, preempting the newest sequence
-        when the pool runs dry; without one, every sequence's cache is reserved for its whole length."""
+        (``pool.py``), allocated here once if they are not yet: a step grows a sequence only when its pages are
+        there, preempting the newest sequence when the pool runs dry; the KV of policies with a ``paged_layout``
+        lives in those pages and their decode steps run batched over the pool (``paged_cache.py``); without a
+        pool, every sequence's cache is reserved for its whole length."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -96,20 +98,30 @@ class Engine:
         self._lock = threading.RLock()  # one step (or add, abort) at a time
         self._ids = itertools.count()
         self.pool = pool
+        if pool is not None:
+            if pool.kv is None:
+                pool.allocate(lm.device, lm.dtype)
+            elif pool.kv.dtype != lm.dtype or pool.kv.device.type != lm.device.type:
+                raise BudgetError(f"the page pool holds {pool.kv.dtype} pages on {pool.kv.device}; the model runs in "
+                                  f"{lm.dtype} on {lm.device}")
 
     @property
     def spec(self):
         return self.lm.spec
 
     # ------------------------------------------------------------------ building blocks
-    def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None) -> HeadwiseCache:
-        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens. On a
-        tensor-parallel model: this rank's share of ``plan`` (``TPGroup.local_plan``)."""
+    def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None,
+                  pages: SequencePages | None = None) -> HeadwiseCache:
+        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens; with ``pages`` (a
+        sequence's, in the engine's pool), the groups whose policy has a ``paged_layout`` keep their KV in them. On
+        a tensor-parallel model: this rank's share of ``plan`` (``TPGroup.local_plan``)."""
         plan = plan or self.plan
         tp = self.lm.tp
         if tp is None:
-            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
+            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages)
         else:
+            if pages is not None:
+                raise HeadwiseError("a page pool is not supported with --tp yet; leave out --kv-memory")
             cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
                                   batch, self.use_kernels)
             tp.register(cache, plan)
@@ -413,9 +425,10 @@ class Engine:
         return True
 
     def _start(self, s: Sequence) -> bool:
-        """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``); False if that failed."""
+        """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``), over its pool pages under a
+        pool; False if that failed."""
         try:
-            s.cache = self.new_cache(1, reserve=s.max_tokens, plan=s.plan)
+            s.cache = self.new_cache(1, reserve=s.max_tokens, plan=s.plan, pages=s.pages)
         except Exception as exc:  # e.g. out of memory: this sequence alone fails
             s.finish("error", exc)
             return False

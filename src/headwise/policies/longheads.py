@@ -66,6 +66,7 @@ GATHER_ELEMENTS = 1 << 26  # keys gathered per query block (x2 with values): 128
 class LongHeads(Policy):
     name: ClassVar[str] = "longheads"
     paper: ClassVar[str] = "https://arxiv.org/abs/2402.10685"
+    keeps_every_token: ClassVar[bool] = True  # chunks are read selectively, never dropped
 
     chunk_size: int = 256
     """Tokens per chunk. The paper uses 256."""

@@ -57,6 +57,7 @@ HOST_BLOCK = 1 << 24  # logits per block when prefill streams host tokens to the
 class RetrievalOffload(Policy):
     name: ClassVar[str] = "retrieval_offload"
     paper: ClassVar[str] = "https://arxiv.org/abs/2409.10516"
+    keeps_every_token: ClassVar[bool] = True  # every token stays reachable: on the device or behind the index
 
     sink: int = 128
     """Initial tokens kept on the device (the paper's static set: 128 initial + 512 recent tokens)."""
