@@ -41,7 +41,7 @@ from headwise import tp
 from headwise.bench.record import save_result
 from headwise.cache import HeadwiseCache
 from headwise.engine import Engine
-from headwise.models import LoadedModel, _load_dir
+from headwise.models import LoadedModel, load_dir
 from headwise.placement import balance, measure
 from headwise.plan import HeadPlan
 from headwise.profile.solver import solve
@@ -207,7 +207,7 @@ def main() -> None:
         dist.barrier(group=group.control)  # the weights are on disk
     try:
         if group is None:
-            model, _ = _load_dir(weights, dtype, device, tokenizer=False)
+            model, _ = load_dir(weights, dtype, device, tokenizer=False)
             lm = LoadedModel("llama3-8b-random", model, None, ModelSpec.from_config(model.config), str(weights))
         else:
             lm = tp.load_share("llama3-8b-random", str(weights), str(weights), dtype, group, tokenizer=False)

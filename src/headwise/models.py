@@ -125,7 +125,7 @@ def _transformers() -> Any:
     return transformers
 
 
-def _load_dir(path: Path, dtype: torch.dtype, device: str | None, gguf_file: str | None = None,
+def load_dir(path: Path, dtype: torch.dtype, device: str | None, gguf_file: str | None = None,
               tokenizer: bool = True, **extra: Any) -> tuple[Any, Any]:
     """Tokenizer (None with ``tokenizer=False``) and model of ``path`` on ``device`` (None: where ``extra``, e.g. a
     ``distributed_config``, puts it)."""
@@ -177,12 +177,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
         raise ModelLoadError(f"weight file {gguf} does not exist")
     cached = _converted_dir(gguf)
     if (cached / "headwise-converted.json").is_file():
-        model, tok = _load_dir(cached, dtype, device)
+        model, tok = load_dir(cached, dtype, device)
         return model, tok, f"{gguf} (converted cache {cached})"
     t0 = time.time()
     if progress:
         log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
-    model, tok = _load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
+    model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -307,7 +307,7 @@ def load_model(
         assert path is not None
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
-        model, tok = _load_dir(path, dtype, device)
+        model, tok = load_dir(path, dtype, device)
         source = str(path)
     spec = ModelSpec.from_config(model.config)
     _check_supported(spec, source)

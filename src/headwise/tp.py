@@ -321,10 +321,10 @@ def load_share(name: str, path: str, source: str, dtype: torch.dtype, group: TPG
     """This rank's share of the model in ``path`` (every rank calls it), its KV heads re-indexed by ``order``."""
     from transformers.distributed import DistributedConfig
 
-    from headwise.models import LoadedModel, _load_dir
+    from headwise.models import LoadedModel, load_dir
     from headwise.spec import ModelSpec
 
-    model, tok = _load_dir(Path(path), dtype, None, tokenizer=tokenizer,
+    model, tok = load_dir(Path(path), dtype, None, tokenizer=tokenizer,
                            distributed_config=DistributedConfig(tp_size=group.size))
     spec = ModelSpec.from_config(model.config)
     if order is not None:
