@@ -58,9 +58,9 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 def _one_process(path: Path, plan: HeadPlan | None, ids: torch.Tensor) -> torch.Tensor:
-    from headwise.models import _load_dir
+    from headwise.models import load_dir
 
-    model, tok = _load_dir(path, torch.float32, "cpu")
+    model, tok = load_dir(path, torch.float32, "cpu")
     lm = LoadedModel("tiny", model, tok, ModelSpec.from_config(model.config), str(path))
     return Engine(lm, plan, chunk_size=16).logits(ids)
 
@@ -130,10 +130,10 @@ def _env() -> dict[str, str]:
 
 
 def _greedy_texts(path: Path, plan: HeadPlan, prompts: list[str], n: int) -> list[str]:
-    from headwise.models import _load_dir
+    from headwise.models import load_dir
     from headwise.sequence import SamplingParams
 
-    model, tok = _load_dir(path, torch.float32, "cpu")
+    model, tok = load_dir(path, torch.float32, "cpu")
     engine = Engine(LoadedModel("tiny", model, tok, ModelSpec.from_config(model.config), str(path)), plan,
                     chunk_size=8)
     return ["".join(ev.text for ev in engine.generate(p, SamplingParams(max_new_tokens=n))) for p in prompts]
