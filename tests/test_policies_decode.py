@@ -296,3 +296,24 @@ def test_page_topk_on_gpu_kernel_paths_generate_like_the_reference(bounds):
         assert gen(True) == ref
     finally:
         page_topk_module.FUSED_SELECT_MAX_HEADS = old
+
+
+@pytest.mark.parametrize("name", ["full", "streaming", "page_topk", "tidal", "recycled", "a_shape", "vertical_slash",
+                                  "block_topk", "quantized"])
+def test_a_policy_class_declares_keeping_every_token_as_its_store_does(name):
+    """``keeps_every_token`` is declared on the class (no store is built to ask); it must say what the store is."""
+    from headwise.policies.stores import DenseStore
+
+    policy = build_policy({"policy": name})
+    store = policy.make_store(1, 1, 16, torch.device("cpu"), torch.float32)
+    assert type(policy).keeps_every_token == isinstance(store, DenseStore)
+
+
+def test_graph_decode_is_declared_per_class_and_a_parameter_that_rules_it_out_says_why():
+    assert build_policy({"policy": "full"}).graph_blocker() is None
+    assert build_policy({"policy": "a_shape", "decode": {"policy": "page_topk"}}).graph_blocker() is None
+    why = build_policy({"policy": "streaming", "params": {"compensation": True}}).graph_blocker()
+    assert why is not None and "compensation" in why
+    assert "has no CUDA-graph decode" in build_policy({"policy": "a_shape", "decode": {"policy": "tidal"}}).graph_blocker()
+    with pytest.raises(PlanError, match="does not keep the full cache"):
+        build_policy({"policy": "a_shape", "decode": {"policy": "streaming"}})

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from headwise.engine import Engine
-from headwise.errors import BudgetError
+from headwise.errors import BudgetError, InputError
 from headwise.plan import HeadPlan
 from headwise.policies import Full, PageTopK, Streaming
-from headwise.pool import PagePool, SequencePages
+from headwise.pool import KVMemory, PagePool, SequencePages
 from headwise.spec import ModelSpec
 from server_common import mixed_plan
 from tiny import tiny_model
@@ -147,3 +147,16 @@ def test_the_scheduler_admits_by_free_pages_and_refuses_what_the_pool_cannot_hol
     assert [r.generated for r in reqs] == want and done == {"0": 12, "1": 12, "2": 12}
     assert sum(r.seq.preemptions for r in reqs) >= 1
     assert pool.free_pages == pool.num_pages
+
+
+def test_kv_memory_is_gigabytes_or_a_share_of_free_device_memory():
+    assert KVMemory.parse("40") == KVMemory(gb=40.0) and KVMemory.parse(" 2.5 ") == KVMemory(gb=2.5)
+    assert KVMemory.parse("90%") == KVMemory(fraction=0.9)
+    for bad in ("", "0", "-3", "nan", "inf", "120%", "%", "lots", "4GB"):
+        with pytest.raises(InputError, match="--kv-memory takes gigabytes"):
+            KVMemory.parse(bad)
+    pool = KVMemory(gb=0.001).pool(LLAMA3_8B, torch.device("cpu"), dtype_bytes=2)
+    assert pool.num_pages == 10**6 // (16 * 2 * 128 * 2)
+    if not torch.cuda.is_available():
+        with pytest.raises(BudgetError, match="needs a CUDA device"):
+            KVMemory(fraction=0.5).pool(LLAMA3_8B, torch.device("cpu"), dtype_bytes=2)

@@ -116,10 +116,13 @@ def test_attend_is_exact_attention_over_the_dequantized_past_and_the_chunk():
 
 
 def test_mixed_plan_generates_and_the_kernel_decode_gives_the_reference_tokens():
+    """On the GPU when there is one (the kernels compiled), else on the CPU under Triton's interpreter."""
     lm = tiny_model("llama", num_hidden_layers=2)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    lm.model.to(device)
     plan = HeadPlan.from_policies(lm.spec, [[Full(), Quantized(bits=4, group=8, residual=8)],
                                             [Quantized(bits=8, group=8, residual=4), Streaming(sink=4, window=16)]])
-    prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0))
+    prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}
     for kernels in (False, True):
         events = list(Engine(lm, plan, chunk_size=16, use_kernels=kernels).generate(prompt[0], max_new_tokens=12,

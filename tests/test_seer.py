@@ -173,3 +173,13 @@ def test_seer_kernel_path_matches_its_reference_path_in_the_engine():
     ker = Engine(lm, plan, chunk_size=48, use_kernels=True).logits(ids).float()
     dense = Engine(lm, chunk_size=48, use_kernels=False).logits(ids).float()
     assert (ker - ref).abs().max().item() <= 0.05 + 0.1 * (ref - dense).abs().max().item()
+
+
+def test_gates_follow_the_heads_when_a_plan_is_split_over_ranks_or_re_indexed():
+    lm = tiny_model("llama")  # 2 KV heads of 2 query heads each
+    plan = seer_plan(lm, random_gates(lm), topk=2)
+    half = plan.shard(1, 2)
+    for i, g in plan.gates.layers.items():
+        assert torch.equal(half.gates.layers[i].wq, g.wq[[2, 3]]) and torch.equal(half.gates.layers[i].wk, g.wk[[1]])
+    swapped = plan.permuted([[1, 0]] * lm.spec.num_layers)
+    assert torch.equal(swapped.gates.layers[0].wq, plan.gates.layers[0].wq[[2, 3, 0, 1]])

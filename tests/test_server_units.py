@@ -50,7 +50,7 @@ def test_chat_content_parts_are_joined_and_developer_is_system():
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--max-batch", "0", "--max-batch"), ("--port", "70000", "--port"), ("--kv-budget-gb", "-1", "--kv-budget-gb"),
-     ("--max-queue", "-1", "--max-queue")],
+     ("--max-queue", "-1", "--max-queue"), ("--kv-memory", "lots", "--kv-memory"), ("--kv-memory", "150%", "90%")],
 )
 def test_serve_rejects_bad_options_in_one_line(flag, value, message, capsys):
     from headwise.cli import main
@@ -58,6 +58,27 @@ def test_serve_rejects_bad_options_in_one_line(flag, value, message, capsys):
     assert main(["serve", "smollm2-135m", flag, value]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("headwise: error:") and message in err and "\n" not in err
+
+
+def test_serve_takes_a_page_pool_or_a_byte_budget_not_both(capsys):
+    from headwise.cli import main
+
+    assert main(["serve", "smollm2-135m", "--kv-memory", "2", "--kv-budget-gb", "2"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+def test_serve_with_kv_memory_runs_the_engine_over_a_pool_of_that_size(smollm2, monkeypatch):
+    import argparse
+
+    from headwise.server import cli
+
+    monkeypatch.setattr(cli, "load_from_args", lambda args: smollm2)
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    _, scheduler = cli.build(parser.parse_args(["serve", "smollm2-135m", "--kv-memory", "0.5"]))
+    pool = scheduler.engine.pool
+    assert pool is not None and pool.num_pages == int(0.5e9) // pool.page_bytes
+    assert scheduler.kv_budget == pool.num_pages * pool.page_bytes
 
 
 @pytest.mark.parametrize(

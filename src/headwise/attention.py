@@ -23,6 +23,7 @@ from transformers import AttentionInterface
 
 from headwise.cache import HeadwiseCache
 from headwise.errors import HeadwiseError
+from headwise.paged_cache import PagedDenseStore, PagedRingStore, PoolDecodeRow, decode_over_pool
 from headwise.policies import AttendContext
 
 ATTN_NAME = "headwise"
@@ -48,24 +49,42 @@ def headwise_attention(
             "attention implementation 'headwise' needs a HeadwiseCache passed as headwise_cache=...; "
             "run the model through headwise.Engine"
         )
-    layer = cache.layers[module.layer_idx]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    rows: list[PoolDecodeRow] = []
+    out = _attend_cache(cache, module.layer_idx, query, key, value, scale, 0, rows)
+    if rows:
+        decode_over_pool(rows, query, key, value, out, scale, cache.use_kernels)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                  scale: float, token0: int, rows: list[PoolDecodeRow]) -> torch.Tensor:
+    """One cache's chunk, group by group: query [B, Hq, L, D]; key, value [B, Hkv, L, D]. Returns [B, Hq, L, D].
+    A one-token chunk of a group whose KV is in the page pool is left to ``decode_over_pool``: appended to ``rows``
+    (at token ``token0`` of the forward), its output heads filled in by that call."""
+    layer = cache.layers[layer_idx]
     start = layer.seen
     L = query.shape[2]
-    if len(layer.groups) == 1:
+    paged = [L == 1 and isinstance(cache._ensure_store(g), PagedDenseStore | PagedRingStore) for g in layer.groups]
+    if len(layer.groups) == 1 and not paged[0]:
         g = layer.groups[0]
         ctx = _ctx(cache, layer, start, scale, g.kv_heads)
         out = g.policy.attend(query, key, value, cache._ensure_store(g), ctx)
     else:
         out = torch.empty_like(query)
-        for g in layer.groups:
+        for g, pooled in zip(layer.groups, paged):
+            store = cache._ensure_store(g)
+            if pooled:
+                assert isinstance(store, PagedDenseStore | PagedRingStore) and query.shape[0] == 1
+                rows.append(PoolDecodeRow(store, g.q_index, g.kv_index, token0))
+                continue
             ctx = _ctx(cache, layer, start, scale, g.kv_heads)
             q = query.index_select(1, g.q_index)
             k = key.index_select(1, g.kv_index)
             v = value.index_select(1, g.kv_index)
-            out.index_copy_(1, g.q_index, g.policy.attend(q, k, v, cache._ensure_store(g), ctx))
+            out.index_copy_(1, g.q_index, g.policy.attend(q, k, v, store, ctx))
     layer.seen = start + L
-    return out.transpose(1, 2).contiguous(), None
+    return out
 
 
 @dataclass
@@ -75,7 +94,8 @@ class PackedBatch:
     Segment ``i`` is tokens ``starts[i] .. starts[i] + lengths[i] - 1`` of the packed row and belongs to the
     sequence whose batch-1 cache is ``caches[i]``: a prompt chunk, or one decode token. Projections, MLPs and
     the LM head run once over the packed row; attention runs segment by segment, each over its own cache,
-    because every sequence's cache holds its own per-head lengths.
+    because every sequence's cache holds its own per-head lengths, except for the decode tokens of groups whose
+    KV is in the engine's page pool: those of every segment are attended together (``decode_over_pool``).
     """
 
     caches: list[HeadwiseCache]
@@ -95,12 +115,15 @@ def _attend_packed(
     if query.shape[0] != 1 or sum(batch.lengths) != query.shape[2]:
         raise HeadwiseError(f"a packed batch of {sum(batch.lengths)} tokens in {len(batch.caches)} segments does not "
                             f"match the forward's {query.shape[2]} tokens in {query.shape[0]} rows")
-    outs = [
-        headwise_attention(module, query[:, :, s : s + n], key[:, :, s : s + n], value[:, :, s : s + n], None,
-                           scaling, headwise_cache=c)[0]
-        for c, s, n in zip(batch.caches, batch.starts, batch.lengths)
-    ]
-    return torch.cat(outs, dim=1), None
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = torch.empty_like(query)
+    rows: list[PoolDecodeRow] = []
+    for c, s, n in zip(batch.caches, batch.starts, batch.lengths):
+        out[:, :, s : s + n] = _attend_cache(c, module.layer_idx, query[:, :, s : s + n], key[:, :, s : s + n],
+                                             value[:, :, s : s + n], scale, s, rows)
+    if rows:
+        decode_over_pool(rows, query, key, value, out, scale, batch.caches[0].use_kernels)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: list[int]) -> AttendContext:
@@ -115,6 +138,7 @@ def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: l
         kv_heads=tuple(kv_heads),
         position=cache.position,
         gate=None if cache.gates is None else cache.gates.layer(layer.layer_idx),
+        rope=cache.rope(layer.layer_idx),
     )
 
 

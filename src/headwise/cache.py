@@ -10,7 +10,7 @@ needs: a ``full`` head grows with the sequence, a ``streaming`` head is a fixed 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -19,6 +19,9 @@ from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
 from headwise.policies.base import KVStore
 from headwise.spec import ModelSpec
+
+if TYPE_CHECKING:
+    from headwise.pool import GroupPages, SequencePages
 
 
 @dataclass
@@ -30,6 +33,7 @@ class HeadGroup:
     q_index: torch.Tensor  # query heads of these KV heads, GQA order
     kv_index: torch.Tensor
     store: KVStore | None = None
+    pages: GroupPages | None = None  # its pool pages, under an engine's page pool (``paged_cache.py``)
 
 
 class HeadwiseLayer(CacheLayerMixin):
@@ -100,7 +104,10 @@ class HeadwiseCache(Cache):
         dtype: torch.dtype = torch.float32,
         batch: int = 1,
         use_kernels: bool | None = None,
+        pages: SequencePages | None = None,
     ):
+        """``pages``: a batch-1 sequence's pages in an engine's page pool; the groups whose policy has a
+        ``paged_layout`` keep their KV in them (``paged_cache.py``)."""
         plan.check_model(spec)
         device = torch.device(device)
         layers = []
@@ -108,6 +115,13 @@ class HeadwiseCache(Cache):
             groups = group_heads(row, spec.group_size, device)
             layers.append(HeadwiseLayer(i, groups, spec.layer_windows[i]))
         super().__init__(layers=layers)
+        if pages is not None:
+            assert batch == 1 and pages.pool.kv is not None, "pool pages hold one sequence, in an allocated pool"
+            for layer, row in zip(layers, pages.groups, strict=True):
+                for g, gp in zip(layer.groups, row, strict=True):
+                    assert g.policy == gp.policy and len(g.kv_heads) == gp.heads, "pages follow the cache's groups"
+                    g.pages = gp
+        self.pages = pages
         self.spec, self.plan = spec, plan
         self.device, self.dtype, self.batch = device, dtype, batch
         self.use_kernels = (device.type == "cuda") if use_kernels is None else use_kernels
@@ -119,6 +133,14 @@ class HeadwiseCache(Cache):
         self.position: torch.Tensor | None = None
         # SeerAttention gates of the plan (``policies/seer.py``), on this cache's device
         self.gates = None if plan.gates is None else plan.gates.on(device)
+        self._rope: dict[int, torch.Tensor | None] = {}
+
+    def rope(self, layer_idx: int) -> torch.Tensor | None:
+        """Layer ``layer_idx``'s RoPE inverse frequencies on the cache's device (fp32), or None where unknown."""
+        if layer_idx not in self._rope:
+            inv = self.spec.rope_inv_freq(layer_idx)
+            self._rope[layer_idx] = None if inv is None else torch.tensor(inv, dtype=torch.float32, device=self.device)
+        return self._rope[layer_idx]
 
     # ------------------------------------------------------------------ storage
     def reserve(self, total_tokens: int) -> None:
@@ -130,7 +152,12 @@ class HeadwiseCache(Cache):
 
     def _ensure_store(self, g: HeadGroup) -> KVStore:
         if g.store is None:
-            g.store = g.policy.make_store(self.batch, len(g.kv_heads), self.spec.head_dim, self.device, self.dtype)
+            if g.pages is not None and self.pages is not None:
+                from headwise.paged_cache import paged_store
+
+                g.store = paged_store(self.pages.pool, g.pages, self.device, self.dtype)
+            if g.store is None:
+                g.store = g.policy.make_store(self.batch, len(g.kv_heads), self.spec.head_dim, self.device, self.dtype)
         return g.store
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -139,16 +166,18 @@ class HeadwiseCache(Cache):
     # ------------------------------------------------------------------ CUDA-graph decode
     def graph_blockers(self) -> list[str]:
         """Why a decode step of this cache cannot be replayed from a CUDA graph (empty: it can): policies whose
-        decode reads host-side state (``Policy.graph_decode``), a batch above 1, or no kernels."""
+        decode reads host-side state (``Policy.graph_decode``, ``Policy.graph_blocker``), a batch above 1, or no
+        kernels."""
         why = []
         if not self.use_kernels:
             why.append("the decode kernels are off (use_kernels)")
         if self.batch != 1:
             why.append(f"batch {self.batch} (graphs replay batch-1 decode)")
-        names = sorted({f"{g.policy.name} ({g.policy.short()})" for layer in self.layers for g in layer.groups
-                        if not g.policy.graph_decode})
-        if names:
-            why.append("policies without graph decode: " + ", ".join(names))
+        if self.pages is not None:
+            why.append("the KV lives in the engine's page pool (its decode steps run batched over the pool, eagerly)")
+        blockers = sorted({b for layer in self.layers for g in layer.groups if (b := g.policy.graph_blocker())})
+        if blockers:
+            why.append("policies without graph decode: " + "; ".join(blockers))
         return why
 
     def host_counters(self) -> list[tuple[int, list[int | None]]]:

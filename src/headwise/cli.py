@@ -17,6 +17,7 @@ from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
 from headwise.model_args import add_model_args, load_from_args
+from headwise.tp import add_tp_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
 _COMMAND_MODULES = (
@@ -95,9 +96,13 @@ def _read_prompt(path: str) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from headwise.engine import Engine, SamplingParams
+    from headwise import tp
+    from headwise.engine import SamplingParams
     from headwise.plan import HeadPlan
 
+    if tp.is_other_rank(args):  # another rank of --tp: rank 0 reads the prompt and drives this one
+        with tp.loaded(args):
+            return 0
     if args.prompt_file is None and args.prompt is None:
         raise InputError("give the prompt with --prompt-file FILE (or --prompt TEXT)")
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
@@ -107,7 +112,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = load_from_args(args)
+    with tp.loaded(args, plan) as lm:
+        assert lm is not None
+        return _generate(args, lm, plan, prompt, params)
+
+
+def _generate(args: argparse.Namespace, lm: Any, plan: Any, prompt: str, params: Any) -> int:
+    from headwise.engine import Engine
+
     graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
     engine = Engine(lm, plan, chunk_size=args.chunk_size, cuda_graphs=graphs)
     if args.chat and getattr(lm.tokenizer, "chat_template", None):
@@ -153,16 +165,75 @@ def _parse_params(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _plan_spec(plan: Any, model: str | None) -> Any:
+    """The attention shape a plan's per-rank figures use: ``model``'s config (native sliding windows included),
+    else the plan's own header (every layer global)."""
+    from headwise.spec import ModelSpec
+
+    if model:
+        from transformers import AutoConfig
+
+        from headwise.models import local_dir
+
+        path, _ = local_dir(model)
+        spec = ModelSpec.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
+        plan.check_model(spec)
+        return spec
+    m = plan.model
+    n = int(m["num_layers"])
+    return ModelSpec(str(m["architecture"]), n, int(m["num_q_heads"]), int(m["num_kv_heads"]), int(m["head_dim"]),
+                     0, (None,) * n)
+
+
+def _rank_table(plan: Any, spec: Any, tp: int, at: int) -> list[str]:
+    """Per-rank KV bytes of ``plan`` at ``at`` tokens over ``tp`` ranks: naive split vs balanced placement."""
+    from headwise.placement import balance, measure
+
+    recorded = plan.kv_order(tp)
+    order = recorded or balance(plan, spec, tp, at)
+    rows = [("naive", measure(plan, spec, tp, at)),
+            ("balanced" + (" (recorded)" if recorded else ""), measure(plan, spec, tp, at, order))]
+    lines = [f"  TP {tp} at {at} tokens: KV per rank (MB); spread = fullest / emptiest rank - 1, "
+             "layer excess = extra attention time if each layer waits for its slowest rank"]
+    lines.append("    " + f"{'placement':<20}" + "".join(f"{f'rank {r}':>10}" for r in range(tp))
+                 + f"{'spread':>9}{'excess':>9}")
+    for name, b in rows:
+        lines.append("    " + f"{name:<20}" + "".join(f"{x / 1e6:>10.1f}" for x in b.rank_bytes)
+                     + f"{100 * b.spread:>8.1f}%{100 * b.layer_excess:>8.1f}%")
+    return lines
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
+    from headwise.placement import balance, check_tp, default_at
     from headwise.plan import HeadPlan
     from headwise.spec import ModelSpec
 
-    if args.plan_cmd == "show":
+    if args.plan_cmd in ("show", "balance"):
         plan = HeadPlan.load(args.plan)
+        tps = args.tp or []
+        spec = _plan_spec(plan, args.model) if tps else None
+        for tp in tps:
+            check_tp(spec, tp)
+        at = args.at or int(plan.meta.get("target_len") or 0) or (default_at(spec) if spec is not None else 0)
+        if args.plan_cmd == "balance":
+            if not tps:
+                raise InputError("give the rank counts to balance for: --tp N (repeatable)")
+            for tp in tps:
+                plan = plan.with_placement(tp, balance(plan, spec, tp, at), at)
+            path = plan.save(args.output)
+            print(f"wrote {path} with placements for TP {', '.join(map(str, tps))} (balanced at {at} tokens)")
+            for tp in tps:
+                print("\n".join(_rank_table(plan, spec, tp, at)))
+            return 0
         print(f"plan {args.plan} (digest {plan.digest()}) for {plan.model.get('name', plan.model['architecture'])}")
         print("  " + plan.summary())
-        for i, row in enumerate(plan.policies()):
-            print(f"  layer {i:>3}: " + "  ".join(p.short() for p in row))
+        if plan.placement:
+            print("  placements recorded for TP " + ", ".join(sorted(plan.placement, key=int)))
+        for tp in tps:
+            print("\n".join(_rank_table(plan, spec, tp, at)))
+        if not tps:
+            for i, row in enumerate(plan.policies()):
+                print(f"  layer {i:>3}: " + "  ".join(p.short() for p in row))
         return 0
     lm = load_from_args(args)
     spec: ModelSpec = lm.spec
@@ -178,6 +249,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     at = args.at or min(spec.max_context or 4096, 4096)
     print(f"wrote {path}: {plan.summary(spec, at)}")
     return 0
+
+
+def _add_rank_args(q: argparse.ArgumentParser) -> None:
+    q.add_argument("--tp", type=int, action="append",
+                   help="tensor-parallel rank count (repeatable): per-rank KV bytes, naive split vs balanced")
+    q.add_argument("--at", type=int, default=None,
+                   help="context length of the KV figures (default: the plan's target length, else the model's "
+                        "context, at most 131072)")
+    q.add_argument("--model", default=None,
+                   help="read the model's config for native sliding windows (default: the plan's header, every "
+                        "layer global)")
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -208,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     p.add_argument("--quiet", action="store_true", help="print only the statistics line")
     p.add_argument("--stats-json", help="also write the statistics as JSON to this file")
+    add_tp_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("plan", help="make or show head plans")
@@ -224,8 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
     q.set_defaults(func=cmd_plan)
-    q = psub.add_parser("show", help="print a plan's heads")
+    q = psub.add_parser("show", help="print a plan's heads, or with --tp its KV bytes per tensor-parallel rank")
     q.add_argument("plan")
+    _add_rank_args(q)
+    q.set_defaults(func=cmd_plan)
+    q = psub.add_parser("balance", help="record KV-head placements that even out KV bytes over tensor-parallel ranks")
+    q.add_argument("plan")
+    _add_rank_args(q)
+    q.add_argument("-o", "--output", required=True)
     q.set_defaults(func=cmd_plan)
 
     for mod_name in _COMMAND_MODULES:
@@ -243,6 +332,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="headwise: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # what tensor-parallel ranks are started with
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -11,7 +11,9 @@ their next chunk (chunked prefill mixed with decode, as vLLM and Sarathi do), wi
 per step. The server's scheduler (``server/scheduler.py``) only decides which sequences are live.
 
 The engine owns nothing model-specific: transformers runs the model; headwise's attention function and
-cache (``attention.py``, ``cache.py``) run every layer's attention head group by head group.
+cache (``attention.py``, ``cache.py``) run every layer's attention head group by head group. On a
+tensor-parallel model (``LoadedModel.tp``, ``tp.py``) a cache holds this rank's heads only, and rank 0 announces
+each forward to the other ranks before it runs it.
 """
 
 from __future__ import annotations
@@ -76,8 +78,10 @@ class Engine:
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
         True: required (an error says what prevents it); False: never. ``pool``: the KV pages sequences hold
-        (``pool.py``): a step grows a sequence only when its pages are there, preempting the newest sequence
-        when the pool runs dry; without one, every sequence's cache is reserved for its whole length."""
+        (``pool.py``), allocated here once if they are not yet: a step grows a sequence only when its pages are
+        there, preempting the newest sequence when the pool runs dry; the KV of policies with a ``paged_layout``
+        lives in those pages and their decode steps run batched over the pool (``paged_cache.py``); without a
+        pool, every sequence's cache is reserved for its whole length."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -94,15 +98,33 @@ class Engine:
         self._lock = threading.RLock()  # one step (or add, abort) at a time
         self._ids = itertools.count()
         self.pool = pool
+        if pool is not None:
+            if pool.kv is None:
+                pool.allocate(lm.device, lm.dtype)
+            elif pool.kv.dtype != lm.dtype or pool.kv.device.type != lm.device.type:
+                raise BudgetError(f"the page pool holds {pool.kv.dtype} pages on {pool.kv.device}; the model runs in "
+                                  f"{lm.dtype} on {lm.device}")
 
     @property
     def spec(self):
         return self.lm.spec
 
     # ------------------------------------------------------------------ building blocks
-    def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None) -> HeadwiseCache:
-        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens."""
-        cache = HeadwiseCache(self.spec, plan or self.plan, self.lm.device, self.lm.dtype, batch, self.use_kernels)
+    def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None,
+                  pages: SequencePages | None = None) -> HeadwiseCache:
+        """An empty cache under ``plan`` (default: the engine's), with room for ``reserve`` tokens; with ``pages`` (a
+        sequence's, in the engine's pool), the groups whose policy has a ``paged_layout`` keep their KV in them. On
+        a tensor-parallel model: this rank's share of ``plan`` (``TPGroup.local_plan``)."""
+        plan = plan or self.plan
+        tp = self.lm.tp
+        if tp is None:
+            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages)
+        else:
+            if pages is not None:
+                raise HeadwiseError("a page pool is not supported with --tp yet; leave out --kv-memory")
+            cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
+                                  batch, self.use_kernels)
+            tp.register(cache, plan)
         if reserve:
             cache.reserve(reserve)
         return cache
@@ -125,13 +147,25 @@ class Engine:
             reserved = 0
         return max(planned, reserved)
 
-    def check_length(self, prompt_tokens: int, new_tokens: int = 0) -> None:
-        """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context."""
-        limit = self.spec.max_context
+    def kv_bytes(self, cache: HeadwiseCache) -> int:
+        """Exact bytes ``cache``'s stores hold (``HeadwiseCache.kv_bytes``), summed over the ranks of a
+        tensor-parallel model."""
+        tp = self.lm.tp
+        if tp is None:
+            return cache.kv_bytes()
+        if tp.driver:
+            tp.announce("kv_bytes", [cache])
+        return tp.sum(cache.kv_bytes())
+
+    def check_length(self, prompt_tokens: int, new_tokens: int = 0, plan: HeadPlan | None = None) -> None:
+        """Raise ``ContextLengthError`` if the prompt and the tokens to generate do not fit the model's context
+        under ``plan`` (default: the engine's; ``HeadPlan.max_context``: a ``longheads`` plan has no limit)."""
+        limit = (plan or self.plan).max_context(self.spec)
         if limit and prompt_tokens + new_tokens > limit:
             raise ContextLengthError(
                 f"prompt of {prompt_tokens} tokens + {new_tokens} new tokens exceeds {self.lm.name}'s context of "
-                f"{limit} tokens; shorten the prompt or lower --max-new-tokens"
+                f"{limit} tokens; shorten the prompt or lower --max-new-tokens (or use a plan whose heads keep "
+                f"distances within it, such as longheads)"
             )
 
     @torch.inference_mode()
@@ -141,6 +175,12 @@ class Engine:
         ``all_logits``, ``[B, len(keep), vocab]`` for chunk-relative positions ``keep``, else ``[B, vocab]`` of the
         last position. ``position`` (one long element on the device): a batch-1 decode token at that position,
         run on the graph-ready path (``GraphDecoder``)."""
+        tp = self.lm.tp
+        if tp is not None and tp.driver:
+            if position is not None:
+                raise HeadwiseError("graph-ready decode steps do not run on a tensor-parallel model")
+            tp.announce("forward", [cache], input_ids=input_ids.cpu(), all_logits=all_logits,
+                        keep=None if keep is None else keep.cpu())
         start = cache.get_seq_length()
         L = input_ids.shape[1]
         if position is not None:
@@ -220,6 +260,9 @@ class Engine:
         along the token axis of one ``[1, T]`` row with each token's own position; projections, MLPs and the LM head
         run once over the row, attention segment by segment over each cache (``attention.PackedBatch``). Returns
         next-token logits ``[len(keep), vocab]`` for the segments ``keep`` names (at their last token)."""
+        tp = self.lm.tp
+        if tp is not None and tp.driver:
+            tp.announce("forward_packed", list(caches), chunks=[list(c) for c in chunks], keep=list(keep))
         lengths = [len(c) for c in chunks]
         starts = list(itertools.accumulate(lengths, initial=0))[:-1]
         device = self.lm.device
@@ -243,6 +286,7 @@ class Engine:
         if self.cuda_graphs is False or decode_steps < 1 or (self.cuda_graphs is None and decode_steps < GRAPH_MIN_STEPS):
             return None
         why = ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
+        why += [] if self.lm.tp is None else ["the model is tensor-parallel (its ranks step together eagerly)"]
         why += cache.graph_blockers()
         if why:
             if self.cuda_graphs:
@@ -283,10 +327,10 @@ class Engine:
             ids = [int(t) for t in prompt]
         if not ids:
             raise InputError("the prompt is empty")
-        self.check_length(len(ids), params.max_new_tokens)
         if plan is not None:
             plan.check_model(self.spec)
             plan.policies()
+        self.check_length(len(ids), params.max_new_tokens, plan)
         if self.pool is not None:
             most = SequencePages(self.pool, plan or self.plan).pages_at(len(ids) + params.max_new_tokens - 1)
             if most > self.pool.num_pages:
@@ -381,9 +425,10 @@ class Engine:
         return True
 
     def _start(self, s: Sequence) -> bool:
-        """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``); False if that failed."""
+        """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``), over its pool pages under a
+        pool; False if that failed."""
         try:
-            s.cache = self.new_cache(1, reserve=s.max_tokens, plan=s.plan)
+            s.cache = self.new_cache(1, reserve=s.max_tokens, plan=s.plan, pages=s.pages)
         except Exception as exc:  # e.g. out of memory: this sequence alone fails
             s.finish("error", exc)
             return False
@@ -479,7 +524,7 @@ class Engine:
         if s in self.live:
             self.live.remove(s)
         if s.cache is not None:
-            s.stats.kv_bytes = s.cache.kv_bytes() if s.pages is None else s.pages.nbytes
+            s.stats.kv_bytes = self.kv_bytes(s.cache) if s.pages is None else s.pages.nbytes
             s.stats.dense_kv_bytes = self.spec.dense_kv_bytes(s.cache.get_seq_length(), self.lm.dtype.itemsize)
         self._release_memory(s)
 
@@ -527,7 +572,7 @@ class GraphDecoder:
     """
 
     def __init__(self, engine: Engine, cache: HeadwiseCache, capture: bool = True):
-        why = cache.graph_blockers()
+        why = cache.graph_blockers() + ([] if engine.lm.tp is None else ["the model is tensor-parallel"])
         if why:
             raise InputError("this cache cannot decode from a CUDA graph: " + "; ".join(why))
         if cache.reserved <= cache.get_seq_length():

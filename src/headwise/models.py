@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
@@ -30,6 +30,9 @@ import torch
 
 from headwise.errors import ModelLoadError
 from headwise.spec import SUPPORTED_ARCHITECTURES, ModelSpec
+
+if TYPE_CHECKING:
+    from headwise.tp import TPGroup
 
 log = logging.getLogger("headwise")
 
@@ -100,6 +103,8 @@ class LoadedModel:
     tokenizer: Any
     spec: ModelSpec
     source: str
+    tp: TPGroup | None = None
+    """The ``tp.TPGroup`` this process's share of a tensor-parallel model belongs to (None: the whole model)."""
 
     @property
     def device(self) -> torch.device:
@@ -120,14 +125,21 @@ def _transformers() -> Any:
     return transformers
 
 
-def _load_dir(path: Path, dtype: torch.dtype, device: str, gguf_file: str | None = None) -> tuple[Any, Any]:
+def load_dir(path: Path, dtype: torch.dtype, device: str | None, gguf_file: str | None = None,
+              tokenizer: bool = True, **extra: Any) -> tuple[Any, Any]:
+    """Tokenizer (None with ``tokenizer=False``) and model of ``path`` on ``device`` (None: where ``extra``, e.g. a
+    ``distributed_config``, puts it)."""
     tf = _transformers()
-    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "local_files_only": True}
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa", "local_files_only": True, **extra}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     try:
-        tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True) if gguf_file \
-            else tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        if not tokenizer:
+            tok = None
+        elif gguf_file:
+            tok = tf.AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file, local_files_only=True)
+        else:
+            tok = tf.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         model = tf.AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except ImportError as exc:
         raise ModelLoadError(f"missing package to read {path}: {exc}") from None
@@ -139,8 +151,9 @@ def _load_dir(path: Path, dtype: torch.dtype, device: str, gguf_file: str | None
         what = f"{path / gguf_file}" if gguf_file else str(path)
         raise ModelLoadError(f"cannot load model from {what}: {type(exc).__name__}: {exc}") from None
     model.eval()
-    model.to(device)
-    if tok.pad_token_id is None and tok.eos_token_id is not None:
+    if device is not None:
+        model.to(device)
+    if tok is not None and tok.pad_token_id is None and tok.eos_token_id is not None:
         tok.pad_token = tok.eos_token
     return model, tok
 
@@ -164,12 +177,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
         raise ModelLoadError(f"weight file {gguf} does not exist")
     cached = _converted_dir(gguf)
     if (cached / "headwise-converted.json").is_file():
-        model, tok = _load_dir(cached, dtype, device)
+        model, tok = load_dir(cached, dtype, device)
         return model, tok, f"{gguf} (converted cache {cached})"
     t0 = time.time()
     if progress:
         log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
-    model, tok = _load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
+    model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
     tmp = cached.with_name(cached.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -239,6 +252,36 @@ def hub_snapshot(repo_id: str) -> Path:
         raise ModelLoadError(f"cannot fetch hub model '{repo_id}': {msg}") from None
 
 
+def local_dir(name_or_path: str) -> tuple[Path, str]:
+    """A Hugging Face directory holding the model ``name_or_path`` names, and its source: a GGUF file's converted
+    cache (made now if missing), a local directory, or a hub snapshot. What a sharded load reads (``tp.py``)."""
+    kind, path = resolve_source(name_or_path)
+    if kind in ("bundled", "gguf"):
+        gguf = BUNDLED[name_or_path].locate() if kind == "bundled" else path
+        assert gguf is not None
+        cached = _converted_dir(gguf)
+        if not (cached / "headwise-converted.json").is_file():
+            _load_gguf(gguf, torch.float32, "cpu")  # converts and fills the cache
+        return cached, f"{gguf} (converted cache {cached})"
+    if kind == "hub":
+        path = hub_snapshot(name_or_path)
+    assert path is not None
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
+    return path, str(path)
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (names: float32/fp32, bfloat16/bf16, float16/fp16); None stays None."""
+    if not isinstance(dtype, str):
+        return dtype
+    out = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(dtype)
+    if out is None:
+        raise ModelLoadError(f"dtype must be one of float32, bfloat16, float16, got '{dtype}'")
+    return out
+
+
 def default_dtype(device: str | torch.device) -> torch.dtype:
     """The dtype models load in unless told: bfloat16 on CUDA, float32 elsewhere (CPU matmuls in bf16 are slow)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -250,13 +293,7 @@ def load_model(
     """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id, on
     ``device`` (default: CUDA if available) in ``dtype`` (default: ``default_dtype(device)``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if isinstance(dtype, str):
-        name = dtype
-        dtype = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-                 "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}.get(name)
-        if dtype is None:
-            raise ModelLoadError(f"dtype must be one of float32, bfloat16, float16, got '{name}'")
-    dtype = dtype or default_dtype(device)
+    dtype = parse_dtype(dtype) or default_dtype(device)
     kind, path = resolve_source(name_or_path)
     if kind == "bundled":
         path = BUNDLED[name_or_path].locate()
@@ -270,7 +307,7 @@ def load_model(
         assert path is not None
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} has no config.json: not a Hugging Face model directory")
-        model, tok = _load_dir(path, dtype, device)
+        model, tok = load_dir(path, dtype, device)
         source = str(path)
     spec = ModelSpec.from_config(model.config)
     _check_supported(spec, source)

@@ -13,7 +13,8 @@ File format (JSON, ``"format": "headwise-plan"``, ``"version": 1``)::
          {"policy": "vertical_slash", "params": {...}, "decode": {"policy": "page_topk", "params": {...}}}],
         ...
       ],
-      "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...}   # free-form, informational
+      "meta": {"created_by": "headwise profile ...", "budget": 0.25, ...},  # free-form, informational
+      "placement": {"3": {"order": [[0, 2, 1], ...], "at": 8192}}             # optional, see below
     }
 
 A plan with SeerAttention heads (policy ``seer``) carries learned gates (``HeadPlan.gates``): ``save`` writes them
@@ -22,7 +23,13 @@ reads them back (a missing or changed file is a ``PlanError``).
 
 Policies are per *KV head*: with GQA, the query heads sharing a KV head share its cache, so they share its
 policy. ``model`` is the fingerprint the plan was made for; loading it onto another model fails with the
-first mismatch named. Plans are saved atomically (temporary file + rename), so an interrupted save never
+first mismatch named.
+
+``placement`` (optional) records, per tensor-parallel rank count, the order in which the KV heads of each layer
+are laid out before the ranks split them (``placement.py``: ``order[l][p]`` is the KV head at position ``p`` of
+layer ``l``; rank ``r`` of ``N`` holds positions ``r*k .. r*k + k - 1``). It is layout, not behaviour: the heads
+of ``layers`` stay in the model's own order, the digest ignores it, and a run without tensor parallelism ignores
+it. ``headwise plan balance`` writes it. Plans are saved atomically (temporary file + rename), so an interrupted save never
 leaves a half-written plan.
 """
 
@@ -54,6 +61,8 @@ class HeadPlan:
     model: dict[str, Any]
     layers: list[list[dict[str, Any]]]
     meta: dict[str, Any] = field(default_factory=dict)
+    placement: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per rank count (as a string key), ``{"order": [[kv head, ...] per layer], "at": tokens}``."""
     gates: SeerGates | None = field(default=None, repr=False, compare=False)
     """SeerAttention gates of the plan's ``seer`` heads (``policies/seer.py``); saved beside the plan file."""
 
@@ -84,7 +93,10 @@ class HeadPlan:
 
     # ----------------------------------------------------------------- I/O
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers, "meta": self.meta}
+        out = {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers, "meta": self.meta}
+        if self.placement:
+            out["placement"] = self.placement
+        return out
 
     @classmethod
     def from_dict(cls, data: Any, source: str = "plan") -> HeadPlan:
@@ -97,9 +109,19 @@ class HeadPlan:
             raise PlanError(f"{source}: 'model' must give {', '.join(_FINGERPRINT_KEYS)}")
         if not isinstance(layers, list) or not all(isinstance(row, list) for row in layers):
             raise PlanError(f"{source}: 'layers' must be a list of per-layer lists of head entries")
+        placement = data.get("placement") or {}
+        if not isinstance(placement, dict):
+            raise PlanError(f"{source}: 'placement' must map rank counts to {{\"order\": ..., \"at\": ...}}")
         plan = cls(model, layers, dict(data.get("meta") or {}))
         plan.check_shape()
         plan.policies()  # every entry must name a known policy with valid parameters
+        for key, entry in placement.items():
+            if not str(key).isdigit() or int(key) < 2 or int(model["num_kv_heads"]) % int(key):
+                raise PlanError(f"{source}: placement key {key!r} must be a rank count of 2 or more that divides "
+                                f"the {model['num_kv_heads']} KV heads")
+            if not isinstance(entry, dict):
+                raise PlanError(f"{source}: placement {key} must be an object with 'order' and 'at'")
+            plan = plan.with_placement(int(key), entry.get("order"), entry.get("at", 0), where=f"{source}: placement {key}")
         return plan
 
     @classmethod
@@ -176,6 +198,50 @@ class HeadPlan:
             for i, row in enumerate(self.layers)
         ]
 
+    # ----------------------------------------------------------------- tensor parallelism (placement.py)
+    def with_placement(self, tp: int, order: Any, at: int, where: str = "placement") -> HeadPlan:
+        """A copy that records ``order`` as the KV-head placement for ``tp`` ranks, balanced at ``at`` tokens."""
+        from headwise.placement import check_order, check_permutable
+
+        checked = check_order(order, len(self.layers), int(self.model["num_kv_heads"]), where)
+        check_permutable(self, checked)
+        if not isinstance(at, int) or isinstance(at, bool) or at < 0:
+            raise PlanError(f"{where}: 'at' must be a number of tokens, got {at!r}")
+        placement = dict(self.placement) | {str(tp): {"order": checked, "at": at}}
+        return HeadPlan(self.model, self.layers, dict(self.meta), placement, self.gates)
+
+    def kv_order(self, tp: int) -> list[list[int]] | None:
+        """The recorded placement for ``tp`` ranks (None: none recorded)."""
+        entry = self.placement.get(str(tp))
+        return None if entry is None else [list(row) for row in entry["order"]]
+
+    def permuted(self, order: list[list[int]]) -> HeadPlan:
+        """This plan for a model whose KV heads were re-indexed by ``order`` (``tp.permute_kv_heads``): position
+        ``p`` of layer ``l`` gets head ``order[l][p]``'s entry. Same model fingerprint; no placement."""
+        from headwise.placement import check_order, check_permutable
+
+        checked = check_order(order, len(self.layers), int(self.model["num_kv_heads"]))
+        check_permutable(self, checked)
+        layers = [[row[h] for h in perm] for row, perm in zip(self.layers, checked)]
+        return HeadPlan(self.model, layers, dict(self.meta), gates=self._gates_for(checked))
+
+    def shard(self, rank: int, size: int) -> HeadPlan:
+        """The heads rank ``rank`` of ``size`` holds under transformers' column-wise split (KV heads
+        ``rank*k .. rank*k + k - 1`` with their query heads): a plan for a model with ``1/size`` of the heads."""
+        n_kv, n_q = int(self.model["num_kv_heads"]), int(self.model["num_q_heads"])
+        if size < 1 or n_kv % size or n_q % size or not 0 <= rank < size:
+            raise PlanError(f"cannot give rank {rank} of {size} a share of {n_q} query / {n_kv} KV heads")
+        k = n_kv // size
+        model = dict(self.model) | {"num_kv_heads": k, "num_q_heads": n_q // size}
+        gates = self._gates_for([list(range(rank * k, (rank + 1) * k))] * len(self.layers))
+        return HeadPlan(model, [row[rank * k : (rank + 1) * k] for row in self.layers], dict(self.meta), gates=gates)
+
+    def _gates_for(self, kv_heads: list[list[int]]) -> SeerGates | None:
+        """The plan's SeerAttention gates for the KV heads ``kv_heads[layer]``, in that order (None without gates)."""
+        if self.gates is None:
+            return None
+        return self.gates.for_heads(kv_heads, int(self.model["num_q_heads"]) // int(self.model["num_kv_heads"]))
+
     # ----------------------------------------------------------------- summaries
     def digest(self) -> str:
         """Short hash of the plan's heads (not its metadata): names a plan in results."""
@@ -201,6 +267,21 @@ class HeadPlan:
         """KV memory (bytes) of this plan over the dense plan's, after ``seq_len`` tokens."""
         return self.kv_bytes(spec, seq_len, dtype_bytes) / max(1, spec.dense_kv_bytes(seq_len, dtype_bytes))
 
+    def max_context(self, spec: ModelSpec) -> int | None:
+        """The longest sequence this plan may run on the model: its trained context (``spec.max_context``; None:
+        unknown), unless every head of every global-attention layer shows RoPE only distances within it
+        (``Policy.position_span``, e.g. ``longheads``), in which case None: no limit (native sliding-window layers
+        never look past their window)."""
+        limit = spec.max_context
+        if not limit:
+            return None
+        for row in resolve(self.policies(), spec):
+            for p in row:
+                span = p.position_span
+                if span is None or span > limit:
+                    return limit
+        return None
+
     def summary(self, spec: ModelSpec | None = None, seq_len: int | None = None) -> str:
         parts = [f"{n}×{name}" for name, n in sorted(self.counts().items())]
         text = ", ".join(parts)
@@ -211,8 +292,10 @@ class HeadPlan:
 
 def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]:
     """Apply the model's own sliding windows: on a layer with native window W, ``full`` means
-    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs)."""
-    from headwise.policies import Full, Streaming
+    ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs); so do ``longheads``
+    (keeping distances within the trained length: the window does) and ``retrieval_offload`` (a window's KV is small
+    enough for the device)."""
+    from headwise.policies import Full, LongHeads, RetrievalOffload, Streaming
 
     out = []
     for i, row in enumerate(policies):
@@ -220,5 +303,5 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
         if window is None:
             out.append(list(row))
         else:
-            out.append([Streaming(sink=0, window=window) if isinstance(p, Full) else p for p in row])
+            out.append([Streaming(sink=0, window=window) if isinstance(p, Full | LongHeads | RetrievalOffload) else p for p in row])
     return out

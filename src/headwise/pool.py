@@ -17,23 +17,58 @@ step that grows it (``Engine.step``): admission is counting free pages, and when
 sequence is preempted (its pages freed, its tokens recomputed later). KV bytes reported = pages held x page
 bytes.
 
-What the pool does not do yet: the stores keep their keys and values in their own tensors (``cache.py``); the
-pool governs how many sequences run at once and what they are counted to hold. Reading the KV through these
-page tables is the batched varlen decode kernels' job (issue 13, part 3).
+The pages themselves are one tensor, allocated once (``PagePool.allocate``, which ``Engine(pool=...)`` calls):
+``kv: [num_pages, 2, page_size, head_dim]``, written only through ``PagePool.write``. The groups whose policy has
+a ``paged_layout`` (``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``) keep
+their KV there (``paged_cache.py``); the others (``page_topk``, ``tidal``, ``recycled``, ``quantized``, streaming
+with compensation) keep their own store tensors beside the pool while their pages are counted, so a plan of
+those holds more memory than the pool.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
-from headwise.errors import BudgetError
+from headwise.errors import BudgetError, InputError
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
 from headwise.spec import ModelSpec
 
 DEFAULT_PAGE_SIZE = 16  # tokens per page, as vLLM's default block size and Quest's page
+
+
+@dataclass(frozen=True)
+class KVMemory:
+    """A KV memory budget as ``--kv-memory`` gives it: ``gb`` gigabytes (10^9 bytes), or a ``fraction`` of the
+    device's free memory at start-up, after the weights are loaded (vLLM's ``gpu_memory_utilization`` counts the
+    whole device; this counts what is left)."""
+
+    gb: float | None = None
+    fraction: float | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> KVMemory:
+        """``"40"`` (GB) or ``"90%"`` (of free device memory)."""
+        raw = str(text).strip()
+        try:
+            number = float(raw[:-1] if raw.endswith("%") else raw)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0) or (raw.endswith("%") and number > 100):
+            raise InputError(f"--kv-memory takes gigabytes (e.g. 40) or a share of free device memory (e.g. 90%), "
+                             f"got {text!r}")
+        return cls(fraction=number / 100) if raw.endswith("%") else cls(gb=number)
+
+    def pool(self, spec: ModelSpec, device: torch.device, dtype_bytes: int, page_size: int = DEFAULT_PAGE_SIZE,
+             ) -> PagePool:
+        """The page pool this budget sizes for ``spec``'s pages on ``device``."""
+        if self.fraction is not None:
+            return PagePool.from_free_memory(spec, self.fraction, device, dtype_bytes, page_size)
+        assert self.gb is not None
+        return PagePool(spec, int(self.gb * 1e9), dtype_bytes, page_size)
 
 
 class PagePool:
@@ -52,6 +87,45 @@ class PagePool:
         # page id (a 60 GiB pool of bf16 pages for head_dim 128 has 15.7M of them).
         self._fresh = 0
         self._returned: list[int] = []
+        self.kv: torch.Tensor | None = None  # the pages themselves, once ``allocate`` made them
+
+    def allocate(self, device: torch.device | str, dtype: torch.dtype) -> None:
+        """Allocate the pages, once: ``kv: [num_pages, 2, page_size, head_dim]`` (a page's keys, then its values,
+        contiguous). An engine over an allocated pool keeps the KV of ``paged_layout`` policies in these pages."""
+        if self.kv is not None:
+            raise BudgetError("the page pool is allocated already (one allocation, at start-up)")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        if itemsize * self.page_size * 2 * self.spec.head_dim != self.page_bytes:
+            raise BudgetError(f"the pool was sized for pages of {self.page_bytes} bytes; {dtype} pages would not be")
+        self.kv = torch.empty(self.num_pages, 2, self.page_size, self.spec.head_dim, device=device, dtype=dtype)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """Every page's keys, ``[num_pages, page_size, head_dim]`` (a view of ``kv``)."""
+        assert self.kv is not None, "PagePool.allocate first"
+        return self.kv[:, 0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        assert self.kv is not None, "PagePool.allocate first"
+        return self.kv[:, 1]
+
+    def write(self, table: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write keys and values at token slots through page tables: the one write path into the pages.
+
+        table: int [N, H, pages] (row ``n``'s logical -> physical pages); slots: int [N, T] on the pool's device,
+        the slot of each of row ``n``'s ``T`` tokens (``PagedLayout.slots`` of its position); k, v: [N, H, T, D].
+        Everything is indexed on the device (no host value enters the copy), as gpt-fast's
+        ``KVCache.update(input_pos, ...)``, so a CUDA graph could replay it. The pages must be in the table already
+        (``SequencePages.grow``) and the slots of one call distinct (a ring keeps at most its ``window`` newest
+        tokens of a chunk: the older ones would be overwritten within the call)."""
+        P = self.page_size
+        N, H, T, D = k.shape
+        logical = torch.div(slots, P, rounding_mode="floor").long()  # [N, T]
+        phys = table.long().gather(2, logical[:, None, :].expand(N, H, T)).reshape(-1)  # [N * H * T]
+        within = (slots.long() % P)[:, None, :].expand(N, H, T).reshape(-1)
+        self.keys.index_put_((phys, within), k.reshape(-1, D).to(self.keys.dtype))
+        self.values.index_put_((phys, within), v.reshape(-1, D).to(self.values.dtype))
 
     @classmethod
     def from_free_memory(cls, spec: ModelSpec, fraction: float, device: torch.device, dtype_bytes: int = 2,
@@ -60,7 +134,7 @@ class PagePool:
         if not 0 < fraction <= 1:
             raise BudgetError(f"the KV memory fraction must be in (0, 1], got {fraction}")
         if device.type != "cuda":
-            raise BudgetError(f"a fraction of free memory needs a CUDA device, not {device.type}; give --kv-memory GB")
+            raise BudgetError(f"a share of free memory needs a CUDA device, not {device.type}; give --kv-memory in GB")
         free, _ = torch.cuda.mem_get_info(device)
         return cls(spec, int(free * fraction), dtype_bytes, page_size)
 
@@ -94,10 +168,14 @@ class GroupPages:
     policy: Policy
     heads: int
     pages: list[list[int]]
+    _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table) until pages change
 
-    def table(self) -> torch.Tensor:
-        """Page table ``[heads, pages]`` (int32, as the paged kernels index)."""
-        return torch.tensor(self.pages, dtype=torch.int32)
+    def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: built again only when
+        the pages changed (at most once per ``page_size`` tokens)."""
+        if self._table is None or self._table[0] != str(device):
+            self._table = (str(device), torch.tensor(self.pages, dtype=torch.int32, device=device))
+        return self._table[1]
 
 
 class SequencePages:
@@ -139,6 +217,8 @@ class SequencePages:
             return False
         it = iter(ids)
         for g, n in need:
+            if n > 0:
+                g._table = None
             for head in g.pages:
                 head.extend(next(it) for _ in range(max(0, n)))
         self.tokens = tokens
@@ -148,6 +228,7 @@ class SequencePages:
         """Give every page back."""
         for layer in self.groups:
             for g in layer:
+                g._table = None
                 for head in g.pages:
                     self.pool.give_back(head)
                     head.clear()

@@ -21,7 +21,8 @@ class ModelSpec:
 
     ``layer_windows[i]`` is the native sliding window of layer ``i`` (``None`` for global attention): a
     Gemma 3 sliding layer never looks further back than its window whatever the plan says, and its cache
-    never holds more.
+    never holds more. ``rope[i]`` is layer ``i``'s RoPE inverse frequencies (``rope.rope_inv_freq``; ``None``
+    where unknown), for policies that show keys at other positions (``longheads``); not part of the fingerprint.
     """
 
     architecture: str
@@ -31,6 +32,7 @@ class ModelSpec:
     head_dim: int
     max_context: int
     layer_windows: tuple[int | None, ...] = field(default_factory=tuple)
+    rope: tuple[tuple[float, ...] | None, ...] = field(default_factory=tuple, repr=False)
 
     @property
     def group_size(self) -> int:
@@ -44,6 +46,10 @@ class ModelSpec:
     def native_window(self, layer: int) -> int | None:
         """The model's own sliding window of ``layer`` (``None``: global attention)."""
         return self.layer_windows[layer] if layer < len(self.layer_windows) else None
+
+    def rope_inv_freq(self, layer: int) -> tuple[float, ...] | None:
+        """Layer ``layer``'s RoPE inverse frequencies, or None where unknown."""
+        return self.rope[layer] if layer < len(self.rope) else None
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
         """Bytes of K and V that one token adds to a dense cache (all layers, all KV heads)."""
@@ -73,6 +79,7 @@ class ModelSpec:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["layer_windows"] = list(self.layer_windows)
+        del d["rope"]  # hundreds of floats per layer; the model's config says them
         return d
 
     @classmethod
@@ -95,4 +102,7 @@ class ModelSpec:
         if not layer_types and window and arch == "mistral":
             # Mistral configs with a sliding_window and no layer_types slide on every layer.
             windows = [int(window)] * n_layers
-        return cls(arch, n_layers, n_q, n_kv, head_dim, max_ctx, tuple(windows))
+        from headwise.rope import rope_inv_freq
+
+        rope = tuple(rope_inv_freq(config, layer_types[i] if layer_types else "full_attention") for i in range(n_layers))
+        return cls(arch, n_layers, n_q, n_kv, head_dim, max_ctx, tuple(windows), rope)

@@ -11,7 +11,8 @@ second (``inf``: all at once). Two drivers, same requests:
 Reported per driver: output tokens/s and requests/s over the wall time from the first arrival to the last token,
 time to first token (mean, p50, p99, from the request's arrival), time per output token after the first
 (mean, p50, p99), peak concurrency (sequences live at once) and, in-process, the peak KV bytes held (under
-``--kv-memory``: pages held x page bytes) and the preemptions.
+``--kv-memory``: pages held x page bytes) and the preemptions. ``--kv-memory GB|N%`` gives each driver a page pool
+of that size (``pool.KVMemory``), the same one ``headwise serve --kv-memory`` builds.
 """
 
 from __future__ import annotations
@@ -148,11 +149,11 @@ def run_http(engine: Engine, load: Load, max_batch: int, kv_budget_bytes: int, m
     return _summary(load, max(r["done"] for r in rs) - t0, ttft, tpot, sum(r["tokens"] for r in rs), peak)
 
 
-def run(args: Any) -> dict[str, Any]:
-    """``headwise bench serve``: load the model and plan, run the drivers asked for, return the results."""
-    from headwise.models import load_model
+def run(args: Any) -> dict[str, Any] | None:
+    """``headwise bench serve``: load the model and plan, run the drivers asked for, return the results (None on
+    a tensor-parallel rank other than 0: rank 0 drove it)."""
+    from headwise import tp
     from headwise.plan import HeadPlan
-    from headwise.pool import PagePool
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -160,23 +161,34 @@ def run(args: Any) -> dict[str, Any]:
     unknown = sorted(set(modes) - {"in-process", "http"})
     if unknown:
         raise InputError(f"unknown --mode {', '.join(unknown)}; choose from in-process, http")
-    lm = load_model(args.model, device=args.device, dtype=args.dtype)
-    plan = HeadPlan.load(args.plan) if args.plan != "dense" else HeadPlan.dense(lm.spec, lm.name)
+    given = HeadPlan.load(args.plan) if args.plan != "dense" else None
+    with tp.loaded(args, given) as lm:
+        if lm is None:
+            return None
+        return _run(args, lm, modes, given or HeadPlan.dense(lm.spec, lm.name))
+
+
+def _run(args: Any, lm: Any, modes: list[str], plan: Any) -> dict[str, Any]:
+    from headwise.pool import KVMemory
+
     load = Load(args.requests, args.prompt_len, args.output_len, args.rate, args.seed)
     results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "load": {
         "requests": load.requests, "prompt_len": load.prompt_len, "output_len": load.output_len,
         "rate": "inf" if math.isinf(load.rate) else load.rate, "seed": load.seed},
-        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "torch_threads": torch.get_num_threads()}
-    kv_bytes = int(args.kv_memory * 2**30)
+        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "torch_threads": torch.get_num_threads(),
+        "tp": args.tp, "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order)}
+    kv_memory = KVMemory.parse(args.kv_memory) if args.kv_memory else None
     for mode in modes:
-        pool = PagePool(lm.spec, kv_bytes, lm.dtype.itemsize) if mode == "in-process" and args.kv_memory else None
+        # Each driver gets a fresh pool of the same size: the same memory, in-process and over HTTP.
+        pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
         engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool)
         if mode == "in-process":
             results[mode] = run_in_process(engine, load)
-            if pool is not None:
-                results[mode] |= {"pool_pages": pool.num_pages, "page_bytes": pool.page_bytes}
         else:
-            results[mode] = run_http(engine, load, args.max_batch, kv_bytes or (8 << 30), args.model)
+            budget = pool.num_pages * pool.page_bytes if pool is not None else 8 << 30
+            results[mode] = run_http(engine, load, args.max_batch, budget, args.model)
+        if pool is not None:
+            results[mode] |= {"pool_pages": pool.num_pages, "page_bytes": pool.page_bytes}
         print(f"{mode}: {json.dumps(results[mode])}", flush=True)
     results["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine is noisy: say how busy
     return results
@@ -196,6 +208,7 @@ def add_arguments(p: Any) -> None:
     g.add_argument("--mode", default="in-process,http", help="in-process,http (default both)")
     g.add_argument("--chunk-size", type=int, default=512)
     g.add_argument("--max-batch", type=int, default=32, help="HTTP: the scheduler's batch bound")
-    g.add_argument("--kv-memory", type=float, default=0.0,
-                   help="GB of KV pages (in-process: a PagePool; HTTP: the KV budget); default none / 8 GB")
+    g.add_argument("--kv-memory", default=None, metavar="GB|N%",
+                   help="a KV page pool of this many GB (or share of free device memory, e.g. 90%%) for each driver; "
+                        "default: no pool (in-process), an 8 GB byte budget (HTTP)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     add_model_args(p, required=False)
     p.add_argument("--plans", default="dense",
                    help="comma-separated: dense, PLAN.json, streaming@equal, random@equal, quest@equal, streaming@0.25, "
-                        "quest@0.25")
+                        "quest@0.25, longheads, longheads@WINDOW[/CHUNK], offload, offload@TOP_K")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k)")
     p.add_argument("--depths", default=None, help="needle depths for passkey/needle (default 0,0.25,0.5,0.75,1)")
@@ -53,6 +53,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--preset", choices=("demo",), default=None, help="demo: the `headwise demo` configuration")
     p.add_argument("--report-only", metavar="DIR", default=None, help="redraw the report from DIR/results.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    from headwise.tp import add_tp_args
+
+    add_tp_args(p)
     p.set_defaults(func=run)
 
     d = subparsers.add_parser("demo", help="dense vs headwise on SmolLM2: table + HTML report (< 10 min on 2 CPU cores)")
@@ -63,6 +66,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from headwise import tp
     from headwise.eval.report import terminal_report, write_report
     from headwise.eval.runner import (
         EvalConfig,
@@ -86,6 +90,9 @@ def run(args: argparse.Namespace) -> int:
         files = write_report(results, Path(args.report_only))
         print(f"report: {files['html']}")
         return 0
+    if tp.is_other_rank(args):  # another rank of --tp: rank 0 runs the eval and drives this one
+        with tp.loaded(args):
+            return 0
     if args.preset == "demo":
         return run_demo(args)
     if not args.model:
@@ -109,13 +116,23 @@ def run(args: argparse.Namespace) -> int:
         shard=parse_shard(args.shard) if args.shard else None,
         collect_only=args.collect,
     )
+    if args.tp > 1:  # the placement is balanced for the first plan file listed
+        from headwise.plan import HeadPlan
+
+        first = next((p for p in cfg.plans if p.endswith(".json") or Path(p).is_file()), None)
+        with tp.loaded(args, HeadPlan.load(first) if first else None) as lm:
+            return _run(cfg, args, lm)
+    return _run(cfg, args)
+
+
+def _run(cfg: Any, args: argparse.Namespace, lm: Any = None) -> int:
     if cfg.shard is not None:
         from headwise.eval.runner import run_eval
 
-        done = run_eval(cfg)
+        done = run_eval(cfg, lm)
         print(f"shard {args.shard}: {done['runs_this_time']} runs; collect with the same command without --shard")
         return 0
-    return _run_and_report(cfg)
+    return _run_and_report(cfg, lm)
 
 
 def _run_and_report(cfg: Any, lm: Any = None) -> int:

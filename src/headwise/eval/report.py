@@ -16,6 +16,8 @@ from typing import Any
 
 import matplotlib
 
+from headwise.eval.scoring import wilson
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
@@ -62,6 +64,47 @@ def accuracy_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         cells = [acc.get((p, t, L)) for t, L in cols]
         got = [c["score"] for c in cells if c is not None]
         rows.append([p] + [_cell(c) for c in cells] + [_pct(sum(got) / len(got) if got else None)])
+    return header, rows
+
+
+def retention(results: dict[str, Any], reference: str = "dense") -> list[dict[str, Any]]:
+    """Paired with ``reference`` sample by sample: per plan, task and length, of the samples the reference answers
+    fully (score 1), how many the plan answers fully too, with the Wilson 95% interval. This is "keeps what dense
+    can do" measured directly: the accuracy table's intervals are unpaired and much wider (issue 19)."""
+    rows = [r for r in results.get("rows", []) if r.get("task") in _gen_tasks(results) and "score" in r]
+    digests = {p["label"]: p["digest"] for p in results["plans"]}
+
+    def current(r: dict[str, Any]) -> bool:  # rows of an earlier plan under the same label are not this run's
+        return digests.get(r["plan"], {}).get(str(r["length"])) == r["digest"]
+
+    ref = {(r["task"], r["length"], r["depth"], r["seed"], r["idx"]) for r in rows
+           if r["plan"] == reference and current(r) and r["score"] >= 1.0}
+    out = []
+    for plan in _plans(results):
+        if plan == reference:
+            continue
+        for task in _gen_tasks(results):
+            for L in results["lengths"]:
+                kept = [r["score"] >= 1.0 for r in rows if r["plan"] == plan and r["task"] == task
+                        and r["length"] == L and current(r)
+                        and (r["task"], r["length"], r["depth"], r["seed"], r["idx"]) in ref]
+                if kept:
+                    p = sum(kept) / len(kept)
+                    out.append({"plan": plan, "task": task, "length": L, "kept": sum(kept), "n": len(kept),
+                                "share": round(p, 4), "ci95": [round(x, 4) for x in wilson(p, len(kept))]})
+    return out
+
+
+def retention_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per plan, one column per task × length: ``kept/n [lo-hi]`` of dense's fully answered samples."""
+    got = {(r["plan"], r["task"], r["length"]): r for r in retention(results)}
+    cols = [(t, L) for t in _gen_tasks(results) for L in results["lengths"]]
+    header = ["plan"] + [f"{t} {_len(L)}" for t, L in cols]
+    rows = []
+    for p in _plans(results):
+        if any((p, t, L) in got for t, L in cols):
+            rows.append([p] + [(lambda r: f"{r['kept']}/{r['n']} [{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}]")(
+                got[(p, t, L)]) if (p, t, L) in got else "-" for t, L in cols])
     return header, rows
 
 
@@ -114,6 +157,10 @@ def terminal_report(results: dict[str, Any]) -> str:
              f"{results['samples']} sample(s) per cell, commit {results.get('commit') or 'unknown'}"]
     if _gen_tasks(results):
         parts += ["", "accuracy (%)", format_table(*accuracy_table(results))]
+        kept = retention_table(results)
+        if kept[1]:
+            parts += ["", "kept of dense (samples dense answers fully that the plan answers too, Wilson 95%)",
+                      format_table(*kept)]
         parts += ["", "memory and speed (mean over samples)", format_table(*performance_table(results))]
     if results.get("fidelity"):
         parts += ["", "fidelity to dense (Shakespeare)", format_table(*fidelity_table(results))]
@@ -240,6 +287,10 @@ def html_report(results: dict[str, Any], heatmap: Path | None, memory_plot: Path
             "<p>Greedy decoding; a score is the share of samples answered (contains) or the share of answers "
             "recalled (multi-answer tasks); see docs/eval.md.</p>",
             _html_table(*accuracy_table(results)),
+            "<h2>Kept of dense</h2>",
+            "<p>Paired sample by sample: of the samples dense answers fully, how many the plan answers fully too "
+            "(Wilson 95% interval in %).</p>",
+            _html_table(*retention_table(results)),
             "<h2>Memory and speed</h2>",
             "<p>KV bytes are what the cache really holds after prefill and decode (GenerationStats), "
             "averaged over samples.</p>",

@@ -169,6 +169,19 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
 
 
 _BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal")
+_LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
+_OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
+
+
+def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256) -> HeadPlan:
+    """LongHeads on every KV head (native sliding layers keep their window): chunks of ``chunk_size``, ``window``
+    attended tokens per query (default the paper's 4096: ``top_k = window / chunk_size - 3``)."""
+    window = 4096 if window is None else window
+    if chunk_size < 1 or window % chunk_size or window < 4 * chunk_size:
+        raise InputError(f"longheads@{window}/{chunk_size}: the window must be a multiple of the chunk ({chunk_size} "
+                         f"tokens), at least 4 chunks (the first, one chosen, the previous and the own chunk)")
+    head = {"policy": "longheads", "params": {"chunk_size": chunk_size, "top_k": window // chunk_size - 3}}
+    return HeadPlan.uniform(spec, head, name, created_by=f"headwise eval longheads@{window}")
 
 
 def random_baseline(spec: Any, reference: HeadPlan, name: str, seed: int = 0) -> HeadPlan:
@@ -205,10 +218,11 @@ def check_plan_specs(items: Sequence[str]) -> None:
     for item in items:
         if item.endswith(".json") or os.path.exists(item):
             HeadPlan.load(item)
-        elif item != "dense" and not _BASELINE.fullmatch(item):
+        elif item != "dense" and not any(r.fullmatch(item) for r in (_BASELINE, _LONGHEADS, _OFFLOAD)):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
-                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal"
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal, longheads, "
+                "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
             )
 
 
@@ -229,6 +243,16 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             stem = Path(item).stem
             label = item if any(e.label == stem for e in entries) else stem
             entries.append(PlanEntry(label, item, lambda _L, p=files[item]: p))
+        elif lm_match := _LONGHEADS.fullmatch(item):
+            window = int(lm_match.group(1)) if lm_match.group(1) else None
+            lh = longheads_plan(spec, lm.name, window, int(lm_match.group(2) or 256))
+            entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
+        elif off_match := _OFFLOAD.fullmatch(item):
+            head: dict[str, Any] = {"policy": "retrieval_offload"}
+            if off_match.group(1):
+                head["params"] = {"top_k": int(off_match.group(1))}
+            off = HeadPlan.uniform(spec, head, lm.name, created_by=f"headwise eval {item}")
+            entries.append(PlanEntry(item, f"RetrievalAttention on every head, {item}", lambda _L, p=off: p))
         elif item == "random@equal":
             if reference is None:
                 raise InputError("random@equal deals a plan file's policies to random heads: list a plan file in --plans")
@@ -372,30 +396,32 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     spec = lm.spec
     notes: list[str] = []
 
-    # Which lengths fit the model's context (prompt + the longest answer).
-    lengths: list[int] = []
+    # Plans per length (baselines depend on it); a baseline that cannot be built is skipped with a note, and so is a
+    # plan at a length past what it may run (prompt + the longest answer over ``HeadPlan.max_context``: the model's
+    # context, or none for a plan such as longheads). A length no plan can run is dropped.
     longest_answer = max([cfg.max_new_tokens or task_info(t).max_new_tokens for t in tasks if t in TASKS] or [0])
+    plans: dict[tuple[str, int], HeadPlan] = {}
+    lengths: list[int] = []
     for L in cfg.lengths:
         need = int(L * 1.02) + longest_answer  # prompts may run 2% over their nominal length
-        if spec.max_context and need > spec.max_context:
-            msg = (f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of "
-                   f"{spec.max_context} tokens")
-            if cfg.on_too_long == "stop":
-                raise ContextLengthError(msg + "; drop it from --lengths or pass --on-too-long skip")
-            notes.append(msg + ": skipped")
-            print(f"headwise eval: {msg}: skipped", file=sys.stderr)
-        else:
-            lengths.append(L)
-
-    # Plans per length (baselines depend on it); a baseline that cannot be built is skipped with a note.
-    plans: dict[tuple[str, int], HeadPlan] = {}
-    for e in entries:
-        for L in lengths:
+        for e in entries:
             try:
-                plans[(e.label, L)] = e.plan_for(L)
+                plan = e.plan_for(L)
             except PlanError as exc:
                 notes.append(f"{e.label} at {L}: skipped: {exc}")
                 print(f"headwise eval: {e.label} at {L} tokens skipped: {exc}", file=sys.stderr)
+                continue
+            limit = plan.max_context(spec)
+            if limit and need > limit:
+                msg = f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of {limit} tokens"
+                if cfg.on_too_long == "stop":
+                    raise ContextLengthError(f"{e.label}: {msg}; drop it from --lengths or pass --on-too-long skip")
+                notes.append(f"{e.label}: {msg}: skipped")
+                print(f"headwise eval: {e.label}: {msg}: skipped", file=sys.stderr)
+                continue
+            plans[(e.label, L)] = plan
+        if any((e.label, L) in plans for e in entries):
+            lengths.append(L)
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -513,7 +539,7 @@ def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: d
             dense = lm.spec.dense_kv_bytes(L + new - 1, lm.dtype.itemsize)
             cache.put({"key": key, "plan": e.label, "digest": plan.digest(), "task": MEMORY, "length": L,
                        "depth": None, "seed": cfg.seed, "idx": 0, "tokens": L + new - 1,
-                       "kv_bytes_tensors": kv_cache.kv_bytes(), "kv_bytes_allocator": allocated,
+                       "kv_bytes_tensors": engine.kv_bytes(kv_cache), "kv_bytes_allocator": allocated,
                        "dense_kv_bytes": dense})
             del kv_cache
 
@@ -534,6 +560,8 @@ def _run_fidelity(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dic
             if cache.get(key) is None:
                 todo[e.label], keys[e.label] = plan, key
         if not todo:
+            continue
+        if lm.spec.max_context and lm.spec.max_context < L:  # fidelity is against dense, which cannot run there
             continue
         ids = text_ids(lm, L, cfg.seed)
         bar = _tqdm(cfg.progress, total=L, desc=f"fidelity {L}", unit="tok")

@@ -87,3 +87,42 @@ def quest_page_scores_reference(
         scores[:, :, 0] = float("inf")
         scores[:, :, n_pages - 1] = float("inf")
     return scores
+
+
+def batch_decode_reference(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    table: torch.Tensor,
+    lengths: torch.Tensor,
+    page_size: int,
+    *,
+    ring: int = 0,
+    selected: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Plain PyTorch ``batch_decode``, row by row: gather the row's attended slots from its pages, then softmax.
+
+    Products in the inputs' dtype, softmax in fp32 (pass fp32 tensors for an fp32 reference). Shapes as
+    ``batch_decode``; a row with nothing to attend gets zeros."""
+    B, Hq, D = q.shape
+    H = table.shape[1]
+    scale = D**-0.5 if scale is None else scale
+    out = torch.zeros_like(q)
+    for b in range(B):
+        n = int(lengths[b])
+        if ring:
+            n = min(n, ring)
+        for h in range(H):
+            pages = torch.arange(-(-n // page_size)) if selected is None else selected[b, h].long().cpu()
+            pages = pages[(pages >= 0) & (pages * page_size < n)]
+            slots = (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
+            slots = slots[slots < n].to(q.device)
+            if slots.numel() == 0:
+                continue
+            phys, within = table[b, h].long()[slots // page_size], slots % page_size
+            keys, values = k_pool[phys, within], v_pool[phys, within]  # [m, D]
+            qh = q[b, h * (Hq // H) : (h + 1) * (Hq // H)]  # the group's query heads
+            probs = torch.softmax((qh @ keys.T).float() * scale, dim=-1)
+            out[b, h * (Hq // H) : (h + 1) * (Hq // H)] = (probs.to(values.dtype) @ values).to(q.dtype)
+    return out

@@ -16,9 +16,11 @@ from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
 from headwise.policies.hyper import Hyper
+from headwise.policies.longheads import LongHeads
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
 from headwise.policies.recycled import Recycled
+from headwise.policies.retrieval_offload import RetrievalOffload
 from headwise.policies.seer import Seer
 from headwise.policies.streaming import Streaming
 from headwise.policies.tidal import Tidal
@@ -34,6 +36,8 @@ _REGISTRY: dict[str, type[Policy]] = {
     VerticalSlash.name: VerticalSlash,
     BlockTopK.name: BlockTopK,
     Quantized.name: Quantized,
+    LongHeads.name: LongHeads,
+    RetrievalOffload.name: RetrievalOffload,
     ACT.name: ACT,
     Hyper.name: Hyper,
     Seer.name: Seer,
@@ -78,4 +82,4 @@ def build_policy(spec: dict[str, Any], where: str = "") -> Policy:
     return policy
 
 
-__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "Hyper", "PageTopK", "Policy", "Quantized", "Recycled", "Seer", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]
+__all__ = ["ACT", "AShape", "AttendContext", "BlockTopK", "Full", "Hyper", "LongHeads", "PageTopK", "Policy", "Quantized", "Recycled", "RetrievalOffload", "Seer", "Streaming", "Tidal", "VerticalSlash", "build_policy", "policy_names"]

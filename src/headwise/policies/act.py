@@ -126,6 +126,9 @@ class ACT(Policy):
 
     name: ClassVar[str] = "act"
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.15765"
+    keeps_every_token: ClassVar[bool] = False
+    """Its store keeps every token, but the calibration needs the column sums of every query, which a prefill pattern
+    attending in front of it would not add: it is no decode policy for patterns."""
 
     beta: float = 0.4
     """Share of a hidden sink's attention it keeps; the rest goes to the other keys (ACT's ``BETA``)."""

@@ -57,10 +57,12 @@ class AttendContext:
     (TidalDecode's persistent positions); ``step`` counts decode steps (Recycled Attention's refresh).
     ``kv_heads`` names the layer's KV heads this call's group holds, in the group's order (empty: unknown),
     so cross-layer state can follow a head index from layer to layer. ``position`` is set for a decode step that
-    a CUDA graph will replay (``Policy.graph_decode``): a one-element long tensor on the device holding the
+    a CUDA graph will replay (``Policy.graph_decode``, ``Policy.graph_blocker``): a one-element long tensor on the device holding the
     decode token's position, which the policy must use instead of any host-side length (``start`` and the
-    stores' counters are then only right at capture time). ``gate`` is the plan's learned state for this layer
-    (SeerAttention's ``LayerGate``, ``policies/seer.py``), None when the plan has none.
+    stores' counters are then only right at capture time). ``rope`` is the layer's RoPE inverse frequencies (fp32
+    ``[rotary_dim / 2]`` on the device; None where the model's are unknown), for policies that move keys to other
+    positions (``rope.rotate``). ``gate`` is the plan's learned state for this layer (SeerAttention's ``LayerGate``,
+    ``policies/seer.py``), None when the plan has none.
     """
 
     start: int
@@ -73,6 +75,28 @@ class AttendContext:
     kv_heads: tuple[int, ...] = ()
     position: torch.Tensor | None = None
     gate: Any = None
+    rope: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class PagedLayout:
+    """Where a head's tokens sit in its pool pages (``Policy.paged_layout``): position ``p`` in slot ``p``, or, with a
+    ``window``, the first ``sink`` positions in slots ``0 .. sink-1`` and the others around a ring of ``window``
+    slots after them (``SinkWindowStore``'s layout)."""
+
+    sink: int = 0
+    window: int = 0  # 0: every token, no ring
+
+    @property
+    def ring(self) -> int:
+        """Slots a head holds at most (0: no bound)."""
+        return self.sink + self.window if self.window else 0
+
+    def slots(self, positions: torch.Tensor) -> torch.Tensor:
+        """The slot of each token position (any integer tensor, computed on its device)."""
+        if not self.window:
+            return positions
+        return torch.where(positions < self.sink, positions, self.sink + (positions - self.sink) % self.window)
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,14 @@ class Policy(ABC):
 
     name: ClassVar[str] = "base"
     paper: ClassVar[str] = ""
+    graph_decode: ClassVar[bool] = False
+    """Declared once per class (as vLLM's attention backends declare CUDA-graph support): whether a decode step of
+    this policy (on the kernels) can be captured in a CUDA graph and replayed. It then reads the token's position
+    from ``AttendContext.position`` on the device, never a host value. A parameter that rules it out for one
+    instance says why in ``graph_blocker``."""
+    keeps_every_token: ClassVar[bool] = False
+    """Declared once per class: whether the store holds every token's key and value as they came, in position order
+    (a ``DenseStore``), so that a prefill pattern may attend the whole prefix through it (``sparse_prefill.py``)."""
 
     def validate(self) -> None:  # noqa: B027 - optional hook: a policy with nothing to check keeps it
         """Raise ``PlanError`` on parameters that make no sense."""
@@ -131,10 +163,23 @@ class Policy(ABC):
         return self.name
 
     @property
-    def graph_decode(self) -> bool:
-        """Whether a decode step of this policy (on the kernels) can be captured in a CUDA graph and replayed:
-        it then reads the token's position from ``AttendContext.position`` on the device, never a host value."""
-        return False
+    def position_span(self) -> int | None:
+        """The largest query-key distance RoPE shows this head, whatever the context's length, or None where it
+        grows with the context (every policy that attends keys at their own positions, sinks included). A plan whose
+        global-attention heads all have a span within the model's trained length may run past it
+        (``HeadPlan.max_context``)."""
+        return None
+
+    def paged_layout(self) -> PagedLayout | None:
+        """How an engine over a page pool keeps this policy's KV (``paged_cache.py``): in the sequence's pool pages,
+        laid out as the ``PagedLayout`` says, or (None, the default) in the policy's own store beside the pool. Decode
+        steps of paged groups run batched, over all the step's sequences at once (``paged_cache.decode_over_pool``)."""
+        return None
+
+    def graph_blocker(self) -> str | None:
+        """Why this policy's decode steps cannot be replayed from a CUDA graph (None: they can): by default its
+        class's ``graph_decode``; a policy whose parameters can rule it out says which."""
+        return None if self.graph_decode else f"{self.name} ({self.short()}) has no CUDA-graph decode"
 
 
 def check_positive(policy: Policy, **values: int) -> None:

@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from headwise.policies.base import AttendContext, Policy, causal_attention, kernel_decode
+from headwise.policies.base import AttendContext, PagedLayout, Policy, causal_attention, kernel_decode
 from headwise.policies.stores import DenseStore
 
 
@@ -16,16 +16,17 @@ class Full(Policy):
     """Dense causal attention; the cache keeps every token of this head."""
 
     name: ClassVar[str] = "full"
+    graph_decode: ClassVar[bool] = True
+    keeps_every_token: ClassVar[bool] = True
 
     def kv_tokens(self, seq_len: int) -> int:
         return seq_len
 
+    def paged_layout(self) -> PagedLayout | None:
+        return PagedLayout()
+
     def make_store(self, batch, heads, head_dim, device, dtype) -> DenseStore:
         return DenseStore(batch, heads, head_dim, device, dtype)
-
-    @property
-    def graph_decode(self) -> bool:
-        return True
 
     def attend(self, q, k, v, store: DenseStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.position is not None:  # a decode step for a CUDA graph: every slot, the length on the device

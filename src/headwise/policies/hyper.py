@@ -43,9 +43,9 @@ from typing import Any, ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, check_positive
+from headwise.policies.base import AttendContext, PagedLayout, Policy, check_positive
 from headwise.policies.full import Full
-from headwise.policies.sparse_prefill import PrefillPattern, keeps_full_cache
+from headwise.policies.sparse_prefill import PrefillPattern
 from headwise.policies.stores import DenseStore
 
 log = logging.getLogger(__name__)
@@ -179,6 +179,8 @@ class Hyper(Policy):
 
     name: ClassVar[str] = "hyper"
     paper: ClassVar[str] = "https://arxiv.org/abs/2310.05869"
+    keeps_every_token: ClassVar[bool] = True  # ``validate`` holds the decode policy to it
+    graph_decode: ClassVar[bool] = True  # a one-token step is the decode policy's: ``graph_blocker`` asks it
 
     block_size: int = 256
     """Keys per sortLSH block (the authors' default 256)."""
@@ -200,7 +202,7 @@ class Hyper(Policy):
             raise PlanError("policy 'hyper': 'block_size' must be at least 1 and 'lsh_bits' in 1..16")
         if isinstance(self.decode, (PrefillPattern, Hyper)):
             raise PlanError("policy 'hyper': the decode policy cannot itself be a prefill pattern")
-        if not isinstance(self.decode, Policy) or not keeps_full_cache(self.decode):
+        if not isinstance(self.decode, Policy) or not self.decode.keeps_every_token:
             raise PlanError(f"policy 'hyper': decode policy {getattr(self.decode, 'name', self.decode)!r} must keep "
                             "the full cache (use 'full' or 'page_topk'): HyperAttention prefill reads every token")
 
@@ -217,9 +219,11 @@ class Hyper(Policy):
     def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
         return self.decode.make_store(batch, heads, head_dim, device, dtype)
 
-    @property
-    def graph_decode(self) -> bool:
-        return self.decode.graph_decode
+    def graph_blocker(self) -> str | None:
+        return self.decode.graph_blocker()
+
+    def paged_layout(self) -> PagedLayout | None:
+        return self.decode.paged_layout()
 
     def planes(self, head_dim: int, layer: int, device: torch.device) -> torch.Tensor:
         """The LSH hyperplanes [head_dim, lsh_bits] of ``layer`` (drawn on the CPU: the same on every device)."""

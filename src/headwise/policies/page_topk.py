@@ -54,6 +54,8 @@ FUSED_SELECT_MAX_HEADS = 16
 class PageTopK(Policy):
     name: ClassVar[str] = "page_topk"
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.10774"
+    graph_decode: ClassVar[bool] = True
+    keeps_every_token: ClassVar[bool] = True  # pages are read selectively, never dropped
 
     page_size: int = 16
     """Tokens per page (a power of two up to 128). Quest uses 16."""
@@ -94,10 +96,6 @@ class PageTopK(Policy):
 
             return select_pages(_kernel_scores(q, store), k, use_kernel=True, bins=256)
         return torch.topk(quest_page_scores_reference(q, store.page_bounds(), n_pages), k, dim=-1, sorted=False).indices
-
-    @property
-    def graph_decode(self) -> bool:
-        return True
 
     def attend(self, q, k, v, store: PagedStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.position is not None:

@@ -51,6 +51,10 @@ from headwise.policies.base import AttendContext, Policy, causal_attention
 class Quantized(Policy):
     name: ClassVar[str] = "quantized"
     paper: ClassVar[str] = "https://arxiv.org/abs/2402.02750"
+    # A step's residual is reallocated at its new size and groups leave it by host-side counts, so a CUDA graph
+    # cannot replay it (``engine.GraphDecoder`` runs such plans eagerly); old tokens are codes, not their keys.
+    graph_decode: ClassVar[bool] = False
+    keeps_every_token: ClassVar[bool] = False
 
     bits: int = 8
     """Bits per code: 8 (about half of a 16-bit cache's bytes) or 4 (about a quarter; two codes per byte)."""
@@ -94,12 +98,6 @@ class Quantized(Policy):
 
     def short(self) -> str:
         return f"int{self.bits}g{self.group}r{self.residual}"
-
-    @property
-    def graph_decode(self) -> bool:
-        """False: a step's residual is reallocated at its new size and groups leave it by host-side counts, so a
-        CUDA graph cannot replay it (``engine.GraphDecoder`` runs such plans eagerly)."""
-        return False
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> QuantizedStore:
         return QuantizedStore(batch, heads, head_dim, device, dtype, self)

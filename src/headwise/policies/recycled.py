@@ -47,6 +47,7 @@ class RecycledStore(DenseStore):
 class Recycled(Policy):
     name: ClassVar[str] = "recycled"
     paper: ClassVar[str] = "https://arxiv.org/abs/2411.05787"
+    keeps_every_token: ClassVar[bool] = True  # selects positions to read, drops nothing
 
     budget: int = 2048
     """K: positions remembered at each full step (tokens generated since are attended on top)."""

@@ -117,6 +117,16 @@ class SeerGates:
     def layer(self, i: int) -> LayerGate | None:
         return self.layers.get(i)
 
+    def for_heads(self, kv_heads: list[list[int]], group: int) -> SeerGates:
+        """The rows of the KV heads ``kv_heads[layer]`` and their ``group`` query heads each, in that order: the
+        gates of a plan whose heads were re-indexed or split over tensor-parallel ranks (``HeadPlan.permuted``,
+        ``HeadPlan.shard``)."""
+        out = {}
+        for i, g in self.layers.items():
+            kvs = list(kv_heads[i])
+            out[i] = g.select([h * group + j for h in kvs for j in range(group)], kvs)
+        return SeerGates(self.block_size, out, self.info)
+
     def on(self, device: torch.device | str) -> SeerGates:
         """These gates on ``device`` (copied once per device, then reused by every cache)."""
         key = str(torch.device(device))

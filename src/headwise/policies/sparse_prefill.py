@@ -13,7 +13,7 @@ set the pattern gives ``p``'s block. Each pattern defines that set once, as bloc
   (``draw_mask``).
 
 Storage rule: a pattern attends over the *whole* prefix during prefill, so its decode policy must keep
-every token (``full``, ``page_topk`` or any policy whose store is a ``DenseStore``). A streaming decode
+every token (``Policy.keeps_every_token``: ``full``, ``page_topk``, ``tidal``, ``recycled``). A streaming decode
 policy would have to hold the full cache during prefill and drop it afterwards, defeating the memory
 budget it is chosen for; such a plan is refused with ``PlanError`` (give streaming heads the
 ``streaming`` policy, whose prefill is already DuoAttention's A-shape).
@@ -32,13 +32,13 @@ import logging
 from abc import abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from headwise.errors import PlanError
 from headwise.kernels.prefill_index import indices_to_mask
-from headwise.policies.base import AttendContext, Policy, masked_attention
+from headwise.policies.base import AttendContext, PagedLayout, Policy, masked_attention
 from headwise.policies.full import Full
 from headwise.policies.stores import DenseStore
 
@@ -52,12 +52,6 @@ def check_block_size(policy: Policy, block_size: Any) -> None:
         )
 
 
-def keeps_full_cache(policy: Policy) -> bool:
-    """Whether ``policy``'s store holds every token in order (a ``DenseStore``): probed with an empty store,
-    which allocates nothing."""
-    return isinstance(policy.make_store(1, 1, 16, torch.device("cpu"), torch.float32), DenseStore)
-
-
 @dataclass(frozen=True)
 class PrefillPattern(Policy):
     """Base of the sparse prefill patterns. Subclasses are frozen dataclasses with ``block_size`` and
@@ -65,6 +59,8 @@ class PrefillPattern(Policy):
 
     block_size: int = 64
     decode: Policy = field(default_factory=Full)
+    keeps_every_token: ClassVar[bool] = True  # ``validate`` holds the decode policy to it
+    graph_decode: ClassVar[bool] = True  # a one-token step is the decode policy's: ``graph_blocker`` asks it
 
     def validate(self) -> None:
         check_block_size(self, self.block_size)
@@ -72,7 +68,7 @@ class PrefillPattern(Policy):
             raise PlanError(f"policy '{self.name}': 'decode' must be a policy, got {self.decode!r}")
         if isinstance(self.decode, PrefillPattern):
             raise PlanError(f"policy '{self.name}': the decode policy cannot itself be a prefill pattern")
-        if not keeps_full_cache(self.decode):
+        if not self.decode.keeps_every_token:
             raise PlanError(
                 f"policy '{self.name}': decode policy '{self.decode.name}' does not keep the full cache, but a "
                 f"prefill pattern attends over the whole prefix; use decode 'full' or 'page_topk' "
@@ -89,9 +85,11 @@ class PrefillPattern(Policy):
     def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
         return self.decode.make_store(batch, heads, head_dim, device, dtype)
 
-    @property
-    def graph_decode(self) -> bool:
-        return self.decode.graph_decode
+    def graph_blocker(self) -> str | None:
+        return self.decode.graph_blocker()
+
+    def paged_layout(self) -> PagedLayout | None:
+        return self.decode.paged_layout()
 
     def decode_suffix(self) -> str:
         return "" if isinstance(self.decode, Full) else f"|{self.decode.short()}"

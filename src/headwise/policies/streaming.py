@@ -22,7 +22,14 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, check_positive, kernel_decode, masked_attention
+from headwise.policies.base import (
+    AttendContext,
+    PagedLayout,
+    Policy,
+    check_positive,
+    kernel_decode,
+    masked_attention,
+)
 from headwise.policies.stores import SinkWindowStore
 
 
@@ -30,6 +37,7 @@ from headwise.policies.stores import SinkWindowStore
 class Streaming(Policy):
     name: ClassVar[str] = "streaming"
     paper: ClassVar[str] = "https://arxiv.org/abs/2309.17453"
+    graph_decode: ClassVar[bool] = True  # without compensation: ``graph_blocker``
 
     sink: int = 64
     """Initial tokens always kept (attention sinks). DuoAttention uses 64 with a 256-token window."""
@@ -58,9 +66,20 @@ class Streaming(Policy):
         """The pattern as a mask_mod: ``[L, 1]`` query and ``[1, S]`` key positions -> bool ``[L, S]``."""
         return (k_pos >= 0) & (k_pos <= q_pos) & ((k_pos < self.sink) | (q_pos - k_pos < self.window))
 
+    def paged_layout(self) -> PagedLayout | None:
+        return None if self.compensation else PagedLayout(self.sink, self.window)  # compensation: a slot off the ring
+
+    def graph_blocker(self) -> str | None:
+        if self.compensation:
+            return (f"streaming ({self.short()}) with compensation: the dropped tokens' running mean is counted on "
+                    "the host")
+        return None
+
     @property
-    def graph_decode(self) -> bool:
-        return not self.compensation
+    def position_span(self) -> int | None:
+        """Without sinks (a native sliding window), no key further than ``window``; sinks (and the compensation
+        slot, a mean of keys at their own positions) are as far as the context is long."""
+        return self.window if self.sink == 0 and not self.compensation else None
 
     def attend(self, q, k, v, store: SinkWindowStore, ctx: AttendContext) -> torch.Tensor:
         L = q.shape[2]

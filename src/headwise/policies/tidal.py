@@ -43,6 +43,7 @@ _KEY = "tidal"
 class Tidal(Policy):
     name: ClassVar[str] = "tidal"
     paper: ClassVar[str] = "https://arxiv.org/abs/2410.05076"
+    keeps_every_token: ClassVar[bool] = True  # selects positions to read, drops nothing
 
     budget: int = 2048
     """Token positions attended by reusing heads (and selected by selection heads) per decode step."""

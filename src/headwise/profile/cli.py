@@ -16,6 +16,7 @@ from typing import Any
 
 from headwise.errors import InputError
 from headwise.model_args import add_model_args, load_from_args
+from headwise.placement import check_tp
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     DEFAULT_METHOD,
@@ -59,6 +60,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--train-gates", action="store_true",
                    help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
                         "--prefill-patterns search; saved beside the plan as PLAN.gates.safetensors")
+    p.add_argument("--tp", type=int, default=1,
+                   help="tensor-parallel ranks the plan will run over: the solver keeps a multiple of N full heads "
+                        "and the plan records a placement that gives every rank the same KV bytes (default 1)")
     p.add_argument("--duo-steps", type=int, default=None,
                    help="DuoAttention gate-training steps (default: 300 on a GPU, 40 on a CPU)")
     p.add_argument("--fast", action="store_true", help="a quick, rough profile (smoke tests; not for real plans)")
@@ -124,15 +128,16 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         lm = load_from_args(args)
+        check_tp(lm.spec, args.tp)
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
-                                       select_probes=settings.select_probes, quantize=args.quantize)
+                                       select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
-                                 act=args.act, train_seer_gates=args.train_gates)
+                                 act=args.act, train_seer_gates=args.train_gates, ranks=args.tp)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

@@ -6,11 +6,14 @@ Which score decides which heads stay full (``method``):
 * ``duo`` — DuoAttention gates (``duo.py``), one per KV head already;
 * ``razor`` — RazorAttention max(echo, induction) (``razor.py``), max over the group;
 * ``mass`` — attention mass a head loses under ``streaming(64, 256)`` at the longest profiled length
-  (``mass.py``), max over the group.
+  (``mass.py``), max over the group;
+* ``ablation`` — the order in which backward elimination on held-in retrieval probes switches heads to streaming
+  (``ablate.py``): measured retrieval loss of the plan itself, not a per-head proxy.
 
 Max over the group because the query heads of a KV head share its cache: one retrieving query head is
 enough to need the whole context. The retrieval, mass and echo/induction scores are always measured (they
-are cheap and go in the plan's metadata and picture); the DuoAttention gates only with ``method="duo"``.
+are cheap and go in the plan's metadata and picture); the DuoAttention gates only with ``method="duo"``, the
+ablation only with ``method="ablation"``.
 Streaming spans always come from the mass profile (``solver.py``).
 """
 
@@ -30,7 +33,7 @@ from headwise.profile.probe import Probe, probing
 from headwise.profile.solver import check_budget, solve
 from headwise.spec import ModelSpec
 
-METHODS = ("retrieval", "duo", "razor", "mass")
+METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
 docs/results.md hold the GPU evaluation behind the choice)."""
@@ -60,17 +63,23 @@ class Settings:
     pattern_length: int = 1024
     calibrate: bool = True
     """Measure each layer's KL sensitivity (``mass.layer_sensitivity``: one forward per layer) to weigh spans."""
+    ablation_probes: int = 8
+    """Retrieval probes per length (the target length and twice it) the ablation ranking is measured on
+    (``ablate.py``; only those dense answers exactly count)."""
+    ablation_drop: float = 0.15
+    ablation_time_limit_s: float = 600.0
     act_length: int = 1024
+    """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
     seer_steps: int = 40
     """SeerAttention gate-training steps (``seer.py``, with ``train_seer_gates=True``), one sequence each."""
     seer_seq_len: int = 1024
     """Tokens per gate-training sequence."""
     seer_time_limit_s: float = 300.0
-    """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
 
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
-        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512, act_length=256, seer_steps=4,
+        return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
+                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, act_length=256, seer_steps=4,
                    seer_seq_len=256)
 
     @classmethod
@@ -80,7 +89,7 @@ class Settings:
         probes at five depths."""
         return cls(retrieval_depths=(0.1, 0.3, 0.5, 0.7, 0.9), duo_steps=300, duo_seq_len=0,
                    duo_time_limit_s=300.0, duo_batch=4, select_probes=64, prefill_density=prefill_density,
-                   act_length=2048, seer_steps=300, seer_seq_len=4096)
+                   ablation_probes=48, ablation_time_limit_s=300.0, act_length=2048, seer_steps=300, seer_seq_len=4096)
 
 
 class _LayerSeen(Probe):
@@ -203,17 +212,18 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: bool = False, act: bool = False,
+                  full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
                   train_seer_gates: bool = False) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
     ``SELECT_SHARES``) by the retrieval they keep on held-in probes (``select.py``), unless
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
-    4 bits (policy ``quantized``) where full does not fit. ``act``: the full heads whose ACT calibration lowers the
-    loss on held-in and held-out text get policy ``act`` (``act.py``). ``train_seer_gates``: SeerAttention gates are
-    trained (``seer.py``), join the prefill-pattern search (needs ``settings.prefill_density``) and travel with the
-    plan (``HeadPlan.gates``, saved beside it)."""
+    4 bits (policy ``quantized``) where full does not fit. ``ranks``: the tensor-parallel ranks the plan will run
+    over (``solve``'s ``ranks``; the plan records a balanced placement for them, ``with_ranks``). ``act``: the full
+    heads whose ACT calibration lowers the loss on held-in and held-out text get policy ``act`` (``act.py``).
+    ``train_seer_gates``: SeerAttention gates are trained (``seer.py``), join the prefill-pattern search (needs
+    ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -244,6 +254,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "mass": group_max(mass.streaming_loss(), g),
     }
     duo_meta: dict[str, Any] = {}
+    ablation_meta: dict[str, Any] = {}
     if method == "duo":
         from headwise.profile.duo import train_gates
 
@@ -257,6 +268,18 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "batch": settings.duo_batch,
                     "first_loss": duo.losses[0], "last_loss": duo.losses[-1],
                     "loss_curve": {str(i): round(duo.losses[i], 5) for i in range(0, len(duo.losses), every)}}
+    if method == "ablation":
+        from headwise.profile.ablate import ablation_ranking
+        from headwise.profile.select import probe_set
+
+        t = time.perf_counter()
+        abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
+                                             seed=ABLATION_SEED),
+                               drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
+                               progress=progress)
+        timings["ablation_s"] = time.perf_counter() - t
+        kv_scores["ablation"] = abl.score
+        ablation_meta = abl.meta()
     t = time.perf_counter()
     spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
     timings["layer_sensitivity_s"] = time.perf_counter() - t
@@ -264,11 +287,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     selection: dict[str, Any] = {}
     if full_share is None and settings.select_probes > 0:
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
-                                                     settings.select_probes, quantize)
+                                                     settings.select_probes, quantize, ranks)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
-                    quantize=quantize)
+                    quantize=quantize, ranks=ranks)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -335,6 +358,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "span_recall_target_len": target_len,
         **spans.meta(),
     }
+    if ablation_meta:
+        meta["ablation"] = ablation_meta
     if duo_meta:
         meta["duo"] = duo_meta
     if act:
@@ -344,25 +369,42 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if settings.prefill_density is not None:
         meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
                                     "heads": pattern_meta}
-    plan = HeadPlan.from_policies(spec, policies, lm.name, **meta)
+    plan = with_ranks(HeadPlan.from_policies(spec, policies, lm.name, **meta), spec, ranks, target_len)
     if gates is not None:
         plan.meta["seer_training"] = dict(gates.info)
         plan.gates = gates
     return plan
 
 
+def with_ranks(plan: HeadPlan, spec: Any, ranks: int, at: int) -> HeadPlan:
+    """``plan`` with a balanced placement for ``ranks`` tensor-parallel ranks at ``at`` tokens (``ranks > 1``)."""
+    from headwise.placement import balance
+
+    return plan.with_placement(ranks, balance(plan, spec, ranks, at), at) if ranks > 1 else plan
+
+
+ABLATION_SEED = 2_000_003
+"""Seed of the ablation's probes: not the selection's (``select.probe_set``'s default), so the share of the budget
+for full heads is chosen on probes the ranking was not fitted to."""
+
+
+def probe_lengths(spec: ModelSpec, target_len: int) -> list[int]:
+    """Lengths the held-in probes run at: the target length and twice it, within the model's context."""
+    limit = spec.max_context or 2 * target_len
+    return sorted({min(target_len, limit - 32), min(2 * target_len, limit - 32)})
+
+
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
-            spans: Spans, n_probes: int, quantize: bool = False) -> tuple[Any, str, float, dict[str, Any]]:
+            spans: Spans, n_probes: int, quantize: bool = False, ranks: int = 1) -> tuple[Any, str, float, dict[str, Any]]:
     """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
     from headwise.profile.select import Candidate, probe_set, select
 
     spec = lm.spec
-    rankings = [method] + [m for m in ("duo", "retrieval") if m != method and m in kv_scores]
+    rankings = [method] + [m for m in ("ablation", "duo", "retrieval") if m != method and m in kv_scores]
     cands = [Candidate(r, f, solve(spec, kv_scores[r], budget, target_len, spans.value, full_share=f,
-                                   quantize=quantize))
+                                   quantize=quantize, ranks=ranks))
              for r in rankings for f in SELECT_SHARES]
-    limit = spec.max_context or 2 * target_len
-    lengths = sorted({min(target_len, limit - 32), min(2 * target_len, limit - 32)})
+    lengths = probe_lengths(spec, target_len)
     probes = probe_set(lm.tokenizer, lengths, n_probes)
     best, dense = select(lm, cands, probes)
     info = {"probes_per_length": n_probes, "lengths": lengths, "dense_probe_accuracy": round(dense, 4),
@@ -372,7 +414,7 @@ def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, bu
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
-                        quantize: bool = False) -> HeadPlan:
+                        quantize: bool = False, ranks: int = 1) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``).
 
@@ -395,11 +437,11 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
     if full_share is None and select_probes > 0 and spans is not None:
         kv_scores = {k[: -len("_kv")]: torch.tensor(v) for k, v in meta["scores"].items() if k.endswith("_kv")}
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans, select_probes,
-                                                     quantize)
+                                                     quantize, ranks)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
-                    None if spans is None else spans.value, full_share=full_share, quantize=quantize)
+                    None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks)
     meta.pop("selection", None)
     if selection:
         meta["selection"] = selection
@@ -415,7 +457,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
     })
     for key in ("prefill_patterns", "seer_gates", "seer_training"):  # patterns (and their gates) are not re-solved
         meta.pop(key, None)
-    return HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta)
+    return with_ranks(HeadPlan.from_policies(lm.spec, sol.policies, lm.name, **meta), lm.spec, ranks, target_len)
 
 
 def draw_plan(plan: HeadPlan, spec: Any, path: str) -> str:

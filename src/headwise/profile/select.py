@@ -15,6 +15,7 @@ its position, i.e. greedy decoding would write the answer first.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,17 +113,28 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
     return ProbeSet(ids, answers)
 
 
+def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
+                 batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per probe (lengths in ``probes.ids`` order, then rows): whether every answer token is the argmax (greedy
+    decoding writes the answer first) and the answer's summed token NLL, under the plan (``None``: dense).
+    Returns (bool ``[n]``, float ``[n]``) on the CPU."""
+    device = next(lm.model.parameters()).device
+    masks_for = None if policies is None else (lambda n: plan_masks(lm.spec, policies, n, device))
+    return masked_probe_losses(lm, masks_for, probes, batch)
+
+
 @torch.no_grad()
-def retrieval_on_probes(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
-                        batch: int = 8) -> tuple[float, float]:
-    """(share of probes answered exactly, mean answer-token NLL) under the plan (``None``: dense)."""
+def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, probes: ProbeSet,
+                        batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """``probe_losses`` with the masks given by ``masks_for(sequence length)`` (``plan_masks``' layout; None:
+    dense), for callers that assemble masks faster than from policies (``ablate.py``)."""
     model = lm.model
     device = next(model.parameters()).device
-    hits, nll, tokens, total = 0, 0.0, 0, 0
+    hit_rows, nll_rows = [], []
     for L, ids in probes.ids.items():
         ans = probes.answer[L].to(device)
         A = ans.shape[1]
-        masks = plan_masks(lm.spec, policies, L + A, device) if policies is not None else None
+        masks = masks_for(L + A) if masks_for is not None else None
         for s in range(0, ids.shape[0], batch):
             x = ids[s : s + batch].to(device)
             if masks is None:
@@ -134,13 +146,33 @@ def retrieval_on_probes(lm: LoadedModel, policies: list[list[Policy]] | None, pr
             pred = logits[:, :A].float()  # position L-1+j predicts answer token j
             a = ans[s : s + batch]
             valid = a >= 0
-            ok = (pred.argmax(-1) == a) | ~valid
-            hits += int(ok.all(-1).sum())
+            hit_rows.append(((pred.argmax(-1) == a) | ~valid).all(-1).cpu())
             lp = torch.log_softmax(pred, -1).gather(-1, a.clamp(min=0)[..., None])[..., 0]
-            nll -= float((lp * valid).sum())
-            tokens += int(valid.sum())
-            total += x.shape[0]
-    return hits / max(1, total), nll / max(1, tokens)
+            nll_rows.append(-(lp * valid).sum(-1).cpu())
+    if not hit_rows:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+    return torch.cat(hit_rows), torch.cat(nll_rows)
+
+
+def retrieval_on_probes(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
+                        batch: int = 8) -> tuple[float, float]:
+    """(share of probes answered exactly, mean answer-token NLL) under the plan (``None``: dense)."""
+    hits, nll = probe_losses(lm, policies, probes, batch)
+    tokens = sum(int((a >= 0).sum()) for a in probes.answer.values())
+    return float(hits.float().mean()) if len(hits) else 0.0, float(nll.sum()) / max(1, tokens)
+
+
+def subset(probes: ProbeSet, keep: torch.Tensor) -> ProbeSet:
+    """The probes where ``keep`` (bool over all probes, in ``probe_losses`` order) is set; empty lengths dropped."""
+    ids: dict[int, torch.Tensor] = {}
+    answer: dict[int, torch.Tensor] = {}
+    start = 0
+    for L, x in probes.ids.items():
+        k = keep[start : start + x.shape[0]]
+        start += x.shape[0]
+        if bool(k.any()):
+            ids[L], answer[L] = x[k], probes.answer[L][k]
+    return ProbeSet(ids, answer)
 
 
 @dataclass

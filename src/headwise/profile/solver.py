@@ -149,11 +149,16 @@ def _cheapest_whole(options: list[Option]) -> int:
 
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
           recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
-          quantize: bool = False) -> Solution:
+          quantize: bool = False, ranks: int = 1) -> Solution:
     """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None.
 
     ``quantize``: offer ``quantized`` 8- and 4-bit options to the heads whose ``full`` does not fit (module
     docstring); off, the solver is unchanged.
+
+    ``ranks``: the plan will run over that many tensor-parallel ranks (``tp.py``). The lowest-scoring full heads
+    beyond a multiple of ``ranks`` go back to their cheapest streaming span before step 3 (which spends what they
+    freed), so that a placement (``placement.balance``) can give every rank the same number of full heads: 63 full
+    heads over 4 ranks leave one rank a full head short, 6.5% fewer KV bytes than the others at 128K tokens.
 
     ``full_share`` caps the part of the budget above the cheapest spans that full heads may take; the rest is
     left to streaming spans. With 1.0, full heads come first and streaming heads may be left at their cheapest
@@ -203,6 +208,14 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
                 used += extra
                 break
     full = [(i, j) for i, j in reached if isinstance(opts[i][j][choice[i][j]].policy, Full)]
+    if ranks < 1:
+        raise BudgetError(f"ranks must be at least 1, got {ranks}")
+    for i, j in full[len(full) - len(full) % ranks :]:  # the lowest-scoring extra full heads stream again
+        used -= opts[i][j][choice[i][j]].cost - opts[i][j][0].cost
+        choice[i][j] = 0
+        reached.remove((i, j))
+        skipped.append((i, j))
+    full = full[: len(full) - len(full) % ranks]
     quantized = [(i, j) for i, j in reached if isinstance(opts[i][j][choice[i][j]].policy, Quantized)]
     full_set = set(reached)
     while True:  # spend the rest on spans: best gain per extra token first

@@ -172,7 +172,7 @@ class AppContext:
         ctx = cls(scheduler=scheduler, model_name=model_name, config=config,
                   tokenizers=TokenizerPool(tok, config.tokenizer_threads),
                   fingerprint=f"headwise-{engine.plan.digest()}", created=int(time.time()), eos=eos,
-                  end_of_turn=end_of_turn, vocab=len(tok), max_context=engine.spec.max_context,
+                  end_of_turn=end_of_turn, vocab=len(tok), max_context=engine.plan.max_context(engine.spec),
                   has_chat_template=bool(getattr(tok, "chat_template", None)))
         ctx.registry.register(SchedulerCollector(scheduler))
         return ctx

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
 from headwise.model_args import add_model_args, load_from_args
@@ -16,12 +17,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
     add_model_args(p)
     p.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
+    from headwise.tp import add_tp_args
+
+    add_tp_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=32, help="most requests decoding together (default 32)")
     p.add_argument("--kv-budget-gb", type=float, default=None,
                    help="KV-cache memory that admission keeps to, in GB (default: 90%% of free GPU memory on "
                         "CUDA, a quarter of available RAM up to 8 GB on CPU)")
+    p.add_argument("--kv-memory", default=None, metavar="GB|N%",
+                   help="a KV page pool of this many GB, or of this share of the device's free memory after the "
+                        "weights load (e.g. 90%%): admission counts its pages and a sequence that runs it dry is "
+                        "preempted and recomputed (docs/serving.md, 'KV page pool'); instead of --kv-budget-gb")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait for admission; beyond that the server answers 429 (default 64)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
@@ -88,10 +96,11 @@ def server_config(args: argparse.Namespace):
                         shutdown_grace_s=args.shutdown_grace)
 
 
-def build(args: argparse.Namespace):
-    """Load the model and plan and build (app, scheduler) from parsed arguments."""
+def build(args: argparse.Namespace, lm: Any = None):
+    """Load the model (unless given: ``lm``) and plan and build (app, scheduler) from parsed arguments."""
     from headwise.engine import Engine
     from headwise.plan import HeadPlan
+    from headwise.pool import KVMemory
     from headwise.server.app import create_app
     from headwise.server.scheduler import Scheduler
 
@@ -103,6 +112,9 @@ def build(args: argparse.Namespace):
         raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.kv_budget_gb is not None and args.kv_budget_gb <= 0:
         raise InputError(f"--kv-budget-gb must be positive, got {args.kv_budget_gb}")
+    if args.kv_memory is not None and args.kv_budget_gb is not None:
+        raise InputError("give --kv-memory (a page pool) or --kv-budget-gb (a byte budget), not both")
+    kv_memory = KVMemory.parse(args.kv_memory) if args.kv_memory is not None else None
     config = server_config(args)
     if args.threads is not None:
         if args.threads < 1:
@@ -111,9 +123,13 @@ def build(args: argparse.Namespace):
 
         torch.set_num_threads(args.threads)
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
-    lm = load_from_args(args)
-    engine = Engine(lm, plan, chunk_size=args.chunk_size)
-    budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
+    lm = lm if lm is not None else load_from_args(args)
+    pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
+    engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool)
+    if pool is not None:  # admission counts the pool's pages; the byte budget is the pool's size
+        budget = pool.num_pages * pool.page_bytes
+    else:
+        budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
     scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
     app = create_app(scheduler, args.served_model_name or lm.name, config)
     return app, scheduler
@@ -147,18 +163,33 @@ def run(args: argparse.Namespace) -> int:
         import uvicorn  # noqa: F401
     except ImportError:
         raise HeadwiseError("headwise serve needs FastAPI and uvicorn: pip install 'headwise[serve]'") from None
+    from headwise import tp
     from headwise.server.http import bind
 
+    if tp.is_other_rank(args):  # another rank of --tp: the server runs on rank 0 and drives this one
+        with tp.loaded(args):
+            return 0
     if not 0 < args.port < 65536:
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     server_config(args)  # bad flags fail before the port is taken
     sock = bind(args.host, args.port)  # a busy port fails now, not after the model has loaded
     try:
-        app, scheduler = build(args)
-        log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, KV budget %.2f GB, queue %d%s",
-                    args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
-                    scheduler.max_batch, scheduler.kv_budget / 1e9, scheduler.max_queue,
-                    ", API key required" if args.api_key else "")
-        return serve(app, scheduler, sock)
+        if args.tp > 1:
+            from headwise.plan import HeadPlan
+
+            with tp.loaded(args, HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None) as lm:
+                return _serve(args, sock, *build(args, lm))
+        return _serve(args, sock, *build(args))
     finally:
         sock.close()
+
+
+def _serve(args: argparse.Namespace, sock: Any, app: Any, scheduler: Any) -> int:
+    pool = scheduler.engine.pool
+    kv = (f"KV pool {pool.num_pages} pages of {pool.page_size} tokens ({scheduler.kv_budget / 1e9:.2f} GB)"
+          if pool is not None else f"KV budget {scheduler.kv_budget / 1e9:.2f} GB")
+    log.warning("serving %s (plan %s) on http://%s:%d/v1 — max batch %d, %s, queue %d%s%s",
+                args.served_model_name or args.model, scheduler.engine.plan.digest(), args.host, args.port,
+                scheduler.max_batch, kv, scheduler.max_queue,
+                ", API key required" if args.api_key else "", f", {args.tp} tensor-parallel ranks" if args.tp > 1 else "")
+    return serve(app, scheduler, sock)

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Issue 15 on a GPU machine: passkey and needle accuracy at long contexts, 50 samples per cell (10 at each of 5
+# depths), sharded over parallel processes on the one GPU (each decodes at batch 1). LongHeads (policy `longheads`,
+# eval plan specs `longheads` = 4096-token window, `longheads@W`) past the trained length: dense is skipped there with
+# a note in results.json (HeadPlan.max_context); a longheads plan runs. RetrievalAttention (`retrieval_offload`, plan
+# spec `offload`) within it, against dense.
+#
+#   bench/long_context_eval.sh gemma SECONDS     # gemma3-270m (trained to 32K): dense, longheads, longheads@8192
+#                                                # at 16k, 32k, 64k
+#   bench/long_context_eval.sh smollm2 SECONDS   # smollm2-135m (trained to 8K): dense, longheads@2048, longheads
+#                                                # at 16k, 32k
+#   bench/long_context_eval.sh offload SECONDS   # gemma3-270m: dense, offload at 8k, 16k, 32k (needs faiss-cpu:
+#                                                # carry its wheel, see the report of issue 15)
+#
+# Needs the bundled weights on the machine (../shared/tools/weights-to-device.sh, as `bench/retrieval_quality.sh
+# setup` fetches them). Resumes what an earlier call left in $WORK (default /tmp/lh); packs $OUT/long-context-NAME.tgz.
+# PLANS, LENGTHS, SAMPLES (default 50) and SHARDS (default 12) override the defaults, e.g. one call per length:
+#   LENGTHS=64k bench/long_context_eval.sh gemma 590
+set -uo pipefail
+name=${1:?gemma, smollm2 or offload}
+secs=${2:?seconds}
+WORK=${WORK:-/tmp/lh}
+SHARDS=${SHARDS:-12}
+case $name in
+gemma) MODEL=gemma3-270m; PLANS=${PLANS:-dense,longheads,longheads@8192}; LENGTHS=${LENGTHS:-16k,32k,64k} ;;
+smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads@2048,longheads}; LENGTHS=${LENGTHS:-16k,32k} ;;
+offload) MODEL=gemma3-270m; PLANS=${PLANS:-dense,offload}; LENGTHS=${LENGTHS:-8k,16k,32k} ;;
+*) echo "unknown run '$name': gemma, smollm2 or offload" >&2; exit 2 ;;
+esac
+export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples "${SAMPLES:-50}")
+out=$WORK/eval-$name
+mkdir -p "$out" "$WORK/logs"
+T0=$(date +%s)
+pids=()
+for i in $(seq 0 $((SHARDS - 1))); do
+  timeout $((secs - 150)) python3 -m headwise.cli eval $MODEL "${ARGS[@]}" --out "$out" --shard "$i/$SHARDS" \
+    --no-progress > "$WORK/logs/$name-shard$i.log" 2>&1 &
+  pids+=($!)
+done
+for p in "${pids[@]}"; do wait "$p"; done
+echo "[$name] shards ended after $(( $(date +%s) - T0 )) s; rows: $(cat "$out"/samples*.jsonl 2>/dev/null | wc -l)"
+timeout 140 python3 -m headwise.cli eval $MODEL "${ARGS[@]}" --out "$out" --collect --no-progress \
+  > "$WORK/logs/$name-collect.log" 2>&1
+echo "[$name] collect exit $?"; tail -30 "$WORK/logs/$name-collect.log"
+if [ -n "${OUT:-}" ]; then
+  (cd "$WORK" && tar czf "$OUT/long-context-$name.tgz" "eval-$name" logs)
+  ls -la "$OUT"
+fi

@@ -1,0 +1,271 @@
+"""``longheads``: each head attends the chunks it chooses, at positions re-assigned within the trained length.
+
+LongHeads (Lu et al., 2024, https://arxiv.org/abs/2402.10685; code: github.com/LuLuLuyi/LongHeads) cuts the
+context into chunks of ``chunk_size`` tokens. A query at position ``p`` in chunk ``c_q = p // chunk_size``
+attends, once ``p >= window`` (``window = (top_k + 3) * chunk_size``), to ``top_k + 3`` chunks only: the first
+chunk, its ``top_k`` best-scored chunks among ``1 .. c_q - 2``, the previous chunk ``c_q - 1`` and its own chunk
+(up to itself). Queries at ``p < window`` attend everything, exactly (full causal attention). Every head sees at
+most ``window`` tokens, so ``window`` no greater than the trained length keeps what RoPE shows it in distribution,
+while different heads (and layers) read different chunks of a longer context.
+
+*Chunk scores* (the paper's chunk representation, as its code computes it). When chunk ``c`` is complete, its
+queries attend over its own keys, non-causally (``softmax(Q_c K_c^T * scale) V_c``); the mean of these outputs
+over the chunk's tokens (and, here, over the query heads sharing the KV head) is the chunk's summary ``s_c``; the
+chunk's representative key is the attention-pooled key ``r_c = softmax(s_c K'_c^T / sqrt(D)) K'_c``, where ``K'_c``
+are the chunk's keys rotated at their offsets *inside* the chunk (positions ``0 .. chunk_size - 1``). A query
+scores chunk ``c`` by ``q~ . r_c`` with ``q~`` the query before RoPE; here the scores of the query heads sharing a
+KV head are summed and the chunks are chosen per KV head (the paper's Llama-2 is MHA, where the two coincide; the
+cache, and what is read, is per KV head).
+
+*Positions.* The chosen chunks are laid out in increasing order in ``top_k + 3`` slots: slot ``s`` holds its
+chunk's token ``o`` at position ``s * chunk_size + o``, and the query sits at ``(top_k + 2) * chunk_size + p %
+chunk_size``, inside its own chunk's slot, so every distance is below ``window``. The cache keeps keys as the model
+rotated them (at their own positions) and moves the *query* instead: since ``(R(a) q) . (R(b) k)`` depends only on
+``b - a``, the query rotated by ``(c_s - s) * chunk_size + a_q - p`` against key ``k`` of chunk ``c_s`` scores
+exactly what the re-assigned positions give (``rope.rotate``; ``top_k + 3`` rotations of each query, none of the
+keys). Where nothing moves (``p < window``) nothing is rotated, so a context within ``window`` is full attention,
+bit for bit.
+
+How this differs from the paper's code:
+- The query attends to itself (the code's selected keys stop one short of the query during prefill).
+- Prefill and decode choose chunks by one rule (the code's decode step, at the last token of a chunk, offers the
+  previous chunk to the top-k rather than keeping it); chunked prefill, one-shot prefill and token-by-token decode
+  give the same result.
+- GQA: chunks chosen per KV head, summaries averaged over its query heads (above).
+
+Memory: every token is kept (LongHeads extends the context, it does not evict) plus one representative key per
+complete chunk: ``kv_tokens = seq_len + ceil((seq_len // chunk_size) / 2)`` (a key is half a slot). The store also
+holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
+summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size).
+
+Paths: plain PyTorch on every device (no Triton kernel). Past ``window`` a query block gathers its chosen chunks'
+keys and values (``top_k + 3`` chunks per query and KV head) and attends them with its rotated queries; blocks are
+sized to bound the gathered bytes. Within ``window``, ``causal_attention`` (or the decode kernel). No CUDA-graph
+decode. Needs the layer's RoPE frequencies (``ModelSpec.rope``); on a model's native sliding-window layer it is
+replaced by the window, as ``full`` is (``plan.resolve``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from headwise.errors import PlanError
+from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive, kernel_decode
+from headwise.policies.stores import DenseStore
+from headwise.rope import rotate
+
+GATHER_ELEMENTS = 1 << 26  # keys gathered per query block (x2 with values): 128 MiB of bf16 each
+
+
+@dataclass(frozen=True)
+class LongHeads(Policy):
+    name: ClassVar[str] = "longheads"
+    paper: ClassVar[str] = "https://arxiv.org/abs/2402.10685"
+    keeps_every_token: ClassVar[bool] = True  # chunks are read selectively, never dropped
+
+    chunk_size: int = 256
+    """Tokens per chunk. The paper uses 256."""
+    top_k: int = 13
+    """Chunks chosen by score per query, besides the first, the previous and its own: a head attends
+    ``(top_k + 3) * chunk_size`` tokens at most. The paper's 4096-token window with chunks of 256 is ``top_k=13``."""
+
+    def validate(self) -> None:
+        check_positive(self, chunk_size=self.chunk_size, top_k=self.top_k)
+        if self.chunk_size < 1:
+            raise PlanError("policy 'longheads': 'chunk_size' must be at least 1")
+
+    @property
+    def window(self) -> int:
+        """Tokens a query attends at most, and the position from which chunks are chosen."""
+        return (self.top_k + 3) * self.chunk_size
+
+    @property
+    def position_span(self) -> int | None:
+        return self.window
+
+    def kv_tokens(self, seq_len: int) -> int:
+        return self._slots(seq_len) + -(-(seq_len // self.chunk_size) // 2)
+
+    def _slots(self, seq_len: int) -> int:
+        """Token slots: whole chunks (a chosen chunk is read as one block)."""
+        return -(-seq_len // self.chunk_size) * self.chunk_size
+
+    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Keys and values in whole chunks and one representative key per complete chunk (the queries of the
+        chunk being filled are not counted: see the module docstring)."""
+        return (2 * self._slots(seq_len) + seq_len // self.chunk_size) * head_dim * dtype_bytes
+
+    def short(self) -> str:
+        return f"longheads{self.top_k}x{self.chunk_size}"
+
+    def make_store(self, batch, heads, head_dim, device, dtype) -> ChunkStore:
+        return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size)
+
+    def attend(self, q, k, v, store: ChunkStore, ctx: AttendContext) -> torch.Tensor:
+        if ctx.rope is None:
+            raise PlanError(f"policy 'longheads' needs layer {ctx.layer_idx}'s RoPE frequencies, which this model's "
+                            "config does not give in a form headwise reads (ModelSpec.rope); use another policy")
+        L, start = q.shape[2], ctx.start
+        store.append(k, v)
+        store.commit_queries(q, start, ctx.scale, ctx.rope)
+        end, W = start + L, self.window
+        if L == 1 and ctx.use_kernels and end <= W:
+            assert store.keys is not None and store.values is not None
+            return kernel_decode(q, store.keys, store.values, store.length, ctx.scale)
+        keys, values = store.view()
+        n_full = max(0, min(L, W - start))  # queries before ``window``: full attention
+        if n_full == L:
+            return causal_attention(q, keys, values, start, ctx.scale)
+        outs = []
+        if n_full:
+            outs.append(causal_attention(q[:, :, :n_full], keys[:, :, : start + n_full], values[:, :, : start + n_full],
+                                         start, ctx.scale))
+        B, Hkv, _, D = keys.shape
+        block = max(1, GATHER_ELEMENTS // (B * Hkv * self.window * D))
+        for a in range(n_full, L, block):
+            b = min(L, a + block)
+            pos = torch.arange(start + a, start + b, device=q.device)
+            outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope))
+        return torch.cat(outs, dim=2)
+
+    def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
+        """Chunks each query attends, in slot order: ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>=
+        window``) -> ``[B, Hkv, Lb, top_k + 3]`` chunk indices: 0, the ``top_k`` best of ``1 .. c_q - 2`` by
+        ``sum over the group of q~ . r_c`` (increasing), ``c_q - 1``, ``c_q``."""
+        B, Hq, Lb, D = q.shape
+        Hkv = store.heads
+        cq = pos // self.chunk_size
+        q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
+        reps = store.reps[:, :, : store.n_reps].float()
+        scores = torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
+        r = torch.arange(store.n_reps, device=q.device)
+        candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
+        scores = scores.masked_fill(~candidate, -math.inf)
+        top = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values
+        fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Hkv, Lb, 3)
+        return torch.cat([fixed[..., :1], top, fixed[..., 1:]], dim=-1)
+
+    def attend_chosen(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, scale: float,
+                      rope: torch.Tensor) -> torch.Tensor:
+        """Queries ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>= window``, their tokens stored) over
+        their chosen chunks at re-assigned positions. Returns ``[B, Hq, Lb, D]``."""
+        B, Hq, Lb, D = q.shape
+        Hkv, C, n = store.heads, self.chunk_size, self.top_k + 3
+        G = Hq // Hkv
+        table = self.choose(q, pos, store, rope)  # [B, Hkv, Lb, n]
+        slot = torch.arange(n, device=q.device)
+        a_q = (n - 1) * C + pos % C  # the query's re-assigned position
+        shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Hkv, Lb, n]
+        q_slots = rotate(q.view(B, Hkv, G, Lb, 1, D), shift[:, :, None], rope)  # [B, Hkv, G, Lb, n, D]
+        keys_c, values_c = store.chunks()  # [B, Hkv, chunks, C, D]
+        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
+        hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
+        keys, values = keys_c[bi, hi, table], values_c[bi, hi, table]  # [B, Hkv, Lb, n, C, D]: whole chunks
+        # Batched matmuls over the gathered blocks as they lie (no copy of them): [.., C, D] @ [.., D, G].
+        logits = torch.matmul(keys, q_slots.to(keys.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B,Hkv,Lb,n,C,G]
+        # Own chunk (the last slot): only offsets up to the query's.
+        future = torch.zeros(Lb, n, C, dtype=torch.bool, device=q.device)
+        future[:, -1] = torch.arange(C, device=q.device)[None, :] > (pos % C)[:, None]
+        logits = logits.masked_fill(future[None, None, :, :, :, None], -math.inf)
+        probs = torch.softmax(logits.view(B, Hkv, Lb, n * C, G), dim=3).to(values.dtype)
+        out = torch.matmul(probs.transpose(-1, -2), values.view(B, Hkv, Lb, n * C, D))  # [B, Hkv, Lb, G, D]
+        return out.permute(0, 1, 3, 2, 4).reshape(B, Hq, Lb, D).to(q.dtype)
+
+
+class ChunkStore(DenseStore):
+    """``DenseStore`` (keys as the model rotated them) in whole chunks + LongHeads' chunk representatives.
+
+    The buffers hold a whole number of chunks, zeroed past the tokens written, so a chosen chunk is read as one block
+    (``chunks``) and the unwritten tail of the newest chunk (masked out) holds no NaN.
+
+    ``reps: [batch, heads, chunk_capacity, head_dim]``, first ``n_reps`` valid: the representative key of every
+    complete chunk (``chunk_representatives``). ``pending: [batch, q_heads, chunk_size, head_dim]``: the queries
+    of the chunk being filled (positions ``n_reps * chunk_size .. length - 1``), kept until the chunk completes.
+    """
+
+    def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
+                 chunk_size: int):
+        super().__init__(batch, heads, head_dim, device, dtype)
+        self.chunk_size = chunk_size
+        self.reps = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        self.n_reps = 0
+        self.pending: torch.Tensor | None = None
+
+    def reserve(self, total: int) -> None:
+        slots = -(-total // self.chunk_size) * self.chunk_size
+        if slots > self.capacity:
+            super().reserve(slots)
+            assert self.keys is not None and self.values is not None
+            self.keys[:, :, self.length :].zero_()
+            self.values[:, :, self.length :].zero_()
+        self._grow_reps(total // self.chunk_size)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        need = self.length + k.shape[2]
+        if need > self.capacity:  # grow by doubling, in whole chunks
+            self.reserve(max(need, 2 * self.capacity))
+        super().append(k, v)
+
+    def chunks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values as ``[batch, heads, chunks, chunk_size, head_dim]`` views (every allocated chunk)."""
+        assert self.keys is not None and self.values is not None
+        shape = (self.batch, self.heads, self.capacity // self.chunk_size, self.chunk_size, self.head_dim)
+        return self.keys.view(shape), self.values.view(shape)
+
+    def _grow_reps(self, chunks: int) -> None:
+        if chunks <= self.reps.shape[2]:
+            return
+        reps = torch.empty(self.batch, self.heads, chunks, self.head_dim, device=self.device, dtype=self.dtype)
+        reps[:, :, : self.n_reps] = self.reps[:, :, : self.n_reps]
+        self.reps = reps
+
+    def commit_queries(self, q: torch.Tensor, start: int, scale: float, rope: torch.Tensor) -> None:
+        """Take the chunk's queries ``q: [B, Hq, L, D]`` (positions ``start ..``; their keys already appended):
+        compute the representative of every chunk they complete, keep the rest until their chunk completes."""
+        C, L = self.chunk_size, q.shape[2]
+        if self.pending is None:
+            self.pending = torch.empty(self.batch, q.shape[1], C, self.head_dim, device=self.device, dtype=q.dtype)
+        first, done = self.n_reps, (start + L) // C
+        if done > first:
+            held = start - first * C
+            qs = torch.cat([self.pending[:, :, :held], q[:, :, : done * C - start]], dim=2)
+            assert self.keys is not None and self.values is not None
+            reps = chunk_representatives(qs, self.keys[:, :, first * C : done * C], self.values[:, :, first * C : done * C],
+                                         first, C, scale, rope)
+            if done > self.reps.shape[2]:  # grow by doubling when no room was reserved, as DenseStore does
+                self._grow_reps(max(done, 2 * self.reps.shape[2]))
+            self.reps[:, :, first:done] = reps.to(self.dtype)
+            self.n_reps = done
+        a = max(start, done * C)
+        if a < start + L:
+            self.pending[:, :, a - done * C : start + L - done * C] = q[:, :, a - start :]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return super().tensors() + [self.reps] + ([self.pending] if self.pending is not None else [])
+
+
+def chunk_representatives(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, chunk_size: int,
+                          scale: float, rope: torch.Tensor) -> torch.Tensor:
+    """Representative keys of complete chunks ``first, first + 1, ...``: ``q: [B, Hq, n * C, D]`` and ``k, v: [B,
+    Hkv, n * C, D]`` their tokens (rotated at their own positions) -> fp32 ``[B, Hkv, n, D]``.
+
+    Per chunk: ``s = mean(softmax(Q K^T * scale) V)`` over its tokens and the group's query heads (non-causal
+    attention inside the chunk; relative positions, so no rotation needed), then ``softmax(s K'^T / sqrt(D)) K'``
+    with ``K'`` the keys rotated to their offsets inside the chunk."""
+    B, Hq, T, D = q.shape
+    Hkv, C = k.shape[1], chunk_size
+    n = T // C
+    qc = q.view(B, Hq, n, C, D).transpose(1, 2).reshape(B * n, Hq, C, D)
+    kc = k.view(B, Hkv, n, C, D).transpose(1, 2).reshape(B * n, Hkv, C, D)
+    vc = v.view(B, Hkv, n, C, D).transpose(1, 2).reshape(B * n, Hkv, C, D)
+    feats = F.scaled_dot_product_attention(qc, kc, vc, scale=scale, enable_gqa=Hq != Hkv)
+    summary = feats.float().view(B, n, Hkv, Hq // Hkv, C, D).mean(dim=(3, 4)).transpose(1, 2)  # [B, Hkv, n, D]
+    chunk = first + torch.arange(n, device=q.device)
+    local = rotate(k.view(B, Hkv, n, C, D), -(chunk * C)[:, None], rope).float()  # offsets inside the chunk
+    w = torch.softmax(torch.einsum("bhnd,bhncd->bhnc", summary, local) / math.sqrt(D), dim=-1)
+    return torch.einsum("bhnc,bhncd->bhnd", w, local)

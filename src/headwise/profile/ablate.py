@@ -1,0 +1,180 @@
+"""Ranking KV heads by the retrieval the model loses without them: backward elimination on held-in probes.
+
+DuoAttention's gates and the retrieval score rank heads by a proxy (how well a gated mix reproduces hidden
+states; how often a head's top key is the token being copied). Issue 19 measured where the proxy misleads: a
+plan keeping the 38 heads the gates ranked highest kept needles (99%) but lost the pass key in repeated filler
+(56%, then 24%), while 38 *random* full heads kept 77% of it. The heads a task needs act together, and no
+per-head score sees that. So this ranking measures the thing itself, on the model, in the combination the plan
+will run:
+
+1. Dense answers a set of retrieval probes (``probes.retrieval_probe``: five haystacks, six value kinds, five
+   wordings, never the evaluation's formats); only the probes it answers exactly are kept.
+2. Every KV head starts ``full``. Each round, for every head still full, the probes run with that head switched to
+   streaming (``sink`` + ``window``) on top of the heads already switched; the loss is the probes' answer NLL
+   above dense's (per probe, capped at ``CAP`` nats so that one lost probe does not outweigh the rest).
+3. The ``drop`` share of heads whose switch costs least are switched together -- if the combined loss stays within
+   twice the sum of their own costs (+ ``TOLERANCE``); otherwise half as many are tried (two heads that back each
+   other up each look free alone, not together).
+4. Repeat until one head is left (or ``time_limit_s``: the rest are then ordered by their last round's costs).
+
+The order of elimination is the ranking: the head switched last scores 1, the first ``1/n``. The solver then
+walks it as any other score (``solver.py``), and ``select.py`` picks how much of the budget goes to full heads on
+a separate set of probes. Each round's loss is kept (``AblationResult.curve``): the retrieval lost as a function
+of the number of full heads, measured.
+
+Cost: about ``n_heads / drop`` masked forwards over the probes (a few minutes for SmolLM2's 90 KV heads on a
+GPU; on a CPU it is for small models and tests).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from headwise.errors import HeadwiseError
+from headwise.models import LoadedModel
+from headwise.policies.streaming import Streaming
+from headwise.profile.probe import allowed_mask
+from headwise.profile.select import ProbeSet, masked_probe_losses, subset
+
+CAP = 10.0
+"""Largest excess NLL (nats) one probe counts for."""
+TOLERANCE = 0.05
+"""Nats of combined loss allowed above twice the sum of the switched heads' own losses."""
+
+Head = tuple[int, int]
+
+
+@dataclass
+class AblationResult:
+    score: torch.Tensor
+    """[layers, kv_heads] in (0, 1]: position in the elimination order (the last head switched scores 1)."""
+    order: list[Head]
+    """Heads in the order they were switched to streaming."""
+    curve: list[tuple[int, float]] = field(default_factory=list)
+    """(heads still full, loss) after each round; the first entry is every head full (loss 0)."""
+    probes: int = 0
+    """Probes dense answered exactly (the ones the losses are taken on)."""
+    probes_asked: int = 0
+    forwards: int = 0
+    seconds: float = 0.0
+    finished: bool = True
+    """False if ``time_limit_s`` stopped the elimination (the remaining heads ordered by one round's losses)."""
+
+    def meta(self) -> dict[str, Any]:
+        return {"probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
+                "seconds": round(self.seconds, 1), "finished": self.finished,
+                "order": [list(h) for h in self.order],
+                "curve": [[n, round(loss, 4)] for n, loss in self.curve]}
+
+
+class _Masks:
+    """Per layer, the full and the streaming mask of one head at one length; a plan's masks are stacks of them."""
+
+    def __init__(self, lm: LoadedModel, sink: int, window: int) -> None:
+        self.spec = lm.spec
+        self.device = next(lm.model.parameters()).device
+        self.stream = Streaming(sink=sink, window=window)
+        self._cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self.streamed: set[Head] = set()
+
+    def _base(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        if n not in self._cache:
+            pos = torch.arange(n, device=self.device)
+            full = [allowed_mask(pos, pos, self.spec.native_window(i)) for i in range(self.spec.num_layers)]
+            stream = [f & self.stream.allowed(pos[:, None], pos[None, :]) for f in full]
+            self._cache[n] = (full, stream)  # one entry per probe length (two)
+        return self._cache[n]
+
+    def __call__(self, n: int) -> list[torch.Tensor]:
+        full, stream = self._base(n)
+        return [torch.stack([stream[i] if (i, j) in self.streamed else full[i]
+                             for j in range(self.spec.num_kv_heads)]) for i in range(self.spec.num_layers)]
+
+
+def eliminate(heads: list[Head], loss: Callable[[set[Head]], float], drop: float = 0.15,
+              time_limit_s: float | None = None, progress: bool = True,
+              t0: float | None = None) -> tuple[list[Head], list[tuple[int, float]], bool]:
+    """The elimination of steps 2-4 (module docstring) for any ``loss`` of a set of switched heads (0 for none).
+    Returns the heads in elimination order (all of them), the (heads still full, loss) curve, and whether it
+    finished within ``time_limit_s`` (counted from ``t0``)."""
+    t0 = time.perf_counter() if t0 is None else t0
+    full = list(heads)
+    removed: list[Head] = []
+    cur = 0.0
+    curve = [(len(full), cur)]
+    singles: dict[Head, float] = {}
+    finished = True
+    bar = tqdm(total=max(0, len(heads) - 1), desc="ablation", unit="head", disable=not progress)
+    try:
+        while len(full) > 1:
+            if time_limit_s is not None and time.perf_counter() - t0 > time_limit_s:
+                finished = False
+                break
+            done = set(removed)
+            singles = {h: loss(done | {h}) for h in full}
+            ranked = sorted(full, key=lambda h: (singles[h], h))
+            k = min(len(full) - 1, max(1, math.ceil(drop * len(full))))
+            while True:
+                pick = ranked[:k]
+                combined = loss(done | set(pick)) if k > 1 else singles[pick[0]]
+                own = sum(max(0.0, singles[h] - cur) for h in pick)
+                if k == 1 or combined - cur <= 2 * own + TOLERANCE:
+                    break
+                k //= 2
+            removed += pick
+            picked = set(pick)
+            full = [h for h in full if h not in picked]
+            cur = combined
+            curve.append((len(full), cur))
+            bar.update(len(pick))
+            bar.set_postfix(full=len(full), loss=f"{cur:.3f}")
+    finally:
+        bar.close()
+    return removed + sorted(full, key=lambda h: (singles.get(h, 0.0), h)), curve, finished
+
+
+def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: int = 64, drop: float = 0.15,
+                     batch: int = 8, time_limit_s: float | None = None, progress: bool = True) -> AblationResult:
+    """Backward elimination (module docstring). ``probes``: from ``select.probe_set``."""
+    if not 0.0 < drop < 1.0:
+        raise HeadwiseError(f"drop must be in (0, 1), got {drop}")
+    spec = lm.spec
+    t0 = time.perf_counter()
+    heads: list[Head] = [(i, j) for i in range(spec.num_layers) for j in range(spec.num_kv_heads)]
+    asked = sum(x.shape[0] for x in probes.ids.values())
+    hits, dense_nll = masked_probe_losses(lm, None, probes, batch)
+    if not bool(hits.any()):
+        raise HeadwiseError(f"{lm.name} answers none of the {asked} retrieval probes densely; the ablation ranking "
+                            "needs probes the model can answer (use another --method, or a longer --target-len)")
+    kept = subset(probes, hits)
+    base = dense_nll[hits]
+    masks = _Masks(lm, sink, window)
+    forwards = 1
+
+    def loss(streamed: set[Head]) -> float:
+        nonlocal forwards
+        masks.streamed = streamed
+        forwards += 1
+        _, nll = masked_probe_losses(lm, masks, kept, batch)
+        return float((nll - base).clamp(max=CAP).mean())
+
+    cuda = masks.device.type == "cuda"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True  # the losses rank heads; TF32's rounding does not move them
+    try:
+        order, curve, finished = eliminate(heads, loss, drop, time_limit_s, progress, t0)
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+    score = torch.zeros(spec.num_layers, spec.num_kv_heads)
+    for p, (i, j) in enumerate(order):
+        score[i, j] = (p + 1) / len(order)
+    return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished)

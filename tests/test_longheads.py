@@ -1,0 +1,234 @@
+"""``longheads`` (LongHeads): chunk choice, re-assigned positions, and running past the trained context."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from headwise.cache import HeadwiseCache
+from headwise.engine import Engine
+from headwise.errors import ContextLengthError, InputError, PlanError
+from headwise.plan import HeadPlan
+from headwise.policies import AttendContext, build_policy
+from headwise.policies.base import causal_attention
+from headwise.policies.full import Full
+from headwise.policies.longheads import LongHeads
+from headwise.rope import rotate
+from headwise.spec import ModelSpec
+from tiny import tiny_model
+
+INV = 1.0 / (100.0 ** (torch.arange(0, 12, 2, dtype=torch.float32) / 12))  # head_dim 12, base 100: angles wrap
+
+
+def apply_rope(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """transformers' rotation (``x * cos + rotate_half(x) * sin``) of ``x: [..., L, D]`` at positions ``pos: [L]``."""
+    freqs = pos.double()[:, None] * INV.double()
+    emb = torch.cat([freqs, freqs], dim=-1)
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
+    return (x.double() * emb.cos() + torch.cat([-x2, x1], dim=-1).double() * emb.sin()).to(x.dtype)
+
+
+def run_policy(policy: LongHeads, q, k, v, chunks: list[int]) -> torch.Tensor:
+    """Feed q: [B, Hq, T, D], k, v: [B, Hkv, T, D] (rotated at 0 .. T-1) in chunks of the given sizes."""
+    store = policy.make_store(q.shape[0], k.shape[1], q.shape[-1], q.device, q.dtype)
+    outs, start = [], 0
+    for n in chunks:
+        ctx = AttendContext(start=start, scale=q.shape[-1] ** -0.5, rope=INV)
+        sl = slice(start, start + n)
+        outs.append(policy.attend(q[:, :, sl], k[:, :, sl], v[:, :, sl], store, ctx))
+        start += n
+    return torch.cat(outs, dim=2)
+
+
+def naive_longheads(policy: LongHeads, q_pre, k_pre, v) -> torch.Tensor:
+    """LongHeads from first principles, one query at a time, on vectors *before* RoPE: chunk representatives from
+    the chunk's queries and keys rotated at their offsets inside the chunk, the choice per KV head, then keys and
+    query rotated at their re-assigned positions."""
+    B, Hq, T, D = q_pre.shape
+    Hkv, C, n = k_pre.shape[1], policy.chunk_size, policy.top_k + 3
+    G, scale = Hq // Hkv, D ** -0.5
+    reps = []
+    for c in range(T // C):
+        local = torch.arange(C)
+        qc, kc = apply_rope(q_pre[:, :, c * C : (c + 1) * C], local), apply_rope(k_pre[:, :, c * C : (c + 1) * C], local)
+        feats = F.scaled_dot_product_attention(qc, kc.repeat_interleave(G, 1), v[:, :, c * C : (c + 1) * C].repeat_interleave(G, 1), scale=scale)
+        s = feats.view(B, Hkv, G, C, D).mean(dim=(2, 3))
+        w = torch.softmax(torch.einsum("bhd,bhcd->bhc", s, kc) / math.sqrt(D), dim=-1)
+        reps.append(torch.einsum("bhc,bhcd->bhd", w, kc))
+    out = torch.empty_like(q_pre)
+    for p in range(T):
+        if p < policy.window:
+            qr = apply_rope(q_pre[:, :, p : p + 1], torch.tensor([p]))
+            kr = apply_rope(k_pre[:, :, : p + 1], torch.arange(p + 1))
+            out[:, :, p : p + 1] = F.scaled_dot_product_attention(qr, kr.repeat_interleave(G, 1),
+                                                                  v[:, :, : p + 1].repeat_interleave(G, 1), scale=scale)
+            continue
+        cq = p // C
+        for b in range(B):
+            for h in range(Hkv):
+                score = torch.stack([(q_pre[b, h * G : (h + 1) * G, p].sum(0) * reps[c][b, h]).sum()
+                                     for c in range(1, cq - 1)])
+                chosen = sorted((score.topk(policy.top_k).indices + 1).tolist())
+                chunks = [0, *chosen, cq - 1, cq]
+                idx = torch.cat([torch.arange(c * C, min((c + 1) * C, p + 1)) for c in chunks])
+                assigned = torch.cat([s * C + torch.arange(min(C, p + 1 - c * C)) for s, c in enumerate(chunks)])
+                kr = apply_rope(k_pre[b, h, idx], assigned)
+                qr = apply_rope(q_pre[b, h * G : (h + 1) * G, p : p + 1], torch.tensor([(n - 1) * C + p % C]))
+                out[b, h * G : (h + 1) * G, p : p + 1] = F.scaled_dot_product_attention(qr, kr[None], v[b, h, idx][None],
+                                                                                       scale=scale)
+    return out
+
+
+def random_qkv(B=2, Hq=6, Hkv=2, T=61, D=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, Hq, T, D, generator=g), torch.randn(B, Hkv, T, D, generator=g),
+            torch.randn(B, Hkv, T, D, generator=g))
+
+
+def test_rotate_moves_a_rotated_vector_to_another_position():
+    x = torch.randn(3, 5, 12)
+    pos = torch.tensor([0, 3, 17, 250, 4000])
+    moved = rotate(apply_rope(x, pos), torch.tensor([7, -3, 100, -250, 60000]), INV)
+    assert torch.allclose(moved, apply_rope(x, pos + torch.tensor([7, -3, 100, -250, 60000])), atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_spec_rope_is_what_the_model_rotates_with(arch):
+    lm = tiny_model(arch)
+    rotary = lm.model.model.rotary_emb
+    x = torch.randn(1, 1, 9, lm.spec.head_dim)
+    pos = torch.arange(9)[None] * 37
+    types = getattr(lm.model.config, "layer_types", None) or ["full_attention"] * lm.spec.num_layers
+    for layer, ltype in enumerate(types):
+        cos, sin = rotary(x, pos, ltype) if arch == "gemma3_text" else rotary(x, pos)
+        half = x.shape[-1] // 2
+        want = x * cos + torch.cat([-x[..., half:], x[..., :half]], dim=-1) * sin
+        inv = torch.tensor(lm.spec.rope_inv_freq(layer))
+        assert torch.allclose(rotate(x, pos[0], inv), want, atol=1e-5), f"layer {layer} ({ltype})"
+
+
+def test_within_the_window_it_is_full_attention_bit_for_bit():
+    q, k, v = random_qkv(T=40)
+    qr, kr = apply_rope(q, torch.arange(40)), apply_rope(k, torch.arange(40))
+    policy = LongHeads(chunk_size=8, top_k=2)  # window 40: every query attends everything
+    out = run_policy(policy, qr, kr, v, [13, 13, 13, 1])
+    full = Full()
+    store = full.make_store(2, 2, 12, q.device, q.dtype)
+    want = [full.attend(qr[:, :, a:b], kr[:, :, a:b], v[:, :, a:b], store, AttendContext(start=a, scale=12 ** -0.5))
+            for a, b in ((0, 13), (13, 26), (26, 39), (39, 40))]
+    assert torch.equal(out, torch.cat(want, dim=2))
+    assert torch.allclose(out, causal_attention(qr, kr, v, 0, 12 ** -0.5), atol=1e-6)
+
+
+@pytest.mark.parametrize("chunks", [[61], [7] * 8 + [5], [30] + [1] * 31], ids=["one-shot", "chunks-of-7", "decode"])
+def test_past_the_window_matches_a_first_principles_reference(chunks):
+    q, k, v = random_qkv()
+    policy = LongHeads(chunk_size=5, top_k=2)  # window 25, 12 complete chunks at 61 tokens
+    pos = torch.arange(61)
+    out = run_policy(policy, apply_rope(q, pos), apply_rope(k, pos), v, chunks)
+    ref = naive_longheads(policy, q, k, v)
+    assert (out - ref).abs().max() < 1e-4
+
+
+def test_chooses_the_chunk_holding_a_planted_key():
+    B, Hq, Hkv, C, T, D = 1, 2, 1, 8, 120, 12
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
+        torch.randn(B, Hkv, T, D, generator=g)
+    needle = torch.zeros(D)
+    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0  # the lowest frequency pair: barely turns inside a chunk
+    planted = 6  # chunk 6 = positions 48 .. 55
+    k[0, 0, planted * C : (planted + 1) * C] = 6 * needle
+    v[0, 0, planted * C : (planted + 1) * C] = 5.0
+    q[0, :, -1] = 6 * needle  # the last query looks for it
+    policy = LongHeads(chunk_size=C, top_k=1)  # window 32: chunks 1 .. 12 compete for one place
+    pos = torch.arange(T)
+    store = policy.make_store(B, Hkv, D, q.device, q.dtype)
+    ctx = AttendContext(start=0, scale=D ** -0.5, rope=INV)
+    out = policy.attend(apply_rope(q, pos), apply_rope(k, pos), v, store, ctx)
+    chosen = policy.choose(apply_rope(q, pos)[:, :, -1:], pos[-1:], store, INV)
+    assert chosen[0, 0, 0].tolist() == [0, planted, T // C - 2, T // C - 1]
+    assert out[0, :, -1].mean() > 4.0  # attention went to the planted values
+
+
+def test_a_longheads_plan_runs_past_the_trained_context_where_dense_stops():
+    lm = tiny_model("llama", max_position_embeddings=64)
+    prompt = torch.randint(0, 128, (1, 150), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ContextLengthError, match="longheads"):
+        list(Engine(lm, HeadPlan.dense(lm.spec)).generate(prompt, max_new_tokens=2))
+    plan = HeadPlan.uniform(lm.spec, {"policy": "longheads", "params": {"chunk_size": 8, "top_k": 5}})
+    assert plan.max_context(lm.spec) is None
+    engine = Engine(lm, plan, chunk_size=32)
+    tokens = [e.token_id for e in engine.generate(prompt, max_new_tokens=12) if e.token_id >= 0]
+    assert len(tokens) == 12
+    # A window past the trained length keeps the limit.
+    wide = HeadPlan.uniform(lm.spec, {"policy": "longheads", "params": {"chunk_size": 32, "top_k": 1}})
+    assert wide.max_context(lm.spec) == 64
+
+
+def test_on_gemma_the_sliding_layers_keep_their_window():
+    lm = tiny_model("gemma3_text")
+    plan = HeadPlan.uniform(lm.spec, {"policy": "longheads", "params": {"chunk_size": 8, "top_k": 2}})
+    cache = HeadwiseCache(lm.spec, plan)
+    names = [layer.groups[0].policy.name for layer in cache.layers]
+    assert names == ["streaming", "streaming", "longheads", "streaming"]
+    assert plan.max_context(lm.spec) is None
+
+
+def test_cache_holds_the_planned_bytes_plus_the_filling_chunks_queries():
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    policy = LongHeads(chunk_size=5, top_k=2)
+    plan = HeadPlan.uniform(spec, policy.to_spec())
+    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
+    cache.reserve(61)
+    q, k, v = random_qkv(B=1, T=61)
+    for layer in cache.layers:
+        g = layer.groups[0]
+        policy.attend(q, k, v, cache._ensure_store(g), AttendContext(start=0, scale=0.3, rope=INV))
+    pending = 2 * 6 * 5 * 12 * 4  # per layer: the group's queries of one chunk
+    assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4) + pending
+
+
+def test_bad_parameters_and_missing_rope_are_reported():
+    with pytest.raises(PlanError, match="chunk_size"):
+        build_policy({"policy": "longheads", "params": {"chunk_size": 0}})
+    policy = LongHeads(chunk_size=4, top_k=1)
+    q, k, v = random_qkv(B=1, T=8)
+    store = policy.make_store(1, 2, 12, q.device, q.dtype)
+    with pytest.raises(PlanError, match="RoPE"):
+        policy.attend(q, k, v, store, AttendContext(start=0, scale=0.3))
+
+
+
+def test_eval_runs_longheads_past_the_context_and_skips_dense_there(smollm2, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from headwise.eval.runner import EvalConfig, resolve_plans, run_eval
+    from headwise.models import LoadedModel
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(smollm2.tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    lm = LoadedModel("tiny-256", LlamaForCausalLM(cfg).eval(), smollm2.tokenizer, ModelSpec.from_config(cfg), "random")
+    with pytest.raises(InputError, match="multiple of the chunk"):
+        resolve_plans(["longheads@100/16"], lm)
+    res = run_eval(EvalConfig(model="tiny", plans=["dense", "longheads@128/16"], tasks=["passkey"], lengths=[200, 400],
+                              depths=[0.5], samples=1, max_new_tokens=4, out=tmp_path, progress=False,
+                              command="pytest"), lm)
+    ran = {(r["plan"], r["length"]) for r in res["rows"] if r["task"] == "passkey"}
+    assert ran == {("dense", 200), ("longheads@128/16", 200), ("longheads@128/16", 400)}
+    assert any(n.startswith("dense: length 400") and "skipped" in n for n in res["notes"])
+
+
+def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm2):
+    from headwise.server.app import AppContext, ServerConfig
+    from headwise.server.scheduler import Scheduler
+
+    def limit(plan):
+        return AppContext.build(Scheduler(Engine(smollm2, plan)), "m", ServerConfig()).max_context
+
+    assert limit(HeadPlan.dense(smollm2.spec)) == 8192
+    assert limit(HeadPlan.uniform(smollm2.spec, {"policy": "longheads"})) is None

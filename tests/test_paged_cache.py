@@ -1,0 +1,150 @@
+"""KV in the engine's page pool (``paged_cache.py``): ``full`` and ``streaming`` groups keep their keys and values in
+the sequence's pool pages, every decode token of a step is attended in one batched call per layer and ring size,
+and a batch of sequences with different lengths, plans and arrival times, squeezed by preemption and recompute,
+gives exactly the greedy tokens each gives alone without a pool (fp32)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel path on CPU tensors, before triton.jit decorates
+
+from headwise import paged_cache
+from headwise.engine import Engine
+from headwise.kernels.common import INTERPRET
+from headwise.paged_cache import PagedDenseStore, PagedRingStore
+from headwise.plan import HeadPlan
+from headwise.policies import AShape, Full, PageTopK, Streaming
+from headwise.pool import PagePool, SequencePages
+from server_common import mixed_plan
+from tiny import ARCHS, tiny_model
+
+
+def greedy_alone(lm, prompt: list[int], n: int, plan: HeadPlan, use_kernels: bool = False) -> list[int]:
+    alone = Engine(lm, plan, chunk_size=16, use_kernels=use_kernels)
+    return [e.token_id for e in alone.generate(prompt, max_new_tokens=n, stop_token_ids=[]) if e.token_id >= 0]
+
+
+def run_batch(engine: Engine, prompts, new, arrive, seq_plans) -> tuple[list, int]:
+    """Add each sequence at its step, step until all are done; returns the sequences and the preemptions."""
+    seqs: list = [None] * len(prompts)
+    preempted = step = 0
+    while step <= max(arrive) or engine.live:
+        for i, at in enumerate(arrive):
+            if at == step:
+                seqs[i] = engine.add(prompts[i], max_new_tokens=new[i], stop_token_ids=[], plan=seq_plans[i])
+        preempted += engine.step().preempted
+        step += 1
+    return seqs, preempted
+
+
+def test_full_and_streaming_groups_keep_their_kv_in_the_pool_pages():
+    """The pages hold what a sequence's own stores would: the dense keys in position order, the ring's slots with
+    the positions the ring holds."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)  # sink 2 + window 6: a ring of 8 slots, 2 pages of 4
+    prompt = torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool)
+    assert pool.kv is not None and pool.kv.shape == (pool.num_pages, 2, 4, lm.spec.head_dim), "allocated once"
+    seq = engine.add(prompt, max_new_tokens=8, stop_token_ids=[])
+    for _ in range(5):  # two prompt chunks, then three decode steps
+        engine.step()
+    plain = Engine(lm, plan, chunk_size=16).new_cache(1, reserve=40)
+    Engine(lm, plan, chunk_size=16).prefill(torch.tensor([prompt + seq.generated[:3]]), plain)
+    assert seq.cache is not None and seq.cache.get_seq_length() == 24 == plain.get_seq_length()
+    for layer, ref in zip(seq.cache.layers, plain.layers):
+        for g, r in zip(layer.groups, ref.groups):
+            if isinstance(g.policy, Full):
+                assert isinstance(g.store, PagedDenseStore) and g.store.tensors() == []
+                torch.testing.assert_close(g.store.view(), r.store.view(), rtol=0, atol=1e-5)
+            else:
+                assert isinstance(g.store, PagedRingStore) and g.store.capacity == 8
+                keys, values, pos = g.store.view()
+                rk, rv, rpos = r.store.view()
+                order, rorder = pos.argsort(), rpos.argsort()
+                assert pos[order].tolist() == rpos[rorder].tolist() == [0, 1, *range(18, 24)]
+                torch.testing.assert_close(keys[:, :, order], rk[:, :, rorder], rtol=0, atol=1e-5)
+                torch.testing.assert_close(values[:, :, order], rv[:, :, rorder], rtol=0, atol=1e-5)
+    assert seq.kv_bytes == seq.pages.held * pool.page_bytes and seq.cache.kv_bytes() == 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_squeezed_batch_under_different_plans_gives_each_sequence_its_tokens_alone(arch):
+    """Dense, full + streaming, Quest (its own store beside the pool), an A-shape prefill decoding over the pool and a
+    streaming head with compensation (its own store): arrivals at different steps, a pool too small for all, so
+    sequences are preempted and recomputed. Gemma 3's sliding layers hold their window as a ring in the pool."""
+    lm = tiny_model(arch)
+    spec = lm.spec
+    a_shape = [[AShape(sink=16, local=16, block_size=16) if spec.layer_windows[i] is None else Full()]
+               * spec.num_kv_heads for i in range(spec.num_layers)]
+    compensated = [[Full(), Streaming(sink=2, window=6, compensation=True)][: spec.num_kv_heads]] * spec.num_layers
+    seq_plans = [HeadPlan.dense(spec), mixed_plan(spec, window=6),
+                 HeadPlan.from_policies(spec, [[PageTopK(page_size=4, budget=8)] * spec.num_kv_heads] * spec.num_layers),
+                 HeadPlan.from_policies(spec, a_shape), HeadPlan.from_policies(spec, compensated)]
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 33, 1], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
+
+    probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
+    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
+    pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
+    seqs, preempted = run_batch(Engine(lm, chunk_size=16, pool=pool), prompts, new, arrive, seq_plans)
+    assert [s.generated for s in seqs] == want
+    assert preempted >= 1, "the pool was meant to run dry"
+    assert pool.free_pages == pool.num_pages, "every page back at the end"
+
+
+def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_size(monkeypatch):
+    lm = tiny_model("llama")
+    calls: list[tuple[int, int]] = []
+    real = paged_cache.batch_decode_reference
+
+    def counting(q, *args, ring=0, **kw):
+        calls.append((q.shape[0], ring))
+        return real(q, *args, ring=ring, **kw)
+
+    monkeypatch.setattr(paged_cache, "batch_decode_reference", counting)
+    engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
+    plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6), mixed_plan(lm.spec, window=10)]
+    for n, plan in zip((3, 9, 12), plans):
+        engine.add(list(range(1, n + 1)), max_new_tokens=4, stop_token_ids=[], plan=plan)
+    engine.step()  # the three prompts
+    calls.clear()
+    assert engine.step().decode_rows == 3
+    # Per layer: the full heads of all three sequences (2 + 1 + 1 (sequence, KV head) pairs) in one call, the
+    # streaming heads of the second and the third (rings of 8 and 12 slots) in one call each.
+    assert sorted(calls) == sorted([(4, 0), (1, 8), (1, 12)] * lm.spec.num_layers)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
+def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone():
+    """``use_kernels=True`` on CPU tensors: the batched decode kernel under Triton's interpreter."""
+    lm = tiny_model("llama")
+    seq_plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6)]
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19)]
+    want = [greedy_alone(lm, p, 5, plan) for p, plan in zip(prompts, seq_plans)]
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [5, 5], [0, 1], seq_plans)
+    assert [s.generated for s in seqs] == want
+
+
+def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
+    from headwise.errors import BudgetError
+
+    lm = tiny_model("llama")  # fp32
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=2, page_size=4)
+    with pytest.raises(BudgetError, match="sized for pages of"):
+        Engine(lm, pool=pool)
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
+    Engine(lm, pool=pool)
+    assert pool.kv is not None
+    with pytest.raises(BudgetError, match="allocated already"):
+        pool.allocate("cpu", torch.float32)
+    Engine(lm, pool=pool)  # a second engine over the same pages: no second allocation
