@@ -84,6 +84,18 @@ def test_equal_memory_baselines_follow_the_plan_file_at_each_length(smollm2, tmp
         assert ref.kv_tokens(spec, L) - n_heads < held <= ref.kv_tokens(spec, L)
 
 
+def test_equal_memory_of_a_quantized_plan_is_counted_in_the_runs_element_size(smollm2, tmp_path):
+    """4-bit codes are a smaller share of fp32 KV than of bf16: on the fp32 model the streaming baseline matches the
+    plan's bytes in fp32 (the CPU demo showed 49% against 38% when it counted bf16)."""
+    spec = smollm2.spec
+    ref = HeadPlan.uniform(spec, {"policy": "quantized", "params": {"bits": 4}}, "smollm2-135m")
+    path = ref.save(tmp_path / "q.json")
+    base = resolve_plans([str(path), "streaming@equal"], smollm2)[1].plan_for(2048)
+    want = ref.kv_bytes(spec, 2048, 4)
+    assert smollm2.dtype.itemsize == 4
+    assert want - spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4 < base.kv_bytes(spec, 2048, 4) <= want
+
+
 def test_equal_memory_baseline_needs_a_plan_file(smollm2):
     with pytest.raises(InputError, match="list a plan file"):
         resolve_plans(["dense", "streaming@equal"], smollm2)

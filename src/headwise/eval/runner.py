@@ -266,7 +266,8 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                                      f"or give a fraction of dense such as {kind}@0.25")
 
                 def target(L: int, ref: HeadPlan = files[reference]) -> float:
-                    return ref.kv_tokens(spec, L)
+                    # in the run's element size: a quantized head's codes are a smaller share of fp32 KV than of bf16
+                    return ref.kv_tokens(spec, L, lm.dtype.itemsize)
 
                 desc = f"{kind} at the KV slots of {reference}"
             else:
