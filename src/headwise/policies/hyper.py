@@ -43,9 +43,9 @@ from typing import Any, ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, PagedLayout, Policy, check_positive
+from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.full import Full
-from headwise.policies.sparse_prefill import PrefillPattern
+from headwise.policies.sparse_prefill import DecodeDelegate, PrefillPattern
 from headwise.policies.stores import DenseStore
 
 log = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- policy
 @dataclass(frozen=True)
-class Hyper(Policy):
+class Hyper(DecodeDelegate, Policy):
     """Approximate prefill by HyperAttention; decode and cache are the ``decode`` policy's."""
 
     name: ClassVar[str] = "hyper"
@@ -209,21 +209,6 @@ class Hyper(Policy):
     def short(self) -> str:
         return f"hyper{self.block_size}/{self.sample_size}" + ("" if isinstance(self.decode, Full)
                                                                  else f"|{self.decode.short()}")
-
-    def kv_tokens(self, seq_len: int) -> int:
-        return self.decode.kv_tokens(seq_len)
-
-    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        return self.decode.kv_bytes(seq_len, head_dim, dtype_bytes)
-
-    def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
-        return self.decode.make_store(batch, heads, head_dim, device, dtype)
-
-    def graph_blocker(self) -> str | None:
-        return self.decode.graph_blocker()
-
-    def paged_layout(self) -> PagedLayout | None:
-        return self.decode.paged_layout()
 
     def planes(self, head_dim: int, layer: int, device: torch.device) -> torch.Tensor:
         """The LSH hyperplanes [head_dim, lsh_bits] of ``layer`` (drawn on the CPU: the same on every device)."""

@@ -53,7 +53,29 @@ def check_block_size(policy: Policy, block_size: Any) -> None:
 
 
 @dataclass(frozen=True)
-class PrefillPattern(Policy):
+class DecodeDelegate:
+    """For a prefill-only policy with a ``decode`` policy: storage, memory, graph support and paging are the decode
+    policy's (``PrefillPattern``, ``hyper.Hyper``)."""
+
+    decode: Policy
+
+    def kv_tokens(self, seq_len: int) -> int:
+        return self.decode.kv_tokens(seq_len)
+
+    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        return self.decode.kv_bytes(seq_len, head_dim, dtype_bytes)
+
+    def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
+        return self.decode.make_store(batch, heads, head_dim, device, dtype)
+
+    def graph_blocker(self) -> str | None:
+        return self.decode.graph_blocker()
+
+    def paged_layout(self) -> PagedLayout | None:
+        return self.decode.paged_layout()
+
+
+class PrefillPattern(DecodeDelegate, Policy):
     """Base of the sparse prefill patterns. Subclasses are frozen dataclasses with ``block_size`` and
     ``decode`` fields and implement ``build_index``."""
 
@@ -74,22 +96,6 @@ class PrefillPattern(Policy):
                 f"prefill pattern attends over the whole prefix; use decode 'full' or 'page_topk' "
                 f"(or the 'streaming' policy alone, whose prefill is already A-shape)"
             )
-
-    # ---------------------------------------------------------------- storage and decode: the decode policy's
-    def kv_tokens(self, seq_len: int) -> int:
-        return self.decode.kv_tokens(seq_len)
-
-    def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        return self.decode.kv_bytes(seq_len, head_dim, dtype_bytes)
-
-    def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
-        return self.decode.make_store(batch, heads, head_dim, device, dtype)
-
-    def graph_blocker(self) -> str | None:
-        return self.decode.graph_blocker()
-
-    def paged_layout(self) -> PagedLayout | None:
-        return self.decode.paged_layout()
 
     def decode_suffix(self) -> str:
         return "" if isinstance(self.decode, Full) else f"|{self.decode.short()}"
