@@ -223,6 +223,15 @@ def test_tp_that_does_not_split_the_heads_is_a_one_line_error(model_dir, capsys)
     assert "WORLD_SIZE" not in os.environ  # nothing was started
 
 
+def test_kv_memory_with_tp_is_a_one_line_error_before_any_rank_starts(model_dir, capsys):
+    from headwise.cli import main
+
+    assert main(["bench", "serve", "--model", str(model_dir), "--tp", "2", "--kv-memory", "1", "--requests", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "headwise: error: a page pool (--kv-memory) is not supported with --tp yet; leave out --kv-memory"
+    assert "WORLD_SIZE" not in os.environ
+
+
 @pytest.mark.slow
 def test_eval_with_tp_2_matches_one_process(model_dir, tmp_path):
     """``headwise eval --tp 2``: the same fidelity to dense and the same measured KV bytes (summed over the ranks)."""

@@ -99,6 +99,10 @@ class Engine:
         self._ids = itertools.count()
         self.pool = pool
         if pool is not None:
+            if lm.tp is not None:
+                from headwise.tp import POOL_UNSUPPORTED
+
+                raise InputError(POOL_UNSUPPORTED)
             if pool.kv is None:
                 pool.allocate(lm.device, lm.dtype)
             elif pool.kv.dtype != lm.dtype or pool.kv.device.type != lm.device.type:
@@ -120,8 +124,6 @@ class Engine:
         if tp is None:
             cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages)
         else:
-            if pages is not None:
-                raise HeadwiseError("a page pool is not supported with --tp yet; leave out --kv-memory")
             cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
                                   batch, self.use_kernels)
             tp.register(cache, plan)

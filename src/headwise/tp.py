@@ -294,6 +294,10 @@ def permute_kv_heads(model: torch.nn.Module, order: Order, spec: ModelSpec) -> N
 
 
 # ---------------------------------------------------------------------------------------------- loading
+POOL_UNSUPPORTED = "a page pool (--kv-memory) is not supported with --tp yet; leave out --kv-memory"
+"""Each rank holds a share of the heads, and the pool's pages are not sliced by rank yet."""
+
+
 def _setup(args: argparse.Namespace, tp: int, plan: HeadPlan | None) -> dict[str, Any]:
     """Rank 0: where the weights are, their dtype, and the placement (checked before any rank loads)."""
     from transformers import AutoConfig
@@ -305,6 +309,8 @@ def _setup(args: argparse.Namespace, tp: int, plan: HeadPlan | None) -> dict[str
     if args.device and torch.device(args.device).type != kind:
         raise InputError(f"--tp runs on {kind} here (one {'GPU' if kind == 'cuda' else 'process'} per rank); "
                          f"--device {args.device} cannot be honoured")
+    if getattr(args, "kv_memory", None):
+        raise InputError(POOL_UNSUPPORTED)
     path, source = local_dir(args.model)
     spec = ModelSpec.from_config(AutoConfig.from_pretrained(str(path), local_files_only=True))
     _check_supported(spec, source)
