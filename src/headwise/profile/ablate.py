@@ -43,9 +43,9 @@ from tqdm.auto import tqdm
 
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
+from headwise.policies import Full
 from headwise.policies.streaming import Streaming
-from headwise.profile.probe import allowed_mask
-from headwise.profile.select import ProbeSet, masked_probe_losses, subset
+from headwise.profile.select import ProbeSet, masked_probe_losses, plan_masks, subset
 
 CAP = 10.0
 """Largest excess NLL (nats) one probe counts for."""
@@ -89,11 +89,11 @@ class _Masks:
         self.streamed: set[Head] = set()
 
     def _base(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if n not in self._cache:
-            pos = torch.arange(n, device=self.device)
-            full = [allowed_mask(pos, pos, self.spec.native_window(i)) for i in range(self.spec.num_layers)]
-            stream = [f & self.stream.allowed(pos[:, None], pos[None, :]) for f in full]
-            self._cache[n] = (full, stream)  # one entry per probe length (two)
+        if n not in self._cache:  # one entry per probe length (two); the masks are select.plan_masks' own
+            layers = self.spec.num_layers
+            full = [m[0] for m in plan_masks(self.spec, [[Full()]] * layers, n, self.device)]
+            stream = [m[0] for m in plan_masks(self.spec, [[self.stream]] * layers, n, self.device)]
+            self._cache[n] = (full, stream)
         return self._cache[n]
 
     def __call__(self, n: int) -> list[torch.Tensor]:
