@@ -71,27 +71,29 @@ def retention(results: dict[str, Any], reference: str = "dense") -> list[dict[st
     """Paired with ``reference`` sample by sample: per plan, task and length, of the samples the reference answers
     fully (score 1), how many the plan answers fully too, with the Wilson 95% interval. This is "keeps what dense
     can do" measured directly: the accuracy table's intervals are unpaired and much wider (issue 19)."""
-    rows = [r for r in results.get("rows", []) if r.get("task") in _gen_tasks(results) and "score" in r]
     digests = {p["label"]: p["digest"] for p in results["plans"]}
+    tasks = set(_gen_tasks(results))
+    # rows of an earlier plan under the same label are not this run's
+    rows = [r for r in results.get("rows", []) if r.get("task") in tasks and "score" in r
+            and digests.get(r["plan"], {}).get(str(r["length"])) == r["digest"]]
 
-    def current(r: dict[str, Any]) -> bool:  # rows of an earlier plan under the same label are not this run's
-        return digests.get(r["plan"], {}).get(str(r["length"])) == r["digest"]
+    def sample(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["task"], r["length"], r["depth"], r["seed"], r["idx"]
 
-    ref = {(r["task"], r["length"], r["depth"], r["seed"], r["idx"]) for r in rows
-           if r["plan"] == reference and current(r) and r["score"] >= 1.0}
+    ref = {sample(r) for r in rows if r["plan"] == reference and r["score"] >= 1.0}
+    kept: dict[tuple[str, str, int], list[bool]] = defaultdict(list)
+    for r in rows:
+        if r["plan"] != reference and sample(r) in ref:
+            kept[(r["plan"], r["task"], r["length"])].append(r["score"] >= 1.0)
     out = []
     for plan in _plans(results):
-        if plan == reference:
-            continue
         for task in _gen_tasks(results):
             for L in results["lengths"]:
-                kept = [r["score"] >= 1.0 for r in rows if r["plan"] == plan and r["task"] == task
-                        and r["length"] == L and current(r)
-                        and (r["task"], r["length"], r["depth"], r["seed"], r["idx"]) in ref]
-                if kept:
-                    p = sum(kept) / len(kept)
-                    out.append({"plan": plan, "task": task, "length": L, "kept": sum(kept), "n": len(kept),
-                                "share": round(p, 4), "ci95": [round(x, 4) for x in wilson(p, len(kept))]})
+                got = kept.get((plan, task, L))
+                if got:
+                    p = sum(got) / len(got)
+                    out.append({"plan": plan, "task": task, "length": L, "kept": sum(got), "n": len(got),
+                                "share": round(p, 4), "ci95": [round(x, 4) for x in wilson(p, len(got))]})
     return out
 
 
