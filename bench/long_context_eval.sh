@@ -30,20 +30,9 @@ esac
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples "${SAMPLES:-50}")
-out=$WORK/eval-$name
-mkdir -p "$out" "$WORK/logs"
 T0=$(date +%s)
-pids=()
-for i in $(seq 0 $((SHARDS - 1))); do
-  timeout $((secs - 150)) python3 -m headwise.cli eval $MODEL "${ARGS[@]}" --out "$out" --shard "$i/$SHARDS" \
-    --no-progress > "$WORK/logs/$name-shard$i.log" 2>&1 &
-  pids+=($!)
-done
-for p in "${pids[@]}"; do wait "$p"; done
-echo "[$name] shards ended after $(( $(date +%s) - T0 )) s; rows: $(cat "$out"/samples*.jsonl 2>/dev/null | wc -l)"
-timeout 140 python3 -m headwise.cli eval $MODEL "${ARGS[@]}" --out "$out" --collect --no-progress \
-  > "$WORK/logs/$name-collect.log" 2>&1
-echo "[$name] collect exit $?"; tail -30 "$WORK/logs/$name-collect.log"
+source "$(dirname "$0")/lib/sharded_eval.sh"
+COLLECT_S=140 sharded_eval "$name" $((secs - 150)) "${ARGS[@]}"
 if [ -n "${OUT:-}" ]; then
   (cd "$WORK" && tar czf "$OUT/long-context-$name.tgz" "eval-$name" logs)
   ls -la "$OUT"

