@@ -62,6 +62,8 @@ WINDOWED_PLANS = {
                                              {"policy": "quantized", "params": {"bits": 4, "residual": 32}}]
                                             for i in range(18)],
     "int8-group64-residual300": [[{"policy": "quantized", "params": {"bits": 8, "group": 64, "residual": 300}}]] * 18,
+    "int8-tight-windows-set-by-the-plan": [[{"policy": "quantized",
+                                            "params": {"bits": 8, "group": 32, "residual": 128, "window": 160}}]] * 18,
 }
 
 

@@ -51,6 +51,9 @@ def test_resolution_gives_quantized_heads_the_native_window_and_leaves_global_la
     # A head whose plan asks for a shorter window keeps it; a longer one is cut to the model's.
     assert Quantized(bits=4, window=300).for_native_window(512, 256).window == 300
     assert Quantized(bits=4, window=900).for_native_window(512, 256).window == 512
+    # A window the plan sets on a global layer is kept, with the same byte check (here: a shorter residual).
+    tight = HeadPlan.uniform(GEMMA3, {"policy": "quantized", "params": {"bits": 8, "window": 160}})
+    assert resolve(tight.policies(), GEMMA3)[5][0] == Quantized(bits=8, residual=75, window=160)
 
 
 def test_a_window_too_short_for_codes_keeps_it_in_full_precision_and_a_tight_one_shortens_the_residual():
