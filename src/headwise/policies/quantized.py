@@ -20,9 +20,10 @@ How this differs from KIVI:
   (KIVI's prefill is full precision too); so results depend on the chunk size only through which tokens are
   already quantized when a later chunk attends.
 
-Paths: plain PyTorch reference (dequantize, then exact causal attention: ``causal_attention``) for prefill and
-decode everywhere; a decode step with kernels runs the Triton kernel ``kernels.quant_decode.quant_decode``
-(dequantization in registers, flash-decoding, the residual in the same launch). No CUDA-graph decode
+Paths: plain PyTorch reference (dequantize, then exact causal attention: ``causal_attention``, or with a window
+``masked_attention`` under the sliding mask) for prefill and decode everywhere; a decode step with kernels runs the
+Triton kernel ``kernels.quant_decode.quant_decode`` (dequantization in registers, flash-decoding, the residual in the
+same launch; with a window, from the first visible token on). No CUDA-graph decode
 (``graph_decode`` is False): the store's counters and the residual's size are host-side.
 
 Sliding windows (``window``): on a native sliding-window layer (Gemma 3: 512 tokens) plan resolution
@@ -36,7 +37,9 @@ largest residual (``residual + group - 1`` tokens) could exceed ``window`` dense
 to the longest that fits (KIVI's 128 fits Gemma 3's 512 at 4 and 8 bits), and where none does the head keeps the
 window in full precision (``streaming(sink=0, window)``, what ``full`` resolves to). A 4-bit head on a 512-token
 window holds ``(384 * 0.3125 + 128..159) / 512``, 0.48 to 0.55 of the window's dense bytes (head_dim 256, bf16).
-A plan may also set ``window`` on a global layer: a quantized sliding window without sinks.
+A plan may also set ``window`` on a global layer: a quantized sliding window without sinks (resolution checks its
+bytes the same way). Dropping a group moves the kept codes to the front of their buffers (at most ``window``
+tokens' codes, once per ``group`` tokens), so the kernel reads the held codes from index 0.
 """
 
 from __future__ import annotations
