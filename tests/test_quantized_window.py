@@ -14,6 +14,7 @@ from headwise.errors import PlanError
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import AttendContext, Full, Quantized, Streaming, build_policy
 from headwise.policies.base import masked_attention
+from headwise.pool import PagePool
 from headwise.spec import ModelSpec
 from tiny import tiny_model
 
@@ -155,8 +156,9 @@ def _tiny_gemma(window: int):
 
 def test_engine_with_windowed_quantized_heads_matches_its_reference_and_the_full_plan():
     """A tiny Gemma 3 (layers: sliding, sliding, global, sliding; window 40): quantized heads on the sliding layers,
-    full on the global one. Kernel decode gives the reference path's tokens; 8-bit codes give the tokens of the plan
-    with ``full`` there (the native window in full precision); the cache holds what the plan counts."""
+    full on the global one. Kernel decode, and an engine over a page pool (the quantized stores beside it), give the
+    reference path's tokens; 8-bit codes give the tokens of the plan with ``full`` there (the native window in full
+    precision); the cache holds what the plan counts."""
     lm = _tiny_gemma(40)
     assert [lm.spec.native_window(i) for i in range(4)] == [40, 40, None, 40]
     q8 = Quantized(bits=8, group=8, residual=8)
@@ -174,6 +176,8 @@ def test_engine_with_windowed_quantized_heads_matches_its_reference_and_the_full
 
     ref, kv, dense_kv = tokens(mixed, False)
     assert tokens(mixed, True)[0] == ref
+    pooled = Engine(lm, mixed, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
+    assert [e.token_id for e in pooled.generate(prompt[0], max_new_tokens=12, stop_token_ids=[]) if e.stats is None] == ref
     # 111 tokens held (the last new token is not fed back); the fp32 model: codes against 4-byte dense slots.
     assert kv == mixed.kv_bytes(lm.spec, 111, 4) < dense_kv
     assert tokens(eight, False)[0] == tokens(dense, False)[0]
