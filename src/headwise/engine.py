@@ -102,7 +102,8 @@ class Engine:
         self.use_kernels = use_kernels
         self.cuda_graphs = cuda_graphs
         self.padded_decode = padded_decode
-        self._batch_graphs: dict[int, BatchGraphs] = {}  # id(plan) -> the pool's padded decode steps under it
+        # id(plan) -> (plan, the pool's padded decode steps under it, or None: the eager batched step)
+        self._batch_graphs: dict[int, tuple[HeadPlan, BatchGraphs | None]] = {}
         self.live: list[Sequence] = []  # sequences ``step`` advances, in arrival order
         # Fast tokenizers refuse concurrent use ("Already borrowed"): detokenizing in ``step`` and encoding
         # elsewhere (the server's handlers) both take this lock.
@@ -318,21 +319,21 @@ class Engine:
         plan = decode[0].plan
         if any(s.plan is not plan for s in decode) or padded_size(len(decode)) is None:
             return None  # several plans in one step, or more rows than the largest size: eager
-        graphs = self._batch_graphs.get(id(plan))
-        if graphs is not None and graphs.plan is plan:
-            return graphs
+        known = self._batch_graphs.get(id(plan))
+        if known is not None and known[0] is plan:
+            return known[1]
         padded_why = padded_blockers(plan, self.spec)
         why = padded_why + ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
         why += [] if self.kernels else ["the decode kernels are off (use_kernels)"]
         why += sorted({b for row in plan.policies() for p in row if (b := p.graph_blocker())})
         if why and self.cuda_graphs:
             raise InputError("CUDA-graph decode was asked for, but " + "; ".join(why))
-        if padded_why or (why and not self.padded_decode) or (self.cuda_graphs is False and not self.padded_decode):
-            return None
-        graphs = BatchGraphs(self, plan, capture=not why and self.cuda_graphs is not False)
+        graphs = None
+        if not (padded_why or (why and not self.padded_decode) or (self.cuda_graphs is False and not self.padded_decode)):
+            graphs = BatchGraphs(self, plan, capture=not why and self.cuda_graphs is not False)
         # Buffers of plans no live sequence runs under any more go (their graphs with them).
-        self._batch_graphs = {k: g for k, g in self._batch_graphs.items() if any(s.plan is g.plan for s in self.live)}
-        self._batch_graphs[id(plan)] = graphs
+        self._batch_graphs = {k: v for k, v in self._batch_graphs.items() if any(s.plan is v[0] for s in self.live)}
+        self._batch_graphs[id(plan)] = (plan, graphs)
         return graphs
 
     def graph_decoder(self, cache: HeadwiseCache, decode_steps: int = GRAPH_MIN_STEPS) -> GraphDecoder | None:
@@ -615,8 +616,9 @@ class Engine:
         self._release_memory(s)
 
     def _release_memory(self, s: Sequence) -> None:
-        for graphs in self._batch_graphs.values():
-            graphs.forget(s)
+        for _, graphs in self._batch_graphs.values():
+            if graphs is not None:
+                graphs.forget(s)
         s.cache, s.graphs = None, None
         if s.pages is not None:
             s.pages.release()
