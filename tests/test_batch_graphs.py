@@ -24,6 +24,18 @@ from server_common import mixed_plan
 from tiny import tiny_model
 
 
+class LogitsRecorder(Engine):
+    """An engine that keeps, per step, the next-token logits it samples from (by sequence id)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.sampled: list[dict[str, torch.Tensor]] = []
+
+    def _sample(self, rows):
+        self.sampled.append({s.id: logits.float().clone() for s, logits in rows})
+        return super()._sample(rows)
+
+
 def greedy_alone(lm, prompt: list[int], n: int, plan: HeadPlan, **kw) -> list[int]:
     alone = Engine(lm, plan, chunk_size=16, **kw)
     return [e.token_id for e in alone.generate(prompt, max_new_tokens=n, stop_token_ids=[]) if e.token_id >= 0]
@@ -71,15 +83,21 @@ def test_padded_steps_give_the_eager_batched_tokens_as_members_join_leave_and_ar
     most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k in zip(lengths, new)]
     budget = (sum(most) * 3 // 5) * probe.page_bytes
 
-    def batch(padded: bool) -> tuple[list, list[StepInfo]]:
+    def batch(padded: bool) -> tuple[list, list[StepInfo], LogitsRecorder]:
         pool = PagePool(lm.spec, budget, dtype_bytes=4, page_size=4)
-        seqs, infos = run(Engine(lm, chunk_size=16, pool=pool, padded_decode=padded), prompts, new, arrive, plans)
+        engine = LogitsRecorder(lm, chunk_size=16, pool=pool, padded_decode=padded)
+        seqs, infos = run(engine, prompts, new, arrive, plans)
         assert pool.free_pages == pool.num_pages, "every page back at the end"
-        return seqs, infos
+        return seqs, infos, engine
 
-    padded, infos = batch(True)
-    eager, eager_infos = batch(False)
+    padded, infos, a = batch(True)
+    eager, eager_infos, b = batch(False)
     assert [s.generated for s in padded] == [s.generated for s in eager] == want
+    assert len(a.sampled) == len(b.sampled)
+    for x, y in zip(a.sampled, b.sampled, strict=True):  # step by step, the same logits (fp32 rounding apart)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
     assert sum(i.preempted for i in infos) >= 1, "the pool was meant to run dry"
     sizes = {(i.decode_rows, i.padded) for i in infos if i.padded}
     assert any(rows < size for rows, size in sizes), f"no step was padded: {sizes}"

@@ -53,6 +53,7 @@ from headwise.pool import PagePool
 if TYPE_CHECKING:
     from headwise.engine import Engine
     from headwise.sequence import Sequence
+    from headwise.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,7 @@ def padded_size(n: int, sizes: tuple[int, ...] = SIZES) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
-def padded_blockers(plan: HeadPlan, spec) -> list[str]:
+def padded_blockers(plan: HeadPlan, spec: ModelSpec) -> list[str]:
     """Why ``plan``'s decode steps cannot run on padded static buffers over the pool (empty: they can): a head group
     keeping its own store beside the pool."""
     own = sorted({p.short() for row in resolve(plan.policies(), spec) for p in row if p.paged_layout() is None})
