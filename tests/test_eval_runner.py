@@ -154,3 +154,22 @@ def test_cli_reports_bad_task_in_one_line(capsys):
     assert main(["eval", "smollm2-135m", "--tasks", "haystack"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown task 'haystack'" in err[0]
+
+
+def test_jobs_run_in_rounds_so_a_cut_run_keeps_depths_balanced():
+    from headwise.eval.runner import cell_samples, job_order
+
+    jobs = job_order([1024, 2048], ["passkey", "multikey_needle"], [0.1, 0.5, 0.9], 9)
+    assert sorted(jobs) == sorted((L, t, d, i) for L in (1024, 2048) for t in ("passkey", "multikey_needle")
+                                  for d, i in cell_samples(t, [0.1, 0.5, 0.9], 9))
+    # A prefix (here a third), and the first jobs of four shards cut at once (shard i runs jobs[i::4]), hold every
+    # cell at every depth, no depth two samples ahead of another.
+    shards_cut = [j for i in range(4) for j in jobs[i::4][:3]]
+    for part in (jobs[: len(jobs) // 3], shards_cut):
+        counts: dict[tuple, int] = {}
+        for L, t, d, _ in part:
+            counts[(L, t, d)] = counts.get((L, t, d), 0) + 1
+        for L in (1024, 2048):
+            for t in ("passkey", "multikey_needle"):
+                per = [counts.get((L, t, d), 0) for d in ((None,) if t == "multikey_needle" else (0.1, 0.5, 0.9))]
+                assert min(per) >= 1 and max(per) - min(per) <= 1, (L, t, per)

