@@ -103,3 +103,28 @@ def test_full_share_caps_what_full_heads_take_and_keeps_the_budget():
     assert len(none.full_heads) == 0 < len(half.full_heads) < len(everything.full_heads)
     for sol in (everything, half, none):
         assert sol.kv_tokens <= sol.cap_tokens
+
+
+def test_fit_lengths_keep_the_budget_at_every_listed_length():
+    """Solved for 4K with 4-bit heads, a Gemma-shaped plan held more than its budget at 2K (sliding layers cost the
+    same at every length past their window); with fit_lengths the solver spends less until every length fits."""
+    from headwise.profile.solver import held_fraction
+
+    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i in (5, 11, 17) else 512 for i in range(18)))
+    over_somewhere = 0
+    for seed in range(12):
+        scores = torch.rand(18, 1, generator=torch.Generator().manual_seed(seed))
+        plain = solve(spec, scores, 0.5, 4096, full_share=1.0, quantize=True)
+        over_somewhere += any(held_fraction(spec, plain.policies, L) > 0.5 for L in (2048, 8192))
+        fit = solve(spec, scores, 0.5, 4096, full_share=1.0, quantize=True, fit_lengths=(2048, 8192))
+        for L in (2048, 4096, 8192):
+            assert held_fraction(spec, fit.policies, L) <= 0.5 + 1e-9, (seed, L)
+        assert fit.spent is not None and fit.spent <= 0.5
+        assert fit.info()["spent_budget"] == fit.spent
+    assert over_somewhere  # without fit_lengths the check above would fail for some of these rankings
+
+
+def test_fit_lengths_that_no_plan_meets_are_refused_with_numbers():
+    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i in (5, 11, 17) else 512 for i in range(18)))
+    with pytest.raises(BudgetError, match=r"no plan holds at most 0\.15 of dense KV"):
+        solve(spec, torch.rand(18, 1), 0.15, 32768, full_share=1.0, quantize=True, fit_lengths=(600,))

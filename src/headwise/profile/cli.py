@@ -51,6 +51,10 @@ def register(subparsers: Any) -> None:
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
     p.add_argument("--from-scores", metavar="PLAN", default=None,
                    help="re-solve from the scores recorded in an earlier profile's plan (no measuring; seconds)")
+    p.add_argument("--fit-lengths", default="", metavar="L1,L2",
+                   help="prompt lengths (e.g. 2k,8k) at which the plan must also hold at most --budget of dense KV: the "
+                        "solver spends less where one of them needs it (a plan for 2K-8K prompts: --target-len 4096 "
+                        "--fit-lengths 2k,8k)")
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
@@ -81,6 +85,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--fast")
     if args.duo_steps is not None:
         parts += ["--duo-steps", str(args.duo_steps)]
+    if args.fit_lengths:
+        parts += ["--fit-lengths", args.fit_lengths]
     if args.quantize:
         parts.append("--quantize")
     if args.act:
@@ -125,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
+    from headwise.eval.runner import parse_length
+
+    fit_lengths = tuple(parse_length(x) for x in args.fit_lengths.split(",") if x.strip())
     t0 = time.perf_counter()
     try:
         lm = load_from_args(args)
@@ -132,12 +141,14 @@ def run(args: argparse.Namespace) -> int:
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
-                                       select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp)
+                                       select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp,
+                                       fit_lengths=fit_lengths)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
-                                 act=args.act, train_seer_gates=args.train_gates, ranks=args.tp)
+                                 act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
+                                 fit_lengths=fit_lengths)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

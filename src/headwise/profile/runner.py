@@ -213,7 +213,7 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
-                  train_seer_gates: bool = False) -> HeadPlan:
+                  train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = ()) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -223,7 +223,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     over (``solve``'s ``ranks``; the plan records a balanced placement for them, ``with_ranks``). ``act``: the full
     heads whose ACT calibration lowers the loss on held-in and held-out text get policy ``act`` (``act.py``).
     ``train_seer_gates``: SeerAttention gates are trained (``seer.py``), join the prefill-pattern search (needs
-    ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it)."""
+    ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it). ``fit_lengths``: the
+    plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -287,11 +288,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     selection: dict[str, Any] = {}
     if full_share is None and settings.select_probes > 0:
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
-                                                     settings.select_probes, quantize, ranks)
+                                                     settings.select_probes, quantize, ranks, fit_lengths)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
-                    quantize=quantize, ranks=ranks)
+                    quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
     pattern_meta: dict[str, Any] = {}
@@ -339,6 +340,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         "method": method,
         "budget": budget,
         "target_len": target_len,
+        **({"fit_lengths": list(fit_lengths)} if fit_lengths else {}),
         "full_share": full_share,
         "solution": sol.info(),
         "timings_s": {k: round(v, 2) for k, v in timings.items()},
@@ -395,14 +397,15 @@ def probe_lengths(spec: ModelSpec, target_len: int) -> list[int]:
 
 
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
-            spans: Spans, n_probes: int, quantize: bool = False, ranks: int = 1) -> tuple[Any, str, float, dict[str, Any]]:
+            spans: Spans, n_probes: int, quantize: bool = False, ranks: int = 1,
+            fit_lengths: tuple[int, ...] = ()) -> tuple[Any, str, float, dict[str, Any]]:
     """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
     from headwise.profile.select import Candidate, probe_set, select
 
     spec = lm.spec
     rankings = [method] + [m for m in ("ablation", "duo", "retrieval") if m != method and m in kv_scores]
     cands = [Candidate(r, f, solve(spec, kv_scores[r], budget, target_len, spans.value, full_share=f,
-                                   quantize=quantize, ranks=ranks))
+                                   quantize=quantize, ranks=ranks, fit_lengths=fit_lengths))
              for r in rankings for f in SELECT_SHARES]
     lengths = probe_lengths(spec, target_len)
     probes = probe_set(lm.tokenizer, lengths, n_probes)
@@ -414,7 +417,7 @@ def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, bu
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
-                        quantize: bool = False, ranks: int = 1) -> HeadPlan:
+                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``).
 
@@ -437,11 +440,12 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
     if full_share is None and select_probes > 0 and spans is not None:
         kv_scores = {k[: -len("_kv")]: torch.tensor(v) for k, v in meta["scores"].items() if k.endswith("_kv")}
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans, select_probes,
-                                                     quantize, ranks)
+                                                     quantize, ranks, fit_lengths)
     else:
         full_share = FULL_SHARE if full_share is None else full_share
         sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
-                    None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks)
+                    None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks,
+                    fit_lengths=fit_lengths)
     meta.pop("selection", None)
     if selection:
         meta["selection"] = selection
@@ -452,6 +456,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         "method": method,
         "budget": budget,
         "target_len": target_len,
+        **({"fit_lengths": list(fit_lengths)} if fit_lengths else {}),
         "full_share": full_share,
         "solution": sol.info(),
     })
