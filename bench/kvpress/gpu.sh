@@ -1,0 +1,65 @@
+#!/usr/bin/env bash
+# kvpress's presses beside headwise's plans on the GPU machine (issue 19), after bench/retrieval_quality.sh has
+# joined the weights and run the eval in $WORK/eval-$EVAL (same MODEL, TASKS, LENGTHS, DEPTHS, samples and seed).
+#
+#   bench/kvpress/gpu.sh setup          # .whl-kvpress/ (bench/kvpress/wheels.sh; carry it) into /tmp/kvsite
+#   bench/kvpress/gpu.sh run SECONDS    # export the eval's prompts, run the presses at the plan's measured KV
+#                                       # fraction per length, merge into $WORK/eval-$EVAL/results.json, pack
+#
+# transformers 4.57.6 (kvpress 0.5.5 needs < 5.3) shadows the machine's 5.17 only in run_presses.py's processes:
+# /tmp/kvsite is first on their PYTHONPATH; headwise's commands here never see it.
+# MODEL (smollm2-135m), EVAL (main), PLAN (plans/$MODEL.json: the label the eval gave the plan whose memory is
+# matched), PRESSES, TASKS, LENGTHS, DEPTHS, SAMPLES (100), SHARDS (8 processes on the one GPU) change what runs.
+set -uo pipefail
+phase=${1:?phase}
+arg=${2:-600}
+WORK=${WORK:-/tmp/q}
+MODEL=${MODEL:-smollm2-135m}
+EVAL=${EVAL:-main}
+PLAN=${PLAN:-plans/$MODEL.json}
+PRESSES=${PRESSES:-streaming,snapkv,expected_attention,knorm}
+TASKS=${TASKS:-passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe}
+LENGTHS=${LENGTHS:-1k,2k}
+DEPTHS=${DEPTHS:-0.1,0.3,0.5,0.7,0.9}
+SAMPLES=${SAMPLES:-100}
+SHARDS=${SHARDS:-8}
+KV=$WORK/kvpress
+export HEADWISE_CACHE=${HEADWISE_CACHE:-/tmp/hwcache} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+T0=$(date +%s)
+hw() { PYTHONPATH=/tmp/site:$PWD/src python3 -m headwise.cli "$@"; }
+kv() { PYTHONPATH=/tmp/kvsite python3 bench/kvpress/run_presses.py "$@"; }
+
+case $phase in
+setup)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvsite \
+    .whl-kvpress/*.whl || exit 1
+  # kvpress imports datasets at import time; where it is missing (or needs another huggingface_hub), the stand-in
+  PYTHONPATH=/tmp/kvsite python3 -c "import datasets" 2>/dev/null || cp -r bench/kvpress/offline/datasets /tmp/kvsite/
+  PYTHONPATH=/tmp/kvsite python3 -c "import kvpress, transformers, torch; from importlib.metadata import version; \
+print('kvpress env:', version('kvpress'), 'transformers', transformers.__version__, 'torch', torch.__version__)"
+  python3 -c "import transformers; print('machine env: transformers', transformers.__version__)"
+  ;;
+run)
+  mkdir -p "$KV/logs"
+  results=$WORK/eval-$EVAL/results.json
+  [ -f "$results" ] || { echo "no $results: run bench/retrieval_quality.sh first"; exit 2; }
+  [ -f "$KV/prompts.jsonl" ] || hw eval "$MODEL" --tasks "$TASKS" --lengths "$LENGTHS" --depths "$DEPTHS" \
+    --samples "$SAMPLES" --export-prompts "$KV/prompts.jsonl" || exit 1
+  secs=$(( arg - ($(date +%s) - T0) - 60 ))
+  for i in $(seq 0 $((SHARDS - 1))); do
+    timeout "$secs" bash -c "$(declare -f kv); kv '$KV/prompts.jsonl' --presses '$PRESSES' \
+      --match '$results:$PLAN' --shard $i/$SHARDS --out '$KV/outputs-$i.jsonl'" > "$KV/logs/shard$i.log" 2>&1 &
+  done
+  wait
+  tail -n 2 "$KV"/logs/shard*.log
+  cat "$KV"/outputs-*.jsonl > "$KV/outputs.jsonl"
+  PYTHONPATH=/tmp/site:$PWD/src python3 bench/kvpress/import_outputs.py "$WORK/eval-$EVAL" "$KV/outputs.jsonl" \
+    --prompts "$KV/prompts.jsonl" --out "$KV/eval" | tail -c 300
+  cp "$WORK/eval-$EVAL"/*.png "$KV/eval/" 2>/dev/null
+  hw eval --report-only "$KV/eval" | tail -n 60
+  echo "kvpress run took $(( $(date +%s) - T0 )) s"
+  [ -n "${OUT:-}" ] && (cd "$KV" && tar czf "$OUT/kvpress.tgz" eval outputs.jsonl logs) && ls -la "$OUT"
+  ;;
+*) echo "unknown phase $phase (setup, run)"; exit 2 ;;
+esac

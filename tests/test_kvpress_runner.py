@@ -1,0 +1,117 @@
+"""bench/kvpress/run_presses.py in kvpress's own environment (.venv-kvpress: `bench/kvpress/setup.sh`), on two short
+prompts of the eval. Skipped where that environment is absent (it is not part of `make test`'s setup)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from headwise.eval.external import export_prompts, merge_outputs, read_jsonl
+from headwise.eval.report import retention
+
+ROOT = Path(__file__).resolve().parents[1]
+KV_PYTHON = Path(os.environ.get("KVPRESS_VENV", ROOT / ".venv-kvpress")) / "bin" / "python"
+RUNNER = ROOT / "bench" / "kvpress" / "run_presses.py"
+
+pytestmark = pytest.mark.skipif(not KV_PYTHON.is_file(), reason="no .venv-kvpress: run bench/kvpress/setup.sh")
+
+
+def _kvpress(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "2"}
+    return subprocess.run([str(KV_PYTHON), *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def exported(smollm2, tmp_path_factory):
+    from headwise.models import local_dir
+
+    tmp = tmp_path_factory.mktemp("kvpress")
+    export_prompts(smollm2, tmp / "prompts.jsonl", ["passkey"], [256], [0.25, 0.75], 2, 0,
+                   model_dir=local_dir("smollm2-135m")[0])
+    return tmp, read_jsonl(tmp / "prompts.jsonl", "prompts")
+
+
+def test_kvpress_environment_is_transformers_4_with_kvpress_0_5_5():
+    got = _kvpress("-c", "import kvpress, transformers; from importlib.metadata import version; "
+                         "print(version('kvpress'), transformers.__version__)")
+    assert got.returncode == 0, got.stderr[-2000:]
+    kv, tf = got.stdout.split()
+    assert kv == "0.5.5" and tf.startswith("4.")
+
+
+def test_rope_theta_of_a_converted_copy_reaches_transformers_4(exported):
+    tmp, prompts = exported
+    code = ("import sys; sys.path.insert(0, 'bench/kvpress'); from run_presses import transformers4_config; "
+            "from transformers import AutoConfig; c = AutoConfig.from_pretrained(sys.argv[1]); "
+            "print(c.rope_theta, transformers4_config(c).rope_theta)")
+    got = _kvpress("-c", code, prompts[0]["model_dir"])
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert got.stdout.split() == ["10000.0", "100000.0"]  # 4.57 alone would read SmolLM2's as its default
+
+
+def test_presses_run_and_undressed_kvpress_answers_as_headwise_dense(exported, smollm2):
+    from headwise.engine import Engine
+    from headwise.plan import HeadPlan
+
+    tmp, prompts = exported
+    out = tmp / "outputs.jsonl"
+    got = _kvpress(str(RUNNER), str(tmp / "prompts.jsonl"), "--presses", "none,streaming,snapkv", "--kv-fraction",
+                   "0.5", "--device", "cpu", "--out", str(out))
+    assert got.returncode == 0, got.stderr[-3000:]
+    summary = json.loads(got.stdout.strip().splitlines()[-1])
+    assert {k: v["runs"] for k, v in summary["presses"].items()} == {
+        "kvpress:none": 2, "kvpress:streaming@0.5": 2, "kvpress:snapkv@0.5": 2}
+    rows = read_jsonl(out, "outputs")
+    dense = {(r["depth"], r["idx"]): r for r in rows if r["label"] == "kvpress:none"}
+    engine = Engine(smollm2, HeadPlan.dense(smollm2.spec))
+    for p in prompts:
+        text = "".join(ev.text for ev in engine.generate(p["input_ids"], max_new_tokens=p["max_new_tokens"],
+                                                          temperature=0.0) if ev.stats is None)
+        assert dense[(p["depth"], p["idx"])]["output"].strip() == text.strip()
+    for r in rows:
+        d = dense[(r["depth"], r["idx"])]
+        if r["label"] != "kvpress:none":
+            # every layer and KV head keeps int(n * 0.5) of the n-1 prefilled tokens, plus the last prompt token
+            n = r["prompt_tokens"] - 1
+            assert r["kv_tokens"] == (int(n * 0.5) + 1) * smollm2.spec.num_layers * smollm2.spec.num_kv_heads
+            assert r["kv_tokens"] < d["kv_tokens"] == r["prompt_tokens"] * 30 * 3
+
+    # the outputs merge into an eval of the same prompts and pair with its dense rows
+    from headwise.eval.runner import EvalConfig, run_eval
+
+    res = run_eval(EvalConfig(model="smollm2-135m", plans=["dense"], tasks=["passkey"], lengths=[256],
+                              depths=[0.25, 0.75], samples=2, out=tmp / "eval", progress=False), smollm2)
+    merged = merge_outputs(res, rows, prompts)
+    kept = {r["plan"]: r for r in retention(merged)}
+    if kept:  # dense answered something at this length: undressed kvpress keeps all of it
+        assert kept["kvpress:none"]["kept"] == kept["kvpress:none"]["n"]
+
+
+def test_gemma3_text_is_refused_with_the_reason(tmp_path):
+    from headwise.models import local_dir
+
+    model_dir = local_dir("gemma3-270m")[0]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"format": "headwise-prompts", "model": "gemma3-270m", "model_key": "g",
+                                   "model_dir": str(model_dir), "task": "passkey", "length": 256, "depth": 0.5,
+                                   "seed": 0, "idx": 0, "input_ids": [2, 3, 4], "max_new_tokens": 2}) + "\n")
+    got = _kvpress(str(RUNNER), str(prompts), "--presses", "snapkv", "--kv-fraction", "0.5", "--device", "cpu",
+                   "--out", str(tmp_path / "o.jsonl"))
+    assert got.returncode == 2
+    assert "does not handle Gemma 3" in got.stderr and "--allow-gemma3" in got.stderr
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--presses", "duo", "--kv-fraction", "0.5"], "booksum"),
+    (["--presses", "snapkv"], "give one of --kv-fraction"),
+    (["--presses", "snapkv", "--kv-fraction", "1024=0.5"], "no KV fraction for length"),
+    (["--presses", "h2o", "--kv-fraction", "0.5"], "unknown press 'h2o'"),
+])
+def test_bad_runs_are_refused_in_one_line(exported, args, message):
+    tmp, _ = exported
+    got = _kvpress(str(RUNNER), str(tmp / "prompts.jsonl"), *args, "--out", str(tmp / "never.jsonl"))
+    assert got.returncode == 2 and message in got.stderr and len(got.stderr.strip().splitlines()) == 1
