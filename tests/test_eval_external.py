@@ -25,7 +25,7 @@ def dense_run(smollm2, tmp_path_factory):
     cfg = EvalConfig(model="smollm2-135m", plans=["dense"], tasks=TASKS, lengths=[LENGTH], depths=[0.5], samples=2,
                      out=tmp / "out", progress=False, command="pytest")
     results = run_eval(cfg, smollm2)
-    n = export_prompts(smollm2, tmp / "prompts.jsonl", TASKS + ["fidelity"], [LENGTH], [0.5], 2, 0,
+    n = export_prompts(smollm2, tmp / "prompts.jsonl", [*TASKS, "fidelity"], [LENGTH], [0.5], 2, 0,
                        model_dir=tmp / "model")
     return results, read_jsonl(tmp / "prompts.jsonl", "prompts"), n, tmp
 
@@ -124,7 +124,7 @@ def test_import_script_writes_results_the_report_reads(dense_run, tmp_path):
     import importlib.util
     from pathlib import Path
 
-    results, prompts, _, tmp = dense_run
+    _, prompts, _, tmp = dense_run
     spec = importlib.util.spec_from_file_location(
         "import_outputs", Path(__file__).resolve().parents[1] / "bench" / "kvpress" / "import_outputs.py")
     mod = importlib.util.module_from_spec(spec)

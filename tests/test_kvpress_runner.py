@@ -44,7 +44,7 @@ def test_kvpress_environment_is_transformers_4_with_kvpress_0_5_5():
 
 
 def test_rope_theta_of_a_converted_copy_reaches_transformers_4(exported):
-    tmp, prompts = exported
+    _, prompts = exported
     code = ("import sys; sys.path.insert(0, 'bench/kvpress'); from run_presses import transformers4_config; "
             "from transformers import AutoConfig; c = AutoConfig.from_pretrained(sys.argv[1]); "
             "print(c.rope_theta, transformers4_config(c).rope_theta)")

@@ -8,7 +8,7 @@
 #
 # transformers 4.57.6 (kvpress 0.5.5 needs < 5.3) shadows the machine's 5.17 only in run_presses.py's processes:
 # /tmp/kvsite is first on their PYTHONPATH; headwise's commands here never see it.
-# MODEL (smollm2-135m), EVAL (main), PLAN (plans/$MODEL.json: the label the eval gave the plan whose memory is
+# MODEL (smollm2-135m), EVAL (main), PLAN ($MODEL: the label the eval gave the plan whose memory is
 # matched), PRESSES, TASKS, LENGTHS, DEPTHS, SAMPLES (100), SHARDS (8 processes on the one GPU) change what runs.
 set -uo pipefail
 phase=${1:?phase}
@@ -16,7 +16,7 @@ arg=${2:-600}
 WORK=${WORK:-/tmp/q}
 MODEL=${MODEL:-smollm2-135m}
 EVAL=${EVAL:-main}
-PLAN=${PLAN:-plans/$MODEL.json}
+PLAN=${PLAN:-$MODEL}
 PRESSES=${PRESSES:-streaming,snapkv,expected_attention,knorm}
 TASKS=${TASKS:-passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe}
 LENGTHS=${LENGTHS:-1k,2k}

@@ -41,6 +41,7 @@ The last stdout line is one JSON document (counts and seconds per press).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -181,10 +182,8 @@ def load(model_dir: Path, device: str, dtype: torch.dtype, allow_gemma3: bool = 
     if missing - {"lm_head.weight"}:
         raise UsageError(f"{model_dir}: weights missing for {sorted(missing)[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
-    try:
+    with contextlib.suppress(OSError):  # a folder without generation_config.json keeps the config's own
         model.generation_config = GenerationConfig.from_pretrained(model_dir)
-    except OSError:
-        pass
     try:
         tok = AutoTokenizer.from_pretrained(model_dir)
     except ValueError:  # saved by transformers 5 ("TokenizersBackend"): its tokenizer.json is all decoding needs
