@@ -53,18 +53,22 @@ def test_rope_theta_of_a_converted_copy_reaches_transformers_4(exported):
     assert got.stdout.split() == ["10000.0", "100000.0"]  # 4.57 alone would read SmolLM2's as its default
 
 
-def test_presses_run_and_undressed_kvpress_answers_as_headwise_dense(exported, smollm2):
+def test_presses_run_at_a_plans_memory_and_undressed_kvpress_answers_as_headwise_dense(exported, smollm2):
     from headwise.engine import Engine
+    from headwise.eval.runner import EvalConfig, run_eval
     from headwise.plan import HeadPlan
 
     tmp, prompts = exported
+    res = run_eval(EvalConfig(model="smollm2-135m", plans=["dense", "streaming@0.5"], tasks=["passkey"], lengths=[256],
+                              depths=[0.25, 0.75], samples=2, out=tmp / "eval", progress=False), smollm2)
+    target = next(r["kv_fraction_measured"] for r in res["performance"] if r["plan"] == "streaming@0.5")
     out = tmp / "outputs.jsonl"
-    got = _kvpress(str(RUNNER), str(tmp / "prompts.jsonl"), "--presses", "none,streaming,snapkv", "--kv-fraction",
-                   "0.5", "--device", "cpu", "--out", str(out))
+    got = _kvpress(str(RUNNER), str(tmp / "prompts.jsonl"), "--presses", "none,streaming,snapkv", "--match",
+                   f"{tmp / 'eval' / 'results.json'}:streaming@0.5", "--device", "cpu", "--out", str(out))
     assert got.returncode == 0, got.stderr[-3000:]
     summary = json.loads(got.stdout.strip().splitlines()[-1])
     assert {k: v["runs"] for k, v in summary["presses"].items()} == {
-        "kvpress:none": 2, "kvpress:streaming@0.5": 2, "kvpress:snapkv@0.5": 2}
+        "kvpress:none": 2, "kvpress:streaming@equal": 2, "kvpress:snapkv@equal": 2}
     rows = read_jsonl(out, "outputs")
     dense = {(r["depth"], r["idx"]): r for r in rows if r["label"] == "kvpress:none"}
     engine = Engine(smollm2, HeadPlan.dense(smollm2.spec))
@@ -72,22 +76,22 @@ def test_presses_run_and_undressed_kvpress_answers_as_headwise_dense(exported, s
         text = "".join(ev.text for ev in engine.generate(p["input_ids"], max_new_tokens=p["max_new_tokens"],
                                                           temperature=0.0) if ev.stats is None)
         assert dense[(p["depth"], p["idx"])]["output"].strip() == text.strip()
+    heads = smollm2.spec.num_layers * smollm2.spec.num_kv_heads
     for r in rows:
         d = dense[(r["depth"], r["idx"])]
+        assert d["kv_tokens"] == r["prompt_tokens"] * heads
         if r["label"] != "kvpress:none":
-            # every layer and KV head keeps int(n * 0.5) of the n-1 prefilled tokens, plus the last prompt token
+            # every layer and KV head keeps int(n * F) of the n prefilled tokens, plus the last prompt token
+            assert r["kv_fraction_target"] == pytest.approx(target)
             n = r["prompt_tokens"] - 1
-            assert r["kv_tokens"] == (int(n * 0.5) + 1) * smollm2.spec.num_layers * smollm2.spec.num_kv_heads
-            assert r["kv_tokens"] < d["kv_tokens"] == r["prompt_tokens"] * 30 * 3
+            assert r["kv_tokens"] == (int(n * (1 - round(1 - target, 6))) + 1) * heads
 
-    # the outputs merge into an eval of the same prompts and pair with its dense rows
-    from headwise.eval.runner import EvalConfig, run_eval
-
-    res = run_eval(EvalConfig(model="smollm2-135m", plans=["dense"], tasks=["passkey"], lengths=[256],
-                              depths=[0.25, 0.75], samples=2, out=tmp / "eval", progress=False), smollm2)
+    # the outputs merge into the eval of the same prompts, their memory beside the plan they match
     merged = merge_outputs(res, rows, prompts)
+    perf = {r["plan"]: r for r in merged["performance"]}
+    assert perf["kvpress:snapkv@equal"]["kv_fraction"] == pytest.approx(target, abs=0.01)
     kept = {r["plan"]: r for r in retention(merged)}
-    if kept:  # dense answered something at this length: undressed kvpress keeps all of it
+    if "kvpress:none" in kept:  # dense answered something at this length: undressed kvpress keeps all of it
         assert kept["kvpress:none"]["kept"] == kept["kvpress:none"]["n"]
 
 
