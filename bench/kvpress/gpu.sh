@@ -27,18 +27,19 @@ KV=$WORK/kvpress
 export HEADWISE_CACHE=${HEADWISE_CACHE:-/tmp/hwcache} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 T0=$(date +%s)
-hw() { PYTHONPATH=/tmp/site:$PWD/src python3 -m headwise.cli "$@"; }
-kv() { PYTHONPATH=/tmp/kvsite python3 bench/kvpress/run_presses.py "$@"; }
+HWPY=${HWPY:-python3}  # headwise's python (the machine's); KVPY: the one /tmp/kvsite is put in front of
+KVPY=${KVPY:-python3}
+hw() { PYTHONPATH=/tmp/site:$PWD/src $HWPY -m headwise.cli "$@"; }
 
 case $phase in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvsite \
     .whl-kvpress/*.whl || exit 1
   # kvpress imports datasets at import time; where it is missing (or needs another huggingface_hub), the stand-in
-  PYTHONPATH=/tmp/kvsite python3 -c "import datasets" 2>/dev/null || cp -r bench/kvpress/offline/datasets /tmp/kvsite/
-  PYTHONPATH=/tmp/kvsite python3 -c "import kvpress, transformers, torch; from importlib.metadata import version; \
+  PYTHONPATH=/tmp/kvsite $KVPY -c "import datasets" 2>/dev/null || cp -r bench/kvpress/offline/datasets /tmp/kvsite/
+  PYTHONPATH=/tmp/kvsite $KVPY -c "import kvpress, transformers, torch; from importlib.metadata import version; \
 print('kvpress env:', version('kvpress'), 'transformers', transformers.__version__, 'torch', torch.__version__)"
-  python3 -c "import transformers; print('machine env: transformers', transformers.__version__)"
+  $HWPY -c "import transformers; print('machine env: transformers', transformers.__version__)"
   ;;
 run)
   mkdir -p "$KV/logs"
@@ -48,13 +49,14 @@ run)
     --samples "$SAMPLES" --export-prompts "$KV/prompts.jsonl" || exit 1
   secs=$(( arg - ($(date +%s) - T0) - 60 ))
   for i in $(seq 0 $((SHARDS - 1))); do
-    timeout "$secs" bash -c "$(declare -f kv); kv '$KV/prompts.jsonl' --presses '$PRESSES' \
-      --match '$results:$PLAN' --shard $i/$SHARDS --out '$KV/outputs-$i.jsonl'" > "$KV/logs/shard$i.log" 2>&1 &
+    PYTHONPATH=/tmp/kvsite timeout "$secs" $KVPY bench/kvpress/run_presses.py "$KV/prompts.jsonl" \
+      --presses "$PRESSES" --match "$results:$PLAN" --shard "$i/$SHARDS" --out "$KV/outputs-$i.jsonl" \
+      > "$KV/logs/shard$i.log" 2>&1 &
   done
   wait
   tail -n 2 "$KV"/logs/shard*.log
   cat "$KV"/outputs-*.jsonl > "$KV/outputs.jsonl"
-  PYTHONPATH=/tmp/site:$PWD/src python3 bench/kvpress/import_outputs.py "$WORK/eval-$EVAL" "$KV/outputs.jsonl" \
+  PYTHONPATH=/tmp/site:$PWD/src $HWPY bench/kvpress/import_outputs.py "$WORK/eval-$EVAL" "$KV/outputs.jsonl" \
     --prompts "$KV/prompts.jsonl" --out "$KV/eval" | tail -c 300
   cp "$WORK/eval-$EVAL"/*.png "$KV/eval/" 2>/dev/null
   hw eval --report-only "$KV/eval" | tail -n 60
