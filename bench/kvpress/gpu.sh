@@ -10,6 +10,9 @@
 # /tmp/kvsite is first on their PYTHONPATH; headwise's commands here never see it.
 # MODEL (smollm2-135m), EVAL (main), PLAN ($MODEL: the label the eval gave the plan whose memory is
 # matched), PRESSES, TASKS, LENGTHS, DEPTHS, SAMPLES (100), SHARDS (8 processes on the one GPU) change what runs.
+# HWPY / KVPY (python3) name the interpreters; the whole run phase was tried on a CPU with
+#   WORK=/tmp/kvsim SHARDS=2 TASKS=passkey LENGTHS=512 DEPTHS=0.25,0.75 SAMPLES=2 HEADWISE_CACHE=~/.cache/headwise \
+#   HWPY=.venv/bin/python KVPY=.venv-kvpress/bin/python bench/kvpress/gpu.sh run 600
 set -uo pipefail
 phase=${1:?phase}
 arg=${2:-600}
