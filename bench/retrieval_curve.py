@@ -7,7 +7,7 @@ interval and its KV measured from the CUDA allocator at that length in one resul
 against measured KV per prompt length, with the intervals as error bars.
 
     python bench/retrieval_curve.py --run ablation2=/tmp/r7 --run ablation1=/tmp/r3c --dense /tmp/r4/eval-main \\
-        --task passkey --out bench/results/retrieval_curve_smollm2-135m_h200_2026-12-02
+        --task passkey --out bench/results/retrieval_curve_smollm2-135m_h200_2026-12-02.json
 
 Each ``--run LABEL=DIR`` names the ranking the plans in ``DIR/eval-curve-q*/results.json`` were solved from;
 the baselines of each run are kept under that run's label (``random@equal`` depends on the plan it permutes).
@@ -141,7 +141,7 @@ def main() -> None:
     ap.add_argument("--title", default="")
     ap.add_argument("--tensor-kv", action="append", default=[], metavar="RUN",
                     help="use the tensors' KV count for RUN's plan cells (its allocator reading is known wrong)")
-    ap.add_argument("--out", type=Path, required=True, help="path stem: writes STEM.json and STEM.png")
+    ap.add_argument("--out", type=Path, required=True, help="STEM or STEM.json: writes STEM.json and STEM.png")
     args = ap.parse_args()
     runs = []
     for item in args.run:

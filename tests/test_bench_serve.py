@@ -24,6 +24,7 @@ def test_in_process_load_generates_every_token_and_counts_pages():
     pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
     out = run_in_process(Engine(lm, chunk_size=16, pool=pool), Load(requests=3, prompt_len=20, output_len=4))
     assert out["output_tokens"] == 12 and out["peak_concurrency"] == 3 and out["preemptions"] == 0
+    assert out["decode_only_steps"] >= 2 and out["decode_only_graph_steps"] == 0, "no CUDA graph on the CPU"
     # Dense tiny llama: 4 layers x 2 KV heads, 23 tokens at most -> 6 pages of 4 tokens per head.
     assert out["peak_kv_bytes"] == 3 * 4 * 2 * 6 * pool.page_bytes
     assert pool.free_pages == pool.num_pages

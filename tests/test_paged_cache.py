@@ -50,7 +50,7 @@ def test_full_and_streaming_groups_keep_their_kv_in_the_pool_pages():
     prompt = torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(3)).tolist()
     pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
     engine = Engine(lm, plan, chunk_size=16, pool=pool)
-    assert pool.kv is not None and pool.kv.shape == (pool.num_pages, 2, 4, lm.spec.head_dim), "allocated once"
+    assert pool.kv is not None and pool.kv.shape == (pool.num_pages + 1, 2, 4, lm.spec.head_dim), "allocated once"
     seq = engine.add(prompt, max_new_tokens=8, stop_token_ids=[])
     for _ in range(5):  # two prompt chunks, then three decode steps
         engine.step()

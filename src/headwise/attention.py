@@ -8,7 +8,8 @@ put back in query-head order.
 No mask function is registered for "headwise" on purpose: transformers then skips building a mask (its
 documented path for backends that mask themselves) and each policy applies causality and its own pattern
 from absolute positions. The cache travels as the ``headwise_cache`` keyword (or, for several sequences packed
-in one forward, ``headwise_batch``), which transformers passes through to attention functions.
+in one forward, ``headwise_batch``: a ``PackedBatch``, or the static buffers of a decode step at a padded batch
+size, ``batch_graphs.PaddedBatch``), which transformers passes through to attention functions.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 
+from headwise.batch_graphs import PaddedBatch
 from headwise.cache import HeadwiseCache
 from headwise.errors import HeadwiseError
 from headwise.paged_cache import PagedDenseStore, PagedRingStore, PoolDecodeRow, decode_over_pool
@@ -41,6 +43,9 @@ def headwise_attention(
 ) -> tuple[torch.Tensor, None]:
     """query: [B, Hq, L, D]; key, value: [B, Hkv, L, D] (this chunk only). Returns ([B, L, Hq, D], None)."""
     batch = kwargs.get("headwise_batch")
+    if isinstance(batch, PaddedBatch):  # a decode step at a padded batch size (``batch_graphs.py``)
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        return batch.attend(module.layer_idx, query, key, value, scale).transpose(1, 2).contiguous(), None
     if batch is not None:
         return _attend_packed(module, query, key, value, scaling, batch)
     cache = kwargs.get("headwise_cache")

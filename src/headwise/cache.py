@@ -174,7 +174,8 @@ class HeadwiseCache(Cache):
         if self.batch != 1:
             why.append(f"batch {self.batch} (graphs replay batch-1 decode)")
         if self.pages is not None:
-            why.append("the KV lives in the engine's page pool (its decode steps run batched over the pool, eagerly)")
+            why.append("the KV lives in the engine's page pool (its decode steps replay the pool's graphs at padded "
+                       "batch sizes: batch_graphs.py)")
         blockers = sorted({b for layer in self.layers for g in layer.groups if (b := g.policy.graph_blocker())})
         if blockers:
             why.append("policies without graph decode: " + "; ".join(blockers))

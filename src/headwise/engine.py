@@ -31,6 +31,7 @@ from typing import Any
 import torch
 
 from headwise import attention as _attention  # registers the "headwise" attention implementation
+from headwise.batch_graphs import BatchGraphs, PaddedBatch, padded_blockers, padded_size
 from headwise.cache import HeadwiseCache
 from headwise.errors import BudgetError, ContextLengthError, HeadwiseError, InputError
 from headwise.models import LoadedModel
@@ -64,7 +65,8 @@ class StepInfo:
     decode_rows: int = 0  # sequences that fed back a token
     preempted: int = 0  # sequences preempted to free pages
     prefill_tokens: int = 0  # prompt tokens read
-    graph: bool = False  # the step was replayed from a sequence's CUDA graph
+    graph: bool = False  # the step was replayed from a CUDA graph (a lone sequence's, or the pool's at ``padded``)
+    padded: int = 0  # the padded batch size of a decode step run on static buffers over the pool (0: none)
     seconds: float = 0.0
     finished: list[Sequence] = field(default_factory=list)  # sequences that ended in this step
 
@@ -73,7 +75,8 @@ class Engine:
     """Runs a loaded model with a head plan."""
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
-                 use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None):
+                 use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None,
+                 padded_decode: bool | None = None):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
@@ -81,7 +84,14 @@ class Engine:
         (``pool.py``), allocated here once if they are not yet: a step grows a sequence only when its pages are
         there, preempting the newest sequence when the pool runs dry; the KV of policies with a ``paged_layout``
         lives in those pages and their decode steps run batched over the pool (``paged_cache.py``); without a
-        pool, every sequence's cache is reserved for its whole length."""
+        pool, every sequence's cache is reserved for its whole length.
+
+        ``padded_decode``: under a pool, a step that only decodes, with every sequence under one plan whose groups
+        all keep their KV in the pool, runs on static buffers at a padded batch size (``batch_graphs.py``), replayed
+        from a CUDA graph captured at that size when the device, the kernels and ``cuda_graphs`` allow it (the
+        pool's decode graphs take the place of a lone sequence's ``GraphDecoder``, which cannot read pool pages).
+        Default: whenever such a graph can be captured, else the eager batched step; True: always, eagerly where
+        no graph can be captured (CPU tests of the padded step); False: never."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         self.lm = lm
@@ -91,6 +101,9 @@ class Engine:
         self.chunk_size = chunk_size
         self.use_kernels = use_kernels
         self.cuda_graphs = cuda_graphs
+        self.padded_decode = padded_decode
+        # id(plan) -> (plan, the pool's padded decode steps under it, or None: the eager batched step)
+        self._batch_graphs: dict[int, tuple[HeadPlan, BatchGraphs | None]] = {}
         self.live: list[Sequence] = []  # sequences ``step`` advances, in arrival order
         # Fast tokenizers refuse concurrent use ("Already borrowed"): detokenizing in ``step`` and encoding
         # elsewhere (the server's handlers) both take this lock.
@@ -112,6 +125,11 @@ class Engine:
     @property
     def spec(self):
         return self.lm.spec
+
+    @property
+    def kernels(self) -> bool:
+        """Whether attention runs on the Triton kernels (``use_kernels``, default: on CUDA)."""
+        return self.lm.device.type == "cuda" if self.use_kernels is None else self.use_kernels
 
     # ------------------------------------------------------------------ building blocks
     def new_cache(self, batch: int = 1, reserve: int | None = None, plan: HeadPlan | None = None,
@@ -280,6 +298,44 @@ class Engine:
                                 logits_to_keep=last)
         return out.logits[0]
 
+    @torch.inference_mode()
+    def forward_padded(self, batch: PaddedBatch, size: int) -> torch.Tensor:
+        """The decode step of rows ``0 .. size-1`` of ``batch``'s static buffers (``batch_graphs.py``) in one forward
+        of ``[1, size]`` tokens: token ids and positions from ``batch.meta``, attention through ``PaddedBatch.attend``.
+        Reads no host value of the batch and changes no host counter, so a CUDA graph can capture it. Returns
+        next-token logits ``[size, vocab]``."""
+        ids, pos = batch.meta[0, :size][None], batch.meta[1, :size][None]
+        with _attention.attention_implementation(self.lm.model, _attention.ATTN_NAME):
+            out = self.lm.model(input_ids=ids, position_ids=pos, use_cache=False, headwise_batch=batch,
+                                logits_to_keep=0)
+        return out.logits[0]
+
+    def batch_graphs(self, decode: Seq[Sequence]) -> BatchGraphs | None:
+        """The padded decode steps over the pool for a decode-only step of ``decode`` under ``padded_decode`` (None:
+        the eager batched step). Raises ``InputError`` when ``cuda_graphs=True`` and the plan or the device rules a
+        graph out."""
+        if self.pool is None or self.padded_decode is False or not decode:
+            return None
+        plan = decode[0].plan
+        if any(s.plan is not plan for s in decode) or padded_size(len(decode)) is None:
+            return None  # several plans in one step, or more rows than the largest size: eager
+        known = self._batch_graphs.get(id(plan))
+        if known is not None and known[0] is plan:
+            return known[1]
+        padded_why = padded_blockers(plan, self.spec)
+        why = padded_why + ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
+        why += [] if self.kernels else ["the decode kernels are off (use_kernels)"]
+        why += sorted({b for row in plan.policies() for p in row if (b := p.graph_blocker())})
+        if why and self.cuda_graphs:
+            raise InputError("CUDA-graph decode was asked for, but " + "; ".join(why))
+        graphs = None
+        if not (padded_why or (why and not self.padded_decode) or (self.cuda_graphs is False and not self.padded_decode)):
+            graphs = BatchGraphs(self, plan, capture=not why and self.cuda_graphs is not False)
+        # Buffers of plans no live sequence runs under any more go (their graphs with them).
+        self._batch_graphs = {k: v for k, v in self._batch_graphs.items() if any(s.plan is v[0] for s in self.live)}
+        self._batch_graphs[id(plan)] = (plan, graphs)
+        return graphs
+
     def graph_decoder(self, cache: HeadwiseCache, decode_steps: int = GRAPH_MIN_STEPS) -> GraphDecoder | None:
         """The CUDA-graph decoder a sequence decoding alone uses for ``cache`` and ``decode_steps`` steps under ``cuda_graphs``
         (None: eager steps). Allowed but not asked for, a graph is used from ``GRAPH_MIN_STEPS`` steps on: the first
@@ -439,7 +495,16 @@ class Engine:
     def _forward_step(self, decode: list[Sequence], chunks: list[tuple[Sequence, list[int]]],
                       info: StepInfo) -> list[tuple[Sequence, torch.Tensor]]:
         """Run the step's forward; returns (sequence, next-token logits ``[vocab]``) for each sequence to sample."""
-        if len(decode) == 1 and not chunks:
+        if self.pool is not None and decode and not chunks:
+            try:
+                padded = self.batch_graphs(decode)
+            except Exception as exc:  # cuda_graphs=True and something prevents them: these sequences fail
+                for s in decode:
+                    s.finish("error", exc)
+                return []
+            if padded is not None:
+                return self._padded_step(padded, decode, info)
+        elif len(decode) == 1 and not chunks:
             graphs = self._graphs(decode[0])
             if graphs is not None:
                 s = decode[0]
@@ -491,6 +556,26 @@ class Engine:
         kept = [members[i] for i in keep]
         return list(zip(kept, logits, strict=True))
 
+    def _padded_step(self, padded: BatchGraphs, decode: list[Sequence],
+                     info: StepInfo) -> list[tuple[Sequence, torch.Tensor]]:
+        """A decode-only step over the pool at a padded batch size (``BatchGraphs.step``)."""
+        sample = [s.fed + 1 == len(s.generated) for s in decode]  # not a preempted sequence replaying its tokens
+        try:
+            for s in decode:
+                s.cache.decode_step += 1  # type: ignore[union-attr]
+            logits, info.padded, info.graph = padded.step(decode)
+            _sync_fn(self.lm.device)()
+        except Exception as exc:  # the forward all of them shared
+            log.exception("a padded decode step of %d sequence(s) failed", len(decode))
+            for s in decode:
+                s.finish("error", exc)
+            return []
+        info.decode_rows = len(decode)
+        for s in decode:
+            s.fed += 1
+            s.stats.cuda_graph |= info.graph
+        return [(s, row) for s, row, x in zip(decode, logits, sample, strict=True) if x]
+
     def _graphs(self, s: Sequence) -> GraphDecoder | None:
         """``s``'s CUDA-graph decoder, made at its first lone decode step (None where the engine allows none: not
         CUDA, no kernels, a policy without graph decode, or too few steps left to pay for a capture)."""
@@ -531,6 +616,9 @@ class Engine:
         self._release_memory(s)
 
     def _release_memory(self, s: Sequence) -> None:
+        for _, graphs in self._batch_graphs.values():
+            if graphs is not None:
+                graphs.forget(s)
         s.cache, s.graphs = None, None
         if s.pages is not None:
             s.pages.release()

@@ -18,7 +18,9 @@ sequence is preempted (its pages freed, its tokens recomputed later). KV bytes r
 bytes.
 
 The pages themselves are one tensor, allocated once (``PagePool.allocate``, which ``Engine(pool=...)`` calls):
-``kv: [num_pages, 2, page_size, head_dim]``, written only through ``PagePool.write``. The groups whose policy has
+``kv: [num_pages + 1, 2, page_size, head_dim]``, written only through ``PagePool.write``. The last page
+(``PagePool.scratch``) is never handed out: the padding rows of a decode step at a padded batch size
+(``batch_graphs.py``) write their token there, so they never touch a sequence's pages. The groups whose policy has
 a ``paged_layout`` (``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``) keep
 their KV there (``paged_cache.py``); the others (``page_topk``, ``tidal``, ``recycled``, ``quantized``, streaming
 with compensation) keep their own store tensors beside the pool while their pages are counted, so a plan of
@@ -89,15 +91,21 @@ class PagePool:
         self._returned: list[int] = []
         self.kv: torch.Tensor | None = None  # the pages themselves, once ``allocate`` made them
 
+    @property
+    def scratch(self) -> int:
+        """The id of the page no sequence holds (the last one allocated): padding rows write there."""
+        return self.num_pages
+
     def allocate(self, device: torch.device | str, dtype: torch.dtype) -> None:
-        """Allocate the pages, once: ``kv: [num_pages, 2, page_size, head_dim]`` (a page's keys, then its values,
-        contiguous). An engine over an allocated pool keeps the KV of ``paged_layout`` policies in these pages."""
+        """Allocate the pages, once: ``kv: [num_pages + 1, 2, page_size, head_dim]`` (a page's keys, then its values,
+        contiguous; the last page is ``scratch``). An engine over an allocated pool keeps the KV of ``paged_layout``
+        policies in these pages."""
         if self.kv is not None:
             raise BudgetError("the page pool is allocated already (one allocation, at start-up)")
         itemsize = torch.empty((), dtype=dtype).element_size()
         if itemsize * self.page_size * 2 * self.spec.head_dim != self.page_bytes:
             raise BudgetError(f"the pool was sized for pages of {self.page_bytes} bytes; {dtype} pages would not be")
-        self.kv = torch.empty(self.num_pages, 2, self.page_size, self.spec.head_dim, device=device, dtype=dtype)
+        self.kv = torch.empty(self.num_pages + 1, 2, self.page_size, self.spec.head_dim, device=device, dtype=dtype)
 
     @property
     def keys(self) -> torch.Tensor:
@@ -122,7 +130,7 @@ class PagePool:
         P = self.page_size
         N, H, T, D = k.shape
         logical = torch.div(slots, P, rounding_mode="floor").long()  # [N, T]
-        phys = table.long().gather(2, logical[:, None, :].expand(N, H, T)).reshape(-1)  # [N * H * T]
+        phys = table.gather(2, logical[:, None, :].expand(N, H, T)).reshape(-1).long()  # [N * H * T]
         within = (slots.long() % P)[:, None, :].expand(N, H, T).reshape(-1)
         self.keys.index_put_((phys, within), k.reshape(-1, D).to(self.keys.dtype))
         self.values.index_put_((phys, within), v.reshape(-1, D).to(self.values.dtype))
@@ -191,6 +199,7 @@ class SequencePages:
                 counts[p] = counts.get(p, 0) + 1
             self.groups.append([GroupPages(p, n, [[] for _ in range(n)]) for p, n in counts.items()])
         self.tokens = 0  # the length the pages hold
+        self.version = 0  # counts the changes of the page lists (pages taken or given back)
 
     def pages_at(self, tokens: int) -> int:
         """Pages this sequence holds at ``tokens`` tokens (all layers, groups and heads)."""
@@ -216,6 +225,7 @@ class SequencePages:
         if ids is None:
             return False
         it = iter(ids)
+        self.version += bool(ids)
         for g, n in need:
             if n > 0:
                 g._table = None
@@ -226,6 +236,7 @@ class SequencePages:
 
     def release(self) -> None:
         """Give every page back."""
+        self.version += 1
         for layer in self.groups:
             for g in layer:
                 g._table = None

@@ -11,7 +11,9 @@ second (``inf``: all at once). Two drivers, same requests:
 Reported per driver: output tokens/s and requests/s over the wall time from the first arrival to the last token,
 time to first token (mean, p50, p99, from the request's arrival), time per output token after the first
 (mean, p50, p99), peak concurrency (sequences live at once) and, in-process, the peak KV bytes held (under
-``--kv-memory``: pages held x page bytes) and the preemptions. ``--kv-memory GB|N%`` gives each driver a page pool
+``--kv-memory``: pages held x page bytes), the preemptions, and the steps that only decoded: how many, how many
+were replayed from a CUDA graph, and their wall time (mean, p50, p99 in ms; ``--cuda-graphs off`` for the eager
+batched step). ``--kv-memory GB|N%`` gives each driver a page pool
 of that size (``pool.KVMemory``), the same one ``headwise serve --kv-memory`` builds.
 """
 
@@ -78,6 +80,8 @@ def run_in_process(engine: Engine, load: Load) -> dict[str, Any]:
     seqs: list[Any] = [None] * load.requests
     t0 = time.perf_counter()
     nxt, peak, peak_kv, preempted = 0, 0, 0, 0
+    decode_ms: list[float] = []  # steps that only decoded
+    graph_steps = 0
     while nxt < load.requests or engine.live:
         now = time.perf_counter() - t0
         while nxt < load.requests and arrivals[nxt] <= now:
@@ -89,6 +93,9 @@ def run_in_process(engine: Engine, load: Load) -> dict[str, Any]:
             continue
         peak = max(peak, len(engine.live))
         info = engine.step()
+        if info.decode_rows and not info.prefill_tokens:
+            decode_ms.append(1e3 * info.seconds)
+            graph_steps += info.graph
         preempted += info.preempted
         peak_kv = max(peak_kv, sum(s.kv_bytes for s in engine.live) + sum(s.stats.kv_bytes for s in info.finished))
     end = max(s.finished_at for s in seqs)
@@ -98,7 +105,8 @@ def run_in_process(engine: Engine, load: Load) -> dict[str, Any]:
     ttft = [s.first_token_at - s.arrived for s in seqs]
     tpot = [(s.finished_at - s.first_token_at) / (load.output_len - 1) for s in seqs if load.output_len > 1]
     out = _summary(load, end - t0, ttft, tpot, sum(len(s.generated) for s in seqs), peak)
-    out |= {"peak_kv_bytes": peak_kv, "preemptions": preempted}
+    out |= {"peak_kv_bytes": peak_kv, "preemptions": preempted, "decode_only_steps": len(decode_ms),
+            "decode_only_graph_steps": graph_steps, "decode_only_step_ms": _quantiles(decode_ms)}
     return out
 
 
@@ -175,13 +183,14 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any) -> dict[str, Any]:
     results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "load": {
         "requests": load.requests, "prompt_len": load.prompt_len, "output_len": load.output_len,
         "rate": "inf" if math.isinf(load.rate) else load.rate, "seed": load.seed},
-        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "torch_threads": torch.get_num_threads(),
+        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "cuda_graphs": args.cuda_graphs, "torch_threads": torch.get_num_threads(),
         "tp": args.tp, "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order)}
     kv_memory = KVMemory.parse(args.kv_memory) if args.kv_memory else None
     for mode in modes:
         # Each driver gets a fresh pool of the same size: the same memory, in-process and over HTTP.
         pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
-        engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool)
+        graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
+        engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, cuda_graphs=graphs)
         if mode == "in-process":
             results[mode] = run_in_process(engine, load)
         else:
@@ -212,3 +221,6 @@ def add_arguments(p: Any) -> None:
                    help="a KV page pool of this many GB (or share of free device memory, e.g. 90%%) for each driver; "
                         "default: no pool (in-process), an 8 GB byte budget (HTTP)")
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
+                   help="decode steps from CUDA graphs: a lone request's, and under --kv-memory the batch's at padded "
+                        "sizes (auto: where allowed; off: eager batched steps, to compare)")

@@ -1,0 +1,300 @@
+"""Decode steps of a batch over the page pool at padded batch sizes, replayed from CUDA graphs.
+
+vLLM captures its decode step at padded batch sizes (1, 2, 4, 8, ...) and replays the smallest one that holds the
+live batch, whatever the batch's members. ``BatchGraphs`` does the same for ``Engine.step``'s decode-only steps
+over the page pool (``paged_cache.py``), for the sequences of one plan whose every head group keeps its KV in the
+pool (a ``paged_layout``: ``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``).
+
+Static buffers (``PaddedBatch``), on the device, for ``rows`` sequences and lengths up to ``limit`` tokens:
+
+- ``meta: long [3, rows]``: each row's token id, the token's position, and the row's length (position + 1);
+- ``tables: int32 [rows, per_row]``: each row's page tables, one block per (layer, ``PagedLayout``) of the plan
+  (a *launch*: its heads' tables ``[heads, width]`` side by side, ``width`` pages per head for ``limit`` tokens).
+
+A step of ``n`` sequences runs at the padded size ``size`` (the smallest of ``SIZES`` holding ``n``) over rows
+``0 .. size-1``. A sequence keeps its row from step to step (a row's tables are written once, then only the pages it
+takes are added: ``SequencePages.version`` says when); a sequence that is not in a step (finished, preempted,
+waiting) gives its row back, and one sitting at or past ``size`` moves below it. Every row of the step without a
+sequence is a *padding row*: token 0 at position 0, length 0, so the kernel reads nothing for it, and every entry
+of its tables names the pool's scratch page (``PagePool.scratch``), so the key and value it writes land where no
+sequence reads: a padding row never touches a live sequence's pages.
+
+The forward (``Engine.forward_padded``) reads only these buffers, and in each layer ``PaddedBatch.attend`` writes the
+tokens' keys and values through ``PagePool.write`` (slots from the positions on the device: the one write path into
+the pages) and runs one ``batch_decode`` launch per (layer, layout) sized for ``limit``; no host value of the batch
+enters it and no host counter changes, so the same step runs eagerly or replayed from a graph captured at
+``size``. ``BatchGraphs.step`` then counts the token in each sequence's host counters (``HeadwiseCache.advance``).
+
+A sequence longer than ``limit`` (or more rows than allocated) reallocates the buffers (``limit`` within 1/8 above
+the longest sequence, rows the padded size) and drops the graphs captured over the old ones. Capture is lazy: a
+size's first step runs eagerly (compiling the kernels), then is captured; all sizes share one graph memory pool.
+
+Tested: tests/test_batch_graphs.py, on the CPU (fp32, the padded step run eagerly, with the plain-PyTorch reference
+and with ``batch_decode`` under TRITON_INTERPRET=1) against the eager batched step and each sequence alone, through
+joins, finishes and preemption; the pool's writes of a padded step checked slot by slot. Its GPU test (capture and
+replay against eager, fp32 and bf16) is written and has not run yet.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from headwise.cache import group_heads
+from headwise.errors import HeadwiseError
+from headwise.kernels.decode_reference import batch_decode_reference
+from headwise.plan import HeadPlan, resolve
+from headwise.policies.base import PagedLayout
+from headwise.pool import PagePool
+
+if TYPE_CHECKING:
+    from headwise.engine import Engine
+    from headwise.sequence import Sequence
+    from headwise.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # padded batch sizes, as vLLM's capture sizes up to its default maximum
+
+
+def padded_size(n: int, sizes: tuple[int, ...] = SIZES) -> int | None:
+    """The smallest of ``sizes`` holding ``n`` rows (None: more than the largest)."""
+    return next((s for s in sizes if s >= n), None)
+
+
+def padded_blockers(plan: HeadPlan, spec: ModelSpec) -> list[str]:
+    """Why ``plan``'s decode steps cannot run on padded static buffers over the pool (empty: they can): a head group
+    keeping its own store beside the pool."""
+    own = sorted({p.short() for row in resolve(plan.policies(), spec) for p in row if p.paged_layout() is None})
+    return [f"policies keeping their own store beside the pool: {', '.join(own)}"] if own else []
+
+
+@dataclass
+class _Launch:
+    """One ``batch_decode`` launch of a layer: the plan's KV heads of that layer sharing a ``PagedLayout``."""
+
+    layout: PagedLayout
+    groups: list[tuple[int, int]]  # (index of the group in the layer, its first head in the launch)
+    heads: int
+    q_index: torch.Tensor  # the launch's query heads in the layer, GQA order
+    kv_index: torch.Tensor
+    offset: int = 0  # its first column in a row of ``PaddedBatch.tables``
+    width: int = 0  # pages per head
+
+
+@dataclass
+class _Row:
+    seq: Sequence
+    version: int = -1  # SequencePages.version its tables were written at
+    written: list[int] = field(default_factory=list)  # pages written per (layer, group), in ``PaddedBatch.order``
+
+
+class PaddedBatch:
+    """Static buffers of decode steps over the pool for up to ``rows`` sequences of ``limit`` tokens under ``plan``."""
+
+    def __init__(self, pool: PagePool, plan: HeadPlan, rows: int, limit: int, device: torch.device,
+                 use_kernels: bool):
+        """``use_kernels``: attend with the Triton ``batch_decode`` kernel, else with its plain-PyTorch reference
+        (which reads lengths on the host: no graph)."""
+        spec = pool.spec
+        self.pool, self.plan, self.rows, self.limit, self.device = pool, plan, rows, limit, device
+        self.use_kernels = use_kernels
+        P = pool.page_size
+        self.launches: list[list[_Launch]] = []
+        offset = 0
+        for row in resolve(plan.policies(), spec):
+            by_layout: dict[PagedLayout, _Launch] = {}
+            for gi, g in enumerate(group_heads(row, spec.group_size, device)):
+                layout = g.policy.paged_layout()
+                if layout is None:
+                    raise HeadwiseError(f"{g.policy.short()} keeps its own store: no padded decode over the pool")
+                launch = by_layout.get(layout)
+                if launch is None:
+                    launch = by_layout[layout] = _Launch(layout, [], 0, g.q_index[:0], g.kv_index[:0])
+                launch.groups.append((gi, launch.heads))
+                launch.heads += len(g.kv_heads)
+                launch.q_index = torch.cat([launch.q_index, g.q_index])
+                launch.kv_index = torch.cat([launch.kv_index, g.kv_index])
+            for launch in by_layout.values():
+                held = min(limit, launch.layout.ring) if launch.layout.ring else limit
+                launch.offset, launch.width = offset, max(1, -(-held // P))
+                offset += launch.heads * launch.width
+            self.launches.append(list(by_layout.values()))
+        self.per_row = offset
+        # (layer, group index, launch, first head) in the order ``_Row.written`` counts them
+        self.order = [(i, gi, launch, h0) for i, layer in enumerate(self.launches) for launch in layer
+                      for gi, h0 in launch.groups]
+        self.meta = torch.zeros(3, rows, dtype=torch.long, device=device)
+        self.tables = torch.full((rows, self.per_row), pool.scratch, dtype=torch.int32, device=device)
+        self.views = [[self.tables[:, la.offset : la.offset + la.heads * la.width].view(rows, la.heads, la.width)
+                       for la in layer] for layer in self.launches]
+        self.occupant: list[_Row | None] = [None] * rows
+        self.row_of: dict[int, int] = {}  # id(sequence) -> its row
+
+    # ------------------------------------------------------------------ rows
+    def forget(self, seq: Sequence) -> None:
+        """Give ``seq``'s row back (its pages are going back to the pool, or it left the batch)."""
+        r = self.row_of.pop(id(seq), None)
+        if r is not None:
+            self.occupant[r] = None
+            self.tables[r].fill_(self.pool.scratch)
+
+    def fill(self, seqs: list[Sequence], size: int) -> list[int]:
+        """Put the step's sequences (``len(seqs) <= size <= rows``, every one with a cache and pages holding its
+        next token) in rows ``< size`` and write their inputs; every other row below ``size`` is a padding row.
+        Returns each sequence's row."""
+        assert len(seqs) <= size <= self.rows
+        present = {id(s) for s in seqs}
+        for occ in list(self.occupant):
+            if occ is not None and id(occ.seq) not in present:
+                self.forget(occ.seq)
+        free = iter([r for r in range(size) if self.occupant[r] is None])
+        rows = []
+        for s in seqs:
+            r = self.row_of.get(id(s))
+            if r is None or r >= size:
+                new = next(free)
+                if r is None:
+                    self.occupant[new] = _Row(s, written=[0] * len(self.order))
+                else:  # moves below ``size``: its tables with it
+                    self.tables[new].copy_(self.tables[r])
+                    self.occupant[new], self.occupant[r] = self.occupant[r], None
+                    self.tables[r].fill_(self.pool.scratch)
+                self.row_of[id(s)] = r = new
+            rows.append(r)
+        self._write_tables(rows, seqs)
+        meta = [[0] * size for _ in range(3)]  # padding rows: token 0 at position 0, length 0
+        for r, s in zip(rows, seqs):
+            assert s.cache is not None
+            pos = s.cache.get_seq_length()
+            meta[0][r], meta[1][r], meta[2][r] = s.generated[s.fed], pos, pos + 1
+        self.meta[:, :size].copy_(torch.tensor(meta, dtype=torch.long))
+        return rows
+
+    def _write_tables(self, rows: list[int], seqs: list[Sequence]) -> None:
+        """Add the pages each row's sequence took since its tables were last written, in one scatter."""
+        idx: list[torch.Tensor] = []
+        vals: list[torch.Tensor] = []
+        for r, s in zip(rows, seqs):
+            occ = self.occupant[r]
+            pages = s.pages
+            assert occ is not None and pages is not None
+            if occ.version == pages.version:
+                continue
+            base = r * self.per_row
+            for k, (i, gi, launch, h0) in enumerate(self.order):
+                gp = pages.groups[i][gi]
+                have, done = len(gp.pages[0]), occ.written[k]
+                if have == done:
+                    continue
+                if have < done or have > launch.width:
+                    raise HeadwiseError(f"row {r}: {have} pages for a table of {launch.width} written up to {done}")
+                heads = torch.arange(h0, h0 + gp.heads)[:, None] * launch.width
+                idx.append((base + launch.offset + heads + torch.arange(done, have)[None]).reshape(-1))
+                vals.append(torch.tensor([h[done:have] for h in gp.pages], dtype=torch.int32).reshape(-1))
+                occ.written[k] = have
+            occ.version = pages.version
+        if idx:
+            flat = self.tables.view(-1)
+            flat.index_copy_(0, torch.cat(idx).to(self.device), torch.cat(vals).to(self.device))
+
+    # ------------------------------------------------------------------ the layer's attention
+    def attend(self, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+               ) -> torch.Tensor:
+        """One layer's attention of the padded batch: query [1, Hq, size, D]; key, value [1, Hkv, size, D] (row ``b``'s
+        token at index ``b``). Writes each row's key and value into its pages, then one ``batch_decode`` launch per
+        layout. Returns [1, Hq, size, D]."""
+        size = query.shape[2]
+        pool = self.pool
+        positions, lengths = self.meta[1, :size], self.meta[2, :size]
+        out = torch.empty_like(query)
+        for launch, view in zip(self.launches[layer_idx], self.views[layer_idx]):
+            table = view[:size]
+            k = key[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]  # [size, heads, 1, D]
+            v = value[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]
+            pool.write(table, launch.layout.slots(positions)[:, None], k, v)
+            q = query[0].index_select(0, launch.q_index).transpose(0, 1)  # [size, heads * group, D]
+            if self.use_kernels:
+                from headwise.kernels.batch_decode import batch_decode  # Triton: only with kernels
+
+                o = batch_decode(q, pool.keys, pool.values, table, lengths, self.limit, pool.page_size,
+                                 ring=launch.layout.ring, scale=scale)
+            else:
+                o = batch_decode_reference(q, pool.keys, pool.values, table, lengths, pool.page_size,
+                                           ring=launch.layout.ring, scale=scale)
+            out[0].index_copy_(0, launch.q_index, o.transpose(0, 1))
+        return out
+
+
+class BatchGraphs:
+    """Decode-only steps over the pool of the sequences of one plan, at padded sizes: replayed from one CUDA graph
+    per size when ``capture`` (CUDA, the kernels), else run eagerly on the same static buffers (any device)."""
+
+    def __init__(self, engine: Engine, plan: HeadPlan, capture: bool, sizes: tuple[int, ...] = SIZES):
+        assert engine.pool is not None
+        self.engine, self.plan, self.capture, self.sizes = engine, plan, capture, sizes
+        self.batch: PaddedBatch | None = None
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # size -> (graph, its logits)
+        self.mempool = torch.cuda.graph_pool_handle() if capture else None
+
+    def forget(self, seq: Sequence) -> None:
+        if self.batch is not None:
+            self.batch.forget(seq)
+
+    def step(self, seqs: list[Sequence]) -> tuple[list[torch.Tensor], int, bool]:
+        """Feed each sequence's next token (``generated[fed]``) at its position. Returns each sequence's next-token
+        logits ``[vocab]`` (views of the step's output, valid until the next step), the padded size and whether the
+        step was replayed from a graph. Counts the token in each sequence's host counters."""
+        size = padded_size(len(seqs), self.sizes)
+        assert size is not None, "more sequences than the largest padded size"
+        self._buffers(seqs, size)
+        assert self.batch is not None
+        rows = self.batch.fill(seqs, size)
+        replayed = size in self.graphs
+        if replayed:
+            graph, logits = self.graphs[size]
+            graph.replay()
+        else:
+            logits = self.engine.forward_padded(self.batch, size)
+            if self.capture:
+                self._capture(size)
+        for s in seqs:
+            assert s.cache is not None
+            s.cache.advance(1)
+        return [logits[r] for r in rows], size, replayed
+
+    def _buffers(self, seqs: list[Sequence], size: int) -> None:
+        """Buffers with room for ``size`` rows and the longest sequence: reallocated (doubling) when too small."""
+        need = max(s.max_tokens for s in seqs)
+        b = self.batch
+        if b is not None and b.rows >= size and b.limit >= need:
+            return
+        rows = max(size, b.rows if b is not None else 1)
+        # The launches are sized for ``limit``: within 1/8 above the longest sequence (a few reallocations per doubling
+        # of the lengths, each dropping the graphs, against up to 2x the kernel's work at a power of two).
+        grain = 1 << max(0, need.bit_length() - 4)
+        limit = max(-(-need // grain) * grain, b.limit if b is not None else 1)
+        pool = self.engine.pool
+        assert pool is not None
+        self.batch, self.graphs = None, {}  # the graphs read the old buffers
+        self.batch = PaddedBatch(pool, self.plan, rows, limit, self.engine.lm.device, self.engine.kernels)
+
+    def _capture(self, size: int) -> None:
+        assert self.batch is not None
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.mempool):
+                logits = self.engine.forward_padded(self.batch, size)
+        except Exception as exc:  # any capture failure: padded steps go on eagerly (or report) with the cause
+            self.capture = False
+            if self.engine.cuda_graphs:
+                raise HeadwiseError(f"capturing a batched decode step in a CUDA graph failed: {exc}") from exc
+            log.warning("batched decode steps run eagerly: capturing one in a CUDA graph failed (%s)", exc)
+            return
+        self.graphs[size] = (graph, logits)
+
+
+__all__ = ["SIZES", "BatchGraphs", "PaddedBatch", "padded_blockers", "padded_size"]

@@ -1,0 +1,213 @@
+"""Decode steps over the page pool at padded batch sizes (``batch_graphs.py``): the padded static-buffer step gives
+exactly the tokens of the eager batched step and of each sequence alone while the batch's members join, leave and
+are preempted (fp32, on the CPU: the same step as a CUDA graph replays, run eagerly); padding rows write only the
+pool's scratch page; on a GPU the step is captured at each padded size and replayed."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernel path on CPU tensors, before triton.jit decorates
+
+from headwise.batch_graphs import SIZES, padded_size
+from headwise.engine import Engine, StepInfo
+from headwise.errors import InputError
+from headwise.kernels.common import INTERPRET
+from headwise.plan import HeadPlan
+from headwise.policies import PageTopK
+from headwise.pool import PagePool, SequencePages
+from server_common import mixed_plan
+from tiny import tiny_model
+
+
+class LogitsRecorder(Engine):
+    """An engine that keeps, per step, the next-token logits it samples from (by sequence id)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.sampled: list[dict[str, torch.Tensor]] = []
+
+    def _sample(self, rows):
+        self.sampled.append({s.id: logits.float().clone() for s, logits in rows})
+        return super()._sample(rows)
+
+
+def greedy_alone(lm, prompt: list[int], n: int, plan: HeadPlan, **kw) -> list[int]:
+    alone = Engine(lm, plan, chunk_size=16, **kw)
+    return [e.token_id for e in alone.generate(prompt, max_new_tokens=n, stop_token_ids=[]) if e.token_id >= 0]
+
+
+def run(engine: Engine, prompts, new, arrive, plans) -> tuple[list, list[StepInfo]]:
+    """Add each sequence at its step and step until all are done; checks after every padded step that the batch's
+    sequences sit in rows below the padded size. Returns the sequences and every step's ``StepInfo``."""
+    seqs: list = [None] * len(prompts)
+    infos: list[StepInfo] = []
+    step = 0
+    while step <= max(arrive) or engine.live:
+        for i, at in enumerate(arrive):
+            if at == step:
+                seqs[i] = engine.add(prompts[i], max_new_tokens=new[i], stop_token_ids=[], plan=plans[i])
+        info = engine.step()
+        infos.append(info)
+        if info.padded:  # one plan: every sequence's steps go through the same buffers
+            batch = engine.batch_graphs([seqs[0]]).batch  # type: ignore[union-attr]
+            assert batch is not None and len(batch.row_of) <= info.decode_rows
+            assert all(r < info.padded for r in batch.row_of.values()), "rows below the padded size"
+        step += 1
+    return seqs, infos
+
+
+def test_padded_sizes_are_the_next_power_of_two_up_to_128():
+    assert [padded_size(n) for n in (1, 2, 3, 5, 8, 9, 100, 128)] == [1, 2, 4, 8, 8, 16, 128, 128]
+    assert padded_size(129) is None and SIZES[-1] == 128
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_padded_steps_give_the_eager_batched_tokens_as_members_join_leave_and_are_preempted(arch):
+    """Five sequences under one plan (full + streaming heads whose ring wraps; Gemma 3's sliding layers hold their
+    window as a ring) arrive at different steps into a pool too small for all: sequences are preempted and recomputed,
+    finish at different steps, and the decode-only steps run at padded sizes (5 rows at 8, 3 at 4, ...)."""
+    lm = tiny_model(arch)
+    plan = mixed_plan(lm.spec, window=6)
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 33, 9], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    plans = [plan] * len(prompts)
+    want = [greedy_alone(lm, p, n, plan) for p, n in zip(prompts, new)]
+
+    probe = PagePool(lm.spec, 1 << 30, dtype_bytes=4, page_size=4)
+    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k in zip(lengths, new)]
+    budget = (sum(most) * 3 // 5) * probe.page_bytes
+
+    def batch(padded: bool) -> tuple[list, list[StepInfo], LogitsRecorder]:
+        pool = PagePool(lm.spec, budget, dtype_bytes=4, page_size=4)
+        engine = LogitsRecorder(lm, chunk_size=16, pool=pool, padded_decode=padded)
+        seqs, infos = run(engine, prompts, new, arrive, plans)
+        assert pool.free_pages == pool.num_pages, "every page back at the end"
+        return seqs, infos, engine
+
+    padded, infos, a = batch(True)
+    eager, eager_infos, b = batch(False)
+    assert [s.generated for s in padded] == [s.generated for s in eager] == want
+    assert len(a.sampled) == len(b.sampled)
+    for x, y in zip(a.sampled, b.sampled, strict=True):  # step by step, the same logits (fp32 rounding apart)
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], rtol=0, atol=1e-5)
+    assert sum(i.preempted for i in infos) >= 1, "the pool was meant to run dry"
+    sizes = {(i.decode_rows, i.padded) for i in infos if i.padded}
+    assert any(rows < size for rows, size in sizes), f"no step was padded: {sizes}"
+    assert len({size for _, size in sizes}) >= 3, "the batch changed size"
+    assert all(size == padded_size(rows) for rows, size in sizes)
+    assert not any(i.graph for i in infos), "no CUDA graph on the CPU"
+    assert not any(i.padded for i in eager_infos)
+
+
+def test_padding_rows_write_only_the_scratch_page():
+    """Every padded step writes each sequence's token in its own pages at its position's slot, and the padding rows
+    (one of 3 sequences at size 4, then the row a finished sequence left) write into the scratch page only."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool, padded_decode=True)
+    assert pool.kv is not None
+    pool.kv.zero_()
+    seqs = [engine.add(list(range(1, n + 1)), max_new_tokens=k, stop_token_ids=[])
+            for n, k in ((9, 8), (3, 3), (14, 8), (6, 8))]
+    P = pool.page_size
+    checked = []
+    while engine.live:
+        live = [s for s in seqs if not s.finished]
+        before = pool.kv.clone()
+        positions = [s.cached for s in live]
+        info = engine.step()
+        if not info.padded or info.finished:  # (a finished sequence's pages are back in the pool)
+            continue
+        expected = set()
+        for s, pos in zip(live, positions):
+            for layer in s.pages.groups:
+                for g in layer:
+                    slot = int(g.policy.paged_layout().slots(torch.tensor(pos)))
+                    expected |= {(head[slot // P], slot % P) for head in g.pages}
+        changed = (pool.kv != before).any(dim=-1).any(dim=1).nonzero().tolist()  # (page, slot) pairs
+        assert {(p, t) for p, t in changed if p != pool.scratch} == expected
+        checked.append((info.decode_rows, info.padded))
+    assert checked.count((3, 4)) >= 3, checked  # the row of the sequence that finished first pads them
+    assert pool.kv[pool.scratch].abs().sum() > 0, "the padding rows wrote their token into the scratch page"
+
+
+def test_steps_the_padded_path_cannot_take_run_the_eager_batched_step():
+    """Sequences under two plans in one step, or a plan with a group keeping its own store (Quest), decode on the
+    eager batched step, with the tokens each gives alone."""
+    lm = tiny_model("llama")
+    quest = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8)] * lm.spec.num_kv_heads]
+                                   * lm.spec.num_layers)
+    plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6), quest]
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (6, 11, 17)]
+    want = [greedy_alone(lm, p, 5, plan) for p, plan in zip(prompts, plans)]
+    for together in ([0, 1], [2]):
+        pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+        engine = Engine(lm, chunk_size=16, pool=pool, padded_decode=True)
+        seqs, infos = run(engine, [prompts[i] for i in together], [5] * len(together), [0] * len(together),
+                          [plans[i] for i in together])
+        assert [s.generated for s in seqs] == [want[i] for i in together]
+        assert not any(i.padded for i in infos if i.decode_rows == len(together))
+
+
+def test_cuda_graphs_asked_for_on_a_cpu_pool_fail_the_sequences_with_the_reason():
+    lm = tiny_model("llama")
+    engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4), cuda_graphs=True)
+    with pytest.raises(InputError, match="CUDA-graph decode was asked for, but the model is on cpu, not CUDA"):
+        list(engine.generate([1, 2, 3], max_new_tokens=3, stop_token_ids=[]))
+    assert engine.live == []
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
+def test_padded_steps_on_the_triton_kernel_give_each_sequence_its_tokens_alone():
+    """``use_kernels=True`` on CPU tensors: ``batch_decode`` sized for the buffers' length limit, under Triton's
+    interpreter, with a padding row (3 sequences at size 4)."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19, 12)]
+    want = [greedy_alone(lm, p, 4, plan, use_kernels=True) for p in prompts]
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool, use_kernels=True, padded_decode=True)
+    seqs, infos = run(engine, prompts, [4, 4, 4], [0, 0, 1], [plan] * 3)
+    assert [s.generated for s in seqs] == want
+    assert any(i.padded == 4 and i.decode_rows == 3 for i in infos)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_decode_replays_cuda_graphs_at_padded_sizes_on_gpu(dtype):
+    """On CUDA: decode-only steps over the pool are captured once per padded size and replayed as the batch's members
+    change; the tokens equal the same padded steps run eagerly and, in fp32, the eager batched step's."""
+    lm = tiny_model("llama")
+    lm.model.to("cuda", dtype)
+    plan = mixed_plan(lm.spec, window=6)
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 33, 9, 50], [30, 24, 20, 18, 16, 12], [0, 0, 2, 5, 6, 9]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    itemsize = torch.empty((), dtype=dtype).element_size()
+
+    def batch(**kw) -> tuple[list[list[int]], list[StepInfo]]:
+        pool = PagePool(lm.spec, 1 << 24, dtype_bytes=itemsize, page_size=16)
+        engine = Engine(lm, chunk_size=16, pool=pool, use_kernels=True, **kw)
+        seqs, infos = run(engine, prompts, new, arrive, [plan] * len(prompts))
+        return [s.generated for s in seqs], infos
+
+    graphs, infos = batch()
+    replayed = [i for i in infos if i.graph]
+    assert len(replayed) >= 10 and all(i.padded for i in replayed)
+    assert len({i.padded for i in replayed}) >= 2, "graphs at several padded sizes"
+    padded_eager, eager_infos = batch(cuda_graphs=False, padded_decode=True)
+    assert not any(i.graph for i in eager_infos) and any(i.padded for i in eager_infos)
+    assert graphs == padded_eager
+    if dtype == torch.float32:
+        assert graphs == batch(padded_decode=False)[0]
