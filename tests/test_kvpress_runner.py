@@ -109,6 +109,35 @@ def test_gemma3_text_is_refused_with_the_reason(tmp_path):
     assert "does not handle Gemma 3" in got.stderr and "--allow-gemma3" in got.stderr
 
 
+def test_gemma3_run_anyway_keeps_every_token_in_its_sliding_layers_and_presses_them_alike(gemma3, tmp_path):
+    """What --allow-gemma3 shows (docs/eval.md): the dense model answers as headwise's does; in kvpress's pipeline
+    cache (``DynamicCache()``) the sliding-window layers hold every prompt token, not their window, and a press cuts
+    them by the same ratio as the global layers (kvpress skips them only for Gemma3ForConditionalGeneration)."""
+    from headwise.engine import Engine
+    from headwise.models import local_dir
+    from headwise.plan import HeadPlan
+
+    export_prompts(gemma3, tmp_path / "p.jsonl", ["passkey"], [1024], [0.5], 1, 0,
+                   model_dir=local_dir("gemma3-270m")[0])
+    (prompt,) = read_jsonl(tmp_path / "p.jsonl", "prompts")
+    got = _kvpress(str(RUNNER), str(tmp_path / "p.jsonl"), "--allow-gemma3", "--presses", "none,streaming",
+                   "--kv-fraction", "0.5", "--device", "cpu", "--out", str(tmp_path / "o.jsonl"))
+    assert got.returncode == 0, got.stderr[-3000:]
+    rows = {r["label"]: r for r in read_jsonl(tmp_path / "o.jsonl", "outputs")}
+    dense, pressed = rows["kvpress:none-untested"], rows["kvpress:streaming-untested@0.5"]
+    engine = Engine(gemma3, HeadPlan.dense(gemma3.spec))
+    text = "".join(ev.text for ev in engine.generate(prompt["input_ids"], max_new_tokens=prompt["max_new_tokens"],
+                                                      temperature=0.0) if ev.stats is None)
+    assert dense["output"].strip() == text.strip()
+    n = len(prompt["input_ids"]) - 1
+    assert n + 1 > max(w for w in gemma3.spec.layer_windows if w is not None)  # past the sliding window
+    # every layer, sliding or global: all n + 1 prompt tokens dense; int(n * 0.5) + the last one pressed
+    assert dense["kv_tokens_per_layer"] == [n + 1] * gemma3.spec.num_layers
+    assert pressed["kv_tokens_per_layer"] == [int(n * 0.5) + 1] * gemma3.spec.num_layers
+    # so kvpress's dense holds more than headwise's dense, whose sliding layers keep their window
+    assert dense["kv_tokens"] > gemma3.spec.dense_kv_tokens(n + 1)
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (["--presses", "duo", "--kv-fraction", "0.5"], "booksum"),
     (["--presses", "snapkv"], "give one of --kv-fraction"),

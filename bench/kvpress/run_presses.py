@@ -28,11 +28,12 @@ measured KV fraction at each length) sets each press's ``compression_ratio = 1 -
 attend globally (SmolLM2) the cache holds F of dense.
 
 Gemma 3 (``gemma3_text``, the text-only ``Gemma3ForCausalLM``) is refused unless ``--allow-gemma3``: kvpress 0.5.5
-only knows ``Gemma3ForConditionalGeneration``, for which it leaves the sliding-window layers alone. On the text-only
-class (tested with transformers 4.57.6 on gemma-3-270m: docs/eval.md, kvpress baselines) it warns the model is
-untested, compresses the sliding layers' 511-token caches by the same ratio as the global ones, and installs the
-global RoPE (theta 1e6) as every layer's ``rotary_emb``, which ExpectedAttentionPress uses to rotate its query
-statistics, so sliding layers (theta 1e4) are scored with the wrong rotation. It runs without an error; the numbers
+only knows ``Gemma3ForConditionalGeneration``, for which it leaves the sliding-window layers alone. Tested on
+gemma-3-270m with transformers 4.57.6 (tests/test_kvpress_runner.py): in the cache kvpress's pipeline makes
+(``DynamicCache()``, no config) the 15 sliding layers hold every prompt token instead of their 512-token window (more
+memory than the model's own dense cache), the press cuts them by the same ratio as the 3 global layers, and kvpress
+installs the global RoPE (theta 1e6) as every layer's ``rotary_emb``, which ExpectedAttentionPress uses on sliding
+layers (theta 1e4). Nothing raises an error, and the dense model answers as headwise's does; the compressed numbers
 are not kvpress's intended Gemma 3 behaviour.
 
 The last stdout line is one JSON document (counts and seconds per press).
@@ -198,8 +199,9 @@ def check_model(config: Any, allow_gemma3: bool) -> None:
     if config.model_type == "gemma3_text" and not allow_gemma3:
         raise UsageError(
             "kvpress 0.5.5 does not handle Gemma 3's text model: it skips the sliding-window layers only for "
-            "Gemma3ForConditionalGeneration; on Gemma3ForCausalLM it compresses the sliding layers' 511-token caches "
-            "too and gives every layer the global RoPE (wrong for ExpectedAttentionPress on sliding layers). Pass "
+            "Gemma3ForConditionalGeneration; on Gemma3ForCausalLM its pipeline cache keeps every token in the sliding "
+            "layers, its presses cut them like the global ones, and every layer gets the global RoPE (wrong for "
+            "ExpectedAttentionPress on sliding layers). Pass "
             "--allow-gemma3 to run it anyway (labels get '-untested')")
 
 
@@ -248,7 +250,7 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
     _sync(device)
     t1 = time.perf_counter()
     # the whole prompt is in the cache now: what it holds is what this press keeps of the prompt
-    kv_tokens = sum(layer.keys.shape[1] * layer.keys.shape[2] for layer in cache.layers)
+    per_layer = [int(layer.keys.shape[1] * layer.keys.shape[2]) for layer in cache.layers]
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     stop = model.generation_config.eos_token_id
     stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
@@ -260,7 +262,8 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
         generated.append(int(out.logits[0, -1].argmax()))
     _sync(device)
     t2 = time.perf_counter()
-    return {"output_ids": generated, "kv_tokens": int(kv_tokens), "kv_bytes": int(kv_bytes),
+    return {"output_ids": generated, "kv_tokens": sum(per_layer), "kv_tokens_per_layer": per_layer,
+            "kv_bytes": int(kv_bytes),
             "prefill_s": round(t1 - t0, 5), "decode_s": round(t2 - t1, 5)}
 
 
@@ -376,7 +379,8 @@ def _main(args: argparse.Namespace) -> int:
                     "task": p["task"], "length": p["length"], "depth": p["depth"], "seed": p["seed"], "idx": p["idx"],
                     "output": tok.decode(res["output_ids"], skip_special_tokens=True),
                     "output_ids": res["output_ids"], "prompt_tokens": len(p["input_ids"]),
-                    "new_tokens": len(res["output_ids"]), "kv_tokens": res["kv_tokens"], "kv_bytes": res["kv_bytes"],
+                    "new_tokens": len(res["output_ids"]), "kv_tokens": res["kv_tokens"],
+                    "kv_tokens_per_layer": res["kv_tokens_per_layer"], "kv_bytes": res["kv_bytes"],
                     "kv_fraction_target": f, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
                     "prefill_s": res["prefill_s"], "decode_s": res["decode_s"],
                 }) + "\n")
