@@ -109,6 +109,7 @@ def test_gemma3_text_is_refused_with_the_reason(tmp_path):
     assert "does not handle Gemma 3" in got.stderr and "--allow-gemma3" in got.stderr
 
 
+@pytest.mark.slow  # Gemma 3 at 1K tokens in both environments: about a minute on 2 cores
 def test_gemma3_run_anyway_keeps_every_token_in_its_sliding_layers_and_presses_them_alike(gemma3, tmp_path):
     """What --allow-gemma3 shows (docs/eval.md): the dense model answers as headwise's does; in kvpress's pipeline
     cache (``DynamicCache()``) the sliding-window layers hold every prompt token, not their window, and a press cuts

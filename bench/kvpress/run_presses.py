@@ -19,8 +19,10 @@ prefix, and headwise's plans see it whole, so here the whole prompt is the conte
 SnapKV see the question in their observation window, as in the SnapKV paper).
 
 KV memory: after the prompt, the token slots the cache's tensors hold, summed over layers and KV heads
-(``kv_tokens``), and their bytes (``kv_bytes``). kvpress's uniform presses really shorten the cache tensors;
-presses that mask instead (DuoAttention, AdaKV) would hold dense-sized tensors, and are counted so.
+(``kv_tokens``, and per layer), their bytes (``kv_bytes``) and, on CUDA, what the allocator gave out from before the
+cache was made to after the prompt, less the last logits (``kv_bytes_allocator``). kvpress's uniform presses
+really shorten the cache tensors; presses that mask instead (DuoAttention, AdaKV) would hold dense-sized tensors,
+and are counted so.
 
 Matching memory: ``--kv-fraction F`` (or ``1024=F1,2048=F2``, or ``--match RESULTS.json:PLAN`` for a headwise plan's
 measured KV fraction at each length) sets each press's ``compression_ratio = 1 - F``: a scorer press keeps
@@ -236,8 +238,10 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
 
     device = model.device
     context = torch.tensor([ids[:-1]], device=device)
-    cache = DynamicCache()
+    cuda = device.type == "cuda"
     _sync(device)
+    m0 = torch.cuda.memory_allocated(device) if cuda else 0
+    cache = DynamicCache()
     t0 = time.perf_counter()
     if press is None:
         model.model(input_ids=context, past_key_values=cache)
@@ -252,6 +256,9 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
     # the whole prompt is in the cache now: what it holds is what this press keeps of the prompt
     per_layer = [int(layer.keys.shape[1] * layer.keys.shape[2]) for layer in cache.layers]
     kv_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    # what the allocator gave out since before the cache was made, the cache alive and the prefill's activations
+    # freed, less the one row of logits still referenced (as headwise's eval measures its own caches)
+    allocated = torch.cuda.memory_allocated(device) - m0 - out.logits.nbytes if cuda else None
     stop = model.generation_config.eos_token_id
     stop_ids = set(stop if isinstance(stop, list) else [stop] if stop is not None else [])
     generated = [int(out.logits[0, -1].argmax())]
@@ -263,7 +270,7 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
     _sync(device)
     t2 = time.perf_counter()
     return {"output_ids": generated, "kv_tokens": sum(per_layer), "kv_tokens_per_layer": per_layer,
-            "kv_bytes": int(kv_bytes),
+            "kv_bytes": int(kv_bytes), "kv_bytes_allocator": allocated,
             "prefill_s": round(t1 - t0, 5), "decode_s": round(t2 - t1, 5)}
 
 
@@ -381,6 +388,7 @@ def _main(args: argparse.Namespace) -> int:
                     "output_ids": res["output_ids"], "prompt_tokens": len(p["input_ids"]),
                     "new_tokens": len(res["output_ids"]), "kv_tokens": res["kv_tokens"],
                     "kv_tokens_per_layer": res["kv_tokens_per_layer"], "kv_bytes": res["kv_bytes"],
+                    "kv_bytes_allocator": res["kv_bytes_allocator"],
                     "kv_fraction_target": f, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
                     "prefill_s": res["prefill_s"], "decode_s": res["decode_s"],
                 }) + "\n")

@@ -169,6 +169,7 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
                 "kv_fraction": o["kv_tokens"] / dense_tokens,
                 "prompt_tokens": o["prompt_tokens"], "new_tokens": o["new_tokens"],
                 "prefill_s": o.get("prefill_s"), "decode_s": o.get("decode_s"),
+                "kv_bytes_allocator": o.get("kv_bytes_allocator"),
             },
         })
 
@@ -195,6 +196,7 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
             frac = sum(s["kv_fraction"] for s in st) / len(st)
             target = per_len[L][1].get("kv_fraction_target")
             times = [s for s in st if s["prefill_s"] is not None and s["decode_s"] is not None]
+            alloc = [s["kv_bytes_allocator"] for s in st if s["kv_bytes_allocator"] is not None]
             pre = sum(s["prefill_s"] for s in times)
             dec = sum(s["decode_s"] for s in times)
             perf.append({
@@ -203,7 +205,9 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
                 "dense_kv_bytes": round(sum(s["dense_kv_bytes"] for s in st) / len(st)),
                 "kv_fraction": round(frac, 4),
                 "planned_kv_fraction": None if target is None else round(float(target), 4),
-                "measured_tokens": None, "kv_bytes_tensors": None, "kv_bytes_allocator": None,
+                "measured_tokens": None, "kv_bytes_tensors": None,
+                # the runner's CUDA allocator reading, where it ran on a GPU (its dtype, not the results')
+                "kv_bytes_allocator": round(sum(alloc) / len(alloc)) if alloc else None,
                 # the held cache's tensors, counted after each prompt by the external runner
                 "kv_fraction_measured": round(frac, 4),
                 "planned_kv_bytes": None,
