@@ -58,7 +58,15 @@ run)
   done
   wait
   tail -n 2 "$KV"/logs/shard*.log
-  cat "$KV"/outputs-*.jsonl > "$KV/outputs.jsonl"
+  # every complete line of every shard (a shard cut by the timeout may leave half a line)
+  $HWPY -c 'import json, sys
+for f in sys.argv[1:]:
+    for line in open(f):
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        sys.stdout.write(line if line.endswith("\n") else line + "\n")' "$KV"/outputs-*.jsonl > "$KV/outputs.jsonl"
   PYTHONPATH=/tmp/site:$PWD/src $HWPY bench/kvpress/import_outputs.py "$WORK/eval-$EVAL" "$KV/outputs.jsonl" \
     --prompts "$KV/prompts.jsonl" --out "$KV/eval" | tail -c 300
   cp "$WORK/eval-$EVAL"/*.png "$KV/eval/" 2>/dev/null
