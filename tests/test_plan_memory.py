@@ -1,5 +1,6 @@
-"""No plan holds more KV than dense, at any prompt length: shipped plans, profiler solutions, equal-memory
-baselines; counted from the tensors a real cache allocates for that length."""
+"""No plan holds more KV than dense, at any prompt length: shipped plans, profiler solutions (with and without
+quantized heads), hand-built plans with quantized heads on native sliding-window layers, equal-memory baselines;
+counted from the tensors a real cache allocates for that length."""
 
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from headwise.spec import ModelSpec
 SMOLLM2 = ModelSpec("llama", 30, 9, 3, 64, 8192, (None,) * 30)
 GEMMA3 = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768,
                    tuple(None if i % 6 == 5 else 512 for i in range(18)))
-LENGTHS = (1, 5, 63, 64, 65, 127, 300, 1000, 1024, 2048, 4096, 8192)
+LENGTHS = (1, 5, 63, 64, 65, 127, 300, 511, 512, 513, 543, 544, 1000, 1024, 1055, 2048, 4096, 8192)
 PLANS = sorted(Path(__file__).resolve().parents[1].glob("plans/*.json"))
 
 
@@ -34,13 +35,15 @@ def test_shipped_plan_never_holds_more_than_dense(path):
         assert held_bytes(spec, plan, n) <= spec.dense_kv_bytes(n, 2), f"{path.name} at {n} tokens"
 
 
+@pytest.mark.parametrize("quantize", [False, True], ids=["plain", "quantize"])
 @pytest.mark.parametrize("budget", [0.2, 0.5, 1.0])
-def test_solved_plans_never_hold_more_than_dense(budget):
+def test_solved_plans_never_hold_more_than_dense(budget, quantize):
     g = torch.Generator().manual_seed(0)
     for spec in (SMOLLM2, GEMMA3):
         if budget < 0.5 and spec is GEMMA3:
             continue  # below Gemma's cheapest streaming plan
-        sol = solve(spec, torch.rand(spec.num_layers, spec.num_kv_heads, generator=g), budget, 1024, full_share=1.0)
+        sol = solve(spec, torch.rand(spec.num_layers, spec.num_kv_heads, generator=g), budget, 1024, full_share=1.0,
+                    quantize=quantize)
         plan = HeadPlan.from_policies(spec, sol.policies, "test")
         for n in LENGTHS:
             assert held_bytes(spec, plan, n) <= spec.dense_kv_bytes(n, 2), f"budget {budget} at {n} tokens"
@@ -50,3 +53,26 @@ def test_solved_plans_never_hold_more_than_dense(budget):
 def test_a_short_prompt_holds_no_more_ring_slots_than_tokens():
     plan = HeadPlan.uniform(SMOLLM2, {"policy": "streaming", "params": {"sink": 64, "window": 4000}}, "wide rings")
     assert held_bytes(SMOLLM2, plan, 100) == SMOLLM2.dense_kv_bytes(100, 2)
+
+
+WINDOWED_PLANS = {
+    "int4-everywhere": [[{"policy": "quantized", "params": {"bits": 4}}]] * 18,
+    "int8-everywhere": [[{"policy": "quantized", "params": {"bits": 8}}]] * 18,
+    "int4-residual32-sliding-full-global": [[{"policy": "full"} if i % 6 == 5 else
+                                             {"policy": "quantized", "params": {"bits": 4, "residual": 32}}]
+                                            for i in range(18)],
+    "int8-group64-residual300": [[{"policy": "quantized", "params": {"bits": 8, "group": 64, "residual": 300}}]] * 18,
+    "int8-tight-windows-set-by-the-plan": [[{"policy": "quantized",
+                                            "params": {"bits": 8, "group": 32, "residual": 128, "window": 160}}]] * 18,
+}
+
+
+@pytest.mark.parametrize("name", list(WINDOWED_PLANS))
+def test_plans_with_windowed_quantized_heads_never_hold_more_than_dense(name):
+    """Quantized heads on Gemma 3's sliding layers keep the native window (``plan.resolve``): at every length up to
+    three windows the plan counts no more than dense, and at awkward lengths neither does a reserved cache."""
+    plan = HeadPlan(dict(GEMMA3.fingerprint()), WINDOWED_PLANS[name])
+    for n in range(1, 3 * 512 + 70):
+        assert plan.kv_bytes(GEMMA3, n) <= GEMMA3.dense_kv_bytes(n, 2), f"{n} tokens"
+    for n in LENGTHS:
+        assert held_bytes(GEMMA3, plan, n) <= GEMMA3.dense_kv_bytes(n, 2), f"{n} tokens"

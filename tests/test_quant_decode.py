@@ -70,3 +70,41 @@ def test_reference_is_attention_over_the_dequantized_cache_then_the_residual():
     values = torch.cat([values, rv[:, :, :4]], dim=2).repeat_interleave(2, dim=1)
     expect = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, keys) / 4.0, dim=-1)
     torch.testing.assert_close(quant_decode_reference(q, kv, rk, rv, 4), torch.einsum("bhs,bhsd->bhd", expect, values))
+
+
+FIRST_SCENARIOS = {
+    # name: (batch, kv_heads, group_q, dim, n_quant, n_res, group, first): a sliding window's oldest visible token
+    "first-inside-a-group-gqa4": (2, 2, 4, 64, 96, 37, 32, 45),
+    "first-at-a-group-start": (1, 1, 2, 64, 64, 20, 32, 32),
+    "first-in-the-residual": (1, 2, 1, 80, 64, 21, 32, 70),
+    "first-is-the-last-token": (1, 1, 3, 32, 48, 5, 16, 52),
+    "first-one-before-the-residual": (1, 3, 1, 32, 48, 9, 16, 47),
+}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", list(FIRST_SCENARIOS))
+def test_kernel_skips_the_tokens_before_first_like_the_reference(name, dtype, bits):
+    batch, kv_heads, group_q, dim, n_quant, n_res, group, first = FIRST_SCENARIOS[name]
+    q, kv, rk, rv = _cache(batch, kv_heads, group_q, dim, n_quant, n_res, bits, group, dtype, seed=7)
+    for splits in (1, 3):
+        out = quant_decode(q, kv, rk, rv, n_res, first=first, num_splits=splits, block_n=16)
+        ref = quant_decode_reference(q.float(), kv, rk.float(), rv.float(), n_res, first=first)
+        pt = quant_decode_reference(q, kv, rk, rv, n_res, first=first)
+        err = (out.float() - ref).abs().max().item()
+        err_pt = (pt.float() - ref).abs().max().item()
+        assert err <= 2 * err_pt + 1e-4, f"{splits} splits: kernel error {err:.2e} vs PyTorch's {err_pt:.2e}"
+    # ... and the reference is attention over exactly the tokens from ``first`` on.
+    full = quant_decode_reference(q.float(), kv, rk.float(), rv.float(), n_res)
+    assert (ref - full).abs().max().item() > 1e-3, "skipping tokens must change the output"
+
+
+def test_reference_from_first_is_attention_over_the_later_tokens_only():
+    q, kv, rk, rv = _cache(1, 1, 2, 16, 32, 4, 8, 16, torch.float32, seed=3)
+    keys, values = kv.dequantize(16)
+    keys = torch.cat([keys, rk[:, :, :4]], dim=2)[:, :, 21:].repeat_interleave(2, dim=1)
+    values = torch.cat([values, rv[:, :, :4]], dim=2)[:, :, 21:].repeat_interleave(2, dim=1)
+    expect = torch.softmax(torch.einsum("bhd,bhsd->bhs", q, keys) / 4.0, dim=-1)
+    torch.testing.assert_close(quant_decode_reference(q, kv, rk, rv, 4, first=21),
+                               torch.einsum("bhs,bhsd->bhd", expect, values))

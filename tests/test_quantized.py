@@ -9,7 +9,7 @@ import torch
 from headwise.engine import Engine
 from headwise.errors import PlanError
 from headwise.kernels.kv_quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
-from headwise.plan import HeadPlan
+from headwise.plan import HeadPlan, resolve
 from headwise.policies import AttendContext, Full, Quantized, Streaming, build_policy
 from headwise.policies.base import causal_attention
 from headwise.profile.solver import solve
@@ -159,15 +159,33 @@ def test_solver_keeps_every_top_ranked_global_head_reachable_when_full_does_not_
     assert roomy.full_heads == [(5, 0)] and [roomy.policies[i][0].bits for i in (11, 17)] == [8, 4]
 
 
-def test_solver_offers_quantized_options_only_when_asked_and_only_on_global_layers():
+def test_solver_offers_quantized_options_only_when_asked():
     scores = torch.rand(18, 1, generator=torch.Generator().manual_seed(2))
     for budget in (0.5, 0.8):
         off = solve(GEMMA3, scores, budget, 4096)
         assert not any(isinstance(p, Quantized) for row in off.policies for p in row)
-        on = solve(GEMMA3, scores, budget, 4096, quantize=True)
-        for i, row in enumerate(on.policies):
-            if GEMMA3.native_window(i) is not None:
-                assert not isinstance(row[0], Quantized)
+
+
+@pytest.mark.parametrize("target", [2048, 4096, 8192])
+def test_solver_keeps_every_token_gemma3_sees_at_half_of_dense_with_windowed_quantized_heads(target):
+    """Issue 19: Gemma 3's sliding layers alone hold 56% of its dense KV at 2K, so without quantization a half-size
+    plan must hide tokens inside the native windows; with it, every head keeps every token the model sees (global
+    heads whole, sliding heads their full native window, in codes or full precision)."""
+    scores = torch.rand(18, 1, generator=torch.Generator().manual_seed(3)) + 0.01  # every head worth keeping
+    plain = HeadPlan.from_policies(GEMMA3, solve(GEMMA3, scores, 0.5, target).policies)
+    assert any(isinstance(p, Streaming) and p.window < (GEMMA3.native_window(i) or target)
+               for i, row in enumerate(resolve(plain.policies(), GEMMA3)) for p in row)
+    sol = solve(GEMMA3, scores, 0.5, target, quantize=True)
+    plan = HeadPlan.from_policies(GEMMA3, sol.policies)
+    assert plan.kv_bytes(GEMMA3, target) <= 0.5 * GEMMA3.dense_kv_bytes(target)
+    assert plan.kv_tokens(GEMMA3, target) <= sol.kv_tokens <= plan.kv_tokens(GEMMA3, target) + 18  # per-head rounding
+    for i, row in enumerate(resolve(plan.policies(), GEMMA3)):
+        native, p = GEMMA3.native_window(i), row[0]
+        if native is None:
+            assert isinstance(p, Full | Quantized) and not (isinstance(p, Quantized) and p.window), f"layer {i}: {p}"
+        else:
+            assert p == Streaming(sink=0, window=native) or (isinstance(p, Quantized) and p.window == native), p
+    assert any(isinstance(row[0], Quantized) for i, row in enumerate(sol.policies) if GEMMA3.native_window(i))
 
 
 def test_a_plan_with_quantized_heads_decodes_eagerly_and_says_why():

@@ -25,7 +25,7 @@ def tiny_config(arch: str, **over):
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=None)
     if arch == "gemma3_text":
-        return tf.Gemma3TextConfig(**common, sliding_window=16,
+        return tf.Gemma3TextConfig(**({"sliding_window": 16} | common),
                                    layer_types=["sliding_attention", "sliding_attention", "full_attention",
                                                 "sliding_attention"][: common["num_hidden_layers"]])
     raise ValueError(arch)

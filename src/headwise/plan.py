@@ -294,14 +294,17 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
     """Apply the model's own sliding windows: on a layer with native window W, ``full`` means
     ``streaming(sink=0, window=W)`` (that is what the model computes, and all its cache needs); so do ``longheads``
     (keeping distances within the trained length: the window does) and ``retrieval_offload`` (a window's KV is small
-    enough for the device)."""
-    from headwise.policies import Full, LongHeads, RetrievalOffload, Streaming
+    enough for the device). ``quantized`` keeps the window too, in codes and a residual, never holding more than the
+    window's dense bytes (``Quantized.for_native_window``; a window a plan gives a quantized head on a global layer
+    is checked the same way)."""
+    from headwise.policies import Full, LongHeads, Quantized, RetrievalOffload, Streaming
 
-    out = []
-    for i, row in enumerate(policies):
-        window = spec.native_window(i)
-        if window is None:
-            out.append(list(row))
-        else:
-            out.append([Streaming(sink=0, window=window) if isinstance(p, Full | LongHeads | RetrievalOffload) else p for p in row])
-    return out
+    def windowed(p: Policy, window: int | None) -> Policy:
+        if window is not None and isinstance(p, Full | LongHeads | RetrievalOffload):
+            return Streaming(sink=0, window=window)
+        if isinstance(p, Quantized) and (window is not None or p.window):
+            # A window the plan set itself (a global layer) gets the same check against its dense bytes.
+            return p.for_native_window(window or p.window, spec.head_dim)
+        return p
+
+    return [[windowed(p, spec.native_window(i)) for p in row] for i, row in enumerate(policies)]

@@ -21,12 +21,15 @@ Limits
     fp16 or bf16; accumulation fp32. Under TRITON_INTERPRET=1 the products run in fp32 (the interpreter's bf16
     dot is wrong), so the interpreter checks indexing, unpacking and the softmax; on a GPU the dequantized rows
     are rounded to q's dtype for tensor-core products, as the reference rounds its dequantized cache. Not yet
-    capturable in a CUDA graph (the lengths are host integers).
+    capturable in a CUDA graph (the lengths are host integers). A sliding-window head (``quantized`` on a native
+    sliding-window layer) passes ``first``, the index of its oldest visible token: the walk starts there, so a
+    block may begin inside a key group (its params are indexed per token, not per block).
 
 Tested
     tests/test_quant_decode.py under TRITON_INTERPRET=1 on the CPU: odd lengths, a residual alone, a quantized
     part alone, partial value channel groups (D = 80, group 32), batch 2, GQA 4:1 and 1:1, several splits, 8 and
-    4 bits, against an fp32 reference with flash-attention's tolerance (error <= 2x PyTorch's in the same dtype).
+    4 bits, a first visible token inside a group, in the residual, and at index 0, against an fp32 reference with
+    flash-attention's tolerance (error <= 2x PyTorch's in the same dtype).
     Not yet run on a GPU.
 """
 
@@ -70,7 +73,7 @@ def _load_codes(base, tok, stride_n, offs_d, mask, BITS: tl.constexpr):
 @triton.jit
 def _quant_decode_kernel(
     Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, LSE_PART, Out,
-    n_quant, n_total, scale_log2e, n_kv_heads, tokens_per_split, iters_per_split, n_splits,
+    n_quant, n_total, first, scale_log2e, n_kv_heads, tokens_per_split, iters_per_split, n_splits,
     stride_qb, stride_qh,
     stride_kcb, stride_kch, stride_kcn,
     stride_ksb, stride_ksh, stride_ksg,
@@ -111,7 +114,7 @@ def _quant_decode_kernel(
     m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
-    lo = split * tokens_per_split
+    lo = first + split * tokens_per_split  # tokens before ``first`` (outside a sliding window) are never read
     hi = tl.minimum(lo + tokens_per_split, n_total)
     it = 0
     while it < iters_per_split:  # a ``while``: the interpreter takes no runtime ``range`` bound
@@ -158,19 +161,22 @@ def _num_splits(work_items: int, n_total: int, block_n: int, device: torch.devic
 
 def quant_decode(
     q: torch.Tensor, kv: QuantizedKV, res_k: torch.Tensor, res_v: torch.Tensor, n_res: int,
-    scale: float | None = None, num_splits: int | None = None, block_n: int = 64, num_warps: int = 4,
+    scale: float | None = None, first: int = 0, num_splits: int | None = None, block_n: int = 64,
+    num_warps: int = 4,
 ) -> torch.Tensor:
     """Attention of one new token over a quantized per-head cache plus its full-precision residual.
 
-    q: [B, Hq, D] (GQA order); kv: the quantized part (its first ``kv.n_quant`` tokens, positions
-    ``0 .. n_quant - 1``); res_k, res_v: [B, Hkv, >= n_res, D], positions ``n_quant .. n_quant + n_res - 1``.
-    Returns [B, Hq, D] in q's dtype. ``num_splits``, ``block_n`` and ``num_warps`` only change speed.
+    q: [B, Hq, D] (GQA order); kv: the quantized part (its first ``kv.n_quant`` tokens, indices
+    ``0 .. n_quant - 1``); res_k, res_v: [B, Hkv, >= n_res, D], indices ``n_quant .. n_quant + n_res - 1``.
+    ``first``: the first index attended (a sliding window's oldest visible token; its group's codes stay stored,
+    the earlier tokens of that group are skipped). Returns [B, Hq, D] in q's dtype. ``num_splits``, ``block_n`` and
+    ``num_warps`` only change speed.
     """
     B, Hq, D = q.shape
     Hkv = res_k.shape[1]
     n_quant, bits, group = kv.n_quant, kv.bits, kv.group
     n_total = n_quant + n_res
-    assert bits in (4, 8) and n_quant % group == 0 and n_total >= 1
+    assert bits in (4, 8) and n_quant % group == 0 and 0 <= first < n_total
     assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
     assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, bits)
     assert kv.k_codes.shape[2] >= n_quant and kv.v_codes.shape[2] >= n_quant
@@ -180,9 +186,10 @@ def quant_decode(
     for t in (q, res_k, res_v, kv.k_codes, kv.k_scale, kv.v_codes, kv.v_scale):
         assert t.stride(-1) == 1, "the last dimension must be contiguous"
     group_q = Hq // Hkv
-    splits = min(num_splits or _num_splits(B * Hkv, n_total, block_n, q.device), _MAX_SPLITS)
-    tokens_per_split = math.ceil(math.ceil(n_total / splits) / block_n) * block_n
-    splits = math.ceil(n_total / tokens_per_split)
+    n_seen = n_total - first
+    splits = min(num_splits or _num_splits(B * Hkv, n_seen, block_n, q.device), _MAX_SPLITS)
+    tokens_per_split = math.ceil(math.ceil(n_seen / splits) / block_n) * block_n
+    splits = math.ceil(n_seen / tokens_per_split)
     out = torch.empty_like(q)
     if splits > 1:
         o_part = torch.empty(B, Hq, splits, D, device=q.device, dtype=torch.float32)
@@ -193,7 +200,7 @@ def quant_decode(
     _quant_decode_kernel[(B * Hkv * splits,)](
         q, kv.k_codes, kv.k_scale, kv.k_zero, kv.v_codes, kv.v_scale, kv.v_zero, res_k, res_v,
         o_part, lse_part, out,
-        n_quant, n_total, (D**-0.5 if scale is None else scale) * _LOG2E, Hkv, tokens_per_split,
+        n_quant, n_total, first, (D**-0.5 if scale is None else scale) * _LOG2E, Hkv, tokens_per_split,
         tokens_per_split // block_n, splits,
         q.stride(0), q.stride(1),
         kv.k_codes.stride(0), kv.k_codes.stride(1), kv.k_codes.stride(2),
@@ -216,9 +223,10 @@ def quant_decode(
 
 def quant_decode_reference(
     q: torch.Tensor, kv: QuantizedKV, res_k: torch.Tensor, res_v: torch.Tensor, n_res: int,
-    scale: float | None = None,
+    scale: float | None = None, first: int = 0,
 ) -> torch.Tensor:
-    """Plain PyTorch ``quant_decode``: dequantize the cache into q's dtype, append the residual, and attend.
+    """Plain PyTorch ``quant_decode``: dequantize the cache into q's dtype, append the residual, drop the tokens
+    before ``first``, and attend.
 
     Products in q's dtype, softmax in fp32, probabilities rounded to the dtype before ``@ V`` (as
     flash-attention's ``attention_ref``); pass an fp32 q (and residual) for the fp32 reference. Shapes as
@@ -227,6 +235,7 @@ def quant_decode_reference(
     keys, values = kv.dequantize(D, q.dtype)
     keys = torch.cat([keys, res_k[:, :, :n_res].to(q.dtype)], dim=2)
     values = torch.cat([values, res_v[:, :, :n_res].to(q.dtype)], dim=2)
+    keys, values = keys[:, :, first:], values[:, :, first:]
     group = Hq // keys.shape[1]
     kx, vx = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     logits = torch.einsum("bhd,bhsd->bhs", q, kx).float() * (D**-0.5 if scale is None else scale)

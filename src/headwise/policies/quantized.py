@@ -20,19 +20,33 @@ How this differs from KIVI:
   (KIVI's prefill is full precision too); so results depend on the chunk size only through which tokens are
   already quantized when a later chunk attends.
 
-Paths: plain PyTorch reference (dequantize, then exact causal attention: ``causal_attention``) for prefill and
-decode everywhere; a decode step with kernels runs the Triton kernel ``kernels.quant_decode.quant_decode``
-(dequantization in registers, flash-decoding, the residual in the same launch). No CUDA-graph decode
+Paths: plain PyTorch reference (dequantize, then exact causal attention: ``causal_attention``, or with a window
+``masked_attention`` under the sliding mask) for prefill and decode everywhere; a decode step with kernels runs the
+Triton kernel ``kernels.quant_decode.quant_decode`` (dequantization in registers, flash-decoding, the residual in the
+same launch; with a window, from the first visible token on). No CUDA-graph decode
 (``graph_decode`` is False): the store's counters and the residual's size are host-side.
 
-On a native sliding-window layer (Gemma 3) ``quantized`` keeps, and attends, the whole context, which the
-model's own window would hide: the solver offers it on global layers only.
+Sliding windows (``window``): on a native sliding-window layer (Gemma 3: 512 tokens) plan resolution
+(``plan.resolve``, through ``for_native_window``) gives the head the layer's window, as it gives ``full`` one. A
+query at position ``p`` then attends key ``j`` iff ``p - j < window`` (transformers' sliding mask, and what
+``full`` computes on that layer), token for token, over the dequantized codes and the residual. A group of codes is
+dropped once all of its ``group`` tokens are outside the window, so the head holds ``min(T, window)`` visible
+tokens plus at most ``group - 1`` older ones at the start of the oldest kept group (never attended). Resolution
+keeps such a head within the bytes of the window held densely at every length: if the store's codes room plus its
+largest residual (``residual + group - 1`` tokens) could exceed ``window`` dense slots, the residual is shortened
+to the longest that fits (KIVI's 128 fits Gemma 3's 512 at 4 and 8 bits), and where none does the head keeps the
+window in full precision (``streaming(sink=0, window)``, what ``full`` resolves to). A 4-bit head on a 512-token
+window holds ``(384 * 0.3125 + 128..159) / 512``, 0.48 to 0.55 of the window's dense bytes (head_dim 256, bf16).
+A plan may also set ``window`` on a global layer: a quantized sliding window without sinks (resolution checks its
+bytes the same way). Dropping a group moves the kept codes to the front of their buffers (at most ``window``
+tokens' codes, once per ``group`` tokens), so the kernel reads the held codes from index 0.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, ClassVar
 
 import torch
 
@@ -44,7 +58,8 @@ from headwise.kernels.kv_quant import (
     quantize_keys,
     quantize_values,
 )
-from headwise.policies.base import AttendContext, Policy, causal_attention
+from headwise.policies.base import AttendContext, Policy, causal_attention, masked_attention
+from headwise.policies.streaming import Streaming
 
 
 @dataclass(frozen=True)
@@ -65,6 +80,10 @@ class Quantized(Policy):
     residual: int = 128
     """KIVI's residual length R: the most recent tokens kept in full precision (at least this many once the
     sequence is longer, fewer than ``residual + group``). KIVI uses 128. At least 1 (the decoded token itself)."""
+    window: int = 0
+    """0: every token is kept and attended. ``W``: only the last ``W`` positions, the query's own included
+    (``p - j < W``), as a native sliding-window layer attends; filled in by plan resolution on such layers (module
+    docstring). At least ``residual + group``, so that the residual never reaches outside the window."""
 
     def validate(self) -> None:
         for key in ("bits", "group", "residual"):
@@ -78,26 +97,69 @@ class Quantized(Policy):
                             f"got {self.group}")
         if self.residual < 1:
             raise PlanError(f"policy 'quantized': 'residual' must be at least 1 (the decoded token), got {self.residual}")
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise PlanError(f"policy 'quantized': 'window' must be a non-negative integer (0: no window), "
+                            f"got {self.window!r}")
+        if self.window and self.window < self.residual + self.group:
+            raise PlanError(f"policy 'quantized': 'window' ({self.window}) must be at least residual + group "
+                            f"({self.residual} + {self.group}), or 0 for no window; lower 'residual'")
+
+    def params(self) -> dict[str, Any]:
+        """Without a window, the parameters plans wrote before windows existed (so their digests stay the same)."""
+        out = super().params()
+        if not self.window:
+            del out["window"]
+        return out
 
     def quantized_length(self, seq_len: int) -> int:
         """Tokens held as codes after ``seq_len`` tokens: whole groups older than the residual."""
         return max(0, seq_len - self.residual) // self.group * self.group
 
+    def dropped_length(self, seq_len: int) -> int:
+        """Tokens whose codes are no longer stored after ``seq_len`` tokens: the whole groups entirely outside the
+        window (0 without a window). Never more than ``quantized_length`` (``window >= residual + group``)."""
+        if not self.window:
+            return 0
+        return min(self.quantized_length(seq_len), max(0, seq_len - self.window) // self.group * self.group)
+
+    def codes_room(self, seq_len: int) -> int:
+        """Tokens of codes a store needs room for to reach ``seq_len`` tokens: the most it holds at any length up
+        to ``seq_len`` (just ``quantized_length`` without a window; with one, held codes rise until the window is
+        full, then repeat with period ``group``, so the last ``group`` lengths give the maximum)."""
+        if not self.window or seq_len <= self.window:
+            return self.quantized_length(seq_len)
+        return max(self.quantized_length(n) - self.dropped_length(n)
+                   for n in range(max(self.window, seq_len - self.group + 1), seq_len + 1))
+
     def kv_tokens(self, seq_len: int) -> int:
-        """Every token is kept (and reachable); the memory they take is ``kv_bytes``."""
-        return seq_len
+        """Every token is kept (and reachable), or, with a window, the last ``window``; the memory they take is
+        ``kv_bytes``."""
+        return min(seq_len, self.window) if self.window else seq_len
+
+    def codes_bytes(self, tokens: int, head_dim: int) -> int:
+        """Bytes of ``tokens`` quantized tokens (a multiple of ``group``): K and V codes, key params per group of
+        tokens, value params per token."""
+        codes = 2 * tokens * packed_dim(head_dim, self.bits)
+        return codes + 2 * SCALE_DTYPE.itemsize * (tokens // self.group * head_dim + tokens * -(-head_dim // self.group))
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
         """Bytes of the store after ``seq_len`` tokens (what ``QuantizedStore.tensors`` holds when reserved for that
-        length): K and V codes, key params per group of tokens, value params per token, the residual in the KV
-        dtype."""
-        nq = self.quantized_length(seq_len)
-        codes = 2 * nq * packed_dim(head_dim, self.bits)
-        params = 2 * SCALE_DTYPE.itemsize * (nq // self.group * head_dim + nq * -(-head_dim // self.group))
-        return codes + params + 2 * (seq_len - nq) * head_dim * dtype_bytes
+        length and filled to it): the codes room (``codes_room``) and the residual in the KV dtype."""
+        residual = seq_len - self.quantized_length(seq_len)
+        return self.codes_bytes(self.codes_room(seq_len), head_dim) + 2 * residual * head_dim * dtype_bytes
+
+    def for_native_window(self, window: int, head_dim: int) -> Policy:
+        """This head on a layer whose native sliding window is ``window`` (``plan.resolve``): the window (or its
+        own, if shorter), with the residual shortened where needed so that the head never holds more than the
+        window's dense bytes (module docstring); ``streaming(sink=0, window)`` where no residual fits."""
+        return _in_window(self, min(self.window, window) if self.window else window, head_dim)
+
+    @property
+    def position_span(self) -> int | None:
+        return self.window or None
 
     def short(self) -> str:
-        return f"int{self.bits}g{self.group}r{self.residual}"
+        return f"int{self.bits}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> QuantizedStore:
         return QuantizedStore(batch, heads, head_dim, device, dtype, self)
@@ -109,12 +171,35 @@ class Quantized(Policy):
             from headwise.kernels.quant_decode import quant_decode
 
             store.append(k, v)
+            # Index 0 of the store is position ``store.first``; the window starts ``length - window`` positions in.
+            first = max(0, store.length - self.window - store.first) if self.window else 0
             return quant_decode(q[:, :, 0], store.quantized(), store.res_k, store.res_v, store.res_k.shape[2],
-                                ctx.scale).unsqueeze(2)
+                                ctx.scale, first=first).unsqueeze(2)
         keys, values = store.view()
-        out = causal_attention(q, torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2), ctx.start, ctx.scale)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        if self.window:
+            q_pos = torch.arange(ctx.start, ctx.start + q.shape[2], device=q.device)
+            k_pos = torch.arange(store.first, ctx.start + q.shape[2], device=q.device)
+            diff = q_pos[:, None] - k_pos[None, :]
+            out = masked_attention(q, keys, values, (diff >= 0) & (diff < self.window), ctx.scale)
+        else:
+            out = causal_attention(q, keys, values, ctx.start, ctx.scale)
         store.append(k, v)
         return out
+
+
+@lru_cache(maxsize=256)
+def _in_window(policy: Quantized, window: int, head_dim: int) -> Policy:
+    """``Quantized.for_native_window``: the longest residual (up to the policy's) for which the codes room plus the
+    largest residual (``residual + group - 1`` tokens) stays within ``window`` dense slots. Checked for 16-bit KV:
+    a wider KV dtype makes dense slots dearer against the same codes, so what fits at 2 bytes fits there too."""
+    slot = 2 * head_dim * 2
+    for residual in range(min(policy.residual, window - policy.group), 0, -1):
+        cand = replace(policy, residual=residual, window=window)
+        worst = cand.codes_bytes(cand.codes_room(window + policy.group - 1), head_dim) + (residual + policy.group - 1) * slot
+        if worst <= window * slot:
+            return cand
+    return Streaming(sink=0, window=window)
 
 
 class QuantizedStore:
@@ -122,9 +207,12 @@ class QuantizedStore:
 
     ``k_codes, v_codes: [batch, heads, capacity, packed_dim]`` uint8, ``k_scale, k_zero: [batch, heads,
     capacity / group, head_dim]`` and ``v_scale, v_zero: [batch, heads, capacity, ceil(head_dim / group)]``
-    fp16, first ``n_quant`` tokens valid; ``res_k, res_v: [batch, heads, length - n_quant, head_dim]`` in the KV
-    dtype, exactly sized. ``reserve`` allocates the codes for a known total length (the residual is never
-    reserved: its size changes as groups leave it)."""
+    fp16, the first ``n_quant - first`` tokens valid (positions ``first .. n_quant - 1``: ``first`` is 0 without a
+    window, else the start of the oldest group with a token in it); ``res_k, res_v: [batch, heads, length - n_quant,
+    head_dim]`` (positions ``n_quant .. length - 1``) in the KV dtype, exactly sized. ``reserve`` allocates the
+    codes for a known total length (the residual is never reserved: its size changes as groups leave it). A group
+    leaving the window is dropped by moving the codes after it to the front (at most ``window`` tokens' codes
+    copied once per ``group`` tokens), so the kernel reads the held codes from index 0."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
                  policy: Quantized):
@@ -132,7 +220,8 @@ class QuantizedStore:
         self.device, self.dtype, self.policy = device, dtype, policy
         self.bits, self.group = policy.bits, policy.group
         self.length = 0  # tokens held
-        self.n_quant = 0  # of which quantized
+        self.n_quant = 0  # positions below this are quantized (or dropped)
+        self.first = 0  # positions below this are dropped (whole groups outside the window)
         self.capacity = 0  # quantized tokens allocated
         self._alloc(0)
         self.res_k = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
@@ -145,7 +234,7 @@ class QuantizedStore:
                   "v_codes": ((tokens, packed_dim(D, self.bits)), torch.uint8),
                   "k_scale": ((tokens // G, D), SCALE_DTYPE), "k_zero": ((tokens // G, D), SCALE_DTYPE),
                   "v_scale": ((tokens, -(-D // G)), SCALE_DTYPE), "v_zero": ((tokens, -(-D // G)), SCALE_DTYPE)}
-        n = self.n_quant
+        n = self.n_quant - self.first
         for name, (shape, dtype) in shapes.items():
             new = torch.empty(B, H, *shape, device=self.device, dtype=dtype)
             old = getattr(self, name, None)
@@ -172,43 +261,56 @@ class QuantizedStore:
 
     def reserve(self, total: int) -> None:
         """Allocate the codes ``total`` tokens will need (exact: no over-allocation when the length is known)."""
-        need = self.policy.quantized_length(total)
+        need = self.policy.codes_room(total)
         if need > self.capacity:
             self._alloc(need)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append ``k, v: [batch, heads, n, head_dim]``; whole groups older than the residual become codes."""
-        n = k.shape[2]
-        new_q = self.policy.quantized_length(self.length + n)
-        flush = new_q - self.n_quant  # the oldest ``flush`` tokens of residual + chunk
-        if flush:
-            if new_q > self.capacity:  # grow by doubling when no room was reserved, as DenseStore does
-                self._alloc(max(new_q, 2 * self.capacity // self.group * self.group))
-            old = self.res_k.shape[2]
-            fk = torch.cat([self.res_k, k[:, :, : max(0, flush - old)]], dim=2)[:, :, :flush]
-            fv = torch.cat([self.res_v, v[:, :, : max(0, flush - old)]], dim=2)[:, :, :flush]
-            a, b, G = self.n_quant, new_q, self.group
-            self.k_codes[:, :, a:b], self.k_scale[:, :, a // G : b // G], self.k_zero[:, :, a // G : b // G] = (
-                quantize_keys(fk, self.bits, G))
-            self.v_codes[:, :, a:b], self.v_scale[:, :, a:b], self.v_zero[:, :, a:b] = quantize_values(fv, self.bits, G)
-            # The residual keeps positions new_q .. length + n - 1: the old residual's from index ``flush`` on, the
-            # chunk's from position new_q on.
-            start = max(0, new_q - self.length)
-            self.res_k = torch.cat([self.res_k[:, :, min(flush, old) :], k[:, :, start:]], dim=2)
-            self.res_v = torch.cat([self.res_v[:, :, min(flush, old) :], v[:, :, start:]], dim=2)
-            self.n_quant = new_q
-        else:
+        """Append ``k, v: [batch, heads, n, head_dim]``; whole groups older than the residual become codes, whole
+        groups outside the window (if any) are dropped (those already outside it are never quantized)."""
+        n, G = k.shape[2], self.group
+        end = self.length + n
+        new_q, new_first = self.policy.quantized_length(end), self.policy.dropped_length(end)
+        old_q = self.n_quant
+        if new_first > self.first:  # drop the groups that left the window: the kept codes move to the front
+            keep_from = min(new_first, old_q) - self.first
+            kept = old_q - self.first - keep_from
+            if kept and keep_from:
+                for name in ("k_codes", "v_codes", "v_scale", "v_zero"):
+                    buf = getattr(self, name)
+                    buf[:, :, :kept] = buf[:, :, keep_from : keep_from + kept].clone()
+                for name in ("k_scale", "k_zero"):
+                    buf = getattr(self, name)
+                    buf[:, :, : kept // G] = buf[:, :, keep_from // G : (keep_from + kept) // G].clone()
+            self.first = new_first
+            self.n_quant = max(old_q, new_first)  # positions old_q .. new_first - 1 are dropped unquantized
+        if new_q == old_q:
             self.res_k = torch.cat([self.res_k, k], dim=2)
             self.res_v = torch.cat([self.res_v, v], dim=2)
-        self.length += n
+            self.length = end
+            return
+        pend_k = torch.cat([self.res_k, k], dim=2)  # residual + chunk: positions old_q .. end - 1
+        pend_v = torch.cat([self.res_v, v], dim=2)
+        a = self.n_quant  # the first position to quantize now
+        if new_q - self.first > self.capacity:  # grow by doubling when no room was reserved, as DenseStore does
+            self._alloc(max(new_q - self.first, 2 * self.capacity // G * G))
+        fk, fv = pend_k[:, :, a - old_q : new_q - old_q], pend_v[:, :, a - old_q : new_q - old_q]
+        i, j = a - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
+        self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
+            quantize_keys(fk, self.bits, G))
+        self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j] = quantize_values(fv, self.bits, G)
+        # Copies, exactly sized: a view would keep the whole of residual + chunk allocated.
+        self.res_k, self.res_v = pend_k[:, :, new_q - old_q :].clone(), pend_v[:, :, new_q - old_q :].clone()
+        self.n_quant, self.length = new_q, end
 
     def quantized(self) -> QuantizedKV:
-        """The quantized part, for the kernel (views of the buffers, ``n_quant`` tokens valid)."""
+        """The quantized part, for the kernel (views of the buffers, ``n_quant - first`` tokens valid)."""
         return QuantizedKV(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
-                           self.n_quant, self.bits, self.group)
+                           self.n_quant - self.first, self.bits, self.group)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length, head_dim]``."""
+        """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length - first,
+        head_dim]``, positions ``first .. length - 1``."""
         keys, values = self.quantized().dequantize(self.head_dim, self.dtype)
         return torch.cat([keys, self.res_k], dim=2), torch.cat([values, self.res_v], dim=2)
 

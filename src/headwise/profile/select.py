@@ -43,7 +43,9 @@ def plan_masks(spec: ModelSpec, policies: list[list[Policy]], length: int, devic
         base = allowed_mask(pos, pos, spec.native_window(i))
         heads = []
         for pol in row:
-            if isinstance(pol, Full | Quantized):  # a quantized head sees every token (its rounding is left out)
+            if isinstance(pol, Quantized) and pol.window:  # a quantized sliding window (rounding left out)
+                heads.append(base & (pos[:, None] - pos[None, :] < pol.window))
+            elif isinstance(pol, Full | Quantized):  # a quantized head sees every token (its rounding is left out)
                 heads.append(base)
             elif isinstance(pol, Streaming):
                 heads.append(base & pol.allowed(pos[:, None], pos[None, :]))
