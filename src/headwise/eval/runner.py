@@ -613,6 +613,27 @@ def _rate(stats: list[dict[str, Any]], tokens: str, seconds: str) -> float | Non
     return round(sum(s[tokens] for s in stats) / total_s, 2) if stats and total_s > 0 else None
 
 
+def score_tables(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The results' ``accuracy`` rows (mean score, n and Wilson 95% interval per plan × task × length) and
+    ``accuracy_by_depth`` rows of per-sample ``rows`` (each with plan, task, length, depth and score)."""
+    acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
+    by_depth: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
+    for r in rows:
+        acc[(r["plan"], r["task"], r["length"])].append(r["score"])
+        if r["depth"] is not None:
+            by_depth[(r["plan"], r["task"], r["length"], r["depth"])].append(r["score"])
+    accuracy = [
+        {"plan": p, "task": t, "length": L, "score": round(_mean(v), 4), "n": len(v),
+         "ci95": [round(x, 4) for x in wilson(_mean(v), len(v))]}
+        for (p, t, L), v in acc.items()
+    ]
+    depth_rows = [
+        {"plan": p, "task": t, "length": L, "depth": d, "score": round(_mean(v), 4), "n": len(v)}
+        for (p, t, L, d), v in by_depth.items()
+    ]
+    return accuracy, depth_rows
+
+
 def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
              lengths: list[int], tasks: list[str], cache: SampleCache, model_key: str,
              notes: list[str]) -> dict[str, Any]:
@@ -636,23 +657,10 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                     r = cache.get(SampleCache.key(model_key, digest, t, L, d, cfg.seed, i))
                     if r is not None:
                         rows.append(r | {"plan": e.label})
-    acc: dict[tuple[str, str, int], list[float]] = defaultdict(list)
-    by_depth: dict[tuple[str, str, int, float], list[float]] = defaultdict(list)
+    accuracy, depth_rows = score_tables(rows)
     perf: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        acc[(r["plan"], r["task"], r["length"])].append(r["score"])
-        if r["depth"] is not None:
-            by_depth[(r["plan"], r["task"], r["length"], r["depth"])].append(r["score"])
         perf[(r["plan"], r["length"])].append(r["stats"])
-    accuracy = [
-        {"plan": p, "task": t, "length": L, "score": round(_mean(v), 4), "n": len(v),
-         "ci95": [round(x, 4) for x in wilson(_mean(v), len(v))]}
-        for (p, t, L), v in acc.items()
-    ]
-    depth_rows = [
-        {"plan": p, "task": t, "length": L, "depth": d, "score": round(_mean(v), 4), "n": len(v)}
-        for (p, t, L, d), v in by_depth.items()
-    ]
     dtype_bytes = lm.dtype.itemsize
     perf_rows = []
     for e in entries:
