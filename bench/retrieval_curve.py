@@ -32,7 +32,9 @@ KINDS = {"streaming@equal": "streaming", "random@equal": "random", "quest@equal"
 
 
 def kind_of(plan: str) -> str:
-    return KINDS.get(plan, "plan")
+    """Baselines by their spec; a kvpress press (imported by bench/kvpress/import_outputs.py) by its name, e.g.
+    ``kvpress:snapkv`` for ``kvpress:snapkv@equal``."""
+    return plan.split("@")[0] if plan.startswith("kvpress:") else KINDS.get(plan, "plan")
 
 
 def cells(results: dict[str, Any], task: str, run: str, budget: float | None) -> list[dict[str, Any]]:
@@ -85,6 +87,7 @@ def collect(runs: list[tuple[str, Path]], dense_dir: Path | None, task: str) -> 
 
 COLOR = {"plan": "tab:blue", "random": "tab:orange", "streaming": "tab:green", "quest": "tab:red"}
 MARKER = {"plan": "o", "random": "s", "streaming": "v", "quest": "D"}
+PRESS_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 
 
 def kv_x(r: dict[str, Any]) -> float | None:
@@ -99,22 +102,25 @@ def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
     fig, axes = plt.subplots(2, len(lengths), figsize=(5.2 * len(lengths), 8.2), constrained_layout=True,
                              squeeze=False)
     runs = [r for r in dict.fromkeys(x["run"] for x in rows) if r != "dense"]
+    presses = sorted({r["kind"] for r in rows if r["kind"].startswith("kvpress:")})
+    color = {**COLOR, **{k: PRESS_COLORS[i % len(PRESS_COLORS)] for i, k in enumerate(presses)}}
+    marker = {**MARKER, **dict.fromkeys(presses, "P")}
     metrics = (("score", "ci95", "accuracy (%), Wilson 95%"),
                ("kept_share", "kept_ci95", "kept of dense (%): paired, Wilson 95%"))
     for row, (value, ci, ylabel) in enumerate(metrics):
         for ax, L in zip(axes[row], lengths):
             for i, run in enumerate(runs):
-                for kind in COLOR:
+                for kind in color:
                     pts = sorted((r for r in rows if r["run"] == run and r["kind"] == kind and r["length"] == L
                                   and kv_x(r) is not None and r.get(value) is not None), key=kv_x)
                     if not pts:
                         continue
                     y = [100 * r[value] for r in pts]
                     err = [[100 * (r[value] - r[ci][0]) for r in pts], [100 * (r[ci][1] - r[value]) for r in pts]]
-                    name = kind if kind in ("plan", "random") else f"{kind}@equal"
-                    ax.errorbar([kv_x(r) for r in pts], y, yerr=err, marker=MARKER[kind], color=COLOR[kind],
+                    name = kind if kind in ("plan", "random") or kind in presses else f"{kind}@equal"
+                    ax.errorbar([kv_x(r) for r in pts], y, yerr=err, marker=marker[kind], color=color[kind],
                                 capsize=3, markersize=5, linestyle="-" if i == 0 else "--",
-                                mfc=COLOR[kind] if i == 0 else "white", label=f"{name} ({run})")
+                                mfc=color[kind] if i == 0 else "white", label=f"{name} ({run})")
             for r in rows:
                 if row == 0 and r["kind"] == "dense" and r["length"] == L:
                     ax.axhspan(100 * r["ci95"][0], 100 * r["ci95"][1], color="grey", alpha=0.15)

@@ -1,0 +1,51 @@
+"""bench/retrieval_curve.py: curve cells paired with dense rows from another run of the same prompts."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("retrieval_curve", ROOT / "bench" / "retrieval_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _results(plans: dict[str, list[float]], depths=(0.1, 0.9)) -> dict:
+    """One passkey cell at 1K per plan; scores listed per sample (depth alternating)."""
+    rows, acc, perf = [], [], []
+    for label, scores in plans.items():
+        for i, s in enumerate(scores):
+            rows.append({"plan": label, "digest": f"d-{label}", "task": "passkey", "length": 1024,
+                         "depth": depths[i % 2], "seed": 0, "idx": i // 2, "score": s})
+        acc.append({"plan": label, "task": "passkey", "length": 1024, "n": len(scores),
+                    "score": sum(scores) / len(scores), "ci95": [0.0, 1.0]})
+        perf.append({"plan": label, "length": 1024, "kv_fraction": 0.25, "kv_fraction_measured": 0.251})
+    return {"plans": [{"label": p, "digest": {"1024": f"d-{p}"}} for p in plans], "tasks": ["passkey"],
+            "lengths": [1024], "accuracy": acc, "performance": perf, "rows": rows, "command": "headwise eval ...",
+            "commit": "abc", "device": "test"}
+
+
+def test_cells_pair_with_dense_sample_by_sample(tmp_path):
+    mod = _module()
+    run = tmp_path / "run" / "eval-curve-q0.25"
+    run.mkdir(parents=True)
+    # the plan answers 3 of the 4 prompts dense answers and one dense misses; random answers 1 of dense's 4
+    (run / "results.json").write_text(json.dumps(_results({"x-q0.25": [1, 1, 1, 0, 1, 1],
+                                                           "random@equal": [1, 0, 0, 0, 1, 1]})))
+    dense = tmp_path / "dense"
+    dense.mkdir()
+    (dense / "results.json").write_text(json.dumps(_results({"dense": [1, 1, 1, 1, 0, 0]})))
+    rows = {(r["run"], r["kind"]): r for r in mod.collect([("v2", tmp_path / "run")], dense, "passkey")}
+    plan, rnd = rows[("v2", "plan")], rows[("v2", "random")]
+    assert (plan["kept"], plan["kept_n"], plan["budget"]) == (3, 4, 0.25)
+    assert (rnd["kept"], rnd["kept_n"]) == (1, 4)
+    assert rows[("dense", "dense")]["n"] == 6
+    mod.plot(list(rows.values()), "passkey", "t", tmp_path / "c.png")
+    assert (tmp_path / "c.png").stat().st_size > 0
