@@ -31,8 +31,11 @@ STREAM = {"policy": "streaming", "params": {"sink": 4, "window": 24}}
 ASHAPE = {"policy": "a_shape", "params": {"block_size": 16, "sink": 16, "local": 32}}
 QUEST = {"policy": "page_topk", "params": {"page_size": 4, "budget": 32}}
 QUEST8 = {"policy": "page_topk", "params": {"page_size": 4, "budget": 32, "bounds": "e4m3"}}
+QUANT4 = {"policy": "quantized", "params": {"bits": 4, "group": 16, "residual": 4}}
+QUANT8 = {"policy": "quantized", "params": {"bits": 8, "group": 16, "residual": 5}}
 PLANS = {
     "full-streaming-ashape": [[FULL, STREAM], [STREAM, STREAM], [ASHAPE, STREAM], [FULL, FULL]],
+    "quantized": [[QUANT4, FULL], [QUANT8, STREAM], [QUANT4, QUANT4], [FULL, QUANT8]],
     "quest": [[QUEST, STREAM], [QUEST, QUEST], [FULL, QUEST], [QUEST8, QUEST8]],
 }
 
@@ -128,7 +131,8 @@ def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len, plan_name)
     and 8-bit bounds, pages of 4, a 32-token budget) with streaming and full ones. From a 12-token prompt the
     streaming ring fills during decode (its length grows on the device) and the Quest heads hold fewer pages than
     their budget at first (the kernel keeps -inf pages past the length, whose tokens it masks); from 100 tokens
-    the ring wraps and Quest really selects."""
+    the ring wraps and Quest really selects. Quantized heads (4 and 8 bits, groups of 16) hold a fixed residual,
+    and from 12 tokens a group leaves it during decode (settled on the host between steps)."""
     plan = _plan(tiny.spec, PLANS[plan_name])
     engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
     prompt = torch.randint(0, 128, (1, prompt_len), generator=torch.Generator().manual_seed(1))

@@ -166,8 +166,8 @@ class HeadwiseCache(Cache):
     # ------------------------------------------------------------------ CUDA-graph decode
     def graph_blockers(self) -> list[str]:
         """Why a decode step of this cache cannot be replayed from a CUDA graph (empty: it can): policies whose
-        decode reads host-side state (``Policy.graph_decode``, ``Policy.graph_blocker``), a batch above 1, or no
-        kernels."""
+        decode reads host-side state (``Policy.graph_decode``; ``Policy.graph_blocker_at``, for the reserved
+        length), a batch above 1, or no kernels."""
         why = []
         if not self.use_kernels:
             why.append("the decode kernels are off (use_kernels)")
@@ -176,7 +176,9 @@ class HeadwiseCache(Cache):
         if self.pages is not None:
             why.append("the KV lives in the engine's page pool (its decode steps replay the pool's graphs at padded "
                        "batch sizes: batch_graphs.py)")
-        blockers = sorted({b for layer in self.layers for g in layer.groups if (b := g.policy.graph_blocker())})
+        item = torch.empty((), dtype=self.dtype).element_size()
+        blockers = sorted({b for layer in self.layers for g in layer.groups
+                           if (b := g.policy.graph_blocker_at(self.reserved, self.spec.head_dim, item))})
         if blockers:
             why.append("policies without graph decode: " + "; ".join(blockers))
         return why

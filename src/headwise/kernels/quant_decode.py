@@ -20,8 +20,9 @@ Limits
     ``bits`` is 8 or 4; ``head_dim`` up to 256; up to 64 query heads per KV head; K/V residual and q in fp32,
     fp16 or bf16; accumulation fp32. Under TRITON_INTERPRET=1 the products run in fp32 (the interpreter's bf16
     dot is wrong), so the interpreter checks indexing, unpacking and the softmax; on a GPU the dequantized rows
-    are rounded to q's dtype for tensor-core products, as the reference rounds its dequantized cache. Not yet
-    capturable in a CUDA graph (the lengths are host integers). A sliding-window head (``quantized`` on a native
+    are rounded to q's dtype for tensor-core products, as the reference rounds its dequantized cache. With
+    ``position`` and ``bounds`` the lengths are read from the device when the kernel runs, the launch sized for
+    the buffers, so a CUDA graph can replay it (``QuantizedStore.append_at``). A sliding-window head (``quantized`` on a native
     sliding-window layer) passes ``first``, the index of its oldest visible token: the walk starts there, so a
     block may begin inside a key group (its params are indexed per token, not per block).
 
@@ -72,8 +73,8 @@ def _load_codes(base, tok, stride_n, offs_d, mask, BITS: tl.constexpr):
 
 @triton.jit
 def _quant_decode_kernel(
-    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, LSE_PART, Out,
-    n_quant, n_total, first, scale_log2e, n_kv_heads, tokens_per_split, iters_per_split, n_splits,
+    Q, KC, KS, KZ, VC, VS, VZ, RK, RV, O_PART, LSE_PART, Out, POS, BOUNDS,
+    n_quant, n_total, first, window, scale_log2e, n_kv_heads, tokens_per_split, iters_per_split, n_splits,
     stride_qb, stride_qh,
     stride_kcb, stride_kch, stride_kcn,
     stride_ksb, stride_ksh, stride_ksg,
@@ -86,8 +87,17 @@ def _quant_decode_kernel(
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr, QGROUP: tl.constexpr, BITS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
-    INTERPRET: tl.constexpr, IEEE: tl.constexpr,
+    INTERPRET: tl.constexpr, IEEE: tl.constexpr, DEV_LEN: tl.constexpr,
 ):
+    if DEV_LEN:
+        # Lengths on the device (CUDA-graph decode): the launch was sized for the buffers; the decoded token's
+        # position and the store's bounds (its first quantized position, the first position of its residual)
+        # give the valid indices now. Index 0 is position ``BOUNDS[0]``.
+        pos = tl.load(POS).to(tl.int32)
+        kept = tl.load(BOUNDS).to(tl.int32)
+        n_quant = tl.load(BOUNDS + 1).to(tl.int32) - kept
+        n_total = pos + 1 - kept
+        first = tl.where(window > 0, tl.maximum(pos + 1 - window - kept, 0), 0)
     pid = tl.program_id(0)
     split = pid % n_splits
     bh = pid // n_splits
@@ -162,7 +172,7 @@ def _num_splits(work_items: int, n_total: int, block_n: int, device: torch.devic
 def quant_decode(
     q: torch.Tensor, kv: QuantizedKV, res_k: torch.Tensor, res_v: torch.Tensor, n_res: int,
     scale: float | None = None, first: int = 0, num_splits: int | None = None, block_n: int = 64,
-    num_warps: int = 4,
+    num_warps: int = 4, position: torch.Tensor | None = None, bounds: torch.Tensor | None = None, window: int = 0,
 ) -> torch.Tensor:
     """Attention of one new token over a quantized per-head cache plus its full-precision residual.
 
@@ -171,11 +181,24 @@ def quant_decode(
     ``first``: the first index attended (a sliding window's oldest visible token; its group's codes stay stored,
     the earlier tokens of that group are skipped). Returns [B, Hq, D] in q's dtype. ``num_splits``, ``block_n`` and
     ``num_warps`` only change speed.
+
+    Lengths on the device (CUDA-graph decode, ``QuantizedStore.append_at``): with ``position`` (one integer
+    element, the decoded token's position) and ``bounds`` (integers ``[first kept position, first residual
+    position]``, on q's device), ``kv.n_quant`` and ``n_res`` are only the room the launch is sized for (the
+    buffers' capacities) and ``first`` must be 0; the kernel reads, when it runs, ``n_quant = bounds[1] -
+    bounds[0]``, ``n_res = position + 1 - bounds[1]`` and, with ``window > 0``, the first visible index
+    ``max(0, position + 1 - window - bounds[0])``. Nothing host-side then changes between steps, so a graph can
+    replay the launch.
     """
     B, Hq, D = q.shape
     Hkv = res_k.shape[1]
     n_quant, bits, group = kv.n_quant, kv.bits, kv.group
     n_total = n_quant + n_res
+    dev_len = position is not None and bounds is not None
+    assert dev_len == (position is not None or bounds is not None), "position and bounds come together"
+    if position is not None and bounds is not None:
+        assert first == 0 and position.numel() == 1 and bounds.numel() == 2, "device lengths: first 0, 1 and 2 elements"
+        assert position.device == q.device and bounds.device == q.device, "device lengths on q's device"
     assert bits in (4, 8) and n_quant % group == 0 and 0 <= first < n_total
     assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
     assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, bits)
@@ -199,8 +222,8 @@ def quant_decode(
     block_d = triton.next_power_of_2(D)
     _quant_decode_kernel[(B * Hkv * splits,)](
         q, kv.k_codes, kv.k_scale, kv.k_zero, kv.v_codes, kv.v_scale, kv.v_zero, res_k, res_v,
-        o_part, lse_part, out,
-        n_quant, n_total, first, (D**-0.5 if scale is None else scale) * _LOG2E, Hkv, tokens_per_split,
+        o_part, lse_part, out, position if dev_len else out, bounds if dev_len else out,
+        n_quant, n_total, first, window, (D**-0.5 if scale is None else scale) * _LOG2E, Hkv, tokens_per_split,
         tokens_per_split // block_n, splits,
         q.stride(0), q.stride(1),
         kv.k_codes.stride(0), kv.k_codes.stride(1), kv.k_codes.stride(2),
@@ -214,7 +237,7 @@ def quant_decode(
         out.stride(0), out.stride(1),
         GROUP=group_q, BLOCK_H=max(16, triton.next_power_of_2(group_q)), HEAD_DIM=D, BLOCK_D=block_d,
         BLOCK_N=block_n, QGROUP=group, BITS=bits, SINGLE_SPLIT=splits == 1, INTERPRET=INTERPRET,
-        IEEE=q.dtype == torch.float32, num_warps=num_warps,
+        IEEE=q.dtype == torch.float32, DEV_LEN=dev_len, num_warps=num_warps,
     )
     if splits > 1:
         merge_splits(o_part, lse_part, out, splits)

@@ -181,6 +181,11 @@ class Policy(ABC):
         class's ``graph_decode``; a policy whose parameters can rule it out says which."""
         return None if self.graph_decode else f"{self.name} ({self.short()}) has no CUDA-graph decode"
 
+    def graph_blocker_at(self, total: int, head_dim: int, dtype_bytes: int) -> str | None:
+        """``graph_blocker`` for a single sequence's cache reserved for ``total`` tokens (``engine.GraphDecoder``);
+        a policy whose graph decode depends on the reserved length (``quantized``) says so here."""
+        return self.graph_blocker()
+
 
 def check_positive(policy: Policy, **values: int) -> None:
     for key, value in values.items():

@@ -12,10 +12,11 @@ How this differs from KIVI:
   ``residual + group - 1`` tokens; keys *and* values leave it together, a whole group at a time (KIVI streams
   values out token by token and keeps up to ``residual`` keys). One boundary serves both, and the kernel walks
   one run of quantized tokens then one run of residual tokens.
-- *The residual is held at its exact size*, reallocated when it changes (a copy of at most
+- *The residual is held at its exact size* on eager steps, reallocated when it changes (a copy of at most
   ``residual + group`` tokens per step, like the ``streaming`` reference path's), rather than as a fixed buffer of
   ``residual + group - 1`` slots: with a fixed buffer the first quantized groups would sit next to a full-size
-  residual, and for lengths just past ``residual + group`` the head would hold more bytes than dense.
+  residual, and for lengths just past ``residual + group`` the head would hold more bytes than dense. CUDA-graph
+  decode (below) uses the fixed buffer, only where it cannot.
 - *Prefill* attends over the stored (quantized) past plus the chunk in full precision, then commits the chunk
   (KIVI's prefill is full precision too); so results depend on the chunk size only through which tokens are
   already quantized when a later chunk attends.
@@ -23,8 +24,19 @@ How this differs from KIVI:
 Paths: plain PyTorch reference (dequantize, then exact causal attention: ``causal_attention``, or with a window
 ``masked_attention`` under the sliding mask) for prefill and decode everywhere; a decode step with kernels runs the
 Triton kernel ``kernels.quant_decode.quant_decode`` (dequantization in registers, flash-decoding, the residual in the
-same launch; with a window, from the first visible token on). No CUDA-graph decode
-(``graph_decode`` is False): the store's counters and the residual's size are host-side.
+same launch; with a window, from the first visible token on).
+
+CUDA-graph decode (``engine.GraphDecoder``, one sequence, a reserved cache): where the codes room for the reserved
+length plus a fixed residual of ``residual + group - 1`` slots hold no more bytes than a dense head reserved for
+that length (``Quantized.graph_blocker_at``; else the steps stay eager, and ``HeadwiseCache.graph_blockers`` says
+why), the store switches to the fixed residual (``QuantizedStore.append_at``). A step then writes its token at
+the residual row ``position - n_quant`` computed on the device, and the kernel reads the valid lengths (and a
+window's first visible token) from the decode position and the store's ``bounds`` tensor, the launch sized for the
+buffers. Groups leave the residual (and the window) on the host between replays: the graph decoder counts each
+replayed token (``advance``), and the store, knowing the next position, quantizes the due group and shifts the
+residual in place (``_settle``), the same codes and the same tokens an eager step quantizes (they are all older
+than the token being written). Results are those of the eager kernel path up to the split order of the
+flash-decoding sums. The pool's batched graphs do not run quantized heads (``graph_blocker``).
 
 Sliding windows (``window``): on a native sliding-window layer (Gemma 3: 512 tokens) plan resolution
 (``plan.resolve``, through ``for_native_window``) gives the head the layer's window, as it gives ``full`` one. A
@@ -66,8 +78,9 @@ from headwise.policies.streaming import Streaming
 class Quantized(Policy):
     name: ClassVar[str] = "quantized"
     paper: ClassVar[str] = "https://arxiv.org/abs/2402.02750"
-    # A step's residual is reallocated at its new size and groups leave it by host-side counts, so a CUDA graph
-    # cannot replay it (``engine.GraphDecoder`` runs such plans eagerly); old tokens are codes, not their keys.
+    # Not in general: a single sequence's reserved cache replays its decode steps from a CUDA graph when a fixed
+    # residual fits (``graph_blocker_at``); the pool's batched graphs do not (``graph_blocker``). Old tokens are
+    # codes, not their keys.
     graph_decode: ClassVar[bool] = False
     keeps_every_token: ClassVar[bool] = False
 
@@ -158,6 +171,29 @@ class Quantized(Policy):
     def position_span(self) -> int | None:
         return self.window or None
 
+    def graph_blocker(self) -> str | None:
+        return (f"quantized ({self.short()}) decodes from a CUDA graph only in a single sequence's reserved cache "
+                "(engine.GraphDecoder), not in the pool's batched graphs")
+
+    def graph_residual(self) -> int:
+        """Slots of the fixed residual of CUDA-graph decode: the most the residual ever holds."""
+        return self.residual + self.group - 1
+
+    def graph_bytes(self, total: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """Bytes of a store reserved for ``total`` tokens once it decodes from a CUDA graph: the codes room and a
+        fixed residual of ``graph_residual`` slots (``QuantizedStore.append_at``), at every length up to ``total``."""
+        return self.codes_bytes(self.codes_room(total), head_dim) + 2 * self.graph_residual() * head_dim * dtype_bytes
+
+    def graph_blocker_at(self, total: int, head_dim: int, dtype_bytes: int) -> str | None:
+        """A cache reserved for ``total`` tokens decodes from a CUDA graph when the fixed residual keeps the head
+        within the bytes a dense head (``full``, or the window held densely) holds when reserved for ``total``
+        (module docstring); else the steps stay eager, with the exact-size residual."""
+        dense = 2 * self.kv_tokens(total) * head_dim * dtype_bytes
+        if self.graph_bytes(total, head_dim, dtype_bytes) <= dense:
+            return None
+        return (f"quantized ({self.short()}) reserved for {total} tokens: a fixed residual of "
+                f"{self.graph_residual()} slots would hold more bytes than dense (a longer reservation allows it)")
+
     def short(self) -> str:
         return f"int{self.bits}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
 
@@ -170,10 +206,15 @@ class Quantized(Policy):
             # the codes (dequantized in registers) and the residual.
             from headwise.kernels.quant_decode import quant_decode
 
+            if ctx.position is not None:  # for a CUDA graph: the slot and the lengths on the device
+                store.append_at(k, v, ctx.position)
+                return quant_decode(q[:, :, 0], store.quantized(room=True), store.res_k, store.res_v,
+                                    store.res_k.shape[2], ctx.scale, position=ctx.position, bounds=store.bounds,
+                                    window=self.window).unsqueeze(2)
             store.append(k, v)
             # Index 0 of the store is position ``store.first``; the window starts ``length - window`` positions in.
             first = max(0, store.length - self.window - store.first) if self.window else 0
-            return quant_decode(q[:, :, 0], store.quantized(), store.res_k, store.res_v, store.res_k.shape[2],
+            return quant_decode(q[:, :, 0], store.quantized(), store.res_k, store.res_v, store.n_res,
                                 ctx.scale, first=first).unsqueeze(2)
         keys, values = store.view()
         keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
@@ -208,11 +249,19 @@ class QuantizedStore:
     ``k_codes, v_codes: [batch, heads, capacity, packed_dim]`` uint8, ``k_scale, k_zero: [batch, heads,
     capacity / group, head_dim]`` and ``v_scale, v_zero: [batch, heads, capacity, ceil(head_dim / group)]``
     fp16, the first ``n_quant - first`` tokens valid (positions ``first .. n_quant - 1``: ``first`` is 0 without a
-    window, else the start of the oldest group with a token in it); ``res_k, res_v: [batch, heads, length - n_quant,
-    head_dim]`` (positions ``n_quant .. length - 1``) in the KV dtype, exactly sized. ``reserve`` allocates the
-    codes for a known total length (the residual is never reserved: its size changes as groups leave it). A group
-    leaving the window is dropped by moving the codes after it to the front (at most ``window`` tokens' codes
-    copied once per ``group`` tokens), so the kernel reads the held codes from index 0."""
+    window, else the start of the oldest group with a token in it); ``res_k, res_v: [batch, heads, R, head_dim]``
+    in the KV dtype, the first ``n_res = length - n_quant`` rows valid (positions ``n_quant .. length - 1``).
+    Eager steps hold the residual at its exact size (``R = n_res``). ``reserve`` allocates the codes for a known
+    total length. A group leaving the window is dropped by moving the codes after it to the front (at most
+    ``window`` tokens' codes copied once per ``group`` tokens), so the kernel reads the held codes from index 0.
+
+    CUDA-graph decode (``append_at``, one token at a device position) holds the residual in a fixed buffer of
+    ``R = residual + group - 1`` rows (``Quantized.graph_residual``, only where ``Quantized.graph_blocker_at``
+    allows it for the reserved length) and ``bounds``, a device tensor ``[first, n_quant]`` the kernel reads. A
+    group leaves the residual (``_settle``: the same codes, drops and shifts an eager step makes) on the host,
+    between steps: before ``append_at`` writes when it runs eagerly, and, for replays, after each replayed token
+    is counted (``advance``, or ``rewind`` after the capture), so a replayed step only writes its row and attends. An eager
+    ``append`` (a prefill chunk, an eager step) goes back to the exact-size residual first."""
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
                  policy: Quantized):
@@ -223,6 +272,10 @@ class QuantizedStore:
         self.n_quant = 0  # positions below this are quantized (or dropped)
         self.first = 0  # positions below this are dropped (whole groups outside the window)
         self.capacity = 0  # quantized tokens allocated
+        self.reserved = 0  # the total length ``reserve`` was asked for
+        self.fixed = False  # the residual is the fixed buffer of CUDA-graph decode
+        self.bounds: torch.Tensor | None = None  # [first, n_quant] on the device, while ``fixed``
+        self._captured = False  # a graph capture ran ``append_at``'s host code, not the write
         self._alloc(0)
         self.res_k = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.res_v = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
@@ -249,41 +302,72 @@ class QuantizedStore:
         """Tokens written so far: the next token's position."""
         return self.length
 
+    @property
+    def n_res(self) -> int:
+        """Residual tokens held (the valid rows of ``res_k, res_v``)."""
+        return self.length - self.n_quant
+
     def advance(self, n: int) -> None:
-        """Never called: no CUDA graph writes this store (``Quantized.graph_decode`` is False)."""
-        raise RuntimeError("a quantized store is not written by CUDA graphs (Quantized.graph_decode is False)")
+        """Count the token a replayed CUDA graph wrote (``append_at``), then ready the store for the next one."""
+        if not self.fixed or n != 1:
+            raise RuntimeError("a quantized store counts one graph-written token at a time, after append_at")
+        self.length += 1
+        self._settle(self.length + 1)
 
     def rewind(self, tokens: int) -> None:
-        """Only to the count it holds: a quantized store's decode never runs under a graph capture, and codes
-        already written cannot be taken back."""
-        if tokens != self.length:
+        """Only to the count it holds, or back over the one token a graph capture counted (``append_at`` under a
+        capture writes nothing and readies nothing): codes already written cannot be taken back."""
+        if tokens == self.length - 1 and self._captured:
+            self.length, self._captured = tokens, False
+            self._settle(self.length + 1)  # ready for the first replay, as ``advance`` readies the later ones
+        elif tokens != self.length:
             raise RuntimeError(f"a quantized store cannot rewind from {self.length} to {tokens} tokens")
 
     def reserve(self, total: int) -> None:
         """Allocate the codes ``total`` tokens will need (exact: no over-allocation when the length is known)."""
+        self.reserved = max(self.reserved, total)
         need = self.policy.codes_room(total)
         if need > self.capacity:
             self._alloc(need)
 
+    def _drop(self, new_first: int) -> None:
+        """Drop the groups below ``new_first`` (they left the window): the kept codes move to the front. Positions
+        ``n_quant .. new_first - 1`` (if any) are dropped unquantized."""
+        G, old_q = self.group, self.n_quant
+        keep_from = min(new_first, old_q) - self.first
+        kept = old_q - self.first - keep_from
+        if kept and keep_from:
+            for name in ("k_codes", "v_codes", "v_scale", "v_zero"):
+                buf = getattr(self, name)
+                buf[:, :, :kept] = buf[:, :, keep_from : keep_from + kept].clone()
+            for name in ("k_scale", "k_zero"):
+                buf = getattr(self, name)
+                buf[:, :, : kept // G] = buf[:, :, keep_from // G : (keep_from + kept) // G].clone()
+        self.first = new_first
+        self.n_quant = max(old_q, new_first)
+
+    def _quantize(self, fk: torch.Tensor, fv: torch.Tensor, new_q: int) -> None:
+        """Write ``fk, fv`` (positions ``n_quant .. new_q - 1``) as codes."""
+        G = self.group
+        if new_q - self.first > self.capacity:  # grow by doubling when no room was reserved, as DenseStore does
+            if self.fixed:
+                raise RuntimeError("a quantized store decoding from a CUDA graph needs its codes reserved")
+            self._alloc(max(new_q - self.first, 2 * self.capacity // G * G))
+        i, j = self.n_quant - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
+        self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
+            quantize_keys(fk, self.bits, G))
+        self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j] = quantize_values(fv, self.bits, G)
+
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v: [batch, heads, n, head_dim]``; whole groups older than the residual become codes, whole
         groups outside the window (if any) are dropped (those already outside it are never quantized)."""
-        n, G = k.shape[2], self.group
-        end = self.length + n
+        if self.fixed:
+            self._exact()
+        end = self.length + k.shape[2]
         new_q, new_first = self.policy.quantized_length(end), self.policy.dropped_length(end)
         old_q = self.n_quant
-        if new_first > self.first:  # drop the groups that left the window: the kept codes move to the front
-            keep_from = min(new_first, old_q) - self.first
-            kept = old_q - self.first - keep_from
-            if kept and keep_from:
-                for name in ("k_codes", "v_codes", "v_scale", "v_zero"):
-                    buf = getattr(self, name)
-                    buf[:, :, :kept] = buf[:, :, keep_from : keep_from + kept].clone()
-                for name in ("k_scale", "k_zero"):
-                    buf = getattr(self, name)
-                    buf[:, :, : kept // G] = buf[:, :, keep_from // G : (keep_from + kept) // G].clone()
-            self.first = new_first
-            self.n_quant = max(old_q, new_first)  # positions old_q .. new_first - 1 are dropped unquantized
+        if new_first > self.first:
+            self._drop(new_first)
         if new_q == old_q:
             self.res_k = torch.cat([self.res_k, k], dim=2)
             self.res_v = torch.cat([self.res_v, v], dim=2)
@@ -292,27 +376,82 @@ class QuantizedStore:
         pend_k = torch.cat([self.res_k, k], dim=2)  # residual + chunk: positions old_q .. end - 1
         pend_v = torch.cat([self.res_v, v], dim=2)
         a = self.n_quant  # the first position to quantize now
-        if new_q - self.first > self.capacity:  # grow by doubling when no room was reserved, as DenseStore does
-            self._alloc(max(new_q - self.first, 2 * self.capacity // G * G))
-        fk, fv = pend_k[:, :, a - old_q : new_q - old_q], pend_v[:, :, a - old_q : new_q - old_q]
-        i, j = a - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
-        self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
-            quantize_keys(fk, self.bits, G))
-        self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j] = quantize_values(fv, self.bits, G)
+        self._quantize(pend_k[:, :, a - old_q : new_q - old_q], pend_v[:, :, a - old_q : new_q - old_q], new_q)
         # Copies, exactly sized: a view would keep the whole of residual + chunk allocated.
         self.res_k, self.res_v = pend_k[:, :, new_q - old_q :].clone(), pend_v[:, :, new_q - old_q :].clone()
         self.n_quant, self.length = new_q, end
 
-    def quantized(self) -> QuantizedKV:
-        """The quantized part, for the kernel (views of the buffers, ``n_quant - first`` tokens valid)."""
+    # ------------------------------------------------------------------ CUDA-graph decode
+    def _exact(self) -> None:
+        """Back to the exact-size residual of eager steps."""
+        n = self.n_res
+        self.res_k, self.res_v = self.res_k[:, :, :n].clone(), self.res_v[:, :, :n].clone()
+        self.fixed, self.bounds = False, None
+
+    def _fix(self) -> None:
+        """To the fixed residual of CUDA-graph decode (``Quantized.graph_blocker_at`` must allow it)."""
+        why = self.policy.graph_blocker_at(self.reserved, self.head_dim, self.res_k.element_size())
+        if why:
+            raise RuntimeError(f"QuantizedStore.append_at: {why}")
+        n, rows = self.n_res, self.policy.graph_residual()
+        res_k = torch.empty(self.batch, self.heads, rows, self.head_dim, device=self.device, dtype=self.dtype)
+        res_v = torch.empty_like(res_k)
+        res_k[:, :, :n], res_v[:, :, :n] = self.res_k, self.res_v
+        self.res_k, self.res_v, self.fixed = res_k, res_v, True
+        self.bounds = torch.tensor([self.first, self.n_quant], dtype=torch.long, device=self.device)
+
+    def _settle(self, end: int) -> None:
+        """Make the fixed residual ready for a length of ``end`` tokens (the next token at ``end - 1``): drop the
+        groups outside the window, quantize the groups that leave the residual and shift the rest to the front,
+        as an eager ``append`` reaching ``end`` does (the tokens quantized are all older than ``end - 1``)."""
+        new_q, new_first = self.policy.quantized_length(end), self.policy.dropped_length(end)
+        if new_q == self.n_quant and new_first == self.first:
+            return
+        old_q, n = self.n_quant, self.n_res  # residual row r is position old_q + r
+        if new_first > self.first:
+            self._drop(new_first)
+        a, gone = self.n_quant, new_q - old_q
+        if new_q > a:
+            self._quantize(self.res_k[:, :, a - old_q : gone], self.res_v[:, :, a - old_q : gone], new_q)
+        if gone:
+            self.res_k[:, :, : n - gone] = self.res_k[:, :, gone:n].clone()
+            self.res_v[:, :, : n - gone] = self.res_v[:, :, gone:n].clone()
+        self.n_quant = new_q
+        assert self.bounds is not None
+        self.bounds.copy_(torch.tensor([self.first, self.n_quant], dtype=torch.long))
+
+    def append_at(self, k: torch.Tensor, v: torch.Tensor, position: torch.Tensor) -> None:
+        """Append one token ``k, v: [batch, heads, 1, head_dim]`` at the residual row a device tensor names
+        (``position``: one long element, the token's position, equal to ``length``), so a CUDA graph can replay
+        the write. Outside a capture the store is first readied for the position (``_settle``); a replay finds it
+        readied by ``advance`` (or, after the capture, by ``rewind``). The codes' room must be reserved and the
+        fixed residual allowed for it (``Quantized.graph_blocker_at``)."""
+        capturing = self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        if not self.fixed:
+            if capturing:
+                raise RuntimeError("QuantizedStore.append_at: the first graph-ready step must run eagerly")
+            self._fix()
+        if not capturing:
+            self._settle(self.length + 1)
+        assert self.bounds is not None
+        row = position - self.bounds[1:]
+        self.res_k.index_copy_(2, row, k)
+        self.res_v.index_copy_(2, row, v)
+        self.length += 1
+        self._captured = capturing
+
+    def quantized(self, room: bool = False) -> QuantizedKV:
+        """The quantized part, for the kernel (views of the buffers, ``n_quant - first`` tokens valid; with
+        ``room``, the whole capacity, for a launch that reads the valid count from ``bounds``)."""
         return QuantizedKV(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
-                           self.n_quant - self.first, self.bits, self.group)
+                           self.capacity if room else self.n_quant - self.first, self.bits, self.group)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length - first,
         head_dim]``, positions ``first .. length - 1``."""
         keys, values = self.quantized().dequantize(self.head_dim, self.dtype)
-        return torch.cat([keys, self.res_k], dim=2), torch.cat([values, self.res_v], dim=2)
+        n = self.n_res
+        return torch.cat([keys, self.res_k[:, :, :n]], dim=2), torch.cat([values, self.res_v[:, :, :n]], dim=2)
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.res_k, self.res_v]

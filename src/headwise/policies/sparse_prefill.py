@@ -71,6 +71,9 @@ class DecodeDelegate:
     def graph_blocker(self) -> str | None:
         return self.decode.graph_blocker()
 
+    def graph_blocker_at(self, total: int, head_dim: int, dtype_bytes: int) -> str | None:
+        return self.decode.graph_blocker_at(total, head_dim, dtype_bytes)
+
     def paged_layout(self) -> PagedLayout | None:
         return self.decode.paged_layout()
 
