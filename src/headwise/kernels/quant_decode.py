@@ -126,8 +126,11 @@ def _quant_decode_kernel(
     acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     lo = first + split * tokens_per_split  # tokens before ``first`` (outside a sliding window) are never read
     hi = tl.minimum(lo + tokens_per_split, n_total)
+    # Blocks up to ``hi`` only: with device lengths the launch is sized for the buffers, and a split past the
+    # valid tokens (or its tail) need not walk them (a block with no valid token would leave the state unchanged).
+    iters = tl.minimum(iters_per_split, (tl.maximum(hi - lo, 0) + BLOCK_N - 1) // BLOCK_N)
     it = 0
-    while it < iters_per_split:  # a ``while``: the interpreter takes no runtime ``range`` bound
+    while it < iters:  # a ``while``: the interpreter takes no runtime ``range`` bound
         tok = lo + it * BLOCK_N + offs_n
         valid = tok < hi
         in_q = valid & (tok < n_quant)
