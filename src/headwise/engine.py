@@ -654,7 +654,9 @@ class GraphDecoder:
     (``HeadwiseCache.advance``). One capture serves the whole generation.
 
     Needs a batch-1 cache with reserved room, the kernels, and policies with ``graph_decode`` (``full``,
-    ``streaming`` without compensation, ``page_topk``, prefill patterns that decode with them). ``capture=False`` runs every
+    ``streaming`` without compensation, ``page_topk``, prefill patterns that decode with them) or whose reserved
+    length allows it (``Policy.graph_blocker_at``: ``quantized``, whose groups leave the residual on the host
+    between replays, in ``advance``). ``capture=False`` runs every
     step eagerly on the graph-ready path: it tests everything but the capture itself, on any device. If the capture
     fails (a model whose forward cannot be captured, e.g. one with offloading hooks), the host-side counters are
     restored and the steps go on eagerly with a warning, or, under ``Engine(cuda_graphs=True)``, a
