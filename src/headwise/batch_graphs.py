@@ -67,9 +67,14 @@ def padded_size(n: int, sizes: tuple[int, ...] = SIZES) -> int | None:
 
 def padded_blockers(plan: HeadPlan, spec: ModelSpec) -> list[str]:
     """Why ``plan``'s decode steps cannot run on padded static buffers over the pool (empty: they can): a head group
-    keeping its own store beside the pool."""
-    own = sorted({p.short() for row in resolve(plan.policies(), spec) for p in row if p.paged_layout() is None})
-    return [f"policies keeping their own store beside the pool: {', '.join(own)}"] if own else []
+    keeping its own store beside the pool, or one choosing its pages per step (``page_topk`` in the pool: its eager
+    batched step, ``paged_cache.decode_over_pool``, selects them; the padded step does not yet)."""
+    policies = {p for row in resolve(plan.policies(), spec) for p in row}
+    own = sorted({p.short() for p in policies if p.paged_layout() is None})
+    chosen = sorted({p.short() for p in policies if (layout := p.paged_layout()) is not None and layout.select})
+    why = [f"policies keeping their own store beside the pool: {', '.join(own)}"] if own else []
+    return why + ([f"policies choosing their pages per step (eager batched decode): {', '.join(chosen)}"]
+                  if chosen else [])
 
 
 @dataclass
@@ -109,8 +114,8 @@ class PaddedBatch:
             by_layout: dict[PagedLayout, _Launch] = {}
             for gi, g in enumerate(group_heads(row, spec.group_size, device)):
                 layout = g.policy.paged_layout()
-                if layout is None:
-                    raise HeadwiseError(f"{g.policy.short()} keeps its own store: no padded decode over the pool")
+                if layout is None or layout.select:
+                    raise HeadwiseError(f"{g.policy.short()} has no padded decode over the pool (padded_blockers)")
                 launch = by_layout.get(layout)
                 if launch is None:
                     launch = by_layout[layout] = _Launch(layout, [], 0, g.q_index[:0], g.kv_index[:0])

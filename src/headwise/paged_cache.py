@@ -26,7 +26,7 @@ import torch
 from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.policies.base import PagedLayout
 from headwise.policies.stores import DenseStore, SinkWindowStore
-from headwise.pool import GroupPages, PagePool
+from headwise.pool import GroupPages, PagePool, pool_layout
 
 
 def _gather(pool: PagePool, pages: GroupPages, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +117,57 @@ class PagedRingStore(SinkWindowStore):
         return keys, values, positions
 
 
+class PagedQuestStore(PagedDenseStore):
+    """``page_topk``'s store in the pool (Quest): the tokens in the sequence's pages as ``PagedDenseStore``, and the
+    channel-wise min and max key of each page in its bound pages (``GroupPages.bound_pages``: page ``i``'s min key in
+    the key half of slot ``i % page_size`` of bound page ``i // page_size``, its max key in the value half), written
+    through ``PagePool.write`` whenever a token is: the bounds ``stores.PagedStore`` keeps, in the pool."""
+
+    def __init__(self, pool: PagePool, pages: GroupPages, layout: PagedLayout, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__(pool, pages, device, dtype)
+        self.layout = layout
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding at least one token."""
+        return -(-self.length // self.pool.page_size)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v: [1, heads, n, head_dim]`` and refresh the bounds of every page they touch (a page already
+        partly filled is reduced again over all its tokens)."""
+        start = self.length
+        super().append(k, v)
+        P = self.pool.page_size
+        pages = torch.arange(start // P, self.num_pages, device=self.device)  # [m]
+        slots = pages[:, None] * P + torch.arange(P, device=self.device)  # [m, P]
+        keys, _ = _gather(self.pool, self.pages, slots.reshape(-1).clamp(max=self.capacity - 1))
+        keys = keys.view(self.pages.heads, len(pages), P, -1)
+        past = (slots >= self.length)[None, :, :, None]  # slots holding no token yet
+        low = keys.masked_fill(past, float("inf")).amin(dim=2)  # [heads, m, D]
+        high = keys.masked_fill(past, float("-inf")).amax(dim=2)
+        self.pool.write(self.pages.bound_table(self.device)[None], pages[None], low[None], high[None])
+
+    def page_bounds(self) -> torch.Tensor:
+        """Bounds of the pages in use, ``[1, heads, num_pages, 2, head_dim]`` (as ``stores.PagedStore.page_bounds``),
+        gathered from the bound pages (a copy)."""
+        pages = torch.arange(self.num_pages, device=self.device)
+        table = self.pages.bound_table(self.device).long()
+        phys = table[:, torch.div(pages, self.pool.page_size, rounding_mode="floor")]  # [heads, m]
+        within = (pages % self.pool.page_size)[None].expand_as(phys)
+        return torch.stack([self.pool.keys[phys, within], self.pool.values[phys, within]], dim=2)[None]
+
+
 PagedStore = PagedDenseStore | PagedRingStore
 
 
 def paged_store(pool: PagePool, pages: GroupPages, device: torch.device, dtype: torch.dtype) -> PagedStore | None:
     """The paged store of a group under the pool (None: the group's policy keeps its own store)."""
-    layout = pages.policy.paged_layout()
+    layout = pool_layout(pages.policy, pool.page_size)
     if layout is None:
         return None
+    if layout.select:
+        return PagedQuestStore(pool, pages, layout, device, dtype)
     if layout.window:
         return PagedRingStore(pool, pages, layout, device, dtype)
     return PagedDenseStore(pool, pages, device, dtype)
@@ -140,19 +183,72 @@ class PoolDecodeRow:
     token: int  # the token's index on the forward's token axis
 
 
+def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Page tables ``[heads_i, pages_i]`` of several rows stacked into ``[sum heads_i, 1, max pages]`` (zero padded:
+    entries past a row's pages are never read)."""
+    width = max(1, max(t.shape[1] for t in tables))
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]
+
+
+def _refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torch.Tensor,
+                           positions: torch.Tensor) -> None:
+    """Write the bounds of the page holding each row's newest token (a decode step's write), over the page's tokens
+    up to it. table, bound_table: [rows, 1, pages] (``_padded_tables``); positions: long [rows] on the device."""
+    P = pool.page_size
+    page = torch.div(positions, P, rounding_mode="floor")  # [rows]
+    phys = table[:, 0].long().gather(1, page[:, None])  # [rows, 1]
+    within = torch.arange(P, device=positions.device)
+    keys = pool.keys[phys, within[None]]  # [rows, P, D]
+    past = (page[:, None] * P + within[None] > positions[:, None])[:, :, None]
+    low = keys.masked_fill(past, float("inf")).amin(dim=1)  # [rows, D]
+    high = keys.masked_fill(past, float("-inf")).amax(dim=1)
+    pool.write(bound_table, page[:, None], low[:, None, None], high[:, None, None])
+
+
+def select_pool_pages(q: torch.Tensor, pool: PagePool, bound_table: torch.Tensor, lengths: torch.Tensor,
+                      select: int) -> torch.Tensor:
+    """Quest's page choice for a batch of rows over their bound pages, vectorised over the rows (plain PyTorch).
+
+    q: [rows, group, D] (the query heads sharing each row's KV head); bound_table: [rows, 1, bound pages];
+    lengths: long [rows] (tokens each row holds, its decode token included). Each page scores
+    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group (``quest_page_scores_reference``), the first and the
+    newest page +inf; the ``select`` best pages (all while fewer exist) are returned as ``int32 [rows, 1, k]``
+    logical pages, -1 padded: the pages ``PageTopK.select`` picks from the same bounds."""
+    P = pool.page_size
+    n_pages = torch.div(lengths + P - 1, P, rounding_mode="floor")  # [rows]
+    most = int(n_pages.max())
+    pages = torch.arange(most, device=q.device)
+    col = torch.div(pages, P, rounding_mode="floor").clamp(max=bound_table.shape[2] - 1)
+    phys = bound_table[:, 0].long()[:, col]  # [rows, most]
+    low, high = pool.keys[phys, pages % P].float(), pool.values[phys, pages % P].float()  # [rows, most, D]
+    qf = q.float()
+    scores = torch.einsum("rpd,rd->rp", high, qf.clamp(min=0).sum(dim=1))
+    scores += torch.einsum("rpd,rd->rp", low, qf.clamp(max=0).sum(dim=1))
+    rows = torch.arange(len(lengths), device=q.device)
+    scores[:, 0] = float("inf")
+    scores[rows, n_pages - 1] = float("inf")
+    outside = pages[None] >= n_pages[:, None]
+    scores = scores.masked_fill(outside, float("-inf"))
+    chosen = torch.topk(scores, min(select, most), dim=-1, sorted=False).indices  # [rows, k]
+    chosen = torch.where(chosen < n_pages[:, None], chosen, -1)  # picks past a short row's pages
+    return chosen.to(torch.int32)[:, None]
+
+
 def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      out: torch.Tensor, scale: float, use_kernels: bool) -> None:
     """Attend the decode tokens of ``rows`` (one layer), all sequences at once: write each token's key and value into
-    its pages, then one ``batch_decode`` launch per ring size over every (sequence, KV head) pair.
+    its pages, then one ``batch_decode`` launch per (ring size, pages selected) over every (sequence, KV head) pair.
+    For a ``select`` layout (Quest) the newest page's bounds are refreshed and the pages chosen first
+    (``select_pool_pages``); the launch then reads only those.
 
     query, out: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (the forward's tokens); ``out`` receives each row's
     query heads at its token."""
-    by_ring: dict[int, list[PoolDecodeRow]] = {}
+    by_layout: dict[tuple[int, int], list[PoolDecodeRow]] = {}
     for r in rows:
-        by_ring.setdefault(r.store.layout.ring, []).append(r)
+        by_layout.setdefault((r.store.layout.ring, r.store.layout.select), []).append(r)
     D = query.shape[-1]
     device = query.device
-    for ring, rs in by_ring.items():
+    for (ring, select), rs in by_layout.items():
         pool = rs[0].store.pool
         heads = [len(r.kv_index) for r in rs]
         q = torch.cat([query[0, r.q_index, r.token] for r in rs])  # [pairs * group, D]
@@ -163,20 +259,23 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         slot = torch.cat([r.store.layout.slots(pos[i : i + 1]) for i, r in enumerate(rs)])
         per_head = torch.tensor(heads)
         positions, slots = pos.repeat_interleave(per_head), slot.repeat_interleave(per_head)
-        tables = [r.store.pages.table(device) for r in rs]
-        width = max(t.shape[1] for t in tables)
-        table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]  # [pairs, 1, W]
+        table = _padded_tables([r.store.pages.table(device) for r in rs])  # [pairs, 1, W]
         pool.write(table, slots[:, None].to(device), k[:, None, None], v[:, None, None])
         lengths = (positions + 1).to(device=device, dtype=torch.int32)
         qp = q.view(pairs, -1, D)
+        selected = None
+        if select:
+            bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
+            _refresh_newest_bounds(pool, table, bound_table, positions.to(device))
+            selected = select_pool_pages(qp, pool, bound_table, lengths.long(), select)
         if use_kernels:
             from headwise.kernels.batch_decode import batch_decode  # Triton, only when kernels are asked for
 
             o = batch_decode(qp, pool.keys, pool.values, table, lengths, int(positions.max()) + 1, pool.page_size,
-                             ring=ring, scale=scale)
+                             ring=ring, selected=selected, scale=scale)
         else:
             o = batch_decode_reference(qp, pool.keys, pool.values, table, lengths, pool.page_size, ring=ring,
-                                       scale=scale)
+                                       selected=selected, scale=scale)
         o = o.reshape(-1, D)
         at = 0
         for r in rs:
