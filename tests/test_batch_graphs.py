@@ -141,8 +141,8 @@ def test_padding_rows_write_only_the_scratch_page():
 
 
 def test_steps_the_padded_path_cannot_take_run_the_eager_batched_step():
-    """Sequences under two plans in one step, or a plan with a group keeping its own store (Quest), decode on the
-    eager batched step, with the tokens each gives alone."""
+    """Sequences under two plans in one step, or a plan with a group choosing its pages per step (Quest), decode on
+    the eager batched step, with the tokens each gives alone."""
     lm = tiny_model("llama")
     quest = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8)] * lm.spec.num_kv_heads]
                                    * lm.spec.num_layers)

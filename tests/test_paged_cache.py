@@ -306,3 +306,12 @@ def test_the_triton_kernel_path_selects_quest_pages_with_the_tokens_of_each_sequ
     pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
     seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [4, 4], [0, 1], seq_plans)
     assert [s.generated for s in seqs] == want
+
+
+def test_quest_plans_stay_off_the_padded_graph_step_and_say_why():
+    from headwise.batch_graphs import padded_blockers
+
+    lm = tiny_model("llama")
+    assert padded_blockers(HeadPlan.dense(lm.spec), lm.spec) == []
+    why = padded_blockers(quest_plan(lm.spec, budget=12, with_full=True), lm.spec)
+    assert why == ["policies choosing their pages per step (eager batched decode): quest12/4"]

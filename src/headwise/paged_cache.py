@@ -3,17 +3,21 @@
 Under an engine with a ``PagePool`` (``Engine(pool=...)``, which allocates its pages once), the head groups whose
 policy has a ``paged_layout`` keep their keys and values in the sequence's pool pages (``SequencePages``) instead
 of tensors of their own: ``PagedDenseStore`` (every token in position order: ``full``, and prefill patterns that
-decode with it) and ``PagedRingStore`` (``streaming``'s sinks and ring, in ``SinkWindowStore``'s slot layout).
-Every write goes through ``PagePool.write``. Other policies (``page_topk``, ``tidal``, ``recycled``,
-``quantized``, ``streaming`` with compensation) keep their own stores beside the pool, counted in its pages.
+decode with it), ``PagedRingStore`` (``streaming``'s sinks and ring, in ``SinkWindowStore``'s slot layout) and
+``PagedQuestStore`` (``page_topk``: every token in position order, each page's min and max key in bound pages beside
+them). Every write goes through ``PagePool.write``. Other policies (``tidal``, ``recycled``, ``quantized``,
+``streaming`` with compensation, ``page_topk`` with e4m3 bounds or pages of another size) keep their own stores
+beside the pool, counted in its pages.
 
 - A prompt chunk of several tokens runs the policy's own ``attend``, as without a pool: the store gathers the
   slots it holds from its pages (``view``: a copy, as the reference path reads a contiguous cache), the policy
   attends over them and the chunk, and the store writes the chunk into its pages.
 - One-token steps are attended together (``decode_over_pool``): in each layer, every (sequence, KV head) pair
-  of a paged group whose layout holds the same number of slots is a row of one ``batch_decode`` launch (the
-  Triton kernel with kernels on, its plain-PyTorch reference ``batch_decode_reference`` otherwise), after the
-  token's key and value are written through the page tables. Rows are (sequence, KV head) pairs, not sequences,
+  of a paged group whose layout holds the same number of slots (and selects the same number of pages) is a row of
+  one ``batch_decode`` launch (the Triton kernel with kernels on, its plain-PyTorch reference
+  ``batch_decode_reference`` otherwise), after the token's key and value are written through the page tables. For
+  ``page_topk`` the newest page's bounds are refreshed and Quest's pages chosen for every row at once
+  (``select_pool_pages``, plain PyTorch) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence, KV head) pairs, not sequences,
   so sequences under different plans share a launch.
 """
 

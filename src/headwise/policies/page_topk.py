@@ -27,6 +27,9 @@ top-k + the paged sparse decode kernel (``kernels/paged_decode.py``, scores and 
 copy of K/V. Decode steps replayed from a CUDA graph (``engine.GraphDecoder``) take the fused path with every
 length read on the device: the bounds of the token's page are refreshed on the device (``PagedStore.append_at``),
 and all reserved pages are scored, those past the cache's length -inf (``_attend_graph``).
+Under an engine's page pool of ``page_size``-token pages (exact bounds): the KV in the sequence's pool pages, the
+bounds in bound pages beside them, and decode steps batched over every sequence of the step with the same page
+choice (``paged_cache.PagedQuestStore``, ``paged_cache.select_pool_pages``); not on padded CUDA-graph steps yet.
 """
 
 from __future__ import annotations
