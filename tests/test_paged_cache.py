@@ -229,7 +229,8 @@ def test_batched_page_choice_over_the_pool_is_quests_choice_from_the_store():
         want.append(sorted(policy.select(q, own, use_kernels=False)[0, 0].tolist()))
     q = torch.cat([q for q, _ in rows])  # [rows, group, D]
     bound_table = paged_cache._padded_tables([gp.bound_table() for _, gp in rows])
-    chosen = paged_cache.select_pool_pages(q, pool, bound_table, torch.tensor(lengths), select)
+    chosen = paged_cache.select_pool_pages(q, pool.keys, pool.values, P, bound_table, torch.tensor(lengths),
+                                           max(lengths), select)
     assert chosen.shape == (4, 1, select) and chosen.dtype == torch.int32
     got = [sorted(c for c in row[0].tolist() if c >= 0) for row in chosen]
     assert got == want

@@ -209,30 +209,33 @@ def _refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: tor
     pool.write(bound_table, page[:, None], low[:, None, None], high[:, None, None])
 
 
-def select_pool_pages(q: torch.Tensor, pool: PagePool, bound_table: torch.Tensor, lengths: torch.Tensor,
-                      select: int) -> torch.Tensor:
+def select_pool_pages(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
+                      bound_table: torch.Tensor, lengths: torch.Tensor, max_len: int, select: int) -> torch.Tensor:
     """Quest's page choice for a batch of rows over their bound pages, vectorised over the rows (plain PyTorch).
 
-    q: [rows, group, D] (the query heads sharing each row's KV head); bound_table: [rows, 1, bound pages];
-    lengths: long [rows] (tokens each row holds, its decode token included). Each page scores
-    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group (``quest_page_scores_reference``), the first and the
-    newest page +inf; the ``select`` best pages (all while fewer exist) are returned as ``int32 [rows, 1, k]``
-    logical pages, -1 padded: the pages ``PageTopK.select`` picks from the same bounds."""
-    P = pool.page_size
-    n_pages = torch.div(lengths + P - 1, P, rounding_mode="floor")  # [rows]
-    most = int(n_pages.max())
+    q: [rows, group, D] (the query heads sharing each row's KV head); k_pool, v_pool: the pool's
+    ``[pages, page_size, D]`` (``PagePool.keys``, ``.values``), where page ``i``'s min key is slot ``i % page_size`` of
+    key page ``bound_table[r, 0, i // page_size]`` and its max key the same slot of the value page;
+    bound_table: [rows, 1, bound pages]; lengths: int [rows] on q's device (tokens each row holds, its decode token
+    included), bounded by the host int ``max_len`` (sizes the work: no host sync). Each page scores
+    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group, in fp32 (``quest_page_scores_reference``), the first
+    and the newest page +inf; the ``select`` best pages (all while fewer exist) are returned as ``int32 [rows, 1, k]``
+    logical pages, -1 padded: the pages ``PageTopK.select`` picks from the same bounds. Reads (and converts to fp32)
+    ``2 * D`` bound values per page of every row: a Triton kernel would score them in place."""
+    P = page_size
+    n_pages = torch.div(lengths.long() + P - 1, P, rounding_mode="floor").clamp(max=-(-max_len // P))  # [rows]
+    most = max(1, -(-max_len // P))
     pages = torch.arange(most, device=q.device)
     col = torch.div(pages, P, rounding_mode="floor").clamp(max=bound_table.shape[2] - 1)
     phys = bound_table[:, 0].long()[:, col]  # [rows, most]
-    low, high = pool.keys[phys, pages % P].float(), pool.values[phys, pages % P].float()  # [rows, most, D]
+    low, high = k_pool[phys, pages % P].float(), v_pool[phys, pages % P].float()  # [rows, most, D]
     qf = q.float()
     scores = torch.einsum("rpd,rd->rp", high, qf.clamp(min=0).sum(dim=1))
     scores += torch.einsum("rpd,rd->rp", low, qf.clamp(max=0).sum(dim=1))
-    rows = torch.arange(len(lengths), device=q.device)
+    rows = torch.arange(q.shape[0], device=q.device)
     scores[:, 0] = float("inf")
-    scores[rows, n_pages - 1] = float("inf")
-    outside = pages[None] >= n_pages[:, None]
-    scores = scores.masked_fill(outside, float("-inf"))
+    scores[rows, (n_pages - 1).clamp(min=0)] = float("inf")
+    scores = scores.masked_fill(pages[None] >= n_pages[:, None], float("-inf"))
     chosen = torch.topk(scores, min(select, most), dim=-1, sorted=False).indices  # [rows, k]
     chosen = torch.where(chosen < n_pages[:, None], chosen, -1)  # picks past a short row's pages
     return chosen.to(torch.int32)[:, None]
@@ -271,7 +274,8 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         if select:
             bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
             _refresh_newest_bounds(pool, table, bound_table, positions.to(device))
-            selected = select_pool_pages(qp, pool, bound_table, lengths.long(), select)
+            selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
+                                         int(positions.max()) + 1, select)
         if use_kernels:
             from headwise.kernels.batch_decode import batch_decode  # Triton, only when kernels are asked for
 
