@@ -309,10 +309,13 @@ def test_the_triton_kernel_path_selects_quest_pages_with_the_tokens_of_each_sequ
     assert [s.generated for s in seqs] == want
 
 
-def test_quest_plans_stay_off_the_padded_graph_step_and_say_why():
+def test_quest_in_the_pool_can_take_the_padded_step_and_quest_beside_it_cannot():
     from headwise.batch_graphs import padded_blockers
 
     lm = tiny_model("llama")
-    assert padded_blockers(HeadPlan.dense(lm.spec), lm.spec) == []
-    why = padded_blockers(quest_plan(lm.spec, budget=12, with_full=True), lm.spec)
-    assert why == ["policies choosing their pages per step (eager batched decode): quest12/4"]
+    assert padded_blockers(quest_plan(lm.spec, budget=12, with_full=True), lm.spec, 4) == []
+    e4m3 = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8, bounds="e4m3")] * lm.spec.num_kv_heads]
+                                  * lm.spec.num_layers)
+    assert padded_blockers(e4m3, lm.spec, 4) == ["policies keeping their own store beside the pool: quest8/4e4m3"]
+    assert padded_blockers(quest_plan(lm.spec, budget=12), lm.spec, 8) == [
+        "policies keeping their own store beside the pool: quest12/4"], "Quest in pages of 4, a pool of pages of 8"

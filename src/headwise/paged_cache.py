@@ -194,7 +194,7 @@ def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]
 
 
-def _refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torch.Tensor,
+def refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torch.Tensor,
                            positions: torch.Tensor) -> None:
     """Write the bounds of the page holding each row's newest token (a decode step's write), over the page's tokens
     up to it. table, bound_table: [rows, 1, pages] (``_padded_tables``); positions: long [rows] on the device."""
@@ -273,7 +273,7 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         selected = None
         if select:
             bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
-            _refresh_newest_bounds(pool, table, bound_table, positions.to(device))
+            refresh_newest_bounds(pool, table, bound_table, positions.to(device))
             selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
                                          int(positions.max()) + 1, select)
         if use_kernels:
