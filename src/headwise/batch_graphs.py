@@ -3,13 +3,15 @@
 vLLM captures its decode step at padded batch sizes (1, 2, 4, 8, ...) and replays the smallest one that holds the
 live batch, whatever the batch's members. ``BatchGraphs`` does the same for ``Engine.step``'s decode-only steps
 over the page pool (``paged_cache.py``), for the sequences of one plan whose every head group keeps its KV in the
-pool (a ``paged_layout``: ``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``).
+pool (``pool.pool_layout``: ``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``,
+``page_topk`` with exact bounds in pages of the pool's size).
 
 Static buffers (``PaddedBatch``), on the device, for ``rows`` sequences and lengths up to ``limit`` tokens:
 
 - ``meta: long [3, rows]``: each row's token id, the token's position, and the row's length (position + 1);
 - ``tables: int32 [rows, per_row]``: each row's page tables, one block per (layer, ``PagedLayout``) of the plan
-  (a *launch*: its heads' tables ``[heads, width]`` side by side, ``width`` pages per head for ``limit`` tokens).
+  (a *launch*: its heads' tables ``[heads, width]`` side by side, ``width`` pages per head for ``limit`` tokens),
+  a ``select`` launch's (Quest) followed by its heads' bound-page tables ``[heads, ceil(width / page_size)]``.
 
 A step of ``n`` sequences runs at the padded size ``size`` (the smallest of ``SIZES`` holding ``n``) over rows
 ``0 .. size-1``. A sequence keeps its row from step to step (a row's tables are written once, then only the pages it
@@ -22,7 +24,9 @@ sequence reads: a padding row never touches a live sequence's pages.
 The forward (``Engine.forward_padded``) reads only these buffers, and in each layer ``PaddedBatch.attend`` writes the
 tokens' keys and values through ``PagePool.write`` (slots from the positions on the device: the one write path into
 the pages) and runs one ``batch_decode`` launch per (layer, layout) sized for ``limit``; no host value of the batch
-enters it and no host counter changes, so the same step runs eagerly or replayed from a graph captured at
+enters it and no host counter changes (a Quest launch refreshes the bounds of each row's newest page and chooses its
+pages first, ``paged_cache.select_pool_pages`` sized for ``limit``), so the same step runs eagerly or replayed from a
+graph captured at
 ``size``. ``BatchGraphs.step`` then counts the token in each sequence's host counters (``HeadwiseCache.advance``).
 
 A sequence longer than ``limit`` (or more rows than allocated) reallocates the buffers (``limit`` within 1/8 above
@@ -31,8 +35,9 @@ size's first step runs eagerly (compiling the kernels), then is captured; all si
 
 Tested: tests/test_batch_graphs.py, on the CPU (fp32, the padded step run eagerly, with the plain-PyTorch reference
 and with ``batch_decode`` under TRITON_INTERPRET=1) against the eager batched step and each sequence alone, through
-joins, finishes and preemption; the pool's writes of a padded step checked slot by slot. Its GPU test (capture and
-replay against eager, fp32 and bf16) is written and has not run yet.
+joins, finishes and preemption (full + streaming plans, and Quest beside full heads); the pool's writes of a padded
+step checked slot by slot. Its GPU test (capture and replay against eager, fp32 and bf16, both plans) is written and
+has not run yet.
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ length read on the device: the bounds of the token's page are refreshed on the d
 and all reserved pages are scored, those past the cache's length -inf (``_attend_graph``).
 Under an engine's page pool of ``page_size``-token pages (exact bounds): the KV in the sequence's pool pages, the
 bounds in bound pages beside them, and decode steps batched over every sequence of the step with the same page
-choice (``paged_cache.PagedQuestStore``, ``paged_cache.select_pool_pages``); not on padded CUDA-graph steps yet.
+choice (``paged_cache.PagedQuestStore``, ``paged_cache.select_pool_pages``), also on padded CUDA-graph steps
+(``batch_graphs.PaddedBatch.attend``).
 """
 
 from __future__ import annotations
