@@ -319,3 +319,39 @@ def test_quest_in_the_pool_can_take_the_padded_step_and_quest_beside_it_cannot()
     assert padded_blockers(e4m3, lm.spec, 4) == ["policies keeping their own store beside the pool: quest8/4e4m3"]
     assert padded_blockers(quest_plan(lm.spec, budget=12), lm.spec, 8) == [
         "policies keeping their own store beside the pool: quest12/4"], "Quest in pages of 4, a pool of pages of 8"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_pool_page_scores_equal_the_reference(dtype):
+    """``kernels.pool_quest.pool_page_scores`` (TRITON_INTERPRET=1 on the CPU) against the plain-PyTorch scores:
+    ragged rows, a zero-length row (a padding row: every column -inf), GQA 3:1, head_dim 40, columns for a longer
+    limit than any row, bound pages shuffled over the pool; then the same pages chosen."""
+    from headwise.kernels.pool_quest import pool_page_scores
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(9)
+    P, D, group = 4, 40, 3
+    lengths = torch.tensor([37, 5, 0, 61, 4])
+    pages = [-(-n // P) for n in lengths.tolist()]
+    bound_pages = [-(-n // P) for n in pages]
+    n_pool = 64
+    kv = torch.randn(n_pool, 2, P, D, generator=gen).to(device, dtype)
+    perm = torch.randperm(n_pool, generator=gen)
+    width = max(bound_pages)
+    table = torch.zeros(len(lengths), 1, width, dtype=torch.int32)
+    at = 0
+    for r, m in enumerate(bound_pages):
+        table[r, 0, :m] = perm[at : at + m]
+        at += m
+    q = torch.randn(len(lengths), group, D, generator=gen).to(device, dtype)
+    table, lengths = table.to(device), lengths.to(device)
+    n_cols = 20  # a limit of 80 tokens
+    want = paged_cache.pool_page_scores_reference(q, kv[:, 0], kv[:, 1], P, table, lengths, n_cols)
+    got = pool_page_scores(q, kv[:, 0], kv[:, 1], P, table, lengths, n_cols)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isposinf(), want.isposinf())
+    assert got[2].isneginf().all() and got[3, :16].isfinite().sum() == 14, "a padding row; 16 pages, both ends +inf"
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    chosen = [paged_cache.select_pool_pages(q, kv[:, 0], kv[:, 1], P, table, lengths, 4 * n_cols, 3, use_kernels=k)
+              for k in (False, True)]
+    assert [sorted(r[0].tolist()) for r in chosen[0]] == [sorted(r[0].tolist()) for r in chosen[1]]

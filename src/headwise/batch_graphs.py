@@ -247,7 +247,7 @@ class PaddedBatch:
                 refresh_newest_bounds(pool, pair_tables, bounds, per_pair[0])
                 selected = select_pool_pages(q.reshape(size * H, -1, q.shape[-1]), pool.keys, pool.values,
                                              pool.page_size, bounds, per_pair[1], self.limit,
-                                             launch.layout.select).view(size, H, -1)
+                                             launch.layout.select, self.use_kernels).view(size, H, -1)
             if self.use_kernels:
                 from headwise.kernels.batch_decode import batch_decode  # Triton: only with kernels
 

@@ -17,7 +17,8 @@ beside the pool, counted in its pages.
   one ``batch_decode`` launch (the Triton kernel with kernels on, its plain-PyTorch reference
   ``batch_decode_reference`` otherwise), after the token's key and value are written through the page tables. For
   ``page_topk`` the newest page's bounds are refreshed and Quest's pages chosen for every row at once
-  (``select_pool_pages``, plain PyTorch) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence, KV head) pairs, not sequences,
+  (``select_pool_pages``: scores by ``kernels/pool_quest.py`` with kernels on, plain PyTorch otherwise, then
+  ``torch.topk``) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence, KV head) pairs, not sequences,
   so sequences under different plans share a launch.
 """
 
@@ -209,34 +210,50 @@ def refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torc
     pool.write(bound_table, page[:, None], low[:, None, None], high[:, None, None])
 
 
-def select_pool_pages(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
-                      bound_table: torch.Tensor, lengths: torch.Tensor, max_len: int, select: int) -> torch.Tensor:
-    """Quest's page choice for a batch of rows over their bound pages, vectorised over the rows (plain PyTorch).
+def pool_page_scores_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
+                               bound_table: torch.Tensor, lengths: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Quest page scores of a batch of rows over their bound pages, vectorised over the rows (plain PyTorch; the
+    Triton kernel is ``kernels.pool_quest.pool_page_scores``).
 
     q: [rows, group, D] (the query heads sharing each row's KV head); k_pool, v_pool: the pool's
     ``[pages, page_size, D]`` (``PagePool.keys``, ``.values``), where page ``i``'s min key is slot ``i % page_size`` of
     key page ``bound_table[r, 0, i // page_size]`` and its max key the same slot of the value page;
-    bound_table: [rows, 1, bound pages]; lengths: int [rows] on q's device (tokens each row holds, its decode token
-    included), bounded by the host int ``max_len`` (sizes the work: no host sync). Each page scores
-    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group, in fp32 (``quest_page_scores_reference``), the first
-    and the newest page +inf; the ``select`` best pages (all while fewer exist) are returned as ``int32 [rows, 1, k]``
-    logical pages, -1 padded: the pages ``PageTopK.select`` picks from the same bounds. Reads (and converts to fp32)
-    ``2 * D`` bound values per page of every row: a Triton kernel would score them in place."""
+    bound_table: [rows, 1, bound pages]; lengths: int [rows] on q's device (tokens each row holds); ``n_cols``, a host
+    int, the columns (``ceil(max_len / page_size)``: sizes the work, no host sync). Each page scores
+    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group, in fp32 (``quest_page_scores_reference``), the first and
+    the newest page +inf, columns past a row's pages -inf. Returns fp32 [rows, n_cols]. Gathers every row's bounds
+    into fp32 (``2 * D * 4`` bytes per page) before scoring them."""
     P = page_size
-    n_pages = torch.div(lengths.long() + P - 1, P, rounding_mode="floor").clamp(max=-(-max_len // P))  # [rows]
-    most = max(1, -(-max_len // P))
-    pages = torch.arange(most, device=q.device)
+    n_pages = torch.div(lengths.long() + P - 1, P, rounding_mode="floor").clamp(max=n_cols)  # [rows]
+    pages = torch.arange(n_cols, device=q.device)
     col = torch.div(pages, P, rounding_mode="floor").clamp(max=bound_table.shape[2] - 1)
-    phys = bound_table[:, 0].long()[:, col]  # [rows, most]
-    low, high = k_pool[phys, pages % P].float(), v_pool[phys, pages % P].float()  # [rows, most, D]
+    phys = bound_table[:, 0].long()[:, col]  # [rows, n_cols]
+    low, high = k_pool[phys, pages % P].float(), v_pool[phys, pages % P].float()  # [rows, n_cols, D]
     qf = q.float()
     scores = torch.einsum("rpd,rd->rp", high, qf.clamp(min=0).sum(dim=1))
     scores += torch.einsum("rpd,rd->rp", low, qf.clamp(max=0).sum(dim=1))
     rows = torch.arange(q.shape[0], device=q.device)
     scores[:, 0] = float("inf")
     scores[rows, (n_pages - 1).clamp(min=0)] = float("inf")
-    scores = scores.masked_fill(pages[None] >= n_pages[:, None], float("-inf"))
-    chosen = torch.topk(scores, min(select, most), dim=-1, sorted=False).indices  # [rows, k]
+    return scores.masked_fill(pages[None] >= n_pages[:, None], float("-inf"))
+
+
+def select_pool_pages(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
+                      bound_table: torch.Tensor, lengths: torch.Tensor, max_len: int, select: int,
+                      use_kernels: bool = False) -> torch.Tensor:
+    """Quest's page choice for a batch of rows over their bound pages: the scores (shapes as
+    ``pool_page_scores_reference``; the Triton kernel with ``use_kernels``), then the ``select`` best pages of each row
+    (all while fewer exist), as ``int32 [rows, 1, k]`` logical pages, -1 padded: the pages ``PageTopK.select`` picks
+    from the same bounds. ``max_len`` (host int) bounds ``lengths``."""
+    n_cols = max(1, -(-max_len // page_size))
+    if use_kernels:
+        from headwise.kernels.pool_quest import pool_page_scores  # Triton, only when kernels are asked for
+
+        scores = pool_page_scores(q, k_pool, v_pool, page_size, bound_table, lengths, n_cols)
+    else:
+        scores = pool_page_scores_reference(q, k_pool, v_pool, page_size, bound_table, lengths, n_cols)
+    n_pages = torch.div(lengths.long() + page_size - 1, page_size, rounding_mode="floor")
+    chosen = torch.topk(scores, min(select, n_cols), dim=-1, sorted=False).indices  # [rows, k]
     chosen = torch.where(chosen < n_pages[:, None], chosen, -1)  # picks past a short row's pages
     return chosen.to(torch.int32)[:, None]
 
@@ -275,7 +292,7 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
             bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
             refresh_newest_bounds(pool, table, bound_table, positions.to(device))
             selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
-                                         int(positions.max()) + 1, select)
+                                         int(positions.max()) + 1, select, use_kernels)
         if use_kernels:
             from headwise.kernels.batch_decode import batch_decode  # Triton, only when kernels are asked for
 

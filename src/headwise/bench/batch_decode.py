@@ -16,8 +16,8 @@ Workloads:
 - ``plan_25``: 2 full heads (their pages) + 6 streaming heads (sink 64 + window 256: a ring of 20 pages each), two
   ``batch_decode`` launches into one output: a layer of the 25% full + 75% streaming plan.
 - ``quest_pool``: every KV head ``page_topk`` (Quest, budget 4096 tokens) over the pool as the engine runs it
-  (``paged_cache.decode_over_pool``): the batched page choice from bound pages (``select_pool_pages``, plain
-  PyTorch) then ``batch_decode`` in ``selected`` mode. Its KV GB counts the pages attended and the bounds scored.
+  (``paged_cache.decode_over_pool``): the batched page choice from bound pages (``select_pool_pages``: the Triton
+  scores of ``kernels/pool_quest.py``, then ``torch.topk``) then ``batch_decode`` in ``selected`` mode. Its KV GB counts the pages attended and the bounds scored.
 
 Timing: ``bench.timing.Timer`` (median CUDA-event time, L2 flushed by a read; eager, and replayed from a CUDA graph
 as serving engines run decode).
@@ -124,7 +124,7 @@ def quest_pool(batch: int, seq_len: int, page_size: int, device: torch.device | 
 
     def step() -> torch.Tensor:
         chosen = select_pool_pages(rows_q, pb.keys, pb.values, page_size, bound_table,
-                                   pb.lengths.repeat_interleave(HKV), seq_len, select)
+                                   pb.lengths.repeat_interleave(HKV), seq_len, select, use_kernels=True)
         return batch_decode(pb.q, pb.keys, pb.values, pb.table, pb.lengths, seq_len, page_size,
                             selected=chosen.view(batch, HKV, -1))
 
