@@ -68,7 +68,8 @@ def test_padded_sizes_are_the_next_power_of_two_up_to_128():
 
 def quest_beside_full(spec, page_size: int = 4) -> HeadPlan:
     """Quest choosing 3 pages on every second KV head, full heads beside it."""
-    row = [Full() if h % 2 == 0 else PageTopK(page_size=page_size, budget=3 * page_size) for h in range(spec.num_kv_heads)]
+    quest = PageTopK(page_size=page_size, budget=3 * page_size)
+    row = [Full() if h % 2 == 0 else quest for h in range(spec.num_kv_heads)]
     return HeadPlan.from_policies(spec, [row] * spec.num_layers)
 
 

@@ -152,7 +152,8 @@ def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
 
 def quest_plan(spec, budget: int, with_full: bool = False) -> HeadPlan:
     """Quest (pages of 4) on every KV head, or on every second one beside ``full`` heads (two groups per layer)."""
-    row = [Full() if with_full and h % 2 == 0 else PageTopK(page_size=4, budget=budget) for h in range(spec.num_kv_heads)]
+    quest = PageTopK(page_size=4, budget=budget)
+    row = [Full() if with_full and h % 2 == 0 else quest for h in range(spec.num_kv_heads)]
     return HeadPlan.from_policies(spec, [row] * spec.num_layers)
 
 

@@ -18,8 +18,8 @@ beside the pool, counted in its pages.
   ``batch_decode_reference`` otherwise), after the token's key and value are written through the page tables. For
   ``page_topk`` the newest page's bounds are refreshed and Quest's pages chosen for every row at once
   (``select_pool_pages``: scores by ``kernels/pool_quest.py`` with kernels on, plain PyTorch otherwise, then
-  ``torch.topk``) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence, KV head) pairs, not sequences,
-  so sequences under different plans share a launch.
+  ``torch.topk``) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence,
+  KV head) pairs, not sequences, so sequences under different plans share a launch.
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ Workloads:
   ``batch_decode`` launches into one output: a layer of the 25% full + 75% streaming plan.
 - ``quest_pool``: every KV head ``page_topk`` (Quest, budget 4096 tokens) over the pool as the engine runs it
   (``paged_cache.decode_over_pool``): the batched page choice from bound pages (``select_pool_pages``: the Triton
-  scores of ``kernels/pool_quest.py``, then ``torch.topk``) then ``batch_decode`` in ``selected`` mode. Its KV GB counts the pages attended and the bounds scored.
+  scores of ``kernels/pool_quest.py``, then ``torch.topk``) then ``batch_decode`` in ``selected`` mode. Its KV GB
+  counts the pages attended and the bounds scored.
 
 Timing: ``bench.timing.Timer`` (median CUDA-event time, L2 flushed by a read; eager, and replayed from a CUDA graph
 as serving engines run decode).
