@@ -9,14 +9,18 @@ synchronised; median), in three engines over equal pools:
 - ``padded_eager``: the same padded static-buffer step, run eagerly (``cuda_graphs=False``);
 - ``eager``: the eager batched step (``padded_decode=False``: ``paged_cache.decode_over_pool``).
 
-Two plans: dense, and 25% full + 75% streaming heads (KV heads 0-1 full, 2-7 sink 64 + window 1024). It reports the
+Plans (``--plans``): ``dense``; ``full25_streaming75``, 25% full + 75% streaming heads (KV heads 0-1 full, 2-7 sink
+64 + window 1024); ``quest4096``, every head ``page_topk`` in pages of ``--page-size`` with a budget of 4096 tokens
+(over the pool: its page choice in the step, ``paged_cache.select_pool_pages``). It reports the
 step times, the padded size, and how many greedy tokens of the timed steps the graph run shares with the eager
 run (bf16: the kernels' splits differ between a graph sized for a length limit and an eager launch, so a near tie
 may round the other way). The last stdout line is the JSON document it writes.
 
-    PYTHONPATH=src python3 bench/batch_graph_decode.py OUT.json [--context 8192] [--batch 1,3,8,32] [--layers 4]
+    PYTHONPATH=src python3 bench/batch_graph_decode.py OUT.json [--context 8192] [--batch 1,3,8,32] [--layers 4] \
+        [--plans dense,full25_streaming75,quest4096]
     TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/batch_graph_decode.py /tmp/x.json --context 40 --batch 1,3 \
-        --layers 2 --hidden 64 --steps 2   (a CPU dry run of the script itself: no graph on the CPU)
+        --layers 2 --hidden 64 --steps 2 --kv-gb 0.05 --page-size 4   (a CPU dry run of the script itself: no graph on
+        the CPU)
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ from headwise.bench.record import result_doc, write_result
 from headwise.engine import Engine, SamplingParams
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
-from headwise.policies import Full, Streaming
+from headwise.policies import Full, PageTopK, Streaming
 from headwise.pool import PagePool
 from headwise.spec import ModelSpec
 
@@ -88,6 +92,7 @@ def main() -> None:
     ap.add_argument("--page-size", type=int, default=16)
     ap.add_argument("--kv-gb", type=float, default=40.0, help="each engine's page pool (GB)")
     ap.add_argument("--hidden", type=int, default=4096, help="smaller for a CPU dry run (with TRITON_INTERPRET=1)")
+    ap.add_argument("--plans", default="dense,full25_streaming75,quest4096", help="comma-separated, of those above")
     args = ap.parse_args()
     torch.manual_seed(0)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -102,7 +107,13 @@ def main() -> None:
     kv = spec.num_kv_heads
     mixed = HeadPlan.from_policies(spec, [[Full() if h < max(1, kv // 4) else Streaming(sink=64, window=1024)
                                            for h in range(kv)]] * spec.num_layers, "full25")
-    plans = {"dense": HeadPlan.dense(spec), "full25_streaming75": mixed}
+    quest = HeadPlan.from_policies(spec, [[PageTopK(page_size=args.page_size, budget=4096)] * kv] * spec.num_layers,
+                                   "quest4096")
+    known = {"dense": HeadPlan.dense(spec), "full25_streaming75": mixed, "quest4096": quest}
+    wanted = args.plans.split(",")
+    if unknown := [p for p in wanted if p not in known]:
+        ap.error(f"unknown plans {unknown}; choose from {sorted(known)}")
+    plans = {name: known[name] for name in wanted}
     modes = {"graph": {}, "padded_eager": {"padded_decode": True, "cuda_graphs": False},
              "eager": {"padded_decode": False}}
     chunk = min(8192, args.context)

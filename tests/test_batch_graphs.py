@@ -18,7 +18,7 @@ from headwise.engine import Engine, StepInfo
 from headwise.errors import InputError
 from headwise.kernels.common import INTERPRET
 from headwise.plan import HeadPlan
-from headwise.policies import PageTopK
+from headwise.policies import Full, PageTopK
 from headwise.pool import PagePool, SequencePages
 from server_common import mixed_plan
 from tiny import tiny_model
@@ -66,13 +66,21 @@ def test_padded_sizes_are_the_next_power_of_two_up_to_128():
     assert padded_size(129) is None and SIZES[-1] == 128
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_padded_steps_give_the_eager_batched_tokens_as_members_join_leave_and_are_preempted(arch):
-    """Five sequences under one plan (full + streaming heads whose ring wraps; Gemma 3's sliding layers hold their
-    window as a ring) arrive at different steps into a pool too small for all: sequences are preempted and recomputed,
-    finish at different steps, and the decode-only steps run at padded sizes (5 rows at 8, 3 at 4, ...)."""
+def quest_beside_full(spec, page_size: int = 4) -> HeadPlan:
+    """Quest choosing 3 pages on every second KV head, full heads beside it."""
+    quest = PageTopK(page_size=page_size, budget=3 * page_size)
+    row = [Full() if h % 2 == 0 else quest for h in range(spec.num_kv_heads)]
+    return HeadPlan.from_policies(spec, [row] * spec.num_layers)
+
+
+@pytest.mark.parametrize("arch,plan_name", [("llama", "mixed"), ("gemma3_text", "mixed"), ("llama", "quest")])
+def test_padded_steps_give_the_eager_batched_tokens_as_members_join_leave_and_are_preempted(arch, plan_name):
+    """Five sequences under one plan (full + streaming heads whose ring wraps, Gemma 3's sliding layers holding their
+    window as a ring; or Quest choosing 3 of up to 13 pages beside full heads) arrive at different steps into a pool
+    too small for all: sequences are preempted and recomputed, finish at different steps, and the decode-only steps
+    run at padded sizes (5 rows at 8, 3 at 4, ...)."""
     lm = tiny_model(arch)
-    plan = mixed_plan(lm.spec, window=6)
+    plan = mixed_plan(lm.spec, window=6) if plan_name == "mixed" else quest_beside_full(lm.spec)
     gen = torch.Generator().manual_seed(1)
     lengths, new, arrive = [5, 23, 40, 33, 9], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
@@ -141,10 +149,10 @@ def test_padding_rows_write_only_the_scratch_page():
 
 
 def test_steps_the_padded_path_cannot_take_run_the_eager_batched_step():
-    """Sequences under two plans in one step, or a plan with a group keeping its own store (Quest), decode on the
-    eager batched step, with the tokens each gives alone."""
+    """Sequences under two plans in one step, or a plan with a group keeping its own store (Quest in pages other
+    than the pool's), decode on the eager batched step, with the tokens each gives alone."""
     lm = tiny_model("llama")
-    quest = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8)] * lm.spec.num_kv_heads]
+    quest = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=8, budget=16)] * lm.spec.num_kv_heads]
                                    * lm.spec.num_layers)
     plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6), quest]
     gen = torch.Generator().manual_seed(4)
@@ -168,11 +176,12 @@ def test_cuda_graphs_asked_for_on_a_cpu_pool_fail_the_sequences_with_the_reason(
 
 
 @pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
-def test_padded_steps_on_the_triton_kernel_give_each_sequence_its_tokens_alone():
-    """``use_kernels=True`` on CPU tensors: ``batch_decode`` sized for the buffers' length limit, under Triton's
-    interpreter, with a padding row (3 sequences at size 4)."""
+@pytest.mark.parametrize("plan_name", ["mixed", "quest"])
+def test_padded_steps_on_the_triton_kernel_give_each_sequence_its_tokens_alone(plan_name):
+    """``use_kernels=True`` on CPU tensors: ``batch_decode`` sized for the buffers' length limit (Quest: in
+    ``selected`` mode), under Triton's interpreter, with a padding row (3 sequences at size 4)."""
     lm = tiny_model("llama")
-    plan = mixed_plan(lm.spec, window=6)
+    plan = mixed_plan(lm.spec, window=6) if plan_name == "mixed" else quest_beside_full(lm.spec)
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19, 12)]
     want = [greedy_alone(lm, p, 4, plan, use_kernels=True) for p in prompts]
@@ -184,13 +193,15 @@ def test_padded_steps_on_the_triton_kernel_give_each_sequence_its_tokens_alone()
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("plan_name", ["mixed", "quest"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_batched_decode_replays_cuda_graphs_at_padded_sizes_on_gpu(dtype):
+def test_batched_decode_replays_cuda_graphs_at_padded_sizes_on_gpu(dtype, plan_name):
     """On CUDA: decode-only steps over the pool are captured once per padded size and replayed as the batch's members
-    change; the tokens equal the same padded steps run eagerly and, in fp32, the eager batched step's."""
+    change; the tokens equal the same padded steps run eagerly and, in fp32, the eager batched step's (Quest: its page
+    choice captured too, 3 pages of 16 of up to 5)."""
     lm = tiny_model("llama")
     lm.model.to("cuda", dtype)
-    plan = mixed_plan(lm.spec, window=6)
+    plan = mixed_plan(lm.spec, window=6) if plan_name == "mixed" else quest_beside_full(lm.spec, page_size=16)
     gen = torch.Generator().manual_seed(1)
     lengths, new, arrive = [5, 23, 40, 33, 9, 50], [30, 24, 20, 18, 16, 12], [0, 0, 2, 5, 6, 9]
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]

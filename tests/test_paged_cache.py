@@ -148,3 +148,211 @@ def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
     with pytest.raises(BudgetError, match="allocated already"):
         pool.allocate("cpu", torch.float32)
     Engine(lm, pool=pool)  # a second engine over the same pages: no second allocation
+
+
+def quest_plan(spec, budget: int, with_full: bool = False) -> HeadPlan:
+    """Quest (pages of 4) on every KV head, or on every second one beside ``full`` heads (two groups per layer)."""
+    quest = PageTopK(page_size=4, budget=budget)
+    row = [Full() if with_full and h % 2 == 0 else quest for h in range(spec.num_kv_heads)]
+    return HeadPlan.from_policies(spec, [row] * spec.num_layers)
+
+
+def test_page_topk_groups_keep_their_kv_and_page_bounds_in_the_pool_pages():
+    """Quest's keys and values sit in the sequence's pages, its page bounds in bound pages beside them: the bounds are
+    the channel-wise min and max a non-pool ``PagedStore`` computes from the same keys, and the KV bytes reported are
+    the pages held (bound pages included) x page bytes."""
+    from headwise.policies.stores import PagedStore
+
+    lm = tiny_model("llama")
+    plan = quest_plan(lm.spec, budget=12, with_full=True)
+    prompt = torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(5)).tolist()
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool)
+    seq = engine.add(prompt, max_new_tokens=8, stop_token_ids=[])
+    alone = Engine(lm, plan, chunk_size=16)  # no pool: Quest's own ``PagedStore``, the same steps
+    ref_seq = alone.add(prompt, max_new_tokens=8, stop_token_ids=[])
+    for _ in range(5):  # two prompt chunks (16 + 5 tokens), then three decode steps: 24 tokens, the last page full
+        engine.step()
+        alone.step()
+    assert seq.cache is not None and ref_seq.cache is not None and seq.cache.get_seq_length() == 24
+    assert seq.generated == ref_seq.generated
+    quest_groups = 0
+    for layer, ref in zip(seq.cache.layers, ref_seq.cache.layers):
+        for g, r in zip(layer.groups, ref.groups):
+            torch.testing.assert_close(g.store.view(), r.store.view(), rtol=0, atol=1e-5)
+            assert g.store.tensors() == []
+            if not isinstance(g.policy, PageTopK):
+                continue
+            quest_groups += 1
+            assert isinstance(g.store, paged_cache.PagedQuestStore) and g.store.num_pages == 6
+            keys, values = g.store.view()
+            own = PagedStore(1, g.store.pages.heads, lm.spec.head_dim, keys.device, keys.dtype, page_size=4)
+            own.reserve(24)
+            for a, b in ((0, 16), (16, 21), (21, 22), (22, 23), (23, 24)):  # as the engine wrote them
+                own.append(keys[:, :, a:b], values[:, :, a:b])
+            assert torch.equal(g.store.page_bounds(), own.page_bounds())
+            torch.testing.assert_close(g.store.page_bounds(), r.store.page_bounds(), rtol=0, atol=1e-5)
+            assert [len(b) for b in g.pages.bound_pages] == [2] * g.pages.heads, "6 pages of bounds: 2 bound pages"
+    assert quest_groups == lm.spec.num_layers
+    # Per layer: one full head of 6 pages, one Quest head of 6 pages + 2 bound pages.
+    assert seq.pages.held == lm.spec.num_layers * (6 + 6 + 2)
+    assert seq.kv_bytes == seq.pages.held * pool.page_bytes and seq.cache.kv_bytes() == 0
+
+
+def test_batched_page_choice_over_the_pool_is_quests_choice_from_the_store():
+    """``select_pool_pages`` over rows of different lengths picks, per row, the pages ``PageTopK.select`` picks from a
+    non-pool store holding the same keys (first and newest page always; a row with fewer pages than the budget gets
+    all of them, the rest of its picks -1)."""
+    from headwise.policies.stores import PagedStore
+    from headwise.pool import GroupPages
+
+    gen = torch.Generator().manual_seed(6)
+    lm = tiny_model("llama")
+    D, P, group, select = lm.spec.head_dim, 4, 3, 4
+    policy = PageTopK(page_size=P, budget=select * P)
+    pool = PagePool(lm.spec, 1 << 20, dtype_bytes=4, page_size=P)
+    pool.allocate("cpu", torch.float32)
+    perm = torch.randperm(pool.num_pages, generator=gen).tolist()  # pages handed out in a shuffled order
+    lengths = [37, 5, 16, 61]
+    rows, want = [], []
+    for n in lengths:
+        pages = -(-n // P)
+        gp = GroupPages(policy, 1, [[perm.pop() for _ in range(pages)]], [[perm.pop() for _ in range(-(-pages // P))]])
+        store = paged_cache.PagedQuestStore(pool, gp, policy.paged_layout(), torch.device("cpu"), torch.float32)
+        own = PagedStore(1, 1, D, torch.device("cpu"), torch.float32, page_size=P)
+        own.reserve(n)
+        k, v = torch.randn(2, 1, 1, n, D, generator=gen)
+        for a in range(0, n, 16):  # chunks of 16, as a prefill
+            store.append(k[:, :, a : a + 16], v[:, :, a : a + 16])
+            own.append(k[:, :, a : a + 16], v[:, :, a : a + 16])
+        q = torch.randn(1, group, D, generator=gen)
+        rows.append((q, gp))
+        want.append(sorted(policy.select(q, own, use_kernels=False)[0, 0].tolist()))
+    q = torch.cat([q for q, _ in rows])  # [rows, group, D]
+    bound_table = paged_cache._padded_tables([gp.bound_table() for _, gp in rows])
+    chosen = paged_cache.select_pool_pages(q, pool.keys, pool.values, P, bound_table, torch.tensor(lengths),
+                                           max(lengths), select)
+    assert chosen.shape == (4, 1, select) and chosen.dtype == torch.int32
+    got = [sorted(c for c in row[0].tolist() if c >= 0) for row in chosen]
+    assert got == want
+    assert got[1] == [0, 1] and 0 in got[0] and 9 in got[0] and 15 in got[3], "first and newest page kept"
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_a_squeezed_batch_of_quest_sequences_gives_each_its_tokens_alone(arch):
+    """Quest in the pool choosing fewer pages than it holds (budgets of 3 and 4 pages of 4 over prompts of up to 45
+    tokens), alone and beside full heads, with dense and streaming sequences: different lengths and arrivals, a pool
+    too small for all (preemption and recompute), exactly the greedy tokens of each alone without a pool."""
+    lm = tiny_model(arch)
+    spec = lm.spec
+    seq_plans = [quest_plan(spec, budget=12), quest_plan(spec, budget=16, with_full=True), HeadPlan.dense(spec),
+                 quest_plan(spec, budget=12, with_full=True), mixed_plan(spec, window=6)]
+    gen = torch.Generator().manual_seed(7)
+    lengths, new, arrive = [45, 30, 9, 38, 20], [12, 10, 9, 11, 8], [0, 0, 1, 3, 4]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
+    probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
+    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
+    pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
+    seqs, preempted = run_batch(Engine(lm, chunk_size=16, pool=pool), prompts, new, arrive, seq_plans)
+    assert [s.generated for s in seqs] == want
+    assert preempted >= 1, "the pool was meant to run dry"
+    assert pool.free_pages == pool.num_pages, "every page back at the end"
+
+
+def test_quest_decode_tokens_of_a_step_are_one_selected_call_per_layer(monkeypatch):
+    lm = tiny_model("llama")
+    calls: list[tuple[int, bool]] = []
+    real = paged_cache.batch_decode_reference
+
+    def counting(q, *args, selected=None, **kw):
+        calls.append((q.shape[0], selected is not None))
+        return real(q, *args, selected=selected, **kw)
+
+    monkeypatch.setattr(paged_cache, "batch_decode_reference", counting)
+    engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
+    for n in (3, 30, 14):
+        engine.add(list(range(1, n + 1)), max_new_tokens=4, stop_token_ids=[], plan=quest_plan(lm.spec, 12, True))
+    engine.step()
+    engine.step()  # the prompts (30 tokens: two chunks)
+    calls.clear()
+    assert engine.step().decode_rows == 3
+    # Per layer: the full heads of the three sequences in one call, their Quest heads in one selected call.
+    assert sorted(calls) == sorted([(3, False), (3, True)] * lm.spec.num_layers)
+
+
+def test_quest_in_pages_of_another_size_or_with_8bit_bounds_keeps_its_own_store():
+    from headwise.policies.stores import PagedStore
+
+    lm = tiny_model("llama")
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    for policy in (PageTopK(page_size=8, budget=16), PageTopK(page_size=4, budget=8, bounds="e4m3")):
+        plan = HeadPlan.from_policies(lm.spec, [[policy] * lm.spec.num_kv_heads] * lm.spec.num_layers)
+        seq = engine.add([1, 2, 3, 4, 5], max_new_tokens=3, stop_token_ids=[], plan=plan)
+        engine.step()  # the prompt
+        assert seq.cache is not None
+        assert all(type(g.store) is PagedStore for g in seq.cache.layers[0].groups)
+        while engine.live:
+            engine.step()
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
+def test_the_triton_kernel_path_selects_quest_pages_with_the_tokens_of_each_sequence_alone():
+    """``use_kernels=True`` on CPU tensors: ``batch_decode`` in ``selected`` mode under Triton's interpreter."""
+    lm = tiny_model("llama")
+    seq_plans = [quest_plan(lm.spec, budget=12), quest_plan(lm.spec, budget=12, with_full=True)]
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (27, 18)]
+    want = [greedy_alone(lm, p, 4, plan) for p, plan in zip(prompts, seq_plans)]
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [4, 4], [0, 1], seq_plans)
+    assert [s.generated for s in seqs] == want
+
+
+def test_quest_in_the_pool_can_take_the_padded_step_and_quest_beside_it_cannot():
+    from headwise.batch_graphs import padded_blockers
+
+    lm = tiny_model("llama")
+    assert padded_blockers(quest_plan(lm.spec, budget=12, with_full=True), lm.spec, 4) == []
+    e4m3 = HeadPlan.from_policies(lm.spec, [[PageTopK(page_size=4, budget=8, bounds="e4m3")] * lm.spec.num_kv_heads]
+                                  * lm.spec.num_layers)
+    assert padded_blockers(e4m3, lm.spec, 4) == ["policies keeping their own store beside the pool: quest8/4e4m3"]
+    assert padded_blockers(quest_plan(lm.spec, budget=12), lm.spec, 8) == [
+        "policies keeping their own store beside the pool: quest12/4"], "Quest in pages of 4, a pool of pages of 8"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_triton_pool_page_scores_equal_the_reference(dtype):
+    """``kernels.pool_quest.pool_page_scores`` (TRITON_INTERPRET=1 on the CPU) against the plain-PyTorch scores:
+    ragged rows, a zero-length row (a padding row: every column -inf), GQA 3:1, head_dim 40, columns for a longer
+    limit than any row, bound pages shuffled over the pool; then the same pages chosen."""
+    from headwise.kernels.pool_quest import pool_page_scores
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    gen = torch.Generator().manual_seed(9)
+    P, D, group = 4, 40, 3
+    lengths = torch.tensor([37, 5, 0, 61, 4])
+    pages = [-(-n // P) for n in lengths.tolist()]
+    bound_pages = [-(-n // P) for n in pages]
+    n_pool = 64
+    kv = torch.randn(n_pool, 2, P, D, generator=gen).to(device, dtype)
+    perm = torch.randperm(n_pool, generator=gen)
+    width = max(bound_pages)
+    table = torch.zeros(len(lengths), 1, width, dtype=torch.int32)
+    at = 0
+    for r, m in enumerate(bound_pages):
+        table[r, 0, :m] = perm[at : at + m]
+        at += m
+    q = torch.randn(len(lengths), group, D, generator=gen).to(device, dtype)
+    table, lengths = table.to(device), lengths.to(device)
+    n_cols = 20  # a limit of 80 tokens
+    want = paged_cache.pool_page_scores_reference(q, kv[:, 0], kv[:, 1], P, table, lengths, n_cols)
+    got = pool_page_scores(q, kv[:, 0], kv[:, 1], P, table, lengths, n_cols)
+    assert torch.equal(got.isinf(), want.isinf()) and torch.equal(got.isposinf(), want.isposinf())
+    assert got[2].isneginf().all() and got[3, :16].isfinite().sum() == 14, "a padding row; 16 pages, both ends +inf"
+    finite = want.isfinite()
+    torch.testing.assert_close(got[finite], want[finite], rtol=1e-5, atol=1e-4)
+    chosen = [paged_cache.select_pool_pages(q, kv[:, 0], kv[:, 1], P, table, lengths, 4 * n_cols, 3, use_kernels=k)
+              for k in (False, True)]
+    assert [sorted(r[0].tolist()) for r in chosen[0]] == [sorted(r[0].tolist()) for r in chosen[1]]

@@ -52,7 +52,7 @@ def test_full_heads_grow_by_pages_and_streaming_rings_stop_at_sink_plus_window()
     assert held == [1, 2, 2, 2, 2, 2], "never more than the tokens seen, never more than the ring"
     spec, quest = one_head_plan(PageTopK(page_size=4, budget=8))
     paged = SequencePages(pool, quest)
-    assert paged.grow(16) and paged.held == 5, "16 tokens + one bounds slot per page of 4 = 20 slots"
+    assert paged.grow(16) and paged.held == 5, "4 pages of 4 tokens + one bound page for them"
     before = pool.free_pages
     for p in (pages, stream, paged):
         p.release()

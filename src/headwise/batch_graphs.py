@@ -3,13 +3,15 @@
 vLLM captures its decode step at padded batch sizes (1, 2, 4, 8, ...) and replays the smallest one that holds the
 live batch, whatever the batch's members. ``BatchGraphs`` does the same for ``Engine.step``'s decode-only steps
 over the page pool (``paged_cache.py``), for the sequences of one plan whose every head group keeps its KV in the
-pool (a ``paged_layout``: ``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``).
+pool (``pool.pool_layout``: ``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``,
+``page_topk`` with exact bounds in pages of the pool's size).
 
 Static buffers (``PaddedBatch``), on the device, for ``rows`` sequences and lengths up to ``limit`` tokens:
 
 - ``meta: long [3, rows]``: each row's token id, the token's position, and the row's length (position + 1);
 - ``tables: int32 [rows, per_row]``: each row's page tables, one block per (layer, ``PagedLayout``) of the plan
-  (a *launch*: its heads' tables ``[heads, width]`` side by side, ``width`` pages per head for ``limit`` tokens).
+  (a *launch*: its heads' tables ``[heads, width]`` side by side, ``width`` pages per head for ``limit`` tokens),
+  a ``select`` launch's (Quest) followed by its heads' bound-page tables ``[heads, ceil(width / page_size)]``.
 
 A step of ``n`` sequences runs at the padded size ``size`` (the smallest of ``SIZES`` holding ``n``) over rows
 ``0 .. size-1``. A sequence keeps its row from step to step (a row's tables are written once, then only the pages it
@@ -22,7 +24,9 @@ sequence reads: a padding row never touches a live sequence's pages.
 The forward (``Engine.forward_padded``) reads only these buffers, and in each layer ``PaddedBatch.attend`` writes the
 tokens' keys and values through ``PagePool.write`` (slots from the positions on the device: the one write path into
 the pages) and runs one ``batch_decode`` launch per (layer, layout) sized for ``limit``; no host value of the batch
-enters it and no host counter changes, so the same step runs eagerly or replayed from a graph captured at
+enters it and no host counter changes (a Quest launch refreshes the bounds of each row's newest page and chooses its
+pages first, ``paged_cache.select_pool_pages`` sized for ``limit``), so the same step runs eagerly or replayed from a
+graph captured at
 ``size``. ``BatchGraphs.step`` then counts the token in each sequence's host counters (``HeadwiseCache.advance``).
 
 A sequence longer than ``limit`` (or more rows than allocated) reallocates the buffers (``limit`` within 1/8 above
@@ -31,8 +35,9 @@ size's first step runs eagerly (compiling the kernels), then is captured; all si
 
 Tested: tests/test_batch_graphs.py, on the CPU (fp32, the padded step run eagerly, with the plain-PyTorch reference
 and with ``batch_decode`` under TRITON_INTERPRET=1) against the eager batched step and each sequence alone, through
-joins, finishes and preemption; the pool's writes of a padded step checked slot by slot. Its GPU test (capture and
-replay against eager, fp32 and bf16) is written and has not run yet.
+joins, finishes and preemption (full + streaming plans, and Quest beside full heads); the pool's writes of a padded
+step checked slot by slot. Its GPU test (capture and replay against eager, fp32 and bf16, both plans) is written and
+has not run yet.
 """
 
 from __future__ import annotations
@@ -46,9 +51,10 @@ import torch
 from headwise.cache import group_heads
 from headwise.errors import HeadwiseError
 from headwise.kernels.decode_reference import batch_decode_reference
+from headwise.paged_cache import refresh_newest_bounds, select_pool_pages
 from headwise.plan import HeadPlan, resolve
 from headwise.policies.base import PagedLayout
-from headwise.pool import PagePool
+from headwise.pool import PagePool, pool_layout
 
 if TYPE_CHECKING:
     from headwise.engine import Engine
@@ -65,10 +71,11 @@ def padded_size(n: int, sizes: tuple[int, ...] = SIZES) -> int | None:
     return next((s for s in sizes if s >= n), None)
 
 
-def padded_blockers(plan: HeadPlan, spec: ModelSpec) -> list[str]:
-    """Why ``plan``'s decode steps cannot run on padded static buffers over the pool (empty: they can): a head group
-    keeping its own store beside the pool."""
-    own = sorted({p.short() for row in resolve(plan.policies(), spec) for p in row if p.paged_layout() is None})
+def padded_blockers(plan: HeadPlan, spec: ModelSpec, page_size: int) -> list[str]:
+    """Why ``plan``'s decode steps cannot run on padded static buffers over a pool of ``page_size``-token pages
+    (empty: they can): a head group keeping its own store beside the pool (``pool.pool_layout``)."""
+    own = sorted({p.short() for row in resolve(plan.policies(), spec) for p in row
+                  if pool_layout(p, page_size) is None})
     return [f"policies keeping their own store beside the pool: {', '.join(own)}"] if own else []
 
 
@@ -83,6 +90,8 @@ class _Launch:
     kv_index: torch.Tensor
     offset: int = 0  # its first column in a row of ``PaddedBatch.tables``
     width: int = 0  # pages per head
+    bound_offset: int = 0  # a ``select`` layout's bound-page tables: first column, bound pages per head
+    bound_width: int = 0
 
 
 @dataclass
@@ -90,6 +99,7 @@ class _Row:
     seq: Sequence
     version: int = -1  # SequencePages.version its tables were written at
     written: list[int] = field(default_factory=list)  # pages written per (layer, group), in ``PaddedBatch.order``
+    written_bounds: list[int] = field(default_factory=list)  # bound pages written, likewise
 
 
 class PaddedBatch:
@@ -108,7 +118,7 @@ class PaddedBatch:
         for row in resolve(plan.policies(), spec):
             by_layout: dict[PagedLayout, _Launch] = {}
             for gi, g in enumerate(group_heads(row, spec.group_size, device)):
-                layout = g.policy.paged_layout()
+                layout = pool_layout(g.policy, P)
                 if layout is None:
                     raise HeadwiseError(f"{g.policy.short()} keeps its own store: no padded decode over the pool")
                 launch = by_layout.get(layout)
@@ -122,6 +132,9 @@ class PaddedBatch:
                 held = min(limit, launch.layout.ring) if launch.layout.ring else limit
                 launch.offset, launch.width = offset, max(1, -(-held // P))
                 offset += launch.heads * launch.width
+                if launch.layout.select:
+                    launch.bound_offset, launch.bound_width = offset, -(-launch.width // P)
+                    offset += launch.heads * launch.bound_width
             self.launches.append(list(by_layout.values()))
         self.per_row = offset
         # (layer, group index, launch, first head) in the order ``_Row.written`` counts them
@@ -131,6 +144,8 @@ class PaddedBatch:
         self.tables = torch.full((rows, self.per_row), pool.scratch, dtype=torch.int32, device=device)
         self.views = [[self.tables[:, la.offset : la.offset + la.heads * la.width].view(rows, la.heads, la.width)
                        for la in layer] for layer in self.launches]
+        self.bound_views = [[self.tables[:, la.bound_offset : la.bound_offset + la.heads * la.bound_width]
+                             .view(rows, la.heads, la.bound_width) for la in layer] for layer in self.launches]
         self.occupant: list[_Row | None] = [None] * rows
         self.row_of: dict[int, int] = {}  # id(sequence) -> its row
 
@@ -158,7 +173,7 @@ class PaddedBatch:
             if r is None or r >= size:
                 new = next(free)
                 if r is None:
-                    self.occupant[new] = _Row(s, written=[0] * len(self.order))
+                    self.occupant[new] = _Row(s, written=[0] * len(self.order), written_bounds=[0] * len(self.order))
                 else:  # moves below ``size``: its tables with it
                     self.tables[new].copy_(self.tables[r])
                     self.occupant[new], self.occupant[r] = self.occupant[r], None
@@ -187,15 +202,18 @@ class PaddedBatch:
             base = r * self.per_row
             for k, (i, gi, launch, h0) in enumerate(self.order):
                 gp = pages.groups[i][gi]
-                have, done = len(gp.pages[0]), occ.written[k]
-                if have == done:
-                    continue
-                if have < done or have > launch.width:
-                    raise HeadwiseError(f"row {r}: {have} pages for a table of {launch.width} written up to {done}")
-                heads = torch.arange(h0, h0 + gp.heads)[:, None] * launch.width
-                idx.append((base + launch.offset + heads + torch.arange(done, have)[None]).reshape(-1))
-                vals.append(torch.tensor([h[done:have] for h in gp.pages], dtype=torch.int32).reshape(-1))
-                occ.written[k] = have
+                for lists, written, offset, width in ((gp.pages, occ.written, launch.offset, launch.width),
+                                                      (gp.bound_pages, occ.written_bounds, launch.bound_offset,
+                                                       launch.bound_width)):
+                    have, done = len(lists[0]), written[k]
+                    if have == done:
+                        continue
+                    if have < done or have > width:
+                        raise HeadwiseError(f"row {r}: {have} pages for a table of {width} written up to {done}")
+                    heads = torch.arange(h0, h0 + gp.heads)[:, None] * width
+                    idx.append((base + offset + heads + torch.arange(done, have)[None]).reshape(-1))
+                    vals.append(torch.tensor([h[done:have] for h in lists], dtype=torch.int32).reshape(-1))
+                    written[k] = have
             occ.version = pages.version
         if idx:
             flat = self.tables.view(-1)
@@ -206,25 +224,38 @@ class PaddedBatch:
                ) -> torch.Tensor:
         """One layer's attention of the padded batch: query [1, Hq, size, D]; key, value [1, Hkv, size, D] (row ``b``'s
         token at index ``b``). Writes each row's key and value into its pages, then one ``batch_decode`` launch per
-        layout. Returns [1, Hq, size, D]."""
+        layout; a ``select`` layout (Quest) first refreshes the bounds of each row's newest page and chooses its pages
+        (``paged_cache.select_pool_pages``, sized for ``limit``, lengths read on the device; a padding row, of length
+        0, chooses none). Returns [1, Hq, size, D]."""
         size = query.shape[2]
         pool = self.pool
         positions, lengths = self.meta[1, :size], self.meta[2, :size]
         out = torch.empty_like(query)
-        for launch, view in zip(self.launches[layer_idx], self.views[layer_idx]):
+        for launch, view, bound_view in zip(self.launches[layer_idx], self.views[layer_idx],
+                                            self.bound_views[layer_idx]):
             table = view[:size]
             k = key[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]  # [size, heads, 1, D]
             v = value[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]
             pool.write(table, launch.layout.slots(positions)[:, None], k, v)
             q = query[0].index_select(0, launch.q_index).transpose(0, 1)  # [size, heads * group, D]
+            selected = None
+            if launch.layout.select:
+                H = launch.heads
+                pair_tables = table.reshape(size * H, 1, -1)
+                bounds = bound_view[:size].reshape(size * H, 1, -1)
+                per_pair = [t[:, None].expand(size, H).reshape(-1) for t in (positions, lengths)]  # no host sync
+                refresh_newest_bounds(pool, pair_tables, bounds, per_pair[0])
+                selected = select_pool_pages(q.reshape(size * H, -1, q.shape[-1]), pool.keys, pool.values,
+                                             pool.page_size, bounds, per_pair[1], self.limit,
+                                             launch.layout.select, self.use_kernels).view(size, H, -1)
             if self.use_kernels:
                 from headwise.kernels.batch_decode import batch_decode  # Triton: only with kernels
 
                 o = batch_decode(q, pool.keys, pool.values, table, lengths, self.limit, pool.page_size,
-                                 ring=launch.layout.ring, scale=scale)
+                                 ring=launch.layout.ring, selected=selected, scale=scale)
             else:
                 o = batch_decode_reference(q, pool.keys, pool.values, table, lengths, pool.page_size,
-                                           ring=launch.layout.ring, scale=scale)
+                                           ring=launch.layout.ring, selected=selected, scale=scale)
             out[0].index_copy_(0, launch.q_index, o.transpose(0, 1))
         return out
 

@@ -322,7 +322,7 @@ class Engine:
         known = self._batch_graphs.get(id(plan))
         if known is not None and known[0] is plan:
             return known[1]
-        padded_why = padded_blockers(plan, self.spec)
+        padded_why = padded_blockers(plan, self.spec, self.pool.page_size)
         why = padded_why + ([] if self.lm.device.type == "cuda" else [f"the model is on {self.lm.device.type}, not CUDA"])
         why += [] if self.kernels else ["the decode kernels are off (use_kernels)"]
         why += sorted({b for row in plan.policies() for p in row if (b := p.graph_blocker())})

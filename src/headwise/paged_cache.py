@@ -3,18 +3,23 @@
 Under an engine with a ``PagePool`` (``Engine(pool=...)``, which allocates its pages once), the head groups whose
 policy has a ``paged_layout`` keep their keys and values in the sequence's pool pages (``SequencePages``) instead
 of tensors of their own: ``PagedDenseStore`` (every token in position order: ``full``, and prefill patterns that
-decode with it) and ``PagedRingStore`` (``streaming``'s sinks and ring, in ``SinkWindowStore``'s slot layout).
-Every write goes through ``PagePool.write``. Other policies (``page_topk``, ``tidal``, ``recycled``,
-``quantized``, ``streaming`` with compensation) keep their own stores beside the pool, counted in its pages.
+decode with it), ``PagedRingStore`` (``streaming``'s sinks and ring, in ``SinkWindowStore``'s slot layout) and
+``PagedQuestStore`` (``page_topk``: every token in position order, each page's min and max key in bound pages beside
+them). Every write goes through ``PagePool.write``. Other policies (``tidal``, ``recycled``, ``quantized``,
+``streaming`` with compensation, ``page_topk`` with e4m3 bounds or pages of another size) keep their own stores
+beside the pool, counted in its pages.
 
 - A prompt chunk of several tokens runs the policy's own ``attend``, as without a pool: the store gathers the
   slots it holds from its pages (``view``: a copy, as the reference path reads a contiguous cache), the policy
   attends over them and the chunk, and the store writes the chunk into its pages.
 - One-token steps are attended together (``decode_over_pool``): in each layer, every (sequence, KV head) pair
-  of a paged group whose layout holds the same number of slots is a row of one ``batch_decode`` launch (the
-  Triton kernel with kernels on, its plain-PyTorch reference ``batch_decode_reference`` otherwise), after the
-  token's key and value are written through the page tables. Rows are (sequence, KV head) pairs, not sequences,
-  so sequences under different plans share a launch.
+  of a paged group whose layout holds the same number of slots (and selects the same number of pages) is a row of
+  one ``batch_decode`` launch (the Triton kernel with kernels on, its plain-PyTorch reference
+  ``batch_decode_reference`` otherwise), after the token's key and value are written through the page tables. For
+  ``page_topk`` the newest page's bounds are refreshed and Quest's pages chosen for every row at once
+  (``select_pool_pages``: scores by ``kernels/pool_quest.py`` with kernels on, plain PyTorch otherwise, then
+  ``torch.topk``) before the launch, which then reads only those pages (``selected`` mode). Rows are (sequence,
+  KV head) pairs, not sequences, so sequences under different plans share a launch.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import torch
 from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.policies.base import PagedLayout
 from headwise.policies.stores import DenseStore, SinkWindowStore
-from headwise.pool import GroupPages, PagePool
+from headwise.pool import GroupPages, PagePool, pool_layout
 
 
 def _gather(pool: PagePool, pages: GroupPages, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,14 +122,57 @@ class PagedRingStore(SinkWindowStore):
         return keys, values, positions
 
 
+class PagedQuestStore(PagedDenseStore):
+    """``page_topk``'s store in the pool (Quest): the tokens in the sequence's pages as ``PagedDenseStore``, and the
+    channel-wise min and max key of each page in its bound pages (``GroupPages.bound_pages``: page ``i``'s min key in
+    the key half of slot ``i % page_size`` of bound page ``i // page_size``, its max key in the value half), written
+    through ``PagePool.write`` whenever a token is: the bounds ``stores.PagedStore`` keeps, in the pool."""
+
+    def __init__(self, pool: PagePool, pages: GroupPages, layout: PagedLayout, device: torch.device,
+                 dtype: torch.dtype):
+        super().__init__(pool, pages, device, dtype)
+        self.layout = layout
+
+    @property
+    def num_pages(self) -> int:
+        """Pages holding at least one token."""
+        return -(-self.length // self.pool.page_size)
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Write ``k, v: [1, heads, n, head_dim]`` and refresh the bounds of every page they touch (a page already
+        partly filled is reduced again over all its tokens)."""
+        start = self.length
+        super().append(k, v)
+        P = self.pool.page_size
+        pages = torch.arange(start // P, self.num_pages, device=self.device)  # [m]
+        slots = pages[:, None] * P + torch.arange(P, device=self.device)  # [m, P]
+        keys, _ = _gather(self.pool, self.pages, slots.reshape(-1).clamp(max=self.capacity - 1))
+        keys = keys.view(self.pages.heads, len(pages), P, -1)
+        past = (slots >= self.length)[None, :, :, None]  # slots holding no token yet
+        low = keys.masked_fill(past, float("inf")).amin(dim=2)  # [heads, m, D]
+        high = keys.masked_fill(past, float("-inf")).amax(dim=2)
+        self.pool.write(self.pages.bound_table(self.device)[None], pages[None], low[None], high[None])
+
+    def page_bounds(self) -> torch.Tensor:
+        """Bounds of the pages in use, ``[1, heads, num_pages, 2, head_dim]`` (as ``stores.PagedStore.page_bounds``),
+        gathered from the bound pages (a copy)."""
+        pages = torch.arange(self.num_pages, device=self.device)
+        table = self.pages.bound_table(self.device).long()
+        phys = table[:, torch.div(pages, self.pool.page_size, rounding_mode="floor")]  # [heads, m]
+        within = (pages % self.pool.page_size)[None].expand_as(phys)
+        return torch.stack([self.pool.keys[phys, within], self.pool.values[phys, within]], dim=2)[None]
+
+
 PagedStore = PagedDenseStore | PagedRingStore
 
 
 def paged_store(pool: PagePool, pages: GroupPages, device: torch.device, dtype: torch.dtype) -> PagedStore | None:
     """The paged store of a group under the pool (None: the group's policy keeps its own store)."""
-    layout = pages.policy.paged_layout()
+    layout = pool_layout(pages.policy, pool.page_size)
     if layout is None:
         return None
+    if layout.select:
+        return PagedQuestStore(pool, pages, layout, device, dtype)
     if layout.window:
         return PagedRingStore(pool, pages, layout, device, dtype)
     return PagedDenseStore(pool, pages, device, dtype)
@@ -140,19 +188,91 @@ class PoolDecodeRow:
     token: int  # the token's index on the forward's token axis
 
 
+def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
+    """Page tables ``[heads_i, pages_i]`` of several rows stacked into ``[sum heads_i, 1, max pages]`` (zero padded:
+    entries past a row's pages are never read)."""
+    width = max(1, max(t.shape[1] for t in tables))
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]
+
+
+def refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torch.Tensor,
+                           positions: torch.Tensor) -> None:
+    """Write the bounds of the page holding each row's newest token (a decode step's write), over the page's tokens
+    up to it. table, bound_table: [rows, 1, pages] (``_padded_tables``); positions: long [rows] on the device."""
+    P = pool.page_size
+    page = torch.div(positions, P, rounding_mode="floor")  # [rows]
+    phys = table[:, 0].long().gather(1, page[:, None])  # [rows, 1]
+    within = torch.arange(P, device=positions.device)
+    keys = pool.keys[phys, within[None]]  # [rows, P, D]
+    past = (page[:, None] * P + within[None] > positions[:, None])[:, :, None]
+    low = keys.masked_fill(past, float("inf")).amin(dim=1)  # [rows, D]
+    high = keys.masked_fill(past, float("-inf")).amax(dim=1)
+    pool.write(bound_table, page[:, None], low[:, None, None], high[:, None, None])
+
+
+def pool_page_scores_reference(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
+                               bound_table: torch.Tensor, lengths: torch.Tensor, n_cols: int) -> torch.Tensor:
+    """Quest page scores of a batch of rows over their bound pages, vectorised over the rows (plain PyTorch; the
+    Triton kernel is ``kernels.pool_quest.pool_page_scores``).
+
+    q: [rows, group, D] (the query heads sharing each row's KV head); k_pool, v_pool: the pool's
+    ``[pages, page_size, D]`` (``PagePool.keys``, ``.values``), where page ``i``'s min key is slot ``i % page_size`` of
+    key page ``bound_table[r, 0, i // page_size]`` and its max key the same slot of the value page;
+    bound_table: [rows, 1, bound pages]; lengths: int [rows] on q's device (tokens each row holds); ``n_cols``, a host
+    int, the columns (``ceil(max_len / page_size)``: sizes the work, no host sync). Each page scores
+    ``sum_d max(q_d min_d, q_d max_d)`` summed over the group, in fp32 (``quest_page_scores_reference``), the first and
+    the newest page +inf, columns past a row's pages -inf. Returns fp32 [rows, n_cols]. Gathers every row's bounds
+    into fp32 (``2 * D * 4`` bytes per page) before scoring them."""
+    P = page_size
+    n_pages = torch.div(lengths.long() + P - 1, P, rounding_mode="floor").clamp(max=n_cols)  # [rows]
+    pages = torch.arange(n_cols, device=q.device)
+    col = torch.div(pages, P, rounding_mode="floor").clamp(max=bound_table.shape[2] - 1)
+    phys = bound_table[:, 0].long()[:, col]  # [rows, n_cols]
+    low, high = k_pool[phys, pages % P].float(), v_pool[phys, pages % P].float()  # [rows, n_cols, D]
+    qf = q.float()
+    scores = torch.einsum("rpd,rd->rp", high, qf.clamp(min=0).sum(dim=1))
+    scores += torch.einsum("rpd,rd->rp", low, qf.clamp(max=0).sum(dim=1))
+    rows = torch.arange(q.shape[0], device=q.device)
+    scores[:, 0] = float("inf")
+    scores[rows, (n_pages - 1).clamp(min=0)] = float("inf")
+    return scores.masked_fill(pages[None] >= n_pages[:, None], float("-inf"))
+
+
+def select_pool_pages(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, page_size: int,
+                      bound_table: torch.Tensor, lengths: torch.Tensor, max_len: int, select: int,
+                      use_kernels: bool = False) -> torch.Tensor:
+    """Quest's page choice for a batch of rows over their bound pages: the scores (shapes as
+    ``pool_page_scores_reference``; the Triton kernel with ``use_kernels``), then the ``select`` best pages of each row
+    (all while fewer exist), as ``int32 [rows, 1, k]`` logical pages, -1 padded: the pages ``PageTopK.select`` picks
+    from the same bounds. ``max_len`` (host int) bounds ``lengths``."""
+    n_cols = max(1, -(-max_len // page_size))
+    if use_kernels:
+        from headwise.kernels.pool_quest import pool_page_scores  # Triton, only when kernels are asked for
+
+        scores = pool_page_scores(q, k_pool, v_pool, page_size, bound_table, lengths, n_cols)
+    else:
+        scores = pool_page_scores_reference(q, k_pool, v_pool, page_size, bound_table, lengths, n_cols)
+    n_pages = torch.div(lengths.long() + page_size - 1, page_size, rounding_mode="floor")
+    chosen = torch.topk(scores, min(select, n_cols), dim=-1, sorted=False).indices  # [rows, k]
+    chosen = torch.where(chosen < n_pages[:, None], chosen, -1)  # picks past a short row's pages
+    return chosen.to(torch.int32)[:, None]
+
+
 def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                      out: torch.Tensor, scale: float, use_kernels: bool) -> None:
     """Attend the decode tokens of ``rows`` (one layer), all sequences at once: write each token's key and value into
-    its pages, then one ``batch_decode`` launch per ring size over every (sequence, KV head) pair.
+    its pages, then one ``batch_decode`` launch per (ring size, pages selected) over every (sequence, KV head) pair.
+    For a ``select`` layout (Quest) the newest page's bounds are refreshed and the pages chosen first
+    (``select_pool_pages``); the launch then reads only those.
 
     query, out: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (the forward's tokens); ``out`` receives each row's
     query heads at its token."""
-    by_ring: dict[int, list[PoolDecodeRow]] = {}
+    by_layout: dict[tuple[int, int], list[PoolDecodeRow]] = {}
     for r in rows:
-        by_ring.setdefault(r.store.layout.ring, []).append(r)
+        by_layout.setdefault((r.store.layout.ring, r.store.layout.select), []).append(r)
     D = query.shape[-1]
     device = query.device
-    for ring, rs in by_ring.items():
+    for (ring, select), rs in by_layout.items():
         pool = rs[0].store.pool
         heads = [len(r.kv_index) for r in rs]
         q = torch.cat([query[0, r.q_index, r.token] for r in rs])  # [pairs * group, D]
@@ -163,20 +283,24 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         slot = torch.cat([r.store.layout.slots(pos[i : i + 1]) for i, r in enumerate(rs)])
         per_head = torch.tensor(heads)
         positions, slots = pos.repeat_interleave(per_head), slot.repeat_interleave(per_head)
-        tables = [r.store.pages.table(device) for r in rs]
-        width = max(t.shape[1] for t in tables)
-        table = torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]  # [pairs, 1, W]
+        table = _padded_tables([r.store.pages.table(device) for r in rs])  # [pairs, 1, W]
         pool.write(table, slots[:, None].to(device), k[:, None, None], v[:, None, None])
         lengths = (positions + 1).to(device=device, dtype=torch.int32)
         qp = q.view(pairs, -1, D)
+        selected = None
+        if select:
+            bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
+            refresh_newest_bounds(pool, table, bound_table, positions.to(device))
+            selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
+                                         int(positions.max()) + 1, select, use_kernels)
         if use_kernels:
             from headwise.kernels.batch_decode import batch_decode  # Triton, only when kernels are asked for
 
             o = batch_decode(qp, pool.keys, pool.values, table, lengths, int(positions.max()) + 1, pool.page_size,
-                             ring=ring, scale=scale)
+                             ring=ring, selected=selected, scale=scale)
         else:
             o = batch_decode_reference(qp, pool.keys, pool.values, table, lengths, pool.page_size, ring=ring,
-                                       scale=scale)
+                                       selected=selected, scale=scale)
         o = o.reshape(-1, D)
         at = 0
         for r in rs:

@@ -6,8 +6,8 @@ dtype_bytes`` bytes. The pool is sized once from a memory budget (``PagePool(spe
 and hands out page ids; a sequence's ``SequencePages`` holds, for every (layer, head group) of its plan, the
 pages of each of the group's KV heads:
 
-- ``full`` and ``page_topk`` heads take pages as they grow (``page_topk``'s page bounds are slots it holds too:
-  ``Policy.kv_tokens`` counts them);
+- ``full`` heads take pages as they grow; ``page_topk`` heads (Quest) too, plus a *bound page* per ``page_size`` of
+  their pages, holding those pages' min and max keys (``head_pages``);
 - ``streaming`` heads take the pages of their ring as its slots fill, up to ``sink + window`` slots, then
   hold that ring for good (a plan never holds more than the tokens it has seen, nor more than dense);
 - layers with a native sliding window hold their window (``plan.resolve``).
@@ -21,10 +21,11 @@ The pages themselves are one tensor, allocated once (``PagePool.allocate``, whic
 ``kv: [num_pages + 1, 2, page_size, head_dim]``, written only through ``PagePool.write``. The last page
 (``PagePool.scratch``) is never handed out: the padding rows of a decode step at a padded batch size
 (``batch_graphs.py``) write their token there, so they never touch a sequence's pages. The groups whose policy has
-a ``paged_layout`` (``full``, ``streaming`` without compensation, prefill patterns decoding with ``full``) keep
-their KV there (``paged_cache.py``); the others (``page_topk``, ``tidal``, ``recycled``, ``quantized``, streaming
-with compensation) keep their own store tensors beside the pool while their pages are counted, so a plan of
-those holds more memory than the pool.
+a ``paged_layout`` the pool can hold (``pool_layout``: ``full``, ``streaming`` without compensation, prefill patterns
+decoding with ``full``, ``page_topk`` with exact bounds and pages of the pool's size) keep their KV there
+(``paged_cache.py``); the others (``tidal``, ``recycled``, ``quantized``, streaming with compensation, ``page_topk``
+with e4m3 bounds or another page size) keep their own store tensors beside the pool while their pages are counted,
+so a plan of those holds more memory than the pool.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 from headwise.errors import BudgetError, InputError
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
+from headwise.policies.base import PagedLayout
 from headwise.spec import ModelSpec
 
 DEFAULT_PAGE_SIZE = 16  # tokens per page, as vLLM's default block size and Quest's page
@@ -169,14 +171,42 @@ class PagePool:
         self._returned.extend(pages)
 
 
+def pool_layout(policy: Policy, page_size: int) -> PagedLayout | None:
+    """How a pool of ``page_size``-token pages keeps ``policy``'s KV: its ``paged_layout``, or None (its own store
+    beside the pool) when it has none or when its selection counts in pages of another size."""
+    layout = policy.paged_layout()
+    if layout is None or (layout.page_size and layout.page_size != page_size):
+        return None
+    return layout
+
+
+def head_pages(policy: Policy, tokens: int, page_size: int) -> tuple[int, int]:
+    """(KV pages, bound pages) one KV head of ``policy`` holds at ``tokens`` tokens in a pool of ``page_size``-token
+    pages. A ``select`` layout (Quest) holds its tokens' pages plus one bound page per ``page_size`` of them (a bound
+    page's key half holds the min keys of ``page_size`` pages, its value half their max keys); any other policy
+    holds the pages of its ``kv_tokens`` (for a store beside the pool they are counted, not written)."""
+    layout = pool_layout(policy, page_size)
+    if layout is not None and layout.select:
+        n = -(-tokens // page_size)
+        return n, -(-n // page_size)
+    return -(-policy.kv_tokens(tokens) // page_size), 0
+
+
 @dataclass
 class GroupPages:
-    """The pages of one (layer, head group): ``pages[h]`` are KV head ``h``'s (of the group), in slot order."""
+    """The pages of one (layer, head group): ``pages[h]`` are KV head ``h``'s (of the group), in slot order, and
+    ``bound_pages[h]`` its bound pages (a ``select`` layout's page bounds; empty otherwise)."""
 
     policy: Policy
     heads: int
     pages: list[list[int]]
+    bound_pages: list[list[int]] = field(default_factory=list)
     _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table) until pages change
+    _bound_table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.bound_pages:
+            self.bound_pages = [[] for _ in range(self.heads)]
 
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: built again only when
@@ -184,6 +214,13 @@ class GroupPages:
         if self._table is None or self._table[0] != str(device):
             self._table = (str(device), torch.tensor(self.pages, dtype=torch.int32, device=device))
         return self._table[1]
+
+    def bound_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Bound-page table ``[heads, bound pages]`` (int32): page ``i``'s bounds are in slot ``i % page_size`` of
+        bound page ``i // page_size``."""
+        if self._bound_table is None or self._bound_table[0] != str(device):
+            self._bound_table = (str(device), torch.tensor(self.bound_pages, dtype=torch.int32, device=device))
+        return self._bound_table[1]
 
 
 class SequencePages:
@@ -204,11 +241,11 @@ class SequencePages:
     def pages_at(self, tokens: int) -> int:
         """Pages this sequence holds at ``tokens`` tokens (all layers, groups and heads)."""
         P = self.pool.page_size
-        return sum(g.heads * -(-g.policy.kv_tokens(tokens) // P) for layer in self.groups for g in layer)
+        return sum(g.heads * sum(head_pages(g.policy, tokens, P)) for layer in self.groups for g in layer)
 
     @property
     def held(self) -> int:
-        return sum(len(h) for layer in self.groups for g in layer for h in g.pages)
+        return sum(len(h) for layer in self.groups for g in layer for lists in (g.pages, g.bound_pages) for h in lists)
 
     @property
     def nbytes(self) -> int:
@@ -220,17 +257,24 @@ class SequencePages:
         if tokens <= self.tokens:
             return True
         P = self.pool.page_size
-        need = [(g, -(-g.policy.kv_tokens(tokens) // P) - len(g.pages[0])) for layer in self.groups for g in layer]
-        ids = self.pool.take(sum(g.heads * max(0, n) for g, n in need))
+        need = []
+        for layer in self.groups:
+            for g in layer:
+                kv, bound = head_pages(g.policy, tokens, P)
+                need.append((g, max(0, kv - len(g.pages[0])), max(0, bound - len(g.bound_pages[0]))))
+        ids = self.pool.take(sum(g.heads * (n + m) for g, n, m in need))
         if ids is None:
             return False
         it = iter(ids)
         self.version += bool(ids)
-        for g, n in need:
+        for g, n, m in need:
             if n > 0:
                 g._table = None
-            for head in g.pages:
-                head.extend(next(it) for _ in range(max(0, n)))
+            if m > 0:
+                g._bound_table = None
+            for head, bounds in zip(g.pages, g.bound_pages):
+                head.extend(next(it) for _ in range(n))
+                bounds.extend(next(it) for _ in range(m))
         self.tokens = tokens
         return True
 
@@ -239,8 +283,8 @@ class SequencePages:
         self.version += 1
         for layer in self.groups:
             for g in layer:
-                g._table = None
-                for head in g.pages:
+                g._table = g._bound_table = None
+                for head in (*g.pages, *g.bound_pages):
                     self.pool.give_back(head)
                     head.clear()
         self.tokens = 0

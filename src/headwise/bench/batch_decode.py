@@ -15,6 +15,10 @@ Workloads:
   engine plans once per step for all layers. An error (an API that changed) is reported in its row.
 - ``plan_25``: 2 full heads (their pages) + 6 streaming heads (sink 64 + window 256: a ring of 20 pages each), two
   ``batch_decode`` launches into one output: a layer of the 25% full + 75% streaming plan.
+- ``quest_pool``: every KV head ``page_topk`` (Quest, budget 4096 tokens) over the pool as the engine runs it
+  (``paged_cache.decode_over_pool``): the batched page choice from bound pages (``select_pool_pages``: the Triton
+  scores of ``kernels/pool_quest.py``, then ``torch.topk``) then ``batch_decode`` in ``selected`` mode. Its KV GB
+  counts the pages attended and the bounds scored.
 
 Timing: ``bench.timing.Timer`` (median CUDA-event time, L2 flushed by a read; eager, and replayed from a CUDA graph
 as serving engines run decode).
@@ -93,9 +97,47 @@ def plan_25(batch: int, seq_len: int, page_size: int, device: torch.device | str
     return full, ring, step
 
 
-def check(batch: int, seq_len: int, page_size: int, device: torch.device | str, dtype: torch.dtype) -> dict[str, float]:
-    """Max abs error of ``dense_pool`` and ``plan_25`` against ``batch_decode_reference`` in fp32."""
+QUEST_BUDGET = 4096  # tokens attended per decode step by quest_pool (Quest's budget at 32K-128K contexts)
+
+
+def quest_pool(batch: int, seq_len: int, page_size: int, device: torch.device | str, dtype: torch.dtype,
+               seed: int, budget: int = QUEST_BUDGET) -> tuple[PoolBatch, torch.Tensor, Callable[[], torch.Tensor]]:
+    """Every KV head Quest over the pool: the group's pages, one bound page per ``page_size`` of them (the min keys
+    of the pages it covers in its key half, their max keys in its value half, from the keys themselves), and the
+    step (page choice, then the selected decode). Returns the group, its bound table [B, 8, bound pages], the step."""
+    from headwise.kernels.batch_decode import batch_decode
+    from headwise.paged_cache import select_pool_pages
+
+    pb = pool_batch(batch, seq_len, page_size, HKV, device, dtype, seed)
+    n = pb.table.shape[2]
+    nb = -(-n // page_size)
+    keys = pb.keys[pb.table.long()]  # [B, 8, n, page_size, D]
+    low = torch.zeros(batch, HKV, nb * page_size, D, device=device, dtype=dtype)
+    high = torch.zeros_like(low)
+    low[:, :, :n], high[:, :, :n] = keys.amin(dim=3), keys.amax(dim=3)
+    bound_pages = torch.stack([low, high], dim=3).view(batch * HKV * nb, page_size, 2, D).transpose(1, 2)
+    kv = torch.cat([torch.stack([pb.keys, pb.values], dim=1), bound_pages])  # one pool: KV pages, then bound pages
+    total = pb.keys.shape[0]
+    bound_table = (total + torch.arange(batch * HKV * nb, device=device, dtype=torch.int32)).view(batch * HKV, 1, nb)
+    pb = PoolBatch(pb.q, kv[:, 0], kv[:, 1], pb.table, pb.lengths, seq_len, page_size)
+    rows_q = pb.q.view(batch * HKV, GROUP, D)
+    select = budget // page_size
+
+    def step() -> torch.Tensor:
+        chosen = select_pool_pages(rows_q, pb.keys, pb.values, page_size, bound_table,
+                                   pb.lengths.repeat_interleave(HKV), seq_len, select, use_kernels=True)
+        return batch_decode(pb.q, pb.keys, pb.values, pb.table, pb.lengths, seq_len, page_size,
+                            selected=chosen.view(batch, HKV, -1))
+
+    return pb, bound_table.view(batch, HKV, nb), step
+
+
+def check(batch: int, seq_len: int, page_size: int, device: torch.device | str, dtype: torch.dtype,
+          quest_budget: int = QUEST_BUDGET) -> dict[str, float]:
+    """Max abs error of ``dense_pool``, ``plan_25`` and ``quest_pool`` (Quest's pages chosen once more, by the same
+    function) against ``batch_decode_reference`` in fp32."""
     from headwise.kernels.decode_reference import batch_decode_reference
+    from headwise.paged_cache import select_pool_pages
 
     def err(pb: PoolBatch, out: torch.Tensor) -> float:
         ref = batch_decode_reference(pb.q.float(), pb.keys.float(), pb.values.float(), pb.table, pb.lengths,
@@ -106,8 +148,15 @@ def check(batch: int, seq_len: int, page_size: int, device: torch.device | str, 
     full, ring, step = plan_25(batch, seq_len, page_size, device, dtype, seed=1)
     out = step()
     n_full = FULL_KV * GROUP
+    quest, bound_table, quest_step = quest_pool(batch, seq_len, page_size, device, dtype, seed=2, budget=quest_budget)
+    chosen = select_pool_pages(quest.q.view(-1, GROUP, D), quest.keys, quest.values, page_size,
+                               bound_table.view(-1, 1, bound_table.shape[2]), quest.lengths.repeat_interleave(HKV),
+                               seq_len, quest_budget // page_size).view(batch, HKV, -1)
+    quest_ref = batch_decode_reference(quest.q.float(), quest.keys.float(), quest.values.float(), quest.table,
+                                       quest.lengths, page_size, selected=chosen)
     return {"dense_pool_max_abs_err": err(dense, dense.run()),
-            "plan_25_max_abs_err": max(err(full, out[:, :n_full]), err(ring, out[:, n_full:]))}
+            "plan_25_max_abs_err": max(err(full, out[:, :n_full]), err(ring, out[:, n_full:])),
+            "quest_pool_max_abs_err": (quest_step().float() - quest_ref).abs().max().item()}
 
 
 def _flashinfer_step(batch: int, seq_len: int, page_size: int, dtype: torch.dtype) -> tuple[Callable[[], Any], int]:
@@ -154,6 +203,11 @@ def run_batch_decode_bench(seq_len: int = 131072, batches: tuple[int, ...] = (1,
         full, ring, step = plan_25(batch, seq_len, page_size, "cuda", dtype, seed=batch)
         add("plan_25", batch, step, full.kv_bytes + ring.kv_bytes)
         del full, ring, step
+        quest, bound_table, step = quest_pool(batch, seq_len, page_size, "cuda", dtype, seed=batch)
+        attended = batch * HKV * min(seq_len, QUEST_BUDGET) * 2 * D * quest.keys.element_size()
+        scored = batch * HKV * -(-seq_len // page_size) * 2 * D * quest.keys.element_size()
+        add("quest_pool", batch, step, attended + scored)
+        del quest, bound_table, step
         q = torch.randn(batch, HQ, 1, D, device="cuda", dtype=dtype)
         k = torch.randn(batch, HKV, seq_len, D, device="cuda", dtype=dtype)
         v = torch.randn_like(k)

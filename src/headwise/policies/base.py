@@ -82,10 +82,15 @@ class AttendContext:
 class PagedLayout:
     """Where a head's tokens sit in its pool pages (``Policy.paged_layout``): position ``p`` in slot ``p``, or, with a
     ``window``, the first ``sink`` positions in slots ``0 .. sink-1`` and the others around a ring of ``window``
-    slots after them (``SinkWindowStore``'s layout)."""
+    slots after them (``SinkWindowStore``'s layout). With ``select`` (Quest, ``page_topk``) every token is kept in
+    slot order, each page's channel-wise min and max key are kept in *bound pages* beside its pages (in the same
+    pool), and a decode step attends ``select`` pages chosen by their bounds; only a pool of ``page_size`` tokens
+    per page can hold it (``pool.pool_layout``)."""
 
     sink: int = 0
     window: int = 0  # 0: every token, no ring
+    select: int = 0  # pages attended per decode step (Quest's budget in pages); 0: every page
+    page_size: int = 0  # the page size ``select`` counts in (0: any pool page size)
 
     @property
     def ring(self) -> int:

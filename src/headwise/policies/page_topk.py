@@ -27,6 +27,10 @@ top-k + the paged sparse decode kernel (``kernels/paged_decode.py``, scores and 
 copy of K/V. Decode steps replayed from a CUDA graph (``engine.GraphDecoder``) take the fused path with every
 length read on the device: the bounds of the token's page are refreshed on the device (``PagedStore.append_at``),
 and all reserved pages are scored, those past the cache's length -inf (``_attend_graph``).
+Under an engine's page pool of ``page_size``-token pages (exact bounds): the KV in the sequence's pool pages, the
+bounds in bound pages beside them, and decode steps batched over every sequence of the step with the same page
+choice (``paged_cache.PagedQuestStore``, ``paged_cache.select_pool_pages``), also on padded CUDA-graph steps
+(``batch_graphs.PaddedBatch.attend``).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ import torch
 from headwise.errors import PlanError
 from headwise.kernels.common import MAX_SELECT_PAGES, DeviceLength
 from headwise.kernels.decode_reference import quest_page_scores_reference
-from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
+from headwise.policies.base import AttendContext, PagedLayout, Policy, causal_attention, check_positive
 from headwise.policies.selection import attend_selected
 from headwise.policies.stores import PagedStore
 
@@ -82,6 +86,13 @@ class PageTopK(Policy):
 
     def short(self) -> str:
         return f"quest{self.budget}/{self.page_size}" + ("e4m3" if self.bounds == "e4m3" else "")
+
+    def paged_layout(self) -> PagedLayout | None:
+        """Under an engine's pool of ``page_size``-token pages, exact bounds: the KV in the sequence's pool pages, the
+        bounds in bound pages beside them, decode batched over the pool (``paged_cache.PagedQuestStore``)."""
+        if self.bounds != "exact":
+            return None  # 8-bit bounds keep their own store
+        return PagedLayout(select=self.budget // self.page_size, page_size=self.page_size)
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> PagedStore:
         return PagedStore(batch, heads, head_dim, device, dtype, self.page_size, self.bounds)
