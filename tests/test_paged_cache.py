@@ -86,11 +86,18 @@ def test_a_squeezed_batch_under_different_plans_gives_each_sequence_its_tokens_a
     seq_plans = [HeadPlan.dense(spec), mixed_plan(spec, window=6),
                  HeadPlan.from_policies(spec, [[PageTopK(page_size=4, budget=8)] * spec.num_kv_heads] * spec.num_layers),
                  HeadPlan.from_policies(spec, a_shape), HeadPlan.from_policies(spec, compensated)]
-    gen = torch.Generator().manual_seed(1)
-    lengths, new, arrive = [5, 23, 40, 33, 1], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
+    squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, [5, 23, 40, 33, 1], [14, 12, 10, 9, 8],
+                                               [0, 0, 2, 5, 6], seed=1)
+
+
+def squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, lengths, new, arrive, seed):
+    """Random prompts of ``lengths`` under ``seq_plans`` arriving at steps ``arrive``, in a pool holding 3/5 of
+    the pages they need at most (so it runs dry: preemption and recompute): each gets the greedy tokens it gets
+    alone without a pool, and every page is back at the end."""
+    spec = lm.spec
+    gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
     want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
-
     probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
     most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
     pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
@@ -247,17 +254,8 @@ def test_a_squeezed_batch_of_quest_sequences_gives_each_its_tokens_alone(arch):
     spec = lm.spec
     seq_plans = [quest_plan(spec, budget=12), quest_plan(spec, budget=16, with_full=True), HeadPlan.dense(spec),
                  quest_plan(spec, budget=12, with_full=True), mixed_plan(spec, window=6)]
-    gen = torch.Generator().manual_seed(7)
-    lengths, new, arrive = [45, 30, 9, 38, 20], [12, 10, 9, 11, 8], [0, 0, 1, 3, 4]
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
-    want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
-    probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
-    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
-    pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
-    seqs, preempted = run_batch(Engine(lm, chunk_size=16, pool=pool), prompts, new, arrive, seq_plans)
-    assert [s.generated for s in seqs] == want
-    assert preempted >= 1, "the pool was meant to run dry"
-    assert pool.free_pages == pool.num_pages, "every page back at the end"
+    squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, [45, 30, 9, 38, 20], [12, 10, 9, 11, 8],
+                                               [0, 0, 1, 3, 4], seed=7)
 
 
 def test_quest_decode_tokens_of_a_step_are_one_selected_call_per_layer(monkeypatch):
