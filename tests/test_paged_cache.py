@@ -129,19 +129,6 @@ def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_siz
     assert sorted(calls) == sorted([(4, 0), (1, 8), (1, 12)] * lm.spec.num_layers)
 
 
-@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
-def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone():
-    """``use_kernels=True`` on CPU tensors: the batched decode kernel under Triton's interpreter."""
-    lm = tiny_model("llama")
-    seq_plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6)]
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19)]
-    want = [greedy_alone(lm, p, 5, plan) for p, plan in zip(prompts, seq_plans)]
-    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
-    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [5, 5], [0, 1], seq_plans)
-    assert [s.generated for s in seqs] == want
-
-
 def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
     from headwise.errors import BudgetError
 
@@ -295,16 +282,27 @@ def test_quest_in_pages_of_another_size_or_with_8bit_bounds_keeps_its_own_store(
             engine.step()
 
 
+KERNEL_CASES = {
+    # full pages and streaming rings (``full`` / ``ring`` modes)
+    "full-and-rings": (lambda spec: [HeadPlan.dense(spec), mixed_plan(spec, window=6)], (7, 19), 5, 2),
+    # Quest over the pool (``selected`` mode)
+    "quest": (lambda spec: [quest_plan(spec, budget=12), quest_plan(spec, budget=12, with_full=True)], (27, 18), 4, 8),
+}
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
-def test_the_triton_kernel_path_selects_quest_pages_with_the_tokens_of_each_sequence_alone():
-    """``use_kernels=True`` on CPU tensors: ``batch_decode`` in ``selected`` mode under Triton's interpreter."""
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone(case):
+    """``use_kernels=True`` on CPU tensors: ``batch_decode`` under Triton's interpreter."""
+    make_plans, lengths, new, seed = KERNEL_CASES[case]
     lm = tiny_model("llama")
-    seq_plans = [quest_plan(lm.spec, budget=12), quest_plan(lm.spec, budget=12, with_full=True)]
-    gen = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (27, 18)]
-    want = [greedy_alone(lm, p, 4, plan) for p, plan in zip(prompts, seq_plans)]
+    seq_plans = make_plans(lm.spec)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    want = [greedy_alone(lm, p, new, plan) for p, plan in zip(prompts, seq_plans)]
     pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
-    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [4, 4], [0, 1], seq_plans)
+    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [new, new], [0, 1],
+                        seq_plans)
     assert [s.generated for s in seqs] == want
 
 
