@@ -86,11 +86,18 @@ def test_a_squeezed_batch_under_different_plans_gives_each_sequence_its_tokens_a
     seq_plans = [HeadPlan.dense(spec), mixed_plan(spec, window=6),
                  HeadPlan.from_policies(spec, [[PageTopK(page_size=4, budget=8)] * spec.num_kv_heads] * spec.num_layers),
                  HeadPlan.from_policies(spec, a_shape), HeadPlan.from_policies(spec, compensated)]
-    gen = torch.Generator().manual_seed(1)
-    lengths, new, arrive = [5, 23, 40, 33, 1], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
+    squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, [5, 23, 40, 33, 1], [14, 12, 10, 9, 8],
+                                               [0, 0, 2, 5, 6], seed=1)
+
+
+def squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, lengths, new, arrive, seed):
+    """Random prompts of ``lengths`` under ``seq_plans`` arriving at steps ``arrive``, in a pool holding 3/5 of
+    the pages they need at most (so it runs dry: preemption and recompute): each gets the greedy tokens it gets
+    alone without a pool, and every page is back at the end."""
+    spec = lm.spec
+    gen = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
     want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
-
     probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
     most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
     pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
@@ -120,19 +127,6 @@ def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_siz
     # Per layer: the full heads of all three sequences (2 + 1 + 1 (sequence, KV head) pairs) in one call, the
     # streaming heads of the second and the third (rings of 8 and 12 slots) in one call each.
     assert sorted(calls) == sorted([(4, 0), (1, 8), (1, 12)] * lm.spec.num_layers)
-
-
-@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
-def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone():
-    """``use_kernels=True`` on CPU tensors: the batched decode kernel under Triton's interpreter."""
-    lm = tiny_model("llama")
-    seq_plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6)]
-    gen = torch.Generator().manual_seed(2)
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19)]
-    want = [greedy_alone(lm, p, 5, plan) for p, plan in zip(prompts, seq_plans)]
-    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
-    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [5, 5], [0, 1], seq_plans)
-    assert [s.generated for s in seqs] == want
 
 
 def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
@@ -247,17 +241,8 @@ def test_a_squeezed_batch_of_quest_sequences_gives_each_its_tokens_alone(arch):
     spec = lm.spec
     seq_plans = [quest_plan(spec, budget=12), quest_plan(spec, budget=16, with_full=True), HeadPlan.dense(spec),
                  quest_plan(spec, budget=12, with_full=True), mixed_plan(spec, window=6)]
-    gen = torch.Generator().manual_seed(7)
-    lengths, new, arrive = [45, 30, 9, 38, 20], [12, 10, 9, 11, 8], [0, 0, 1, 3, 4]
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
-    want = [greedy_alone(lm, p, n, plan) for p, n, plan in zip(prompts, new, seq_plans)]
-    probe = PagePool(spec, 1 << 30, dtype_bytes=4, page_size=4)
-    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k, plan in zip(lengths, new, seq_plans)]
-    pool = PagePool(spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
-    seqs, preempted = run_batch(Engine(lm, chunk_size=16, pool=pool), prompts, new, arrive, seq_plans)
-    assert [s.generated for s in seqs] == want
-    assert preempted >= 1, "the pool was meant to run dry"
-    assert pool.free_pages == pool.num_pages, "every page back at the end"
+    squeezed_batch_gives_each_its_tokens_alone(lm, seq_plans, [45, 30, 9, 38, 20], [12, 10, 9, 11, 8],
+                                               [0, 0, 1, 3, 4], seed=7)
 
 
 def test_quest_decode_tokens_of_a_step_are_one_selected_call_per_layer(monkeypatch):
@@ -297,16 +282,27 @@ def test_quest_in_pages_of_another_size_or_with_8bit_bounds_keeps_its_own_store(
             engine.step()
 
 
+KERNEL_CASES = {
+    # full pages and streaming rings (``full`` / ``ring`` modes)
+    "full-and-rings": (lambda spec: [HeadPlan.dense(spec), mixed_plan(spec, window=6)], (7, 19), 5, 2),
+    # Quest over the pool (``selected`` mode)
+    "quest": (lambda spec: [quest_plan(spec, budget=12), quest_plan(spec, budget=12, with_full=True)], (27, 18), 4, 8),
+}
+
+
 @pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
-def test_the_triton_kernel_path_selects_quest_pages_with_the_tokens_of_each_sequence_alone():
-    """``use_kernels=True`` on CPU tensors: ``batch_decode`` in ``selected`` mode under Triton's interpreter."""
+@pytest.mark.parametrize("case", list(KERNEL_CASES))
+def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone(case):
+    """``use_kernels=True`` on CPU tensors: ``batch_decode`` under Triton's interpreter."""
+    make_plans, lengths, new, seed = KERNEL_CASES[case]
     lm = tiny_model("llama")
-    seq_plans = [quest_plan(lm.spec, budget=12), quest_plan(lm.spec, budget=12, with_full=True)]
-    gen = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (27, 18)]
-    want = [greedy_alone(lm, p, 4, plan) for p, plan in zip(prompts, seq_plans)]
+    seq_plans = make_plans(lm.spec)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    want = [greedy_alone(lm, p, new, plan) for p, plan in zip(prompts, seq_plans)]
     pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
-    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [4, 4], [0, 1], seq_plans)
+    seqs, _ = run_batch(Engine(lm, chunk_size=16, pool=pool, use_kernels=True), prompts, [new, new], [0, 1],
+                        seq_plans)
     assert [s.generated for s in seqs] == want
 
 

@@ -23,10 +23,10 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -52,6 +52,7 @@ from headwise.sequence import (
 
 DEFAULT_CHUNK = 512
 GRAPH_MIN_STEPS = 8  # decode steps from which a lone sequence replays them from a CUDA graph unless told (capture ~3 steps)
+_T = TypeVar("_T")
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_CHUNK", "GRAPH_MIN_STEPS", "GREEDY_TEMPERATURE", "SEED_END", "SEED_MIN", "Engine", "GenerationStats", "GraphDecoder", "SamplingParams",
@@ -531,19 +532,15 @@ class Engine:
         sample = [s.fed + 1 == len(s.generated) for s in decode]
         sample += [s.prefilled + len(c) >= len(s.prompt_ids) and not s.generated for s, c in chunks]
         keep = [i for i, x in enumerate(sample) if x]
-        try:
-            for s in decode:
-                s.cache.decode_step += 1  # type: ignore[union-attr]
+
+        def forward() -> torch.Tensor:
             if len(members) == 1:  # one sequence: the plain batch-1 forward, [1, vocab] at its last token
                 ids = torch.tensor([feeds[0]], dtype=torch.long, device=self.lm.device)
-                logits = self.forward(ids, caches[0])[: len(keep)]  # type: ignore[arg-type]
-            else:
-                logits = self.forward_packed(caches, feeds, keep)  # type: ignore[arg-type]
-            _sync_fn(self.lm.device)()
-        except Exception as exc:  # the forward all of them shared
-            log.exception("a step of %d sequence(s) failed", len(members))
-            for s in members:
-                s.finish("error", exc)
+                return self.forward(ids, caches[0])[: len(keep)]  # type: ignore[arg-type]
+            return self.forward_packed(caches, feeds, keep)  # type: ignore[arg-type]
+
+        logits = self._shared_forward("a step", members, decode, forward)
+        if logits is None:
             return []
         info.decode_rows = len(decode)
         for s in decode:
@@ -556,20 +553,30 @@ class Engine:
         kept = [members[i] for i in keep]
         return list(zip(kept, logits, strict=True))
 
+    def _shared_forward(self, what: str, members: list[Sequence], decode: list[Sequence],
+                        fn: Callable[[], _T]) -> _T | None:
+        """Run ``fn``, the forward ``members`` share, after counting a decode step in each of ``decode``'s caches;
+        if it fails, every member finishes with the error (logged once) and the result is None."""
+        try:
+            for s in decode:
+                s.cache.decode_step += 1  # type: ignore[union-attr]
+            out = fn()
+            _sync_fn(self.lm.device)()
+            return out
+        except Exception as exc:  # the forward all of them shared
+            log.exception("%s of %d sequence(s) failed", what, len(members))
+            for s in members:
+                s.finish("error", exc)
+            return None
+
     def _padded_step(self, padded: BatchGraphs, decode: list[Sequence],
                      info: StepInfo) -> list[tuple[Sequence, torch.Tensor]]:
         """A decode-only step over the pool at a padded batch size (``BatchGraphs.step``)."""
         sample = [s.fed + 1 == len(s.generated) for s in decode]  # not a preempted sequence replaying its tokens
-        try:
-            for s in decode:
-                s.cache.decode_step += 1  # type: ignore[union-attr]
-            logits, info.padded, info.graph = padded.step(decode)
-            _sync_fn(self.lm.device)()
-        except Exception as exc:  # the forward all of them shared
-            log.exception("a padded decode step of %d sequence(s) failed", len(decode))
-            for s in decode:
-                s.finish("error", exc)
+        out = self._shared_forward("a padded decode step", decode, decode, lambda: padded.step(decode))
+        if out is None:
             return []
+        logits, info.padded, info.graph = out
         info.decode_rows = len(decode)
         for s in decode:
             s.fed += 1
