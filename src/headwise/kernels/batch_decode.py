@@ -59,6 +59,7 @@ from headwise.kernels.paged_decode import (
     _TOKENS_PER_ITER,
     _dot,
     _num_splits,
+    load_query_group,
     merge_splits,
     store_split,
 )
@@ -127,21 +128,11 @@ def _batch_decode_kernel(
     page_lo = split * pages_per_split
     page_hi = tl.minimum(page_lo + pages_per_split, n_pages)
 
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+    q, q_rows, offs_d, mask_h, mask_d, m_i, l_i, acc = load_query_group(Q, b, h * GROUP, stride_qb, stride_qh, GROUP,
+                                                                         HEAD_DIM, BLOCK_H, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_h = offs_h < GROUP
-    mask_d = offs_d < HEAD_DIM
-    q_rows = h * GROUP + offs_h
-    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     table_row = TABLE + b * stride_tb + h * stride_th
     sel_row = SEL + b * stride_sb + h * stride_sh
-    # A finite floor for the running max, so a block (or a whole split, or a row of length 0) with no valid slot
-    # leaves the state unchanged instead of computing -inf - -inf.
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     # A fixed trip count from the host; the interpreter takes no runtime ``range`` bound, hence its ``while``.
     if INTERPRET:
         it = 0

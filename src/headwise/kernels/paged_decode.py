@@ -142,6 +142,29 @@ def _merge_head_splits(o_part_rows, lse_part_rows, out_rows, n_splits, stride_ph
 
 
 @triton.jit
+def load_query_group(Q, b, q_row0, stride_qb, stride_qh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                     BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The start of a flash-decoding program over the ``GROUP`` query rows ``q_row0 ..`` of sequence ``b`` that share
+    one KV head: those rows of ``Q`` (zeros past ``GROUP`` / ``HEAD_DIM``), their row indices and masks, and the
+    online-softmax state. The running max starts at a finite floor, so a block (or a whole split, or a row of length
+    0) with no valid key leaves the state unchanged (exp2(-inf - floor) = 0, alpha = 1) instead of computing
+    -inf - -inf = NaN. Shared by every decode kernel, as ``store_split`` ends them.
+
+    Returns ``q [BLOCK_H, BLOCK_D]``, ``q_rows``, ``offs_d``, ``mask_h``, ``mask_d``, ``m_i``, ``l_i``, ``acc``."""
+    offs_h = tl.arange(0, BLOCK_H)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_h = offs_h < GROUP
+    mask_d = offs_d < HEAD_DIM
+    q_rows = q_row0 + offs_h
+    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
+                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
+    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
+    return q, q_rows, offs_d, mask_h, mask_d, m_i, l_i, acc
+
+
+@triton.jit
 def store_split(acc, m_i, l_i, Out, O_PART, LSE_PART, b, q_rows, split, offs_d, mask_h, mask_d,
                 stride_ob, stride_oh, stride_pb, stride_ph, stride_ps, stride_lb, stride_lh,
                 SINGLE_SPLIT: tl.constexpr):
@@ -239,22 +262,11 @@ def _sparse_decode_kernel(
                           TABLE + b * stride_tb + h * stride_th, page_lo, page_hi, BLOCK_SC, NBINS)
         tl.debug_barrier()  # the slots this program wrote, visible to all its threads
 
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+    q, q_rows, offs_d, mask_h, mask_d, m_i, l_i, acc = load_query_group(Q, b, q_row0, stride_qb, stride_qh, GROUP,
+                                                                         HEAD_DIM, BLOCK_H, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_h = offs_h < GROUP
-    mask_d = offs_d < HEAD_DIM
-    q_rows = q_row0 + offs_h
-    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
-
     k_base = K + k_off
     v_base = V + v_off
-    # A finite floor for the running max: an iteration (or a whole split) with no valid token then leaves
-    # the state unchanged (exp2(-inf - floor) = 0, alpha = 1) instead of producing -inf - -inf = NaN.
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
 
     # A fixed trip count from the host (the loop pipelines, and heads with fewer pages just mask the tail).
     # Triton's interpreter (with numpy >= 2.4) cannot take a runtime ``range`` bound, so under

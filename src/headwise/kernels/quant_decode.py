@@ -44,7 +44,7 @@ import triton.language as tl
 
 from headwise.kernels.common import INTERPRET
 from headwise.kernels.kv_quant import QuantizedKV, packed_dim
-from headwise.kernels.paged_decode import merge_splits, store_split
+from headwise.kernels.paged_decode import load_query_group, merge_splits, store_split
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 256  # splits of one launch (the merge, paged_decode.merge_splits, takes up to 512)
@@ -103,14 +103,9 @@ def _quant_decode_kernel(
     bh = pid // n_splits
     b = bh // n_kv_heads
     h = bh % n_kv_heads
-    offs_h = tl.arange(0, BLOCK_H)
-    offs_d = tl.arange(0, BLOCK_D)
+    q, q_rows, offs_d, mask_h, mask_d, m_i, l_i, acc = load_query_group(Q, b, h * GROUP, stride_qb, stride_qh, GROUP,
+                                                                         HEAD_DIM, BLOCK_H, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_h = offs_h < GROUP
-    mask_d = offs_d < HEAD_DIM
-    q_rows = h * GROUP + offs_h
-    q = tl.load(Q + b * stride_qb + q_rows[:, None] * stride_qh + offs_d[None, :],
-                mask=mask_h[:, None] & mask_d[None, :], other=0.0)
     kc_base = KC + b * stride_kcb + h * stride_kch
     ks_base = KS + b * stride_ksb + h * stride_ksh
     kz_base = KZ + b * stride_ksb + h * stride_ksh
@@ -120,10 +115,6 @@ def _quant_decode_kernel(
     rk_base = RK + b * stride_rkb + h * stride_rkh
     rv_base = RV + b * stride_rvb + h * stride_rvh
     v_grp = offs_d // QGROUP  # the value channel group of every channel
-    # A finite floor for the running max: a block with no valid token leaves the state unchanged.
-    m_i = tl.full([BLOCK_H], -1.0e30, dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_H], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_D], dtype=tl.float32)
     lo = first + split * tokens_per_split  # tokens before ``first`` (outside a sliding window) are never read
     hi = tl.minimum(lo + tokens_per_split, n_total)
     # Blocks up to ``hi`` only: with device lengths the launch is sized for the buffers, and a split past the
