@@ -541,7 +541,6 @@ def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: d
             cuda = lm.device.type == "cuda"
             # Twice: the first prefill also allocates what lives on after it and is not this cache's (kernel
             # workspaces, lazily built tables); measured first in a run, a 4-bit plan read 165-215% of dense at 1K.
-            kv_cache = None
             for _ in range(2 if cuda else 1):
                 kv_cache = None  # the previous round's, freed before this one is measured
                 if cuda:
