@@ -140,12 +140,13 @@ def _figures(seqs: list[Any], load: Load, t0: float, stop: float, partial: bool)
     """Requests, finished, output tokens and tokens/s, TTFT and TPOT of ``seqs`` (unfinished ones included: their
     tokens so far, their TTFT if they got a first token). Tokens/s over the time from ``t0`` to their last token
     (to ``stop`` in a partial run)."""
-    done = [s for s in seqs if s.finished and s.error is None]
+    done = [s for s in seqs if s.finished and s.error is None and s.finish_reason != "abort"]  # abort: --max-seconds
     ttft = [s.first_token_at - s.arrived for s in seqs if s.first_token_at is not None]
     tpot = [(s.finished_at - s.first_token_at) / (load.output_len - 1) for s in done if load.output_len > 1]
     tokens = sum(len(s.generated) for s in seqs)
     wall = (stop if partial or not done else max(s.finished_at for s in done)) - t0
-    return {"requests": len(seqs), "finished": len(done), "output_tokens": tokens, "wall_s": round(wall, 3),
+    return {"requests": len(seqs), "finished": len(done), "first_tokens": len(ttft), "output_tokens": tokens,
+            "wall_s": round(wall, 3),
             "output_tokens_per_s": round(tokens / wall, 3) if wall > 0 else 0.0,
             "requests_per_s": round(len(done) / wall, 4) if wall > 0 else 0.0,
             "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot)}
@@ -200,9 +201,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
         peak_kv = max(peak_kv, sum(s.kv_bytes for s in engine.live) + sum(s.stats.kv_bytes for s in info.finished))
     stop = time.perf_counter()
     if partial:
+        line = progress(stop)
         for s in list(engine.live):
             engine.abort(s)
-        log(progress(stop) + "; stopped at --max-seconds")
+        log(line + "; stopped at --max-seconds")
     else:
         bad = [s.id for s in seqs if s.error is not None or len(s.generated) != load.output_len]
         if bad:
