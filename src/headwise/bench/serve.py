@@ -159,6 +159,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     ``partial``, cover what was measured. Every ``progress_s`` seconds (0: never) a progress line goes to ``log``."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
+    pool = engine.pool
     seqs: list[Any] = []
     t0 = time.perf_counter()
     peak, peak_kv, preempted, prefilled, steps, graph_steps = 0, 0, 0, 0, 0, 0
@@ -198,7 +199,11 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             decode_ms.append(1e3 * info.seconds)
             graph_steps += info.graph
         preempted += info.preempted
-        peak_kv = max(peak_kv, sum(s.kv_bytes for s in engine.live) + sum(s.stats.kv_bytes for s in info.finished))
+        # What the live sequences hold, plus what those that finished in the step held. Under a pool, the pages
+        # taken (only sequences hold pages): O(1) rather than a walk over every sequence's page lists each step.
+        held = ((pool.num_pages - pool.free_pages) * pool.page_bytes if pool is not None
+                else sum(s.kv_bytes for s in engine.live))
+        peak_kv = max(peak_kv, held + sum(s.stats.kv_bytes for s in info.finished))
     stop = time.perf_counter()
     if partial:
         line = progress(stop)
