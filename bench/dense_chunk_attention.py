@@ -2,15 +2,19 @@
 baseline). Run before ``bench/offered_load.sh``'s dense run, to know how strong that baseline is.
 
 The engine prefills a prompt chunk by chunk; a ``full`` head attends a chunk of ``L`` queries over the ``S`` keys
-before and in it with ``policies.base.causal_attention``: SDPA with a boolean ``[L, S]`` mask and ``enable_gqa``
-(32 query / 8 KV heads). Flash takes no mask and, in torch 2.11, the efficient kernel no GQA
-(bench/results/sdpa_backends_2026-11-23.json), so SDPA may fall back to its math path. This times, at Llama-3-8B
-attention shapes (one layer, bf16), for each key length:
+before and in it with ``policies.base.causal_attention``. As SDPA with a boolean ``[L, S]`` mask and ``enable_gqa``
+(32 query / 8 KV heads), flash takes no mask and, in torch 2.11, the efficient kernel no GQA
+(bench/results/sdpa_backends_2026-11-23.json), so SDPA falls back to its math path; ``causal_attention`` now passes
+a bottom-right ``CausalBias`` instead on GPUs. This times, at Llama-3-8B attention shapes (one layer, bf16), for each
+key length:
 
-- ``engine_ms``: ``causal_attention`` as the engine calls it (SDPA's own backend choice);
-- ``<backend>_ms``: the same masked call with one backend named (an error where that backend refuses it);
-- ``lower_right_ms``: SDPA with ``torch.nn.attention.bias.causal_lower_right(L, S)`` (the same mask, which SDPA can
-  hand to flash), and its largest difference from ``engine``'s output;
+- ``masked_default_ms``: SDPA with the boolean mask, backend left to SDPA (what ``causal_attention`` ran on GPUs
+  before it passed a ``CausalBias``);
+- ``engine_ms``: ``causal_attention`` as the engine calls it now (bf16 on CUDA: SDPA with
+  ``torch.nn.attention.bias.causal_lower_right(L, S)``, the same pattern, which SDPA can hand to flash), and its
+  largest difference from the masked call's output;
+- ``<backend>_ms``: the masked call with one backend named (an error where that backend refuses it);
+- ``lower_right_ms``: SDPA with the ``CausalBias`` called directly, and its largest difference;
 - ``flash_unmasked_ms``: flash over the S keys without a mask (no causal skip: the ceiling of a masked flash call).
 
     PYTHONPATH=src python3 bench/dense_chunk_attention.py OUT.json [--chunk 1024] [--keys 32768,131072]
@@ -64,9 +68,18 @@ def measure(L: int, S: int, hq: int, hkv: int, dim: int, reps: int, dev: str, dt
     v = torch.randn(1, hkv, S, dim, device=dev, dtype=dtype, generator=g)
     start = S - L
     row: dict[str, Any] = {"chunk": L, "keys": S}
-    ref = causal_attention(q, k, v, start, scale)
-    row["engine_ms"] = round(_ms(lambda: causal_attention(q, k, v, start, scale), reps), 3)
     mask = torch.arange(S, device=dev)[None, :] <= torch.arange(start, S, device=dev)[:, None]
+
+    def masked_default() -> torch.Tensor:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    ref = masked_default()
+    row["masked_default_ms"] = round(_ms(masked_default, reps), 3)
+    try:
+        out = causal_attention(q, k, v, start, scale)
+        row["engine_max_abs_diff"] = (out.float() - ref.float()).abs().max().item()
+        row["engine_ms"] = round(_ms(lambda: causal_attention(q, k, v, start, scale), reps), 3)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        row["engine_error"] = str(exc).splitlines()[0][:200]
     for name, backend in BACKENDS.items():
         def masked(backend: SDPBackend = backend) -> torch.Tensor:
             with sdpa_kernel([backend]):
@@ -93,7 +106,10 @@ def measure(L: int, S: int, hq: int, hkv: int, dim: int, reps: int, dev: str, dt
     except RuntimeError as exc:
         row["flash_unmasked_error"] = str(exc).splitlines()[0][:200]
     # 4 L S d FLOPs per query head (QK^T and PV), less the masked half of the chunk's own L x L block.
-    row["tflops_at_engine_ms"] = round(4 * hq * L * (S - L / 2) * dim / (row["engine_ms"] * 1e-3) / 1e12, 2)
+    flops = 4 * hq * L * (S - L / 2) * dim
+    for key in ("masked_default", "engine"):
+        if f"{key}_ms" in row:
+            row[f"{key}_tflops"] = round(flops / (row[f"{key}_ms"] * 1e-3) / 1e12, 2)
     return row
 
 

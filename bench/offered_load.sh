@@ -6,7 +6,7 @@
 # on the streaming ones) in the same engine, one per call. Each run stops itself SECONDS - 45 s after it started
 # (--max-seconds) and writes its JSON to $OUT either way ("partial": true when it was cut short).
 #
-#   bench/offered_load.sh probe [SECONDS]      # GPU, memory, and the dense chunk attention's backend and cost
+#   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
 #   bench/offered_load.sh dense SECONDS        # dense plan
 #   bench/offered_load.sh plan SECONDS         # duo25-vs (PLAN=duo25: dense prefill on the full heads)
 #
@@ -46,6 +46,9 @@ probe)
   python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
   timeout "$CAP" python3 bench/dense_chunk_attention.py "$OUT/dense_chunk_attention.json" --chunk "$CHUNK" \
     --keys 8192,32768,131072
+  # the dense chunk's CausalBias path against the masked reference, and the serving tests that run on a GPU
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_policies_prefill.py tests/test_bench_serve.py \
+    -k "later_prompt_chunk or bench_serve or max_seconds" 2>&1 | tail -5
   ;;
 dense) serve dense ;;
 plan) serve "$PLAN" ;;
