@@ -12,7 +12,7 @@
 #
 # LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
 # that each plan admits the same number of sequences as the 32-layer run: every per-layer cost scales together, so
-# the dense/plan ratios hold. MIX (default 64x32768,16x131072), OUTPUT_LEN (256), CHUNK (prefill chunk, 1024),
+# the dense/plan ratios hold. MIX (default 64x32768,16x131072), OUTPUT_LEN (256), CHUNK (prefill chunk, 2048),
 # KV_GB, PLAN, MODEL and EXTRA (more `headwise bench serve` arguments) change the run.
 set -uo pipefail
 phase=${1:?phase: probe, dense or plan}
@@ -20,7 +20,7 @@ SECONDS_LEFT=${2:-600}
 LAYERS=${LAYERS:-32}
 MIX=${MIX:-64x32768,16x131072}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
-CHUNK=${CHUNK:-1024}
+CHUNK=${CHUNK:-2048}
 KV_GB=${KV_GB:-$(python3 -c "print(round(60 * $LAYERS / 32, 3))")}
 PLAN=${PLAN:-duo25-vs}
 EXTRA=${EXTRA:-}
