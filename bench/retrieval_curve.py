@@ -34,7 +34,9 @@ KINDS = {"streaming@equal": "streaming", "random@equal": "random", "quest@equal"
 def kind_of(plan: str) -> str:
     """Baselines by their spec; a kvpress press (imported by bench/kvpress/import_outputs.py) by its name, e.g.
     ``kvpress:snapkv`` for ``kvpress:snapkv@equal``."""
-    return plan.split("@")[0] if plan.startswith("kvpress:") else KINDS.get(plan, "plan")
+    if plan.startswith("kvpress:"):
+        return plan.split("@")[0]
+    return KINDS.get(plan.split(":")[0], "plan")  # random@equal:SEED: another draw of random placement
 
 
 def cells(results: dict[str, Any], task: str, run: str, budget: float | None) -> list[dict[str, Any]]:
