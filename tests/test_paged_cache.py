@@ -306,6 +306,44 @@ def test_the_triton_kernel_path_gives_the_same_tokens_as_each_sequence_alone(cas
     assert [s.generated for s in seqs] == want
 
 
+@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
+def test_prompt_chunks_on_the_paged_prefill_kernel_give_the_same_tokens_as_each_sequence_alone(monkeypatch):
+    """``use_kernels=True`` on CPU tensors: the prompt chunks of ``full`` and ``page_topk`` groups run on
+    ``paged_prefill`` (Triton's interpreter), several sequences' chunks per launch (a step's prompt budget of 40
+    tokens), beside streaming groups that still attend through their own ``attend`` in the same layers; the
+    decode steps on ``batch_decode``. Prompts of 37, 21 and 50 tokens: chunks at starts 0, 16, 32, 48, last chunks
+    of 5, 5 and 2 tokens (page 4: partial pages)."""
+    from headwise.kernels import paged_prefill as kernel
+
+    lm = tiny_model("llama")
+    spec = lm.spec
+    seq_plans = [HeadPlan.dense(spec), mixed_plan(spec, window=6), quest_plan(spec, budget=12, with_full=True)]
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (37, 21, 50)]
+    want = [greedy_alone(lm, p, 2, plan) for p, plan in zip(prompts, seq_plans)]
+    launches: list[list[tuple[int, int, int]]] = []  # per launch: (token, start, length) of each row
+    real = kernel.paged_prefill
+
+    def counting(q, k_pool, v_pool, table, plan, *args, **kw):
+        launches.append([(t, s, n) for t, n, s, _ in plan.rows.tolist()])
+        return real(q, k_pool, v_pool, table, plan, *args, **kw)
+
+    monkeypatch.setattr(kernel, "paged_prefill", counting)
+    pool = PagePool(spec, 1 << 22, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool, use_kernels=True)
+    seqs = [engine.add(p, max_new_tokens=2, stop_token_ids=[], plan=plan) for p, plan in zip(prompts, seq_plans)]
+    while engine.live:
+        engine.step(prefill_tokens=40)
+    assert [s.generated for s in seqs] == want
+    assert pool.free_pages == pool.num_pages, "every page back at the end"
+    assert launches and max(len({t for t, _, _ in rows}) for rows in launches) > 1, "chunks of several sequences"
+    # Every chunk of several tokens, in every layer, went through the kernel: one row per dense KV head.
+    chunks = [[(s, min(16, len(p) - s)) for s in range(0, len(p), 16) if len(p) - s > 1] for p in prompts]
+    dense_heads = [sum(isinstance(pol, Full | PageTopK) for row in plan.policies() for pol in row) for plan in seq_plans]
+    assert sum(len(rows) for rows in launches) == sum(h * len(c) for h, c in zip(dense_heads, chunks))
+    assert {(s, n) for rows in launches for _, s, n in rows} == {c for cs in chunks for c in cs}
+
+
 def test_quest_in_the_pool_can_take_the_padded_step_and_quest_beside_it_cannot():
     from headwise.batch_graphs import padded_blockers
 

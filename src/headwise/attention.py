@@ -25,7 +25,8 @@ from transformers import AttentionInterface
 from headwise.batch_graphs import PaddedBatch
 from headwise.cache import HeadwiseCache
 from headwise.errors import HeadwiseError
-from headwise.paged_cache import PagedDenseStore, PagedRingStore, PoolDecodeRow, decode_over_pool
+from headwise.kernels.common import INTERPRET
+from headwise.paged_cache import PagedDenseStore, PagedRingStore, PoolDecodeRow, PoolPrefillRow, PoolRows
 from headwise.policies import AttendContext
 
 ATTN_NAME = "headwise"
@@ -55,22 +56,27 @@ def headwise_attention(
             "run the model through headwise.Engine"
         )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    rows: list[PoolDecodeRow] = []
+    rows = PoolRows()
     out = _attend_cache(cache, module.layer_idx, query, key, value, scale, 0, rows)
-    if rows:
-        decode_over_pool(rows, query, key, value, out, scale, cache.use_kernels)
+    rows.attend(query, key, value, out, scale, cache.use_kernels)
     return out.transpose(1, 2).contiguous(), None
 
 
 def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  scale: float, token0: int, rows: list[PoolDecodeRow]) -> torch.Tensor:
+                  scale: float, token0: int, rows: PoolRows) -> torch.Tensor:
     """One cache's chunk, group by group: query [B, Hq, L, D]; key, value [B, Hkv, L, D]. Returns [B, Hq, L, D].
-    A one-token chunk of a group whose KV is in the page pool is left to ``decode_over_pool``: appended to ``rows``
-    (at token ``token0`` of the forward), its output heads filled in by that call."""
+    A one-token chunk of a group whose KV is in the page pool is left to ``decode_over_pool``, and with kernels on a
+    prompt chunk of such a group whose policy prefills densely to ``prefill_over_pool`` (its keys and values written
+    into its pages here): appended to ``rows`` (at token ``token0`` of the forward), their output heads filled in by
+    ``rows.attend``."""
     layer = cache.layers[layer_idx]
     start = layer.seen
     L = query.shape[2]
-    paged = [L == 1 and isinstance(cache._ensure_store(g), PagedDenseStore | PagedRingStore) for g in layer.groups]
+    # The paged prefill kernel is Triton: CUDA tensors, or CPU ones under the interpreter (tests).
+    prefill_kernel = L > 1 and cache.use_kernels and (query.is_cuda or INTERPRET)
+    paged = [(L == 1 and isinstance(store, PagedDenseStore | PagedRingStore))
+             or (prefill_kernel and isinstance(store, PagedDenseStore) and g.policy.dense_prefill)
+             for g, store in ((g, cache._ensure_store(g)) for g in layer.groups)]
     if len(layer.groups) == 1 and not paged[0]:
         g = layer.groups[0]
         ctx = _ctx(cache, layer, start, scale, g.kv_heads)
@@ -79,9 +85,14 @@ def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key
         out = torch.empty_like(query)
         for g, pooled in zip(layer.groups, paged):
             store = cache._ensure_store(g)
-            if pooled:
+            if pooled and L == 1:
                 assert isinstance(store, PagedDenseStore | PagedRingStore) and query.shape[0] == 1
-                rows.append(PoolDecodeRow(store, g.q_index, g.kv_index, token0))
+                rows.decode.append(PoolDecodeRow(store, g.q_index, g.kv_index, token0))
+                continue
+            if pooled:
+                assert isinstance(store, PagedDenseStore) and query.shape[0] == 1 and store.length == start
+                store.append(key.index_select(1, g.kv_index), value.index_select(1, g.kv_index))
+                rows.prefill.append(PoolPrefillRow(store, g.kv_heads, token0, L, start))
                 continue
             ctx = _ctx(cache, layer, start, scale, g.kv_heads)
             q = query.index_select(1, g.q_index)
@@ -99,8 +110,9 @@ class PackedBatch:
     Segment ``i`` is tokens ``starts[i] .. starts[i] + lengths[i] - 1`` of the packed row and belongs to the
     sequence whose batch-1 cache is ``caches[i]``: a prompt chunk, or one decode token. Projections, MLPs and
     the LM head run once over the packed row; attention runs segment by segment, each over its own cache,
-    because every sequence's cache holds its own per-head lengths, except for the decode tokens of groups whose
-    KV is in the engine's page pool: those of every segment are attended together (``decode_over_pool``).
+    because every sequence's cache holds its own per-head lengths, except for the groups whose KV is in the engine's
+    page pool: the decode tokens of every segment are attended together (``decode_over_pool``), and so, with
+    kernels on, are the prompt chunks of the groups that prefill densely (``prefill_over_pool``).
     """
 
     caches: list[HeadwiseCache]
@@ -122,12 +134,11 @@ def _attend_packed(
                             f"match the forward's {query.shape[2]} tokens in {query.shape[0]} rows")
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     out = torch.empty_like(query)
-    rows: list[PoolDecodeRow] = []
+    rows = PoolRows()
     for c, s, n in zip(batch.caches, batch.starts, batch.lengths):
         out[:, :, s : s + n] = _attend_cache(c, module.layer_idx, query[:, :, s : s + n], key[:, :, s : s + n],
                                              value[:, :, s : s + n], scale, s, rows)
-    if rows:
-        decode_over_pool(rows, query, key, value, out, scale, batch.caches[0].use_kernels)
+    rows.attend(query, key, value, out, scale, batch.caches[0].use_kernels)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -9,9 +9,14 @@ them). Every write goes through ``PagePool.write``. Other policies (``tidal``, `
 ``streaming`` with compensation, ``page_topk`` with e4m3 bounds or pages of another size) keep their own stores
 beside the pool, counted in its pages.
 
-- A prompt chunk of several tokens runs the policy's own ``attend``, as without a pool: the store gathers the
-  slots it holds from its pages (``view``: a copy, as the reference path reads a contiguous cache), the policy
-  attends over them and the chunk, and the store writes the chunk into its pages.
+- A prompt chunk of several tokens of a group whose policy prefills densely (``Policy.dense_prefill``: ``full``,
+  ``page_topk``) with kernels on (CUDA, or Triton's interpreter in tests) is written into its pages
+  (``PagedDenseStore.append``) and attended in place (``prefill_over_pool``): in each layer, every (sequence, KV
+  head) pair of every such chunk of the forward is a row of one ``kernels/paged_prefill.py`` launch, which reads
+  the prefix through the page tables (no gathered copy).
+- Any other prompt chunk, and every one with kernels off, runs the policy's own ``attend``, as without a pool: the
+  store gathers the slots it holds from its pages (``view``: a copy, as the reference path reads a contiguous
+  cache), the policy attends over them and the chunk, and the store writes the chunk into its pages.
 - One-token steps are attended together (``decode_over_pool``): in each layer, every (sequence, KV head) pair
   of a paged group whose layout holds the same number of slots (and selects the same number of pages) is a row of
   one ``batch_decode`` launch (the Triton kernel with kernels on, its plain-PyTorch reference
@@ -24,7 +29,7 @@ beside the pool, counted in its pages.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -186,6 +191,55 @@ class PoolDecodeRow:
     q_index: torch.Tensor  # the group's query heads, GQA order
     kv_index: torch.Tensor  # the group's KV heads
     token: int  # the token's index on the forward's token axis
+
+
+@dataclass
+class PoolPrefillRow:
+    """A prompt chunk (several tokens) of one sequence's paged head group whose policy prefills densely
+    (``Policy.dense_prefill``), its keys and values already written into its pages, for ``prefill_over_pool``."""
+
+    store: PagedDenseStore
+    kv_heads: list[int]  # the group's KV heads (KV head ``h``'s query heads are ``h * group ..``, GQA order)
+    token: int  # the chunk's first token on the forward's token axis
+    length: int  # its tokens
+    start: int  # the position of its first token (the keys before it)
+
+
+@dataclass
+class PoolRows:
+    """The work of one layer's forward that runs over the pool, all sequences at once, after each sequence's own
+    groups attended: decode tokens (``decode_over_pool``) and dense prompt chunks (``prefill_over_pool``)."""
+
+    decode: list[PoolDecodeRow] = field(default_factory=list)
+    prefill: list[PoolPrefillRow] = field(default_factory=list)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, out: torch.Tensor, scale: float,
+               use_kernels: bool) -> None:
+        """query, out: [1, Hq, T, D]; key, value: [1, Hkv, T, D] (the forward's tokens)."""
+        if self.prefill:
+            prefill_over_pool(self.prefill, query, out, scale)
+        if self.decode:
+            decode_over_pool(self.decode, query, key, value, out, scale, use_kernels)
+
+
+def prefill_over_pool(rows: list[PoolPrefillRow], query: torch.Tensor, out: torch.Tensor, scale: float) -> None:
+    """Attend the prompt chunks of ``rows`` (one layer) causally over their pages: one ``paged_prefill`` launch for
+    every (sequence, KV head) pair of every chunk (Triton, only with kernels on: the engine takes this path then, and
+    the policy's ``attend`` over a gathered copy otherwise). The chunks' keys and values are in the pages already
+    (``PagedDenseStore.append``). query, out: [1, Hq, T, D]; ``out`` receives each chunk's query heads at its
+    tokens."""
+    from headwise.kernels.paged_prefill import default_config, paged_prefill, plan_paged_prefill  # Triton
+
+    pool = rows[0].store.pool
+    group = pool.spec.group_size
+    device = query.device
+    block_m = default_config(query.shape[-1], pool.keys.dtype)["block_m"]
+    pairs = [(r, h) for r in rows for h in r.kv_heads]
+    plan = plan_paged_prefill([r.token for r, _ in pairs], [r.length for r, _ in pairs], [r.start for r, _ in pairs],
+                              [h * group for _, h in pairs], group, device, block_m=block_m)
+    table = _padded_tables([r.store.pages.table(device) for r in rows])[:, 0]  # [pairs, W]
+    paged_prefill(query[0].transpose(0, 1), pool.keys, pool.values, table, plan, pool.page_size, scale=scale,
+                  out=out[0].transpose(0, 1), block_m=block_m)
 
 
 def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:

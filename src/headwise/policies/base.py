@@ -119,6 +119,11 @@ class Policy(ABC):
     keeps_every_token: ClassVar[bool] = False
     """Declared once per class: whether the store holds every token's key and value as they came, in position order
     (a ``DenseStore``), so that a prefill pattern may attend the whole prefix through it (``sparse_prefill.py``)."""
+    dense_prefill: ClassVar[bool] = False
+    """Declared once per class: whether ``attend`` runs a chunk of several tokens as ``store.append`` of the chunk, then
+    exact causal attention over every token of the store (``causal_attention`` over ``store.view()``). Under an
+    engine's page pool with kernels on, such chunks of groups kept in the pool skip ``attend`` and run on the paged
+    prefill kernel, which reads the pages in place (``paged_cache.prefill_over_pool``)."""
 
     def validate(self) -> None:  # noqa: B027 - optional hook: a policy with nothing to check keeps it
         """Raise ``PlanError`` on parameters that make no sense."""

@@ -18,6 +18,7 @@ class Full(Policy):
     name: ClassVar[str] = "full"
     graph_decode: ClassVar[bool] = True
     keeps_every_token: ClassVar[bool] = True
+    dense_prefill: ClassVar[bool] = True
 
     def kv_tokens(self, seq_len: int) -> int:
         return seq_len

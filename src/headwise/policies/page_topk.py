@@ -60,6 +60,7 @@ class PageTopK(Policy):
     paper: ClassVar[str] = "https://arxiv.org/abs/2406.10774"
     graph_decode: ClassVar[bool] = True
     keeps_every_token: ClassVar[bool] = True  # pages are read selectively, never dropped
+    dense_prefill: ClassVar[bool] = True
 
     page_size: int = 16
     """Tokens per page (a power of two up to 128). Quest uses 16."""
