@@ -17,9 +17,16 @@ key length:
 - ``lower_right_ms``: SDPA with the ``CausalBias`` called directly, and its largest difference;
 - ``flash_unmasked_ms``: flash over the S keys without a mask (no causal skip: the ceiling of a masked flash call).
 
+With ``--paged``, the chunk is read from the engine's KV page pool instead (``headwise.bench.paged_prefill``, its
+docstring says each column; Llama-3-8B attention only): the paged prefill kernel (``kernels/paged_prefill.py``,
+default tiles and a few others), the gather + flash path it replaces, and flash over a contiguous cache (the floor),
+with their TFLOP/s.
+
     PYTHONPATH=src python3 bench/dense_chunk_attention.py OUT.json [--chunk 1024] [--keys 32768,131072]
+    PYTHONPATH=src python3 bench/dense_chunk_attention.py OUT.json --paged --chunk 2048 --keys 8192,32768,131072
     PYTHONPATH=src python3 bench/dense_chunk_attention.py /tmp/x.json --chunk 64 --keys 256 --heads 4,2 --dim 16
-        (a CPU dry run of the script itself)
+    TRITON_INTERPRET=1 PYTHONPATH=src python3 bench/dense_chunk_attention.py /tmp/x.json --paged --chunk 16 --keys 48
+        (CPU dry runs of the script itself)
 """
 
 from __future__ import annotations
@@ -121,13 +128,26 @@ def main() -> None:
     ap.add_argument("--heads", default="32,8", help="query heads,KV heads (default Llama-3-8B's)")
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--paged", action="store_true",
+                    help="the chunk over a KV page pool: paged prefill kernel vs gather + flash vs contiguous flash")
+    ap.add_argument("--page-size", type=int, default=16, help="--paged: tokens per pool page (default 16)")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     hq, hkv = (int(x) for x in args.heads.split(","))
+    if args.paged and ((hq, hkv, args.dim) != (32, 8, 128)):
+        sys.exit("--paged measures Llama-3-8B attention only (32 query / 8 KV heads, head_dim 128): drop --heads/--dim")
     rows = []
     for S in (int(x) for x in args.keys.split(",")):
-        rows.append(measure(args.chunk, S, hq, hkv, args.dim, args.reps, dev, dtype))
+        if args.chunk > S:
+            sys.exit(f"--keys {S}: a chunk of {args.chunk} queries is the last of at least {args.chunk} keys")
+        if args.paged:
+            from headwise.bench import paged_prefill
+
+            rows.append(paged_prefill.measure(args.chunk, S, args.page_size, lambda fn: _ms(fn, args.reps), dev,
+                                              dtype, configs=None if dev == "cuda" else []))
+        else:
+            rows.append(measure(args.chunk, S, hq, hkv, args.dim, args.reps, dev, dtype))
         print(json.dumps(rows[-1]), flush=True)
         if dev == "cuda":
             torch.cuda.empty_cache()

@@ -128,6 +128,12 @@ def test_tile_sizes_change_only_the_work_split_not_the_result(block_m, block_n):
     _check(chunks.run(block_m=block_m, block_n=block_n), chunks.reference(), chunks.semantic())
 
 
+def test_a_head_dim_below_its_power_of_two_tile_masks_the_spare_channels():
+    """head_dim 40 in tiles of 64 channels: the pool's rows are 40 wide, the channels past them never read."""
+    chunks = Chunks([0, 17], [20, 9], heads=2, group=2, dim=40, dtype=torch.float32, seed=5)
+    _check(chunks.run(), chunks.reference(), chunks.semantic())
+
+
 def test_pages_smaller_than_a_key_block_are_read_from_the_table_inside_the_block():
     """Pages of 4 slots (the engine tests' pool) under key blocks of 16: four table entries per block."""
     chunks = Chunks([0, 5, 14], [9, 11, 3], heads=2, group=2, dim=16, dtype=torch.float32, seed=2, page=4)

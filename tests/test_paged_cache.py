@@ -313,9 +313,20 @@ def test_prompt_chunks_on_the_paged_prefill_kernel_give_the_same_tokens_as_each_
     tokens), beside streaming groups that still attend through their own ``attend`` in the same layers; the
     decode steps on ``batch_decode``. Prompts of 37, 21 and 50 tokens: chunks at starts 0, 16, 32, 48, last chunks
     of 5, 5 and 2 tokens (page 4: partial pages)."""
+    dense_chunks_on_the_paged_prefill_kernel(tiny_model("llama"), monkeypatch)
+
+
+@pytest.mark.gpu
+def test_prompt_chunks_on_the_compiled_paged_prefill_kernel_give_the_same_tokens_as_each_sequence_alone(monkeypatch):
+    """The same on CUDA (fp32, pages of 4 under key blocks of 32): the compiled kernel in the engine."""
+    lm = tiny_model("llama")
+    lm.model.to("cuda")
+    dense_chunks_on_the_paged_prefill_kernel(lm, monkeypatch)
+
+
+def dense_chunks_on_the_paged_prefill_kernel(lm, monkeypatch) -> None:
     from headwise.kernels import paged_prefill as kernel
 
-    lm = tiny_model("llama")
     spec = lm.spec
     seq_plans = [HeadPlan.dense(spec), mixed_plan(spec, window=6), quest_plan(spec, budget=12, with_full=True)]
     gen = torch.Generator().manual_seed(5)

@@ -34,7 +34,7 @@ Tested
     tests/test_kernels_paged_prefill.py under TRITON_INTERPRET=1 against ``paged_prefill_reference`` (gather the
     row's pages, masked SDPA) and against attention over the rows' contiguous history: starts 0, 1, 15, 16, 17, 33,
     chunks of lengths that are not multiples of the block, a partial last page, pages shuffled over a garbage-filled
-    pool, GQA 1:1, 3:1 and 4:1, head_dim 16 and 64, several sequences in one launch; tests/test_paged_cache.py runs
+    pool, GQA 1:1, 3:1 and 4:1, head_dim 16, 40 and 64, several sequences in one launch; tests/test_paged_cache.py runs
     the engine's prompt chunks on it (greedy tokens equal to each sequence alone). GPU: the same tests, marked
     ``gpu``, and ``bench/dense_chunk_attention.py --paged``.
 """
