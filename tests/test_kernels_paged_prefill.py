@@ -4,7 +4,7 @@ against attention over each sequence's contiguous history, under Triton's interp
 Every pool starts as random garbage and each (sequence, KV head)'s pages are scattered over it in a shuffled order,
 so a kernel that reads a slot it should not (past a row's keys, or in a partial last page) or indexes the wrong page
 gets a wrong answer rather than a lucky zero. The tolerance is flash-attention's: at most twice the error of plain
-PyTorch in the same dtype, plus 1e-4.
+PyTorch in the same dtype, plus 1e-4 (fp32) or 1e-3 (16-bit), as docs/kernels.md says.
 """
 
 from __future__ import annotations
@@ -101,7 +101,8 @@ class Chunks:
 def _check(out: torch.Tensor, out_pt: torch.Tensor, out_ref: torch.Tensor) -> None:
     err = (out.float() - out_ref).abs().max().item()
     err_pt = (out_pt.float() - out_ref).abs().max().item()
-    assert err <= 2 * err_pt + 1e-4, f"kernel error {err:.2e} vs PyTorch-same-dtype error {err_pt:.2e}"
+    slack = 1e-4 if out.dtype == torch.float32 else 1e-3  # as docs/kernels.md's prefill tolerance
+    assert err <= 2 * err_pt + slack, f"kernel error {err:.2e} vs PyTorch-same-dtype error {err_pt:.2e}"
 
 
 # Starts on, just past, just before and across page edges; chunks of lengths that are not multiples of a block (of
