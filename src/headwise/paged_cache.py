@@ -29,7 +29,9 @@ beside the pool, counted in its pages.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -37,6 +39,9 @@ from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.policies.base import PagedLayout
 from headwise.policies.stores import DenseStore, SinkWindowStore
 from headwise.pool import GroupPages, PagePool, pool_layout
+
+if TYPE_CHECKING:
+    from headwise.kernels.paged_prefill import PrefillPlan  # imports Triton
 
 
 def _gather(pool: PagePool, pages: GroupPages, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,18 +233,28 @@ def prefill_over_pool(rows: list[PoolPrefillRow], query: torch.Tensor, out: torc
     the policy's ``attend`` over a gathered copy otherwise). The chunks' keys and values are in the pages already
     (``PagedDenseStore.append``). query, out: [1, Hq, T, D]; ``out`` receives each chunk's query heads at its
     tokens."""
-    from headwise.kernels.paged_prefill import default_config, paged_prefill, plan_paged_prefill  # Triton
+    from headwise.kernels.paged_prefill import default_config, paged_prefill  # Triton: kernels on only
 
     pool = rows[0].store.pool
     group = pool.spec.group_size
     device = query.device
     block_m = default_config(query.shape[-1], pool.keys.dtype)["block_m"]
-    pairs = [(r, h) for r in rows for h in r.kv_heads]
-    plan = plan_paged_prefill([r.token for r, _ in pairs], [r.length for r, _ in pairs], [r.start for r, _ in pairs],
-                              [h * group for _, h in pairs], group, device, block_m=block_m)
+    pairs = tuple((r.token, r.length, r.start, h * group) for r in rows for h in r.kv_heads)
+    plan = _prefill_plan(pairs, group, str(device), block_m)
     table = _padded_tables([r.store.pages.table(device) for r in rows])[:, 0]  # [pairs, W]
     paged_prefill(query[0].transpose(0, 1), pool.keys, pool.values, table, plan, pool.page_size, scale=scale,
                   out=out[0].transpose(0, 1), block_m=block_m)
+
+
+@functools.lru_cache(maxsize=64)
+def _prefill_plan(pairs: tuple[tuple[int, int, int, int], ...], group: int, device: str, block_m: int) -> PrefillPlan:
+    """The launch plan of rows (token, length, start, first query head), made once for every layer whose dense groups
+    have the same rows in a forward (a dense plan: all of them), as vLLM's metadata builder runs once per batch: one
+    host-to-device copy per forward instead of one per layer. Plans are never written after they are made."""
+    from headwise.kernels.paged_prefill import plan_paged_prefill
+
+    token0, lengths, starts, head0 = (list(c) for c in zip(*pairs))
+    return plan_paged_prefill(token0, lengths, starts, head0, group, device, block_m=block_m)
 
 
 def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
