@@ -187,9 +187,11 @@ def plan_paged_prefill(token0: list[int], lengths: list[int], starts: list[int],
     items = [(r, b) for r, n in enumerate(lengths) for b in range(-(-n // bt))]
     # heaviest first: the keys a work item reads grow with its last query position
     items.sort(key=lambda rb: -(starts[rb[0]] + min((rb[1] + 1) * bt, lengths[rb[0]])))
-    rows = torch.tensor(list(zip(token0, lengths, starts, head0)), dtype=torch.int32).view(-1, 4)
-    work = torch.tensor(items, dtype=torch.int32).view(-1, 2)
-    return PrefillPlan(rows.to(device), work.to(device), group, bt,
+    flat = [x for row in zip(token0, lengths, starts, head0) for x in row] + [x for item in items for x in item]
+    both = torch.tensor(flat, dtype=torch.int32).to(device)  # one host-to-device copy
+    R = len(lengths)
+    rows, work = both[: 4 * R].view(R, 4), both[4 * R :].view(-1, 2)
+    return PrefillPlan(rows, work, group, bt,
                        max((s + n for s, n in zip(starts, lengths)), default=0),
                        max((t + n for t, n in zip(token0, lengths)), default=0), max(head0, default=-group) + group)
 
