@@ -16,7 +16,9 @@ chunk's own block).
   flash), the fallback path;
 - ``flash_contiguous_ms``: ``causal_attention`` over a contiguous cache (the floor: an engine without pages).
 
-``max_abs_diff``: the kernel's output against the contiguous flash call's. ``check`` (tiny shapes, any device)
+``max_abs_diff``: the kernel's output against the contiguous flash call's; ``gather_flash_over_paged``: the fallback's
+time over the kernel's (default tiles); ``best_paged_over_floor``: the fastest tiles' time over the contiguous
+flash call's. ``check`` (tiny shapes, any device)
 compares both paths with the fp32 reference.
 """
 
@@ -161,5 +163,9 @@ def measure(chunk: int, keys: int, page_size: int, ms: Callable[[Callable[[], An
     for key in [k for k in row if k.endswith("_ms") and k != "gather_ms"]:
         row[key.removesuffix("_ms") + "_tflops"] = round(f / (row[key] * 1e-3) / 1e12, 1)
     timed = {k: v for k, v in row.items() if k.startswith("paged") and k.endswith("_ms")}
-    row["best_paged"] = min(timed, key=timed.__getitem__).removesuffix("_ms")
+    best = min(timed, key=timed.__getitem__)
+    row["best_paged"] = best.removesuffix("_ms")
+    # > 1: the default kernel is faster than the gather path; the best tiles' time over the floor's
+    row["gather_flash_over_paged"] = round(row["gather_flash_ms"] / row["paged_ms"], 2)
+    row["best_paged_over_floor"] = round(row[best] / row["flash_contiguous_ms"], 2)
     return row
