@@ -34,7 +34,9 @@ KINDS = {"streaming@equal": "streaming", "random@equal": "random", "quest@equal"
 def kind_of(plan: str) -> str:
     """Baselines by their spec; a kvpress press (imported by bench/kvpress/import_outputs.py) by its name, e.g.
     ``kvpress:snapkv`` for ``kvpress:snapkv@equal``."""
-    return plan.split("@")[0] if plan.startswith("kvpress:") else KINDS.get(plan, "plan")
+    if plan.startswith("kvpress:"):
+        return plan.split("@")[0]
+    return KINDS.get(plan.split(":")[0], "plan")  # random@equal:SEED: another draw of random placement
 
 
 def cells(results: dict[str, Any], task: str, run: str, budget: float | None) -> list[dict[str, Any]]:
@@ -67,6 +69,7 @@ def collect(runs: list[tuple[str, Path]], dense_dir: Path | None, task: str) -> 
     the plan answers too, paired sample by sample, so a cell that ran only some depths is compared on those)."""
     dense = json.loads((dense_dir / "results.json").read_text()) if dense_dir is not None else None
     rows: list[dict[str, Any]] = []
+    seen: set[tuple[str, float | None, str, int]] = set()
     for label, folder in runs:
         for res in sorted(folder.glob("eval-curve-q*/results.json")):
             m = re.search(r"eval-curve-q([0-9.]+)", str(res))
@@ -74,8 +77,10 @@ def collect(runs: list[tuple[str, Path]], dense_dir: Path | None, task: str) -> 
             results = with_dense(json.loads(res.read_text()), dense)
             kept = {(k["plan"], k["task"], k["length"]): k for k in retention(results)}
             for r in cells(results, task, label, budget):
-                if r["kind"] == "dense":
+                key = (label, budget, r["plan"], r["length"])
+                if r["kind"] == "dense" or key in seen:  # a cell two folders hold: the first given wins
                     continue
+                seen.add(key)
                 k = kept.get((r["plan"], task, r["length"]))
                 if k:
                     r.update(kept=k["kept"], kept_n=k["n"], kept_share=k["share"], kept_ci95=k["ci95"])
@@ -83,6 +88,22 @@ def collect(runs: list[tuple[str, Path]], dense_dir: Path | None, task: str) -> 
     if dense is not None:
         rows += [r for r in cells(dense, task, "dense", None) if r["kind"] == "dense"]
     return rows
+
+
+def earlier_cells(doc: dict[str, Any], rows: list[dict[str, Any]], task: str, source: str) -> list[dict[str, Any]]:
+    """The cells of an earlier results file of this script that ``rows`` does not measure again: same task, and no
+    row of the same run, budget, kind and length (a re-measured cell replaces the earlier one, never averages
+    with it). Dense comes from ``rows`` when it has one. Each kept cell names the file it came from."""
+    have = {(r["run"], r["budget"], r["kind"], r["length"]) for r in rows}
+    dense_lengths = {r["length"] for r in rows if r["kind"] == "dense"}
+    out = []
+    for c in doc.get("cells", []):
+        if c.get("task") != task or (c["run"], c["budget"], c["kind"], c["length"]) in have:
+            continue
+        if c["kind"] == "dense" and c["length"] in dense_lengths:
+            continue
+        out.append({**c, "from_earlier": source})
+    return out
 
 
 COLOR = {"plan": "tab:blue", "random": "tab:orange", "streaming": "tab:green", "quest": "tab:red"}
@@ -147,6 +168,9 @@ def main() -> None:
     ap.add_argument("--title", default="")
     ap.add_argument("--tensor-kv", action="append", default=[], metavar="RUN",
                     help="use the tensors' KV count for RUN's plan cells (its allocator reading is known wrong)")
+    ap.add_argument("--earlier", type=Path, action="append", default=[], metavar="FILE",
+                    help="an earlier results file of this script: its cells are kept where the folders given now "
+                         "have no cell of the same run, budget, kind and length (each cell keeps its own command)")
     ap.add_argument("--out", type=Path, required=True, help="STEM or STEM.json: writes STEM.json and STEM.png")
     args = ap.parse_args()
     runs = []
@@ -156,6 +180,10 @@ def main() -> None:
             ap.error(f"--run wants LABEL=DIR with an existing DIR, got {item!r}")
         runs.append((label, Path(folder)))
     rows = collect(runs, args.dense, args.task)
+    for path in args.earlier:
+        if not path.is_file():
+            ap.error(f"--earlier: no such file {path}")
+        rows += earlier_cells(json.loads(path.read_text()), rows, args.task, str(path))
     for r in rows:
         if r["run"] in args.tensor_kv and r["kind"] == "plan":
             r["kv_from_tensors"] = True

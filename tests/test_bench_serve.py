@@ -4,11 +4,24 @@ server, covered by the server tests)."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import time
 
-from headwise.bench.serve import Load, run_in_process
+import pytest
+import torch
+
+from headwise import random_model
+from headwise.bench.serve import Load, parse_mix, preset_plan, run_in_process
+from headwise.cli import main
 from headwise.engine import Engine
+from headwise.errors import InputError, ModelLoadError, PlanError
+from headwise.models import load_model, local_dir
+from headwise.plan import HeadPlan
+from headwise.policies import Full, Streaming
+from headwise.policies.vertical_slash import VerticalSlash
 from headwise.pool import PagePool
+from headwise.spec import ModelSpec
 from tiny import tiny_model
 
 
@@ -28,3 +41,89 @@ def test_in_process_load_generates_every_token_and_counts_pages():
     # Dense tiny llama: 4 layers x 2 KV heads, 23 tokens at most -> 6 pages of 4 tokens per head.
     assert out["peak_kv_bytes"] == 3 * 4 * 2 * 6 * pool.page_bytes
     assert pool.free_pages == pool.num_pages
+
+
+# ------------------------------------------------------------------ random models, mixes, time caps (issue 13's run)
+def test_random_llama_3_8b_has_the_issue_shapes_and_a_layer_override():
+    spec = ModelSpec.from_config(random_model.config("random:llama-3-8b"))
+    assert (spec.num_layers, spec.num_q_heads, spec.num_kv_heads, spec.head_dim) == (32, 32, 8, 128)
+    assert spec.max_context >= 131072 + 256, "a 128K prompt and its 256 new tokens must fit"
+    assert ModelSpec.from_config(random_model.config("random:llama-3-8b,layers=2")).num_layers == 2
+    with pytest.raises(ModelLoadError, match="presets: llama-3-8b"):
+        random_model.config("random:llama-9")
+    with pytest.raises(ModelLoadError, match="layers=N"):
+        random_model.config("random:llama-3-8b,layers=0")
+
+
+def test_a_random_model_is_built_in_the_asked_dtype_without_a_tokenizer():
+    lm = load_model("random:tiny-llama", device="cpu", dtype="bfloat16")
+    assert lm.tokenizer is None and lm.dtype == torch.bfloat16 and lm.spec.num_kv_heads == 4
+    w = lm.model.model.layers[0].self_attn.q_proj.weight
+    assert 0.01 < w.float().std().item() < 0.03, "transformers' normal init, std 0.02"
+    with pytest.raises(ModelLoadError, match="no model directory"):
+        local_dir("random:tiny-llama")
+
+
+def test_a_mix_offers_its_groups_in_order_and_one_length_keeps_the_old_prompts():
+    load = Load(mix=parse_mix("3x40,2x70"), output_len=4)
+    assert load.requests == 5 and load.prompt_lens() == [40, 40, 40, 70, 70]
+    assert [len(p) for p in load.prompts(512)] == [40, 40, 40, 70, 70]
+    assert load.prompts(512) == Load(mix=((3, 40), (2, 70))).prompts(512), "seeded"
+    old = torch.randint(256, 512, (3, 20), generator=torch.Generator().manual_seed(0)).tolist()
+    assert Load(requests=3, prompt_len=20).prompts(512) == old
+    with pytest.raises(InputError, match="COUNTxPROMPT_LEN"):
+        parse_mix("64x32k")
+
+
+def test_the_duo25_presets_make_a_quarter_of_the_heads_full_and_the_rest_streaming():
+    spec = ModelSpec.from_config(random_model.config("random:llama-3-8b"))
+    for name, first in (("duo25", Full), ("duo25-vs", VerticalSlash)):
+        plan = preset_plan(name, spec)
+        for row in plan.policies():
+            assert [type(p) for p in row] == [first] * 2 + [Streaming] * 6
+            assert row[2] == Streaming(sink=64, window=256)
+            assert all(getattr(p, "decode", Full()) == Full() for p in row[:2]), "full heads keep every token"
+        assert 0.25 < plan.kv_fraction(spec, 32768) < 0.26
+    with pytest.raises(PlanError, match="rounds to 0"):
+        HeadPlan.split(tiny_model("llama").spec, 0.25, {"policy": "full"}, {"policy": "streaming"})
+
+
+def test_bench_serve_runs_a_mix_on_a_random_model_in_process_and_writes_the_json(tmp_path, capsys):
+    rc = main(["bench", "serve", "--model", "random:tiny-llama", "--plan", "duo25-vs", "--mix", "3x40,2x70",
+               "--output-len", "4", "--chunk-size", "32", "--kv-memory", "0.01", "--warmup", "--out-dir", str(tmp_path)])
+    assert rc == 0 and "skipping --mode http" in capsys.readouterr().out
+    (path,) = tmp_path.glob("serve_duo25-vs_*.json")
+    res = json.loads(path.read_text())["results"]
+    out = res["in-process"]
+    assert not out["partial"] and out["finished"] == 5 and out["output_tokens"] == 20 and "http" not in res
+    assert {k: v["finished"] for k, v in out["by_prompt_len"].items()} == {"40": 3, "70": 2}
+    assert out["prompt_tokens_read"] == 3 * 40 + 2 * 70 and out["peak_concurrency"] >= 2
+    assert res["plan_summary"].startswith("6×streaming, 2×vertical_slash")
+
+
+def test_max_seconds_stops_the_run_and_keeps_what_was_measured(tmp_path):
+    lm = tiny_model("llama", vocab_size=512)
+    pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    lines: list[str] = []
+    # A quick first request, then far more work than the cap allows.
+    load = Load(mix=((1, 16), (6, 400)), output_len=300)
+    out = run_in_process(engine, load, deadline=time.perf_counter() + 1.5, progress_s=0.2, log=lines.append)
+    assert out["partial"] and out["finished"] < load.requests and out["added"] == load.requests
+    assert out["first_tokens"] >= 1 and out["output_tokens"] >= 1 and out["ttft_s"]["p50"] > 0
+    assert out["by_prompt_len"]["16"]["first_tokens"] == 1
+    assert lines and lines[-1].endswith("stopped at --max-seconds") and len(lines) >= 3
+    assert not engine.live and pool.free_pages == pool.num_pages, "the live sequences were aborted, pages returned"
+    rc = main(["bench", "serve", "--model", "random:tiny-llama", "--requests", "2", "--prompt-len", "40",
+               "--max-seconds", "0", "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("serve_dense_*.json")
+    res = json.loads(path.read_text())["results"]
+    assert rc == 0 and res["max_seconds"] == 0 and res["in-process"]["partial"] and res["in-process"]["finished"] == 0
+
+
+def test_plan_split_writes_the_presets_plan_from_a_random_models_config_alone(tmp_path):
+    out = tmp_path / "p.json"
+    assert main(["plan", "split", "random:llama-3-8b", "--share", "0.25", "--first", "vertical_slash", "--rest",
+                 "streaming", "--rest-params", "sink=64,window=256", "-o", str(out)]) == 0
+    spec = ModelSpec.from_config(random_model.config("random:llama-3-8b"))
+    assert HeadPlan.load(out).policies() == preset_plan("duo25-vs", spec).policies()

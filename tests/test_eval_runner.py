@@ -96,6 +96,26 @@ def test_equal_memory_of_a_quantized_plan_is_counted_in_the_runs_element_size(sm
     assert want - spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4 < base.kv_bytes(spec, 2048, 4) <= want
 
 
+def test_random_placement_draws_are_seeded_and_hold_the_plans_kv(smollm2, tmp_path):
+    """random@equal:SEED is another draw of the same policies: same KV at every length, other heads, and the same
+    heads every time it is asked for (one draw is a lottery where few heads are streamed)."""
+    spec = smollm2.spec
+    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": 64}}, "smollm2-135m")
+    for i in range(0, spec.num_layers, 4):
+        ref.layers[i][0] = {"policy": "full"}
+    path = ref.save(tmp_path / "mine.json")
+    entries = resolve_plans([str(path), "random@equal", "random@equal:1", "random@equal:2"], smollm2)
+    assert [e.label for e in entries[1:]] == ["random@equal", "random@equal:1", "random@equal:2"]
+    draws = [e.plan_for(1024).layers for e in entries[1:]]
+    assert draws[0] == resolve_plans([str(path), "random@equal:0"], smollm2)[1].plan_for(1024).layers
+    assert draws[0] != draws[1] and draws[1] != draws[2]
+    assert draws[1] == resolve_plans([str(path), "random@equal:1"], smollm2)[1].plan_for(1024).layers
+    for e in entries[1:]:
+        assert all(e.plan_for(L).kv_tokens(spec, L) == ref.kv_tokens(spec, L) for L in (1024, 4096))
+    with pytest.raises(InputError, match="unknown plan"):
+        resolve_plans([str(path), "random@equal:x"], smollm2)
+
+
 def test_equal_memory_baseline_needs_a_plan_file(smollm2):
     with pytest.raises(InputError, match="list a plan file"):
         resolve_plans(["dense", "streaming@equal"], smollm2)

@@ -75,5 +75,30 @@ def test_retention_pairs_samples_with_dense_and_skips_rows_of_an_old_plan():
     (r,) = retention(results)
     assert (r["plan"], r["kept"], r["n"], r["share"]) == ("p", 1, 2, 0.5)
     assert r["ci95"][0] < 0.5 < r["ci95"][1]
+    # accuracy as a share of dense's on the same three prompts: 2 of 3 against 2 of 3, one flip each way
+    ratio = r["accuracy_ratio"]
+    assert (ratio["pairs"], ratio["both"], ratio["only_plan"], ratio["only_ref"], ratio["ratio"]) == (3, 1, 1, 1, 1.0)
+    assert ratio["mcnemar_p"] == 1.0
     header, rows = retention_table(results)
     assert header == ["plan", "passkey 1K"] and rows[0][1].startswith("1/2 [")
+
+
+def test_paired_ratio_interval_covers_like_a_bootstrap_and_mcnemar_sees_one_sided_flips():
+    """Bonett-Price's adjusted log interval against a paired bootstrap of the same table (SmolLM2's 2K passkey at 30%
+    KV: 61 both, 8 plan only, 12 dense only, 19 neither), and the exact McNemar p-value."""
+    import random
+
+    from headwise.eval.scoring import paired_ratio
+
+    r = paired_ratio(61, 8, 12, 19)
+    assert r["ratio"] == pytest.approx(69 / 73, abs=1e-4)
+    pairs = [(1, 1)] * 61 + [(1, 0)] * 8 + [(0, 1)] * 12 + [(0, 0)] * 19
+    rng = random.Random(0)
+    boot = sorted(sum(x for x, _ in s) / sum(y for _, y in s)
+                  for s in ([pairs[rng.randrange(100)] for _ in range(100)] for _ in range(4000)))
+    assert r["ratio_ci95"][0] == pytest.approx(boot[100], abs=0.02)
+    assert r["ratio_ci95"][1] == pytest.approx(boot[3900], abs=0.02)
+    assert 0.4 < r["mcnemar_p"] < 0.6  # 8 against 12 flips: no evidence of a difference
+    assert paired_ratio(80, 0, 12, 8)["mcnemar_p"] < 0.001  # 12 lost, none gained: a real loss
+    assert paired_ratio(100, 0, 0, 0)["ratio_ci95"][0] > 0.97  # n = 100 in full agreement clears 0.90
+    assert paired_ratio(0, 0, 0, 5)["ratio"] is None  # dense answered none: no ratio

@@ -159,6 +159,28 @@ def test_graph_ready_steps_match_eager_kernel_steps(tiny, prompt_len, plan_name)
 
 
 @needs_interpreter
+def test_a_decoder_made_under_inference_mode_steps_outside_it(tiny):
+    """``Engine.step`` makes a sequence's ``GraphDecoder`` under ``torch.inference_mode`` (its input tensors, like the
+    stores' buffers the forward makes, are inference tensors); stepped directly, outside inference mode, it writes
+    them in place all the same and gives the eager kernel path's logits (quantized heads settling groups)."""
+    plan = _plan(tiny.spec, PLANS["quantized"])
+    engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
+    prompt = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(6))
+    eager, ready = engine.new_cache(1, reserve=32), engine.new_cache(1, reserve=32)
+    engine.prefill(prompt, eager)
+    engine.prefill(prompt, ready)
+    with torch.inference_mode():
+        decoder = GraphDecoder(engine, ready, capture=False)
+    assert decoder.ids.is_inference()
+    tok = 7
+    for _ in range(20):
+        a = engine.forward(torch.tensor([[tok]]), eager)
+        torch.testing.assert_close(decoder.step(tok), a, atol=2e-5, rtol=1e-5)
+        tok = int(a[0].argmax())
+    assert ready.get_seq_length() == eager.get_seq_length() == 32
+
+
+@needs_interpreter
 def test_failed_capture_falls_back_to_eager(tiny, caplog):
     """A capture that fails (here: no CUDA at all) leaves the host-side counters as they were and the steps go on
     eagerly with a warning, giving the eager path's logits; under ``cuda_graphs=True`` it is a HeadwiseError."""

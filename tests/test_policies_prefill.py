@@ -214,3 +214,25 @@ def test_kernel_path_matches_reference_path_in_the_engine():
     ker = Engine(lm, plan, chunk_size=48, use_kernels=True).logits(ids).float()
     dense = Engine(lm, chunk_size=48, use_kernels=False).logits(ids).float()
     assert (ker - ref).abs().max().item() <= 0.05 + 0.1 * (ref - dense).abs().max().item()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("chunk,keys", [(97, 1025), (512, 4096), (1024, 8192)])
+def test_a_later_prompt_chunk_on_the_gpu_matches_the_masked_reference(chunk, keys):
+    """``causal_attention`` of a chunk after the first, in bf16 on a GPU, goes through a bottom-right CausalBias
+    (flash) instead of a boolean mask (SDPA's math path): it may err at most twice as much as the masked bf16 call
+    against the fp32 reference."""
+    import torch.nn.functional as F
+
+    from headwise.policies.base import causal_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, 32, chunk, 128, device="cuda", generator=g)
+    k, v = (torch.randn(1, 8, keys, 128, device="cuda", generator=g) for _ in range(2))
+    start, scale = keys - chunk, 128 ** -0.5
+    mask = torch.arange(keys, device="cuda")[None, :] <= torch.arange(start, keys, device="cuda")[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    masked = F.scaled_dot_product_attention(*bf, attn_mask=mask, scale=scale, enable_gqa=True)
+    out = causal_attention(*bf, start, scale)
+    assert (out.float() - ref).abs().max() <= 2 * (masked.float() - ref).abs().max() + 1e-6

@@ -117,6 +117,37 @@ def test_graph_steps_match_eager_steps(name, prefill):
             assert torch.equal(x, y)
 
 
+def test_replay_host_code_settles_a_residual_made_under_inference_mode():
+    """The engine prefills and runs the graph decoder's first step under ``torch.inference_mode`` (``Engine.forward``),
+    so the fixed residual is an inference tensor; the host code after the capture (``rewind``) and after each replay
+    (``advance``) may run outside it (``GraphDecoder.step`` called directly, another thread) and still quantizes the
+    groups leaving the residual and shifts the rest in place: the store an eager one is, token for token."""
+    policy, prefill, total = POLICIES["int8-g8-r3"], 9, 60
+    k_all, v_all = _tokens(total, seed=5)
+    eager, replay = (QuantizedStore(1, 2, D, torch.device("cpu"), torch.float32, policy) for _ in range(2))
+    for s in (eager, replay):
+        s.reserve(total)  # as ``Engine.new_cache(reserve=...)``: the codes are normal tensors
+    with torch.inference_mode():
+        for s in (eager, replay):
+            s.append(k_all[:, :, :prefill], v_all[:, :, :prefill])
+        eager.append(k_all[:, :, prefill : prefill + 1], v_all[:, :, prefill : prefill + 1])
+        replay.append_at(k_all[:, :, prefill : prefill + 1], v_all[:, :, prefill : prefill + 1],
+                         torch.tensor([prefill]))  # the first step, eager
+    assert replay.res_k.is_inference()
+    replay._captured, replay.length = True, replay.length + 1  # what the capture's host code leaves
+    replay.rewind(prefill + 1)
+    for t in range(prefill + 1, total):
+        k, v = k_all[:, :, t : t + 1], v_all[:, :, t : t + 1]
+        with torch.inference_mode():  # the replayed forward's write, then the eager store's step
+            _write(replay, k, v, torch.tensor([t]))
+            eager.append(k, v)
+        assert (replay.length + 1, replay.n_quant) == (eager.length, eager.n_quant)  # the token not yet counted
+        for x, y in zip(_held(replay, 1), _held(eager)):
+            assert torch.equal(x, y)
+        replay.advance(1)
+    assert eager.n_quant >= 5 * policy.group
+
+
 def test_append_at_refuses_a_reservation_too_short_for_the_fixed_residual():
     """Reserved for 40 tokens, a fixed residual of 47 rows would hold more than dense: the store says why (and
     ``graph_blocker_at`` says it for the cache), and stays usable eagerly."""

@@ -31,18 +31,26 @@ graph captured at
 
 A sequence longer than ``limit`` (or more rows than allocated) reallocates the buffers (``limit`` within 1/8 above
 the longest sequence, rows the padded size) and drops the graphs captured over the old ones. Capture is lazy: a
-size's first step runs eagerly (compiling the kernels), then is captured; all sizes share one graph memory pool.
+size's first step runs eagerly (compiling the kernels) on the capture stream (``warm_up_on_capture_stream``), then
+is captured on it; all sizes share one graph memory pool, and buffers reallocated start a fresh one (the caching
+allocator refuses to capture into a pool whose graphs are all gone while any block of it is still held: the
+``use_count > 0`` assert of ``CUDACachingAllocator``'s ``beginAllocateToPool``).
 
 Tested: tests/test_batch_graphs.py, on the CPU (fp32, the padded step run eagerly, with the plain-PyTorch reference
 and with ``batch_decode`` under TRITON_INTERPRET=1) against the eager batched step and each sequence alone, through
 joins, finishes and preemption (full + streaming plans, and Quest beside full heads); the pool's writes of a padded
-step checked slot by slot. Its GPU test (capture and replay against eager, fp32 and bf16, both plans) is written and
-has not run yet.
+step checked slot by slot; an aborted sequence's row given back outside inference mode. Its GPU tests (capture and
+replay against eager, fp32 and bf16, both plans; captures again after the buffers grow, with a dropped graph's
+logits still held) ran on an H200 on 2026-12-02 before the fresh pool per buffers and the warm-up on the capture
+stream: a capture after the buffers grew, into the old pool's handle, hit the allocator's assert (fp32, the first
+captures of the process) and the steps went on eagerly. Not yet rerun since.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -69,6 +77,50 @@ SIZES = (1, 2, 4, 8, 16, 32, 64, 128)  # padded batch sizes, as vLLM's capture s
 def padded_size(n: int, sizes: tuple[int, ...] = SIZES) -> int | None:
     """The smallest of ``sizes`` holding ``n`` rows (None: more than the largest)."""
     return next((s for s in sizes if s >= n), None)
+
+
+_CAPTURE_STREAMS: dict[int, torch.cuda.Stream] = {}  # device index -> the process's capture stream on it
+
+
+def capture_stream(device: torch.device) -> torch.cuda.Stream:
+    """The side stream CUDA-graph steps are warmed up and captured on: one per device for the process, so what a
+    stream's first kernels allocate for good (cuBLAS's workspace, kept per handle and stream) is allocated once, by
+    a warm-up, outside every graph's memory pool."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _CAPTURE_STREAMS.get(index)
+    if stream is None:
+        stream = _CAPTURE_STREAMS[index] = torch.cuda.Stream(device=index)
+    return stream
+
+
+@contextmanager
+def warm_up_on_capture_stream(device: torch.device) -> Iterator[None]:
+    """Run the block (a step's eager run before its capture) on ``capture_stream(device)``, after the current stream's
+    work and before its next (torch's warm-up before ``torch.cuda.graph``); a no-op off CUDA."""
+    if device.type != "cuda":
+        yield
+        return
+    main, side = torch.cuda.current_stream(device), capture_stream(device)
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        yield
+    main.wait_stream(side)
+
+
+def capture_graph(fn: Callable[[], torch.Tensor], device: torch.device, pool: tuple[int, int] | None = None,
+                  ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture ``fn`` on ``capture_stream(device)`` into ``pool`` (None: a pool of its own); returns the graph and
+    ``fn``'s output (the graph's output buffer). A failure raises with the caller's stream current again:
+    ``torch.cuda.graph`` leaves its capture stream current when ``capture_begin`` or ``capture_end`` raises."""
+    before = torch.cuda.current_stream(device)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph, pool=pool, stream=capture_stream(device)):
+            out = fn()
+    except BaseException:
+        torch.cuda.set_stream(before)
+        raise
+    return graph, out
 
 
 def padded_blockers(plan: HeadPlan, spec: ModelSpec, page_size: int) -> list[str]:
@@ -269,12 +321,17 @@ class BatchGraphs:
         self.engine, self.plan, self.capture, self.sizes = engine, plan, capture, sizes
         self.batch: PaddedBatch | None = None
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}  # size -> (graph, its logits)
-        self.mempool = torch.cuda.graph_pool_handle() if capture else None
+        self.mempool: tuple[int, int] | None = None  # the graphs' memory pool: made with the buffers they read
 
+    # The static buffers are made inside ``Engine.step`` (under torch.inference_mode, so they are inference tensors) and
+    # are written in place from the host: that too runs under inference mode, whichever thread calls (``Engine.abort``
+    # from the server's scheduler releases a sequence's row).
+    @torch.inference_mode()
     def forget(self, seq: Sequence) -> None:
         if self.batch is not None:
             self.batch.forget(seq)
 
+    @torch.inference_mode()
     def step(self, seqs: list[Sequence]) -> tuple[list[torch.Tensor], int, bool]:
         """Feed each sequence's next token (``generated[fed]``) at its position. Returns each sequence's next-token
         logits ``[vocab]`` (views of the step's output, valid until the next step), the padded size and whether the
@@ -288,10 +345,12 @@ class BatchGraphs:
         if replayed:
             graph, logits = self.graphs[size]
             graph.replay()
+        elif self.capture:
+            with warm_up_on_capture_stream(self.engine.lm.device):
+                logits = self.engine.forward_padded(self.batch, size)
+            self._capture(size)
         else:
             logits = self.engine.forward_padded(self.batch, size)
-            if self.capture:
-                self._capture(size)
         for s in seqs:
             assert s.cache is not None
             s.cache.advance(1)
@@ -310,15 +369,22 @@ class BatchGraphs:
         limit = max(-(-need // grain) * grain, b.limit if b is not None else 1)
         pool = self.engine.pool
         assert pool is not None
-        self.batch, self.graphs = None, {}  # the graphs read the old buffers
+        # The graphs read the old buffers: they go, and with them their pool. Its handle is not reused: once its
+        # graphs are gone the allocator only frees the pool (at the next capture's empty_cache), and refuses a capture
+        # into it while any block of it is still held (a dropped graph's logits a caller kept).
+        self.batch, self.graphs, self.mempool = None, {}, None
         self.batch = PaddedBatch(pool, self.plan, rows, limit, self.engine.lm.device, self.engine.kernels)
 
     def _capture(self, size: int) -> None:
-        assert self.batch is not None
+        """Capture the step at ``size`` (just run eagerly on the capture stream, its warm-up) into the buffers' pool.
+        A failure leaves no graph at ``size`` and the current stream as it was; no capture is tried after it."""
+        batch = self.batch
+        assert batch is not None
+        device = self.engine.lm.device
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.mempool):
-                logits = self.engine.forward_padded(self.batch, size)
+            if self.mempool is None:
+                self.mempool = torch.cuda.graph_pool_handle()
+            graph, logits = capture_graph(lambda: self.engine.forward_padded(batch, size), device, self.mempool)
         except Exception as exc:  # any capture failure: padded steps go on eagerly (or report) with the cause
             self.capture = False
             if self.engine.cuda_graphs:
@@ -328,4 +394,5 @@ class BatchGraphs:
         self.graphs[size] = (graph, logits)
 
 
-__all__ = ["SIZES", "BatchGraphs", "PaddedBatch", "padded_blockers", "padded_size"]
+__all__ = ["SIZES", "BatchGraphs", "PaddedBatch", "capture_graph", "capture_stream", "padded_blockers", "padded_size",
+           "warm_up_on_capture_stream"]

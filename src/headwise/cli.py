@@ -166,6 +166,26 @@ def _parse_params(text: str | None) -> dict[str, Any]:
     return out
 
 
+def _head(policy: str, params: str | None) -> dict[str, Any]:
+    """A plan's head entry: ``{"policy": ..., "params": {...}}`` from a policy name and ``key=value[,...]``."""
+    head: dict[str, Any] = {"policy": policy}
+    parsed = _parse_params(params)
+    if parsed:
+        head["params"] = parsed
+    return head
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    """The attention shape of ``args.model``: a random model's from its config alone (no weights built), any other
+    model's from loading it."""
+    from headwise import random_model
+    from headwise.spec import ModelSpec
+
+    if random_model.is_random(args.model):
+        return ModelSpec.from_config(random_model.config(args.model))
+    return load_from_args(args).spec
+
+
 def _plan_spec(plan: Any, model: str | None) -> Any:
     """The attention shape a plan's per-rank figures use: ``model``'s config (native sliding windows included),
     else the plan's own header (every layer global)."""
@@ -236,16 +256,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
             for i, row in enumerate(plan.policies()):
                 print(f"  layer {i:>3}: " + "  ".join(p.short() for p in row))
         return 0
-    lm = load_from_args(args)
-    spec: ModelSpec = lm.spec
+    spec: ModelSpec = _model_spec(args)
     if args.plan_cmd == "dense":
-        plan = HeadPlan.dense(spec, lm.name)
+        plan = HeadPlan.dense(spec, args.model)
+    elif args.plan_cmd == "split":
+        plan = HeadPlan.split(spec, args.share, _head(args.first, args.first_params), _head(args.rest, args.rest_params),
+                              args.model, created_by="headwise plan split")
     else:
-        head: dict[str, Any] = {"policy": args.policy}
-        params = _parse_params(args.params)
-        if params:
-            head["params"] = params
-        plan = HeadPlan.uniform(spec, head, lm.name, created_by="headwise plan uniform")
+        plan = HeadPlan.uniform(spec, _head(args.policy, args.params), args.model, created_by="headwise plan uniform")
     path = plan.save(args.output)
     at = args.at or min(spec.max_context or 4096, 4096)
     print(f"wrote {path}: {plan.summary(spec, at)}")
@@ -305,6 +323,17 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(q)
     q.add_argument("--policy", required=True)
     q.add_argument("--params", help="key=value[,key=value] (JSON values)")
+    q.add_argument("-o", "--output", required=True)
+    q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
+    q.set_defaults(func=cmd_plan)
+    q = psub.add_parser("split", help="in every layer, a share of the KV heads one policy, the rest another (e.g. 25%% "
+                                      "full heads with vertical-slash prefill + 75%% streaming)")
+    add_model_args(q)
+    q.add_argument("--share", type=float, required=True, help="share of each layer's KV heads taking --first (0..1)")
+    q.add_argument("--first", required=True, help="policy of the first heads of each layer")
+    q.add_argument("--first-params", help="key=value[,key=value] (JSON values)")
+    q.add_argument("--rest", required=True, help="policy of the other heads")
+    q.add_argument("--rest-params", help="key=value[,key=value] (JSON values)")
     q.add_argument("-o", "--output", required=True)
     q.add_argument("--at", type=int, default=None, help="sequence length for the KV summary")
     q.set_defaults(func=cmd_plan)

@@ -31,7 +31,14 @@ from typing import Any, TypeVar
 import torch
 
 from headwise import attention as _attention  # registers the "headwise" attention implementation
-from headwise.batch_graphs import BatchGraphs, PaddedBatch, padded_blockers, padded_size
+from headwise.batch_graphs import (
+    BatchGraphs,
+    PaddedBatch,
+    capture_graph,
+    padded_blockers,
+    padded_size,
+    warm_up_on_capture_stream,
+)
 from headwise.cache import HeadwiseCache
 from headwise.errors import BudgetError, ContextLengthError, HeadwiseError, InputError
 from headwise.models import LoadedModel
@@ -683,6 +690,10 @@ class GraphDecoder:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits: torch.Tensor | None = None
 
+    # The whole step runs under inference mode, as ``Engine.forward`` does: the host code between replays writes in
+    # place tensors the forward made (the quantized store's residual, settled in ``advance``; ``ids`` and ``position``
+    # when ``Engine.step`` made the decoder), which outside inference mode is an error.
+    @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         """Feed ``token_id`` at the cache's next position; returns its logits ``[1, vocab]``, valid until the
         next step (a graph's output buffer)."""
@@ -698,19 +709,23 @@ class GraphDecoder:
             cache.advance(1)
             assert self.logits is not None
             return self.logits
-        logits = self.engine.forward(self.ids, cache, position=self.position)
-        if self.capture:
-            self._capture()
+        if not self.capture:
+            return self.engine.forward(self.ids, cache, position=self.position)
+        with warm_up_on_capture_stream(self.engine.lm.device):  # the eager step is the capture's warm-up
+            logits = self.engine.forward(self.ids, cache, position=self.position)
+        self._capture()
         return logits
 
     def _capture(self) -> None:
+        """Capture the step just run (its warm-up) in a graph with a memory pool of its own. A failure leaves no
+        graph, the host-side counters and the current stream as they were; the steps go on eagerly."""
         cache = self.cache
         saved = cache.host_counters()
         try:
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits = self.engine.forward(self.ids, cache, position=self.position)
+            graph, self.logits = capture_graph(lambda: self.engine.forward(self.ids, cache, position=self.position),
+                                               self.engine.lm.device)
         except Exception as exc:  # any capture failure: fall back (or report) with the cause
+            self.logits = None
             cache.restore_host_counters(saved)
             self.capture = False
             if self.engine.cuda_graphs:

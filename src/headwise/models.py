@@ -28,6 +28,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 import torch
 
+from headwise import random_model
 from headwise.errors import ModelLoadError
 from headwise.spec import SUPPORTED_ARCHITECTURES, ModelSpec
 
@@ -231,9 +232,12 @@ HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.tiktoken", "*.txt"]
 
 
 def resolve_source(name_or_path: str) -> tuple[str, Path | None]:
-    """Return (kind, path): kind is 'bundled', 'gguf', 'dir' or 'hub' (path None for 'bundled' and 'hub')."""
+    """Return (kind, path): kind is 'bundled', 'gguf', 'dir', 'hub' or 'random' (path None for 'bundled', 'hub' and
+    'random': ``random_model.py``'s configs with random weights)."""
     if name_or_path in BUNDLED:
         return "bundled", None
+    if random_model.is_random(name_or_path):
+        return "random", None
     p = Path(name_or_path).expanduser()
     if p.suffix == ".gguf":
         return "gguf", p
@@ -271,6 +275,9 @@ def local_dir(name_or_path: str) -> tuple[Path, str]:
     """A Hugging Face directory holding the model ``name_or_path`` names, and its source: a GGUF file's converted
     cache (made now if missing), a local directory, or a hub snapshot. What a sharded load reads (``tp.py``)."""
     kind, path = resolve_source(name_or_path)
+    if kind == "random":
+        raise ModelLoadError(f"'{name_or_path}' is built from a config in this process and has no model directory "
+                             "(what tensor parallelism and kvpress read); run it on one device")
     if kind in ("bundled", "gguf"):
         gguf = BUNDLED[name_or_path].locate() if kind == "bundled" else path
         assert gguf is not None
@@ -305,12 +312,15 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
 def load_model(
     name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | str | None = None
 ) -> LoadedModel:
-    """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id, on
-    ``device`` (default: CUDA if available) in ``dtype`` (default: ``default_dtype(device)``)."""
+    """Load a causal LM by bundled short name, ``.gguf`` path, local Hugging Face directory or hub id, or build one
+    with random weights (``random:PRESET``, no tokenizer: ``random_model.py``), on ``device`` (default: CUDA if
+    available) in ``dtype`` (default: ``default_dtype(device)``)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = parse_dtype(dtype) or default_dtype(device)
     kind, path = resolve_source(name_or_path)
-    if kind == "bundled":
+    if kind == "random":
+        model, tok, source = random_model.build(name_or_path, device, dtype), None, "random weights"
+    elif kind == "bundled":
         path = BUNDLED[name_or_path].locate()
         model, tok, source = _load_gguf(path, dtype, device)
     elif kind == "gguf":

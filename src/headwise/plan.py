@@ -82,6 +82,26 @@ class HeadPlan:
         return cls.uniform(spec, {"policy": "full"}, name, created_by="headwise plan dense")
 
     @classmethod
+    def split(cls, spec: ModelSpec, share: float, first: dict[str, Any], rest: dict[str, Any], name: str = "",
+              **meta: Any) -> HeadPlan:
+        """In every layer, the first ``round(share * num_kv_heads)`` KV heads take ``first`` and the others ``rest``
+        (a DuoAttention-shaped plan without profiling: which heads are full does not change a speed measurement)."""
+        if not 0.0 <= share <= 1.0:
+            raise PlanError(f"the share of heads taking the first policy must be within 0..1, got {share}")
+        n = round(share * spec.num_kv_heads)
+        if 0.0 < share < 1.0 and n in (0, spec.num_kv_heads):
+            raise PlanError(f"a share of {share} of {spec.num_kv_heads} KV heads per layer rounds to {n}: every head "
+                            "would take one policy; give a share that is at least one head and leaves one")
+        build_policy(first)
+        build_policy(rest)
+        row = [first] * n + [rest] * (spec.num_kv_heads - n)
+        layers = [[json.loads(json.dumps(h)) for h in row] for _ in range(spec.num_layers)]
+        model = dict(spec.fingerprint())
+        if name:
+            model["name"] = name
+        return cls(model, layers, dict(meta))
+
+    @classmethod
     def from_policies(cls, spec: ModelSpec, policies: list[list[Policy]], name: str = "", **meta: Any) -> HeadPlan:
         layers = [[p.to_spec() for p in row] for row in policies]
         model = dict(spec.fingerprint())

@@ -1,20 +1,30 @@
 """``headwise bench serve``: an offered-load benchmark of the serving engine, in-process and over HTTP.
 
-``N`` requests of ``prompt_len`` random token ids (a fixed seed), each generating exactly ``output_len`` tokens
+``N`` requests of ``prompt_len`` random token ids (a fixed seed), or a ``mix`` of groups of several prompt lengths
+(``--mix 64x32768,16x131072``: the groups arrive in that order), each generating exactly ``output_len`` tokens
 (EOS ignored, as vLLM's ``benchmark_serving --ignore-eos``), arrive as a Poisson process of ``rate`` requests per
 second (``inf``: all at once). Two drivers, same requests:
 
 - ``in-process``: ``Engine.add`` at each arrival time and ``Engine.step`` in a loop (the engine alone);
 - ``http``: ``headwise serve``'s app on a loopback port, one streaming client thread per request
-  (``/v1/completions`` with the token ids as the prompt): the engine + scheduler + HTTP + SSE.
+  (``/v1/completions`` with the token ids as the prompt): the engine + scheduler + HTTP + SSE. It needs the
+  model's tokenizer (the first token is seen as text), so models without one (``random:...``) skip it.
 
 Reported per driver: output tokens/s and requests/s over the wall time from the first arrival to the last token,
 time to first token (mean, p50, p99, from the request's arrival), time per output token after the first
-(mean, p50, p99), peak concurrency (sequences live at once) and, in-process, the peak KV bytes held (under
+(mean, p50, p99), peak concurrency (in-process: the sequences that ran in one step, holding a cache, not those
+offered and waiting for pages; HTTP: the scheduler's running peak) and, in-process, the peak KV bytes held (under
 ``--kv-memory``: pages held x page bytes), the preemptions, and the steps that only decoded: how many, how many
 were replayed from a CUDA graph, and their wall time (mean, p50, p99 in ms; ``--cuda-graphs off`` for the eager
-batched step). ``--kv-memory GB|N%`` gives each driver a page pool
-of that size (``pool.KVMemory``), the same one ``headwise serve --kv-memory`` builds.
+batched step); with a mix, per prompt length too (``by_prompt_len``: tokens/s over the time to the group's last
+token). ``--kv-memory GB|N%`` gives each driver a page pool of that size (``pool.KVMemory``), the same one
+``headwise serve --kv-memory`` builds.
+
+``--max-seconds S`` stops the drivers S seconds after the command started (model building included): the
+in-process results then cover what was measured (requests finished, tokens generated so far, TTFT of those that
+got a first token, peaks) and say ``"partial": true``, so a run on a time-limited machine always leaves its JSON.
+``--progress-s`` prints a progress line that often. ``--plan`` also takes the presets of ``PLAN_PRESETS``
+(``duo25``, ``duo25-vs``), built for the model's shape with ``HeadPlan.split``.
 """
 
 from __future__ import annotations
@@ -24,13 +34,46 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from headwise.engine import Engine, SamplingParams
 from headwise.errors import InputError
+
+# Streaming heads as DuoAttention's (sink 64 + window 256): in chunked prefill their pattern is DuoAttention's
+# A-shape, token-exact (``policies/streaming.py``). The full heads keep every token; in ``duo25-vs`` their prefill
+# is MInference's vertical-slash (``policies/vertical_slash.py``, default budgets), decoding ``full``.
+_STREAMING = {"policy": "streaming", "params": {"sink": 64, "window": 256}}
+PLAN_PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
+    "duo25": ("25% full (dense prefill) + 75% streaming (sink 64 + window 256, A-shape prefill)",
+              {"policy": "full"}, _STREAMING),
+    "duo25-vs": ("25% full (vertical-slash prefill) + 75% streaming (sink 64 + window 256, A-shape prefill)",
+                 {"policy": "vertical_slash"}, _STREAMING),
+}
+
+
+def preset_plan(name: str, spec: Any) -> Any:
+    """The ``PLAN_PRESETS`` plan ``name`` for ``spec``: in every layer, a quarter of the KV heads the first policy."""
+    from headwise.plan import HeadPlan
+
+    what, first, rest = PLAN_PRESETS[name]
+    return HeadPlan.split(spec, 0.25, first, rest, name, created_by=f"headwise bench serve --plan {name}: {what}")
+
+
+def parse_mix(text: str) -> tuple[tuple[int, int], ...]:
+    """``"64x32768,16x131072"`` -> ``((64, 32768), (16, 131072))``: (requests, prompt tokens) per group."""
+    groups = []
+    for item in text.split(","):
+        count, _, length = item.strip().lower().partition("x")
+        if not (count.isdigit() and length.isdigit() and int(count) > 0 and int(length) > 0):
+            raise InputError(f"--mix takes COUNTxPROMPT_LEN[,COUNTxPROMPT_LEN...], e.g. 64x32768,16x131072; "
+                             f"got {item.strip()!r}")
+        groups.append((int(count), int(length)))
+    return tuple(groups)
 
 
 @dataclass
@@ -40,11 +83,24 @@ class Load:
     output_len: int = 32
     rate: float = math.inf  # requests per second; inf: all at once
     seed: int = 0
+    mix: tuple[tuple[int, int], ...] = ()
+    """(requests, prompt tokens) per group, arriving in this order; empty: ``requests`` x ``prompt_len``. Given,
+    it sets ``requests`` to the total."""
+
+    def __post_init__(self) -> None:
+        if self.mix:
+            self.requests = sum(n for n, _ in self.mix)
+
+    def groups(self) -> tuple[tuple[int, int], ...]:
+        return self.mix or ((self.requests, self.prompt_len),)
+
+    def prompt_lens(self) -> list[int]:
+        return [length for n, length in self.groups() for _ in range(n)]
 
     def prompts(self, vocab: int) -> list[list[int]]:
         gen = torch.Generator().manual_seed(self.seed)
         # Ids from the ordinary vocabulary (the first ids of most tokenizers are specials).
-        return torch.randint(256, vocab, (self.requests, self.prompt_len), generator=gen).tolist()
+        return [p for n, length in self.groups() for p in torch.randint(256, vocab, (n, length), generator=gen).tolist()]
 
     def arrivals(self) -> list[float]:
         """Seconds from the start at which each request arrives (exponential gaps; all 0 at rate inf)."""
@@ -53,6 +109,13 @@ class Load:
         gen = torch.Generator().manual_seed(self.seed + 1)
         gaps = torch.empty(self.requests).exponential_(self.rate, generator=gen)
         return torch.cumsum(gaps, 0).sub(gaps[0]).tolist()
+
+    def describe(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"requests": self.requests, "output_len": self.output_len,
+                               "rate": "inf" if math.isinf(self.rate) else self.rate, "seed": self.seed}
+        if self.mix:
+            return {"mix": [{"requests": n, "prompt_len": length} for n, length in self.mix]} | out
+        return {"prompt_len": self.prompt_len} | out
 
 
 def _vocab(engine: Engine) -> int:
@@ -73,40 +136,93 @@ def _summary(load: Load, wall: float, ttft: list[float], tpot: list[float], toke
             "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot), "peak_concurrency": peak}
 
 
-def run_in_process(engine: Engine, load: Load) -> dict[str, Any]:
-    """Drive ``engine`` directly: add each request at its arrival time, step until every one has finished."""
-    prompts, arrivals = load.prompts(_vocab(engine)), load.arrivals()
+def _figures(seqs: list[Any], load: Load, t0: float, stop: float, partial: bool) -> dict[str, Any]:
+    """Requests, finished, output tokens and tokens/s, TTFT and TPOT of ``seqs`` (unfinished ones included: their
+    tokens so far, their TTFT if they got a first token). Tokens/s over the time from ``t0`` to their last token
+    (to ``stop`` in a partial run)."""
+    done = [s for s in seqs if s.finished and s.error is None and s.finish_reason != "abort"]  # abort: --max-seconds
+    ttft = [s.first_token_at - s.arrived for s in seqs if s.first_token_at is not None]
+    tpot = [(s.finished_at - s.first_token_at) / (load.output_len - 1) for s in done if load.output_len > 1]
+    tokens = sum(len(s.generated) for s in seqs)
+    wall = (stop if partial or not done else max(s.finished_at for s in done)) - t0
+    return {"requests": len(seqs), "finished": len(done), "first_tokens": len(ttft), "output_tokens": tokens,
+            "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 3) if wall > 0 else 0.0,
+            "requests_per_s": round(len(done) / wall, 4) if wall > 0 else 0.0,
+            "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot)}
+
+
+def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
+                   log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Drive ``engine`` directly: add each request at its arrival time, step until every one has finished, or until
+    ``time.perf_counter()`` passes ``deadline``: then the live sequences are aborted and the results, marked
+    ``partial``, cover what was measured. Every ``progress_s`` seconds (0: never) a progress line goes to ``log``."""
+    prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
-    seqs: list[Any] = [None] * load.requests
+    pool = engine.pool
+    seqs: list[Any] = []
     t0 = time.perf_counter()
-    nxt, peak, peak_kv, preempted = 0, 0, 0, 0
+    peak, peak_kv, preempted, prefilled, steps, graph_steps = 0, 0, 0, 0, 0, 0
     decode_ms: list[float] = []  # steps that only decoded
-    graph_steps = 0
-    while nxt < load.requests or engine.live:
-        now = time.perf_counter() - t0
-        while nxt < load.requests and arrivals[nxt] <= now:
-            seqs[nxt] = engine.add(prompts[nxt], params)
-            seqs[nxt].arrived = t0 + arrivals[nxt]
-            nxt += 1
+    partial = False
+    next_log = t0 + progress_s
+
+    def progress(clock: float) -> str:
+        tokens = sum(len(s.generated) for s in seqs)
+        return (f"[{clock - t0:8.1f} s] {sum(s.finished for s in seqs)}/{load.requests} finished, "
+                f"{len(engine.live)} live, {steps} steps, {prefilled} prompt tokens read, {tokens} output tokens "
+                f"({tokens / max(clock - t0, 1e-9):.1f}/s), peak concurrency {peak}, peak KV {peak_kv / 1e9:.2f} GB, "
+                f"{preempted} preemptions")
+
+    while len(seqs) < load.requests or engine.live:
+        clock = time.perf_counter()
+        if deadline is not None and clock >= deadline:
+            partial = True
+            break
+        if progress_s > 0 and clock >= next_log:
+            log(progress(clock))
+            next_log = clock + progress_s
+        while len(seqs) < load.requests and arrivals[len(seqs)] <= clock - t0:
+            seq = engine.add(prompts[len(seqs)], params)
+            seq.arrived = t0 + arrivals[len(seqs)]
+            seqs.append(seq)
         if not engine.live:
-            time.sleep(max(0.0, arrivals[nxt] - now))
+            wake = t0 + arrivals[len(seqs)]
+            time.sleep(max(0.0, min(wake, deadline if deadline is not None else wake) - clock))
             continue
-        peak = max(peak, len(engine.live))
         info = engine.step()
+        steps += 1
+        prefilled += info.prefill_tokens
+        # Ran in this step: the live sequences holding a cache, and those that finished in it.
+        peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
         if info.decode_rows and not info.prefill_tokens:
             decode_ms.append(1e3 * info.seconds)
             graph_steps += info.graph
         preempted += info.preempted
-        peak_kv = max(peak_kv, sum(s.kv_bytes for s in engine.live) + sum(s.stats.kv_bytes for s in info.finished))
-    end = max(s.finished_at for s in seqs)
-    bad = [s.id for s in seqs if s.error is not None or len(s.generated) != load.output_len]
-    if bad:
-        raise InputError(f"requests {bad} did not generate {load.output_len} tokens")
-    ttft = [s.first_token_at - s.arrived for s in seqs]
-    tpot = [(s.finished_at - s.first_token_at) / (load.output_len - 1) for s in seqs if load.output_len > 1]
-    out = _summary(load, end - t0, ttft, tpot, sum(len(s.generated) for s in seqs), peak)
-    out |= {"peak_kv_bytes": peak_kv, "preemptions": preempted, "decode_only_steps": len(decode_ms),
-            "decode_only_graph_steps": graph_steps, "decode_only_step_ms": _quantiles(decode_ms)}
+        # What the live sequences hold, plus what those that finished in the step held. Under a pool, the pages
+        # taken (only sequences hold pages): O(1) rather than a walk over every sequence's page lists each step.
+        held = ((pool.num_pages - pool.free_pages) * pool.page_bytes if pool is not None
+                else sum(s.kv_bytes for s in engine.live))
+        peak_kv = max(peak_kv, held + sum(s.stats.kv_bytes for s in info.finished))
+    stop = time.perf_counter()
+    if partial:
+        line = progress(stop)
+        for s in list(engine.live):
+            engine.abort(s)
+        log(line + "; stopped at --max-seconds")
+    else:
+        bad = [s.id for s in seqs if s.error is not None or len(s.generated) != load.output_len]
+        if bad:
+            raise InputError(f"requests {bad} did not generate {load.output_len} tokens")
+    out = {"requests": load.requests} | _figures(seqs, load, t0, stop, partial)
+    out |= {"partial": partial, "added": len(seqs), "peak_concurrency": peak, "steps": steps,
+            "prompt_tokens_read": prefilled, "peak_kv_bytes": peak_kv, "preemptions": preempted,
+            "decode_only_steps": len(decode_ms), "decode_only_graph_steps": graph_steps,
+            "decode_only_step_ms": _quantiles(decode_ms)}
+    if len(load.groups()) > 1:
+        out["by_prompt_len"] = {str(length): _figures([s for s, n in zip(seqs, lens, strict=False) if n == length],
+                                                      load, t0, stop, partial)
+                                for length in dict.fromkeys(n for _, n in load.groups())}
     return out
 
 
@@ -163,54 +279,93 @@ def run(args: Any) -> dict[str, Any] | None:
     from headwise import tp
     from headwise.plan import HeadPlan
 
+    started = time.perf_counter()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     modes = [m.strip() for m in args.mode.split(",") if m.strip()]
     unknown = sorted(set(modes) - {"in-process", "http"})
     if unknown:
         raise InputError(f"unknown --mode {', '.join(unknown)}; choose from in-process, http")
-    given = HeadPlan.load(args.plan) if args.plan != "dense" else None
+    if args.plan not in ("dense", *PLAN_PRESETS) and not Path(args.plan).is_file():
+        raise InputError(f"--plan {args.plan}: no such file; give dense, a preset ({', '.join(PLAN_PRESETS)}) or a "
+                         "plan JSON")
+    given = HeadPlan.load(args.plan) if args.plan not in ("dense", *PLAN_PRESETS) else None
     with tp.loaded(args, given) as lm:
         if lm is None:
             return None
-        return _run(args, lm, modes, given or HeadPlan.dense(lm.spec, lm.name))
+        if args.plan in PLAN_PRESETS:
+            given = preset_plan(args.plan, lm.spec)
+        deadline = started + args.max_seconds if args.max_seconds is not None else None
+        return _run(args, lm, modes, given or HeadPlan.dense(lm.spec, lm.name), deadline)
 
 
-def _run(args: Any, lm: Any, modes: list[str], plan: Any) -> dict[str, Any]:
+def _warm_up(engine: Engine, load: Load) -> float:
+    """One request through ``engine`` before the measurement (kernels compiled, CUDA graphs of batch 1 captured, the
+    allocator grown): a prompt of two chunks and a bit, as long as the load's shortest. Returns its seconds."""
+    t0 = time.perf_counter()
+    n = min(2 * engine.chunk_size + 1, min(length for _, length in load.groups()))
+    ids = torch.randint(256, _vocab(engine), (n,), generator=torch.Generator().manual_seed(load.seed + 2)).tolist()
+    for _ in engine.generate(ids, SamplingParams(max_new_tokens=min(load.output_len, 4), stop_token_ids=[])):
+        pass
+    return time.perf_counter() - t0
+
+
+def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None = None) -> dict[str, Any]:
     from headwise.pool import KVMemory
 
-    load = Load(args.requests, args.prompt_len, args.output_len, args.rate, args.seed)
-    results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "load": {
-        "requests": load.requests, "prompt_len": load.prompt_len, "output_len": load.output_len,
-        "rate": "inf" if math.isinf(load.rate) else load.rate, "seed": load.seed},
-        "chunk_size": args.chunk_size, "max_batch": args.max_batch, "cuda_graphs": args.cuda_graphs, "torch_threads": torch.get_num_threads(),
-        "tp": args.tp, "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order)}
+    mix = parse_mix(args.mix) if args.mix else ()
+    load = Load(args.requests, args.prompt_len, args.output_len, args.rate, args.seed, mix)
+    if "http" in modes and lm.tokenizer is None:
+        print(f"skipping --mode http: {args.model} has no tokenizer (the HTTP driver sees the first token as text); "
+              "the in-process driver runs alone", flush=True)
+        modes = [m for m in modes if m != "http"]
+    results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "plan_name": args.plan,
+                               "plan_summary": plan.summary(lm.spec, max(n for _, n in load.groups())),
+                               "load": load.describe(), "chunk_size": args.chunk_size, "max_batch": args.max_batch,
+                               "cuda_graphs": args.cuda_graphs, "torch_threads": torch.get_num_threads(),
+                               "tp": args.tp,
+                               "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order),
+                               "max_seconds": args.max_seconds}
     kv_memory = KVMemory.parse(args.kv_memory) if args.kv_memory else None
     for mode in modes:
         # Each driver gets a fresh pool of the same size: the same memory, in-process and over HTTP.
         pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
         graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
         engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, cuda_graphs=graphs)
+        warm = _warm_up(engine, load) if args.warmup else None
         if mode == "in-process":
-            results[mode] = run_in_process(engine, load)
+            results[mode] = run_in_process(engine, load, deadline, args.progress_s,
+                                           lambda line: print(line, flush=True))
         else:
             budget = pool.num_pages * pool.page_bytes if pool is not None else 8 << 30
             results[mode] = run_http(engine, load, args.max_batch, budget, args.model)
+        if warm is not None:
+            results[mode]["warmup_s"] = round(warm, 3)
         if pool is not None:
             results[mode] |= {"pool_pages": pool.num_pages, "page_bytes": pool.page_bytes}
         print(f"{mode}: {json.dumps(results[mode])}", flush=True)
+        del engine, pool
+        if lm.device.type == "cuda":
+            torch.cuda.empty_cache()
     results["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine is noisy: say how busy
     return results
 
 
 def add_arguments(p: Any) -> None:
     g = p.add_argument_group("serve (headwise bench serve MODEL)")
-    g.add_argument("--model", default="smollm2-135m", help="model to serve (default smollm2-135m)")
-    g.add_argument("--plan", default="dense", help="plan JSON file, or 'dense' (default)")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="model to serve (default smollm2-135m); random:llama-3-8b[,layers=N] builds one from a config "
+                        "with random weights (random_model.py)")
+    g.add_argument("--plan", default="dense",
+                   help=f"plan JSON file, 'dense' (default) or a preset: {', '.join(PLAN_PRESETS)} "
+                        "(25%% of each layer's KV heads full, the rest streaming)")
     g.add_argument("--device", default=None)
     g.add_argument("--dtype", default=None, help="float32 (default on CPU), bfloat16, float16")
     g.add_argument("--requests", type=int, default=16)
     g.add_argument("--prompt-len", type=int, default=128)
+    g.add_argument("--mix", default=None, metavar="NxLEN[,NxLEN...]",
+                   help="groups of requests of several prompt lengths, arriving in this order (e.g. "
+                        "64x32768,16x131072); replaces --requests and --prompt-len")
     g.add_argument("--output-len", type=int, default=32)
     g.add_argument("--rate", type=float, default=math.inf, help="arrivals per second (default inf: all at once)")
     g.add_argument("--seed", type=int, default=0)
@@ -224,3 +379,10 @@ def add_arguments(p: Any) -> None:
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="decode steps from CUDA graphs: a lone request's, and under --kv-memory the batch's at padded "
                         "sizes (auto: where allowed; off: eager batched steps, to compare)")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="stop the in-process driver this many seconds after the command started and record what was "
+                        "measured, marked partial (default: run to the end)")
+    g.add_argument("--progress-s", type=float, default=0.0,
+                   help="print an in-process progress line every this many seconds (default 0: none)")
+    g.add_argument("--warmup", action="store_true",
+                   help="run one short request through each driver's engine before measuring (kernels compiled)")

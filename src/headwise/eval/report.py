@@ -16,7 +16,7 @@ from typing import Any
 
 import matplotlib
 
-from headwise.eval.scoring import wilson
+from headwise.eval.scoring import paired_ratio, wilson
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -80,20 +80,24 @@ def retention(results: dict[str, Any], reference: str = "dense") -> list[dict[st
     def sample(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["task"], r["length"], r["depth"], r["seed"], r["idx"]
 
-    ref = {sample(r) for r in rows if r["plan"] == reference and r["score"] >= 1.0}
-    kept: dict[tuple[str, str, int], list[bool]] = defaultdict(list)
+    ref = {sample(r): r["score"] >= 1.0 for r in rows if r["plan"] == reference}
+    pairs: dict[tuple[str, str, int], list[tuple[bool, bool]]] = defaultdict(list)  # (plan right, reference right)
     for r in rows:
         if r["plan"] != reference and sample(r) in ref:
-            kept[(r["plan"], r["task"], r["length"])].append(r["score"] >= 1.0)
+            pairs[(r["plan"], r["task"], r["length"])].append((r["score"] >= 1.0, ref[sample(r)]))
     out = []
     for plan in _plans(results):
         for task in _gen_tasks(results):
             for L in results["lengths"]:
-                got = kept.get((plan, task, L))
+                got = [mine for mine, theirs in pairs.get((plan, task, L), []) if theirs]
                 if got:
                     p = sum(got) / len(got)
+                    both = pairs[(plan, task, L)]
+                    ratio = paired_ratio(sum(m and t for m, t in both), sum(m and not t for m, t in both),
+                                         sum(t and not m for m, t in both), sum(not (m or t) for m, t in both))
                     out.append({"plan": plan, "task": task, "length": L, "kept": sum(got), "n": len(got),
-                                "share": round(p, 4), "ci95": [round(x, 4) for x in wilson(p, len(got))]})
+                                "share": round(p, 4), "ci95": [round(x, 4) for x in wilson(p, len(got))],
+                                "accuracy_ratio": ratio})
     return out
 
 
@@ -107,6 +111,24 @@ def retention_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]
         if any((p, t, L) in got for t, L in cols):
             rows.append([p] + [(lambda r: f"{r['kept']}/{r['n']} [{_pct(r['ci95'][0])}-{_pct(r['ci95'][1])}]")(
                 got[(p, t, L)]) if (p, t, L) in got else "-" for t, L in cols])
+    return header, rows
+
+
+def ratio_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """One row per plan, one column per task × length: the plan's accuracy as a share of dense's on the same prompts,
+    ``ratio [lo-hi] -lost/+gained`` (``scoring.paired_ratio``: Bonett-Price 95% interval; flips either way)."""
+    got = {(r["plan"], r["task"], r["length"]): r["accuracy_ratio"] for r in retention(results)}
+    cols = [(t, L) for t in _gen_tasks(results) for L in results["lengths"]]
+    header = ["plan"] + [f"{t} {_len(L)}" for t, L in cols]
+
+    def cell(r: dict[str, Any]) -> str:
+        if r["ratio"] is None:
+            return "-"
+        lo, hi = r["ratio_ci95"]
+        return f"{r['ratio']:.2f} [{lo:.2f}-{hi:.2f}] -{r['only_ref']}/+{r['only_plan']}"
+
+    rows = [[p] + [cell(got[(p, t, L)]) if (p, t, L) in got else "-" for t, L in cols]
+            for p in _plans(results) if any((p, t, L) in got for t, L in cols)]
     return header, rows
 
 
@@ -162,7 +184,9 @@ def terminal_report(results: dict[str, Any]) -> str:
         kept = retention_table(results)
         if kept[1]:
             parts += ["", "kept of dense (samples dense answers fully that the plan answers too, Wilson 95%)",
-                      format_table(*kept)]
+                      format_table(*kept), "",
+                      "accuracy / dense's on the same samples (Bonett-Price 95%; -lost/+gained samples)",
+                      format_table(*ratio_table(results))]
         parts += ["", "memory and speed (mean over samples)", format_table(*performance_table(results))]
     if results.get("fidelity"):
         parts += ["", "fidelity to dense (Shakespeare)", format_table(*fidelity_table(results))]
@@ -293,6 +317,10 @@ def html_report(results: dict[str, Any], heatmap: Path | None, memory_plot: Path
             "<p>Paired sample by sample: of the samples dense answers fully, how many the plan answers fully too "
             "(Wilson 95% interval in %).</p>",
             _html_table(*retention_table(results)),
+            "<h2>Accuracy as a share of dense's</h2>",
+            "<p>On the same samples: the plan's accuracy over dense's, with the Bonett-Price 95% interval for a ratio "
+            "of paired proportions, and the samples only dense answers (-) and only the plan answers (+).</p>",
+            _html_table(*ratio_table(results)),
             "<h2>Memory and speed</h2>",
             "<p>KV bytes are what the cache really holds after prefill and decode (GenerationStats), "
             "averaged over samples.</p>",

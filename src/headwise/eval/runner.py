@@ -10,7 +10,7 @@ Plan specs (``--plans``, comma-separated):
 - ``streaming@equal`` / ``streaming@F``: StreamingLLM on every KV head, all heads holding the same number of
   tokens (``streaming_baseline``), chosen per length so the KV token slots held at that length equal those of
   the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``).
-- ``random@equal``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
+- ``random@equal`` / ``random@equal:SEED``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
   global layers and within native sliding layers apart), so it holds exactly the same KV at every length and
   differs only in *which* heads keep what: the test of whether the profiler found the heads that matter.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
@@ -168,7 +168,7 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
     return plan
 
 
-_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal")
+_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal(?::[0-9]+)?")
 _LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
 _OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
@@ -221,7 +221,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
         elif item != "dense" and not any(r.fullmatch(item) for r in (_BASELINE, _LONGHEADS, _OFFLOAD)):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
-                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal, longheads, "
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal[:SEED], longheads, "
                 "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
             )
 
@@ -253,11 +253,13 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                 head["params"] = {"top_k": int(off_match.group(1))}
             off = HeadPlan.uniform(spec, head, lm.name, created_by=f"headwise eval {item}")
             entries.append(PlanEntry(item, f"RetrievalAttention on every head, {item}", lambda _L, p=off: p))
-        elif item == "random@equal":
+        elif item.startswith("random@equal"):
             if reference is None:
                 raise InputError("random@equal deals a plan file's policies to random heads: list a plan file in --plans")
-            rnd = random_baseline(spec, files[reference], lm.name)
-            entries.append(PlanEntry(item, f"{reference}'s policies on random heads", lambda _L, p=rnd: p))
+            seed = int(item.partition(":")[2] or 0)  # random@equal:SEED, another draw (one draw is a lottery)
+            rnd = random_baseline(spec, files[reference], lm.name, seed)
+            entries.append(PlanEntry(item, f"{reference}'s policies on random heads (draw {seed})",
+                                     lambda _L, p=rnd: p))
         elif m:
             kind, amount = m.groups()
             if amount == "equal":

@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from headwise.errors import PlanError
 
@@ -212,6 +213,13 @@ def causal_attention(
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if L == 1:
         return decode_sdpa(q, k, v, scale)
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and L + q_start == S:
+        # A prompt chunk after the first on a GPU. As a boolean mask, this causal pattern keeps SDPA off flash (no
+        # masks) and, with GQA, off the efficient kernel (no GQA in torch 2.11): SDPA's math path, with [Hq, L, S]
+        # score tensors written and read several times (transformers' sdpa_attention.use_gqa_in_sdpa avoids the
+        # same fallback). As a CausalBias aligned to the bottom right, SDPA hands it to flash, GQA and all
+        # (bench/dense_chunk_attention.py measures both on the device). fp32 keeps the mask (flash takes no fp32).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(L, S), scale=scale, enable_gqa=gqa)
     q_pos = torch.arange(q_start, q_start + L, device=q.device)
     mask = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)

@@ -335,6 +335,9 @@ class QuantizedStore:
         """Residual tokens held (the valid rows of ``res_k, res_v``)."""
         return self.length - self.n_quant
 
+    # ``advance`` and ``rewind`` settle the fixed residual in place on the host, between steps: under inference mode,
+    # as the forward that made the residual (``_fix``, ``append`` in ``Engine.forward``) ran, whoever calls them.
+    @torch.inference_mode()
     def advance(self, n: int) -> None:
         """Count the token a replayed CUDA graph wrote (``append_at``), then ready the store for the next one."""
         if not self.fixed or n != 1:
@@ -342,6 +345,7 @@ class QuantizedStore:
         self.length += 1
         self._settle(self.length + 1)
 
+    @torch.inference_mode()
     def rewind(self, tokens: int) -> None:
         """Only to the count it holds, or back over the one token a graph capture counted (``append_at`` under a
         capture writes nothing and readies nothing): codes already written cannot be taken back."""

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Issue 13's serving run on one GPU: a Llama-3-8B-shaped model with random bf16 weights built from its config
+# (random:llama-3-8b, 32 q / 8 KV heads, d=128; no weights to carry), one KV page pool, a mix of requests offered at
+# once (default: 64 x 32K + 16 x 128K prompts, 256 output tokens each), driven in-process by `headwise bench serve`;
+# the dense plan and the 25% full + 75% streaming plan (duo25-vs: vertical-slash prefill on the full heads, A-shape
+# on the streaming ones) in the same engine, one per call. Each run stops itself SECONDS - 45 s after it started
+# (--max-seconds) and writes its JSON to $OUT either way ("partial": true when it was cut short).
+#
+#   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
+#   bench/offered_load.sh dense SECONDS        # dense plan
+#   bench/offered_load.sh plan SECONDS         # duo25-vs (PLAN=duo25: dense prefill on the full heads)
+#
+# LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
+# that each plan admits the same number of sequences as the 32-layer run: every per-layer cost scales together, so
+# the dense/plan ratios hold. MIX (default 64x32768,16x131072), OUTPUT_LEN (256), CHUNK (prefill chunk, 2048),
+# KV_GB, PLAN, MODEL and EXTRA (more `headwise bench serve` arguments) change the run.
+set -uo pipefail
+phase=${1:?phase: probe, dense or plan}
+SECONDS_LEFT=${2:-600}
+LAYERS=${LAYERS:-32}
+MIX=${MIX:-64x32768,16x131072}
+OUTPUT_LEN=${OUTPUT_LEN:-256}
+CHUNK=${CHUNK:-2048}
+KV_GB=${KV_GB:-$(python3 -c "print(round(60 * $LAYERS / 32, 3))")}
+PLAN=${PLAN:-duo25-vs}
+EXTRA=${EXTRA:-}
+OUT=${OUT:-/tmp/offered-out}
+export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+mkdir -p "$OUT"
+MODEL=${MODEL:-random:llama-3-8b}  # MODEL=random:tiny-llama LAYERS=2 MIX=3x40,2x70 OUTPUT_LEN=4 CHUNK=32: a CPU dry run
+[ "$LAYERS" = 32 ] || MODEL="$MODEL,layers=$LAYERS"
+CAP=$(( SECONDS_LEFT - 45 ))  # kept to write the JSON and to copy $OUT back
+[ "$CAP" -ge 30 ] || CAP=30
+
+serve() {  # $1: plan
+  echo "bench serve $MODEL --plan $1 --mix $MIX --kv-memory $KV_GB --chunk-size $CHUNK --max-seconds $CAP"
+  python3 -m headwise.cli bench serve --model "$MODEL" --plan "$1" --mix "$MIX" --output-len "$OUTPUT_LEN" \
+    --kv-memory "$KV_GB" --chunk-size "$CHUNK" --mode in-process --warmup --progress-s 30 --max-seconds "$CAP" \
+    --out-dir "$OUT" $EXTRA 2>&1 | grep -v '^{"command"'  # the whole document is in $OUT
+  ls -la "$OUT"
+}
+
+case $phase in
+probe)
+  nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
+  python3 -c "import torch, transformers, triton; print(torch.__version__, transformers.__version__, triton.__version__)"
+  timeout "$CAP" python3 bench/dense_chunk_attention.py "$OUT/dense_chunk_attention.json" --chunk "$CHUNK" \
+    --keys 8192,32768,131072
+  # the dense chunk's CausalBias path against the masked reference, and the serving tests that run on a GPU
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_policies_prefill.py tests/test_bench_serve.py \
+    -k "later_prompt_chunk or bench_serve or max_seconds" 2>&1 | tail -5
+  ;;
+dense) serve dense ;;
+plan) serve "$PLAN" ;;
+*) echo "unknown phase $phase (probe, dense, plan)" >&2; exit 2 ;;
+esac
