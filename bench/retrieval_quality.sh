@@ -12,7 +12,9 @@
 #   bench/retrieval_quality.sh curve SECONDS     # accuracy vs KV at budgets 0.25-0.75 against equal-memory baselines
 #
 # MODEL (smollm2-135m or gemma3-270m), TARGET_LEN, BUDGET, LENGTHS and PROFILE_ARGS change what is profiled and where it
-# is evaluated (e.g. MODEL=gemma3-270m TARGET_LEN=2048 LENGTHS=2k,4k,8k PROFILE_ARGS="--quantize --full-share 1.0").
+# is evaluated (e.g. MODEL=gemma3-270m TARGET_LEN=2048 LENGTHS=2k,4k,8k PROFILE_ARGS="--quantize --full-share 1.0";
+# the ablation ranking on 4-bit heads for low budgets: BUDGET=0.3 PROFILE_ARGS="--quantize --full-share 1.0
+# --ablation-base quantized4 --ablation-time-limit 600").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
 # CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass.

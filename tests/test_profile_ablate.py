@@ -3,9 +3,16 @@
 import pytest
 import torch
 
+from headwise.attention import attention_implementation
+from headwise.engine import Engine
 from headwise.errors import HeadwiseError
-from headwise.profile.ablate import ablation_ranking, eliminate
-from headwise.profile.select import ProbeSet, probe_set
+from headwise.plan import HeadPlan
+from headwise.policies import Full, Quantized, Streaming
+from headwise.policies.quantized import QuantizedStore, fake_quantize
+from headwise.profile.ablate import BASES, ablation_ranking, eliminate
+from headwise.profile.runner import ABLATION_BASES
+from headwise.profile.select import PLAN_MASK_NAME, ProbeSet, plan_masks, plan_rounding, probe_set
+from tiny import tiny_model
 
 HEADS = [(i, j) for i in range(4) for j in range(3)]
 
@@ -41,6 +48,54 @@ def test_time_limit_orders_the_rest_by_their_last_costs():
     assert not finished and len(curve) == 1 and sorted(order) == sorted(HEADS)
 
 
+def test_fake_quantization_gives_back_what_the_store_holds():
+    pol = Quantized(bits=4, group=8, residual=8)
+    g = torch.Generator().manual_seed(1)
+    k, v = torch.randn(2, 3, 40, 12, generator=g) * 3, torch.randn(2, 3, 40, 12, generator=g)
+    store = QuantizedStore(2, 3, 12, torch.device("cpu"), torch.float32, pol)
+    store.append(k[:, :, :17], v[:, :, :17])
+    store.append(k[:, :, 17:], v[:, :, 17:])
+    held_k, held_v = store.view()
+    n = pol.quantized_length(40)
+    fk, fv = fake_quantize(k[:, :, :n], v[:, :, :n], pol)
+    assert torch.equal(fk, held_k[:, :, :n]) and torch.equal(fv, held_v[:, :, :n])
+    assert not torch.allclose(fk, k[:, :, :n], atol=1e-2)  # 4 bits round visibly
+
+
+Q, S = Quantized(bits=4, group=8, residual=8), Streaming(sink=2, window=12)
+
+
+@pytest.mark.parametrize(("arch", "policies"), [
+    ("llama", [[Q, S], [Q, Q], [S, Q]]),
+    # layers 0 and 1 slide over 32 tokens: their quantized heads keep that window (the codes of groups that left
+    # it dropped); the streaming head sits on the global layer
+    ("gemma3_text", [[Q, Q], [Q, Full()], [S, Q]]),
+])
+@pytest.mark.parametrize("kernels", [False, True])
+def test_rounded_masked_forward_equals_the_engine_running_the_quantized_policy(arch, policies, kernels):
+    """Chunked prefill then decode steps through the engine (quantized heads in real stores; decode steps on the
+    kernel or the reference path) give the logits of one masked forward that rounds those heads' K/V as the stores
+    would. Without the rounding the masked forward misses by far more."""
+    lm = tiny_model(arch, num_hidden_layers=3, **({"sliding_window": 32} if arch == "gemma3_text" else {}))
+    prompt, total, chunk = 45, 50, 16
+    ids = torch.randint(0, 128, (1, total), generator=torch.Generator().manual_seed(3))
+    engine = Engine(lm, HeadPlan.from_policies(lm.spec, policies), chunk_size=chunk, use_kernels=kernels)
+    cache = engine.new_cache(1)
+    real = [engine.prefill(ids[:, :prompt], cache, all_logits=True)[0]]
+    real += [engine.forward(ids[:, p : p + 1], cache) for p in range(prompt, total)]
+    real = torch.cat(real)
+    masks = plan_masks(lm.spec, policies, total, torch.device("cpu"))
+    rounding = plan_rounding(lm.spec, policies, prompt, total, torch.device("cpu"), chunk, kernels)
+    assert any(rounding), "the test must quantize something"
+    with torch.no_grad(), attention_implementation(lm.model, PLAN_MASK_NAME):
+        rounded = lm.model(input_ids=ids, use_cache=False, headwise_plan_masks=masks,
+                           headwise_plan_rounding=rounding).logits[0]
+        exact = lm.model(input_ids=ids, use_cache=False, headwise_plan_masks=masks).logits[0]
+    err = (rounded - real).abs().max()
+    assert err < 1e-5
+    assert (exact - real).abs().max() > 100 * err
+
+
 def _answered_by_dense(lm, n: int = 3, length: int = 48) -> ProbeSet:
     """Probes whose answers are what the model itself writes greedily (so dense answers every one)."""
     g = torch.Generator().manual_seed(0)
@@ -57,6 +112,29 @@ def test_ranking_runs_the_plan_masks(tiny_llama):
     assert res.probes == res.probes_asked == 3 and res.finished
     assert sorted(res.score.flatten().tolist()) == [0.25, 0.5, 0.75, 1.0]
     assert res.curve[0] == (4, 0.0) and res.curve[-1][0] == 1 and res.forwards >= 4
+
+
+def test_ranking_on_a_quantized_base_rounds_every_head_not_switched(tiny_llama):
+    """Probes past the residual (128) plus a group (32): the unswitched heads' old K/V are rounded to 4 bits. The
+    ranking is a valid score, its meta names the base, and its curve starts at the loss of every head rounded."""
+    probes = _answered_by_dense(tiny_llama, n=2, length=200)
+    res = ablation_ranking(tiny_llama, probes, sink=2, window=4, drop=0.5, progress=False, base="quantized4")
+    assert sorted(res.score.flatten().tolist()) == [0.25, 0.5, 0.75, 1.0] and res.finished
+    meta = res.meta()
+    assert meta["base"] == "quantized4" and meta["base_policy"] == {"policy": "quantized",
+                                                                    "params": {"bits": 4, "group": 32, "residual": 128}}
+    assert meta["rounding"] == {"prefill_chunk": 512, "decode": "reference"}
+    assert res.curve[0][0] == 4 and res.curve[0][1] >= 0.0
+    assert ablation_ranking(tiny_llama, probes, sink=2, window=4, drop=0.5, progress=False).meta()["base"] == "full"
+
+
+def test_unknown_ablation_base_is_refused(tiny_llama):
+    with pytest.raises(HeadwiseError, match="quantized4"):
+        ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), base="int4", progress=False)
+
+
+def test_the_cli_offers_the_ablation_bases():
+    assert tuple(BASES) == ABLATION_BASES
 
 
 @pytest.mark.slow
@@ -82,3 +160,21 @@ def test_no_answerable_probe_is_a_clear_error(tiny_llama):
 def test_drop_out_of_range_is_refused(tiny_llama):
     with pytest.raises(HeadwiseError, match="drop"):
         ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), drop=1.0, progress=False)
+
+
+@pytest.mark.slow
+def test_profile_on_a_quantized_base_records_it_in_the_plan(smollm2):
+    """The whole profile with ``ablation_base``: the plan's meta names the base, and the solver walks the ranking
+    into 4-bit and streaming heads as with any score."""
+    from dataclasses import replace
+
+    from headwise.profile.runner import Settings, profile_model
+
+    # one round of the elimination (90 forwards over the probes), then the time limit orders the rest
+    settings = replace(Settings.fast(), ablation_probes=2, ablation_time_limit_s=1.0)
+    plan = profile_model(smollm2, 0.5, target_len=320, method="ablation", settings=settings, progress=False,
+                         full_share=1.0, quantize=True, ablation_base="quantized4")
+    abl = plan.meta["ablation"]
+    assert abl["base"] == "quantized4" and abl["base_policy"]["params"]["bits"] == 4 and not abl["finished"]
+    assert plan.meta["solution"]["quantized_heads"] and plan.meta["solution"]["kv_fraction"] <= 0.5
+

@@ -29,6 +29,15 @@ def test_unknown_model_is_a_one_line_error(tmp_path, capsys):
     assert rc == 2 and "unknown model 'no-such-model'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("extra", [["--method", "duo"], ["--method", "ablation", "--from-scores", "p0.json"]])
+def test_ablation_base_with_no_ablation_to_measure_is_a_one_line_error(extra, tmp_path, capsys):
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"),
+               "--ablation-base", "quantized4", *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--ablation-base quantized4" in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_ctrl_c_during_profiling_leaves_no_plan(tmp_path):
     out = tmp_path / "plan.json"
     env = dict(os.environ, PYTHONUNBUFFERED="1")

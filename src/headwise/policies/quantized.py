@@ -66,6 +66,8 @@ from headwise.errors import PlanError
 from headwise.kernels.kv_quant import (
     SCALE_DTYPE,
     QuantizedKV,
+    dequantize_keys,
+    dequantize_values,
     packed_dim,
     quantize_keys,
     quantize_values,
@@ -161,6 +163,20 @@ class Quantized(Policy):
         residual = seq_len - self.quantized_length(seq_len)
         return self.codes_bytes(self.codes_room(seq_len), head_dim) + 2 * residual * head_dim * dtype_bytes
 
+    def codes_attended(self, prompt_len: int, total: int, chunk: int, kernels: bool) -> list[int]:
+        """Per query position ``0 .. total - 1`` of a prompt of ``prompt_len`` tokens prefilled in chunks of ``chunk``
+        followed by decode steps: how many leading positions the query attends as codes (the rest exactly). A prompt
+        chunk starting at ``s`` attends over the store as it was before the chunk (``quantized_length(s)``); a
+        one-token step on the decode kernel appends its token first (``quantized_length(p + 1)``), on the reference
+        path after attending (``quantized_length(p)``): ``attend``. For measuring the rounding without the store
+        (``fake_quantize``, ``profile/select.py``)."""
+        out = []
+        for s in range(0, prompt_len, chunk):
+            e = min(s + chunk, prompt_len)
+            seen = self.quantized_length(s + 1 if kernels and e - s == 1 else s)
+            out += [seen] * (e - s)
+        return out + [self.quantized_length(p + 1 if kernels else p) for p in range(prompt_len, total)]
+
     def for_native_window(self, window: int, head_dim: int) -> Policy:
         """This head on a layer whose native sliding window is ``window`` (``plan.resolve``): the window (or its
         own, if shorter), with the residual shortened where needed so that the head never holds more than the
@@ -227,6 +243,18 @@ class Quantized(Policy):
             out = causal_attention(q, keys, values, ctx.start, ctx.scale)
         store.append(k, v)
         return out
+
+
+def fake_quantize(k: torch.Tensor, v: torch.Tensor, policy: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k, v: [batch, heads, n, head_dim]`` (``n`` a multiple of ``policy.group``) as a store holding them as codes
+    gives them back (``QuantizedStore.view``): quantized with the store's functions (keys per channel over runs of
+    ``group`` tokens, values per token over runs of ``group`` channels; groups aligned at position 0, as the
+    store's are), then dequantized in the input dtype. The same shapes. A group's codes depend on its own tokens
+    only, so the first ``m`` tokens of the result are those of any longer call's."""
+    D, bits, G = k.shape[-1], policy.bits, policy.group
+    kc, ks, kz = quantize_keys(k, bits, G)
+    vc, vs, vz = quantize_values(v, bits, G)
+    return (dequantize_keys(kc, ks, kz, bits, G, D, k.dtype), dequantize_values(vc, vs, vz, bits, G, D, v.dtype))
 
 
 @lru_cache(maxsize=256)

@@ -9,8 +9,9 @@ will run:
 
 1. Dense answers a set of retrieval probes (``probes.retrieval_probe``: five haystacks, six value kinds, five
    wordings, never the evaluation's formats); only the probes it answers exactly are kept.
-2. Every KV head starts ``full``. Each round, for every head still full, the probes run with that head switched to
-   streaming (``sink`` + ``window``) on top of the heads already switched; the loss is the probes' answer NLL
+2. Every KV head starts ``full`` (or in another ``base``, below). Each round, for every head not yet switched, the
+   probes run with that head switched to streaming (``sink`` + ``window``) on top of the heads already switched;
+   the loss is the probes' answer NLL
    above dense's, per probe floored at 0 and capped at ``CAP`` nats: only retrieval lost counts (a switch that
    makes some probes *more* confident than dense earns nothing: without the floor, the GPU run's loss fell below
    dense and the elimination rewarded sharpening), and one lost probe does not outweigh the rest.
@@ -19,6 +20,14 @@ will run:
    other up each look free alone, not together).
 4. Repeat until one head is left (or ``time_limit_s``: the rest are then ordered by their last round's costs).
 
+``base``: the policy every head not switched runs in. ``full`` by default; ``quantized4`` / ``quantized8`` (KIVI,
+``policies/quantized.py``, group 32, residual 128: the solver's ``QUANT_OPTIONS``) measure the switches a plan
+with few or no full heads makes -- 4-bit heads to streaming, every other head 4-bit (``solve(quantize=True)`` at
+budgets where no head fits ``full``). The probes' forwards then round those heads' K/V as their store would
+(``select.plan_rounding``: quantized and dequantized with the store's functions, per query as the engine's chunked
+prefill of ``chunk`` tokens and its decode steps see them, on the decode kernel on a GPU), so the first entry of the
+curve is the loss of every head quantized, and a switch is judged against that.
+
 The order of elimination is the ranking: the head switched last scores 1, the first ``1/n``. The solver then
 walks it as any other score (``solver.py``), and ``select.py`` picks how much of the budget goes to full heads on
 a separate set of probes. Each round's loss is kept (``AblationResult.curve``): the retrieval lost as a function
@@ -26,7 +35,8 @@ of the number of full heads, measured.
 
 Cost: about ``n_heads / drop`` masked forwards over the probes (SmolLM2's 90 KV heads, 50 probes at 1K and 2K:
 ~0.9 s per forward in fp32 on an H200, so ~8 minutes; on a GPU the forwards run in bf16 autocast; on a CPU it is
-for small models and tests).
+for small models and tests). A quantized base attends over up to twice the keys (the rounded copy of the old
+positions beside the exact one, ``select._rounded``).
 """
 
 from __future__ import annotations
@@ -41,11 +51,12 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from headwise.engine import DEFAULT_CHUNK
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
-from headwise.policies import Full
+from headwise.policies import Full, Policy, Quantized
 from headwise.policies.streaming import Streaming
-from headwise.profile.select import ProbeSet, masked_probe_losses, plan_masks, subset
+from headwise.profile.select import ProbeSet, Rounding, masked_probe_losses, plan_masks, plan_rounding, subset
 
 CAP = 10.0
 """Largest excess NLL (nats) one probe counts for."""
@@ -53,6 +64,9 @@ TOLERANCE = 0.05
 """Nats of combined loss allowed above twice the sum of the switched heads' own losses."""
 
 Head = tuple[int, int]
+
+BASES: dict[str, Policy] = {"full": Full(), "quantized4": Quantized(bits=4), "quantized8": Quantized(bits=8)}
+"""The policies the heads not switched to streaming may run in (``--ablation-base``)."""
 
 
 @dataclass
@@ -62,7 +76,8 @@ class AblationResult:
     order: list[Head]
     """Heads in the order they were switched to streaming."""
     curve: list[tuple[int, float]] = field(default_factory=list)
-    """(heads still full, loss) after each round; the first entry is every head full (loss 0)."""
+    """(heads not switched, loss) after each round; the first entry is no head switched (loss 0 with a ``full``
+    base; with a quantized one, what rounding every head loses)."""
     probes: int = 0
     """Probes dense answered exactly (the ones the losses are taken on)."""
     probes_asked: int = 0
@@ -70,21 +85,29 @@ class AblationResult:
     seconds: float = 0.0
     finished: bool = True
     """False if ``time_limit_s`` stopped the elimination (the remaining heads ordered by one round's losses)."""
+    base: str = "full"
+    """The policy of the heads not switched (a ``BASES`` key)."""
+    rounding: dict[str, Any] = field(default_factory=dict)
+    """With a quantized base, how its rounding was emulated (prefill chunk, decode kernel or reference path)."""
 
     def meta(self) -> dict[str, Any]:
-        return {"probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
+        return {"base": self.base, "base_policy": BASES[self.base].to_spec(), **self.rounding,
+                "probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
                 "seconds": round(self.seconds, 1), "finished": self.finished,
                 "order": [list(h) for h in self.order],
                 "curve": [[n, round(loss, 4)] for n, loss in self.curve]}
 
 
 class _Masks:
-    """Per layer, the full and the streaming mask of one head at one length; a plan's masks are stacks of them."""
+    """Per layer, the full and the streaming mask of one head at one length; a plan's masks are stacks of them (a
+    quantized head's mask is a full one's). With a quantized ``base``, the rounding of the heads not streamed."""
 
-    def __init__(self, lm: LoadedModel, sink: int, window: int) -> None:
+    def __init__(self, lm: LoadedModel, sink: int, window: int, base: Policy = BASES["full"],
+                 chunk: int = DEFAULT_CHUNK, kernels: bool = False) -> None:
         self.spec = lm.spec
         self.device = next(lm.model.parameters()).device
         self.stream = Streaming(sink=sink, window=window)
+        self.base, self.chunk, self.kernels = base, chunk, kernels
         self._cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.streamed: set[Head] = set()
 
@@ -101,6 +124,12 @@ class _Masks:
         return [torch.stack([stream[i] if (i, j) in self.streamed else full[i]
                              for j in range(self.spec.num_kv_heads)]) for i in range(self.spec.num_layers)]
 
+    def rounding(self, prompt_len: int, total: int) -> list[list[Rounding]]:
+        """``select.plan_rounding`` of the plan the masks stand for: the heads not streamed in ``base``."""
+        policies = [[self.stream if (i, j) in self.streamed else self.base for j in range(self.spec.num_kv_heads)]
+                    for i in range(self.spec.num_layers)]
+        return plan_rounding(self.spec, policies, prompt_len, total, self.device, self.chunk, self.kernels)
+
 
 def _fast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
     """On a GPU, the probes' forwards in bf16 autocast (dense and every plan alike): the losses only rank heads, and
@@ -112,14 +141,14 @@ def _fast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
 
 def eliminate(heads: list[Head], loss: Callable[[set[Head]], float], drop: float = 0.15,
               time_limit_s: float | None = None, progress: bool = True,
-              t0: float | None = None) -> tuple[list[Head], list[tuple[int, float]], bool]:
-    """The elimination of steps 2-4 (module docstring) for any ``loss`` of a set of switched heads (0 for none).
-    Returns the heads in elimination order (all of them), the (heads still full, loss) curve, and whether it
-    finished within ``time_limit_s`` (counted from ``t0``)."""
+              t0: float | None = None, start: float = 0.0) -> tuple[list[Head], list[tuple[int, float]], bool]:
+    """The elimination of steps 2-4 (module docstring) for any ``loss`` of a set of switched heads (``start`` for
+    none). Returns the heads in elimination order (all of them), the (heads not switched, loss) curve, and whether
+    it finished within ``time_limit_s`` (counted from ``t0``)."""
     t0 = time.perf_counter() if t0 is None else t0
     full = list(heads)
     removed: list[Head] = []
-    cur = 0.0
+    cur = start
     curve = [(len(full), cur)]
     singles: dict[Head, float] = {}
     finished = True
@@ -153,10 +182,15 @@ def eliminate(heads: list[Head], loss: Callable[[set[Head]], float], drop: float
 
 
 def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: int = 64, drop: float = 0.15,
-                     batch: int = 8, time_limit_s: float | None = None, progress: bool = True) -> AblationResult:
-    """Backward elimination (module docstring). ``probes``: from ``select.probe_set``."""
+                     batch: int = 8, time_limit_s: float | None = None, progress: bool = True, base: str = "full",
+                     chunk: int = DEFAULT_CHUNK, kernels: bool | None = None) -> AblationResult:
+    """Backward elimination (module docstring). ``probes``: from ``select.probe_set``. ``base``: a ``BASES`` key;
+    with a quantized one, ``chunk`` is the prefill chunk the rounding is emulated for and ``kernels`` whether decode
+    steps run on the decode kernel (default: on a GPU, as the engine does)."""
     if not 0.0 < drop < 1.0:
         raise HeadwiseError(f"drop must be in (0, 1), got {drop}")
+    if base not in BASES:
+        raise HeadwiseError(f"unknown ablation base '{base}'; choose one of {', '.join(BASES)}")
     spec = lm.spec
     t0 = time.perf_counter()
     heads: list[Head] = [(i, j) for i in range(spec.num_layers) for j in range(spec.num_kv_heads)]
@@ -167,8 +201,11 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
         raise HeadwiseError(f"{lm.name} answers none of the {asked} retrieval probes densely; the ablation ranking "
                             "needs probes the model can answer (use another --method, or a longer --target-len)")
     kept = subset(probes, hits)
-    base = dense_nll[hits]
-    masks = _Masks(lm, sink, window)
+    dense = dense_nll[hits]
+    device = next(lm.model.parameters()).device
+    kernels = device.type == "cuda" if kernels is None else kernels
+    rounded = isinstance(BASES[base], Quantized)
+    masks = _Masks(lm, sink, window, BASES[base], chunk, kernels)
     forwards = 1
 
     def loss(streamed: set[Head]) -> float:
@@ -176,11 +213,14 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
         masks.streamed = streamed
         forwards += 1
         with _fast(masks.device):
-            _, nll = masked_probe_losses(lm, masks, kept, batch)
-        return float((nll - base).clamp(min=0.0, max=CAP).mean())
+            _, nll = masked_probe_losses(lm, masks, kept, batch, masks.rounding if rounded else None)
+        return float((nll - dense).clamp(min=0.0, max=CAP).mean())
 
-    order, curve, finished = eliminate(heads, loss, drop, time_limit_s, progress, t0)
+    start = loss(set()) if rounded else 0.0
+    order, curve, finished = eliminate(heads, loss, drop, time_limit_s, progress, t0, start)
     score = torch.zeros(spec.num_layers, spec.num_kv_heads)
     for p, (i, j) in enumerate(order):
         score[i, j] = (p + 1) / len(order)
-    return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished)
+    how = {"rounding": {"prefill_chunk": chunk, "decode": "kernel" if kernels else "reference"}} if rounded else {}
+    return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished,
+                          base, how)

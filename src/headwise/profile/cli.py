@@ -19,6 +19,7 @@ from headwise.model_args import add_model_args, load_from_args
 from headwise.placement import check_tp
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
+    ABLATION_BASES,
     DEFAULT_METHOD,
     FULL_SHARE,
     METHODS,
@@ -58,6 +59,13 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
+    p.add_argument("--ablation-base", choices=ABLATION_BASES, default="full",
+                   help="policy of the heads the ablation ranking has not switched to streaming (default full; "
+                        "quantized4: measure 4-bit -> streaming switches, for --quantize plans with few full heads; "
+                        "docs/profiling.md)")
+    p.add_argument("--ablation-time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop the ablation's elimination after SECONDS, the rest ordered by their last costs "
+                        "(default 300 on a GPU, 600 on a CPU)")
     p.add_argument("--act", action="store_true",
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
                         "held-in and held-out text (docs/profiling.md)")
@@ -89,6 +97,10 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--fit-lengths", args.fit_lengths]
     if args.quantize:
         parts.append("--quantize")
+    if args.ablation_base != "full":
+        parts += ["--ablation-base", args.ablation_base]
+    if args.ablation_time_limit is not None:
+        parts += ["--ablation-time-limit", str(args.ablation_time_limit)]
     if args.act:
         parts.append("--act")
     if args.train_gates:
@@ -112,6 +124,10 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         if args.duo_steps < 1:
             raise InputError(f"--duo-steps must be at least 1, got {args.duo_steps}")
         s = dataclasses.replace(s, duo_steps=args.duo_steps)
+    if args.ablation_time_limit is not None:
+        if args.ablation_time_limit <= 0:
+            raise InputError(f"--ablation-time-limit must be a positive number of seconds, got {args.ablation_time_limit}")
+        s = dataclasses.replace(s, ablation_time_limit_s=args.ablation_time_limit)
     return s
 
 
@@ -125,6 +141,10 @@ def run(args: argparse.Namespace) -> int:
     if args.act and args.from_scores:
         raise InputError("--act measures each full head's loss with and without ACT; it cannot run with --from-scores "
                          "(which measures nothing): drop one of them")
+    if args.ablation_base != "full" and (args.from_scores or args.method != "ablation"):
+        raise InputError(f"--ablation-base {args.ablation_base} sets the base the ablation ranking is measured on: it "
+                         "needs --method ablation and no --from-scores (a re-solve measures nothing; its ranking's base "
+                         "is in the source plan's meta.ablation.base)")
     if args.train_gates and (args.from_scores or args.prefill_patterns is None):
         raise InputError("--train-gates needs --prefill-patterns DENSITY (the gate competes with the other prefill "
                          "patterns at that density) and cannot run with --from-scores")
@@ -148,7 +168,7 @@ def run(args: argparse.Namespace) -> int:
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
-                                 fit_lengths=fit_lengths)
+                                 fit_lengths=fit_lengths, ablation_base=args.ablation_base)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

@@ -34,6 +34,8 @@ from headwise.profile.solver import check_budget, solve
 from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
+ABLATION_BASES = ("full", "quantized4", "quantized8")
+"""Policies the ablation ranking's unswitched heads may run in (``ablate.BASES``'s keys; ``--ablation-base``)."""
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
 docs/results.md hold the GPU evaluation behind the choice)."""
@@ -213,7 +215,8 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
-                  train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = ()) -> HeadPlan:
+                  train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
+                  ablation_base: str = "full") -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -224,7 +227,9 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     heads whose ACT calibration lowers the loss on held-in and held-out text get policy ``act`` (``act.py``).
     ``train_seer_gates``: SeerAttention gates are trained (``seer.py``), join the prefill-pattern search (needs
     ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it). ``fit_lengths``: the
-    plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``)."""
+    plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``). ``ablation_base``: the
+    policy the ablation ranking's unswitched heads run in (``ablate.BASES``; ``method="ablation"`` only), recorded in
+    ``meta["ablation"]["base"]``."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -232,6 +237,9 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     check_budget(budget)
     if method not in METHODS:
         raise HeadwiseError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
+    if ablation_base != "full" and method != "ablation":
+        raise HeadwiseError(f"--ablation-base {ablation_base} sets the base of the ablation ranking; it needs --method "
+                            f"ablation, not {method}")
     settings = settings or Settings()
     spec = lm.spec
     check_reachable(lm)
@@ -277,7 +285,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
                                              seed=ABLATION_SEED),
                                drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
-                               progress=progress)
+                               progress=progress, base=ablation_base)
         timings["ablation_s"] = time.perf_counter() - t
         kv_scores["ablation"] = abl.score
         ablation_meta = abl.meta()

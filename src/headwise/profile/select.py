@@ -11,12 +11,19 @@ Each candidate runs as masks: a ``full`` head attends causally (inside the layer
 ``streaming`` head to its sinks and window, which is what those policies compute token by token (the engine's
 caches hold exactly the keys the masks allow). "Answers exactly" means every answer token is the argmax at
 its position, i.e. greedy decoding would write the answer first.
+
+The masks leave a ``quantized`` head's rounding out (it attends like ``full``) unless the forward is also given
+the plan's rounding (``plan_rounding``): then the K/V of those heads at the positions a query would attend as codes
+are quantized and dequantized with the store's own functions (``policies.quantized.fake_quantize``), per query as
+the engine's chunked prefill and decode steps see them (``Quantized.codes_attended``), the rest exact. The
+ablation ranking does so on a quantized base (``ablate.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -27,7 +34,7 @@ from headwise.attention import attention_implementation
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy
-from headwise.policies.quantized import Quantized
+from headwise.policies.quantized import Quantized, fake_quantize
 from headwise.policies.streaming import Streaming
 from headwise.profile.probe import allowed_mask
 from headwise.spec import ModelSpec
@@ -55,13 +62,81 @@ def plan_masks(spec: ModelSpec, policies: list[list[Policy]], length: int, devic
     return out
 
 
+@dataclass(frozen=True)
+class Rounding:
+    """Heads of one layer that run one ``quantized`` policy, in a masked forward of ``seen.shape[0]`` tokens."""
+
+    policy: Quantized
+    heads: torch.Tensor
+    """long ``[h]``: the layer's KV heads under ``policy``."""
+    seen: torch.Tensor
+    """long ``[T]``: per query position, how many leading positions it attends as codes (``codes_attended``)."""
+    n: int
+    """``seen``'s largest value (a multiple of ``policy.group``), kept on the host."""
+
+
+def plan_rounding(spec: ModelSpec, policies: list[list[Policy]], prompt_len: int, total: int, device: torch.device,
+                  chunk: int, kernels: bool) -> list[list[Rounding]]:
+    """Per layer, the plan's quantized heads grouped by policy (after ``plan.resolve``: a native sliding layer's
+    residual may be shorter) for a masked forward of a ``prompt_len``-token prompt prefilled in chunks of ``chunk``
+    and decode steps up to ``total`` tokens (``kernels``: the steps run on the decode kernel, as on a GPU)."""
+    from headwise.plan import resolve
+
+    out: list[list[Rounding]] = []
+    for row in resolve(policies, spec):
+        groups: dict[Quantized, list[int]] = {}
+        for j, pol in enumerate(row):
+            if isinstance(pol, Quantized):
+                groups.setdefault(pol, []).append(j)
+        layer = []
+        for pol, heads in groups.items():
+            seen, n = _codes_attended(pol, prompt_len, total, chunk, kernels, device)
+            if n:
+                layer.append(Rounding(pol, torch.tensor(heads, device=device), seen, n))
+        out.append(layer)
+    return out
+
+
+@lru_cache(maxsize=64)
+def _codes_attended(policy: Quantized, prompt_len: int, total: int, chunk: int, kernels: bool,
+                    device: torch.device) -> tuple[torch.Tensor, int]:
+    """``policy.codes_attended`` on the device and its maximum, once per shape (the ablation asks for the same
+    few at every one of its hundreds of forwards)."""
+    seen = policy.codes_attended(prompt_len, total, chunk, kernels)
+    return torch.tensor(seen, device=device), max(seen, default=0)
+
+
+def _rounded(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+             groups: list[Rounding]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``key, value: [B, Hkv, T, D]`` and ``mask: [Hkv, T, T]`` -> keys and values ``[B, Hkv, n + T, D]`` (first
+    the ``n`` oldest positions as their codes give them back, then every position exact) and the mask ``[Hkv, T,
+    n + T]`` that lets each query see every allowed position once: as codes below ``seen[query]`` on a rounded
+    head, exactly otherwise. One attention call, at the cost of ``n`` more keys."""
+    n = max(g.n for g in groups)
+    T = key.shape[2]
+    kq, vq = key[:, :, :n].clone(), value[:, :, :n].clone()
+    as_codes = torch.zeros(key.shape[1], T, n, dtype=torch.bool, device=key.device)
+    cols = torch.arange(n, device=key.device)
+    for g in groups:
+        kq[:, g.heads, : g.n], vq[:, g.heads, : g.n] = fake_quantize(key[:, g.heads, : g.n], value[:, g.heads, : g.n],
+                                                                     g.policy)
+        as_codes[g.heads] = cols[None, :] < g.seen[:, None]
+    exact = mask & ~F.pad(as_codes, (0, T - n))
+    return torch.cat([kq, key], 2), torch.cat([vq, value], 2), torch.cat([mask[:, :, :n] & as_codes, exact], 2)
+
+
 def plan_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                         attention_mask: torch.Tensor | None, scaling: float | None = None, dropout: float = 0.0,
                         **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """A whole sequence under the plan's masks (keyword ``headwise_plan_masks``). query: [B, Hq, T, D]; key,
-    value: [B, Hkv, T, D]. Returns ([B, T, Hq, D], None)."""
+    """A whole sequence under the plan's masks (keyword ``headwise_plan_masks``) and, if given, its quantized heads'
+    rounding (``headwise_plan_rounding``: ``plan_rounding``'s). query: [B, Hq, T, D]; key, value: [B, Hkv, T, D].
+    Returns ([B, T, Hq, D], None)."""
     masks: list[torch.Tensor] = kwargs["headwise_plan_masks"]
-    m = masks[int(module.layer_idx)]
+    layer = int(module.layer_idx)
+    m = masks[layer]
+    rounding: list[list[Rounding]] | None = kwargs.get("headwise_plan_rounding")
+    if rounding is not None and rounding[layer]:
+        key, value, m = _rounded(key, value, m, rounding[layer])
     group = query.shape[1] // key.shape[1]
     m = m.repeat_interleave(group, dim=0)[None]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=m, enable_gqa=group > 1,
@@ -127,9 +202,11 @@ def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: P
 
 @torch.no_grad()
 def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, probes: ProbeSet,
-                        batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+                        batch: int = 8, rounding_for: Callable[[int, int], list[list[Rounding]]] | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
     """``probe_losses`` with the masks given by ``masks_for(sequence length)`` (``plan_masks``' layout; None:
-    dense), for callers that assemble masks faster than from policies (``ablate.py``)."""
+    dense), for callers that assemble masks faster than from policies (``ablate.py``); ``rounding_for(prompt
+    length, sequence length)``: the quantized heads' rounding (``plan_rounding``'s layout; None: none)."""
     model = lm.model
     device = next(model.parameters()).device
     hit_rows, nll_rows = [], []
@@ -137,6 +214,7 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
         ans = probes.answer[L].to(device)
         A = ans.shape[1]
         masks = masks_for(L + A) if masks_for is not None else None
+        rounding = rounding_for(L, L + A) if rounding_for is not None and masks is not None else None
         for s in range(0, ids.shape[0], batch):
             x = ids[s : s + batch].to(device)
             if masks is None:
@@ -144,7 +222,7 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
             else:
                 with attention_implementation(model, PLAN_MASK_NAME):
                     logits = model(input_ids=x, use_cache=False, headwise_plan_masks=masks,
-                                   logits_to_keep=A + 1).logits
+                                   headwise_plan_rounding=rounding, logits_to_keep=A + 1).logits
             pred = logits[:, :A].float()  # position L-1+j predicts answer token j
             a = ans[s : s + batch]
             valid = a >= 0
