@@ -2,13 +2,14 @@
 # Issue 13's serving run on one GPU: a Llama-3-8B-shaped model with random bf16 weights built from its config
 # (random:llama-3-8b, 32 q / 8 KV heads, d=128; no weights to carry), one KV page pool, a mix of requests offered at
 # once (default: 64 x 32K + 16 x 128K prompts, 256 output tokens each), driven in-process by `headwise bench serve`;
-# the dense plan and the 25% full + 75% streaming plan (duo25-vs: vertical-slash prefill on the full heads, A-shape
-# on the streaming ones) in the same engine, one per call. Each run stops itself SECONDS - 45 s after it started
+# the dense plan and the 25% full + 75% streaming plan (duo25: dense prefill on the full heads, read straight from
+# the pool's pages; A-shape on the streaming ones; PLAN=duo25-vs prefills the full heads vertical-slash, which still
+# gathers their prefix per chunk) in the same engine, one per call. Each run stops itself SECONDS - 45 s after it started
 # (--max-seconds) and writes its JSON to $OUT either way ("partial": true when it was cut short).
 #
 #   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
 #   bench/offered_load.sh dense SECONDS        # dense plan
-#   bench/offered_load.sh plan SECONDS         # duo25-vs (PLAN=duo25: dense prefill on the full heads)
+#   bench/offered_load.sh plan SECONDS         # duo25 (PLAN=duo25-vs: vertical-slash prefill on the full heads)
 #
 # LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
 # that each plan admits the same number of sequences as the 32-layer run: every per-layer cost scales together, so
@@ -22,7 +23,7 @@ MIX=${MIX:-64x32768,16x131072}
 OUTPUT_LEN=${OUTPUT_LEN:-256}
 CHUNK=${CHUNK:-2048}
 KV_GB=${KV_GB:-$(python3 -c "print(round(60 * $LAYERS / 32, 3))")}
-PLAN=${PLAN:-duo25-vs}
+PLAN=${PLAN:-duo25}
 EXTRA=${EXTRA:-}
 OUT=${OUT:-/tmp/offered-out}
 export PYTHONPATH=$PWD/src PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -49,6 +50,10 @@ probe)
   # the dense chunk's CausalBias path against the masked reference, and the serving tests that run on a GPU
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_policies_prefill.py tests/test_bench_serve.py \
     -k "later_prompt_chunk or bench_serve or max_seconds" 2>&1 | tail -5
+  # prompt chunks of full heads read straight from the pool's pages: the kernel against gather + flash, and its tests
+  timeout 240 python3 bench/dense_chunk_attention.py "$OUT/paged_prefill.json" --paged --chunk "$CHUNK" \
+    --keys 8192,32768,131072 --reps 10 2>&1 | tail -15
+  timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_paged_prefill.py 2>&1 | tail -3
   ;;
 dense) serve dense ;;
 plan) serve "$PLAN" ;;
