@@ -19,8 +19,7 @@ if not torch.cuda.is_available():
 from headwise.kernels.batch_decode import batch_decode
 from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.policies.base import PagedLayout
-from headwise.pool import PagePool
-from headwise.spec import ModelSpec
+from pools import noise_pool
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -40,12 +39,7 @@ class Pool:
         self.lengths, self.heads, self.group, self.dim, self.dtype = lengths, heads, group, dim, dtype
         per_row = -(-page_slots // PAGE)
         n_pages = len(lengths) * heads * per_row + 3
-        spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=heads * group, num_kv_heads=heads,
-                         head_dim=dim, max_context=4096)
-        pool = PagePool(spec, n_pages * PAGE * 2 * dim * dtype.itemsize, dtype.itemsize, PAGE)
-        pool.allocate(DEVICE, dtype)
-        assert pool.kv is not None and pool.num_pages == n_pages
-        pool.kv.copy_(torch.randn(pool.kv.shape, generator=g))
+        pool = noise_pool(heads, group, dim, dtype, n_pages, PAGE, DEVICE, g)
         self.k_pool, self.v_pool = pool.keys, pool.values
         order = torch.randperm(n_pages, generator=g)[: len(lengths) * heads * per_row]
         self.table = order.view(len(lengths), heads, per_row).int().to(DEVICE)

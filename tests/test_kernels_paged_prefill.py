@@ -23,8 +23,7 @@ from headwise.kernels.paged_prefill import (
     paged_prefill_reference,
     plan_paged_prefill,
 )
-from headwise.pool import PagePool
-from headwise.spec import ModelSpec
+from pools import noise_pool
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -46,12 +45,7 @@ class Chunks:
         self.page = page
         width = max(-(-(s + n) // page) for s, n in zip(starts, lengths)) + 1  # one spare column: never read
         n_pages = len(starts) * heads * width + 5
-        spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=heads * group, num_kv_heads=heads,
-                         head_dim=dim, max_context=4096)
-        pool = PagePool(spec, n_pages * page * 2 * dim * dtype.itemsize, dtype.itemsize, page)
-        pool.allocate(DEVICE, dtype)
-        assert pool.kv is not None and pool.num_pages == n_pages
-        pool.kv.copy_(torch.randn(pool.kv.shape, generator=g) * 3)
+        pool = noise_pool(heads, group, dim, dtype, n_pages, page, DEVICE, g, scale=3)
         self.k_pool, self.v_pool = pool.keys, pool.values
         order = torch.randperm(n_pages, generator=g)[: len(starts) * heads * width]
         self.table = order.view(len(starts) * heads, width).int().to(DEVICE)  # row = sequence * heads + head
