@@ -130,10 +130,13 @@ def _quantiles(xs: list[float]) -> dict[str, float]:
             "p99": round(float(t.quantile(0.99)), 4)}
 
 
-def _summary(load: Load, wall: float, ttft: list[float], tpot: list[float], tokens: int, peak: int) -> dict[str, Any]:
-    return {"requests": load.requests, "output_tokens": tokens, "wall_s": round(wall, 3),
-            "output_tokens_per_s": round(tokens / wall, 3), "requests_per_s": round(load.requests / wall, 4),
-            "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot), "peak_concurrency": peak}
+def _summary(requests: int, finished: int, wall: float, ttft: list[float], tpot: list[float],
+             tokens: int) -> dict[str, Any]:
+    """The figures both drivers report: output tokens and tokens/s, finished requests/s over ``wall``, TTFT, TPOT."""
+    return {"requests": requests, "output_tokens": tokens, "wall_s": round(wall, 3),
+            "output_tokens_per_s": round(tokens / wall, 3) if wall > 0 else 0.0,
+            "requests_per_s": round(finished / wall, 4) if wall > 0 else 0.0,
+            "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot)}
 
 
 def _figures(seqs: list[Any], load: Load, t0: float, stop: float, partial: bool) -> dict[str, Any]:
@@ -145,11 +148,7 @@ def _figures(seqs: list[Any], load: Load, t0: float, stop: float, partial: bool)
     tpot = [(s.finished_at - s.first_token_at) / (load.output_len - 1) for s in done if load.output_len > 1]
     tokens = sum(len(s.generated) for s in seqs)
     wall = (stop if partial or not done else max(s.finished_at for s in done)) - t0
-    return {"requests": len(seqs), "finished": len(done), "first_tokens": len(ttft), "output_tokens": tokens,
-            "wall_s": round(wall, 3),
-            "output_tokens_per_s": round(tokens / wall, 3) if wall > 0 else 0.0,
-            "requests_per_s": round(len(done) / wall, 4) if wall > 0 else 0.0,
-            "ttft_s": _quantiles(ttft), "tpot_s": _quantiles(tpot)}
+    return _summary(len(seqs), len(done), wall, ttft, tpot, tokens) | {"finished": len(done), "first_tokens": len(ttft)}
 
 
 def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
@@ -270,7 +269,8 @@ def run_http(engine: Engine, load: Load, max_batch: int, kv_budget_bytes: int, m
                          f"generated {load.output_len} tokens")
     ttft = [r["first"] - r["sent"] for r in rs]
     tpot = [(r["done"] - r["first"]) / (load.output_len - 1) for r in rs if load.output_len > 1]
-    return _summary(load, max(r["done"] for r in rs) - t0, ttft, tpot, sum(r["tokens"] for r in rs), peak)
+    return _summary(load.requests, load.requests, max(r["done"] for r in rs) - t0, ttft, tpot,
+                    sum(r["tokens"] for r in rs)) | {"peak_concurrency": peak}
 
 
 def run(args: Any) -> dict[str, Any] | None:
