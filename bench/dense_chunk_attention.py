@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -44,6 +43,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 from headwise.bench.record import result_doc, write_result
+from headwise.bench.timing import Timer
 from headwise.policies.base import causal_attention
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
@@ -51,18 +51,10 @@ BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIE
 
 
 def _ms(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall time of a synchronised call, ms (each call is milliseconds long: launch costs do not matter)."""
+    """Median wall time of a synchronised call after one warm-up call, ms (``Timer.wall``; each call is milliseconds
+    long: launch costs do not matter)."""
     fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(1e3 * (time.perf_counter() - t0))
-    return sorted(times)[len(times) // 2]
+    return Timer.wall(fn, reps)
 
 
 @torch.inference_mode()
