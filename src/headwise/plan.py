@@ -70,7 +70,12 @@ class HeadPlan:
     @classmethod
     def uniform(cls, spec: ModelSpec, head: dict[str, Any], name: str = "", **meta: Any) -> HeadPlan:
         build_policy(head)  # validate once
-        layers = [[json.loads(json.dumps(head)) for _ in range(spec.num_kv_heads)] for _ in range(spec.num_layers)]
+        return cls._every_layer(spec, [head] * spec.num_kv_heads, name, meta)
+
+    @classmethod
+    def _every_layer(cls, spec: ModelSpec, row: list[dict[str, Any]], name: str, meta: dict[str, Any]) -> HeadPlan:
+        """``row`` (one head entry per KV head) in every layer, each entry its own copy."""
+        layers = [[json.loads(json.dumps(h)) for h in row] for _ in range(spec.num_layers)]
         model = dict(spec.fingerprint())
         if name:
             model["name"] = name
@@ -94,12 +99,7 @@ class HeadPlan:
                             "would take one policy; give a share that is at least one head and leaves one")
         build_policy(first)
         build_policy(rest)
-        row = [first] * n + [rest] * (spec.num_kv_heads - n)
-        layers = [[json.loads(json.dumps(h)) for h in row] for _ in range(spec.num_layers)]
-        model = dict(spec.fingerprint())
-        if name:
-            model["name"] = name
-        return cls(model, layers, dict(meta))
+        return cls._every_layer(spec, [first] * n + [rest] * (spec.num_kv_heads - n), name, meta)
 
     @classmethod
     def from_policies(cls, spec: ModelSpec, policies: list[list[Policy]], name: str = "", **meta: Any) -> HeadPlan:
