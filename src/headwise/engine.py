@@ -158,14 +158,16 @@ class Engine:
         return cache
 
     def kv_estimate(self, total_tokens: int, plan: HeadPlan | None = None) -> int:
-        """KV bytes a sequence's cache will hold at ``total_tokens`` (``Sequence.max_tokens``), before it runs.
+        """The most KV bytes a sequence's cache will hold on its way to ``total_tokens`` (``Sequence.max_tokens``), before
+        it runs.
 
-        The larger of (a) the plan's bytes (``Policy.kv_bytes``) and (b) what the cache reserves up front,
+        The larger of (a) the plan's bytes at their peak (``Policy.peak_kv_bytes``: a quantized head's largest
+        residual, which it holds at some step before ``total_tokens``) and (b) what the cache reserves up front,
         measured by building it on the ``meta`` device (shapes without storage, about a millisecond): (b) sees
         what (a) cannot, such as page metadata kept in another dtype; (a) covers stores that grow instead of
         reserving."""
         plan = plan or self.plan
-        planned = plan.kv_bytes(self.spec, total_tokens, self.lm.dtype.itemsize)
+        planned = plan.kv_bytes(self.spec, total_tokens, self.lm.dtype.itemsize, peak=True)
         try:
             probe = HeadwiseCache(self.spec, plan, "meta", self.lm.dtype, 1, self.use_kernels)
             probe.reserve(total_tokens)

@@ -271,21 +271,29 @@ class HeadPlan:
     def counts(self) -> dict[str, int]:
         return dict(Counter(h["policy"] for row in self.layers for h in row))
 
-    def kv_bytes(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int:
+    def kv_bytes(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2, *, peak: bool = False) -> int:
         """KV bytes held (summed over layers and KV heads) after ``seq_len`` tokens, K/V in ``dtype_bytes``-byte
-        elements (``Policy.kv_bytes``: a quantized head counts its codes, scales and residual)."""
-        return sum(p.kv_bytes(seq_len, spec.head_dim, dtype_bytes) for row in resolve(self.policies(), spec) for p in row)
+        elements (``Policy.kv_bytes``: a quantized head counts its codes, scales and residual). With ``peak``, the
+        most held at any moment while a request of ``seq_len`` tokens is prefilled and decoded
+        (``Policy.peak_kv_bytes``: a quantized head's largest residual): what budgets and summaries count."""
+        def held(p: Policy) -> int:
+            return (p.peak_kv_bytes if peak else p.kv_bytes)(seq_len, spec.head_dim, dtype_bytes)
 
-    def kv_tokens(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> int:
-        """Token slots held (summed over layers and KV heads) after ``seq_len`` tokens, in dense-equivalent slots:
-        ``kv_bytes`` over the bytes of one dense slot (a key and a value), rounded up. The slots themselves for plans
-        without quantized heads; a quantized head counts the slots its bytes would fill."""
+        return sum(held(p) for row in resolve(self.policies(), spec) for p in row)
+
+    def kv_tokens(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2, *, peak: bool = False) -> int:
+        """Token slots held (summed over layers and KV heads) after ``seq_len`` tokens (with ``peak``: at most, see
+        ``kv_bytes``), in dense-equivalent slots: ``kv_bytes`` over the bytes of one dense slot (a key and a value),
+        rounded up. The slots themselves for plans without quantized heads; a quantized head counts the slots its
+        bytes would fill."""
         slot = 2 * spec.head_dim * dtype_bytes
-        return -(-self.kv_bytes(spec, seq_len, dtype_bytes) // slot)
+        return -(-self.kv_bytes(spec, seq_len, dtype_bytes, peak=peak) // slot)
 
-    def kv_fraction(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2) -> float:
-        """KV memory (bytes) of this plan over the dense plan's, after ``seq_len`` tokens."""
-        return self.kv_bytes(spec, seq_len, dtype_bytes) / max(1, spec.dense_kv_bytes(seq_len, dtype_bytes))
+    def kv_fraction(self, spec: ModelSpec, seq_len: int, dtype_bytes: int = 2, *, peak: bool = False) -> float:
+        """KV memory (bytes) of this plan over the dense plan's, after ``seq_len`` tokens (with ``peak``: the most
+        this plan holds while a request of ``seq_len`` tokens runs, over dense at ``seq_len``; dense never cycles)."""
+        held = self.kv_bytes(spec, seq_len, dtype_bytes, peak=peak)
+        return held / max(1, spec.dense_kv_bytes(seq_len, dtype_bytes))
 
     def max_context(self, spec: ModelSpec) -> int | None:
         """The longest sequence this plan may run on the model: its trained context (``spec.max_context``; None:
@@ -306,7 +314,7 @@ class HeadPlan:
         parts = [f"{n}×{name}" for name, n in sorted(self.counts().items())]
         text = ", ".join(parts)
         if spec is not None and seq_len:
-            text += f" — {100 * self.kv_fraction(spec, seq_len):.1f}% of dense KV at {seq_len} tokens"
+            text += f" — at most {100 * self.kv_fraction(spec, seq_len, peak=True):.1f}% of dense KV at {seq_len} tokens"
         return text
 
 

@@ -133,15 +133,19 @@ def ratio_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def performance_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["plan", "length", "KV MiB", "KV % dense", "KV % dense (measured)", "prefill s", "prefill tok/s",
-              "decode tok/s"]
+    """Per plan and length: KV held by the samples at their end (the engine's count), KV measured (the memory row,
+    ``runner.measure_kv``: at its peak while decoding, and after the prompt), prefill and decode speed."""
+    header = ["plan", "length", "KV MiB", "KV % dense", "KV % dense (measured)", "measured after prefill",
+              "prefill s", "prefill tok/s", "decode tok/s"]
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{100 * x:.1f}"
+
     rows = []
     for r in results["performance"]:
-        measured = r.get("kv_fraction_measured")
         rows.append([
-            r["plan"], _len(r["length"]), _mib(r["kv_bytes"]),
-            "-" if r["kv_fraction"] is None else f"{100 * r['kv_fraction']:.1f}",
-            "-" if measured is None else f"{100 * measured:.1f}",
+            r["plan"], _len(r["length"]), _mib(r["kv_bytes"]), pct(r["kv_fraction"]),
+            pct(r.get("kv_fraction_measured")), pct(r.get("kv_fraction_measured_prefill")),
             "-" if r["prefill_s"] is None else f"{r['prefill_s']:.2f}",
             "-" if r["prefill_tokens_per_s"] is None else f"{r['prefill_tokens_per_s']:.0f}",
             "-" if r["decode_tokens_per_s"] is None else f"{r['decode_tokens_per_s']:.1f}",

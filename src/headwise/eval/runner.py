@@ -8,8 +8,9 @@ Plan specs (``--plans``, comma-separated):
 - ``dense``: every head full attention.
 - a plan file (``plans/x.json``): must have been made for this model (checked against its fingerprint).
 - ``streaming@equal`` / ``streaming@F``: StreamingLLM on every KV head, all heads holding the same number of
-  tokens (``streaming_baseline``), chosen per length so the KV token slots held at that length equal those of
-  the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``).
+  tokens (``streaming_baseline``), chosen per length so the KV token slots held at that length equal the most
+  the first plan file given holds while a request of that length runs (``@equal``: ``HeadPlan.kv_tokens`` with
+  ``peak``, a quantized head's largest residual included) or the fraction ``F`` of dense (``@0.25``).
 - ``random@equal`` / ``random@equal:SEED``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
   global layers and within native sliding layers apart), so it holds exactly the same KV at every length and
   differs only in *which* heads keep what: the test of whether the profiler found the heads that matter.
@@ -268,8 +269,9 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                                      f"or give a fraction of dense such as {kind}@0.25")
 
                 def target(L: int, ref: HeadPlan = files[reference]) -> float:
-                    # in the run's element size: a quantized head's codes are a smaller share of fp32 KV than of bf16
-                    return ref.kv_tokens(spec, L, lm.dtype.itemsize)
+                    # in the run's element size: a quantized head's codes are a smaller share of fp32 KV than of bf16;
+                    # at the plan's peak, what it holds while it decodes (a streaming head's count never cycles)
+                    return ref.kv_tokens(spec, L, lm.dtype.itemsize, peak=True)
 
                 desc = f"{kind} at the KV slots of {reference}"
             else:
@@ -516,17 +518,74 @@ def _run_sample(engine: Any, sample: Any, max_new_tokens: int | None) -> dict[st
 
 
 MEMORY = "memory"
-"""Pseudo-task row: the KV bytes a plan's cache holds after a prompt of the evaluated length, counted by the
-tensors' sizes and, on CUDA, by the allocator."""
+"""Pseudo-task row: the KV bytes a plan's cache holds after a prompt of the evaluated length and at its peak while
+the new tokens are decoded, counted by the tensors' sizes and, on CUDA, by the allocator."""
+MEMORY_NEW_TOKENS = 16
+"""Tokens the memory row generates after its prompt (the cache is reserved for ``length + 15``, as ``generate``
+reserves): enough decode steps for a CUDA graph (``engine.GRAPH_MIN_STEPS``), as the tasks' answers take."""
+
+
+def measure_kv(engine: Any, length: int, new: int = MEMORY_NEW_TOKENS, cuda: bool = False) -> dict[str, Any]:
+    """The KV bytes one request holds: a ``length``-token prompt (random ids: the bytes depend on the length, not
+    the ids) prefilled into a cache reserved for ``length + new - 1`` tokens, then ``new - 1`` greedy decode steps
+    as ``Engine.generate`` runs them (from a CUDA graph where the engine would use one, ``Engine.graph_decoder``).
+    Returns the tensors' bytes after the prefill (``kv_bytes_tensors``) and their largest after any step
+    (``kv_bytes_tensors_peak``: a quantized head's residual cycles, and graph decode holds its largest at every
+    step). With ``cuda``, also what the allocator gave out since before the cache was made, at the same moments
+    with the step's logits and ids freed; under a CUDA graph, once the steps are done and the graph, its output
+    and input buffers are freed (what is left is the cache as the replays held it)."""
+    import torch
+
+    lm = engine.lm
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        m0 = torch.cuda.memory_allocated(lm.device)
+
+    def allocator() -> int | None:
+        if not cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(lm.device) - m0
+
+    cache = engine.new_cache(1, reserve=length + new - 1)
+    logits = engine.prefill(torch.randint(0, 1000, (1, length)).to(lm.device), cache)
+    token = int(logits[0].argmax())
+    del logits
+    out: dict[str, Any] = {"kv_bytes_tensors": engine.kv_bytes(cache), "kv_bytes_allocator": allocator()}
+    peak: list[int | None] = [out["kv_bytes_tensors"], out["kv_bytes_allocator"]]  # tensors, allocator
+
+    def seen(allocated: int | None) -> None:
+        peak[0] = max(peak[0] or 0, engine.kv_bytes(cache))
+        if allocated is not None:
+            peak[1] = max(peak[1] or 0, allocated)
+
+    decoder = engine.graph_decoder(cache, new - 1)
+    graph = False
+    for _ in range(new - 1):
+        cache.decode_step += 1  # as Engine.step counts a decode step before its forward
+        if decoder is not None:
+            token = int(decoder.step(token)[0].argmax())
+            seen(None)
+            continue
+        ids = torch.tensor([[token]], device=lm.device)
+        logits = engine.forward(ids, cache)
+        token = int(logits[0].argmax())
+        del logits, ids
+        seen(allocator())
+    if decoder is not None:
+        graph = decoder.graph is not None
+        del decoder
+        seen(allocator())
+    return out | {"kv_bytes_tensors_peak": peak[0], "kv_bytes_allocator_peak": peak[1], "cuda_graph": graph,
+                  "tokens": length + new - 1}
 
 
 def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
                     lengths: list[int], cache: SampleCache, model_key: str) -> None:
-    """For each plan and length: prefill a ``length``-token prompt into a cache reserved for it plus 16 new
-    tokens (as ``generate`` reserves), then read the bytes its tensors hold and, on CUDA, what the allocator
-    gave out between before the cache was made and after the prefill (the cache alive, the logits freed)."""
-    import torch
-
+    """For each plan and length, ``measure_kv``: after the prompt and at the peak while decoding. On CUDA twice:
+    the first round also allocates what lives on after it and is not this cache's (kernel workspaces, lazily
+    built tables); measured first in a run, a 4-bit plan read 165-215% of dense at 1K."""
     from headwise.engine import Engine
 
     for L in lengths:
@@ -535,33 +594,15 @@ def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: d
             if plan is None:
                 continue
             key = SampleCache.key(model_key, plan.digest(), MEMORY, L, None, cfg.seed, 0)
-            if cache.get(key) is not None:
-                continue
+            if "kv_bytes_tensors_peak" in (cache.get(key) or {}):
+                continue  # measured (a row from before the peak was measured is measured again)
             engine = Engine(lm, plan, chunk_size=cfg.chunk_size)
-            ids = torch.randint(0, 1000, (1, L)).to(lm.device)  # the bytes held depend on the length, not the ids
-            new = 16
             cuda = lm.device.type == "cuda"
-            # Twice: the first prefill also allocates what lives on after it and is not this cache's (kernel
-            # workspaces, lazily built tables); measured first in a run, a 4-bit plan read 165-215% of dense at 1K.
             for _ in range(2 if cuda else 1):
-                kv_cache = None  # the previous round's, freed before this one is measured
-                if cuda:
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()
-                    m0 = torch.cuda.memory_allocated(lm.device)
-                kv_cache = engine.new_cache(1, reserve=L + new - 1)
-                logits = engine.prefill(ids, kv_cache)
-                del logits
-                allocated = None
-                if cuda:
-                    torch.cuda.synchronize()
-                    allocated = torch.cuda.memory_allocated(lm.device) - m0
-            dense = lm.spec.dense_kv_bytes(L + new - 1, lm.dtype.itemsize)
+                got = measure_kv(engine, L, MEMORY_NEW_TOKENS, cuda)
+            dense = lm.spec.dense_kv_bytes(got["tokens"], lm.dtype.itemsize)
             cache.put({"key": key, "plan": e.label, "digest": plan.digest(), "task": MEMORY, "length": L,
-                       "depth": None, "seed": cfg.seed, "idx": 0, "tokens": L + new - 1,
-                       "kv_bytes_tensors": engine.kv_bytes(kv_cache), "kv_bytes_allocator": allocated,
-                       "dense_kv_bytes": dense})
-            del kv_cache
+                       "depth": None, "seed": cfg.seed, "idx": 0, **got, "dense_kv_bytes": dense})
 
 
 def _run_fidelity(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
@@ -635,6 +676,13 @@ def score_tables(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
     return accuracy, depth_rows
 
 
+def _measured(mem: dict[str, Any], suffix: str) -> float | None:
+    """A memory row's KV over dense: ``kv_bytes_allocator{suffix}``, else ``kv_bytes_tensors{suffix}`` (None: the row
+    is missing, or from before the peak was measured)."""
+    held = mem.get(f"kv_bytes_allocator{suffix}") or mem.get(f"kv_bytes_tensors{suffix}")
+    return None if held is None else round(held / mem["dense_kv_bytes"], 4)
+
+
 def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
              lengths: list[int], tasks: list[str], cache: SampleCache, model_key: str,
              notes: list[str]) -> dict[str, Any]:
@@ -676,13 +724,20 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                 "kv_bytes": round(_mean([s["kv_bytes"] for s in st])) if st else None,
                 "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in st])) if st else None,
                 "kv_fraction": round(_mean([s["kv_fraction"] for s in st]), 4) if st else None,
-                "planned_kv_fraction": round(plan.kv_fraction(spec, L, dtype_bytes), 4),
+                # The plan's count: the most it holds while a request of L tokens runs, and after exactly L tokens.
+                "planned_kv_fraction": round(plan.kv_fraction(spec, L, dtype_bytes, peak=True), 4),
+                "planned_kv_fraction_after": round(plan.kv_fraction(spec, L, dtype_bytes), 4),
                 "measured_tokens": mem.get("tokens"),
+                "measured_cuda_graph": mem.get("cuda_graph"),
                 "kv_bytes_tensors": mem.get("kv_bytes_tensors"),
                 "kv_bytes_allocator": mem.get("kv_bytes_allocator"),
-                "kv_fraction_measured": (round((mem.get("kv_bytes_allocator") or mem["kv_bytes_tensors"])
-                                               / mem["dense_kv_bytes"], 4) if mem else None),
-                "planned_kv_bytes": plan.kv_bytes(spec, L, dtype_bytes),
+                "kv_bytes_tensors_peak": mem.get("kv_bytes_tensors_peak"),
+                "kv_bytes_allocator_peak": mem.get("kv_bytes_allocator_peak"),
+                # Measured (the allocator where there is one, else the tensors) over dense at the cache's reserved
+                # length: at the peak while decoding (``measure_kv``), and after the prompt.
+                "kv_fraction_measured": _measured(mem, "_peak"),
+                "kv_fraction_measured_prefill": _measured(mem, ""),
+                "planned_kv_bytes": plan.kv_bytes(spec, L, dtype_bytes, peak=True),
                 "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
                 "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,
                 # Rates over totals (tokens / seconds), not means of per-sample rates, so they agree with the

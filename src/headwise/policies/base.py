@@ -157,6 +157,14 @@ class Policy(ABC):
         ``kv_tokens`` slots of one key and one value of ``head_dim`` elements of ``dtype_bytes`` each."""
         return self.kv_tokens(seq_len) * 2 * head_dim * dtype_bytes
 
+    def peak_kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """The most bytes one KV head holds at any moment while a request of ``seq_len`` tokens in all is prefilled
+        and decoded in a cache reserved for it (as ``Engine.generate`` reserves), CUDA-graph decode included: what
+        memory budgets must count. By default ``kv_bytes(seq_len)``: a policy whose count never falls as tokens
+        arrive holds the most at the end. A policy whose bytes cycle says so (``quantized``: its full-precision
+        residual shrinks each time a group becomes codes)."""
+        return self.kv_bytes(seq_len, head_dim, dtype_bytes)
+
     @abstractmethod
     def make_store(
         self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype

@@ -163,6 +163,19 @@ class Quantized(Policy):
         residual = seq_len - self.quantized_length(seq_len)
         return self.codes_bytes(self.codes_room(seq_len), head_dim) + 2 * residual * head_dim * dtype_bytes
 
+    def peak_kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        """The most the store holds while a request reaches ``seq_len`` tokens in a cache reserved for them
+        (``Policy.peak_kv_bytes``). Where CUDA-graph decode may run at that length (``graph_blocker_at``), the
+        codes room is reserved up front and the residual reaches its largest, ``graph_residual`` rows (a graph holds
+        them at every step, eager steps once per group): ``graph_bytes``. Elsewhere (short lengths) the codes grow
+        as groups arrive (``QuantizedStore.reserve``): the most ``kv_bytes(n)`` over ``n <= seq_len``, found in the
+        last ``group`` lengths (the residual cycles with period ``group``, the codes never shrink). Either way
+        ``kv_bytes(seq_len)`` can be up to ``group - 1`` residual slots less: it is the least where ``seq_len -
+        residual`` is a multiple of ``group``."""
+        if self.graph_blocker_at(seq_len, head_dim, dtype_bytes) is None:
+            return self.graph_bytes(seq_len, head_dim, dtype_bytes)
+        return max(self.kv_bytes(n, head_dim, dtype_bytes) for n in range(max(1, seq_len - self.group + 1), seq_len + 1))
+
     def codes_attended(self, prompt_len: int, total: int, chunk: int, kernels: bool) -> list[int]:
         """Per query position ``0 .. total - 1`` of a prompt of ``prompt_len`` tokens prefilled in chunks of ``chunk``
         followed by decode steps: how many leading positions the query attends as codes (the rest exactly). A prompt
@@ -356,10 +369,14 @@ class QuantizedStore:
             raise RuntimeError(f"a quantized store cannot rewind from {self.length} to {tokens} tokens")
 
     def reserve(self, total: int) -> None:
-        """Allocate the codes ``total`` tokens will need (exact: no over-allocation when the length is known)."""
+        """Allocate the codes ``total`` tokens will need (exact: no over-allocation when the length is known), where
+        CUDA-graph decode may run at that length (``Quantized.graph_blocker_at``: the codes room and the largest
+        residual fit in dense's bytes). Where it may not (short lengths: a 4-bit head reserved for 160 tokens would
+        hold 32 tokens of codes beside a residual of 159 at position 158, more than 160 dense slots), the codes grow
+        as groups arrive, exactly, so the head holds ``kv_bytes(n)`` after ``n`` tokens, never more than dense."""
         self.reserved = max(self.reserved, total)
         need = self.policy.codes_room(total)
-        if need > self.capacity:
+        if need > self.capacity and self.policy.graph_blocker_at(total, self.head_dim, self.res_k.element_size()) is None:
             self._alloc(need)
 
     def _drop(self, new_first: int) -> None:
@@ -381,10 +398,13 @@ class QuantizedStore:
     def _quantize(self, fk: torch.Tensor, fv: torch.Tensor, new_q: int) -> None:
         """Write ``fk, fv`` (positions ``n_quant .. new_q - 1``) as codes."""
         G = self.group
-        if new_q - self.first > self.capacity:  # grow by doubling when no room was reserved, as DenseStore does
+        need = new_q - self.first
+        if need > self.capacity:
             if self.fixed:
                 raise RuntimeError("a quantized store decoding from a CUDA graph needs its codes reserved")
-            self._alloc(max(new_q - self.first, 2 * self.capacity // G * G))
+            # Exactly within a reservation that left the codes to grow (``reserve``), else by doubling, as DenseStore.
+            exact = need <= self.policy.codes_room(self.reserved)
+            self._alloc(need if exact else max(need, 2 * self.capacity // G * G))
         i, j = self.n_quant - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
         self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
             quantize_keys(fk, self.bits, G))

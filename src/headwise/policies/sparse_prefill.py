@@ -65,6 +65,9 @@ class DecodeDelegate:
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
         return self.decode.kv_bytes(seq_len, head_dim, dtype_bytes)
 
+    def peak_kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
+        return self.decode.peak_kv_bytes(seq_len, head_dim, dtype_bytes)
+
     def make_store(self, batch, heads, head_dim, device, dtype) -> Any:
         return self.decode.make_store(batch, heads, head_dim, device, dtype)
 

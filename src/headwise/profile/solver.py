@@ -13,12 +13,17 @@ either ``full`` or a streaming span; the solver
    token (gain = attention mass kept, from ``mass.py``'s elastic span recalls, MoA-style; without recall data,
    spans grow round-robin), until nothing more fits.
 
-So the plan never exceeds the budget, and among heads of equal cost the full ones are the highest-scoring.
+So the plan never exceeds the budget, and among heads of equal cost the full ones are the highest-scoring. A head
+costs the most it holds at any moment while a request of ``target_len`` tokens is prefilled and decoded
+(``Policy.peak_kv_bytes``): the same as after ``target_len`` tokens for every policy but ``quantized``, whose
+full-precision residual cycles between ``residual`` and ``residual + group - 1`` tokens (CUDA-graph decode holds
+the largest at every step), so a plan solved for ``b`` holds at most ``b`` of dense at ``target_len``
+throughout, not only at the lengths where the residual is shortest.
 
 With ``quantize=True`` (off by default: the solver then behaves exactly as above), a global-layer head also has
 two ``quantized`` options (KIVI, ``policies/quantized.py``) between its streaming spans and ``full``: 8-bit and
 4-bit codes, every token kept and reachable, at their bytes' worth of dense token slots (about 0.56 and 0.31 of
-``full`` at long lengths with KIVI's group of 32; ``Quantized.kv_bytes``). Step 2 then first keeps as many of the
+``full`` at long lengths with KIVI's group of 32; ``Quantized.peak_kv_bytes``). Step 2 then first keeps as many of the
 top-ranked heads whole as fit at 4 bits, and only then spends what is left on precision (8-bit, ``full``) in
 score order: when there are too few slots for every head the ranking wants full, they stay reachable at about a
 quarter or a half of the bytes (Gemma 3's three global KV heads hold 61% of its KV at 4K) rather than the top one
@@ -107,10 +112,11 @@ class Solution:
 
 
 def slot_cost(policy: Policy, spec: ModelSpec, target_len: int, dtype_bytes: int = 2) -> int:
-    """What ``policy`` holds at ``target_len`` in dense token slots (``kv_tokens`` for a dense store; bytes over a
-    slot's bytes, rounded up, for a quantized one)."""
+    """The most ``policy`` holds while a request of ``target_len`` tokens runs (``Policy.peak_kv_bytes``), in dense
+    token slots (``kv_tokens`` for a dense store; bytes over a slot's bytes, rounded up, for a quantized one, whose
+    full-precision residual is counted at its largest)."""
     slot = 2 * spec.head_dim * dtype_bytes
-    return -(-policy.kv_bytes(target_len, spec.head_dim, dtype_bytes) // slot)
+    return -(-policy.peak_kv_bytes(target_len, spec.head_dim, dtype_bytes) // slot)
 
 
 def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Tensor | None,
@@ -161,11 +167,12 @@ FIT_STEP = 0.001
 
 
 def held_fraction(spec: ModelSpec, policies: list[list[Policy]], length: int, dtype_bytes: int = 2) -> float:
-    """KV a plan of ``policies`` holds after ``length`` tokens, as a fraction of dense (native windows applied)."""
+    """The most KV a plan of ``policies`` holds while a request of ``length`` tokens runs (``HeadPlan.kv_tokens``
+    with ``peak``), as a fraction of dense at ``length`` (native windows applied)."""
     from headwise.plan import HeadPlan
 
     plan = HeadPlan.from_policies(spec, policies, "fit")
-    return plan.kv_tokens(spec, length, dtype_bytes) / max(1, spec.dense_kv_tokens(length))
+    return plan.kv_tokens(spec, length, dtype_bytes, peak=True) / max(1, spec.dense_kv_tokens(length))
 
 
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
