@@ -6,10 +6,12 @@ import json
 
 import pytest
 
+from headwise.engine import Engine
 from headwise.errors import ContextLengthError, InputError, PlanError
 from headwise.eval.report import write_report
 from headwise.eval.runner import (
     EvalConfig,
+    measure_kv,
     parse_length,
     parse_tasks,
     quest_baseline,
@@ -19,6 +21,7 @@ from headwise.eval.runner import (
 )
 from headwise.plan import HeadPlan
 from headwise.spec import ModelSpec
+from tiny import tiny_model
 
 GEMMA_LIKE = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768,
                        tuple(None if i in (5, 11, 17) else 512 for i in range(18)))
@@ -86,12 +89,14 @@ def test_equal_memory_baselines_follow_the_plan_file_at_each_length(smollm2, tmp
 
 def test_equal_memory_of_a_quantized_plan_is_counted_in_the_runs_element_size(smollm2, tmp_path):
     """4-bit codes are a smaller share of fp32 KV than of bf16: on the fp32 model the streaming baseline matches the
-    plan's bytes in fp32 (the CPU demo showed 49% against 38% when it counted bf16)."""
+    plan's bytes in fp32 (the CPU demo showed 49% against 38% when it counted bf16), at the plan's peak (its largest
+    residual: at 2048 tokens the residual after the prompt is its shortest, 128 of up to 159 tokens)."""
     spec = smollm2.spec
     ref = HeadPlan.uniform(spec, {"policy": "quantized", "params": {"bits": 4}}, "smollm2-135m")
     path = ref.save(tmp_path / "q.json")
     base = resolve_plans([str(path), "streaming@equal"], smollm2)[1].plan_for(2048)
-    want = ref.kv_bytes(spec, 2048, 4)
+    want = ref.kv_bytes(spec, 2048, 4, peak=True)
+    assert want > ref.kv_bytes(spec, 2048, 4) + spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4
     assert smollm2.dtype.itemsize == 4
     assert want - spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4 < base.kv_bytes(spec, 2048, 4) <= want
 
@@ -153,6 +158,9 @@ def test_tiny_eval_writes_results_and_report_then_resumes_without_model_work(smo
     assert len(saved["rows"]) == 2 and {r["task"] for r in saved["fidelity"]} == {"fidelity"}
     kv = {r["plan"]: r["kv_bytes"] for r in saved["performance"]}
     assert kv["streaming@0.5"] < kv["dense"]
+    # Streaming never cycles: its measured peak is its count after the prompt (both over dense at the same length).
+    for r in saved["performance"]:
+        assert r["kv_fraction_measured"] == r["kv_fraction_measured_prefill"] is not None
     assert res["runs_this_time"] == 4  # 2 plans x (1 passkey sample + fidelity)
     files = write_report(saved, out)
     page = files["html"].read_text()
@@ -166,6 +174,24 @@ def test_tiny_eval_writes_results_and_report_then_resumes_without_model_work(smo
         hook.remove()
     assert calls == [] and again["runs_this_time"] == 0
     assert again["accuracy"] == res["accuracy"]
+
+
+@pytest.mark.parametrize("prompt", [40, 45])
+def test_measured_kv_peaks_while_decoding_at_the_plans_peak(prompt):
+    """The memory row decodes after the prompt: a quantized plan's residual grows back to its largest (here within
+    the 15 steps: group 8), so the measured peak is the plan's predicted peak at the request's length, above the
+    count after the prompt. At 40 tokens (40 - residual 8 is a multiple of the group) the residual after the prompt
+    is at its shortest: read there alone, the lucky length gave the least the plan ever holds."""
+    lm = tiny_model("llama")
+    plan = HeadPlan.uniform(lm.spec, {"policy": "quantized", "params": {"bits": 4, "group": 8, "residual": 8}}, "tiny")
+    got = measure_kv(Engine(lm, plan), prompt)
+    total, item = prompt + 15, lm.dtype.itemsize
+    assert got["tokens"] == total and got["kv_bytes_allocator"] is None and not got["cuda_graph"]
+    assert got["kv_bytes_tensors_peak"] == plan.kv_bytes(lm.spec, total, item, peak=True) <= lm.spec.dense_kv_bytes(total, item)
+    assert got["kv_bytes_tensors"] < got["kv_bytes_tensors_peak"]
+    dense = HeadPlan.dense(lm.spec, "tiny")
+    flat = measure_kv(Engine(lm, dense), prompt)
+    assert flat["kv_bytes_tensors"] == flat["kv_bytes_tensors_peak"] == lm.spec.dense_kv_bytes(total, item)
 
 
 def test_cli_reports_bad_task_in_one_line(capsys):

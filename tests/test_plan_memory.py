@@ -1,6 +1,8 @@
 """No plan holds more KV than dense, at any prompt length: shipped plans, profiler solutions (with and without
 quantized heads), hand-built plans with quantized heads on native sliding-window layers, equal-memory baselines;
-counted from the tensors a real cache allocates for that length."""
+counted from the tensors a real cache allocates for that length, and at the plan's peak (``HeadPlan.kv_bytes`` with
+``peak``: the most held at any moment of a request of that length, a quantized head's largest residual included),
+which a cache run through a prompt and decode steps reaches and never exceeds."""
 
 from pathlib import Path
 
@@ -33,6 +35,7 @@ def test_shipped_plan_never_holds_more_than_dense(path):
     plan.check_model(spec)
     for n in LENGTHS:
         assert held_bytes(spec, plan, n) <= spec.dense_kv_bytes(n, 2), f"{path.name} at {n} tokens"
+        assert plan.kv_bytes(spec, n, peak=True) <= spec.dense_kv_bytes(n, 2), f"{path.name}: peak at {n} tokens"
 
 
 @pytest.mark.parametrize("quantize", [False, True], ids=["plain", "quantize"])
@@ -47,7 +50,9 @@ def test_solved_plans_never_hold_more_than_dense(budget, quantize):
         plan = HeadPlan.from_policies(spec, sol.policies, "test")
         for n in LENGTHS:
             assert held_bytes(spec, plan, n) <= spec.dense_kv_bytes(n, 2), f"budget {budget} at {n} tokens"
+            assert plan.kv_bytes(spec, n, peak=True) <= spec.dense_kv_bytes(n, 2), f"budget {budget}: peak at {n}"
         assert held_bytes(spec, plan, 1024) <= budget * spec.dense_kv_bytes(1024, 2)
+        assert plan.kv_bytes(spec, 1024, peak=True) <= budget * spec.dense_kv_bytes(1024, 2)  # the solver's count
 
 
 def test_a_short_prompt_holds_no_more_ring_slots_than_tokens():
@@ -74,5 +79,37 @@ def test_plans_with_windowed_quantized_heads_never_hold_more_than_dense(name):
     plan = HeadPlan(dict(GEMMA3.fingerprint()), WINDOWED_PLANS[name])
     for n in range(1, 3 * 512 + 70):
         assert plan.kv_bytes(GEMMA3, n) <= GEMMA3.dense_kv_bytes(n, 2), f"{n} tokens"
+        assert plan.kv_bytes(GEMMA3, n, peak=True) <= GEMMA3.dense_kv_bytes(n, 2), f"peak at {n} tokens"
     for n in LENGTHS:
         assert held_bytes(GEMMA3, plan, n) <= GEMMA3.dense_kv_bytes(n, 2), f"{n} tokens"
+
+
+def run_bytes(spec: ModelSpec, plan: HeadPlan, prompt: int, total: int) -> list[int]:
+    """Bytes a cache reserved for ``total`` tokens holds after a ``prompt``-token prefill (chunks of 512) and after
+    each one-token step up to ``total``: the stores' own appends, as eager decode steps make them."""
+    cache = HeadwiseCache(spec, plan, "cpu", torch.bfloat16)
+    cache.reserve(total)
+    groups = [g for layer in cache.layers for g in layer.groups]
+    out = []
+    for start, end in [*((s, min(s + 512, prompt)) for s in range(0, prompt, 512)),
+                       *((p, p + 1) for p in range(prompt, total))]:
+        for g in groups:
+            kv = torch.zeros(1, len(g.kv_heads), end - start, spec.head_dim, dtype=torch.bfloat16)
+            g.store.append(kv, kv)
+        out.append(cache.kv_bytes())
+    return out
+
+
+@pytest.mark.parametrize("name", ["int4-everywhere", "int8-everywhere", "int8-group64-residual300"])
+@pytest.mark.parametrize("prompt", [120, 125, 160, 660, 2048])
+def test_a_request_reaches_the_plans_peak_and_never_more(name, prompt):
+    """A prompt then 70 decode steps (more than a group: the residual goes round a whole cycle): the most the cache
+    holds is the plan's peak at the request's length, no more than dense there. At 120-200 tokens a quantized head
+    cannot decode from a CUDA graph (its fixed residual beside the codes would exceed dense) and its codes grow as
+    groups arrive; from 2048 (2048 - 128 is a multiple of 32: the residual is at its shortest after the prompt, the
+    lucky length the after-prompt count was read at) the steps pass the residual's largest."""
+    plan = HeadPlan(dict(GEMMA3.fingerprint()), WINDOWED_PLANS[name])
+    total = prompt + 70
+    held = run_bytes(GEMMA3, plan, prompt, total)
+    assert max(held) == plan.kv_bytes(GEMMA3, total, peak=True) <= GEMMA3.dense_kv_bytes(total, 2)
+    assert held[0] < max(held)

@@ -549,7 +549,8 @@ def measure_kv(engine: Any, length: int, new: int = MEMORY_NEW_TOKENS, cuda: boo
         return torch.cuda.memory_allocated(lm.device) - m0
 
     cache = engine.new_cache(1, reserve=length + new - 1)
-    logits = engine.prefill(torch.randint(0, 1000, (1, length)).to(lm.device), cache)
+    ids = torch.randint(0, min(1000, lm.model.config.vocab_size), (1, length))
+    logits = engine.prefill(ids.to(lm.device), cache)
     token = int(logits[0].argmax())
     del logits
     out: dict[str, Any] = {"kv_bytes_tensors": engine.kv_bytes(cache), "kv_bytes_allocator": allocator()}

@@ -16,7 +16,14 @@ How this differs from KIVI:
   ``residual + group`` tokens per step, like the ``streaming`` reference path's), rather than as a fixed buffer of
   ``residual + group - 1`` slots: with a fixed buffer the first quantized groups would sit next to a full-size
   residual, and for lengths just past ``residual + group`` the head would hold more bytes than dense. CUDA-graph
-  decode (below) uses the fixed buffer, only where it cannot.
+  decode (below) uses the fixed buffer, only where it cannot. For the same reason a store reserved for such a
+  length (where graph decode is blocked) grows its codes as groups arrive instead of reserving them up front.
+
+Memory: ``kv_bytes(n)`` is what the store holds after ``n`` tokens; it is least where ``n - residual`` is a multiple
+of ``group`` (the residual at ``residual`` tokens) and up to ``group - 1`` slots more elsewhere. A request of ``n``
+tokens passes through those lengths, and CUDA-graph decode holds the largest residual at every step, so budgets count
+``peak_kv_bytes(n)``: the codes room and the largest residual (``graph_bytes`` where graph decode may run; else the
+most ``kv_bytes`` up to ``n``). Never more than dense at ``n``.
 - *Prefill* attends over the stored (quantized) past plus the chunk in full precision, then commits the chunk
   (KIVI's prefill is full precision too); so results depend on the chunk size only through which tokens are
   already quantized when a later chunk attends.

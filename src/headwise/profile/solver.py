@@ -29,8 +29,9 @@ score order: when there are too few slots for every head the ranking wants full,
 quarter or a half of the bytes (Gemma 3's three global KV heads hold 61% of its KV at 4K) rather than the top one
 full and the rest streaming. Without ``quantize`` the cheapest whole option is ``full`` and step 2 is as above. On a
 native sliding-window layer the quantized options keep exactly the model's window (``plan.resolve`` gives them the
-layer's window, ``Quantized.for_native_window``), at about 0.48 (4-bit) and 0.67 (8-bit) of the window's dense bytes
-for Gemma 3's 512-token window, head_dim 256, KIVI's residual of 128: a plan keeps every token the model sees
+layer's window, ``Quantized.for_native_window``), at 0.545 (4-bit) and 0.73 (8-bit) of the window's dense bytes
+at their peak (0.48 and 0.67 where the residual is shortest) for Gemma 3's 512-token window, head_dim 256, KIVI's
+residual of 128: a plan keeps every token the model sees
 (Gemma 3's 15 sliding layers hold 56% of its dense KV at 2K, which streaming alone could only cut by hiding tokens).
 Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
