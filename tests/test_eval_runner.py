@@ -214,6 +214,25 @@ def test_measured_kv_peaks_while_decoding_at_the_plans_peak(prompt):
     assert flat["kv_bytes_tensors"] == flat["kv_bytes_tensors_peak"] == lm.spec.dense_kv_bytes(total, item)
 
 
+@pytest.mark.gpu
+def test_measured_kv_under_a_cuda_graph_is_the_plans_peak_by_both_counts():
+    """On CUDA the memory row decodes from a CUDA graph where the engine would (a quantized plan reserved for 315
+    tokens allows one): the tensors hold the plan's peak, and the allocator, read once the graph and its buffers are
+    freed, holds the same bytes up to its rounding of each tensor to 512 bytes."""
+    import torch
+
+    lm = tiny_model("llama")
+    lm.model.to("cuda", torch.bfloat16)
+    plan = HeadPlan.uniform(lm.spec, {"policy": "quantized", "params": {"bits": 4, "group": 8, "residual": 8}}, "tiny")
+    engine = Engine(lm, plan)
+    measure_kv(engine, 300, cuda=True)  # as the eval does: the first round allocates the kernels' own buffers
+    got = measure_kv(engine, 300, cuda=True)
+    peak = plan.kv_bytes(lm.spec, 315, 2, peak=True)
+    assert got["cuda_graph"] and got["kv_bytes_tensors_peak"] == peak > got["kv_bytes_tensors"]
+    rounding = 512 * 9 * lm.spec.num_layers  # 8 tensors and the bounds per layer's store
+    assert peak <= got["kv_bytes_allocator_peak"] <= peak + rounding
+
+
 def test_cli_reports_bad_task_in_one_line(capsys):
     from headwise.cli import main
 

@@ -172,7 +172,7 @@ LENGTHS = (1, 64, 159, 160, 200, 300, 511, 512, 513, 543, 544, 1000, 1055, 2048,
 @pytest.mark.parametrize("which", ["smollm2-shipped", "gemma3-int4", "gemma3-int8-window160"])
 def test_a_graph_ready_cache_never_holds_more_than_dense(which):
     """Reserved for each length, where every quantized head allows graph decode its stores switch to the fixed
-    residual, and the cache still holds no more than dense (not just past ``residual + group``, where the first
+    residual, holding the plan's peak at every step, and the cache still holds no more than dense (not just past ``residual + group``, where the first
     codes sit beside a full residual); the shipped SmolLM2 plan allows it at every length from 544 on, Gemma 3's
     windowed heads too."""
     if which == "smollm2-shipped":
@@ -193,4 +193,5 @@ def test_a_graph_ready_cache_never_holds_more_than_dense(which):
             if isinstance(g.store, QuantizedStore):
                 g.store._fix()
         assert cache.kv_bytes() <= spec.dense_kv_bytes(n, 2), f"{n} tokens"
+        assert cache.kv_bytes() == plan.kv_bytes(spec, n, peak=True), f"{n} tokens: graph decode holds the peak"
     assert {n for n in LENGTHS if n >= 544} <= set(allowed)
