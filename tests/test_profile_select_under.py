@@ -95,6 +95,8 @@ def test_a_budget_choice_never_holds_more_than_its_budget_and_is_recorded(tiny_l
     assert sel["lengths"] == [512, 992] and sel["probes"] == 4  # twice 512 within the 1024-token context
     assert all(c["kv_fraction"] <= c["budget"] for c in cands)
     assert all(sum(c["answered_by_length"].values()) == c["probes_answered"] for c in cands)
+    assert all(sum(c["answered_by_haystack"].values()) == c["probes_answered"] for c in cands)
+    assert sum(sel["probes_by_haystack"].values()) == 4 and set(sel["dense_by_haystack"]) == set(sel["probes_by_haystack"])
     best = max(c["probes_answered"] for c in cands)
     chosen = min((c for c in cands if c["probes_answered"] == best), key=lambda c: c["kv_fraction"])
     assert sel["chosen"] == chosen

@@ -486,23 +486,29 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
     probes = probe_set(lm.tokenizer, use, n_probes)
     dense = measure_budgets(lm, cands, probes)
     best = choose_budget(cands)
+    hay = [h for L in use for h in probes.haystacks[L]]
     info = {"by": "budget", "probes_per_length": n_probes, "lengths": use,
             "dense_probes_answered": int(dense.sum()), "probes": int(dense.numel()),
+            "dense_by_haystack": {h: sum(bool(d) for g, d in zip(hay, dense.tolist()) if g == h) for h in sorted(set(hay))},
+            "probes_by_haystack": {h: hay.count(h) for h in sorted(set(hay))},
             "nested": nested([c.solution.policies for c in cands]), "full_share": full_share,
             "candidates": [c.info() for c in cands], "chosen": best.info()}
     return best.solution, info
 
 
 def print_selection(selection: dict[str, Any]) -> None:
-    """The budget selection's candidates as a short table on stdout (``--select-under``)."""
+    """The budget selection's candidates as a short table on stdout (``--select-under``): probes answered exactly
+    per length, in all, and in repeated filler (``cycle``, the evaluation's passkey regime)."""
     lengths = [str(L) for L in selection["lengths"]]
-    print(f"budget  KV held  {'  '.join(f'{L:>6}' for L in lengths)}     all  plan "
-          f"(of {selection['probes_per_length']} probes per length; dense {selection['dense_probes_answered']}"
-          f"/{selection['probes']})")
+    cycle = selection.get("probes_by_haystack", {}).get("cycle", 0)
+    print(f"budget  KV held  {'  '.join(f'{L:>6}' for L in lengths)}     all  cycle  plan "
+          f"(probes answered exactly of {selection['probes_per_length']} per length, {cycle} in cycle; dense "
+          f"{selection['dense_probes_answered']}/{selection['probes']})")
     for c in selection["candidates"]:
         mark = "*" if c["budget"] == selection["chosen"]["budget"] else " "
         by = "  ".join(f"{c['answered_by_length'].get(L, 0):>6}" for L in lengths)
-        print(f"{c['budget']:<6g}{mark} {100 * c['kv_fraction']:6.1f}%  {by}  {c['probes_answered']:>6}  {c['plan']}")
+        print(f"{c['budget']:<6g}{mark} {100 * c['kv_fraction']:6.1f}%  {by}  {c['probes_answered']:>6}  "
+              f"{c['answered_by_haystack'].get('cycle', 0):>5}  {c['plan']}")
 
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,

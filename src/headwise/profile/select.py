@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -159,6 +159,8 @@ class ProbeSet:
     """length -> [n, length + answer] prompt with the answer fed in (answers padded to one length by repetition)."""
     answer: dict[int, torch.Tensor]
     """length -> [n, A] answer token ids (-1 past a shorter answer)."""
+    haystacks: dict[int, list[str]] = field(default_factory=dict)
+    """length -> each probe's haystack (``probes.HAYSTACKS`` key), where known."""
 
 
 def _answer_ids(tokenizer: Any, probe: Any) -> list[int] | None:
@@ -179,8 +181,9 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
 
     ids: dict[int, torch.Tensor] = {}
     answers: dict[int, torch.Tensor] = {}
+    haystacks: dict[int, list[str]] = {}
     for L in lengths:
-        rows, ans = [], []
+        rows, ans, hay = [], [], []
         k = 0
         while len(rows) < n:
             p = retrieval_probe(tokenizer, L, (len(rows) + 0.5) / n, seed + k)
@@ -190,10 +193,12 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
                 continue
             rows.append(p.ids)
             ans.append(a)
+            hay.append(p.format.haystack)
         width = max(len(a) for a in ans)
         ids[L] = torch.tensor([r + (a * width)[:width] for r, a in zip(rows, ans)])
         answers[L] = torch.tensor([a + [-1] * (width - len(a)) for a in ans])
-    return ProbeSet(ids, answers)
+        haystacks[L] = hay
+    return ProbeSet(ids, answers, haystacks)
 
 
 def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
@@ -260,13 +265,16 @@ def subset(probes: ProbeSet, keep: torch.Tensor) -> ProbeSet:
     """The probes where ``keep`` (bool over all probes, in ``probe_losses`` order) is set; empty lengths dropped."""
     ids: dict[int, torch.Tensor] = {}
     answer: dict[int, torch.Tensor] = {}
+    haystacks: dict[int, list[str]] = {}
     start = 0
     for L, x in probes.ids.items():
         k = keep[start : start + x.shape[0]]
         start += x.shape[0]
         if bool(k.any()):
             ids[L], answer[L] = x[k], probes.answer[L][k]
-    return ProbeSet(ids, answer)
+            if L in probes.haystacks:
+                haystacks[L] = [h for h, kept in zip(probes.haystacks[L], k.tolist()) if kept]
+    return ProbeSet(ids, answer, haystacks)
 
 
 @dataclass
@@ -341,6 +349,8 @@ class BudgetCandidate:
     """Probes answered exactly (every answer token the argmax)."""
     by_length: dict[int, int] | None = None
     """Probe length -> probes answered exactly at that length."""
+    by_haystack: dict[str, int] | None = None
+    """Haystack -> probes answered exactly in it (``cycle``, repeated filler, is the evaluation's passkey regime)."""
     kept: int = 0
     """Of the probes dense answers exactly, those this plan answers too."""
     nll: float = 0.0
@@ -350,6 +360,7 @@ class BudgetCandidate:
         return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
                 "plan": composition(self.solution.policies), "probes_answered": self.answered,
                 "answered_by_length": {str(k): v for k, v in (self.by_length or {}).items()},
+                "answered_by_haystack": dict(sorted((self.by_haystack or {}).items())),
                 "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4)}
 
 
@@ -360,10 +371,14 @@ def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: 
     dense, _ = probe_losses(lm, None, probes, batch)
     tokens = sum(int((a >= 0).sum()) for a in probes.answer.values())
     sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
+    hay = [h for L in probes.ids for h in probes.haystacks.get(L, [])]
     for c in candidates:
         hits, nll = probe_losses(lm, c.solution.policies, probes, batch)
         c.answered, c.kept, c.nll = int(hits.sum()), int((hits & dense).sum()), float(nll.sum()) / max(1, tokens)
         c.by_length = {L: int(h.sum()) for (L, _), h in zip(sizes, hits.split([n for _, n in sizes]))}
+        c.by_haystack = {h: 0 for h in hay}
+        for h, hit in zip(hay, hits.tolist()):
+            c.by_haystack[h] += hit
     return dense
 
 
