@@ -130,3 +130,11 @@ def test_bad_select_under_is_a_one_line_error_before_loading(extra, says, tmp_pa
     err = capsys.readouterr().err.strip()
     assert rc == 2 and says in err and "\n" not in err, err
     assert not out.exists()
+
+
+def test_a_listed_budget_too_small_for_any_plan_is_named(tiny_llama, source):
+    from headwise.errors import BudgetError
+
+    with pytest.raises(BudgetError, match=r"--select-under 0\.05: .*drop it from the list"):
+        resolve_from_scores(tiny_llama, source, 0.6, 512, "retrieval", full_share=1.0, select_probes=1,
+                            select_under=(0.05, 0.3))

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from headwise.errors import HeadwiseError, InputError
+from headwise.errors import BudgetError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.profile.mass import MassResult
@@ -231,7 +231,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``). ``ablation_base``: the
     policy the ablation ranking's unswitched heads run in (``ablate.BASES``; ``method="ablation"`` only), recorded in
     ``meta["ablation"]["base"]``. ``select_under``: smaller budgets whose plans (same ranking, same ``full_share``)
-    compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under``)."""
+    compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under_budget``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -461,10 +461,11 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
                         quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """The plan for ``budget`` that keeps the most retrieval: ``score`` solved at ``budget`` and at each budget in
-    ``under`` (nested plans: a larger budget keeps every head at least as precisely), each run on the held-in probes
+    ``under`` (usually nested: a larger budget keeps every head at least as precisely; ``meta["selection"]["nested"]``
+    says whether they are), each run on the held-in probes
     (``select.probe_set``'s seed, not the ablation's) at ``lengths`` (default: ``probe_lengths``); the one answering
     the most exactly wins, ties going to the one holding less KV (``select.choose_budget``). More KV is not always
-    more retrieval: on the H200, SmolLM2's plan at 0.75 (52 full + 38 4-bit heads) kept 52/75 2K passkeys where the
+    more retrieval: on the H200, SmolLM2's plan at 0.75 (52 full + 37 4-bit + 1 8-bit) kept 52/75 2K passkeys where the
     nested plan at 0.5 (15 full + 75 4-bit) kept 71/72 (docs/quality.md). Returns the solution and
     ``meta["selection"]``."""
     from headwise.profile.select import BudgetCandidate, choose_budget, measure_budgets, nested, probe_set
@@ -474,14 +475,21 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
         raise InputError("--select-under runs the candidate plans on held-in probes; it needs at least one probe per "
                          "length (--select-probes)")
     spec = lm.spec
-    cands = [BudgetCandidate(b, solve(spec, score, b, target_len, span_value, full_share=full_share,
-                                      quantize=quantize, ranks=ranks, fit_lengths=fit_lengths))
-             for b in sorted({*under, budget})]
     limit = spec.max_context
     too_long = [L for L in lengths if limit is not None and limit < L + 32]
     if too_long:
         raise InputError(f"--select-lengths {', '.join(map(str, too_long))} leave no room for the probe's answer in "
                          f"{lm.name}'s {limit}-token context; use lengths up to {limit - 32}")
+    cands = []
+    for b in sorted({*under, budget}):
+        try:
+            sol = solve(spec, score, b, target_len, span_value, full_share=full_share, quantize=quantize, ranks=ranks,
+                        fit_lengths=fit_lengths)
+        except BudgetError as exc:
+            if b == budget:
+                raise
+            raise BudgetError(f"--select-under {b:g}: {exc}; drop it from the list") from None
+        cands.append(BudgetCandidate(b, sol))
     use = sorted(set(lengths)) or probe_lengths(spec, target_len)
     probes = probe_set(lm.tokenizer, use, n_probes)
     dense = measure_budgets(lm, cands, probes)
