@@ -41,7 +41,9 @@ export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$WORK"
 hw() { python3 -m headwise.cli "$@"; }
 T0=$(date +%s)
-left() { local l=$(( arg - ($(date +%s) - T0) - 60 )); echo $(( l > 30 ? l : 30 )); }  # 60 s kept to collect
+# Seconds the shards may run: what is left of SECONDS less the --collect that follows them (COLLECT_S, 120 s by
+# default) and 20 s to pack, so a call given SECONDS ends within them with its results collected.
+left() { local l=$(( arg - ($(date +%s) - T0) - ${COLLECT_S:-120} - 20 )); echo $(( l > 30 ? l : 30 )); }
 
 pack() {
   [ -n "${OUT:-}" ] || return 0

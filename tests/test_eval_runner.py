@@ -116,6 +116,26 @@ def test_random_placement_draws_are_seeded_and_hold_the_plans_kv(smollm2, tmp_pa
         resolve_plans([str(path), "random@equal:x"], smollm2)
 
 
+def test_random_placement_is_never_the_plan_itself_where_another_deal_exists():
+    """Gemma 3's shipped plan: 8, 8 and 4 bits on the three global heads, 4 bits on every sliding one. A deal that
+    gives every head its own policy back is drawn again (seed 0 dealt exactly that in run 9); a plan with one
+    policy everywhere has no other deal and is returned as is."""
+    from pathlib import Path
+
+    from headwise.eval.runner import random_baseline
+    from headwise.spec import ModelSpec
+
+    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
+    ref = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m.json")
+    for seed in range(6):
+        rnd = random_baseline(spec, ref, "gemma3-270m", seed)
+        assert rnd.layers != ref.layers
+        assert sorted(str(h) for row in rnd.layers for h in row) == sorted(str(h) for row in ref.layers for h in row)
+        assert all(rnd.kv_bytes(spec, L) == ref.kv_bytes(spec, L) for L in (2048, 4096, 8192))
+    uniform = HeadPlan.uniform(spec, {"policy": "full"}, "gemma3-270m")
+    assert random_baseline(spec, uniform, "gemma3-270m").layers == uniform.layers
+
+
 def test_equal_memory_baseline_needs_a_plan_file(smollm2):
     with pytest.raises(InputError, match="list a plan file"):
         resolve_plans(["dense", "streaming@equal"], smollm2)

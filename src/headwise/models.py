@@ -194,19 +194,46 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
     if (cached / "headwise-converted.json").is_file():
         model, tok = load_dir(cached, dtype, device)
         return model, tok, f"{gguf} (converted cache {cached})"
-    t0 = time.time()
-    if progress:
-        log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
-    model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
-    tmp = cached.with_name(cached.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    _save_converted(model, tok, tmp)
-    (tmp / "headwise-converted.json").write_text(json.dumps({"source": str(gguf), "seconds": time.time() - t0}))
-    shutil.rmtree(cached, ignore_errors=True)
-    os.replace(tmp, cached)
+    converted: list[Any] = []
+
+    def convert(out: Path) -> None:
+        t0 = time.time()
+        if progress:
+            log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
+        model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
+        _save_converted(model, tok, out)
+        (out / "headwise-converted.json").write_text(json.dumps({"source": str(gguf), "seconds": time.time() - t0}))
+        converted.extend([model, tok])
+
+    if not convert_once(cached, convert):  # another process converted it while this one waited
+        model, tok = load_dir(cached, dtype, device)
+        return model, tok, f"{gguf} (converted cache {cached})"
+    model, tok = converted
     model.to(dtype=dtype, device=device)
     return model, tok, str(gguf)
+
+
+def convert_once(target: Path, write: Callable[[Path], None]) -> bool:
+    """Make the directory ``target`` with ``write(tmp)`` unless it exists, safe against other processes doing the
+    same (the shards of one ``headwise eval`` all load the model at once): one converts under a lock file beside
+    ``target`` while the others wait, then find ``target`` whole. Returns whether this call wrote it."""
+    import fcntl
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.with_name(target.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        if (target / "headwise-converted.json").is_file():
+            return False
+        tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            write(tmp)
+            shutil.rmtree(target, ignore_errors=True)  # a partial directory left by an older version
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
 
 
 def _save_converted(model: Any, tok: Any, out: Path) -> None:

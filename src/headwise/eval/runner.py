@@ -12,7 +12,8 @@ Plan specs (``--plans``, comma-separated):
   the first plan file given (``@equal``) or the fraction ``F`` of dense (``@0.25``).
 - ``random@equal`` / ``random@equal:SEED``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
   global layers and within native sliding layers apart), so it holds exactly the same KV at every length and
-  differs only in *which* heads keep what: the test of whether the profiler found the heads that matter.
+  differs only in *which* heads keep what: the test of whether the profiler found the heads that matter (a deal
+  that gives the plan back is drawn again: ``random_baseline``).
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -187,18 +188,22 @@ def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: 
 def random_baseline(spec: Any, reference: HeadPlan, name: str, seed: int = 0) -> HeadPlan:
     """``reference``'s per-head policies dealt to the KV heads in a seeded random order, global layers and native
     sliding layers apart (a policy means something else on a sliding layer): the same KV bytes at every length,
-    other heads."""
+    other heads. A draw that deals every head the policy it has in ``reference`` is no baseline, so the deal is
+    drawn again (up to 100 times) until some head differs, where any arrangement differs at all."""
     import random
 
-    rows = [[dict(h) for h in row] for row in reference.layers]
     rng = random.Random(f"headwise-random-baseline:{seed}")
-    for sliding in (False, True):
-        slots = [(i, j) for i, w in enumerate(spec.layer_windows) if (w is not None) == sliding
-                 for j in range(spec.num_kv_heads)]
-        heads = [reference.layers[i][j] for i, j in slots]
-        rng.shuffle(heads)
-        for (i, j), h in zip(slots, heads):
-            rows[i][j] = dict(h)
+    groups = [[(i, j) for i, w in enumerate(spec.layer_windows) if (w is not None) == sliding
+               for j in range(spec.num_kv_heads)] for sliding in (False, True)]
+    for _ in range(100):
+        rows = [[dict(h) for h in row] for row in reference.layers]
+        for slots in groups:
+            heads = [reference.layers[i][j] for i, j in slots]
+            rng.shuffle(heads)
+            for (i, j), h in zip(slots, heads):
+                rows[i][j] = dict(h)
+        if rows != reference.layers:
+            break
     plan = _plan(spec, rows, name, f"random placement of {reference.meta.get('created_by', 'the plan')}'s policies")
     plan.gates = reference.gates  # a SeerAttention gate covers every head of its layer, wherever a seer head lands
     return plan

@@ -26,11 +26,15 @@ How this differs from the authors' code: padded keys (sequence lengths that are 
 masked rather than attended as zero vectors; queries are padded to a whole number of blocks per key block (the
 code assumes it divides); the duplicate-entry mask of step 2 is always applied (their CUDA path skips it); the
 bucket order is the *position* in the Gray sequence (their code indexes the Gray sequence by the bucket id, which
-is a different order); GQA key heads are expanded to the query heads. GPU path: the exact causal base problems, and the sortLSH
-blocks when no key is padded, run on PyTorch's flash attention (``aten._scaled_dot_product_flash_attention``, which
-also returns the log-sum-exp); the sampled part (and blocks with padded keys) are fp32 matrix products over a few
-heads at a time (our block-sparse kernel takes block lists in position order and returns no log-sum-exp). Without
-``use_kernels`` every piece is the fp32 reference.
+is a different order); samples are drawn over key positions rather than over places in the sorted order (the same
+distribution; ``draw_samples`` says why); GQA key heads are expanded to the query heads. Fast path (``use_kernels``):
+the exact causal base problems, and the sortLSH blocks when no key is padded, run on PyTorch's flash attention
+(``aten._scaled_dot_product_flash_attention``, which also returns the log-sum-exp; on the CPU its CPU twin); the
+sampled part (and blocks with padded keys) are fp32 matrix products over a few heads at a time (our block-sparse
+kernel takes block lists in position order and returns no log-sum-exp). Without ``use_kernels`` every piece is the
+fp32 reference. The two paths hash identical inputs identically (the projections are fp32 on both), but the
+hash is discontinuous: in a model, the fast path's bf16-rounded output of one layer moves a few queries and keys
+of the next layers to other buckets, and the rows of the blocks they pass get another (equally good) approximation.
 """
 
 from __future__ import annotations
@@ -58,11 +62,15 @@ def exact_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, c
               key_ok: torch.Tensor | None = None, flash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact attention with its log-sum-exp: q [..., n, D], k, v [..., m, D] (same leading dims); ``causal`` aligns
     the last query with the last key; ``key_ok`` bool broadcastable to [..., n, m] masks entries. Returns out fp32
-    [..., n, D] and lse fp32 [..., n] (-inf and zeros for rows with nothing to attend). On CUDA with ``flash``, an
-    unmasked fp16/bf16 problem runs on PyTorch's flash attention; otherwise (the reference) fp32 matrix products."""
-    if (flash and q.is_cuda and key_ok is None and q.dtype in (torch.float16, torch.bfloat16) and q.dim() == 4
-            and q.shape[-1] <= 256 and (not causal or q.shape[-2] == k.shape[-2])):
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+    [..., n, D] and lse fp32 [..., n] (-inf and zeros for rows with nothing to attend). With ``flash``, an unmasked
+    fp16/bf16 problem runs on PyTorch's flash attention (CUDA; on the CPU, the CPU build's flash kernel, so that CPU
+    tests run this path and its rounding too); otherwise (the reference) fp32 matrix products."""
+    if (flash and q.device.type in ("cuda", "cpu") and key_ok is None and q.dtype in (torch.float16, torch.bfloat16)
+            and q.dim() == 4 and q.shape[-1] <= 256 and (not causal or q.shape[-2] == k.shape[-2])):
+        if q.is_cuda:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, causal, scale=scale)
         return out.float(), lse.float()
     scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
     if causal:
@@ -103,6 +111,19 @@ def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(-2, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
+def draw_samples(k_order: torch.Tensor, sample_size: int, block_size: int,
+                 gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Step 2's uniform sample: ``sample_size`` key *positions* per (batch, head) and the sorted block of each
+    (``block_size`` keys a block), from ``k_order: [B, H, m]`` (the sortLSH order). Returns two long [B, H, s].
+
+    Drawn over key positions, not over places in the sorted order as the authors' code does (same distribution):
+    then the sampled keys do not depend on the hash, and a key that rounding moves to another bucket changes the
+    blocks it passes, not every row's sample (a one-ulp difference between the flash and fp32 paths did)."""
+    B, H, m = k_order.shape
+    samples = torch.randint(m, (B, H, sample_size), device=k_order.device, generator=gen)
+    return samples, torch.argsort(k_order, dim=-1).gather(-1, samples) // block_size
+
+
 def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, cfg: Hyper,
                    planes: torch.Tensor, gen: torch.Generator, flash: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Steps 1-3 of the module docstring. q [B, H, n, D]; k, v [B, H, m, D] (heads matched). Returns out fp32
@@ -120,8 +141,8 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     v_sorted = torch.nn.functional.pad(_gather_rows(v, k_order), (0, 0, 0, nb * kb - m))
     q_sorted = torch.nn.functional.pad(_gather_rows(q, q_order), (0, 0, 0, nb * qb - n))
     key_ok = (torch.arange(nb * kb, device=q.device) < m).view(nb, 1, kb)  # padded keys masked
-    samples = torch.randint(m, (B, H, cfg.sample_size), device=q.device, generator=gen)
-    k_sub, v_sub = _gather_rows(k_sorted, samples), _gather_rows(v_sorted, samples)
+    samples, sample_block = draw_samples(k_order, cfg.sample_size, kb, gen)
+    k_sub, v_sub = _gather_rows(k, samples), _gather_rows(v, samples)
     q_block = (torch.arange(nb * qb, device=q.device) // qb)[:, None]  # sorted block of each query row
     out = torch.empty(B, H, n, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
@@ -138,7 +159,7 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         ob, lb = ob.reshape(B, -1, nb * qb, D), lb.reshape(B, -1, nb * qb)
         o, lsum = ob, lb
         if cfg.sample_size:
-            not_dup = q_block != (samples[:, hs] // kb)[:, :, None, :]  # a sample of the own block is counted once
+            not_dup = q_block != sample_block[:, hs, None, :]  # a sample of the own block is counted once
             os_, ls = exact_lse(qs, k_sub[:, hs], v_sub[:, hs], scale, causal=False, key_ok=not_dup)
             o, lsum = merge(ob, lb, os_, ls + math.log(m / cfg.sample_size))
         inv = torch.argsort(q_order[:, hs], dim=-1)  # back to the queries' own order
