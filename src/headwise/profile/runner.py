@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from headwise.errors import HeadwiseError
+from headwise.errors import BudgetError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.profile.mass import MassResult
@@ -216,7 +216,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
-                  ablation_base: str = "full") -> HeadPlan:
+                  ablation_base: str = "full", select_under: tuple[float, ...] = (),
+                  select_lengths: tuple[int, ...] = ()) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -229,12 +230,14 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it). ``fit_lengths``: the
     plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``). ``ablation_base``: the
     policy the ablation ranking's unswitched heads run in (``ablate.BASES``; ``method="ablation"`` only), recorded in
-    ``meta["ablation"]["base"]``."""
+    ``meta["ablation"]["base"]``. ``select_under``: smaller budgets whose plans (same ranking, same ``full_share``)
+    compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under_budget``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
 
     check_budget(budget)
+    check_select_under(budget, select_under, full_share)
     if method not in METHODS:
         raise HeadwiseError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if ablation_base != "full" and method != "ablation":
@@ -294,7 +297,12 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     timings["layer_sensitivity_s"] = time.perf_counter() - t
     t = time.perf_counter()
     selection: dict[str, Any] = {}
-    if full_share is None and settings.select_probes > 0:
+    if select_under:
+        assert full_share is not None  # check_select_under
+        sol, selection = select_under_budget(lm, kv_scores[method], budget, select_under, target_len, spans.value,
+                                             full_share, settings.select_probes, quantize, ranks, fit_lengths,
+                                             select_lengths)
+    elif full_share is None and settings.select_probes > 0:
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
                                                      settings.select_probes, quantize, ranks, fit_lengths)
     else:
@@ -423,14 +431,105 @@ def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, bu
     return best.solution, best.ranking, best.full_share, info
 
 
+def check_select_under(budget: float, under: tuple[float, ...], full_share: float | None) -> None:
+    """Raise ``InputError`` unless ``under`` lists budgets in (0, ``budget``] for plans of one ``full_share``."""
+    if not under:
+        return
+    bad = [b for b in under if not 0.0 < b <= budget]
+    if bad:
+        raise InputError(f"--select-under lists budgets the plan for --budget {budget} may hold instead, each in "
+                         f"(0, {budget}]; got {', '.join(f'{b:g}' for b in bad)}")
+    if full_share is None:
+        raise InputError("--select-under compares the plans one ranking gives at several budgets with one share of "
+                         "the budget for full heads; give --full-share (e.g. 1.0)")
+
+
+def parse_budgets(text: str) -> tuple[float, ...]:
+    """``"0.25,0.3"`` -> (0.25, 0.3); an empty list or a word that is not a number is an ``InputError``."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise InputError(f"--select-under needs at least one budget below --budget (e.g. 0.25,0.3,0.5), got '{text}'")
+    try:
+        return tuple(float(x) for x in items)
+    except ValueError:
+        raise InputError(f"--select-under is a comma-separated list of budgets (e.g. 0.25,0.3,0.5), got '{text}'"
+                         ) from None
+
+
+def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, under: tuple[float, ...],
+                        target_len: int, span_value: torch.Tensor | None, full_share: float, n_probes: int,
+                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
+                        lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    """The plan for ``budget`` that keeps the most retrieval: ``score`` solved at ``budget`` and at each budget in
+    ``under`` (usually nested: a larger budget keeps every head at least as precisely; ``meta["selection"]["nested"]``
+    says whether they are), each run on the held-in probes
+    (``select.probe_set``'s seed, not the ablation's) at ``lengths`` (default: ``probe_lengths``); the one answering
+    the most exactly wins, ties going to the one holding less KV (``select.choose_budget``). More KV is not always
+    more retrieval: on the H200, SmolLM2's plan at 0.75 (52 full + 37 4-bit + 1 8-bit) kept 52/75 2K passkeys where the
+    nested plan at 0.5 (15 full + 75 4-bit) kept 71/72 (docs/quality.md). Returns the solution and
+    ``meta["selection"]``."""
+    from headwise.profile.select import BudgetCandidate, choose_budget, measure_budgets, nested, probe_set
+
+    check_select_under(budget, under, full_share)
+    if n_probes < 1:
+        raise InputError("--select-under runs the candidate plans on held-in probes; it needs at least one probe per "
+                         "length (--select-probes)")
+    spec = lm.spec
+    limit = spec.max_context
+    too_long = [L for L in lengths if limit is not None and limit < L + 32]
+    if too_long:
+        raise InputError(f"--select-lengths {', '.join(map(str, too_long))} leave no room for the probe's answer in "
+                         f"{lm.name}'s {limit}-token context; use lengths up to {limit - 32}")
+    cands = []
+    for b in sorted({*under, budget}):
+        try:
+            sol = solve(spec, score, b, target_len, span_value, full_share=full_share, quantize=quantize, ranks=ranks,
+                        fit_lengths=fit_lengths)
+        except BudgetError as exc:
+            if b == budget:
+                raise
+            raise BudgetError(f"--select-under {b:g}: {exc}; drop it from the list") from None
+        cands.append(BudgetCandidate(b, sol))
+    use = sorted(set(lengths)) or probe_lengths(spec, target_len)
+    probes = probe_set(lm.tokenizer, use, n_probes)
+    dense = measure_budgets(lm, cands, probes)
+    best = choose_budget(cands)
+    hay = [h for L in use for h in probes.haystacks[L]]
+    info = {"by": "budget", "probes_per_length": n_probes, "lengths": use,
+            "dense_probes_answered": int(dense.sum()), "probes": int(dense.numel()),
+            "dense_by_haystack": {h: sum(bool(d) for g, d in zip(hay, dense.tolist()) if g == h) for h in sorted(set(hay))},
+            "probes_by_haystack": {h: hay.count(h) for h in sorted(set(hay))},
+            "nested": nested([c.solution.policies for c in cands]), "full_share": full_share,
+            "candidates": [c.info() for c in cands], "chosen": best.info()}
+    return best.solution, info
+
+
+def print_selection(selection: dict[str, Any]) -> None:
+    """The budget selection's candidates as a short table on stdout (``--select-under``): probes answered exactly
+    per length, in all, and in repeated filler (``cycle``, the evaluation's passkey regime)."""
+    lengths = [str(L) for L in selection["lengths"]]
+    cycle = selection.get("probes_by_haystack", {}).get("cycle", 0)
+    print(f"budget  KV held  {'  '.join(f'{L:>6}' for L in lengths)}     all  cycle  plan "
+          f"(probes answered exactly of {selection['probes_per_length']} per length, {cycle} in cycle; dense "
+          f"{selection['dense_probes_answered']}/{selection['probes']})")
+    for c in selection["candidates"]:
+        mark = "*" if c["budget"] == selection["chosen"]["budget"] else " "
+        by = "  ".join(f"{c['answered_by_length'].get(L, 0):>6}" for L in lengths)
+        print(f"{c['budget']:<6g}{mark} {100 * c['kv_fraction']:6.1f}%  {by}  {c['probes_answered']:>6}  "
+              f"{c['answered_by_haystack'].get('cycle', 0):>5}  {c['plan']}")
+
+
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
-                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> HeadPlan:
+                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
+                        select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = ()) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
-    with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``).
+    with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``; with
+    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``).
 
     The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
     check_budget(budget)
+    check_select_under(budget, select_under, full_share)
     source.check_model(lm.spec)
     meta = dict(source.meta)
     key = f"{method}_kv"
@@ -445,7 +544,12 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
             f"{meta.get('span_recall_target_len', 'an unrecorded length')} tokens, not --target-len {target_len}; "
             f"profile again with --target-len {target_len}")
     selection: dict[str, Any] = {}
-    if full_share is None and select_probes > 0 and spans is not None:
+    if select_under:
+        assert full_share is not None  # check_select_under
+        sol, selection = select_under_budget(lm, torch.tensor(meta["scores"][key]), budget, select_under, target_len,
+                                             None if spans is None else spans.value, full_share, select_probes,
+                                             quantize, ranks, fit_lengths, select_lengths)
+    elif full_share is None and select_probes > 0 and spans is not None:
         kv_scores = {k[: -len("_kv")]: torch.tensor(v) for k, v in meta["scores"].items() if k.endswith("_kv")}
         sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans, select_probes,
                                                      quantize, ranks, fit_lengths)

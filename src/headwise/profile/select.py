@@ -16,13 +16,19 @@ The masks leave a ``quantized`` head's rounding out (it attends like ``full``) u
 the plan's rounding (``plan_rounding``): then the K/V of those heads at the positions a query would attend as codes
 are quantized and dequantized with the store's own functions (``policies.quantized.fake_quantize``), per query as
 the engine's chunked prefill and decode steps see them (``Quantized.codes_attended``), the rest exact. The
-ablation ranking does so on a quantized base (``ablate.py``).
+ablation ranking does so on a quantized base (``ablate.py``), and ``probe_losses`` for every plan it scores.
+
+``--select-under`` (``runner.select_under_budget``) judges another set of candidates the same way: the plans one
+ranking gives at the budget and at smaller ones (``BudgetCandidate``), because a larger budget's plan can keep
+less retrieval than a smaller one's (docs/profiling.md); ``choose_budget`` keeps the most exact answers, the
+cheaper plan on a tie.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
@@ -153,6 +159,8 @@ class ProbeSet:
     """length -> [n, length + answer] prompt with the answer fed in (answers padded to one length by repetition)."""
     answer: dict[int, torch.Tensor]
     """length -> [n, A] answer token ids (-1 past a shorter answer)."""
+    haystacks: dict[int, list[str]] = field(default_factory=dict)
+    """length -> each probe's haystack (``probes.HAYSTACKS`` key), where known."""
 
 
 def _answer_ids(tokenizer: Any, probe: Any) -> list[int] | None:
@@ -173,8 +181,9 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
 
     ids: dict[int, torch.Tensor] = {}
     answers: dict[int, torch.Tensor] = {}
+    haystacks: dict[int, list[str]] = {}
     for L in lengths:
-        rows, ans = [], []
+        rows, ans, hay = [], [], []
         k = 0
         while len(rows) < n:
             p = retrieval_probe(tokenizer, L, (len(rows) + 0.5) / n, seed + k)
@@ -184,20 +193,30 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
                 continue
             rows.append(p.ids)
             ans.append(a)
+            hay.append(p.format.haystack)
         width = max(len(a) for a in ans)
         ids[L] = torch.tensor([r + (a * width)[:width] for r, a in zip(rows, ans)])
         answers[L] = torch.tensor([a + [-1] * (width - len(a)) for a in ans])
-    return ProbeSet(ids, answers)
+        haystacks[L] = hay
+    return ProbeSet(ids, answers, haystacks)
 
 
 def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
                  batch: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """Per probe (lengths in ``probes.ids`` order, then rows): whether every answer token is the argmax (greedy
-    decoding writes the answer first) and the answer's summed token NLL, under the plan (``None``: dense).
-    Returns (bool ``[n]``, float ``[n]``) on the CPU."""
+    decoding writes the answer first) and the answer's summed token NLL, under the plan (``None``: dense), its
+    quantized heads rounded as the engine's caches hold them (``plan_rounding``: prefill in ``DEFAULT_CHUNK``-token
+    chunks, decode steps on the kernel on a GPU). Returns (bool ``[n]``, float ``[n]``) on the CPU."""
+    from headwise.engine import DEFAULT_CHUNK
+
     device = next(lm.model.parameters()).device
-    masks_for = None if policies is None else (lambda n: plan_masks(lm.spec, policies, n, device))
-    return masked_probe_losses(lm, masks_for, probes, batch)
+    if policies is None:
+        return masked_probe_losses(lm, None, probes, batch)
+    rounding_for = None
+    if any(isinstance(p, Quantized) for row in policies for p in row):
+        def rounding_for(prompt_len: int, total: int) -> list[list[Rounding]]:
+            return plan_rounding(lm.spec, policies, prompt_len, total, device, DEFAULT_CHUNK, device.type == "cuda")
+    return masked_probe_losses(lm, lambda n: plan_masks(lm.spec, policies, n, device), probes, batch, rounding_for)
 
 
 @torch.no_grad()
@@ -246,13 +265,16 @@ def subset(probes: ProbeSet, keep: torch.Tensor) -> ProbeSet:
     """The probes where ``keep`` (bool over all probes, in ``probe_losses`` order) is set; empty lengths dropped."""
     ids: dict[int, torch.Tensor] = {}
     answer: dict[int, torch.Tensor] = {}
+    haystacks: dict[int, list[str]] = {}
     start = 0
     for L, x in probes.ids.items():
         k = keep[start : start + x.shape[0]]
         start += x.shape[0]
         if bool(k.any()):
             ids[L], answer[L] = x[k], probes.answer[L][k]
-    return ProbeSet(ids, answer)
+            if L in probes.haystacks:
+                haystacks[L] = [h for h, kept in zip(probes.haystacks[L], k.tolist()) if kept]
+    return ProbeSet(ids, answer, haystacks)
 
 
 @dataclass
@@ -276,3 +298,91 @@ def select(lm: LoadedModel, candidates: list[Candidate], probes: ProbeSet) -> tu
         c.accuracy, c.nll = retrieval_on_probes(lm, c.solution.policies, probes)
     best = max(candidates, key=lambda c: (round(c.accuracy, 6), -c.nll))
     return best, dense
+
+
+def precision(policy: Policy) -> int | None:
+    """How precisely a head under ``policy`` keeps its context, for comparing two plans head by head: streaming 0 <
+    4-bit 1 < 8-bit 2 < full 3; None for a policy the solver does not hand out. Streaming windows are left out: the
+    solver spreads what is left of a budget over them, and a larger budget can leave less of it (on SmolLM2, 0.3 ->
+    0.375 turns heads 4-bit and shrinks two windows from 128 to 96 tokens)."""
+    if isinstance(policy, Full):
+        return 3
+    if isinstance(policy, Quantized):
+        return 1 if policy.bits <= 4 else 2
+    if isinstance(policy, Streaming):
+        return 0
+    return None
+
+
+def nested(plans: list[list[list[Policy]]]) -> bool:
+    """Whether every head is kept at least as precisely (``precision``) in each plan as in the one before it."""
+    for small, large in itertools.pairwise(plans):
+        for row_s, row_l in zip(small, large):
+            for a, b in zip(row_s, row_l):
+                pa, pb = precision(a), precision(b)
+                if pa is None or pb is None or pa > pb:
+                    return False
+    return True
+
+
+def composition(policies: list[list[Policy]]) -> str:
+    """``"15 full + 75 4-bit"``: the heads per kind of policy, the most precise first."""
+    names = {3: "full", 2: "8-bit", 1: "4-bit", 0: "streaming"}
+    counts: dict[str, int] = {}
+    for row in policies:
+        for p in row:
+            r = precision(p)
+            name = names[r] if r is not None else p.name
+            counts[name] = counts.get(name, 0) + 1
+    order = list(names.values())
+    return " + ".join(f"{n} {k}" for k, n in sorted(counts.items(), key=lambda kv: order.index(kv[0])
+                                                      if kv[0] in order else len(order)))
+
+
+@dataclass
+class BudgetCandidate:
+    """One budget's plan solved from the shared ranking (``--select-under``), with what it keeps of the probes."""
+
+    budget: float
+    solution: Any
+    answered: int = 0
+    """Probes answered exactly (every answer token the argmax)."""
+    by_length: dict[int, int] | None = None
+    """Probe length -> probes answered exactly at that length."""
+    by_haystack: dict[str, int] | None = None
+    """Haystack -> probes answered exactly in it (``cycle``, repeated filler, is the evaluation's passkey regime)."""
+    kept: int = 0
+    """Of the probes dense answers exactly, those this plan answers too."""
+    nll: float = 0.0
+    """Mean answer-token NLL over all probes."""
+
+    def info(self) -> dict[str, Any]:
+        return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
+                "plan": composition(self.solution.policies), "probes_answered": self.answered,
+                "answered_by_length": {str(k): v for k, v in (self.by_length or {}).items()},
+                "answered_by_haystack": dict(sorted((self.by_haystack or {}).items())),
+                "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4)}
+
+
+def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: ProbeSet,
+                    batch: int = 8) -> torch.Tensor:
+    """Run every candidate (and dense) on ``probes``, filling in what each answers; returns dense's hits (bool
+    ``[n]``, ``probe_losses`` order)."""
+    dense, _ = probe_losses(lm, None, probes, batch)
+    tokens = sum(int((a >= 0).sum()) for a in probes.answer.values())
+    sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
+    hay = [h for L in probes.ids for h in probes.haystacks.get(L, [])]
+    for c in candidates:
+        hits, nll = probe_losses(lm, c.solution.policies, probes, batch)
+        c.answered, c.kept, c.nll = int(hits.sum()), int((hits & dense).sum()), float(nll.sum()) / max(1, tokens)
+        c.by_length = {L: int(h.sum()) for (L, _), h in zip(sizes, hits.split([n for _, n in sizes]))}
+        c.by_haystack = {h: 0 for h in hay}
+        for h, hit in zip(hay, hits.tolist()):
+            c.by_haystack[h] += hit
+    return dense
+
+
+def choose_budget(candidates: list[BudgetCandidate]) -> BudgetCandidate:
+    """The candidate that answers the most probes exactly; of those that tie, the one holding the least KV (the
+    extra KV bought nothing the probes see; the NLL, always a little different, would never let a tie stand)."""
+    return max(candidates, key=lambda c: (c.answered, -c.solution.fraction, -c.budget))
