@@ -468,7 +468,14 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
     more retrieval: on the H200, SmolLM2's plan at 0.75 (52 full + 37 4-bit + 1 8-bit) kept 52/75 2K passkeys where the
     nested plan at 0.5 (15 full + 75 4-bit) kept 71/72 (docs/quality.md). Returns the solution and
     ``meta["selection"]``."""
-    from headwise.profile.select import BudgetCandidate, choose_budget, measure_budgets, nested, probe_set
+    from headwise.profile.select import (
+        BudgetCandidate,
+        choose_budget,
+        hits_by_haystack,
+        measure_budgets,
+        nested,
+        probe_set,
+    )
 
     check_select_under(budget, under, full_share)
     if n_probes < 1:
@@ -494,11 +501,10 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
     probes = probe_set(lm.tokenizer, use, n_probes)
     dense = measure_budgets(lm, cands, probes)
     best = choose_budget(cands)
-    hay = [h for L in use for h in probes.haystacks[L]]
     info = {"by": "budget", "probes_per_length": n_probes, "lengths": use,
             "dense_probes_answered": int(dense.sum()), "probes": int(dense.numel()),
-            "dense_by_haystack": {h: sum(bool(d) for g, d in zip(hay, dense.tolist()) if g == h) for h in sorted(set(hay))},
-            "probes_by_haystack": {h: hay.count(h) for h in sorted(set(hay))},
+            "dense_by_haystack": hits_by_haystack(probes, dense),
+            "probes_by_haystack": hits_by_haystack(probes, torch.ones_like(dense)),
             "nested": nested([c.solution.policies for c in cands]), "full_share": full_share,
             "candidates": [c.info() for c in cands], "chosen": best.info()}
     return best.solution, info

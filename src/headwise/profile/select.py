@@ -253,12 +253,26 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
     return torch.cat(hit_rows), torch.cat(nll_rows)
 
 
+def answer_tokens(probes: ProbeSet) -> int:
+    """Answer tokens over every probe (the padding of shorter answers left out): what a mean NLL is over."""
+    return sum(int((a >= 0).sum()) for a in probes.answer.values())
+
+
+def hits_by_haystack(probes: ProbeSet, hits: torch.Tensor) -> dict[str, int]:
+    """Per haystack (``ProbeSet.haystacks``), how many of ``hits`` (bool over all probes, ``probe_losses`` order)
+    are set; every haystack of the set appears, at 0 where none is."""
+    hay = [h for L in probes.ids for h in probes.haystacks.get(L, [])]
+    counts = dict.fromkeys(sorted(set(hay)), 0)
+    for h, hit in zip(hay, hits.tolist()):
+        counts[h] += bool(hit)
+    return counts
+
+
 def retrieval_on_probes(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
                         batch: int = 8) -> tuple[float, float]:
     """(share of probes answered exactly, mean answer-token NLL) under the plan (``None``: dense)."""
     hits, nll = probe_losses(lm, policies, probes, batch)
-    tokens = sum(int((a >= 0).sum()) for a in probes.answer.values())
-    return float(hits.float().mean()) if len(hits) else 0.0, float(nll.sum()) / max(1, tokens)
+    return float(hits.float().mean()) if len(hits) else 0.0, float(nll.sum()) / max(1, answer_tokens(probes))
 
 
 def subset(probes: ProbeSet, keep: torch.Tensor) -> ProbeSet:
@@ -369,16 +383,13 @@ def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: 
     """Run every candidate (and dense) on ``probes``, filling in what each answers; returns dense's hits (bool
     ``[n]``, ``probe_losses`` order)."""
     dense, _ = probe_losses(lm, None, probes, batch)
-    tokens = sum(int((a >= 0).sum()) for a in probes.answer.values())
+    tokens = answer_tokens(probes)
     sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
-    hay = [h for L in probes.ids for h in probes.haystacks.get(L, [])]
     for c in candidates:
         hits, nll = probe_losses(lm, c.solution.policies, probes, batch)
         c.answered, c.kept, c.nll = int(hits.sum()), int((hits & dense).sum()), float(nll.sum()) / max(1, tokens)
         c.by_length = {L: int(h.sum()) for (L, _), h in zip(sizes, hits.split([n for _, n in sizes]))}
-        c.by_haystack = {h: 0 for h in hay}
-        for h, hit in zip(hay, hits.tolist()):
-            c.by_haystack[h] += hit
+        c.by_haystack = hits_by_haystack(probes, hits)
     return dense
 
 
