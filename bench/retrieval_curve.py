@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +38,13 @@ def kind_of(plan: str) -> str:
     ``kvpress:snapkv`` for ``kvpress:snapkv@equal``."""
     if plan.startswith("kvpress:"):
         return plan.split("@")[0]
-    return KINDS.get(plan.split(":")[0], "plan")  # random@equal:SEED: another draw of random placement
+    name = plan.split(":")[0]  # random@equal:SEED: another draw of random placement
+    if name in KINDS:
+        return KINDS[name]
+    base, at, budget = name.partition("@")  # streaming@0.5: a baseline at a budget (the curve's SELECT_UNDER)
+    if at and base in ("streaming", "random", "quest") and re.fullmatch(r"[0-9.]+", budget):
+        return base
+    return "plan"
 
 
 def cells(results: dict[str, Any], task: str, run: str, budget: float | None) -> list[dict[str, Any]]:
@@ -138,7 +146,8 @@ def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
                         continue
                     y = [100 * r[value] for r in pts]
                     err = [[100 * (r[value] - r[ci][0]) for r in pts], [100 * (r[ci][1] - r[value]) for r in pts]]
-                    name = kind if kind in ("plan", "random") or kind in presses else f"{kind}@equal"
+                    # a baseline at the plan's measured KV (@equal) or at the budget itself (@B): same name
+                    name = kind
                     ax.errorbar([kv_x(r) for r in pts], y, yerr=err, marker=marker[kind], color=color[kind],
                                 capsize=3, markersize=5, linestyle="-" if i == 0 else "--",
                                 mfc=color[kind] if i == 0 else "white", label=f"{name} ({run})")
@@ -190,7 +199,7 @@ def main() -> None:
     if not rows:
         ap.error(f"no {args.task} cells in the given folders")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"task": args.task, "runs": [{"label": lab, "dir": str(d)} for lab, d in runs], "cells": rows}
+    doc = {"task": args.task, "command": "python " + shlex.join(sys.argv), "runs": [{"label": lab, "dir": str(d)} for lab, d in runs], "cells": rows}
     args.out.with_suffix(".json").write_text(json.dumps(doc, indent=1) + "\n")
     plot(rows, args.task, args.title or f"{args.task}: accuracy vs KV held", args.out.with_suffix(".png"))
     print(f"wrote {args.out.with_suffix('.json')} and {args.out.with_suffix('.png')} ({len(rows)} cells)")

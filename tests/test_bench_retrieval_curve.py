@@ -49,3 +49,15 @@ def test_cells_pair_with_dense_sample_by_sample(tmp_path):
     assert rows[("dense", "dense")]["n"] == 6
     mod.plot(list(rows.values()), "passkey", "t", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+
+
+def test_baselines_at_a_budget_are_baselines():
+    """The curve's SELECT_UNDER runs its baselines at the budget (``streaming@0.5``, ``quest@0.15``): they must be
+    drawn as baselines, not as profiled plans (a plan named like one stays a plan)."""
+    mod = _module()
+    assert mod.kind_of("streaming@0.5") == "streaming"
+    assert mod.kind_of("quest@0.15") == "quest"
+    assert mod.kind_of("random@equal:3") == "random"
+    assert mod.kind_of("kvpress:knorm@equal") == "kvpress:knorm"
+    assert mod.kind_of("smollm2-135m-q0.5") == "plan"
+    assert mod.kind_of("streaming@wide") == "plan"

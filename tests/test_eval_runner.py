@@ -122,7 +122,7 @@ def test_random_placement_draws_are_seeded_and_hold_the_plans_kv(smollm2, tmp_pa
 
 
 def test_random_placement_is_never_the_plan_itself_where_another_deal_exists():
-    """Gemma 3's shipped plan: 8, 8 and 4 bits on the three global heads, 4 bits on every sliding one. A deal that
+    """The Gemma 3 plan shipped after run 9: 8, 8 and 4 bits on the three global heads, 4 bits on every sliding one. A deal that
     gives every head its own policy back is drawn again (seed 0 dealt exactly that in run 9); a plan with one
     policy everywhere has no other deal and is returned as is."""
     from pathlib import Path
@@ -131,7 +131,7 @@ def test_random_placement_is_never_the_plan_itself_where_another_deal_exists():
     from headwise.spec import ModelSpec
 
     spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
-    ref = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m.json")
+    ref = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m-run9.json")
     for seed in range(6):
         rnd = random_baseline(spec, ref, "gemma3-270m", seed)
         assert rnd.layers != ref.layers
@@ -258,3 +258,25 @@ def test_jobs_run_in_rounds_so_a_cut_run_keeps_depths_balanced():
             for t in ("passkey", "multikey_needle"):
                 per = [counts.get((L, t, d), 0) for d in ((None,) if t == "multikey_needle" else (0.1, 0.5, 0.9))]
                 assert min(per) >= 1 and max(per) - min(per) <= 1, (L, t, per)
+
+
+def test_rows_reused_without_timings_count_for_accuracy_not_speed(tiny_llama, tmp_path):
+    """Run 10 reused run 9's dense rows from a results file whose rows keep no timings (slim rows): the collect step
+    raised KeyError 'prefill_s'. Such rows count for accuracy; speed is the mean over the rows that were timed."""
+    import json
+
+    from headwise.eval.runner import EvalConfig, run_eval
+
+    cfg = dict(model="tiny", plans=["dense"], tasks=["passkey"], lengths=[200], depths=[0.25, 0.75], samples=2,
+               max_new_tokens=4, progress=False, command="pytest")
+    first = run_eval(EvalConfig(**cfg, out=tmp_path / "a"), tiny_llama)
+    keep = ("prompt_tokens", "new_tokens", "kv_bytes", "dense_kv_bytes", "kv_fraction", "cuda_graph")
+    rows = [json.loads(line) for f in (tmp_path / "a").glob("samples*.jsonl") for line in f.read_text().splitlines()]
+    slim = [r | {"stats": {k: v for k, v in r["stats"].items() if k in keep}} if r.get("task") == "passkey" and
+            r.get("depth") == 0.25 else r for r in rows]
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "samples-reused.jsonl").write_text("".join(json.dumps(r) + "\n" for r in slim))
+    again = run_eval(EvalConfig(**cfg, out=tmp_path / "b"), tiny_llama)
+    assert again["accuracy"] == first["accuracy"]
+    perf = next(p for p in again["performance"] if p["plan"] == "dense")
+    assert perf["runs"] == 1 and perf["prefill_s"] is not None  # the one timed row (depth 0.75)

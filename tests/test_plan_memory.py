@@ -38,6 +38,20 @@ def test_shipped_plan_never_holds_more_than_dense(path):
         assert plan.kv_bytes(spec, n, peak=True) <= spec.dense_kv_bytes(n, 2), f"{path.name}: peak at {n} tokens"
 
 
+# Issue 19's memory bound on the shipped plans, where it is judged (docs/quality.md): at most half of dense KV at
+# the plan's peak while decoding a request of each evaluated length (prompt of L tokens, 15 decoded).
+EVALUATED = {"smollm2-135m.json": (SMOLLM2, (1024, 2048)), "gemma3-270m.json": (GEMMA3, (2048, 4096, 8192))}
+
+
+@pytest.mark.parametrize("name", sorted(EVALUATED))
+def test_shipped_default_plans_hold_at_most_half_of_dense_where_evaluated(name):
+    spec, lengths = EVALUATED[name]
+    plan = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / name)
+    for L in lengths:
+        for n in (L, L + 14):
+            assert plan.kv_bytes(spec, n, peak=True) <= 0.5 * spec.dense_kv_bytes(n, 2), f"{name}: peak at {n}"
+
+
 @pytest.mark.parametrize("quantize", [False, True], ids=["plain", "quantize"])
 @pytest.mark.parametrize("budget", [0.2, 0.5, 1.0])
 def test_solved_plans_never_hold_more_than_dense(budget, quantize):

@@ -67,7 +67,7 @@ def test_gemma_plan_resolved_with_quantize_keeps_global_heads_reachable(gemma3):
     from headwise.policies.quantized import Quantized
     from headwise.profile.runner import resolve_from_scores
 
-    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m.json")
+    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m-run9.json")
     args = (gemma3, source, 0.35, source.meta["target_len"], source.meta["method"])
     plain = resolve_from_scores(*args, full_share=1.0)
     quant = resolve_from_scores(*args, full_share=1.0, quantize=True)

@@ -715,7 +715,10 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
     accuracy, depth_rows = score_tables(rows)
     perf: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        perf[(r["plan"], r["length"])].append(r["stats"])
+        # Rows reused from a results file that kept no timings (slim rows: kv_bytes only) count for accuracy,
+        # not for speed.
+        if "prefill_s" in r["stats"]:
+            perf[(r["plan"], r["length"])].append(r["stats"])
     dtype_bytes = lm.dtype.itemsize
     perf_rows = []
     for e in entries:
