@@ -214,6 +214,76 @@ def test_measured_kv_peaks_while_decoding_at_the_plans_peak(prompt):
     assert flat["kv_bytes_tensors"] == flat["kv_bytes_tensors_peak"] == lm.spec.dense_kv_bytes(total, item)
 
 
+class _EosTokenizer:
+    """No text, and an EOS the greedy loop samples: a measurement that stopped at EOS would generate fewer tokens."""
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+def _hand_loop_kv(engine: Engine, length: int, new: int) -> tuple[int, int, list[list[int]]]:
+    """The memory row as measured before it ran through ``Engine.step`` (issue 19): a prefill into a cache reserved
+    by hand, then ``new - 1`` greedy decode steps counted by hand. Returns the tensors' bytes after the prefill, their
+    most after it or any step, and the ids fed to the model, forward by forward."""
+    import torch
+
+    fed: list[list[int]] = []
+    hook = engine.lm.model.register_forward_hook(lambda m, a, kw, o: fed.append(kw["input_ids"][0].tolist()),
+                                                 with_kwargs=True)
+    try:
+        cache = engine.new_cache(1, reserve=length + new - 1)
+        logits = engine.prefill(torch.randint(0, min(1000, engine.lm.model.config.vocab_size), (1, length)), cache)
+        after = peak = engine.kv_bytes(cache)
+        for _ in range(new - 1):
+            cache.decode_step += 1
+            logits = engine.forward(torch.tensor([[int(logits[0].argmax())]]), cache)
+            peak = max(peak, engine.kv_bytes(cache))
+    finally:
+        hook.remove()
+    return after, peak, fed
+
+
+@pytest.mark.parametrize("policy", [
+    {"policy": "quantized", "params": {"bits": 4, "group": 8, "residual": 8}},
+    {"policy": "streaming", "params": {"sink": 4, "window": 16}},
+], ids=["quantized", "streaming"])
+def test_measured_kv_runs_the_engines_loop_as_the_hand_loop_did(policy):
+    """``measure_kv`` steps one request through ``Engine.step`` (prompt chunks of 16, then decode steps): it feeds
+    the model exactly what a hand-written prefill and greedy decode loop over the same random prompt feeds it (so it
+    generated the ``new`` tokens, EOS ignored: here the tokenizer's EOS is the first token sampled), and reads the
+    same bytes after the prompt and at their peak. It leaves no live sequence behind, and refuses an engine that has
+    one."""
+    import torch
+
+    from headwise.models import LoadedModel
+
+    base = tiny_model("llama")
+    plan = HeadPlan.uniform(base.spec, policy, "tiny")
+    torch.manual_seed(3)
+    after, peak, want = _hand_loop_kv(Engine(base, plan, chunk_size=16), 45, 16)
+    assert [len(f) for f in want] == [16, 16, 13] + [1] * 15
+    lm = LoadedModel(base.name, base.model, _EosTokenizer(want[3][0]), base.spec, base.source)
+    engine = Engine(lm, plan, chunk_size=16)
+    fed: list[list[int]] = []
+    hook = lm.model.register_forward_hook(lambda m, a, kw, o: fed.append(kw["input_ids"][0].tolist()),
+                                          with_kwargs=True)
+    torch.manual_seed(3)
+    try:
+        got = measure_kv(engine, 45, 16)
+    finally:
+        hook.remove()
+    assert fed == want
+    assert got == {"kv_bytes_tensors": after, "kv_bytes_allocator": None, "kv_bytes_tensors_peak": peak,
+                   "kv_bytes_allocator_peak": None, "cuda_graph": False, "tokens": 60}
+    assert engine.live == []
+    engine.add([1, 2, 3], max_new_tokens=2)
+    with pytest.raises(InputError, match="no live sequences"):
+        measure_kv(engine, 45, 16)
+
+
 @pytest.mark.gpu
 def test_measured_kv_under_a_cuda_graph_is_the_plans_peak_by_both_counts():
     """On CUDA the memory row decodes from a CUDA graph where the engine would (a quantized plan reserved for 315
