@@ -59,6 +59,29 @@ def test_sequences_with_different_lengths_plans_and_arrivals_equal_each_alone(ar
     assert all(s.finish_reason == "length" and s.cache is None for s in seqs)
 
 
+def test_a_finished_sequence_keeps_its_cache_only_when_asked():
+    """``keep_cache``: a finished sequence keeps its cache as the last step left it (all its tokens, the bytes its
+    stats recorded) and nothing else; without it the engine frees the cache. Generation is the same either way.
+    Under a page pool it is refused: a finished sequence gives its pages back."""
+    from headwise.errors import InputError
+    from headwise.pool import PagePool
+
+    lm = tiny_model("llama")
+    engine = Engine(lm, mixed_plan(lm.spec, window=6), chunk_size=16)
+    prompt = list(range(1, 21))
+    kept = engine.add(prompt, max_new_tokens=5, stop_token_ids=[], keep_cache=True)
+    freed = engine.add(prompt, max_new_tokens=5, stop_token_ids=[])
+    while engine.live:
+        engine.step()
+    assert freed.cache is None and kept.cache is not None and kept.graphs is None
+    assert kept.cache.get_seq_length() == kept.max_tokens == 24
+    assert engine.kv_bytes(kept.cache) == kept.stats.kv_bytes == freed.stats.kv_bytes > 0
+    assert kept.generated == freed.generated == greedy_alone(engine, prompt, 5, engine.plan)
+    pooled = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
+    with pytest.raises(InputError, match="keep_cache needs an engine without a page pool"):
+        pooled.add(prompt, max_new_tokens=5, keep_cache=True)
+
+
 def test_abandoned_generate_leaves_nothing_live():
     engine = Engine(tiny_model("llama"), chunk_size=16)
     events = engine.generate(list(range(1, 30)), max_new_tokens=20, stop_token_ids=[])

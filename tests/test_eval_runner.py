@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 
@@ -212,6 +214,142 @@ def test_measured_kv_peaks_while_decoding_at_the_plans_peak(prompt):
     dense = HeadPlan.dense(lm.spec, "tiny")
     flat = measure_kv(Engine(lm, dense), prompt)
     assert flat["kv_bytes_tensors"] == flat["kv_bytes_tensors_peak"] == lm.spec.dense_kv_bytes(total, item)
+
+
+class _EosTokenizer:
+    """No text, and an EOS the greedy loop samples: a measurement that stopped at EOS would generate fewer tokens."""
+
+    def __init__(self, eos: int):
+        self.eos_token_id = eos
+
+    def decode(self, ids, skip_special_tokens=True):
+        return ""
+
+
+@contextmanager
+def _fed(model) -> Iterator[list[list[int]]]:
+    """The ids fed to ``model``, forward by forward."""
+    fed: list[list[int]] = []
+    hook = model.register_forward_hook(lambda m, a, kw, o: fed.append(kw["input_ids"][0].tolist()), with_kwargs=True)
+    try:
+        yield fed
+    finally:
+        hook.remove()
+
+
+def _hand_loop_kv(engine: Engine, length: int, new: int, cuda: bool = False) -> dict:
+    """The memory row as measured before it ran through ``Engine.step`` (issue 19): a prefill into a cache reserved
+    by hand, then ``new - 1`` greedy decode steps counted by hand, from the engine's CUDA-graph decoder where it
+    gives one; the allocator read after the prefill and each eager step, and under a graph once it is freed."""
+    import torch
+
+    lm = engine.lm
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        m0 = torch.cuda.memory_allocated(lm.device)
+
+    def allocator() -> int | None:
+        if not cuda:
+            return None
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(lm.device) - m0
+
+    cache = engine.new_cache(1, reserve=length + new - 1)
+    ids = torch.randint(0, min(1000, lm.model.config.vocab_size), (1, length))
+    logits = engine.prefill(ids.to(lm.device), cache)
+    token = int(logits[0].argmax())
+    del logits
+    out = {"kv_bytes_tensors": engine.kv_bytes(cache), "kv_bytes_allocator": allocator()}
+    peak = [out["kv_bytes_tensors"], out["kv_bytes_allocator"]]
+
+    def seen(allocated: int | None) -> None:
+        peak[0] = max(peak[0], engine.kv_bytes(cache))
+        if allocated is not None:
+            peak[1] = max(peak[1] or 0, allocated)
+
+    decoder = engine.graph_decoder(cache, new - 1)
+    graph = False
+    for _ in range(new - 1):
+        cache.decode_step += 1
+        if decoder is not None:
+            token = int(decoder.step(token)[0].argmax())
+            seen(None)
+            continue
+        ids = torch.tensor([[token]], device=lm.device)
+        logits = engine.forward(ids, cache)
+        token = int(logits[0].argmax())
+        del logits, ids
+        seen(allocator())
+    if decoder is not None:
+        graph = decoder.graph is not None
+        del decoder
+        seen(allocator())
+    return out | {"kv_bytes_tensors_peak": peak[0], "kv_bytes_allocator_peak": peak[1], "cuda_graph": graph,
+                  "tokens": length + new - 1}
+
+
+@pytest.mark.parametrize("policy", [
+    {"policy": "quantized", "params": {"bits": 4, "group": 8, "residual": 8}},
+    {"policy": "streaming", "params": {"sink": 4, "window": 16}},
+], ids=["quantized", "streaming"])
+def test_measured_kv_runs_the_engines_loop_as_the_hand_loop_did(policy):
+    """``measure_kv`` steps one request through ``Engine.step`` (prompt chunks of 16, then decode steps): it feeds
+    the model exactly what a hand-written prefill and greedy decode loop over the same random prompt feeds it (so it
+    generated the ``new`` tokens, EOS ignored: here the tokenizer's EOS is the first token sampled), and reads the
+    same bytes after the prompt and at their peak. It leaves no live sequence behind, and refuses an engine that has
+    one."""
+    import torch
+
+    from headwise.models import LoadedModel
+
+    base = tiny_model("llama")
+    plan = HeadPlan.uniform(base.spec, policy, "tiny")
+    torch.manual_seed(3)
+    with _fed(base.model) as want:
+        ref = _hand_loop_kv(Engine(base, plan, chunk_size=16), 45, 16)
+    assert [len(f) for f in want] == [16, 16, 13] + [1] * 15
+    lm = LoadedModel(base.name, base.model, _EosTokenizer(want[3][0]), base.spec, base.source)
+    engine = Engine(lm, plan, chunk_size=16)
+    torch.manual_seed(3)
+    with _fed(lm.model) as fed:
+        got = measure_kv(engine, 45, 16)
+    assert fed == want
+    assert got == ref and got["kv_bytes_allocator"] is None and not got["cuda_graph"] and got["tokens"] == 60
+    if policy["policy"] == "quantized":
+        assert got["kv_bytes_tensors"] < got["kv_bytes_tensors_peak"], "45 tokens: the residual grows while decoding"
+    assert engine.live == []
+    engine.add([1, 2, 3], max_new_tokens=2)
+    with pytest.raises(InputError, match="no live sequences"):
+        measure_kv(engine, 45, 16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("graphs", [None, False], ids=["graph", "eager"])
+@pytest.mark.parametrize("policy", [
+    {"policy": "quantized", "params": {"bits": 4, "group": 8, "residual": 8}},
+    {"policy": "streaming", "params": {"sink": 4, "window": 64}},
+], ids=["quantized", "streaming"])
+def test_measured_kv_on_cuda_reads_what_the_hand_loop_read(policy, graphs):
+    """On CUDA, from a CUDA graph or eagerly: ``measure_kv`` through ``Engine.step`` and the hand loop it replaced,
+    on one engine after a first round (as the eval runs it), read the same tensors, the same graph use and the
+    allocator within its rounding of each tensor to 512 bytes."""
+    import torch
+
+    lm = tiny_model("llama")
+    lm.model.to("cuda", torch.bfloat16)
+    engine = Engine(lm, HeadPlan.uniform(lm.spec, policy, "tiny"), chunk_size=128, cuda_graphs=graphs)
+    measure_kv(engine, 300, cuda=True)  # the first round allocates the kernels' own buffers
+    torch.manual_seed(3)
+    ref = _hand_loop_kv(engine, 300, 16, cuda=True)
+    torch.manual_seed(3)
+    got = measure_kv(engine, 300, cuda=True)
+    assert got["cuda_graph"] == ref["cuda_graph"] == (graphs is None)
+    for key in ("kv_bytes_tensors", "kv_bytes_tensors_peak", "tokens"):
+        assert got[key] == ref[key], key
+    rounding = 512 * 9 * lm.spec.num_layers  # 8 tensors and the bounds per layer's store
+    for key in ("kv_bytes_allocator", "kv_bytes_allocator_peak"):
+        assert abs(got[key] - ref[key]) <= rounding, (key, got[key], ref[key])
 
 
 @pytest.mark.gpu

@@ -205,6 +205,26 @@ def test_failed_capture_falls_back_to_eager(tiny, caplog):
     assert cache.get_seq_length() == 41  # the eager step counted, the failed capture did not
 
 
+@needs_interpreter
+def test_a_sequence_whose_capture_failed_does_not_count_as_graph_decoded(tiny):
+    """A lone sequence's steps through its ``GraphDecoder`` after a failed capture (here: no CUDA) run eagerly:
+    its tokens are the eager engine's and its stats do not claim a CUDA graph (the memory row's ``cuda_graph``
+    reads them)."""
+    plan = _plan(tiny.spec, PLANS["full-streaming-ashape"])
+    prompt = torch.randint(0, 128, (40,), generator=torch.Generator().manual_seed(5)).tolist()
+    want = [e.token_id for e in Engine(tiny, plan, chunk_size=32, use_kernels=True).generate(
+        prompt, max_new_tokens=4, stop_token_ids=[]) if e.token_id >= 0]
+    engine = Engine(tiny, plan, chunk_size=32, use_kernels=True)
+    seq = engine.add(prompt, max_new_tokens=4, stop_token_ids=[])
+    while not seq.generated:
+        engine.step()
+    seq.graphs = GraphDecoder(engine, seq.cache)  # as Engine.step makes it on CUDA; on the CPU its capture fails
+    graph_steps = 0
+    while engine.live:
+        graph_steps += engine.step().graph
+    assert graph_steps == 3 and seq.generated == want and not seq.stats.cuda_graph
+
+
 def test_what_blocks_a_graph(tiny):
     """Policies that read host-side state at decode, no kernels, or a CPU model: a clear reason each, an
     InputError where a graph is required, eager steps where it is only allowed."""

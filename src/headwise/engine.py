@@ -380,13 +380,18 @@ class Engine:
 
     def new_sequence(self, prompt: str | torch.Tensor | Seq[int], params: SamplingParams | None = None, *,
                      stop_ids: set[int] | None = None, plan: HeadPlan | None = None, seq_id: str | None = None,
-                     **kw: Any) -> Sequence:
+                     keep_cache: bool = False, **kw: Any) -> Sequence:
         """A checked ``Sequence`` that is not live yet (``add`` makes it live). ``stop_ids``: the token ids that end
-        it (default: ``params.stop_token_ids``, else the tokenizer's EOS). ``plan``: its own head plan (default:
-        the engine's); sequences under different plans step together."""
+        it (default: ``params.stop_token_ids``, else the tokenizer's EOS).
+        ``plan``: its own head plan (default: the engine's); sequences under different plans step together.
+        ``keep_cache``: once finished, the sequence keeps its cache (``Sequence.keep_cache``); not under a page pool,
+        whose pages a finished sequence gives back."""
         params = params or SamplingParams(**kw)
         if params.max_new_tokens < 1:
             raise InputError(f"max_new_tokens must be at least 1, got {params.max_new_tokens}")
+        if keep_cache and self.pool is not None:
+            raise InputError("keep_cache needs an engine without a page pool: a finished sequence gives its pages "
+                             "back to the pool")
         if isinstance(prompt, str):
             ids = self.encode(prompt)[0].tolist()
         elif isinstance(prompt, torch.Tensor):
@@ -408,7 +413,7 @@ class Engine:
             tok = self.lm.tokenizer
             stop_ids = set(params.stop_token_ids) if params.stop_token_ids is not None else (
                 {tok.eos_token_id} if tok is not None and tok.eos_token_id is not None else set())
-        return Sequence(seq_id or f"seq-{next(self._ids)}", ids, params, stop_ids, plan or self.plan)
+        return Sequence(seq_id or f"seq-{next(self._ids)}", ids, params, stop_ids, plan or self.plan, keep_cache)
 
     def add(self, prompt: str | torch.Tensor | Seq[int] | Sequence, params: SamplingParams | None = None,
             **kw: Any) -> Sequence:
@@ -526,7 +531,7 @@ class Engine:
                     s.finish("error", exc)
                     return []
                 info.decode_rows, info.graph = 1, True
-                s.stats.cuda_graph = True
+                s.stats.cuda_graph |= graphs.graph is not None  # not after a failed capture (the steps run eagerly)
                 s.fed += 1
                 return [(s, logits[0])] if s.fed == len(s.generated) else []
         decode = [s for s in decode if not s.finished]  # _graphs may have failed one
@@ -623,19 +628,22 @@ class Engine:
         return out
 
     def _release(self, s: Sequence) -> None:
-        """Take finished ``s`` out of the live set; record its KV stats and free its cache and pages."""
+        """Take finished ``s`` out of the live set; record its KV stats and free its CUDA-graph decoder, its pages
+        and its cache (unless ``s.keep_cache``)."""
         if s in self.live:
             self.live.remove(s)
         if s.cache is not None:
             s.stats.kv_bytes = self.kv_bytes(s.cache) if s.pages is None else s.pages.nbytes
             s.stats.dense_kv_bytes = self.spec.dense_kv_bytes(s.cache.get_seq_length(), self.lm.dtype.itemsize)
-        self._release_memory(s)
+        self._release_memory(s, keep_cache=s.keep_cache)
 
-    def _release_memory(self, s: Sequence) -> None:
+    def _release_memory(self, s: Sequence, keep_cache: bool = False) -> None:
         for _, graphs in self._batch_graphs.values():
             if graphs is not None:
                 graphs.forget(s)
-        s.cache, s.graphs = None, None
+        s.graphs = None
+        if not keep_cache:
+            s.cache = None
         if s.pages is not None:
             s.pages.release()
 

@@ -177,7 +177,7 @@ class Sequence:
     """
 
     def __init__(self, seq_id: str, prompt_ids: list[int], params: SamplingParams, stop_ids: set[int],
-                 plan: HeadPlan):
+                 plan: HeadPlan, keep_cache: bool = False):
         self.id = seq_id
         self.prompt_ids = prompt_ids
         self.params = params
@@ -185,7 +185,10 @@ class Sequence:
         self.plan = plan
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.status = Status.PREFILL
-        self.cache: HeadwiseCache | None = None  # made at its first step, freed when it finishes
+        self.cache: HeadwiseCache | None = None  # made at its first step, freed when it finishes (unless keep_cache)
+        # Once finished, keep the cache as the last step left it (its CUDA-graph decoder is freed as usual), for a
+        # reading after the end (``eval.runner.measure_kv``); it goes with the sequence, or with ``cache = None``.
+        self.keep_cache = keep_cache
         self.prefilled = 0  # prompt tokens in the cache
         self.generated: list[int] = []
         self.fed = 0  # generated tokens in the cache (behind ``generated`` by one while decoding; less while a

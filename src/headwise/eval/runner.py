@@ -531,60 +531,52 @@ reserves): enough decode steps for a CUDA graph (``engine.GRAPH_MIN_STEPS``), as
 
 
 def measure_kv(engine: Any, length: int, new: int = MEMORY_NEW_TOKENS, cuda: bool = False) -> dict[str, Any]:
-    """The KV bytes one request holds: a ``length``-token prompt (random ids: the bytes depend on the length, not
-    the ids) prefilled into a cache reserved for ``length + new - 1`` tokens, then ``new - 1`` greedy decode steps
-    as ``Engine.generate`` runs them (from a CUDA graph where the engine would use one, ``Engine.graph_decoder``).
-    Returns the tensors' bytes after the prefill (``kv_bytes_tensors``) and their largest after any step
+    """The KV bytes one request holds as the engine runs it: a ``length``-token prompt (random ids: the bytes depend
+    on the length, not the ids) added to ``engine`` (``Engine.add``: its cache reserved for ``length + new - 1``
+    tokens) and stepped (``Engine.step``) until it has generated ``new`` greedy tokens, EOS ignored: the prompt's
+    chunks, then ``new - 1`` decode steps, from a CUDA graph where the engine uses one. Returns the tensors' bytes
+    after the step that ends the prompt (``kv_bytes_tensors``) and their largest after it or any later step
     (``kv_bytes_tensors_peak``: a quantized head's residual cycles, and graph decode holds its largest at every
     step). With ``cuda``, also what the allocator gave out since before the cache was made, at the same moments
-    with the step's logits and ids freed; under a CUDA graph, once the steps are done and the graph, its output
-    and input buffers are freed (what is left is the cache as the replays held it)."""
+    (the step's logits are freed when it returns), except after steps replayed from a CUDA graph: then once the
+    steps are done and the engine has freed the graph with its output and input buffers (the sequence keeps its
+    cache, ``keep_cache``: what is left is the cache as the replays held it). ``engine`` must have no live
+    sequence (they would step with this one)."""
     import torch
 
+    if engine.live:
+        raise InputError(f"measuring the KV of one request needs an engine with no live sequences; it has "
+                         f"{len(engine.live)}")
     lm = engine.lm
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         m0 = torch.cuda.memory_allocated(lm.device)
 
-    def allocator() -> int | None:
-        if not cuda:
-            return None
+    def allocator() -> int:
         torch.cuda.synchronize()
         return torch.cuda.memory_allocated(lm.device) - m0
 
-    cache = engine.new_cache(1, reserve=length + new - 1)
-    ids = torch.randint(0, min(1000, lm.model.config.vocab_size), (1, length))
-    logits = engine.prefill(ids.to(lm.device), cache)
-    token = int(logits[0].argmax())
-    del logits
-    out: dict[str, Any] = {"kv_bytes_tensors": engine.kv_bytes(cache), "kv_bytes_allocator": allocator()}
-    peak: list[int | None] = [out["kv_bytes_tensors"], out["kv_bytes_allocator"]]  # tensors, allocator
-
-    def seen(allocated: int | None) -> None:
-        peak[0] = max(peak[0] or 0, engine.kv_bytes(cache))
+    ids = torch.randint(0, min(1000, lm.model.config.vocab_size), (length,))
+    seq = engine.add(ids, max_new_tokens=new, stop_token_ids=[], keep_cache=True)  # EOS ignored
+    out: dict[str, Any] = {}
+    peak: list[int | None] = [None, None]  # tensors, allocator
+    while not seq.finished:
+        info = engine.step()
+        if seq.error is not None:
+            raise seq.error
+        if seq.prefilled < len(seq.prompt_ids):
+            continue  # the prompt's earlier chunks: the readings start once it is all in the cache
+        tensors = engine.kv_bytes(seq.cache)
+        # Under a graph the allocator also counts the graph's pool: read once the engine has freed it, at the end.
+        allocated = allocator() if cuda and (seq.finished or not info.graph) else None
+        if not out:
+            out = {"kv_bytes_tensors": tensors, "kv_bytes_allocator": allocated}
+        peak[0] = max(peak[0] or 0, tensors)
         if allocated is not None:
             peak[1] = max(peak[1] or 0, allocated)
-
-    decoder = engine.graph_decoder(cache, new - 1)
-    graph = False
-    for _ in range(new - 1):
-        cache.decode_step += 1  # as Engine.step counts a decode step before its forward
-        if decoder is not None:
-            token = int(decoder.step(token)[0].argmax())
-            seen(None)
-            continue
-        ids = torch.tensor([[token]], device=lm.device)
-        logits = engine.forward(ids, cache)
-        token = int(logits[0].argmax())
-        del logits, ids
-        seen(allocator())
-    if decoder is not None:
-        graph = decoder.graph is not None
-        del decoder
-        seen(allocator())
-    return out | {"kv_bytes_tensors_peak": peak[0], "kv_bytes_allocator_peak": peak[1], "cuda_graph": graph,
-                  "tokens": length + new - 1}
+    return out | {"kv_bytes_tensors_peak": peak[0], "kv_bytes_allocator_peak": peak[1],
+                  "cuda_graph": seq.stats.cuda_graph, "tokens": seq.max_tokens}
 
 
 def _measure_memory(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tuple[str, int], HeadPlan],
