@@ -400,7 +400,7 @@ def test_jobs_run_in_rounds_so_a_cut_run_keeps_depths_balanced():
 
 def test_rows_reused_without_timings_count_for_accuracy_not_speed(tiny_llama, tmp_path):
     """Run 10 reused run 9's dense rows from a results file whose rows keep no timings (slim rows): the collect step
-    raised KeyError 'prefill_s'. Such rows count for accuracy; speed is the mean over the rows that were timed."""
+    raised KeyError 'prefill_s'. Such rows count for accuracy and the KV held; speed is over the rows that were timed."""
     import json
 
     from headwise.eval.runner import EvalConfig, run_eval
@@ -418,3 +418,12 @@ def test_rows_reused_without_timings_count_for_accuracy_not_speed(tiny_llama, tm
     assert again["accuracy"] == first["accuracy"]
     perf = next(p for p in again["performance"] if p["plan"] == "dense")
     assert perf["runs"] == 1 and perf["prefill_s"] is not None  # the one timed row (depth 0.75)
+    before = next(p for p in first["performance"] if p["plan"] == "dense")
+    assert (perf["kv_bytes"], perf["kv_fraction"]) == (before["kv_bytes"], before["kv_fraction"])  # every row
+    (tmp_path / "c").mkdir()  # every row reused without timings: the KV held is still known, the speed is not
+    (tmp_path / "c" / "samples-reused.jsonl").write_text("".join(
+        json.dumps(r | {"stats": {k: v for k, v in r["stats"].items() if k in keep}} if r.get("task") == "passkey"
+                   else r) + "\n" for r in rows))
+    only = next(p for p in run_eval(EvalConfig(**cfg, out=tmp_path / "c"), tiny_llama)["performance"]
+                if p["plan"] == "dense")
+    assert (only["runs"], only["prefill_s"], only["kv_bytes"]) == (0, None, before["kv_bytes"])

@@ -707,10 +707,7 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
     accuracy, depth_rows = score_tables(rows)
     perf: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
-        # Rows reused from a results file that kept no timings (slim rows: kv_bytes only) count for accuracy,
-        # not for speed.
-        if "prefill_s" in r["stats"]:
-            perf[(r["plan"], r["length"])].append(r["stats"])
+        perf[(r["plan"], r["length"])].append(r["stats"])
     dtype_bytes = lm.dtype.itemsize
     perf_rows = []
     for e in entries:
@@ -719,6 +716,9 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
             if plan is None:
                 continue
             st = perf.get((e.label, L), [])
+            # Rows reused from a results file that kept no timings (slim rows: KV counts only) count for the KV
+            # held, not for speed: the times and rates are over the timed rows, ``runs`` counts them.
+            timed = [s for s in st if "prefill_s" in s]
             mem = cache.get(SampleCache.key(model_key, plan.digest(), MEMORY, L, None, cfg.seed, 0)) or {}
             perf_rows.append({
                 "plan": e.label, "length": L,
@@ -739,13 +739,13 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
                 "kv_fraction_measured": _measured(mem, "_peak"),
                 "kv_fraction_measured_prefill": _measured(mem, ""),
                 "planned_kv_bytes": plan.kv_bytes(spec, L, dtype_bytes, peak=True),
-                "prefill_s": round(_mean([s["prefill_s"] for s in st]), 4) if st else None,
-                "decode_s": round(_mean([s["decode_s"] for s in st]), 4) if st else None,
+                "prefill_s": round(_mean([s["prefill_s"] for s in timed]), 4) if timed else None,
+                "decode_s": round(_mean([s["decode_s"] for s in timed]), 4) if timed else None,
                 # Rates over totals (tokens / seconds), not means of per-sample rates, so they agree with the
                 # mean times above.
-                "prefill_tokens_per_s": _rate(st, "prompt_tokens", "prefill_s"),
-                "decode_tokens_per_s": _rate(st, "new_tokens", "decode_s"),
-                "runs": len(st),
+                "prefill_tokens_per_s": _rate(timed, "prompt_tokens", "prefill_s"),
+                "decode_tokens_per_s": _rate(timed, "new_tokens", "decode_s"),
+                "runs": len(timed),
             })
     plan_info = []
     for e in entries:
