@@ -52,7 +52,7 @@ def cells(results: dict[str, Any], task: str, run: str, budget: float | None) ->
     perf = {(p["plan"], p["length"]): p for p in results["performance"]}
     out = []
     for a in results["accuracy"]:
-        if a["task"] != task:
+        if a["task"] != task or a.get("pooled"):  # the draws' pool: each draw is a point of its own
             continue
         p = perf.get((a["plan"], a["length"]), {})
         out.append({"run": run, "budget": budget, "kind": kind_of(a["plan"]), "plan": a["plan"], "task": task,

@@ -13,12 +13,14 @@ from headwise.errors import ContextLengthError, InputError, PlanError
 from headwise.eval.report import write_report
 from headwise.eval.runner import (
     EvalConfig,
+    check_plan_specs,
     measure_kv,
     parse_length,
     parse_tasks,
     quest_baseline,
     resolve_plans,
     run_eval,
+    score_tables,
     streaming_baseline,
 )
 from headwise.plan import HeadPlan
@@ -121,6 +123,43 @@ def test_random_placement_draws_are_seeded_and_hold_the_plans_kv(smollm2, tmp_pa
         assert all(e.plan_for(L).kv_tokens(spec, L) == ref.kv_tokens(spec, L) for L in (1024, 4096))
     with pytest.raises(InputError, match="unknown plan"):
         resolve_plans([str(path), "random@equal:x"], smollm2)
+    star = resolve_plans([str(path), "random@equal*3"], smollm2)
+    assert [e.label for e in star[1:]] == ["random@equal:0", "random@equal:1", "random@equal:2"]
+    assert [e.plan_for(1024).layers for e in star[1:]] == draws
+
+
+@pytest.mark.parametrize("item", ["random@equal*1", "random@equal*21", "random@equal*"])
+def test_random_draw_counts_out_of_range_are_refused_before_loading(item):
+    with pytest.raises(InputError, match=r"random draws|unknown plan"):
+        check_plan_specs(["dense", item])
+
+
+def test_random_draws_are_pooled_into_one_accuracy_row_per_cell():
+    """Two or more random@equal draws of a cell add one row over all their samples (random@equal and
+    random@equal:0 being the same draw); a single draw adds none, and the plans' own rows are unchanged."""
+    rows = []
+    for plan, scores in {"dense": [1, 1, 1, 1], "random@equal": [1, 1, 0, 0], "random@equal:1": [0, 0, 0, 0],
+                         "random@equal:2": [1, 1, 1, 0]}.items():
+        rows += [{"plan": plan, "task": "passkey", "length": 1024, "depth": 0.5, "score": float(x)} for x in scores]
+    rows += [{"plan": "random@equal:1", "task": "needle", "length": 1024, "depth": 0.5, "score": 1.0}]
+    accuracy, _ = score_tables(rows)
+    pooled = [a for a in accuracy if a.get("pooled")]
+    assert len(pooled) == 1  # the needle cell has one draw only
+    (row,) = pooled
+    assert row["plan"] == "random@equal, 3 draws pooled" and row["n"] == 12 and row["score"] == round(5 / 12, 4)
+    assert row["pooled"] == ["random@equal:0", "random@equal:1", "random@equal:2"]
+    assert row["ci95"][0] < 5 / 12 < row["ci95"][1]
+    assert {a["plan"]: a["score"] for a in accuracy if not a.get("pooled") and a["task"] == "passkey"} == {
+        "dense": 1.0, "random@equal": 0.5, "random@equal:1": 0.0, "random@equal:2": 0.75}
+    same = score_tables([*rows, {"plan": "random@equal:0", "task": "passkey", "length": 1024, "depth": 0.5,
+                                 "score": 1.0}])[0]
+    assert [a["n"] for a in same if a.get("pooled")] == [13]  # draw 0 under either label: still three draws
+    from headwise.eval.report import accuracy_table
+
+    results = {"accuracy": accuracy, "tasks": ["passkey"], "lengths": [1024],
+               "plans": [{"label": p} for p in ("dense", "random@equal", "random@equal:1", "random@equal:2")]}
+    _, table = accuracy_table(results)
+    assert [r[0] for r in table][-1] == "random@equal, 3 draws pooled" and table[-1][1].startswith("42 [")
 
 
 def test_random_placement_is_never_the_plan_itself_where_another_deal_exists():

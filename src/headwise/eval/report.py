@@ -60,7 +60,8 @@ def accuracy_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]
     cols = [(t, L) for t in _gen_tasks(results) for L in results["lengths"]]
     header = ["plan"] + [f"{t} {_len(L)}" for t, L in cols] + ["mean"]
     rows = []
-    for p in _plans(results):
+    pooled = sorted({a["plan"] for a in results["accuracy"] if a.get("pooled")})  # random draws pooled, after the plans
+    for p in _plans(results) + pooled:
         cells = [acc.get((p, t, L)) for t, L in cols]
         got = [c["score"] for c in cells if c is not None]
         rows.append([p] + [_cell(c) for c in cells] + [_pct(sum(got) / len(got) if got else None)])

@@ -14,7 +14,9 @@ Plan specs (``--plans``, comma-separated):
 - ``random@equal`` / ``random@equal:SEED``: the first plan file's own policies dealt to the KV heads in a seeded random order (within
   global layers and within native sliding layers apart), so it holds exactly the same KV at every length and
   differs only in *which* heads keep what: the test of whether the profiler found the heads that matter (a deal
-  that gives the plan back is drawn again: ``random_baseline``).
+  that gives the plan back is drawn again: ``random_baseline``). ``random@equal*N``: draws 0 to N-1
+  (``expand_plan_items``); the accuracy table then also has their samples pooled (``pooled_random_rows``), the
+  expected accuracy of random placement, where one draw is a lottery.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -27,6 +29,7 @@ runs what is missing, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -171,6 +174,25 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
 
 
 _BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal(?::[0-9]+)?")
+_RANDOM_DRAWS = re.compile(r"random@equal\*([0-9]+)")
+_RANDOM_LABEL = re.compile(r"random@equal(?::([0-9]+))?")
+MAX_DRAWS = 20
+POOLED = "random@equal, {n} draws pooled"
+"""Label of the accuracy rows that pool the samples of several ``random@equal`` draws."""
+
+
+def expand_plan_items(items: Sequence[str]) -> list[str]:
+    """``--plans`` with each ``random@equal*N`` replaced by its N draws ``random@equal:0`` ... ``random@equal:N-1``."""
+    out: list[str] = []
+    for item in items:
+        if m := _RANDOM_DRAWS.fullmatch(item):
+            n = int(m.group(1))
+            if not 2 <= n <= MAX_DRAWS:
+                raise InputError(f"{item}: the number of random draws must be between 2 and {MAX_DRAWS}, got {n}")
+            out += [f"random@equal:{seed}" for seed in range(n)]
+        else:
+            out.append(item)
+    return out
 _LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
 _OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
@@ -221,13 +243,14 @@ def _load_plan_file(item: str, lm: Any) -> HeadPlan:
 
 def check_plan_specs(items: Sequence[str]) -> None:
     """Fail on an unknown spec or an unreadable plan file before any model is loaded."""
-    for item in items:
+    for item in expand_plan_items(items):
         if item.endswith(".json") or os.path.exists(item):
             HeadPlan.load(item)
         elif item != "dense" and not any(r.fullmatch(item) for r in (_BASELINE, _LONGHEADS, _OFFLOAD)):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
-                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal[:SEED], longheads, "
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal[:SEED], random@equal*N, "
+                "longheads, "
                 "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
             )
 
@@ -236,6 +259,7 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
     """Turn ``--plans`` items into ``PlanEntry``s, in order. Plan files are loaded and checked against the
     model now; the first one is the reference that ``@equal`` baselines match."""
     spec = lm.spec
+    items = expand_plan_items(items)
     check_plan_specs(items)
     files = {item: _load_plan_file(item, lm) for item in items if item.endswith(".json") or os.path.exists(item)}
     reference = next(iter(files), None)
@@ -414,6 +438,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
         raise InputError(f"--on-too-long must be 'skip' or 'stop', got '{cfg.on_too_long}'")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
+    cfg = dataclasses.replace(cfg, plans=expand_plan_items(cfg.plans))
     check_plan_specs(cfg.plans)
     if lm is None:
         from headwise.models import load_model
@@ -671,7 +696,26 @@ def score_tables(rows: Sequence[dict[str, Any]]) -> tuple[list[dict[str, Any]], 
         {"plan": p, "task": t, "length": L, "depth": d, "score": round(_mean(v), 4), "n": len(v)}
         for (p, t, L, d), v in by_depth.items()
     ]
-    return accuracy, depth_rows
+    return accuracy + pooled_random_rows(rows), depth_rows
+
+
+def pooled_random_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per task × length where two or more ``random@equal`` draws ran, one accuracy row over all their samples
+    (label ``POOLED``, ``pooled``: the draws): random placement's accuracy averaged over the draws. Its Wilson
+    interval counts samples, not draws, so it says how well the mean over *these* draws is known."""
+    draws: dict[tuple[str, int], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in rows:
+        m = _RANDOM_LABEL.fullmatch(r["plan"])
+        if m:  # random@equal and random@equal:0 are the same draw
+            draws[(r["task"], r["length"])][f"random@equal:{m.group(1) or 0}"].append(r["score"])
+    out = []
+    for (t, L), by_draw in draws.items():
+        if len(by_draw) < 2:
+            continue
+        v = [x for scores in by_draw.values() for x in scores]
+        out.append({"plan": POOLED.format(n=len(by_draw)), "task": t, "length": L, "score": round(_mean(v), 4),
+                    "n": len(v), "ci95": [round(x, 4) for x in wilson(_mean(v), len(v))], "pooled": sorted(by_draw)})
+    return out
 
 
 def _measured(mem: dict[str, Any], suffix: str) -> float | None:
