@@ -129,7 +129,8 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
     gen = torch.Generator().manual_seed(args.seed)
     steps = args.prefix // chunk + args.reps + 4
     decoders = [engine.add(_random_ids(args.decode_len, vocab, gen),
-                           SamplingParams(max_new_tokens=steps + 8, stop_token_ids=[])) for _ in range(decode_rows)]
+                           SamplingParams(max_new_tokens=steps + decode_rows + 16, stop_token_ids=[]))
+                for _ in range(decode_rows)]
     t0 = time.perf_counter()
     while any(s.prefilled < len(s.prompt_ids) for s in decoders):
         engine.step()
