@@ -202,10 +202,14 @@ def floor(lm: LoadedModel, plans: list[str], args: argparse.Namespace) -> dict[s
     out["linear_all_layers_ms"] = round(layers * sum(per.values()), 3)
 
     def streaming_chunk(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,
-                        reps: int) -> tuple[float, float]:
-        """The streaming heads' masked SDPA, and a causal call of the same shapes."""
+                        reps: int) -> tuple[float, float, float]:
+        """The streaming heads' masked SDPA (``masked_attention``: K/V repeated to the query heads on a GPU), the
+        same with SDPA's own GQA (what it was before: its math path on a GPU), and a causal call of the same shapes."""
         held = k.shape[2] - q.shape[2]
+        gqa = q.shape[1] != k.shape[1]
         return (_time_ms(lambda: masked_attention(q, k, v, mask, scale), device, reps),
+                _time_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale,
+                                                                enable_gqa=gqa), device, reps),
                 _time_ms(lambda: causal_attention(q, k, v, held, scale), device, reps))
 
     def attention(hq: int, hkv: int) -> float:
@@ -234,10 +238,11 @@ def floor(lm: LoadedModel, plans: list[str], args: argparse.Namespace) -> dict[s
             old_pos = torch.where(slots < p.sink, slots, last - (last - slots) % p.window)
             new_pos = torch.arange(args.prefix, args.prefix + L, device=device)
             mask = p.allowed(new_pos[:, None], torch.cat([old_pos, new_pos])[None, :])
-            masked, flash = streaming_chunk(rand(1, n * group, L, D), rand(1, n, held + L, D),
+            masked, sdpa_gqa, flash = streaming_chunk(rand(1, n * group, L, D), rand(1, n, held + L, D),
                                             rand(1, n, held + L, D), mask, scale, reps)
             entry |= {"streaming_masked_sdpa_ms": round(masked, 4), "streaming_masked_sdpa_all_layers_ms":
-                      round(layers * masked, 3), "streaming_same_shape_causal_ms": round(flash, 4),
+                      round(layers * masked, 3), "streaming_masked_sdpa_gqa_ms": round(sdpa_gqa, 4),
+                      "streaming_same_shape_causal_ms": round(flash, 4),
                       "streaming_same_shape_causal_all_layers_ms": round(layers * flash, 3)}
         out[name] = entry
     return out

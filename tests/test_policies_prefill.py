@@ -236,3 +236,32 @@ def test_a_later_prompt_chunk_on_the_gpu_matches_the_masked_reference(chunk, key
     masked = F.scaled_dot_product_attention(*bf, attn_mask=mask, scale=scale, enable_gqa=True)
     out = causal_attention(*bf, start, scale)
     assert (out.float() - ref).abs().max() <= 2 * (masked.float() - ref).abs().max() + 1e-6
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (24, 6, 128), (4, 1, 256), (9, 3, 64)])
+def test_masked_attention_with_gqa_on_the_gpu_leaves_sdpas_math_path(heads, kv_heads, head_dim):
+    """``masked_attention`` of a streaming head's prompt chunk (sinks + ring + the chunk, an A-shape mask) in bf16
+    with GQA: K/V repeated to the query heads, so SDPA's efficient kernel takes it (the call runs with the math
+    backend disabled), erring at most twice as much as SDPA's own GQA (math) call against the fp32 reference."""
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from headwise.policies.base import masked_attention
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    chunk, held, sink, window = 2048, 320, 64, 256
+    q = torch.randn(1, heads, chunk, head_dim, device="cuda", generator=g)
+    k, v = (torch.randn(1, kv_heads, held + chunk, head_dim, device="cuda", generator=g) for _ in range(2))
+    slots = torch.arange(held, device="cuda")
+    old = torch.where(slots < sink, slots, 10_000 - (10_000 - slots) % window)
+    new = torch.arange(10_001, 10_001 + chunk, device="cuda")
+    keys = torch.cat([old, new])
+    mask = (keys[None, :] <= new[:, None]) & ((keys[None, :] < sink) | (new[:, None] - keys[None, :] < window))
+    scale = head_dim ** -0.5
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    bf = [t.bfloat16() for t in (q, k, v)]
+    math = F.scaled_dot_product_attention(*bf, attn_mask=mask, scale=scale, enable_gqa=True)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
+        out = masked_attention(*bf, mask, scale)
+    assert (out.float() - ref).abs().max() <= 2 * (math.float() - ref).abs().max() + 1e-6

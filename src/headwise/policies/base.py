@@ -276,6 +276,14 @@ def kernel_decode(
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq, L, S]`` (True = attend)."""
-    gqa = q.shape[1] != k.shape[1]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq, L, S]`` (True = attend).
+
+    On a GPU in half precision, grouped-query inputs have K and V repeated to the query heads first: SDPA's
+    efficient kernel takes a mask but not GQA (torch 2.11) and flash takes no mask, so with both SDPA ran its math
+    path, writing and reading [Hq, L, S] fp32 score tensors several times (a streaming head's 2048-token prompt chunk:
+    `bench/prefill_step_breakdown.py` times both). The repeat costs (group - 1) x the K/V bytes, far less."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
