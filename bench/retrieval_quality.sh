@@ -87,14 +87,14 @@ profile)
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
+  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
   pack
   ;;
 eval)
   join_weights
   cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
-  sharded_eval main "$(left)" --plans $PLANS --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
+  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
   case "$PLANS:${QUEST:-1}" in *quest*|*:0) pack; exit 0 ;; esac  # QUEST=0: no Quest pass
   mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
