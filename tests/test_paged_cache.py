@@ -20,6 +20,8 @@ from headwise.paged_cache import PagedDenseStore, PagedRingStore
 from headwise.plan import HeadPlan
 from headwise.policies import AShape, Full, PageTopK, Streaming
 from headwise.pool import PagePool, SequencePages
+from headwise.spec import ModelSpec
+from host_ops import HostOps
 from server_common import mixed_plan
 from tiny import ARCHS, tiny_model
 
@@ -401,3 +403,37 @@ def test_the_triton_pool_page_scores_equal_the_reference(dtype):
     chosen = [paged_cache.select_pool_pages(q, kv[:, 0], kv[:, 1], P, table, lengths, 4 * n_cols, 3, use_kernels=k)
               for k in (False, True)]
     assert [sorted(r[0].tolist()) for r in chosen[0]] == [sorted(r[0].tolist()) for r in chosen[1]]
+
+
+@pytest.mark.parametrize("chunks", [(1, 1, 3, 2, 9), (2, 5, 12), (4, 4, 4), (17,)])
+def test_a_ring_writes_a_prompt_chunk_into_its_pages_without_host_syncs(chunks):
+    """Chunks shorter than the sinks, across their end, shorter and longer than the window: the ring's pages hold
+    what ``SinkWindowStore`` holds, and writing a chunk runs no op sized by tensor values (on a GPU, a boolean
+    mask compacted or a nonzero stops the host until the device drains, in every layer of every prompt chunk)."""
+    policy = Streaming(sink=3, window=5)
+    spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=8,
+                     max_context=4096)
+    pool = PagePool(spec, 1 << 20, dtype_bytes=4, page_size=4)
+    pool.allocate("cpu", torch.float32)
+    assert pool.kv is not None
+    pool.kv.fill_(float("nan"))  # a slot the ring did not write reads as NaN
+    pages = SequencePages(pool, HeadPlan.from_policies(spec, [[policy, policy]]))
+    store = paged_cache.paged_store(pool, pages.groups[0][0], torch.device("cpu"), torch.float32)
+    assert isinstance(store, PagedRingStore)
+    ref = policy.make_store(1, 2, 8, torch.device("cpu"), torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    for n in chunks:
+        k, v = torch.randn(1, 2, n, 8, generator=gen), torch.randn(1, 2, n, 8, generator=gen)
+        assert pages.grow(store.seen + n)
+        pages.groups[0][0].table()  # a grown table is made outside the recorded write, as once per step
+        with HostOps() as ops:
+            store.append(k, v)
+        assert ops.value_sized() == []
+        ref.append(k, v)
+        keys, values, pos = store.view()
+        rk, rv, rpos = ref.view()
+        held = rpos >= 0
+        order, rorder = pos.argsort(), rpos[held].argsort()
+        assert pos[order].tolist() == rpos[held][rorder].tolist()
+        torch.testing.assert_close(keys[:, :, order], rk[:, :, held][:, :, rorder], rtol=0, atol=0)
+        torch.testing.assert_close(values[:, :, order], rv[:, :, held][:, :, rorder], rtol=0, atol=0)

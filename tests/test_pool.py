@@ -13,6 +13,7 @@ from headwise.plan import HeadPlan
 from headwise.policies import Full, PageTopK, Streaming
 from headwise.pool import KVMemory, PagePool, SequencePages
 from headwise.spec import ModelSpec
+from host_ops import HostOps
 from server_common import mixed_plan
 from tiny import tiny_model
 
@@ -160,3 +161,24 @@ def test_kv_memory_is_gigabytes_or_a_share_of_free_device_memory():
     if not torch.cuda.is_available():
         with pytest.raises(BudgetError, match="needs a CUDA device"):
             KVMemory(fraction=0.5).pool(LLAMA3_8B, torch.device("cpu"), dtype_bytes=2)
+
+
+def test_a_page_table_takes_only_the_new_pages_from_the_host_as_it_grows():
+    """A 2048-token chunk adds 128 pages per head to a table of up to 8192: the table is extended by them, not
+    rebuilt from every page id in every layer of every step; released and grown again, it starts over."""
+    spec = ModelSpec(architecture="llama", num_layers=1, num_q_heads=4, num_kv_heads=2, head_dim=8, max_context=4096)
+    pool = PagePool(spec, 1 << 20, dtype_bytes=2, page_size=4)
+    pages = SequencePages(pool, HeadPlan.from_policies(spec, [[Full(), Full()]]))
+    group = pages.groups[0][0]
+    assert pages.grow(8)
+    first = group.table()
+    assert first.tolist() == group.pages and first.shape == (2, 2) and first.dtype == torch.int32
+    assert group.table() is first, "unchanged pages: the same tensor"
+    assert pages.grow(20)
+    with HostOps() as ops:
+        grown = group.table()
+    assert grown.tolist() == group.pages and grown.shape == (2, 5)
+    assert ops.from_host() == [(2, 3)], "only the 3 new pages of each head cross from the host"
+    assert first.tolist() == [head[:2] for head in group.pages], "a table handed out is never written"
+    pages.release()
+    assert pages.grow(4) and group.table().tolist() == group.pages and group.table().shape == (2, 1)

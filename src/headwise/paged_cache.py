@@ -108,11 +108,16 @@ class PagedRingStore(SinkWindowStore):
         """Write positions ``seen .. seen+n-1``: the sinks among them and the last ``window`` (the others would be
         overwritten within the chunk)."""
         n = k.shape[2]
-        pos = torch.arange(self.seen, self.seen + n)
-        keep = (pos < self.sink) | (pos >= self.seen + n - self.window)
         _check_room(self.pool, self.pages, min(self.seen + n, self.max_slots))
-        idx = keep.nonzero()[:, 0].to(k.device)
-        slots = self.layout.slots(pos[keep]).to(self.device)
+        # The kept tokens of the chunk, from host ints: the sinks among them, then the last ``window`` from where
+        # the sinks end. Made on the device (no boolean mask to compact, no host tensor to copy: on a GPU either
+        # would stop the host until the device drains, in every layer of every prompt chunk).
+        sinks = max(0, min(n, self.sink - self.seen))
+        tail = max(sinks, n - self.window)
+        idx = torch.arange(tail, n, device=k.device)
+        if sinks:
+            idx = torch.cat([torch.arange(sinks, device=k.device), idx])
+        slots = self.layout.slots(idx.to(self.device) + self.seen)
         self.pool.write(self.pages.table(self.device)[None], slots[None], k.index_select(2, idx),
                         v.index_select(2, idx))
         self.seen += n

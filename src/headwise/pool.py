@@ -201,7 +201,7 @@ class GroupPages:
     heads: int
     pages: list[list[int]]
     bound_pages: list[list[int]] = field(default_factory=list)
-    _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table) until pages change
+    _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table), extended as pages are taken
     _bound_table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
@@ -209,18 +209,34 @@ class GroupPages:
             self.bound_pages = [[] for _ in range(self.heads)]
 
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: built again only when
-        the pages changed (at most once per ``page_size`` tokens)."""
-        if self._table is None or self._table[0] != str(device):
-            self._table = (str(device), torch.tensor(self.pages, dtype=torch.int32, device=device))
+        """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: extended when pages were
+        taken (at most once per ``page_size`` tokens), by the new pages alone (``_extended``)."""
+        self._table = _extended(self._table, self.pages, device)
         return self._table[1]
 
     def bound_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bound-page table ``[heads, bound pages]`` (int32): page ``i``'s bounds are in slot ``i % page_size`` of
         bound page ``i // page_size``."""
-        if self._bound_table is None or self._bound_table[0] != str(device):
-            self._bound_table = (str(device), torch.tensor(self.bound_pages, dtype=torch.int32, device=device))
+        self._bound_table = _extended(self._bound_table, self.bound_pages, device)
         return self._bound_table[1]
+
+
+def _extended(cached: tuple[str, torch.Tensor] | None, lists: list[list[int]],
+              device: torch.device | str) -> tuple[str, torch.Tensor]:
+    """``lists`` (one list of page ids per head, all of one length) as an int32 ``[heads, pages]`` tensor on
+    ``device``, from ``cached``, the tensor of the same lists when they were shorter: page lists only grow until
+    they are released (which drops the cache), so only the columns taken since cross from the host. A prompt chunk
+    of 2048 tokens takes 128 pages per head, while rebuilding a 128K-token table from the lists converted 8192
+    Python ints per head in every layer of every step. A new tensor each time: one handed out is never written."""
+    width = len(lists[0]) if lists else 0
+    if cached is not None and cached[0] == str(device):
+        old = cached[1]
+        if old.shape[-1] == width:
+            return cached
+        if 0 < old.shape[-1] < width:
+            new = torch.tensor([head[old.shape[-1]:] for head in lists], dtype=torch.int32).to(device)
+            return cached[0], torch.cat([old, new], dim=1)
+    return str(device), torch.tensor(lists, dtype=torch.int32, device=device)
 
 
 class SequencePages:
@@ -267,11 +283,7 @@ class SequencePages:
             return False
         it = iter(ids)
         self.version += bool(ids)
-        for g, n, m in need:
-            if n > 0:
-                g._table = None
-            if m > 0:
-                g._bound_table = None
+        for g, n, m in need:  # the page tables are extended at their next use (GroupPages.table)
             for head, bounds in zip(g.pages, g.bound_pages):
                 head.extend(next(it) for _ in range(n))
                 bounds.extend(next(it) for _ in range(m))

@@ -1,0 +1,52 @@
+"""bench/prefill_step_breakdown.py: one chunk step of each plan timed, profiled and written with its floor (CPU smoke)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from headwise.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("prefill_step_breakdown", ROOT / "bench" / "prefill_step_breakdown.py")
+    mod = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_breakdown_times_and_profiles_a_chunk_step_of_each_plan_on_cpu(tmp_path):
+    out = tmp_path / "breakdown.json"
+    _module().main([str(out), "--model", "random:tiny-llama", "--device", "cpu", "--prefix", "32", "--chunk", "16",
+                    "--kv-gb", "0.01", "--reps", "2", "--floor-reps", "1", "--plans", "dense,duo25",
+                    "--decode-rows", "0,2", "--top", "5"])
+    doc = json.loads(out.read_text())
+    assert {"command", "commit", "device", "torch", "results"} <= set(doc)
+    assert "--prefix 32" in doc["command"]
+    res = doc["results"]
+    assert [(c["plan"], c["decode_rows"]) for c in res["cases"]] == [("dense", 0), ("dense", 2), ("duo25", 0),
+                                                                       ("duo25", 2)]
+    for case in res["cases"]:
+        assert case["prefixes"] == [32, 48] and len(case["step_ms"]) == 2 and all(t > 0 for t in case["step_ms"])
+        prof = case["profile"]
+        assert prof["prefix"] == 64 and 0 < len(prof["ops"]) <= 5
+        assert {"name", "calls", "device_ms", "self_cpu_ms"} <= set(prof["ops"][0])
+        assert prof["kernels"] == [] and prof["gpu_busy_ms"] == 0  # no GPU: no kernels
+    floor = res["floor"]
+    assert set(floor["linear_ms"]) == {f"self_attn.{p}_proj" for p in "qkvo"} | {f"mlp.{p}_proj" for p in
+                                                                                    ("gate", "up", "down")}
+    assert floor["keys"] == 48 and floor["causal_attention_all_heads_ms"] > 0
+    # tiny-llama: 4 KV heads, duo25 keeps one full
+    assert floor["duo25"]["full_kv_heads"] == 1 and floor["duo25"]["streaming_kv_heads"] == 3
+    assert floor["duo25"]["streaming_masked_sdpa_ms"] > 0
+
+
+def test_breakdown_refuses_a_prefix_that_is_not_whole_chunks(tmp_path):
+    with pytest.raises(InputError, match="multiple of --chunk"):
+        _module().parse_args([str(tmp_path / "x.json"), "--prefix", "40", "--chunk", "16"])
