@@ -1,5 +1,7 @@
 """The ablation ranking: backward elimination keeps the heads whose joint loss is measured, not guessed."""
 
+import json
+
 import pytest
 import torch
 
@@ -9,9 +11,17 @@ from headwise.errors import HeadwiseError
 from headwise.plan import HeadPlan
 from headwise.policies import Full, Quantized, Streaming
 from headwise.policies.quantized import QuantizedStore, fake_quantize
-from headwise.profile.ablate import BASES, ablation_ranking, eliminate
+from headwise.profile.ablate import BASES, _Masks, ablation_ranking, eliminate
 from headwise.profile.runner import ABLATION_BASES
-from headwise.profile.select import PLAN_MASK_NAME, ProbeSet, plan_masks, plan_rounding, probe_set
+from headwise.profile.select import (
+    PLAN_MASK_NAME,
+    ProbeSet,
+    masked_text_logprobs,
+    plan_masks,
+    plan_rounding,
+    probe_set,
+    text_kl,
+)
 from tiny import tiny_model
 
 HEADS = [(i, j) for i in range(4) for j in range(3)]
@@ -178,3 +188,121 @@ def test_profile_on_a_quantized_base_records_it_in_the_plan(smollm2):
     assert abl["base"] == "quantized4" and abl["base_policy"]["params"]["bits"] == 4 and not abl["finished"]
     assert plan.meta["solution"]["quantized_heads"] and plan.meta["solution"]["kv_fraction"] <= 0.5
 
+
+
+def _count_forwards(lm) -> list[int]:
+    calls = [0]
+    lm.model.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_text_weight_zero_changes_nothing():
+    """Text given at weight 0: the same ranking, curve and forwards as without it, and the model run as often."""
+    lm = tiny_model("llama", num_hidden_layers=2, vocab_size=1024)
+    probes = _answered_by_dense(lm)
+    text = torch.randint(5, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    calls = _count_forwards(lm)
+    runs = []
+    for kw in ({}, {"text": text, "text_weight": 0.0}):
+        calls[0] = 0
+        res = ablation_ranking(lm, probes, sink=2, window=4, drop=0.5, progress=False, **kw)
+        meta = res.meta()
+        meta.pop("seconds")
+        runs.append((res.order, res.curve, res.forwards, calls[0], meta))
+    assert runs[0][:4] == runs[1][:4]
+    assert runs[0][4] == runs[1][4] and runs[0][4]["text_weight"] == 0.0 and "curve_parts" not in runs[0][4]
+    assert len(set(runs[0][0])) == 4
+
+
+def _text_only_head(lm):
+    """Every KV head's output zeroed except (0, 0)'s: switching any other head changes nothing at all."""
+    g, d = lm.spec.group_size, lm.spec.head_dim
+    with torch.no_grad():
+        for i, layer in enumerate(lm.model.model.layers):
+            w = layer.self_attn.o_proj.weight
+            w[:, (g * d if i == 0 else 0):] = 0
+    return lm
+
+
+def test_a_large_text_weight_keeps_the_head_text_needs():
+    """Probes shorter than the window (streaming = full on them: no retrieval loss anywhere) and one head that
+    matters for text: by retrieval alone the tie puts it first out, with the text term it is the last kept."""
+    lm = _text_only_head(tiny_model("llama", num_hidden_layers=2, vocab_size=1024))
+    probes = _answered_by_dense(lm, length=4)
+    text = torch.randint(5, 128, (2, 40), generator=torch.Generator().manual_seed(1))
+    kw = {"sink": 2, "window": 8, "drop": 0.5, "progress": False}
+    plain = ablation_ranking(lm, probes, **kw, text=text)
+    weighted = ablation_ranking(lm, probes, **kw, text=text, text_weight=1000.0)
+    assert plain.order[0] == (0, 0) and all(loss == plain.curve[0][1] for _, loss in plain.curve)
+    assert weighted.order[-1] == (0, 0) and float(weighted.score[0, 0]) == 1.0
+    meta = weighted.meta()
+    assert meta["text_weight"] == 1000.0 and meta["text"] == {"rows": 2, "tokens": 40, "positions": 40}
+    parts = meta["curve_parts"]
+    assert [p[0] for p in parts] == [n for n, _ in meta["curve"]]
+    assert all(r == parts[0][1] and abs(k) < 1e-5 for _, r, k in parts)  # (0, 0) never switched: no text lost
+    # the head it kept costs text: its switch alone is far above the noise
+    masks = _Masks(lm, 2, 8)
+    masks.streamed = {(0, 0)}
+    dense = masked_text_logprobs(lm, None, text, 40)
+    assert text_kl(dense, masked_text_logprobs(lm, masks, text, 40)) > 1e-4
+
+
+@pytest.mark.parametrize("base", ["full", "quantized4"])
+def test_text_loss_of_no_switched_head(base):
+    """No head switched: a full base's masked forward over text is dense's (KL 0 up to float noise); a 4-bit base
+    rounds the K/V that later prefill chunks see as codes (past the residual) and loses a little; one streamed head
+    loses more than either."""
+    lm = tiny_model("llama", num_hidden_layers=2, vocab_size=1024)
+    text = torch.randint(5, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    masks = _Masks(lm, 2, 4, BASES[base], chunk=32)
+    rounding = masks.rounding if base != "full" else None
+    dense = masked_text_logprobs(lm, None, text, 64)
+    none = text_kl(dense, masked_text_logprobs(lm, masks, text, 64, rounding_for=rounding))
+    masks.streamed = {(1, 0)}
+    one = text_kl(dense, masked_text_logprobs(lm, masks, text, 64, rounding_for=rounding))
+    assert abs(none) < 1e-6 if base == "full" else none > 1e-8  # the rounding, small on a random model: 8e-8
+    assert one > max(1e-4, 100 * none)
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_a_bad_text_weight_is_refused(tiny_llama, weight):
+    with pytest.raises(HeadwiseError, match="text weight"):
+        ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), text_weight=weight, progress=False)
+
+
+def test_a_text_weight_needs_text(tiny_llama):
+    with pytest.raises(HeadwiseError, match="needs held-in text"):
+        ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), text_weight=1.0, progress=False)
+
+
+def test_the_cli_text_weight_reaches_settings_and_the_plan(tiny_llama, tmp_path, monkeypatch):
+    """``--ablation-text-weight`` through ``headwise profile`` (tiny Llama; the ablation's probes swapped for ones a
+    random model answers): the settings carry it, the ranking measures Shakespeare from the profiler's text, and the
+    plan's command line and ``meta.ablation`` record it with the curve's two parts."""
+    from headwise.cli import main
+    from headwise.profile import ablate, cli
+
+    seen = {}
+    real = ablate.ablation_ranking
+
+    def ranking(lm, probes, **kw):
+        seen.update(kw)
+        return real(lm, _answered_by_dense(lm), **kw)
+
+    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny_llama)
+    monkeypatch.setattr(ablate, "ablation_ranking", ranking)
+    real_settings = cli._settings
+    monkeypatch.setattr(cli, "_settings", lambda *a: seen.setdefault("settings", real_settings(*a)))
+    out = tmp_path / "plan.json"
+    rc = main(["profile", "smollm2-135m", "--budget", "0.5", "-o", str(out), "--fast", "--no-progress",
+               "--method", "ablation", "--target-len", "512", "--full-share", "1.0", "--ablation-text-weight", "0.5"])
+    assert rc == 0
+    assert seen["settings"].ablation_text_weight == 0.5 and seen["text_weight"] == 0.5
+    assert seen["text"].shape == (1, 512)  # Settings.fast's 512 tokens, in rows of the target length
+    meta = json.loads(out.read_text())["meta"]
+    assert "--ablation-text-weight 0.5" in meta["created_by"]
+    abl = meta["ablation"]
+    assert abl["text_weight"] == 0.5 and abl["text"]["positions"] == 512
+    assert len(abl["curve_parts"]) == len(abl["curve"])
+    for (n, loss), (m, retrieval, kl) in zip(abl["curve"], abl["curve_parts"]):
+        assert n == m and loss == pytest.approx(retrieval + 0.5 * kl, abs=1e-3)

@@ -71,3 +71,15 @@ def test_fast_profile_writes_plan_png_and_command(tmp_path):
     assert plan["meta"]["created_by"].startswith("headwise profile smollm2-135m --budget 0.25")
     assert plan["meta"]["solution"]["kv_fraction"] <= 0.25
     assert (tmp_path / "plan.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    (["--method", "ablation", "--ablation-text-weight", "-1"], "must be a number >= 0, got -1.0"),
+    (["--method", "ablation", "--ablation-text-weight", "nan"], "must be a number >= 0, got nan"),
+    (["--method", "duo", "--ablation-text-weight", "1"], "needs --method ablation"),
+])
+def test_a_bad_ablation_text_weight_is_a_one_line_error(extra, says, tmp_path, capsys):
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), *extra])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--ablation-text-weight" in err and says in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()

@@ -33,6 +33,14 @@ walks it as any other score (``solver.py``), and ``select.py`` picks how much of
 a separate set of probes. Each round's loss is kept (``AblationResult.curve``): the retrieval lost as a function
 of the number of full heads, measured.
 
+Text (``text_weight``, off by default): the retrieval loss keeps the heads the probes need and nothing else, so a
+plan that keeps the passkey can still lose text fidelity (Gemma 3 270M, docs/quality.md "Run 11": KL 0.13-0.18 nats
+vs dense on Shakespeare). With a weight, each loss adds ``text_weight`` x the mean KL(dense || switched), in nats,
+of the next-token distributions at the last ``TEXT_POSITIONS`` positions of held-in text rows (``ablation_text``:
+the profiler's Shakespeare, not the evaluation's), under the same masks and rounding as the probes (each row one
+prefilled prompt). Dense's log-probs are taken once; each loss then runs one more masked forward per batch of rows.
+``AblationResult.parts`` keeps each round's two terms apart.
+
 Cost: about ``n_heads / drop`` masked forwards over the probes (SmolLM2's 90 KV heads, 50 probes at 1K and 2K:
 ~0.9 s per forward in fp32 on an H200, so ~8 minutes; on a GPU the forwards run in bf16 autocast; on a CPU it is
 for small models and tests). A quantized base attends over up to twice the keys (the rounded copy of the old
@@ -56,12 +64,24 @@ from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy, Quantized
 from headwise.policies.streaming import Streaming
-from headwise.profile.select import ProbeSet, Rounding, masked_probe_losses, plan_masks, plan_rounding, subset
+from headwise.profile.select import (
+    ProbeSet,
+    Rounding,
+    masked_probe_losses,
+    masked_text_logprobs,
+    plan_masks,
+    plan_rounding,
+    subset,
+    text_kl,
+)
 
 CAP = 10.0
 """Largest excess NLL (nats) one probe counts for."""
 TOLERANCE = 0.05
 """Nats of combined loss allowed above twice the sum of the switched heads' own losses."""
+TEXT_POSITIONS = 512
+"""Positions per text row (the last ones) the text term's KL is taken over: bounds the [rows, positions, vocab]
+log-probs held for dense."""
 
 Head = tuple[int, int]
 
@@ -89,11 +109,19 @@ class AblationResult:
     """The policy of the heads not switched (a ``BASES`` key)."""
     rounding: dict[str, Any] = field(default_factory=dict)
     """With a quantized base, how its rounding was emulated (prefill chunk, decode kernel or reference path)."""
+    text_weight: float = 0.0
+    """Weight of the text term in the loss (0: retrieval only)."""
+    text: dict[str, int] = field(default_factory=dict)
+    """With a text term: the rows, tokens per row and positions per row its KL is taken over."""
+    parts: list[tuple[int, float, float]] = field(default_factory=list)
+    """With a text term, ``curve``'s rounds split: (heads not switched, retrieval excess, text KL in nats)."""
 
     def meta(self) -> dict[str, Any]:
+        text = {"text": self.text, "curve_parts": [[n, round(r, 4), round(k, 4)] for n, r, k in self.parts]}
         return {"base": self.base, "base_policy": BASES[self.base].to_spec(), **self.rounding,
                 "probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
-                "seconds": round(self.seconds, 1), "finished": self.finished,
+                "seconds": round(self.seconds, 1), "finished": self.finished, "text_weight": self.text_weight,
+                **(text if self.text_weight else {}),
                 "order": [list(h) for h in self.order],
                 "curve": [[n, round(loss, 4)] for n, loss in self.curve]}
 
@@ -183,12 +211,19 @@ def eliminate(heads: list[Head], loss: Callable[[set[Head]], float], drop: float
 
 def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: int = 64, drop: float = 0.15,
                      batch: int = 8, time_limit_s: float | None = None, progress: bool = True, base: str = "full",
-                     chunk: int = DEFAULT_CHUNK, kernels: bool | None = None) -> AblationResult:
+                     chunk: int = DEFAULT_CHUNK, kernels: bool | None = None, text: torch.Tensor | None = None,
+                     text_weight: float = 0.0, text_positions: int = TEXT_POSITIONS) -> AblationResult:
     """Backward elimination (module docstring). ``probes``: from ``select.probe_set``. ``base``: a ``BASES`` key;
     with a quantized one, ``chunk`` is the prefill chunk the rounding is emulated for and ``kernels`` whether decode
-    steps run on the decode kernel (default: on a GPU, as the engine does)."""
+    steps run on the decode kernel (default: on a GPU, as the engine does). ``text``: ids ``[n, T]`` of held-in text
+    (``ablation_text``); with ``text_weight`` > 0 the loss adds ``text_weight`` x the mean KL(dense || switched), in
+    nats, over the last ``text_positions`` positions of each row (module docstring, "Text")."""
     if not 0.0 < drop < 1.0:
         raise HeadwiseError(f"drop must be in (0, 1), got {drop}")
+    if not text_weight >= 0.0 or not math.isfinite(text_weight):
+        raise HeadwiseError(f"the ablation's text weight must be a number >= 0, got {text_weight}")
+    if text_weight and (text is None or text.dim() != 2 or text.numel() == 0):
+        raise HeadwiseError("a text weight above 0 needs held-in text: token ids [rows, tokens]")
     if base not in BASES:
         raise HeadwiseError(f"unknown ablation base '{base}'; choose one of {', '.join(BASES)}")
     spec = lm.spec
@@ -207,14 +242,26 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     rounded = isinstance(BASES[base], Quantized)
     masks = _Masks(lm, sink, window, BASES[base], chunk, kernels)
     forwards = 1
+    keep = min(text.shape[1], text_positions) if text is not None else 0
+    dense_text = None
+    if text_weight and text is not None:
+        with _fast(device):
+            dense_text = masked_text_logprobs(lm, None, text, keep, batch)
+    parts: dict[frozenset[Head], tuple[float, float]] = {frozenset(): (0.0, 0.0)}
 
     def loss(streamed: set[Head]) -> float:
         nonlocal forwards
         masks.streamed = streamed
         forwards += 1
+        rounding = masks.rounding if rounded else None
+        kl = 0.0
         with _fast(masks.device):
-            _, nll = masked_probe_losses(lm, masks, kept, batch, masks.rounding if rounded else None)
-        return float((nll - dense).clamp(min=0.0, max=CAP).mean())
+            _, nll = masked_probe_losses(lm, masks, kept, batch, rounding)
+            if dense_text is not None and text is not None:
+                kl = text_kl(dense_text, masked_text_logprobs(lm, masks, text, keep, batch, rounding))
+        retrieval = float((nll - dense).clamp(min=0.0, max=CAP).mean())
+        parts[frozenset(streamed)] = (retrieval, kl)
+        return retrieval + text_weight * kl
 
     start = loss(set()) if rounded else 0.0
     order, curve, finished = eliminate(heads, loss, drop, time_limit_s, progress, t0, start)
@@ -222,5 +269,17 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     for p, (i, j) in enumerate(order):
         score[i, j] = (p + 1) / len(order)
     how = {"rounding": {"prefill_chunk": chunk, "decode": "kernel" if kernels else "reference"}} if rounded else {}
+    split = [(n, *parts[frozenset(order[: len(order) - n])]) for n, _ in curve] if dense_text is not None else []
+    shape = {"rows": text.shape[0], "tokens": text.shape[1], "positions": keep} if text is not None and dense_text is not None else {}
     return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished,
-                          base, how)
+                          base, how, text_weight, shape, split)
+
+
+def ablation_text(lm: LoadedModel, tokens: int, length: int) -> torch.Tensor:
+    """Held-in text for the ablation's text term: ``tokens`` tokens of Shakespeare from the start of Hamlet (the
+    profiler's own text, as ``mass.text_for_profile`` and ``seer.profile_texts``; the evaluation cuts its text from
+    seeded places), in rows of ``length`` (at least one row; a row no longer than ``tokens``)."""
+    from headwise.profile.seer import profile_texts
+
+    length = min(length, tokens)
+    return profile_texts(lm, length, max(1, tokens // length))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ablation-time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop the ablation's elimination after SECONDS, the rest ordered by their last costs "
                         "(default 300 on a GPU, 600 on a CPU)")
+    p.add_argument("--ablation-text-weight", type=float, default=None, metavar="W",
+                   help="add W x the KL from dense on held-in Shakespeare to the ablation's retrieval loss, so heads "
+                        "that carry text are kept too (default 0: retrieval only; docs/profiling.md)")
     p.add_argument("--act", action="store_true",
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
                         "held-in and held-out text (docs/profiling.md)")
@@ -113,6 +117,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--ablation-base", args.ablation_base]
     if args.ablation_time_limit is not None:
         parts += ["--ablation-time-limit", str(args.ablation_time_limit)]
+    if args.ablation_text_weight is not None:
+        parts += ["--ablation-text-weight", str(args.ablation_text_weight)]
     if args.act:
         parts.append("--act")
     if args.train_gates:
@@ -146,6 +152,10 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
         if args.ablation_time_limit <= 0:
             raise InputError(f"--ablation-time-limit must be a positive number of seconds, got {args.ablation_time_limit}")
         s = dataclasses.replace(s, ablation_time_limit_s=args.ablation_time_limit)
+    if args.ablation_text_weight is not None:
+        if not (0 <= args.ablation_text_weight < math.inf):
+            raise InputError(f"--ablation-text-weight must be a number >= 0, got {args.ablation_text_weight}")
+        s = dataclasses.replace(s, ablation_text_weight=args.ablation_text_weight)
     if args.select_probes is not None:
         if args.select_probes < 1:
             raise InputError(f"--select-probes must be at least 1, got {args.select_probes}")
@@ -174,6 +184,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ablation-base {args.ablation_base} sets the base the ablation ranking is measured on: it "
                          "needs --method ablation and no --from-scores (a re-solve measures nothing; its ranking's base "
                          "is in the source plan's meta.ablation.base)")
+    if settings.ablation_text_weight and (args.from_scores or args.method != "ablation"):
+        raise InputError("--ablation-text-weight weighs a term of the ablation ranking's loss: it needs --method ablation "
+                         "and no --from-scores")
     if args.train_gates and (args.from_scores or args.prefill_patterns is None):
         raise InputError("--train-gates needs --prefill-patterns DENSITY (the gate competes with the other prefill "
                          "patterns at that density) and cannot run with --from-scores")

@@ -70,6 +70,10 @@ class Settings:
     (``ablate.py``; only those dense answers exactly count)."""
     ablation_drop: float = 0.15
     ablation_time_limit_s: float = 600.0
+    ablation_text_weight: float = 0.0
+    """Weight of the text term in the ablation's loss (``ablate.py``, "Text"): 0, retrieval only."""
+    ablation_text_tokens: int = 8192
+    """Tokens of held-in text for that term, in rows of the target length (used only with a weight above 0)."""
     act_length: int = 1024
     """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
     seer_steps: int = 40
@@ -81,7 +85,7 @@ class Settings:
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
         return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
-                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, act_length=256, seer_steps=4,
+                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, ablation_text_tokens=512, act_length=256, seer_steps=4,
                    seer_seq_len=256)
 
     @classmethod
@@ -244,6 +248,9 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         raise HeadwiseError(f"--ablation-base {ablation_base} sets the base of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
     settings = settings or Settings()
+    if settings.ablation_text_weight and method != "ablation":
+        raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
+                            f"ablation, not {method}")
     spec = lm.spec
     check_reachable(lm)
     timings: dict[str, float] = {}
@@ -281,14 +288,16 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                     "first_loss": duo.losses[0], "last_loss": duo.losses[-1],
                     "loss_curve": {str(i): round(duo.losses[i], 5) for i in range(0, len(duo.losses), every)}}
     if method == "ablation":
-        from headwise.profile.ablate import ablation_ranking
+        from headwise.profile.ablate import ablation_ranking, ablation_text
         from headwise.profile.select import probe_set
 
         t = time.perf_counter()
+        w = settings.ablation_text_weight
+        text = ablation_text(lm, settings.ablation_text_tokens, profile_length(spec, target_len)) if w else None
         abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
                                              seed=ABLATION_SEED),
                                drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
-                               progress=progress, base=ablation_base)
+                               progress=progress, base=ablation_base, text=text, text_weight=w)
         timings["ablation_s"] = time.perf_counter() - t
         kv_scores["ablation"] = abl.score
         ablation_meta = abl.meta()

@@ -219,6 +219,17 @@ def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: P
     return masked_probe_losses(lm, lambda n: plan_masks(lm.spec, policies, n, device), probes, batch, rounding_for)
 
 
+def _masked_logits(model: torch.nn.Module, x: torch.Tensor, masks: list[torch.Tensor] | None,
+                   rounding: list[list[Rounding]] | None, keep: int) -> torch.Tensor:
+    """The logits of the last ``keep`` positions of ``x`` under ``masks`` (``plan_masks``' layout; None: dense) and
+    ``rounding`` (``plan_rounding``'s; None: none)."""
+    if masks is None:
+        return model(input_ids=x, use_cache=False, logits_to_keep=keep).logits
+    with attention_implementation(model, PLAN_MASK_NAME):
+        return model(input_ids=x, use_cache=False, headwise_plan_masks=masks, headwise_plan_rounding=rounding,
+                     logits_to_keep=keep).logits
+
+
 @torch.no_grad()
 def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, probes: ProbeSet,
                         batch: int = 8, rounding_for: Callable[[int, int], list[list[Rounding]]] | None = None,
@@ -235,13 +246,7 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
         masks = masks_for(L + A) if masks_for is not None else None
         rounding = rounding_for(L, L + A) if rounding_for is not None and masks is not None else None
         for s in range(0, ids.shape[0], batch):
-            x = ids[s : s + batch].to(device)
-            if masks is None:
-                logits = model(input_ids=x, use_cache=False, logits_to_keep=A + 1).logits
-            else:
-                with attention_implementation(model, PLAN_MASK_NAME):
-                    logits = model(input_ids=x, use_cache=False, headwise_plan_masks=masks,
-                                   headwise_plan_rounding=rounding, logits_to_keep=A + 1).logits
+            logits = _masked_logits(model, ids[s : s + batch].to(device), masks, rounding, A + 1)
             pred = logits[:, :A].float()  # position L-1+j predicts answer token j
             a = ans[s : s + batch]
             valid = a >= 0
@@ -251,6 +256,28 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
     if not hit_rows:
         return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
     return torch.cat(hit_rows), torch.cat(nll_rows)
+
+
+@torch.no_grad()
+def masked_text_logprobs(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, text: torch.Tensor,
+                         keep: int, batch: int = 8,
+                         rounding_for: Callable[[int, int], list[list[Rounding]]] | None = None) -> torch.Tensor:
+    """Next-token log-probs (float ``[n, keep, vocab]``, on the model's device) at the last ``keep`` positions of
+    each row of ``text`` (ids ``[n, T]``) under ``masks_for`` and ``rounding_for`` as in ``masked_probe_losses``; a
+    row is one prompt (``rounding_for(T, T)``: prefilled, no decode step)."""
+    model = lm.model
+    device = next(model.parameters()).device
+    T = text.shape[1]
+    masks = masks_for(T) if masks_for is not None else None
+    rounding = rounding_for(T, T) if rounding_for is not None and masks is not None else None
+    out = [torch.log_softmax(_masked_logits(model, text[s : s + batch].to(device), masks, rounding, keep).float(), -1)
+           for s in range(0, text.shape[0], batch)]
+    return torch.cat(out)
+
+
+def text_kl(dense: torch.Tensor, plan: torch.Tensor) -> float:
+    """Mean KL(dense || plan) in nats per position, of two ``masked_text_logprobs``."""
+    return float((dense.exp() * (dense - plan)).sum(-1).mean())
 
 
 def answer_tokens(probes: ProbeSet) -> int:
