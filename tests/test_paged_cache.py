@@ -131,6 +131,33 @@ def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_siz
     assert sorted(calls) == sorted([(4, 0), (1, 8), (1, 12)] * lm.spec.num_layers)
 
 
+def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_call(monkeypatch):
+    """The decode tokens' slots and positions cross from the host in one copy per batched call (on CUDA an
+    asynchronous one from pinned memory, ``host_to_device``), not one copy each, and the tokens stay each
+    sequence's own."""
+    lm = tiny_model("llama")
+    copies: list[tuple[int, ...]] = []
+    real = paged_cache.host_to_device
+
+    def counting(host, device):
+        if host.dtype == torch.int64:  # the page tables (int32) cross when they grow, in the pool
+            copies.append(tuple(host.shape))
+        return real(host, device)
+
+    monkeypatch.setattr(paged_cache, "host_to_device", counting)
+    plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6), mixed_plan(lm.spec, window=10)]
+    engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
+    seqs = [engine.add(list(range(1, n + 1)), max_new_tokens=4, stop_token_ids=[], plan=plan)
+            for n, plan in zip((3, 9, 12), plans)]
+    engine.step()  # the three prompts
+    copies.clear()
+    assert engine.step().decode_rows == 3
+    # per layer: the full heads' call (4 (sequence, KV head) pairs) and one per ring size: [slots; positions]
+    assert sorted(copies) == sorted([(2, 4), (2, 1), (2, 1)] * lm.spec.num_layers)
+    for n, plan, seq in zip((3, 9, 12), plans, seqs):
+        assert seq.generated[:2] == greedy_alone(lm, list(range(1, n + 1)), 2, plan)
+
+
 def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
     from headwise.errors import BudgetError
 

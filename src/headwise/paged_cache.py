@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from headwise.kernels.common import host_to_device
 from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.policies.base import PagedLayout
 from headwise.policies.stores import DenseStore, SinkWindowStore
@@ -358,13 +359,14 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         per_head = torch.tensor(heads)
         positions, slots = pos.repeat_interleave(per_head), slot.repeat_interleave(per_head)
         table = _padded_tables([r.store.pages.table(device) for r in rs])  # [pairs, 1, W]
-        pool.write(table, slots[:, None].to(device), k[:, None, None], v[:, None, None])
-        lengths = (positions + 1).to(device=device, dtype=torch.int32)
+        on_device, positions_on_device = host_to_device(torch.stack([slots, positions]), device).unbind(0)
+        pool.write(table, on_device[:, None], k[:, None, None], v[:, None, None])
+        lengths = (positions_on_device + 1).to(torch.int32)
         qp = q.view(pairs, -1, D)
         selected = None
         if select:
             bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
-            refresh_newest_bounds(pool, table, bound_table, positions.to(device))
+            refresh_newest_bounds(pool, table, bound_table, positions_on_device)
             selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
                                          int(positions.max()) + 1, select, use_kernels)
         if use_kernels:

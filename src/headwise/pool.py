@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from headwise.errors import BudgetError, InputError
+from headwise.kernels.common import host_to_device
 from headwise.plan import HeadPlan, resolve
 from headwise.policies import Policy
 from headwise.policies.base import PagedLayout
@@ -234,9 +235,9 @@ def _extended(cached: tuple[str, torch.Tensor] | None, lists: list[list[int]],
         if old.shape[-1] == width:
             return cached
         if 0 < old.shape[-1] < width:
-            new = torch.tensor([head[old.shape[-1]:] for head in lists], dtype=torch.int32).to(device)
+            new = host_to_device(torch.tensor([head[old.shape[-1]:] for head in lists], dtype=torch.int32), device)
             return cached[0], torch.cat([old, new], dim=1)
-    return str(device), torch.tensor(lists, dtype=torch.int32, device=device)
+    return str(device), host_to_device(torch.tensor(lists, dtype=torch.int32), device)
 
 
 class SequencePages:

@@ -1,5 +1,6 @@
 """What the decode kernels and the policies that call them share, without importing Triton: the device-side
-cache length of CUDA-graph decode and the in-kernel selection's page limit."""
+cache length of CUDA-graph decode, the in-kernel selection's page limit, and copying small host-made index tensors
+to the device without stopping the host."""
 
 from __future__ import annotations
 
@@ -30,3 +31,14 @@ def length_args(length: int | DeviceLength) -> tuple[int, torch.Tensor | None, i
         assert length.count.numel() == 1 and not length.count.is_floating_point(), "count: one integer element"
         return int(length.limit), length.count, int(length.add)
     return int(length), None, 0
+
+
+def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``host``, a CPU tensor just made from host ints (slots, lengths, page ids), on ``device`` without stopping the
+    host. On CUDA it goes through pinned memory, asynchronously (PyTorch's caching host allocator keeps the pinned
+    block until the copy has run): a copy from pageable memory waits until the device has drained the work queued
+    before it, as a synchronization would, and the paged steps made several in every layer. Elsewhere a plain
+    ``to``."""
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

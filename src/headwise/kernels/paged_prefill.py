@@ -51,7 +51,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from headwise.kernels.common import INTERPRET
+from headwise.kernels.common import INTERPRET, host_to_device
 from headwise.kernels.paged_decode import _LOG2E, _dot
 
 
@@ -191,7 +191,7 @@ def plan_paged_prefill(token0: list[int], lengths: list[int], starts: list[int],
     # heaviest first: the keys a work item reads grow with its last query position
     items.sort(key=lambda rb: -(starts[rb[0]] + min((rb[1] + 1) * bt, lengths[rb[0]])))
     flat = [x for row in zip(token0, lengths, starts, head0) for x in row] + [x for item in items for x in item]
-    both = torch.tensor(flat, dtype=torch.int32).to(device)  # one host-to-device copy
+    both = host_to_device(torch.tensor(flat, dtype=torch.int32), device)  # one host-to-device copy, asynchronous
     R = len(lengths)
     rows, work = both[: 4 * R].view(R, 4), both[4 * R :].view(-1, 2)
     return PrefillPlan(rows, work, group, bt,
