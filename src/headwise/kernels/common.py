@@ -38,7 +38,9 @@ def host_to_device(host: torch.Tensor, device: torch.device | str) -> torch.Tens
     host. On CUDA it goes through pinned memory, asynchronously (PyTorch's caching host allocator keeps the pinned
     block until the copy has run): a copy from pageable memory waits until the device has drained the work queued
     before it, as a synchronization would, and the paged steps made several in every layer. Elsewhere a plain
-    ``to``."""
-    if torch.device(device).type != "cuda":
+    ``to``, and so while a CUDA graph is being captured: a graph would record the pinned block's address and copy
+    from it again at every replay, long after the block went back to the allocator, where a plain copy fails the
+    capture loudly."""
+    if torch.device(device).type != "cuda" or torch.cuda.is_current_stream_capturing():
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
