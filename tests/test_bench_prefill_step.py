@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
+from bench_modules import bench_module
 from headwise.errors import InputError
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("prefill_step_breakdown", ROOT / "bench" / "prefill_step_breakdown.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("prefill_step_breakdown.py")
 
 
 def test_breakdown_times_and_profiles_a_chunk_step_of_each_plan_on_cpu(tmp_path):

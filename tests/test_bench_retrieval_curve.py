@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_modules import bench_module
 
 
 def _module():
-    spec = importlib.util.spec_from_file_location("retrieval_curve", ROOT / "bench" / "retrieval_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("retrieval_curve.py")
 
 
 def _results(plans: dict[str, list[float]], depths=(0.1, 0.9)) -> dict:

@@ -121,14 +121,10 @@ def test_two_methods_under_one_label_are_refused(dense_run):
 
 
 def test_import_script_writes_results_the_report_reads(dense_run, tmp_path):
-    import importlib.util
-    from pathlib import Path
+    from bench_modules import bench_module
 
     _, prompts, _, tmp = dense_run
-    spec = importlib.util.spec_from_file_location(
-        "import_outputs", Path(__file__).resolve().parents[1] / "bench" / "kvpress" / "import_outputs.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    mod = bench_module("kvpress/import_outputs.py")
     outs = tmp_path / "outputs.jsonl"
     outs.write_text("".join(json.dumps(o) + "\n" for o in _outputs(prompts)))
     assert mod.main([str(tmp / "out"), str(outs), "--prompts", str(tmp / "prompts.jsonl"), "--out", str(tmp_path)]) == 0
