@@ -29,7 +29,6 @@ runs what is missing, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -193,6 +192,8 @@ def expand_plan_items(items: Sequence[str]) -> list[str]:
         else:
             out.append(item)
     return out
+
+
 _LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
 _OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
@@ -438,7 +439,6 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
         raise InputError(f"--on-too-long must be 'skip' or 'stop', got '{cfg.on_too_long}'")
     if cfg.max_new_tokens is not None and cfg.max_new_tokens < 1:
         raise InputError(f"--max-new-tokens must be at least 1, got {cfg.max_new_tokens}")
-    cfg = dataclasses.replace(cfg, plans=expand_plan_items(cfg.plans))
     check_plan_specs(cfg.plans)
     if lm is None:
         from headwise.models import load_model

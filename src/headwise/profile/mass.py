@@ -47,6 +47,7 @@ from tqdm.auto import tqdm
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy, Streaming
 from headwise.profile.probe import Probe, probing
+from headwise.profile.select import text_kl
 
 SINK_TOKENS = 4
 """StreamingLLM's 4 initial tokens."""
@@ -238,7 +239,7 @@ def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, 
         pols: list[list[Policy]] = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
         pols[layer] = [streaming_option(native, window)] * spec.num_kv_heads
         out = Engine(lm, HeadPlan.from_policies(spec, pols, lm.name)).logits(ids, positions).float().log_softmax(-1)
-        kl[layer] = (dense.exp() * (dense - out)).sum(-1).mean().clamp(min=0)
+        kl[layer] = max(0.0, text_kl(dense, out))
     return kl
 
 

@@ -85,8 +85,8 @@ class Settings:
     @classmethod
     def fast(cls, prefill_density: float | None = None) -> Settings:
         return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
-                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, ablation_text_tokens=512, act_length=256, seer_steps=4,
-                   seer_seq_len=256)
+                   ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, ablation_text_tokens=512,
+                   act_length=256, seer_steps=4, seer_seq_len=256)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
