@@ -216,5 +216,9 @@ def test_profile_records_calibrated_spans_and_resolving_needs_the_same_target(ti
     assert meta["solution"]["kv_tokens"] <= meta["solution"]["cap_tokens"]
     again = resolve_from_scores(tiny, plan, 0.4, 512, "retrieval")
     assert again.meta["solution"]["kv_fraction"] <= 0.4
-    with pytest.raises(HeadwiseError, match="--target-len 1024"):
-        resolve_from_scores(tiny, plan, 0.4, 1024, "retrieval")
+    # another target length: the ranking carries over, the span recalls are measured again at that length
+    longer = resolve_from_scores(tiny, plan, 0.4, 1024, "retrieval")
+    assert longer.meta["span_recall_target_len"] == 1024 and longer.meta["span_recall_remeasured_from"] == 512
+    assert longer.meta["scores"]["retrieval_kv"] == meta["scores"]["retrieval_kv"]
+    assert longer.meta["span_recall_kv"] != meta["span_recall_kv"]
+    assert longer.meta["solution"]["kv_fraction"] <= 0.4 and longer.meta["target_len"] == 1024

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
                                        args.method, command_line(args), full_share=args.full_share,
                                        select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
-                                       select_lengths=select_lengths)
+                                       select_lengths=select_lengths, progress=not args.no_progress)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,

@@ -19,6 +19,7 @@ Streaming spans always come from the mass profile (``solver.py``).
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -537,10 +538,12 @@ def print_selection(selection: dict[str, Any]) -> None:
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
                         quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
-                        select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = ()) -> HeadPlan:
+                        select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = (),
+                        progress: bool = False) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``; with
-    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``).
+    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; and, when ``target_len`` is not
+    the length the source's span recalls were measured at, those recalls again at ``target_len``).
 
     The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
     check_budget(budget)
@@ -554,10 +557,18 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
                             f"profile again with --method {method}")
     spans = Spans.from_meta(meta)
     if spans is not None and meta.get("span_recall_target_len") != target_len:
-        raise HeadwiseError(
-            f"the span recalls in --from-scores were measured for windows at "
-            f"{meta.get('span_recall_target_len', 'an unrecorded length')} tokens, not --target-len {target_len}; "
-            f"profile again with --target-len {target_len}")
+        # The ranking carries over; the streaming spans' recalls depend on the length, so they are measured
+        # again here, with the source profile's settings (the attention-mass pass, not the ranking).
+        was = meta.get("span_recall_target_len", "an unrecorded length")
+        print(f"headwise profile: the span recalls in --from-scores were measured at {was} tokens; measuring them at "
+              f"--target-len {target_len}", file=sys.stderr)
+        known = source.meta.get("settings", {})
+        spans = measure_spans(lm, target_len, bool(known.get("calibrate", True)), progress,
+                              length=profile_length(lm.spec, target_len, int(known.get("mass_length", 0))))
+        for k in ("span_error_kv", "layer_kl"):
+            meta.pop(k, None)
+        meta.update({"span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in spans.recall.tolist()],
+                     "span_recall_target_len": target_len, "span_recall_remeasured_from": was, **spans.meta()})
     selection: dict[str, Any] = {}
     if select_under:
         assert full_share is not None  # check_select_under
