@@ -142,7 +142,7 @@ def test_compact_rows_sorts_dedups_and_pads():
     cand = torch.tensor([[5, 1, 5, 3], [2, 2, 9, 0]])
     valid = torch.tensor([[True, True, True, True], [True, True, False, False]])
     idx, count = compact_rows(cand, valid)
-    assert idx.tolist() == [[1, 3, 5], [2, -1, -1]]
+    assert idx.tolist() == [[1, 3, 5, -1], [2, -1, -1, -1]]  # as wide as the candidates: no host sync
     assert count.tolist() == [3, 1]
     assert idx.dtype == torch.int32
 

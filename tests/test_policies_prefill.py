@@ -115,6 +115,23 @@ def test_vertical_slash_finds_a_planted_column_and_diagonal():
     assert mask.sum() < 0.8 * causal.sum(), "should not be dense"
 
 
+@pytest.mark.parametrize("B,H,R,S,first", [(1, 1, 1, 9, 8), (2, 3, 7, 40, 33), (1, 2, 16, 100, 84), (2, 2, 5, 5, 0)])
+def test_vertical_slash_scores_sum_each_diagonal(B, H, R, S, first):
+    """Column sums and diagonal sums (offset p - j) of causal rows at positions first.., against a plain loop."""
+    from headwise.policies.vertical_slash import vertical_slash_scores
+
+    probs = torch.rand(B, H, R, S, generator=torch.Generator().manual_seed(S))
+    for r in range(R):
+        probs[:, :, r, first + r + 1 :] = 0
+    vertical, slash = vertical_slash_scores(probs, first)
+    want = torch.zeros(B, H, S)
+    for r in range(R):
+        for j in range(first + r + 1):
+            want[..., first + r - j] += probs[:, :, r, j]
+    assert torch.allclose(vertical, probs.sum(dim=2))
+    assert torch.allclose(slash, want, atol=1e-6)
+
+
 def planted_keys(S, D, blocks, bs, seed=0):
     """Queries near the all-ones direction; keys small noise, except blocks ``blocks`` pushed along it."""
     g = torch.Generator().manual_seed(seed)

@@ -32,8 +32,10 @@ def compact_rows(cand: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     """Candidate key blocks -> the kernel's index: sorted, deduplicated, -1 padded.
 
     cand: [..., C] block numbers (any int dtype, duplicates allowed); valid: bool [..., C] (False entries are
-    dropped). Returns block_idx int32 [..., M] (M = the largest row's count, at least 1) and block_count int32
-    [...]. One sort, a neighbour comparison and a second sort: no Python loop over rows.
+    dropped). Returns block_idx int32 [..., C] (C candidates, at least 1; each row's ``block_count`` entries first,
+    then -1) and block_count int32 [...]. One sort, a neighbour comparison and a second sort: no Python loop over
+    rows, and no read of the counts on the host (a width cut to the largest count cost a device sync in every
+    layer of every prompt chunk).
     """
     big = torch.iinfo(torch.int32).max
     x = torch.where(valid, cand.to(torch.int64), big).sort(dim=-1).values
@@ -41,8 +43,8 @@ def compact_rows(cand: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     dup[..., 1:] = x[..., 1:] == x[..., :-1]
     x = torch.where(dup, big, x).sort(dim=-1).values
     count = (x < big).sum(-1)
-    width = max(1, int(count.max().item())) if count.numel() else 1
-    x = x[..., :width]
+    if x.shape[-1] == 0:
+        x = torch.full((*x.shape[:-1], 1), big, dtype=x.dtype, device=x.device)
     idx = torch.where(x < big, x, -1).to(torch.int32).contiguous()
     return idx, count.to(torch.int32).contiguous()
 
