@@ -127,7 +127,7 @@ def kv_x(r: dict[str, Any]) -> float | None:
 
 def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
     """Top row: accuracy per length (dense's interval shaded); bottom row: kept of dense, paired."""
-    lengths = sorted({r["length"] for r in rows})
+    lengths = sorted({r["length"] for r in rows if r["kind"] != "dense"}) or sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(2, len(lengths), figsize=(5.2 * len(lengths), 8.2), constrained_layout=True,
                              squeeze=False)
     runs = [r for r in dict.fromkeys(x["run"] for x in rows) if r != "dense"]
