@@ -132,6 +132,19 @@ def test_vertical_slash_scores_sum_each_diagonal(B, H, R, S, first):
     assert torch.allclose(slash, want, atol=1e-6)
 
 
+@pytest.mark.parametrize("Hq,Hkv,L,S,offset,last_q", [(4, 2, 10, 30, 20, 4), (2, 1, 5, 5, 0, 8), (2, 1, 3, 40, 37, 64)])
+def test_last_query_attention_is_the_causal_softmax_of_the_last_queries(Hq, Hkv, L, S, offset, last_q):
+    from headwise.policies.vertical_slash import last_query_attention
+
+    g = torch.Generator().manual_seed(L)
+    q, keys = torch.randn(2, Hq, L, 8, generator=g), torch.randn(2, Hkv, S, 8, generator=g)
+    R = min(last_q, L)
+    scores = q[:, :, L - R :] @ keys.repeat_interleave(Hq // Hkv, dim=1).transpose(-1, -2) * 0.3
+    after = torch.arange(S)[None, :] > torch.arange(offset + L - R, offset + L)[:, None]
+    want = torch.softmax(scores.masked_fill(after, float("-inf")), dim=-1)
+    assert torch.allclose(last_query_attention(q, keys, offset, 0.3, last_q), want, atol=1e-5)
+
+
 def planted_keys(S, D, blocks, bs, seed=0):
     """Queries near the all-ones direction; keys small noise, except blocks ``blocks`` pushed along it."""
     g = torch.Generator().manual_seed(seed)

@@ -41,11 +41,14 @@ def last_query_attention(q: torch.Tensor, keys: torch.Tensor, q_offset: int, sca
     Hkv, S = keys.shape[1], keys.shape[2]
     R = min(last_q, L)
     qs = q[:, :, L - R :].reshape(B, Hkv, (Hq // Hkv) * R, D)
-    # Scores in the model's dtype (a ranking needs no more), softmax in fp32; no fp32 copy of all keys.
-    scores = torch.matmul(qs, keys.transpose(-1, -2)).view(B, Hq, R, S).float() * scale
+    # Scores in the model's dtype (a ranking needs no more), softmax in fp32; no fp32 copy of all keys. One fp32
+    # copy of the scores, scaled and masked in place: only keys after the first of these queries can lie after one.
+    scores = torch.matmul(qs, keys.transpose(-1, -2)).view(B, Hq, R, S).float().mul_(scale)
+    first = min(S, max(0, q_offset + L - R))
     q_pos = torch.arange(q_offset + L - R, q_offset + L, device=q.device)
-    causal = torch.arange(S, device=q.device)[None, :] <= q_pos[:, None]
-    return torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+    after = torch.arange(first, S, device=q.device)[None, :] > q_pos[:, None]  # [R, S - first]
+    scores[..., first:].masked_fill_(after, float("-inf"))
+    return torch.softmax(scores, dim=-1)
 
 
 def vertical_slash_scores(probs: torch.Tensor, first_pos: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,7 +63,7 @@ def vertical_slash_scores(probs: torch.Tensor, first_pos: int) -> tuple[torch.Te
     # which launched two kernels per row in every layer of every chunk); keys before 0 count nothing.
     key = (first_pos + torch.arange(R, device=probs.device))[:, None] - torch.arange(S, device=probs.device)[None, :]
     taken = probs.gather(-1, key.clamp_min(0).expand(B, H, R, S))
-    slash = taken.masked_fill((key < 0).expand(B, H, R, S), 0.0).sum(dim=2)
+    slash = taken.masked_fill_((key < 0).expand(B, H, R, S), 0.0).sum(dim=2)
     return vertical, slash
 
 
