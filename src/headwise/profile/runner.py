@@ -172,7 +172,8 @@ class Spans:
 
     def meta(self) -> dict[str, Any]:
         r = lambda x: [[[float(f"{v:.6g}") for v in h] for h in row] for row in x.tolist()]  # noqa: E731
-        out: dict[str, Any] = {}
+        out: dict[str, Any] = {"span_recall_kv": [[[round(float(v), 4) for v in h] for h in row]
+                                                  for row in self.recall.tolist()]}
         if self.error is not None:
             out["span_error_kv"] = r(self.error)
         if self.layer_kl is not None:
@@ -382,7 +383,6 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         },
         "score_aggregation": "max over the query heads of each KV head",
         "span_options": [list(o) for o in SPAN_OPTIONS],
-        "span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in spans.recall.tolist()],
         "span_recall_target_len": target_len,
         **spans.meta(),
     }
@@ -567,8 +567,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
                               length=profile_length(lm.spec, target_len, int(known.get("mass_length", 0))))
         for k in ("span_error_kv", "layer_kl"):
             meta.pop(k, None)
-        meta.update({"span_recall_kv": [[[round(float(v), 4) for v in h] for h in row] for row in spans.recall.tolist()],
-                     "span_recall_target_len": target_len, "span_recall_remeasured_from": was, **spans.meta()})
+        meta.update({"span_recall_target_len": target_len, "span_recall_remeasured_from": was, **spans.meta()})
     selection: dict[str, Any] = {}
     if select_under:
         assert full_share is not None  # check_select_under
