@@ -205,7 +205,7 @@ def test_weighted_span_error_turns_each_layers_error_into_its_measured_kl():
     assert bool((w[2] == 0).all())
 
 
-def test_profile_records_calibrated_spans_and_resolving_needs_the_same_target(tiny):
+def test_profile_records_calibrated_spans_and_resolving_at_another_target_measures_them_again(tiny):
     from headwise.profile.runner import Settings, Spans, profile_model, resolve_from_scores
 
     plan = profile_model(tiny, 0.5, target_len=512, settings=Settings.fast(), progress=False)
