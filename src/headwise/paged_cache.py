@@ -53,6 +53,20 @@ def _gather(pool: PagePool, pages: GroupPages, slots: torch.Tensor) -> tuple[tor
     return pool.keys[phys, within][None], pool.values[phys, within][None]
 
 
+def _gather_prefix(pool: PagePool, pages: GroupPages, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of slots ``0 .. n-1`` of every head of the group, ``[1, heads, n, head_dim]`` each: whole pages
+    copied, one ``index_select`` over page ids per half (a token-by-token gather indexes every slot with two int64
+    tensors of its own; at a 64K prefix that cost as much as the attention it fed)."""
+    P = pool.page_size
+    used = -(-n // P)
+    table = pages.table(pool.keys.device)[:, :used]  # [heads, used]
+    heads, D = table.shape[0], pool.spec.head_dim
+    ids = table.reshape(-1)
+    keys = pool.keys.index_select(0, ids).view(heads, used * P, D)[:, :n]
+    values = pool.values.index_select(0, ids).view(heads, used * P, D)[:, :n]
+    return keys[None], values[None]
+
+
 def _check_room(pool: PagePool, pages: GroupPages, slots: int) -> None:
     held = len(pages.pages[0]) * pool.page_size
     if slots > held:
@@ -86,7 +100,7 @@ class PagedDenseStore(DenseStore):
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of every token, ``[1, heads, length, head_dim]``: gathered from the pages (a copy)."""
-        return _gather(self.pool, self.pages, torch.arange(self.length, device=self.device))
+        return _gather_prefix(self.pool, self.pages, self.length)
 
 
 class PagedRingStore(SinkWindowStore):

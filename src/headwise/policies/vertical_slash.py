@@ -26,9 +26,22 @@ import torch
 
 from headwise.errors import PlanError
 from headwise.kernels.prefill_index import compact_rows, query_block_ids
-from headwise.policies.base import Policy, check_positive
+from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.full import Full
 from headwise.policies.sparse_prefill import PrefillPattern
+
+VS_MAX_ROWS = 128  # rows the Triton estimate takes (kernels/vs_estimate.MAX_ROWS; that module imports Triton)
+
+
+def last_query_scores(q: torch.Tensor, keys: torch.Tensor, scale: float, last_q: int) -> torch.Tensor:
+    """Scaled scores ``q . k * scale`` of the chunk's last ``last_q`` queries to every key, in the model's dtype, with
+    no causal mask: [B, Hq, R, S] (the input of ``kernels/vs_estimate.vertical_slash_sums``, which masks by position).
+    GQA without copying keys: the query heads of one KV head are stacked as rows of one matrix product."""
+    B, Hq, L, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    R = min(last_q, L)
+    qs = (q[:, :, L - R :] * scale).reshape(B, Hkv, (Hq // Hkv) * R, D)
+    return torch.matmul(qs, keys.transpose(-1, -2)).view(B, Hq, R, S)
 
 
 def last_query_attention(q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float, last_q: int) -> torch.Tensor:
@@ -92,12 +105,21 @@ class VerticalSlash(PrefillPattern):
     def short(self) -> str:
         return f"VS{self.vertical_size}/{self.slash_size}" + self.decode_suffix()
 
-    def build_index(self, q, keys, q_offset, scale):
-        """Per query head: block_idx [B, Hq, n_q_blocks, M]."""
+    def index(self, q: torch.Tensor, keys: torch.Tensor, ctx: AttendContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.build_index(q, keys, ctx.start, ctx.scale, kernel=ctx.use_kernels and q.is_cuda)
+
+    def build_index(self, q, keys, q_offset, scale, kernel: bool = False):
+        """Per query head: block_idx [B, Hq, n_q_blocks, M]. ``kernel``: the estimate in Triton
+        (``kernels/vs_estimate.py``), else in plain PyTorch (its reference)."""
         L, S, bs = q.shape[2], keys.shape[2], self.block_size
         R = min(self.last_q, L)
-        probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
-        vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
+        if kernel and R <= VS_MAX_ROWS:
+            from headwise.kernels.vs_estimate import vertical_slash_sums  # Triton
+
+            vertical, slash = vertical_slash_sums(last_query_scores(q, keys, scale, self.last_q), q_offset + L - R)
+        else:
+            probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
+            vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
         cols = vertical.topk(min(self.vertical_size, S), dim=-1).indices  # [B, Hq, nv]
         offs = slash.topk(min(self.slash_size, S), dim=-1).indices  # [B, Hq, ns]
         diags = torch.cat([offs // bs, (offs + bs - 1) // bs], dim=-1)  # block diagonals a - kb

@@ -1,0 +1,109 @@
+"""The Triton estimate of ``vertical_slash`` (``kernels/vs_estimate.py``) against its plain-PyTorch reference
+(``last_query_attention`` + ``vertical_slash_scores``), under Triton's interpreter on awkward shapes, and on the GPU
+at a real one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from headwise.kernels.prefill_index import indices_to_mask
+from headwise.kernels.vs_estimate import vertical_slash_sums
+from headwise.policies.vertical_slash import (
+    VerticalSlash,
+    last_query_attention,
+    last_query_scores,
+    vertical_slash_scores,
+)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reference(q, keys, q_offset, scale, last_q):
+    L = q.shape[2]
+    R = min(last_q, L)
+    return vertical_slash_scores(last_query_attention(q, keys, q_offset, scale, last_q), q_offset + L - R)
+
+
+@pytest.mark.parametrize(
+    "B,Hq,Hkv,L,offset,last_q,D",
+    [
+        (1, 1, 1, 1, 0, 64, 16),  # one row, one key
+        (2, 4, 2, 7, 30, 64, 16),  # rows fewer than last_q, no power of two; keys fewer than a block
+        (1, 3, 1, 40, 100, 17, 32),  # 17 rows of 40; 140 keys: a partial last block, splits of one block
+        (1, 2, 2, 5, 0, 8, 8),  # rows at the very start: the first row sees one key
+        (2, 2, 1, 130, 0, 128, 16),  # the most rows the kernel takes
+    ],
+)
+def test_the_triton_estimate_equals_the_reference(B, Hq, Hkv, L, offset, last_q, D):
+    g = torch.Generator().manual_seed(L + offset)
+    q = torch.randn(B, Hq, L, D, generator=g)
+    keys = torch.randn(B, Hkv, offset + L, D, generator=g)
+    keys[:, :, 3 % (offset + L)] += 2 * q[:, :: Hq // Hkv, -1]  # a strong column
+    want_v, want_s = reference(q, keys, offset, D**-0.5, last_q)
+    R = min(last_q, L)
+    scores = last_query_scores(q.to(DEVICE), keys.to(DEVICE), D**-0.5, last_q)
+    for splits in (None, 3):
+        vertical, slash = vertical_slash_sums(scores, offset + L - R, splits=splits, block_n=16)
+        assert torch.allclose(vertical.cpu(), want_v, atol=1e-5, rtol=1e-4)
+        assert torch.allclose(slash.cpu(), want_s, atol=1e-5, rtol=1e-4)
+        # Each row's probabilities sum to one: the masses sum to the rows.
+        assert torch.allclose(vertical.sum(-1).cpu(), torch.full((B, Hq), float(R)), atol=1e-4)
+
+
+def test_scores_after_a_rows_position_are_ignored_whatever_they_hold():
+    """The kernel masks by position: garbage (even inf) after the causal limit changes nothing."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(1, 2, 6, 20, generator=g)
+    clean_v, clean_s = vertical_slash_sums(scores.to(DEVICE), 14, block_n=16)
+    dirty = scores.clone()
+    for r in range(6):
+        dirty[:, :, r, 14 + r + 1 :] = float("inf")
+    v, s = vertical_slash_sums(dirty.to(DEVICE), 14, block_n=16)
+    assert torch.equal(v.cpu(), clean_v.cpu()) and torch.equal(s.cpu(), clean_s.cpu())
+
+
+@pytest.mark.parametrize("bad", [dict(first=-1), dict(first=15)])
+def test_rows_past_the_keys_are_refused(bad):
+    with pytest.raises(ValueError, match="keys"):
+        vertical_slash_sums(torch.zeros(1, 1, 6, 20, device=DEVICE), bad["first"])
+
+
+def test_the_policy_builds_the_same_index_with_the_kernel():
+    """A planted column and diagonal (as tests/test_policies_prefill.py): the index from the Triton estimate equals
+    the reference's."""
+    S, bs, o, col = 96, 16, 37, 5
+    shared = S + o
+    eye = torch.eye(S + o + 1)
+    q = 8.0 * eye[torch.arange(S)] + eye[shared]
+    keys = eye[torch.arange(S) + o].clone()
+    keys[col] += 9.0 * eye[shared]
+    p = VerticalSlash(vertical_size=1, slash_size=1, last_q=16, block_size=bs)
+    want = p.build_index(q[None, None], keys[None, None], q_offset=0, scale=1.0)
+    got = p.build_index(q[None, None].to(DEVICE), keys[None, None].to(DEVICE), q_offset=0, scale=1.0, kernel=True)
+    want_mask = indices_to_mask(*want, bs, S, S, 0)
+    assert torch.equal(indices_to_mask(got[0].cpu(), got[1].cpu(), bs, S, S, 0), want_mask)
+
+
+@pytest.mark.gpu
+def test_the_estimate_at_a_real_shape_on_the_gpu():
+    """Llama-3-8B's two full KV heads after a 64K prefix, bf16: the kernel's masses match the reference's, and the
+    top-64 columns and diagonals chosen agree."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    S, L = 65536 + 2048, 2048
+    q = torch.randn(1, 8, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    keys = torch.randn(1, 2, S, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    want_v, want_s = reference(q, keys, S - L, 128**-0.5, 64)
+    v, s = vertical_slash_sums(last_query_scores(q, keys, 128**-0.5, 64), S - 64)
+    assert torch.allclose(v, want_v, atol=2e-3, rtol=2e-2) and torch.allclose(s, want_s, atol=2e-3, rtol=2e-2)
+    top = want_v.topk(64, dim=-1).indices.sort(-1).values
+    assert (v.topk(64, dim=-1).indices.sort(-1).values == top).float().mean() > 0.9
