@@ -3,9 +3,9 @@
 # (random:llama-3-8b, 32 q / 8 KV heads, d=128; no weights to carry), one KV page pool, a mix of requests offered at
 # once (default: 64 x 32K + 16 x 128K prompts, 256 output tokens each), driven in-process by `headwise bench serve`;
 # the dense plan and the 25% full + 75% streaming plan (duo25: dense prefill on the full heads, read straight from
-# the pool's pages; A-shape on the streaming ones; PLAN=duo25-vs prefills the full heads vertical-slash, which still
-# gathers their prefix per chunk) in the same engine, one per call. Each run stops itself SECONDS - 45 s after it started
-# (--max-seconds) and writes its JSON to $OUT either way ("partial": true when it was cut short).
+# the pool's pages; A-shape on the streaming ones; PLAN=duo25-vs prefills the full heads vertical-slash, estimated
+# in Triton over their prefix, copied page by page from the pool per chunk) in the same engine, one per call. Each
+# run stops itself SECONDS - 45 s after it started (--max-seconds) and writes its JSON to $OUT either way ("partial": true when it was cut short).
 #
 #   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
 #   bench/offered_load.sh dense SECONDS        # dense plan
