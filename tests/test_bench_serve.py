@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from headwise import random_model
-from headwise.bench.serve import Load, parse_mix, preset_plan, run_in_process
+from headwise.bench.serve import Load, parse_mix, preset_plan, run_in_process, weight_bytes_read
 from headwise.cli import main
 from headwise.engine import Engine
 from headwise.errors import InputError, ModelLoadError, PlanError
@@ -99,6 +99,37 @@ def test_bench_serve_runs_a_mix_on_a_random_model_in_process_and_writes_the_json
     assert {k: v["finished"] for k, v in out["by_prompt_len"].items()} == {"40": 3, "70": 2}
     assert out["prompt_tokens_read"] == 3 * 40 + 2 * 70 and out["peak_concurrency"] >= 2
     assert res["plan_summary"].startswith("6×streaming, 2×vertical_slash")
+
+
+def test_decode_steps_report_their_read_rate_from_the_weights_and_the_pages_held():
+    """With the weights' bytes and a pool, each decode-only step's read rate is (weights + KV pages held) / its time,
+    recomputed here from the steps themselves; without the weights, no rate."""
+    lm = tiny_model("llama", vocab_size=512)
+    weights = weight_bytes_read(lm.model)
+    params = sum(p.numel() * p.element_size() for p in lm.model.parameters())
+    emb = lm.model.get_input_embeddings().weight
+    tied = lm.model.get_output_embeddings().weight is emb
+    assert weights == params - (0 if tied else emb.numel() * emb.element_size())
+    pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    seen: list[float] = []
+    step = engine.step
+
+    def recorded():
+        info = step()
+        if info.decode_rows and not info.prefill_tokens:
+            held = (pool.num_pages - pool.free_pages) * pool.page_bytes + sum(s.stats.kv_bytes for s in info.finished)
+            seen.append((weights + held) / info.seconds / 1e9)
+        return info
+
+    engine.step = recorded
+    out = run_in_process(engine, Load(mix=((2, 20),), output_len=6), log=lambda line: None, weights=weights)
+    want = torch.tensor(seen, dtype=torch.float64)
+    assert len(seen) == out["decode_only_steps"] >= 4
+    assert out["decode_only_read_gb_per_s"]["p50"] == pytest.approx(float(want.quantile(0.5)), rel=1e-3, abs=1e-4)
+    assert out["decode_only_read_gb_per_s"]["mean"] == pytest.approx(float(want.mean()), rel=1e-3, abs=1e-4)
+    assert "decode_only_read_gb_per_s" not in run_in_process(Engine(lm, chunk_size=16, pool=pool),
+                                                             Load(mix=((1, 20),), output_len=3), log=lambda line: None)
 
 
 def test_max_seconds_stops_the_run_and_keeps_what_was_measured(tmp_path):

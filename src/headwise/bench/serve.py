@@ -16,7 +16,9 @@ time to first token (mean, p50, p99, from the request's arrival), time per outpu
 offered and waiting for pages; HTTP: the scheduler's running peak) and, in-process, the peak KV bytes held (under
 ``--kv-memory``: pages held x page bytes), the preemptions, and the steps that only decoded: how many, how many
 were replayed from a CUDA graph, and their wall time (mean, p50, p99 in ms; ``--cuda-graphs off`` for the eager
-batched step); with a mix, per prompt length too (``by_prompt_len``: tokens/s over the time to the group's last
+batched step); on CUDA with a pool, the rate at which those steps read their bytes (the weights but the input
+embedding table, plus the KV pages held: what a decode step reads, at most) against the copy bandwidth measured in the
+same run; with a mix, per prompt length too (``by_prompt_len``: tokens/s over the time to the group's last
 token). ``--kv-memory GB|N%`` gives each driver a page pool of that size (``pool.KVMemory``), the same one
 ``headwise serve --kv-memory`` builds.
 
@@ -151,11 +153,24 @@ def _figures(seqs: list[Any], load: Load, t0: float, stop: float, partial: bool)
     return _summary(len(seqs), len(done), wall, ttft, tpot, tokens) | {"finished": len(done), "first_tokens": len(ttft)}
 
 
+def weight_bytes_read(model: torch.nn.Module) -> int:
+    """Bytes of the weights one forward reads: every parameter, but the input embedding table (a step reads only its
+    tokens' rows) unless the output layer shares it."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if emb is not None and (out is None or out.weight is not emb.weight):
+        total -= emb.weight.numel() * emb.weight.element_size()
+    return total
+
+
 def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
-                   log: Callable[[str], None] = print) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, weights: int | None = None) -> dict[str, Any]:
     """Drive ``engine`` directly: add each request at its arrival time, step until every one has finished, or until
     ``time.perf_counter()`` passes ``deadline``: then the live sequences are aborted and the results, marked
-    ``partial``, cover what was measured. Every ``progress_s`` seconds (0: never) a progress line goes to ``log``."""
+    ``partial``, cover what was measured. Every ``progress_s`` seconds (0: never) a progress line goes to ``log``.
+    ``weights`` (bytes a forward reads, ``weight_bytes_read``) with a pool: each decode-only step's read rate, its
+    weights plus the KV pages held, in GB/s (``decode_only_read_gb_per_s``)."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -163,6 +178,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     t0 = time.perf_counter()
     peak, peak_kv, preempted, prefilled, steps, graph_steps = 0, 0, 0, 0, 0, 0
     decode_ms: list[float] = []  # steps that only decoded
+    read_rate: list[float] = []  # their bytes read per second, GB/s (with ``weights`` and a pool)
     partial = False
     next_log = t0 + progress_s
 
@@ -194,15 +210,18 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
         prefilled += info.prefill_tokens
         # Ran in this step: the live sequences holding a cache, and those that finished in it.
         peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
-        if info.decode_rows and not info.prefill_tokens:
-            decode_ms.append(1e3 * info.seconds)
-            graph_steps += info.graph
         preempted += info.preempted
         # What the live sequences hold, plus what those that finished in the step held. Under a pool, the pages
         # taken (only sequences hold pages): O(1) rather than a walk over every sequence's page lists each step.
         held = ((pool.num_pages - pool.free_pages) * pool.page_bytes if pool is not None
                 else sum(s.kv_bytes for s in engine.live))
-        peak_kv = max(peak_kv, held + sum(s.stats.kv_bytes for s in info.finished))
+        held += sum(s.stats.kv_bytes for s in info.finished)
+        peak_kv = max(peak_kv, held)
+        if info.decode_rows and not info.prefill_tokens:
+            decode_ms.append(1e3 * info.seconds)
+            graph_steps += info.graph
+            if weights is not None and pool is not None and info.seconds > 0:
+                read_rate.append((weights + held) / info.seconds / 1e9)
     stop = time.perf_counter()
     if partial:
         line = progress(stop)
@@ -218,6 +237,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "prompt_tokens_read": prefilled, "peak_kv_bytes": peak_kv, "preemptions": preempted,
             "decode_only_steps": len(decode_ms), "decode_only_graph_steps": graph_steps,
             "decode_only_step_ms": _quantiles(decode_ms)}
+    if read_rate:
+        out["decode_only_read_gb_per_s"] = _quantiles(read_rate)
     if len(load.groups()) > 1:
         out["by_prompt_len"] = {str(length): _figures([s for s, n in zip(seqs, lens, strict=False) if n == length],
                                                       load, t0, stop, partial)
@@ -327,6 +348,13 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
                                "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order),
                                "max_seconds": args.max_seconds}
     kv_memory = KVMemory.parse(args.kv_memory) if args.kv_memory else None
+    weights = None
+    if lm.device.type == "cuda":  # the bandwidth a decode step's reads are held against, measured here
+        from headwise.bench.timing import copy_bandwidth
+
+        results["copy_gb_per_s"] = round(copy_bandwidth(lm.device) / 1e9, 1)
+        weights = weight_bytes_read(lm.model)
+        results["weight_bytes_read"] = weights
     for mode in modes:
         # Each driver gets a fresh pool of the same size: the same memory, in-process and over HTTP.
         pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
@@ -335,7 +363,10 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
         warm = _warm_up(engine, load) if args.warmup else None
         if mode == "in-process":
             results[mode] = run_in_process(engine, load, deadline, args.progress_s,
-                                           lambda line: print(line, flush=True))
+                                           lambda line: print(line, flush=True), weights)
+            rate = results[mode].get("decode_only_read_gb_per_s")
+            if rate is not None:
+                results[mode]["decode_only_read_of_copy_p50"] = round(rate["p50"] / results["copy_gb_per_s"], 3)
         else:
             budget = pool.num_pages * pool.page_bytes if pool is not None else 8 << 30
             results[mode] = run_http(engine, load, args.max_batch, budget, args.model)

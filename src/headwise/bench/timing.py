@@ -97,3 +97,22 @@ def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
+
+
+def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int = 10) -> float:
+    """The device's copy bandwidth in bytes/s, read and write counted (as STREAM's copy): the median of ``reps``
+    device-to-device copies of ``nbytes``, timed with CUDA events after one warm copy. CUDA only."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del src, dst
+    return 2 * nbytes / statistics.median(times)
+
