@@ -11,7 +11,8 @@ through ``Engine.step`` and then, for each plan and each number of decode rows b
   decoding alongside (0: the plain batch-1 forward; more: the packed forward of a serving step);
 - ``profile``: one more such step under ``torch.profiler``: the kernels by self device time (top ``--top``), the
   operators by device time (CPU time on CPU), the CUDA runtime calls that block the host (``cudaStreamSynchronize``,
-  ``cudaMemcpyAsync``: one per host-to-device copy of a host tensor), and ``gpu_busy_ms`` (the kernels' summed time):
+  ``cudaMemcpyAsync``: one per host-to-device copy of a host tensor), and ``gpu_busy_ms`` (the kernels' summed time,
+  each kernel once):
   ``step_ms - gpu_busy_ms`` is time the GPU waited for the host.
 
 ``floor`` times the pieces alone on the same shapes, per layer and for all layers: the layer's linear layers on the
@@ -89,6 +90,7 @@ def _random_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
 
 def _profile(step: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
     """One call of ``step`` under torch.profiler: kernels, operators and blocking runtime calls."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -103,11 +105,14 @@ def _profile(step: Callable[[], Any], device: torch.device, top: int) -> dict[st
         name = ("self_" if self_only else "") + "device_time_total"
         return float(getattr(e, name, getattr(e, name.replace("device", "cuda"), 0.0)))
 
-    kernels = sorted((e for e in events if dev(e, True) > 0), key=lambda e: -dev(e, True))
+    # Kernels only: an operator's event also carries the device time of the kernels it launched, so summing every
+    # event with device time would count each such kernel twice (runs before 2026-12-03's second breakdown did).
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and dev(e, True) > 0),
+                     key=lambda e: -dev(e, True))
     ops = [e for e in events if e.key.startswith("aten::") or e.key.startswith("triton")]
     ops.sort(key=(lambda e: -dev(e, False)) if cuda else (lambda e: -e.self_cpu_time_total))
     return {
-        "gpu_busy_ms": round(sum(dev(e, True) for e in events) / 1e3, 3),
+        "gpu_busy_ms": round(sum(dev(e, True) for e in kernels) / 1e3, 3),
         "kernels": [{"name": e.key[:120], "calls": e.count, "self_device_ms": round(dev(e, True) / 1e3, 3)}
                     for e in kernels[:top]],
         "ops": [{"name": e.key[:120], "calls": e.count, "device_ms": round(dev(e, False) / 1e3, 3),
