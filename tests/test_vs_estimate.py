@@ -15,11 +15,12 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from headwise.kernels.prefill_index import indices_to_mask
-from headwise.kernels.vs_estimate import vertical_slash_sums
+from headwise.kernels.vs_estimate import vertical_slash_index, vertical_slash_sums
 from headwise.policies.vertical_slash import (
     VerticalSlash,
     last_query_attention,
     last_query_scores,
+    vertical_slash_blocks,
     vertical_slash_scores,
 )
 
@@ -90,6 +91,33 @@ def test_the_policy_builds_the_same_index_with_the_kernel():
     got = p.build_index(q[None, None].to(DEVICE), keys[None, None].to(DEVICE), q_offset=0, scale=1.0, kernel=True)
     want_mask = indices_to_mask(*want, bs, S, S, 0)
     assert torch.equal(indices_to_mask(got[0].cpu(), got[1].cpu(), bs, S, S, 0), want_mask)
+
+
+@pytest.mark.parametrize(
+    "B,H,nv,ns,q_offset,q_len,bs,S",
+    [
+        (1, 1, 1, 1, 0, 5, 16, 5),  # one row, fewer keys than a block
+        (2, 3, 5, 3, 100, 70, 16, 170),  # rows from block 6 to 10; no power of two anywhere
+        (1, 2, 64, 64, 65536 - 512, 512, 64, 65536),  # real sizes: rows past the first tiles of 128 blocks
+        (1, 1, 7, 9, 37, 1, 8, 38),  # one query, q_offset inside a block
+    ],
+)
+def test_the_triton_index_equals_candidates_and_compact_rows(B, H, nv, ns, q_offset, q_len, bs, S):
+    """Duplicates (a column in the first block, offsets in one block, columns of one block), offsets past the
+    rows (blocks before 0) and columns past a row (blocks after it): the same rows, in order, -1 padded."""
+    g = torch.Generator().manual_seed(S + nv)
+    cols = torch.randint(0, S, (B, H, nv), generator=g)
+    offs = torch.randint(0, S, (B, H, ns), generator=g)
+    cols[..., 0] = 0
+    if nv > 2:
+        cols[..., 1] = cols[..., 2]
+    if ns > 1:
+        offs[..., 1] = offs[..., 0] + 1
+    want_idx, want_count = vertical_slash_blocks(cols, offs, q_offset, q_len, bs)
+    got_idx, got_count = vertical_slash_index(cols.to(DEVICE), offs.to(DEVICE), q_offset // bs,
+                                              want_idx.shape[2], bs)
+    assert torch.equal(got_count.cpu(), want_count)
+    assert torch.equal(got_idx.cpu(), want_idx)
 
 
 @pytest.mark.gpu

@@ -9,12 +9,17 @@ What it computes
 Algorithm
     The scores ``q . k`` (already scaled) come from one matrix product in the model's dtype, made by the caller.
     Pass 1 (``_row_stats_kernel``): one program per (head, split of the keys) runs the online softmax statistics of
-    its rows over its keys (max and sum of exponentials, causal: key ``j`` counts for row ``r`` if ``j <= first + r``);
-    the splits are merged on the host side (a few hundred numbers per head) into each row's log-sum-exp.
-    Pass 2 (``_sums_kernel``): one program per (head, block of ``BLOCK_N`` indices) reads the scores of its key
+    its rows over its keys (max and sum of exponentials, causal: key ``j`` counts for row ``r`` if ``j <= first + r``).
+    Pass 2 (``_sums_kernel``): one program per (head, block of ``BLOCK_N`` indices) merges the splits' statistics
+    into each row's log-sum-exp (a few hundred numbers, no launch of their own), reads the scores of its key
     columns for every row (vertical) and, for its diagonal offsets, the score each row puts on key ``first + r - o``
     (slash: row ``r`` reads a contiguous, shifted run of keys), and writes ``exp(s - lse)`` summed over the rows.
     Every output element is owned by one program: no atomics.
+    The index (``_index_kernel``, ``vertical_slash_index``): after ``torch.topk`` chose the columns and diagonals, one
+    program per (head, query block) walks that row's key blocks a tile at a time, marks the listed ones and writes
+    them in order (a prefix sum gives each its slot): the block-sparse kernel's format without the candidate tensor and
+    the two sorts of ``prefill_index.compact_rows`` (``policies/vertical_slash.vertical_slash_blocks``, the reference).
+    Both exist to cut the host's work per layer: a vertical-slash chunk step ran some 60 small operators per layer.
 
     The reference this replaces made an fp32 copy of the scores, a softmax, an int64 offset index of ``R x S``, a
     gather, a mask and two sums (about a dozen kernels and ten passes over ``R x S`` per layer and chunk); here the
@@ -24,8 +29,10 @@ Limits
     ``R`` (rows) up to 128; scores in any float dtype; keys past ``S`` do not exist (``first + R <= S``).
 
 Tested
-    tests/test_vs_estimate.py, under TRITON_INTERPRET=1 against the reference on awkward shapes (one row, a row count
-    that is no power of two, keys fewer than a block, rows at the very start), and on the GPU at real shapes.
+    tests/test_vs_estimate.py, under TRITON_INTERPRET=1 against the references on awkward shapes (one row, a row count
+    that is no power of two, keys fewer than a block, rows at the very start; for the index duplicate columns and
+    offsets, blocks before 0 and after the row, rows past the first tile, a query inside a block), and on the GPU at a
+    real shape.
 """
 
 from __future__ import annotations
@@ -68,15 +75,24 @@ def _row_stats_kernel(
 
 @triton.jit
 def _sums_kernel(
-    S_PTR, LSE_PTR, V_PTR, D_PTR, n_rows, n_keys, first,
-    stride_sh, stride_sr, stride_lh, stride_oh,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr,
+    S_PTR, M_PTR, L_PTR, V_PTR, D_PTR, n_rows, n_keys, first, n_splits,
+    stride_sh, stride_sr, stride_mh, stride_mr, stride_oh,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     h = tl.program_id(0)
     idx = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_R)
     row_ok = rows < n_rows
-    lse = tl.load(LSE_PTR + h * stride_lh + rows, mask=row_ok, other=0.0)  # log2 units
+    # Each row's log-sum-exp (log2 units) from the splits' statistics: a few hundred numbers, merged by every program
+    # (no launch of its own). Split 0 holds key 0, which every row sees: the top is finite.
+    sp = tl.arange(0, BLOCK_S)
+    at = h * stride_mh + rows[:, None] * stride_mr + sp[None, :]
+    ok = row_ok[:, None] & (sp[None, :] < n_splits)
+    m = tl.load(M_PTR + at, mask=ok, other=float("-inf"))
+    top = tl.max(m, 1)
+    top = tl.where(row_ok, top, 0.0)
+    part = tl.load(L_PTR + at, mask=ok, other=0.0) * tl.exp2(tl.where(ok, m - top[:, None], 0.0))
+    lse = top + tl.log2(tl.where(row_ok, tl.sum(tl.where(ok, part, 0.0), 1), 1.0))
     base = S_PTR + h.to(tl.int64) * stride_sh + rows[:, None].to(tl.int64) * stride_sr
     pos = first + rows[:, None]  # each row's position
     # Vertical: the rows' probabilities on key columns ``idx``.
@@ -110,8 +126,8 @@ def vertical_slash_sums(scores: torch.Tensor, first: int, splits: int | None = N
     flat = scores.reshape(B * H, R, S)  # a view where B and H are one stride apart (the caller's matmul output)
     BH = B * H
     block_r = max(16, triton.next_power_of_2(R))
-    if splits is None:  # enough programs to fill the device for the statistics, each over >= 1024 keys
-        splits = max(1, min(triton.cdiv(S, 1024), triton.cdiv(264, BH)))
+    if splits is None:  # enough programs to fill the device for the statistics, each over >= 1024 keys (<= 64 splits)
+        splits = max(1, min(triton.cdiv(S, 1024), triton.cdiv(264, BH), 64))
     per = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, per)
     m = torch.empty(BH, R, splits, device=scores.device, dtype=torch.float32)
@@ -120,12 +136,66 @@ def vertical_slash_sums(scores: torch.Tensor, first: int, splits: int | None = N
         flat, m, sumexp, R, S, first, per // block_n, flat.stride(0), flat.stride(1), m.stride(0), m.stride(1),
         BLOCK_R=block_r, BLOCK_N=block_n,
     )
-    top = m.amax(dim=-1, keepdim=True)  # every row sees key 0, so top is finite
-    lse = (top.squeeze(-1) + torch.log2((sumexp * torch.exp2(m - top)).sum(-1))).contiguous()  # [BH, R], log2 units
     vertical = torch.empty(BH, S, device=scores.device, dtype=torch.float32)
     slash = torch.empty_like(vertical)
     _sums_kernel[(BH, triton.cdiv(S, block_n))](
-        flat, lse, vertical, slash, R, S, first, flat.stride(0), flat.stride(1), lse.stride(0), vertical.stride(0),
-        BLOCK_R=block_r, BLOCK_N=block_n,
+        flat, m, sumexp, vertical, slash, R, S, first, splits, flat.stride(0), flat.stride(1), m.stride(0),
+        m.stride(1), vertical.stride(0), BLOCK_R=block_r, BLOCK_N=block_n, BLOCK_S=max(2, triton.next_power_of_2(splits)),
     )
     return vertical.view(B, H, S), slash.view(B, H, S)
+
+
+@triton.jit
+def _index_kernel(
+    COLS, OFFS, IDX, COUNT, nv, ns, first_block, n_rows, width,
+    BS: tl.constexpr, NV: tl.constexpr, NS: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr,
+):
+    h = tl.program_id(0)
+    r = tl.program_id(1)
+    a = first_block + r  # this row's query block
+    cols = tl.load(COLS + h * nv + tl.arange(0, NV), mask=tl.arange(0, NV) < nv, other=-BS)
+    offs = tl.load(OFFS + h * ns + tl.arange(0, NS), mask=tl.arange(0, NS) < ns, other=-1)
+    vert = cols // BS  # a column's block (padding: -1, never a block)
+    near = tl.where(offs >= 0, a - offs // BS, -1)  # a diagonal's two blocks in this row
+    far = tl.where(offs >= 0, a - (offs + BS - 1) // BS, -1)
+    out = IDX + (h * n_rows + r).to(tl.int64) * width
+    count = 0
+    t0 = 0
+    while t0 <= a:  # key blocks 0 .. a, a tile at a time: listed once each, in order
+        t = t0 + tl.arange(0, TILE)
+        hit = (t == 0) | (t == a)
+        hit = hit | (tl.max((vert[:, None] == t[None, :]).to(tl.int32), 0) > 0)
+        hit = hit | (tl.max((near[:, None] == t[None, :]).to(tl.int32), 0) > 0)
+        hit = hit | (tl.max((far[:, None] == t[None, :]).to(tl.int32), 0) > 0)
+        hit = hit & (t <= a)
+        n = hit.to(tl.int32)
+        slot = count + tl.cumsum(n, 0) - 1
+        tl.store(out + slot, t, mask=hit)
+        count += tl.sum(n, 0)
+        t0 += TILE
+    rest = tl.arange(0, WIDTH)  # -1 after the listed blocks (WIDTH: width = nv + 2 ns + 2, to a power of two)
+    tl.store(out + rest, -1, mask=(rest >= count) & (rest < width))
+    tl.store(COUNT + h * n_rows + r, count)
+
+
+def vertical_slash_index(cols: torch.Tensor, offs: torch.Tensor, first_block: int, n_rows: int,
+                         block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The block-sparse kernel's index of a vertical-slash pattern (Triton), as ``VerticalSlash.build_index`` makes it
+    with candidates and ``compact_rows``: for query block ``a = first_block + r`` of each head, the sorted key blocks
+    ``{0, a} | {c // bs for c in cols} | {a - o // bs, a - ceil(o / bs) for o in offs}`` within ``0 .. a``.
+
+    cols: int [B, H, nv] (key columns), offs: int [B, H, ns] (diagonal offsets), both >= 0. Returns block_idx int32
+    [B, H, n_rows, nv + 2 ns + 2] (-1 padded) and block_count int32 [B, H, n_rows]. One program per (head, row) walks
+    the row's key blocks a tile at a time and writes the listed ones in order: no sort, no candidate tensor."""
+    B, H, nv = cols.shape
+    ns = offs.shape[-1]
+    width = nv + 2 * ns + 2
+    idx = torch.empty(B, H, n_rows, width, device=cols.device, dtype=torch.int32)
+    count = torch.empty(B, H, n_rows, device=cols.device, dtype=torch.int32)
+    if n_rows:
+        _index_kernel[(B * H, n_rows)](
+            cols.contiguous(), offs.contiguous(), idx, count, nv, ns, first_block, n_rows, width,
+            BS=block_size, NV=max(2, triton.next_power_of_2(nv)), NS=max(2, triton.next_power_of_2(ns)), TILE=128,
+            WIDTH=triton.next_power_of_2(width),
+        )
+    return idx, count

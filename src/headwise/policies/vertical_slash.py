@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.kernels.prefill_index import compact_rows, query_block_ids
+from headwise.kernels.prefill_index import compact_rows, n_query_blocks, query_block_ids
 from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.full import Full
 from headwise.policies.sparse_prefill import PrefillPattern
@@ -80,6 +80,26 @@ def vertical_slash_scores(probs: torch.Tensor, first_pos: int) -> tuple[torch.Te
     return vertical, slash
 
 
+def vertical_slash_blocks(cols: torch.Tensor, offs: torch.Tensor, q_offset: int, q_len: int,
+                          block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernel's index of chosen columns cols [B, H, nv] and diagonal offsets offs [B, H, ns] for a chunk of
+    ``q_len`` queries at ``q_offset``: per query block ``a``, the key blocks ``{0, a}``, each column's block, and each
+    diagonal's blocks ``a - o // bs`` and ``a - ceil(o / bs)``, within ``0 .. a`` (candidates, then ``compact_rows``;
+    ``kernels/vs_estimate.vertical_slash_index`` is the same in one Triton kernel)."""
+    bs = block_size
+    diags = torch.cat([offs // bs, (offs + bs - 1) // bs], dim=-1)  # block diagonals a - kb
+    rows = query_block_ids(q_len, q_offset, bs, cols.device)  # [n]
+    B, H = cols.shape[:2]
+    n = rows.shape[0]
+    r = rows[None, None, :, None]
+    vert = (cols // bs)[:, :, None, :].expand(B, H, n, -1)
+    slsh = r - diags[:, :, None, :]
+    fixed = torch.stack([torch.zeros_like(rows), rows], dim=-1)[None, None].expand(B, H, n, 2)
+    cand = torch.cat([vert, slsh, fixed], dim=-1)
+    valid = (cand >= 0) & (cand <= r)
+    return compact_rows(cand, valid)
+
+
 @dataclass(frozen=True)
 class VerticalSlash(PrefillPattern):
     name: ClassVar[str] = "vertical_slash"
@@ -109,11 +129,12 @@ class VerticalSlash(PrefillPattern):
         return self.build_index(q, keys, ctx.start, ctx.scale, kernel=ctx.use_kernels and q.is_cuda)
 
     def build_index(self, q, keys, q_offset, scale, kernel: bool = False):
-        """Per query head: block_idx [B, Hq, n_q_blocks, M]. ``kernel``: the estimate in Triton
-        (``kernels/vs_estimate.py``), else in plain PyTorch (its reference)."""
+        """Per query head: block_idx [B, Hq, n_q_blocks, M]. ``kernel``: the estimate and the index in Triton
+        (``kernels/vs_estimate.py``), else in plain PyTorch (their reference)."""
         L, S, bs = q.shape[2], keys.shape[2], self.block_size
         R = min(self.last_q, L)
-        if kernel and R <= VS_MAX_ROWS:
+        kernel = kernel and R <= VS_MAX_ROWS
+        if kernel:
             from headwise.kernels.vs_estimate import vertical_slash_sums  # Triton
 
             vertical, slash = vertical_slash_sums(last_query_scores(q, keys, scale, self.last_q), q_offset + L - R)
@@ -122,14 +143,8 @@ class VerticalSlash(PrefillPattern):
             vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
         cols = vertical.topk(min(self.vertical_size, S), dim=-1).indices  # [B, Hq, nv]
         offs = slash.topk(min(self.slash_size, S), dim=-1).indices  # [B, Hq, ns]
-        diags = torch.cat([offs // bs, (offs + bs - 1) // bs], dim=-1)  # block diagonals a - kb
-        rows = query_block_ids(L, q_offset, bs, q.device)  # [n]
-        B, H = cols.shape[:2]
-        n = rows.shape[0]
-        r = rows[None, None, :, None]
-        vert = (cols // bs)[:, :, None, :].expand(B, H, n, -1)
-        slsh = r - diags[:, :, None, :]
-        fixed = torch.stack([torch.zeros_like(rows), rows], dim=-1)[None, None].expand(B, H, n, 2)
-        cand = torch.cat([vert, slsh, fixed], dim=-1)
-        valid = (cand >= 0) & (cand <= r)
-        return compact_rows(cand, valid)
+        if kernel:
+            from headwise.kernels.vs_estimate import vertical_slash_index  # Triton
+
+            return vertical_slash_index(cols, offs, q_offset // bs, n_query_blocks(L, q_offset, bs), bs)
+        return vertical_slash_blocks(cols, offs, q_offset, L, bs)
