@@ -135,3 +135,8 @@ def test_the_estimate_at_a_real_shape_on_the_gpu():
     assert torch.allclose(v, want_v, atol=2e-3, rtol=2e-2) and torch.allclose(s, want_s, atol=2e-3, rtol=2e-2)
     top = want_v.topk(64, dim=-1).indices.sort(-1).values
     assert (v.topk(64, dim=-1).indices.sort(-1).values == top).float().mean() > 0.9
+    # The compiled index kernel at this shape: exactly the reference's rows.
+    cols, offs = v.topk(64, dim=-1).indices, s.topk(64, dim=-1).indices
+    want = vertical_slash_blocks(cols, offs, S - L, L, 64)
+    got = vertical_slash_index(cols, offs, (S - L) // 64, want[0].shape[2], 64)
+    assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
