@@ -466,3 +466,21 @@ def test_rows_reused_without_timings_count_for_accuracy_not_speed(tiny_llama, tm
     only = next(p for p in run_eval(EvalConfig(**cfg, out=tmp_path / "c"), tiny_llama)["performance"]
                 if p["plan"] == "dense")
     assert (only["runs"], only["prefill_s"], only["kv_bytes"]) == (0, None, before["kv_bytes"])
+
+
+def test_the_report_names_the_cells_a_run_left_short():
+    """A run cut short (run 13: 27-42 prompts in cells of 100) says so under the header; pooled rows are not cells."""
+    from headwise.eval.report import report_header, short_cells
+
+    results = {"model": "m", "device": "cpu", "seed": 0, "samples": 100, "tasks": ["passkey"], "lengths": [2048],
+               "plans": [{"label": "dense"}, {"label": "p"}],
+               "accuracy": [{"plan": "dense", "task": "passkey", "length": 2048, "score": 0.9, "n": 100},
+                            {"plan": "p", "task": "passkey", "length": 2048, "score": 0.8, "n": 34},
+                            {"plan": "random@equal, 5 draws pooled", "task": "passkey", "length": 2048,
+                             "score": 0.7, "n": 160, "pooled": ["a"]}]}
+    assert short_cells(results) == ["p passkey 2K (34/100)"]
+    header = report_header(results)
+    assert len(header) == 2 and header[1].startswith("warning: 1 cell(s) hold fewer samples than asked")
+    results["accuracy"][1]["n"] = 100
+    assert short_cells(results) == [] and len(report_header(results)) == 1
+

@@ -181,9 +181,29 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def terminal_report(results: dict[str, Any]) -> str:
-    parts = [f"{results['model']} on {results['device']} — seed {results['seed']}, "
+def short_cells(results: dict[str, Any]) -> list[str]:
+    """The accuracy cells (plan, task, length) holding fewer samples than the run asked for (``n/asked``): a run
+    cut short, whose intervals are wider than the header's sample count suggests. Pooled rows are not cells."""
+    asked = results.get("samples") or 0
+    return [f"{a['plan']} {a['task']} {_len(a['length'])} ({a['n']}/{asked})" for a in results.get("accuracy", [])
+            if not a.get("pooled") and a.get("n", asked) < asked]
+
+
+def report_header(results: dict[str, Any]) -> list[str]:
+    """The report's first line (model, device, seed, samples per cell, commit), and a warning naming the cells that
+    hold fewer samples than that (``short_cells``)."""
+    lines = [f"{results['model']} on {results['device']} — seed {results['seed']}, "
              f"{results['samples']} sample(s) per cell, commit {results.get('commit') or 'unknown'}"]
+    short = short_cells(results)
+    if short:
+        more = f" and {len(short) - 6} more" if len(short) > 6 else ""
+        lines.append(f"warning: {len(short)} cell(s) hold fewer samples than asked (a run cut short? the same command "
+                     f"again adds the missing ones): {', '.join(short[:6])}{more}")
+    return lines
+
+
+def terminal_report(results: dict[str, Any]) -> str:
+    parts = report_header(results)
     if _gen_tasks(results):
         parts += ["", "accuracy (%)", format_table(*accuracy_table(results))]
         kept = retention_table(results)
@@ -298,6 +318,9 @@ def html_report(results: dict[str, Any], heatmap: Path | None, memory_plot: Path
         ["commit", results.get("commit") or "unknown"], ["seed", str(results["seed"])],
         ["samples per cell", str(results["samples"])], ["created", results["created"]],
     ]
+    short = short_cells(results)
+    if short:
+        meta_rows.append(["cells with fewer samples (run cut short)", ", ".join(short)])
     plan_rows = []
     for p in results["plans"]:
         for L, summary in p["summary"].items():
