@@ -3,6 +3,7 @@ wall-clock time of a synchronised step (what a host loop pays), and per-kernel d
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -100,19 +101,13 @@ def _sync() -> None:
 
 
 def copy_bandwidth(device: torch.device | str, nbytes: int = 1 << 30, reps: int = 10) -> float:
-    """The device's copy bandwidth in bytes/s, read and write counted (as STREAM's copy): the median of ``reps``
-    device-to-device copies of ``nbytes``, timed with CUDA events after one warm copy. CUDA only."""
+    """The device's copy bandwidth in bytes/s, read and write counted (as STREAM's copy): ``Timer``'s median of ``reps``
+    device-to-device copies of ``nbytes`` (no flush: the buffers are far larger than L2), after one warm copy. CUDA
+    only. The buffers go back to the device afterwards (``empty_cache``), so a pool sized from free memory next
+    (``--kv-memory N%``) sees all of it."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    dst.copy_(src)
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        dst.copy_(src)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    ms = Timer(flush=None).eager(functools.partial(dst.copy_, src), warmup=1, reps=reps)
     del src, dst
-    return 2 * nbytes / statistics.median(times)
-
+    torch.cuda.empty_cache()
+    return 2 * nbytes / (ms / 1e3)
