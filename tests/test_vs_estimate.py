@@ -59,6 +59,14 @@ def test_the_triton_estimate_equals_the_reference(B, Hq, Hkv, L, offset, last_q,
         assert torch.allclose(vertical.sum(-1).cpu(), torch.full((B, Hq), float(R)), atol=1e-4)
 
 
+def test_the_policy_knows_how_many_rows_the_kernel_takes():
+    """``VS_MAX_ROWS`` repeats ``MAX_ROWS`` so that the policy need not import Triton to decide: they must agree."""
+    from headwise.kernels.vs_estimate import MAX_ROWS
+    from headwise.policies.vertical_slash import VS_MAX_ROWS
+
+    assert VS_MAX_ROWS == MAX_ROWS
+
+
 def test_scores_after_a_rows_position_are_ignored_whatever_they_hold():
     """The kernel masks by position: garbage (even inf) after the causal limit changes nothing."""
     g = torch.Generator().manual_seed(0)
