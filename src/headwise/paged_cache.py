@@ -146,7 +146,7 @@ class PagedRingStore(SinkWindowStore):
         with ``p = s (mod window)``."""
         held = self.capacity
         slots = torch.arange(held, device=self.device)
-        keys, values = _gather(self.pool, self.pages, slots)
+        keys, values = _gather_prefix(self.pool, self.pages, held)  # every slot of the ring's pages
         last = self.seen - 1
         positions = torch.where(slots < self.sink, slots, last - (last - slots) % max(1, self.window))
         return keys, values, positions
