@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+pytest.importorskip("pydantic", reason="the server's request models need pydantic (the `server` extra)")
+
 from headwise.server.protocol import APIError, parse_request
 
 

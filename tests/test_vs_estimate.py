@@ -130,19 +130,32 @@ def test_the_triton_index_equals_candidates_and_compact_rows(B, H, nv, ns, q_off
 
 @pytest.mark.gpu
 def test_the_estimate_at_a_real_shape_on_the_gpu():
-    """Llama-3-8B's two full KV heads after a 64K prefix, bf16: the kernel's masses match the reference's, and the
-    top-64 columns and diagonals chosen agree."""
+    """Llama-3-8B's two full KV heads after a 64K prefix, bf16: the kernel's masses match the reference's, eight
+    planted columns are among the 64 chosen for every head, and every other column or diagonal chosen is a near-tie
+    of the reference's choice."""
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     g = torch.Generator(device="cuda").manual_seed(0)
     S, L = 65536 + 2048, 2048
     q = torch.randn(1, 8, L, 128, device="cuda", dtype=torch.bfloat16, generator=g)
     keys = torch.randn(1, 2, S, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    # Columns every one of the last 64 queries attends to: a shared direction u in those queries and in these keys
+    # adds |u|^2 * scale = 5.7 to their logits (x300 in mass), far above what random keys reach.
+    u = torch.randn(128, device="cuda", generator=g)
+    u = (8 * u / u.norm()).to(torch.bfloat16)
+    planted = torch.randperm(S - L, device="cuda", generator=g)[:8]
+    q[:, :, -64:] += u
+    keys[:, :, planted] = u
     want_v, want_s = reference(q, keys, S - L, 128**-0.5, 64)
     v, s = vertical_slash_sums(last_query_scores(q, keys, 128**-0.5, 64), S - 64)
-    assert torch.allclose(v, want_v, atol=2e-3, rtol=2e-2) and torch.allclose(s, want_s, atol=2e-3, rtol=2e-2)
-    top = want_v.topk(64, dim=-1).indices.sort(-1).values
-    assert (v.topk(64, dim=-1).indices.sort(-1).values == top).float().mean() > 0.9
+    assert torch.allclose(v, want_v, atol=1e-6, rtol=5e-2) and torch.allclose(s, want_s, atol=1e-6, rtol=5e-2)
+    assert (v.topk(64, dim=-1).indices[..., None] == planted).any(-2).all()  # in every head's 64
+    # Elsewhere random keys make masses nearly equal, so bf16 rounding may swap near-ties at the cut: what the
+    # kernel's masses choose must hold, by the reference's, at least 0.95 of the reference's 64th largest.
+    # (Comparing sorted index lists position by position fails on a single swap.)
+    for got, want in ((v, want_v), (s, want_s)):
+        kth = want.topk(64, dim=-1).values[..., -1:]
+        assert (want.gather(-1, got.topk(64, dim=-1).indices) >= 0.95 * kth).all()
     # The compiled index kernel at this shape: exactly the reference's rows.
     cols, offs = v.topk(64, dim=-1).indices, s.topk(64, dim=-1).indices
     want = vertical_slash_blocks(cols, offs, S - L, L, 64)

@@ -93,8 +93,12 @@ class Streaming(Policy):
         keys = torch.cat([old_k, k], dim=2)
         values = torch.cat([old_v, v], dim=2)
         k_pos = torch.cat([old_pos, new_pos])
-        mask = self.allowed(new_pos[:, None], k_pos[None, :])
         comp = store.compensation_kv()
+        if comp is None and banded_pays(L, keys.shape[2], self.sink, self.window):
+            out = sink_window_banded(q, keys, values, k_pos, ctx.start, self.sink, self.window, ctx.scale)
+            store.append(k, v)
+            return out
+        mask = self.allowed(new_pos[:, None], k_pos[None, :])
         if comp is not None:
             keys = torch.cat([comp[0], keys], dim=2)
             values = torch.cat([comp[1], values], dim=2)
@@ -110,3 +114,62 @@ class Streaming(Policy):
         mask. (With ``compensation`` the extra slot lives outside the ring: the reference path serves it.)"""
         store.append(k, v)
         return kernel_decode(q, store.keys, store.values, min(store.seen, self.sink + self.window), ctx.scale)
+
+
+BAND_ROWS = 256
+"""Query rows per band of ``sink_window_banded``: each band's keys are the sinks and ``window - 1 + BAND_ROWS``
+positions, so smaller bands waste fewer masked pairs and launch more (batched) problems."""
+
+
+def banded_pays(rows: int, keys: int, sink: int, window: int) -> bool:
+    """Whether a chunk of ``rows`` queries over ``keys`` keys does less work in bands than under one mask."""
+    return rows > BAND_ROWS and 2 * (sink + window - 1 + BAND_ROWS) < keys
+
+
+def sink_window_banded(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, k_pos: torch.Tensor, q_start: int, sink: int,
+    window: int, scale: float, rows: int = BAND_ROWS,
+) -> torch.Tensor:
+    """A prompt chunk of a ``streaming`` head, token-exact as ``Streaming.allowed`` under one mask, in bands.
+
+    Under one ``[L, S]`` mask a chunk of L queries computes all ``L * S`` scores, though each query sees at most
+    ``sink + window`` keys (a chunk of 8192 queries after a ring of 320 keys: 8192 x 8512 scores for 8192 x 320
+    needed). Here the queries go in bands of ``rows``; band ``b`` gathers its own keys (the sinks, and positions
+    ``start_b - window + 1 .. start_b + rows - 1``) and the bands run as one batched masked attention: ``rows *
+    (sink + window - 1 + rows)`` scores per band.
+
+    q: ``[B, Hq, L, D]`` at positions ``q_start ..``; keys, values ``[B, Hkv, S, D]`` with positions ``k_pos [S]``
+    (each position at most once; a ring's empty slots negative), the chunk's own keys among them. Every key a
+    query may see must be there (a ``SinkWindowStore``'s view followed by the chunk is). Returns ``[B, Hq, L, D]``.
+    """
+    B, Hq, L, D = q.shape
+    Hkv, S = keys.shape[1], keys.shape[2]
+    dev = q.device
+    end = q_start + L
+    nb = -(-L // rows)
+    # The column of each position below ``end`` (-1: not held); slot ``end`` takes the empty slots' writes.
+    col_of = torch.full((end + 1,), -1, dtype=torch.long, device=dev)
+    kp = k_pos.to(device=dev, dtype=torch.long)
+    col_of.scatter_(0, torch.where((kp >= 0) & (kp < end), kp, end), torch.arange(S, device=dev))
+    first = q_start + rows * torch.arange(nb, device=dev)  # each band's first query position
+    band = first[:, None] - (window - 1) + torch.arange(window - 1 + rows, device=dev)
+    pos = torch.cat([torch.arange(sink, device=dev).expand(nb, sink), band], dim=1)  # [nb, C]
+    col = col_of[pos.clamp(0, end)]  # ``end`` reads -1 unless an empty slot wrote there: masked below anyway
+    ok = (pos >= 0) & (pos < end) & (col >= 0)
+    ok[:, sink:] &= band >= sink  # a sink inside the band is in the sinks' columns already
+    q_pos = first[:, None] + torch.arange(rows, device=dev)  # [nb, rows]
+    mask = ok[:, None, :] & (pos[:, None, :] <= q_pos[:, :, None]) & (
+        (pos[:, None, :] < sink) | (q_pos[:, :, None] - pos[:, None, :] < window))
+    # Rows past the chunk (the last band's padding) see whatever their band holds, so that no row is empty.
+    mask = torch.where((q_pos < end)[:, :, None], mask, ok[:, None, :])
+    C = pos.shape[1]
+    idx = col.clamp(min=0).reshape(-1)
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        return t.index_select(2, idx).view(B, Hkv, nb, C, D).transpose(1, 2).reshape(B * nb, Hkv, C, D)
+
+    qb = torch.nn.functional.pad(q, (0, 0, 0, nb * rows - L)).view(B, Hq, nb, rows, D)
+    qb = qb.transpose(1, 2).reshape(B * nb, Hq, rows, D)
+    m = mask[:, None].expand(nb, 1, rows, C).repeat(B, 1, 1, 1)
+    out = masked_attention(qb, gather(keys), gather(values), m, scale)
+    return out.view(B, nb, Hq, rows, D).transpose(1, 2).reshape(B, Hq, nb * rows, D)[:, :, :L]
