@@ -4,6 +4,8 @@ a chunk that starts among the sinks, no sinks, GQA, a batch of two, a last band 
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 import torch
 
@@ -55,9 +57,9 @@ def test_a_long_chunk_through_the_policy_equals_small_chunks():
     assert banded_pays(1200, 1200 + 80, 16, 64) and not banded_pays(100, 180, 16, 64)
     outs = []
     for store, cuts in ((policy.make_store(B, Hkv, D, "cpu", torch.float32), [0, 300, 1500]),
-                        (policy.make_store(B, Hkv, D, "cpu", torch.float32), list(range(0, 1500, 100)) + [1500])):
+                        (policy.make_store(B, Hkv, D, "cpu", torch.float32), [*range(0, 1500, 100), 1500])):
         parts = [policy.attend(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], store, AttendContext(start=a, scale=D**-0.5))
-                 for a, b in zip(cuts, cuts[1:], strict=False)]
+                 for a, b in pairwise(cuts)]
         outs.append(torch.cat(parts, 2))
         assert torch.equal(store.view()[2].sort().values, torch.cat([torch.arange(16), torch.arange(n - 64, n)]))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)

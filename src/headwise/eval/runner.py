@@ -17,6 +17,9 @@ Plan specs (``--plans``, comma-separated):
   that gives the plan back is drawn again: ``random_baseline``). ``random@equal*N``: draws 0 to N-1
   (``expand_plan_items``); the accuracy table then also has their samples pooled (``pooled_random_rows``), the
   expected accuracy of random placement, where one draw is a lottery.
+- ``knorm@equal`` / ``knorm@F``: KNorm (``policies/knorm.py``, Devoto et al. 2024; kvpress's KnormPress inside
+  headwise's engine) on every KV head, each holding as many tokens as the streaming baseline's: the keys of smallest
+  norm and the newest 64.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -53,6 +56,7 @@ DEFAULT_TASKS = (*TASKS, FIDELITY)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STREAMING_SINK = 64  # DuoAttention's streaming heads use 64 sinks with a 256-token window
 QUEST_PAGE = 16  # Quest's page size
+KNORM_WINDOW = 64  # the newest tokens a KNorm baseline head keeps beside its smallest-norm ones
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -165,6 +169,24 @@ def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, labe
     return _plan(spec, rows, name, f"Quest baseline ({label}) at {length} tokens")
 
 
+def knorm_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
+    """KNorm (``policies/knorm.py``: the keys of smallest norm + the newest ``KNORM_WINDOW`` tokens, fewer for tiny
+    budgets) on every KV head, all holding the same ``b`` tokens as the streaming baseline. Native sliding layers
+    as there: their own window, cut to ``b`` (newest tokens, no sink) when ``b`` is smaller."""
+    b = _head_budget(spec, target_tokens, length, label, 2)
+    window = min(KNORM_WINDOW, b // 4) or 1
+    rows = []
+    for w in spec.layer_windows:
+        if w is None:
+            head = {"policy": "knorm", "params": {"tokens": b - window, "window": window}}
+        elif b >= min(length, w):
+            head = {"policy": "full"}
+        else:
+            head = {"policy": "streaming", "params": {"sink": 0, "window": b}}
+        rows.append([dict(head) for _ in range(spec.num_kv_heads)])
+    return _plan(spec, rows, name, f"KNorm baseline ({label}) at {length} tokens")
+
+
 def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: str) -> HeadPlan:
     plan = HeadPlan.uniform(spec, {"policy": "full"}, name, created_by=created_by)
     plan.layers = rows
@@ -172,7 +194,7 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
     return plan
 
 
-_BASELINE = re.compile(r"(streaming|quest)@(equal|[0-9.]+)|random@equal(?::[0-9]+)?")
+_BASELINE = re.compile(r"(streaming|quest|knorm)@(equal|[0-9.]+)|random@equal(?::[0-9]+)?")
 _RANDOM_DRAWS = re.compile(r"random@equal\*([0-9]+)")
 _RANDOM_LABEL = re.compile(r"random@equal(?::([0-9]+))?")
 MAX_DRAWS = 20
@@ -250,7 +272,8 @@ def check_plan_specs(items: Sequence[str]) -> None:
         elif item != "dense" and not any(r.fullmatch(item) for r in (_BASELINE, _LONGHEADS, _OFFLOAD)):
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
-                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, random@equal[:SEED], random@equal*N, "
+                "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
+                "random@equal[:SEED], random@equal*N, "
                 "longheads, "
                 "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
             )
@@ -316,7 +339,7 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                     return frac * spec.dense_kv_tokens(L)
 
                 desc = f"{kind} at {frac:g} of dense KV slots"
-            build = streaming_baseline if kind == "streaming" else quest_baseline
+            build = {"streaming": streaming_baseline, "quest": quest_baseline, "knorm": knorm_baseline}[kind]
             entries.append(PlanEntry(item, desc, lambda L, b=build, t=target, lab=item: b(spec, lm.name, t(L), L, lab)))
     labels = [e.label for e in entries]
     if len(set(labels)) != len(labels):

@@ -16,6 +16,7 @@ from headwise.policies.base import AttendContext, Policy
 from headwise.policies.block_topk import BlockTopK
 from headwise.policies.full import Full
 from headwise.policies.hyper import Hyper
+from headwise.policies.knorm import KNorm
 from headwise.policies.longheads import LongHeads
 from headwise.policies.page_topk import PageTopK
 from headwise.policies.quantized import Quantized
@@ -41,6 +42,7 @@ _REGISTRY: dict[str, type[Policy]] = {
     ACT.name: ACT,
     Hyper.name: Hyper,
     Seer.name: Seer,
+    KNorm.name: KNorm,
 }
 
 
