@@ -9,13 +9,15 @@ from itertools import pairwise
 import pytest
 import torch
 
+from headwise.attention import attention_implementation
 from headwise.engine import Engine
 from headwise.errors import PlanError
 from headwise.eval.runner import knorm_baseline, resolve_plans
 from headwise.plan import HeadPlan
-from headwise.policies import build_policy
+from headwise.policies import Full, Quantized, Streaming, build_policy
 from headwise.policies.base import AttendContext, masked_attention
 from headwise.policies.knorm import KNorm
+from headwise.profile.select import PLAN_MASK_NAME, KNormKeep, plan_masks, plan_rounding
 from headwise.spec import ModelSpec
 from tiny import tiny_model
 
@@ -135,3 +137,40 @@ def test_a_plan_with_knorm_heads_generates_and_holds_what_it_says():
     assert len(ids) == 6
     # the last token generated is never fed back: the cache holds prompt + 5 tokens
     assert stats.kv_bytes == tight.kv_bytes(spec, len(prompt) + 5, lm.dtype.itemsize)
+
+
+K = KNorm(tokens=10, window=6)
+
+
+@pytest.mark.parametrize("policies", [
+    [[K, Full()], [K, K], [Full(), K]],
+    [[K, Quantized(bits=4, group=8, residual=8)], [Streaming(sink=2, window=12), K], [K, Full()]],
+])
+def test_the_profilers_masked_forward_keeps_what_the_engine_keeps(policies):
+    """Chunked prefill then decode steps through the engine (knorm heads in their stores) give the logits of one
+    masked forward whose knorm heads see what ``select._knorm_masks`` derives from the keys' norms, per sequence of
+    a batch of two (each as it would alone). Without it (every knorm head full) the masked forward misses."""
+    lm = tiny_model("llama", num_hidden_layers=3)
+    prompt, total, chunk = 45, 50, 16
+    ids = torch.randint(0, 128, (2, total), generator=torch.Generator().manual_seed(3))
+    plan = HeadPlan.from_policies(lm.spec, policies)
+    real = []
+    for b in range(2):
+        engine = Engine(lm, plan, chunk_size=chunk)
+        cache = engine.new_cache(1)
+        logits = [engine.prefill(ids[b : b + 1, :prompt], cache, all_logits=True)[0]]
+        logits += [engine.forward(ids[b : b + 1, p : p + 1], cache) for p in range(prompt, total)]
+        real.append(torch.cat(logits))
+    real = torch.stack(real)
+    masks = plan_masks(lm.spec, policies, total, torch.device("cpu"))
+    emulated = plan_rounding(lm.spec, policies, prompt, total, torch.device("cpu"), chunk, False)
+    assert any(isinstance(g, KNormKeep) for row in emulated for g in row)
+    with torch.no_grad(), attention_implementation(lm.model, PLAN_MASK_NAME):
+        got = lm.model(input_ids=ids, use_cache=False, headwise_plan_masks=masks,
+                       headwise_plan_rounding=emulated).logits
+        unaware = lm.model(input_ids=ids, use_cache=False, headwise_plan_masks=masks,
+                           headwise_plan_rounding=[[g for g in row if not isinstance(g, KNormKeep)]
+                                                   for row in emulated]).logits
+    err = (got - real).abs().max()
+    assert err < 1e-4
+    assert (unaware - real).abs().max() > 100 * err

@@ -306,3 +306,50 @@ def test_the_cli_text_weight_reaches_settings_and_the_plan(tiny_llama, tmp_path,
     assert len(abl["curve_parts"]) == len(abl["curve"])
     for (n, loss), (m, retrieval, kl) in zip(abl["curve"], abl["curve_parts"]):
         assert n == m and loss == pytest.approx(retrieval + 0.5 * kl, abs=1e-3)
+
+
+def test_a_knorm_switch_is_measured_and_becomes_the_plans_knorm_heads(tiny_llama, tmp_path, monkeypatch):
+    """``--ablation-switch knorm`` through ``headwise profile`` (tiny Llama, probes it answers): the ranking measures
+    switches to knorm (the plan's rounding carries their key choice), and the solved plan's streaming heads become
+    knorm heads of the same slots; its command line and meta record it."""
+    from headwise.cli import main
+    from headwise.policies.knorm import KNorm
+    from headwise.profile import ablate, cli
+
+    seen = {}
+    real = ablate.ablation_ranking
+
+    def ranking(lm, probes, **kw):
+        seen.update(kw)
+        return real(lm, _answered_by_dense(lm), **kw)
+
+    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny_llama)
+    monkeypatch.setattr(ablate, "ablation_ranking", ranking)
+    out = tmp_path / "plan.json"
+    args = ["profile", "smollm2-135m", "--budget", "0.3", "-o", str(out), "--fast", "--no-progress",
+            "--method", "ablation", "--target-len", "512", "--full-share", "1.0", "--ablation-switch", "knorm"]
+    assert main(args) == 0
+    assert seen["switch"] == "knorm"
+    plan = HeadPlan.load(out)
+    assert "--ablation-switch knorm" in plan.meta["created_by"] and plan.meta["ablation"]["switch"] == "knorm"
+    kinds = {type(p) for row in plan.policies() for p in row}
+    assert KNorm in kinds and Streaming not in kinds
+    # without --full-share the plan selection would judge streaming plans: refused before any work
+    assert main([a for a in args if a not in ("--full-share", "1.0")]) == 2
+
+
+def test_streaming_heads_become_knorm_heads_of_the_same_slots_on_global_layers_only():
+    from headwise.policies.knorm import KNorm
+    from headwise.profile.runner import streaming_to_knorm
+    from headwise.spec import ModelSpec
+
+    spec = ModelSpec("gemma3_text", 2, 2, 1, 8, 4096, (512, None))
+    got = streaming_to_knorm([[Streaming(sink=0, window=128)], [Streaming(sink=64, window=448)]], spec)
+    assert got[0][0] == Streaming(sink=0, window=128)  # a native sliding layer keeps its window
+    assert got[1][0] == KNorm(tokens=448, window=64) and got[1][0].kv_tokens(4096) == 512
+    assert streaming_to_knorm([[Full()], [Streaming(sink=4, window=20)]], spec)[1][0] == KNorm(tokens=0, window=24)
+
+
+def test_an_unknown_switch_is_refused(tiny_llama):
+    with pytest.raises(HeadwiseError, match="knorm"):
+        ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), switch="quest", progress=False)

@@ -63,10 +63,11 @@ from headwise.engine import DEFAULT_CHUNK
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy, Quantized
+from headwise.policies.knorm import KNorm
 from headwise.policies.streaming import Streaming
 from headwise.profile.select import (
+    Emulated,
     ProbeSet,
-    Rounding,
     masked_probe_losses,
     masked_text_logprobs,
     plan_masks,
@@ -87,6 +88,9 @@ Head = tuple[int, int]
 
 BASES: dict[str, Policy] = {"full": Full(), "quantized4": Quantized(bits=4), "quantized8": Quantized(bits=8)}
 """The policies the heads not switched to streaming may run in (``--ablation-base``)."""
+SWITCHES = ("streaming", "knorm")
+"""What a switched head runs (``--ablation-switch``): ``streaming`` (``sink`` + ``window``), or ``knorm`` in the same
+slots (``sink`` tokens of smallest key norm + the newest ``window``; ``policies/knorm.py``)."""
 
 
 @dataclass
@@ -115,12 +119,15 @@ class AblationResult:
     """With a text term: the rows, tokens per row and positions per row its KL is taken over."""
     parts: list[tuple[int, float, float]] = field(default_factory=list)
     """With a text term, ``curve``'s rounds split: (heads not switched, retrieval excess, text KL in nats)."""
+    switch: str = "streaming"
+    """What a switched head runs (a ``SWITCHES`` entry)."""
 
     def meta(self) -> dict[str, Any]:
         text = {"text": self.text, "curve_parts": [[n, round(r, 4), round(k, 4)] for n, r, k in self.parts]}
         return {"base": self.base, "base_policy": BASES[self.base].to_spec(), **self.rounding,
                 "probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
                 "seconds": round(self.seconds, 1), "finished": self.finished, "text_weight": self.text_weight,
+                **({"switch": self.switch} if self.switch != "streaming" else {}),
                 **(text if self.text_weight else {}),
                 "order": [list(h) for h in self.order],
                 "curve": [[n, round(loss, 4)] for n, loss in self.curve]}
@@ -131,10 +138,12 @@ class _Masks:
     quantized head's mask is a full one's). With a quantized ``base``, the rounding of the heads not streamed."""
 
     def __init__(self, lm: LoadedModel, sink: int, window: int, base: Policy = BASES["full"],
-                 chunk: int = DEFAULT_CHUNK, kernels: bool = False) -> None:
+                 chunk: int = DEFAULT_CHUNK, kernels: bool = False, switch: str = "streaming") -> None:
         self.spec = lm.spec
         self.device = next(lm.model.parameters()).device
-        self.stream = Streaming(sink=sink, window=window)
+        # a knorm head's mask is a full one: what it keeps comes from the keys, in ``rounding`` (select.KNormKeep)
+        self.stream: Policy = Streaming(sink=sink, window=window) if switch == "streaming" else \
+            KNorm(tokens=sink, window=window)
         self.base, self.chunk, self.kernels = base, chunk, kernels
         self._cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.streamed: set[Head] = set()
@@ -152,8 +161,9 @@ class _Masks:
         return [torch.stack([stream[i] if (i, j) in self.streamed else full[i]
                              for j in range(self.spec.num_kv_heads)]) for i in range(self.spec.num_layers)]
 
-    def rounding(self, prompt_len: int, total: int) -> list[list[Rounding]]:
-        """``select.plan_rounding`` of the plan the masks stand for: the heads not streamed in ``base``."""
+    def rounding(self, prompt_len: int, total: int) -> list[list[Emulated]]:
+        """``select.plan_rounding`` of the plan the masks stand for: the heads not streamed in ``base``, and the
+        switched ones' key choice under ``knorm``."""
         policies = [[self.stream if (i, j) in self.streamed else self.base for j in range(self.spec.num_kv_heads)]
                     for i in range(self.spec.num_layers)]
         return plan_rounding(self.spec, policies, prompt_len, total, self.device, self.chunk, self.kernels)
@@ -212,12 +222,15 @@ def eliminate(heads: list[Head], loss: Callable[[set[Head]], float], drop: float
 def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: int = 64, drop: float = 0.15,
                      batch: int = 8, time_limit_s: float | None = None, progress: bool = True, base: str = "full",
                      chunk: int = DEFAULT_CHUNK, kernels: bool | None = None, text: torch.Tensor | None = None,
-                     text_weight: float = 0.0, text_positions: int = TEXT_POSITIONS) -> AblationResult:
+                     text_weight: float = 0.0, text_positions: int = TEXT_POSITIONS,
+                     switch: str = "streaming") -> AblationResult:
     """Backward elimination (module docstring). ``probes``: from ``select.probe_set``. ``base``: a ``BASES`` key;
     with a quantized one, ``chunk`` is the prefill chunk the rounding is emulated for and ``kernels`` whether decode
     steps run on the decode kernel (default: on a GPU, as the engine does). ``text``: ids ``[n, T]`` of held-in text
     (``ablation_text``); with ``text_weight`` > 0 the loss adds ``text_weight`` x the mean KL(dense || switched), in
-    nats, over the last ``text_positions`` positions of each row (module docstring, "Text")."""
+    nats, over the last ``text_positions`` positions of each row (module docstring, "Text"). ``switch``: what a
+    switched head runs (``SWITCHES``): ``streaming``, or ``knorm`` with ``sink`` tokens kept by key norm beside the
+    newest ``window``."""
     if not 0.0 < drop < 1.0:
         raise HeadwiseError(f"drop must be in (0, 1), got {drop}")
     if not text_weight >= 0.0 or not math.isfinite(text_weight):
@@ -226,6 +239,8 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
         raise HeadwiseError("a text weight above 0 needs held-in text: token ids [rows, tokens]")
     if base not in BASES:
         raise HeadwiseError(f"unknown ablation base '{base}'; choose one of {', '.join(BASES)}")
+    if switch not in SWITCHES:
+        raise HeadwiseError(f"unknown ablation switch '{switch}'; choose one of {', '.join(SWITCHES)}")
     spec = lm.spec
     t0 = time.perf_counter()
     heads: list[Head] = [(i, j) for i in range(spec.num_layers) for j in range(spec.num_kv_heads)]
@@ -240,7 +255,8 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     device = next(lm.model.parameters()).device
     kernels = device.type == "cuda" if kernels is None else kernels
     rounded = isinstance(BASES[base], Quantized)
-    masks = _Masks(lm, sink, window, BASES[base], chunk, kernels)
+    masks = _Masks(lm, sink, window, BASES[base], chunk, kernels, switch)
+    emulated = rounded or switch == "knorm"
     forwards = 1
     keep = min(text.shape[1], text_positions) if text is not None else 0
     dense_text = None
@@ -253,7 +269,7 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
         nonlocal forwards
         masks.streamed = streamed
         forwards += 1
-        rounding = masks.rounding if rounded else None
+        rounding = masks.rounding if emulated else None
         kl = 0.0
         with _fast(masks.device):
             _, nll = masked_probe_losses(lm, masks, kept, batch, rounding)
@@ -268,11 +284,11 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     score = torch.zeros(spec.num_layers, spec.num_kv_heads)
     for p, (i, j) in enumerate(order):
         score[i, j] = (p + 1) / len(order)
-    how = {"rounding": {"prefill_chunk": chunk, "decode": "kernel" if kernels else "reference"}} if rounded else {}
+    how = {"rounding": {"prefill_chunk": chunk, "decode": "kernel" if kernels else "reference"}} if emulated else {}
     split = [(n, *parts[frozenset(order[: len(order) - n])]) for n, _ in curve] if dense_text is not None else []
     shape = {"rows": text.shape[0], "tokens": text.shape[1], "positions": keep} if text is not None and dense_text is not None else {}
     return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished,
-                          base, how, text_weight, shape, split)
+                          base, how, text_weight, shape, split, switch)
 
 
 def ablation_text(lm: LoadedModel, tokens: int, length: int) -> torch.Tensor:

@@ -21,6 +21,7 @@ from headwise.placement import check_tp
 from headwise.plan import HeadPlan
 from headwise.profile.runner import (
     ABLATION_BASES,
+    ABLATION_SWITCHES,
     DEFAULT_METHOD,
     FULL_SHARE,
     METHODS,
@@ -76,6 +77,10 @@ def register(subparsers: Any) -> None:
                    help="policy of the heads the ablation ranking has not switched to streaming (default full; "
                         "quantized4: measure 4-bit -> streaming switches, for --quantize plans with few full heads; "
                         "docs/profiling.md)")
+    p.add_argument("--ablation-switch", choices=ABLATION_SWITCHES, default="streaming",
+                   help="what the ablation ranking switches heads to, and what the plan's streaming heads on global "
+                        "layers become (default streaming; knorm: the same slots kept by key norm beside the newest "
+                        "tokens, policies/knorm.py; needs --full-share)")
     p.add_argument("--ablation-time-limit", type=float, default=None, metavar="SECONDS",
                    help="stop the ablation's elimination after SECONDS, the rest ordered by their last costs "
                         "(default 300 on a GPU, 600 on a CPU)")
@@ -115,6 +120,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts.append("--quantize")
     if args.ablation_base != "full":
         parts += ["--ablation-base", args.ablation_base]
+    if args.ablation_switch != "streaming":
+        parts += ["--ablation-switch", args.ablation_switch]
     if args.ablation_time_limit is not None:
         parts += ["--ablation-time-limit", str(args.ablation_time_limit)]
     if args.ablation_text_weight is not None:
@@ -184,6 +191,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ablation-base {args.ablation_base} sets the base the ablation ranking is measured on: it "
                          "needs --method ablation and no --from-scores (a re-solve measures nothing; its ranking's base "
                          "is in the source plan's meta.ablation.base)")
+    if args.ablation_switch != "streaming" and (args.from_scores or args.method != "ablation"
+                                                 or args.full_share is None or args.select_under is not None):
+        raise InputError(f"--ablation-switch {args.ablation_switch} needs --method ablation and --full-share, without "
+                         "--from-scores or --select-under (the plan selection judges streaming plans)")
     if settings.ablation_text_weight and (args.from_scores or args.method != "ablation"):
         raise InputError("--ablation-text-weight weighs a term of the ablation ranking's loss: it needs --method ablation "
                          "and no --from-scores")
@@ -210,7 +221,8 @@ def run(args: argparse.Namespace) -> int:
                                  command=command_line(args), full_share=args.full_share, quantize=args.quantize,
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
-                                 select_under=select_under, select_lengths=select_lengths)
+                                 select_under=select_under, select_lengths=select_lengths,
+                                 ablation_switch=args.ablation_switch)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")

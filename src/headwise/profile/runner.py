@@ -36,6 +36,8 @@ from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
 ABLATION_BASES = ("full", "quantized4", "quantized8")
+ABLATION_SWITCHES = ("streaming", "knorm")
+"""What the ablation ranking switches heads to (``ablate.SWITCHES``; ``--ablation-switch``)."""
 """Policies the ablation ranking's unswitched heads may run in (``ablate.BASES``'s keys; ``--ablation-base``)."""
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
@@ -223,7 +225,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
-                  select_lengths: tuple[int, ...] = ()) -> HeadPlan:
+                  select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming") -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -237,7 +239,10 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``). ``ablation_base``: the
     policy the ablation ranking's unswitched heads run in (``ablate.BASES``; ``method="ablation"`` only), recorded in
     ``meta["ablation"]["base"]``. ``select_under``: smaller budgets whose plans (same ranking, same ``full_share``)
-    compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under_budget``)."""
+    compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under_budget``). ``ablation_switch``
+    ``knorm``: the ranking measures switches to ``knorm`` instead of ``streaming``, and the solved plan's streaming
+    heads on global layers become ``knorm`` heads of the same slots (``streaming_to_knorm``); it needs ``full_share``
+    (the selection among shares and budgets judges streaming plans)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -249,6 +254,12 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if ablation_base != "full" and method != "ablation":
         raise HeadwiseError(f"--ablation-base {ablation_base} sets the base of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
+    if ablation_switch not in ABLATION_SWITCHES:
+        raise HeadwiseError(f"unknown --ablation-switch '{ablation_switch}'; choose one of {', '.join(ABLATION_SWITCHES)}")
+    if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under):
+        raise HeadwiseError(f"--ablation-switch {ablation_switch} needs --method ablation and --full-share, without "
+                            "--select-under: the plan selection judges the solver's streaming plans, not their knorm "
+                            "twins")
     settings = settings or Settings()
     if settings.ablation_text_weight and method != "ablation":
         raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
@@ -299,7 +310,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
                                              seed=ABLATION_SEED),
                                drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
-                               progress=progress, base=ablation_base, text=text, text_weight=w)
+                               progress=progress, base=ablation_base, text=text, text_weight=w,
+                               switch=ablation_switch)
         timings["ablation_s"] = time.perf_counter() - t
         kv_scores["ablation"] = abl.score
         ablation_meta = abl.meta()
@@ -322,6 +334,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                     quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
     timings["solve_s"] = time.perf_counter() - t
     policies = sol.policies
+    if ablation_switch == "knorm":
+        policies = streaming_to_knorm(policies, spec)
     pattern_meta: dict[str, Any] = {}
     gates = None
     if train_seer_gates:
@@ -402,6 +416,30 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         plan.meta["seer_training"] = dict(gates.info)
         plan.gates = gates
     return plan
+
+
+KNORM_WINDOW = 64
+"""The newest tokens a ``knorm`` head made from a streaming one keeps (the ablation's switched heads' window)."""
+
+
+def streaming_to_knorm(policies: list[list[Any]], spec: ModelSpec) -> list[list[Any]]:
+    """Every ``streaming`` head of a global layer (no compensation) -> ``knorm`` holding the same slots: the newest
+    ``min(KNORM_WINDOW, slots)`` tokens and, of the older ones, the rest by key norm. Native sliding layers keep
+    their streaming heads (their window is the model's)."""
+    from headwise.policies.knorm import KNorm
+    from headwise.policies.streaming import Streaming
+
+    out = []
+    for i, row in enumerate(policies):
+        new_row = []
+        for pol in row:
+            if isinstance(pol, Streaming) and not pol.compensation and spec.layer_windows[i] is None:
+                slots = pol.sink + pol.window
+                window = min(KNORM_WINDOW, slots)
+                pol = KNorm(tokens=slots - window, window=window)
+            new_row.append(pol)
+        out.append(new_row)
+    return out
 
 
 def with_ranks(plan: HeadPlan, spec: Any, ranks: int, at: int) -> HeadPlan:

@@ -18,6 +18,11 @@ are quantized and dequantized with the store's own functions (``policies.quantiz
 the engine's chunked prefill and decode steps see them (``Quantized.codes_attended``), the rest exact. The
 ablation ranking does so on a quantized base (``ablate.py``), and ``probe_losses`` for every plan it scores.
 
+A ``knorm`` head (``policies/knorm.py``) keeps keys by their norms, so no mask fixed in advance says what it sees: its
+mask is a ``full`` one, and the plan's rounding carries a ``KNormKeep`` per layer that ``plan_mask_attention`` turns,
+from the keys of the forward itself, into what the store would hold when each query runs (the newest ``window``
+before the query's chunk, and among the older ones the ``tokens`` of smallest norm), per sequence of the batch.
+
 ``--select-under`` (``runner.select_under_budget``) judges another set of candidates the same way: the plans one
 ranking gives at the budget and at smaller ones (``BudgetCandidate``), because a larger budget's plan can keep
 less retrieval than a smaller one's (docs/profiling.md); ``choose_budget`` keeps the most exact answers, the
@@ -40,6 +45,7 @@ from headwise.attention import attention_implementation
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.policies import Full, Policy
+from headwise.policies.knorm import KNorm
 from headwise.policies.quantized import Quantized, fake_quantize
 from headwise.policies.streaming import Streaming
 from headwise.profile.probe import allowed_mask
@@ -58,12 +64,13 @@ def plan_masks(spec: ModelSpec, policies: list[list[Policy]], length: int, devic
         for pol in row:
             if isinstance(pol, Quantized) and pol.window:  # a quantized sliding window (rounding left out)
                 heads.append(base & (pos[:, None] - pos[None, :] < pol.window))
-            elif isinstance(pol, Full | Quantized):  # a quantized head sees every token (its rounding is left out)
+            elif isinstance(pol, Full | Quantized | KNorm):  # rounding and KNorm's choice: ``plan_rounding``'s
                 heads.append(base)
             elif isinstance(pol, Streaming):
                 heads.append(base & pol.allowed(pos[:, None], pos[None, :]))
             else:
-                raise HeadwiseError(f"plan selection runs full and streaming heads only, not '{pol.name}'")
+                raise HeadwiseError(f"plan selection runs full, streaming, quantized and knorm heads only, not "
+                                    f"'{pol.name}'")
         out.append(torch.stack(heads))
     return out
 
@@ -81,25 +88,78 @@ class Rounding:
     """``seen``'s largest value (a multiple of ``policy.group``), kept on the host."""
 
 
+@dataclass(frozen=True)
+class KNormKeep:
+    """Heads of one layer that run one ``knorm`` policy, in a masked forward of ``starts.shape[0]`` tokens."""
+
+    policy: KNorm
+    heads: torch.Tensor
+    """long ``[h]``: the layer's KV heads under ``policy``."""
+    starts: torch.Tensor
+    """long ``[T]``: per query position, the first position of the step it runs in (its prompt chunk's first, or
+    itself for a decode step): what the store holds then was decided by the tokens before it."""
+
+
+Emulated = Rounding | KNormKeep
+"""What a masked forward emulates of a plan beyond its masks, per layer (``plan_rounding``)."""
+
+
 def plan_rounding(spec: ModelSpec, policies: list[list[Policy]], prompt_len: int, total: int, device: torch.device,
-                  chunk: int, kernels: bool) -> list[list[Rounding]]:
+                  chunk: int, kernels: bool) -> list[list[Emulated]]:
     """Per layer, the plan's quantized heads grouped by policy (after ``plan.resolve``: a native sliding layer's
     residual may be shorter) for a masked forward of a ``prompt_len``-token prompt prefilled in chunks of ``chunk``
-    and decode steps up to ``total`` tokens (``kernels``: the steps run on the decode kernel, as on a GPU)."""
+    and decode steps up to ``total`` tokens (``kernels``: the steps run on the decode kernel, as on a GPU); then its
+    ``knorm`` heads grouped by policy (``KNormKeep``)."""
     from headwise.plan import resolve
 
-    out: list[list[Rounding]] = []
+    starts = _step_starts(prompt_len, total, chunk, device)
+    out: list[list[Emulated]] = []
     for row in resolve(policies, spec):
         groups: dict[Quantized, list[int]] = {}
+        keeps: dict[KNorm, list[int]] = {}
         for j, pol in enumerate(row):
             if isinstance(pol, Quantized):
                 groups.setdefault(pol, []).append(j)
-        layer = []
+            elif isinstance(pol, KNorm):
+                keeps.setdefault(pol, []).append(j)
+        layer: list[Emulated] = []
         for pol, heads in groups.items():
             seen, n = _codes_attended(pol, prompt_len, total, chunk, kernels, device)
             if n:
                 layer.append(Rounding(pol, torch.tensor(heads, device=device), seen, n))
+        for kpol, heads in keeps.items():
+            layer.append(KNormKeep(kpol, torch.tensor(heads, device=device), starts))
         out.append(layer)
+    return out
+
+
+def _step_starts(prompt_len: int, total: int, chunk: int, device: torch.device) -> torch.Tensor:
+    """Per position, the first position of the engine step that runs it: chunks of ``chunk`` over the prompt, one
+    token per decode step after it."""
+    pos = torch.arange(total, device=device)
+    return torch.where(pos < prompt_len, pos - pos % chunk, pos)
+
+
+def _knorm_masks(key: torch.Tensor, mask: torch.Tensor, keeps: list[KNormKeep]) -> torch.Tensor:
+    """``mask: [Hkv, T, T]`` -> ``[B, Hkv, T, T]`` where each ``knorm`` head's query at ``p`` sees, of the keys before
+    its step's start ``s``, only what its store holds then: the newest ``window`` and, before ``s - window``, the
+    ``tokens`` of smallest key norm (ties: the older), per sequence of ``key: [B, Hkv, T, D]``."""
+    B, T = key.shape[0], key.shape[2]
+    out = mask[None].expand(B, *mask.shape).clone()
+    cols = torch.arange(T, device=key.device)
+    for g in keeps:
+        norms = key[:, g.heads].float().norm(dim=-1)  # [B, h, T]
+        sub = out[:, g.heads]  # a copy (advanced indexing), written back below
+        for s in torch.unique(g.starts).tolist():
+            older = max(0, s - g.policy.window)
+            held = (cols >= older).expand(B, len(g.heads), T).clone()  # the window, the step itself and after
+            if older and g.policy.tokens:
+                # positions are in order, so a stable sort by norm puts the older of two equal norms first
+                idx = torch.argsort(norms[..., :older], dim=-1, stable=True)[..., : g.policy.tokens]
+                held.scatter_(2, idx, True)
+            rows = g.starts == s
+            sub[:, :, rows] &= held[:, :, None, :]
+        out[:, g.heads] = sub
     return out
 
 
@@ -114,9 +174,9 @@ def _codes_attended(policy: Quantized, prompt_len: int, total: int, chunk: int, 
 
 def _rounded(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
              groups: list[Rounding]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``key, value: [B, Hkv, T, D]`` and ``mask: [Hkv, T, T]`` -> keys and values ``[B, Hkv, n + T, D]`` (first
-    the ``n`` oldest positions as their codes give them back, then every position exact) and the mask ``[Hkv, T,
-    n + T]`` that lets each query see every allowed position once: as codes below ``seen[query]`` on a rounded
+    """``key, value: [B, Hkv, T, D]`` and ``mask: [..., Hkv, T, T]`` -> keys and values ``[B, Hkv, n + T, D]`` (first
+    the ``n`` oldest positions as their codes give them back, then every position exact) and the mask ``[..., Hkv,
+    T, n + T]`` that lets each query see every allowed position once: as codes below ``seen[query]`` on a rounded
     head, exactly otherwise. One attention call, at the cost of ``n`` more keys."""
     n = max(g.n for g in groups)
     T = key.shape[2]
@@ -128,7 +188,7 @@ def _rounded(key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                                                                      g.policy)
         as_codes[g.heads] = cols[None, :] < g.seen[:, None]
     exact = mask & ~F.pad(as_codes, (0, T - n))
-    return torch.cat([kq, key], 2), torch.cat([vq, value], 2), torch.cat([mask[:, :, :n] & as_codes, exact], 2)
+    return torch.cat([kq, key], 2), torch.cat([vq, value], 2), torch.cat([mask[..., :n] & as_codes, exact], -1)
 
 
 def plan_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -140,11 +200,17 @@ def plan_mask_attention(module: torch.nn.Module, query: torch.Tensor, key: torch
     masks: list[torch.Tensor] = kwargs["headwise_plan_masks"]
     layer = int(module.layer_idx)
     m = masks[layer]
-    rounding: list[list[Rounding]] | None = kwargs.get("headwise_plan_rounding")
+    rounding: list[list[Emulated]] | None = kwargs.get("headwise_plan_rounding")
     if rounding is not None and rounding[layer]:
-        key, value, m = _rounded(key, value, m, rounding[layer])
+        keeps = [g for g in rounding[layer] if isinstance(g, KNormKeep)]
+        rounded = [g for g in rounding[layer] if isinstance(g, Rounding)]
+        if keeps:
+            m = _knorm_masks(key, m, keeps)  # before the rounding adds its columns: the norms are of exact keys
+        if rounded:
+            key, value, m = _rounded(key, value, m, rounded)
     group = query.shape[1] // key.shape[1]
-    m = m.repeat_interleave(group, dim=0)[None]
+    m = m.repeat_interleave(group, dim=-3)
+    m = m if m.dim() == 4 else m[None]
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=m, enable_gqa=group > 1,
                                          scale=scaling if scaling is not None else query.shape[-1] ** -0.5)
     return out.transpose(1, 2).contiguous(), None
@@ -213,14 +279,14 @@ def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: P
     if policies is None:
         return masked_probe_losses(lm, None, probes, batch)
     rounding_for = None
-    if any(isinstance(p, Quantized) for row in policies for p in row):
-        def rounding_for(prompt_len: int, total: int) -> list[list[Rounding]]:
+    if any(isinstance(p, Quantized | KNorm) for row in policies for p in row):
+        def rounding_for(prompt_len: int, total: int) -> list[list[Emulated]]:
             return plan_rounding(lm.spec, policies, prompt_len, total, device, DEFAULT_CHUNK, device.type == "cuda")
     return masked_probe_losses(lm, lambda n: plan_masks(lm.spec, policies, n, device), probes, batch, rounding_for)
 
 
 def _masked_logits(model: torch.nn.Module, x: torch.Tensor, masks: list[torch.Tensor] | None,
-                   rounding: list[list[Rounding]] | None, keep: int) -> torch.Tensor:
+                   rounding: list[list[Emulated]] | None, keep: int) -> torch.Tensor:
     """The logits of the last ``keep`` positions of ``x`` under ``masks`` (``plan_masks``' layout; None: dense) and
     ``rounding`` (``plan_rounding``'s; None: none)."""
     if masks is None:
@@ -232,7 +298,7 @@ def _masked_logits(model: torch.nn.Module, x: torch.Tensor, masks: list[torch.Te
 
 @torch.no_grad()
 def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, probes: ProbeSet,
-                        batch: int = 8, rounding_for: Callable[[int, int], list[list[Rounding]]] | None = None,
+                        batch: int = 8, rounding_for: Callable[[int, int], list[list[Emulated]]] | None = None,
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     """``probe_losses`` with the masks given by ``masks_for(sequence length)`` (``plan_masks``' layout; None:
     dense), for callers that assemble masks faster than from policies (``ablate.py``); ``rounding_for(prompt
@@ -261,7 +327,7 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
 @torch.no_grad()
 def masked_text_logprobs(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, text: torch.Tensor,
                          keep: int, batch: int = 8,
-                         rounding_for: Callable[[int, int], list[list[Rounding]]] | None = None) -> torch.Tensor:
+                         rounding_for: Callable[[int, int], list[list[Emulated]]] | None = None) -> torch.Tensor:
     """Next-token log-probs (float ``[n, keep, vocab]``, on the model's device) at the last ``keep`` positions of
     each row of ``text`` (ids ``[n, T]``) under ``masks_for`` and ``rounding_for`` as in ``masked_probe_losses``; a
     row is one prompt (``rounding_for(T, T)``: prefilled, no decode step)."""
