@@ -174,3 +174,23 @@ def test_the_profilers_masked_forward_keeps_what_the_engine_keeps(policies):
     err = (got - real).abs().max()
     assert err < 1e-4
     assert (unaware - real).abs().max() > 100 * err
+
+
+def test_knorm_heads_under_the_page_pool_generate_what_they_generate_alone():
+    """Beside the pool (their own stores, their pages counted), knorm heads batched with other sequences give each
+    sequence's greedy tokens alone, as every policy must (issue 13's equivalence)."""
+    from headwise.pool import PagePool
+
+    lm = tiny_model("llama")
+    plan = HeadPlan.from_policies(lm.spec, [[KNorm(tokens=12, window=4), Full()]] * 4)
+    gen = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (9, 40, 27)]
+    want = [[e.token_id for e in Engine(lm, plan, chunk_size=16).generate(p, max_new_tokens=8, stop_token_ids=[])
+             if e.token_id >= 0] for p in prompts]
+    pool = PagePool(lm.spec, budget_bytes=4 * 4 * 2 * 16 * 4 * 200, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool)
+    seqs = [engine.add(p, max_new_tokens=8, stop_token_ids=[]) for p in prompts]
+    while not all(s.finished for s in seqs):
+        engine.step()
+    got = [[e.token_id for e in s.take_events() if e.token_id >= 0] for s in seqs]
+    assert got == want
