@@ -275,22 +275,31 @@ def test_a_text_weight_needs_text(tiny_llama):
         ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), text_weight=1.0, progress=False)
 
 
+def _profile_the_tiny_model(lm, monkeypatch) -> dict:
+    """``headwise profile`` loads ``lm`` and its ablation ranks on probes ``lm`` answers; returns the dict the
+    ranking's keyword arguments land in."""
+    from headwise.profile import ablate, cli
+
+    seen: dict = {}
+    real = ablate.ablation_ranking
+
+    def ranking(model, probes, **kw):
+        seen.update(kw)
+        return real(model, _answered_by_dense(model), **kw)
+
+    monkeypatch.setattr(cli, "load_from_args", lambda args: lm)
+    monkeypatch.setattr(ablate, "ablation_ranking", ranking)
+    return seen
+
+
 def test_the_cli_text_weight_reaches_settings_and_the_plan(tiny_llama, tmp_path, monkeypatch):
     """``--ablation-text-weight`` through ``headwise profile`` (tiny Llama; the ablation's probes swapped for ones a
     random model answers): the settings carry it, the ranking measures Shakespeare from the profiler's text, and the
     plan's command line and ``meta.ablation`` record it with the curve's two parts."""
     from headwise.cli import main
-    from headwise.profile import ablate, cli
+    from headwise.profile import cli
 
-    seen = {}
-    real = ablate.ablation_ranking
-
-    def ranking(lm, probes, **kw):
-        seen.update(kw)
-        return real(lm, _answered_by_dense(lm), **kw)
-
-    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny_llama)
-    monkeypatch.setattr(ablate, "ablation_ranking", ranking)
+    seen = _profile_the_tiny_model(tiny_llama, monkeypatch)
     real_settings = cli._settings
     monkeypatch.setattr(cli, "_settings", lambda *a: seen.setdefault("settings", real_settings(*a)))
     out = tmp_path / "plan.json"
@@ -314,17 +323,8 @@ def test_a_knorm_switch_is_measured_and_becomes_the_plans_knorm_heads(tiny_llama
     knorm heads of the same slots; its command line and meta record it."""
     from headwise.cli import main
     from headwise.policies.knorm import KNorm
-    from headwise.profile import ablate, cli
 
-    seen = {}
-    real = ablate.ablation_ranking
-
-    def ranking(lm, probes, **kw):
-        seen.update(kw)
-        return real(lm, _answered_by_dense(lm), **kw)
-
-    monkeypatch.setattr(cli, "load_from_args", lambda args: tiny_llama)
-    monkeypatch.setattr(ablate, "ablation_ranking", ranking)
+    seen = _profile_the_tiny_model(tiny_llama, monkeypatch)
     out = tmp_path / "plan.json"
     args = ["profile", "smollm2-135m", "--budget", "0.3", "-o", str(out), "--fast", "--no-progress",
             "--method", "ablation", "--target-len", "512", "--full-share", "1.0", "--ablation-switch", "knorm"]
