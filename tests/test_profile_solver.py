@@ -9,7 +9,7 @@ from headwise.errors import BudgetError
 from headwise.plan import HeadPlan
 from headwise.policies import Full, Streaming
 from headwise.profile.mass import SPAN_OPTIONS
-from headwise.profile.solver import solve
+from headwise.profile.solver import check_room, solve
 from headwise.spec import ModelSpec
 
 LLAMA = ModelSpec("llama", 6, 8, 4, 64, 8192, (None,) * 6)
@@ -92,6 +92,16 @@ def test_budget_outside_zero_one_is_refused(budget):
 def test_budget_below_smallest_streaming_plan_is_refused_with_numbers():
     with pytest.raises(BudgetError, match="below the smallest streaming plan"):
         solve(LLAMA, torch.zeros(6, 4), 0.01, 4096)
+
+
+def test_a_budget_no_plan_reaches_is_refused_before_the_profile_measures(tiny_llama, monkeypatch):
+    """``profile_model`` checks the room first: the same error as ``solve``'s, before minutes of measuring."""
+    from headwise.profile import retrieval, runner
+
+    monkeypatch.setattr(retrieval, "retrieval_scores", lambda *a, **k: pytest.fail("measured before the check"))
+    with pytest.raises(BudgetError, match="below the smallest streaming plan"):
+        runner.profile_model(tiny_llama, 0.25, target_len=256, method="ablation", full_share=1.0, progress=False)
+    check_room(LLAMA, 0.5, 4096)  # room enough: no error
 
 
 def test_full_share_caps_what_full_heads_take_and_keeps_the_budget():

@@ -31,7 +31,7 @@ from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
-from headwise.profile.solver import check_budget, solve
+from headwise.profile.solver import check_budget, check_room, solve
 from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
@@ -247,7 +247,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
 
-    check_budget(budget)
+    check_room(lm.spec, budget, target_len, quantize)
     check_select_under(budget, select_under, full_share)
     if method not in METHODS:
         raise HeadwiseError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")

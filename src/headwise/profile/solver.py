@@ -203,6 +203,26 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
         spent = round(spent - FIT_STEP, 6)
 
 
+def _check_room(budget: float, cap: int, used: int, dense: int, target_len: int) -> None:
+    if used > cap:
+        raise BudgetError(
+            f"budget {budget} ({cap} KV token slots at {target_len} tokens) is below the smallest streaming plan "
+            f"({used} slots = {used / dense:.3f} of dense); raise --budget or --target-len"
+        )
+
+
+def check_room(spec: ModelSpec, budget: float, target_len: int, quantize: bool = False) -> None:
+    """Refuse, before any measuring, a budget below the cheapest plan the solver can make at ``target_len`` (every
+    head at its cheapest span): ``solve`` would refuse it after the profile's minutes of work."""
+    check_budget(budget)
+    if target_len < 1:
+        raise BudgetError(f"--target-len must be a positive number of tokens, got {target_len}")
+    used = sum(head_options(spec, i, target_len, None, quantize)[0].cost
+               for i in range(spec.num_layers) for _ in range(spec.num_kv_heads))
+    dense = spec.dense_kv_tokens(target_len)
+    _check_room(budget, int(budget * dense), used, dense, target_len)
+
+
 def _solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
            recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
            quantize: bool = False, ranks: int = 1) -> Solution:
@@ -234,11 +254,7 @@ def _solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int
             for i in range(L)]
     choice = [[0] * H for _ in range(L)]  # index into opts: cheapest streaming span (or full if nothing cheaper)
     used = sum(opts[i][j][0].cost for i in range(L) for j in range(H))
-    if used > cap:
-        raise BudgetError(
-            f"budget {budget} ({cap} KV token slots at {target_len} tokens) is below the smallest streaming plan "
-            f"({used} slots = {used / dense:.3f} of dense); raise --budget or --target-len"
-        )
+    _check_room(budget, cap, used, dense, target_len)
     full_cap = used + int(full_share * (cap - used))
     order = sorted(((float(scores[i, j]), i, j) for i in range(L) for j in range(H)), key=lambda t: (-t[0], t[1], t[2]))
     reached: list[tuple[int, int]] = []  # heads kept whole (full or quantized), in score order
