@@ -93,6 +93,8 @@ def test_kv_is_bounded_by_the_slots_and_by_the_tokens_seen():
     store = p.make_store(1, 2, 8, "cpu", torch.float32)
     store.append(torch.randn(1, 2, 1000, 8), torch.randn(1, 2, 1000, 8))
     assert sum(t.numel() for t in store.tensors()) == 2 * 120 * 2 * 8
+    # and no tensor is a view that keeps the chunk alive: storage is what the slots need
+    assert sum(t.untyped_storage().nbytes() for t in store.tensors()) == 2 * 120 * 2 * 8 * 4
     with pytest.raises(PlanError, match="at least 1"):
         build_policy({"policy": "knorm", "params": {"tokens": 0, "window": 0}})
     with pytest.raises(PlanError, match="non-negative"):

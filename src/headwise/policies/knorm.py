@@ -76,7 +76,9 @@ class KNormStore:
         keys, values = torch.cat([self.win_k, k], dim=2), torch.cat([self.win_v, v], dim=2)
         first = self.seen - self.win_k.shape[2]  # position of keys[:, :, 0]
         out = max(0, keys.shape[2] - self.window)  # tokens leaving the window
-        self.win_k, self.win_v = keys[:, :, out:], values[:, :, out:]
+        # copies, not views: a view would keep the whole concatenation (a prompt chunk) alive, which the allocator
+        # counts as KV held
+        self.win_k, self.win_v = (keys[:, :, out:].clone(), values[:, :, out:].clone()) if out else (keys, values)
         self.seen += n
         if not out:
             return
