@@ -56,7 +56,6 @@ DEFAULT_TASKS = (*TASKS, FIDELITY)
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 STREAMING_SINK = 64  # DuoAttention's streaming heads use 64 sinks with a 256-token window
 QUEST_PAGE = 16  # Quest's page size
-KNORM_WINDOW = 64  # the newest tokens a KNorm baseline head keeps beside its smallest-norm ones
 
 
 # ------------------------------------------------------------------------------------------ parsing
@@ -142,16 +141,24 @@ def streaming_baseline(spec: Any, name: str, target_tokens: float, length: int, 
     smaller (a sink outside the native window would show the layer tokens it was never trained to see)."""
     b = _head_budget(spec, target_tokens, length, label, 2)
     sink = min(STREAMING_SINK, b // 4) or 1
+    head = {"policy": "streaming", "params": {"sink": sink, "window": b - sink}}
+    return _plan(spec, _rows(spec, head, b, length), name, f"streaming baseline ({label}) at {length} tokens")
+
+
+def _rows(spec: Any, head: dict[str, Any], b: int, length: int) -> list[list[dict[str, Any]]]:
+    """``head`` on every KV head of the global layers; on a native sliding layer its own window (``full``), cut to
+    ``b`` (no sink) when ``b`` is smaller: a sink outside the native window would show the layer tokens it was never
+    trained to see."""
     rows = []
     for w in spec.layer_windows:
         if w is None:
-            head = {"policy": "streaming", "params": {"sink": sink, "window": b - sink}}
+            layer_head = head
         elif b >= min(length, w):
-            head = {"policy": "full"}  # resolves to the native window
+            layer_head = {"policy": "full"}  # resolves to the native window
         else:
-            head = {"policy": "streaming", "params": {"sink": 0, "window": b}}
-        rows.append([dict(head) for _ in range(spec.num_kv_heads)])
-    return _plan(spec, rows, name, f"streaming baseline ({label}) at {length} tokens")
+            layer_head = {"policy": "streaming", "params": {"sink": 0, "window": b}}
+        rows.append([dict(layer_head) for _ in range(spec.num_kv_heads)])
+    return rows
 
 
 def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
@@ -170,21 +177,15 @@ def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, labe
 
 
 def knorm_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
-    """KNorm (``policies/knorm.py``: the keys of smallest norm + the newest ``KNORM_WINDOW`` tokens, fewer for tiny
-    budgets) on every KV head, all holding the same ``b`` tokens as the streaming baseline. Native sliding layers
-    as there: their own window, cut to ``b`` (newest tokens, no sink) when ``b`` is smaller."""
+    """KNorm (``policies/knorm.py``: the keys of smallest norm + the newest ``knorm.DEFAULT_WINDOW`` tokens, fewer
+    for tiny budgets) on every KV head, all holding the same ``b`` tokens as the streaming baseline. Native sliding
+    layers as there (``_rows``)."""
+    from headwise.policies.knorm import DEFAULT_WINDOW
+
     b = _head_budget(spec, target_tokens, length, label, 2)
-    window = min(KNORM_WINDOW, b // 4) or 1
-    rows = []
-    for w in spec.layer_windows:
-        if w is None:
-            head = {"policy": "knorm", "params": {"tokens": b - window, "window": window}}
-        elif b >= min(length, w):
-            head = {"policy": "full"}
-        else:
-            head = {"policy": "streaming", "params": {"sink": 0, "window": b}}
-        rows.append([dict(head) for _ in range(spec.num_kv_heads)])
-    return _plan(spec, rows, name, f"KNorm baseline ({label}) at {length} tokens")
+    window = min(DEFAULT_WINDOW, b // 4) or 1
+    head = {"policy": "knorm", "params": {"tokens": b - window, "window": window}}
+    return _plan(spec, _rows(spec, head, b, length), name, f"KNorm baseline ({label}) at {length} tokens")
 
 
 def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: str) -> HeadPlan:

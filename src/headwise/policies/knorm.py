@@ -25,6 +25,9 @@ import torch
 from headwise.errors import PlanError
 from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
 
+DEFAULT_WINDOW = 64
+"""The newest tokens a ``knorm`` head keeps by default (and the eval's baseline and the profiler's switched heads)."""
+
 
 class KNormStore:
     """For a batch and ``heads`` KV heads: up to ``tokens`` kept tokens (keys, values, key norms, positions, per
@@ -109,7 +112,7 @@ class KNorm(Policy):
 
     tokens: int = 512
     """Older tokens kept: those of smallest key L2 norm."""
-    window: int = 64
+    window: int = DEFAULT_WINDOW
     """The newest tokens, always kept (the generated ones among them)."""
 
     def validate(self) -> None:

@@ -36,9 +36,9 @@ from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
 ABLATION_BASES = ("full", "quantized4", "quantized8")
+"""Policies the ablation ranking's unswitched heads may run in (``ablate.BASES``'s keys; ``--ablation-base``)."""
 ABLATION_SWITCHES = ("streaming", "knorm")
 """What the ablation ranking switches heads to (``ablate.SWITCHES``; ``--ablation-switch``)."""
-"""Policies the ablation ranking's unswitched heads may run in (``ablate.BASES``'s keys; ``--ablation-base``)."""
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
 docs/results.md hold the GPU evaluation behind the choice)."""
@@ -418,15 +418,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     return plan
 
 
-KNORM_WINDOW = 64
-"""The newest tokens a ``knorm`` head made from a streaming one keeps (the ablation's switched heads' window)."""
-
-
 def streaming_to_knorm(policies: list[list[Any]], spec: ModelSpec) -> list[list[Any]]:
     """Every ``streaming`` head of a global layer (no compensation) -> ``knorm`` holding the same slots: the newest
-    ``min(KNORM_WINDOW, slots)`` tokens and, of the older ones, the rest by key norm. Native sliding layers keep
+    ``min(knorm.DEFAULT_WINDOW, slots)`` tokens and, of the older ones, the rest by key norm. Native sliding layers keep
     their streaming heads (their window is the model's)."""
-    from headwise.policies.knorm import KNorm
+    from headwise.policies.knorm import DEFAULT_WINDOW, KNorm
     from headwise.policies.streaming import Streaming
 
     out = []
@@ -435,7 +431,7 @@ def streaming_to_knorm(policies: list[list[Any]], spec: ModelSpec) -> list[list[
         for pol in row:
             if isinstance(pol, Streaming) and not pol.compensation and spec.layer_windows[i] is None:
                 slots = pol.sink + pol.window
-                window = min(KNORM_WINDOW, slots)
+                window = min(DEFAULT_WINDOW, slots)
                 pol = KNorm(tokens=slots - window, window=window)
             new_row.append(pol)
         out.append(new_row)
