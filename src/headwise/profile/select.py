@@ -98,6 +98,8 @@ class KNormKeep:
     starts: torch.Tensor
     """long ``[T]``: per query position, the first position of the step it runs in (its prompt chunk's first, or
     itself for a decode step): what the store holds then was decided by the tokens before it."""
+    steps: tuple[int, ...]
+    """``starts``' distinct values, in order, on the host (no device sync per layer of every forward)."""
 
 
 Emulated = Rounding | KNormKeep
@@ -113,6 +115,7 @@ def plan_rounding(spec: ModelSpec, policies: list[list[Policy]], prompt_len: int
     from headwise.plan import resolve
 
     starts = _step_starts(prompt_len, total, chunk, device)
+    steps = (*range(0, min(prompt_len, total), chunk), *range(prompt_len, total))
     out: list[list[Emulated]] = []
     for row in resolve(policies, spec):
         groups: dict[Quantized, list[int]] = {}
@@ -128,7 +131,7 @@ def plan_rounding(spec: ModelSpec, policies: list[list[Policy]], prompt_len: int
             if n:
                 layer.append(Rounding(pol, torch.tensor(heads, device=device), seen, n))
         for kpol, heads in keeps.items():
-            layer.append(KNormKeep(kpol, torch.tensor(heads, device=device), starts))
+            layer.append(KNormKeep(kpol, torch.tensor(heads, device=device), starts, steps))
         out.append(layer)
     return out
 
@@ -150,7 +153,7 @@ def _knorm_masks(key: torch.Tensor, mask: torch.Tensor, keeps: list[KNormKeep]) 
     for g in keeps:
         norms = key[:, g.heads].float().norm(dim=-1)  # [B, h, T]
         sub = out[:, g.heads]  # a copy (advanced indexing), written back below
-        for s in torch.unique(g.starts).tolist():
+        for s in g.steps:
             older = max(0, s - g.policy.window)
             held = (cols >= older).expand(B, len(g.heads), T).clone()  # the window, the step itself and after
             if older and g.policy.tokens:
