@@ -11,8 +11,8 @@ from headwise.errors import HeadwiseError
 from headwise.plan import HeadPlan
 from headwise.policies import Full, Quantized, Streaming
 from headwise.policies.quantized import QuantizedStore, fake_quantize
-from headwise.profile.ablate import BASES, _Masks, ablation_ranking, eliminate
-from headwise.profile.runner import ABLATION_BASES
+from headwise.profile.ablate import BASES, SWITCHES, _Masks, ablation_ranking, eliminate
+from headwise.profile.runner import ABLATION_BASES, ABLATION_SWITCHES
 from headwise.profile.select import (
     PLAN_MASK_NAME,
     ProbeSet,
@@ -143,8 +143,8 @@ def test_unknown_ablation_base_is_refused(tiny_llama):
         ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), base="int4", progress=False)
 
 
-def test_the_cli_offers_the_ablation_bases():
-    assert tuple(BASES) == ABLATION_BASES
+def test_the_cli_offers_the_ablation_bases_and_switches():
+    assert tuple(BASES) == ABLATION_BASES and SWITCHES == ABLATION_SWITCHES
 
 
 @pytest.mark.slow

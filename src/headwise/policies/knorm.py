@@ -132,8 +132,8 @@ class KNorm(Policy):
     def attend(self, q, k, v, store: KNormStore, ctx: AttendContext) -> torch.Tensor:
         """Exact causal attention over the slots held and the chunk (every slot held is older than the chunk, so
         in the order kept-then-window-then-chunk the pattern is plain causal), then the chunk is committed."""
-        old_k, old_v, _ = store.view()
-        keys, values = torch.cat([old_k, k], dim=2), torch.cat([old_v, v], dim=2)
-        out = causal_attention(q, keys, values, old_k.shape[2], ctx.scale)
+        keys = torch.cat([store.kept_k, store.win_k, k], dim=2)  # one copy (``view`` + the chunk would be two)
+        values = torch.cat([store.kept_v, store.win_v, v], dim=2)
+        out = causal_attention(q, keys, values, keys.shape[2] - k.shape[2], ctx.scale)
         store.append(k, v)
         return out

@@ -96,14 +96,13 @@ class Streaming(Policy):
         comp = store.compensation_kv()
         if comp is None and banded_pays(L, keys.shape[2], self.sink, self.window):
             out = sink_window_banded(q, keys, values, k_pos, ctx.start, self.sink, self.window, ctx.scale)
-            store.append(k, v)
-            return out
-        mask = self.allowed(new_pos[:, None], k_pos[None, :])
-        if comp is not None:
-            keys = torch.cat([comp[0], keys], dim=2)
-            values = torch.cat([comp[1], values], dim=2)
-            mask = torch.cat([torch.ones(L, 1, dtype=torch.bool, device=q.device), mask], dim=1)
-        out = masked_attention(q, keys, values, mask, ctx.scale)
+        else:
+            mask = self.allowed(new_pos[:, None], k_pos[None, :])
+            if comp is not None:
+                keys = torch.cat([comp[0], keys], dim=2)
+                values = torch.cat([comp[1], values], dim=2)
+                mask = torch.cat([torch.ones(L, 1, dtype=torch.bool, device=q.device), mask], dim=1)
+            out = masked_attention(q, keys, values, mask, ctx.scale)
         store.append(k, v)
         return out
 
