@@ -157,8 +157,7 @@ def sink_window_banded(
     ok = (pos >= 0) & (pos < end) & (col >= 0)
     ok[:, sink:] &= band >= sink  # a sink inside the band is in the sinks' columns already
     q_pos = first[:, None] + torch.arange(rows, device=dev)  # [nb, rows]
-    mask = ok[:, None, :] & (pos[:, None, :] <= q_pos[:, :, None]) & (
-        (pos[:, None, :] < sink) | (q_pos[:, :, None] - pos[:, None, :] < window))
+    mask = ok[:, None, :] & Streaming(sink=sink, window=window).allowed(q_pos[:, :, None], pos[:, None, :])
     # Rows past the chunk (the last band's padding) see whatever their band holds, so that no row is empty.
     mask = torch.where((q_pos < end)[:, :, None], mask, ok[:, None, :])
     C = pos.shape[1]
@@ -169,6 +168,6 @@ def sink_window_banded(
 
     qb = torch.nn.functional.pad(q, (0, 0, 0, nb * rows - L)).view(B, Hq, nb, rows, D)
     qb = qb.transpose(1, 2).reshape(B * nb, Hq, rows, D)
-    m = mask[:, None].expand(nb, 1, rows, C).repeat(B, 1, 1, 1)
+    m = mask[:, None].repeat(B, 1, 1, 1)  # [B * nb, 1, rows, C], batch-major as ``qb``
     out = masked_attention(qb, gather(keys), gather(values), m, scale)
     return out.view(B, nb, Hq, rows, D).transpose(1, 2).reshape(B, Hq, nb * rows, D)[:, :, :L]
