@@ -273,6 +273,12 @@ def kernel_decode(
     return sparse_decode(q[:, :, 0], keys, values, n, table, None, page_size, scale).unsqueeze(2)
 
 
+def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``x[..., idx[..., i], :]``: rows (the second-to-last dimension) of ``x: [..., S, D]`` chosen per leading index
+    by ``idx: [..., n]``."""
+    return x.gather(-2, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:

@@ -47,7 +47,7 @@ from typing import Any, ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, check_positive
+from headwise.policies.base import AttendContext, Policy, check_positive, gather_rows
 from headwise.policies.full import Full
 from headwise.policies.sparse_prefill import DecodeDelegate, PrefillPattern
 from headwise.policies.stores import DenseStore
@@ -107,10 +107,6 @@ def lsh_buckets(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
     return gray_rank(bits, x.device)[code]
 
 
-def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    return x.gather(-2, idx[..., None].expand(*idx.shape, x.shape[-1]))
-
-
 def draw_samples(k_order: torch.Tensor, sample_size: int, block_size: int,
                  gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Step 2's uniform sample: ``sample_size`` key *positions* per (batch, head) and the sorted block of each
@@ -137,12 +133,12 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     nb = -(-m // cfg.block_size)
     kb = cfg.block_size
     qb = -(-n // nb)
-    k_sorted = torch.nn.functional.pad(_gather_rows(k, k_order), (0, 0, 0, nb * kb - m))
-    v_sorted = torch.nn.functional.pad(_gather_rows(v, k_order), (0, 0, 0, nb * kb - m))
-    q_sorted = torch.nn.functional.pad(_gather_rows(q, q_order), (0, 0, 0, nb * qb - n))
+    k_sorted = torch.nn.functional.pad(gather_rows(k, k_order), (0, 0, 0, nb * kb - m))
+    v_sorted = torch.nn.functional.pad(gather_rows(v, k_order), (0, 0, 0, nb * kb - m))
+    q_sorted = torch.nn.functional.pad(gather_rows(q, q_order), (0, 0, 0, nb * qb - n))
     key_ok = (torch.arange(nb * kb, device=q.device) < m).view(nb, 1, kb)  # padded keys masked
     samples, sample_block = draw_samples(k_order, cfg.sample_size, kb, gen)
-    k_sub, v_sub = _gather_rows(k, samples), _gather_rows(v, samples)
+    k_sub, v_sub = gather_rows(k, samples), gather_rows(v, samples)
     q_block = (torch.arange(nb * qb, device=q.device) // qb)[:, None]  # sorted block of each query row
     out = torch.empty(B, H, n, D, device=q.device, dtype=torch.float32)
     lse = torch.empty(B, H, n, device=q.device, dtype=torch.float32)
@@ -163,7 +159,7 @@ def hyper_unmasked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
             os_, ls = exact_lse(qs, k_sub[:, hs], v_sub[:, hs], scale, causal=False, key_ok=not_dup)
             o, lsum = merge(ob, lb, os_, ls + math.log(m / cfg.sample_size))
         inv = torch.argsort(q_order[:, hs], dim=-1)  # back to the queries' own order
-        out[:, hs] = _gather_rows(o[:, :, :n], inv)
+        out[:, hs] = gather_rows(o[:, :, :n], inv)
         lse[:, hs] = lsum[:, :, :n].gather(-1, inv)
     return out, lse
 

@@ -23,7 +23,7 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive
+from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive, gather_rows
 
 DEFAULT_WINDOW = 64
 """The newest tokens a ``knorm`` head keeps by default (and the eval's baseline and the profiler's switched heads)."""
@@ -95,14 +95,9 @@ class KNormStore:
             # are common in bf16, and which one stays must not depend on the chunking)
             order = torch.argsort(cand_pos, dim=-1)  # positions are distinct
             idx = order.gather(2, torch.argsort(cand_norm.gather(2, order), dim=-1, stable=True)[..., : self.max_kept])
-            cand_k, cand_v = _take(cand_k, idx), _take(cand_v, idx)
+            cand_k, cand_v = gather_rows(cand_k, idx), gather_rows(cand_v, idx)
             cand_norm, cand_pos = cand_norm.gather(2, idx), cand_pos.gather(2, idx)
         self.kept_k, self.kept_v, self.kept_norm, self.kept_pos = cand_k, cand_v, cand_norm, cand_pos
-
-
-def _take(t: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """``t[b, h, idx[b, h, i], :]`` for ``t: [B, H, S, D]`` and ``idx: [B, H, n]``."""
-    return t.gather(2, idx[..., None].expand(*idx.shape, t.shape[-1]))
 
 
 @dataclass(frozen=True)
