@@ -44,8 +44,8 @@ import torch
 import torch.nn.functional as F
 
 from headwise.bench.record import result_doc, write_result
-from headwise.bench.serve import PLAN_PRESETS, preset_plan
-from headwise.bench.timing import Timer
+from headwise.bench.serve import named_plan
+from headwise.bench.timing import Timer, profile_call
 from headwise.engine import Engine, SamplingParams
 from headwise.errors import InputError
 from headwise.models import LoadedModel, load_model
@@ -57,11 +57,6 @@ from headwise.pool import KVMemory
 GPU_COMMAND = ("PYTHONPATH=src python3 bench/prefill_step_breakdown.py $OUT/prefill_step_breakdown_h200.json "
                "--model random:llama-3-8b,layers=8 --prefix 65536 --chunk 2048 --kv-gb 15 --plans dense,duo25 "
                "--decode-rows 0,8")
-# The runtime calls that block the host until the GPU drains (a host-to-device copy of a pageable host tensor is a
-# cudaMemcpyAsync followed by a cudaStreamSynchronize in PyTorch).
-BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -77,51 +72,11 @@ def _time_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
 
 
 def make_plan(name: str, lm: LoadedModel) -> HeadPlan:
-    if name == "dense":
-        return HeadPlan.dense(lm.spec, lm.name)
-    if name in PLAN_PRESETS:
-        return preset_plan(name, lm.spec)
-    raise InputError(f"--plans takes dense or a preset ({', '.join(PLAN_PRESETS)}), got {name!r}")
+    return named_plan(name, lm.spec, lm.name)
 
 
 def _random_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
     return torch.randint(256, vocab, (n,), generator=gen).tolist()
-
-
-def _profile(step: Callable[[], Any], device: torch.device, top: int) -> dict[str, Any]:
-    """One call of ``step`` under torch.profiler: kernels, operators and blocking runtime calls."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    cuda = device.type == "cuda"
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    _sync(device)
-    with profile(activities=activities) as prof:
-        step()
-        _sync(device)
-    events = prof.key_averages()
-
-    def dev(e: Any, self_only: bool) -> float:  # device_time_* (torch >= 2.4), cuda_time_* before
-        name = ("self_" if self_only else "") + "device_time_total"
-        return float(getattr(e, name, getattr(e, name.replace("device", "cuda"), 0.0)))
-
-    # Kernels only: an operator's event also carries the device time of the kernels it launched, so summing every
-    # event with device time would count each such kernel twice (runs before 2026-12-03's second breakdown did).
-    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and dev(e, True) > 0),
-                     key=lambda e: -dev(e, True))
-    ops = [e for e in events if e.key.startswith("aten::") or e.key.startswith("triton")]
-    ops.sort(key=(lambda e: -dev(e, False)) if cuda else (lambda e: -e.self_cpu_time_total))
-    return {
-        "gpu_busy_ms": round(sum(dev(e, True) for e in kernels) / 1e3, 3),
-        "kernels": [{"name": e.key[:120], "calls": e.count, "self_device_ms": round(dev(e, True) / 1e3, 3)}
-                    for e in kernels[:top]],
-        "ops": [{"name": e.key[:120], "calls": e.count, "device_ms": round(dev(e, False) / 1e3, 3),
-                 "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3), "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
-                for e in ops[:top]],
-        "blocking_runtime_calls": {e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
-                                   for e in events if e.key in BLOCKING},
-        "host_to_device_copies": sum(e.count for e in events if "Memcpy HtoD" in e.key),
-    }
 
 
 def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_rows: int) -> dict[str, Any]:
@@ -170,7 +125,7 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
         step_ms.append(round(start.elapsed_time(end), 3) if start is not None and end is not None else wall_ms[-1])
     profiled_at = long.prefilled
     t1 = time.perf_counter()
-    prof = _profile(step, device, args.top)
+    prof = profile_call(step, device, args.top)
     prof["profiled_step_wall_ms"] = round(1e3 * (time.perf_counter() - t1), 3)
     prof["prefix"] = profiled_at
     for s in list(engine.live):

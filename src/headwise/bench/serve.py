@@ -66,6 +66,17 @@ def preset_plan(name: str, spec: Any) -> Any:
     return HeadPlan.split(spec, 0.25, first, rest, name, created_by=f"headwise bench serve --plan {name}: {what}")
 
 
+def named_plan(name: str, spec: Any, model: str = "") -> Any:
+    """``dense`` or a ``PLAN_PRESETS`` plan for ``spec`` (the breakdown scripts' ``--plans``)."""
+    from headwise.plan import HeadPlan
+
+    if name == "dense":
+        return HeadPlan.dense(spec, model)
+    if name in PLAN_PRESETS:
+        return preset_plan(name, spec)
+    raise InputError(f"a plan name is dense or a preset ({', '.join(PLAN_PRESETS)}), got {name!r}")
+
+
 def parse_mix(text: str) -> tuple[tuple[int, int], ...]:
     """``"64x32768,16x131072"`` -> ``((64, 32768), (16, 131072))``: (requests, prompt tokens) per group."""
     groups = []

@@ -95,6 +95,64 @@ def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
     return {name: round(statistics.median(v), 2) for name, v in per.items()}
 
 
+# The runtime calls that block the host until the GPU drains (a host-to-device copy of a pageable host tensor is a
+# cudaMemcpyAsync followed by a cudaStreamSynchronize in PyTorch).
+BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
+# Kernel families by name, first match wins: attention (ours in Triton, FlashAttention, SDPA's), the matrix
+# multiplications (cuBLAS / CUTLASS / nvjet), and the rest (norms, rotary, activations, copies, sampling).
+KERNEL_GROUPS = (("attention", ("decode", "attn", "attention", "flash", "fmha")),
+                 ("gemm", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "matmul", "gemv")))
+
+
+def kernel_group(name: str) -> str:
+    low = name.lower()
+    return next((group for group, marks in KERNEL_GROUPS if any(m in low for m in marks)), "other")
+
+
+def profile_call(step: Callable[[], Any], device: torch.device, top: int = 25) -> dict[str, Any]:
+    """One call of ``step`` under torch.profiler: its kernels by self device time (the ``top`` first), its operators
+    by device time (CPU time on CPU), the runtime calls that block the host (``BLOCKING``), the host-to-device copies,
+    ``gpu_busy_ms``, the kernels' summed time (each kernel once), and that time by ``KERNEL_GROUPS``."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    if cuda:
+        torch.cuda.synchronize(device)
+    with profile(activities=activities) as prof:
+        step()
+        if cuda:
+            torch.cuda.synchronize(device)
+    events = prof.key_averages()
+
+    def dev(e: Any, self_only: bool) -> float:  # device_time_* (torch >= 2.4), cuda_time_* before
+        name = ("self_" if self_only else "") + "device_time_total"
+        return float(getattr(e, name, getattr(e, name.replace("device", "cuda"), 0.0)))
+
+    # Kernels only: an operator's event also carries the device time of the kernels it launched, so summing every
+    # event with device time would count each such kernel twice (runs before 2026-12-03's second breakdown did).
+    kernels = sorted((e for e in events if e.device_type == DeviceType.CUDA and dev(e, True) > 0),
+                     key=lambda e: -dev(e, True))
+    ops = [e for e in events if e.key.startswith("aten::") or e.key.startswith("triton")]
+    ops.sort(key=(lambda e: -dev(e, False)) if cuda else (lambda e: -e.self_cpu_time_total))
+    groups: dict[str, float] = {}
+    for e in kernels:
+        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + dev(e, True) / 1e3
+    return {
+        "gpu_busy_ms": round(sum(dev(e, True) for e in kernels) / 1e3, 3),
+        "kernel_groups_ms": {g: round(ms, 3) for g, ms in sorted(groups.items())},
+        "kernels": [{"name": e.key[:120], "calls": e.count, "self_device_ms": round(dev(e, True) / 1e3, 3)}
+                    for e in kernels[:top]],
+        "ops": [{"name": e.key[:120], "calls": e.count, "device_ms": round(dev(e, False) / 1e3, 3),
+                 "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3), "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
+                for e in ops[:top]],
+        "blocking_runtime_calls": {e.key: {"calls": e.count, "cpu_ms": round(e.cpu_time_total / 1e3, 3)}
+                                   for e in events if e.key in BLOCKING},
+        "host_to_device_copies": sum(e.count for e in events if "Memcpy HtoD" in e.key),
+    }
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
