@@ -252,6 +252,11 @@ class SequencePages:
             for p in row:
                 counts[p] = counts.get(p, 0) + 1
             self.groups.append([GroupPages(p, n, [[] for _ in range(n)]) for p, n in counts.items()])
+        # Every group beside the index of its policy among the distinct ones (most layers share a few): ``grow``
+        # works out the pages per policy, not per group, at every step.
+        distinct = list(dict.fromkeys(g.policy for layer in self.groups for g in layer))
+        self._policies = distinct
+        self._flat = [(g, distinct.index(g.policy)) for layer in self.groups for g in layer]
         self.tokens = 0  # the length the pages hold
         self.version = 0  # counts the changes of the page lists (pages taken or given back)
 
@@ -270,24 +275,34 @@ class SequencePages:
 
     def grow(self, tokens: int) -> bool:
         """Hold pages for ``tokens`` tokens: take what is missing from the pool, all or nothing. False (nothing
-        taken) when the pool has too few free pages."""
+        taken) when the pool has too few free pages.
+
+        Called for every sequence at every step: the pages one head of a policy needs are worked out once per
+        distinct policy (every layer's groups share a few), and only groups short of pages are touched (a decode step
+        takes pages once every ``page_size`` tokens at most)."""
         if tokens <= self.tokens:
             return True
         P = self.pool.page_size
+        wanted = [head_pages(p, tokens, P) for p in self._policies]
         need = []
-        for layer in self.groups:
-            for g in layer:
-                kv, bound = head_pages(g.policy, tokens, P)
-                need.append((g, max(0, kv - len(g.pages[0])), max(0, bound - len(g.bound_pages[0]))))
-        ids = self.pool.take(sum(g.heads * (n + m) for g, n, m in need))
-        if ids is None:
-            return False
-        it = iter(ids)
-        self.version += bool(ids)
-        for g, n, m in need:  # the page tables are extended at their next use (GroupPages.table)
-            for head, bounds in zip(g.pages, g.bound_pages):
-                head.extend(next(it) for _ in range(n))
-                bounds.extend(next(it) for _ in range(m))
+        total = 0
+        for g, i in self._flat:
+            n, m = wanted[i][0] - len(g.pages[0]), wanted[i][1] - len(g.bound_pages[0])
+            if n > 0 or m > 0:
+                n, m = max(0, n), max(0, m)
+                need.append((g, n, m))
+                total += g.heads * (n + m)
+        if total:
+            ids = self.pool.take(total)
+            if ids is None:
+                return False
+            self.version += 1
+            at = 0
+            for g, n, m in need:  # the page tables are extended at their next use (GroupPages.table)
+                for head, bounds in zip(g.pages, g.bound_pages, strict=True):
+                    head.extend(ids[at : at + n])
+                    bounds.extend(ids[at + n : at + n + m])
+                    at += n + m
         self.tokens = tokens
         return True
 
