@@ -237,6 +237,15 @@ def test_tiny_eval_writes_results_and_report_then_resumes_without_model_work(smo
     assert again["accuracy"] == res["accuracy"]
 
 
+def test_rows_of_another_prefill_chunk_size_are_not_reused(smollm2, tmp_path):
+    cfg = _cfg(tmp_path, plans=["dense"], tasks=["passkey"])
+    assert run_eval(cfg, smollm2)["runs_this_time"] == 1
+    assert run_eval(cfg, smollm2)["runs_this_time"] == 0  # the same chunk size: reused
+    other = _cfg(tmp_path, plans=["dense"], tasks=["passkey"], chunk_size=32)
+    assert run_eval(other, smollm2)["runs_this_time"] == 1  # a prompt of 96 tokens in chunks of 32: run again
+    assert run_eval(other, smollm2)["runs_this_time"] == 0
+
+
 @pytest.mark.parametrize("prompt", [40, 45])
 def test_measured_kv_peaks_while_decoding_at_the_plans_peak(prompt):
     """The memory row decodes after the prompt: a quantized plan's residual grows back to its largest (here within

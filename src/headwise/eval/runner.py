@@ -504,6 +504,11 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     name = "samples.jsonl" if cfg.shard is None else f"samples-shard-{cfg.shard[0]}-of-{cfg.shard[1]}.jsonl"
     cache = SampleCache(out / name)
     model_key = f"{lm.name}:{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}"
+    if cfg.chunk_size != EvalConfig.chunk_size:
+        # The prefill chunk changes what a plan computes (a knorm head compresses after every chunk, a quantized head
+        # attends its chunk unrounded): rows of another chunk size are not reused. The default leaves the key as it
+        # was, so rows written before still count.
+        model_key += f":chunk{cfg.chunk_size}"
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = job_order(lengths, gen_tasks, cfg.depths, cfg.samples)
     if cfg.shard is not None:
