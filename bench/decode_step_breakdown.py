@@ -44,7 +44,7 @@ import torch
 
 from headwise.bench.record import result_doc, write_result
 from headwise.bench.serve import named_plan, weight_bytes_read
-from headwise.bench.timing import copy_bandwidth, profile_call
+from headwise.bench.timing import copy_bandwidth, profile_call, timed_call
 from headwise.engine import Engine, SamplingParams
 from headwise.errors import InputError
 from headwise.models import LoadedModel, load_model
@@ -59,24 +59,9 @@ def make_plan(name: str, lm: LoadedModel) -> HeadPlan:
     return named_plan(name, lm.spec, lm.name)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed_step(engine: Engine, device: torch.device, batch: int) -> tuple[float, Any]:
-    """One decode-only ``Engine.step``: its milliseconds (CUDA events on a GPU, wall time on CPU) and its info."""
-    _sync(device)
-    cuda = device.type == "cuda"
-    start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
-    t0 = time.perf_counter()
-    if start is not None:
-        start.record()
-    info = engine.step()
-    if end is not None:
-        end.record()
-    _sync(device)
-    ms = start.elapsed_time(end) if start is not None and end is not None else 1e3 * (time.perf_counter() - t0)
+    """One decode-only ``Engine.step``: its milliseconds (``timed_call``) and its info."""
+    ms, _, info = timed_call(engine.step, device)
     if info.prefill_tokens or info.decode_rows != batch:
         raise InputError(f"a timed step carried {info.prefill_tokens} prompt tokens and {info.decode_rows} decode "
                          f"rows, not 0 and {batch}")
@@ -84,7 +69,7 @@ def _timed_step(engine: Engine, device: torch.device, batch: int) -> tuple[float
 
 
 def _rate(nbytes: int, ms: float) -> float | None:
-    return round(nbytes / (ms / 1e3) / 1e9, 1) if ms > 0 else None
+    return round(nbytes / (ms / 1e3) / 1e9, 3) if ms > 0 else None
 
 
 def case(lm: LoadedModel, plan_name: str, batch: int, args: argparse.Namespace, weights: int,

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 
 from headwise.bench.record import result_doc, write_result
 from headwise.bench.serve import named_plan
-from headwise.bench.timing import Timer, profile_call
+from headwise.bench.timing import Timer, profile_call, timed_call
 from headwise.engine import Engine, SamplingParams
 from headwise.errors import InputError
 from headwise.models import LoadedModel, load_model
@@ -57,9 +57,6 @@ from headwise.pool import KVMemory
 GPU_COMMAND = ("PYTHONPATH=src python3 bench/prefill_step_breakdown.py $OUT/prefill_step_breakdown_h200.json "
                "--model random:llama-3-8b,layers=8 --prefix 65536 --chunk 2048 --kv-gb 15 --plans dense,duo25 "
                "--decode-rows 0,8")
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _time_ms(fn: Callable[[], Any], device: torch.device, reps: int) -> float:
@@ -108,21 +105,12 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
             raise InputError(f"a timed step carried {info.prefill_tokens} prompt tokens and {info.decode_rows} "
                              f"decode rows, not {chunk} and {decode_rows}")
 
-    cuda = device.type == "cuda"
     step_ms, wall_ms, prefixes = [], [], []
     for _ in range(args.reps):
         prefixes.append(long.prefilled)
-        _sync(device)
-        start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
-        w0 = time.perf_counter()
-        if start is not None:
-            start.record()
-        step()
-        if end is not None:
-            end.record()
-        _sync(device)
-        wall_ms.append(round(1e3 * (time.perf_counter() - w0), 3))
-        step_ms.append(round(start.elapsed_time(end), 3) if start is not None and end is not None else wall_ms[-1])
+        ms, wall, _ = timed_call(step, device)
+        step_ms.append(round(ms, 3))
+        wall_ms.append(round(wall, 3))
     profiled_at = long.prefilled
     t1 = time.perf_counter()
     prof = profile_call(step, device, args.top)

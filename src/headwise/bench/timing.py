@@ -95,6 +95,26 @@ def kernel_durations(fn: Callable[[], Any], reps: int = 20) -> dict[str, float]:
     return {name: round(statistics.median(v), 2) for name, v in per.items()}
 
 
+def timed_call(fn: Callable[[], Any], device: torch.device) -> tuple[float, float, Any]:
+    """One call of ``fn`` between synchronisations: (its milliseconds by CUDA events on a GPU, by the wall clock on
+    CPU; the wall-clock milliseconds; what ``fn`` returned). The events time what the GPU did from the call's start to
+    its end, host gaps included: a step that leaves the GPU waiting for the host is timed with the wait."""
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(device)
+    start, end = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if cuda else (None, None)
+    t0 = time.perf_counter()
+    if start is not None:
+        start.record()
+    out = fn()
+    if end is not None:
+        end.record()
+    if cuda:
+        torch.cuda.synchronize(device)
+    wall = 1e3 * (time.perf_counter() - t0)
+    return (start.elapsed_time(end) if start is not None and end is not None else wall), wall, out
+
+
 # The runtime calls that block the host until the GPU drains (a host-to-device copy of a pageable host tensor is a
 # cudaMemcpyAsync followed by a cudaStreamSynchronize in PyTorch).
 BLOCKING = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaEventSynchronize")
