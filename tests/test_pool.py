@@ -10,7 +10,7 @@ import torch
 from headwise.engine import Engine
 from headwise.errors import BudgetError, InputError
 from headwise.plan import HeadPlan
-from headwise.policies import Full, PageTopK, Streaming
+from headwise.policies import Full, PageTopK, Streaming, build_policy, policy_names
 from headwise.pool import KVMemory, PagePool, SequencePages
 from headwise.spec import ModelSpec
 from host_ops import HostOps
@@ -58,6 +58,41 @@ def test_full_heads_grow_by_pages_and_streaming_rings_stop_at_sink_plus_window()
     for p in (pages, stream, paged):
         p.release()
     assert pool.free_pages == before + 3 + 2 + 5 == pool.num_pages
+
+
+def test_pages_held_are_exactly_what_every_group_needs_whatever_the_steps():
+    """``grow`` skips its arithmetic below the next length where a group runs short (``_first_short``): after every
+    call each group holds exactly ``head_pages`` at the new length, for every policy with a pool layout or without,
+    over steps of one token (decode), of a chunk, and crossing ring, bound-page and chunk boundaries."""
+    from headwise.policies import LongHeads, Quantized
+    from headwise.policies.knorm import KNorm
+    from headwise.pool import head_pages
+
+    spec = ModelSpec(architecture="llama", num_layers=2, num_q_heads=6, num_kv_heads=3, head_dim=8, max_context=1 << 20)
+    rows = [[Full(), Streaming(sink=2, window=9), PageTopK(page_size=4, budget=8)],
+            [KNorm(tokens=5, window=3), LongHeads(chunk_size=8, top_k=2), Quantized(bits=4, group=8)]]
+    plan = HeadPlan.from_policies(spec, rows)
+    pool = PagePool(spec, 1 << 24, dtype_bytes=2, page_size=4)
+    pages = SequencePages(pool, plan)
+    gen = torch.Generator().manual_seed(0)
+    n = 0
+    for _ in range(300):
+        n += 1 if torch.rand((), generator=gen) < 0.8 else int(torch.randint(2, 40, (), generator=gen))
+        assert pages.grow(n)
+        for layer in pages.groups:
+            for g in layer:
+                assert (len(g.pages[0]), len(g.bound_pages[0])) == head_pages(g.policy, n, 4), (g.policy, n)
+    assert pool.num_pages - pool.free_pages == pages.held
+    pages.release()
+    assert pool.free_pages == pool.num_pages and pages.grow(3) and pages.held == SequencePages(pool, plan).pages_at(3)
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_kv_tokens_never_decrease_as_the_length_grows(policy):
+    """``grow``'s shortcut and the pool's admission rest on it: a head never needs fewer slots for more tokens."""
+    p = build_policy({"policy": policy})
+    seen = [p.kv_tokens(n) for n in range(0, 3000, 7)]
+    assert seen == sorted(seen)
 
 
 def test_a_sequence_larger_than_the_pool_is_refused():

@@ -193,6 +193,27 @@ def head_pages(policy: Policy, tokens: int, page_size: int) -> tuple[int, int]:
     return -(-policy.kv_tokens(tokens) // page_size), 0
 
 
+def _first_short(policy: Policy, tokens: int, kv: int, bound: int, page_size: int) -> int:
+    """The smallest length above ``tokens`` at which one head of ``policy`` needs more than ``kv`` pages or ``bound``
+    bound pages (``1 << 62``: never), given it needs no more at ``tokens``. Exact because a policy's ``kv_tokens``,
+    hence ``head_pages``, never decreases as the length grows: a doubling search, then a binary one."""
+
+    def short(t: int) -> bool:
+        k, b = head_pages(policy, t, page_size)
+        return k > kv or b > bound
+
+    step = 1
+    while not short(tokens + step):
+        step *= 2
+        if step > 1 << 61:
+            return 1 << 62
+    lo, hi = tokens + step // 2, tokens + step  # short(hi); not short(lo) (lo == tokens when step == 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if short(mid) else (mid, hi)
+    return hi
+
+
 @dataclass
 class GroupPages:
     """The pages of one (layer, head group): ``pages[h]`` are KV head ``h``'s (of the group), in slot order, and
@@ -259,6 +280,7 @@ class SequencePages:
         self._flat = [(g, distinct.index(g.policy)) for layer in self.groups for g in layer]
         self.tokens = 0  # the length the pages hold
         self.version = 0  # counts the changes of the page lists (pages taken or given back)
+        self._due = 0  # below this length the pages held are enough (``grow`` returns at once)
 
     def pages_at(self, tokens: int) -> int:
         """Pages this sequence holds at ``tokens`` tokens (all layers, groups and heads)."""
@@ -277,10 +299,13 @@ class SequencePages:
         """Hold pages for ``tokens`` tokens: take what is missing from the pool, all or nothing. False (nothing
         taken) when the pool has too few free pages.
 
-        Called for every sequence at every step: the pages one head of a policy needs are worked out once per
-        distinct policy (every layer's groups share a few), and only groups short of pages are touched (a decode step
-        takes pages once every ``page_size`` tokens at most)."""
+        Called for every sequence at every step: below the next length at which some group runs short (worked out
+        after each change, ``_first_short``) it only records the length; past it, the pages one head of a policy
+        needs are worked out once per distinct policy and only groups short of pages are touched."""
         if tokens <= self.tokens:
+            return True
+        if tokens < self._due:
+            self.tokens = tokens
             return True
         P = self.pool.page_size
         wanted = [head_pages(p, tokens, P) for p in self._policies]
@@ -304,6 +329,9 @@ class SequencePages:
                     bounds.extend(ids[at + n : at + n + m])
                     at += n + m
         self.tokens = tokens
+        held = {(i, len(g.pages[0]), len(g.bound_pages[0])) for g, i in self._flat}  # a few: groups of a policy agree
+        self._due = min((_first_short(self._policies[i], tokens, kv, bound, P) for i, kv, bound in held),
+                        default=1 << 62)
         return True
 
     def release(self) -> None:
@@ -316,3 +344,4 @@ class SequencePages:
                     self.pool.give_back(head)
                     head.clear()
         self.tokens = 0
+        self._due = 0
