@@ -85,7 +85,8 @@ profile)
   fi
   [ -f "$WORK/plans/$MODEL.json" ] || { echo "profile failed"; tail -30 "$WORK/logs/profile.log"; pack; exit 1; }
   cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
-  # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same.
+  # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same;
+  # bench/carry_rows.py makes such a file from a results JSON of bench/results/.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
   sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}

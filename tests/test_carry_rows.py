@@ -1,0 +1,39 @@
+"""bench/carry_rows.py: a saved evaluation's rows, carried into a new output directory, are reused, not run again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench_modules import bench_module
+from headwise.eval.runner import EvalConfig, run_eval
+
+
+def _cfg(out, **kw):
+    base = dict(model="smollm2-135m", plans=["dense", "streaming@0.5"], tasks=["passkey"], lengths=[96],
+                depths=[0.5], samples=2, out=out, max_new_tokens=4, progress=False, command="pytest")
+    return EvalConfig(**(base | kw))
+
+
+@pytest.mark.parametrize("chunk", [512, 32])
+def test_carried_rows_are_reused_by_a_later_eval(smollm2, tmp_path, chunk):
+    first = run_eval(_cfg(tmp_path / "a", chunk_size=chunk, command=f"headwise eval --chunk-size {chunk}"), smollm2)
+    assert first["runs_this_time"] == 4
+    saved = tmp_path / "results.json"
+    saved.write_text((tmp_path / "a" / "results.json").read_text())
+    mod = bench_module("carry_rows.py")
+    later = tmp_path / "b"
+    assert mod.main([str(saved), str(later / "samples-carried.jsonl"), "--plans", "dense"]) == 0
+    assert len((later / "samples-carried.jsonl").read_text().splitlines()) == 2
+    again = run_eval(_cfg(later, chunk_size=chunk), smollm2)
+    assert again["runs_this_time"] == 2  # dense's two rows carried; streaming's run again
+    dense = [a for a in again["accuracy"] if a["plan"] == "dense"]
+    assert dense == [a for a in first["accuracy"] if a["plan"] == "dense"]
+
+
+def test_a_file_that_is_not_an_eval_document_is_refused(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"rows": []}))
+    with pytest.raises(SystemExit, match="not a headwise eval results file"):
+        bench_module("carry_rows.py").main([str(bad), str(tmp_path / "o.jsonl")])
