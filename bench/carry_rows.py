@@ -20,19 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
-from headwise.eval.runner import EvalConfig, SampleCache
+from headwise.eval.runner import DEFAULT_CHUNK, SampleCache, model_key
 
 
-def model_key(doc: dict[str, Any]) -> str:
-    """The key's model part as ``run_eval`` builds it for the document's model, shape and prefill chunk."""
+def doc_model_key(doc: dict[str, Any]) -> str:
+    """The key's model part (``runner.model_key``) for the document's model, shape and prefill chunk."""
     spec = doc.get("spec") or {}
+    words = shlex.split(str(doc.get("command", "")))
+    chunk = int(words[words.index("--chunk-size") + 1]) if "--chunk-size" in words[:-1] else DEFAULT_CHUNK
     try:
-        key = f"{doc['model']}:{spec['num_layers']}x{spec['num_kv_heads']}x{spec['head_dim']}"
+        return model_key(doc["model"], spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], chunk)
     except KeyError as exc:
         raise InputError(f"the document has no {exc.args[0]!r}: not a headwise eval results file") from exc
-    words = shlex.split(str(doc.get("command", "")))
-    chunk = int(words[words.index("--chunk-size") + 1]) if "--chunk-size" in words[:-1] else EvalConfig.chunk_size
-    return key + (f":chunk{chunk}" if chunk != EvalConfig.chunk_size else "")
 
 
 def carry_rows(doc: dict[str, Any], plans: set[str] | None = None) -> list[dict[str, Any]]:
@@ -40,7 +39,7 @@ def carry_rows(doc: dict[str, Any], plans: set[str] | None = None) -> list[dict[
     rows = doc.get("rows")
     if not isinstance(rows, list):
         raise InputError("the document has no 'rows': not a headwise eval results file")
-    mk = model_key(doc)
+    mk = doc_model_key(doc)
     out = []
     for r in rows:
         if plans is not None and r.get("plan") not in plans:

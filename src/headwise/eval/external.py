@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
+from headwise.eval import runner
 from headwise.eval.runner import DEFAULT_DEPTHS, FIDELITY, job_order, sample_seed, score_tables
 from headwise.eval.scoring import score
 from headwise.eval.tasks import make_sample, task_info
@@ -41,9 +42,9 @@ OUTPUT_FIELDS = ("format", "label", "method", "task", "length", "depth", "seed",
 
 
 def model_key(lm: Any) -> str:
-    """The model part of ``run_eval``'s sample keys."""
+    """The model part of ``run_eval``'s sample keys (at the default prefill chunk: another environment's rows)."""
     spec = lm.spec
-    return f"{lm.name}:{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}"
+    return runner.model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim)
 
 
 def export_prompts(lm: Any, path: Path, tasks: Sequence[str], lengths: Sequence[int],

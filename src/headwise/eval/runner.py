@@ -349,6 +349,18 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
 
 
 # ------------------------------------------------------------------------------------------ cache
+DEFAULT_CHUNK = 512
+"""The prefill chunk of ``headwise eval`` (``--chunk-size``) unless told otherwise."""
+
+
+def model_key(name: str, num_layers: int, num_kv_heads: int, head_dim: int, chunk_size: int = DEFAULT_CHUNK) -> str:
+    """The model part of the sample keys: the model, its layer shape, and the prefill chunk when it is not the default
+    (the chunk changes what a plan computes: a knorm head compresses after every chunk, a quantized head attends its
+    chunk unrounded), so rows of another chunk size are not reused while rows of the default keep their old keys."""
+    key = f"{name}:{num_layers}x{num_kv_heads}x{head_dim}"
+    return key if chunk_size == DEFAULT_CHUNK else f"{key}:chunk{chunk_size}"
+
+
 class SampleCache:
     """Per-sample results in JSONL files, one line per result, appended to ``path`` as soon as it exists; the
     rows of every ``samples*.jsonl`` beside it are read too (shards of one run, ``--shard``)."""
@@ -397,7 +409,7 @@ class EvalConfig:
     on_too_long: str = "skip"
     device: str | None = None
     dtype: str | None = None
-    chunk_size: int = 512
+    chunk_size: int = DEFAULT_CHUNK
     command: str = ""
     progress: bool = True
     collect_only: bool = False
@@ -503,12 +515,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     name = "samples.jsonl" if cfg.shard is None else f"samples-shard-{cfg.shard[0]}-of-{cfg.shard[1]}.jsonl"
     cache = SampleCache(out / name)
-    model_key = f"{lm.name}:{spec.num_layers}x{spec.num_kv_heads}x{spec.head_dim}"
-    if cfg.chunk_size != EvalConfig.chunk_size:
-        # The prefill chunk changes what a plan computes (a knorm head compresses after every chunk, a quantized head
-        # attends its chunk unrounded): rows of another chunk size are not reused. The default leaves the key as it
-        # was, so rows written before still count.
-        model_key += f":chunk{cfg.chunk_size}"
+    mkey = model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.chunk_size)
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = job_order(lengths, gen_tasks, cfg.depths, cfg.samples)
     if cfg.shard is not None:
@@ -527,7 +534,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
                     bar.update(1)
                     continue
                 digest = plan.digest()
-                key = SampleCache.key(model_key, digest, t, L, d, cfg.seed, i)
+                key = SampleCache.key(mkey, digest, t, L, d, cfg.seed, i)
                 if cache.get(key) is not None:
                     bar.update(1)
                     continue
@@ -543,11 +550,11 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
                 bar.update(1)
         if cfg.shard is not None:
             return {"shard": list(cfg.shard), "runs_this_time": ran}
-        fid_rows = _run_fidelity(cfg, lm, entries, plans, lengths, cache, model_key) if FIDELITY in tasks else []
-        _measure_memory(cfg, lm, entries, plans, lengths, cache, model_key)
+        fid_rows = _run_fidelity(cfg, lm, entries, plans, lengths, cache, mkey) if FIDELITY in tasks else []
+        _measure_memory(cfg, lm, entries, plans, lengths, cache, mkey)
     finally:
         bar.close()
-    results = _collect(cfg, lm, entries, plans, lengths, tasks, cache, model_key, notes)
+    results = _collect(cfg, lm, entries, plans, lengths, tasks, cache, mkey, notes)
     results["runs_this_time"] = ran + len(fid_rows)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")
