@@ -158,9 +158,10 @@ def profile_call(step: Callable[[], Any], device: torch.device, top: int = 25) -
     ops.sort(key=(lambda e: -dev(e, False)) if cuda else (lambda e: -e.self_cpu_time_total))
     groups: dict[str, float] = {}
     for e in kernels:
-        groups[kernel_group(e.key)] = groups.get(kernel_group(e.key), 0.0) + dev(e, True) / 1e3
+        g = kernel_group(e.key)
+        groups[g] = groups.get(g, 0.0) + dev(e, True) / 1e3
     return {
-        "gpu_busy_ms": round(sum(dev(e, True) for e in kernels) / 1e3, 3),
+        "gpu_busy_ms": round(sum(groups.values()), 3),
         "kernel_groups_ms": {g: round(ms, 3) for g, ms in sorted(groups.items())},
         "kernels": [{"name": e.key[:120], "calls": e.count, "self_device_ms": round(dev(e, True) / 1e3, 3)}
                     for e in kernels[:top]],
