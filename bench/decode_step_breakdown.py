@@ -9,7 +9,8 @@ padded decode steps replayed from CUDA graphs), prefills ``B`` sequences of ``--
 for each plan and batch size:
 
 - ``step_ms``: CUDA-event time (wall time on CPU) of ``--steps`` decode-only ``Engine.step`` calls (median, after
-  ``--warmup`` untimed ones: capture, compile), whether they replayed a graph, and the padded size;
+  ``--warmup`` untimed ones: capture, compile), per forward (``--multi-step N`` runs up to N forwards per step:
+  ``forwards_per_step``), whether they replayed a graph, and the padded size;
 - ``read_gb_per_s`` and ``read_over_copy``: the weights a forward reads (``weight_bytes_read``) plus the KV pages the
   sequences hold, over the median step, as ``headwise bench serve`` counts them, against ``copy_gb_per_s``
   (``copy_bandwidth``, read and write counted, measured in the same run);
@@ -60,12 +61,13 @@ def make_plan(name: str, lm: LoadedModel) -> HeadPlan:
 
 
 def _timed_step(engine: Engine, device: torch.device, batch: int) -> tuple[float, Any]:
-    """One decode-only ``Engine.step``: its milliseconds (``timed_call``) and its info."""
+    """One decode-only ``Engine.step``: its milliseconds per forward (``timed_call``, over the forwards of a
+    multi-step) and its info."""
     ms, _, info = timed_call(engine.step, device)
     if info.prefill_tokens or info.decode_rows != batch:
         raise InputError(f"a timed step carried {info.prefill_tokens} prompt tokens and {info.decode_rows} decode "
                          f"rows, not 0 and {batch}")
-    return ms, info
+    return ms / max(1, info.decode_steps), info
 
 
 def _rate(nbytes: int, ms: float) -> float | None:
@@ -77,12 +79,14 @@ def case(lm: LoadedModel, plan_name: str, batch: int, args: argparse.Namespace, 
     """Prefill ``batch`` sequences, then time and profile decode-only steps (module docstring)."""
     device = lm.device
     pool = KVMemory.parse(str(args.kv_gb)).pool(lm.spec, device, lm.dtype.itemsize)
-    engine = Engine(lm, make_plan(plan_name, lm), chunk_size=args.chunk, pool=pool, padded_decode=True)
+    engine = Engine(lm, make_plan(plan_name, lm), chunk_size=args.chunk, pool=pool, padded_decode=True,
+                    multi_step=args.multi_step)
     vocab = lm.model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(args.seed)
     # The first sequences decode while the later ones prefill: room for those steps too.
     prefill_steps = batch * (-(-args.context // args.chunk) + 1)
-    params = SamplingParams(max_new_tokens=prefill_steps + args.warmup + args.steps + 4, stop_token_ids=[])
+    params = SamplingParams(max_new_tokens=prefill_steps + (args.warmup + args.steps + 4) * args.multi_step,
+                            stop_token_ids=[])
     seqs = [engine.add(torch.randint(256, vocab, (args.context,), generator=gen).tolist(), params)
             for _ in range(batch)]
     t0 = time.perf_counter()
@@ -94,12 +98,13 @@ def case(lm: LoadedModel, plan_name: str, batch: int, args: argparse.Namespace, 
                          f"--kv-gb {args.kv_gb} enough for {batch} x {args.context} tokens?)")
     for _ in range(args.warmup):
         _timed_step(engine, device, batch)
-    times, graph_steps, padded = [], 0, 0
+    times, graph_steps, padded, forwards = [], 0, 0, []
     for _ in range(args.steps):
         ms, info = _timed_step(engine, device, batch)
         times.append(round(ms, 4))
         graph_steps += info.graph
         padded = info.padded
+        forwards.append(info.decode_steps)
     held = (pool.num_pages - pool.free_pages) * pool.page_bytes
     step_ms = statistics.median(times)
     graphs = engine.batch_graphs(engine.live)
@@ -119,6 +124,7 @@ def case(lm: LoadedModel, plan_name: str, batch: int, args: argparse.Namespace, 
     groups = (eager_profile or graph_profile)["kernel_groups_ms"]
     out = {"plan": plan_name, "batch": batch, "context": args.context, "prefill_s": round(prefill_s, 2),
            "step_ms": times, "step_ms_median": round(step_ms, 4), "graph_steps": graph_steps, "padded_size": padded,
+           "multi_step": args.multi_step, "forwards_per_step": forwards,
            "weights_bytes": weights, "kv_bytes_held": held, "read_gb_per_s": _rate(weights + held, step_ms),
            "read_over_copy": (round((weights + held) / (step_ms / 1e3) / 1e9 / copy_gb_per_s, 3)
                               if copy_gb_per_s else None),
@@ -143,6 +149,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--multi-step", type=int, default=1,
+                   help="Engine(multi_step): forwards per decode-only step; step_ms is then per forward, and the "
+                        "graph profile covers one step's forwards (forwards_per_step)")
     args = p.parse_args(argv)
     if args.context < 1 or args.steps < 1:
         raise InputError("--context and --steps must be positive")

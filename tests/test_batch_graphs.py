@@ -307,3 +307,106 @@ def test_graphs_are_captured_again_after_the_buffers_grow():
     assert any(replayed for replayed, limit in steps if limit == first), "replayed on the first buffers"
     assert sum(replayed for replayed, limit in steps if limit > first) >= 3, f"not replayed after growing: {steps}"
     assert tokens == grow_while_decoding("cuda", use_kernels=True, cuda_graphs=False, padded_decode=True)[0]
+
+
+@pytest.mark.parametrize("plan_name", ["mixed", "quest"])
+def test_multi_step_runs_give_the_single_steps_tokens_through_joins_finishes_and_preemption(plan_name):
+    """``multi_step=4``: decode-only steps of greedy sequences run up to 4 forwards in a row, the next token chosen on
+    the device; five sequences arriving at different steps into a pool too small for all (preemption, replays) give
+    the tokens each gives alone, runs never pass a sequence's length limit, and every page goes back."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6) if plan_name == "mixed" else quest_beside_full(lm.spec)
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 33, 9], [14, 12, 10, 9, 8], [0, 0, 2, 5, 6]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+    want = [greedy_alone(lm, p, n, plan) for p, n in zip(prompts, new)]
+    probe = PagePool(lm.spec, 1 << 30, dtype_bytes=4, page_size=4)
+    most = [SequencePages(probe, plan).pages_at(n + k - 1) for n, k in zip(lengths, new)]
+    pool = PagePool(lm.spec, (sum(most) * 3 // 5) * probe.page_bytes, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool, padded_decode=True, multi_step=4)
+    seqs, infos = run(engine, prompts, new, arrive, [plan] * len(prompts))
+    assert [s.generated for s in seqs] == want
+    assert pool.free_pages == pool.num_pages, "every page back at the end"
+    runs = [i.decode_steps for i in infos if i.decode_rows and not i.prefill_tokens]
+    assert max(runs) == 4 and 1 in runs and sum(r > 1 for r in runs) >= 2, runs
+    assert sum(i.preempted for i in infos) >= 1, "the pool was meant to run dry"
+    assert all(len(s.generated) == n for s, n in zip(seqs, new))
+
+
+def test_a_stop_token_inside_a_multi_step_run_ends_the_sequence_where_a_single_step_does():
+    """The tokens a run computes after a sequence's stop token are dropped: the sequence ends with the same tokens,
+    events and finish reason as under single steps, and the other one goes on unchanged."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)
+    prompts = [[5, 9, 2, 7, 1, 4, 4], [3, 8, 6, 11, 2]]
+    free = greedy_alone(lm, prompts[0], 12, plan)
+    stop = free[5]  # a token the first sequence samples in the middle of a run
+    first_seen = free.index(stop)
+
+    def go(multi: int) -> tuple[list, list[StepInfo]]:
+        pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+        engine = Engine(lm, plan, chunk_size=16, pool=pool, padded_decode=True, multi_step=multi)
+        seqs = [engine.add(prompts[0], max_new_tokens=12, stop_token_ids=[stop]),
+                engine.add(prompts[1], max_new_tokens=12, stop_token_ids=[])]
+        infos = []
+        while engine.live:
+            infos.append(engine.step())
+        assert pool.free_pages == pool.num_pages
+        return seqs, infos
+
+    (a, b), infos = go(8)
+    (a1, b1), _ = go(1)
+    assert a.generated == a1.generated == free[:first_seen] and a.finish_reason == a1.finish_reason == "stop"
+    assert b.generated == b1.generated == greedy_alone(lm, prompts[1], 12, plan)
+    assert [e.text for e in a.take_events()] == [e.text for e in a1.take_events()]
+    assert max(i.decode_steps for i in infos) > 1
+
+
+def test_a_sampled_sequence_in_the_batch_keeps_the_steps_single():
+    """Multi-step chooses tokens by argmax: a batch with a sequence that samples (temperature > 0) runs single steps,
+    and its seeded tokens are those of an engine without multi-step."""
+    lm = tiny_model("llama")
+    plan = mixed_plan(lm.spec, window=6)
+
+    def go(multi: int) -> tuple[list[list[int]], list[StepInfo]]:
+        pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+        engine = Engine(lm, plan, chunk_size=16, pool=pool, padded_decode=True, multi_step=multi)
+        seqs = [engine.add([5, 9, 2, 7], max_new_tokens=8, stop_token_ids=[]),
+                engine.add([3, 8, 6], max_new_tokens=8, stop_token_ids=[], temperature=0.9, seed=7)]
+        infos = []
+        while engine.live:
+            infos.append(engine.step())
+        return [s.generated for s in seqs], infos
+
+    tokens, infos = go(4)
+    assert tokens == go(1)[0]
+    assert all(i.decode_steps <= 1 for i in infos)
+
+
+def test_multi_step_must_be_positive():
+    lm = tiny_model("llama")
+    with pytest.raises(InputError, match="multi_step must be at least 1"):
+        Engine(lm, multi_step=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("plan_name", ["mixed", "quest"])
+def test_multi_step_runs_replay_the_graphs_with_the_single_steps_tokens_on_gpu(plan_name):
+    """On CUDA, bf16: multi-step runs replay the padded graphs back to back, the tokens fed on the device, and give
+    the tokens of single graph-replayed steps."""
+    lm = tiny_model("llama")
+    lm.model.to("cuda", torch.bfloat16)
+    plan = mixed_plan(lm.spec, window=6) if plan_name == "mixed" else quest_beside_full(lm.spec, page_size=16)
+    gen = torch.Generator().manual_seed(1)
+    lengths, new, arrive = [5, 23, 40, 33, 9, 50], [30, 24, 20, 18, 16, 12], [0, 0, 2, 5, 6, 9]
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in lengths]
+
+    def batch(multi: int) -> tuple[list[list[int]], list[StepInfo]]:
+        pool = PagePool(lm.spec, 1 << 24, dtype_bytes=2, page_size=16)
+        engine = Engine(lm, chunk_size=16, pool=pool, use_kernels=True, multi_step=multi)
+        seqs, infos = run(engine, prompts, new, arrive, [plan] * len(prompts))
+        return [s.generated for s in seqs], infos
+
+    tokens, infos = batch(8)
+    assert any(i.graph and i.decode_steps == 8 for i in infos)
+    assert tokens == batch(1)[0]

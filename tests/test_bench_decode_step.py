@@ -49,3 +49,13 @@ def test_unknown_plan_is_refused():
     with pytest.raises(InputError, match="dense or a preset"):
         _module().main(["/tmp/never.json", "--model", "random:tiny-llama", "--device", "cpu", "--context", "8",
                         "--plans", "nonsense", "--steps", "1"])
+
+
+def test_breakdown_with_multi_step_times_each_forward(tmp_path):
+    out = tmp_path / "multi.json"
+    _module().main([str(out), "--model", "random:tiny-llama", "--device", "cpu", "--context", "24", "--chunk", "16",
+                    "--batch", "3", "--kv-gb", "0.01", "--steps", "2", "--warmup", "1", "--plans", "dense",
+                    "--top", "5", "--multi-step", "4"])
+    case = json.loads(out.read_text())["results"]["cases"][0]
+    assert case["multi_step"] == 4 and case["forwards_per_step"] == [4, 4]
+    assert all(t > 0 for t in case["step_ms"])

@@ -132,6 +132,29 @@ def test_decode_steps_report_their_read_rate_from_the_weights_and_the_pages_held
                                                              Load(mix=((1, 20),), output_len=3), log=lambda line: None)
 
 
+def test_multi_step_decode_steps_report_per_forward_times_and_rates():
+    """Under ``multi_step``, a decode-only step runs several forwards: its time and read rate are per forward."""
+    lm = tiny_model("llama", vocab_size=512)
+    weights = weight_bytes_read(lm.model)
+    pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool, padded_decode=True, multi_step=3)
+    seen: list[tuple[int, float]] = []
+    step = engine.step
+
+    def recorded():
+        info = step()
+        if info.decode_rows and not info.prefill_tokens:
+            held = (pool.num_pages - pool.free_pages) * pool.page_bytes + sum(s.stats.kv_bytes for s in info.finished)
+            seen.append((info.decode_steps, (weights + held) / (info.seconds / info.decode_steps) / 1e9))
+        return info
+
+    engine.step = recorded
+    out = run_in_process(engine, Load(mix=((2, 20),), output_len=8), log=lambda line: None, weights=weights)
+    assert out["output_tokens"] == 16 and any(n == 3 for n, _ in seen), seen
+    want = torch.tensor([r for _, r in seen], dtype=torch.float64)
+    assert out["decode_only_read_gb_per_s"]["mean"] == pytest.approx(float(want.mean()), rel=1e-3, abs=1e-4)
+
+
 def test_max_seconds_stops_the_run_and_keeps_what_was_measured(tmp_path):
     lm = tiny_model("llama", vocab_size=512)
     pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)

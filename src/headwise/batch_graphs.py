@@ -28,6 +28,9 @@ enters it and no host counter changes (a Quest launch refreshes the bounds of ea
 pages first, ``paged_cache.select_pool_pages`` sized for ``limit``), so the same step runs eagerly or replayed from a
 graph captured at
 ``size``. ``BatchGraphs.step`` then counts the token in each sequence's host counters (``HeadwiseCache.advance``).
+``BatchGraphs.decode`` runs several greedy steps in a row (``Engine(multi_step=N)``): between two steps only the
+argmax of the logits and the next positions are written into ``meta`` on the device, so the host reads the tokens
+once per ``N`` steps and the GPU does not wait for it in between.
 
 A sequence longer than ``limit`` (or more rows than allocated) reallocates the buffers (``limit`` within 1/8 above
 the longest sequence, rows the padded size) and drops the graphs captured over the old ones. Capture is lazy: a
@@ -49,6 +52,7 @@ captures of the process) and the steps went on eagerly. Not yet rerun since.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -341,20 +345,56 @@ class BatchGraphs:
         self._buffers(seqs, size)
         assert self.batch is not None
         rows = self.batch.fill(seqs, size)
-        replayed = size in self.graphs
-        if replayed:
-            graph, logits = self.graphs[size]
-            graph.replay()
-        elif self.capture:
-            with warm_up_on_capture_stream(self.engine.lm.device):
-                logits = self.engine.forward_padded(self.batch, size)
-            self._capture(size)
-        else:
-            logits = self.engine.forward_padded(self.batch, size)
+        logits, replayed = self._run(size)
         for s in seqs:
             assert s.cache is not None
             s.cache.advance(1)
         return [logits[r] for r in rows], size, replayed
+
+    @torch.inference_mode()
+    def decode(self, seqs: list[Sequence], steps: int) -> tuple[list[list[int]], int, bool]:
+        """``steps`` greedy decode steps of every sequence in a row without the host in between (multi-step
+        scheduling, as vLLM's ``num_scheduler_steps``): each step's next tokens are the argmax of its logits, taken on
+        the device (NaN counted as -inf, as ``Engine._sample`` does), and written with the next positions into the
+        static inputs the next step reads; one read of the tokens at the end. Every sequence must hold pages for
+        ``steps`` more tokens. Returns each sequence's ``steps`` tokens, the padded size and whether the steps were
+        replayed from a graph. Counts the ``steps`` tokens fed in each sequence's host counters."""
+        size = padded_size(len(seqs), self.sizes)
+        assert size is not None, "more sequences than the largest padded size"
+        self._buffers(seqs, size)
+        batch = self.batch
+        assert batch is not None
+        rows = self.batch.fill(seqs, size)
+        meta = batch.meta[:, :size]
+        live = meta[2] > 0  # padding rows (length 0) stay token 0 at position 0
+        tokens = torch.empty(steps, size, dtype=torch.long, device=meta.device)
+        replayed = True
+        for j in range(steps):
+            logits, graph = self._run(size)
+            replayed &= graph
+            tokens[j] = torch.nan_to_num(logits.float(), nan=-math.inf).argmax(dim=-1)
+            if j + 1 < steps:
+                meta[0].copy_(torch.where(live, tokens[j], 0))
+                meta[1:3] += live
+        for s in seqs:
+            assert s.cache is not None
+            s.cache.advance(steps)
+        picked = tokens[:, rows].T.tolist()  # the one device sync
+        return picked, size, replayed
+
+    def _run(self, size: int) -> tuple[torch.Tensor, bool]:
+        """One decode step of the filled buffers at ``size``: the graph's replay, else captured (after an eager run on
+        the capture stream, whose logits it returns), else eager. Returns the logits and whether it was a replay."""
+        if size in self.graphs:
+            graph, logits = self.graphs[size]
+            graph.replay()
+            return logits, True
+        if self.capture:
+            with warm_up_on_capture_stream(self.engine.lm.device):
+                logits = self.engine.forward_padded(self.batch, size)  # type: ignore[arg-type]
+            self._capture(size)
+            return logits, False
+        return self.engine.forward_padded(self.batch, size), False  # type: ignore[arg-type]
 
     def _buffers(self, seqs: list[Sequence], size: int) -> None:
         """Buffers with room for ``size`` rows and the longest sequence: reallocated (doubling) when too small."""

@@ -73,6 +73,7 @@ class StepInfo:
     decode_rows: int = 0  # sequences that fed back a token
     preempted: int = 0  # sequences preempted to free pages
     prefill_tokens: int = 0  # prompt tokens read
+    decode_steps: int = 0  # forwards each decode row ran: 1, or up to ``Engine.multi_step`` in a multi-step
     graph: bool = False  # the step was replayed from a CUDA graph (a lone sequence's, or the pool's at ``padded``)
     padded: int = 0  # the padded batch size of a decode step run on static buffers over the pool (0: none)
     seconds: float = 0.0
@@ -84,7 +85,7 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
                  use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None,
-                 padded_decode: bool | None = None):
+                 padded_decode: bool | None = None, multi_step: int = 1):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
@@ -99,9 +100,21 @@ class Engine:
         from a CUDA graph captured at that size when the device, the kernels and ``cuda_graphs`` allow it (the
         pool's decode graphs take the place of a lone sequence's ``GraphDecoder``, which cannot read pool pages).
         Default: whenever such a graph can be captured, else the eager batched step; True: always, eagerly where
-        no graph can be captured (CPU tests of the padded step); False: never."""
+        no graph can be captured (CPU tests of the padded step); False: never.
+
+        ``multi_step``: a padded decode-only step whose sequences all decode greedily runs up to this many decode
+        steps in a row, each fed the argmax of the last on the device, and reads the tokens back once
+        (``BatchGraphs.decode``; vLLM's multi-step scheduling). The tokens are those of single steps; the host's work
+        per step (pages, tables, sampling, stop checks) is paid once per ``multi_step`` tokens instead of between
+        every two forwards, where the GPU waits for it. A sequence ending on a stop token inside the run wastes the
+        rest of it, and a prompt waiting for pages waits up to ``multi_step`` steps more. The run is shortened to the
+        fewest tokens any of its sequences has left and is one step where some sequence samples, replays tokens after
+        a preemption, or cannot get the pages for the run without preempting another."""
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
+        if multi_step < 1:
+            raise InputError(f"multi_step must be at least 1, got {multi_step}")
+        self.multi_step = multi_step
         self.lm = lm
         self.plan = plan if plan is not None else HeadPlan.dense(lm.spec, lm.name)
         self.plan.check_model(lm.spec)
@@ -463,18 +476,26 @@ class Engine:
                 chunks.append((s, chunk))
                 budget -= len(chunk)
             t0 = time.perf_counter()
-            rows = self._forward_step(decode, chunks, info)
-            sampled = self._sample(rows)
+            run = self._multi(decode, chunks)
+            if run is not None:
+                sampled = self._multi_step(run[0], decode, run[1], info)
+            else:
+                sampled = [(s, [token]) for s, token in self._sample(self._forward_step(decode, chunks, info))]
             info.seconds = time.perf_counter() - t0
+            if info.decode_rows and not info.decode_steps:
+                info.decode_steps = 1
             for s in decode:
                 s.stats.decode_s += info.seconds
             for s, _ in chunks:
                 s.stats.prefill_s += info.seconds
-            for s, token in sampled:
-                try:
-                    s.accept(token, self.detokenize)
-                except Exception as exc:  # e.g. a tokenizer that cannot decode a sampled id
-                    s.finish("error", exc)
+            for s, tokens in sampled:
+                for token in tokens:  # a multi-step's tokens after the one that ended the sequence are dropped
+                    if s.finished:
+                        break
+                    try:
+                        s.accept(token, self.detokenize)
+                    except Exception as exc:  # e.g. a tokenizer that cannot decode a sampled id
+                        s.finish("error", exc)
             info.finished = [s for s in self.live if s.finished]
             for s in info.finished:
                 self._release(s)
@@ -496,6 +517,42 @@ class Engine:
             victim.preempt()
             info.preempted += 1
         return True
+
+    def _multi(self, decode: list[Sequence], chunks: list[tuple[Sequence, list[int]]]) -> tuple[BatchGraphs, int] | None:
+        """The padded steps and the number of steps for a multi-step run of ``decode`` (``multi_step``), its pages
+        taken; None: a single step."""
+        if self.multi_step < 2 or chunks or not decode or self.pool is None:
+            return None
+        if any(s.finished or not is_greedy(s.params) or s.fed + 1 != len(s.generated) for s in decode):
+            return None
+        steps = min(self.multi_step, *(s.params.max_new_tokens - len(s.generated) for s in decode))
+        if steps < 2:
+            return None
+        try:
+            padded = self.batch_graphs(decode)
+        except Exception:  # the single step reports it
+            return None
+        if padded is None:
+            return None
+        for s in decode:  # the run's pages, without preempting anyone (what one sequence took stays: it needs them next)
+            assert s.pages is not None
+            if not s.pages.grow(s.cached + steps):
+                return None
+        return padded, steps
+
+    def _multi_step(self, padded: BatchGraphs, decode: list[Sequence], steps: int,
+                    info: StepInfo) -> list[tuple[Sequence, list[int]]]:
+        """``steps`` greedy decode steps of ``decode`` in a row (``BatchGraphs.decode``); each sequence's tokens."""
+        out = self._shared_forward("a multi-step decode", decode, decode, lambda: padded.decode(decode, steps),
+                                   steps=steps)
+        if out is None:
+            return []
+        tokens, info.padded, info.graph = out
+        info.decode_rows, info.decode_steps = len(decode), steps
+        for s in decode:
+            s.fed += steps
+            s.stats.cuda_graph |= info.graph
+        return list(zip(decode, tokens, strict=True))
 
     def _start(self, s: Sequence) -> bool:
         """Give ``s`` its cache, reserved for its whole length (``Sequence.max_tokens``), over its pool pages under a
@@ -568,12 +625,12 @@ class Engine:
         return list(zip(kept, logits, strict=True))
 
     def _shared_forward(self, what: str, members: list[Sequence], decode: list[Sequence],
-                        fn: Callable[[], _T]) -> _T | None:
-        """Run ``fn``, the forward ``members`` share, after counting a decode step in each of ``decode``'s caches;
-        if it fails, every member finishes with the error (logged once) and the result is None."""
+                        fn: Callable[[], _T], steps: int = 1) -> _T | None:
+        """Run ``fn``, the forward ``members`` share, after counting ``steps`` decode steps in each of ``decode``'s
+        caches; if it fails, every member finishes with the error (logged once) and the result is None."""
         try:
             for s in decode:
-                s.cache.decode_step += 1  # type: ignore[union-attr]
+                s.cache.decode_step += steps  # type: ignore[union-attr]
             out = fn()
             _sync_fn(self.lm.device)()
             return out

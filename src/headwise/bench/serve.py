@@ -15,8 +15,8 @@ time to first token (mean, p50, p99, from the request's arrival), time per outpu
 (mean, p50, p99), peak concurrency (in-process: the sequences that ran in one step, holding a cache, not those
 offered and waiting for pages; HTTP: the scheduler's running peak) and, in-process, the peak KV bytes held (under
 ``--kv-memory``: pages held x page bytes), the preemptions, and the steps that only decoded: how many, how many
-were replayed from a CUDA graph, and their wall time (mean, p50, p99 in ms; ``--cuda-graphs off`` for the eager
-batched step); on CUDA with a pool, the rate at which those steps read their bytes (the weights but the input
+were replayed from a CUDA graph, and their wall time per forward (mean, p50, p99 in ms; a ``--multi-step`` step's time
+over its forwards; ``--cuda-graphs off`` for the eager batched step); on CUDA with a pool, the rate at which those steps read their bytes (the weights but the input
 embedding table, plus the KV pages held: what a decode step reads, at most) against the copy bandwidth measured in the
 same run; with a mix, per prompt length too (``by_prompt_len``: tokens/s over the time to the group's last
 token). ``--kv-memory GB|N%`` gives each driver a page pool of that size (``pool.KVMemory``), the same one
@@ -229,10 +229,11 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
         held += sum(s.stats.kv_bytes for s in info.finished)
         peak_kv = max(peak_kv, held)
         if info.decode_rows and not info.prefill_tokens:
-            decode_ms.append(1e3 * info.seconds)
+            per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
+            decode_ms.append(1e3 * per_forward)
             graph_steps += info.graph
-            if weights is not None and pool is not None and info.seconds > 0:
-                read_rate.append((weights + held) / info.seconds / 1e9)
+            if weights is not None and pool is not None and per_forward > 0:
+                read_rate.append((weights + held) / per_forward / 1e9)
     stop = time.perf_counter()
     if partial:
         line = progress(stop)
@@ -354,7 +355,8 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
     results: dict[str, Any] = {"model": args.model, "plan": plan.digest(), "plan_name": args.plan,
                                "plan_summary": plan.summary(lm.spec, max(n for _, n in load.groups())),
                                "load": load.describe(), "chunk_size": args.chunk_size, "max_batch": args.max_batch,
-                               "cuda_graphs": args.cuda_graphs, "torch_threads": torch.get_num_threads(),
+                               "cuda_graphs": args.cuda_graphs, "multi_step": args.multi_step,
+                               "torch_threads": torch.get_num_threads(),
                                "tp": args.tp,
                                "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order),
                                "max_seconds": args.max_seconds}
@@ -370,7 +372,8 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
         # Each driver gets a fresh pool of the same size: the same memory, in-process and over HTTP.
         pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
         graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
-        engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, cuda_graphs=graphs)
+        engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, cuda_graphs=graphs,
+                        multi_step=args.multi_step)
         warm = _warm_up(engine, load) if args.warmup else None
         if mode == "in-process":
             results[mode] = run_in_process(engine, load, deadline, args.progress_s,
@@ -421,6 +424,9 @@ def add_arguments(p: Any) -> None:
     g.add_argument("--cuda-graphs", choices=("auto", "on", "off"), default="auto",
                    help="decode steps from CUDA graphs: a lone request's, and under --kv-memory the batch's at padded "
                         "sizes (auto: where allowed; off: eager batched steps, to compare)")
+    g.add_argument("--multi-step", type=int, default=1, metavar="N",
+                   help="under --kv-memory, greedy decode-only steps run up to N forwards in a row (Engine(multi_step)); "
+                        "decode-only step times and read rates are then per forward (default 1)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="stop the in-process driver this many seconds after the command started and record what was "
                         "measured, marked partial (default: run to the end)")

@@ -33,6 +33,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests allowed to wait for admission; beyond that the server answers 429 (default 64)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--multi-step", type=int, default=1, metavar="N",
+                   help="under --kv-memory, greedy decode-only steps run up to N forwards in a row, the tokens read "
+                        "back once (vLLM's multi-step scheduling: less host time between forwards; tokens stream "
+                        "N at a time; default 1)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); on a machine busy with other work, fewer "
                         "threads avoid OpenMP spin contention")
@@ -125,7 +129,7 @@ def build(args: argparse.Namespace, lm: Any = None):
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
     lm = lm if lm is not None else load_from_args(args)
     pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
-    engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool)
+    engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, multi_step=args.multi_step)
     if pool is not None:  # admission counts the pool's pages; the byte budget is the pool's size
         budget = pool.num_pages * pool.page_bytes
     else:

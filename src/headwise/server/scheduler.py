@@ -316,7 +316,7 @@ class Scheduler:
         self._drop_cancelled()
         info = self.engine.step(self.prefill_budget) if self._running else StepInfo()
         if info.decode_rows:
-            self.metrics.decode_steps += 1
+            self.metrics.decode_steps += info.decode_steps
             self.metrics.decode_graph_steps += info.graph
             self.metrics.peak_running = max(self.metrics.peak_running, info.decode_rows)
         kept = 0
