@@ -139,6 +139,9 @@ def sample_next(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
 
+_MAX_MISSES = 8  # longer than any UTF-8 character's run of byte tokens (4)
+
+
 def first_stop(text: str, stops: Seq[str]) -> int | None:
     """Index where the earliest stop string starts in ``text``, or None."""
     found = [text.find(s) for s in stops if s]
@@ -195,7 +198,14 @@ class Sequence:
         # preempted sequence replays its tokens)
         self.pages: SequencePages | None = None  # its page tables when the engine has a ``PagePool``
         self.preemptions = 0
-        self.text = ""  # decoded output, cut at a stop string
+        self.text = ""  # decoded output (``detokenize(generated)``), cut at a stop string
+        # Incremental detokenization (``_detokenized``): the text of ``generated[:_read_at]``, and the last committed
+        # window of tokens with its standalone text, so each token decodes a few tokens rather than all of them.
+        self._committed = ""
+        self._prefix_at = self._read_at = 0
+        self._prefix_text = ""
+        self._incremental = True
+        self._misses = 0  # consecutive tokens whose window did not extend its run's text
         self.emitted = 0  # characters of ``text`` released in events
         self.finish_reason: str | None = None
         self.error: BaseException | None = None
@@ -246,7 +256,7 @@ class Sequence:
             return
         self.generated.append(token_id)
         self.stats.new_tokens = len(self.generated)
-        self.text = detokenize(self.generated)
+        self.text = self._detokenized(detokenize)
         hit = first_stop(self.text, self.params.stop)
         if hit is not None:
             self.text = self.text[:hit]
@@ -259,6 +269,36 @@ class Sequence:
             self.finish("length")
         else:
             self.status = Status.DECODE
+
+    def _detokenized(self, detokenize: Callable[[list[int]], str]) -> str:
+        """``detokenize(generated)``, computed from the newest tokens only (as vLLM's incremental detokenizer): the
+        window from the start of the last committed run of tokens is decoded, and what it adds to that run's own
+        text is appended to the text committed so far. A run is committed once its text ends on a whole character
+        (no trailing U+FFFD, a partial UTF-8 sequence), so every window starts on a character boundary and its
+        first token has the token before it as context (a SentencePiece decoder strips a leading space from the
+        start of whatever it decodes). Decoding all the tokens at every step cost ~0.26 ms per sequence at 512
+        tokens (SmolLM2's tokenizer), host time the GPU waits for in a batched step. If a window's text does not
+        extend its run's (a tokenizer that rewrites across tokens, e.g. cleaning spaces before punctuation), the
+        sequence decodes all its tokens for that token: a byte-fallback decoder (Gemma's) turns a whole run of byte
+        tokens into U+FFFD while its last character is incomplete, the characters of that run already committed
+        included, until the character completes. After ``_MAX_MISSES`` such tokens in a row (a tokenizer that
+        rewrites across tokens, e.g. cleaning spaces before punctuation), it decodes all its tokens from then on."""
+        gen = self.generated
+        if not self._incremental:
+            return detokenize(gen)
+        window = detokenize(gen[self._prefix_at :])
+        if not window.startswith(self._prefix_text):
+            self._misses += 1
+            self._incremental = self._misses < _MAX_MISSES
+            return detokenize(gen)
+        self._misses = 0
+        tail = window[len(self._prefix_text) :]
+        text = self._committed + tail
+        if tail and not tail.endswith("\ufffd"):
+            self._committed = text
+            self._prefix_at, self._read_at = self._read_at, len(gen)
+            self._prefix_text = detokenize(gen[self._prefix_at : self._read_at])
+        return text
 
     def _release(self, token_id: int, final: bool) -> None:
         end = len(self.text) if final else safe_end(self.text, self.params.stop)
