@@ -410,3 +410,25 @@ def test_multi_step_runs_replay_the_graphs_with_the_single_steps_tokens_on_gpu(p
     tokens, infos = batch(8)
     assert any(i.graph and i.decode_steps == 8 for i in infos), [(i.graph, i.decode_steps, i.padded) for i in infos]
     assert tokens == batch(1)[0]
+
+
+@pytest.mark.parametrize("layout", ["blocks", "interleaved"])
+def test_padded_steps_over_consecutive_and_interleaved_head_groups_give_each_sequence_its_tokens(layout):
+    """Four KV heads per layer: full and streaming heads in blocks (each launch a range of consecutive heads: it reads
+    and writes views) or interleaved (gathered and scattered by index); both give each sequence its tokens alone."""
+    from headwise.policies import Streaming
+
+    lm = tiny_model("llama", num_attention_heads=8, num_key_value_heads=4)
+    stream = Streaming(sink=2, window=6)
+    row = [Full(), Full(), stream, stream] if layout == "blocks" else [Full(), stream, Full(), stream]
+    plan = HeadPlan.from_policies(lm.spec, [row] * lm.spec.num_layers)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (7, 19, 12)]
+    want = [greedy_alone(lm, p, 6, plan) for p in prompts]
+    pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, plan, chunk_size=16, pool=pool, padded_decode=True)
+    seqs, infos = run(engine, prompts, [6, 6, 6], [0, 0, 1], [plan] * 3)
+    assert [s.generated for s in seqs] == want and any(i.padded for i in infos)
+    batch = engine.batch_graphs([seqs[0]])
+    ranged = [la.q_range is not None for layer in batch.batch.launches for la in layer]  # type: ignore[union-attr]
+    assert all(ranged) if layout == "blocks" else not any(ranged)

@@ -148,6 +148,16 @@ class _Launch:
     width: int = 0  # pages per head
     bound_offset: int = 0  # a ``select`` layout's bound-page tables: first column, bound pages per head
     bound_width: int = 0
+    q_range: tuple[int, int] | None = None  # ``q_index`` / ``kv_index`` as a range of consecutive heads, when they are
+    kv_range: tuple[int, int] | None = None  # one: the launch reads and writes views instead of gathered copies
+
+
+def _as_range(index: torch.Tensor) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``index`` lists ``start, start + 1, ..., stop - 1``, else None."""
+    values = index.tolist()
+    if not values or values != list(range(values[0], values[0] + len(values))):
+        return None
+    return values[0], values[0] + len(values)
 
 
 @dataclass
@@ -185,6 +195,7 @@ class PaddedBatch:
                 launch.q_index = torch.cat([launch.q_index, g.q_index])
                 launch.kv_index = torch.cat([launch.kv_index, g.kv_index])
             for launch in by_layout.values():
+                launch.q_range, launch.kv_range = _as_range(launch.q_index), _as_range(launch.kv_index)
                 held = min(limit, launch.layout.ring) if launch.layout.ring else limit
                 launch.offset, launch.width = offset, max(1, -(-held // P))
                 offset += launch.heads * launch.width
@@ -290,10 +301,20 @@ class PaddedBatch:
         for launch, view, bound_view in zip(self.launches[layer_idx], self.views[layer_idx],
                                             self.bound_views[layer_idx]):
             table = view[:size]
-            k = key[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]  # [size, heads, 1, D]
-            v = value[0].index_select(0, launch.kv_index).transpose(0, 1)[:, :, None]
+            if launch.kv_range is not None:  # consecutive heads: views, no gathered copies (fewer kernels a step)
+                k0, k1 = launch.kv_range
+                k, v = key[0, k0:k1], value[0, k0:k1]
+            else:
+                k, v = key[0].index_select(0, launch.kv_index), value[0].index_select(0, launch.kv_index)
+            k, v = k.transpose(0, 1)[:, :, None], v.transpose(0, 1)[:, :, None]  # [size, heads, 1, D]
             pool.write(table, launch.layout.slots(positions)[:, None], k, v)
-            q = query[0].index_select(0, launch.q_index).transpose(0, 1)  # [size, heads * group, D]
+            o_view = None
+            if launch.q_range is not None:
+                q0, q1 = launch.q_range
+                q = query[0, q0:q1].transpose(0, 1)  # [size, heads * group, D], strided
+                o_view = out[0, q0:q1].transpose(0, 1)  # the kernel writes the layer's output in place
+            else:
+                q = query[0].index_select(0, launch.q_index).transpose(0, 1)
             selected = None
             if launch.layout.select:
                 H = launch.heads
@@ -308,11 +329,14 @@ class PaddedBatch:
                 from headwise.kernels.batch_decode import batch_decode  # Triton: only with kernels
 
                 o = batch_decode(q, pool.keys, pool.values, table, lengths, self.limit, pool.page_size,
-                                 ring=launch.layout.ring, selected=selected, scale=scale)
+                                 ring=launch.layout.ring, selected=selected, scale=scale, out=o_view)
             else:
                 o = batch_decode_reference(q, pool.keys, pool.values, table, lengths, pool.page_size,
                                            ring=launch.layout.ring, selected=selected, scale=scale)
-            out[0].index_copy_(0, launch.q_index, o.transpose(0, 1))
+                if o_view is not None:
+                    o_view.copy_(o)
+            if o_view is None:
+                out[0].index_copy_(0, launch.q_index, o.transpose(0, 1))
         return out
 
 
