@@ -159,3 +159,39 @@ def test_generate_and_the_server_scheduler_give_identical_text(smollm2, prompt, 
         text = "".join(served)
         assert emitted[-1].finish_reason == "stop" or not any(s in text for s in stop)
         assert not any(s in text for s in stop)
+
+
+@pytest.mark.parametrize(("prompt", "stop"), CASES)
+def test_the_server_over_a_page_pool_with_multi_step_gives_generates_text(smollm2, prompt, stop):
+    """The scheduler driving an engine over a page pool whose decode steps run 4 forwards in a row (the tokens handed
+    out four at a time) streams the pieces ``Engine.generate`` gives one step at a time: stop strings, held-back
+    half characters and all."""
+    from headwise.pool import PagePool
+    from headwise.server.scheduler import GenRequest, Scheduler
+
+    plan = mixed_plan(smollm2.spec, window=8)
+    params = SamplingParams(max_new_tokens=24, stop=stop)
+    offline = [e.text for e in Engine(smollm2, plan).generate(prompt, params)]
+    pool = PagePool(smollm2.spec, 1 << 26, dtype_bytes=4, page_size=16)
+    engine = Engine(smollm2, plan, pool=pool, padded_decode=True, multi_step=4)
+    runs: list[int] = []
+    step = engine.step
+
+    def recorded(*args):
+        info = step(*args)
+        runs.append(info.decode_steps)
+        return info
+
+    engine.step = recorded  # type: ignore[method-assign]
+    emitted: list = []
+    scheduler = Scheduler(engine, max_batch=2, kv_budget_bytes=pool.num_pages * pool.page_bytes, max_queue=2)
+    req = GenRequest("r", engine.encode(prompt)[0].tolist(), params, {smollm2.tokenizer.eos_token_id}, emitted.append)
+    scheduler.submit(req)
+    with scheduler._cond:
+        scheduler._admit()
+    while not req.finished:
+        scheduler.step()
+    served = [e.text for e in emitted if e.kind == "token"]
+    assert [t for t in offline if t] == served
+    assert max(runs) == 4 and scheduler.metrics.decode_steps == sum(runs), runs
+    assert pool.free_pages == pool.num_pages

@@ -52,7 +52,8 @@ def test_chat_content_parts_are_joined_and_developer_is_system():
 @pytest.mark.parametrize(
     ("flag", "value", "message"),
     [("--max-batch", "0", "--max-batch"), ("--port", "70000", "--port"), ("--kv-budget-gb", "-1", "--kv-budget-gb"),
-     ("--max-queue", "-1", "--max-queue"), ("--kv-memory", "lots", "--kv-memory"), ("--kv-memory", "150%", "90%")],
+     ("--max-queue", "-1", "--max-queue"), ("--kv-memory", "lots", "--kv-memory"), ("--kv-memory", "150%", "90%"),
+     ("--multi-step", "0", "--multi-step")],
 )
 def test_serve_rejects_bad_options_in_one_line(flag, value, message, capsys):
     from headwise.cli import main
@@ -77,7 +78,8 @@ def test_serve_with_kv_memory_runs_the_engine_over_a_pool_of_that_size(smollm2, 
     monkeypatch.setattr(cli, "load_from_args", lambda args: smollm2)
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    _, scheduler = cli.build(parser.parse_args(["serve", "smollm2-135m", "--kv-memory", "0.5"]))
+    _, scheduler = cli.build(parser.parse_args(["serve", "smollm2-135m", "--kv-memory", "0.5", "--multi-step", "4"]))
+    assert scheduler.engine.multi_step == 4
     pool = scheduler.engine.pool
     assert pool is not None and pool.num_pages == int(0.5e9) // pool.page_bytes
     assert scheduler.kv_budget == pool.num_pages * pool.page_bytes

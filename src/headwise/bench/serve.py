@@ -319,6 +319,8 @@ def run(args: Any) -> dict[str, Any] | None:
     unknown = sorted(set(modes) - {"in-process", "http"})
     if unknown:
         raise InputError(f"unknown --mode {', '.join(unknown)}; choose from in-process, http")
+    if args.multi_step < 1:
+        raise InputError(f"--multi-step must be at least 1, got {args.multi_step}")
     if args.plan not in ("dense", *PLAN_PRESETS) and not Path(args.plan).is_file():
         raise InputError(f"--plan {args.plan}: no such file; give dense, a preset ({', '.join(PLAN_PRESETS)}) or a "
                          "plan JSON")

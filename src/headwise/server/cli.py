@@ -112,6 +112,8 @@ def build(args: argparse.Namespace, lm: Any = None):
         raise InputError(f"--port must be in 1..65535, got {args.port}")
     if args.max_batch < 1:
         raise InputError(f"--max-batch must be at least 1, got {args.max_batch}")
+    if args.multi_step < 1:
+        raise InputError(f"--multi-step must be at least 1, got {args.multi_step}")
     if args.max_queue < 0:
         raise InputError(f"--max-queue must be 0 or more, got {args.max_queue}")
     if args.kv_budget_gb is not None and args.kv_budget_gb <= 0:
