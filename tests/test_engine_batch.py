@@ -135,22 +135,29 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("prompt", "stop"), CASES)
-def test_generate_and_the_server_scheduler_give_identical_text(smollm2, prompt, stop):
+def _serve_one(engine: Engine, prompt: str, params: SamplingParams, kv_budget: int):
+    """``prompt`` through the server's scheduler over ``engine`` until it finishes: (the events it emitted, the
+    scheduler)."""
     from headwise.server.scheduler import GenRequest, Scheduler
 
-    engine = Engine(smollm2, mixed_plan(smollm2.spec, window=8))
-    params = SamplingParams(max_new_tokens=24, stop=stop)
-    offline = [e.text for e in engine.generate(prompt, params)]
     emitted: list = []
-    scheduler = Scheduler(engine, max_batch=2, kv_budget_bytes=1 << 30, max_queue=2)
-    ids = engine.encode(prompt)[0].tolist()
-    req = GenRequest("r", ids, params, {smollm2.tokenizer.eos_token_id}, emitted.append)
+    scheduler = Scheduler(engine, max_batch=2, kv_budget_bytes=kv_budget, max_queue=2)
+    eos = {engine.lm.tokenizer.eos_token_id}
+    req = GenRequest("r", engine.encode(prompt)[0].tolist(), params, eos, emitted.append)
     scheduler.submit(req)
     with scheduler._cond:
         scheduler._admit()
     while not req.finished:
         scheduler.step()
+    return emitted, scheduler
+
+
+@pytest.mark.parametrize(("prompt", "stop"), CASES)
+def test_generate_and_the_server_scheduler_give_identical_text(smollm2, prompt, stop):
+    engine = Engine(smollm2, mixed_plan(smollm2.spec, window=8))
+    params = SamplingParams(max_new_tokens=24, stop=stop)
+    offline = [e.text for e in engine.generate(prompt, params)]
+    emitted, _ = _serve_one(engine, prompt, params, 1 << 30)
     served = [e.text for e in emitted if e.kind == "token"]
     assert "".join(served) == "".join(offline)
     assert [t for t in offline if t] == served, "the same pieces, released at the same tokens"
@@ -167,7 +174,6 @@ def test_the_server_over_a_page_pool_with_multi_step_gives_generates_text(smollm
     out four at a time) streams the pieces ``Engine.generate`` gives one step at a time: stop strings, held-back
     half characters and all."""
     from headwise.pool import PagePool
-    from headwise.server.scheduler import GenRequest, Scheduler
 
     plan = mixed_plan(smollm2.spec, window=8)
     params = SamplingParams(max_new_tokens=24, stop=stop)
@@ -183,14 +189,7 @@ def test_the_server_over_a_page_pool_with_multi_step_gives_generates_text(smollm
         return info
 
     engine.step = recorded  # type: ignore[method-assign]
-    emitted: list = []
-    scheduler = Scheduler(engine, max_batch=2, kv_budget_bytes=pool.num_pages * pool.page_bytes, max_queue=2)
-    req = GenRequest("r", engine.encode(prompt)[0].tolist(), params, {smollm2.tokenizer.eos_token_id}, emitted.append)
-    scheduler.submit(req)
-    with scheduler._cond:
-        scheduler._admit()
-    while not req.finished:
-        scheduler.step()
+    emitted, scheduler = _serve_one(engine, prompt, params, pool.num_pages * pool.page_bytes)
     served = [e.text for e in emitted if e.kind == "token"]
     assert [t for t in offline if t] == served
     assert max(runs) == 4 and scheduler.metrics.decode_steps == sum(runs), runs
