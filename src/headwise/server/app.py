@@ -463,10 +463,11 @@ class SchedulerCollector(Collector):
                     m.kv_bytes_reserved)
         yield gauge("headwise_kv_budget_bytes", "KV budget that admission keeps to.", s.kv_budget)
         yield counter("headwise_requests_cancelled", "Requests dropped because the client went away.", m.cancelled)
-        yield counter("headwise_decode_steps", "Batched decode steps run.", m.decode_steps)
+        yield counter("headwise_decode_steps", "Batched decode forwards run (a --multi-step step counts each of its "
+                      "forwards).", m.decode_steps)
         yield counter("headwise_decode_graph_steps",
-                      "Decode steps of a request alone run by its CUDA-graph decoder (the first captures, the "
-                      "rest replay; counted in decode_steps too).", m.decode_graph_steps)
+                      "Of those, forwards replayed from a CUDA graph: a request's alone (its decoder's), or under "
+                      "--kv-memory the batch's at its padded size.", m.decode_graph_steps)
 
 
 # ---------------------------------------------------------------------------------------------- guard

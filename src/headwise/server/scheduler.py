@@ -317,7 +317,7 @@ class Scheduler:
         info = self.engine.step(self.prefill_budget) if self._running else StepInfo()
         if info.decode_rows:
             self.metrics.decode_steps += info.decode_steps
-            self.metrics.decode_graph_steps += info.graph
+            self.metrics.decode_graph_steps += info.decode_steps if info.graph else 0
             self.metrics.peak_running = max(self.metrics.peak_running, info.decode_rows)
         kept = 0
         for r in self._running:
