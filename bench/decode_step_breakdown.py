@@ -15,7 +15,9 @@ for each plan and batch size:
   sequences hold, over the median step, as ``headwise bench serve`` counts them, against ``copy_gb_per_s``
   (``copy_bandwidth``, read and write counted, measured in the same run);
 - ``graph_profile``: one more step (a graph replay) under torch.profiler (``profile_call``): ``gpu_busy_ms`` and the
-  kernels' time by family (attention, matrix multiplications, the rest); ``eager_profile``: the same padded step
+  kernels' time by family (attention, matrix multiplications, the rest); ``kernels_per_forward_ms`` and
+  ``gap_per_forward_ms``, the step's time per forward beyond its kernels (launch gaps inside the graph, and the host
+  where it stands between forwards: ``--multi-step`` takes it out); ``eager_profile``: the same padded step
   run eagerly on the same buffers (``Engine.forward_padded``: it writes the same token's KV again), whose kernels
   the profiler sees one by one, with their host time;
 - ``attention_gb_per_s`` / ``gemm_gb_per_s``: the KV held over the attention kernels' time and the weights over the
@@ -125,6 +127,10 @@ def case(lm: LoadedModel, plan_name: str, batch: int, args: argparse.Namespace, 
     out = {"plan": plan_name, "batch": batch, "context": args.context, "prefill_s": round(prefill_s, 2),
            "step_ms": times, "step_ms_median": round(step_ms, 4), "graph_steps": graph_steps, "padded_size": padded,
            "multi_step": args.multi_step, "forwards_per_step": forwards,
+           # the replay's kernels per forward (the profiled step ran as many forwards as the timed ones) and what the
+           # step takes beyond them: launch gaps inside the graph, and the host where it stands between forwards
+           "kernels_per_forward_ms": round(graph_profile["gpu_busy_ms"] / max(1, forwards[-1]), 4),
+           "gap_per_forward_ms": round(step_ms - graph_profile["gpu_busy_ms"] / max(1, forwards[-1]), 4),
            "weights_bytes": weights, "kv_bytes_held": held, "read_gb_per_s": _rate(weights + held, step_ms),
            "read_over_copy": (round((weights + held) / (step_ms / 1e3) / 1e9 / copy_gb_per_s, 3)
                               if copy_gb_per_s else None),
@@ -174,7 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             gc.collect()  # the case's engine and its graphs refer to each other: free its pool before the next
             if lm.device.type == "cuda":
                 torch.cuda.empty_cache()
-            print(f"{name:8s} batch {b:3d}: step {row['step_ms_median']:8.3f} ms, read {row['read_gb_per_s']} GB/s "
+            print(f"{name:8s} batch {b:3d}: step {row['step_ms_median']:8.3f} ms (kernels {row['kernels_per_forward_ms']} "
+                  f"+ gap {row['gap_per_forward_ms']} ms per forward), read {row['read_gb_per_s']} GB/s "
                   f"({row['read_over_copy']} of copy), attention {row['attention_gb_per_s']} GB/s, gemm "
                   f"{row['gemm_gb_per_s']} GB/s, kernels {(row['eager_profile'] or row['graph_profile'])['kernel_groups_ms']}",
                   flush=True)

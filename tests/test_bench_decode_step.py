@@ -58,4 +58,7 @@ def test_breakdown_with_multi_step_times_each_forward(tmp_path):
                     "--top", "5", "--multi-step", "4"])
     case = json.loads(out.read_text())["results"]["cases"][0]
     assert case["multi_step"] == 4 and case["forwards_per_step"] == [4, 4]
+    assert case["kernels_per_forward_ms"] >= 0
+    assert case["gap_per_forward_ms"] == pytest.approx(case["step_ms_median"] - case["kernels_per_forward_ms"],
+                                                        abs=2e-4)
     assert all(t > 0 for t in case["step_ms"])
