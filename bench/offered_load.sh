@@ -14,7 +14,9 @@
 # LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
 # that each plan admits the same number of sequences as the 32-layer run: every per-layer cost scales together, so
 # the dense/plan ratios hold. MIX (default 64x32768,16x131072), OUTPUT_LEN (256), CHUNK (prefill chunk, 2048),
-# KV_GB, PLAN, MODEL and EXTRA (more `headwise bench serve` arguments) change the run.
+# KV_GB, PLAN, MODEL and EXTRA (more `headwise bench serve` arguments, e.g. EXTRA="--multi-step 8" as in run 6 of
+# docs/serving.md) change the run. On a device whose checkout's git metadata is stale, HEADWISE_COMMIT=<commit> names
+# the tree in the results (bench/record.py).
 set -uo pipefail
 phase=${1:?phase: probe, dense or plan}
 SECONDS_LEFT=${2:-600}
