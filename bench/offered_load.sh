@@ -16,7 +16,7 @@
 # the dense/plan ratios hold. MIX (default 64x32768,16x131072), OUTPUT_LEN (256), CHUNK (prefill chunk, 2048),
 # KV_GB, PLAN, MODEL and EXTRA (more `headwise bench serve` arguments, e.g. EXTRA="--multi-step 8" as in run 6 of
 # docs/serving.md) change the run. On a device whose checkout's git metadata is stale, HEADWISE_COMMIT=<commit> names
-# the tree in the results (bench/record.py).
+# the tree in the results (src/headwise/bench/record.py).
 set -uo pipefail
 phase=${1:?phase: probe, dense or plan}
 SECONDS_LEFT=${2:-600}
