@@ -364,15 +364,9 @@ class BatchGraphs:
         """Feed each sequence's next token (``generated[fed]``) at its position. Returns each sequence's next-token
         logits ``[vocab]`` (views of the step's output, valid until the next step), the padded size and whether the
         step was replayed from a graph. Counts the token in each sequence's host counters."""
-        size = padded_size(len(seqs), self.sizes)
-        assert size is not None, "more sequences than the largest padded size"
-        self._buffers(seqs, size)
-        assert self.batch is not None
-        rows = self.batch.fill(seqs, size)
+        size, rows = self._fill(seqs)
         logits, replayed = self._run(size)
-        for s in seqs:
-            assert s.cache is not None
-            s.cache.advance(1)
+        _advance(seqs, 1)
         return [logits[r] for r in rows], size, replayed
 
     @torch.inference_mode()
@@ -383,13 +377,9 @@ class BatchGraphs:
         static inputs the next step reads; one read of the tokens at the end. Every sequence must hold pages for
         ``steps`` more tokens. Returns each sequence's ``steps`` tokens, the padded size and whether the steps were
         replayed from a graph. Counts the ``steps`` tokens fed in each sequence's host counters."""
-        size = padded_size(len(seqs), self.sizes)
-        assert size is not None, "more sequences than the largest padded size"
-        self._buffers(seqs, size)
-        batch = self.batch
-        assert batch is not None
-        rows = self.batch.fill(seqs, size)
-        meta = batch.meta[:, :size]
+        size, rows = self._fill(seqs)
+        assert self.batch is not None
+        meta = self.batch.meta[:, :size]
         live = meta[2] > 0  # padding rows (length 0) stay token 0 at position 0
         tokens = torch.empty(steps, size, dtype=torch.long, device=meta.device)
         replayed = True
@@ -400,11 +390,18 @@ class BatchGraphs:
             if j + 1 < steps:
                 meta[0].copy_(torch.where(live, tokens[j], 0))
                 meta[1:3] += live
-        for s in seqs:
-            assert s.cache is not None
-            s.cache.advance(steps)
+        _advance(seqs, steps)
         picked = tokens[:, rows].T.tolist()  # the one device sync
         return picked, size, replayed
+
+    def _fill(self, seqs: list[Sequence]) -> tuple[int, list[int]]:
+        """The step's padded size, its buffers (``_buffers``) and the sequences' inputs written in them: (the size,
+        each sequence's row)."""
+        size = padded_size(len(seqs), self.sizes)
+        assert size is not None, "more sequences than the largest padded size"
+        self._buffers(seqs, size)
+        assert self.batch is not None
+        return size, self.batch.fill(seqs, size)
 
     def _run(self, size: int) -> tuple[torch.Tensor, bool]:
         """One decode step of the filled buffers at ``size``: the graph's replay, else captured (after an eager run on
@@ -456,6 +453,13 @@ class BatchGraphs:
             log.warning("batched decode steps run eagerly: capturing one in a CUDA graph failed (%s)", exc)
             return
         self.graphs[size] = (graph, logits)
+
+
+def _advance(seqs: list[Sequence], tokens: int) -> None:
+    """Count ``tokens`` fed on the device in each sequence's host counters."""
+    for s in seqs:
+        assert s.cache is not None
+        s.cache.advance(tokens)
 
 
 __all__ = ["SIZES", "BatchGraphs", "PaddedBatch", "capture_graph", "capture_stream", "padded_blockers", "padded_size",
