@@ -19,7 +19,8 @@ Parts (each writes ``<out>/learned_sparse_<part>_<date>.json``; the last stdout 
   paper's bound); random Gaussian q/k/v, and a "clustered" variant whose keys come from 64 centroids so attention
   has heavy entries.
 * ``hyper-agreement``: next-token top-1 agreement and KL against each bundled model's shipped plan when its full
-  heads on global layers prefill with HyperAttention instead (``--min-seq-len`` 1024 so that the approximation
+  heads on global layers prefill with HyperAttention instead (against the dense plan, every global-layer head swapped,
+  when the shipped plan has no full head: SmolLM2's) (``--min-seq-len`` 1024 so that the approximation
   runs at the bundled models' lengths; one-shot prefill of ``--agreement-len`` tokens: with 512-token chunks every
   HyperAttention sub-problem is below ``min_seq_len`` and exact).
 
@@ -249,23 +250,36 @@ def part_hyper(args: argparse.Namespace) -> dict[str, Any]:
     return {"policy": pol.to_spec(), "rows": rows}
 
 
+def _global_full_heads(spec: Any, pols: list[list[Any]]) -> list[tuple[int, int]]:
+    """(layer, KV head) of the ``full`` heads on the model's global (not natively sliding) layers."""
+    from headwise.policies import Full
+
+    return [(i, j) for i in range(spec.num_layers) if spec.native_window(i) is None
+            for j in range(spec.num_kv_heads) if isinstance(pols[i][j], Full)]
+
+
 def part_hyper_agreement(args: argparse.Namespace) -> dict[str, Any]:
     from headwise.bench.decode import agreement
     from headwise.data import shakespeare
     from headwise.engine import Engine
     from headwise.models import load_model
     from headwise.plan import HeadPlan
-    from headwise.policies import Full, Hyper
+    from headwise.policies import Hyper
 
     out = {}
     for name in args.models.split(","):
         lm = load_model(name, device=DEVICE)
         spec = lm.spec
         base = HeadPlan.load(Path("plans") / f"{name}.json")
-        pols = base.policies()
+        against = f"plans/{name}.json"
         hyper = Hyper(min_seq_len=args.min_seq_len)
-        swapped = [(i, j) for i in range(spec.num_layers) if spec.native_window(i) is None
-                   for j in range(spec.num_kv_heads) if isinstance(pols[i][j], Full)]
+
+        pols = base.policies()
+        swapped = _global_full_heads(spec, pols)
+        if not swapped:  # a shipped plan without full heads (SmolLM2's): every global-layer head of the dense plan
+            base, against = HeadPlan.dense(spec, "dense"), "dense"
+            pols = base.policies()
+            swapped = _global_full_heads(spec, pols)
         for i, j in swapped:
             pols[i][j] = hyper
         plan = HeadPlan.from_policies(spec, pols, name)
@@ -275,7 +289,7 @@ def part_hyper_agreement(args: argparse.Namespace) -> dict[str, Any]:
         ref = Engine(lm, base, chunk_size=L).logits(ids, positions)[0].float()
         got = Engine(lm, plan, chunk_size=L).logits(ids, positions)[0].float()
         out[name] = {"length": L, "positions": len(positions), "hyper_heads": len(swapped), "policy": hyper.to_spec(),
-                     "against": f"plans/{name}.json", **agreement(ref, got)}
+                     "against": against, **agreement(ref, got)}
         print(name, json.dumps(out[name]), file=sys.stderr)
         del lm
         empty_cache()

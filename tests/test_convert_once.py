@@ -48,3 +48,31 @@ def test_a_failed_conversion_leaves_nothing_half_written(tmp_path):
         convert_once(target, broken)
     assert not target.exists() and not list(tmp_path.glob("*.tmp*"))
     assert convert_once(target, _write) and (target / "headwise-converted.json").is_file()
+
+
+def test_the_three_reads_of_one_conversion_share_one_gguf_reader(monkeypatch):
+    """transformers builds a new GGUFReader for the config, the tokenizer and the weights; inside a conversion they
+    share one (its metadata parse is what a conversion of Gemma 3 spends most of its time on), and the real class is
+    back afterwards."""
+    gguf = pytest.importorskip("gguf")
+    from headwise.models import _one_gguf_reader, _smollm2_file
+
+    path = _smollm2_file()
+    if not path.is_file():
+        pytest.skip("the bundled SmolLM2 GGUF is not installed")
+    built = []
+
+    class Counting(gguf.GGUFReader):
+        def __init__(self, *args, **kwargs):
+            built.append(args[0])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(gguf, "GGUFReader", Counting)
+    with _one_gguf_reader():
+        from gguf import GGUFReader  # as transformers' load_gguf_checkpoint imports it, at call time
+
+        first, second = GGUFReader(path), GGUFReader(str(path))
+        assert first is second and len(built) == 1
+        assert len(first.tensors) > 0
+    assert gguf.GGUFReader is Counting
+    assert isinstance(gguf.GGUFReader(path), Counting) and len(built) == 2
