@@ -132,9 +132,9 @@ def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_siz
 
 
 def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_call(monkeypatch):
-    """The decode tokens' slots and positions cross from the host in one copy per batched call (on CUDA an
-    asynchronous one from pinned memory, ``host_to_device``), not one copy each, and the tokens stay each
-    sequence's own."""
+    """The decode tokens' slots, positions and places on the forward's token axis cross from the host in one copy per
+    batched call (on CUDA an asynchronous one from pinned memory, ``host_to_device``), not one copy each, and the
+    tokens stay each sequence's own."""
     lm = tiny_model("llama")
     copies: list[tuple[int, ...]] = []
     real = paged_cache.host_to_device
@@ -152,8 +152,8 @@ def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_cal
     engine.step()  # the three prompts
     copies.clear()
     assert engine.step().decode_rows == 3
-    # per layer: the full heads' call (4 (sequence, KV head) pairs) and one per ring size: [slots; positions]
-    assert sorted(copies) == sorted([(2, 4), (2, 1), (2, 1)] * lm.spec.num_layers)
+    # per layer: the full heads' call (4 (sequence, KV head) pairs) and one per ring size: [slots; positions; tokens]
+    assert sorted(copies) == sorted([(3, 4), (3, 1), (3, 1)] * lm.spec.num_layers)
     for n, plan, seq in zip((3, 9, 12), plans, seqs):
         assert seq.generated[:2] == greedy_alone(lm, list(range(1, n + 1)), 2, plan)
 

@@ -63,8 +63,10 @@ def headwise_attention(
 
 
 def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                  scale: float, token0: int, rows: PoolRows) -> torch.Tensor:
-    """One cache's chunk, group by group: query [B, Hq, L, D]; key, value [B, Hkv, L, D]. Returns [B, Hq, L, D].
+                  scale: float, token0: int, rows: PoolRows, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One cache's chunk, group by group: query [B, Hq, L, D]; key, value [B, Hkv, L, D]. Returns [B, Hq, L, D]:
+    ``out`` when given (a view of a packed forward's output, written in place: a decode token whose groups are all in
+    the pool then costs no copy here), else a new tensor.
     A one-token chunk of a group whose KV is in the page pool is left to ``decode_over_pool``, and with kernels on a
     prompt chunk of such a group whose policy prefills densely to ``prefill_over_pool`` (its keys and values written
     into its pages here): appended to ``rows`` (at token ``token0`` of the forward), their output heads filled in by
@@ -80,9 +82,14 @@ def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key
     if len(layer.groups) == 1 and not paged[0]:
         g = layer.groups[0]
         ctx = _ctx(cache, layer, start, scale, g.kv_heads)
-        out = g.policy.attend(query, key, value, cache._ensure_store(g), ctx)
+        res = g.policy.attend(query, key, value, cache._ensure_store(g), ctx)
+        if out is None:
+            out = res
+        else:
+            out.copy_(res)
     else:
-        out = torch.empty_like(query)
+        if out is None:
+            out = torch.empty_like(query)
         for g, pooled in zip(layer.groups, paged):
             store = cache._ensure_store(g)
             if pooled and L == 1:
@@ -136,8 +143,8 @@ def _attend_packed(
     out = torch.empty_like(query)
     rows = PoolRows()
     for c, s, n in zip(batch.caches, batch.starts, batch.lengths):
-        out[:, :, s : s + n] = _attend_cache(c, module.layer_idx, query[:, :, s : s + n], key[:, :, s : s + n],
-                                             value[:, :, s : s + n], scale, s, rows)
+        _attend_cache(c, module.layer_idx, query[:, :, s : s + n], key[:, :, s : s + n], value[:, :, s : s + n],
+                      scale, s, rows, out=out[:, :, s : s + n])
     rows.attend(query, key, value, out, scale, batch.caches[0].use_kernels)
     return out.transpose(1, 2).contiguous(), None
 

@@ -363,17 +363,24 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
     device = query.device
     for (ring, select), rs in by_layout.items():
         pool = rs[0].store.pool
-        heads = [len(r.kv_index) for r in rs]
-        q = torch.cat([query[0, r.q_index, r.token] for r in rs])  # [pairs * group, D]
-        k = torch.cat([key[0, r.kv_index, r.token] for r in rs])  # [pairs, D]
-        v = torch.cat([value[0, r.kv_index, r.token] for r in rs])
-        pairs = k.shape[0]
+        group = len(rs[0].q_index) // max(1, len(rs[0].kv_index))
+        per_head = torch.tensor([len(r.kv_index) for r in rs])
         pos = torch.tensor([r.store.tokens for r in rs])  # host counts: the decode token's position, per row
         slot = torch.cat([r.store.layout.slots(pos[i : i + 1]) for i, r in enumerate(rs)])
-        per_head = torch.tensor(heads)
         positions, slots = pos.repeat_interleave(per_head), slot.repeat_interleave(per_head)
+        tokens = torch.tensor([r.token for r in rs]).repeat_interleave(per_head)  # each pair's token
         table = _padded_tables([r.store.pages.table(device) for r in rs])  # [pairs, 1, W]
-        on_device, positions_on_device = host_to_device(torch.stack([slots, positions]), device).unbind(0)
+        on_device, positions_on_device, tokens_on_device = host_to_device(
+            torch.stack([slots, positions, tokens]), device).unbind(0)
+        # One gather each for the rows' queries, keys and values (not one per row): the index tensors of a forward's
+        # rows are the same in every layer but the gathers are cheap next to a launch per row and layer.
+        kv_heads = torch.cat([r.kv_index for r in rs]).to(device)
+        q_heads = torch.cat([r.q_index for r in rs]).to(device)
+        q_tokens = tokens_on_device.repeat_interleave(group, output_size=q_heads.shape[0])
+        q = query[0, q_heads, q_tokens]  # [pairs * group, D]
+        k = key[0, kv_heads, tokens_on_device]  # [pairs, D]
+        v = value[0, kv_heads, tokens_on_device]
+        pairs = k.shape[0]
         pool.write(table, on_device[:, None], k[:, None, None], v[:, None, None])
         lengths = (positions_on_device + 1).to(torch.int32)
         qp = q.view(pairs, -1, D)
@@ -391,10 +398,6 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         else:
             o = batch_decode_reference(qp, pool.keys, pool.values, table, lengths, pool.page_size, ring=ring,
                                        selected=selected, scale=scale)
-        o = o.reshape(-1, D)
-        at = 0
+        out[0, q_heads, q_tokens] = o.reshape(-1, D).to(out.dtype)  # one scatter: (head, token) pairs are distinct
         for r in rs:
-            n = len(r.q_index)
-            out[0, :, r.token].index_copy_(0, r.q_index, o[at : at + n])
-            at += n
             r.store.advance(1)
