@@ -250,14 +250,6 @@ def part_hyper(args: argparse.Namespace) -> dict[str, Any]:
     return {"policy": pol.to_spec(), "rows": rows}
 
 
-def _global_full_heads(spec: Any, pols: list[list[Any]]) -> list[tuple[int, int]]:
-    """(layer, KV head) of the ``full`` heads on the model's global (not natively sliding) layers."""
-    from headwise.policies import Full
-
-    return [(i, j) for i in range(spec.num_layers) if spec.native_window(i) is None
-            for j in range(spec.num_kv_heads) if isinstance(pols[i][j], Full)]
-
-
 def part_hyper_agreement(args: argparse.Namespace) -> dict[str, Any]:
     from headwise.bench.decode import agreement
     from headwise.data import shakespeare
@@ -265,6 +257,7 @@ def part_hyper_agreement(args: argparse.Namespace) -> dict[str, Any]:
     from headwise.models import load_model
     from headwise.plan import HeadPlan
     from headwise.policies import Hyper
+    from headwise.profile.act import global_full_heads
 
     out = {}
     for name in args.models.split(","):
@@ -275,11 +268,11 @@ def part_hyper_agreement(args: argparse.Namespace) -> dict[str, Any]:
         hyper = Hyper(min_seq_len=args.min_seq_len)
 
         pols = base.policies()
-        swapped = _global_full_heads(spec, pols)
+        swapped = global_full_heads(spec, pols)
         if not swapped:  # a shipped plan without full heads (SmolLM2's): every global-layer head of the dense plan
             base, against = HeadPlan.dense(spec, "dense"), "dense"
             pols = base.policies()
-            swapped = _global_full_heads(spec, pols)
+            swapped = global_full_heads(spec, pols)
         for i, j in swapped:
             pols[i][j] = hyper
         plan = HeadPlan.from_policies(spec, pols, name)

@@ -27,6 +27,7 @@ from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.policies import ACT, Full, Policy
+from headwise.spec import ModelSpec
 
 MARGIN = 1e-4
 """Loss change (nats per token) below which a head, or the held-out check, counts as no gain: on the tiny random
@@ -81,13 +82,19 @@ class ActChoice:
                 "held_out_loss_with_candidates": None if self.held_out_with is None else round(self.held_out_with, 5)}
 
 
+def global_full_heads(spec: ModelSpec, policies: list[list[Policy]]) -> list[tuple[int, int]]:
+    """(layer, KV head) of the ``full`` heads on the model's global (not natively sliding) layers: the heads that ACT,
+    or an approximate prefill such as HyperAttention, may take over."""
+    return [(i, j) for i in range(spec.num_layers) if spec.native_window(i) is None
+            for j in range(spec.num_kv_heads) if isinstance(policies[i][j], Full)]
+
+
 def choose_act_heads(lm: LoadedModel, policies: list[list[Policy]], held_in: torch.Tensor, held_out: torch.Tensor,
                      act: ACT | None = None, margin: float = MARGIN, progress: bool = True) -> ActChoice:
     """The module's two steps on token ids ``held_in``, ``held_out`` ``[1, T]``; ``policies`` is left unchanged."""
     act = act or ACT()
     spec = lm.spec
-    heads = [(i, j) for i in range(spec.num_layers) if spec.native_window(i) is None
-             for j in range(spec.num_kv_heads) if isinstance(policies[i][j], Full)]
+    heads = global_full_heads(spec, policies)
     base = mean_loss(lm, policies, held_in)
     delta: dict[tuple[int, int], float] = {}
     for i, j in tqdm(heads, desc="ACT per head", unit="head", disable=not progress):
