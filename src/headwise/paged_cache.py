@@ -363,7 +363,6 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
     device = query.device
     for (ring, select), rs in by_layout.items():
         pool = rs[0].store.pool
-        group = len(rs[0].q_index) // max(1, len(rs[0].kv_index))
         per_head = torch.tensor([len(r.kv_index) for r in rs])
         pos = torch.tensor([r.store.tokens for r in rs])  # host counts: the decode token's position, per row
         slot = torch.cat([r.store.layout.slots(pos[i : i + 1]) for i, r in enumerate(rs)])
@@ -374,9 +373,9 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
             torch.stack([slots, positions, tokens]), device).unbind(0)
         # One gather each for the rows' queries, keys and values, and one scatter of their outputs below, instead of a
         # launch per row (a mixed step of 54 decode rows at 32 layers made ~15,000 such launches).
-        kv_heads = torch.cat([r.kv_index for r in rs]).to(device)
-        q_heads = torch.cat([r.q_index for r in rs]).to(device)
-        q_tokens = tokens_on_device.repeat_interleave(group, output_size=q_heads.shape[0])
+        kv_heads = torch.cat([r.kv_index for r in rs])  # the groups' index tensors live on the device already
+        q_heads = torch.cat([r.q_index for r in rs])
+        q_tokens = tokens_on_device.repeat_interleave(pool.spec.group_size, output_size=q_heads.shape[0])
         q = query[0, q_heads, q_tokens]  # [pairs * group, D]
         k = key[0, kv_heads, tokens_on_device]  # [pairs, D]
         v = value[0, kv_heads, tokens_on_device]
