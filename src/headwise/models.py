@@ -220,7 +220,8 @@ def _one_gguf_reader() -> Iterator[None]:
     """Within the block, one ``gguf.GGUFReader`` per file. transformers reads the file's metadata three times to load
     one model (config, tokenizer, weights: ``load_gguf_checkpoint`` builds a new reader each time), and building a
     reader parses every field element by element: for Gemma 3's 262K-token vocabulary ~40 s per read on a 2-core
-    CPU (its first load: 101 s before, 61 s with one reader). The reader is read-only (a memory map), so the three loads can share one."""
+    CPU (its first load: 101 s before, 61 s with one reader; bench/results/gguf_first_load_cpu_2026-12-03.json).
+    The reader is read-only (a memory map), so the three loads can share one."""
     try:
         import gguf
     except ImportError:  # transformers reports the missing package itself
