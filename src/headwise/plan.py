@@ -42,7 +42,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from headwise.errors import PlanError
 from headwise.policies import Policy, build_policy
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
 FORMAT = "headwise-plan"
 VERSION = 1
 _FINGERPRINT_KEYS = ("architecture", "num_layers", "num_q_heads", "num_kv_heads", "head_dim")
+T = TypeVar("T")
 
 
 @dataclass
@@ -336,3 +337,30 @@ def resolve(policies: list[list[Policy]], spec: ModelSpec) -> list[list[Policy]]
         return p
 
     return [[windowed(p, spec.native_window(i)) for p in row] for i, row in enumerate(policies)]
+
+
+def deal_heads(spec: ModelSpec, layers: list[list[T]], seed: str, tries: int = 100) -> list[list[T]]:
+    """``layers``' per-head entries (policies or their specs) dealt to the KV heads in a random order seeded by the
+    string ``seed``, global layers and native sliding layers apart (a policy means something else on a sliding
+    layer; each native window its own group), so every deal holds the same KV bytes at every length as ``layers``.
+    A deal that gives every head the entry it has in ``layers`` is drawn again (up to ``tries`` times) until some
+    head differs, where any arrangement differs at all. The entries themselves are not copied. Shared by the
+    evaluation's ``random@equal`` baseline (``eval.runner.random_baseline``) and the profiler's ``--select-deals``
+    (``profile.runner.select_among_deals``), which seed it differently."""
+    import random
+
+    rng = random.Random(seed)
+    windows = sorted(set(spec.layer_windows), key=lambda w: (w is not None, w or 0))  # global layers first
+    groups = [[(i, j) for i, w in enumerate(spec.layer_windows) if w == window for j in range(spec.num_kv_heads)]
+              for window in windows]
+    rows = [list(row) for row in layers]
+    for _ in range(tries):
+        rows = [list(row) for row in layers]
+        for slots in groups:
+            heads = [layers[i][j] for i, j in slots]
+            rng.shuffle(heads)
+            for (i, j), h in zip(slots, heads):
+                rows[i][j] = h
+        if rows != layers:
+            break
+    return rows

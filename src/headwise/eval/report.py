@@ -257,10 +257,13 @@ def needle_heatmap(results: dict[str, Any], path: Path) -> Path | None:
 
 
 def accuracy_vs_memory(results: dict[str, Any], path: Path) -> Path | None:
-    """Mean accuracy over the generation tasks against KV memory held, one point per plan × length."""
+    """Mean accuracy over the generation tasks against KV memory held, one point per plan × length, with the Wilson
+    95% interval of that mean over all its samples (every task's samples counted as trials of one proportion)."""
     acc: dict[tuple[str, int], list[float]] = defaultdict(list)
+    count: dict[tuple[str, int], int] = defaultdict(int)
     for a in results["accuracy"]:
         acc[(a["plan"], a["length"])].append(a["score"])
+        count[(a["plan"], a["length"])] += int(a.get("n", 0))
     perf = {(r["plan"], r["length"]): r for r in results["performance"] if r["kv_bytes"] is not None}
     if not perf:
         return None
@@ -271,7 +274,11 @@ def accuracy_vs_memory(results: dict[str, Any], path: Path) -> Path | None:
                      for L in results["lengths"] if (p, L) in perf and acc.get((p, L)))
         if not pts:
             continue
-        ax.plot([x for x, _, _ in pts], [100 * y for _, y, _ in pts], marker=markers[k % len(markers)], label=p)
+        bars = [wilson(y, count[(p, L)]) for _, y, L in pts]
+        ax.errorbar([x for x, _, _ in pts], [100 * y for _, y, _ in pts],
+                    yerr=[[max(0.0, 100 * (y - lo)) for (_, y, _), (lo, _) in zip(pts, bars)],  # >= 0 past rounding
+                          [max(0.0, 100 * (hi - y)) for (_, y, _), (_, hi) in zip(pts, bars)]],
+                    marker=markers[k % len(markers)], capsize=3, label=p)
         for x, y, L in pts:
             ax.annotate(_len(L), (x, 100 * y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
@@ -279,7 +286,7 @@ def accuracy_vs_memory(results: dict[str, Any], path: Path) -> Path | None:
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("KV cache held (MiB, log scale; labels: prompt length)")
-    ax.set_ylabel("mean accuracy (%)")
+    ax.set_ylabel("mean accuracy (%, Wilson 95%)")
     ax.set_ylim(-5, 105)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)

@@ -48,7 +48,7 @@ from headwise.bench.record import device_name, git_commit
 from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
 from headwise.eval.scoring import score, wilson
 from headwise.eval.tasks import TASKS, make_sample, task_info
-from headwise.plan import HeadPlan
+from headwise.plan import HeadPlan, deal_heads
 
 FIDELITY = "fidelity"
 """Pseudo-task: KL(dense ‖ plan), top-1 agreement and perplexity by position on Shakespeare (fidelity.py)."""
@@ -232,25 +232,16 @@ def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: 
     return HeadPlan.uniform(spec, head, name, created_by=f"headwise eval longheads@{window}")
 
 
+RANDOM_SEED = "headwise-random-baseline"
+"""Prefix of the ``random@equal:SEED`` draws' seeds (``deal_heads``); the profiler's ``--select-deals`` uses another."""
+
+
 def random_baseline(spec: Any, reference: HeadPlan, name: str, seed: int = 0) -> HeadPlan:
     """``reference``'s per-head policies dealt to the KV heads in a seeded random order, global layers and native
     sliding layers apart (a policy means something else on a sliding layer): the same KV bytes at every length,
     other heads. A draw that deals every head the policy it has in ``reference`` is no baseline, so the deal is
-    drawn again (up to 100 times) until some head differs, where any arrangement differs at all."""
-    import random
-
-    rng = random.Random(f"headwise-random-baseline:{seed}")
-    groups = [[(i, j) for i, w in enumerate(spec.layer_windows) if (w is not None) == sliding
-               for j in range(spec.num_kv_heads)] for sliding in (False, True)]
-    for _ in range(100):
-        rows = [[dict(h) for h in row] for row in reference.layers]
-        for slots in groups:
-            heads = [reference.layers[i][j] for i, j in slots]
-            rng.shuffle(heads)
-            for (i, j), h in zip(slots, heads):
-                rows[i][j] = dict(h)
-        if rows != reference.layers:
-            break
+    drawn again (up to 100 times) until some head differs, where any arrangement differs at all (``deal_heads``)."""
+    rows = [[dict(h) for h in row] for row in deal_heads(spec, reference.layers, f"{RANDOM_SEED}:{seed}")]
     plan = _plan(spec, rows, name, f"random placement of {reference.meta.get('created_by', 'the plan')}'s policies")
     plan.gates = reference.gates  # a SeerAttention gate covers every head of its layer, wherever a seer head lands
     return plan

@@ -26,9 +26,11 @@ from headwise.profile.runner import (
     FULL_SHARE,
     METHODS,
     Settings,
+    check_select_deals,
     check_select_under,
     draw_plan,
     parse_budgets,
+    print_deals,
     print_selection,
     profile_model,
     resolve_from_scores,
@@ -56,8 +58,13 @@ def register(subparsers: Any) -> None:
                    help="smaller budgets (e.g. 0.25,0.3,0.375,0.5) whose plans from the same scores compete with "
                         "--budget's on held-in retrieval probes; the plan written is the one answering the most, the "
                         "cheaper on a tie, so it may hold less than --budget (needs --full-share; docs/profiling.md)")
+    p.add_argument("--select-deals", type=int, default=0, metavar="N",
+                   help="also deal the solved plan's per-head policies to other heads N times (within global and within "
+                        "sliding layers: the same KV bytes) and write whichever of the plan and its deals answers the "
+                        "most held-in retrieval probes, the plan on a tie (default 0: off; docs/profiling.md)")
     p.add_argument("--select-lengths", default="", metavar="L1,L2",
-                   help="prompt lengths the --select-under probes run at (default: --target-len and twice it)")
+                   help="prompt lengths the --select-under and --select-deals probes run at (default: --target-len and "
+                        "twice it)")
     p.add_argument("--select-probes", type=int, default=None, metavar="N",
                    help="held-in retrieval probes per length that candidate plans are judged on (default 64 on a GPU, "
                         "8 on a CPU, 2 with --fast)")
@@ -134,6 +141,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--full-share", str(args.full_share)]
     if args.select_under is not None:
         parts += ["--select-under", args.select_under]
+    if args.select_deals:
+        parts += ["--select-deals", str(args.select_deals)]
     if args.select_lengths:
         parts += ["--select-lengths", args.select_lengths]
     if args.select_probes is not None:
@@ -178,8 +187,10 @@ def run(args: argparse.Namespace) -> int:
 
     select_under = parse_budgets(args.select_under) if args.select_under is not None else ()
     check_select_under(args.budget, select_under, args.full_share)
-    if args.select_lengths and not select_under:
-        raise InputError("--select-lengths sets where the --select-under candidates are measured: give --select-under")
+    check_select_deals(args.select_deals)
+    if args.select_lengths and not (select_under or args.select_deals):
+        raise InputError("--select-lengths sets where the --select-under or --select-deals candidates are measured: "
+                         "give --select-under or --select-deals")
     select_lengths = tuple(parse_length(x) for x in args.select_lengths.split(",") if x.strip())
     import torch
 
@@ -191,10 +202,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--ablation-base {args.ablation_base} sets the base the ablation ranking is measured on: it "
                          "needs --method ablation and no --from-scores (a re-solve measures nothing; its ranking's base "
                          "is in the source plan's meta.ablation.base)")
-    if args.ablation_switch != "streaming" and (args.from_scores or args.method != "ablation"
-                                                 or args.full_share is None or args.select_under is not None):
+    if args.ablation_switch != "streaming" and (args.from_scores or args.method != "ablation" or args.full_share is None
+                                                 or args.select_under is not None or args.select_deals):
         raise InputError(f"--ablation-switch {args.ablation_switch} needs --method ablation and --full-share, without "
-                         "--from-scores or --select-under (the plan selection judges streaming plans)")
+                         "--from-scores, --select-under or --select-deals (the plan selection judges streaming plans)")
     if settings.ablation_text_weight and (args.from_scores or args.method != "ablation"):
         raise InputError("--ablation-text-weight weighs a term of the ablation ranking's loss: it needs --method ablation "
                          "and no --from-scores")
@@ -214,7 +225,8 @@ def run(args: argparse.Namespace) -> int:
                                        args.method, command_line(args), full_share=args.full_share,
                                        select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
-                                       select_lengths=select_lengths, progress=not args.no_progress)
+                                       select_lengths=select_lengths, progress=not args.no_progress,
+                                       select_deals=args.select_deals)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
@@ -222,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
-                                 ablation_switch=args.ablation_switch)
+                                 ablation_switch=args.ablation_switch, select_deals=args.select_deals)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         plan.save(out)
         png = out.with_suffix(".png")
@@ -233,6 +245,8 @@ def run(args: argparse.Namespace) -> int:
     sol = plan.meta["solution"]
     if plan.meta.get("selection", {}).get("by") == "budget":
         print_selection(plan.meta["selection"])
+    if "select_deals" in plan.meta:
+        print_deals(plan.meta["select_deals"])
     print(f"wrote {out} ({plan.summary(lm.spec, args.target_len)}; {sol['kv_tokens']} of {sol['cap_tokens']} "
           f"allowed KV slots) and {png} in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -225,7 +225,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
-                  select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming") -> HeadPlan:
+                  select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming",
+                  select_deals: int = 0) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -242,13 +243,16 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     compete with ``budget``'s on held-in probes at ``select_lengths`` (``select_under_budget``). ``ablation_switch``
     ``knorm``: the ranking measures switches to ``knorm`` instead of ``streaming``, and the solved plan's streaming
     heads on global layers become ``knorm`` heads of the same slots (``streaming_to_knorm``); it needs ``full_share``
-    (the selection among shares and budgets judges streaming plans)."""
+    (the selection among shares and budgets judges streaming plans). ``select_deals``: the solved plan competes with
+    that many re-deals of its policies over the heads on held-in probes at ``select_lengths``
+    (``select_among_deals``; recorded in ``meta["select_deals"]``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
 
     check_room(lm.spec, budget, target_len, quantize)
     check_select_under(budget, select_under, full_share)
+    check_select_deals(select_deals)
     if method not in METHODS:
         raise HeadwiseError(f"unknown --method '{method}'; choose one of {', '.join(METHODS)}")
     if ablation_base != "full" and method != "ablation":
@@ -256,11 +260,13 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                             f"ablation, not {method}")
     if ablation_switch not in ABLATION_SWITCHES:
         raise HeadwiseError(f"unknown --ablation-switch '{ablation_switch}'; choose one of {', '.join(ABLATION_SWITCHES)}")
-    if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under):
+    if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under or select_deals):
         raise HeadwiseError(f"--ablation-switch {ablation_switch} needs --method ablation and --full-share, without "
-                            "--select-under: the plan selection judges the solver's streaming plans, not their knorm "
-                            "twins")
+                            "--select-under or --select-deals: the plan selection judges the solver's streaming plans, "
+                            "not their knorm twins")
     settings = settings or Settings()
+    if select_deals:  # before the profiling, not after it
+        check_probe_lengths(lm, settings.select_probes, select_lengths, "--select-deals")
     if settings.ablation_text_weight and method != "ablation":
         raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
@@ -333,6 +339,12 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
                     quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
     timings["solve_s"] = time.perf_counter() - t
+    deals: dict[str, Any] = {}
+    if select_deals:
+        t = time.perf_counter()
+        sol, deals = select_among_deals(lm, sol, select_deals, budget, target_len, settings.select_probes,
+                                        select_lengths, fit_lengths)
+        timings["select_deals_s"] = time.perf_counter() - t
     policies = sol.policies
     if ablation_switch == "knorm":
         policies = streaming_to_knorm(policies, spec)
@@ -408,6 +420,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         meta["act"] = act_meta
     if selection:
         meta["selection"] = selection
+    if deals:
+        meta["select_deals"] = deals
     if settings.prefill_density is not None:
         meta["prefill_patterns"] = {"density": settings.prefill_density, "length": settings.pattern_length,
                                     "heads": pattern_meta}
@@ -500,6 +514,105 @@ def parse_budgets(text: str) -> tuple[float, ...]:
                          ) from None
 
 
+def check_probe_lengths(lm: LoadedModel, n_probes: int, lengths: tuple[int, ...], flag: str) -> None:
+    """Raise ``InputError`` unless ``flag``'s candidates can run on ``n_probes`` held-in probes per length at
+    ``lengths`` (each leaving room for the answer in the model's context)."""
+    if n_probes < 1:
+        raise InputError(f"{flag} runs the candidate plans on held-in probes; it needs at least one probe per "
+                         "length (--select-probes)")
+    limit = lm.spec.max_context
+    too_long = [L for L in lengths if limit is not None and limit < L + 32]
+    if too_long:
+        raise InputError(f"--select-lengths {', '.join(map(str, too_long))} leave no room for the probe's answer in "
+                         f"{lm.name}'s {limit}-token context; use lengths up to {limit - 32}")
+
+
+def measure_on_probes(lm: LoadedModel, cands: list[Any], target_len: int, n_probes: int,
+                      lengths: tuple[int, ...]) -> dict[str, Any]:
+    """Run ``cands`` (``select.BudgetCandidate``s) and dense on ``n_probes`` held-in probes per length
+    (``select.probe_set``'s seed, not the ablation's) at ``lengths`` (default: ``probe_lengths``), filling in what
+    each answers (``select.measure_budgets``); returns what the probes and dense's answers were, for the meta."""
+    from headwise.profile.select import hits_by_haystack, measure_budgets, probe_set
+
+    use = sorted(set(lengths)) or probe_lengths(lm.spec, target_len)
+    probes = probe_set(lm.tokenizer, use, n_probes)
+    dense = measure_budgets(lm, cands, probes)
+    return {"probes_per_length": n_probes, "lengths": use, "dense_probes_answered": int(dense.sum()),
+            "probes": int(dense.numel()), "dense_by_haystack": hits_by_haystack(probes, dense),
+            "probes_by_haystack": hits_by_haystack(probes, torch.ones_like(dense))}
+
+
+DEAL_SEED = "headwise-select-deal"
+"""Prefix of ``--select-deals``' seeds (``plan.deal_heads``): not the evaluation's ``random@equal`` draws'
+(``eval.runner.RANDOM_SEED``), so the plan written is never one of its baseline draws by construction."""
+
+
+def check_select_deals(n_deals: int) -> None:
+    """Raise ``InputError`` unless ``n_deals`` (``--select-deals``) is a count of deals, 0 for none."""
+    if n_deals < 0:
+        raise InputError(f"--select-deals is how many re-deals of the plan's policies compete with it (0: none), at "
+                         f"least 0; got {n_deals}")
+
+
+def dealt_solution(sol: Any, policies: list[list[Any]]) -> Any:
+    """``sol`` (``solver.Solution``) with its policies dealt to other heads as ``policies``: the same KV, its full and
+    quantized heads where those policies now are, and no skipped heads (the ranking no longer placed them)."""
+    import dataclasses
+
+    from headwise.policies import Full, Quantized
+
+    heads = [((i, j), p) for i, row in enumerate(policies) for j, p in enumerate(row)]
+    return dataclasses.replace(sol, policies=policies, skipped=[],
+                               full_heads=[h for h, p in heads if isinstance(p, Full)],
+                               quantized_heads=[h for h, p in heads if isinstance(p, Quantized)])
+
+
+def select_among_deals(lm: LoadedModel, sol: Any, n_deals: int, budget: float, target_len: int, n_probes: int,
+                 lengths: tuple[int, ...] = (), fit_lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    """The solved plan ``sol`` or one of ``n_deals`` re-deals of its per-head policies (``plan.deal_heads`` seeded
+    ``DEAL_SEED``:k, within global layers and within native sliding layers: the same KV bytes at every length),
+    whichever answers the most held-in probes exactly; ties go to the solved plan, then to the lower mean answer NLL
+    (``select.choose_deal``). Judged as ``select_under_budget`` judges budgets (``measure_on_probes``, the quantized
+    heads rounded as their stores hold them). Why: on the H200, Gemma 3 270M's ablation-ranked plan kept 94/87/77
+    passkeys at 2K/4K/8K where five random deals of the same policies kept 92-100/79-99/71-94 (docs/profiling.md).
+    Returns the solution kept and ``meta["select_deals"]``."""
+    from headwise.plan import HeadPlan, deal_heads
+    from headwise.profile.select import DealCandidate, choose_deal
+
+    check_select_deals(n_deals)
+    check_probe_lengths(lm, n_probes, lengths, "--select-deals")
+    spec = lm.spec
+    at = sorted({target_len, *fit_lengths, *lengths, *probe_lengths(spec, target_len)})
+
+    def held(policies: list[list[Any]]) -> list[int]:
+        plan = HeadPlan.from_policies(spec, policies)
+        return [plan.kv_bytes(spec, L, peak=True) for L in at]
+
+    want = held(sol.policies)
+    cands = [DealCandidate(budget, sol)]
+    for k in range(n_deals):
+        policies = deal_heads(spec, sol.policies, f"{DEAL_SEED}:{k}")
+        if held(policies) != want:
+            raise HeadwiseError(f"--select-deals: deal {k} holds other KV bytes than the solved plan at {at} tokens")
+        differs = [(i, j) for i, row in enumerate(policies) for j, p in enumerate(row) if p != sol.policies[i][j]]
+        cands.append(DealCandidate(budget, dealt_solution(sol, policies), deal=k, differs=differs))
+    common = measure_on_probes(lm, cands, target_len, n_probes, lengths)
+    best = choose_deal(cands)
+    info = {"deals": n_deals, "seed": f"{DEAL_SEED}:K", **common, "candidates": [c.info() for c in cands],
+            "kept": best.deal}
+    return best.solution, info
+
+
+def print_deals(deals: dict[str, Any]) -> None:
+    """One line on stdout: which of the solved plan and its deals ``--select-deals`` kept, and what each answered."""
+    cands = deals["candidates"]
+    kept = "the solved plan" if deals["kept"] is None else f"deal {deals['kept']}"
+    answered = [c["probes_answered"] for c in cands[1:]]
+    print(f"--select-deals: kept {kept} (probes answered exactly of {deals['probes']}: solved plan "
+          f"{cands[0]['probes_answered']}, {len(answered)} deals {min(answered, default=0)}-{max(answered, default=0)}, "
+          f"dense {deals['dense_probes_answered']})")
+
+
 def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, under: tuple[float, ...],
                         target_len: int, span_value: torch.Tensor | None, full_share: float, n_probes: int,
                         quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
@@ -512,25 +625,11 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
     more retrieval: on the H200, SmolLM2's plan at 0.75 (52 full + 37 4-bit + 1 8-bit) kept 52/75 2K passkeys where the
     nested plan at 0.5 (15 full + 75 4-bit) kept 71/72 (docs/quality.md). Returns the solution and
     ``meta["selection"]``."""
-    from headwise.profile.select import (
-        BudgetCandidate,
-        choose_budget,
-        hits_by_haystack,
-        measure_budgets,
-        nested,
-        probe_set,
-    )
+    from headwise.profile.select import BudgetCandidate, choose_budget, nested
 
     check_select_under(budget, under, full_share)
-    if n_probes < 1:
-        raise InputError("--select-under runs the candidate plans on held-in probes; it needs at least one probe per "
-                         "length (--select-probes)")
+    check_probe_lengths(lm, n_probes, lengths, "--select-under")
     spec = lm.spec
-    limit = spec.max_context
-    too_long = [L for L in lengths if limit is not None and limit < L + 32]
-    if too_long:
-        raise InputError(f"--select-lengths {', '.join(map(str, too_long))} leave no room for the probe's answer in "
-                         f"{lm.name}'s {limit}-token context; use lengths up to {limit - 32}")
     cands = []
     for b in sorted({*under, budget}):
         try:
@@ -541,15 +640,9 @@ def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, und
                 raise
             raise BudgetError(f"--select-under {b:g}: {exc}; drop it from the list") from None
         cands.append(BudgetCandidate(b, sol))
-    use = sorted(set(lengths)) or probe_lengths(spec, target_len)
-    probes = probe_set(lm.tokenizer, use, n_probes)
-    dense = measure_budgets(lm, cands, probes)
+    common = measure_on_probes(lm, cands, target_len, n_probes, lengths)
     best = choose_budget(cands)
-    info = {"by": "budget", "probes_per_length": n_probes, "lengths": use,
-            "dense_probes_answered": int(dense.sum()), "probes": int(dense.numel()),
-            "dense_by_haystack": hits_by_haystack(probes, dense),
-            "probes_by_haystack": hits_by_haystack(probes, torch.ones_like(dense)),
-            "nested": nested([c.solution.policies for c in cands]), "full_share": full_share,
+    info = {"by": "budget", **common, "nested": nested([c.solution.policies for c in cands]), "full_share": full_share,
             "candidates": [c.info() for c in cands], "chosen": best.info()}
     return best.solution, info
 
@@ -573,15 +666,17 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
                         quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = (),
-                        progress: bool = False) -> HeadPlan:
+                        progress: bool = False, select_deals: int = 0) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``; with
-    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; and, when ``target_len`` is not
+    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; with ``select_deals``, that many
+    re-deals of the solved plan's policies on them: ``select_among_deals``; and, when ``target_len`` is not
     the length the source's span recalls were measured at, those recalls again at ``target_len``).
 
     The measured scores, spans and timings are carried over; ``meta["scores_from"]`` names the profile run."""
     check_budget(budget)
     check_select_under(budget, select_under, full_share)
+    check_select_deals(select_deals)
     source.check_model(lm.spec)
     meta = dict(source.meta)
     key = f"{method}_kv"
@@ -617,9 +712,13 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
                     None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks,
                     fit_lengths=fit_lengths)
-    meta.pop("selection", None)
+    for key in ("selection", "select_deals"):
+        meta.pop(key, None)
     if selection:
         meta["selection"] = selection
+    if select_deals:
+        sol, meta["select_deals"] = select_among_deals(lm, sol, select_deals, budget, target_len, select_probes,
+                                                       select_lengths, fit_lengths)
     meta.update({
         "created_by": command or f"headwise profile {lm.name} --budget {budget} --method {method}",
         "scores_from": {"created_by": source.meta.get("created_by"), "method": source.meta.get("method"),

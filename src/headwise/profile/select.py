@@ -26,7 +26,9 @@ before the query's chunk, and among the older ones the ``tokens`` of smallest no
 ``--select-under`` (``runner.select_under_budget``) judges another set of candidates the same way: the plans one
 ranking gives at the budget and at smaller ones (``BudgetCandidate``), because a larger budget's plan can keep
 less retrieval than a smaller one's (docs/profiling.md); ``choose_budget`` keeps the most exact answers, the
-cheaper plan on a tie.
+cheaper plan on a tie. ``--select-deals`` (``runner.select_among_deals``) judges the solved plan against re-deals of its
+own policies over the heads (``DealCandidate``, same KV bytes); ``choose_deal`` keeps the most exact answers, the
+solved plan on a tie, then the lower answer NLL.
 """
 
 from __future__ import annotations
@@ -493,3 +495,23 @@ def choose_budget(candidates: list[BudgetCandidate]) -> BudgetCandidate:
     """The candidate that answers the most probes exactly; of those that tie, the one holding the least KV (the
     extra KV bought nothing the probes see; the NLL, always a little different, would never let a tie stand)."""
     return max(candidates, key=lambda c: (c.answered, -c.solution.fraction, -c.budget))
+
+
+@dataclass
+class DealCandidate(BudgetCandidate):
+    """The budget's solved plan (``deal`` None) or one re-deal of its policies over the KV heads (``--select-deals``,
+    ``plan.deal_heads``): the same budget and KV bytes, other heads."""
+
+    deal: int | None = None
+    """Which deal (its seed is ``runner.DEAL_SEED``:``deal``); None: the solved plan itself."""
+    differs: list[tuple[int, int]] = field(default_factory=list)
+    """(layer, KV head) whose policy differs from the solved plan's."""
+
+    def info(self) -> dict[str, Any]:
+        return {"deal": self.deal, "differs": [list(h) for h in self.differs], **super().info()}
+
+
+def choose_deal(candidates: list[DealCandidate]) -> DealCandidate:
+    """The candidate that answers the most probes exactly; of those that tie, the solved plan, else the lowest mean
+    answer NLL (then the first deal)."""
+    return max(candidates, key=lambda c: (c.answered, c.deal is None, -c.nll, -(c.deal or 0)))
