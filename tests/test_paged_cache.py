@@ -131,11 +131,13 @@ def test_every_decode_token_of_a_step_is_one_batched_call_per_layer_and_ring_siz
     assert sorted(calls) == sorted([(4, 0), (1, 8), (1, 12)] * lm.spec.num_layers)
 
 
-def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_call(monkeypatch):
-    """The decode tokens' slots, positions and places on the forward's token axis cross from the host in one copy per
-    batched call (on CUDA an asynchronous one from pinned memory, ``host_to_device``), not one copy each, and the
-    tokens stay each sequence's own."""
+def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_layout(monkeypatch):
+    """The decode tokens' slots, positions, places on the forward's token axis and table widths cross from the host in
+    one copy per layout and step, shared by every layer (on CUDA an asynchronous one from pinned memory,
+    ``host_to_device``), and the rows' heads once per batch of sequences, not one copy per row or per layer; the tokens
+    stay each sequence's own."""
     lm = tiny_model("llama")
+    assert lm.spec.num_layers >= 2 and lm.spec.group_size == 2
     copies: list[tuple[int, ...]] = []
     real = paged_cache.host_to_device
 
@@ -145,17 +147,23 @@ def test_a_decode_step_copies_its_slots_and_positions_to_the_device_once_per_cal
         return real(host, device)
 
     monkeypatch.setattr(paged_cache, "host_to_device", counting)
+    paged_cache._step_rows.cache_clear()
+    paged_cache._pair_heads.cache_clear()
     plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6), mixed_plan(lm.spec, window=10)]
     engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4))
     seqs = [engine.add(list(range(1, n + 1)), max_new_tokens=4, stop_token_ids=[], plan=plan)
             for n, plan in zip((3, 9, 12), plans)]
     engine.step()  # the three prompts
-    copies.clear()
-    assert engine.step().decode_rows == 3
-    # per layer: the full heads' call (4 (sequence, KV head) pairs) and one per ring size: [slots; positions; tokens]
-    assert sorted(copies) == sorted([(3, 4), (3, 1), (3, 1)] * lm.spec.num_layers)
+    rows = [(5, 3), (5, 1), (5, 1)]  # per layout (full heads; rings of 8 and 12): [slots; positions; tokens; widths]
+    for step in range(2):
+        copies.clear()
+        assert engine.step().decode_rows == 3
+        # The first step also copies each layout's (row, KV head) pairs: the full heads' 4 pairs (8 query heads, 3
+        # rows), a ring's 1 (the two rings' the same), for the layers whose full heads are KV head 0 and the others.
+        heads = [(4 * 3 + 8 * 2 + 3,)] * 2 + [(1 * 3 + 2 * 2 + 1,)] * 2 if step == 0 else []
+        assert sorted(copies) == sorted(rows + heads)
     for n, plan, seq in zip((3, 9, 12), plans, seqs):
-        assert seq.generated[:2] == greedy_alone(lm, list(range(1, n + 1)), 2, plan)
+        assert seq.generated[:3] == greedy_alone(lm, list(range(1, n + 1)), 3, plan)
 
 
 def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
@@ -171,6 +179,54 @@ def test_a_pool_of_pages_in_another_dtype_is_refused_in_one_line():
     with pytest.raises(BudgetError, match="allocated already"):
         pool.allocate("cpu", torch.float32)
     Engine(lm, pool=pool)  # a second engine over the same pages: no second allocation
+
+
+def _mixed_step_host_work(monkeypatch, rows: int, layers: int) -> tuple[list[tuple[int, ...]], list[str]]:
+    """The host-to-device copies (shapes) and the clones and pads of one step that carries a prompt chunk beside
+    ``rows`` decoding sequences (full, streaming and Quest heads: three pool layouts, bound tables included) of a
+    ``layers``-layer model, every sequence growing a page in the step."""
+    from headwise import pool as pool_module
+
+    lm = tiny_model("llama", num_hidden_layers=layers)
+    engine = Engine(lm, chunk_size=16, pool=PagePool(lm.spec, 1 << 23, dtype_bytes=4, page_size=4))
+    plans = [mixed_plan(lm.spec, window=6), quest_plan(lm.spec, budget=8, with_full=True)]
+    for i in range(rows):
+        engine.add(list(range(1, 8)), max_new_tokens=8, stop_token_ids=[], plan=plans[i % 2])
+    engine.step(prefill_tokens=1 << 20)  # every prompt (7 tokens: 2 pages of 4 each)
+    engine.add(list(range(1, 41)), max_new_tokens=1, stop_token_ids=[])
+    engine.step()  # its first chunk beside the first decode tokens (the 8th token of each: a page to fill)
+    copies: list[tuple[int, ...]] = []
+    real = paged_cache.host_to_device
+
+    def counting(host, device):
+        copies.append(tuple(host.shape))
+        return real(host, device)
+
+    with monkeypatch.context() as m, HostOps() as ops:
+        m.setattr(paged_cache, "host_to_device", counting)
+        m.setattr(pool_module, "host_to_device", counting)
+        info = engine.step()  # its second chunk; the 9th token of each sequence takes a page in every layer
+    assert info.decode_rows == rows and info.prefill_tokens == 16
+    return copies, [n for n, _ in ops.ops if n in ("aten.clone.default", "aten.pad.default",
+                                                   "aten.constant_pad_nd.default")]
+
+
+def test_a_mixed_step_makes_no_host_copy_or_clone_per_decode_row_or_layer(monkeypatch):
+    """A step of a prompt chunk and decode rows under three pool layouts: the page ids every sequence took in every
+    layer cross from the host in one copy (``PagePool.sync_tables``), the rows' slots, positions, tokens and widths in
+    one per layout (``_step_rows``), and the rows' page and bound-page tables are joined on the device without a pad
+    or clone per row (``_pair_tables``): the same four copies and no clone at 3 rows x 2 layers as at 16 x 4 (a pad per
+    row per layer, and a copy per layer and layout, before)."""
+    paged_cache._step_rows.cache_clear()
+    small, small_clones = _mixed_step_host_work(monkeypatch, 3, 2)
+    paged_cache._step_rows.cache_clear()
+    big, big_clones = _mixed_step_host_work(monkeypatch, 16, 4)
+    assert small_clones == big_clones == []
+    # Per layout [slots; positions; tokens; widths; bound widths] of its rows (Quest, streaming, full), and the pages
+    # taken: one in each full and Quest group of every decode row (16 rows: 8 of one, 8 of two; the rings hold their 8
+    # slots already) and 4 in each of the chunk's 2 KV heads (16 tokens), in each of the 4 layers.
+    assert sorted(small) == [(5, 1), (5, 2), (5, 3), (2 * (2 * 1 + 1 * 2 + 2 * 4),)]
+    assert sorted(big) == [(5, 8), (5, 8), (5, 16), (4 * (8 * 1 + 8 * 2 + 2 * 4),)]
 
 
 def quest_plan(spec, budget: int, with_full: bool = False) -> HeadPlan:

@@ -219,6 +219,41 @@ def test_a_page_table_takes_only_the_new_pages_from_the_host_as_it_grows():
     assert pages.grow(4) and group.table().tolist() == group.pages and group.table().shape == (2, 1)
 
 
+def test_the_tables_of_every_group_that_grew_cross_from_the_host_in_one_copy():
+    """A step's growth takes pages in every layer of each growing sequence: the first table asked for brings those of
+    every group that grew, page and bound-page tables, in one host copy (``PagePool.sync_tables``), and every other
+    table is then handed out without one (a copy per (sequence, layer, group) before); a released sequence's groups
+    and a group whose policy keeps its own store beside the pool (no table used) are left out. Tables handed out are
+    never written."""
+    spec = ModelSpec(architecture="llama", num_layers=3, num_q_heads=4, num_kv_heads=2, head_dim=8, max_context=4096)
+    pool = PagePool(spec, 1 << 20, dtype_bytes=2, page_size=4)
+    beside = PageTopK(page_size=8, budget=16)  # pages of 8: its own store, its pages counted
+    plan = HeadPlan.from_policies(spec, [[Full(), PageTopK(page_size=4, budget=8)], [Streaming(sink=2, window=6), Full()],
+                                         [beside, Full()]])
+    seqs = [SequencePages(pool, plan) for _ in range(3)]
+    groups = [g for s in seqs[:2] for layer in s.groups for g in layer if g.policy != beside]
+
+    def new_ids(grow: list[int]) -> int:
+        before = sum(len(h) for g in groups for h in (*g.pages, *g.bound_pages))
+        assert all(s.grow(n) for s, n in zip(seqs, grow))
+        return sum(len(h) for g in groups for h in (*g.pages, *g.bound_pages)) - before
+
+    n = new_ids([9, 20, 5])
+    seqs[2].release()
+    with HostOps() as ops:
+        tables = [(g.table(), g.bound_table() if g.bound_pages[0] else torch.zeros(g.heads, 0)) for g in groups]
+    assert ops.from_host() == [(n,)], "one copy, of every page id taken"
+    assert all(t.tolist() == g.pages and b.tolist() == g.bound_pages for g, (t, b) in zip(groups, tables))
+    assert all(g._table is None for s in seqs for layer in s.groups for g in layer if g.policy == beside)
+    assert all(g._table is None for layer in seqs[2].groups for g in layer)
+    n = new_ids([30, 21, 0])  # 5 pages more per full or Quest head and a bound page; 1 page per head for the second
+    with HostOps() as ops:
+        grown = [(g.table(), g.bound_table() if g.bound_pages[0] else torch.zeros(g.heads, 0)) for g in groups]
+    assert ops.from_host() == [(n,)], "one copy, of the new page ids alone"
+    assert all(t.tolist() == g.pages and b.tolist() == g.bound_pages for g, (t, b) in zip(groups, grown))
+    assert all(t.tolist() == [h[: t.shape[1]] for h in g.pages] for g, (t, _) in zip(groups, tables))
+
+
 def test_host_to_device_gives_the_same_values_on_the_cpu_and_on_cuda():
     """``host_to_device`` copies host-made index tensors (values and dtype kept), asynchronously from pinned memory
     on CUDA, and reading the result afterwards sees the copy done (stream order)."""

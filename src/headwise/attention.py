@@ -94,7 +94,7 @@ def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key
             store = cache._ensure_store(g)
             if pooled and L == 1:
                 assert isinstance(store, PagedDenseStore | PagedRingStore) and query.shape[0] == 1
-                rows.decode.append(PoolDecodeRow(store, g.q_index, g.kv_index, token0))
+                rows.decode.append(PoolDecodeRow(store, tuple(g.kv_heads), token0))
                 continue
             if pooled:
                 assert isinstance(store, PagedDenseStore) and query.shape[0] == 1 and store.length == start
@@ -143,10 +143,26 @@ def _attend_packed(
     out = torch.empty_like(query)
     rows = PoolRows()
     for c, s, n in zip(batch.caches, batch.starts, batch.lengths):
+        if n == 1 and _pool_decode(c, module.layer_idx, s, rows):
+            continue
         _attend_cache(c, module.layer_idx, query[:, :, s : s + n], key[:, :, s : s + n], value[:, :, s : s + n],
                       scale, s, rows, out=out[:, :, s : s + n])
     rows.attend(query, key, value, out, scale, batch.caches[0].use_kernels)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _pool_decode(cache: HeadwiseCache, layer_idx: int, token: int, rows: PoolRows) -> bool:
+    """A decode token (at ``token`` of the forward) of a cache whose groups of this layer all keep their KV in the page
+    pool: its rows for ``decode_over_pool``, as ``_attend_cache`` adds them, without slicing the forward's tensors
+    for it (four views per sequence in every layer, unused). False, and nothing done, for any other cache."""
+    layer = cache.layers[layer_idx]
+    stores = [cache._ensure_store(g) for g in layer.groups]
+    paged = [store for store in stores if isinstance(store, PagedDenseStore | PagedRingStore)]
+    if len(paged) < len(stores):
+        return False
+    rows.decode.extend(PoolDecodeRow(store, tuple(g.kv_heads), token) for g, store in zip(layer.groups, paged))
+    layer.seen += 1
+    return True
 
 
 def _ctx(cache: HeadwiseCache, layer: Any, start: int, scale: float, kv_heads: list[int]) -> AttendContext:

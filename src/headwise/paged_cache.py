@@ -213,8 +213,7 @@ class PoolDecodeRow:
     """One decode token of one sequence's paged head group, for ``decode_over_pool``."""
 
     store: PagedStore
-    q_index: torch.Tensor  # the group's query heads, GQA order
-    kv_index: torch.Tensor  # the group's KV heads
+    kv_heads: tuple[int, ...]  # the group's KV heads (KV head ``h``'s query heads are ``h * group ..``, GQA order)
     token: int  # the token's index on the forward's token axis
 
 
@@ -281,13 +280,76 @@ def _padded_tables(tables: list[torch.Tensor]) -> torch.Tensor:
     """Page tables ``[heads_i, pages_i]`` of several rows stacked into ``[sum heads_i, 1, max pages]`` (zero padded:
     entries past a row's pages are never read)."""
     width = max(1, max(t.shape[1] for t in tables))
-    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tables])[:, None]
+    return torch.cat([t if t.shape[1] == width else torch.nn.functional.pad(t, (0, width - t.shape[1]))
+                      for t in tables])[:, None]
+
+
+def _slot(layout: PagedLayout, position: int) -> int:
+    """``layout.slots`` of one host position, in host ints."""
+    if not layout.window or position < layout.sink:
+        return position
+    return layout.sink + (position - layout.sink) % layout.window
+
+
+@functools.lru_cache(maxsize=32)
+def _step_rows(rows: tuple[tuple[int, int, int, int, int], ...], device: str) -> torch.Tensor:
+    """Decode rows' (slot, position, token, pages per head, bound pages per head), as host ints, on ``device`` as a long
+    ``[5, rows]``: made once for every layer whose rows of a layout have the same values in a step (every layer,
+    unless the layers' groups differ: a sequence's groups of one layout are at the same position in each layer), one
+    host-to-device copy per step instead of one per layer. Never written after it is made."""
+    return host_to_device(torch.tensor(list(zip(*rows)), dtype=torch.long), device)
+
+
+@dataclass(frozen=True)
+class _PairHeads:
+    """The (row, KV head) pairs of a layer's decode rows of one layout, on the device (long): each pair's row, its
+    index among its row's KV heads and its KV head; the query heads of the pairs (GQA order) and the pair of each;
+    the KV heads of each row."""
+
+    row: torch.Tensor  # [pairs]
+    index: torch.Tensor  # [pairs]
+    kv: torch.Tensor  # [pairs]
+    q: torch.Tensor  # [pairs * group]
+    q_pair: torch.Tensor  # [pairs * group]
+    heads: torch.Tensor  # [rows]
+
+
+@functools.lru_cache(maxsize=256)
+def _pair_heads(heads: tuple[tuple[int, ...], ...], group: int, device: str) -> _PairHeads:
+    """``_PairHeads`` of rows whose KV heads are ``heads``: one host-to-device copy, made again only when a layer's
+    decode rows change (a sequence joins or leaves the batch), not at every step. Never written after it is made."""
+    kv = [h for hs in heads for h in hs]
+    parts = [[i for i, hs in enumerate(heads) for _ in hs], [j for hs in heads for j in range(len(hs))], kv,
+             [h * group + g for h in kv for g in range(group)], [p for p in range(len(kv)) for _ in range(group)],
+             [len(hs) for hs in heads]]
+    on_device = host_to_device(torch.tensor([x for part in parts for x in part], dtype=torch.long), device)
+    return _PairHeads(*on_device.split([len(part) for part in parts]))
+
+
+@functools.lru_cache(maxsize=8)
+def _zero(device: str) -> torch.Tensor:
+    return torch.zeros(1, dtype=torch.int32, device=device)
+
+
+def _pair_tables(tables: list[torch.Tensor], heads: _PairHeads, row_widths: torch.Tensor, widths: torch.Tensor,
+                 width: int, device: torch.device) -> torch.Tensor:
+    """The tables of a layer's decode rows (``[heads_i, pages_i]`` each, on the device) as the ``[pairs, 1, width]``
+    table of their (row, KV head) pairs, zero padded (entries past a pair's pages are never read): one
+    concatenation of them all and one gather, whatever the number of rows (a pad of each row's table cost a copy per
+    row in every layer). row_widths: long [rows], each row's pages per head; widths: long [pairs], its pair's;
+    width: a host int, their maximum."""
+    sizes = heads.heads * row_widths
+    base = (sizes.cumsum(0) - sizes).index_select(0, heads.row) + heads.index * widths  # each pair's first entry
+    cols = torch.arange(max(1, width), device=device)
+    total = sum(t.numel() for t in tables)  # the zero appended below
+    index = torch.where(cols < widths[:, None], base[:, None] + cols, total)
+    return torch.cat([*(t.reshape(-1) for t in tables), _zero(str(device))])[index][:, None]
 
 
 def refresh_newest_bounds(pool: PagePool, table: torch.Tensor, bound_table: torch.Tensor,
                            positions: torch.Tensor) -> None:
     """Write the bounds of the page holding each row's newest token (a decode step's write), over the page's tokens
-    up to it. table, bound_table: [rows, 1, pages] (``_padded_tables``); positions: long [rows] on the device."""
+    up to it. table, bound_table: [rows, 1, pages] (``_pair_tables``); positions: long [rows] on the device."""
     P = pool.page_size
     page = torch.div(positions, P, rounding_mode="floor")  # [rows]
     phys = table[:, 0].long().gather(1, page[:, None])  # [rows, 1]
@@ -361,42 +423,46 @@ def decode_over_pool(rows: list[PoolDecodeRow], query: torch.Tensor, key: torch.
         by_layout.setdefault((r.store.layout.ring, r.store.layout.select), []).append(r)
     D = query.shape[-1]
     device = query.device
+    dev = str(device)
     for (ring, select), rs in by_layout.items():
         pool = rs[0].store.pool
-        per_head = torch.tensor([len(r.kv_index) for r in rs])
-        pos = torch.tensor([r.store.tokens for r in rs])  # host counts: the decode token's position, per row
-        slot = torch.cat([r.store.layout.slots(pos[i : i + 1]) for i, r in enumerate(rs)])
-        positions, slots = pos.repeat_interleave(per_head), slot.repeat_interleave(per_head)
-        tokens = torch.tensor([r.token for r in rs]).repeat_interleave(per_head)  # each pair's token
-        table = _padded_tables([r.store.pages.table(device) for r in rs])  # [pairs, 1, W]
-        on_device, positions_on_device, tokens_on_device = host_to_device(
-            torch.stack([slots, positions, tokens]), device).unbind(0)
+        # Host ints per row only: the rows' positions, slots, tokens and table widths cross to the device once per
+        # step (``_step_rows``), their heads once per batch (``_pair_heads``), and the tables, kept on the device by
+        # each group (``GroupPages.table``), are joined by one gather (``_pair_tables``): no host-to-device copy, pad
+        # or clone per row in any layer (a mixed step of 32 decode rows at 32 layers made ~1,500 of each).
+        host = [(_slot(r.store.layout, r.store.tokens), r.store.tokens, r.token, len(r.store.pages.pages[0]),
+                 len(r.store.pages.bound_pages[0])) for r in rs]
+        per_row = _step_rows(tuple(host), dev)  # [5, rows]
+        heads = _pair_heads(tuple(r.kv_heads for r in rs), pool.spec.group_size, dev)
+        slots, positions, tokens, widths, bound_widths = per_row.index_select(1, heads.row).unbind(0)  # per pair
+        table = _pair_tables([r.store.pages.table(dev) for r in rs], heads, per_row[3], widths,
+                             max(h[3] for h in host), device)  # [pairs, 1, W]
         # One gather each for the rows' queries, keys and values, and one scatter of their outputs below, instead of a
         # launch per row (a mixed step of 54 decode rows at 32 layers made ~15,000 such launches).
-        kv_heads = torch.cat([r.kv_index for r in rs])  # the groups' index tensors live on the device already
-        q_heads = torch.cat([r.q_index for r in rs])
-        q_tokens = tokens_on_device.repeat_interleave(pool.spec.group_size, output_size=q_heads.shape[0])
-        q = query[0, q_heads, q_tokens]  # [pairs * group, D]
-        k = key[0, kv_heads, tokens_on_device]  # [pairs, D]
-        v = value[0, kv_heads, tokens_on_device]
+        q_tokens = tokens.index_select(0, heads.q_pair)
+        q = query[0, heads.q, q_tokens]  # [pairs * group, D]
+        k = key[0, heads.kv, tokens]  # [pairs, D]
+        v = value[0, heads.kv, tokens]
         pairs = k.shape[0]
-        pool.write(table, on_device[:, None], k[:, None, None], v[:, None, None])
-        lengths = (positions_on_device + 1).to(torch.int32)
+        pool.write(table, slots[:, None], k[:, None, None], v[:, None, None])
+        lengths = (positions + 1).to(torch.int32)
+        max_len = max(h[1] for h in host) + 1
         qp = q.view(pairs, -1, D)
         selected = None
         if select:
-            bound_table = _padded_tables([r.store.pages.bound_table(device) for r in rs])
-            refresh_newest_bounds(pool, table, bound_table, positions_on_device)
-            selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths,
-                                         int(positions.max()) + 1, select, use_kernels)
+            bound_table = _pair_tables([r.store.pages.bound_table(dev) for r in rs], heads, per_row[4],
+                                       bound_widths, max(h[4] for h in host), device)
+            refresh_newest_bounds(pool, table, bound_table, positions)
+            selected = select_pool_pages(qp, pool.keys, pool.values, pool.page_size, bound_table, lengths, max_len,
+                                         select, use_kernels)
         if use_kernels:
             from headwise.kernels.batch_decode import batch_decode  # Triton, only when kernels are asked for
 
-            o = batch_decode(qp, pool.keys, pool.values, table, lengths, int(positions.max()) + 1, pool.page_size,
-                             ring=ring, selected=selected, scale=scale)
+            o = batch_decode(qp, pool.keys, pool.values, table, lengths, max_len, pool.page_size, ring=ring,
+                             selected=selected, scale=scale)
         else:
             o = batch_decode_reference(qp, pool.keys, pool.values, table, lengths, pool.page_size, ring=ring,
                                        selected=selected, scale=scale)
-        out[0, q_heads, q_tokens] = o.reshape(-1, D).to(out.dtype)  # one scatter: (head, token) pairs are distinct
+        out[0, heads.q, q_tokens] = o.reshape(-1, D).to(out.dtype)  # one scatter: (head, token) pairs are distinct
         for r in rs:
             r.store.advance(1)

@@ -93,6 +93,9 @@ class PagePool:
         self._fresh = 0
         self._returned: list[int] = []
         self.kv: torch.Tensor | None = None  # the pages themselves, once ``allocate`` made them
+        # Groups (by id) whose page lists grew (``SequencePages.grow``) since their tables were last brought to a
+        # device: the first table asked for after a step's growth brings all of them (``sync_tables``).
+        self._grown: dict[int, GroupPages] = {}
 
     @property
     def scratch(self) -> int:
@@ -148,6 +151,41 @@ class PagePool:
             raise BudgetError(f"a share of free memory needs a CUDA device, not {device.type}; give --kv-memory in GB")
         free, _ = torch.cuda.mem_get_info(device)
         return cls(spec, int(free * fraction), dtype_bytes, page_size)
+
+    def sync_tables(self, device: torch.device | str) -> None:
+        """Extend the page and bound-page tables on ``device`` of every group whose pages grew since its tables were
+        last made (``SequencePages.grow``), all at once: the new page ids of every such group of every sequence and
+        layer cross from the host in one copy, sliced on the device into each group's table (``GroupPages.table``
+        asks for this before it hands a table out). A growing step took a page in every layer of each sequence that
+        crossed a page boundary; extending each group's table at its first use instead made one host-to-device copy
+        per (sequence, layer, group). A group whose tables live on another device is left to ``GroupPages.table``."""
+        grown, self._grown = self._grown, {}
+        key = str(device)
+        pieces: list[tuple[GroupPages, str, list[list[int]], torch.Tensor | None, int]] = []
+        for g in grown.values():
+            g._grown = False
+            for attr, lists in (("_table", g.pages), ("_bound_table", g.bound_pages)):
+                width = len(lists[0]) if lists else 0
+                cached = getattr(g, attr)
+                if cached is None:
+                    if width:
+                        pieces.append((g, attr, lists, None, 0))
+                elif cached[0] == key and cached[1].shape[-1] < width:
+                    pieces.append((g, attr, lists, cached[1], cached[1].shape[-1]))
+        if len(pieces) == 1:  # one table: its new columns as ``[heads, new]``, as GroupPages.table would copy them
+            g, attr, lists, _, _ = pieces[0]
+            setattr(g, attr, _extended(getattr(g, attr), lists, device))
+            return
+        if not pieces:
+            return
+        ids = [p for _, _, lists, _, start in pieces for head in lists for p in head[start:]]
+        new = host_to_device(torch.tensor(ids, dtype=torch.int32), device)
+        at = 0
+        for g, attr, lists, old, start in pieces:
+            shape = (len(lists), len(lists[0]) - start)
+            part = new[at : at + shape[0] * shape[1]].view(shape)
+            at += shape[0] * shape[1]
+            setattr(g, attr, (key, part if old is None else torch.cat([old, part], dim=1)))
 
     @property
     def free_pages(self) -> int:
@@ -225,6 +263,10 @@ class GroupPages:
     bound_pages: list[list[int]] = field(default_factory=list)
     _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table), extended as pages are taken
     _bound_table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
+    # The pool whose ``sync_tables`` extends this group's tables with those of every group that grew in the same
+    # step (``SequencePages`` sets it; None: each table extended alone), and whether it lists this group.
+    _pool: PagePool | None = field(default=None, repr=False, compare=False)
+    _grown: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.bound_pages:
@@ -232,13 +274,18 @@ class GroupPages:
 
     def table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: extended when pages were
-        taken (at most once per ``page_size`` tokens), by the new pages alone (``_extended``)."""
+        taken (at most once per ``page_size`` tokens), by the new pages alone (``_extended``; under a pool, those of
+        every group that grew at once: ``PagePool.sync_tables``)."""
+        if self._grown and self._pool is not None:
+            self._pool.sync_tables(device)
         self._table = _extended(self._table, self.pages, device)
         return self._table[1]
 
     def bound_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bound-page table ``[heads, bound pages]`` (int32): page ``i``'s bounds are in slot ``i % page_size`` of
         bound page ``i // page_size``."""
+        if self._grown and self._pool is not None:
+            self._pool.sync_tables(device)
         self._bound_table = _extended(self._bound_table, self.bound_pages, device)
         return self._bound_table[1]
 
@@ -273,6 +320,9 @@ class SequencePages:
             for p in row:
                 counts[p] = counts.get(p, 0) + 1
             self.groups.append([GroupPages(p, n, [[] for _ in range(n)]) for p, n in counts.items()])
+        for layer in self.groups:
+            for g in layer:  # only groups whose KV the pool keeps use their tables (the others' pages are counted)
+                g._pool = pool if pool_layout(g.policy, pool.page_size) is not None else None
         # Every group beside the index of its policy among the distinct ones (most layers share a few): ``grow``
         # works out the pages per policy, not per group, at every step.
         distinct = list(dict.fromkeys(g.policy for layer in self.groups for g in layer))
@@ -328,6 +378,9 @@ class SequencePages:
                     head.extend(ids[at : at + n])
                     bounds.extend(ids[at + n : at + n + m])
                     at += n + m
+                if g._pool is not None and not g._grown:
+                    g._grown = True
+                    g._pool._grown[id(g)] = g
         self.tokens = tokens
         held = {(i, len(g.pages[0]), len(g.bound_pages[0])) for g, i in self._flat}  # a few: groups of a policy agree
         self._due = min((_first_short(self._policies[i], tokens, kv, bound, P) for i, kv, bound in held),
@@ -340,6 +393,9 @@ class SequencePages:
         for layer in self.groups:
             for g in layer:
                 g._table = g._bound_table = None
+                if g._grown and g._pool is not None:
+                    g._grown = False
+                    del g._pool._grown[id(g)]
                 for head in (*g.pages, *g.bound_pages):
                     self.pool.give_back(head)
                     head.clear()
