@@ -27,7 +27,9 @@ smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads@2048,longheads}; LEN
 offload) MODEL=gemma3-270m; PLANS=${PLANS:-dense,offload}; LENGTHS=${LENGTHS:-8k,16k,32k} ;;
 *) echo "unknown run '$name': gemma, smollm2 or offload" >&2; exit 2 ;;
 esac
-export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+# The wheels and weights where `bench/retrieval_quality.sh setup` / `profile` put them (/tmp/site, /tmp/hwcache)
+export PYTHONPATH=/tmp/site:${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+export HEADWISE_CACHE=${HEADWISE_CACHE:-/tmp/hwcache}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples "${SAMPLES:-50}")
 T0=$(date +%s)
