@@ -203,11 +203,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype, device: str, progress: bool = Tru
             log.warning("converting %s to safetensors once (cached in %s) ...", gguf.name, cached)
         with _one_gguf_reader():
             model, tok = load_dir(gguf.parent, torch.float32, "cpu", gguf_file=gguf.name)
-            check_gguf_tokenizer(tok, gguf_tokenizer_meta(gguf), model.config, gguf.name)
+            meta = gguf_tokenizer_meta(gguf)
+            check_gguf_tokenizer(tok, meta, model.config, gguf.name)
             _save_converted(model, tok, out)
             # As every later load reads it: a tokenizer class may rebuild its post-processor from its own settings.
             saved = _transformers().AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-            if check_gguf_tokenizer(saved, gguf_tokenizer_meta(gguf), model.config, gguf.name):
+            if check_gguf_tokenizer(saved, meta, model.config, gguf.name):
                 raise ModelLoadError(f"{gguf.name}: the tokenizer saved for it loads without the BOS token the file asks "
                                      f"for (transformers {transformers_version()})")
         (out / "headwise-converted.json").write_text(json.dumps({"source": str(gguf), "seconds": time.time() - t0}))

@@ -163,7 +163,6 @@ class PagePool:
         key = str(device)
         pieces: list[tuple[GroupPages, str, list[list[int]], torch.Tensor | None, int]] = []
         for g in grown.values():
-            g._grown = False
             for attr, lists in (("_table", g.pages), ("_bound_table", g.bound_pages)):
                 width = len(lists[0]) if lists else 0
                 cached = getattr(g, attr)
@@ -264,9 +263,8 @@ class GroupPages:
     _table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)  # (device, table), extended as pages are taken
     _bound_table: tuple[str, torch.Tensor] | None = field(default=None, repr=False)
     # The pool whose ``sync_tables`` extends this group's tables with those of every group that grew in the same
-    # step (``SequencePages`` sets it; None: each table extended alone), and whether it lists this group.
+    # step (``SequencePages`` sets it; None: each table extended alone); it lists this group while its pages grew.
     _pool: PagePool | None = field(default=None, repr=False, compare=False)
-    _grown: bool = field(default=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not self.bound_pages:
@@ -276,7 +274,7 @@ class GroupPages:
         """Page table ``[heads, pages]`` (int32, as the paged kernels index) on ``device``: extended when pages were
         taken (at most once per ``page_size`` tokens), by the new pages alone (``_extended``; under a pool, those of
         every group that grew at once: ``PagePool.sync_tables``)."""
-        if self._grown and self._pool is not None:
+        if self._pool is not None and id(self) in self._pool._grown:
             self._pool.sync_tables(device)
         self._table = _extended(self._table, self.pages, device)
         return self._table[1]
@@ -284,7 +282,7 @@ class GroupPages:
     def bound_table(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """Bound-page table ``[heads, bound pages]`` (int32): page ``i``'s bounds are in slot ``i % page_size`` of
         bound page ``i // page_size``."""
-        if self._grown and self._pool is not None:
+        if self._pool is not None and id(self) in self._pool._grown:
             self._pool.sync_tables(device)
         self._bound_table = _extended(self._bound_table, self.bound_pages, device)
         return self._bound_table[1]
@@ -378,8 +376,7 @@ class SequencePages:
                     head.extend(ids[at : at + n])
                     bounds.extend(ids[at + n : at + n + m])
                     at += n + m
-                if g._pool is not None and not g._grown:
-                    g._grown = True
+                if g._pool is not None:
                     g._pool._grown[id(g)] = g
         self.tokens = tokens
         held = {(i, len(g.pages[0]), len(g.bound_pages[0])) for g, i in self._flat}  # a few: groups of a policy agree
@@ -393,9 +390,8 @@ class SequencePages:
         for layer in self.groups:
             for g in layer:
                 g._table = g._bound_table = None
-                if g._grown and g._pool is not None:
-                    g._grown = False
-                    del g._pool._grown[id(g)]
+                if g._pool is not None:
+                    g._pool._grown.pop(id(g), None)
                 for head in (*g.pages, *g.bound_pages):
                     self.pool.give_back(head)
                     head.clear()
