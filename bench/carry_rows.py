@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -34,11 +35,32 @@ def doc_model_key(doc: dict[str, Any]) -> str:
         raise InputError(f"the document has no {exc.args[0]!r}: not a headwise eval results file") from exc
 
 
+TOKENIZED_WELL_FROM = 2
+"""The converted-cache format (``models.CACHE_FORMAT``) from which Gemma's GGUF tokenizer is checked and its BOS added:
+rows of a Gemma run on an older conversion read mis-tokenized prompts (docs/quality.md) and are never reused."""
+
+
+def check_tokenized_well(doc: dict[str, Any]) -> None:
+    """Raise ``InputError`` for a Gemma document whose model came from a conversion older than
+    ``TOKENIZED_WELL_FROM`` (its ``model_source`` names the converted cache, ``…-vN``); its sample keys would match
+    today's and its rows be reused silently."""
+    arch = str((doc.get("spec") or {}).get("architecture", ""))
+    if not arch.startswith("gemma"):
+        return
+    m = re.search(r"-v(\d+)\)?$", str(doc.get("model_source", "")))
+    if m is None or int(m.group(1)) < TOKENIZED_WELL_FROM:
+        raise InputError(f"its Gemma model was converted before the tokenizer fix (cache format "
+                         f"{m.group(1) if m else 'unknown'} < {TOKENIZED_WELL_FROM}): its prompts were mis-tokenized, "
+                         "so its rows are not reused")
+
+
 def carry_rows(doc: dict[str, Any], plans: set[str] | None = None) -> list[dict[str, Any]]:
-    """The document's generation rows (of ``plans`` only, when given), each with its cache key."""
+    """The document's generation rows (of ``plans`` only, when given), each with its cache key; none of a Gemma run
+    that read mis-tokenized prompts (``check_tokenized_well``)."""
     rows = doc.get("rows")
     if not isinstance(rows, list):
         raise InputError("the document has no 'rows': not a headwise eval results file")
+    check_tokenized_well(doc)
     mk = doc_model_key(doc)
     out = []
     for r in rows:

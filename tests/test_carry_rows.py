@@ -37,3 +37,26 @@ def test_a_file_that_is_not_an_eval_document_is_refused(tmp_path):
     bad.write_text(json.dumps({"rows": []}))
     with pytest.raises(SystemExit, match="not a headwise eval results file"):
         bench_module("carry_rows.py").main([str(bad), str(tmp_path / "o.jsonl")])
+
+
+def _results(name):
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parents[1] / "bench" / "results" / name).read_text())
+
+
+def test_rows_of_a_gemma_run_on_mis_tokenized_prompts_are_refused(tmp_path):
+    """Run 17 read Gemma through transformers 5.17 (converted cache v1): its keys would match today's rows."""
+    saved = tmp_path / "run17.json"
+    saved.write_text(json.dumps(_results("retrieval_quality_gemma3-270m_h200_run17_2026-12-03.json")))
+    with pytest.raises(SystemExit, match=r"converted before the tokenizer fix \(cache format 1 < 2\).*not reused"):
+        bench_module("carry_rows.py").main([str(saved), str(tmp_path / "o.jsonl"), "--plans", "dense"])
+    assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_rows_of_a_well_tokenized_gemma_run_and_of_smollm2_runs_are_carried():
+    mod = bench_module("carry_rows.py")
+    gemma = mod.carry_rows(_results("retrieval_quality_gemma3-270m_h200_run18_2026-12-04.json"), {"dense"})
+    assert len(gemma) == 900 and all(json.loads(r["key"])[0] == "gemma3-270m:18x1x256" for r in gemma)
+    smol = mod.carry_rows(_results("retrieval_quality_smollm2-135m_h200_run8_2026-12-02.json"), {"dense"})
+    assert smol and "-v1)" in _results("retrieval_quality_smollm2-135m_h200_run8_2026-12-02.json")["model_source"]

@@ -62,11 +62,35 @@ def test_ctrl_c_during_profiling_leaves_no_plan(tmp_path):
     assert not out.exists() and not list(tmp_path.iterdir())
 
 
+def test_a_phase_is_timed_and_logged_only_without_bars(capsys):
+    from headwise.profile.runner import phase
+
+    timings: dict[str, float] = {}
+    with phase(timings, "ablation", log=True):
+        pass
+    with phase(timings, "mass", log=False):
+        pass
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "headwise profile: ablation ..." and err[1].startswith("headwise profile: ablation took ")
+    assert len(err) == 2 and set(timings) == {"ablation_s", "mass_s"} and min(timings.values()) >= 0
+
+
+def test_a_phase_cut_short_leaves_its_start_logged_and_no_time(capsys):
+    from headwise.profile.runner import phase
+
+    timings: dict[str, float] = {}
+    with pytest.raises(KeyboardInterrupt), phase(timings, "select_deals", log=True):
+        raise KeyboardInterrupt
+    assert capsys.readouterr().err == "headwise profile: select_deals ...\n" and timings == {}
+
+
 @pytest.mark.slow
-def test_fast_profile_writes_plan_png_and_command(tmp_path):
+def test_fast_profile_writes_plan_png_and_command(tmp_path, capsys):
     out = tmp_path / "plan.json"
     rc = main(["profile", "smollm2-135m", "--budget", "0.25", "-o", str(out), "--fast", "--no-progress"])
     assert rc == 0
+    err = capsys.readouterr().err
+    assert "headwise profile: retrieval took" in err and "headwise profile: solve took" in err
     plan = json.loads(out.read_text())
     assert plan["meta"]["created_by"].startswith("headwise profile smollm2-135m --budget 0.25")
     assert plan["meta"]["solution"]["kv_fraction"] <= 0.25

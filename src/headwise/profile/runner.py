@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,6 +222,19 @@ def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
     return x.view(x.shape[0], -1, group).amax(-1)
 
 
+@contextmanager
+def phase(timings: dict[str, float], name: str, log: bool) -> Iterator[None]:
+    """Time one profiling phase into ``timings[name + "_s"]``; with ``log`` (``--no-progress``: no bars to watch), a
+    line on stderr when it starts and when it ends, so a run cut short by a time limit says how far it got."""
+    if log:
+        print(f"headwise profile: {name} ...", file=sys.stderr, flush=True)
+    t = time.perf_counter()
+    yield
+    timings[f"{name}_s"] = time.perf_counter() - t
+    if log:
+        print(f"headwise profile: {name} took {timings[f'{name}_s']:.1f} s", file=sys.stderr, flush=True)
+
+
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
@@ -274,17 +289,15 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     check_reachable(lm)
     timings: dict[str, float] = {}
     cpu0 = time.process_time()
-    t = time.perf_counter()
-    ret = retrieval_scores(lm, settings.retrieval_lengths, settings.retrieval_depths, settings.retrieval_tasks,
-                           progress=progress)
-    timings["retrieval_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    mass_len = profile_length(spec, target_len, settings.mass_length)
-    mass = mass_scores(lm, mass_len, progress=progress, target_len=target_len)
-    timings["mass_s"] = time.perf_counter() - t
-    t = time.perf_counter()
-    razor = razor_scores(lm, settings.razor_segment, 3, settings.razor_batch, progress=progress)
-    timings["razor_s"] = time.perf_counter() - t
+    log = not progress
+    with phase(timings, "retrieval", log):
+        ret = retrieval_scores(lm, settings.retrieval_lengths, settings.retrieval_depths, settings.retrieval_tasks,
+                               progress=progress)
+    with phase(timings, "mass", log):
+        mass_len = profile_length(spec, target_len, settings.mass_length)
+        mass = mass_scores(lm, mass_len, progress=progress, target_len=target_len)
+    with phase(timings, "razor", log):
+        razor = razor_scores(lm, settings.razor_segment, 3, settings.razor_batch, progress=progress)
     g = spec.group_size
     kv_scores = {
         "retrieval": group_max(ret.scores, g),
@@ -296,11 +309,10 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if method == "duo":
         from headwise.profile.duo import train_gates
 
-        t = time.perf_counter()
-        seq_len = settings.duo_seq_len or min(2 * target_len, spec.max_context or 2 * target_len)
-        duo = train_gates(lm, settings.duo_steps, seq_len, batch=settings.duo_batch, progress=progress,
-                          time_limit_s=settings.duo_time_limit_s)
-        timings["duo_s"] = time.perf_counter() - t
+        with phase(timings, "duo", log):
+            seq_len = settings.duo_seq_len or min(2 * target_len, spec.max_context or 2 * target_len)
+            duo = train_gates(lm, settings.duo_steps, seq_len, batch=settings.duo_batch, progress=progress,
+                              time_limit_s=settings.duo_time_limit_s)
         kv_scores["duo"] = duo.alpha
         every = max(1, len(duo.losses) // 40)
         duo_meta = {"steps": duo.steps, "seq_len": duo.seq_len, "batch": settings.duo_batch,
@@ -310,41 +322,37 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         from headwise.profile.ablate import ablation_ranking, ablation_text
         from headwise.profile.select import probe_set
 
-        t = time.perf_counter()
-        w = settings.ablation_text_weight
-        text = ablation_text(lm, settings.ablation_text_tokens, profile_length(spec, target_len)) if w else None
-        abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len), settings.ablation_probes,
-                                             seed=ABLATION_SEED),
-                               drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
-                               progress=progress, base=ablation_base, text=text, text_weight=w,
-                               switch=ablation_switch)
-        timings["ablation_s"] = time.perf_counter() - t
+        with phase(timings, "ablation", log):
+            w = settings.ablation_text_weight
+            text = ablation_text(lm, settings.ablation_text_tokens, profile_length(spec, target_len)) if w else None
+            abl = ablation_ranking(lm, probe_set(lm.tokenizer, probe_lengths(spec, target_len),
+                                                 settings.ablation_probes, seed=ABLATION_SEED),
+                                   drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
+                                   progress=progress, base=ablation_base, text=text, text_weight=w,
+                                   switch=ablation_switch)
         kv_scores["ablation"] = abl.score
         ablation_meta = abl.meta()
-    t = time.perf_counter()
-    spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
-    timings["layer_sensitivity_s"] = time.perf_counter() - t
-    t = time.perf_counter()
+    with phase(timings, "layer_sensitivity", log):
+        spans = measure_spans(lm, target_len, settings.calibrate, progress, mass, mass_len)
     selection: dict[str, Any] = {}
-    if select_under:
-        assert full_share is not None  # check_select_under
-        sol, selection = select_under_budget(lm, kv_scores[method], budget, select_under, target_len, spans.value,
-                                             full_share, settings.select_probes, quantize, ranks, fit_lengths,
-                                             select_lengths)
-    elif full_share is None and settings.select_probes > 0:
-        sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
-                                                     settings.select_probes, quantize, ranks, fit_lengths)
-    else:
-        full_share = FULL_SHARE if full_share is None else full_share
-        sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
-                    quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
-    timings["solve_s"] = time.perf_counter() - t
+    with phase(timings, "solve", log):
+        if select_under:
+            assert full_share is not None  # check_select_under
+            sol, selection = select_under_budget(lm, kv_scores[method], budget, select_under, target_len,
+                                                 spans.value, full_share, settings.select_probes, quantize, ranks,
+                                                 fit_lengths, select_lengths)
+        elif full_share is None and settings.select_probes > 0:
+            sol, method, full_share, selection = _select(lm, kv_scores, method, budget, target_len, spans,
+                                                         settings.select_probes, quantize, ranks, fit_lengths)
+        else:
+            full_share = FULL_SHARE if full_share is None else full_share
+            sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
+                        quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
     deals: dict[str, Any] = {}
     if select_deals:
-        t = time.perf_counter()
-        sol, deals = select_among_deals(lm, sol, select_deals, budget, target_len, settings.select_probes,
-                                        select_lengths, fit_lengths)
-        timings["select_deals_s"] = time.perf_counter() - t
+        with phase(timings, "select_deals", log):
+            sol, deals = select_among_deals(lm, sol, select_deals, budget, target_len, settings.select_probes,
+                                            select_lengths, fit_lengths)
     policies = sol.policies
     if ablation_switch == "knorm":
         policies = streaming_to_knorm(policies, spec)
@@ -358,19 +366,17 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         if settings.prefill_density is None:
             raise HeadwiseError("training SeerAttention gates needs a prefill-pattern density (--prefill-patterns) "
                                 "for the gate to compete at")
-        t = time.perf_counter()
-        seq = min(settings.seer_seq_len, spec.max_context or settings.seer_seq_len)
-        fit = fit_gates(lm, profile_texts(lm, seq, 8, offset=1), settings.seer_steps, BLOCK, progress=progress,
-                        time_limit_s=settings.seer_time_limit_s)
-        gates = fit.gates.on("cpu")
-        timings["seer_gates_s"] = time.perf_counter() - t
+        with phase(timings, "seer_gates", log):
+            seq = min(settings.seer_seq_len, spec.max_context or settings.seer_seq_len)
+            fit = fit_gates(lm, profile_texts(lm, seq, 8, offset=1), settings.seer_steps, BLOCK, progress=progress,
+                            time_limit_s=settings.seer_time_limit_s)
+            gates = fit.gates.on("cpu")
     if settings.prefill_density is not None:
         from headwise.profile.patterns import search_patterns
 
-        t = time.perf_counter()
-        found = search_patterns(lm, sol.full_heads, settings.pattern_length, settings.prefill_density,
-                                progress=progress, gates=gates)
-        timings["patterns_s"] = time.perf_counter() - t
+        with phase(timings, "patterns", log):
+            found = search_patterns(lm, sol.full_heads, settings.pattern_length, settings.prefill_density,
+                                    progress=progress, gates=gates)
         for (i, j), choice in found.items():
             policies[i][j] = choice.policy
             pattern_meta[f"{i},{j}"] = {"chosen": choice.policy.to_spec(), "recall": round(choice.recall, 4),
@@ -379,11 +385,10 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if act:
         from headwise.profile.act import act_texts, choose_act_heads, with_act
 
-        t = time.perf_counter()
-        held_in, held_out = act_texts(lm, min(settings.act_length, (spec.max_context or settings.act_length)))
-        choice = choose_act_heads(lm, policies, held_in, held_out, progress=progress)
-        policies = with_act(policies, choice.heads)
-        timings["act_s"] = time.perf_counter() - t
+        with phase(timings, "act", log):
+            held_in, held_out = act_texts(lm, min(settings.act_length, (spec.max_context or settings.act_length)))
+            choice = choose_act_heads(lm, policies, held_in, held_out, progress=progress)
+            policies = with_act(policies, choice.heads)
         act_meta = choice.meta()
     # CPU seconds of this process (all threads): less sensitive than wall time to other jobs on a shared machine
     timings["process_cpu_s"] = time.process_time() - cpu0
