@@ -15,6 +15,7 @@ if not torch.cuda.is_available():
 
 from headwise import paged_cache
 from headwise.engine import Engine
+from headwise.errors import InputError
 from headwise.kernels.common import INTERPRET
 from headwise.paged_cache import PagedDenseStore, PagedRingStore
 from headwise.plan import HeadPlan
@@ -438,6 +439,39 @@ def dense_chunks_on_the_paged_prefill_kernel(lm, monkeypatch) -> None:
     dense_heads = [sum(isinstance(pol, Full | PageTopK) for row in plan.policies() for pol in row) for plan in seq_plans]
     assert sum(len(rows) for rows in launches) == sum(h * len(c) for h, c in zip(dense_heads, chunks))
     assert {(s, n) for rows in launches for _, s, n in rows} == {c for cs in chunks for c in cs}
+
+
+@pytest.mark.skipif(not INTERPRET, reason="the tiny model's CPU tensors on the kernel path need TRITON_INTERPRET=1")
+def test_dense_prefill_gather_attends_prompt_chunks_over_a_gathered_copy_with_the_same_tokens(monkeypatch):
+    """``Engine(dense_prefill="gather")`` with the kernels on: the dense prompt chunks of pool groups attend a
+    gathered copy (SDPA), the paged prefill kernel is never launched, the decode steps still run on the kernels, and
+    every sequence gets the tokens it gets alone and under ``"paged"``."""
+    from headwise.kernels import paged_prefill as kernel
+
+    lm = tiny_model("llama")
+    seq_plans = [HeadPlan.dense(lm.spec), mixed_plan(lm.spec, window=6)]
+    gen = torch.Generator().manual_seed(9)
+    prompts = [torch.randint(0, 128, (n,), generator=gen).tolist() for n in (37, 21)]
+    want = [greedy_alone(lm, p, 3, plan) for p, plan in zip(prompts, seq_plans)]
+    launches = []
+    real = kernel.paged_prefill
+    monkeypatch.setattr(kernel, "paged_prefill", lambda *a, **kw: launches.append(1) or real(*a, **kw))
+    got = {}
+    for how in ("gather", "paged"):
+        pool = PagePool(lm.spec, 1 << 22, dtype_bytes=4, page_size=4)
+        engine = Engine(lm, chunk_size=16, pool=pool, use_kernels=True, dense_prefill=how)
+        seqs = [engine.add(p, max_new_tokens=3, stop_token_ids=[], plan=plan) for p, plan in zip(prompts, seq_plans)]
+        while engine.live:
+            engine.step(prefill_tokens=40)
+        got[how] = ([s.generated for s in seqs], len(launches))
+        assert pool.free_pages == pool.num_pages
+    assert got["gather"] == (want, 0), "no paged prefill launch under gather"
+    assert got["paged"][0] == want and got["paged"][1] > 0
+
+
+def test_an_unknown_dense_prefill_is_a_clear_error():
+    with pytest.raises(InputError, match="dense_prefill must be one of paged, gather, got 'flash'"):
+        Engine(tiny_model("llama"), dense_prefill="flash")
 
 
 def test_quest_in_the_pool_can_take_the_padded_step_and_quest_beside_it_cannot():

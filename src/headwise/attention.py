@@ -75,7 +75,7 @@ def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key
     start = layer.seen
     L = query.shape[2]
     # The paged prefill kernel is Triton: CUDA tensors, or CPU ones under the interpreter (tests).
-    prefill_kernel = L > 1 and cache.use_kernels and (query.is_cuda or INTERPRET)
+    prefill_kernel = L > 1 and cache.use_kernels and cache.paged_prefill and (query.is_cuda or INTERPRET)
     paged = [(L == 1 and isinstance(store, PagedDenseStore | PagedRingStore))
              or (prefill_kernel and isinstance(store, PagedDenseStore) and g.policy.dense_prefill)
              for g, store in ((g, cache._ensure_store(g)) for g in layer.groups)]

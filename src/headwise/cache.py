@@ -125,6 +125,9 @@ class HeadwiseCache(Cache):
         self.spec, self.plan = spec, plan
         self.device, self.dtype, self.batch = device, dtype, batch
         self.use_kernels = (device.type == "cuda") if use_kernels is None else use_kernels
+        # With the kernels on, whether dense prompt chunks of pool groups run on the paged prefill kernel (True) or
+        # over a gathered copy (``Engine(dense_prefill="gather")``)
+        self.paged_prefill = True
         self.shared: dict[str, Any] = {}  # cross-layer state (TidalDecode positions)
         self.decode_step = 0
         self.reserved = 0

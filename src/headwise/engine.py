@@ -80,12 +80,16 @@ class StepInfo:
     finished: list[Sequence] = field(default_factory=list)  # sequences that ended in this step
 
 
+DENSE_PREFILL = ("paged", "gather")
+"""``Engine(dense_prefill=...)``: the paged prefill kernel over the pool, or a gathered copy and SDPA."""
+
+
 class Engine:
     """Runs a loaded model with a head plan."""
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
                  use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None,
-                 padded_decode: bool | None = None, multi_step: int = 1):
+                 padded_decode: bool | None = None, multi_step: int = 1, dense_prefill: str = "paged"):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
@@ -109,7 +113,17 @@ class Engine:
         every two forwards, where the GPU waits for it. A sequence ending on a stop token inside the run wastes the
         rest of it, and a prompt waiting for pages waits up to ``multi_step`` steps more. The run is shortened to the
         fewest tokens any of its sequences has left and is one step where some sequence samples, replays tokens after
-        a preemption, or cannot get the pages for the run without preempting another."""
+        a preemption, or cannot get the pages for the run without preempting another.
+
+        ``dense_prefill``: how a prompt chunk of a group that prefills densely (``full``, ``page_topk``) attends its
+        pages under a pool with the kernels on: ``"paged"``, the Triton kernel reading the pages in place, several
+        sequences' chunks in one launch (``paged_cache.prefill_over_pool``); ``"gather"``, each sequence's keys and
+        values gathered into a contiguous copy, then SDPA (flash on a GPU: ``policies.base.causal_attention``), as the
+        engine does with the kernels off. On the H200 the paged kernel took 1238 ms for a 32-layer 8192-token chunk
+        after 64K where flash over a contiguous cache took 872 (docs/serving.md): ``"gather"`` is the dense baseline
+        with the field's prefill kernel, at the cost of one copy of the prefix per chunk and layer."""
+        if dense_prefill not in DENSE_PREFILL:
+            raise InputError(f"dense_prefill must be one of {', '.join(DENSE_PREFILL)}, got {dense_prefill!r}")
         if chunk_size < 1:
             raise InputError(f"chunk size must be a positive number of tokens, got {chunk_size}")
         if multi_step < 1:
@@ -123,6 +137,7 @@ class Engine:
         self.use_kernels = use_kernels
         self.cuda_graphs = cuda_graphs
         self.padded_decode = padded_decode
+        self.dense_prefill = dense_prefill
         # id(plan) -> (plan, the pool's padded decode steps under it, or None: the eager batched step)
         self._batch_graphs: dict[int, tuple[HeadPlan, BatchGraphs | None]] = {}
         self.live: list[Sequence] = []  # sequences ``step`` advances, in arrival order
@@ -162,6 +177,7 @@ class Engine:
         tp = self.lm.tp
         if tp is None:
             cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages)
+            cache.paged_prefill = self.dense_prefill == "paged"
         else:
             cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
                                   batch, self.use_kernels)
