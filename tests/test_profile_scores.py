@@ -205,11 +205,15 @@ def test_weighted_span_error_turns_each_layers_error_into_its_measured_kl():
     assert bool((w[2] == 0).all())
 
 
-def test_profile_records_calibrated_spans_and_resolving_at_another_target_measures_them_again(tiny):
+def test_profile_records_calibrated_spans_and_resolving_at_another_target_measures_them_again(tiny, capsys):
     from headwise.profile.runner import Settings, Spans, profile_model, resolve_from_scores
 
     plan = profile_model(tiny, 0.5, target_len=512, settings=Settings.fast(), progress=False)
     meta = plan.meta
+    # Without bars, each phase says when it starts and how long it took, in order, as the timings record them
+    took = [line.split()[2] for line in capsys.readouterr().err.splitlines() if " took " in line]
+    assert took == ["retrieval", "mass", "razor", "duo", "layer_sensitivity", "solve"]  # the default method: duo
+    assert [k for k in meta["timings_s"] if k != "process_cpu_s"] == [f"{n}_s" for n in took]
     assert meta["span_recall_target_len"] == 512 and len(meta["layer_kl"]) == 2
     spans = Spans.from_meta(meta)
     assert spans is not None and spans.error is not None and spans.error.shape == (2, 2, len(SPAN_OPTIONS))
