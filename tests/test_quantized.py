@@ -47,6 +47,54 @@ def test_a_constant_group_is_exact():
     assert torch.equal(dequantize_keys(codes, scale, zero, 4, 32, 8), k)
 
 
+def _two_pass_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The parameters as the module's docstring defines them, written out: zero = lo rounded down to fp16, scale =
+    (hi - zero) / (2^bits - 1) rounded up (times 1 + 2^-10), 1 for a constant group."""
+    zero = lo.half()
+    down = torch.where(zero.float() > lo, torch.nextafter(zero, torch.full_like(zero, -float("inf"))), zero)
+    scale = ((hi - down.float()) / (2**bits - 1) * (1 + 2**-10)).half()
+    return torch.where(scale > 0, scale, torch.ones_like(scale)), down
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("dim", [32, 40, 64])
+def test_one_pass_min_max_gives_the_two_pass_codes_bit_for_bit(bits, dim):
+    """``quantize_keys`` / ``quantize_values`` take each group's min and max in one pass (``aminmax``) and, for
+    values, pad a partial channel group only when there is one: the same codes, scales and zero points as separate
+    padded ``amin`` / ``amax`` passes, on outlier channels, a constant group and values at fp16's edges."""
+    k, v = _kv(64, dim, seed=dim + bits)
+    k[:, :, :16] = 2.5  # a constant key group (group 16)
+    v[:, 0, 3] = torch.tensor([65504.0, -65504.0] * (dim // 2))  # fp16's largest magnitudes
+    B, H, n, D = k.shape
+    x = k.float().reshape(B, H, n // 16, 16, D)
+    ks, kz = _two_pass_params(x.amin(dim=3), x.amax(dim=3), bits)
+    ng = -(-D // 16)
+
+    def padded(fill: float) -> torch.Tensor:
+        return torch.nn.functional.pad(v.float(), (0, ng * 16 - D), value=fill).reshape(B, H, n, ng, 16)
+
+    vs, vz = _two_pass_params(padded(float("inf")).amin(4), padded(-float("inf")).amax(4), bits)
+    kc, ks1, kz1 = quantize_keys(k, bits, 16)
+    vc, vs1, vz1 = quantize_values(v, bits, 16)
+    assert torch.equal(ks1, ks) and torch.equal(kz1, kz) and torch.equal(vs1, vs) and torch.equal(vz1, vz)
+    want_k = torch.round((x - kz.float()[:, :, :, None]) / ks.float()[:, :, :, None]).clamp(0, 2**bits - 1)
+    assert torch.equal(dequantize_keys(kc, ks1, kz1, bits, 16, D),
+                       (want_k * ks.float()[:, :, :, None] + kz.float()[:, :, :, None]).reshape(B, H, n, D))
+    assert dequantize_values(vc, vs1, vz1, bits, 16, D).isfinite().all()
+
+
+def test_quantizing_makes_no_tensor_from_host_values(monkeypatch):
+    """``torch.tensor`` on a GPU copies from pageable host memory, which waits for the stream: the quantization run
+    whenever a group leaves a head's residual (every prompt chunk, every ``group`` decode steps) must not call it."""
+    calls = []
+    real = torch.tensor
+    monkeypatch.setattr(torch, "tensor", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    k, v = _kv(64, 40)
+    quantize_keys(k, 4, 16)
+    quantize_values(v, 4, 16)
+    assert calls == []
+
+
 @pytest.mark.parametrize("params", [{"bits": 3}, {"group": 4}, {"residual": 0}, {"bits": 8.0}])
 def test_bad_parameters_are_refused(params):
     with pytest.raises(PlanError, match="quantized"):

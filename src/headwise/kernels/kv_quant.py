@@ -34,7 +34,9 @@ def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor
     range above it over ``2^bits - 1``, rounded up (times ``1 + 2^-10`` before fp16's round-to-nearest, whose
     relative error is below ``2^-11``), so ``(hi - zero) / scale <= 2^bits - 1``. A constant group gets scale 1."""
     zero = lo.to(SCALE_DTYPE)
-    below = torch.nextafter(zero, torch.tensor(float("-inf"), dtype=SCALE_DTYPE, device=zero.device))
+    # The direction as a filled tensor, not torch.tensor(-inf, device=...): on a GPU that is a copy from pageable
+    # host memory, which waits for the stream, once per quantized group run.
+    below = torch.nextafter(zero, torch.full_like(zero, float("-inf")))
     zero = torch.where(zero.float() > lo, below, zero)
     scale = ((hi - zero.float()) / (2**bits - 1) * (1 + 2**-10)).to(SCALE_DTYPE)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -68,7 +70,7 @@ def quantize_keys(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor,
     B, H, n, D = k.shape
     assert n % group == 0, f"keys are quantized in whole groups of {group} tokens, got {n}"
     x = k.float().reshape(B, H, n // group, group, D)
-    scale, zero = _params(x.amin(dim=3), x.amax(dim=3), bits)
+    scale, zero = _params(*torch.aminmax(x, dim=3), bits)
     codes = _codes(x, scale[:, :, :, None], zero[:, :, :, None], bits).reshape(B, H, n, D)
     return pack(codes, bits), scale, zero
 
@@ -80,8 +82,11 @@ def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     ng = -(-D // group)
     x = v.float()
     pad = ng * group - D
-    lo = torch.nn.functional.pad(x, (0, pad), value=float("inf")).reshape(B, H, n, ng, group).amin(dim=4)
-    hi = torch.nn.functional.pad(x, (0, pad), value=float("-inf")).reshape(B, H, n, ng, group).amax(dim=4)
+    if pad:
+        lo = torch.nn.functional.pad(x, (0, pad), value=float("inf")).reshape(B, H, n, ng, group).amin(dim=4)
+        hi = torch.nn.functional.pad(x, (0, pad), value=float("-inf")).reshape(B, H, n, ng, group).amax(dim=4)
+    else:  # whole channel groups: one pass for both ends
+        lo, hi = torch.aminmax(x.reshape(B, H, n, ng, group), dim=4)
     scale, zero = _params(lo, hi, bits)
     codes = _codes(x, _per_channel(scale, group, D), _per_channel(zero, group, D), bits)
     return pack(codes, bits), scale, zero
