@@ -105,9 +105,12 @@ class HeadwiseCache(Cache):
         batch: int = 1,
         use_kernels: bool | None = None,
         pages: SequencePages | None = None,
+        paged_prefill: bool = True,
     ):
         """``pages``: a batch-1 sequence's pages in an engine's page pool; the groups whose policy has a
-        ``paged_layout`` keep their KV in them (``paged_cache.py``)."""
+        ``paged_layout`` keep their KV in them (``paged_cache.py``). ``paged_prefill``: with the kernels on, dense
+        prompt chunks of those groups run on the paged prefill kernel; False: over a gathered copy
+        (``Engine(dense_prefill="gather")``)."""
         plan.check_model(spec)
         device = torch.device(device)
         layers = []
@@ -125,9 +128,7 @@ class HeadwiseCache(Cache):
         self.spec, self.plan = spec, plan
         self.device, self.dtype, self.batch = device, dtype, batch
         self.use_kernels = (device.type == "cuda") if use_kernels is None else use_kernels
-        # With the kernels on, whether dense prompt chunks of pool groups run on the paged prefill kernel (True) or
-        # over a gathered copy (``Engine(dense_prefill="gather")``)
-        self.paged_prefill = True
+        self.paged_prefill = paged_prefill
         self.shared: dict[str, Any] = {}  # cross-layer state (TidalDecode positions)
         self.decode_step = 0
         self.reserved = 0

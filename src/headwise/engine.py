@@ -176,8 +176,8 @@ class Engine:
         plan = plan or self.plan
         tp = self.lm.tp
         if tp is None:
-            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages)
-            cache.paged_prefill = self.dense_prefill == "paged"
+            cache = HeadwiseCache(self.spec, plan, self.lm.device, self.lm.dtype, batch, self.use_kernels, pages,
+                                  paged_prefill=self.dense_prefill == "paged")
         else:
             cache = HeadwiseCache(tp.local_spec(self.spec), tp.local_plan(plan), self.lm.device, self.lm.dtype,
                                   batch, self.use_kernels)
