@@ -148,6 +148,35 @@ def test_replay_host_code_settles_a_residual_made_under_inference_mode():
     assert eager.n_quant >= 5 * policy.group
 
 
+@pytest.mark.parametrize("name", list(POLICIES))
+def test_replays_fill_the_whole_reservation_where_the_last_token_would_start_a_group(name):
+    """A generation that runs to its length limit replays a step at every position up to the reservation's last;
+    after the last replay the store is full, and readying it for a token past the reservation quantized a group
+    the codes had no room for: a RuntimeError on 1 of every ``group`` reserved lengths (run 19's multi-value
+    needles on the H200). Reserved for such a length, the replays reach its end and hold what eager steps hold."""
+    policy = POLICIES[name]
+    total = policy.residual + 7 * policy.group - 1  # the token after the last would start a quantized group
+    if policy.window:
+        total += policy.window  # past the window: groups dropped as well
+    assert policy.quantized_length(total + 1) > policy.codes_room(total)
+    k_all, v_all = _tokens(total, seed=11)
+    eager, replay = (QuantizedStore(1, 2, D, torch.device("cpu"), torch.float32, policy) for _ in range(2))
+    prefill = 40
+    for s in (eager, replay):
+        s.reserve(total)
+        s.append(k_all[:, :, :prefill], v_all[:, :, :prefill])
+    eager.append(k_all[:, :, prefill : prefill + 1], v_all[:, :, prefill : prefill + 1])
+    replay.append_at(k_all[:, :, prefill : prefill + 1], v_all[:, :, prefill : prefill + 1], torch.tensor([prefill]))
+    for t in range(prefill + 1, total):
+        k, v = k_all[:, :, t : t + 1], v_all[:, :, t : t + 1]
+        _write(replay, k, v, torch.tensor([t]))
+        eager.append(k, v)
+        replay.advance(1)
+    assert replay.length == eager.length == total and replay.n_quant == eager.n_quant
+    for x, y in zip(_held(replay), _held(eager)):
+        assert torch.equal(x, y)
+
+
 def test_append_at_refuses_a_reservation_too_short_for_the_fixed_residual():
     """Reserved for 40 tokens, a fixed residual of 47 rows would hold more than dense: the store says why (and
     ``graph_blocker_at`` says it for the cache), and stays usable eagerly."""

@@ -359,11 +359,14 @@ class QuantizedStore:
     # as the forward that made the residual (``_fix``, ``append`` in ``Engine.forward``) ran, whoever calls them.
     @torch.inference_mode()
     def advance(self, n: int) -> None:
-        """Count the token a replayed CUDA graph wrote (``append_at``), then ready the store for the next one."""
+        """Count the token a replayed CUDA graph wrote (``append_at``), then ready the store for the next one, if
+        one fits the reservation: readying a full store for a token past it would quantize a group the codes have
+        no room for (the last step of a generation that runs to its length limit, on 1 of every ``group`` lengths)."""
         if not self.fixed or n != 1:
             raise RuntimeError("a quantized store counts one graph-written token at a time, after append_at")
         self.length += 1
-        self._settle(self.length + 1)
+        if self.length < self.reserved:
+            self._settle(self.length + 1)
 
     @torch.inference_mode()
     def rewind(self, tokens: int) -> None:
