@@ -96,8 +96,9 @@ def test_a_budget_choice_never_holds_more_than_its_budget_and_is_recorded(tiny_l
     sel = plan.meta["selection"]
     cands = sel["candidates"]
     assert [c["budget"] for c in cands] == [0.3, 0.5, 0.65]
-    # recorded, not required: at 0.5 head (0, 0) is 8-bit, at 0.65 every head is 4-bit
-    assert sel["nested"] is False and [c["plan"] for c in cands][1:] == ["1 8-bit + 1 4-bit + 2 streaming", "4 4-bit"]
+    # recorded, not required: at 0.5 head (0, 0) is 8-bit, at 0.65 every head is whole, one with 8-bit keys
+    assert sel["nested"] is False and [c["plan"] for c in cands][1:] == ["1 8-bit + 1 4-bit + 2 streaming",
+                                                                         "1 8-bit keys + 3 4-bit"]
     assert sel["lengths"] == [512, 992] and sel["probes"] == 4  # twice 512 within the 1024-token context
     assert all(c["kv_fraction"] <= c["budget"] for c in cands)
     assert all(sum(c["answered_by_length"].values()) == c["probes_answered"] for c in cands)

@@ -23,16 +23,18 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _cache(batch: int, kv_heads: int, group_q: int, dim: int, n_quant: int, n_res: int, bits: int, group: int,
-           dtype: torch.dtype, seed: int = 0):
-    """q [B, Hq, D], a quantized part of ``n_quant`` tokens (with spare capacity) and a residual with spare rows."""
+def _cache(batch: int, kv_heads: int, group_q: int, dim: int, n_quant: int, n_res: int, bits: int | tuple[int, int],
+           group: int, dtype: torch.dtype, seed: int = 0):
+    """q [B, Hq, D], a quantized part of ``n_quant`` tokens (with spare capacity) and a residual with spare rows.
+    ``bits``: both halves', or (key bits, value bits)."""
+    kb, bits = bits if isinstance(bits, tuple) else (bits, bits)
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, kv_heads * group_q, dim, generator=g)
     k = torch.randn(batch, kv_heads, n_quant + group, dim, generator=g) + 2 * torch.randn(dim, generator=g)
     v = torch.randn(batch, kv_heads, n_quant + group, dim, generator=g)
-    kc, ks, kz = quantize_keys(k, bits, group)
+    kc, ks, kz = quantize_keys(k, kb, group)
     vc, vs, vz = quantize_values(v, bits, group)
-    kv = QuantizedKV(*(t.to(DEVICE) for t in (kc, ks, kz, vc, vs, vz)), n_quant, bits, group)
+    kv = QuantizedKV(*(t.to(DEVICE) for t in (kc, ks, kz, vc, vs, vz)), n_quant, bits, group, kb if kb != bits else 0)
     res_k = torch.randn(batch, kv_heads, n_res + 3, dim, generator=g)
     res_v = torch.randn(batch, kv_heads, n_res + 3, dim, generator=g)
     return q.to(DEVICE, dtype), kv, res_k.to(DEVICE, dtype), res_v.to(DEVICE, dtype)
@@ -48,7 +50,7 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, (8, 4)], ids=["int8", "int4", "k8v4"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_kernel_matches_reference_over_codes_and_residual(name, dtype, bits):

@@ -130,6 +130,35 @@ def test_store_holds_what_kv_bytes_says_about_a_half_or_a_quarter_of_dense(bits)
     assert policy.kv_bytes(65536, 64, 2) / (2 * 65536 * 64 * 2) == pytest.approx(expect, abs=0.002)
 
 
+def test_8bit_keys_over_4bit_values_hold_between_4_and_8_bits_and_keep_keys_closer():
+    """``key_bits=8``: keys as 8-bit codes, values as 4-bit ones; the store holds what ``kv_bytes`` says (0.44 of
+    dense at long lengths), the keys it gives back err as 8-bit keys do and the values as 4-bit values."""
+    mixed, four, eight = Quantized(bits=4, key_bits=8), Quantized(bits=4), Quantized(bits=8)
+    for n in (1, 159, 160, 300, 1000):
+        store, _, _ = _fill(mixed, n, 64, torch.bfloat16)
+        assert sum(t.numel() * t.element_size() for t in store.tensors()) == mixed.kv_bytes(n, 64, 2) * 2, n
+    assert mixed.kv_bytes(65536, 64, 2) / (2 * 65536 * 64 * 2) == pytest.approx((0.75 + 4 / 32) / 2, abs=0.002)
+    assert four.kv_bytes(4096, 64) < mixed.kv_bytes(4096, 64) < eight.kv_bytes(4096, 64)
+    views = {}
+    for name, policy in (("mixed", mixed), ("four", four), ("eight", eight)):
+        store, k, v = _fill(policy, 300, 64, torch.float32)
+        keys, values = store.view()
+        views[name] = ((keys - k)[:, :, :160].abs().max().item(), (values - v)[:, :, :160].abs().max().item())
+    assert views["mixed"][0] == views["eight"][0] and views["mixed"][1] == views["four"][1]
+    assert views["mixed"][0] < views["four"][0] / 8
+    assert mixed.short() == "k8v4g32r128" and Quantized(bits=8, key_bits=8).short() == "int8g32r128"
+
+
+def test_key_bits_stay_out_of_plans_that_do_not_set_them():
+    """A plan written before ``key_bits`` existed keeps its parameters and digest; a bad value is refused."""
+    assert "key_bits" not in Quantized(bits=4).params()
+    assert Quantized(bits=4, key_bits=8).params()["key_bits"] == 8
+    assert build_policy({"policy": "quantized", "params": {"bits": 4, "key_bits": 8}}) == Quantized(bits=4, key_bits=8)
+    for bad in (3, 16, True, "8"):
+        with pytest.raises(PlanError, match="key_bits"):
+            build_policy({"policy": "quantized", "params": {"bits": 4, "key_bits": bad}})
+
+
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dim", [16, 64, 256])
 def test_quantized_head_never_holds_more_than_dense_at_any_length(bits, dim):
@@ -169,7 +198,8 @@ def test_mixed_plan_generates_and_the_kernel_decode_gives_the_reference_tokens()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
     plan = HeadPlan.from_policies(lm.spec, [[Full(), Quantized(bits=4, group=8, residual=8)],
-                                            [Quantized(bits=8, group=8, residual=4), Streaming(sink=4, window=16)]])
+                                            [Quantized(bits=4, key_bits=8, group=8, residual=4),
+                                             Streaming(sink=4, window=16)]])
     prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}
     for kernels in (False, True):

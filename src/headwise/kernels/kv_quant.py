@@ -131,12 +131,18 @@ class QuantizedKV:
     n_quant: int
     bits: int
     group: int
+    key_bits: int = 0
+    """Bits per key code where they differ from ``bits`` (the values'); 0: ``bits``."""
+
+    @property
+    def k_bits(self) -> int:
+        return self.key_bits or self.bits
 
     def dequantize(self, head_dim: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the ``n_quant`` tokens, ``[B, H, n_quant, D]`` in ``dtype``."""
         n, g = self.n_quant, self.group
         keys = dequantize_keys(self.k_codes[:, :, :n], self.k_scale[:, :, : n // g], self.k_zero[:, :, : n // g],
-                               self.bits, g, head_dim, dtype)
+                               self.k_bits, g, head_dim, dtype)
         values = dequantize_values(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
                                    self.bits, g, head_dim, dtype)
         return keys, values

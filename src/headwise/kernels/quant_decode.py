@@ -4,7 +4,8 @@ Layout
     A quantized KV head holds its oldest ``n_quant`` tokens (a multiple of ``group``) as KIVI codes
     (``kernels/kv_quant.py``: keys per channel over runs of ``group`` tokens, values per token over runs of
     ``group`` channels, fp16 scales and zero points, 4-bit codes two per byte) and its newest ``n_res`` tokens in
-    full precision (the residual): ``k_codes, v_codes: [B, H, n, ceil(D*bits/8)]`` uint8,
+    full precision (the residual): ``k_codes, v_codes: [B, H, n, ceil(D*bits/8)]`` uint8 (keys may take 8 bits
+    over 4-bit values: ``QuantizedKV.key_bits``),
     ``k_scale, k_zero: [B, H, n / group, D]``, ``v_scale, v_zero: [B, H, n, ceil(D / group)]``.
 
 Algorithm
@@ -17,7 +18,7 @@ Algorithm
     program writes its normalised partial output and log-sum-exp and a small kernel merges them.
 
 Limits
-    ``bits`` is 8 or 4; ``head_dim`` up to 256; up to 64 query heads per KV head; K/V residual and q in fp32,
+    ``bits`` (and the keys' bits) 8 or 4; ``head_dim`` up to 256; up to 64 query heads per KV head; K/V residual and q in fp32,
     fp16 or bf16; accumulation fp32. Under TRITON_INTERPRET=1 the products run in fp32 (the interpreter's bf16
     dot is wrong), so the interpreter checks indexing, unpacking and the softmax; on a GPU the dequantized rows
     are rounded to q's dtype for tensor-core products, as the reference rounds its dequantized cache. With
@@ -86,7 +87,8 @@ def _quant_decode_kernel(
     stride_lb, stride_lh,
     stride_ob, stride_oh,
     GROUP: tl.constexpr, BLOCK_H: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr, QGROUP: tl.constexpr, BITS: tl.constexpr, SINGLE_SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr, QGROUP: tl.constexpr, BITS: tl.constexpr, K_BITS: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
     INTERPRET: tl.constexpr, IEEE: tl.constexpr, DEV_LEN: tl.constexpr,
 ):
     if DEV_LEN:
@@ -133,7 +135,7 @@ def _quant_decode_kernel(
         kgrp = tok // QGROUP
         ks = tl.load(ks_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
         kz = tl.load(kz_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
-        k = _load_codes(kc_base, tok, stride_kcn, offs_d, mq, BITS) * ks + kz
+        k = _load_codes(kc_base, tok, stride_kcn, offs_d, mq, K_BITS) * ks + kz
         kr = tl.load(rk_base + rtok[:, None] * stride_rkn + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
         k = tl.where(in_q[:, None], k, kr)
         s = _dot(q, tl.trans(k), INTERPRET, IEEE) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
@@ -193,9 +195,10 @@ def quant_decode(
     if position is not None and bounds is not None:
         assert first == 0 and position.numel() == 1 and bounds.numel() == 2, "device lengths: first 0, 1 and 2 elements"
         assert position.device == q.device and bounds.device == q.device, "device lengths on q's device"
-    assert bits in (4, 8) and n_quant % group == 0 and 0 <= first < n_total
+    assert bits in (4, 8) and kv.k_bits in (4, 8) and n_quant % group == 0 and 0 <= first < n_total
     assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
-    assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, bits)
+    assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, kv.k_bits)
+    assert kv.v_codes.shape[3] == packed_dim(D, bits)
     assert kv.k_codes.shape[2] >= n_quant and kv.v_codes.shape[2] >= n_quant
     assert kv.k_scale.shape[3] == D and kv.v_scale.shape[3] == -(-D // group)
     assert kv.k_scale.stride() == kv.k_zero.stride() and kv.v_scale.stride() == kv.v_zero.stride()
@@ -230,7 +233,7 @@ def quant_decode(
         lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1),
         GROUP=group_q, BLOCK_H=max(16, triton.next_power_of_2(group_q)), HEAD_DIM=D, BLOCK_D=block_d,
-        BLOCK_N=block_n, QGROUP=group, BITS=bits, SINGLE_SPLIT=splits == 1, INTERPRET=INTERPRET,
+        BLOCK_N=block_n, QGROUP=group, BITS=bits, K_BITS=kv.k_bits, SINGLE_SPLIT=splits == 1, INTERPRET=INTERPRET,
         IEEE=q.dtype == torch.float32, DEV_LEN=dev_len, num_warps=num_warps,
     )
     if splits > 1:

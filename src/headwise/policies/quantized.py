@@ -106,6 +106,12 @@ class Quantized(Policy):
     """0: every token is kept and attended. ``W``: only the last ``W`` positions, the query's own included
     (``p - j < W``), as a native sliding-window layer attends; filled in by plan resolution on such layers (module
     docstring). At least ``residual + group``, so that the residual never reaches outside the window."""
+    key_bits: int = 0
+    """Bits per key code, where keys need more than values: 0 (``bits`` for both) or 8 over 4-bit values.
+    KIVI finds keys the harder half to quantize (outlier channels); a head that tells similar keys apart (the
+    multi-key needle's distractors) may need 8-bit keys where 4-bit values suffice. 8-bit keys and 4-bit values
+    take about 0.44 of a 16-bit cache's bytes, between 4 bits (0.31) and 8 (0.56)."""
+
 
     def validate(self) -> None:
         for key in ("bits", "group", "residual"):
@@ -114,6 +120,8 @@ class Quantized(Policy):
                 raise PlanError(f"policy 'quantized': parameter '{key}' must be an integer, got {value!r}")
         if self.bits not in (4, 8):
             raise PlanError(f"policy 'quantized': 'bits' must be 8 or 4, got {self.bits}")
+        if self.key_bits not in (0, 4, 8) or isinstance(self.key_bits, bool):
+            raise PlanError(f"policy 'quantized': 'key_bits' must be 0 (as 'bits'), 4 or 8, got {self.key_bits!r}")
         if self.group < 8:
             raise PlanError(f"policy 'quantized': 'group' must be at least 8 (scales cost 4 bytes per group), "
                             f"got {self.group}")
@@ -131,7 +139,14 @@ class Quantized(Policy):
         out = super().params()
         if not self.window:
             del out["window"]
+        if not self.key_bits:
+            del out["key_bits"]
         return out
+
+    @property
+    def k_bits(self) -> int:
+        """Bits per key code (``key_bits``, or ``bits`` when 0)."""
+        return self.key_bits or self.bits
 
     def quantized_length(self, seq_len: int) -> int:
         """Tokens held as codes after ``seq_len`` tokens: whole groups older than the residual."""
@@ -161,7 +176,7 @@ class Quantized(Policy):
     def codes_bytes(self, tokens: int, head_dim: int) -> int:
         """Bytes of ``tokens`` quantized tokens (a multiple of ``group``): K and V codes, key params per group of
         tokens, value params per token."""
-        codes = 2 * tokens * packed_dim(head_dim, self.bits)
+        codes = tokens * (packed_dim(head_dim, self.k_bits) + packed_dim(head_dim, self.bits))
         return codes + 2 * SCALE_DTYPE.itemsize * (tokens // self.group * head_dim + tokens * -(-head_dim // self.group))
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
@@ -231,7 +246,8 @@ class Quantized(Policy):
                 f"{self.graph_residual()} slots would hold more bytes than dense (a longer reservation allows it)")
 
     def short(self) -> str:
-        return f"int{self.bits}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
+        bits = f"int{self.bits}" if self.k_bits == self.bits else f"k{self.k_bits}v{self.bits}"
+        return f"{bits}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> QuantizedStore:
         return QuantizedStore(batch, heads, head_dim, device, dtype, self)
@@ -271,10 +287,10 @@ def fake_quantize(k: torch.Tensor, v: torch.Tensor, policy: Quantized) -> tuple[
     ``group`` tokens, values per token over runs of ``group`` channels; groups aligned at position 0, as the
     store's are), then dequantized in the input dtype. The same shapes. A group's codes depend on its own tokens
     only, so the first ``m`` tokens of the result are those of any longer call's."""
-    D, bits, G = k.shape[-1], policy.bits, policy.group
-    kc, ks, kz = quantize_keys(k, bits, G)
-    vc, vs, vz = quantize_values(v, bits, G)
-    return (dequantize_keys(kc, ks, kz, bits, G, D, k.dtype), dequantize_values(vc, vs, vz, bits, G, D, v.dtype))
+    D, kb, vb, G = k.shape[-1], policy.k_bits, policy.bits, policy.group
+    kc, ks, kz = quantize_keys(k, kb, G)
+    vc, vs, vz = quantize_values(v, vb, G)
+    return (dequantize_keys(kc, ks, kz, kb, G, D, k.dtype), dequantize_values(vc, vs, vz, vb, G, D, v.dtype))
 
 
 @lru_cache(maxsize=256)
@@ -315,7 +331,7 @@ class QuantizedStore:
                  policy: Quantized):
         self.batch, self.heads, self.head_dim = batch, heads, head_dim
         self.device, self.dtype, self.policy = device, dtype, policy
-        self.bits, self.group = policy.bits, policy.group
+        self.bits, self.k_bits, self.group = policy.bits, policy.k_bits, policy.group
         self.length = 0  # tokens held
         self.n_quant = 0  # positions below this are quantized (or dropped)
         self.first = 0  # positions below this are dropped (whole groups outside the window)
@@ -331,7 +347,7 @@ class QuantizedStore:
     def _alloc(self, tokens: int) -> None:
         """(Re)allocate the quantized buffers for ``tokens`` tokens (a multiple of ``group``), keeping what is held."""
         B, H, D, G = self.batch, self.heads, self.head_dim, self.group
-        shapes = {"k_codes": ((tokens, packed_dim(D, self.bits)), torch.uint8),
+        shapes = {"k_codes": ((tokens, packed_dim(D, self.k_bits)), torch.uint8),
                   "v_codes": ((tokens, packed_dim(D, self.bits)), torch.uint8),
                   "k_scale": ((tokens // G, D), SCALE_DTYPE), "k_zero": ((tokens // G, D), SCALE_DTYPE),
                   "v_scale": ((tokens, -(-D // G)), SCALE_DTYPE), "v_zero": ((tokens, -(-D // G)), SCALE_DTYPE)}
@@ -417,7 +433,7 @@ class QuantizedStore:
             self._alloc(need if exact else max(need, 2 * self.capacity // G * G))
         i, j = self.n_quant - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
         self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
-            quantize_keys(fk, self.bits, G))
+            quantize_keys(fk, self.k_bits, G))
         self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j] = quantize_values(fv, self.bits, G)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -506,7 +522,8 @@ class QuantizedStore:
         """The quantized part, for the kernel (views of the buffers, ``n_quant - first`` tokens valid; with
         ``room``, the whole capacity, for a launch that reads the valid count from ``bounds``)."""
         return QuantizedKV(self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero,
-                           self.capacity if room else self.n_quant - self.first, self.bits, self.group)
+                           self.capacity if room else self.n_quant - self.first, self.bits, self.group,
+                           self.k_bits)
 
     def view(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length - first,

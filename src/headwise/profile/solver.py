@@ -8,7 +8,8 @@ either ``full`` or a streaming span; the solver
 2. walks the heads by score, highest first, and makes a head ``full`` whenever the extra tokens still fit
    (a head that does not fit is skipped, the walk goes on to cheaper ones; heads scoring ``<= min_score`` are
    never made full); with ``quantize`` (below) this walk makes heads *whole* at their cheapest (4-bit), and a
-   second walk by score upgrades each to the dearest whole option that still fits (``full``, else 8-bit);
+   second walk by score upgrades each to the dearest whole option that still fits (``full``, else 8-bit, else
+   8-bit keys over 4-bit values);
 3. spends what is left on the streaming heads' spans: repeatedly the upgrade with the largest gain per extra
    token (gain = attention mass kept, from ``mass.py``'s elastic span recalls, MoA-style; without recall data,
    spans grow round-robin), until nothing more fits.
@@ -21,10 +22,11 @@ the largest at every step), so a plan solved for ``b`` holds at most ``b`` of de
 throughout, not only at the lengths where the residual is shortest.
 
 With ``quantize=True`` (off by default: the solver then behaves exactly as above), a global-layer head also has
-two ``quantized`` options (KIVI, ``policies/quantized.py``) between its streaming spans and ``full``: 8-bit and
-4-bit codes, every token kept and reachable, at their bytes' worth of dense token slots (about 0.56 and 0.31 of
-``full`` at long lengths with KIVI's group of 32; ``Quantized.peak_kv_bytes``). Step 2 then first keeps as many of the
-top-ranked heads whole as fit at 4 bits, and only then spends what is left on precision (8-bit, ``full``) in
+three ``quantized`` options (KIVI, ``policies/quantized.py``) between its streaming spans and ``full``: 8-bit codes,
+8-bit keys over 4-bit values, and 4-bit codes, every token kept and reachable, at their bytes' worth of dense token
+slots (about 0.56, 0.44 and 0.31 of ``full`` at long lengths with KIVI's group of 32; ``Quantized.peak_kv_bytes``).
+Step 2 then first keeps as many of the top-ranked heads whole as fit at 4 bits, and only then spends what is left on
+precision (8-bit keys, 8-bit, ``full``) in
 score order: when there are too few slots for every head the ranking wants full, they stay reachable at about a
 quarter or a half of the bytes (Gemma 3's three global KV heads hold 61% of its KV at 4K) rather than the top one
 full and the rest streaming. Without ``quantize`` the cheapest whole option is ``full`` and step 2 is as above. On a
@@ -62,12 +64,13 @@ def check_budget(budget: float) -> None:
         )
 
 
-QUANT_FIDELITY: dict[int, float] = {8: 0.999, 4: 0.99}
-"""Value (fidelity, 1 for ``full``) of a quantized option, by bits: a documented constant, not a per-head measurement.
-KIVI reports 8- and 4-bit caches within noise of fp16 on LongBench; on SmolLM2-135M with every head quantized
-(bench/results/quantized_fidelity_2026-12-02.json) 8-bit kept top-1 agreement 1.0 (KL 7.5e-6) and 4-bit 0.99
-(KL 1.8e-3). Only the order matters to the solver: full > 8-bit > 4-bit."""
-QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=8))
+QUANT_FIDELITY: dict[tuple[int, int], float] = {(8, 8): 0.999, (8, 4): 0.995, (4, 4): 0.99}
+"""Value (fidelity, 1 for ``full``) of a quantized option, by (key bits, value bits): a documented constant, not a
+per-head measurement. KIVI reports 8- and 4-bit caches within noise of fp16 on LongBench; on SmolLM2-135M with every
+head quantized (bench/results/quantized_fidelity_2026-12-02.json) 8-bit kept top-1 agreement 1.0 (KL 7.5e-6) and
+4-bit 0.99 (KL 1.8e-3). 8-bit keys over 4-bit values sit between (keys are the harder half, KIVI). Only the order
+matters to the solver: full > 8-bit > 8-bit keys > 4-bit."""
+QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=4, key_bits=8), Quantized(bits=8))
 """The quantized options offered with ``solve(quantize=True)``, cheapest first (KIVI's group 32, residual 128)."""
 
 
@@ -153,7 +156,7 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
             held = pol if native is None else pol.for_native_window(native, spec.head_dim)
             cost = slot_cost(held, spec, target_len)
             if cost < full_cost:
-                opts.append(Option(pol, cost, QUANT_FIDELITY[pol.bits]))
+                opts.append(Option(pol, cost, QUANT_FIDELITY[(pol.k_bits, pol.bits)]))
     opts.append(Option(Full(), full_cost, 1.0))
     return opts
 
