@@ -268,8 +268,7 @@ class Quantized(Policy):
             first = max(0, store.length - self.window - store.first) if self.window else 0
             return quant_decode(q[:, :, 0], store.quantized(), store.res_k, store.res_v, store.n_res,
                                 ctx.scale, first=first).unsqueeze(2)
-        keys, values = store.view()
-        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        keys, values = store.view(k, v)  # what it holds, then the chunk: one concatenation each
         if self.window:
             q_pos = torch.arange(ctx.start, ctx.start + q.shape[2], device=q.device)
             k_pos = torch.arange(store.first, ctx.start + q.shape[2], device=q.device)
@@ -525,12 +524,15 @@ class QuantizedStore:
                            self.capacity if room else self.n_quant - self.first, self.bits, self.group,
                            self.k_bits)
 
-    def view(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def view(self, k: torch.Tensor | None = None, v: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length - first,
-        head_dim]``, positions ``first .. length - 1``."""
+        head_dim]``, positions ``first .. length - 1``; with ``k, v``, those after them (a prompt chunk not yet
+        appended), in the same copy."""
         keys, values = self.quantized().dequantize(self.head_dim, self.dtype)
         n = self.n_res
-        return torch.cat([keys, self.res_k[:, :, :n]], dim=2), torch.cat([values, self.res_v[:, :, :n]], dim=2)
+        tail_k, tail_v = ([k], [v]) if k is not None and v is not None else ([], [])
+        return (torch.cat([keys, self.res_k[:, :, :n], *tail_k], dim=2),
+                torch.cat([values, self.res_v[:, :, :n], *tail_v], dim=2))
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.res_k, self.res_v]
