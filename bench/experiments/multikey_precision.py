@@ -59,17 +59,9 @@ def variants(base: dict[str, Any], windows: list[int | None]) -> dict[str, dict[
     out["globals-bf16"] = with_layers(lambda i: windows[i] is None, {"policy": "full"})
     out["globals-int8"] = with_layers(lambda i: windows[i] is None, q8)
     out["sliding-bf16"] = with_layers(lambda i: windows[i] is not None, {"policy": "full"})
-    if _has_key_bits():
-        k8 = {"policy": "quantized", "params": {**quant["params"], "bits": 4, "key_bits": 8}}
-        out["globals-k8v4"] = with_layers(lambda i: windows[i] is None, k8)
+    k8 = {"policy": "quantized", "params": {**quant["params"], "bits": 4, "key_bits": 8}}
+    out["globals-k8v4"] = with_layers(lambda i: windows[i] is None, k8)
     return out
-
-
-def _has_key_bits() -> bool:
-    import inspect
-
-    from headwise.policies.quantized import Quantized
-    return "key_bits" in inspect.signature(Quantized).parameters
 
 
 def candidate(base: dict[str, Any], windows: list[int | None], sliding_residual: int, command: str) -> dict[str, Any]:
@@ -138,10 +130,12 @@ def main() -> None:
             right += s == 1.0
             rows.append({"variant": name, "idx": i, "score": s, "output": text, "answers": sample.answers})
         print(f"{name:14s} {right}/{len(idx)} answered ({time.perf_counter() - t0:.0f} s)", flush=True)
-    n_lost = min(len(lost), args.limit)
-    summary = {name: {"lost_answered": sum(r["score"] == 1.0 for r in rows[k * len(idx) : k * len(idx) + n_lost]),
-                      "gained_answered": sum(r["score"] == 1.0 for r in rows[k * len(idx) + n_lost : (k + 1) * len(idx)])}
-               for k, name in enumerate(docs)}
+    lost_set = set(lost[: args.limit])
+    summary = {name: {"lost_answered": sum(r["score"] == 1.0 and r["idx"] in lost_set for r in rows
+                                           if r["variant"] == name),
+                      "gained_answered": sum(r["score"] == 1.0 and r["idx"] not in lost_set for r in rows
+                                             if r["variant"] == name)}
+               for name in docs}
     print(json.dumps(summary))
     doc = result_doc(command,
                      {"model": args.model, "plan": str(args.plan), "task": args.task, "length": args.length,

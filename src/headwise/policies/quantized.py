@@ -148,6 +148,11 @@ class Quantized(Policy):
         """Bits per key code (``key_bits``, or ``bits`` when 0)."""
         return self.key_bits or self.bits
 
+    @property
+    def bits_label(self) -> str:
+        """``int4``, ``int8``, or ``k8v4`` where keys and values differ."""
+        return f"int{self.bits}" if self.k_bits == self.bits else f"k{self.k_bits}v{self.bits}"
+
     def quantized_length(self, seq_len: int) -> int:
         """Tokens held as codes after ``seq_len`` tokens: whole groups older than the residual."""
         return max(0, seq_len - self.residual) // self.group * self.group
@@ -246,8 +251,7 @@ class Quantized(Policy):
                 f"{self.graph_residual()} slots would hold more bytes than dense (a longer reservation allows it)")
 
     def short(self) -> str:
-        bits = f"int{self.bits}" if self.k_bits == self.bits else f"k{self.k_bits}v{self.bits}"
-        return f"{bits}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
+        return f"{self.bits_label}g{self.group}r{self.residual}" + (f"w{self.window}" if self.window else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> QuantizedStore:
         return QuantizedStore(batch, heads, head_dim, device, dtype, self)
