@@ -35,7 +35,7 @@ from headwise.profile.runner import (
     profile_model,
     resolve_from_scores,
 )
-from headwise.profile.solver import check_budget
+from headwise.profile.solver import QuantMenu, check_budget
 
 
 def register(subparsers: Any) -> None:
@@ -80,6 +80,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
+    p.add_argument("--quant-global-key-bits", type=int, choices=(4, 8), default=4, metavar="{4,8}",
+                   help="with --quantize, the fewest key bits of a quantized head on a global layer (default 4; 8: at "
+                        "least 8-bit keys over 4-bit values, for heads that tell similar keys apart across the whole "
+                        "context; docs/profiling.md)")
+    p.add_argument("--quant-residual", type=int, default=128, metavar="TOKENS",
+                   help="with --quantize, the tokens a quantized head keeps in full precision (default 128, as KIVI)")
     p.add_argument("--ablation-base", choices=ABLATION_BASES, default="full",
                    help="policy of the heads the ablation ranking has not switched to streaming (default full; "
                         "quantized4: measure 4-bit -> streaming switches, for --quantize plans with few full heads; "
@@ -124,7 +130,7 @@ def command_line(args: argparse.Namespace) -> str:
     if args.fit_lengths:
         parts += ["--fit-lengths", args.fit_lengths]
     if args.quantize:
-        parts.append("--quantize")
+        parts += ["--quantize", *quant_menu_from_args(args).flags()]
     if args.ablation_base != "full":
         parts += ["--ablation-base", args.ablation_base]
     if args.ablation_switch != "streaming":
@@ -179,8 +185,18 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     return s
 
 
+def quant_menu_from_args(args: argparse.Namespace) -> QuantMenu:
+    """The solver's quantized options from ``--quant-global-key-bits`` and ``--quant-residual``."""
+    return QuantMenu(global_key_bits=args.quant_global_key_bits, residual=args.quant_residual)
+
+
 def run(args: argparse.Namespace) -> int:
     check_budget(args.budget)  # before loading anything: a bad budget fails in a blink
+    if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128):
+        raise InputError("--quant-global-key-bits and --quant-residual choose among the quantized options: give "
+                         "--quantize too")
+    if args.quantize:
+        quant_menu_from_args(args)  # a bad residual fails before loading anything
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")
     from headwise.eval.runner import parse_length
@@ -223,14 +239,14 @@ def run(args: argparse.Namespace) -> int:
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
-                                       select_probes=settings.select_probes, quantize=args.quantize, ranks=args.tp,
+                                       select_probes=settings.select_probes, quantize=quant_menu_from_args(args) if args.quantize else False, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
                                        select_lengths=select_lengths, progress=not args.no_progress,
                                        select_deals=args.select_deals)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
-                                 command=command_line(args), full_share=args.full_share, quantize=args.quantize,
+                                 command=command_line(args), full_share=args.full_share, quantize=quant_menu_from_args(args) if args.quantize else False,
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,

@@ -33,7 +33,7 @@ from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
-from headwise.profile.solver import check_budget, check_room, solve
+from headwise.profile.solver import Quantize, check_budget, check_room, solve
 from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
@@ -237,7 +237,7 @@ def phase(timings: dict[str, float], name: str, log: bool) -> Iterator[None]:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: bool = False, ranks: int = 1, act: bool = False,
+                  full_share: float | None = None, quantize: Quantize = False, ranks: int = 1, act: bool = False,
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
                   select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming",
@@ -476,7 +476,7 @@ def probe_lengths(spec: ModelSpec, target_len: int) -> list[int]:
 
 
 def _select(lm: LoadedModel, kv_scores: dict[str, torch.Tensor], method: str, budget: float, target_len: int,
-            spans: Spans, n_probes: int, quantize: bool = False, ranks: int = 1,
+            spans: Spans, n_probes: int, quantize: Quantize = False, ranks: int = 1,
             fit_lengths: tuple[int, ...] = ()) -> tuple[Any, str, float, dict[str, Any]]:
     """Solve each ranking x ``SELECT_SHARES`` candidate and keep the one that answers the most held-in probes."""
     from headwise.profile.select import Candidate, probe_set, select
@@ -620,7 +620,7 @@ def print_deals(deals: dict[str, Any]) -> None:
 
 def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, under: tuple[float, ...],
                         target_len: int, span_value: torch.Tensor | None, full_share: float, n_probes: int,
-                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
+                        quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
     """The plan for ``budget`` that keeps the most retrieval: ``score`` solved at ``budget`` and at each budget in
     ``under`` (usually nested: a larger budget keeps every head at least as precisely; ``meta["selection"]["nested"]``
@@ -669,7 +669,7 @@ def print_selection(selection: dict[str, Any]) -> None:
 
 def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target_len: int, method: str,
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
-                        quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
+                        quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = (),
                         progress: bool = False, select_deals: int = 0) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,

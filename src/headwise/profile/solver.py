@@ -45,12 +45,12 @@ window with ``sink=0``, so the head never sees a token the model's own window hi
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from headwise.errors import BudgetError
+from headwise.errors import BudgetError, InputError
 from headwise.policies import Full, Policy, Quantized
 from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
 from headwise.spec import ModelSpec
@@ -72,6 +72,49 @@ head quantized (bench/results/quantized_fidelity_2026-12-02.json) 8-bit kept top
 matters to the solver: full > 8-bit > 8-bit keys > 4-bit."""
 QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=4, key_bits=8), Quantized(bits=8))
 """The quantized options offered with ``solve(quantize=True)``, cheapest first (KIVI's group 32, residual 128)."""
+
+
+@dataclass(frozen=True)
+class QuantMenu:
+    """Which ``quantized`` options ``solve`` offers (``quantize=QuantMenu(...)``; ``quantize=True`` is the default
+    menu, ``QUANT_OPTIONS``).
+
+    ``global_key_bits`` 8 leaves out 4-bit keys on global layers: a head there kept whole holds at least 8-bit keys
+    over 4-bit values. Those heads are the ones that find a key anywhere in the context, and with several similar
+    keys (the multi-key needle's distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
+    three global heads at 4 bits answered 9 of 20 needles they lost on the GPU, with 8-bit keys 17, as dense).
+    Heads on native sliding-window layers keep every option. ``residual``: KIVI's full-precision residual of every
+    option (128 as KIVI; a shorter one holds less at the peak, which matters on a 512-token window)."""
+
+    global_key_bits: int = 4
+    residual: int = 128
+
+    def __post_init__(self) -> None:
+        if self.global_key_bits not in (4, 8):
+            raise InputError(f"the fewest key bits of a quantized head on a global layer must be 4 or 8, got "
+                              f"{self.global_key_bits!r}")
+        if not isinstance(self.residual, int) or self.residual < 1:
+            raise InputError(f"the quantized heads' residual must be a positive number of tokens, got {self.residual!r}")
+
+    def options(self, global_layer: bool) -> tuple[Quantized, ...]:
+        """The options of a head, cheapest first."""
+        opts = tuple(replace(q, residual=self.residual) for q in QUANT_OPTIONS)
+        return tuple(q for q in opts if q.k_bits >= self.global_key_bits) if global_layer else opts
+
+    def flags(self) -> list[str]:
+        """The ``headwise profile`` arguments that ask for this menu (beside ``--quantize``)."""
+        out = [] if self.global_key_bits == 4 else ["--quant-global-key-bits", str(self.global_key_bits)]
+        return out + ([] if self.residual == 128 else ["--quant-residual", str(self.residual)])
+
+
+Quantize = bool | QuantMenu
+"""``solve``'s ``quantize``: False (no quantized options), True (``QuantMenu()``) or a menu."""
+
+
+def quant_menu(quantize: Quantize) -> QuantMenu | None:
+    if isinstance(quantize, QuantMenu):
+        return quantize
+    return QuantMenu() if quantize else None
 
 
 @dataclass
@@ -124,7 +167,7 @@ def slot_cost(policy: Policy, spec: ModelSpec, target_len: int, dtype_bytes: int
 
 
 def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Tensor | None,
-                 quantize: bool = False) -> list[Option]:
+                 quantize: Quantize = False) -> list[Option]:
     """Streaming options of one KV head, cheapest first, then (``quantize``) the quantized options cheaper than
     ``full``, cheapest first (their costs may fall among the spans'; on a sliding-window layer, costed as resolved
     to the window), then ``full`` last.
@@ -151,12 +194,12 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
             if not pruned or opt.value > pruned[-1].value:
                 pruned.append(opt)
         opts = pruned
-    if quantize:
-        for pol in QUANT_OPTIONS:
-            held = pol if native is None else pol.for_native_window(native, spec.head_dim)
-            cost = slot_cost(held, spec, target_len)
-            if cost < full_cost:
-                opts.append(Option(pol, cost, QUANT_FIDELITY[(pol.k_bits, pol.bits)]))
+    menu = quant_menu(quantize)
+    for pol in menu.options(native is None) if menu is not None else ():
+        held = pol if native is None else pol.for_native_window(native, spec.head_dim)
+        cost = slot_cost(held, spec, target_len)
+        if cost < full_cost:
+            opts.append(Option(pol, cost, QUANT_FIDELITY[(pol.k_bits, pol.bits)]))
     opts.append(Option(Full(), full_cost, 1.0))
     return opts
 
@@ -181,7 +224,7 @@ def held_fraction(spec: ModelSpec, policies: list[list[Policy]], length: int, dt
 
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
           recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
-          quantize: bool = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
+          quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
     """The plan for ``budget`` at ``target_len`` (``_solve``) that also holds at most ``budget`` of dense KV after
     each of ``fit_lengths`` tokens: while it does not, the solver spends ``FIT_STEP`` less of the budget and solves
     again. A plan solved at one length holds a different share at others (a native sliding-window layer costs the
@@ -214,7 +257,7 @@ def _check_room(budget: float, cap: int, used: int, dense: int, target_len: int)
         )
 
 
-def check_room(spec: ModelSpec, budget: float, target_len: int, quantize: bool = False) -> None:
+def check_room(spec: ModelSpec, budget: float, target_len: int, quantize: Quantize = False) -> None:
     """Refuse, before any measuring, a budget below the cheapest plan the solver can make at ``target_len`` (every
     head at its cheapest span): ``solve`` would refuse it after the profile's minutes of work."""
     check_budget(budget)
@@ -228,7 +271,7 @@ def check_room(spec: ModelSpec, budget: float, target_len: int, quantize: bool =
 
 def _solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
            recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
-           quantize: bool = False, ranks: int = 1) -> Solution:
+           quantize: Quantize = False, ranks: int = 1) -> Solution:
     """scores: [layers, kv_heads] (higher = needs the whole context); recall: [layers, kv_heads, options] or None.
 
     ``quantize``: offer ``quantized`` 8- and 4-bit options to the heads whose ``full`` does not fit (module
