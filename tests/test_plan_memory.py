@@ -40,8 +40,7 @@ def test_shipped_plan_never_holds_more_than_dense(path):
 
 # Issue 19's memory bound on the shipped plans, where it is judged (docs/quality.md): at most half of dense KV at
 # the plan's peak while decoding a request of each evaluated length (prompt of L tokens, 15 decoded).
-EVALUATED = {"smollm2-135m.json": (SMOLLM2, (1024, 2048)), "gemma3-270m.json": (GEMMA3, (2048, 4096, 8192)),
-             "gemma3-270m-k8.json": (GEMMA3, (2048, 4096, 8192))}  # the candidate run 19 points to
+EVALUATED = {"smollm2-135m.json": (SMOLLM2, (1024, 2048)), "gemma3-270m.json": (GEMMA3, (2048, 4096, 8192))}
 
 
 @pytest.mark.parametrize("name", sorted(EVALUATED))

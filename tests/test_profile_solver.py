@@ -138,3 +138,53 @@ def test_fit_lengths_that_no_plan_meets_are_refused_with_numbers():
     spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i in (5, 11, 17) else 512 for i in range(18)))
     with pytest.raises(BudgetError, match=r"no plan holds at most 0\.15 of dense KV"):
         solve(spec, torch.rand(18, 1), 0.15, 32768, full_share=1.0, quantize=True, fit_lengths=(600,))
+
+
+def test_quant_menu_with_8_bit_global_keys_leaves_no_global_head_with_4_bit_keys():
+    from headwise.policies import Quantized
+    from headwise.profile.solver import QuantMenu
+
+    scores = torch.rand(6, 1, generator=torch.Generator().manual_seed(3))
+    plain = solve(GEMMA, scores, 0.5, 4096, quantize=True, full_share=1.0)
+    menu = solve(GEMMA, scores, 0.5, 4096, quantize=QuantMenu(global_key_bits=8, residual=64), full_share=1.0)
+    glob = [i for i in range(6) if GEMMA.native_window(i) is None]
+    assert any(isinstance(plain.policies[i][0], Quantized) and plain.policies[i][0].k_bits == 4 for i in glob)
+    quantized = {i: pol for i, (pol,) in enumerate(menu.policies) if isinstance(pol, Quantized)}
+    assert all(i in quantized for i in glob)
+    assert all(pol.residual == 64 for pol in quantized.values())
+    assert all(quantized[i].k_bits == 8 for i in glob)
+    assert any(pol.k_bits == 4 for i, pol in quantized.items() if i not in glob)  # sliding heads may keep 4-bit keys
+    assert menu.kv_tokens <= menu.cap_tokens
+    assert solve(GEMMA, scores, 0.5, 4096, quantize=QuantMenu(), full_share=1.0).policies == plain.policies
+
+
+@pytest.mark.parametrize("kwargs", [{"global_key_bits": 6}, {"residual": 0}])
+def test_quant_menu_refuses_what_no_store_holds(kwargs):
+    from headwise.errors import InputError
+    from headwise.profile.solver import QuantMenu
+
+    with pytest.raises(InputError):
+        QuantMenu(**kwargs)
+
+
+def test_the_shipped_gemma_plan_is_what_its_command_solves_from_the_scores_it_names():
+    """plans/gemma3-270m.json (run 20) is the profiler's re-solve of run 10's measured scores, not a hand edit."""
+    import shlex
+    from pathlib import Path
+
+    from headwise.profile.runner import Spans
+    from headwise.profile.solver import QuantMenu
+
+    root = Path(__file__).resolve().parents[1]
+    plan = HeadPlan.load(root / "plans" / "gemma3-270m.json")
+    words = shlex.split(plan.meta["created_by"])
+    arg = {w: words[k + 1] for k, w in enumerate(words[:-1]) if w.startswith("--")}
+    source = HeadPlan.load(root / arg["--from-scores"])
+    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
+    spans = Spans.from_meta(source.meta)
+    assert spans is not None and source.meta["span_recall_target_len"] == int(arg["--target-len"])
+    sol = solve(spec, torch.tensor(source.meta["scores"][f"{arg['--method']}_kv"]), float(arg["--budget"]),
+                int(arg["--target-len"]), spans.value, full_share=float(arg["--full-share"]),
+                quantize=QuantMenu(int(arg["--quant-global-key-bits"]), int(arg["--quant-residual"])),
+                fit_lengths=(2048, 8192))
+    assert HeadPlan.from_policies(spec, sol.policies, "gemma3-270m").digest() == plan.digest()

@@ -7,13 +7,11 @@ plan and variants of it through the engine: the global (full-attention) layers i
 in bf16, 8-bit keys over 4-bit values on the global layers. The variant that gets the answers back names the heads
 and the precision the lost needles need. The evaluation's own prompts are used: a diagnostic, not a profiler input.
 
-    PYTHONPATH=src python bench/experiments/multikey_precision.py RESULTS.json OUT.json --length 2048 --limit 20 --gained 8 \
-        --variants dense,plan,globals-int8,globals-k8v4
+    PYTHONPATH=src python bench/experiments/multikey_precision.py RESULTS.json OUT.json --plan PLAN.json --length 2048 \
+        --limit 20 --gained 8 --variants dense,plan,globals-int8,globals-k8v4
 
-``--candidate PLAN.json`` writes instead (no model run) the plan these runs point to, for the GPU to judge: the
-global layers' heads with 8-bit keys over 4-bit values, the sliding layers' heads 4-bit with a residual of
-``--sliding-residual`` tokens (64: with the shipped plan's 128 the 8-bit keys would take it over half of dense's KV
-at 2K and 4K), the source plan's scores and meta kept, the derivation in ``created_by``.
+The plan these runs pointed to (8-bit keys on the global layers) is what ``headwise profile --quantize
+--quant-global-key-bits 8`` solves; run 20 evaluated it and it ships as plans/gemma3-270m.json (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -64,24 +62,13 @@ def variants(base: dict[str, Any], windows: list[int | None]) -> dict[str, dict[
     return out
 
 
-def candidate(base: dict[str, Any], windows: list[int | None], sliding_residual: int, command: str) -> dict[str, Any]:
-    """The source plan with 8-bit keys on its global layers and 4-bit sliding layers (module docstring)."""
-    quant = next(h for row in base["layers"] for h in row if h["policy"] == "quantized")
-    glob = {"policy": "quantized", "params": {**quant["params"], "bits": 4, "key_bits": 8}}
-    slide = {"policy": "quantized", "params": {**quant["params"], "bits": 4, "residual": sliding_residual}}
-    doc = copy.deepcopy(base)
-    doc["layers"] = [[dict(glob if windows[i] is None else slide) for _ in row] for i, row in enumerate(doc["layers"])]
-    doc["meta"] = {**doc.get("meta", {}), "created_by": command, "derived_from": base.get("meta", {}).get("created_by"),
-                   "solution": None}
-    return doc
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("results", type=Path, help="a headwise eval results JSON with dense's and the plan's rows")
-    ap.add_argument("out", type=Path, nargs="?", help="the results JSON to write (not with --candidate)")
+    ap.add_argument("out", type=Path, help="the results JSON to write")
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--plan", type=Path, default=Path("plans/gemma3-270m.json"))
+    ap.add_argument("--plan", type=Path, required=True,
+                    help="the plan the results JSON evaluated (run 19's: plans/gemma3-270m-run10.json)")
     ap.add_argument("--label", default="gemma3-270m", help="the plan's label in the results")
     ap.add_argument("--task", default="multikey_needle")
     ap.add_argument("--length", type=int, default=2048)
@@ -89,23 +76,8 @@ def main() -> None:
     ap.add_argument("--gained", type=int, default=0, help="also the first N samples the plan answers and dense misses")
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--dtype", default=None)
-    ap.add_argument("--candidate", type=Path, default=None, help="write the candidate plan here (module docstring)")
-    ap.add_argument("--sliding-residual", type=int, default=64)
     args = ap.parse_args()
-    if args.out is None and args.candidate is None:
-        ap.error("give OUT (the results JSON to write) or --candidate PLAN.json")
     command = " ".join(["PYTHONPATH=src python", *map(shlex.quote, sys.argv)])
-    if args.candidate:
-        from headwise.profile.heatmap import draw
-
-        windows = list(load_model(args.model, dtype=args.dtype).spec.layer_windows)
-        doc = candidate(json.loads(args.plan.read_text()), windows, args.sliding_residual, command)
-        plan = HeadPlan.from_dict(doc)
-        args.candidate.write_text(json.dumps(doc, indent=1) + "\n")
-        draw(args.candidate.with_suffix(".png"), {}, plan.policies(), windows, args.candidate.stem)
-        print(f"wrote {args.candidate}: {plan.summary()}")
-        return
-
     results = json.loads(args.results.read_text())
     lost, gained = split_samples(results, args.label, args.task, args.length)
     idx = lost[: args.limit] + gained[: args.gained]
