@@ -9,8 +9,9 @@ dequantized element errs by at most half its scale (float16 holds the parameters
 +-65504 are not supported). Codes are uint8, one per byte at 8 bits, two per byte at 4 bits (channel ``2j`` in
 the low nibble of byte ``j``, ``2j + 1`` in the high one). ``x = code * scale + zero``.
 
-Used by the ``quantized`` policy's store (``policies/quantized.py``) and by the Triton decode kernel's reference
-(``kernels/quant_decode.py``); no Triton here.
+Used by the ``quantized`` policy's store (``policies/quantized.py``) and by the Triton kernels' references
+(``kernels/quant_decode.py``, ``kernels/kv_dequant.py``, which ``QuantizedKV.dequantize_into`` calls on a GPU);
+no Triton here.
 """
 
 from __future__ import annotations
@@ -146,3 +147,17 @@ class QuantizedKV:
         values = dequantize_values(self.v_codes[:, :, :n], self.v_scale[:, :, :n], self.v_zero[:, :, :n],
                                    self.bits, g, head_dim, dtype)
         return keys, values
+
+    def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """``dequantize`` written into ``keys, values: [B, H, n_quant, D]`` (e.g. the first rows of a longer buffer),
+        in their dtype: on a GPU in one Triton launch each (``kernels/kv_dequant.py``), elsewhere with the functions
+        above."""
+        if self.k_codes.is_cuda:
+            from headwise.kernels.kv_dequant import dequantize_into
+
+            dequantize_into(keys, self.k_codes, self.k_scale, self.k_zero, self.k_bits, self.group, per_channel=True)
+            dequantize_into(values, self.v_codes, self.v_scale, self.v_zero, self.bits, self.group, per_channel=False)
+            return
+        k, v = self.dequantize(keys.shape[-1], keys.dtype)
+        keys.copy_(k)
+        values.copy_(v)

@@ -532,11 +532,15 @@ class QuantizedStore:
         """Every held token dequantized (a copy) followed by the residual: ``[batch, heads, length - first,
         head_dim]``, positions ``first .. length - 1``; with ``k, v``, those after them (a prompt chunk not yet
         appended), in the same copy."""
-        keys, values = self.quantized().dequantize(self.head_dim, self.dtype)
-        n = self.n_res
-        tail_k, tail_v = ([k], [v]) if k is not None and v is not None else ([], [])
-        return (torch.cat([keys, self.res_k[:, :, :n], *tail_k], dim=2),
-                torch.cat([values, self.res_v[:, :, :n], *tail_v], dim=2))
+        nq, n = self.n_quant - self.first, self.n_res
+        extra = k.shape[2] if k is not None and v is not None else 0
+        keys = torch.empty(self.batch, self.heads, nq + n + extra, self.head_dim, device=self.device, dtype=self.dtype)
+        values = torch.empty_like(keys)
+        self.quantized().dequantize_into(keys[:, :, :nq], values[:, :, :nq])  # on a GPU, one launch each
+        keys[:, :, nq : nq + n], values[:, :, nq : nq + n] = self.res_k[:, :, :n], self.res_v[:, :, :n]
+        if extra:
+            keys[:, :, nq + n :], values[:, :, nq + n :] = k, v
+        return keys, values
 
     def tensors(self) -> list[torch.Tensor]:
         return [self.k_codes, self.k_scale, self.k_zero, self.v_codes, self.v_scale, self.v_zero, self.res_k, self.res_v]

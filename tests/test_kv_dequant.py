@@ -1,0 +1,91 @@
+"""The one-launch KIVI dequantization kernel against ``kv_quant``'s plain-PyTorch functions (Triton's interpreter on
+a CPU, the real kernel on a GPU)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+
+from headwise.kernels.kv_dequant import dequantize_into
+from headwise.kernels.kv_quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _codes(B: int, H: int, n: int, D: int, kbits: int, vbits: int, group: int, extra: int):
+    """Codes of ``n`` tokens in buffers with ``extra`` spare groups of room, as a store holds them."""
+    g = torch.Generator().manual_seed(n * 31 + D)
+    total = n + extra * group
+    k = torch.randn(B, H, total, D, generator=g) * 3 + torch.randn(D, generator=g) * 5  # outlier channels
+    v = torch.randn(B, H, total, D, generator=g)
+    return quantize_keys(k, kbits, group), quantize_values(v, vbits, group)
+
+
+@pytest.mark.parametrize("kbits,vbits,D,n", [(8, 8, 64, 96), (4, 4, 64, 64), (8, 4, 80, 160), (4, 4, 80, 32),
+                                             (8, 8, 256, 64), (4, 4, 40, 224)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dequantize_into_matches_the_reference(kbits, vbits, D, n, dtype):
+    B, H, G = 2, 3, 32
+    (kc, ks, kz), (vc, vs, vz) = _codes(B, H, n, D, kbits, vbits, G, extra=2)
+    want_k = dequantize_keys(kc[:, :, :n], ks[:, :, : n // G], kz[:, :, : n // G], kbits, G, D, dtype)
+    want_v = dequantize_values(vc[:, :, :n], vs[:, :, :n], vz[:, :, :n], vbits, G, D, dtype)
+    # The outputs are the first rows of a longer buffer (as QuantizedStore.view writes them), filled with a marker
+    # that must survive past row n.
+    out_k = torch.full((B, H, n + 7, D), 123.0, dtype=dtype, device=DEVICE)
+    out_v = torch.full_like(out_k, 123.0)
+    to = [t.to(DEVICE) for t in (kc, ks, kz, vc, vs, vz)]
+    dequantize_into(out_k[:, :, :n], to[0], to[1], to[2], kbits, G, per_channel=True)
+    dequantize_into(out_v[:, :, :n], to[3], to[4], to[5], vbits, G, per_channel=False)
+    tol = {"atol": 1e-5, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}  # one bf16 unit
+    torch.testing.assert_close(out_k[:, :, :n].cpu(), want_k, **tol)
+    torch.testing.assert_close(out_v[:, :, :n].cpu(), want_v, **tol)
+    assert (out_k[:, :, n:] == 123.0).all() and (out_v[:, :, n:] == 123.0).all()
+
+
+def test_dequantize_into_an_empty_range_writes_nothing():
+    (kc, ks, kz), _ = _codes(1, 1, 32, 64, 4, 4, 32, extra=0)
+    out = torch.zeros(1, 1, 0, 64, device=DEVICE)
+    assert dequantize_into(out, kc.to(DEVICE), ks.to(DEVICE), kz.to(DEVICE), 4, 32, per_channel=True) is out
+
+
+def test_dequantize_into_refuses_a_strided_last_dimension():
+    (kc, ks, kz), _ = _codes(1, 1, 32, 64, 8, 8, 32, extra=0)
+    out = torch.zeros(1, 1, 32, 128, device=DEVICE)[..., ::2]
+    with pytest.raises(ValueError, match="unit stride"):
+        dequantize_into(out, kc.to(DEVICE), ks.to(DEVICE), kz.to(DEVICE), 8, 32, per_channel=True)
+
+
+@pytest.mark.parametrize("window", [0, 96])
+def test_a_quantized_store_view_is_its_codes_dequantized_then_residual_then_chunk(window):
+    """``QuantizedStore.view`` writes the dequantized codes (on a GPU with this kernel) into the first rows of the
+    buffer the chunk's attention reads, then the residual and the chunk: the same as dequantizing and
+    concatenating."""
+    from headwise.policies import Quantized
+
+    pol = Quantized(bits=4, key_bits=8, group=32, residual=40, window=window)
+    store = pol.make_store(1, 2, 80, torch.device(DEVICE), torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    for n in (70, 61, 33):
+        store.append(torch.randn(1, 2, n, 80, generator=g).to(DEVICE, torch.bfloat16),
+                     torch.randn(1, 2, n, 80, generator=g).to(DEVICE, torch.bfloat16))
+    assert store.n_quant > store.first  # some codes held (and, with the window, some dropped)
+    chunk_k = torch.randn(1, 2, 9, 80, generator=g).to(DEVICE, torch.bfloat16)
+    chunk_v = torch.randn(1, 2, 9, 80, generator=g).to(DEVICE, torch.bfloat16)
+    keys, values = store.view(chunk_k, chunk_v)
+    dk, dv = store.quantized().dequantize(80, torch.float32)
+    n = store.n_res
+    want_k = torch.cat([dk.to(torch.bfloat16), store.res_k[:, :, :n], chunk_k], dim=2)
+    want_v = torch.cat([dv.to(torch.bfloat16), store.res_v[:, :, :n], chunk_v], dim=2)
+    assert keys.shape == (1, 2, store.length - store.first + 9, 80)
+    torch.testing.assert_close(keys, want_k, atol=1e-2, rtol=8e-3)
+    torch.testing.assert_close(values, want_v, atol=1e-2, rtol=8e-3)
+    k_only, _ = store.view()
+    torch.testing.assert_close(k_only, want_k[:, :, :-9], atol=1e-2, rtol=8e-3)
