@@ -10,13 +10,15 @@ dequantized element errs by at most half its scale (float16 holds the parameters
 the low nibble of byte ``j``, ``2j + 1`` in the high one). ``x = code * scale + zero``.
 
 Used by the ``quantized`` policy's store (``policies/quantized.py``) and by the Triton kernels' references
-(``kernels/quant_decode.py``, ``kernels/kv_dequant.py``, which ``QuantizedKV.dequantize_into`` calls on a GPU);
+(``kernels/quant_decode.py``, ``kernels/kv_quant_triton.py``, which ``QuantizedKV.dequantize_into`` calls on a GPU);
 no Triton here.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -93,6 +95,52 @@ def quantize_values(v: torch.Tensor, bits: int, group: int) -> tuple[torch.Tenso
     return pack(codes, bits), scale, zero
 
 
+_FUSED = {"ok": True}
+
+
+def _fused_ok() -> bool:
+    return _FUSED["ok"]
+
+
+def _fused(kernel: Any, *args: Any) -> bool:
+    """Run a kernel of ``kernels/kv_quant_triton.py``; if it cannot compile or launch on this GPU and Triton, warn
+    once and return False, and the PyTorch functions above serve from then on (the result is the same)."""
+    try:
+        kernel(*args)
+        return True
+    except (RuntimeError, *triton_errors()) as exc:  # a compile or launch failure, not a shape mistake
+        _FUSED["ok"] = False
+        warnings.warn(f"headwise: the fused KIVI kernels failed on this GPU ({type(exc).__name__}: {exc}); "
+                      "quantized heads use the PyTorch path", RuntimeWarning, stacklevel=3)
+        return False
+
+
+def triton_errors() -> tuple[type[Exception], ...]:
+    """Triton's compilation and out-of-resources error classes (none where Triton does not export them)."""
+    try:
+        from triton.compiler.errors import CompilationError
+        from triton.runtime.errors import OutOfResources
+    except ImportError:
+        return ()
+    return (CompilationError, OutOfResources)
+
+
+def quantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, x: torch.Tensor, bits: int,
+                  group: int, per_channel: bool) -> None:
+    """``quantize_keys`` (``per_channel``) or ``quantize_values`` of ``x`` written into ``codes, scale, zero`` (slices
+    of a store's buffers): on a GPU in one Triton launch (``kernels/kv_quant_triton.py``, the same codes and
+    parameters bit for bit) where ``group`` is a power of two, elsewhere with the functions above."""
+    if x.is_cuda and not group & (group - 1) and _fused_ok():
+        from headwise.kernels.kv_quant_triton import quantize_into as fused
+
+        if _fused(fused, codes, scale, zero, x, bits, group, per_channel):
+            return
+    c, s, z = (quantize_keys if per_channel else quantize_values)(x, bits, group)
+    codes.copy_(c)
+    scale.copy_(s)
+    zero.copy_(z)
+
+
 def _per_channel(p: torch.Tensor, group: int, head_dim: int) -> torch.Tensor:
     """``[..., ceil(D / group)]`` channel-group params -> ``[..., D]``."""
     return p.repeat_interleave(group, dim=-1)[..., :head_dim]
@@ -150,14 +198,15 @@ class QuantizedKV:
 
     def dequantize_into(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """``dequantize`` written into ``keys, values: [B, H, n_quant, D]`` (e.g. the first rows of a longer buffer),
-        in their dtype: on a GPU in one Triton launch each (``kernels/kv_dequant.py``), elsewhere with the functions
+        in their dtype: on a GPU in one Triton launch each (``kernels/kv_quant_triton.py``), elsewhere with the functions
         above."""
-        if self.k_codes.is_cuda:
-            from headwise.kernels.kv_dequant import dequantize_into
+        if self.k_codes.is_cuda and _fused_ok():
+            from headwise.kernels.kv_quant_triton import dequantize_into
 
-            dequantize_into(keys, self.k_codes, self.k_scale, self.k_zero, self.k_bits, self.group, per_channel=True)
-            dequantize_into(values, self.v_codes, self.v_scale, self.v_zero, self.bits, self.group, per_channel=False)
-            return
+            if (_fused(dequantize_into, keys, self.k_codes, self.k_scale, self.k_zero, self.k_bits, self.group, True)
+                    and _fused(dequantize_into, values, self.v_codes, self.v_scale, self.v_zero, self.bits,
+                               self.group, False)):
+                return
         k, v = self.dequantize(keys.shape[-1], keys.dtype)
         keys.copy_(k)
         values.copy_(v)

@@ -76,6 +76,7 @@ from headwise.kernels.kv_quant import (
     dequantize_keys,
     dequantize_values,
     packed_dim,
+    quantize_into,
     quantize_keys,
     quantize_values,
 )
@@ -435,9 +436,10 @@ class QuantizedStore:
             exact = need <= self.policy.codes_room(self.reserved)
             self._alloc(need if exact else max(need, 2 * self.capacity // G * G))
         i, j = self.n_quant - self.first, new_q - self.first  # buffer rows (index 0 is position ``first``)
-        self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G] = (
-            quantize_keys(fk, self.k_bits, G))
-        self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j] = quantize_values(fv, self.bits, G)
+        quantize_into(self.k_codes[:, :, i:j], self.k_scale[:, :, i // G : j // G], self.k_zero[:, :, i // G : j // G],
+                      fk, self.k_bits, G, per_channel=True)  # on a GPU, one launch each
+        quantize_into(self.v_codes[:, :, i:j], self.v_scale[:, :, i:j], self.v_zero[:, :, i:j], fv, self.bits, G,
+                      per_channel=False)
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
         """Append ``k, v: [batch, heads, n, head_dim]``; whole groups older than the residual become codes, whole

@@ -11,8 +11,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
 
-from headwise.kernels.kv_dequant import dequantize_into
 from headwise.kernels.kv_quant import dequantize_keys, dequantize_values, quantize_keys, quantize_values
+from headwise.kernels.kv_quant_triton import dequantize_into
 
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
@@ -89,3 +89,80 @@ def test_a_quantized_store_view_is_its_codes_dequantized_then_residual_then_chun
     torch.testing.assert_close(values, want_v, atol=1e-2, rtol=8e-3)
     k_only, _ = store.view()
     torch.testing.assert_close(k_only, want_k[:, :, :-9], atol=1e-2, rtol=8e-3)
+
+
+@pytest.mark.parametrize("bits,D,n", [(8, 64, 96), (4, 64, 64), (4, 80, 160), (8, 80, 32), (4, 40, 224),
+                                      (4, 256, 64), (8, 37, 64), (4, 37, 32)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_into_gives_the_references_codes_and_parameters_bit_for_bit(bits, D, n, dtype):
+    from headwise.kernels.kv_quant import packed_dim
+    from headwise.kernels.kv_quant_triton import quantize_into
+
+    B, H, G = 2, 3, 32
+    g = torch.Generator().manual_seed(n + D + bits)
+    k = (torch.randn(B, H, n, D, generator=g) * 3 + torch.randn(D, generator=g) * 5).to(dtype)
+    v = torch.randn(B, H, n, D, generator=g).to(dtype)
+    k[0, 0, :G, 1] = 0.25  # a constant key channel in one group: scale 1
+    v[1, 2, 3, :] = -0.0
+    want_k, want_v = quantize_keys(k, bits, G), quantize_values(v, bits, G)
+    P, ng = packed_dim(D, bits), -(-D // G)
+    # slices of longer buffers, as the store writes them
+    kc = torch.full((B, H, n + 64, P), 7, dtype=torch.uint8, device=DEVICE)
+    ks = torch.zeros(B, H, (n + 64) // G, D, dtype=torch.float16, device=DEVICE)
+    kz = torch.zeros_like(ks)
+    vc = torch.full((B, H, n + 5, P), 7, dtype=torch.uint8, device=DEVICE)
+    vs = torch.zeros(B, H, n + 5, ng, dtype=torch.float16, device=DEVICE)
+    vz = torch.zeros_like(vs)
+    quantize_into(kc[:, :, 32 : 32 + n], ks[:, :, 1 : 1 + n // G], kz[:, :, 1 : 1 + n // G], k.to(DEVICE), bits, G,
+                  per_channel=True)
+    quantize_into(vc[:, :, :n], vs[:, :, :n], vz[:, :, :n], v.to(DEVICE), bits, G, per_channel=False)
+    for got, want in zip((kc[:, :, 32 : 32 + n], ks[:, :, 1 : 1 + n // G], kz[:, :, 1 : 1 + n // G]), want_k):
+        assert torch.equal(got.cpu(), want)
+    for got, want in zip((vc[:, :, :n], vs[:, :, :n], vz[:, :, :n]), want_v):
+        assert torch.equal(got.cpu(), want)
+    assert (kc[:, :, :32] == 7).all() and (kc[:, :, 32 + n :] == 7).all() and (vc[:, :, n:] == 7).all()
+
+
+def test_a_quantized_store_quantizes_as_the_reference_would():
+    """``QuantizedStore`` writes its codes through ``kv_quant.quantize_into`` (this module's kernel on a GPU): after
+    prompt chunks and eager steps, its codes and parameters are ``quantize_keys`` / ``quantize_values`` of the
+    tokens that left the residual."""
+    from headwise.policies import Quantized
+
+    pol = Quantized(bits=4, key_bits=8, group=32, residual=40)
+    store = pol.make_store(1, 2, 80, torch.device(DEVICE), torch.bfloat16)
+    g = torch.Generator().manual_seed(9)
+    ks, vs = [], []
+    for n in (70, 61, 1, 1, 33):
+        k, v = torch.randn(2, 1, 2, n, 80, generator=g).to(torch.bfloat16)
+        ks.append(k)
+        vs.append(v)
+        store.append(k.to(DEVICE), v.to(DEVICE))
+    k, v, nq = torch.cat(ks, dim=2), torch.cat(vs, dim=2), store.n_quant
+    want_k, want_v = quantize_keys(k[:, :, :nq], 8, 32), quantize_values(v[:, :, :nq], 4, 32)
+    held = store.quantized()
+    for got, want in zip((held.k_codes[:, :, :nq], held.k_scale[:, :, : nq // 32], held.k_zero[:, :, : nq // 32],
+                          held.v_codes[:, :, :nq], held.v_scale[:, :, :nq], held.v_zero[:, :, :nq]),
+                         (*want_k, *want_v)):
+        assert torch.equal(got.cpu(), want)
+
+
+def test_a_kernel_that_fails_on_the_gpu_warns_once_and_the_pytorch_path_serves(monkeypatch):
+    from headwise.kernels import kv_quant
+
+    monkeypatch.setitem(kv_quant._FUSED, "ok", True)
+
+    def broken(*args):
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    with pytest.warns(RuntimeWarning, match="fused KIVI kernels failed"):
+        assert kv_quant._fused(broken, 1, 2) is False
+    assert not kv_quant._fused_ok()
+
+    def shape_mistake(*args):
+        raise ValueError("unit stride")
+
+    monkeypatch.setitem(kv_quant._FUSED, "ok", True)
+    with pytest.raises(ValueError):  # a caller's mistake is not swallowed
+        kv_quant._fused(shape_mistake)
+    assert kv_quant._fused_ok()
