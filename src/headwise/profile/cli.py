@@ -195,8 +195,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128):
         raise InputError("--quant-global-key-bits and --quant-residual choose among the quantized options: give "
                          "--quantize too")
-    if args.quantize:
-        quant_menu_from_args(args)  # a bad residual fails before loading anything
+    quantize = quant_menu_from_args(args) if args.quantize else False  # a bad residual fails before loading
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")
     from headwise.eval.runner import parse_length
@@ -239,14 +238,14 @@ def run(args: argparse.Namespace) -> int:
         if args.from_scores:
             plan = resolve_from_scores(lm, HeadPlan.load(args.from_scores), args.budget, args.target_len,
                                        args.method, command_line(args), full_share=args.full_share,
-                                       select_probes=settings.select_probes, quantize=quant_menu_from_args(args) if args.quantize else False, ranks=args.tp,
+                                       select_probes=settings.select_probes, quantize=quantize, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
                                        select_lengths=select_lengths, progress=not args.no_progress,
                                        select_deals=args.select_deals)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
-                                 command=command_line(args), full_share=args.full_share, quantize=quant_menu_from_args(args) if args.quantize else False,
+                                 command=command_line(args), full_share=args.full_share, quantize=quantize,
                                  act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
