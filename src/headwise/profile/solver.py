@@ -35,6 +35,8 @@ layer's window, ``Quantized.for_native_window``), at 0.545 (4-bit) and 0.73 (8-b
 at their peak (0.48 and 0.67 where the residual is shortest) for Gemma 3's 512-token window, head_dim 256, KIVI's
 residual of 128: a plan keeps every token the model sees
 (Gemma 3's 15 sliding layers hold 56% of its dense KV at 2K, which streaming alone could only cut by hiding tokens).
+``quantize=QuantMenu(global_key_bits=8)`` (``--quant-global-key-bits 8``) leaves 4-bit keys out on global layers and
+``QuantMenu(residual=R)`` (``--quant-residual``) changes every option's residual (``QuantMenu``).
 Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
@@ -112,6 +114,7 @@ Quantize = bool | QuantMenu
 
 
 def quant_menu(quantize: Quantize) -> QuantMenu | None:
+    """The menu ``quantize`` asks for (None: no quantized options)."""
     if isinstance(quantize, QuantMenu):
         return quantize
     return QuantMenu() if quantize else None
