@@ -166,3 +166,14 @@ def test_a_kernel_that_fails_on_the_gpu_warns_once_and_the_pytorch_path_serves(m
     with pytest.raises(ValueError):  # a caller's mistake is not swallowed
         kv_quant._fused(shape_mistake)
     assert kv_quant._fused_ok()
+
+
+def test_the_fused_kernels_can_be_turned_off_and_on():
+    from headwise.kernels import kv_quant
+
+    was = kv_quant.use_fused_kernels(False)
+    try:
+        assert not kv_quant._fused_ok()
+        assert kv_quant.use_fused_kernels(True) is False and kv_quant._fused_ok()
+    finally:
+        kv_quant.use_fused_kernels(was)

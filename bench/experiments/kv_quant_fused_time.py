@@ -2,7 +2,7 @@
 
 A ``quantized`` head's prefill chunk dequantizes what its store holds into the buffer it attends
 (``QuantizedStore.view``), then appends the chunk, quantizing the groups that leave the residual (``append``). On a
-GPU both go through ``kernels/kv_quant_triton.py`` (one launch per tensor); with ``kv_quant._FUSED["ok"]`` False
+GPU both go through ``kernels/kv_quant_triton.py`` (one launch per tensor); with ``kv_quant.use_fused_kernels(False)``
 they take the PyTorch functions of ``kernels/kv_quant.py``. This times one chunk's ``view`` + ``append`` at several
 held lengths and head shapes, both ways, in one process (CUDA events, the median of ``--reps`` after warm-up), and
 checks that both ways hold the same codes. Attention is left out: it is the same either way.
@@ -39,7 +39,7 @@ def _clock(device: torch.device) -> Any:
 def chunk_ms(policy: Quantized, heads: int, dim: int, held: int, chunk: int, fused: bool, reps: int,
              device: torch.device) -> tuple[float, torch.Tensor]:
     """Median milliseconds of one chunk's ``view`` + ``append`` on a store holding ``held`` tokens, and its codes."""
-    kv_quant._FUSED["ok"] = fused
+    kv_quant.use_fused_kernels(fused)
     g = torch.Generator().manual_seed(held + heads)
     prompt = torch.randn(2, 1, heads, held, dim, generator=g).to(device, torch.bfloat16)
     new = torch.randn(2, 1, heads, chunk, dim, generator=g).to(device, torch.bfloat16)
@@ -76,7 +76,7 @@ def main() -> None:
                              "speedup": round(plain / fused, 3), "same_codes": bool(torch.equal(codes_f, codes_p))})
                 print(f"{shape:32s} {name:5s} held {held:6d}: fused {fused:8.3f} ms, PyTorch {plain:8.3f} ms "
                       f"({plain / fused:.2f}x), same codes: {rows[-1]['same_codes']}")
-    kv_quant._FUSED["ok"] = True
+    kv_quant.use_fused_kernels(True)
     note = ("one chunk's QuantizedStore.view + append (dequantize what is held into the chunk's attention buffer, "
             "quantize the groups leaving the residual), bf16, batch 1; attention not included")
     if device.type != "cuda":

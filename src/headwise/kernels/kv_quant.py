@@ -102,6 +102,13 @@ def _fused_ok() -> bool:
     return _FUSED["ok"]
 
 
+def use_fused_kernels(enabled: bool) -> bool:
+    """Whether quantized stores on a GPU use ``kernels/kv_quant_triton.py`` (on by default; off: the PyTorch
+    functions, e.g. to time both ways). Returns the previous setting."""
+    was, _FUSED["ok"] = _FUSED["ok"], bool(enabled)
+    return was
+
+
 def _fused(kernel: Any, *args: Any) -> bool:
     """Run a kernel of ``kernels/kv_quant_triton.py``; if it cannot compile or launch on this GPU and Triton, warn
     once and return False, and the PyTorch functions above serve from then on (the result is the same)."""
