@@ -173,6 +173,7 @@ def test_the_shipped_gemma_plan_is_what_its_command_solves_from_its_scores():
     import shlex
     from pathlib import Path
 
+    from headwise.eval.runner import parse_length
     from headwise.profile.runner import Spans
     from headwise.profile.solver import QuantMenu
 
@@ -187,5 +188,5 @@ def test_the_shipped_gemma_plan_is_what_its_command_solves_from_its_scores():
     sol = solve(spec, torch.tensor(source.meta["scores"][f"{arg['--method']}_kv"]), float(arg["--budget"]),
                 int(arg["--target-len"]), spans.value, full_share=float(arg["--full-share"]),
                 quantize=QuantMenu(int(arg["--quant-global-key-bits"]), int(arg["--quant-residual"])),
-                fit_lengths=tuple(int(x.rstrip("k")) * 1024 for x in arg["--fit-lengths"].split(",")))
+                fit_lengths=tuple(parse_length(x) for x in arg["--fit-lengths"].split(",")))
     assert HeadPlan.from_policies(spec, sol.policies, "gemma3-270m").digest() == plan.digest()
