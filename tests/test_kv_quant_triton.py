@@ -177,3 +177,17 @@ def test_the_fused_kernels_can_be_turned_off_and_on():
         assert kv_quant.use_fused_kernels(True) is False and kv_quant._fused_ok()
     finally:
         kv_quant.use_fused_kernels(was)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bits", [4, 8])
+def test_the_pytorch_functions_give_the_cpus_codes_on_a_gpu(bits):
+    """The reference is the same on both devices: PyTorch on a GPU divides by a Python number as a multiply by its
+    reciprocal, which moved some scales by one unit in the last place (H200, 2026-12-04: the timing script's
+    fused and PyTorch codes differed); ``_params`` divides by a tensor since."""
+    g = torch.Generator().manual_seed(bits)
+    k = (torch.randn(1, 8, 8192, 128, generator=g) * 3 + torch.randn(128, generator=g) * 5).to(torch.bfloat16)
+    v = torch.randn(1, 8, 8192, 128, generator=g).to(torch.bfloat16)
+    for fn, x in ((quantize_keys, k), (quantize_values, v)):
+        for got, want in zip(fn(x.cuda(), bits, 32), fn(x, bits, 32)):
+            assert torch.equal(got.cpu(), want)

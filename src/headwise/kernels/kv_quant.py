@@ -41,7 +41,10 @@ def _params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[torch.Tensor
     # host memory, which waits for the stream, once per quantized group run.
     below = torch.nextafter(zero, torch.full_like(zero, float("-inf")))
     zero = torch.where(zero.float() > lo, below, zero)
-    scale = ((hi - zero.float()) / (2**bits - 1) * (1 + 2**-10)).to(SCALE_DTYPE)
+    # A tensor divisor, not a Python number: on a GPU PyTorch divides by a number as a multiply by its reciprocal,
+    # which can move the scale by one unit in the last place against the CPU's (and the fused kernel's) IEEE division.
+    span = (hi - zero.float()) / torch.full_like(hi, 2**bits - 1)
+    scale = (span * (1 + 2**-10)).to(SCALE_DTYPE)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     return scale, zero
 
