@@ -272,8 +272,8 @@ def test_a_later_prompt_chunk_on_the_gpu_matches_the_masked_reference(chunk, key
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (24, 6, 128), (4, 1, 256), (9, 3, 64)])
 def test_masked_attention_with_gqa_on_the_gpu_leaves_sdpas_math_path(heads, kv_heads, head_dim):
     """``masked_attention`` of a streaming head's prompt chunk (sinks + ring + the chunk, an A-shape mask) in bf16
-    with GQA: K/V repeated to the query heads, so SDPA's efficient kernel takes it (the call runs with the math
-    backend disabled), erring at most twice as much as SDPA's own GQA (math) call against the fp32 reference."""
+    with GQA: query heads folded into rows of their KV head, so SDPA's efficient kernel takes it (the call runs with
+    the math backend disabled), erring at most twice as much as SDPA's own GQA (math) call against the fp32 reference."""
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -295,3 +295,27 @@ def test_masked_attention_with_gqa_on_the_gpu_leaves_sdpas_math_path(heads, kv_h
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.CUDNN_ATTENTION]):
         out = masked_attention(*bf, mask, scale)
     assert (out.float() - ref).abs().max() <= 2 * (math.float() - ref).abs().max() + 1e-6
+
+
+@pytest.mark.parametrize("mask_shape", ["LS", "1S", "B1LS", "BHLS", "1HLS", "BH1S"])
+@pytest.mark.parametrize("heads,kv_heads,L", [(6, 2, 7), (9, 3, 1), (4, 1, 13), (3, 3, 5)])
+def test_masked_attention_folds_query_heads_into_rows_with_every_mask_layout(mask_shape, heads, kv_heads, L):
+    """``masked_attention`` folds the query heads sharing a KV head into that head's rows; for every mask layout
+    (2-D, broadcast over batch, heads or rows, per query head) it equals SDPA on K/V repeated to the query heads."""
+    import torch.nn.functional as F
+
+    from headwise.policies.base import masked_attention
+
+    g = torch.Generator().manual_seed(L * heads + len(mask_shape))
+    B, S, D = 2, 11, 16
+    q = torch.randn(B, heads, L, D, generator=g)
+    k, v = torch.randn(B, kv_heads, S, D, generator=g), torch.randn(B, kv_heads, S, D, generator=g)
+    sizes = {"L": L, "S": S, "B": B, "H": heads, "1": 1}
+    mask = torch.rand(*(sizes[c] for c in mask_shape), generator=g) < 0.6
+    mask[..., 0] = True  # no empty row
+    group = heads // kv_heads
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                          attn_mask=mask, scale=0.3)
+    got = masked_attention(q, k, v, mask, 0.3)
+    assert got.shape == (B, heads, L, D)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -282,14 +282,30 @@ def gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 def masked_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float
 ) -> torch.Tensor:
-    """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq, L, S]`` (True = attend).
+    """Attention under an explicit boolean mask ``[L, S]`` or ``[B, Hq or 1, L, S]`` (True = attend; a size-1 ``L``
+    broadcasts).
 
-    On a GPU in half precision, grouped-query inputs have K and V repeated to the query heads first: SDPA's
-    efficient kernel takes a mask but not GQA (torch 2.11) and flash takes no mask, so with both SDPA ran its math
-    path, writing and reading [Hq, L, S] fp32 score tensors several times (a streaming head's 2048-token prompt chunk:
-    `bench/prefill_step_breakdown.py` times both). The repeat costs (group - 1) x the K/V bytes, far less."""
-    group = q.shape[1] // k.shape[1]
-    if group > 1 and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    Grouped-query inputs are folded, not repeated: the ``group`` query heads that share a KV head become
+    ``group * L`` query rows of that KV head (``[B, Hkv, group * L, D]``, a view of a contiguous ``q``) and the mask
+    is laid out to match, so SDPA sees one head per KV head and no GQA. SDPA's efficient and cuDNN kernels take a mask
+    but not GQA (torch 2.11), and flash takes no mask; with both, SDPA ran its math path, writing and reading
+    ``[Hq, L, S]`` fp32 score tensors several times. Repeating K and V to the query heads (what this did before)
+    wrote ``(group - 1)`` x their bytes per call (a streaming head group's 8192-token chunk at Llama-3-8B shapes:
+    ~0.15 ms per layer on an H200, `bench/results/prefill_step_breakdown_h200_run11_c8192_l32_2026-12-04.json`); the
+    folded mask costs ``group`` x a boolean ``[L, S]``. Each output row is its own softmax either way."""
+    B, Hq, L, D = q.shape
+    Hkv = k.shape[1]
+    group = Hq // Hkv
+    if group == 1:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=group > 1)
+    S = k.shape[2]
+    if mask.dim() == 2:
+        folded = mask.expand(L, S).repeat(group, 1)  # [group * L, S]: row g * L + l is query head g's row l
+    else:
+        Bm, Hm = mask.shape[0], mask.shape[1]
+        if Hm == 1:
+            folded = mask.expand(Bm, 1, L, S).repeat(1, 1, group, 1)
+        else:
+            folded = mask.expand(Bm, Hq, L, S).reshape(Bm, Hkv, group * L, S)
+    out = F.scaled_dot_product_attention(q.reshape(B, Hkv, group * L, D), k, v, attn_mask=folded, scale=scale)
+    return out.reshape(B, Hq, L, D)  # a copy only where SDPA returned a layout that does not split so
