@@ -83,7 +83,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quant-global-key-bits", type=int, choices=(4, 8), default=4, metavar="{4,8}",
                    help="with --quantize, the fewest key bits of a quantized head on a global layer (default 4; 8: at "
                         "least 8-bit keys over 4-bit values, for heads that tell similar keys apart across the whole "
-                        "context; docs/profiling.md)")
+                        "context; where that would leave more global heads unreachable than 4-bit keys, 4; "
+                        "docs/profiling.md)")
     p.add_argument("--quant-residual", type=int, default=128, metavar="TOKENS",
                    help="with --quantize, the tokens a quantized head keeps in full precision (default 128, as KIVI)")
     p.add_argument("--ablation-base", choices=ABLATION_BASES, default="full",

@@ -35,8 +35,8 @@ layer's window, ``Quantized.for_native_window``), at 0.545 (4-bit) and 0.73 (8-b
 at their peak (0.48 and 0.67 where the residual is shortest) for Gemma 3's 512-token window, head_dim 256, KIVI's
 residual of 128: a plan keeps every token the model sees
 (Gemma 3's 15 sliding layers hold 56% of its dense KV at 2K, which streaming alone could only cut by hiding tokens).
-``quantize=QuantMenu(global_key_bits=8)`` (``--quant-global-key-bits 8``) leaves 4-bit keys out on global layers and
-``QuantMenu(residual=R)`` (``--quant-residual``) changes every option's residual (``QuantMenu``).
+``quantize=QuantMenu(global_key_bits=8)`` (``--quant-global-key-bits 8``) leaves 4-bit keys out on global layers
+(unless that keeps fewer global heads whole than 4-bit keys would: ``solve``) and ``QuantMenu(residual=R)`` (``--quant-residual``) changes every option's residual (``QuantMenu``).
 Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
@@ -82,7 +82,7 @@ class QuantMenu:
     menu, ``QUANT_OPTIONS``).
 
     ``global_key_bits`` 8 leaves out 4-bit keys on global layers: a head there kept whole holds at least 8-bit keys
-    over 4-bit values. Those heads are the ones that find a key anywhere in the context, and with several similar
+    over 4-bit values (``solve`` drops the floor where it would keep fewer global heads whole). Those heads are the ones that find a key anywhere in the context, and with several similar
     keys (the multi-key needle's distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
     three global heads at 4 bits answered 9 of 20 needles they lost on the GPU, with 8-bit keys 17, as dense).
     Heads on native sliding-window layers keep every option. ``residual``: KIVI's full-precision residual of every
@@ -143,6 +143,9 @@ class Solution:
     """High-scoring heads kept whole as ``quantized`` because ``full`` did not fit (``solve(quantize=True)``)."""
     spent: float | None = None
     """The budget the solver spent: the one asked for, or less where ``fit_lengths`` needed it."""
+    global_key_bits: int | None = None
+    """With a menu asking for 8-bit keys on global layers: 8, or 4 where the 8-bit floor would have left global heads
+    unreachable that 4-bit keys keep (``solve``)."""
 
     @property
     def fraction(self) -> float:
@@ -158,6 +161,7 @@ class Solution:
             "skipped_full": [list(h) for h in self.skipped],
             "quantized_heads": [list(h) for h in self.quantized_heads],
             **({"spent_budget": self.spent} if self.spent is not None else {}),
+            **({"global_key_bits": self.global_key_bits} if self.global_key_bits is not None else {}),
         }
 
 
@@ -228,6 +232,37 @@ def held_fraction(spec: ModelSpec, policies: list[list[Policy]], length: int, dt
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
           recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
           quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
+    """The plan for ``budget`` at ``target_len`` (``fit_solve``). With a menu asking for 8-bit keys on global layers
+    (``QuantMenu(global_key_bits=8)``), the floor gives way where it costs reach: if the plan solved with it keeps
+    fewer global-layer heads whole (quantized or full) than the same menu with 4-bit keys allowed, the latter is
+    returned (``Solution.global_key_bits`` says which). On Gemma 3 at budget 0.25 the floor kept one of its three
+    global heads and streamed two, and that plan found no passkey on the H200 (docs/quality.md, run 21); 4-bit keys
+    keep two of them. Where every global head fits at 8 bits (Gemma 3 at 0.35 and up) nothing changes."""
+    menu = quant_menu(quantize)
+    sol = fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, quantize, ranks, fit_lengths)
+    if menu is None or menu.global_key_bits == 4:
+        return sol
+    sol.global_key_bits = menu.global_key_bits
+    kept = _global_heads_kept(spec, sol)
+    if kept == sum(spec.native_window(i) is None for i in range(spec.num_layers)) * spec.num_kv_heads:
+        return sol
+    alt = fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, replace(menu, global_key_bits=4),
+                    ranks, fit_lengths)
+    if _global_heads_kept(spec, alt) > kept:
+        alt.global_key_bits = 4
+        return alt
+    return sol
+
+
+def _global_heads_kept(spec: ModelSpec, sol: Solution) -> int:
+    """Heads of global (not natively sliding) layers that ``sol`` keeps whole: ``full`` or ``quantized``."""
+    return sum(isinstance(p, Full | Quantized) for i, row in enumerate(sol.policies) if spec.native_window(i) is None
+               for p in row)
+
+
+def fit_solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
+              recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
+              quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
     """The plan for ``budget`` at ``target_len`` (``_solve``) that also holds at most ``budget`` of dense KV after
     each of ``fit_lengths`` tokens: while it does not, the solver spends ``FIT_STEP`` less of the budget and solves
     again. A plan solved at one length holds a different share at others (a native sliding-window layer costs the
