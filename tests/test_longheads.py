@@ -232,3 +232,94 @@ def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm
 
     assert limit(HeadPlan.dense(smollm2.spec)) == 8192
     assert limit(HeadPlan.uniform(smollm2.spec, {"policy": "longheads"})) is None
+
+
+def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tensor, p: int) -> list[list[list[int]]]:
+    """Chunks chosen for the query at ``p`` under bound scores, from first principles: per KV head and candidate
+    chunk, the sum over its query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over the chunk's rotated keys."""
+    B, Hq = q_rot.shape[:2]
+    Hkv, C = k_rot.shape[1], policy.chunk_size
+    G, cq = Hq // Hkv, p // C
+    out = []
+    for b in range(B):
+        rows = []
+        for h in range(Hkv):
+            score = []
+            for c in range(1, cq - 1):
+                keys = k_rot[b, h, c * C : (c + 1) * C]
+                lo, hi = keys.min(dim=0).values, keys.max(dim=0).values
+                score.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, h * G : (h + 1) * G, p]))
+            chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
+            rows.append([0, *chosen, cq - 1, cq])
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("chunks", [[61], [30, 1, 1, 29], [7] * 8 + [5]])
+def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks):
+    """``chunk_score="bound"``: every query past the window attends the chunks whose Quest bound (over the keys as
+    rotated, summed over the group) is highest, fed in one chunk, in pieces or token by token; the attention over
+    them is the paper's (re-assigned positions), so the output equals ``attend_chosen`` on those chunks."""
+    q, k, v = random_qkv()
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound")
+    pos = torch.arange(61)
+    qr, kr = apply_rope(q, pos), apply_rope(k, pos)
+    store = policy.make_store(2, 2, 12, q.device, q.dtype)
+    start = 0
+    for n in chunks:
+        policy.attend(qr[:, :, start : start + n], kr[:, :, start : start + n], v[:, :, start : start + n], store,
+                      AttendContext(start=start, scale=12 ** -0.5, rope=INV))
+        start += n
+    assert store.pending is None and store.n_reps == 12
+    for p in (25, 40, 60):
+        got = policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)[:, :, 0].tolist()
+        assert got == naive_bound_choice(policy, qr, kr, p), p
+
+
+def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():
+    """A chunk holding a single key the query matches, among keys that pull its average elsewhere, is chosen under
+    bound scores: the bound is at least that key's logit, whatever the chunk's other keys are."""
+    B, Hq, Hkv, C, T, D = 1, 2, 1, 8, 120, 12
+    g = torch.Generator().manual_seed(4)
+    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
+        torch.randn(B, Hkv, T, D, generator=g)
+    needle = torch.zeros(D)
+    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0
+    planted = 6
+    k[0, 0, planted * C : (planted + 1) * C] = -2 * needle  # the chunk's other keys point away from the query
+    k[0, 0, planted * C + 3] = 6 * needle  # one key matches it
+    v[0, 0, planted * C + 3] = 5.0
+    q[0, :, -1] = 6 * needle
+    pos = torch.arange(T)
+    policy = LongHeads(chunk_size=C, top_k=1, chunk_score="bound")
+    store = policy.make_store(B, Hkv, D, q.device, q.dtype)
+    out = policy.attend(apply_rope(q, pos), apply_rope(k, pos), v, store,
+                        AttendContext(start=0, scale=D ** -0.5, rope=INV))
+    chosen = policy.choose(apply_rope(q, pos)[:, :, -1:], pos[-1:], store, INV)
+    assert chosen[0, 0, 0].tolist() == [0, planted, T // C - 2, T // C - 1]
+    assert out[0, :, -1].mean() > 2.0  # attention went to the matching key's value
+
+
+def test_bound_scores_hold_two_vectors_per_chunk_and_no_queries():
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound")
+    plan = HeadPlan.uniform(spec, policy.to_spec())
+    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
+    cache.reserve(61)
+    q, k, v = random_qkv(B=1, T=61)
+    for layer in cache.layers:
+        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
+    assert policy.kv_tokens(61) == 65 + 12 and LongHeads(chunk_size=5, top_k=2).kv_tokens(61) == 65 + 6
+    with pytest.raises(PlanError, match="chunk_score"):
+        build_policy({"policy": "longheads", "params": {"chunk_score": "mean"}})
+
+
+def test_eval_spec_longheads_bound_builds_the_bound_plan():
+    from headwise.eval.runner import longheads_plan
+
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    plan = longheads_plan(spec, "m", 2048, 128, "bound")
+    assert plan.layers[0][0]["params"] == {"chunk_size": 128, "top_k": 13, "chunk_score": "bound"}
+    with pytest.raises(InputError, match="longheads-bound@1000/128"):
+        longheads_plan(spec, "m", 1000, 128, "bound")

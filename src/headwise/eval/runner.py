@@ -217,19 +217,23 @@ def expand_plan_items(items: Sequence[str]) -> list[str]:
     return out
 
 
-_LONGHEADS = re.compile(r"longheads(?:@([0-9]+)(?:/([0-9]+))?)?")
+_LONGHEADS = re.compile(r"longheads(-bound)?(?:@([0-9]+)(?:/([0-9]+))?)?")
 _OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
 
-def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256) -> HeadPlan:
+def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256,
+                   chunk_score: str = "paper") -> HeadPlan:
     """LongHeads on every KV head (native sliding layers keep their window): chunks of ``chunk_size``, ``window``
-    attended tokens per query (default the paper's 4096: ``top_k = window / chunk_size - 3``)."""
+    attended tokens per query (default the paper's 4096: ``top_k = window / chunk_size - 3``), chunks scored the
+    paper's way or by Quest's bound (``chunk_score="bound"``, spec ``longheads-bound``; policies/longheads.py)."""
     window = 4096 if window is None else window
+    label = "longheads" + ("-bound" if chunk_score == "bound" else "")
     if chunk_size < 1 or window % chunk_size or window < 4 * chunk_size:
-        raise InputError(f"longheads@{window}/{chunk_size}: the window must be a multiple of the chunk ({chunk_size} "
+        raise InputError(f"{label}@{window}/{chunk_size}: the window must be a multiple of the chunk ({chunk_size} "
                          f"tokens), at least 4 chunks (the first, one chosen, the previous and the own chunk)")
-    head = {"policy": "longheads", "params": {"chunk_size": chunk_size, "top_k": window // chunk_size - 3}}
-    return HeadPlan.uniform(spec, head, name, created_by=f"headwise eval longheads@{window}")
+    params = {"chunk_size": chunk_size, "top_k": window // chunk_size - 3, "chunk_score": chunk_score}
+    return HeadPlan.uniform(spec, {"policy": "longheads", "params": params}, name,
+                            created_by=f"headwise eval {label}@{window}/{chunk_size}")
 
 
 RANDOM_SEED = "headwise-random-baseline"
@@ -267,7 +271,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
                 "random@equal[:SEED], random@equal*N, "
                 "longheads, "
-                "longheads@WINDOW[/CHUNK], offload, offload@TOP_K"
+                "longheads@WINDOW[/CHUNK], longheads-bound[@WINDOW[/CHUNK]], offload, offload@TOP_K"
             )
 
 
@@ -290,8 +294,9 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             label = item if any(e.label == stem for e in entries) else stem
             entries.append(PlanEntry(label, item, lambda _L, p=files[item]: p))
         elif lm_match := _LONGHEADS.fullmatch(item):
-            window = int(lm_match.group(1)) if lm_match.group(1) else None
-            lh = longheads_plan(spec, lm.name, window, int(lm_match.group(2) or 256))
+            window = int(lm_match.group(2)) if lm_match.group(2) else None
+            lh = longheads_plan(spec, lm.name, window, int(lm_match.group(3) or 256),
+                                "bound" if lm_match.group(1) else "paper")
             entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
         elif off_match := _OFFLOAD.fullmatch(item):
             head: dict[str, Any] = {"policy": "retrieval_offload"}

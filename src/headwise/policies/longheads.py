@@ -26,6 +26,15 @@ exactly what the re-assigned positions give (``rope.rotate``; ``top_k + 3`` rota
 keys). Where nothing moves (``p < window``) nothing is rotated, so a context within ``window`` is full attention,
 bit for bit.
 
+*Bound scores* (``chunk_score="bound"``, not the paper's). A chunk is scored instead by Quest's upper bound of the
+query's attention logits over its keys as the model rotated them (at their own positions): ``sum_d max(q_d *
+kmin_d, q_d * kmax_d)`` with ``kmin, kmax`` the chunk's per-channel minimum and maximum key, summed over the query
+heads sharing the KV head. The paper's representative is one pooled key per chunk, which a short sentence in a
+chunk of natural text barely moves: on the H200 (docs/ARCHITECTURE.md) Gemma 3 under the paper's scores found 91% of
+the passkeys at 16K (a distinctive sentence in its chunk) but 30% of the needles (a key-value sentence among
+Shakespeare's), where dense found 98%. A bound is never below any of its chunk's logits, so a chunk holding one key
+the query matches scores high whatever the rest of the chunk holds. It costs two vectors per chunk (the paper's: one).
+
 How this differs from the paper's code:
 - The query attends to itself (the code's selected keys stop one short of the query during prefill).
 - Prefill and decode choose chunks by one rule (the code's decode step, at the last token of a chunk, offers the
@@ -34,7 +43,8 @@ How this differs from the paper's code:
 - GQA: chunks chosen per KV head, summaries averaged over its query heads (above).
 
 Memory: every token is kept (LongHeads extends the context, it does not evict) plus one representative key per
-complete chunk: ``kv_tokens = seq_len + ceil((seq_len // chunk_size) / 2)`` (a key is half a slot). The store also
+complete chunk: ``kv_tokens = seq_len + ceil((seq_len // chunk_size) / 2)`` (a key is half a slot); with bound
+scores two vectors per chunk (``seq_len + seq_len // chunk_size``). The store also
 holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
 summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size).
 
@@ -73,9 +83,14 @@ class LongHeads(Policy):
     top_k: int = 13
     """Chunks chosen by score per query, besides the first, the previous and its own: a head attends
     ``(top_k + 3) * chunk_size`` tokens at most. The paper's 4096-token window with chunks of 256 is ``top_k=13``."""
+    chunk_score: str = "paper"
+    """How chunks are scored: ``"paper"`` (the attention-pooled representative key) or ``"bound"`` (Quest's upper bound
+    over the chunk's keys; module docstring)."""
 
     def validate(self) -> None:
         check_positive(self, chunk_size=self.chunk_size, top_k=self.top_k)
+        if self.chunk_score not in ("paper", "bound"):
+            raise PlanError(f"policy 'longheads': 'chunk_score' must be 'paper' or 'bound', got {self.chunk_score!r}")
         if self.chunk_size < 1:
             raise PlanError("policy 'longheads': 'chunk_size' must be at least 1")
 
@@ -89,7 +104,11 @@ class LongHeads(Policy):
         return self.window
 
     def kv_tokens(self, seq_len: int) -> int:
-        return self._slots(seq_len) + -(-(seq_len // self.chunk_size) // 2)
+        return self._slots(seq_len) + -(-(seq_len // self.chunk_size) * self._vectors() // 2)
+
+    def _vectors(self) -> int:
+        """Vectors kept per complete chunk for scoring: the representative key, or the bounds' minimum and maximum."""
+        return 2 if self.chunk_score == "bound" else 1
 
     def _slots(self, seq_len: int) -> int:
         """Token slots: whole chunks (a chosen chunk is read as one block)."""
@@ -98,13 +117,13 @@ class LongHeads(Policy):
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
         """Keys and values in whole chunks and one representative key per complete chunk (the queries of the
         chunk being filled are not counted: see the module docstring)."""
-        return (2 * self._slots(seq_len) + seq_len // self.chunk_size) * head_dim * dtype_bytes
+        return (2 * self._slots(seq_len) + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
 
     def short(self) -> str:
-        return f"longheads{self.top_k}x{self.chunk_size}"
+        return f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.chunk_score == "bound" else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> ChunkStore:
-        return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size)
+        return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size, self.chunk_score == "bound")
 
     def attend(self, q, k, v, store: ChunkStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.rope is None:
@@ -140,9 +159,16 @@ class LongHeads(Policy):
         B, Hq, Lb, D = q.shape
         Hkv = store.heads
         cq = pos // self.chunk_size
-        q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
-        reps = store.reps[:, :, : store.n_reps].float()
-        scores = torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
+        if self.chunk_score == "bound":  # Quest's bound at the true positions, summed over the group
+            qg = q.float().reshape(B, Hkv, Hq // Hkv * Lb, D)
+            up = qg.clamp(min=0)
+            kmin, kmax = (t[:, :, : store.n_reps].float() for t in (store.kmin, store.kmax))
+            scores = (torch.einsum("bhld,bhrd->bhlr", up, kmax) + torch.einsum("bhld,bhrd->bhlr", qg - up, kmin))
+            scores = scores.view(B, Hkv, Hq // Hkv, Lb, -1).sum(dim=2)
+        else:
+            q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
+            reps = store.reps[:, :, : store.n_reps].float()
+            scores = torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
         r = torch.arange(store.n_reps, device=q.device)
         candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
         scores = scores.masked_fill(~candidate, -math.inf)
@@ -186,13 +212,18 @@ class ChunkStore(DenseStore):
     ``reps: [batch, heads, chunk_capacity, head_dim]``, first ``n_reps`` valid: the representative key of every
     complete chunk (``chunk_representatives``). ``pending: [batch, q_heads, chunk_size, head_dim]``: the queries
     of the chunk being filled (positions ``n_reps * chunk_size .. length - 1``), kept until the chunk completes.
+    With ``bounds`` (``chunk_score="bound"``) ``kmin, kmax`` (same shape as ``reps``) hold each complete chunk's
+    per-channel minimum and maximum key instead, and no queries are kept.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 chunk_size: int):
+                 chunk_size: int, bounds: bool = False):
         super().__init__(batch, heads, head_dim, device, dtype)
         self.chunk_size = chunk_size
+        self.bounds = bounds
         self.reps = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        self.kmin = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
+        self.kmax = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.n_reps = 0
         self.pending: torch.Tensor | None = None
 
@@ -218,35 +249,50 @@ class ChunkStore(DenseStore):
         return self.keys.view(shape), self.values.view(shape)
 
     def _grow_reps(self, chunks: int) -> None:
-        if chunks <= self.reps.shape[2]:
+        have = (self.kmin if self.bounds else self.reps).shape[2]
+        if chunks <= have:
             return
-        reps = torch.empty(self.batch, self.heads, chunks, self.head_dim, device=self.device, dtype=self.dtype)
-        reps[:, :, : self.n_reps] = self.reps[:, :, : self.n_reps]
-        self.reps = reps
+
+        def grown(old: torch.Tensor) -> torch.Tensor:
+            new = torch.empty(self.batch, self.heads, chunks, self.head_dim, device=self.device, dtype=self.dtype)
+            new[:, :, : self.n_reps] = old[:, :, : self.n_reps]
+            return new
+
+        if self.bounds:
+            self.kmin, self.kmax = grown(self.kmin), grown(self.kmax)
+        else:
+            self.reps = grown(self.reps)
 
     def commit_queries(self, q: torch.Tensor, start: int, scale: float, rope: torch.Tensor) -> None:
         """Take the chunk's queries ``q: [B, Hq, L, D]`` (positions ``start ..``; their keys already appended):
         compute the representative of every chunk they complete, keep the rest until their chunk completes."""
         C, L = self.chunk_size, q.shape[2]
-        if self.pending is None:
+        if self.pending is None and not self.bounds:
             self.pending = torch.empty(self.batch, q.shape[1], C, self.head_dim, device=self.device, dtype=q.dtype)
         first, done = self.n_reps, (start + L) // C
         if done > first:
-            held = start - first * C
-            qs = torch.cat([self.pending[:, :, :held], q[:, :, : done * C - start]], dim=2)
             assert self.keys is not None and self.values is not None
-            reps = chunk_representatives(qs, self.keys[:, :, first * C : done * C], self.values[:, :, first * C : done * C],
-                                         first, C, scale, rope)
-            if done > self.reps.shape[2]:  # grow by doubling when no room was reserved, as DenseStore does
-                self._grow_reps(max(done, 2 * self.reps.shape[2]))
-            self.reps[:, :, first:done] = reps.to(self.dtype)
+            have = (self.kmin if self.bounds else self.reps).shape[2]
+            if done > have:  # grow by doubling when no room was reserved, as DenseStore does
+                self._grow_reps(max(done, 2 * have))
+            if self.bounds:  # per-channel extremes of each completed chunk's keys (no queries needed)
+                keys = self.keys[:, :, first * C : done * C].view(self.batch, self.heads, done - first, C, self.head_dim)
+                self.kmin[:, :, first:done], self.kmax[:, :, first:done] = keys.amin(dim=3), keys.amax(dim=3)
+            else:
+                held = start - first * C
+                assert self.pending is not None
+                qs = torch.cat([self.pending[:, :, :held], q[:, :, : done * C - start]], dim=2)
+                reps = chunk_representatives(qs, self.keys[:, :, first * C : done * C],
+                                             self.values[:, :, first * C : done * C], first, C, scale, rope)
+                self.reps[:, :, first:done] = reps.to(self.dtype)
             self.n_reps = done
         a = max(start, done * C)
-        if a < start + L:
+        if a < start + L and self.pending is not None:  # bounds need no queries (no pending buffer)
             self.pending[:, :, a - done * C : start + L - done * C] = q[:, :, a - start :]
 
     def tensors(self) -> list[torch.Tensor]:
-        return super().tensors() + [self.reps] + ([self.pending] if self.pending is not None else [])
+        return (super().tensors() + ([self.kmin, self.kmax] if self.bounds else [self.reps])
+                + ([self.pending] if self.pending is not None else []))
 
 
 def chunk_representatives(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, chunk_size: int,
