@@ -101,6 +101,18 @@ def test_the_policy_builds_the_same_index_with_the_kernel():
     assert torch.equal(indices_to_mask(got[0].cpu(), got[1].cpu(), bs, S, S, 0), want_mask)
 
 
+def test_the_kernel_path_takes_unsorted_top_columns_and_builds_the_same_index():
+    """With the kernel the policy asks ``topk`` for its columns and offsets unsorted (the index is order-agnostic):
+    on random scores with many columns and offsets the index equals the reference's, which sorts."""
+    g = torch.Generator().manual_seed(11)
+    q, keys = torch.randn(1, 4, 80, 16, generator=g), torch.randn(1, 2, 200, 16, generator=g)
+    p = VerticalSlash(vertical_size=23, slash_size=17, last_q=16, block_size=16)
+    want = p.build_index(q, keys, q_offset=120, scale=0.25)
+    got = p.build_index(q.to(DEVICE), keys.to(DEVICE), q_offset=120, scale=0.25, kernel=True)
+    assert torch.equal(indices_to_mask(got[0].cpu(), got[1].cpu(), 16, 80, 200, 120),
+                       indices_to_mask(*want, 16, 80, 200, 120))
+
+
 @pytest.mark.parametrize(
     "B,H,nv,ns,q_offset,q_len,bs,S",
     [

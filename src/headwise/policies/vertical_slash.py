@@ -141,8 +141,10 @@ class VerticalSlash(PrefillPattern):
         else:
             probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
             vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
-        cols = vertical.topk(min(self.vertical_size, S), dim=-1).indices  # [B, Hq, nv]
-        offs = slash.topk(min(self.slash_size, S), dim=-1).indices  # [B, Hq, ns]
+        # The Triton index takes the columns and offsets in any order (it tests each key block against all of
+        # them), so it skips topk's sort; the PyTorch reference keeps it.
+        cols = vertical.topk(min(self.vertical_size, S), dim=-1, sorted=not kernel).indices  # [B, Hq, nv]
+        offs = slash.topk(min(self.slash_size, S), dim=-1, sorted=not kernel).indices  # [B, Hq, ns]
         if kernel:
             from headwise.kernels.vs_estimate import vertical_slash_index  # Triton
 
