@@ -236,7 +236,8 @@ def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm
 
 def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tensor, p: int) -> list[list[list[int]]]:
     """Chunks chosen for the query at ``p`` under bound scores, from first principles: per KV head and candidate
-    chunk, the sum over its query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over the chunk's rotated keys."""
+    chunk, the best over its pages of the sum over the query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over
+    the page's rotated keys."""
     B, Hq = q_rot.shape[:2]
     Hkv, C = k_rot.shape[1], policy.chunk_size
     G, cq = Hq // Hkv, p // C
@@ -245,10 +246,13 @@ def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tens
         rows = []
         for h in range(Hkv):
             score = []
+            P = policy.bound_page
             for c in range(1, cq - 1):
-                keys = k_rot[b, h, c * C : (c + 1) * C]
-                lo, hi = keys.min(dim=0).values, keys.max(dim=0).values
-                score.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, h * G : (h + 1) * G, p]))
+                best = []
+                for a in range(c * C, (c + 1) * C, P):
+                    lo, hi = k_rot[b, h, a : a + P].min(dim=0).values, k_rot[b, h, a : a + P].max(dim=0).values
+                    best.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, h * G : (h + 1) * G, p]))
+                score.append(max(best))
             chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
             rows.append([0, *chosen, cq - 1, cq])
         out.append(rows)
@@ -261,7 +265,7 @@ def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks):
     rotated, summed over the group) is highest, fed in one chunk, in pieces or token by token; the attention over
     them is the paper's (re-assigned positions), so the output equals ``attend_chosen`` on those chunks."""
     q, k, v = random_qkv()
-    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound")
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=1 + (len(chunks) == 4) * 4)
     pos = torch.arange(61)
     qr, kr = apply_rope(q, pos), apply_rope(k, pos)
     store = policy.make_store(2, 2, 12, q.device, q.dtype)
@@ -291,7 +295,7 @@ def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():
     v[0, 0, planted * C + 3] = 5.0
     q[0, :, -1] = 6 * needle
     pos = torch.arange(T)
-    policy = LongHeads(chunk_size=C, top_k=1, chunk_score="bound")
+    policy = LongHeads(chunk_size=C, top_k=1, chunk_score="bound", bound_page=4)
     store = policy.make_store(B, Hkv, D, q.device, q.dtype)
     out = policy.attend(apply_rope(q, pos), apply_rope(k, pos), v, store,
                         AttendContext(start=0, scale=D ** -0.5, rope=INV))
@@ -302,7 +306,7 @@ def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():
 
 def test_bound_scores_hold_two_vectors_per_chunk_and_no_queries():
     spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
-    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound")
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=5)
     plan = HeadPlan.uniform(spec, policy.to_spec())
     cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
     cache.reserve(61)
@@ -311,8 +315,11 @@ def test_bound_scores_hold_two_vectors_per_chunk_and_no_queries():
         policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
     assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
     assert policy.kv_tokens(61) == 65 + 12 and LongHeads(chunk_size=5, top_k=2).kv_tokens(61) == 65 + 6
+    assert LongHeads(chunk_size=8, top_k=2, chunk_score="bound", bound_page=2).kv_tokens(61) == 64 + 7 * 4
     with pytest.raises(PlanError, match="chunk_score"):
         build_policy({"policy": "longheads", "params": {"chunk_score": "mean"}})
+    with pytest.raises(PlanError, match="bound_page"):
+        build_policy({"policy": "longheads", "params": {"chunk_size": 8, "chunk_score": "bound", "bound_page": 3}})
 
 
 def test_eval_spec_longheads_bound_builds_the_bound_plan():
@@ -321,5 +328,6 @@ def test_eval_spec_longheads_bound_builds_the_bound_plan():
     spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
     plan = longheads_plan(spec, "m", 2048, 128, "bound")
     assert plan.layers[0][0]["params"] == {"chunk_size": 128, "top_k": 13, "chunk_score": "bound"}
+    assert build_policy(plan.layers[0][0]).bound_page == 16
     with pytest.raises(InputError, match="longheads-bound@1000/128"):
         longheads_plan(spec, "m", 1000, 128, "bound")

@@ -27,13 +27,15 @@ keys). Where nothing moves (``p < window``) nothing is rotated, so a context wit
 bit for bit.
 
 *Bound scores* (``chunk_score="bound"``, not the paper's). A chunk is scored instead by Quest's upper bound of the
-query's attention logits over its keys as the model rotated them (at their own positions): ``sum_d max(q_d *
-kmin_d, q_d * kmax_d)`` with ``kmin, kmax`` the chunk's per-channel minimum and maximum key, summed over the query
-heads sharing the KV head. The paper's representative is one pooled key per chunk, which a short sentence in a
+query's attention logits over its keys as the model rotated them (at their own positions): per page of
+``bound_page`` tokens (Quest's 16), ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` with ``kmin, kmax`` the page's
+per-channel minimum and maximum key, summed over the query heads sharing the KV head; the chunk's score is its best
+page's (a bound over a whole chunk of 256 keys would be loose: any outlier key in it lifts every channel). The paper's representative is one pooled key per chunk, which a short sentence in a
 chunk of natural text barely moves: on the H200 (docs/ARCHITECTURE.md) Gemma 3 under the paper's scores found 91% of
 the passkeys at 16K (a distinctive sentence in its chunk) but 30% of the needles (a key-value sentence among
-Shakespeare's), where dense found 98%. A bound is never below any of its chunk's logits, so a chunk holding one key
-the query matches scores high whatever the rest of the chunk holds. It costs two vectors per chunk (the paper's: one).
+Shakespeare's), where dense found 98%. A bound is never below any of its page's logits, so a chunk holding one key
+the query matches scores high whatever the rest of the chunk holds. It costs two vectors per page (the paper's: one
+per chunk).
 
 How this differs from the paper's code:
 - The query attends to itself (the code's selected keys stop one short of the query during prefill).
@@ -44,7 +46,7 @@ How this differs from the paper's code:
 
 Memory: every token is kept (LongHeads extends the context, it does not evict) plus one representative key per
 complete chunk: ``kv_tokens = seq_len + ceil((seq_len // chunk_size) / 2)`` (a key is half a slot); with bound
-scores two vectors per chunk (``seq_len + seq_len // chunk_size``). The store also
+scores two vectors per page of a complete chunk (one slot per ``bound_page`` tokens: 1/16 more). The store also
 holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
 summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size).
 
@@ -85,12 +87,17 @@ class LongHeads(Policy):
     ``(top_k + 3) * chunk_size`` tokens at most. The paper's 4096-token window with chunks of 256 is ``top_k=13``."""
     chunk_score: str = "paper"
     """How chunks are scored: ``"paper"`` (the attention-pooled representative key) or ``"bound"`` (Quest's upper bound
-    over the chunk's keys; module docstring)."""
+    over the chunk's pages of keys; module docstring)."""
+    bound_page: int = 16
+    """Tokens per page of the bound scores (a divisor of ``chunk_size``); unused with the paper's scores."""
 
     def validate(self) -> None:
         check_positive(self, chunk_size=self.chunk_size, top_k=self.top_k)
         if self.chunk_score not in ("paper", "bound"):
             raise PlanError(f"policy 'longheads': 'chunk_score' must be 'paper' or 'bound', got {self.chunk_score!r}")
+        if self.chunk_score == "bound" and (self.bound_page < 1 or self.chunk_size % self.bound_page):
+            raise PlanError(f"policy 'longheads': 'bound_page' ({self.bound_page}) must divide 'chunk_size' "
+                            f"({self.chunk_size})")
         if self.chunk_size < 1:
             raise PlanError("policy 'longheads': 'chunk_size' must be at least 1")
 
@@ -107,8 +114,8 @@ class LongHeads(Policy):
         return self._slots(seq_len) + -(-(seq_len // self.chunk_size) * self._vectors() // 2)
 
     def _vectors(self) -> int:
-        """Vectors kept per complete chunk for scoring: the representative key, or the bounds' minimum and maximum."""
-        return 2 if self.chunk_score == "bound" else 1
+        """Vectors kept per complete chunk for scoring: the representative key, or each page's minimum and maximum."""
+        return 2 * (self.chunk_size // self.bound_page) if self.chunk_score == "bound" else 1
 
     def _slots(self, seq_len: int) -> int:
         """Token slots: whole chunks (a chosen chunk is read as one block)."""
@@ -123,7 +130,8 @@ class LongHeads(Policy):
         return f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.chunk_score == "bound" else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> ChunkStore:
-        return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size, self.chunk_score == "bound")
+        return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size,
+                          self.bound_page if self.chunk_score == "bound" else 0)
 
     def attend(self, q, k, v, store: ChunkStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.rope is None:
@@ -159,12 +167,13 @@ class LongHeads(Policy):
         B, Hq, Lb, D = q.shape
         Hkv = store.heads
         cq = pos // self.chunk_size
-        if self.chunk_score == "bound":  # Quest's bound at the true positions, summed over the group
+        if self.chunk_score == "bound":  # Quest's bound per page at the true positions, summed over the group
+            ppc = self.chunk_size // self.bound_page
             qg = q.float().reshape(B, Hkv, Hq // Hkv * Lb, D)
             up = qg.clamp(min=0)
-            kmin, kmax = (t[:, :, : store.n_reps].float() for t in (store.kmin, store.kmax))
+            kmin, kmax = (t[:, :, : store.n_reps * ppc].float() for t in (store.kmin, store.kmax))
             scores = (torch.einsum("bhld,bhrd->bhlr", up, kmax) + torch.einsum("bhld,bhrd->bhlr", qg - up, kmin))
-            scores = scores.view(B, Hkv, Hq // Hkv, Lb, -1).sum(dim=2)
+            scores = scores.view(B, Hkv, Hq // Hkv, Lb, store.n_reps, ppc).sum(dim=2).amax(dim=-1)
         else:
             q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
             reps = store.reps[:, :, : store.n_reps].float()
@@ -212,15 +221,18 @@ class ChunkStore(DenseStore):
     ``reps: [batch, heads, chunk_capacity, head_dim]``, first ``n_reps`` valid: the representative key of every
     complete chunk (``chunk_representatives``). ``pending: [batch, q_heads, chunk_size, head_dim]``: the queries
     of the chunk being filled (positions ``n_reps * chunk_size .. length - 1``), kept until the chunk completes.
-    With ``bounds`` (``chunk_score="bound"``) ``kmin, kmax`` (same shape as ``reps``) hold each complete chunk's
-    per-channel minimum and maximum key instead, and no queries are kept.
+    With ``bound_page`` > 0 (``chunk_score="bound"``) ``kmin, kmax: [batch, heads, pages, head_dim]`` hold the
+    per-channel minimum and maximum key of every page of ``bound_page`` tokens of the complete chunks instead, and no
+    queries are kept.
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 chunk_size: int, bounds: bool = False):
+                 chunk_size: int, bound_page: int = 0):
         super().__init__(batch, heads, head_dim, device, dtype)
         self.chunk_size = chunk_size
-        self.bounds = bounds
+        self.bound_page = bound_page
+        self.bounds = bound_page > 0
+        self.pages_per_chunk = chunk_size // bound_page if self.bounds else 0
         self.reps = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmin = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmax = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
@@ -248,14 +260,17 @@ class ChunkStore(DenseStore):
         shape = (self.batch, self.heads, self.capacity // self.chunk_size, self.chunk_size, self.head_dim)
         return self.keys.view(shape), self.values.view(shape)
 
+    def _chunks_held(self) -> int:
+        return self.kmin.shape[2] // self.pages_per_chunk if self.bounds else self.reps.shape[2]
+
     def _grow_reps(self, chunks: int) -> None:
-        have = (self.kmin if self.bounds else self.reps).shape[2]
-        if chunks <= have:
+        if chunks <= self._chunks_held():
             return
 
         def grown(old: torch.Tensor) -> torch.Tensor:
-            new = torch.empty(self.batch, self.heads, chunks, self.head_dim, device=self.device, dtype=self.dtype)
-            new[:, :, : self.n_reps] = old[:, :, : self.n_reps]
+            per = self.pages_per_chunk if self.bounds else 1
+            new = torch.empty(self.batch, self.heads, chunks * per, self.head_dim, device=self.device, dtype=self.dtype)
+            new[:, :, : self.n_reps * per] = old[:, :, : self.n_reps * per]
             return new
 
         if self.bounds:
@@ -272,12 +287,15 @@ class ChunkStore(DenseStore):
         first, done = self.n_reps, (start + L) // C
         if done > first:
             assert self.keys is not None and self.values is not None
-            have = (self.kmin if self.bounds else self.reps).shape[2]
+            have = self._chunks_held()
             if done > have:  # grow by doubling when no room was reserved, as DenseStore does
                 self._grow_reps(max(done, 2 * have))
-            if self.bounds:  # per-channel extremes of each completed chunk's keys (no queries needed)
-                keys = self.keys[:, :, first * C : done * C].view(self.batch, self.heads, done - first, C, self.head_dim)
-                self.kmin[:, :, first:done], self.kmax[:, :, first:done] = keys.amin(dim=3), keys.amax(dim=3)
+            if self.bounds:  # per-channel extremes of each completed page's keys (no queries needed)
+                ppc, P = self.pages_per_chunk, self.bound_page
+                keys = self.keys[:, :, first * C : done * C].view(self.batch, self.heads, (done - first) * ppc, P,
+                                                                   self.head_dim)
+                pages = slice(first * ppc, done * ppc)
+                self.kmin[:, :, pages], self.kmax[:, :, pages] = keys.amin(dim=3), keys.amax(dim=3)
             else:
                 held = start - first * C
                 assert self.pending is not None
