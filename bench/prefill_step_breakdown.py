@@ -81,7 +81,7 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
     profile chunk steps (module docstring)."""
     device, chunk = lm.device, args.chunk
     pool = KVMemory.parse(str(args.kv_gb)).pool(lm.spec, device, lm.dtype.itemsize)
-    engine = Engine(lm, make_plan(plan_name, lm), chunk_size=chunk, pool=pool)
+    engine = Engine(lm, make_plan(plan_name, lm), chunk_size=chunk, pool=pool, compile_layers=args.compile_layers)
     vocab = lm.model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(args.seed)
     steps = args.prefix // chunk + args.reps + 4
@@ -213,6 +213,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--floor-reps", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile-layers", action="store_true",
+                   help="Engine(compile_layers): the MLPs and RMS norms compiled (their fused kernels are timed)")
     args = p.parse_args(argv)
     if args.prefix < args.chunk or args.prefix % args.chunk:
         raise InputError(f"--prefix must be a positive multiple of --chunk ({args.chunk}), got {args.prefix} (the "
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with torch.inference_mode():
         fl = floor(lm, plans, args)
     results = {"model": args.model, "device": str(lm.device), "dtype": str(lm.dtype), "prefix": args.prefix,
-               "chunk": args.chunk, "kv_gb": args.kv_gb, "layers": lm.spec.num_layers, "cases": cases, "floor": fl}
+               "chunk": args.chunk, "kv_gb": args.kv_gb, "compile_layers": args.compile_layers,
+               "layers": lm.spec.num_layers, "cases": cases, "floor": fl}
     command = "python3 bench/prefill_step_breakdown.py " + " ".join(shlex.quote(a) for a in argv)
     doc = result_doc(command, results, lm.device)
     write_result(doc, args.out)

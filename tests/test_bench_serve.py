@@ -169,10 +169,11 @@ def test_max_seconds_stops_the_run_and_keeps_what_was_measured(tmp_path):
     assert lines and lines[-1].endswith("stopped at --max-seconds") and len(lines) >= 3
     assert not engine.live and pool.free_pages == pool.num_pages, "the live sequences were aborted, pages returned"
     rc = main(["bench", "serve", "--model", "random:tiny-llama", "--requests", "2", "--prompt-len", "40",
-               "--max-seconds", "0", "--out-dir", str(tmp_path)])
+               "--max-seconds", "0", "--compile-layers", "--out-dir", str(tmp_path)])
     (path,) = tmp_path.glob("serve_dense_*.json")
     res = json.loads(path.read_text())["results"]
     assert rc == 0 and res["max_seconds"] == 0 and res["in-process"]["partial"] and res["in-process"]["finished"] == 0
+    assert res["compile_layers"] is True
 
 
 def test_plan_split_writes_the_presets_plan_from_a_random_models_config_alone(tmp_path):

@@ -89,7 +89,8 @@ class Engine:
 
     def __init__(self, lm: LoadedModel, plan: HeadPlan | None = None, chunk_size: int = DEFAULT_CHUNK,
                  use_kernels: bool | None = None, cuda_graphs: bool | None = None, pool: PagePool | None = None,
-                 padded_decode: bool | None = None, multi_step: int = 1, dense_prefill: str = "paged"):
+                 padded_decode: bool | None = None, multi_step: int = 1, dense_prefill: str = "paged",
+                 compile_layers: bool = False):
         """``use_kernels``: the Triton kernels (default: on CUDA). ``cuda_graphs``: a sequence decoding alone replays
         its decode steps from a CUDA graph (``GraphDecoder``); default: whenever the device, the kernels and every policy
         of the plan allow it and at least ``GRAPH_MIN_STEPS`` decode steps are asked for, else eager steps;
@@ -121,7 +122,10 @@ class Engine:
         values gathered into a contiguous copy, then SDPA (flash on a GPU: ``policies.base.causal_attention``), as the
         engine does with the kernels off. On the H200 the paged kernel took 1238 ms for a 32-layer 8192-token chunk
         after 64K where flash over a contiguous cache took 872 (docs/serving.md): ``"gather"`` is the dense baseline
-        with the field's prefill kernel, at the cost of one copy of the prefix per chunk and layer."""
+        with the field's prefill kernel, at the cost of one copy of the prefix per chunk and layer.
+
+        ``compile_layers``: compile the model's MLP and RMS-norm modules in place with ``torch.compile``
+        (``fusion.compile_layers``), fusing their elementwise work; off by default."""
         if dense_prefill not in DENSE_PREFILL:
             raise InputError(f"dense_prefill must be one of {', '.join(DENSE_PREFILL)}, got {dense_prefill!r}")
         if chunk_size < 1:
@@ -138,6 +142,11 @@ class Engine:
         self.cuda_graphs = cuda_graphs
         self.padded_decode = padded_decode
         self.dense_prefill = dense_prefill
+        self.compiled: list[str] = []
+        if compile_layers:
+            from headwise.fusion import compile_layers as compile_modules
+
+            self.compiled = compile_modules(lm.model)
         # id(plan) -> (plan, the pool's padded decode steps under it, or None: the eager batched step)
         self._batch_graphs: dict[int, tuple[HeadPlan, BatchGraphs | None]] = {}
         self.live: list[Sequence] = []  # sequences ``step`` advances, in arrival order

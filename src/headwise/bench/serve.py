@@ -358,7 +358,7 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
                                "plan_summary": plan.summary(lm.spec, max(n for _, n in load.groups())),
                                "load": load.describe(), "chunk_size": args.chunk_size, "max_batch": args.max_batch,
                                "cuda_graphs": args.cuda_graphs, "multi_step": args.multi_step,
-                               "dense_prefill": args.dense_prefill,
+                               "dense_prefill": args.dense_prefill, "compile_layers": args.compile_layers,
                                "torch_threads": torch.get_num_threads(),
                                "tp": args.tp,
                                "placement": None if lm.tp is None else ("naive" if lm.tp.order is None else lm.tp.order),
@@ -376,7 +376,8 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
         pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
         graphs = {"auto": None, "on": True, "off": False}[args.cuda_graphs]
         engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, cuda_graphs=graphs,
-                        multi_step=args.multi_step, dense_prefill=args.dense_prefill)
+                        multi_step=args.multi_step, dense_prefill=args.dense_prefill,
+                        compile_layers=args.compile_layers)
         warm = _warm_up(engine, load) if args.warmup else None
         if mode == "in-process":
             results[mode] = run_in_process(engine, load, deadline, args.progress_s,
@@ -434,6 +435,9 @@ def add_arguments(p: Any) -> None:
                    help="under --kv-memory with the kernels on, how the prompt chunks of full (and page_topk) heads "
                         "attend their pages: paged, the Triton kernel reading them in place (default); gather, a "
                         "contiguous copy then SDPA (flash on a GPU): the dense baseline on the field's prefill kernel")
+    g.add_argument("--compile-layers", action="store_true",
+                   help="compile the model's MLP and RMS-norm modules with torch.compile (Engine(compile_layers)): "
+                        "their elementwise work fused; the first steps at new shapes compile (use --warmup)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="stop the in-process driver this many seconds after the command started and record what was "
                         "measured, marked partial (default: run to the end)")
