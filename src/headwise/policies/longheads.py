@@ -30,8 +30,9 @@ bit for bit.
 query's attention logits over its keys as the model rotated them (at their own positions): per page of
 ``bound_page`` tokens (Quest's 16), ``sum_d max(q_d * kmin_d, q_d * kmax_d)`` with ``kmin, kmax`` the page's
 per-channel minimum and maximum key, summed over the query heads sharing the KV head; the chunk's score is its best
-page's (a bound over a whole chunk of 256 keys would be loose: any outlier key in it lifts every channel). The paper's representative is one pooled key per chunk, which a short sentence in a
-chunk of natural text barely moves: on the H200 (docs/ARCHITECTURE.md) Gemma 3 under the paper's scores found 91% of
+page's (a bound over a whole chunk of 256 keys would be loose: any outlier key in it lifts every channel). The
+paper's representative is one pooled key per chunk, which a short sentence in a chunk of natural text barely
+moves: on the H200 (docs/ARCHITECTURE.md) Gemma 3 under the paper's scores found 91% of
 the passkeys at 16K (a distinctive sentence in its chunk) but 30% of the needles (a key-value sentence among
 Shakespeare's), where dense found 98%. A bound is never below any of its page's logits, so a chunk holding one key
 the query matches scores high whatever the rest of the chunk holds. It costs two vectors per page (the paper's: one
@@ -122,8 +123,9 @@ class LongHeads(Policy):
         return -(-seq_len // self.chunk_size) * self.chunk_size
 
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Keys and values in whole chunks and one representative key per complete chunk (the queries of the
-        chunk being filled are not counted: see the module docstring)."""
+        """Keys and values in whole chunks and one representative key per complete chunk, or with bound scores its
+        pages' minimum and maximum keys (the queries of the chunk being filled are not counted: see the module
+        docstring)."""
         return (2 * self._slots(seq_len) + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
 
     def short(self) -> str:

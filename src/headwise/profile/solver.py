@@ -36,7 +36,8 @@ at their peak (0.48 and 0.67 where the residual is shortest) for Gemma 3's 512-t
 residual of 128: a plan keeps every token the model sees
 (Gemma 3's 15 sliding layers hold 56% of its dense KV at 2K, which streaming alone could only cut by hiding tokens).
 ``quantize=QuantMenu(global_key_bits=8)`` (``--quant-global-key-bits 8``) leaves 4-bit keys out on global layers
-(unless that keeps fewer global heads whole than 4-bit keys would: ``solve``) and ``QuantMenu(residual=R)`` (``--quant-residual``) changes every option's residual (``QuantMenu``).
+(unless that keeps fewer global heads whole than 4-bit keys would: ``solve``) and ``QuantMenu(residual=R)``
+(``--quant-residual``) changes every option's residual (``QuantMenu``).
 Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
@@ -82,8 +83,9 @@ class QuantMenu:
     menu, ``QUANT_OPTIONS``).
 
     ``global_key_bits`` 8 leaves out 4-bit keys on global layers: a head there kept whole holds at least 8-bit keys
-    over 4-bit values (``solve`` drops the floor where it would keep fewer global heads whole). Those heads are the ones that find a key anywhere in the context, and with several similar
-    keys (the multi-key needle's distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
+    over 4-bit values (``solve`` drops the floor where it would keep fewer global heads whole). Those heads are the
+    ones that find a key anywhere in the context, and with several similar keys (the multi-key needle's
+    distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
     three global heads at 4 bits answered 9 of 20 needles they lost on the GPU, with 8-bit keys 17, as dense).
     Heads on native sliding-window layers keep every option. ``residual``: KIVI's full-precision residual of every
     option (128 as KIVI; a shorter one holds less at the peak, which matters on a 512-token window)."""
