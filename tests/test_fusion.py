@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from headwise.engine import Engine
@@ -10,10 +11,12 @@ from headwise.plan import HeadPlan
 from tiny import tiny_model
 
 
-def test_compiled_mlps_and_norms_give_the_same_tokens_under_a_mixed_plan():
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+def test_compiled_mlps_and_norms_give_the_same_tokens_under_a_mixed_plan(arch):
     """A plan with streaming and full heads, a prompt prefilled in chunks of two sizes, then decode: the tokens with
-    the MLPs and norms compiled equal those without (fp32 on the CPU, where Inductor writes C++)."""
-    lm = tiny_model("llama", num_hidden_layers=2)
+    the MLPs and norms compiled equal those without (fp32 on the CPU, where Inductor writes C++). Gemma 3's norms
+    include the queries' and keys' (inside attention) and its MLP is GELU."""
+    lm = tiny_model(arch, num_hidden_layers=2)
     plan = HeadPlan.split(lm.spec, 0.5, {"policy": "full"}, {"policy": "streaming", "params": {"sink": 4, "window": 8}})
     prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(3))
 
