@@ -165,10 +165,22 @@ class LongHeads(Policy):
     def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
         """Chunks each query attends, in slot order: ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>=
         window``) -> ``[B, Hkv, Lb, top_k + 3]`` chunk indices: 0, the ``top_k`` best of ``1 .. c_q - 2`` by
-        ``sum over the group of q~ . r_c`` (increasing), ``c_q - 1``, ``c_q``."""
+        ``chunk_scores`` (increasing), ``c_q - 1``, ``c_q``."""
+        cq = pos // self.chunk_size
+        scores = self.chunk_scores(q, pos, store, rope)
+        r = torch.arange(store.n_reps, device=q.device)
+        candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
+        scores = scores.masked_fill(~candidate, -math.inf)
+        top = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values
+        B, Hkv, Lb = top.shape[:3]
+        fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Hkv, Lb, 3)
+        return torch.cat([fixed[..., :1], top, fixed[..., 1:]], dim=-1)
+
+    def chunk_scores(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
+        """Every complete chunk's score for each query ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` -> fp32
+        ``[B, Hkv, Lb, n_reps]``: ``sum over the group of q~ . r_c`` (the paper's), or the best page's bound."""
         B, Hq, Lb, D = q.shape
         Hkv = store.heads
-        cq = pos // self.chunk_size
         if self.chunk_score == "bound":  # Quest's bound per page at the true positions, summed over the group
             ppc = self.chunk_size // self.bound_page
             qg = q.float().reshape(B, Hkv, Hq // Hkv * Lb, D)
@@ -180,12 +192,7 @@ class LongHeads(Policy):
             q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
             reps = store.reps[:, :, : store.n_reps].float()
             scores = torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
-        r = torch.arange(store.n_reps, device=q.device)
-        candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
-        scores = scores.masked_fill(~candidate, -math.inf)
-        top = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values
-        fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Hkv, Lb, 3)
-        return torch.cat([fixed[..., :1], top, fixed[..., 1:]], dim=-1)
+        return scores
 
     def attend_chosen(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, scale: float,
                       rope: torch.Tensor) -> torch.Tensor:
