@@ -234,22 +234,22 @@ def held_fraction(spec: ModelSpec, policies: list[list[Policy]], length: int, dt
 def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
           recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
           quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
-    """The plan for ``budget`` at ``target_len`` (``fit_solve``). With a menu asking for 8-bit keys on global layers
+    """The plan for ``budget`` at ``target_len`` (``_fit_solve``). With a menu asking for 8-bit keys on global layers
     (``QuantMenu(global_key_bits=8)``), the floor gives way where it costs reach: if the plan solved with it keeps
     fewer global-layer heads whole (quantized or full) than the same menu with 4-bit keys allowed, the latter is
     returned (``Solution.global_key_bits`` says which). On Gemma 3 at budget 0.25 the floor kept one of its three
     global heads and streamed two, and that plan found no passkey on the H200 (docs/quality.md, run 21); 4-bit keys
     keep two of them. Where every global head fits at 8 bits (Gemma 3 at 0.35 and up) nothing changes."""
     menu = quant_menu(quantize)
-    sol = fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, quantize, ranks, fit_lengths)
+    sol = _fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, quantize, ranks, fit_lengths)
     if menu is None or menu.global_key_bits == 4:
         return sol
     sol.global_key_bits = menu.global_key_bits
     kept = _global_heads_kept(spec, sol)
     if kept == sum(spec.native_window(i) is None for i in range(spec.num_layers)) * spec.num_kv_heads:
         return sol
-    alt = fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, replace(menu, global_key_bits=4),
-                    ranks, fit_lengths)
+    alt = _fit_solve(spec, scores, budget, target_len, recall, min_score, full_share,
+                     replace(menu, global_key_bits=4), ranks, fit_lengths)
     if _global_heads_kept(spec, alt) > kept:
         alt.global_key_bits = 4
         return alt
@@ -262,7 +262,7 @@ def _global_heads_kept(spec: ModelSpec, sol: Solution) -> int:
                for p in row)
 
 
-def fit_solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
+def _fit_solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
               recall: torch.Tensor | None = None, min_score: float = 0.0, full_share: float = 1.0,
               quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = ()) -> Solution:
     """The plan for ``budget`` at ``target_len`` (``_solve``) that also holds at most ``budget`` of dense KV after
