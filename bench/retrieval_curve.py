@@ -30,7 +30,8 @@ import matplotlib.pyplot as plt
 
 from headwise.eval.report import retention
 
-KINDS = {"streaming@equal": "streaming", "random@equal": "random", "quest@equal": "quest", "dense": "dense"}
+KINDS = {"streaming@equal": "streaming", "random@equal": "random", "quest@equal": "quest", "dense": "dense",
+         "random-full@equal": "random-full"}
 
 
 def kind_of(plan: str) -> str:
@@ -42,7 +43,7 @@ def kind_of(plan: str) -> str:
     if name in KINDS:
         return KINDS[name]
     base, at, budget = name.partition("@")  # streaming@0.5: a baseline at a budget (the curve's SELECT_UNDER)
-    if at and base in ("streaming", "random", "quest") and re.fullmatch(r"[0-9.]+", budget):
+    if at and base in ("streaming", "random", "random-full", "quest") and re.fullmatch(r"[0-9.]+", budget):
         return base
     return "plan"
 
@@ -114,9 +115,10 @@ def earlier_cells(doc: dict[str, Any], rows: list[dict[str, Any]], task: str, so
     return out
 
 
-COLOR = {"plan": "tab:blue", "random": "tab:orange", "streaming": "tab:green", "quest": "tab:red"}
-MARKER = {"plan": "o", "random": "s", "streaming": "v", "quest": "D"}
-PRESS_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+COLOR = {"plan": "tab:blue", "random": "tab:orange", "streaming": "tab:green", "quest": "tab:red",
+         "random-full": "tab:olive"}
+MARKER = {"plan": "o", "random": "s", "streaming": "v", "quest": "D", "random-full": "P"}
+PRESS_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray")
 
 
 def kv_x(r: dict[str, Any]) -> float | None:

@@ -52,6 +52,7 @@ def test_baselines_at_a_budget_are_baselines():
     assert mod.kind_of("streaming@0.5") == "streaming"
     assert mod.kind_of("quest@0.15") == "quest"
     assert mod.kind_of("random@equal:3") == "random"
+    assert mod.kind_of("random-full@equal:2") == mod.kind_of("random-full@0.35") == "random-full"
     assert mod.kind_of("kvpress:knorm@equal") == "kvpress:knorm"
     assert mod.kind_of("smollm2-135m-q0.5") == "plan"
     assert mod.kind_of("streaming@wide") == "plan"

@@ -182,6 +182,33 @@ def test_random_placement_is_never_the_plan_itself_where_another_deal_exists():
     assert random_baseline(spec, uniform, "gemma3-270m").layers == uniform.layers
 
 
+def test_random_full_heads_hold_the_plans_kv_with_as_many_full_heads_as_fit(smollm2, tmp_path):
+    """random-full@equal (DuoAttention's random baseline): seeded full heads, the rest streaming at one size, within
+    the plan's KV slots at every length; another draw picks other heads; with no room for a full head it is the
+    streaming baseline itself."""
+    spec = smollm2.spec
+    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": 192}}, "smollm2-135m")
+    for i in range(0, spec.num_layers, 3):
+        ref.layers[i][0] = {"policy": "full"}
+    path = ref.save(tmp_path / "mine.json")
+    entries = resolve_plans([str(path), "random-full@equal", "random-full@equal:1", "streaming@equal"], smollm2)
+    for L in (1024, 2048):
+        target = ref.kv_tokens(spec, L, smollm2.dtype.itemsize, peak=True)
+        draws = [e.plan_for(L) for e in entries[1:3]]
+        for plan in draws:
+            full = sum(h["policy"] == "full" for row in plan.layers for h in row)
+            assert full >= 1
+            assert target - spec.num_layers * spec.num_kv_heads <= plan.kv_tokens(spec, L, peak=True) <= target
+            windows = {h["params"]["window"] for row in plan.layers for h in row if h["policy"] == "streaming"}
+            assert len(windows) == 1 and 64 + windows.pop() >= 320
+        assert draws[0].layers != draws[1].layers
+        assert entries[1].plan_for(L).layers == draws[0].layers  # seeded: the same heads when asked again
+    small = resolve_plans([str(path), "random-full@0.05", "streaming@0.05"], smollm2)
+    assert small[1].plan_for(1024).layers == small[2].plan_for(1024).layers  # no full head fits: streaming
+    with pytest.raises(InputError, match="only random-full"):
+        resolve_plans([str(path), "streaming@equal:1"], smollm2)
+
+
 def test_equal_memory_baseline_needs_a_plan_file(smollm2):
     with pytest.raises(InputError, match="list a plan file"):
         resolve_plans(["dense", "streaming@equal"], smollm2)

@@ -33,7 +33,7 @@ def register(subparsers: Any) -> None:
     add_model_args(p, required=False)
     p.add_argument("--plans", default="dense",
                    help="comma-separated: dense, PLAN.json, streaming@equal, random@equal[:SEED], random@equal*N (N draws, "
-                        "pooled in the accuracy table too), quest@equal, streaming@0.25, "
+                        "pooled in the accuracy table too), random-full@equal[:SEED], quest@equal, streaming@0.25, "
                         "quest@0.25, knorm@equal, knorm@0.25, longheads, longheads@WINDOW[/CHUNK], longheads-bound[@WINDOW[/CHUNK]], offload, offload@TOP_K")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k)")

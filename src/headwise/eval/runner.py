@@ -20,6 +20,9 @@ Plan specs (``--plans``, comma-separated):
 - ``knorm@equal`` / ``knorm@F``: KNorm (``policies/knorm.py``, Devoto et al. 2024; kvpress's KnormPress inside
   headwise's engine) on every KV head, each holding as many tokens as the streaming baseline's: the keys of smallest
   norm and the newest 64.
+- ``random-full@equal[:SEED]`` / ``random-full@F[:SEED]``: DuoAttention's random baseline: as many global-layer KV
+  heads as the memory allows, drawn at random, keep every token and the rest stream (``random_full_baseline``); at
+  the same KV slots as ``streaming@…``. Where no full head fits it is the streaming baseline.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -161,6 +164,51 @@ def _rows(spec: Any, head: dict[str, Any], b: int, length: int) -> list[list[dic
     return rows
 
 
+RANDOM_FULL_SEED = "headwise-random-full"
+"""Prefix of the ``random-full@…:SEED`` draws' seeds (``random_full_baseline``)."""
+RANDOM_FULL_LEAST = STREAMING_SINK + 256
+"""The fewest tokens a streaming head of ``random_full_baseline`` holds beside full heads: DuoAttention's streaming
+heads (64 sinks and a 256-token window)."""
+
+
+def random_full_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str,
+                         seed: int = 0) -> HeadPlan:
+    """DuoAttention's random baseline at a memory: ``k`` global-layer KV heads drawn at random (seeded) keep every
+    token, every other head streams, all streaming heads holding the same ``b`` tokens (64 sinks and a window, as
+    ``streaming_baseline``'s; native sliding layers their own window, cut to ``b`` when ``b`` is smaller), so the
+    cache holds ``target_tokens`` slots after ``length`` tokens. ``k`` is the most full heads that leave each
+    streaming head at least ``RANDOM_FULL_LEAST`` tokens; where no full head fits, this is ``streaming_baseline``."""
+    import random
+
+    globals_ = [(i, j) for i, w in enumerate(spec.layer_windows) if w is None for j in range(spec.num_kv_heads)]
+    random.Random(f"{RANDOM_FULL_SEED}:{seed}").shuffle(globals_)
+    caps = {(i, j): (min(length, w) if w is not None else length)
+            for i, w in enumerate(spec.layer_windows) for j in range(spec.num_kv_heads)}
+    for k in range(len(globals_), 0, -1):
+        full = set(globals_[:k])
+        left = target_tokens - k * length
+        rest = [c for h, c in caps.items() if h not in full]
+        if left < 0 or (rest and sum(min(RANDOM_FULL_LEAST, c) for c in rest) > left):
+            continue
+        lo, hi = 0, length  # water filling over the streaming heads, as _head_budget does over all of them
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if sum(min(mid, c) for c in rest) <= left:
+                lo = mid
+            else:
+                hi = mid - 1
+        b = lo
+        break
+    else:  # no full head fits
+        return streaming_baseline(spec, name, target_tokens, length, label)
+    sink = min(STREAMING_SINK, b // 4) or 1
+    rows = _rows(spec, {"policy": "streaming", "params": {"sink": sink, "window": b - sink}}, b, length)
+    for i, j in full:
+        rows[i][j] = {"policy": "full"}
+    return _plan(spec, rows, name, f"random full heads ({label}, draw {seed}: {k} full, the rest streaming "
+                                   f"{b} tokens) at {length} tokens")
+
+
 def quest_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str) -> HeadPlan:
     """Quest (``page_topk``) on every global-layer KV head, attending ``b`` tokens per decode step (whole
     pages; ``b`` as for the streaming baseline). Native sliding layers keep their window: Quest keeps the full
@@ -195,7 +243,7 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
     return plan
 
 
-_BASELINE = re.compile(r"(streaming|quest|knorm)@(equal|[0-9.]+)|random@equal(?::[0-9]+)?")
+_BASELINE = re.compile(r"(streaming|quest|knorm|random-full)@(equal|[0-9.]+)(?::([0-9]+))?|random@equal(?::[0-9]+)?")
 _RANDOM_DRAWS = re.compile(r"random@equal\*([0-9]+)")
 _RANDOM_LABEL = re.compile(r"random@equal(?::([0-9]+))?")
 MAX_DRAWS = 20
@@ -269,7 +317,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
-                "random@equal[:SEED], random@equal*N, "
+                "random@equal[:SEED], random@equal*N, random-full@equal[:SEED], random-full@FRACTION[:SEED], "
                 "longheads, "
                 "longheads@WINDOW[/CHUNK], longheads-bound[@WINDOW[/CHUNK]], offload, offload@TOP_K"
             )
@@ -312,7 +360,9 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             entries.append(PlanEntry(item, f"{reference}'s policies on random heads (draw {seed})",
                                      lambda _L, p=rnd: p))
         elif m:
-            kind, amount = m.groups()
+            kind, amount, draw = m.groups()
+            if draw is not None and kind != "random-full":
+                raise InputError(f"'{item}': only random-full@… takes a draw (:SEED)")
             if amount == "equal":
                 if reference is None:
                     raise InputError(f"{item} matches the memory of a plan file: list a plan file in --plans, "
@@ -336,6 +386,11 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                     return frac * spec.dense_kv_tokens(L)
 
                 desc = f"{kind} at {frac:g} of dense KV slots"
+            if kind == "random-full":
+                desc = f"random full heads (draw {int(draw or 0)}), the rest streaming, " + desc.partition(" ")[2]
+                entries.append(PlanEntry(item, desc, lambda L, t=target, lab=item, d=int(draw or 0):
+                                         random_full_baseline(spec, lm.name, t(L), L, lab, d)))
+                continue
             build = {"streaming": streaming_baseline, "quest": quest_baseline, "knorm": knorm_baseline}[kind]
             entries.append(PlanEntry(item, desc, lambda L, b=build, t=target, lab=item: b(spec, lm.name, t(L), L, lab)))
     labels = [e.label for e in entries]
