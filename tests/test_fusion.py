@@ -1,4 +1,5 @@
-"""``Engine(compile_layers=True)``: the model's MLPs and RMS norms compiled in place, the same greedy tokens."""
+"""``Engine(compile_layers=True)``: the model's MLPs, RMS norms and attention modules compiled in place (headwise's
+attention function left out of the graphs), the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -27,5 +28,34 @@ def test_compiled_mlps_and_norms_give_the_same_tokens_under_a_mixed_plan(arch):
     engine = Engine(lm, plan, chunk_size=16, compile_layers=True)
     assert sorted(engine.compiled) == sorted(n for n, m in lm.model.named_modules() if compiled_kinds(m))
     assert any(n.endswith("mlp") for n in engine.compiled) and any(n.endswith("layernorm") for n in engine.compiled)
+    assert any(n.endswith("self_attn") for n in engine.compiled)
     assert tokens(engine) == want
     assert compile_layers(lm.model) == []  # once per model
+
+
+def test_compiled_attention_modules_serve_packed_steps_and_stop_at_headwise_attention():
+    """Two sequences of different lengths advanced together by ``Engine.step`` (packed prompt chunks beside decode
+    tokens): the same tokens as each alone uncompiled; the compiled attention modules break their graphs at
+    headwise's attention function (so the cache is never traced) and a new chunk length does not recompile."""
+    import torch._dynamo
+
+    lm = tiny_model("llama", num_hidden_layers=2)
+    plan = HeadPlan.split(lm.spec, 0.5, {"policy": "full"}, {"policy": "streaming", "params": {"sink": 4, "window": 8}})
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (1, n), generator=gen) for n in (37, 20)]
+    def run(engine: Engine, batch: list[torch.Tensor]) -> list[list[int]]:
+        seqs = [engine.add(p, max_new_tokens=5) for p in batch]
+        while engine.live:
+            engine.step()
+        return [s.generated for s in seqs]
+
+    plain = Engine(lm, plan, chunk_size=16)
+    want = [run(plain, [p])[0] for p in prompts]
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(lm, plan, chunk_size=16, compile_layers=True)
+    assert run(engine, prompts) == want
+    breaks = torch._dynamo.utils.counters["graph_break"]
+    assert breaks and all("headwise_attention" in reason for reason in breaks)
+    torch._dynamo.utils.counters.clear()
+    run(engine, [torch.randint(0, 128, (1, n), generator=gen) for n in (29, 11)])  # other chunk and batch shapes
+    assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # nothing compiled again

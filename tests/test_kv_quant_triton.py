@@ -167,6 +167,13 @@ def test_a_kernel_that_fails_on_the_gpu_warns_once_and_the_pytorch_path_serves(m
         kv_quant._fused(shape_mistake)
     assert kv_quant._fused_ok()
 
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(torch.OutOfMemoryError):  # memory, not the kernel: raised, and the kernels stay on
+        kv_quant._fused(out_of_memory)
+    assert kv_quant._fused_ok()
+
 
 def test_the_fused_kernels_can_be_turned_off_and_on():
     from headwise.kernels import kv_quant

@@ -114,10 +114,13 @@ def use_fused_kernels(enabled: bool) -> bool:
 
 def _fused(kernel: Any, *args: Any) -> bool:
     """Run a kernel of ``kernels/kv_quant_triton.py``; if it cannot compile or launch on this GPU and Triton, warn
-    once and return False, and the PyTorch functions above serve from then on (the result is the same)."""
+    once and return False, and the PyTorch functions above serve from then on (the result is the same). Running out
+    of GPU memory is no kernel failure: it is raised as it is (the PyTorch path would need more memory, not less)."""
     try:
         kernel(*args)
         return True
+    except torch.OutOfMemoryError:
+        raise
     except (RuntimeError, *triton_errors()) as exc:  # a compile or launch failure, not a shape mistake
         _FUSED["ok"] = False
         warnings.warn(f"headwise: the fused KIVI kernels failed on this GPU ({type(exc).__name__}: {exc}); "
