@@ -240,13 +240,20 @@ class ChunkStore(DenseStore):
         super().__init__(batch, heads, head_dim, device, dtype)
         self.chunk_size = chunk_size
         self.bound_page = bound_page
-        self.bounds = bound_page > 0
-        self.pages_per_chunk = chunk_size // bound_page if self.bounds else 0
         self.reps = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmin = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmax = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.n_reps = 0
         self.pending: torch.Tensor | None = None
+
+    @property
+    def bounds(self) -> bool:
+        """Chunks scored by page bounds (``chunk_score="bound"``) rather than representatives."""
+        return self.bound_page > 0
+
+    @property
+    def pages_per_chunk(self) -> int:
+        return self.chunk_size // self.bound_page if self.bounds else 0
 
     def reserve(self, total: int) -> None:
         slots = -(-total // self.chunk_size) * self.chunk_size
