@@ -9,7 +9,9 @@
 2. ``headwise eval`` runs dense and that plan on every generated retrieval task (``--samples`` per task x length
    cell, >= 100 for a result) and the fidelity pseudo-task (perplexity of both by position, KL, top-1 agreement).
 
-If no head helps, step 2 is skipped and the result says so (the plan would be dense). With ``--shards N`` the eval
+If no head helps, step 2 is skipped and the result says so (the plan would be dense), unless ``--force-candidates``:
+then the heads whose calibration alone lowered the held-in loss are put on ACT anyway (``<out>/act_forced_<model>.json``)
+and step 2 measures what ACT does to accuracy and perplexity where the profiler would not switch it on. With ``--shards N`` the eval
 runs as N ``headwise eval --shard i/N`` processes on the one GPU (each decodes at batch 1) for at most
 ``--time-limit`` seconds, then one ``--collect`` run writes the report; a second call resumes (the plan file and the
 eval's rows are reused). Writes ``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's results; the
@@ -48,13 +50,17 @@ def main() -> int:
     ap.add_argument("--time-limit", type=int, default=480, help="seconds the shards may run (a later call resumes)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: the device's)")
     ap.add_argument("--out", default="bench/results")
+    ap.add_argument("--force-candidates", action="store_true",
+                    help="where the held-out check turns ACT off, evaluate it on the held-in candidates anyway (the "
+                         "with / without comparison)")
     args = ap.parse_args()
     t0 = time.perf_counter()
     lm = load_model(args.model, dtype=args.dtype)
     spec = lm.spec
     out = Path(args.out)
     command = "PYTHONPATH=src python3 " + " ".join(sys.argv)
-    plan_path = out / f"act_{lm.name}.json"
+    plan_path = out / f"act_{'forced_' if args.force_candidates else ''}{lm.name}.json"
+    key = "candidates" if args.force_candidates else "heads"
     if plan_path.exists():  # a resumed call: the heads were chosen by the first
         plan = HeadPlan.load(plan_path)
         choice_meta = plan.meta["act"]
@@ -63,13 +69,13 @@ def main() -> int:
         held_in, held_out = act_texts(lm, args.act_length)
         choice = choose_act_heads(lm, dense, held_in, held_out)
         choice_meta = choice.meta()
-        if choice.heads:
-            plan = HeadPlan.from_policies(spec, with_act(dense, choice.heads), lm.name, created_by=command,
-                                          act=choice_meta)
+        on = choice.candidates if args.force_candidates else choice.heads
+        if on:
+            plan = HeadPlan.from_policies(spec, with_act(dense, on), lm.name, created_by=command, act=choice_meta)
             plan.save(plan_path)
-    results = {"model": lm.name, "act_length": args.act_length, "choice": choice_meta,
+    results = {"model": lm.name, "act_length": args.act_length, "choice": choice_meta, "forced": args.force_candidates,
                "select_s": round(time.perf_counter() - t0, 1)}
-    if choice_meta["heads"]:
+    if choice_meta.get(key):
         lengths = [parse_length(x) for x in args.lengths.split(",")]
         cfg = EvalConfig(model=args.model, plans=["dense", str(plan_path)], tasks=list(DEFAULT_TASKS),
                          lengths=lengths, samples=args.samples, out=out / f"act-eval-{lm.name}", command=command,
@@ -85,6 +91,8 @@ def main() -> int:
                 p.wait()
             cfg.collect_only = True
         results.update(plan=str(plan_path), eval_dir=str(cfg.out), eval=run_eval(cfg, lm))
+    elif args.force_candidates:
+        results["note"] = "no head's calibration lowered the held-in loss: ACT changes nothing on this model"
     else:
         results["note"] = "no head lowered the loss on held-in and held-out text: ACT stays off for this model"
     results["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -150,6 +150,8 @@ def test_profiler_keeps_act_only_where_it_lowers_the_loss(monkeypatch):
     held_out_change["value"] = +0.25  # together they raise the held-out loss: none is kept
     vetoed = choose_act_heads(lm, base, held_in, held_out, margin=0.01, progress=False)
     assert vetoed.heads == [] and vetoed.held_out_with == pytest.approx(5.25)
+    assert vetoed.candidates == [(0, 0), (1, 1)]  # what bench/act_quality.py --force-candidates evaluates
+    assert vetoed.meta()["candidates"] == [[0, 0], [1, 1]] and vetoed.meta()["heads"] == []
     only_big = choose_act_heads(lm, base, held_in, held_out, margin=0.15, progress=False)
     assert only_big.heads == []  # (0, 0) is a candidate, but the held-out loss rose
     held_out_change["value"] = -0.25

@@ -74,9 +74,12 @@ class ActChoice:
     held_out_base: float = 0.0
     held_out_with: float | None = None
     """held-out loss with every candidate on (None: no candidate)"""
+    candidates: list[tuple[int, int]] = field(default_factory=list)
+    """the heads whose calibration alone lowered the held-in loss (``heads`` if they also lower it held out)"""
 
     def meta(self) -> dict[str, Any]:
-        return {"heads": [list(h) for h in self.heads], "held_in_loss": round(self.base_loss, 5),
+        return {"heads": [list(h) for h in self.heads], "candidates": [list(h) for h in self.candidates],
+                "held_in_loss": round(self.base_loss, 5),
                 "delta_held_in": {f"{i},{j}": round(d, 6) for (i, j), d in self.delta.items()},
                 "held_out_loss": round(self.held_out_base, 5),
                 "held_out_loss_with_candidates": None if self.held_out_with is None else round(self.held_out_with, 5)}
@@ -102,7 +105,7 @@ def choose_act_heads(lm: LoadedModel, policies: list[list[Policy]], held_in: tor
         trial[i][j] = act
         delta[(i, j)] = mean_loss(lm, trial, held_in) - base
     candidates = [h for h in heads if delta[h] < -margin]
-    out = ActChoice([], delta, base, mean_loss(lm, policies, held_out))
+    out = ActChoice([], delta, base, mean_loss(lm, policies, held_out), candidates=candidates)
     if candidates:
         out.held_out_with = mean_loss(lm, with_act(policies, candidates, act), held_out)
         if out.held_out_with < out.held_out_base - margin:
