@@ -78,8 +78,12 @@ def test_serve_with_kv_memory_runs_the_engine_over_a_pool_of_that_size(smollm2, 
     monkeypatch.setattr(cli, "load_from_args", lambda args: smollm2)
     parser = argparse.ArgumentParser()
     cli.register(parser.add_subparsers())
-    _, scheduler = cli.build(parser.parse_args(["serve", "smollm2-135m", "--kv-memory", "0.5", "--multi-step", "4"]))
+    compiled = []  # the shared fixture's model is not compiled for real: other tests run it
+    monkeypatch.setattr("headwise.fusion.compile_layers", lambda model: compiled.append(model) or ["model.layers.0.mlp"])
+    _, scheduler = cli.build(parser.parse_args(["serve", "smollm2-135m", "--kv-memory", "0.5", "--multi-step", "4",
+                                                "--compile-layers"]))
     assert scheduler.engine.multi_step == 4
+    assert compiled == [smollm2.model] and scheduler.engine.compiled == ["model.layers.0.mlp"]
     pool = scheduler.engine.pool
     assert pool is not None and pool.num_pages == int(0.5e9) // pool.page_bytes
     assert scheduler.kv_budget == pool.num_pages * pool.page_bytes

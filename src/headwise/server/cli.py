@@ -37,6 +37,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="under --kv-memory, greedy decode-only steps run up to N forwards in a row, the tokens read "
                         "back once (vLLM's multi-step scheduling: less host time between forwards; tokens stream "
                         "N at a time; default 1)")
+    p.add_argument("--compile-layers", action="store_true",
+                   help="compile the model's MLP, RMS-norm and attention modules with torch.compile: their "
+                        "elementwise work fused (Engine(compile_layers)); the first requests at new shapes wait for "
+                        "the compilation (seconds)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's choice); on a machine busy with other work, fewer "
                         "threads avoid OpenMP spin contention")
@@ -131,7 +135,8 @@ def build(args: argparse.Namespace, lm: Any = None):
     plan = HeadPlan.load(args.plan) if args.plan and args.plan != "dense" else None
     lm = lm if lm is not None else load_from_args(args)
     pool = kv_memory.pool(lm.spec, lm.device, lm.dtype.itemsize) if kv_memory is not None else None
-    engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, multi_step=args.multi_step)
+    engine = Engine(lm, plan, chunk_size=args.chunk_size, pool=pool, multi_step=args.multi_step,
+                    compile_layers=args.compile_layers)
     if pool is not None:  # admission counts the pool's pages; the byte budget is the pool's size
         budget = pool.num_pages * pool.page_bytes
     else:
