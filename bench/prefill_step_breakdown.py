@@ -214,8 +214,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile-layers", action="store_true",
-                   help="Engine(compile_layers): the MLPs, RMS norms and attention modules compiled (their fused kernels are "
-                        "timed)")
+                   help="Engine(compile_layers): the decoder layers compiled around attention (their fused kernels "
+                        "are timed)")
     args = p.parse_args(argv)
     if args.prefix < args.chunk or args.prefix % args.chunk:
         raise InputError(f"--prefix must be a positive multiple of --chunk ({args.chunk}), got {args.prefix} (the "

@@ -1,5 +1,5 @@
-"""``Engine(compile_layers=True)``: the model's MLPs, RMS norms and attention modules compiled in place (headwise's
-attention function left out of the graphs), the same greedy tokens."""
+"""``Engine(compile_layers=True)``: the model's decoder layers compiled in place (headwise's attention function left
+out of the graphs), the same greedy tokens."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from tiny import tiny_model
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
-def test_compiled_mlps_and_norms_give_the_same_tokens_under_a_mixed_plan(arch):
+def test_compiled_layers_give_the_same_tokens_under_a_mixed_plan(arch):
     """A plan with streaming and full heads, a prompt prefilled in chunks of two sizes, then decode: the tokens with
-    the MLPs and norms compiled equal those without (fp32 on the CPU, where Inductor writes C++). Gemma 3's norms
-    include the queries' and keys' (inside attention) and its MLP is GELU."""
+    the decoder layers and the final norm compiled equal those without (fp32 on the CPU, where Inductor writes C++).
+    Gemma 3's layers hold query and key norms and four norms each, and its MLP is GELU."""
     lm = tiny_model(arch, num_hidden_layers=2)
     plan = HeadPlan.split(lm.spec, 0.5, {"policy": "full"}, {"policy": "streaming", "params": {"sink": 4, "window": 8}})
     prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(3))
@@ -26,16 +26,38 @@ def test_compiled_mlps_and_norms_give_the_same_tokens_under_a_mixed_plan(arch):
 
     want = tokens(Engine(lm, plan, chunk_size=16))
     engine = Engine(lm, plan, chunk_size=16, compile_layers=True)
-    assert sorted(engine.compiled) == sorted(n for n, m in lm.model.named_modules() if compiled_kinds(m))
-    assert any(n.endswith("mlp") for n in engine.compiled) and any(n.endswith("layernorm") for n in engine.compiled)
-    assert any(n.endswith("self_attn") for n in engine.compiled)
+    layers = [n for n, m in lm.model.named_modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert len(layers) == 2 and set(layers) < set(engine.compiled)
+    assert [n for n in engine.compiled if n not in layers] == ["model.norm"]  # the layers' parts run in their graphs
+    assert all(compiled_kinds(m) for n, m in lm.model.named_modules() if n in engine.compiled)
     assert tokens(engine) == want
     assert compile_layers(lm.model) == []  # once per model
 
 
-def test_compiled_attention_modules_serve_packed_steps_and_stop_at_headwise_attention():
+def test_parts_outside_a_decoder_layer_are_compiled_on_their_own():
+    """A model whose blocks are not transformers' ``*DecoderLayer``s gets its MLPs, norms and attention modules
+    compiled one by one."""
+
+    class TinyMLP(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = TinyMLP()
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = torch.nn.ModuleList([Block(), Block()])
+
+    assert compile_layers(Net()) == ["blocks.0.mlp", "blocks.1.mlp"]
+
+
+def test_compiled_layers_serve_packed_steps_and_stop_at_headwise_attention():
     """Two sequences of different lengths advanced together by ``Engine.step`` (packed prompt chunks beside decode
-    tokens): the same tokens as each alone uncompiled; the compiled attention modules break their graphs at
+    tokens): the same tokens as each alone uncompiled; the compiled layers break their graphs at
     headwise's attention function (so the cache is never traced) and a new chunk length does not recompile."""
     import torch._dynamo
 

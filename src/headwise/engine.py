@@ -124,9 +124,9 @@ class Engine:
         after 64K where flash over a contiguous cache took 872 (docs/serving.md): ``"gather"`` is the dense baseline
         with the field's prefill kernel, at the cost of one copy of the prefix per chunk and layer.
 
-        ``compile_layers``: compile the model's MLP, RMS-norm and attention modules in place with ``torch.compile``
+        ``compile_layers``: compile the model's decoder layers in place with ``torch.compile``
         (``fusion.compile_layers``; headwise's attention function stays out of the graphs), fusing their
-        elementwise work (norms, the SiLU product, rotary embeddings); off by default."""
+        elementwise work (norms, the SiLU product, rotary embeddings, residual adds); off by default."""
         if dense_prefill not in DENSE_PREFILL:
             raise InputError(f"dense_prefill must be one of {', '.join(DENSE_PREFILL)}, got {dense_prefill!r}")
         if chunk_size < 1:

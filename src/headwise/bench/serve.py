@@ -436,9 +436,9 @@ def add_arguments(p: Any) -> None:
                         "attend their pages: paged, the Triton kernel reading them in place (default); gather, a "
                         "contiguous copy then SDPA (flash on a GPU): the dense baseline on the field's prefill kernel")
     g.add_argument("--compile-layers", action="store_true",
-                   help="compile the model's MLP, RMS-norm and attention modules with torch.compile "
-                        "(Engine(compile_layers)): their elementwise work fused, headwise's attention left out; the "
-                        "first steps at new shapes compile (use --warmup)")
+                   help="compile the model's decoder layers with torch.compile (Engine(compile_layers)): their "
+                        "elementwise work fused, headwise's attention left out; the first steps at new shapes compile "
+                        "(use --warmup)")
     g.add_argument("--max-seconds", type=float, default=None,
                    help="stop the in-process driver this many seconds after the command started and record what was "
                         "measured, marked partial (default: run to the end)")

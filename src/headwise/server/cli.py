@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "back once (vLLM's multi-step scheduling: less host time between forwards; tokens stream "
                         "N at a time; default 1)")
     p.add_argument("--compile-layers", action="store_true",
-                   help="compile the model's MLP, RMS-norm and attention modules with torch.compile: their "
+                   help="compile the model's decoder layers with torch.compile around headwise's attention: their "
                         "elementwise work fused (Engine(compile_layers)); the first requests at new shapes wait for "
                         "the compilation (seconds)")
     p.add_argument("--threads", type=int, default=None,
