@@ -105,14 +105,20 @@ def test_equal_memory_of_a_quantized_plan_is_counted_in_the_runs_element_size(sm
     assert want - spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4 < base.kv_bytes(spec, 2048, 4) <= want
 
 
+def _streaming_plan_with_full_heads(spec, window: int, every: int, tmp_path):
+    """A SmolLM2 plan streaming 64 sinks + ``window`` on every head but head 0 of every ``every``-th layer (full),
+    and the file it is saved to."""
+    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": window}}, "smollm2-135m")
+    for i in range(0, spec.num_layers, every):
+        ref.layers[i][0] = {"policy": "full"}
+    return ref, ref.save(tmp_path / "mine.json")
+
+
 def test_random_placement_draws_are_seeded_and_hold_the_plans_kv(smollm2, tmp_path):
     """random@equal:SEED is another draw of the same policies: same KV at every length, other heads, and the same
     heads every time it is asked for (one draw is a lottery where few heads are streamed)."""
     spec = smollm2.spec
-    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": 64}}, "smollm2-135m")
-    for i in range(0, spec.num_layers, 4):
-        ref.layers[i][0] = {"policy": "full"}
-    path = ref.save(tmp_path / "mine.json")
+    ref, path = _streaming_plan_with_full_heads(spec, 64, 4, tmp_path)
     entries = resolve_plans([str(path), "random@equal", "random@equal:1", "random@equal:2"], smollm2)
     assert [e.label for e in entries[1:]] == ["random@equal", "random@equal:1", "random@equal:2"]
     draws = [e.plan_for(1024).layers for e in entries[1:]]
@@ -187,10 +193,7 @@ def test_random_full_heads_hold_the_plans_kv_with_as_many_full_heads_as_fit(smol
     the plan's KV slots at every length; another draw picks other heads; with no room for a full head it is the
     streaming baseline itself."""
     spec = smollm2.spec
-    ref = HeadPlan.uniform(spec, {"policy": "streaming", "params": {"sink": 64, "window": 192}}, "smollm2-135m")
-    for i in range(0, spec.num_layers, 3):
-        ref.layers[i][0] = {"policy": "full"}
-    path = ref.save(tmp_path / "mine.json")
+    ref, path = _streaming_plan_with_full_heads(spec, 192, 3, tmp_path)
     entries = resolve_plans([str(path), "random-full@equal", "random-full@equal:1", "streaming@equal"], smollm2)
     for L in (1024, 2048):
         target = ref.kv_tokens(spec, L, smollm2.dtype.itemsize, peak=True)
