@@ -30,7 +30,8 @@ def _codes(B: int, H: int, n: int, D: int, kbits: int, vbits: int, group: int, e
 
 
 @pytest.mark.parametrize("kbits,vbits,D,n", [(8, 8, 64, 96), (4, 4, 64, 64), (8, 4, 80, 160), (4, 4, 80, 32),
-                                             (8, 8, 256, 64), (4, 4, 40, 224)])
+                                             (8, 8, 256, 64), (4, 4, 40, 224), (2, 2, 64, 96), (4, 2, 80, 160),
+                                             (2, 2, 37, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_dequantize_into_matches_the_reference(kbits, vbits, D, n, dtype):
     B, H, G = 2, 3, 32
@@ -92,7 +93,8 @@ def test_a_quantized_store_view_is_its_codes_dequantized_then_residual_then_chun
 
 
 @pytest.mark.parametrize("bits,D,n", [(8, 64, 96), (4, 64, 64), (4, 80, 160), (8, 80, 32), (4, 40, 224),
-                                      (4, 256, 64), (8, 37, 64), (4, 37, 32)])
+                                      (4, 256, 64), (8, 37, 64), (4, 37, 32), (2, 64, 96), (2, 80, 160), (2, 37, 64),
+                                      (2, 6, 32)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantize_into_gives_the_references_codes_and_parameters_bit_for_bit(bits, D, n, dtype):
     from headwise.kernels.kv_quant import packed_dim

@@ -39,11 +39,12 @@ def test_ablation_base_with_no_ablation_to_measure_is_a_one_line_error(extra, tm
 
 
 @pytest.mark.parametrize("extra", [["--quant-global-key-bits", "8"], ["--quant-residual", "64"],
-                                   ["--quantize", "--quant-residual", "0"]])
+                                   ["--quantize", "--quant-residual", "0"], ["--quant-2bit"],
+                                   ["--quantize", "--quant-global-key-bits", "2"]])
 def test_quantized_options_without_quantize_or_out_of_range_are_a_one_line_error(extra, tmp_path, capsys):
     rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), *extra])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and ("--quantize" in err or "residual" in err) and "\n" not in err
+    assert rc == 2 and ("--quantize" in err or "residual" in err or "--quant-2bit" in err) and "\n" not in err
     assert not (tmp_path / "p.json").exists()
 
 

@@ -222,3 +222,44 @@ def test_the_8_bit_key_floor_gives_way_where_it_would_leave_global_heads_unreach
     floor = run(0.5, 8)
     assert floor.global_key_bits == 8 and kept(floor) == [5, 11, 17]
     assert all(floor.policies[i][0].k_bits == 8 for i in (5, 11, 17) if isinstance(floor.policies[i][0], Quantized))
+
+
+def test_the_2_bit_rung_keeps_global_heads_reachable_below_what_4_bits_allow():
+    """Gemma 3 from run 10's scores at budget 0.25: 4-bit codes keep two of the three global heads whole (run 22's
+    plan); with the 2-bit options and the key floor lowered to 2 (``--quant-2bit --quant-global-key-bits 2``) all
+    three stay reachable, in KIVI-2; with the default floor the global heads keep 4-bit keys (over 2-bit values) and
+    the rest of the budget keeps more sliding heads whole. Without the flag no 2-bit option is handed out; every plan
+    stays in budget."""
+    from pathlib import Path
+
+    from headwise.errors import InputError
+    from headwise.policies import Full, Quantized
+    from headwise.profile.runner import Spans
+    from headwise.profile.solver import QuantMenu, held_fraction
+
+    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m-run10.json")
+    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
+    spans = Spans.from_meta(source.meta)
+    assert spans is not None
+    scores = torch.tensor(source.meta["scores"]["mass_kv"])
+
+    def run(menu):
+        return solve(spec, scores, 0.25, 4096, spans.value, full_share=1.0, quantize=menu)
+
+    def whole(sol):
+        return [sol.policies[i][0] for i in (5, 11, 17) if isinstance(sol.policies[i][0], Full | Quantized)]
+
+    def quantized(sol):
+        return [p for row in sol.policies for p in row if isinstance(p, Quantized)]
+
+    four = run(QuantMenu(residual=64))
+    two = run(QuantMenu(residual=64, two_bit=True))
+    two_keys = run(QuantMenu(global_key_bits=2, residual=64, two_bit=True))
+    assert len(whole(four)) == 2 and len(whole(two_keys)) == 3 and all(p.bits == 2 for p in whole(two_keys))
+    assert len(whole(two)) >= 2 and all(p.k_bits >= 4 for p in whole(two))
+    assert len(quantized(two)) > len(quantized(four)) and all(p.bits >= 4 for p in quantized(four))
+    for sol in (four, two, two_keys):
+        assert held_fraction(spec, sol.policies, 4096) <= 0.25 + 1e-9
+    assert QuantMenu(two_bit=True).flags() == ["--quant-2bit"]
+    with pytest.raises(InputError, match="--quant-2bit"):
+        QuantMenu(global_key_bits=2)

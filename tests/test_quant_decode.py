@@ -50,7 +50,7 @@ SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("bits", [8, 4, (8, 4)], ids=["int8", "int4", "k8v4"])
+@pytest.mark.parametrize("bits", [8, 4, (8, 4), 2, (4, 2)], ids=["int8", "int4", "k8v4", "int2", "k4v2"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(SCENARIOS))
 def test_kernel_matches_reference_over_codes_and_residual(name, dtype, bits):
@@ -84,7 +84,7 @@ FIRST_SCENARIOS = {
 }
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize("name", list(FIRST_SCENARIOS))
 def test_kernel_skips_the_tokens_before_first_like_the_reference(name, dtype, bits):

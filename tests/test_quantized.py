@@ -25,7 +25,7 @@ def _kv(n: int, dim: int, seed: int = 0, heads: int = 2) -> tuple[torch.Tensor, 
     return torch.randn(1, heads, n, dim, generator=g) + outliers, torch.randn(1, heads, n, dim, generator=g)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_dequantized_keys_and_values_err_by_at_most_half_a_scale(bits):
     k, v = _kv(96, 40)  # 40 channels: value groups of 16, 16 and a partial 8
     kc, ks, kz = quantize_keys(k, bits, 16)
@@ -39,6 +39,20 @@ def test_dequantized_keys_and_values_err_by_at_most_half_a_scale(bits):
     # Half a scale is (range / (2^bits - 1)) / 2: relative to each group's range, 0.2% at 8 bits, 3.4% at 4.
     rng = k.reshape(1, 2, 6, 16, 40).amax(3) - k.reshape(1, 2, 6, 16, 40).amin(3)
     assert float((k_err.reshape(1, 2, 6, 16, 40).amax(3) / rng).max()) <= 0.5 / (2**bits - 1) * 1.01
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("dim", [5, 8, 37, 64])
+def test_packing_keeps_every_code_and_is_the_documented_layout(bits, dim):
+    """``8 / bits`` codes per byte, channel ``m * j + i`` in bits ``i * bits ..`` of byte ``j``; any head dimension."""
+    from headwise.kernels.kv_quant import pack, packed_dim, unpack
+
+    codes = torch.randint(0, 2**bits, (2, 3, dim), dtype=torch.uint8, generator=torch.Generator().manual_seed(dim))
+    packed = pack(codes, bits)
+    assert packed.shape[-1] == packed_dim(dim, bits) and torch.equal(unpack(packed, bits, dim), codes)
+    if bits == 2 and dim >= 8:
+        c = codes[0, 0, 4:8].int()
+        assert int(packed[0, 0, 1]) == int(c[0] | c[1] << 2 | c[2] << 4 | c[3] << 6)
 
 
 def test_a_constant_group_is_exact():
@@ -56,7 +70,7 @@ def _two_pass_params(lo: torch.Tensor, hi: torch.Tensor, bits: int) -> tuple[tor
     return torch.where(scale > 0, scale, torch.ones_like(scale)), down
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dim", [32, 40, 64])
 def test_one_pass_min_max_gives_the_two_pass_codes_bit_for_bit(bits, dim):
     """``quantize_keys`` / ``quantize_values`` take each group's min and max in one pass (``aminmax``) and, for
@@ -116,7 +130,7 @@ def _fill(policy: Quantized, n: int, dim: int, dtype: torch.dtype, chunks: tuple
     return store, k, v
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 def test_store_holds_what_kv_bytes_says_about_a_half_or_a_quarter_of_dense(bits):
     policy = Quantized(bits=bits)
     for n in (1, 127, 128, 159, 160, 161, 300, 1000, 4096):
@@ -124,9 +138,9 @@ def test_store_holds_what_kv_bytes_says_about_a_half_or_a_quarter_of_dense(bits)
         held = sum(t.numel() * t.element_size() for t in store.tensors())
         assert held == policy.kv_bytes(n, 64, 2) * 2, f"{n} tokens"  # two heads
         assert held <= 2 * 2 * n * 64 * 2, f"more than dense at {n} tokens"
-    # At long lengths: codes (1 or 1/2 byte) + fp16 scales and zeros (4 bytes per 32 tokens of a key channel and per
+    # At long lengths: codes (1, 1/2 or 1/4 byte) + fp16 scales and zeros (4 bytes per 32 tokens of a key channel and per
     # 32 channels of a value token) per element, over 2 bytes of bf16.
-    expect = {8: (1 + 4 / 32) / 2, 4: (0.5 + 4 / 32) / 2}[bits]  # 0.5625, 0.3125
+    expect = {8: (1 + 4 / 32) / 2, 4: (0.5 + 4 / 32) / 2, 2: (0.25 + 4 / 32) / 2}[bits]  # 0.5625, 0.3125, 0.1875
     assert policy.kv_bytes(65536, 64, 2) / (2 * 65536 * 64 * 2) == pytest.approx(expect, abs=0.002)
 
 
@@ -154,12 +168,13 @@ def test_key_bits_stay_out_of_plans_that_do_not_set_them():
     assert "key_bits" not in Quantized(bits=4).params()
     assert Quantized(bits=4, key_bits=8).params()["key_bits"] == 8
     assert build_policy({"policy": "quantized", "params": {"bits": 4, "key_bits": 8}}) == Quantized(bits=4, key_bits=8)
+    assert build_policy({"policy": "quantized", "params": {"bits": 2, "key_bits": 4}}) == Quantized(bits=2, key_bits=4)
     for bad in (3, 16, True, "8"):
         with pytest.raises(PlanError, match="key_bits"):
             build_policy({"policy": "quantized", "params": {"bits": 4, "key_bits": bad}})
 
 
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, 2])
 @pytest.mark.parametrize("dim", [16, 64, 256])
 def test_quantized_head_never_holds_more_than_dense_at_any_length(bits, dim):
     for group in (8, 32, 128):
@@ -192,13 +207,15 @@ def test_attend_is_exact_attention_over_the_dequantized_past_and_the_chunk():
     assert store.n_quant == 64 and store.length == 90
 
 
-def test_mixed_plan_generates_and_the_kernel_decode_gives_the_reference_tokens():
-    """On the GPU when there is one (the kernels compiled), else on the CPU under Triton's interpreter."""
+@pytest.mark.parametrize("low", [4, 2])
+def test_mixed_plan_generates_and_the_kernel_decode_gives_the_reference_tokens(low):
+    """On the GPU when there is one (the kernels compiled), else on the CPU under Triton's interpreter; with 4-bit
+    codes and 8-bit keys over them, or 2-bit codes and 4-bit keys over 2-bit values."""
     lm = tiny_model("llama", num_hidden_layers=2)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.model.to(device)
-    plan = HeadPlan.from_policies(lm.spec, [[Full(), Quantized(bits=4, group=8, residual=8)],
-                                            [Quantized(bits=4, key_bits=8, group=8, residual=4),
+    plan = HeadPlan.from_policies(lm.spec, [[Full(), Quantized(bits=low, group=8, residual=8)],
+                                            [Quantized(bits=low, key_bits=2 * low, group=8, residual=4),
                                              Streaming(sink=4, window=16)]])
     prompt = torch.randint(0, 128, (1, 45), generator=torch.Generator().manual_seed(0)).to(device)
     runs = {}

@@ -31,6 +31,8 @@ POLICIES = {
     "int8-g8-r3": Quantized(bits=8, group=8, residual=3),
     "int4-g32-r16-w160": Quantized(bits=4, group=32, residual=16, window=160),
     "k8v4-g32-r16": Quantized(bits=4, key_bits=8, group=32, residual=16),
+    "int2-g32-r16": Quantized(bits=2, group=32, residual=16),
+    "k4v2-g32-r16-w160": Quantized(bits=2, key_bits=4, group=32, residual=16, window=160),
 }
 
 
@@ -60,7 +62,8 @@ def _held(store: QuantizedStore, uncounted: int = 0) -> list[torch.Tensor]:
 @needs_interpreter
 @pytest.mark.parametrize(("name", "prefill"), [("int4-g32-r16", 1), ("int4-g32-r16", 64), ("int8-g8-r3", 37),
                                                ("int4-g32-r16-w160", 1), ("int4-g32-r16-w160", 37),
-                                               ("k8v4-g32-r16", 37)])
+                                               ("k8v4-g32-r16", 37), ("int2-g32-r16", 37),
+                                               ("k4v2-g32-r16-w160", 37)])
 def test_graph_steps_match_eager_steps(name, prefill):
     """Prefill in chunks of 19, then decode to 420 tokens (several groups leave the residual; with the window,
     groups are dropped) three ways: eager ``append`` + the host-length kernel; ``append_at`` run eagerly + the

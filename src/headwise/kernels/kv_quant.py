@@ -1,4 +1,4 @@
-"""KIVI quantization of keys and values, in plain PyTorch: codes, fp16 scales and zero points, 4-bit packing.
+"""KIVI quantization of keys and values, in plain PyTorch: codes, fp16 scales and zero points, 4- and 2-bit packing.
 
 KIVI (Liu et al., 2024, https://arxiv.org/abs/2402.02750) quantizes keys *per channel* (one scale and zero point
 per channel per run of ``group`` consecutive tokens: key outliers live in fixed channels) and values *per token*
@@ -6,8 +6,9 @@ per channel per run of ``group`` consecutive tokens: key outliers live in fixed 
 ``head_dim``). Scales and zero points are float16, as KIVI's; the zero point is the group's minimum rounded
 *down* to float16 and the scale its range rounded *up*, so every code lies in ``[0, 2^bits - 1]`` and a
 dequantized element errs by at most half its scale (float16 holds the parameters: keys and values beyond
-+-65504 are not supported). Codes are uint8, one per byte at 8 bits, two per byte at 4 bits (channel ``2j`` in
-the low nibble of byte ``j``, ``2j + 1`` in the high one). ``x = code * scale + zero``.
++-65504 are not supported). Codes are uint8, one per byte at 8 bits, ``8 / bits`` per byte at 4 and 2 bits: channel
+``m * j + i`` (``m = 8 / bits``) in bits ``i * bits ..`` of byte ``j``, so at 4 bits channel ``2j`` is the low nibble of
+byte ``j`` and ``2j + 1`` the high one. ``x = code * scale + zero``. 2 bits is KIVI's own setting (KIVI-2).
 
 Used by the ``quantized`` policy's store (``policies/quantized.py``) and by the Triton kernels' references
 (``kernels/quant_decode.py``, ``kernels/kv_quant_triton.py``, which ``QuantizedKV.dequantize_into`` calls on a GPU);
@@ -54,20 +55,31 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return torch.round((x - zero.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
+BITS = (2, 4, 8)
+"""Code widths."""
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """uint8 codes ``[..., D]`` -> ``[..., ceil(D * bits / 8)]`` (4 bits: channel 2j low nibble, 2j + 1 high)."""
+    """uint8 codes ``[..., D]`` -> ``[..., ceil(D * bits / 8)]`` (channel ``m * j + i`` in bits ``i * bits ..`` of
+    byte ``j``, ``m = 8 / bits``: at 4 bits channel 2j the low nibble, 2j + 1 the high one)."""
     if bits == 8:
         return codes
-    if codes.shape[-1] % 2:
-        codes = torch.nn.functional.pad(codes, (0, 1))
-    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+    m = 8 // bits
+    if codes.shape[-1] % m:
+        codes = torch.nn.functional.pad(codes, (0, m - codes.shape[-1] % m))
+    out = codes[..., 0::m].clone()
+    for i in range(1, m):
+        out |= codes[..., i::m] << (i * bits)
+    return out
 
 
 def unpack(packed: torch.Tensor, bits: int, head_dim: int) -> torch.Tensor:
     """``pack``'s inverse: ``[..., ceil(D * bits / 8)]`` -> uint8 codes ``[..., head_dim]``."""
     if bits == 8:
         return packed
-    return torch.stack([packed & 15, packed >> 4], dim=-1).flatten(-2)[..., :head_dim]
+    mask = 2**bits - 1
+    parts = [(packed >> (i * bits)) & mask for i in range(8 // bits)]
+    return torch.stack(parts, dim=-1).flatten(-2)[..., :head_dim]
 
 
 def quantize_keys(k: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ Why
     first rows of its concatenation).
 
 Layout and rounding
-    As ``kv_quant``: codes ``[B, H, n, packed_dim]`` uint8 (4-bit: channel ``2j`` in the low nibble of byte ``j``),
+    As ``kv_quant``: codes ``[B, H, n, packed_dim]`` uint8 (4-bit: channel ``2j`` in the low nibble of byte ``j``; 2-bit: four per byte),
     keys' scale and zero point per (run of ``group`` tokens, channel): ``[B, H, n / group, D]``; values' per (token,
     run of ``group`` channels): ``[B, H, n, ceil(D / group)]``; fp16. Quantization follows ``kv_quant._params`` and
     ``_codes`` operation for operation: the zero point is the minimum rounded to fp16 and stepped down one fp16 value
@@ -28,7 +28,7 @@ Layout and rounding
 
 Tested
     tests/test_kv_quant_triton.py under TRITON_INTERPRET=1 on the CPU against ``kv_quant``: codes and parameters
-    equal, dequantized values within rounding; 8 and 4 bits, keys over values of other bits (k8v4), head dimensions
+    equal, dequantized values within rounding; 8, 4 and 2 bits, keys over values of other bits (k8v4), head dimensions
     that are not a multiple of the group (80 over 32, 40) nor even, lengths that are not a multiple of the tile,
     batch 2 and 3 heads, slices of longer buffers, fp32 and bf16 inputs and outputs; and the store's view and
     quantization against the PyTorch path.
@@ -74,13 +74,21 @@ def _codes(x, scale, zero, BITS: tl.constexpr):
 @triton.jit
 def _store_codes(dst, codes, rows, cols, row_ok, P, W: tl.constexpr, BITS: tl.constexpr):
     """Store int32 ``codes [R, W]`` as uint8 at ``dst + rows * stride + byte`` (``rows``: [R, 1] row offsets,
-    int64; ``row_ok``: [R, 1] rows to write): one per byte at 8 bits, channel ``2j`` low and ``2j + 1`` high in byte ``j`` at 4 bits (``W`` even)."""
+    int64; ``row_ok``: [R, 1] rows to write): one per byte at 8 bits, channel ``2j`` low and ``2j + 1`` high in byte
+    ``j`` at 4 bits (``W`` even), channel ``4j + i`` in bits ``2i ..`` of byte ``j`` at 2 bits (``W`` a multiple of 4)."""
     if BITS == 8:
         tl.store(dst + rows + cols[None, :], codes.to(tl.uint8), mask=row_ok & (cols[None, :] < P))
-    else:
+    elif BITS == 4:
         lo, hi = tl.split(tl.reshape(codes, (codes.shape[0], W // 2, 2)))
         byte = tl.arange(0, W // 2)
         tl.store(dst + rows + byte[None, :], (lo | (hi << 4)).to(tl.uint8), mask=row_ok & (byte[None, :] < P))
+    else:
+        even, odd = tl.split(tl.reshape(codes, (codes.shape[0], W // 4, 2, 2)))  # channels 4j + {0, 2}, 4j + {1, 3}
+        c0, c2 = tl.split(even)
+        c1, c3 = tl.split(odd)
+        byte = tl.arange(0, W // 4)
+        tl.store(dst + rows + byte[None, :], (c0 | (c1 << 2) | (c2 << 4) | (c3 << 6)).to(tl.uint8),
+                 mask=row_ok & (byte[None, :] < P))
 
 
 @triton.jit
@@ -152,8 +160,9 @@ def _dequant_kernel(codes, scale, zero, out, H, n, D,
     if BITS == 8:
         c = tl.load(base + offs_d[None, :], mask=mask, other=0).to(tl.int32)
     else:
-        byte = tl.load(base + offs_d[None, :] // 2, mask=mask, other=0).to(tl.int32)
-        c = tl.where(offs_d[None, :] % 2 == 0, byte & 15, byte >> 4)
+        M: tl.constexpr = 8 // BITS
+        byte = tl.load(base + offs_d[None, :] // M, mask=mask, other=0).to(tl.int32)
+        c = (byte >> ((offs_d[None, :] % M) * BITS)) & (2**BITS - 1)
     pbase = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
     if PER_CHANNEL:
         p = pbase + (offs_n[:, None] // GROUP).to(tl.int64) * s_n + offs_d[None, :]
@@ -173,8 +182,8 @@ def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     (``per_channel``): ``scale, zero: [B, H, >= n / group, D]``; values: ``[B, H, >= n, ceil(D / group)]``.
     Returns ``out``."""
     B, H, n, D = out.shape
-    if bits not in (4, 8):
-        raise ValueError(f"codes are 8 or 4 bits, got {bits}")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"codes are 8, 4 or 2 bits, got {bits}")
     if n == 0 or B * H == 0:
         return out
     if out.stride(3) != 1 or codes.stride(3) != 1 or scale.stride(3) != 1 or zero.stride(3) != 1:
@@ -198,8 +207,8 @@ def quantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     ``group``; values: ``[B, H, n, ceil(D / group)]``), which may be slices of longer buffers. ``group`` a power of
     two; unit stride on every last dimension."""
     B, H, n, D = x.shape
-    if bits not in (4, 8):
-        raise ValueError(f"codes are 8 or 4 bits, got {bits}")
+    if bits not in (2, 4, 8):
+        raise ValueError(f"codes are 8, 4 or 2 bits, got {bits}")
     if group & (group - 1):
         raise ValueError(f"the Triton quantization needs a power-of-two group, got {group}")
     if per_channel and n % group:
@@ -212,7 +221,7 @@ def quantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
             scale.stride(0), scale.stride(1), scale.stride(2))
     P = codes.shape[3]
     if per_channel:
-        width = max(2, triton.next_power_of_2(D))
+        width = max(4, triton.next_power_of_2(D))  # whole bytes at 2 bits
         _quant_keys_kernel[(B * H, n // group)](x, codes, scale, zero, H, D, P, *args, BITS=bits, GROUP=group,
                                                 BLOCK_D=width)
     else:

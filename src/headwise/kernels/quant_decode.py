@@ -65,11 +65,13 @@ def _dot(a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
 
 @triton.jit
 def _load_codes(base, tok, stride_n, offs_d, mask, BITS: tl.constexpr):
-    """Codes ``[BLOCK_N, BLOCK_D]`` as fp32: a byte each at 8 bits, a nibble of byte ``d // 2`` at 4 bits."""
+    """Codes ``[BLOCK_N, BLOCK_D]`` as fp32: a byte each at 8 bits; at 4 and 2 bits, bits ``(d % m) * BITS ..`` of
+    byte ``d // m`` (``m = 8 / BITS``)."""
     if BITS == 8:
         return tl.load(base + tok[:, None] * stride_n + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    byte = tl.load(base + tok[:, None] * stride_n + (offs_d // 2)[None, :], mask=mask, other=0)
-    return ((byte >> ((offs_d % 2) * 4).to(tl.uint8)[None, :]) & 15).to(tl.float32)
+    M: tl.constexpr = 8 // BITS
+    byte = tl.load(base + tok[:, None] * stride_n + (offs_d // M)[None, :], mask=mask, other=0)
+    return ((byte >> ((offs_d % M) * BITS).to(tl.uint8)[None, :]) & (2**BITS - 1)).to(tl.float32)
 
 
 @triton.jit
@@ -195,7 +197,7 @@ def quant_decode(
     if position is not None and bounds is not None:
         assert first == 0 and position.numel() == 1 and bounds.numel() == 2, "device lengths: first 0, 1 and 2 elements"
         assert position.device == q.device and bounds.device == q.device, "device lengths on q's device"
-    assert bits in (4, 8) and kv.k_bits in (4, 8) and n_quant % group == 0 and 0 <= first < n_total
+    assert bits in (2, 4, 8) and kv.k_bits in (2, 4, 8) and n_quant % group == 0 and 0 <= first < n_total
     assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
     assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, kv.k_bits)
     assert kv.v_codes.shape[3] == packed_dim(D, bits)

@@ -1,10 +1,11 @@
-"""``quantized``: every token kept, the old ones as 8- or 4-bit codes (KIVI), the recent ones in full precision.
+"""``quantized``: every token kept, the old ones as 8-, 4- or 2-bit codes (KIVI), the recent ones in full precision.
 
 KIVI (Liu et al., 2024, https://arxiv.org/abs/2402.02750): keys quantized per channel, values per token, with a
 full-precision residual of the most recent tokens; the codes, fp16 scales and zero points are in
 ``kernels/kv_quant.py``. A ``quantized`` head attends exactly like ``full`` over the dequantized cache, so no
-token becomes unreachable, at about ``0.5 + scales`` (8-bit) or ``0.25 + scales`` (4-bit) of a 16-bit dense
-head's bytes: with the default ``group=32``, 0.5625 and 0.3125 at long lengths (``kv_bytes``).
+token becomes unreachable, at about ``0.5 + scales`` (8-bit), ``0.25 + scales`` (4-bit) or ``0.125 + scales``
+(2-bit, KIVI-2) of a 16-bit dense head's bytes: with the default ``group=32``, 0.5625, 0.3125 and 0.1875 at long
+lengths (``kv_bytes``).
 
 How this differs from KIVI:
 - *When tokens leave the residual.* The store keeps positions ``0 .. Q-1`` quantized with
@@ -108,7 +109,8 @@ class Quantized(Policy):
     (``p - j < W``), as a native sliding-window layer attends; filled in by plan resolution on such layers (module
     docstring). At least ``residual + group``, so that the residual never reaches outside the window."""
     key_bits: int = 0
-    """Bits per key code, where keys need more than values: 0 (``bits`` for both) or 8 over 4-bit values.
+    """Bits per key code, where keys need more than values: 0 (``bits`` for both), or e.g. 8 over 4-bit values or 4
+    over 2-bit ones.
     KIVI finds keys the harder half to quantize (outlier channels); a head that tells similar keys apart (the
     multi-key needle's distractors) may need 8-bit keys where 4-bit values suffice. 8-bit keys and 4-bit values
     take about 0.44 of a 16-bit cache's bytes, between 4 bits (0.31) and 8 (0.56)."""
@@ -119,10 +121,10 @@ class Quantized(Policy):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise PlanError(f"policy 'quantized': parameter '{key}' must be an integer, got {value!r}")
-        if self.bits not in (4, 8):
-            raise PlanError(f"policy 'quantized': 'bits' must be 8 or 4, got {self.bits}")
-        if self.key_bits not in (0, 4, 8) or isinstance(self.key_bits, bool):
-            raise PlanError(f"policy 'quantized': 'key_bits' must be 0 (as 'bits'), 4 or 8, got {self.key_bits!r}")
+        if self.bits not in (2, 4, 8):
+            raise PlanError(f"policy 'quantized': 'bits' must be 8, 4 or 2, got {self.bits}")
+        if self.key_bits not in (0, 2, 4, 8) or isinstance(self.key_bits, bool):
+            raise PlanError(f"policy 'quantized': 'key_bits' must be 0 (as 'bits'), 2, 4 or 8, got {self.key_bits!r}")
         if self.group < 8:
             raise PlanError(f"policy 'quantized': 'group' must be at least 8 (scales cost 4 bytes per group), "
                             f"got {self.group}")
@@ -151,7 +153,7 @@ class Quantized(Policy):
 
     @property
     def bits_label(self) -> str:
-        """``int4``, ``int8``, or ``k8v4`` where keys and values differ."""
+        """``int2``, ``int4``, ``int8``, or ``k8v4`` / ``k4v2`` where keys and values differ."""
         return f"int{self.bits}" if self.k_bits == self.bits else f"k{self.k_bits}v{self.bits}"
 
     def quantized_length(self, seq_len: int) -> int:

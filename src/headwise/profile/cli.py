@@ -80,11 +80,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
-    p.add_argument("--quant-global-key-bits", type=int, choices=(4, 8), default=4, metavar="{4,8}",
+    p.add_argument("--quant-global-key-bits", type=int, choices=(2, 4, 8), default=4, metavar="{2,4,8}",
                    help="with --quantize, the fewest key bits of a quantized head on a global layer (default 4; 8: at "
                         "least 8-bit keys over 4-bit values, for heads that tell similar keys apart across the whole "
-                        "context; where that would leave more global heads unreachable than 4-bit keys, 4; "
-                        "docs/profiling.md)")
+                        "context; where that would leave more global heads unreachable than 4-bit keys, 4; 2: "
+                        "KIVI-2 allowed there too, with --quant-2bit; docs/profiling.md)")
+    p.add_argument("--quant-2bit", action="store_true",
+                   help="with --quantize, offer 2-bit KV too (KIVI-2, and 4-bit keys over 2-bit values): a cheaper "
+                        "rung that keeps every token reachable at budgets where 4-bit codes do not fit")
     p.add_argument("--quant-residual", type=int, default=128, metavar="TOKENS",
                    help="with --quantize, the tokens a quantized head keeps in full precision (default 128, as KIVI)")
     p.add_argument("--ablation-base", choices=ABLATION_BASES, default="full",
@@ -188,14 +191,15 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
 
 def quant_menu_from_args(args: argparse.Namespace) -> QuantMenu:
     """The solver's quantized options from ``--quant-global-key-bits`` and ``--quant-residual``."""
-    return QuantMenu(global_key_bits=args.quant_global_key_bits, residual=args.quant_residual)
+    return QuantMenu(global_key_bits=args.quant_global_key_bits, residual=args.quant_residual,
+                     two_bit=args.quant_2bit)
 
 
 def run(args: argparse.Namespace) -> int:
     check_budget(args.budget)  # before loading anything: a bad budget fails in a blink
-    if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128):
-        raise InputError("--quant-global-key-bits and --quant-residual choose among the quantized options: give "
-                         "--quantize too")
+    if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128 or args.quant_2bit):
+        raise InputError("--quant-global-key-bits, --quant-residual and --quant-2bit choose among the quantized "
+                         "options: give --quantize too")
     quantize = quant_menu_from_args(args) if args.quantize else False  # a bad residual fails before loading
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")

@@ -29,7 +29,7 @@ def policy_grid(policies: list[list[Policy]], native: list[int | None]) -> tuple
                 grid[i, j] = 0.3
                 labels[-1].append(f"{p.sink}+{p.window}")
             elif isinstance(p, Quantized):  # the whole context, in fewer bits: between streaming and full
-                grid[i, j] = 0.9 if p.bits == 8 else 0.85 if p.k_bits == 8 else 0.8
+                grid[i, j] = 0.9 if p.bits == 8 else 0.85 if p.k_bits == 8 else 0.8 if p.bits == 4 else 0.7
                 labels[-1].append(p.bits_label)
             else:
                 grid[i, j] = 0.6

@@ -414,13 +414,14 @@ def select(lm: LoadedModel, candidates: list[Candidate], probes: ProbeSet) -> tu
 
 def precision(policy: Policy) -> int | None:
     """How precisely a head under ``policy`` keeps its context, for comparing two plans head by head: streaming 0 <
-    4-bit 1 < 8-bit keys over 4-bit values 2 < 8-bit 3 < full 4; None for a policy the solver does not hand out.
+    2-bit 1 < 4-bit keys over 2-bit values 2 < 4-bit 3 < 8-bit keys over 4-bit values 4 < 8-bit 5 < full 6; None for
+    a policy the solver does not hand out.
     Streaming windows are left out: the solver spreads what is left of a budget over them, and a larger budget can
     leave less of it (on SmolLM2, 0.3 -> 0.375 turns heads 4-bit and shrinks two windows from 128 to 96 tokens)."""
     if isinstance(policy, Full):
-        return 4
+        return 6
     if isinstance(policy, Quantized):
-        return 3 if policy.bits == 8 else 2 if policy.k_bits == 8 else 1
+        return {(2, 2): 1, (4, 2): 2, (4, 4): 3, (8, 4): 4, (8, 8): 5}.get((policy.k_bits, policy.bits))
     if isinstance(policy, Streaming):
         return 0
     return None
@@ -439,7 +440,8 @@ def nested(plans: list[list[list[Policy]]]) -> bool:
 
 def composition(policies: list[list[Policy]]) -> str:
     """``"15 full + 75 4-bit"``: the heads per kind of policy, the most precise first."""
-    names = {4: "full", 3: "8-bit", 2: "8-bit keys", 1: "4-bit", 0: "streaming"}
+    names = {6: "full", 5: "8-bit", 4: "8-bit keys", 3: "4-bit", 2: "4-bit keys over 2-bit", 1: "2-bit",
+             0: "streaming"}
     counts: dict[str, int] = {}
     for row in policies:
         for p in row:

@@ -67,14 +67,18 @@ def check_budget(budget: float) -> None:
         )
 
 
-QUANT_FIDELITY: dict[tuple[int, int], float] = {(8, 8): 0.999, (8, 4): 0.995, (4, 4): 0.99}
+QUANT_FIDELITY: dict[tuple[int, int], float] = {(8, 8): 0.999, (8, 4): 0.995, (4, 4): 0.99, (4, 2): 0.98, (2, 2): 0.97}
 """Value (fidelity, 1 for ``full``) of a quantized option, by (key bits, value bits): a documented constant, not a
 per-head measurement. KIVI reports 8- and 4-bit caches within noise of fp16 on LongBench; on SmolLM2-135M with every
 head quantized (bench/results/quantized_fidelity_2026-12-02.json) 8-bit kept top-1 agreement 1.0 (KL 7.5e-6) and
-4-bit 0.99 (KL 1.8e-3). 8-bit keys over 4-bit values sit between (keys are the harder half, KIVI). Only the order
-matters to the solver: full > 8-bit > 8-bit keys > 4-bit."""
+4-bit 0.99 (KL 1.8e-3). 8-bit keys over 4-bit values sit between (keys are the harder half, KIVI). 2-bit codes
+(KIVI-2, and 4-bit keys over 2-bit values) are below 4-bit, unmeasured on the bundled models. Only the order matters
+to the solver: full > 8-bit > 8-bit keys > 4-bit > 4-bit keys over 2-bit values > 2-bit."""
 QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=4, key_bits=8), Quantized(bits=8))
 """The quantized options offered with ``solve(quantize=True)``, cheapest first (KIVI's group 32, residual 128)."""
+TWO_BIT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=2), Quantized(bits=2, key_bits=4))
+"""Added below them with ``QuantMenu(two_bit=True)`` (``--quant-2bit``), cheapest first: KIVI-2 and 4-bit keys over
+2-bit values, at about 0.19 and 0.25 of a 16-bit cache's bytes at long lengths (group 32)."""
 
 
 @dataclass(frozen=True)
@@ -88,26 +92,34 @@ class QuantMenu:
     distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
     three global heads at 4 bits answered 9 of 20 needles they lost on the GPU, with 8-bit keys 17, as dense).
     Heads on native sliding-window layers keep every option. ``residual``: KIVI's full-precision residual of every
-    option (128 as KIVI; a shorter one holds less at the peak, which matters on a 512-token window)."""
+    option (128 as KIVI; a shorter one holds less at the peak, which matters on a 512-token window). ``two_bit``:
+    offer ``TWO_BIT_OPTIONS`` too (KIVI-2 only where ``global_key_bits`` is 2 on global layers: by default a global
+    head's keys keep at least 4 bits), a cheaper rung that keeps every token reachable below the budgets where 4-bit
+    codes of the global heads fit."""
 
     global_key_bits: int = 4
     residual: int = 128
+    two_bit: bool = False
 
     def __post_init__(self) -> None:
-        if self.global_key_bits not in (4, 8):
-            raise InputError(f"the fewest key bits of a quantized head on a global layer must be 4 or 8, got "
+        if self.global_key_bits not in (2, 4, 8):
+            raise InputError(f"the fewest key bits of a quantized head on a global layer must be 2, 4 or 8, got "
                               f"{self.global_key_bits!r}")
+        if self.global_key_bits == 2 and not self.two_bit:
+            raise InputError("2-bit keys on global layers need the 2-bit options (--quant-2bit)")
         if not isinstance(self.residual, int) or self.residual < 1:
             raise InputError(f"the quantized heads' residual must be a positive number of tokens, got {self.residual!r}")
 
     def options(self, global_layer: bool) -> tuple[Quantized, ...]:
         """The options of a head, cheapest first."""
-        opts = tuple(replace(q, residual=self.residual) for q in QUANT_OPTIONS)
+        menu = (TWO_BIT_OPTIONS if self.two_bit else ()) + QUANT_OPTIONS
+        opts = tuple(replace(q, residual=self.residual) for q in menu)
         return tuple(q for q in opts if q.k_bits >= self.global_key_bits) if global_layer else opts
 
     def flags(self) -> list[str]:
         """The ``headwise profile`` arguments that ask for this menu (beside ``--quantize``)."""
-        out = [] if self.global_key_bits == 4 else ["--quant-global-key-bits", str(self.global_key_bits)]
+        out = ["--quant-2bit"] if self.two_bit else []
+        out += [] if self.global_key_bits == 4 else ["--quant-global-key-bits", str(self.global_key_bits)]
         return out + ([] if self.residual == 128 else ["--quant-residual", str(self.residual)])
 
 
@@ -242,7 +254,7 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
     keep two of them. Where every global head fits at 8 bits (Gemma 3 at 0.35 and up) nothing changes."""
     menu = quant_menu(quantize)
     sol = _fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, quantize, ranks, fit_lengths)
-    if menu is None or menu.global_key_bits == 4:
+    if menu is None or menu.global_key_bits <= 4:  # the give-way rule is for the 8-bit floor
         return sol
     sol.global_key_bits = menu.global_key_bits
     kept = _global_heads_kept(spec, sol)
