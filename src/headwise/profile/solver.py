@@ -36,8 +36,10 @@ at their peak (0.48 and 0.67 where the residual is shortest) for Gemma 3's 512-t
 residual of 128: a plan keeps every token the model sees
 (Gemma 3's 15 sliding layers hold 56% of its dense KV at 2K, which streaming alone could only cut by hiding tokens).
 ``quantize=QuantMenu(global_key_bits=8)`` (``--quant-global-key-bits 8``) leaves 4-bit keys out on global layers
-(unless that keeps fewer global heads whole than 4-bit keys would: ``solve``) and ``QuantMenu(residual=R)``
-(``--quant-residual``) changes every option's residual (``QuantMenu``).
+(unless that keeps fewer global heads whole than 4-bit keys would: ``solve``), ``QuantMenu(residual=R)``
+(``--quant-residual``) changes every option's residual and ``QuantMenu(two_bit=True)`` (``--quant-2bit``) adds
+KIVI-2 below 4 bits (``TWO_BIT_OPTIONS``: 2-bit codes, and 4-bit keys over 2-bit values; 2-bit keys on global layers
+only with ``global_key_bits=2``).
 Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
