@@ -192,27 +192,33 @@ def test_the_shipped_gemma_plan_is_what_its_command_solves_from_its_scores():
     assert HeadPlan.from_policies(spec, sol.policies, "gemma3-270m").digest() == plan.digest()
 
 
-def test_the_8_bit_key_floor_gives_way_where_it_would_leave_global_heads_unreachable():
-    """Run 21 (H200): with 8-bit keys required on Gemma 3's global heads, budget 0.25 kept one of the three and its
-    plan found no passkey (0.35 kept two). The solver now takes 4-bit keys where they keep more global heads whole,
-    and keeps the floor where every global head fits at 8 bits (the shipped 0.5 plan)."""
+def _gemma_run10_scores():
+    """Gemma 3's attention shape and run 10's mass scores and span values (plans/gemma3-270m-run10.json)."""
     from pathlib import Path
 
-    from headwise.policies import Full, Quantized
     from headwise.profile.runner import Spans
-    from headwise.profile.solver import QuantMenu
 
     source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m-run10.json")
     spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
     spans = Spans.from_meta(source.meta)
     assert spans is not None
-    scores = torch.tensor(source.meta["scores"]["mass_kv"])
+    return spec, torch.tensor(source.meta["scores"]["mass_kv"]), spans.value
+
+
+def test_the_8_bit_key_floor_gives_way_where_it_would_leave_global_heads_unreachable():
+    """Run 21 (H200): with 8-bit keys required on Gemma 3's global heads, budget 0.25 kept one of the three and its
+    plan found no passkey (0.35 kept two). The solver now takes 4-bit keys where they keep more global heads whole,
+    and keeps the floor where every global head fits at 8 bits (the shipped 0.5 plan)."""
+    from headwise.policies import Full, Quantized
+    from headwise.profile.solver import QuantMenu
+
+    spec, scores, value = _gemma_run10_scores()
 
     def kept(sol):
         return [i for i in (5, 11, 17) if isinstance(sol.policies[i][0], Full | Quantized)]
 
     def run(budget, bits):
-        return solve(spec, scores, budget, 4096, spans.value, full_share=1.0, quantize=QuantMenu(bits, 64))
+        return solve(spec, scores, budget, 4096, value, full_share=1.0, quantize=QuantMenu(bits, 64))
 
     low, low4 = run(0.25, 8), run(0.25, 4)
     assert len(kept(low4)) >= 2 and low.global_key_bits == 4 and low.policies == low4.policies
@@ -230,21 +236,14 @@ def test_the_2_bit_rung_keeps_global_heads_reachable_below_what_4_bits_allow():
     three stay reachable, in KIVI-2; with the default floor the global heads keep 4-bit keys (over 2-bit values) and
     the rest of the budget keeps more sliding heads whole. Without the flag no 2-bit option is handed out; every plan
     stays in budget."""
-    from pathlib import Path
-
     from headwise.errors import InputError
     from headwise.policies import Full, Quantized
-    from headwise.profile.runner import Spans
     from headwise.profile.solver import QuantMenu, held_fraction
 
-    source = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "gemma3-270m-run10.json")
-    spec = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
-    spans = Spans.from_meta(source.meta)
-    assert spans is not None
-    scores = torch.tensor(source.meta["scores"]["mass_kv"])
+    spec, scores, value = _gemma_run10_scores()
 
     def run(menu):
-        return solve(spec, scores, 0.25, 4096, spans.value, full_share=1.0, quantize=menu)
+        return solve(spec, scores, 0.25, 4096, value, full_share=1.0, quantize=menu)
 
     def whole(sol):
         return [sol.policies[i][0] for i in (5, 11, 17) if isinstance(sol.policies[i][0], Full | Quantized)]
