@@ -54,10 +54,9 @@ def compile_layers(model: torch.nn.Module) -> list[str]:
     for name, module in model.named_modules():
         if any(name.startswith(p + ".") for p in inside):
             continue
-        kind = type(module).__name__
-        if not kind.endswith(LAYER_KINDS + PART_KINDS):
+        if not compiled_kinds(module):
             continue
-        if kind.endswith(LAYER_KINDS):
+        if type(module).__name__.endswith(LAYER_KINDS):
             inside.append(name)
         if not getattr(module, COMPILED, False):
             module.compile(dynamic=True)

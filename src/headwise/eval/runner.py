@@ -115,22 +115,25 @@ class PlanEntry:
         return self.make(length)
 
 
+def _water_level(caps: Sequence[int], tokens: float, length: int) -> int:
+    """The largest ``b <= length`` with ``sum(min(b, cap)) <= tokens`` over heads that can hold ``caps`` tokens
+    each (0 where even that is too much)."""
+    lo, hi = 0, length
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if sum(min(mid, c) for c in caps) <= tokens:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
 def _head_budget(spec: Any, target_tokens: float, length: int, label: str, least: int) -> int:
     """The per-head token count ``b`` that spreads ``target_tokens`` evenly over all KV heads, each holding
     ``min(b, cap)`` where ``cap`` is what it can hold at ``length`` (a native sliding layer never holds more
     than its window): the largest ``b`` with ``sum(min(b, cap)) <= target_tokens`` (water filling)."""
     caps = [min(length, w) if w is not None else length for w in spec.layer_windows] * spec.num_kv_heads
-
-    def held(b: int) -> int:
-        return sum(min(b, c) for c in caps)
-
-    lo, hi = 0, length
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if held(mid) <= target_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
+    lo = _water_level(caps, target_tokens, length)
     if lo < least:
         raise PlanError(f"{label}: a budget of {target_tokens:.0f} KV slots at {length} tokens leaves {lo} per "
                         f"KV head; it needs at least {least}")
@@ -186,19 +189,9 @@ def random_full_baseline(spec: Any, name: str, target_tokens: float, length: int
             for i, w in enumerate(spec.layer_windows) for j in range(spec.num_kv_heads)}
     for k in range(len(globals_), 0, -1):
         full = set(globals_[:k])
-        left = target_tokens - k * length
-        rest = [c for h, c in caps.items() if h not in full]
-        if left < 0 or (rest and sum(min(RANDOM_FULL_LEAST, c) for c in rest) > left):
-            continue
-        lo, hi = 0, length  # water filling over the streaming heads, as _head_budget does over all of them
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            if sum(min(mid, c) for c in rest) <= left:
-                lo = mid
-            else:
-                hi = mid - 1
-        b = lo
-        break
+        b = _water_level([c for h, c in caps.items() if h not in full], target_tokens - k * length, length)
+        if b >= min(RANDOM_FULL_LEAST, length):
+            break
     else:  # no full head fits
         return streaming_baseline(spec, name, target_tokens, length, label)
     sink = min(STREAMING_SINK, b // 4) or 1

@@ -56,7 +56,7 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
 
 
 BITS = (2, 4, 8)
-"""Code widths."""
+"""The code widths the functions here, the Triton kernels and the ``quantized`` policy take."""
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -40,6 +40,8 @@ import torch
 import triton
 import triton.language as tl
 
+from headwise.kernels.kv_quant import BITS
+
 _BLOCK_N = 32
 
 
@@ -175,6 +177,11 @@ def _dequant_kernel(codes, scale, zero, out, H, n, D,
     tl.store(dst, x.to(out.dtype.element_ty), mask=mask)
 
 
+def _check_bits(bits: int) -> None:
+    if bits not in BITS:
+        raise ValueError(f"codes are 8, 4 or 2 bits, got {bits}")
+
+
 def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
                     group: int, per_channel: bool) -> torch.Tensor:
     """Write the dequantized ``codes`` (``[B, H, n, packed_dim]``, the first ``n`` tokens of a buffer that may be
@@ -182,8 +189,7 @@ def dequantize_into(out: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     (``per_channel``): ``scale, zero: [B, H, >= n / group, D]``; values: ``[B, H, >= n, ceil(D / group)]``.
     Returns ``out``."""
     B, H, n, D = out.shape
-    if bits not in (2, 4, 8):
-        raise ValueError(f"codes are 8, 4 or 2 bits, got {bits}")
+    _check_bits(bits)
     if n == 0 or B * H == 0:
         return out
     if out.stride(3) != 1 or codes.stride(3) != 1 or scale.stride(3) != 1 or zero.stride(3) != 1:
@@ -207,8 +213,7 @@ def quantize_into(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, 
     ``group``; values: ``[B, H, n, ceil(D / group)]``), which may be slices of longer buffers. ``group`` a power of
     two; unit stride on every last dimension."""
     B, H, n, D = x.shape
-    if bits not in (2, 4, 8):
-        raise ValueError(f"codes are 8, 4 or 2 bits, got {bits}")
+    _check_bits(bits)
     if group & (group - 1):
         raise ValueError(f"the Triton quantization needs a power-of-two group, got {group}")
     if per_channel and n % group:

@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from headwise.kernels.common import INTERPRET
-from headwise.kernels.kv_quant import QuantizedKV, packed_dim
+from headwise.kernels.kv_quant import BITS, QuantizedKV, packed_dim
 from headwise.kernels.paged_decode import load_query_group, merge_splits, store_split
 
 _LOG2E = 1.4426950408889634
@@ -197,7 +197,7 @@ def quant_decode(
     if position is not None and bounds is not None:
         assert first == 0 and position.numel() == 1 and bounds.numel() == 2, "device lengths: first 0, 1 and 2 elements"
         assert position.device == q.device and bounds.device == q.device, "device lengths on q's device"
-    assert bits in (2, 4, 8) and kv.k_bits in (2, 4, 8) and n_quant % group == 0 and 0 <= first < n_total
+    assert bits in BITS and kv.k_bits in BITS and n_quant % group == 0 and 0 <= first < n_total
     assert res_k.shape[0] == B and res_k.shape[3] == D and res_v.shape == res_k.shape and res_k.shape[2] >= n_res
     assert kv.k_codes.shape[:2] == (B, Hkv) and kv.k_codes.shape[3] == packed_dim(D, kv.k_bits)
     assert kv.v_codes.shape[3] == packed_dim(D, bits)

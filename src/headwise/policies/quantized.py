@@ -72,6 +72,7 @@ import torch
 
 from headwise.errors import PlanError
 from headwise.kernels.kv_quant import (
+    BITS,
     SCALE_DTYPE,
     QuantizedKV,
     dequantize_keys,
@@ -121,9 +122,9 @@ class Quantized(Policy):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool):
                 raise PlanError(f"policy 'quantized': parameter '{key}' must be an integer, got {value!r}")
-        if self.bits not in (2, 4, 8):
+        if self.bits not in BITS:
             raise PlanError(f"policy 'quantized': 'bits' must be 8, 4 or 2, got {self.bits}")
-        if self.key_bits not in (0, 2, 4, 8) or isinstance(self.key_bits, bool):
+        if self.key_bits not in (0, *BITS) or isinstance(self.key_bits, bool):
             raise PlanError(f"policy 'quantized': 'key_bits' must be 0 (as 'bits'), 2, 4 or 8, got {self.key_bits!r}")
         if self.group < 8:
             raise PlanError(f"policy 'quantized': 'group' must be at least 8 (scales cost 4 bytes per group), "

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
+from headwise.kernels.kv_quant import BITS
 from headwise.model_args import add_model_args, load_from_args
 from headwise.placement import check_tp
 from headwise.plan import HeadPlan
@@ -80,7 +81,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--quantize", action="store_true",
                    help="let the solver keep heads whole in 8- or 4-bit KV (policy 'quantized') where full does not fit "
                         "(Gemma 3's few global heads)")
-    p.add_argument("--quant-global-key-bits", type=int, choices=(2, 4, 8), default=4, metavar="{2,4,8}",
+    p.add_argument("--quant-global-key-bits", type=int, choices=BITS, default=4, metavar="{2,4,8}",
                    help="with --quantize, the fewest key bits of a quantized head on a global layer (default 4; 8: at "
                         "least 8-bit keys over 4-bit values, for heads that tell similar keys apart across the whole "
                         "context; where that would leave more global heads unreachable than 4-bit keys, 4; 2: "
@@ -190,7 +191,7 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
 
 
 def quant_menu_from_args(args: argparse.Namespace) -> QuantMenu:
-    """The solver's quantized options from ``--quant-global-key-bits`` and ``--quant-residual``."""
+    """The solver's quantized options from ``--quant-global-key-bits``, ``--quant-residual`` and ``--quant-2bit``."""
     return QuantMenu(global_key_bits=args.quant_global_key_bits, residual=args.quant_residual,
                      two_bit=args.quant_2bit)
 

@@ -56,6 +56,7 @@ from typing import Any
 import torch
 
 from headwise.errors import BudgetError, InputError
+from headwise.kernels.kv_quant import BITS
 from headwise.policies import Full, Policy, Quantized
 from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
 from headwise.spec import ModelSpec
@@ -104,7 +105,7 @@ class QuantMenu:
     two_bit: bool = False
 
     def __post_init__(self) -> None:
-        if self.global_key_bits not in (2, 4, 8):
+        if self.global_key_bits not in BITS:
             raise InputError(f"the fewest key bits of a quantized head on a global layer must be 2, 4 or 8, got "
                               f"{self.global_key_bits!r}")
         if self.global_key_bits == 2 and not self.two_bit:
