@@ -1,7 +1,7 @@
 """ACT on a GPU (issue 16): retrieval accuracy and perplexity with and without hidden-sink calibration.
 
     PYTHONPATH=src python3 bench/act_quality.py [--model smollm2-135m] [--act-length 2048] [--lengths 1k,2k]
-        [--samples 100] [--shards 16] [--time-limit 480] [--dtype float32] [--out bench/results]
+        [--samples 100] [--tasks T,...] [--shards 16] [--time-limit 480] [--dtype float32] [--out bench/results]
 
 1. ``profile/act.py`` picks the heads of the dense plan whose calibration lowers the loss on ``--act-length``
    held-in tokens of Shakespeare, and keeps them only if together they lower the loss on the next ``--act-length``
@@ -17,7 +17,7 @@ runs as N ``headwise eval --shard i/N`` processes on the one GPU (each decodes a
 eval's rows are reused). Writes ``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's results; the
 eval's own report is in ``<out>/act-eval-<model>/``); the last stdout line is the JSON document.
 
-GPU estimate (H200, SmolLM2): selection ~1 min (90 heads x 2 forwards of 2048 tokens); eval 2 plans x 8 tasks x 2
+GPU estimate (H200, SmolLM2): selection ~1 min (90 heads x 2 forwards of 2048 tokens); eval 2 plans x 10 tasks x 2
 lengths x 100 samples ~10-20 min in 16 shards: two calls of ``--time-limit 480``.
 """
 
@@ -46,6 +46,8 @@ def main() -> int:
     ap.add_argument("--act-length", type=int, default=2048)
     ap.add_argument("--lengths", default="1k,2k")
     ap.add_argument("--samples", type=int, default=100)
+    ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
+                    help="comma-separated eval tasks (default: every task and the fidelity pseudo-task)")
     ap.add_argument("--shards", type=int, default=1, help="parallel eval processes on the GPU (1: in this process)")
     ap.add_argument("--time-limit", type=int, default=480, help="seconds the shards may run (a later call resumes)")
     ap.add_argument("--dtype", default=None, help="model dtype (default: the device's)")
@@ -77,12 +79,12 @@ def main() -> int:
                "select_s": round(time.perf_counter() - t0, 1)}
     if choice_meta.get(key):
         lengths = [parse_length(x) for x in args.lengths.split(",")]
-        cfg = EvalConfig(model=args.model, plans=["dense", str(plan_path)], tasks=list(DEFAULT_TASKS),
+        cfg = EvalConfig(model=args.model, plans=["dense", str(plan_path)], tasks=args.tasks.split(","),
                          lengths=lengths, samples=args.samples, out=out / f"act-eval-{lm.name}", command=command,
                          dtype=args.dtype)
         if args.shards > 1:
             base = [sys.executable, "-m", "headwise.cli", "eval", args.model, "--plans", f"dense,{plan_path}",
-                    "--lengths", args.lengths, "--samples", str(args.samples), "--out", str(cfg.out), "--no-progress"]
+                    "--lengths", args.lengths, "--tasks", args.tasks, "--samples", str(args.samples), "--out", str(cfg.out), "--no-progress"]
             base += ["--dtype", args.dtype] if args.dtype else []
             procs = [subprocess.Popen(["timeout", str(args.time_limit), *base, "--shard", f"{i}/{args.shards}"],
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
