@@ -81,3 +81,24 @@ def test_compiled_layers_serve_packed_steps_and_stop_at_headwise_attention():
     torch._dynamo.utils.counters.clear()
     run(engine, [torch.randint(0, 128, (1, n), generator=gen) for n in (29, 11)])  # other chunk and batch shapes
     assert not torch._dynamo.utils.counters["stats"]["unique_graphs"]  # nothing compiled again
+
+
+def test_every_layer_runs_compiled_past_dynamos_recompile_limit():
+    """Each layer's attention frame compiles once per layer (transformers' ``layer_idx`` is a constant to Dynamo):
+    with more layers than Dynamo's default recompile limit (8), none may fall back to eager (it would raise here),
+    and the tokens stay those of the uncompiled model."""
+    import torch._dynamo
+
+    lm = tiny_model("llama", num_hidden_layers=10)
+    plan = HeadPlan.split(lm.spec, 0.5, {"policy": "full"}, {"policy": "streaming", "params": {"sink": 4, "window": 8}})
+    prompt = torch.randint(0, 128, (1, 21), generator=torch.Generator().manual_seed(2))
+
+    def run(engine: Engine) -> list[int]:
+        seq = engine.add(prompt, max_new_tokens=3)
+        while engine.live:
+            engine.step()
+        return seq.generated
+
+    want = run(Engine(lm, plan, chunk_size=16))
+    with torch._dynamo.config.patch(recompile_limit=8, fail_on_recompile_limit_hit=True):
+        assert run(Engine(lm, plan, chunk_size=16, compile_layers=True)) == want

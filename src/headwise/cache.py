@@ -139,6 +139,13 @@ class HeadwiseCache(Cache):
         self.gates = None if plan.gates is None else plan.gates.on(device)
         self._rope: dict[int, torch.Tensor | None] = {}
 
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hand the chunk through (the attention function commits it). Unlike ``Cache.update`` this never reads
+        ``layer_idx``: compiled layers (``fusion.py``) then share one graph instead of one per layer."""
+        return key_states, value_states
+
     def rope(self, layer_idx: int) -> torch.Tensor | None:
         """Layer ``layer_idx``'s RoPE inverse frequencies on the cache's device (fp32), or None where unknown."""
         if layer_idx not in self._rope:
