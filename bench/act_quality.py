@@ -15,7 +15,10 @@ and step 2 measures what ACT does to accuracy and perplexity where the profiler 
 runs as N ``headwise eval --shard i/N`` processes on the one GPU (each decodes at batch 1) for at most
 ``--time-limit`` seconds, then one ``--collect`` run writes the report; a second call resumes (the plan file and the
 eval's rows are reused). Writes ``<out>/act_quality_<model>_<date>.json`` (the choice and the eval's results; the
-eval's own report is in ``<out>/act-eval-<model>/``); the last stdout line is the JSON document.
+eval's own report is in ``<out>/act-eval-<model>/``) with ``summary`` (per task and length: both accuracies with
+Wilson 95% intervals, ACT's accuracy as a share of dense's on the same prompts with its paired interval and McNemar
+p, and perplexity of both) and a plot of it beside it (``.png``); the last stdout line is the JSON document.
+``--from-result FILE`` adds the summary and the plot to a result written before they existed (no model, no GPU).
 
 GPU estimate (H200, SmolLM2): selection ~1 min (90 heads x 2 forwards of 2048 tokens); eval 2 plans x 10 tasks x 2
 lengths x 100 samples ~10-20 min in 16 shards: two calls of ``--time-limit 480``.
@@ -29,15 +32,84 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
+import matplotlib
 import torch
 
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
 from headwise.bench.record import result_doc, result_path, write_result
+from headwise.eval.report import retention
 from headwise.eval.runner import DEFAULT_TASKS, EvalConfig, parse_length, run_eval
 from headwise.models import load_model
 from headwise.plan import HeadPlan
 from headwise.policies import Full
 from headwise.profile.act import act_texts, choose_act_heads, with_act
+
+
+def summary(ev: dict[str, Any]) -> list[dict[str, Any]]:
+    """Dense against the ACT plan, per task and length: accuracies (Wilson 95%), the paired ratio of ACT's accuracy
+    to dense's on the same prompts (``report.retention``: fully answered samples; Bonett-Price 95% and the exact
+    McNemar p of the discordant pairs), and for the fidelity task both perplexities and the KL."""
+    plans = [p["label"] for p in ev["plans"]]
+    act = next(p for p in plans if p != "dense")
+    acc = {(a["plan"], a["task"], a["length"]): a for a in ev["accuracy"] if not a.get("pooled")}
+    ratios = {(r["task"], r["length"]): r["accuracy_ratio"] for r in retention(ev) if r["plan"] == act}
+    out = []
+    for task, length in dict.fromkeys((a["task"], a["length"]) for a in ev["accuracy"]):
+        d, a = acc.get(("dense", task, length)), acc.get((act, task, length))
+        if d and a:
+            out.append({"task": task, "length": length, "n": a["n"], "dense": d["score"], "dense_ci95": d["ci95"],
+                        "act": a["score"], "act_ci95": a["ci95"], "paired": ratios.get((task, length))})
+    for f in ev.get("fidelity", []):
+        if f["plan"] == act:
+            o = f["overall"]
+            out.append({"task": "fidelity", "length": f["length"], "ppl_dense": o["ppl_dense"], "ppl_act": o["ppl"],
+                        "kl": o["kl"], "top1": o["top1"]})
+    return out
+
+
+def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """Accuracy with and without ACT per task, one panel per length, Wilson 95% intervals as error bars."""
+    rows = [r for r in rows if r["task"] != "fidelity"]
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6 * len(lengths), 4.2), squeeze=False, constrained_layout=True)
+    for ax, length in zip(axes[0], lengths):
+        cell = [r for r in rows if r["length"] == length]
+        for k, (key, label, color) in enumerate((("dense", "dense", "tab:gray"), ("act", "ACT on", "tab:blue"))):
+            x = [i + (k - 0.5) * 0.38 for i in range(len(cell))]
+            y = [100 * r[key] for r in cell]
+            err = [[100 * (r[key] - r[f"{key}_ci95"][0]) for r in cell], [100 * (r[f"{key}_ci95"][1] - r[key])
+                                                                          for r in cell]]
+            ax.bar(x, y, width=0.38, color=color, label=label, yerr=err, capsize=3)
+        for i, r in enumerate(cell):
+            p = (r.get("paired") or {}).get("mcnemar_p")
+            if p is not None:
+                ax.text(i, 103, f"p={p:.2g}", ha="center", fontsize=7)
+        ax.set_xticks(range(len(cell)), [r["task"].replace("_needle", "") for r in cell], rotation=20, fontsize=8)
+        ax.set_ylim(0, 110)
+        ax.set_ylabel("accuracy (%), Wilson 95%")
+        ax.set_title(f"{length // 1024}K tokens (p: exact McNemar, paired)", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=8, loc="upper right")
+    fig.suptitle(title, fontsize=10)
+    path = path.with_suffix(".png")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def finish(doc: dict[str, Any], path: Path) -> None:
+    """Add the summary to a result document with an eval, rewrite it, and draw the plot beside it."""
+    res = doc["results"]
+    if "eval" not in res:
+        return
+    res["summary"] = summary(res["eval"])
+    write_result(doc, path)
+    heads = len(res["choice"].get("candidates" if res.get("forced") else "heads") or [])
+    plot(res["summary"], f"ACT on {heads} heads of {res['model']} ({doc.get('device', '')})", path)
 
 
 def main() -> int:
@@ -55,7 +127,14 @@ def main() -> int:
     ap.add_argument("--force-candidates", action="store_true",
                     help="where the held-out check turns ACT off, evaluate it on the held-in candidates anyway (the "
                          "with / without comparison)")
+    ap.add_argument("--from-result", type=Path, metavar="FILE",
+                    help="add the summary and the plot to an earlier result file of this script, and stop")
     args = ap.parse_args()
+    if args.from_result is not None:
+        doc = json.loads(args.from_result.read_text())
+        finish(doc, args.from_result)
+        print(json.dumps(doc.get("results", {}).get("summary"), default=str))
+        return 0
     t0 = time.perf_counter()
     lm = load_model(args.model, dtype=args.dtype)
     spec = lm.spec
@@ -100,6 +179,7 @@ def main() -> int:
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     doc = result_doc(command, results, device="cuda" if torch.cuda.is_available() else "cpu")
     path = write_result(doc, result_path(out, f"act_quality_{lm.name}"))
+    finish(doc, path)
     print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(doc, default=str))
     return 0

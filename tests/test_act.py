@@ -157,3 +157,31 @@ def test_profiler_keeps_act_only_where_it_lowers_the_loss(monkeypatch):
     held_out_change["value"] = -0.25
     only_big = choose_act_heads(lm, base, held_in, held_out, margin=0.15, progress=False)
     assert only_big.heads == [(0, 0)]
+
+
+def test_act_quality_summary_pairs_the_same_prompts_and_draws_them(tmp_path):
+    """bench/act_quality.py's summary: ACT's accuracy as a share of dense's on the same prompts (7 answered only with
+    ACT, none only without: McNemar p = 2/2^7), both perplexities, and a plot of the two accuracies."""
+    from bench_modules import bench_module
+
+    act_quality = bench_module("act_quality.py")
+    plans = [{"label": "dense", "digest": {"1024": "d"}}, {"label": "act_x", "digest": {"1024": "a"}}]
+    rows = []
+    for i in range(20):
+        rows.append({"plan": "dense", "digest": "d", "task": "passkey", "length": 1024, "depth": 0.5, "seed": 0,
+                     "idx": i, "score": float(i >= 7)})
+        rows.append({"plan": "act_x", "digest": "a", "task": "passkey", "length": 1024, "depth": 0.5, "seed": 0,
+                     "idx": i, "score": 1.0})
+    ev = {"plans": plans, "tasks": ["passkey", "fidelity"], "lengths": [1024], "rows": rows,
+          "accuracy": [{"plan": "dense", "task": "passkey", "length": 1024, "score": 0.65, "n": 20, "ci95": [0.43, 0.82]},
+                       {"plan": "act_x", "task": "passkey", "length": 1024, "score": 1.0, "n": 20, "ci95": [0.84, 1.0]}],
+          "fidelity": [{"plan": "act_x", "length": 1024, "overall": {"ppl_dense": 40.0, "ppl": 40.5, "kl": 0.01,
+                                                                      "top1": 0.97}}]}
+    rows_out = act_quality.summary(ev)
+    passkey, fidelity = rows_out
+    assert passkey["dense"] == 0.65 and passkey["act"] == 1.0
+    assert passkey["paired"]["only_plan"] == 7 and passkey["paired"]["only_ref"] == 0
+    assert passkey["paired"]["mcnemar_p"] == pytest.approx(2 / 2**7, abs=1e-4)
+    assert fidelity == {"task": "fidelity", "length": 1024, "ppl_dense": 40.0, "ppl_act": 40.5, "kl": 0.01, "top1": 0.97}
+    png = act_quality.plot(rows_out, "t", tmp_path / "x.json")
+    assert png.suffix == ".png" and png.stat().st_size > 1000
