@@ -5,7 +5,9 @@
 
 1. ``profile/act.py`` picks the heads of the dense plan whose calibration lowers the loss on ``--act-length``
    held-in tokens of Shakespeare, and keeps them only if together they lower the loss on the next ``--act-length``
-   tokens (held out); the plan (dense + ``act`` heads) is written to ``<out>/act_<model>.json``.
+   tokens (held out); with ``--objective retrieval``, the loss of the answers of ``--act-probes`` held-in retrieval
+   probes of ``--act-length`` tokens, then of as many held-out ones (``headwise profile --act retrieval``). The plan
+   (dense + ``act`` heads) is written to ``<out>/act_[forced_][retrieval_]<model>.json``.
 2. ``headwise eval`` runs dense and that plan on every generated retrieval task (``--samples`` per task x length
    cell, >= 100 for a result) and the fidelity pseudo-task (perplexity of both by position, KL, top-1 agreement).
 
@@ -46,7 +48,7 @@ from headwise.eval.runner import DEFAULT_TASKS, EvalConfig, parse_length, run_ev
 from headwise.models import load_model
 from headwise.plan import HeadPlan
 from headwise.policies import Full
-from headwise.profile.act import act_texts, choose_act_heads, with_act
+from headwise.profile.act import OBJECTIVES, act_probes, act_texts, choose_act_heads, with_act
 
 
 def summary(ev: dict[str, Any]) -> list[dict[str, Any]]:
@@ -116,6 +118,9 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--act-length", type=int, default=2048)
+    ap.add_argument("--objective", choices=OBJECTIVES, default="text",
+                    help="what the per-head losses are of: held-in / held-out text, or retrieval probes' answers")
+    ap.add_argument("--act-probes", type=int, default=16, help="held-in and held-out probes each (--objective retrieval)")
     ap.add_argument("--lengths", default="1k,2k")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
@@ -140,21 +145,23 @@ def main() -> int:
     spec = lm.spec
     out = Path(args.out)
     command = "PYTHONPATH=src python3 " + " ".join(sys.argv)
-    plan_path = out / f"act_{'forced_' if args.force_candidates else ''}{lm.name}.json"
+    retrieval = "retrieval_" if args.objective == "retrieval" else ""
+    plan_path = out / f"act_{'forced_' if args.force_candidates else ''}{retrieval}{lm.name}.json"
     key = "candidates" if args.force_candidates else "heads"
     if plan_path.exists():  # a resumed call: the heads were chosen by the first
         plan = HeadPlan.load(plan_path)
         choice_meta = plan.meta["act"]
     else:
         dense = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
-        held_in, held_out = act_texts(lm, args.act_length)
+        held_in, held_out = (act_probes(lm, args.act_length, args.act_probes) if retrieval
+                             else act_texts(lm, args.act_length))
         choice = choose_act_heads(lm, dense, held_in, held_out)
         choice_meta = choice.meta()
         on = choice.candidates if args.force_candidates else choice.heads
         if on:
             plan = HeadPlan.from_policies(spec, with_act(dense, on), lm.name, created_by=command, act=choice_meta)
             plan.save(plan_path)
-    results = {"model": lm.name, "act_length": args.act_length, "choice": choice_meta, "forced": args.force_candidates,
+    results = {"model": lm.name, "act_length": args.act_length, "objective": args.objective, "choice": choice_meta, "forced": args.force_candidates,
                "select_s": round(time.perf_counter() - t0, 1)}
     if choice_meta.get(key):
         lengths = [parse_length(x) for x in args.lengths.split(",")]

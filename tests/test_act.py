@@ -185,3 +185,45 @@ def test_act_quality_summary_pairs_the_same_prompts_and_draws_them(tmp_path):
     assert fidelity == {"task": "fidelity", "length": 1024, "ppl_dense": 40.0, "ppl_act": 40.5, "kl": 0.01, "top1": 0.97}
     png = act_quality.plot(rows_out, "t", tmp_path / "x.json")
     assert png.suffix == ".png" and png.stat().st_size > 1000
+
+
+def test_answer_loss_is_the_answers_nll_after_their_prompts(tiny_llama):
+    """The retrieval objective's loss: the mean NLL of each probe's answer tokens fed after its prompt, through the
+    engine in chunks, equals the dense model's own log-probabilities of those tokens."""
+    from headwise.profile.act import answer_loss
+    from headwise.profile.select import probe_set
+
+    lm = tiny_llama
+    probes = probe_set(lm.tokenizer, [160], 2)
+    dense = [[Full()] * lm.spec.num_kv_heads for _ in range(lm.spec.num_layers)]
+    total, count = 0.0, 0
+    for ids, answer in zip(probes.ids[160], probes.answer[160]):
+        n = int((answer >= 0).sum())
+        x = ids[None, : 160 + n]
+        with torch.no_grad():
+            logp = torch.log_softmax(lm.model(input_ids=x).logits[0, 159 : 159 + n].float(), -1)
+        total -= float(logp.gather(-1, x[0, 160 : 160 + n, None]).sum())
+        count += n
+    assert answer_loss(lm, dense, probes, chunk_size=64) == pytest.approx(total / count, rel=1e-4)
+
+
+def test_the_retrieval_objective_measures_probe_answers(monkeypatch):
+    """With probe sets instead of text, the two steps run on ``answer_loss`` (held-in probes, then held-out ones),
+    and the choice says which objective it used; ``profile --act retrieval`` reaches it."""
+    from headwise.profile import act as act_module
+    from headwise.profile.select import ProbeSet
+
+    lm = tiny_model("llama")
+    held_in = ProbeSet({64: torch.zeros(1, 66, dtype=torch.long)}, {64: torch.zeros(1, 2, dtype=torch.long)})
+    held_out = ProbeSet({64: torch.ones(1, 66, dtype=torch.long)}, {64: torch.ones(1, 2, dtype=torch.long)})
+    base = [[Full()] * lm.spec.num_kv_heads for _ in range(lm.spec.num_layers)]
+
+    def loss(_lm, policies, probes, chunk_size=512):
+        on = [(i, j) for i, row in enumerate(policies) for j, p in enumerate(row) if isinstance(p, ACT)]
+        return 2.0 - (0.5 if (0, 1) in on else 0.0) - (0.1 if probes is held_out and on else 0.0)
+
+    monkeypatch.setattr(act_module, "answer_loss", loss)
+    monkeypatch.setattr(act_module, "mean_loss", lambda *a, **k: pytest.fail("the text loss was measured"))
+    choice = choose_act_heads(lm, base, held_in, held_out, margin=0.01, progress=False)
+    assert choice.heads == [(0, 1)] and choice.objective == "retrieval"
+    assert choice.meta()["objective"] == "retrieval" and choice.held_out_with == pytest.approx(1.4)

@@ -117,3 +117,15 @@ def test_a_bad_ablation_text_weight_is_a_one_line_error(extra, says, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "--ablation-text-weight" in err and says in err and "\n" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+def test_a_bad_act_objective_is_a_one_line_error(tmp_path, capsys):
+    """``--act`` takes an objective (``text`` alone), never silently a wrong one; it cannot go with --from-scores."""
+    with pytest.raises(SystemExit) as exc:  # argparse's own usage error
+        main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), "--act", "loss"])
+    assert exc.value.code == 2 and "invalid choice: 'loss'" in capsys.readouterr().err
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), "--act", "retrieval",
+               "--from-scores", "p0.json"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--act measures" in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()

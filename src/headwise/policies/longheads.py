@@ -96,11 +96,16 @@ class LongHeads(Policy):
         check_positive(self, chunk_size=self.chunk_size, top_k=self.top_k)
         if self.chunk_score not in ("paper", "bound"):
             raise PlanError(f"policy 'longheads': 'chunk_score' must be 'paper' or 'bound', got {self.chunk_score!r}")
-        if self.chunk_score == "bound" and (self.bound_page < 1 or self.chunk_size % self.bound_page):
+        if self.bounds and (self.bound_page < 1 or self.chunk_size % self.bound_page):
             raise PlanError(f"policy 'longheads': 'bound_page' ({self.bound_page}) must divide 'chunk_size' "
                             f"({self.chunk_size})")
         if self.chunk_size < 1:
             raise PlanError("policy 'longheads': 'chunk_size' must be at least 1")
+
+    @property
+    def bounds(self) -> bool:
+        """Whether chunks are scored by their pages' key bounds (``chunk_score="bound"``) rather than representatives."""
+        return self.chunk_score == "bound"
 
     @property
     def window(self) -> int:
@@ -116,7 +121,7 @@ class LongHeads(Policy):
 
     def _vectors(self) -> int:
         """Vectors kept per complete chunk for scoring: the representative key, or each page's minimum and maximum."""
-        return 2 * (self.chunk_size // self.bound_page) if self.chunk_score == "bound" else 1
+        return 2 * (self.chunk_size // self.bound_page) if self.bounds else 1
 
     def _slots(self, seq_len: int) -> int:
         """Token slots: whole chunks (a chosen chunk is read as one block)."""
@@ -129,11 +134,11 @@ class LongHeads(Policy):
         return (2 * self._slots(seq_len) + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
 
     def short(self) -> str:
-        return f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.chunk_score == "bound" else "")
+        return f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.bounds else "")
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> ChunkStore:
         return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size,
-                          self.bound_page if self.chunk_score == "bound" else 0)
+                          self.bound_page if self.bounds else 0)
 
     def attend(self, q, k, v, store: ChunkStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.rope is None:
@@ -181,7 +186,7 @@ class LongHeads(Policy):
         ``[B, Hkv, Lb, n_reps]``: ``sum over the group of q~ . r_c`` (the paper's), or the best page's bound."""
         B, Hq, Lb, D = q.shape
         Hkv = store.heads
-        if self.chunk_score == "bound":  # Quest's bound per page at the true positions, summed over the group
+        if self.bounds:  # Quest's bound per page at the true positions, summed over the group
             ppc = self.chunk_size // self.bound_page
             qg = q.float().reshape(B, Hkv, Hq // Hkv * Lb, D)
             up = qg.clamp(min=0)

@@ -105,9 +105,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ablation-text-weight", type=float, default=None, metavar="W",
                    help="add W x the KL from dense on held-in Shakespeare to the ablation's retrieval loss, so heads "
                         "that carry text are kept too (default 0: retrieval only; docs/profiling.md)")
-    p.add_argument("--act", action="store_true",
+    p.add_argument("--act", nargs="?", const="text", default=None, choices=("text", "retrieval"),
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
-                        "held-in and held-out text (docs/profiling.md)")
+                        "held-in and held-out text (--act, --act text) or on the answers of held-in and held-out "
+                        "retrieval probes (--act retrieval) (docs/profiling.md)")
     p.add_argument("--train-gates", action="store_true",
                    help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
                         "--prefill-patterns search; saved beside the plan as PLAN.gates.safetensors")
@@ -145,7 +146,7 @@ def command_line(args: argparse.Namespace) -> str:
     if args.ablation_text_weight is not None:
         parts += ["--ablation-text-weight", str(args.ablation_text_weight)]
     if args.act:
-        parts.append("--act")
+        parts += ["--act"] if args.act == "text" else ["--act", args.act]
     if args.train_gates:
         parts.append("--train-gates")
     if args.full_share is not None:

@@ -80,7 +80,9 @@ class Settings:
     ablation_text_tokens: int = 8192
     """Tokens of held-in text for that term, in rows of the target length (used only with a weight above 0)."""
     act_length: int = 1024
-    """Tokens of held-in and of held-out text for ACT's per-head choice (``act.py``, with ``act=True``)."""
+    """Tokens of held-in and of held-out text, or of each retrieval probe, for ACT's per-head choice (``act.py``)."""
+    act_probes: int = 16
+    """Held-in and held-out retrieval probes each for ACT's ``retrieval`` objective."""
     seer_steps: int = 40
     """SeerAttention gate-training steps (``seer.py``, with ``train_seer_gates=True``), one sequence each."""
     seer_seq_len: int = 1024
@@ -91,7 +93,7 @@ class Settings:
     def fast(cls, prefill_density: float | None = None) -> Settings:
         return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
                    ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, ablation_text_tokens=512,
-                   act_length=256, seer_steps=4, seer_seq_len=256)
+                   act_length=256, act_probes=2, seer_steps=4, seer_seq_len=256)
 
     @classmethod
     def gpu(cls, prefill_density: float | None = None) -> Settings:
@@ -237,7 +239,7 @@ def phase(timings: dict[str, float], name: str, log: bool) -> Iterator[None]:
 
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
-                  full_share: float | None = None, quantize: Quantize = False, ranks: int = 1, act: bool = False,
+                  full_share: float | None = None, quantize: Quantize = False, ranks: int = 1, act: bool | str = False,
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
                   select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming",
@@ -249,7 +251,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     ``settings.select_probes`` is 0 (then ``FULL_SHARE``). ``quantize``: the solver may also keep heads whole in 8 or
     4 bits (policy ``quantized``) where full does not fit. ``ranks``: the tensor-parallel ranks the plan will run
     over (``solve``'s ``ranks``; the plan records a balanced placement for them, ``with_ranks``). ``act``: the full
-    heads whose ACT calibration lowers the loss on held-in and held-out text get policy ``act`` (``act.py``).
+    heads whose ACT calibration lowers the loss on held-in and held-out text (``True`` or ``"text"``), or on the
+    answers of held-in and held-out retrieval probes (``"retrieval"``), get policy ``act`` (``act.py``).
     ``train_seer_gates``: SeerAttention gates are trained (``seer.py``), join the prefill-pattern search (needs
     ``settings.prefill_density``) and travel with the plan (``HeadPlan.gates``, saved beside it). ``fit_lengths``: the
     plan must hold at most ``budget`` of dense KV at these prompt lengths too (``solve``). ``ablation_base``: the
@@ -383,11 +386,15 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                                         "density": round(choice.density, 4), "candidates": choice.table}
     act_meta: dict[str, Any] = {}
     if act:
-        from headwise.profile.act import act_texts, choose_act_heads, with_act
+        from headwise.profile.act import act_probes, act_texts, choose_act_heads, with_act
 
         with phase(timings, "act", log):
-            held_in, held_out = act_texts(lm, min(settings.act_length, (spec.max_context or settings.act_length)))
-            choice = choose_act_heads(lm, policies, held_in, held_out, progress=progress)
+            length = min(settings.act_length, (spec.max_context or settings.act_length))
+            if act == "retrieval":
+                choice = choose_act_heads(lm, policies, *act_probes(lm, length, settings.act_probes),
+                                          progress=progress)
+            else:
+                choice = choose_act_heads(lm, policies, *act_texts(lm, length), progress=progress)
             policies = with_act(policies, choice.heads)
         act_meta = choice.meta()
     # CPU seconds of this process (all threads): less sensitive than wall time to other jobs on a shared machine
