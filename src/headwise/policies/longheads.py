@@ -68,11 +68,13 @@ import torch
 import torch.nn.functional as F
 
 from headwise.errors import PlanError
+from headwise.kernels.chunk_attention import chosen_chunk_attention, chosen_chunk_attention_ref
+from headwise.kernels.common import INTERPRET
 from headwise.policies.base import AttendContext, Policy, causal_attention, check_positive, kernel_decode
 from headwise.policies.stores import DenseStore
 from headwise.rope import rotate
 
-GATHER_ELEMENTS = 1 << 26  # keys gathered per query block (x2 with values): 128 MiB of bf16 each
+GATHER_ELEMENTS = 1 << 26  # per query block: keys gathered (x2 with values), or rotated queries with the kernel
 
 
 @dataclass(frozen=True)
@@ -160,11 +162,14 @@ class LongHeads(Policy):
             outs.append(causal_attention(q[:, :, :n_full], keys[:, :, : start + n_full], values[:, :, : start + n_full],
                                          start, ctx.scale))
         B, Hkv, _, D = keys.shape
-        block = max(1, GATHER_ELEMENTS // (B * Hkv * self.window * D))
+        kernel = ctx.use_kernels and (q.is_cuda or INTERPRET)
+        # a block's gathered chunks (the reference), or its queries rotated once per slot (the kernel)
+        per_query = q.shape[1] * (self.top_k + 3) * D if kernel else Hkv * self.window * D
+        block = max(1, GATHER_ELEMENTS // (B * per_query))
         for a in range(n_full, L, block):
             b = min(L, a + block)
             pos = torch.arange(start + a, start + b, device=q.device)
-            outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope))
+            outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope, kernel))
         return torch.cat(outs, dim=2)
 
     def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
@@ -200,9 +205,10 @@ class LongHeads(Policy):
         return scores
 
     def attend_chosen(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, scale: float,
-                      rope: torch.Tensor) -> torch.Tensor:
+                      rope: torch.Tensor, kernel: bool = False) -> torch.Tensor:
         """Queries ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>= window``, their tokens stored) over
-        their chosen chunks at re-assigned positions. Returns ``[B, Hq, Lb, D]``."""
+        their chosen chunks at re-assigned positions. Returns ``[B, Hq, Lb, D]``. ``kernel``: the Triton kernel reads
+        the chunks in place (``kernels/chunk_attention.py``); else they are gathered (its reference)."""
         B, Hq, Lb, D = q.shape
         Hkv, C, n = store.heads, self.chunk_size, self.top_k + 3
         G = Hq // Hkv
@@ -212,18 +218,8 @@ class LongHeads(Policy):
         shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Hkv, Lb, n]
         q_slots = rotate(q.view(B, Hkv, G, Lb, 1, D), shift[:, :, None], rope)  # [B, Hkv, G, Lb, n, D]
         keys_c, values_c = store.chunks()  # [B, Hkv, chunks, C, D]
-        bi = torch.arange(B, device=q.device).view(B, 1, 1, 1)
-        hi = torch.arange(Hkv, device=q.device).view(1, Hkv, 1, 1)
-        keys, values = keys_c[bi, hi, table], values_c[bi, hi, table]  # [B, Hkv, Lb, n, C, D]: whole chunks
-        # Batched matmuls over the gathered blocks as they lie (no copy of them): [.., C, D] @ [.., D, G].
-        logits = torch.matmul(keys, q_slots.to(keys.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B,Hkv,Lb,n,C,G]
-        # Own chunk (the last slot): only offsets up to the query's.
-        future = torch.zeros(Lb, n, C, dtype=torch.bool, device=q.device)
-        future[:, -1] = torch.arange(C, device=q.device)[None, :] > (pos % C)[:, None]
-        logits = logits.masked_fill(future[None, None, :, :, :, None], -math.inf)
-        probs = torch.softmax(logits.view(B, Hkv, Lb, n * C, G), dim=3).to(values.dtype)
-        out = torch.matmul(probs.transpose(-1, -2), values.view(B, Hkv, Lb, n * C, D))  # [B, Hkv, Lb, G, D]
-        return out.permute(0, 1, 3, 2, 4).reshape(B, Hq, Lb, D).to(q.dtype)
+        attend = chosen_chunk_attention if kernel else chosen_chunk_attention_ref
+        return attend(q_slots, keys_c, values_c, table, pos % C, scale).to(q.dtype)
 
 
 class ChunkStore(DenseStore):

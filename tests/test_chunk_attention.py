@@ -1,0 +1,84 @@
+"""LongHeads' chosen-chunk attention kernel (``kernels/chunk_attention.py``) against its plain-PyTorch reference, under
+Triton's interpreter on the CPU, and the policy's prefill with the kernel against without it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton.jit decorates the kernels
+
+from headwise.kernels.chunk_attention import chosen_chunk_attention, chosen_chunk_attention_ref
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def case(B: int, Hkv: int, G: int, Lb: int, n: int, C: int, D: int, chunks: int, dtype: torch.dtype, seed: int = 0):
+    """Random queries per slot; keys and values as a strided view of a larger buffer (the store's); each query's
+    table: distinct chunks, its own last; ``own`` offsets including 0 and C - 1."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hkv, G, Lb, n, D, generator=g).to(DEVICE, dtype)
+    buf = torch.randn(B, Hkv, chunks + 1, C, D + 8, generator=g).to(DEVICE, dtype) * 2
+    keys, values = buf[:, :, :chunks, :, :D], buf[:, :, 1:, :, 8:]  # overlapping, strided, D contiguous
+    table = torch.stack([torch.randperm(chunks, generator=g)[:n] for _ in range(B * Hkv * Lb)]).view(B, Hkv, Lb, n)
+    own = torch.randint(0, C, (Lb,), generator=g)
+    own[0], own[-1] = 0, C - 1
+    return q, keys, values, table.to(DEVICE), own.to(DEVICE)
+
+
+@pytest.mark.parametrize(("B", "Hkv", "G", "Lb", "n", "C", "D"), [(1, 1, 4, 5, 3, 16, 32), (2, 2, 3, 3, 4, 24, 40),
+                                                                    (1, 3, 1, 2, 2, 8, 64)])
+def test_the_kernel_matches_its_reference(B, Hkv, G, Lb, n, C, D):
+    """Ragged shapes: G not a power of two, D 40 (a padded tile), chunks of 24 (a partial key tile), 8 (below the
+    tile), one query's own chunk with only its first token visible, another with all of it."""
+    q, keys, values, table, own = case(B, Hkv, G, Lb, n, C, D, chunks=7, dtype=torch.float32)
+    want = chosen_chunk_attention_ref(q, keys, values, table, own, D ** -0.5)
+    got = chosen_chunk_attention(q, keys, values, table, own, D ** -0.5, block_c=16)
+    assert got.shape == (B, Hkv * G, Lb, D)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 products in full fp32 (not TF32) on a GPU
+
+
+def test_bf16_stays_within_flash_attentions_tolerance():
+    q, keys, values, table, own = case(1, 2, 4, 4, 3, 32, 64, chunks=5, dtype=torch.bfloat16, seed=3)
+    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.125)
+    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.125)
+    got = chosen_chunk_attention(q, keys, values, table, own, 0.125)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-2
+
+
+@pytest.mark.gpu
+def test_real_shapes_on_a_gpu():
+    """Gemma 3's global heads as LongHeads runs them: 4 query heads per KV head, d 256, chunks of 256, 16 slots."""
+    q, keys, values, table, own = case(1, 1, 4, 64, 16, 256, 256, chunks=40, dtype=torch.bfloat16, seed=5)
+    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.0625)
+    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.0625)
+    got = chosen_chunk_attention(q, keys, values, table, own, 0.0625)
+    assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-2
+
+
+def test_longheads_prefill_with_the_kernel_equals_without():
+    """The policy past its window, once gathering the chunks and once through the kernel (``use_kernels``)."""
+    from dataclasses import replace
+
+    from headwise.policies.base import AttendContext
+    from headwise.policies.longheads import LongHeads
+
+    torch.manual_seed(0)
+    policy = LongHeads(chunk_size=8, top_k=2)
+    B, Hq, Hkv, D, L = 1, 4, 2, 32, 70  # window (2 + 3) * 8 = 40: queries 40..69 choose chunks
+    q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
+    rope = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))
+    ctx = AttendContext(start=0, scale=D ** -0.5, layer_idx=0, native_window=None, shared={}, step=None,
+                        use_kernels=False, kv_heads=(0, 1), position=None, gate=None, rope=rope)
+    outs = []
+    for use in (False, True):
+        store = policy.make_store(B, Hkv, D, torch.device("cpu"), torch.float32)
+        outs.append(policy.attend(q, k, v, store, replace(ctx, use_kernels=use)))
+    torch.testing.assert_close(outs[1], outs[0], atol=1e-4, rtol=1e-4)
