@@ -51,9 +51,10 @@ scores two vectors per page of a complete chunk (one slot per ``bound_page`` tok
 holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
 summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size).
 
-Paths: plain PyTorch on every device (no Triton kernel). Past ``window`` a query block gathers its chosen chunks'
-keys and values (``top_k + 3`` chunks per query and KV head) and attends them with its rotated queries; blocks are
-sized to bound the gathered bytes. Within ``window``, ``causal_attention`` (or the decode kernel). No CUDA-graph
+Paths: past ``window`` a query block's chunks are chosen and its queries rotated once per chosen chunk in PyTorch;
+with kernels on (a GPU, or TRITON_INTERPRET=1) the Triton kernel ``kernels/chunk_attention.py`` reads the chosen
+chunks in place, else its reference gathers their keys and values (``top_k + 3`` chunks per query and KV head);
+blocks are sized to bound the gathered bytes or the rotated queries. Within ``window``, ``causal_attention`` (or the decode kernel). No CUDA-graph
 decode. Needs the layer's RoPE frequencies (``ModelSpec.rope``); on a model's native sliding-window layer it is
 replaced by the window, as ``full`` is (``plan.resolve``).
 """
