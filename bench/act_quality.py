@@ -6,8 +6,8 @@
 1. ``profile/act.py`` picks the heads of the dense plan whose calibration lowers the loss on ``--act-length``
    held-in tokens of Shakespeare, and keeps them only if together they lower the loss on the next ``--act-length``
    tokens (held out); with ``--objective retrieval``, the loss of the answers of ``--act-probes`` held-in retrieval
-   probes of ``--act-length`` tokens, then of as many held-out ones (``headwise profile --act retrieval``). The plan
-   (dense + ``act`` heads) is written to ``<out>/act_[forced_][retrieval_]<model>.json``.
+   probes of ``--act-length`` tokens, then of as many held-out ones (``headwise profile --act --act-objective
+   retrieval``). The plan (dense + ``act`` heads) is written to ``<out>/act_[forced_][retrieval_]<model>.json``.
 2. ``headwise eval`` runs dense and that plan on every generated retrieval task (``--samples`` per task x length
    cell, >= 100 for a result) and the fidelity pseudo-task (perplexity of both by position, KL, top-1 agreement).
 
@@ -120,7 +120,8 @@ def main() -> int:
     ap.add_argument("--act-length", type=int, default=2048)
     ap.add_argument("--objective", choices=OBJECTIVES, default="text",
                     help="what the per-head losses are of: held-in / held-out text, or retrieval probes' answers")
-    ap.add_argument("--act-probes", type=int, default=16, help="held-in and held-out probes each (--objective retrieval)")
+    ap.add_argument("--act-probes", type=int, default=16,
+                    help="held-in and held-out probes each (--objective retrieval)")
     ap.add_argument("--lengths", default="1k,2k")
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--tasks", default=",".join(DEFAULT_TASKS),
@@ -161,7 +162,8 @@ def main() -> int:
         if on:
             plan = HeadPlan.from_policies(spec, with_act(dense, on), lm.name, created_by=command, act=choice_meta)
             plan.save(plan_path)
-    results = {"model": lm.name, "act_length": args.act_length, "objective": args.objective, "choice": choice_meta, "forced": args.force_candidates,
+    results = {"model": lm.name, "act_length": args.act_length, "objective": args.objective, "choice": choice_meta,
+               "forced": args.force_candidates,
                "select_s": round(time.perf_counter() - t0, 1)}
     if choice_meta.get(key):
         lengths = [parse_length(x) for x in args.lengths.split(",")]

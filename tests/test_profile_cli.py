@@ -119,13 +119,11 @@ def test_a_bad_ablation_text_weight_is_a_one_line_error(extra, says, tmp_path, c
     assert not (tmp_path / "p.json").exists()
 
 
-def test_a_bad_act_objective_is_a_one_line_error(tmp_path, capsys):
-    """``--act`` takes an objective (``text`` alone), never silently a wrong one; it cannot go with --from-scores."""
-    with pytest.raises(SystemExit) as exc:  # argparse's own usage error
-        main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), "--act", "loss"])
-    assert exc.value.code == 2 and "invalid choice: 'loss'" in capsys.readouterr().err
-    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), "--act", "retrieval",
-               "--from-scores", "p0.json"])
+@pytest.mark.parametrize(("extra", "says"), [(["--act-objective", "retrieval"], "add --act"),
+                                             (["--act", "--act-objective", "retrieval", "--from-scores", "p0.json"],
+                                              "--act measures")])
+def test_an_act_objective_without_act_or_with_from_scores_is_a_one_line_error(extra, says, tmp_path, capsys):
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), *extra])
     err = capsys.readouterr().err.strip()
-    assert rc == 2 and "--act measures" in err and "\n" not in err
+    assert rc == 2 and says in err and "\n" not in err
     assert not (tmp_path / "p.json").exists()

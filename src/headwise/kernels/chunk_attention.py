@@ -141,7 +141,8 @@ def chosen_chunk_attention(q_slots: torch.Tensor, keys: torch.Tensor, values: to
         raise RuntimeError("chosen_chunk_attention needs triton; use chosen_chunk_attention_ref without it")
     B, Hkv, G, Lb, n, D = q_slots.shape
     Bk, Hk, _, C, Dk = keys.shape
-    assert (Bk, Hk, Dk) == (B, Hkv, D) and values.shape == keys.shape, f"q {tuple(q_slots.shape)}, k {tuple(keys.shape)}"
+    assert (Bk, Hk, Dk) == (B, Hkv, D) and values.shape == keys.shape, \
+        f"q {tuple(q_slots.shape)}, k {tuple(keys.shape)}"
     assert tuple(table.shape) == (B, Hkv, Lb, n) and tuple(own.shape) == (Lb,), "table [B, Hkv, Lb, n], own [Lb]"
     assert D <= 256 and G <= 64, f"head_dim {D} (<= 256) and {G} query heads per KV head (<= 64)"
     assert keys.stride(-1) == 1 and values.stride(-1) == 1, "the keys' and values' last dimension must be contiguous"

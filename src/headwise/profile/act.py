@@ -2,8 +2,8 @@
 
 ACT (https://arxiv.org/abs/2406.15765, section 4.2) calibrates one head at a time on a calibration set and keeps
 the heads whose calibration raises accuracy. Here the measure is a loss, by default the language-model loss on real
-text (Shakespeare); with ``objective="retrieval"`` (``headwise profile --act retrieval``) the loss of the answers of
-retrieval probes (``select.probe_set``: key-value facts in haystacks, the answer fed after the question), held-in and
+text (Shakespeare); with ``objective="retrieval"`` (``headwise profile --act --act-objective retrieval``) the
+loss of the answers of retrieval probes (``select.probe_set``: key-value facts in haystacks, the answer fed after the question), held-in and
 held-out probes drawn with different seeds, so with other formats, keys and values. On SmolLM2, calibrating the
 candidates the text rule turned off raised the held-out text loss by 0.0001 nats yet lifted the passkey from 75 to
 86% at 2K (docs/kernels.md): text loss does not see what ACT does to retrieval. The decision has two steps, so that
@@ -118,7 +118,8 @@ class ActChoice:
     """what the losses are of: ``text`` (next-token loss on Shakespeare) or ``retrieval`` (probe answers)"""
 
     def meta(self) -> dict[str, Any]:
-        return {"objective": self.objective, "heads": [list(h) for h in self.heads], "candidates": [list(h) for h in self.candidates],
+        return {"objective": self.objective, "heads": [list(h) for h in self.heads],
+                "candidates": [list(h) for h in self.candidates],
                 "held_in_loss": round(self.base_loss, 5),
                 "delta_held_in": {f"{i},{j}": round(d, 6) for (i, j), d in self.delta.items()},
                 "held_out_loss": round(self.held_out_base, 5),

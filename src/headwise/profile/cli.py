@@ -105,10 +105,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--ablation-text-weight", type=float, default=None, metavar="W",
                    help="add W x the KL from dense on held-in Shakespeare to the ablation's retrieval loss, so heads "
                         "that carry text are kept too (default 0: retrieval only; docs/profiling.md)")
-    p.add_argument("--act", nargs="?", const="text", default=None, choices=("text", "retrieval"),
+    p.add_argument("--act", action="store_true",
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
-                        "held-in and held-out text (--act, --act text) or on the answers of held-in and held-out "
-                        "retrieval probes (--act retrieval) (docs/profiling.md)")
+                        "held-in and held-out text, or with --act-objective retrieval on the answers of held-in and "
+                        "held-out retrieval probes (docs/profiling.md)")
+    p.add_argument("--act-objective", choices=("text", "retrieval"), default=None,
+                   help="what --act's losses are of (default text)")
     p.add_argument("--train-gates", action="store_true",
                    help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
                         "--prefill-patterns search; saved beside the plan as PLAN.gates.safetensors")
@@ -146,7 +148,9 @@ def command_line(args: argparse.Namespace) -> str:
     if args.ablation_text_weight is not None:
         parts += ["--ablation-text-weight", str(args.ablation_text_weight)]
     if args.act:
-        parts += ["--act"] if args.act == "text" else ["--act", args.act]
+        parts.append("--act")
+    if args.act_objective is not None:
+        parts += ["--act-objective", args.act_objective]
     if args.train_gates:
         parts.append("--train-gates")
     if args.full_share is not None:
@@ -217,6 +221,8 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     settings = _settings(args, args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.act_objective is not None and not args.act:
+        raise InputError(f"--act-objective {args.act_objective} says what --act measures: add --act")
     if args.act and args.from_scores:
         raise InputError("--act measures each full head's loss with and without ACT; it cannot run with --from-scores "
                          "(which measures nothing): drop one of them")
@@ -253,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=quantize,
-                                 act=args.act, train_seer_gates=args.train_gates, ranks=args.tp,
+                                 act=(args.act_objective or "text") if args.act else False, train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
                                  ablation_switch=args.ablation_switch, select_deals=args.select_deals)
