@@ -227,3 +227,24 @@ def test_the_retrieval_objective_measures_probe_answers(monkeypatch):
     choice = choose_act_heads(lm, base, held_in, held_out, margin=0.01, progress=False)
     assert choice.heads == [(0, 1)] and choice.objective == "retrieval"
     assert choice.meta()["objective"] == "retrieval" and choice.held_out_with == pytest.approx(1.4)
+
+
+def test_act_heads_are_kept_only_within_the_budget():
+    """ACT's column sums cost bytes: a dense plan has no room for them (no plan holds more than dense), a plan with
+    streaming heads under a budget of 1.0 has, and with room for one head the most helpful one is kept."""
+    from headwise.policies import Streaming
+    from headwise.profile.runner import act_within_budget
+
+    lm = tiny_model("llama")
+    spec, L = lm.spec, 256
+    dense = [[Full()] * spec.num_kv_heads for _ in range(spec.num_layers)]
+    heads = [(0, 0), (1, 0)]
+    delta = {(0, 0): -0.01, (1, 0): -0.05}  # (1, 0) helps more
+    assert act_within_budget(lm, dense, heads, delta, 1.0, (L,)) == []
+    mixed = [[Full()] + [Streaming(sink=4, window=8)] * (spec.num_kv_heads - 1) for _ in range(spec.num_layers)]
+    assert act_within_budget(lm, mixed, heads, delta, 1.0, (L,)) == heads
+    base = HeadPlan.from_policies(spec, mixed).kv_bytes(spec, L, peak=True)
+    one = L * 4  # one head's fp32 column sums
+    budget = (base + one) / spec.dense_kv_bytes(L, 2)
+    assert act_within_budget(lm, mixed, heads, delta, budget, (L,)) == [(1, 0)]
+    assert act_within_budget(lm, mixed, heads, delta, budget, (L, 2 * L)) == [(1, 0)]  # and at twice the length

@@ -31,6 +31,7 @@ import torch
 from headwise.errors import BudgetError, HeadwiseError, InputError
 from headwise.models import LoadedModel
 from headwise.plan import HeadPlan
+from headwise.policies import Policy
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
 from headwise.profile.solver import Quantize, check_budget, check_room, solve
@@ -237,6 +238,24 @@ def phase(timings: dict[str, float], name: str, log: bool) -> Iterator[None]:
         print(f"headwise profile: {name} took {timings[f'{name}_s']:.1f} s", file=sys.stderr, flush=True)
 
 
+def act_within_budget(lm: LoadedModel, policies: list[list[Policy]], heads: list[tuple[int, int]],
+                      delta: dict[tuple[int, int], float], budget: float,
+                      lengths: tuple[int, ...]) -> list[tuple[int, int]]:
+    """The ACT heads that fit: ACT keeps one fp32 column sum per token beside a full head's keys and values, so a
+    plan solved up to its budget (or a dense one) would hold more than the budget, or than dense, with them. Heads
+    are added most helpful first (``delta``, the held-in loss change) while the plan's peak stays within ``budget``
+    of dense KV at every length in ``lengths``; the others stay ``full``."""
+    from headwise.profile.act import with_act
+
+    spec = lm.spec
+    kept: list[tuple[int, int]] = []
+    for h in sorted(heads, key=lambda h: delta.get(h, 0.0)):
+        plan = HeadPlan.from_policies(spec, with_act(policies, [*kept, h]), lm.name)
+        if all(plan.kv_bytes(spec, n, peak=True) <= budget * spec.dense_kv_bytes(n, 2) for n in lengths):
+            kept.append(h)
+    return [h for h in heads if h in kept]
+
+
 def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method: str = DEFAULT_METHOD,
                   settings: Settings | None = None, progress: bool = True, command: str = "",
                   full_share: float | None = None, quantize: Quantize = False, ranks: int = 1, act: bool | str = False,
@@ -395,8 +414,12 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                                           progress=progress)
             else:
                 choice = choose_act_heads(lm, policies, *act_texts(lm, length), progress=progress)
-            policies = with_act(policies, choice.heads)
+            kept = act_within_budget(lm, policies, choice.heads, choice.delta, budget, (target_len, *fit_lengths))
+            policies = with_act(policies, kept)
         act_meta = choice.meta()
+        if kept != choice.heads:
+            act_meta["dropped_for_budget"] = [list(h) for h in choice.heads if h not in kept]
+            act_meta["heads"] = [list(h) for h in kept]
     # CPU seconds of this process (all threads): less sensitive than wall time to other jobs on a shared machine
     timings["process_cpu_s"] = time.process_time() - cpu0
     r2 = lambda x: [[round(float(v), 4) for v in row] for row in x.tolist()]  # noqa: E731
