@@ -139,7 +139,6 @@ class HeadwiseCache(Cache):
         self.gates = None if plan.gates is None else plan.gates.on(device)
         self._rope: dict[int, torch.Tensor | None] = {}
 
-
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Hand the chunk through (the attention function commits it). Unlike ``Cache.update`` this never reads

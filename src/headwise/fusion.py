@@ -13,8 +13,8 @@ any architecture whose layers are not named ``*DecoderLayer``). The graphs stop 
 stores and the engine's kernels never have to be traceable. The first forward at each new kind of shape pays the
 compilation (seconds on a GPU). transformers' attention modules pass their ``layer_idx``, a constant to Dynamo, to
 the cache's ``update``; ``HeadwiseCache.update`` never reads it, so every layer shares one graph (``Cache.update``
-indexes its layers with it: one graph per layer, and past Dynamo's recompile limit of 8 the rest run eagerly). The model stays the same object: its modules call their compiled forward from then
-on, also outside the engine.
+indexes its layers with it: one graph per layer, and past Dynamo's recompile limit of 8 the rest run eagerly). The
+model stays the same object: its modules call their compiled forward from then on, also outside the engine.
 """
 
 from __future__ import annotations

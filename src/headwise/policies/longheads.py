@@ -54,9 +54,9 @@ summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does 
 Paths: past ``window`` a query block's chunks are chosen and its queries rotated once per chosen chunk in PyTorch;
 with kernels on (a GPU, or TRITON_INTERPRET=1) the Triton kernel ``kernels/chunk_attention.py`` reads the chosen
 chunks in place, else its reference gathers their keys and values (``top_k + 3`` chunks per query and KV head);
-blocks are sized to bound the gathered bytes or the rotated queries. Within ``window``, ``causal_attention`` (or the decode kernel). No CUDA-graph
-decode. Needs the layer's RoPE frequencies (``ModelSpec.rope``); on a model's native sliding-window layer it is
-replaced by the window, as ``full`` is (``plan.resolve``).
+blocks are sized to bound the gathered bytes or the rotated queries. Within ``window``, ``causal_attention`` (or
+the decode kernel). No CUDA-graph decode. Needs the layer's RoPE frequencies (``ModelSpec.rope``); on a model's
+native sliding-window layer it is replaced by the window, as ``full`` is (``plan.resolve``).
 """
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ class LongHeads(Policy):
 
     @property
     def bounds(self) -> bool:
-        """Whether chunks are scored by their pages' key bounds (``chunk_score="bound"``) rather than representatives."""
+        """Whether chunks are scored by their pages' key bounds (``chunk_score="bound"``), not representatives."""
         return self.chunk_score == "bound"
 
     @property

@@ -3,11 +3,11 @@
 ACT (https://arxiv.org/abs/2406.15765, section 4.2) calibrates one head at a time on a calibration set and keeps
 the heads whose calibration raises accuracy. Here the measure is a loss, by default the language-model loss on real
 text (Shakespeare); with ``objective="retrieval"`` (``headwise profile --act --act-objective retrieval``) the
-loss of the answers of retrieval probes (``select.probe_set``: key-value facts in haystacks, the answer fed after the question), held-in and
-held-out probes drawn with different seeds, so with other formats, keys and values. On SmolLM2, calibrating the
-candidates the text rule turned off raised the held-out text loss by 0.0001 nats yet lifted the passkey from 75 to
-86% at 2K (docs/kernels.md): text loss does not see what ACT does to retrieval. The decision has two steps, so that
-nothing is switched on that does not help:
+loss of the answers of retrieval probes (``select.probe_set``: key-value facts in haystacks, the answer fed after
+the question), held-in and held-out probes drawn with different seeds, so with other formats, keys and values. On
+SmolLM2, calibrating the candidates the text rule turned off raised the held-out text loss by 0.0001 nats yet
+lifted the passkey from 75 to 86% at 2K (docs/kernels.md): text loss does not see what ACT does to retrieval. The
+decision has two steps, so that nothing is switched on that does not help:
 
 1. *held-in*: for every ``full`` head of a global-attention layer, the mean next-token loss with that head alone
    on ``act`` minus the loss without (``delta``, nats); heads with ``delta < -margin`` are candidates;

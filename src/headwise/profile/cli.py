@@ -259,7 +259,8 @@ def run(args: argparse.Namespace) -> int:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
                                  command=command_line(args), full_share=args.full_share, quantize=quantize,
-                                 act=(args.act_objective or "text") if args.act else False, train_seer_gates=args.train_gates, ranks=args.tp,
+                                 act=(args.act_objective or "text") if args.act else False,
+                                 train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
                                  ablation_switch=args.ablation_switch, select_deals=args.select_deals)
