@@ -1,5 +1,5 @@
-"""What the decode kernels and the policies that call them share, without importing Triton: the device-side
-cache length of CUDA-graph decode, the in-kernel selection's page limit, and copying small host-made index tensors
+"""What the decode kernels and the policies that call them share, without importing Triton: quantized KV's code
+widths, the device-side cache length of CUDA-graph decode, the in-kernel selection's page limit, and copying small host-made index tensors
 to the device without stopping the host."""
 
 from __future__ import annotations
@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as triton.jit does
+KV_CODE_BITS = (2, 4, 8)
+"""The code widths of quantized KV (``kv_quant.BITS``): here so that the Triton kernels need not import the module
+that launches them."""
 MAX_SELECT_PAGES = 32768  # page scores per row the Triton top-k holds in registers (512K tokens at page 16)
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from headwise.kernels.common import KV_CODE_BITS
+
 SCALE_DTYPE = torch.float16
 """Dtype of scales and zero points (KIVI's): 2 bytes each."""
 
@@ -55,8 +57,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
     return torch.round((x - zero.float()) / scale.float()).clamp_(0, 2**bits - 1).to(torch.uint8)
 
 
-BITS = (2, 4, 8)
-"""The code widths the functions here, the Triton kernels and the ``quantized`` policy take."""
+BITS = KV_CODE_BITS
+"""The code widths the functions here, the Triton kernels and the ``quantized`` policy take (``common.KV_CODE_BITS``)."""
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

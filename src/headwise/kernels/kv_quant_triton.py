@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from headwise.kernels.kv_quant import BITS
+from headwise.kernels.common import KV_CODE_BITS as BITS
 
 _BLOCK_N = 32
 
