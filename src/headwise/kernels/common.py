@@ -1,6 +1,6 @@
 """What the decode kernels and the policies that call them share, without importing Triton: quantized KV's code
-widths, the device-side cache length of CUDA-graph decode, the in-kernel selection's page limit, and copying small host-made index tensors
-to the device without stopping the host."""
+widths, the device-side cache length of CUDA-graph decode, the in-kernel selection's page limit, and copying small
+host-made index tensors to the device without stopping the host."""
 
 from __future__ import annotations
 

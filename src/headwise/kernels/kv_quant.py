@@ -58,7 +58,8 @@ def _codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) 
 
 
 BITS = KV_CODE_BITS
-"""The code widths the functions here, the Triton kernels and the ``quantized`` policy take (``common.KV_CODE_BITS``)."""
+"""The code widths the functions here, the Triton kernels and the ``quantized`` policy take
+(``common.KV_CODE_BITS``)."""
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
