@@ -128,12 +128,17 @@ def _water_level(caps: Sequence[int], tokens: float, length: int) -> int:
     return lo
 
 
+def _head_caps(spec: Any, length: int) -> dict[tuple[int, int], int]:
+    """Tokens each (layer, KV head) can hold at ``length``: all of them, or a native sliding layer's window."""
+    return {(i, j): min(length, w) if w is not None else length
+            for i, w in enumerate(spec.layer_windows) for j in range(spec.num_kv_heads)}
+
+
 def _head_budget(spec: Any, target_tokens: float, length: int, label: str, least: int) -> int:
     """The per-head token count ``b`` that spreads ``target_tokens`` evenly over all KV heads, each holding
     ``min(b, cap)`` where ``cap`` is what it can hold at ``length`` (a native sliding layer never holds more
     than its window): the largest ``b`` with ``sum(min(b, cap)) <= target_tokens`` (water filling)."""
-    caps = [min(length, w) if w is not None else length for w in spec.layer_windows] * spec.num_kv_heads
-    lo = _water_level(caps, target_tokens, length)
+    lo = _water_level(list(_head_caps(spec, length).values()), target_tokens, length)
     if lo < least:
         raise PlanError(f"{label}: a budget of {target_tokens:.0f} KV slots at {length} tokens leaves {lo} per "
                         f"KV head; it needs at least {least}")
@@ -185,8 +190,7 @@ def random_full_baseline(spec: Any, name: str, target_tokens: float, length: int
 
     globals_ = [(i, j) for i, w in enumerate(spec.layer_windows) if w is None for j in range(spec.num_kv_heads)]
     random.Random(f"{RANDOM_FULL_SEED}:{seed}").shuffle(globals_)
-    caps = {(i, j): (min(length, w) if w is not None else length)
-            for i, w in enumerate(spec.layer_windows) for j in range(spec.num_kv_heads)}
+    caps = _head_caps(spec, length)
     for k in range(len(globals_), 0, -1):
         full = set(globals_[:k])
         b = _water_level([c for h, c in caps.items() if h not in full], target_tokens - k * length, length)
