@@ -20,6 +20,7 @@ from headwise.kernels.kv_quant import BITS
 from headwise.model_args import add_model_args, load_from_args
 from headwise.placement import check_tp
 from headwise.plan import HeadPlan
+from headwise.profile.act import OBJECTIVES as ACT_OBJECTIVES
 from headwise.profile.runner import (
     ABLATION_BASES,
     ABLATION_SWITCHES,
@@ -109,7 +110,7 @@ def register(subparsers: Any) -> None:
                    help="give ACT's hidden-sink calibration (policy 'act') to the full heads where it lowers the loss on "
                         "held-in and held-out text, or with --act-objective retrieval on the answers of held-in and "
                         "held-out retrieval probes (docs/profiling.md)")
-    p.add_argument("--act-objective", choices=("text", "retrieval"), default=None,
+    p.add_argument("--act-objective", choices=ACT_OBJECTIVES, default=None,
                    help="what --act's losses are of (default text)")
     p.add_argument("--train-gates", action="store_true",
                    help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
