@@ -14,7 +14,8 @@ Why
     first rows of its concatenation).
 
 Layout and rounding
-    As ``kv_quant``: codes ``[B, H, n, packed_dim]`` uint8 (4-bit: channel ``2j`` in the low nibble of byte ``j``; 2-bit: four per byte),
+    As ``kv_quant``: codes ``[B, H, n, packed_dim]`` uint8 (4-bit: channel ``2j`` in the low nibble of byte ``j``;
+    2-bit: four per byte),
     keys' scale and zero point per (run of ``group`` tokens, channel): ``[B, H, n / group, D]``; values' per (token,
     run of ``group`` channels): ``[B, H, n, ceil(D / group)]``; fp16. Quantization follows ``kv_quant._params`` and
     ``_codes`` operation for operation: the zero point is the minimum rounded to fp16 and stepped down one fp16 value
@@ -146,6 +147,18 @@ def _quant_values_kernel(x, codes, scale, zero, H, n, D, P, NG,
 
 
 @triton.jit
+def load_codes(rows, offs_d, mask, BITS: tl.constexpr):
+    """int32 codes of rows ``rows`` (``[R, 1]`` byte pointers) at channels ``offs_d`` (``[1, C]``), ``kv_quant.pack``'s
+    layout: a byte each at 8 bits; at 4 and 2 bits, bits ``(d % m) * BITS ..`` of byte ``d // m`` (``m = 8 / BITS``).
+    Shared by the dequantize kernel here and the decode kernel (``quant_decode.py``)."""
+    if BITS == 8:
+        return tl.load(rows + offs_d, mask=mask, other=0).to(tl.int32)
+    M: tl.constexpr = 8 // BITS
+    byte = tl.load(rows + offs_d // M, mask=mask, other=0).to(tl.int32)
+    return (byte >> ((offs_d % M) * BITS)) & (2**BITS - 1)
+
+
+@triton.jit
 def _dequant_kernel(codes, scale, zero, out, H, n, D,
                     c_b, c_h, c_n, s_b, s_h, s_n, o_b, o_h, o_n,
                     BITS: tl.constexpr, GROUP: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -159,12 +172,7 @@ def _dequant_kernel(codes, scale, zero, out, H, n, D,
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_n[:, None] < n) & (offs_d[None, :] < D)
     base = codes + b.to(tl.int64) * c_b + h.to(tl.int64) * c_h + offs_n[:, None].to(tl.int64) * c_n
-    if BITS == 8:
-        c = tl.load(base + offs_d[None, :], mask=mask, other=0).to(tl.int32)
-    else:
-        M: tl.constexpr = 8 // BITS
-        byte = tl.load(base + offs_d[None, :] // M, mask=mask, other=0).to(tl.int32)
-        c = (byte >> ((offs_d[None, :] % M) * BITS)) & (2**BITS - 1)
+    c = load_codes(base, offs_d[None, :], mask, BITS)
     pbase = b.to(tl.int64) * s_b + h.to(tl.int64) * s_h
     if PER_CHANNEL:
         p = pbase + (offs_n[:, None] // GROUP).to(tl.int64) * s_n + offs_d[None, :]

@@ -45,6 +45,7 @@ import triton.language as tl
 
 from headwise.kernels.common import INTERPRET
 from headwise.kernels.kv_quant import BITS, QuantizedKV, packed_dim
+from headwise.kernels.kv_quant_triton import load_codes
 from headwise.kernels.paged_decode import load_query_group, merge_splits, store_split
 
 _LOG2E = 1.4426950408889634
@@ -61,17 +62,6 @@ def _dot(a, b, INTERPRET: tl.constexpr, IEEE: tl.constexpr):
     if IEEE:
         return tl.dot(a, b.to(a.dtype), input_precision="ieee")
     return tl.dot(a, b.to(a.dtype))
-
-
-@triton.jit
-def _load_codes(base, tok, stride_n, offs_d, mask, BITS: tl.constexpr):
-    """Codes ``[BLOCK_N, BLOCK_D]`` as fp32: a byte each at 8 bits; at 4 and 2 bits, bits ``(d % m) * BITS ..`` of
-    byte ``d // m`` (``m = 8 / BITS``)."""
-    if BITS == 8:
-        return tl.load(base + tok[:, None] * stride_n + offs_d[None, :], mask=mask, other=0).to(tl.float32)
-    M: tl.constexpr = 8 // BITS
-    byte = tl.load(base + tok[:, None] * stride_n + (offs_d // M)[None, :], mask=mask, other=0)
-    return ((byte >> ((offs_d % M) * BITS).to(tl.uint8)[None, :]) & (2**BITS - 1)).to(tl.float32)
 
 
 @triton.jit
@@ -137,7 +127,7 @@ def _quant_decode_kernel(
         kgrp = tok // QGROUP
         ks = tl.load(ks_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
         kz = tl.load(kz_base + kgrp[:, None] * stride_ksg + offs_d[None, :], mask=mq, other=0.0).to(tl.float32)
-        k = _load_codes(kc_base, tok, stride_kcn, offs_d, mq, K_BITS) * ks + kz
+        k = load_codes(kc_base + tok[:, None] * stride_kcn, offs_d[None, :], mq, K_BITS).to(tl.float32) * ks + kz
         kr = tl.load(rk_base + rtok[:, None] * stride_rkn + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
         k = tl.where(in_q[:, None], k, kr)
         s = _dot(q, tl.trans(k), INTERPRET, IEEE) * scale_log2e  # [BLOCK_H, BLOCK_N], log2 domain
@@ -149,7 +139,7 @@ def _quant_decode_kernel(
         # Values: per-token params of the channel's group of QGROUP channels.
         vs = tl.load(vs_base + tok[:, None] * stride_vsn + v_grp[None, :], mask=mq, other=0.0).to(tl.float32)
         vz = tl.load(vz_base + tok[:, None] * stride_vsn + v_grp[None, :], mask=mq, other=0.0).to(tl.float32)
-        v = _load_codes(vc_base, tok, stride_vcn, offs_d, mq, BITS) * vs + vz
+        v = load_codes(vc_base + tok[:, None] * stride_vcn, offs_d[None, :], mq, BITS).to(tl.float32) * vs + vz
         vr = tl.load(rv_base + rtok[:, None] * stride_rvn + offs_d[None, :], mask=mr, other=0.0).to(tl.float32)
         v = tl.where(in_q[:, None], v, vr)
         acc = acc * alpha[:, None] + _dot(p.to(q.dtype), v, INTERPRET, IEEE)
