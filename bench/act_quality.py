@@ -103,15 +103,17 @@ def plot(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     return path
 
 
-def finish(doc: dict[str, Any], path: Path) -> None:
-    """Add the summary to a result document with an eval, rewrite it, and draw the plot beside it."""
+def finish(doc: dict[str, Any], path: Path) -> Path:
+    """Write the result document to ``path``; where it holds an eval, with the summary and the plot beside it."""
     res = doc["results"]
+    if "eval" in res:
+        res["summary"] = summary(res["eval"])
+    path = write_result(doc, path)
     if "eval" not in res:
-        return
-    res["summary"] = summary(res["eval"])
-    write_result(doc, path)
+        return path
     heads = len(res["choice"].get("candidates" if res.get("forced") else "heads") or [])
     plot(res["summary"], f"ACT on {heads} heads of {res['model']} ({doc.get('device', '')})", path)
+    return path
 
 
 def main() -> int:
@@ -187,8 +189,7 @@ def main() -> int:
         results["note"] = "no head lowered the loss on held-in and held-out text: ACT stays off for this model"
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     doc = result_doc(command, results, device="cuda" if torch.cuda.is_available() else "cpu")
-    path = write_result(doc, result_path(out, f"act_quality_{lm.name}"))
-    finish(doc, path)
+    path = finish(doc, result_path(out, f"act_quality_{lm.name}"))
     print(f"wrote {path}", file=sys.stderr)
     print(json.dumps(doc, default=str))
     return 0
