@@ -44,6 +44,20 @@ def test_the_kernel_matches_its_reference(B, Hkv, G, Lb, n, C, D):
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 products in full fp32 (not TF32) on a GPU
 
 
+def test_one_chooser_per_query_head_reads_its_kv_heads_chunks():
+    """``choose_per="query_head"``: the choosers are the query heads (``G = 1``), three per KV head, each with its own
+    table; chooser ``j`` reads KV head ``j // 3``."""
+    q, keys, values, table, own = case(2, 6, 1, 4, 3, 24, 40, chunks=7, dtype=torch.float32, seed=7)
+    keys, values = keys[:, ::3], values[:, ::3]  # 2 KV heads under the 6 choosers' tables
+    want = chosen_chunk_attention_ref(q, keys, values, table, own, 40 ** -0.5)
+    got = chosen_chunk_attention(q, keys, values, table, own, 40 ** -0.5, block_c=16)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    for j in (0, 4):  # against one chooser run alone over its own KV head
+        alone = chosen_chunk_attention_ref(q[:, j : j + 1], keys[:, j // 3 : j // 3 + 1], values[:, j // 3 : j // 3 + 1],
+                                           table[:, j : j + 1], own, 40 ** -0.5)
+        torch.testing.assert_close(got[:, j : j + 1], alone, atol=1e-4, rtol=1e-4)
+
+
 def test_bf16_stays_within_flash_attentions_tolerance():
     q, keys, values, table, own = case(1, 2, 4, 4, 3, 32, 64, chunks=5, dtype=torch.bfloat16, seed=3)
     exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.125)
@@ -63,7 +77,8 @@ def test_real_shapes_on_a_gpu():
     assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-2
 
 
-def test_longheads_prefill_with_the_kernel_equals_without():
+@pytest.mark.parametrize(("score", "choose_per"), [("paper", "kv_head"), ("max", "query_head")])
+def test_longheads_prefill_with_the_kernel_equals_without(score, choose_per):
     """The policy past its window, once gathering the chunks and once through the kernel (``use_kernels``)."""
     from dataclasses import replace
 
@@ -71,7 +86,7 @@ def test_longheads_prefill_with_the_kernel_equals_without():
     from headwise.policies.longheads import LongHeads
 
     torch.manual_seed(0)
-    policy = LongHeads(chunk_size=8, top_k=2)
+    policy = LongHeads(chunk_size=8, top_k=2, chunk_score=score, choose_per=choose_per)
     B, Hq, Hkv, D, L = 1, 4, 2, 32, 70  # window (2 + 3) * 8 = 40: queries 40..69 choose chunks
     q, k, v = torch.randn(B, Hq, L, D), torch.randn(B, Hkv, L, D), torch.randn(B, Hkv, L, D)
     rope = 1.0 / (10000 ** (torch.arange(0, D, 2).float() / D))

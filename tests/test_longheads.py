@@ -45,16 +45,22 @@ def run_policy(policy: LongHeads, q, k, v, chunks: list[int]) -> torch.Tensor:
 
 def naive_longheads(policy: LongHeads, q_pre, k_pre, v) -> torch.Tensor:
     """LongHeads from first principles, one query at a time, on vectors *before* RoPE: chunk representatives from
-    the chunk's queries and keys rotated at their offsets inside the chunk, the choice per KV head, then keys and
-    query rotated at their re-assigned positions."""
+    the chunk's queries and keys rotated at their offsets inside the chunk, the choice per KV head (or per query
+    head, each with its own representatives), then keys and query rotated at their re-assigned positions."""
     B, Hq, T, D = q_pre.shape
     Hkv, C, n = k_pre.shape[1], policy.chunk_size, policy.top_k + 3
     G, scale = Hq // Hkv, D ** -0.5
-    reps = []
+    per_q = policy.choose_per == "query_head"
+    reps = []  # per chunk: [B, Hkv, D], or [B, Hq, D] per query head
     for c in range(T // C):
         local = torch.arange(C)
         qc, kc = apply_rope(q_pre[:, :, c * C : (c + 1) * C], local), apply_rope(k_pre[:, :, c * C : (c + 1) * C], local)
         feats = F.scaled_dot_product_attention(qc, kc.repeat_interleave(G, 1), v[:, :, c * C : (c + 1) * C].repeat_interleave(G, 1), scale=scale)
+        if per_q:
+            s = feats.mean(dim=2)  # [B, Hq, D]
+            w = torch.softmax(torch.einsum("bhd,bhcd->bhc", s, kc.repeat_interleave(G, 1)) / math.sqrt(D), dim=-1)
+            reps.append(torch.einsum("bhc,bhcd->bhd", w, kc.repeat_interleave(G, 1)))
+            continue
         s = feats.view(B, Hkv, G, C, D).mean(dim=(2, 3))
         w = torch.softmax(torch.einsum("bhd,bhcd->bhc", s, kc) / math.sqrt(D), dim=-1)
         reps.append(torch.einsum("bhc,bhcd->bhd", w, kc))
@@ -68,17 +74,19 @@ def naive_longheads(policy: LongHeads, q_pre, k_pre, v) -> torch.Tensor:
             continue
         cq = p // C
         for b in range(B):
-            for h in range(Hkv):
-                score = torch.stack([(q_pre[b, h * G : (h + 1) * G, p].sum(0) * reps[c][b, h]).sum()
+            for h, heads in ([(j // G, [j]) for j in range(Hq)] if per_q
+                             else [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]):
+                rep_head = heads[0] if per_q else h
+                score = torch.stack([(q_pre[b, heads, p].sum(0) * reps[c][b, rep_head]).sum()
                                      for c in range(1, cq - 1)])
                 chosen = sorted((score.topk(policy.top_k).indices + 1).tolist())
                 chunks = [0, *chosen, cq - 1, cq]
                 idx = torch.cat([torch.arange(c * C, min((c + 1) * C, p + 1)) for c in chunks])
                 assigned = torch.cat([s * C + torch.arange(min(C, p + 1 - c * C)) for s, c in enumerate(chunks)])
                 kr = apply_rope(k_pre[b, h, idx], assigned)
-                qr = apply_rope(q_pre[b, h * G : (h + 1) * G, p : p + 1], torch.tensor([(n - 1) * C + p % C]))
-                out[b, h * G : (h + 1) * G, p : p + 1] = F.scaled_dot_product_attention(qr, kr[None], v[b, h, idx][None],
-                                                                                       scale=scale)
+                qr = apply_rope(q_pre[b, heads, p : p + 1], torch.tensor([(n - 1) * C + p % C]))
+                out[b, heads, p : p + 1] = F.scaled_dot_product_attention(qr, kr[None], v[b, h, idx][None],
+                                                                          scale=scale)
     return out
 
 
@@ -123,10 +131,11 @@ def test_within_the_window_it_is_full_attention_bit_for_bit():
     assert torch.allclose(out, causal_attention(qr, kr, v, 0, 12 ** -0.5), atol=1e-6)
 
 
+@pytest.mark.parametrize("choose_per", ["kv_head", "query_head"])
 @pytest.mark.parametrize("chunks", [[61], [7] * 8 + [5], [30] + [1] * 31], ids=["one-shot", "chunks-of-7", "decode"])
-def test_past_the_window_matches_a_first_principles_reference(chunks):
+def test_past_the_window_matches_a_first_principles_reference(chunks, choose_per):
     q, k, v = random_qkv()
-    policy = LongHeads(chunk_size=5, top_k=2)  # window 25, 12 complete chunks at 61 tokens
+    policy = LongHeads(chunk_size=5, top_k=2, choose_per=choose_per)  # window 25, 12 complete chunks at 61 tokens
     pos = torch.arange(61)
     out = run_policy(policy, apply_rope(q, pos), apply_rope(k, pos), v, chunks)
     ref = naive_longheads(policy, q, k, v)
@@ -237,21 +246,23 @@ def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm
 def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tensor, p: int) -> list[list[list[int]]]:
     """Chunks chosen for the query at ``p`` under bound scores, from first principles: per KV head and candidate
     chunk, the best over its pages of the sum over the query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over
-    the page's rotated keys."""
+    the page's rotated keys (per query head with ``choose_per="query_head"``: that head's alone)."""
     B, Hq = q_rot.shape[:2]
     Hkv, C = k_rot.shape[1], policy.chunk_size
     G, cq = Hq // Hkv, p // C
+    per_q = policy.choose_per == "query_head"
     out = []
     for b in range(B):
         rows = []
-        for h in range(Hkv):
+        for h, heads in ([(j // G, [j]) for j in range(Hq)] if per_q
+                         else [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]):
             score = []
             P = policy.bound_page
             for c in range(1, cq - 1):
                 best = []
                 for a in range(c * C, (c + 1) * C, P):
                     lo, hi = k_rot[b, h, a : a + P].min(dim=0).values, k_rot[b, h, a : a + P].max(dim=0).values
-                    best.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, h * G : (h + 1) * G, p]))
+                    best.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, heads, p]))
                 score.append(max(best))
             chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
             rows.append([0, *chosen, cq - 1, cq])
@@ -259,13 +270,16 @@ def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tens
     return out
 
 
+@pytest.mark.parametrize("choose_per", ["kv_head", "query_head"])
 @pytest.mark.parametrize("chunks", [[61], [30, 1, 1, 29], [7] * 8 + [5]])
-def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks):
+def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks, choose_per):
     """``chunk_score="bound"``: every query past the window attends the chunks whose Quest bound (over the keys as
-    rotated, summed over the group) is highest, fed in one chunk, in pieces or token by token; the attention over
-    them is the paper's (re-assigned positions), so the output equals ``attend_chosen`` on those chunks."""
+    rotated, summed over the group, or per query head) is highest, fed in one chunk, in pieces or token by token; the
+    attention over them is the paper's (re-assigned positions), so the output equals ``attend_chosen`` on those
+    chunks."""
     q, k, v = random_qkv()
-    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=1 + (len(chunks) == 4) * 4)
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=1 + (len(chunks) == 4) * 4,
+                       choose_per=choose_per)
     pos = torch.arange(61)
     qr, kr = apply_rope(q, pos), apply_rope(k, pos)
     store = policy.make_store(2, 2, 12, q.device, q.dtype)
@@ -331,3 +345,124 @@ def test_eval_spec_longheads_bound_builds_the_bound_plan():
     assert build_policy(plan.layers[0][0]).bound_page == 16
     with pytest.raises(InputError, match="longheads-bound@1000/128"):
         longheads_plan(spec, "m", 1000, 128, "bound")
+    with pytest.raises(InputError, match="longheads-max-qhead@1000/128"):
+        longheads_plan(spec, "m", 1000, 128, "max", "query_head")
+
+
+@pytest.mark.parametrize(("item", "score", "per", "top_k"), [
+    ("longheads-max-qhead@2048/128", "max", "query_head", 13), ("longheads-qhead", "paper", "query_head", 13),
+    ("longheads-max", "max", "kv_head", 13), ("longheads-bound-qhead@1024", "bound", "query_head", 1)])
+def test_eval_specs_name_the_score_and_the_chooser(item, score, per, top_k):
+    from headwise.eval.runner import resolve_plans
+
+    lm = tiny_model("llama")
+    (entry,) = resolve_plans([item], lm)
+    policy = build_policy(entry.plan_for(512).layers[0][0])
+    assert (policy.chunk_score, policy.choose_per, policy.top_k) == (score, per, top_k)
+
+
+@pytest.mark.parametrize("score", ["paper", "bound", "max"])
+def test_a_query_head_alone_finds_the_chunk_its_group_outvotes(score):
+    """One query head of a group seeks a planted key; the group's three other heads point away from it, so their
+    summed scores leave its chunk out (one choice per KV head). With ``choose_per="query_head"`` the seeking head
+    chooses it and attends its values; the others still choose by themselves."""
+    B, Hq, Hkv, C, T, D = 1, 4, 1, 8, 120, 12
+    g = torch.Generator().manual_seed(2)
+    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
+        torch.randn(B, Hkv, T, D, generator=g)
+    needle = torch.zeros(D)
+    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0  # the lowest frequency pair: barely turns inside a chunk
+    planted = 6
+    k[0, 0, planted * C : (planted + 1) * C] = 6 * needle
+    v[0, 0, planted * C : (planted + 1) * C] = 5.0
+    q[0, 0, -1] = 6 * needle  # head 0 looks for it
+    q[0, 1:, -1] = -4 * needle  # the rest of its group looks away
+    pos = torch.arange(T)
+    chosen, outs = {}, {}
+    for per in ("kv_head", "query_head"):
+        policy = LongHeads(chunk_size=C, top_k=1, chunk_score=score, bound_page=4, choose_per=per)
+        store = policy.make_store(B, Hkv, D, q.device, q.dtype)
+        outs[per] = policy.attend(apply_rope(q, pos), apply_rope(k, pos), v, store,
+                                  AttendContext(start=0, scale=D ** -0.5, rope=INV))
+        chosen[per] = policy.choose(apply_rope(q, pos)[:, :, -1:], pos[-1:], store, INV)[0, :, 0].tolist()
+    assert len(chosen["kv_head"]) == 1 and chosen["kv_head"][0][1] != planted
+    assert len(chosen["query_head"]) == Hq and chosen["query_head"][0][1] == planted
+    assert all(row[1] != planted for row in chosen["query_head"][1:])
+    assert outs["query_head"][0, 0, -1].mean() > 4.0 > outs["kv_head"][0, 0, -1].mean()
+
+
+def test_per_query_head_representatives_are_counted_in_the_cache():
+    """The paper's scores chosen per query head keep one representative per query head of every complete chunk:
+    the cache's bytes hold ``group - 1`` more per KV head than the plan's per-KV-head count."""
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    policy = LongHeads(chunk_size=5, top_k=2, choose_per="query_head")
+    plan = HeadPlan.uniform(spec, policy.to_spec())
+    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
+    cache.reserve(61)
+    q, k, v = random_qkv(B=1, T=61)
+    for layer in cache.layers:
+        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    pending = 2 * 6 * 5 * 12 * 4
+    extra_reps = 2 * 2 * (3 - 1) * 12 * 12 * 4  # layers x KV heads x (group - 1) x 12 chunks x D x fp32
+    assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4) + pending + extra_reps
+    assert policy.short() == "longheads2x5q"
+    with pytest.raises(PlanError, match="choose_per"):
+        build_policy({"policy": "longheads", "params": {"choose_per": "layer"}})
+
+
+def naive_max_choice(policy: LongHeads, q_pre: torch.Tensor, k_pre: torch.Tensor, p: int) -> list[list[list[int]]]:
+    """Chunks chosen for the query at ``p`` under ``chunk_score="max"``, from first principles on vectors before
+    RoPE: a candidate chunk's score is its best logit ``q~ . R(o) k`` over its keys at their offsets ``o`` inside it
+    (summed over the group's query heads per KV head, or each query head's own)."""
+    B, Hq = q_pre.shape[:2]
+    Hkv, C = k_pre.shape[1], policy.chunk_size
+    G, cq = Hq // Hkv, p // C
+    per_q = policy.choose_per == "query_head"
+    out = []
+    for b in range(B):
+        rows = []
+        for h, heads in ([(j // G, [j]) for j in range(Hq)] if per_q
+                         else [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]):
+            score = []
+            for c in range(1, cq - 1):
+                local = apply_rope(k_pre[b, h, c * C : (c + 1) * C], torch.arange(C))  # keys at offsets 0 .. C-1
+                score.append(sum((local @ q_pre[b, j, p]).max() for j in heads))
+            chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
+            rows.append([0, *chosen, cq - 1, cq])
+        out.append(rows)
+    return out
+
+
+@pytest.mark.parametrize("choose_per", ["kv_head", "query_head"])
+@pytest.mark.parametrize("chunks", [[61], [30, 1, 1, 29], [7] * 8 + [5]])
+def test_max_scores_choose_the_chunks_with_the_best_key_at_the_papers_positions(chunks, choose_per):
+    """``chunk_score="max"``: every query past the window attends the chunks holding its best-matching keys, each
+    key seen at its offset inside its chunk and the query before RoPE (the positions the paper scores at), fed in one
+    chunk, in pieces or token by token; the store keeps nothing for it besides the keys and values."""
+    q, k, v = random_qkv()
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="max", choose_per=choose_per)
+    pos = torch.arange(61)
+    qr, kr = apply_rope(q, pos), apply_rope(k, pos)
+    store = policy.make_store(2, 2, 12, q.device, q.dtype)
+    start = 0
+    for n in chunks:
+        policy.attend(qr[:, :, start : start + n], kr[:, :, start : start + n], v[:, :, start : start + n], store,
+                      AttendContext(start=start, scale=12 ** -0.5, rope=INV))
+        start += n
+    assert store.pending is None and store.n_reps == 12 and store.reps.numel() == 0
+    for p in (25, 40, 60):
+        got = policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)[:, :, 0].tolist()
+        assert got == naive_max_choice(policy, q, k, p), p
+
+
+def test_max_scores_hold_the_keys_and_values_only():
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="max", choose_per="query_head")
+    plan = HeadPlan.uniform(spec, policy.to_spec())
+    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
+    cache.reserve(61)
+    q, k, v = random_qkv(B=1, T=61)
+    for layer in cache.layers:
+        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    assert policy.kv_tokens(61) == 65 and cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
+    assert policy.short() == "longheads2x5mq"

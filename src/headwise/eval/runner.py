@@ -262,21 +262,25 @@ def expand_plan_items(items: Sequence[str]) -> list[str]:
     return out
 
 
-_LONGHEADS = re.compile(r"longheads(-bound)?(?:@([0-9]+)(?:/([0-9]+))?)?")
+_LONGHEADS = re.compile(r"longheads(-bound|-max)?(-qhead)?(?:@([0-9]+)(?:/([0-9]+))?)?")
 _OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
 
 
 def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256,
-                   chunk_score: str = "paper") -> HeadPlan:
+                   chunk_score: str = "paper", choose_per: str = "kv_head") -> HeadPlan:
     """LongHeads on every KV head (native sliding layers keep their window): chunks of ``chunk_size``, ``window``
     attended tokens per query (default the paper's 4096: ``top_k = window / chunk_size - 3``), chunks scored the
-    paper's way or by Quest's bound (``chunk_score="bound"``, spec ``longheads-bound``; policies/longheads.py)."""
+    paper's way, by Quest's bound (``chunk_score="bound"``, spec ``longheads-bound``) or by their best key
+    (``"max"``, ``longheads-max``), chosen per KV head or per query head (``-qhead``; policies/longheads.py)."""
     window = 4096 if window is None else window
-    label = "longheads" + ("-bound" if chunk_score == "bound" else "")
+    label = "longheads" + ("" if chunk_score == "paper" else f"-{chunk_score}") + (
+        "-qhead" if choose_per == "query_head" else "")
     if chunk_size < 1 or window % chunk_size or window < 4 * chunk_size:
         raise InputError(f"{label}@{window}/{chunk_size}: the window must be a multiple of the chunk ({chunk_size} "
                          f"tokens), at least 4 chunks (the first, one chosen, the previous and the own chunk)")
-    params = {"chunk_size": chunk_size, "top_k": window // chunk_size - 3, "chunk_score": chunk_score}
+    params: dict[str, Any] = {"chunk_size": chunk_size, "top_k": window // chunk_size - 3, "chunk_score": chunk_score}
+    if choose_per != "kv_head":
+        params["choose_per"] = choose_per
     return HeadPlan.uniform(spec, {"policy": "longheads", "params": params}, name,
                             created_by=f"headwise eval {label}@{window}/{chunk_size}")
 
@@ -316,7 +320,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
                 "random@equal[:SEED], random@equal*N, random-full@equal[:SEED], random-full@FRACTION[:SEED], "
                 "longheads, "
-                "longheads@WINDOW[/CHUNK], longheads-bound[@WINDOW[/CHUNK]], offload, offload@TOP_K"
+                "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload, offload@TOP_K"
             )
 
 
@@ -339,9 +343,9 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             label = item if any(e.label == stem for e in entries) else stem
             entries.append(PlanEntry(label, item, lambda _L, p=files[item]: p))
         elif lm_match := _LONGHEADS.fullmatch(item):
-            window = int(lm_match.group(2)) if lm_match.group(2) else None
-            lh = longheads_plan(spec, lm.name, window, int(lm_match.group(3) or 256),
-                                "bound" if lm_match.group(1) else "paper")
+            window = int(lm_match.group(3)) if lm_match.group(3) else None
+            lh = longheads_plan(spec, lm.name, window, int(lm_match.group(4) or 256),
+                                (lm_match.group(1) or "-paper")[1:], "query_head" if lm_match.group(2) else "kv_head")
             entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
         elif off_match := _OFFLOAD.fullmatch(item):
             head: dict[str, Any] = {"policy": "retrieval_offload"}

@@ -1,16 +1,18 @@
 """LongHeads' attention over each query's chosen chunks (``policies/longheads.py``), in Triton, and its reference.
 
 Layout
-    ``q_slots: [B, Hkv, G, Lb, n, D]``: the ``G`` query heads of each KV head, for ``Lb`` queries, rotated once per slot
-    ``s`` of the ``n`` chunks the query attends (the query as seen from slot ``s``'s re-assigned positions; the
-    policy makes them). ``keys, values: [B, Hkv, chunks, C, D]``: the store's keys and values in whole chunks of ``C``
-    tokens (any strides, ``D`` contiguous). ``table: [B, Hkv, Lb, n]``: chunk index of every slot; the last slot is the
-    query's own chunk, of which only offsets ``<= own[i]`` are visible (``own: [Lb]``, the query's offset in it);
-    every other slot is a whole chunk. Output ``[B, Hkv * G, Lb, D]``.
+    ``q_slots: [B, Ht, G, Lb, n, D]``: ``Ht`` *choosers* of ``G`` query heads each, for ``Lb`` queries, rotated once per
+    slot ``s`` of the ``n`` chunks the query attends (the query as seen from slot ``s``'s re-assigned positions; the
+    policy makes them). A chooser is a KV head's whole group (``Ht = Hkv``) or one of its query heads (``Ht = Hkv *
+    group``, ``G = 1``): choosers ``h * Ht / Hkv ..`` read KV head ``h``. ``keys, values: [B, Hkv, chunks, C, D]``: the
+    store's keys and values in whole chunks of ``C`` tokens (any strides, ``D`` contiguous). ``table: [B, Ht, Lb, n]``:
+    chunk index of every slot, per chooser; the last slot is the query's own chunk, of which only offsets ``<= own[i]``
+    are visible (``own: [Lb]``, the query's offset in it); every other slot is a whole chunk. Output ``[B, Ht * G, Lb,
+    D]`` (query heads in the model's order).
 
 Algorithm
-    One program per (query, batch row x KV head): the ``G`` query heads as the rows of one tile (padded to 16), the
-    chosen chunks read in place through the table, ``BLOCK_C`` keys at a time, with an online softmax in fp32
+    One program per (query, batch row x chooser): the chooser's ``G`` query heads as the rows of one tile (padded to
+    16), the chosen chunks read in place through its table, ``BLOCK_C`` keys at a time, with an online softmax in fp32
     (Flash-attention's). The reference gathers the chunks (``Lb * n * C * D`` elements, which is what made the plain
     prefill slow: docs/ARCHITECTURE.md) and applies one softmax over them.
 
@@ -45,19 +47,19 @@ __all__ = ["chosen_chunk_attention", "chosen_chunk_attention_ref"]
 def chosen_chunk_attention_ref(q_slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
                                own: torch.Tensor, scale: float) -> torch.Tensor:
     """Plain PyTorch: the chunks gathered, one softmax over every slot's keys (module docstring for the shapes)."""
-    B, Hkv, G, Lb, n, D = q_slots.shape
+    B, Ht, G, Lb, n, D = q_slots.shape
     C = keys.shape[3]
     bi = torch.arange(B, device=keys.device).view(B, 1, 1, 1)
-    hi = torch.arange(Hkv, device=keys.device).view(1, Hkv, 1, 1)
-    k, v = keys[bi, hi, table], values[bi, hi, table]  # [B, Hkv, Lb, n, C, D]: whole chunks
+    hi = torch.arange(Ht, device=keys.device).view(1, Ht, 1, 1) // (Ht // keys.shape[1])  # each chooser's KV head
+    k, v = keys[bi, hi, table], values[bi, hi, table]  # [B, Ht, Lb, n, C, D]: whole chunks
     # Batched matmuls over the gathered blocks: [.., C, D] @ [.., D, G].
-    logits = torch.matmul(k, q_slots.to(k.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B, Hkv, Lb, n, C, G]
+    logits = torch.matmul(k, q_slots.to(k.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B, Ht, Lb, n, C, G]
     future = torch.zeros(Lb, n, C, dtype=torch.bool, device=keys.device)
     future[:, -1] = torch.arange(C, device=keys.device)[None, :] > own[:, None]  # own chunk: offsets up to the query's
     logits = logits.masked_fill(future[None, None, :, :, :, None], -math.inf)
-    probs = torch.softmax(logits.view(B, Hkv, Lb, n * C, G), dim=3).to(v.dtype)
-    out = torch.matmul(probs.transpose(-1, -2), v.reshape(B, Hkv, Lb, n * C, D))  # [B, Hkv, Lb, G, D]
-    return out.permute(0, 1, 3, 2, 4).reshape(B, Hkv * G, Lb, D).to(q_slots.dtype)
+    probs = torch.softmax(logits.view(B, Ht, Lb, n * C, G), dim=3).to(v.dtype)
+    out = torch.matmul(probs.transpose(-1, -2), v.reshape(B, Ht, Lb, n * C, D))  # [B, Ht, Lb, G, D]
+    return out.permute(0, 1, 3, 2, 4).reshape(B, Ht * G, Lb, D).to(q_slots.dtype)
 
 
 if HAVE_TRITON:
@@ -91,14 +93,14 @@ if HAVE_TRITON:
         sv_b, sv_h, sv_c, sv_t,
         st_b, st_h, st_l,
         so_b, so_h, so_l,
-        Hkv, G, D, C, n_slots, scale,
+        Ht, per_kv, G, D, C, n_slots, scale,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     ):
         i = tl.program_id(0)
         bh = tl.program_id(1)
-        b = bh // Hkv
-        h = bh % Hkv
+        b = bh // Ht
+        h = bh % Ht  # the chooser; it reads KV head h // per_kv
         offs_g = tl.arange(0, BLOCK_G)
         offs_d = tl.arange(0, BLOCK_D)
         offs_c = tl.arange(0, BLOCK_C)
@@ -116,8 +118,8 @@ if HAVE_TRITON:
             q = tl.load(q_base + s * sq_s + offs_g[:, None] * sq_g + offs_d[None, :],
                         mask=g_ok[:, None] & d_ok[None, :], other=0.0)
             visible = tl.where(s == n_slots - 1, own + 1, C)  # the query's own chunk: offsets up to its own
-            k_base = K + b * sk_b + h * sk_h + chunk * sk_c
-            v_base = V + b * sv_b + h * sv_h + chunk * sv_c
+            k_base = K + b * sk_b + (h // per_kv) * sk_h + chunk * sk_c
+            v_base = V + b * sv_b + (h // per_kv) * sv_h + chunk * sv_c
             if INTERPRET:
                 t0 = 0
                 while t0 < C:
@@ -139,28 +141,28 @@ def chosen_chunk_attention(q_slots: torch.Tensor, keys: torch.Tensor, values: to
     """The Triton kernel (module docstring); same arguments and result as ``chosen_chunk_attention_ref``."""
     if not HAVE_TRITON:
         raise RuntimeError("chosen_chunk_attention needs triton; use chosen_chunk_attention_ref without it")
-    B, Hkv, G, Lb, n, D = q_slots.shape
+    B, Ht, G, Lb, n, D = q_slots.shape
     Bk, Hk, _, C, Dk = keys.shape
-    assert (Bk, Hk, Dk) == (B, Hkv, D) and values.shape == keys.shape, \
+    assert (Bk, Dk) == (B, D) and Ht % Hk == 0 and values.shape == keys.shape, \
         f"q {tuple(q_slots.shape)}, k {tuple(keys.shape)}"
-    assert tuple(table.shape) == (B, Hkv, Lb, n) and tuple(own.shape) == (Lb,), "table [B, Hkv, Lb, n], own [Lb]"
+    assert tuple(table.shape) == (B, Ht, Lb, n) and tuple(own.shape) == (Lb,), "table [B, Ht, Lb, n], own [Lb]"
     assert D <= 256 and G <= 64, f"head_dim {D} (<= 256) and {G} query heads per KV head (<= 64)"
     assert keys.stride(-1) == 1 and values.stride(-1) == 1, "the keys' and values' last dimension must be contiguous"
     q_slots = q_slots.to(keys.dtype).contiguous()
     table = table.to(torch.int32).contiguous()
     own = own.to(torch.int32).contiguous()
-    out = torch.empty(B, Hkv * G, Lb, D, device=keys.device, dtype=keys.dtype)
-    if Lb == 0 or B * Hkv == 0:
+    out = torch.empty(B, Ht * G, Lb, D, device=keys.device, dtype=keys.dtype)
+    if Lb == 0 or B * Ht == 0:
         return out
     block_c = min(block_c, max(16, triton.next_power_of_2(C)))
-    _chosen_chunks_fwd[(Lb, B * Hkv)](
+    _chosen_chunks_fwd[(Lb, B * Ht)](
         q_slots, keys, values, table, own, out,
         *q_slots.stride()[:5],
         *keys.stride()[:4],
         *values.stride()[:4],
         *table.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
-        Hkv, G, D, C, n, scale,
+        Ht, Ht // Hk, G, D, C, n, scale,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)),
         INTERPRET=INTERPRET, IEEE=keys.dtype == torch.float32, num_warps=4, num_stages=2,
     )

@@ -13,9 +13,11 @@ queries attend over its own keys, non-causally (``softmax(Q_c K_c^T * scale) V_c
 over the chunk's tokens (and, here, over the query heads sharing the KV head) is the chunk's summary ``s_c``; the
 chunk's representative key is the attention-pooled key ``r_c = softmax(s_c K'_c^T / sqrt(D)) K'_c``, where ``K'_c``
 are the chunk's keys rotated at their offsets *inside* the chunk (positions ``0 .. chunk_size - 1``). A query
-scores chunk ``c`` by ``q~ . r_c`` with ``q~`` the query before RoPE; here the scores of the query heads sharing a
-KV head are summed and the chunks are chosen per KV head (the paper's Llama-2 is MHA, where the two coincide; the
-cache, and what is read, is per KV head).
+scores chunk ``c`` by ``q~ . r_c`` with ``q~`` the query before RoPE. By default (``choose_per="kv_head"``) the
+scores of the query heads sharing a KV head are summed and the chunks are chosen per KV head; with
+``choose_per="query_head"`` each query head has its own summary (the mean of its own outputs), representative and
+choice, which is the paper's rule on its MHA Llama-2, where the two coincide. A KV head's query heads then read
+different chunks of its cache.
 
 *Positions.* The chosen chunks are laid out in increasing order in ``top_k + 3`` slots: slot ``s`` holds its
 chunk's token ``o`` at position ``s * chunk_size + o``, and the query sits at ``(top_k + 2) * chunk_size + p %
@@ -38,18 +40,31 @@ Shakespeare's), where dense found 98%. A bound is never below any of its page's 
 the query matches scores high whatever the rest of the chunk holds. It costs two vectors per page (the paper's: one
 per chunk).
 
+*Max scores* (``chunk_score="max"``, not the paper's). A chunk is scored by its best logit for the query at the
+paper's positions, ``max_o q~ . R(o) k_o`` over its keys at their offsets ``o`` inside it (computed as the query
+rotated by ``c * chunk_size - p`` against the keys as stored: ``(R(c C - p) q) . (R(t) k) = q~ . R(t - c C) k``);
+the group's query heads' maxima summed per KV head. Nothing is kept for it, but choosing reads every key of every
+complete chunk for every query past the window (a QK pass as dense attention's, without its softmax and values), so
+what it saves is RoPE's range, not work. Why: on Gemma 3 at 8K (``bench/experiments/longheads_head_choice.py``, the
+CPU, real weights) the global heads that copy a needle's number put 0.5-1.0 of their attention on it at every
+answer token, and one head of a group does so alone; the paper's pooled representative and the group's summed scores
+leave its chunk out at some answer tokens, which breaks the number. Chosen per query head, the best key finds it.
+
 How this differs from the paper's code:
 - The query attends to itself (the code's selected keys stop one short of the query during prefill).
 - Prefill and decode choose chunks by one rule (the code's decode step, at the last token of a chunk, offers the
   previous chunk to the top-k rather than keeping it); chunked prefill, one-shot prefill and token-by-token decode
   give the same result.
-- GQA: chunks chosen per KV head, summaries averaged over its query heads (above).
+- GQA: chunks chosen per KV head, summaries averaged over its query heads, unless ``choose_per="query_head"``
+  (above).
 
 Memory: every token is kept (LongHeads extends the context, it does not evict) plus one representative key per
 complete chunk: ``kv_tokens = seq_len + ceil((seq_len // chunk_size) / 2)`` (a key is half a slot); with bound
 scores two vectors per page of a complete chunk (one slot per ``bound_page`` tokens: 1/16 more). The store also
 holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
-summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size).
+summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size); nor
+does it count the ``group - 1`` more representatives per chunk and KV head that the paper's scores keep per query
+head. Max scores keep nothing besides the whole chunks.
 
 Paths: past ``window`` a query block's chunks are chosen and its queries rotated once per chosen chunk in PyTorch;
 with kernels on (a GPU, or TRITON_INTERPRET=1) the Triton kernel ``kernels/chunk_attention.py`` reads the chosen
@@ -75,6 +90,8 @@ from headwise.policies.base import AttendContext, Policy, causal_attention, chec
 from headwise.policies.stores import DenseStore
 from headwise.rope import rotate
 
+SCORES = ("paper", "bound", "max")
+CHOOSERS = ("kv_head", "query_head")
 GATHER_ELEMENTS = 1 << 26  # per query block: keys gathered (x2 with values), or rotated queries with the kernel
 
 
@@ -94,11 +111,19 @@ class LongHeads(Policy):
     over the chunk's pages of keys; module docstring)."""
     bound_page: int = 16
     """Tokens per page of the bound scores (a divisor of ``chunk_size``); unused with the paper's scores."""
+    choose_per: str = "kv_head"
+    """Who chooses chunks: ``"kv_head"`` (the group's query heads' scores summed, one choice per KV head) or
+    ``"query_head"`` (each query head scores and chooses its own chunks, as on the paper's MHA model; module
+    docstring)."""
 
     def validate(self) -> None:
         check_positive(self, chunk_size=self.chunk_size, top_k=self.top_k)
-        if self.chunk_score not in ("paper", "bound"):
-            raise PlanError(f"policy 'longheads': 'chunk_score' must be 'paper' or 'bound', got {self.chunk_score!r}")
+        if self.chunk_score not in SCORES:
+            raise PlanError(f"policy 'longheads': 'chunk_score' must be one of {', '.join(map(repr, SCORES))}, got "
+                            f"{self.chunk_score!r}")
+        if self.choose_per not in CHOOSERS:
+            raise PlanError(f"policy 'longheads': 'choose_per' must be one of {', '.join(map(repr, CHOOSERS))}, got "
+                            f"{self.choose_per!r}")
         if self.bounds and (self.bound_page < 1 or self.chunk_size % self.bound_page):
             raise PlanError(f"policy 'longheads': 'bound_page' ({self.bound_page}) must divide 'chunk_size' "
                             f"({self.chunk_size})")
@@ -109,6 +134,11 @@ class LongHeads(Policy):
     def bounds(self) -> bool:
         """Whether chunks are scored by their pages' key bounds (``chunk_score="bound"``), not representatives."""
         return self.chunk_score == "bound"
+
+    @property
+    def per_query_head(self) -> bool:
+        """Whether each query head chooses its own chunks (``choose_per="query_head"``)."""
+        return self.choose_per == "query_head"
 
     @property
     def window(self) -> int:
@@ -122,9 +152,15 @@ class LongHeads(Policy):
     def kv_tokens(self, seq_len: int) -> int:
         return self._slots(seq_len) + -(-(seq_len // self.chunk_size) * self._vectors() // 2)
 
+    @property
+    def by_keys(self) -> bool:
+        """Whether chunks are scored from their keys directly (``chunk_score="max"``): nothing kept for scoring."""
+        return self.chunk_score == "max"
+
     def _vectors(self) -> int:
-        """Vectors kept per complete chunk for scoring: the representative key, or each page's minimum and maximum."""
-        return 2 * (self.chunk_size // self.bound_page) if self.bounds else 1
+        """Vectors kept per complete chunk for scoring: the representative key, each page's minimum and maximum, or
+        none (``max``)."""
+        return 2 * (self.chunk_size // self.bound_page) if self.bounds else 0 if self.by_keys else 1
 
     def _slots(self, seq_len: int) -> int:
         """Token slots: whole chunks (a chosen chunk is read as one block)."""
@@ -137,11 +173,12 @@ class LongHeads(Policy):
         return (2 * self._slots(seq_len) + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
 
     def short(self) -> str:
-        return f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.bounds else "")
+        return (f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.bounds else "m" if self.by_keys else "")
+                + ("q" if self.per_query_head else ""))
 
     def make_store(self, batch, heads, head_dim, device, dtype) -> ChunkStore:
         return ChunkStore(batch, heads, head_dim, device, dtype, self.chunk_size,
-                          self.bound_page if self.bounds else 0)
+                          self.bound_page if self.bounds else 0, self.per_query_head, self.by_keys)
 
     def attend(self, q, k, v, store: ChunkStore, ctx: AttendContext) -> torch.Tensor:
         if ctx.rope is None:
@@ -164,8 +201,10 @@ class LongHeads(Policy):
                                          start, ctx.scale))
         B, Hkv, _, D = keys.shape
         kernel = ctx.use_kernels and (q.is_cuda or INTERPRET)
-        # a block's gathered chunks (the reference), or its queries rotated once per slot (the kernel)
-        per_query = q.shape[1] * (self.top_k + 3) * D if kernel else Hkv * self.window * D
+        # a block's gathered chunks per chooser (the reference), or its queries rotated once per slot (the kernel)
+        per_query = q.shape[1] * (self.top_k + 3) * D if kernel else self._choosers(Hkv, q.shape[1]) * self.window * D
+        if self.by_keys:  # scoring: the query rotated once per complete chunk, and its logits over every key
+            per_query = max(per_query, q.shape[1] * (store.n_reps + L // self.chunk_size + 1) * (D + self.chunk_size))
         block = max(1, GATHER_ELEMENTS // (B * per_query))
         for a in range(n_full, L, block):
             b = min(L, a + block)
@@ -173,37 +212,52 @@ class LongHeads(Policy):
             outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope, kernel))
         return torch.cat(outs, dim=2)
 
+    def _choosers(self, kv_heads: int, q_heads: int) -> int:
+        return q_heads if self.per_query_head else kv_heads
+
     def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
         """Chunks each query attends, in slot order: ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>=
-        window``) -> ``[B, Hkv, Lb, top_k + 3]`` chunk indices: 0, the ``top_k`` best of ``1 .. c_q - 2`` by
-        ``chunk_scores`` (increasing), ``c_q - 1``, ``c_q``."""
+        window``) -> ``[B, Ht, Lb, top_k + 3]`` chunk indices per chooser (``Ht``: KV heads, or query heads with
+        ``choose_per="query_head"``): 0, the ``top_k`` best of ``1 .. c_q - 2`` by ``chunk_scores`` (increasing),
+        ``c_q - 1``, ``c_q``."""
         cq = pos // self.chunk_size
         scores = self.chunk_scores(q, pos, store, rope)
         r = torch.arange(store.n_reps, device=q.device)
         candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
         scores = scores.masked_fill(~candidate, -math.inf)
         top = scores.topk(self.top_k, dim=-1).indices.sort(dim=-1).values
-        B, Hkv, Lb = top.shape[:3]
-        fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Hkv, Lb, 3)
+        B, Ht, Lb = top.shape[:3]
+        fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Ht, Lb, 3)
         return torch.cat([fixed[..., :1], top, fixed[..., 1:]], dim=-1)
 
     def chunk_scores(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
         """Every complete chunk's score for each query ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` -> fp32
-        ``[B, Hkv, Lb, n_reps]``: ``sum over the group of q~ . r_c`` (the paper's), or the best page's bound."""
+        ``[B, Ht, Lb, n_reps]`` per chooser: ``q~ . r_c`` (the paper's), or the best page's bound; a KV head's
+        chooser sums its query heads' scores."""
         B, Hq, Lb, D = q.shape
-        Hkv = store.heads
-        if self.bounds:  # Quest's bound per page at the true positions, summed over the group
+        Hkv, G = store.heads, Hq // store.heads
+        if self.bounds:  # Quest's bound per page at the true positions
             ppc = self.chunk_size // self.bound_page
-            qg = q.float().reshape(B, Hkv, Hq // Hkv * Lb, D)
+            qg = q.float().reshape(B, Hkv, G * Lb, D)
             up = qg.clamp(min=0)
             kmin, kmax = (t[:, :, : store.n_reps * ppc].float() for t in (store.kmin, store.kmax))
             scores = (torch.einsum("bhld,bhrd->bhlr", up, kmax) + torch.einsum("bhld,bhrd->bhlr", qg - up, kmin))
-            scores = scores.view(B, Hkv, Hq // Hkv, Lb, store.n_reps, ppc).sum(dim=2).amax(dim=-1)
-        else:
-            q_pre = rotate(q, -pos, rope).float().view(B, Hkv, Hq // Hkv, Lb, D).sum(dim=2)  # the query before RoPE
-            reps = store.reps[:, :, : store.n_reps].float()
-            scores = torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
-        return scores
+            scores = scores.view(B, Hkv, G, Lb, store.n_reps, ppc)
+            scores = (scores.reshape(B, Hq, Lb, store.n_reps, ppc) if self.per_query_head else scores.sum(dim=2))
+            return scores.amax(dim=-1)
+        if self.by_keys:  # each chunk's best logit at the paper's positions: q~ . R(o) k over its keys
+            n, C = store.n_reps, self.chunk_size
+            assert store.keys is not None
+            keys = store.keys[:, :, : n * C].float().view(B, Hkv, n, C, D)
+            shift = (torch.arange(n, device=q.device) * C)[None, :] - pos[:, None]  # [Lb, n]: R(c C - p) q = R(c C) q~
+            qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).float().view(B, Hkv, G * Lb, n, D)
+            best = torch.einsum("bhlnd,bhncd->bhlnc", qc, keys).amax(dim=-1).view(B, Hkv, G, Lb, n)
+            return best.reshape(B, Hq, Lb, n) if self.per_query_head else best.sum(dim=2)
+        q_pre = rotate(q, -pos, rope).float()  # the query before RoPE
+        reps = store.reps[:, :, : store.n_reps].float()  # per query head, or per KV head
+        if not self.per_query_head:
+            q_pre = q_pre.view(B, Hkv, G, Lb, D).sum(dim=2)
+        return torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
 
     def attend_chosen(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, scale: float,
                       rope: torch.Tensor, kernel: bool = False) -> torch.Tensor:
@@ -211,13 +265,13 @@ class LongHeads(Policy):
         their chosen chunks at re-assigned positions. Returns ``[B, Hq, Lb, D]``. ``kernel``: the Triton kernel reads
         the chunks in place (``kernels/chunk_attention.py``); else they are gathered (its reference)."""
         B, Hq, Lb, D = q.shape
-        Hkv, C, n = store.heads, self.chunk_size, self.top_k + 3
-        G = Hq // Hkv
-        table = self.choose(q, pos, store, rope)  # [B, Hkv, Lb, n]
+        C, n = self.chunk_size, self.top_k + 3
+        Ht = self._choosers(store.heads, Hq)
+        table = self.choose(q, pos, store, rope)  # [B, Ht, Lb, n]
         slot = torch.arange(n, device=q.device)
         a_q = (n - 1) * C + pos % C  # the query's re-assigned position
-        shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Hkv, Lb, n]
-        q_slots = rotate(q.view(B, Hkv, G, Lb, 1, D), shift[:, :, None], rope)  # [B, Hkv, G, Lb, n, D]
+        shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Ht, Lb, n]
+        q_slots = rotate(q.view(B, Ht, Hq // Ht, Lb, 1, D), shift[:, :, None], rope)  # [B, Ht, Hq / Ht, Lb, n, D]
         keys_c, values_c = store.chunks()  # [B, Hkv, chunks, C, D]
         attend = chosen_chunk_attention if kernel else chosen_chunk_attention_ref
         return attend(q_slots, keys_c, values_c, table, pos % C, scale).to(q.dtype)
@@ -229,19 +283,23 @@ class ChunkStore(DenseStore):
     The buffers hold a whole number of chunks, zeroed past the tokens written, so a chosen chunk is read as one block
     (``chunks``) and the unwritten tail of the newest chunk (masked out) holds no NaN.
 
-    ``reps: [batch, heads, chunk_capacity, head_dim]``, first ``n_reps`` valid: the representative key of every
-    complete chunk (``chunk_representatives``). ``pending: [batch, q_heads, chunk_size, head_dim]``: the queries
-    of the chunk being filled (positions ``n_reps * chunk_size .. length - 1``), kept until the chunk completes.
-    With ``bound_page`` > 0 (``chunk_score="bound"``) ``kmin, kmax: [batch, heads, pages, head_dim]`` hold the
-    per-channel minimum and maximum key of every page of ``bound_page`` tokens of the complete chunks instead, and no
-    queries are kept.
+    ``reps: [batch, heads, chunk_capacity, head_dim]`` (``heads`` the query heads with ``per_query_head``), first
+    ``n_reps`` valid: the representative key of every complete chunk (``chunk_representatives``). ``pending: [batch,
+    q_heads, chunk_size, head_dim]``: the queries of the chunk being filled (positions ``n_reps * chunk_size ..
+    length - 1``), kept until the chunk completes. With ``bound_page`` > 0 (``chunk_score="bound"``) ``kmin, kmax:
+    [batch, heads, pages, head_dim]`` hold the per-channel minimum and maximum key of every page of ``bound_page``
+    tokens of the complete chunks instead, and no queries are kept; with ``by_keys`` (``"max"``) nothing is kept
+    besides the keys and values (``n_reps`` still counts the complete chunks).
     """
 
     def __init__(self, batch: int, heads: int, head_dim: int, device: torch.device, dtype: torch.dtype,
-                 chunk_size: int, bound_page: int = 0):
+                 chunk_size: int, bound_page: int = 0, per_query_head: bool = False, by_keys: bool = False):
         super().__init__(batch, heads, head_dim, device, dtype)
         self.chunk_size = chunk_size
         self.bound_page = bound_page
+        self.per_query_head = per_query_head
+        self.by_keys = by_keys  # chunks scored from their keys alone: no representatives, bounds or queries kept
+        self.rep_heads = heads  # with per-query-head representatives, the query heads (known at the first queries)
         self.reps = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmin = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
         self.kmax = torch.empty(batch, heads, 0, head_dim, device=device, dtype=dtype)
@@ -282,12 +340,13 @@ class ChunkStore(DenseStore):
         return self.kmin.shape[2] // self.pages_per_chunk if self.bounds else self.reps.shape[2]
 
     def _grow_reps(self, chunks: int) -> None:
-        if chunks <= self._chunks_held():
+        if self.by_keys or chunks <= self._chunks_held():
             return
 
         def grown(old: torch.Tensor) -> torch.Tensor:
             per = self.pages_per_chunk if self.bounds else 1
-            new = torch.empty(self.batch, self.heads, chunks * per, self.head_dim, device=self.device, dtype=self.dtype)
+            new = torch.empty(self.batch, old.shape[1], chunks * per, self.head_dim, device=self.device,
+                              dtype=self.dtype)
             new[:, :, : self.n_reps * per] = old[:, :, : self.n_reps * per]
             return new
 
@@ -300,8 +359,14 @@ class ChunkStore(DenseStore):
         """Take the chunk's queries ``q: [B, Hq, L, D]`` (positions ``start ..``; their keys already appended):
         compute the representative of every chunk they complete, keep the rest until their chunk completes."""
         C, L = self.chunk_size, q.shape[2]
+        if self.by_keys:
+            self.n_reps = (start + L) // C
+            return
         if self.pending is None and not self.bounds:
             self.pending = torch.empty(self.batch, q.shape[1], C, self.head_dim, device=self.device, dtype=q.dtype)
+            if self.per_query_head:  # one representative per query head: nothing is held yet (no queries were)
+                self.rep_heads = q.shape[1]
+                self.reps = self.reps.new_empty(self.batch, self.rep_heads, self.reps.shape[2], self.head_dim)
         first, done = self.n_reps, (start + L) // C
         if done > first:
             assert self.keys is not None and self.values is not None
@@ -319,7 +384,8 @@ class ChunkStore(DenseStore):
                 assert self.pending is not None
                 qs = torch.cat([self.pending[:, :, :held], q[:, :, : done * C - start]], dim=2)
                 reps = chunk_representatives(qs, self.keys[:, :, first * C : done * C],
-                                             self.values[:, :, first * C : done * C], first, C, scale, rope)
+                                             self.values[:, :, first * C : done * C], first, C, scale, rope,
+                                             self.per_query_head)
                 self.reps[:, :, first:done] = reps.to(self.dtype)
             self.n_reps = done
         a = max(start, done * C)
@@ -327,18 +393,19 @@ class ChunkStore(DenseStore):
             self.pending[:, :, a - done * C : start + L - done * C] = q[:, :, a - start :]
 
     def tensors(self) -> list[torch.Tensor]:
-        return (super().tensors() + ([self.kmin, self.kmax] if self.bounds else [self.reps])
+        return (super().tensors() + ([self.kmin, self.kmax] if self.bounds else [] if self.by_keys else [self.reps])
                 + ([self.pending] if self.pending is not None else []))
 
 
 def chunk_representatives(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, chunk_size: int,
-                          scale: float, rope: torch.Tensor) -> torch.Tensor:
+                          scale: float, rope: torch.Tensor, per_query_head: bool = False) -> torch.Tensor:
     """Representative keys of complete chunks ``first, first + 1, ...``: ``q: [B, Hq, n * C, D]`` and ``k, v: [B,
-    Hkv, n * C, D]`` their tokens (rotated at their own positions) -> fp32 ``[B, Hkv, n, D]``.
+    Hkv, n * C, D]`` their tokens (rotated at their own positions) -> fp32 ``[B, Hkv, n, D]`` (``[B, Hq, n, D]`` with
+    ``per_query_head``).
 
-    Per chunk: ``s = mean(softmax(Q K^T * scale) V)`` over its tokens and the group's query heads (non-causal
-    attention inside the chunk; relative positions, so no rotation needed), then ``softmax(s K'^T / sqrt(D)) K'``
-    with ``K'`` the keys rotated to their offsets inside the chunk."""
+    Per chunk: ``s = mean(softmax(Q K^T * scale) V)`` over its tokens and the group's query heads (each query head's
+    own with ``per_query_head``; non-causal attention inside the chunk; relative positions, so no rotation needed),
+    then ``softmax(s K'^T / sqrt(D)) K'`` with ``K'`` the keys rotated to their offsets inside the chunk."""
     B, Hq, T, D = q.shape
     Hkv, C = k.shape[1], chunk_size
     n = T // C
@@ -346,8 +413,10 @@ def chunk_representatives(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, fir
     kc = k.view(B, Hkv, n, C, D).transpose(1, 2).reshape(B * n, Hkv, C, D)
     vc = v.view(B, Hkv, n, C, D).transpose(1, 2).reshape(B * n, Hkv, C, D)
     feats = F.scaled_dot_product_attention(qc, kc, vc, scale=scale, enable_gqa=Hq != Hkv)
-    summary = feats.float().view(B, n, Hkv, Hq // Hkv, C, D).mean(dim=(3, 4)).transpose(1, 2)  # [B, Hkv, n, D]
+    summary = feats.float().view(B, n, Hkv, Hq // Hkv, C, D).mean(dim=4).permute(0, 2, 3, 1, 4)  # [B, Hkv, G, n, D]
+    if not per_query_head:
+        summary = summary.mean(dim=2, keepdim=True)
     chunk = first + torch.arange(n, device=q.device)
     local = rotate(k.view(B, Hkv, n, C, D), -(chunk * C)[:, None], rope).float()  # offsets inside the chunk
-    w = torch.softmax(torch.einsum("bhnd,bhncd->bhnc", summary, local) / math.sqrt(D), dim=-1)
-    return torch.einsum("bhnc,bhncd->bhnd", w, local)
+    w = torch.softmax(torch.einsum("bhgnd,bhncd->bhgnc", summary, local) / math.sqrt(D), dim=-1)
+    return torch.einsum("bhgnc,bhncd->bhgnd", w, local).flatten(1, 2)
