@@ -23,11 +23,11 @@ from typing import Any
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from headwise.bench.record import result_doc, result_path, write_result
 from headwise.data import shakespeare
 from headwise.models import load_model
+from headwise.profile.probe import probe_attention
 
 LAYERS, TOKENS, QUERIES, TOP, M, EF_BUILD = (5, 15, 25), 8192, 256, 100, 32, 128
 EFS = (64, 128, 256, 512)
@@ -39,7 +39,8 @@ captured: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 def capture(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Any, **kw: Any):
     if module.layer_idx in LAYERS:
         captured[module.layer_idx] = (query[0].detach().clone(), key[0].detach().clone())
-    return sdpa_attention_forward(module, query, key, value, mask, **kw)
+    # headwise's probe attention builds the layer's own mask: transformers builds none for a name it does not know
+    return probe_attention(module, query, key, value, None, **kw)
 
 
 def build(lib: str, keys: np.ndarray) -> Any:

@@ -107,8 +107,8 @@ class LongHeads(Policy):
     """Chunks chosen by score per query, besides the first, the previous and its own: a head attends
     ``(top_k + 3) * chunk_size`` tokens at most. The paper's 4096-token window with chunks of 256 is ``top_k=13``."""
     chunk_score: str = "paper"
-    """How chunks are scored: ``"paper"`` (the attention-pooled representative key) or ``"bound"`` (Quest's upper bound
-    over the chunk's pages of keys; module docstring)."""
+    """How chunks are scored: ``"paper"`` (the attention-pooled representative key), ``"bound"`` (Quest's upper bound
+    over the chunk's pages of keys) or ``"max"`` (the chunk's best key at the paper's positions; module docstring)."""
     bound_page: int = 16
     """Tokens per page of the bound scores (a divisor of ``chunk_size``); unused with the paper's scores."""
     choose_per: str = "kv_head"
@@ -248,10 +248,10 @@ class LongHeads(Policy):
         if self.by_keys:  # each chunk's best logit at the paper's positions: q~ . R(o) k over its keys
             n, C = store.n_reps, self.chunk_size
             assert store.keys is not None
-            keys = store.keys[:, :, : n * C].float().view(B, Hkv, n, C, D)
+            keys = store.keys[:, :, : n * C].view(B, Hkv, n, C, D)  # in the cache's dtype (products accumulate in fp32)
             shift = (torch.arange(n, device=q.device) * C)[None, :] - pos[:, None]  # [Lb, n]: R(c C - p) q = R(c C) q~
-            qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).float().view(B, Hkv, G * Lb, n, D)
-            best = torch.einsum("bhlnd,bhncd->bhlnc", qc, keys).amax(dim=-1).view(B, Hkv, G, Lb, n)
+            qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).to(keys.dtype).view(B, Hkv, G * Lb, n, D)
+            best = torch.einsum("bhlnd,bhncd->bhlnc", qc, keys).amax(dim=-1).float().view(B, Hkv, G, Lb, n)
             return best.reshape(B, Hq, Lb, n) if self.per_query_head else best.sum(dim=2)
         q_pre = rotate(q, -pos, rope).float()  # the query before RoPE
         reps = store.reps[:, :, : store.n_reps].float()  # per query head, or per KV head
