@@ -87,3 +87,25 @@ def test_mixed_plan_groups_heads_and_differs_from_dense():
     mixed = eng.prefill(ids, cache, all_logits=True)
     assert len(cache.layers[1].groups) == 2 and len(cache.layers[0].groups) == 1
     assert (mixed - Engine(lm).logits(ids)).abs().max().item() > 1e-3
+
+
+def test_consecutive_head_groups_are_views_and_equal_a_gather():
+    """A group of consecutive KV heads takes the layer's heads as a view (no copy) and writes its output back by a
+    slice; an interleaved group gathers and scatters. Both give a gather's result (on the model's layout: heads a
+    transposed view)."""
+    from headwise.cache import group_heads
+    from headwise.policies import build_policy
+
+    full, stream = build_policy({"policy": "full"}), build_policy({"policy": "streaming", "params": {"sink": 2, "window": 4}})
+    q, kv = torch.randn(2, 5, 8, 6).transpose(1, 2), torch.randn(2, 5, 4, 6).transpose(1, 2)
+    for policies in ([full, full, stream, stream], [full, stream, full, stream]):
+        for g in group_heads(policies, 2, torch.device("cpu")):
+            assert (g.kv_range is not None) == (g.kv_heads == list(range(g.kv_heads[0], g.kv_heads[-1] + 1)))
+            got_q, got_k = g.heads_of(q, 2), g.heads_of(kv)
+            torch.testing.assert_close(got_q, q.index_select(1, g.q_index))
+            torch.testing.assert_close(got_k, kv.index_select(1, g.kv_index))
+            assert (got_k.data_ptr() == kv[:, g.kv_heads[0]].data_ptr()) == (g.kv_range is not None)
+            out, want = torch.zeros_like(q), torch.zeros_like(q)
+            g.write_heads(out, got_q + 1)
+            want.index_copy_(1, g.q_index, got_q + 1)
+            assert torch.equal(out, want)

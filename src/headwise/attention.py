@@ -98,14 +98,14 @@ def _attend_cache(cache: HeadwiseCache, layer_idx: int, query: torch.Tensor, key
                 continue
             if pooled:
                 assert isinstance(store, PagedDenseStore) and query.shape[0] == 1 and store.length == start
-                store.append(key.index_select(1, g.kv_index), value.index_select(1, g.kv_index))
+                store.append(g.heads_of(key), g.heads_of(value))
                 rows.prefill.append(PoolPrefillRow(store, g.kv_heads, token0, L, start))
                 continue
             ctx = _ctx(cache, layer, start, scale, g.kv_heads)
-            q = query.index_select(1, g.q_index)
-            k = key.index_select(1, g.kv_index)
-            v = value.index_select(1, g.kv_index)
-            out.index_copy_(1, g.q_index, g.policy.attend(q, k, v, store, ctx))
+            G = query.shape[1] // key.shape[1]
+            # consecutive heads are views (a profiled or split plan often groups them so), others gathered
+            res = g.policy.attend(g.heads_of(query, G), g.heads_of(key), g.heads_of(value), store, ctx)
+            g.write_heads(out, res)
     layer.seen = start + L
     return out
 

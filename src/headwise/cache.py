@@ -34,6 +34,23 @@ class HeadGroup:
     kv_index: torch.Tensor
     store: KVStore | None = None
     pages: GroupPages | None = None  # its pool pages, under an engine's page pool (``paged_cache.py``)
+    kv_range: tuple[int, int] | None = None  # ``kv_heads`` as ``range(*kv_range)`` when consecutive
+
+    def heads_of(self, x: torch.Tensor, per_kv: int = 1) -> torch.Tensor:
+        """This group's heads of ``x: [B, H, ...]`` (``per_kv`` heads per KV head: the group size for queries): a
+        view when they are consecutive (no copy), else a gather."""
+        if self.kv_range is not None:
+            a, b = self.kv_range
+            return x[:, a * per_kv : b * per_kv]
+        return x.index_select(1, self.q_index if per_kv > 1 else self.kv_index)
+
+    def write_heads(self, out: torch.Tensor, res: torch.Tensor) -> None:
+        """Put this group's query heads' output ``res`` into ``out: [B, Hq, ...]``."""
+        if self.kv_range is not None:
+            G = res.shape[1] // (self.kv_range[1] - self.kv_range[0])
+            out[:, self.kv_range[0] * G : self.kv_range[1] * G] = res
+        else:
+            out.index_copy_(1, self.q_index, res)
 
 
 class HeadwiseLayer(CacheLayerMixin):
@@ -88,6 +105,7 @@ def group_heads(policies: list[Policy], group_size: int, device: torch.device) -
                 heads,
                 torch.tensor(q_idx, dtype=torch.long, device=device),
                 torch.tensor(heads, dtype=torch.long, device=device),
+                kv_range=(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else None,
             )
         )
     return out
