@@ -142,13 +142,20 @@ def test_past_the_window_matches_a_first_principles_reference(chunks, choose_per
     assert (out - ref).abs().max() < 1e-4
 
 
+def planted_case(Hq: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Small random q, k, v (``B = 1``, one KV head, 120 tokens, D 12) and a needle direction in the lowest frequency
+    pair (it barely turns inside a chunk) for a test to plant."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = torch.randn(1, Hq, 120, 12, generator=g) * 0.1, torch.randn(1, 1, 120, 12, generator=g) * 0.1, \
+        torch.randn(1, 1, 120, 12, generator=g)
+    needle = torch.zeros(12)
+    needle[12 // 2 - 1], needle[12 - 1] = 1.0, 1.0
+    return q, k, v, needle
+
+
 def test_chooses_the_chunk_holding_a_planted_key():
     B, Hq, Hkv, C, T, D = 1, 2, 1, 8, 120, 12
-    g = torch.Generator().manual_seed(1)
-    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
-        torch.randn(B, Hkv, T, D, generator=g)
-    needle = torch.zeros(D)
-    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0  # the lowest frequency pair: barely turns inside a chunk
+    q, k, v, needle = planted_case(Hq, 1)
     planted = 6  # chunk 6 = positions 48 .. 55
     k[0, 0, planted * C : (planted + 1) * C] = 6 * needle
     v[0, 0, planted * C : (planted + 1) * C] = 5.0
@@ -187,16 +194,21 @@ def test_on_gemma_the_sliding_layers_keep_their_window():
     assert plan.max_context(lm.spec) is None
 
 
-def test_cache_holds_the_planned_bytes_plus_the_filling_chunks_queries():
+def filled_cache(policy: LongHeads) -> tuple[ModelSpec, HeadPlan, HeadwiseCache]:
+    """A two-layer cache (6 query / 2 KV heads, D 12, fp32) under ``policy`` on every head, after 61 tokens."""
     spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
-    policy = LongHeads(chunk_size=5, top_k=2)
     plan = HeadPlan.uniform(spec, policy.to_spec())
     cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
     cache.reserve(61)
     q, k, v = random_qkv(B=1, T=61)
     for layer in cache.layers:
-        g = layer.groups[0]
-        policy.attend(q, k, v, cache._ensure_store(g), AttendContext(start=0, scale=0.3, rope=INV))
+        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    return spec, plan, cache
+
+
+def test_cache_holds_the_planned_bytes_plus_the_filling_chunks_queries():
+    policy = LongHeads(chunk_size=5, top_k=2)
+    spec, plan, cache = filled_cache(policy)
     pending = 2 * 6 * 5 * 12 * 4  # per layer: the group's queries of one chunk
     assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4) + pending
 
@@ -243,42 +255,56 @@ def test_the_server_takes_prompts_past_the_context_under_a_longheads_plan(smollm
     assert limit(HeadPlan.uniform(smollm2.spec, {"policy": "longheads"})) is None
 
 
-def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tensor, p: int) -> list[list[list[int]]]:
-    """Chunks chosen for the query at ``p`` under bound scores, from first principles: per KV head and candidate
-    chunk, the best over its pages of the sum over the query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over
-    the page's rotated keys (per query head with ``choose_per="query_head"``: that head's alone)."""
-    B, Hq = q_rot.shape[:2]
-    Hkv, C = k_rot.shape[1], policy.chunk_size
-    G, cq = Hq // Hkv, p // C
-    per_q = policy.choose_per == "query_head"
+def choosers(policy: LongHeads, Hq: int, Hkv: int) -> list[tuple[int, list[int]]]:
+    """(KV head, its query heads that choose together): the whole group per KV head, or each query head alone."""
+    G = Hq // Hkv
+    if policy.choose_per == "query_head":
+        return [(j // G, [j]) for j in range(Hq)]
+    return [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]
+
+
+def naive_choice(policy: LongHeads, Hq: int, Hkv: int, B: int, p: int, score) -> list[list[list[int]]]:
+    """Chunks chosen for the query at ``p`` per batch row and chooser, ``score(b, h, heads, c)`` scoring candidate
+    chunk ``c`` of KV head ``h`` for the query heads ``heads``: the first, the ``top_k`` best, the previous, its own."""
+    cq = p // policy.chunk_size
     out = []
     for b in range(B):
         rows = []
-        for h, heads in ([(j // G, [j]) for j in range(Hq)] if per_q
-                         else [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]):
-            score = []
-            P = policy.bound_page
-            for c in range(1, cq - 1):
-                best = []
-                for a in range(c * C, (c + 1) * C, P):
-                    lo, hi = k_rot[b, h, a : a + P].min(dim=0).values, k_rot[b, h, a : a + P].max(dim=0).values
-                    best.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, heads, p]))
-                score.append(max(best))
-            chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
+        for h, heads in choosers(policy, Hq, Hkv):
+            scores = torch.stack([torch.as_tensor(score(b, h, heads, c)) for c in range(1, cq - 1)])
+            chosen = sorted((scores.topk(policy.top_k).indices + 1).tolist())
             rows.append([0, *chosen, cq - 1, cq])
         out.append(rows)
     return out
 
 
+def naive_bound_choice(policy: LongHeads, q_rot: torch.Tensor, k_rot: torch.Tensor, p: int) -> list[list[list[int]]]:
+    """Chunks chosen for the query at ``p`` under bound scores, from first principles: per KV head and candidate
+    chunk, the best over its pages of the sum over the query heads of ``sum_d max(q_d * min_d, q_d * max_d)`` over
+    the page's rotated keys (per query head with ``choose_per="query_head"``: that head's alone)."""
+    C, P = policy.chunk_size, policy.bound_page
+
+    def score(b: int, h: int, heads: list[int], c: int) -> float:
+        best = []
+        for a in range(c * C, (c + 1) * C, P):
+            lo, hi = k_rot[b, h, a : a + P].min(dim=0).values, k_rot[b, h, a : a + P].max(dim=0).values
+            best.append(sum(torch.maximum(q * lo, q * hi).sum() for q in q_rot[b, heads, p]))
+        return max(best)
+
+    return naive_choice(policy, q_rot.shape[1], k_rot.shape[1], q_rot.shape[0], p, score)
+
+
+@pytest.mark.parametrize("score", ["bound", "max"])
 @pytest.mark.parametrize("choose_per", ["kv_head", "query_head"])
 @pytest.mark.parametrize("chunks", [[61], [30, 1, 1, 29], [7] * 8 + [5]])
-def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks, choose_per):
+def test_bound_and_max_scores_choose_the_chunks_their_rule_ranks_highest(chunks, choose_per, score):
     """``chunk_score="bound"``: every query past the window attends the chunks whose Quest bound (over the keys as
-    rotated, summed over the group, or per query head) is highest, fed in one chunk, in pieces or token by token; the
-    attention over them is the paper's (re-assigned positions), so the output equals ``attend_chosen`` on those
-    chunks."""
+    rotated, summed over the group, or per query head) is highest; ``"max"``: the chunks holding its best-matching
+    keys, each key seen at its offset inside its chunk and the query before RoPE (the positions the paper scores at).
+    Fed in one chunk, in pieces or token by token. Neither keeps queries; max keeps nothing besides the keys and
+    values. The attention over the chosen chunks is the paper's (re-assigned positions), tested above."""
     q, k, v = random_qkv()
-    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=1 + (len(chunks) == 4) * 4,
+    policy = LongHeads(chunk_size=5, top_k=2, chunk_score=score, bound_page=1 + (len(chunks) == 4) * 4,
                        choose_per=choose_per)
     pos = torch.arange(61)
     qr, kr = apply_rope(q, pos), apply_rope(k, pos)
@@ -288,21 +314,19 @@ def test_bound_scores_choose_the_chunks_quests_bound_ranks_highest(chunks, choos
         policy.attend(qr[:, :, start : start + n], kr[:, :, start : start + n], v[:, :, start : start + n], store,
                       AttendContext(start=start, scale=12 ** -0.5, rope=INV))
         start += n
-    assert store.pending is None and store.n_reps == 12
+    assert store.pending is None and store.n_reps == 12 and store.reps.numel() == 0
+    assert (store.kmin.numel() == 0) == (score == "max")  # max keeps nothing besides the keys and values
     for p in (25, 40, 60):
         got = policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)[:, :, 0].tolist()
-        assert got == naive_bound_choice(policy, qr, kr, p), p
+        want = naive_bound_choice(policy, qr, kr, p) if score == "bound" else naive_max_choice(policy, q, k, p)
+        assert got == want, p
 
 
 def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():
     """A chunk holding a single key the query matches, among keys that pull its average elsewhere, is chosen under
     bound scores: the bound is at least that key's logit, whatever the chunk's other keys are."""
     B, Hq, Hkv, C, T, D = 1, 2, 1, 8, 120, 12
-    g = torch.Generator().manual_seed(4)
-    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
-        torch.randn(B, Hkv, T, D, generator=g)
-    needle = torch.zeros(D)
-    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0
+    q, k, v, needle = planted_case(Hq, 4)
     planted = 6
     k[0, 0, planted * C : (planted + 1) * C] = -2 * needle  # the chunk's other keys point away from the query
     k[0, 0, planted * C + 3] = 6 * needle  # one key matches it
@@ -319,14 +343,8 @@ def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():
 
 
 def test_bound_scores_hold_two_vectors_per_chunk_and_no_queries():
-    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
     policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=5)
-    plan = HeadPlan.uniform(spec, policy.to_spec())
-    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
-    cache.reserve(61)
-    q, k, v = random_qkv(B=1, T=61)
-    for layer in cache.layers:
-        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    spec, plan, cache = filled_cache(policy)
     assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
     assert policy.kv_tokens(61) == 65 + 12 and LongHeads(chunk_size=5, top_k=2).kv_tokens(61) == 65 + 6
     assert LongHeads(chunk_size=8, top_k=2, chunk_score="bound", bound_page=2).kv_tokens(61) == 64 + 7 * 4
@@ -367,11 +385,7 @@ def test_a_query_head_alone_finds_the_chunk_its_group_outvotes(score):
     summed scores leave its chunk out (one choice per KV head). With ``choose_per="query_head"`` the seeking head
     chooses it and attends its values; the others still choose by themselves."""
     B, Hq, Hkv, C, T, D = 1, 4, 1, 8, 120, 12
-    g = torch.Generator().manual_seed(2)
-    q, k, v = torch.randn(B, Hq, T, D, generator=g) * 0.1, torch.randn(B, Hkv, T, D, generator=g) * 0.1, \
-        torch.randn(B, Hkv, T, D, generator=g)
-    needle = torch.zeros(D)
-    needle[D // 2 - 1], needle[D - 1] = 1.0, 1.0  # the lowest frequency pair: barely turns inside a chunk
+    q, k, v, needle = planted_case(Hq, 2)
     planted = 6
     k[0, 0, planted * C : (planted + 1) * C] = 6 * needle
     v[0, 0, planted * C : (planted + 1) * C] = 5.0
@@ -394,14 +408,8 @@ def test_a_query_head_alone_finds_the_chunk_its_group_outvotes(score):
 def test_per_query_head_representatives_are_counted_in_the_cache():
     """The paper's scores chosen per query head keep one representative per query head of every complete chunk:
     the cache's bytes hold ``group - 1`` more per KV head than the plan's per-KV-head count."""
-    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
     policy = LongHeads(chunk_size=5, top_k=2, choose_per="query_head")
-    plan = HeadPlan.uniform(spec, policy.to_spec())
-    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
-    cache.reserve(61)
-    q, k, v = random_qkv(B=1, T=61)
-    for layer in cache.layers:
-        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    spec, plan, cache = filled_cache(policy)
     pending = 2 * 6 * 5 * 12 * 4
     extra_reps = 2 * 2 * (3 - 1) * 12 * 12 * 4  # layers x KV heads x (group - 1) x 12 chunks x D x fp32
     assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4) + pending + extra_reps
@@ -414,55 +422,17 @@ def naive_max_choice(policy: LongHeads, q_pre: torch.Tensor, k_pre: torch.Tensor
     """Chunks chosen for the query at ``p`` under ``chunk_score="max"``, from first principles on vectors before
     RoPE: a candidate chunk's score is its best logit ``q~ . R(o) k`` over its keys at their offsets ``o`` inside it
     (summed over the group's query heads per KV head, or each query head's own)."""
-    B, Hq = q_pre.shape[:2]
-    Hkv, C = k_pre.shape[1], policy.chunk_size
-    G, cq = Hq // Hkv, p // C
-    per_q = policy.choose_per == "query_head"
-    out = []
-    for b in range(B):
-        rows = []
-        for h, heads in ([(j // G, [j]) for j in range(Hq)] if per_q
-                         else [(h, list(range(h * G, (h + 1) * G))) for h in range(Hkv)]):
-            score = []
-            for c in range(1, cq - 1):
-                local = apply_rope(k_pre[b, h, c * C : (c + 1) * C], torch.arange(C))  # keys at offsets 0 .. C-1
-                score.append(sum((local @ q_pre[b, j, p]).max() for j in heads))
-            chosen = sorted((torch.stack(score).topk(policy.top_k).indices + 1).tolist())
-            rows.append([0, *chosen, cq - 1, cq])
-        out.append(rows)
-    return out
+    C = policy.chunk_size
 
+    def score(b: int, h: int, heads: list[int], c: int) -> float:
+        local = apply_rope(k_pre[b, h, c * C : (c + 1) * C], torch.arange(C))  # keys at offsets 0 .. C-1
+        return sum((local @ q_pre[b, j, p]).max() for j in heads)
 
-@pytest.mark.parametrize("choose_per", ["kv_head", "query_head"])
-@pytest.mark.parametrize("chunks", [[61], [30, 1, 1, 29], [7] * 8 + [5]])
-def test_max_scores_choose_the_chunks_with_the_best_key_at_the_papers_positions(chunks, choose_per):
-    """``chunk_score="max"``: every query past the window attends the chunks holding its best-matching keys, each
-    key seen at its offset inside its chunk and the query before RoPE (the positions the paper scores at), fed in one
-    chunk, in pieces or token by token; the store keeps nothing for it besides the keys and values."""
-    q, k, v = random_qkv()
-    policy = LongHeads(chunk_size=5, top_k=2, chunk_score="max", choose_per=choose_per)
-    pos = torch.arange(61)
-    qr, kr = apply_rope(q, pos), apply_rope(k, pos)
-    store = policy.make_store(2, 2, 12, q.device, q.dtype)
-    start = 0
-    for n in chunks:
-        policy.attend(qr[:, :, start : start + n], kr[:, :, start : start + n], v[:, :, start : start + n], store,
-                      AttendContext(start=start, scale=12 ** -0.5, rope=INV))
-        start += n
-    assert store.pending is None and store.n_reps == 12 and store.reps.numel() == 0
-    for p in (25, 40, 60):
-        got = policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)[:, :, 0].tolist()
-        assert got == naive_max_choice(policy, q, k, p), p
+    return naive_choice(policy, q_pre.shape[1], k_pre.shape[1], q_pre.shape[0], p, score)
 
 
 def test_max_scores_hold_the_keys_and_values_only():
-    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
     policy = LongHeads(chunk_size=5, top_k=2, chunk_score="max", choose_per="query_head")
-    plan = HeadPlan.uniform(spec, policy.to_spec())
-    cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
-    cache.reserve(61)
-    q, k, v = random_qkv(B=1, T=61)
-    for layer in cache.layers:
-        policy.attend(q, k, v, cache._ensure_store(layer.groups[0]), AttendContext(start=0, scale=0.3, rope=INV))
+    spec, plan, cache = filled_cache(policy)
     assert policy.kv_tokens(61) == 65 and cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
     assert policy.short() == "longheads2x5mq"
