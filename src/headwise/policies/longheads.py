@@ -17,7 +17,7 @@ scores chunk ``c`` by ``q~ . r_c`` with ``q~`` the query before RoPE. By default
 scores of the query heads sharing a KV head are summed and the chunks are chosen per KV head; with
 ``choose_per="query_head"`` each query head has its own summary (the mean of its own outputs), representative and
 choice, which is the paper's rule on its MHA Llama-2, where the two coincide. A KV head's query heads then read
-different chunks of its cache.
+different chunks of its cache: up to ``group`` times the keys and values a shared choice reads.
 
 *Positions.* The chosen chunks are laid out in increasing order in ``top_k + 3`` slots: slot ``s`` holds its
 chunk's token ``o`` at position ``s * chunk_size + o``, and the query sits at ``(top_k + 2) * chunk_size + p %
