@@ -60,7 +60,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from headwise.cache import group_heads
+from headwise.cache import as_range, group_heads
 from headwise.errors import HeadwiseError
 from headwise.kernels.decode_reference import batch_decode_reference
 from headwise.paged_cache import refresh_newest_bounds, select_pool_pages
@@ -152,14 +152,6 @@ class _Launch:
     kv_range: tuple[int, int] | None = None  # one: the launch reads and writes views instead of gathered copies
 
 
-def _as_range(index: torch.Tensor) -> tuple[int, int] | None:
-    """``(start, stop)`` when ``index`` lists ``start, start + 1, ..., stop - 1``, else None."""
-    values = index.tolist()
-    if not values or values != list(range(values[0], values[0] + len(values))):
-        return None
-    return values[0], values[0] + len(values)
-
-
 @dataclass
 class _Row:
     seq: Sequence
@@ -195,7 +187,7 @@ class PaddedBatch:
                 launch.q_index = torch.cat([launch.q_index, g.q_index])
                 launch.kv_index = torch.cat([launch.kv_index, g.kv_index])
             for launch in by_layout.values():
-                launch.q_range, launch.kv_range = _as_range(launch.q_index), _as_range(launch.kv_index)
+                launch.q_range, launch.kv_range = as_range(launch.q_index.tolist()), as_range(launch.kv_index.tolist())
                 held = min(limit, launch.layout.ring) if launch.layout.ring else limit
                 launch.offset, launch.width = offset, max(1, -(-held // P))
                 offset += launch.heads * launch.width

@@ -91,6 +91,13 @@ class HeadwiseLayer(CacheLayerMixin):
         self.seen = 0
 
 
+def as_range(values: list[int]) -> tuple[int, int] | None:
+    """``(start, stop)`` when ``values`` lists ``start, start + 1, ..., stop - 1``, else None."""
+    if not values or values != list(range(values[0], values[0] + len(values))):
+        return None
+    return values[0], values[0] + len(values)
+
+
 def group_heads(policies: list[Policy], group_size: int, device: torch.device) -> list[HeadGroup]:
     """Group the KV heads of one layer by equal policy."""
     groups: dict[Policy, list[int]] = {}
@@ -105,7 +112,7 @@ def group_heads(policies: list[Policy], group_size: int, device: torch.device) -
                 heads,
                 torch.tensor(q_idx, dtype=torch.long, device=device),
                 torch.tensor(heads, dtype=torch.long, device=device),
-                kv_range=(heads[0], heads[-1] + 1) if heads == list(range(heads[0], heads[-1] + 1)) else None,
+                kv_range=as_range(heads),
             )
         )
     return out
