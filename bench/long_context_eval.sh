@@ -5,10 +5,10 @@
 # a note in results.json (HeadPlan.max_context); a longheads plan runs. RetrievalAttention (`retrieval_offload`, plan
 # spec `offload`) within it, against dense.
 #
-#   bench/long_context_eval.sh gemma SECONDS     # gemma3-270m (trained to 32K): dense and longheads-max-qhead (max
-#                                                # scores, chosen per query head) at 16k, 32k, 64k; the paper's
+#   bench/long_context_eval.sh gemma SECONDS     # gemma3-270m (trained to 32K): dense and longheads-max (max scores,
+#                                                # chosen per KV head) at 16k, 32k, 64k; the paper's
 #                                                # `longheads` ran there on 2026-12-04 (PLANS=... to add it)
-#   bench/long_context_eval.sh smollm2 SECONDS   # smollm2-135m (trained to 8K): dense, longheads-max-qhead@2048,
+#   bench/long_context_eval.sh smollm2 SECONDS   # smollm2-135m (trained to 8K): dense, longheads-max@2048,
 #                                                # longheads@2048 at 16k, 32k
 #   bench/long_context_eval.sh offload SECONDS   # gemma3-270m: dense, offload at 8k, 16k, 32k (needs faiss-cpu:
 #                                                # carry its wheel, see the report of issue 15)
@@ -23,8 +23,8 @@ secs=${2:?seconds}
 WORK=${WORK:-/tmp/lh}
 SHARDS=${SHARDS:-12}
 case $name in
-gemma) MODEL=gemma3-270m; PLANS=${PLANS:-dense,longheads-max-qhead}; LENGTHS=${LENGTHS:-16k,32k,64k} ;;
-smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads-max-qhead@2048,longheads@2048}; LENGTHS=${LENGTHS:-16k,32k} ;;
+gemma) MODEL=gemma3-270m; PLANS=${PLANS:-dense,longheads-max}; LENGTHS=${LENGTHS:-16k,32k,64k} ;;
+smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads-max@2048,longheads@2048}; LENGTHS=${LENGTHS:-16k,32k} ;;
 offload) MODEL=gemma3-270m; PLANS=${PLANS:-dense,offload}; LENGTHS=${LENGTHS:-8k,16k,32k} ;;
 *) echo "unknown run '$name': gemma, smollm2 or offload" >&2; exit 2 ;;
 esac

@@ -5,11 +5,12 @@ teacher-forced), in each global layer and *each query head*, weighted by the att
 sentence's tokens (dense: the model's own forward, every layer's mask built by headwise's probe attention, so Gemma
 3's sliding layers keep their window). For a choice
 rule, the *needle mass kept* is the share of that attention falling on chunks the rule lets the query read (the first
-chunk, its ``top_k`` chosen, the previous and its own). Rules: chunk scores ``paper`` (the attention-pooled
-representative key), ``bound`` (Quest's page bounds), ``local`` (each chunk's best key at the paper's positions:
-``chunk_score="max"``) or ``exact`` (its best key at the true positions: a reference), chosen per KV head (``kv``: the group's query heads summed,
-as ``policies/longheads.py`` does) or per query head (``head``: each query head scores with its own representative
-and chooses its own chunks, the paper's rule on an MHA model), at ``top_k`` chunks. It also reports where dense's
+chunk, its ``top_k`` chosen, the previous and its own). Rules: the ``longheads`` policy's own choice (its
+store filled with the recorded queries, keys and values) under chunk scores ``paper`` (the attention-pooled
+representative key), ``bound`` (Quest's page bounds) or ``local`` (``chunk_score="max"``: each chunk's best key at
+the paper's positions), chosen per KV head (``kv``: ``choose_per="kv_head"``) or per query head (``head``:
+``"query_head"``), at ``top_k`` chunks; and ``exact`` (each chunk's best key at the true positions, a reference no
+policy offers). It also reports where dense's
 needle attention peaks (which layer, head and query), which says whether the model reads the needle while reading the
 question or at the answer step.
 
@@ -36,12 +37,13 @@ from headwise.attention import attention_implementation
 from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
-from headwise.policies.longheads import chunk_representatives
+from headwise.policies.longheads import ChunkStore, LongHeads
 from headwise.profile.probe import probe_attention
-from headwise.rope import rotate
 
 RECORDED: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]] = {}
 GLOBAL_LAYERS: set[int] = set()
+POLICY_SCORE = {"local": "max"}
+"""The rules' names here for the policy's ``chunk_score`` values (``local``: best key at the paper's positions)."""
 COPY_MASS = 0.3
 """A (layer, head, answer query) whose dense attention on the needle sentence exceeds this is copying from it."""
 
@@ -58,49 +60,41 @@ def _record(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Te
 AttentionInterface.register("headwise_record_qkv", _record)
 
 
-def chunk_scores(score: str, per: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                 rope: torch.Tensor, pos: torch.Tensor, C: int, page: int = 16) -> torch.Tensor:
-    """Scores ``[Hq, P, n]`` of the ``n`` complete chunks for the queries at ``pos`` (``q: [1, Hq, T, D]``, ``k, v:
-    [1, Hkv, T, D]`` as the model rotated them); with ``per="kv"`` every query head of a group gets the group's sum."""
-    Hq, Hkv, D = q.shape[1], k.shape[1], q.shape[-1]
-    G = Hq // Hkv
-    n = int(pos.max()) // C
-    if score == "paper":
-        if per == "kv":
-            reps = chunk_representatives(q[:, :, : n * C], k[:, :, : n * C], v[:, :, : n * C], 0, C, scale, rope)
-            reps = reps.repeat_interleave(G, dim=1)[0]  # [Hq, n, D]
-        else:
-            reps = torch.cat([chunk_representatives(q[:, h : h + 1, : n * C], k[:, h // G : h // G + 1, : n * C],
-                                                    v[:, h // G : h // G + 1, : n * C], 0, C, scale, rope)
-                              for h in range(Hq)], dim=1)[0]
-        q_pre = rotate(q[0][:, pos], -pos, rope).float()  # [Hq, P, D], before RoPE
-        s = torch.einsum("hpd,hnd->hpn", q_pre, reps)
-    elif score in ("exact", "local"):  # each page's largest logit: at the true positions (what a bound can only
-        # bound), or ("local") at the paper's positions: the query before RoPE against keys at their offsets in the chunk
-        kk = k[0, :, : n * C].float().repeat_interleave(G, dim=0)
-        qq = q[0][:, pos].float()
-        if score == "exact":
-            s = torch.einsum("hpd,htd->hpt", qq, kk)
-        else:  # (R(c C - p) q) . (R(t) k) = q~ . R(t - c C) k: the query rotated once per chunk
-            shift = (torch.arange(n) * C)[None, :] - pos[:, None]  # [P, n]
-            qc = rotate(qq[:, :, None, :].expand(-1, -1, n, -1), shift, rope)  # [Hq, P, n, D]
-            s = torch.einsum("hpnd,hncd->hpnc", qc, kk.view(Hq, n, C, D)).reshape(Hq, len(pos), n * C)
-        s = s.view(Hq, len(pos), n, C // page, page).amax(-1)
-        s = s.reshape(Hq, len(pos), n * C // page)
-        if per == "kv":
-            s = s.view(Hkv, G, len(pos), -1).sum(dim=1, keepdim=True).expand(-1, G, -1, -1).reshape(Hq, len(pos), -1)
-        s = s.view(Hq, len(pos), n, C // page).amax(dim=-1)
-    else:
-        pages = k[0, :, : n * C].float().view(Hkv, n * C // page, page, D)
-        kmin, kmax = (t.repeat_interleave(G, dim=0) for t in (pages.amin(dim=2), pages.amax(dim=2)))
-        qq = q[0][:, pos].float()
-        up = qq.clamp(min=0)
-        s = torch.einsum("hpd,hrd->hpr", up, kmax) + torch.einsum("hpd,hrd->hpr", qq - up, kmin)
-        s = s.view(Hq, len(pos), n, C // page)
-        if per == "kv":
-            s = s.view(Hkv, G, len(pos), n, C // page).sum(dim=1, keepdim=True).expand(-1, G, -1, -1, -1)
-            s = s.reshape(Hq, len(pos), n, C // page)
-        s = s.amax(dim=-1)
+def policy(score: str, per: str, top_k: int, C: int) -> LongHeads:
+    return LongHeads(chunk_size=C, top_k=top_k, chunk_score=POLICY_SCORE.get(score, score),
+                     choose_per="query_head" if per == "head" else "kv_head")
+
+
+def filled_store(lh: LongHeads, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                 rope: torch.Tensor) -> ChunkStore:
+    """The policy's store holding the recorded ``q: [1, Hq, T, D]``, ``k, v: [1, Hkv, T, D]`` (as the model rotated
+    them): keys, values and what its chunk scores keep."""
+    store = lh.make_store(1, k.shape[1], k.shape[-1], k.device, torch.float32)
+    store.reserve(k.shape[2])
+    store.append(k.float(), v.float())
+    store.commit_queries(q.float(), 0, scale, rope)
+    return store
+
+
+def policy_choice(lh: LongHeads, store: ChunkStore, q: torch.Tensor, pos: torch.Tensor,
+                  rope: torch.Tensor) -> torch.Tensor:
+    """``[Hq, P, n_chunks_total]`` bool: the chunks the ``longheads`` policy itself lets each query at ``pos`` read."""
+    Hq = q.shape[1]
+    table = lh.choose(q[:, :, pos].float(), pos, store, rope)[0]  # [choosers, P, top_k + 3]
+    table = table.repeat_interleave(Hq // table.shape[0], dim=0)
+    mask = torch.zeros(Hq, len(pos), int(pos.max()) // lh.chunk_size + 1, dtype=torch.bool)
+    return mask.scatter_(2, table, True)
+
+
+def exact_scores(per: str, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor, C: int) -> torch.Tensor:
+    """A reference no policy offers: each complete chunk's best logit at the true positions ``[Hq, P, n]`` for the
+    queries at ``pos`` (what a bound can only bound); with ``per="kv"`` the group's query heads' maxima summed."""
+    Hq, Hkv = q.shape[1], k.shape[1]
+    G, n = Hq // Hkv, int(pos.max()) // C
+    kk = k[0, :, : n * C].float().repeat_interleave(G, dim=0)
+    s = torch.einsum("hpd,htd->hpt", q[0][:, pos].float(), kk).view(Hq, len(pos), n, C).amax(-1)
+    if per == "kv":
+        s = s.view(Hkv, G, len(pos), n).sum(dim=1, keepdim=True).expand(-1, G, -1, -1).reshape(Hq, len(pos), n)
     return s
 
 
@@ -172,9 +166,11 @@ def main() -> None:
                     rope = torch.tensor(spec.rope_inv_freq(layer))
                     with torch.no_grad():
                         for s, per in rules:
-                            sc = chunk_scores(s, per, q, k, v, scale, rope, pos, C)
+                            store = None if s == "exact" else filled_store(policy(s, per, 1, C), q, k, v, scale, rope)
                             for t in tops:
-                                m = chosen(sc, pos, C, t)[:, :, chunk_of]  # [Hq, P, needle tokens]
+                                m = (chosen(exact_scores(per, q, k, pos, C), pos, C, t) if store is None
+                                     else policy_choice(policy(s, per, t, C), store, q, pos, rope))
+                                m = m[:, :, chunk_of]  # [Hq, P, needle tokens]
                                 kept[f"{s}/{per}/{t}"].append((on_needle * m).sum(-1))
                 mass = torch.stack(masses)  # [layers, Hq, P]
                 layers = sorted(RECORDED)

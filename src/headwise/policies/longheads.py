@@ -47,8 +47,8 @@ the group's query heads' maxima summed per KV head. Nothing is kept for it, but 
 complete chunk for every query past the window (a QK pass as dense attention's, without its softmax and values), so
 what it saves is RoPE's range, not work. Why: on Gemma 3 at 8K (``bench/experiments/longheads_head_choice.py``, the
 CPU, real weights) the global heads that copy a needle's number put 0.5-1.0 of their attention on it at every
-answer token, and one head of a group does so alone; the paper's pooled representative and the group's summed scores
-leave its chunk out at some answer tokens, which breaks the number. Chosen per query head, the best key finds it.
+answer token; the paper's pooled representative, which one short sentence barely moves, leaves its chunk out at some
+answer tokens, which breaks the number. The best key finds it, chosen per KV head or per query head alike.
 
 How this differs from the paper's code:
 - The query attends to itself (the code's selected keys stop one short of the query during prefill).
