@@ -15,7 +15,7 @@ from headwise.plan import HeadPlan
 from headwise.policies import AttendContext, build_policy
 from headwise.policies.base import causal_attention
 from headwise.policies.full import Full
-from headwise.policies.longheads import LongHeads
+from headwise.policies.longheads import LongHeads, local_keys
 from headwise.rope import rotate
 from headwise.spec import ModelSpec
 from tiny import tiny_model
@@ -320,6 +320,12 @@ def test_bound_and_max_scores_choose_the_chunks_their_rule_ranks_highest(chunks,
         got = policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)[:, :, 0].tolist()
         want = naive_bound_choice(policy, qr, kr, p) if score == "bound" else naive_max_choice(policy, q, k, p)
         assert got == want, p
+        if score == "max":  # the other route: the query before RoPE against the keys at their offsets in their chunks
+            local = local_keys(store, INV)
+            assert policy.choose(qr[:, :, p : p + 1], torch.tensor([p]), store, INV, local)[:, :, 0].tolist() == want
+            one = policy.chunk_scores(qr[:, :, p : p + 1], torch.tensor([p]), store, INV)
+            assert torch.allclose(policy.chunk_scores(qr[:, :, p : p + 1], torch.tensor([p]), store, INV, local), one,
+                                  atol=1e-5)
 
 
 def test_bound_scores_find_one_matching_key_in_a_chunk_of_others():

@@ -203,25 +203,32 @@ class LongHeads(Policy):
         kernel = ctx.use_kernels and (q.is_cuda or INTERPRET)
         # a block's gathered chunks per chooser (the reference), or its queries rotated once per slot (the kernel)
         per_query = q.shape[1] * (self.top_k + 3) * D if kernel else self._choosers(Hkv, q.shape[1]) * self.window * D
-        if self.by_keys:  # scoring: the query rotated once per complete chunk, and its logits over every key
-            per_query = max(per_query, q.shape[1] * (store.n_reps + L // self.chunk_size + 1) * (D + self.chunk_size))
+        local = None
+        if self.by_keys:  # scoring: each query's logits over every key of the complete chunks
+            if q.shape[1] // Hkv * (L - n_full) >= self.chunk_size:  # enough queries: rotate the keys once
+                local = local_keys(store, ctx.rope)
+                per_query = max(per_query, q.shape[1] * (store.n_reps * self.chunk_size + D))
+            else:  # a few queries: each rotated once per complete chunk
+                per_query = max(per_query, q.shape[1] * store.n_reps * (D + self.chunk_size))
         block = max(1, GATHER_ELEMENTS // (B * per_query))
         for a in range(n_full, L, block):
             b = min(L, a + block)
             pos = torch.arange(start + a, start + b, device=q.device)
-            outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope, kernel))
+            outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope, kernel, local))
         return torch.cat(outs, dim=2)
 
     def _choosers(self, kv_heads: int, q_heads: int) -> int:
         return q_heads if self.per_query_head else kv_heads
 
-    def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
+    def choose(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor,
+               local: torch.Tensor | None = None) -> torch.Tensor:
         """Chunks each query attends, in slot order: ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>=
         window``) -> ``[B, Ht, Lb, top_k + 3]`` chunk indices per chooser (``Ht``: KV heads, or query heads with
         ``choose_per="query_head"``): 0, the ``top_k`` best of ``1 .. c_q - 2`` by ``chunk_scores`` (increasing),
-        ``c_q - 1``, ``c_q``."""
+        ``c_q - 1``, ``c_q``. ``local``: max scores' keys at their offsets in their chunks (``local_keys``), if the
+        caller has them."""
         cq = pos // self.chunk_size
-        scores = self.chunk_scores(q, pos, store, rope)
+        scores = self.chunk_scores(q, pos, store, rope, local)
         r = torch.arange(store.n_reps, device=q.device)
         candidate = (r[None, :] >= 1) & (r[None, :] <= cq[:, None] - 2)  # [Lb, R]
         scores = scores.masked_fill(~candidate, -math.inf)
@@ -230,10 +237,16 @@ class LongHeads(Policy):
         fixed = torch.stack([torch.zeros_like(cq), cq - 1, cq], dim=-1).expand(B, Ht, Lb, 3)
         return torch.cat([fixed[..., :1], top, fixed[..., 1:]], dim=-1)
 
-    def chunk_scores(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
+    def chunk_scores(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, rope: torch.Tensor,
+                     local: torch.Tensor | None = None) -> torch.Tensor:
         """Every complete chunk's score for each query ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` -> fp32
-        ``[B, Ht, Lb, n_reps]`` per chooser: ``q~ . r_c`` (the paper's), or the best page's bound; a KV head's
-        chooser sums its query heads' scores."""
+        ``[B, Ht, Lb, n_reps]`` per chooser: ``q~ . r_c`` (the paper's), the best page's bound, or the chunk's best
+        logit at the paper's positions; a KV head's chooser sums its query heads' scores.
+
+        Max scores take one of two equal routes (``(R(c C - p) q) . (R(t) k) = q~ . R(t - c C) k``): with ``local``
+        (or ``G * Lb >= chunk_size`` queries to score) the query before RoPE against every key rotated to its offset
+        in its chunk, one matrix product; with fewer queries (decode) each query rotated once per chunk against the
+        keys as stored, which rotates ``n_reps`` vectors per query instead of every key."""
         B, Hq, Lb, D = q.shape
         Hkv, G = store.heads, Hq // store.heads
         if self.bounds:  # Quest's bound per page at the true positions
@@ -248,10 +261,17 @@ class LongHeads(Policy):
         if self.by_keys:  # each chunk's best logit at the paper's positions: q~ . R(o) k over its keys
             n, C = store.n_reps, self.chunk_size
             assert store.keys is not None
-            keys = store.keys[:, :, : n * C].view(B, Hkv, n, C, D)  # in the cache's dtype (products accumulate in fp32)
-            shift = (torch.arange(n, device=q.device) * C)[None, :] - pos[:, None]  # [Lb, n]: R(c C - p) q = R(c C) q~
-            qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).to(keys.dtype).view(B, Hkv, G * Lb, n, D)
-            best = torch.einsum("bhlnd,bhncd->bhlnc", qc, keys).amax(dim=-1).float().view(B, Hkv, G, Lb, n)
+            if local is None and G * Lb < C:  # each query rotated by c C - p against chunk c's keys as stored
+                keys = store.keys[:, :, : n * C].view(B, Hkv, n, C, D)  # the cache's dtype (products accumulate in fp32)
+                shift = (torch.arange(n, device=q.device) * C)[None, :] - pos[:, None]  # [Lb, n]: R(c C - p) q
+                qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).to(keys.dtype).view(B, Hkv, G * Lb, n, D)
+                best = torch.einsum("bhlnd,bhncd->bhlnc", qc, keys).amax(dim=-1)
+            else:  # the query before RoPE against the keys at their offsets in their chunks
+                local = local_keys(store, rope) if local is None else local
+                q_pre = rotate(q, -pos, rope).to(local.dtype).reshape(B, Hkv, G * Lb, D)
+                best = torch.einsum("bhld,bhmd->bhlm", q_pre, local.view(B, Hkv, n * C, D)).view(
+                    B, Hkv, G * Lb, n, C).amax(dim=-1)
+            best = best.float().view(B, Hkv, G, Lb, n)
             return best.reshape(B, Hq, Lb, n) if self.per_query_head else best.sum(dim=2)
         q_pre = rotate(q, -pos, rope).float()  # the query before RoPE
         reps = store.reps[:, :, : store.n_reps].float()  # per query head, or per KV head
@@ -260,14 +280,15 @@ class LongHeads(Policy):
         return torch.einsum("bhld,bhrd->bhlr", q_pre, reps)
 
     def attend_chosen(self, q: torch.Tensor, pos: torch.Tensor, store: ChunkStore, scale: float,
-                      rope: torch.Tensor, kernel: bool = False) -> torch.Tensor:
+                      rope: torch.Tensor, kernel: bool = False, local: torch.Tensor | None = None) -> torch.Tensor:
         """Queries ``q: [B, Hq, Lb, D]`` at positions ``pos: [Lb]`` (all ``>= window``, their tokens stored) over
         their chosen chunks at re-assigned positions. Returns ``[B, Hq, Lb, D]``. ``kernel``: the Triton kernel reads
-        the chunks in place (``kernels/chunk_attention.py``); else they are gathered (its reference)."""
+        the chunks in place (``kernels/chunk_attention.py``); else they are gathered (its reference). ``local``: as
+        ``choose``."""
         B, Hq, Lb, D = q.shape
         C, n = self.chunk_size, self.top_k + 3
         Ht = self._choosers(store.heads, Hq)
-        table = self.choose(q, pos, store, rope)  # [B, Ht, Lb, n]
+        table = self.choose(q, pos, store, rope, local)  # [B, Ht, Lb, n]
         slot = torch.arange(n, device=q.device)
         a_q = (n - 1) * C + pos % C  # the query's re-assigned position
         shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Ht, Lb, n]
@@ -395,6 +416,16 @@ class ChunkStore(DenseStore):
     def tensors(self) -> list[torch.Tensor]:
         return (super().tensors() + ([self.kmin, self.kmax] if self.bounds else [] if self.by_keys else [self.reps])
                 + ([self.pending] if self.pending is not None else []))
+
+
+def local_keys(store: ChunkStore, rope: torch.Tensor) -> torch.Tensor:
+    """The keys of the store's complete chunks rotated to their offsets inside their chunks (``R(o) k`` for the key at
+    offset ``o``; the cache holds ``R(c C + o) k``): ``[B, Hkv, n_reps, chunk_size, D]`` in the cache's dtype, a
+    transient for max scores (not kept)."""
+    assert store.keys is not None
+    n, C = store.n_reps, store.chunk_size
+    keys = store.keys[:, :, : n * C].view(store.batch, store.heads, n, C, store.head_dim)
+    return rotate(keys, -(torch.arange(n, device=keys.device) * C)[:, None], rope)
 
 
 def chunk_representatives(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, first: int, chunk_size: int,
