@@ -17,6 +17,8 @@
 # setup` fetches them). Resumes what an earlier call left in $WORK (default /tmp/lh); packs $OUT/long-context-NAME.tgz.
 # PLANS, LENGTHS, SAMPLES (default 50) and SHARDS (default 12) override the defaults, e.g. one call per length:
 #   LENGTHS=64k bench/long_context_eval.sh gemma 590
+# EVAL_ARGS adds arguments to `headwise eval` (e.g. "--chunk-size 2048": prompts prefilled in chunks of 2048 tokens,
+# not 512; the same attention, fewer steps).
 set -uo pipefail
 name=${1:?gemma, smollm2 or offload}
 secs=${2:?seconds}
@@ -33,6 +35,8 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED
 export HEADWISE_CACHE=${HEADWISE_CACHE:-/tmp/hwcache}
 export TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 ARGS=(--plans "$PLANS" --tasks passkey,needle --lengths "$LENGTHS" --depths 0.1,0.3,0.5,0.7,0.9 --samples "${SAMPLES:-50}")
+read -ra extra <<< "${EVAL_ARGS:-}"
+ARGS+=("${extra[@]}")
 T0=$(date +%s)
 source "$(dirname "$0")/lib/sharded_eval.sh"
 COLLECT_S=140 sharded_eval "$name" $((secs - 150)) "${ARGS[@]}"
