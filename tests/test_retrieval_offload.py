@@ -147,3 +147,6 @@ def test_eval_spec_and_gemma_sliding_layers():
     assert plan.layers[2][0] == {"policy": "retrieval_offload", "params": {"top_k": 50}}
     names = [layer.groups[0].policy.name for layer in HeadwiseCache(lm.spec, plan).layers]
     assert names == ["streaming", "streaming", "retrieval_offload", "streaming"]  # native windows stay
+    for item, params in (("offload-exact", {"index": "exact"}), ("offload-hnsw@20", {"index": "hnsw", "top_k": 20})):
+        (entry,) = resolve_plans([item], lm)
+        assert entry.plan_for(100).layers[2][0] == {"policy": "retrieval_offload", "params": params}

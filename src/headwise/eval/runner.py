@@ -263,7 +263,7 @@ def expand_plan_items(items: Sequence[str]) -> list[str]:
 
 
 _LONGHEADS = re.compile(r"longheads(-bound|-max)?(-qhead)?(?:@([0-9]+)(?:/([0-9]+))?)?")
-_OFFLOAD = re.compile(r"offload(?:@([0-9]+))?")
+_OFFLOAD = re.compile(r"offload(?:-(ivf|hnsw|exact))?(?:@([0-9]+))?")
 
 
 def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256,
@@ -320,7 +320,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
                 "random@equal[:SEED], random@equal*N, random-full@equal[:SEED], random-full@FRACTION[:SEED], "
                 "longheads, "
-                "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload, offload@TOP_K"
+                "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K]"
             )
 
 
@@ -349,8 +349,10 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
         elif off_match := _OFFLOAD.fullmatch(item):
             head: dict[str, Any] = {"policy": "retrieval_offload"}
-            if off_match.group(1):
-                head["params"] = {"top_k": int(off_match.group(1))}
+            index, top_k = off_match.groups()
+            params = ({"index": index} if index else {}) | ({"top_k": int(top_k)} if top_k else {})
+            if params:
+                head["params"] = params
             off = HeadPlan.uniform(spec, head, lm.name, created_by=f"headwise eval {item}")
             entries.append(PlanEntry(item, f"RetrievalAttention on every head, {item}", lambda _L, p=off: p))
         elif item.startswith("random@equal"):
