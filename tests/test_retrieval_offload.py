@@ -11,7 +11,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from headwise.engine import Engine
-from headwise.errors import PlanError
+from headwise.errors import InputError, PlanError
 from headwise.kernels.common import INTERPRET
 from headwise.plan import HeadPlan
 from headwise.policies import AttendContext, build_policy
@@ -147,6 +147,12 @@ def test_eval_spec_and_gemma_sliding_layers():
     assert plan.layers[2][0] == {"policy": "retrieval_offload", "params": {"top_k": 50}}
     names = [layer.groups[0].policy.name for layer in HeadwiseCache(lm.spec, plan).layers]
     assert names == ["streaming", "streaming", "retrieval_offload", "streaming"]  # native windows stay
-    for item, params in (("offload-exact", {"index": "exact"}), ("offload-hnsw@20", {"index": "hnsw", "top_k": 20})):
+    for item, params in (("offload-exact", {"index": "exact"}), ("offload-hnsw@20", {"index": "hnsw", "top_k": 20}),
+                         ("offload-hnsw@100/1024", {"index": "hnsw", "top_k": 100, "ef": 1024}),
+                         ("offload-ivf@50/0.5", {"index": "ivf", "top_k": 50, "probe": 0.5})):
         (entry,) = resolve_plans([item], lm)
         assert entry.plan_for(100).layers[2][0] == {"policy": "retrieval_offload", "params": params}
+    for bad, says in (("offload-exact@100/4", "goes with offload-hnsw or offload-ivf"),
+                      ("offload-hnsw@100/2.5", "whole number"), ("offload-ivf@100/1.5", "probe")):
+        with pytest.raises((InputError, PlanError), match=says):
+            resolve_plans([bad], lm)[0].plan_for(100)

@@ -263,7 +263,7 @@ def expand_plan_items(items: Sequence[str]) -> list[str]:
 
 
 _LONGHEADS = re.compile(r"longheads(-bound|-max)?(-qhead)?(?:@([0-9]+)(?:/([0-9]+))?)?")
-_OFFLOAD = re.compile(r"offload(?:-(ivf|hnsw|exact))?(?:@([0-9]+))?")
+_OFFLOAD = re.compile(r"offload(?:-(ivf|hnsw|exact))?(?:@([0-9]+)(?:/([0-9.]+))?)?")
 
 
 def longheads_plan(spec: Any, name: str, window: int | None = None, chunk_size: int = 256,
@@ -320,7 +320,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
                 "random@equal[:SEED], random@equal*N, random-full@equal[:SEED], random-full@FRACTION[:SEED], "
                 "longheads, "
-                "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K]"
+                "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K[/EF|/PROBE]]"
             )
 
 
@@ -349,8 +349,16 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
             entries.append(PlanEntry(item, f"LongHeads on every head, {item}", lambda _L, p=lh: p))
         elif off_match := _OFFLOAD.fullmatch(item):
             head: dict[str, Any] = {"policy": "retrieval_offload"}
-            index, top_k = off_match.groups()
+            index, top_k, width = off_match.groups()
             params = ({"index": index} if index else {}) | ({"top_k": int(top_k)} if top_k else {})
+            if width is not None:  # the search's width: HNSW's ef, or the share of the inverted lists probed
+                if index not in ("hnsw", "ivf"):
+                    raise InputError(f"'{item}': a search width (/EF or /PROBE) goes with offload-hnsw or offload-ivf")
+                try:
+                    params |= {"ef": int(width)} if index == "hnsw" else {"probe": float(width)}
+                except ValueError:
+                    raise InputError(f"'{item}': HNSW's width is a whole number of candidates, e.g. "
+                                     "offload-hnsw@100/1024") from None
             if params:
                 head["params"] = params
             off = HeadPlan.uniform(spec, head, lm.name, created_by=f"headwise eval {item}")
