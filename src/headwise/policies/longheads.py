@@ -41,8 +41,10 @@ the query matches scores high whatever the rest of the chunk holds. It costs two
 per chunk).
 
 *Max scores* (``chunk_score="max"``, not the paper's). A chunk is scored by its best logit for the query at the
-paper's positions, ``max_o q~ . R(o) k_o`` over its keys at their offsets ``o`` inside it (computed as the query
-rotated by ``c * chunk_size - p`` against the keys as stored: ``(R(c C - p) q) . (R(t) k) = q~ . R(t - c C) k``);
+paper's positions, ``max_o q~ . R(o) k_o`` over its keys at their offsets ``o`` inside it (for a few queries, as in
+decode, computed as the query rotated by ``c * chunk_size - p`` against the keys as stored: ``(R(c C - p) q) . (R(t)
+k) = q~ . R(t - c C) k``; for a prefill chunk's queries, as one product of the queries before RoPE with the keys
+rotated once to their offsets, a transient copy of the complete chunks' keys);
 the group's query heads' maxima summed per KV head. Nothing is kept for it, but choosing reads every key of every
 complete chunk for every query past the window (a QK pass as dense attention's, without its softmax and values), so
 what it saves is RoPE's range, not work. Why: on Gemma 3 at 8K (``bench/experiments/longheads_head_choice.py``, the
