@@ -127,3 +127,48 @@ def test_an_act_objective_without_act_or_with_from_scores_is_a_one_line_error(ex
     err = capsys.readouterr().err.strip()
     assert rc == 2 and says in err and "\n" not in err
     assert not (tmp_path / "p.json").exists()
+
+
+@pytest.mark.parametrize(("kind", "budget"), [("longheads", "0.5"), ("longheads", "1.0"), ("offload", "0.5")])
+def test_full_heads_run_as_longheads_or_offload(kind, budget, tmp_path, capsys):
+    """``--full-heads``: the heads the solver keeps whole become LongHeads (max chunk scores) or RetrievalAttention
+    (sinks + window on the device: less KV on the GPU than the same plan with full heads); every other head as
+    solved, and the command in the plan's meta. A LongHeads plan runs past the model's context only when no global
+    layer keeps a streaming head (budget 1.0 here); otherwise it says so."""
+    from pathlib import Path
+
+    from headwise.models import load_model
+    from headwise.plan import HeadPlan
+
+    ranking = Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m.json"  # scores measured at 1K: re-solved
+    plans = {}
+    for heads in ("full", kind):
+        out = tmp_path / f"{heads}.json"
+        rc = main(["profile", "smollm2-135m", "--budget", budget, "-o", str(out), "--from-scores", str(ranking),
+                   "--target-len", "1024", "--method", "ablation", "--full-share", "1.0", "--no-progress",
+                   "--full-heads", heads])
+        assert rc == 0, capsys.readouterr().err
+        plans[heads] = HeadPlan.load(out)
+    said = capsys.readouterr().out
+    spec = load_model("smollm2-135m").spec
+    solved, got = plans["full"], plans[kind]
+    want = "longheads" if kind == "longheads" else "retrieval_offload"
+    pairs = [(a["policy"], b["policy"]) for ra, rb in zip(solved.layers, got.layers) for a, b in zip(ra, rb)]
+    assert ("full", want) in pairs and all(b == (want if a == "full" else a) for a, b in pairs)
+    assert f"--full-heads {kind}" in got.meta["created_by"]
+    if kind == "longheads":
+        assert solved.max_context(spec) == 8192
+        assert all(h.get("params") == {"chunk_score": "max"} for row in got.layers for h in row
+                   if h["policy"] == "longheads")
+        extends = budget == "1.0"  # every head kept whole: no streaming head left
+        assert (got.max_context(spec) is None) == extends and ("keep it within the model's context" in said) != extends
+    else:
+        assert got.kv_bytes(spec, 8192) < solved.kv_bytes(spec, 8192)
+
+
+def test_full_heads_with_act_or_prefill_patterns_is_a_one_line_error(tmp_path, capsys):
+    rc = main(["profile", "smollm2-135m", "--budget", "0.5", "-o", str(tmp_path / "p.json"), "--full-heads",
+               "longheads", "--prefill-patterns", "0.3"])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "--full-heads longheads" in err and "\n" not in err
+    assert not (tmp_path / "p.json").exists()

@@ -236,6 +236,13 @@ class HeadPlan:
         entry = self.placement.get(str(tp))
         return None if entry is None else [list(row) for row in entry["order"]]
 
+    def replaced(self, policy: str, head: dict[str, Any]) -> HeadPlan:
+        """This plan with every head of ``policy`` (a policy name, e.g. ``"full"``) given ``head`` instead (validated
+        once; each a copy); the other heads, the meta and the placement unchanged."""
+        build_policy(head)
+        layers = [[json.loads(json.dumps(head)) if h["policy"] == policy else h for h in row] for row in self.layers]
+        return HeadPlan(self.model, layers, dict(self.meta), dict(self.placement), self.gates)
+
     def permuted(self, order: list[list[int]]) -> HeadPlan:
         """This plan for a model whose KV heads were re-indexed by ``order`` (``tp.permute_kv_heads``): position
         ``p`` of layer ``l`` gets head ``order[l][p]``'s entry. Same model fingerprint; no placement."""

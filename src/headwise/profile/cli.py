@@ -39,6 +39,13 @@ from headwise.profile.runner import (
 )
 from headwise.profile.solver import QuantMenu, check_budget
 
+FULL_HEADS: dict[str, dict[str, Any]] = {
+    "full": {"policy": "full"},
+    "longheads": {"policy": "longheads", "params": {"chunk_score": "max"}},
+    "offload": {"policy": "retrieval_offload"},
+}
+"""``--full-heads``: the head entry the solver's full heads get (past the trained length, past GPU memory)."""
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -115,6 +122,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--train-gates", action="store_true",
                    help="train SeerAttention gates (self-distillation, model frozen) and let them compete in the "
                         "--prefill-patterns search; saved beside the plan as PLAN.gates.safetensors")
+    p.add_argument("--full-heads", choices=FULL_HEADS, default="full",
+                   help="what the heads the solver keeps whole run as: full (default); longheads (LongHeads with max "
+                        "chunk scores: every token kept, each query reads at most 4096 of them at positions within "
+                        "the trained length; the plan runs past the model's context when no global layer keeps a "
+                        "streaming head, whose sinks are as far as the context is long); offload (RetrievalAttention: "
+                        "128 sinks + 512 recent tokens on the GPU, the rest in host memory behind a faiss index, read by "
+                        "each query's top 100; the budget is solved as for full heads, the GPU then holds less). "
+                        "docs/profiling.md")
     p.add_argument("--tp", type=int, default=1,
                    help="tensor-parallel ranks the plan will run over: the solver keeps a multiple of N full heads "
                         "and the plan records a placement that gives every rank the same KV bytes (default 1)")
@@ -164,6 +179,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--select-lengths", args.select_lengths]
     if args.select_probes is not None:
         parts += ["--select-probes", str(args.select_probes)]
+    if args.full_heads != "full":
+        parts += ["--full-heads", args.full_heads]
     return " ".join(parts)
 
 
@@ -241,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
     if args.train_gates and (args.from_scores or args.prefill_patterns is None):
         raise InputError("--train-gates needs --prefill-patterns DENSITY (the gate competes with the other prefill "
                          "patterns at that density) and cannot run with --from-scores")
+    if args.full_heads != "full" and (args.act or args.prefill_patterns is not None or args.tp != 1):
+        raise InputError(f"--full-heads {args.full_heads} runs the full heads as another policy: it cannot be combined "
+                         "with --act or --prefill-patterns (which change how full heads run) or --tp (a placement of "
+                         "full heads' bytes)")
     out = Path(args.output)
     if out.is_dir():
         raise InputError(f"-o {out} is a directory; give a plan file name such as {out / 'plan.json'}")
@@ -266,6 +287,9 @@ def run(args: argparse.Namespace) -> int:
                                  select_under=select_under, select_lengths=select_lengths,
                                  ablation_switch=args.ablation_switch, select_deals=args.select_deals)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
+        if args.full_heads != "full":
+            plan = plan.replaced("full", FULL_HEADS[args.full_heads])
+            plan.meta["full_heads"] = FULL_HEADS[args.full_heads]
         plan.save(out)
         png = out.with_suffix(".png")
         draw_plan(plan, lm.spec, str(png))
@@ -279,4 +303,8 @@ def run(args: argparse.Namespace) -> int:
         print_deals(plan.meta["select_deals"])
     print(f"wrote {out} ({plan.summary(lm.spec, args.target_len)}; {sol['kv_tokens']} of {sol['cap_tokens']} "
           f"allowed KV slots) and {png} in {time.perf_counter() - t0:.0f} s")
+    if args.full_heads == "longheads" and (limit := plan.max_context(lm.spec)) is not None:
+        print(f"note: the plan's streaming heads on global layers keep it within the model's context ({limit} tokens): "
+              "their sinks are as far from the query as the context is long; LongHeads alone runs past it (a larger "
+              "--budget leaves fewer streaming heads)")
     return 0
