@@ -10,7 +10,8 @@
 #                                                # `longheads` ran there on 2026-12-04 (PLANS=... to add it)
 #   bench/long_context_eval.sh smollm2 SECONDS   # smollm2-135m (trained to 8K): dense, longheads-max@2048,
 #                                                # longheads@2048 at 16k, 32k
-#   bench/long_context_eval.sh offload SECONDS   # gemma3-270m: dense, offload (the default inverted file), HNSW at
+#   bench/long_context_eval.sh offload SECONDS   # gemma3-270m: dense, offload (its default: exact below 32768 host
+#                                                # keys, the inverted file past), HNSW at
 #                                                # width 1024 and the inverted file at half its lists (offload-hnsw@100/1024,
 #                                                # offload-ivf@100/0.5) at 8k, 16k and 32752 tokens (32K less the answer,
 #                                                # within the context); needs faiss-cpu: carry its wheel

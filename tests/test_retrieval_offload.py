@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -71,7 +72,7 @@ def test_faiss_index_recall_against_the_exact_top_k(index, T):
     pytest.importorskip("faiss")
     q, k, v = random_qkv(B=1, Hq=4, Hkv=1, T=T, D=16, seed=3)
     k = k + 0.5 * torch.randn(16, generator=torch.Generator().manual_seed(1))  # a shared direction, as attention keys
-    policy = RetrievalOffload(sink=4, window=16, top_k=20, index=index, ef=128, probe=0.2)
+    policy = RetrievalOffload(sink=4, window=16, top_k=20, index=index, ef=128, probe=0.2, exact_below=4096)
     _, store = run(policy, q, k, v, [T - 1])
     ids = store.search(q[:, :, -1].float(), 20)
     exact = (k[0, 0, 4 : 4 + store.host_length] @ q[0, :, -1].T).topk(20, dim=0).indices.T
@@ -156,3 +157,23 @@ def test_eval_spec_and_gemma_sliding_layers():
                       ("offload-hnsw@100/2.5", "whole number"), ("offload-ivf@100/1.5", "probe")):
         with pytest.raises((InputError, PlanError), match=says):
             resolve_plans([bad], lm)[0].plan_for(100)
+
+
+def test_ivf_scores_every_key_below_exact_below_then_trains():
+    """The inverted file answers with the exact top-k until ``exact_below`` host keys are there (the default 32768:
+    below it an exact search is cheap and the inverted file loses needles on Gemma 3), then trains its lists."""
+    pytest.importorskip("faiss")
+    from headwise.policies.retrieval_offload import make_index
+
+    rng = np.random.default_rng(0)
+    keys, q = rng.standard_normal((5000, 16)).astype(np.float32), rng.standard_normal((3, 16)).astype(np.float32)
+    exact = np.sort(np.argsort(-(q @ keys.T), axis=1)[:, :10], axis=1)
+    default = make_index(RetrievalOffload(), 16)
+    small = make_index(RetrievalOffload(exact_below=4096, probe=0.02), 16)
+    for index in (default, small):
+        for a in range(0, 5000, 512):
+            index.add(keys[a : a + 512])
+    assert default.index is None and (np.sort(default.search(q, 10), axis=1) == exact).all()
+    assert small.index is not None and small.index.nlist > 1
+    with pytest.raises(PlanError, match="exact_below"):
+        build_policy({"policy": "retrieval_offload", "params": {"exact_below": -1}})

@@ -10,7 +10,9 @@ index classes, keys added in prefill chunks of 512) and searched with the query 
 - *needle mass kept*: of the attention dense gives the needle sentence's host tokens, the share on returned tokens;
 - *copies kept*: of the (layer, query head, answer query) triples that put more than ``COPY_MASS`` of dense's attention
   on the needle, the share whose returned set holds more than half of it; and the answer tokens whose every copying
-  triple is kept.
+  triple is kept;
+- its cost on one thread: microseconds per query (a query head's answer queries searched together, as a decode step
+  searches a group's) and build seconds per 1,000 keys (the QueryRouted prototype's are not timed).
 
     PYTHONPATH=src python bench/experiments/offload_recall.py OUT.json --model gemma3-270m --length 8192 --per-depth 1
 
@@ -125,6 +127,9 @@ def main() -> None:
     ap.add_argument("--qr-probes", default="", help="query-routed lists (QueryRouted): shares of the lists scanned")
     ap.add_argument("--qr-m", type=int, default=16, help="QueryRouted: host keys each prefill query puts in its list")
     args = ap.parse_args()
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # searches and builds timed on one thread, as ann_choice.py times them
     lm = load_model(args.model, device="cpu", dtype=torch.float32)
     spec = lm.spec
     rec = Recorder({i for i in range(spec.num_layers) if spec.native_window(i) is None})
@@ -145,7 +150,8 @@ def main() -> None:
             rec.seen.clear()
             with torch.no_grad(), probing(lm.model):
                 lm.model(input_ids=ids, use_cache=False, headwise_probe=rec)
-            stats = {n: {"recall": [], "mass": [], "copy": []} for n in names}
+            stats = {n: {"recall": [], "mass": [], "copy": [], "build_s": 0.0, "keys": 0, "search_s": 0.0, "queries": 0}
+                     for n in names}
             copying_steps = {n: torch.ones(len(answer_q), dtype=torch.bool) for n in names}
             triples = 0
             scanned: dict[str, list[float]] = {n: [] for n in query_routed(args)}
@@ -155,9 +161,12 @@ def main() -> None:
                     host = k[kv, args.sink : host_end].numpy()
                     built = {}
                     for name, make in searches(args):
+                        tb = time.perf_counter()
                         index = make(host.shape[1])
                         for a in range(0, len(host), PREFILL_CHUNK):
                             index.add(host[a : a + PREFILL_CHUNK])
+                        stats[name]["build_s"] += time.perf_counter() - tb
+                        stats[name]["keys"] += len(host)
                         built[name] = index
                     prefill_q = q[kv * G : (kv + 1) * G, : int(answer_q[0])].reshape(-1, q.shape[-1]).numpy()
                     for name in query_routed(args):
@@ -172,7 +181,10 @@ def main() -> None:
                         triples += int(copy.sum())
                         exact = built["exact"].search(qs.numpy(), args.top_k)
                         for name, index in built.items():
+                            ts = time.perf_counter()
                             got = index.search(qs.numpy(), args.top_k)
+                            stats[name]["search_s"] += time.perf_counter() - ts
+                            stats[name]["queries"] += len(qs)
                             for i in range(len(answer_q)):
                                 ret = {int(t) for t in got[i] if t >= 0}
                                 stats[name]["recall"].append(len(ret & {int(t) for t in exact[i]}) / args.top_k)
@@ -194,13 +206,18 @@ def main() -> None:
                     "recall": float(np.mean(s["recall"])),
                     "needle_mass_kept": sum(a for a, _ in s["mass"]) / max(1e-9, sum(b for _, b in s["mass"])),
                     "copies_kept": float(np.mean(s["copy"])) if s["copy"] else None,
-                    "answer_tokens_kept": float(copying_steps[name].float().mean())}
+                    "answer_tokens_kept": float(copying_steps[name].float().mean()),
+                    "search_us_per_query": 1e6 * s["search_s"] / max(1, s["queries"]),
+                    "build_s_per_1k_keys": 1e3 * s["build_s"] / s["keys"] if s["keys"] else None}
             rows.append(row)
             print(f"d{depth} s{seed} ({time.time() - t0:.0f} s): " + ", ".join(
                 f"{n} r{r['recall']:.2f}/m{r['needle_mass_kept']:.2f}/a{r['answer_tokens_kept']:.2f}"
                 for n, r in row["searches"].items()) + f"; scanned {row['scanned']}", flush=True)
-    summary = {n: {key: float(np.mean([r["searches"][n][key] for r in rows if r["searches"][n][key] is not None]))
-                   for key in ("recall", "needle_mass_kept", "copies_kept", "answer_tokens_kept")} for n in names}
+    keys = ("recall", "needle_mass_kept", "copies_kept", "answer_tokens_kept", "search_us_per_query",
+            "build_s_per_1k_keys")
+    summary = {n: {key: float(np.mean(v)) if (v := [r["searches"][n][key] for r in rows
+                                                     if r["searches"][n][key] is not None]) else None for key in keys}
+               for n in names}
     for n in query_routed(args):
         summary[n]["scanned"] = float(np.mean([r["scanned"][n] for r in rows]))
     print(summary)

@@ -15,7 +15,9 @@ How this differs from the paper:
   index over the keys from faiss-cpu, the library chosen by ``bench/ann_choice.py`` over hnswlib and usearch on real
   SmolLM2 keys and queries (``bench/results/ann_choice_2026-12-02.json``): faiss's inverted file (``index="ivf"``, default) or its HNSW
   graph (``"hnsw"``), searched wider to make up for it; or ``index="exact"`` (a brute-force inner product on the host,
-  for tests and small contexts).
+  for tests and small contexts). The inverted file scores every key below ``exact_below`` host keys (32768): on
+  Gemma 3 its lists miss the keys the queries seek (0.40 of the top-100 at 5% probed) while an exact search of that
+  many keys costs well under a millisecond per query.
 - *Where the retrieved tokens are attended.* The paper computes their partial attention on the CPU; here they are
   copied to the device (from pinned memory) and attended there, so the CPU only searches.
 - *GQA*: each query head searches with its own query; its KV head's index serves the group.
@@ -49,7 +51,7 @@ from headwise.policies.base import AttendContext, Policy, check_positive
 from headwise.policies.stores import SinkWindowStore
 
 INDEXES = ("hnsw", "ivf", "exact")
-IVF_TRAIN_AT = 4096  # host keys from which an "ivf" index is trained (exact search before)
+IVF_TRAIN_AT = 4096  # the fewest host keys an inverted file is trained on (exact search before)
 HOST_BLOCK = 1 << 24  # logits per block when prefill streams host tokens to the device (64 MiB of fp32)
 
 
@@ -73,6 +75,13 @@ class RetrievalOffload(Policy):
     probe: float = 0.05
     """IVF: share of the inverted lists scanned per query (RetrievalAttention scans 1-3% of the keys; here 5% gave
     recall@100 0.95 on SmolLM2, 2% 0.83)."""
+    exact_below: int = 32768
+    """IVF: host keys below which every key is scored (the exact top-``top_k``) and the inverted file is trained once
+    there are this many (at least ``IVF_TRAIN_AT``). Why 32768: on Gemma 3 at 8K
+    (``bench/experiments/offload_recall.py``, the CPU) an exact search of 7.5K keys took 154 us per query on one
+    thread and kept every answer token, where the inverted file at 5% of its lists took 40 us and found 0.40 of the
+    top-100 (the needle's number at 0.26 of the answer tokens), at 50% 200 us and 0.86; HNSW at width 1024 809 us
+    and 0.97. Exact search grows with the keys (~0.65 ms per query at 32K), an index beyond."""
 
     def validate(self) -> None:
         check_positive(self, sink=self.sink, window=self.window, top_k=self.top_k, ef=self.ef)
@@ -80,6 +89,9 @@ class RetrievalOffload(Policy):
             raise PlanError(f"policy 'retrieval_offload': 'probe' must be a share in (0, 1], got {self.probe!r}")
         if self.window < 1:
             raise PlanError("policy 'retrieval_offload': 'window' must be at least 1 (the query itself)")
+        if not isinstance(self.exact_below, int) or isinstance(self.exact_below, bool) or self.exact_below < 0:
+            raise PlanError(f"policy 'retrieval_offload': 'exact_below' must be a whole number of keys >= 0, got "
+                            f"{self.exact_below!r}")
         if self.index not in INDEXES:
             raise PlanError(f"policy 'retrieval_offload': 'index' must be one of {', '.join(INDEXES)}, got {self.index!r}")
 
@@ -307,19 +319,20 @@ def _pool() -> ThreadPoolExecutor:
 
 class IvfIndex:
     """faiss's inverted file over the keys by inner product (``IndexIVFFlat``): trained (k-means, ``min(4 sqrt(n),
-    n / 39)`` lists) once ``IVF_TRAIN_AT`` keys are there, exact search before; later keys join the trained lists.
+    n / 39)`` lists) once ``train_at`` keys are there (the policy's ``exact_below``), exact search before; later keys
+    join the trained lists.
     A search scans ``probe`` of the lists. The default index: on SmolLM2's keys and queries (8192 per head) it had
     recall@100 0.95 at 5% of the lists and 99 us per query, against HNSW's best 0.91 (faiss, ef 512, 382 us), and
     built in half HNSW's time (``bench/results/ann_choice_2026-12-02.json``). Lists trained on the first keys may grow
     uneven over a long context."""
 
-    def __init__(self, dim: int, probe: float):
+    def __init__(self, dim: int, probe: float, train_at: int = IVF_TRAIN_AT):
         try:
             import faiss
         except ImportError:
             raise PlanError("policy 'retrieval_offload' with index \"ivf\" needs faiss-cpu: pip install "
                             "'headwise[offload]' (or use index \"exact\")") from None
-        self.faiss, self.dim, self.probe = faiss, dim, probe
+        self.faiss, self.dim, self.probe, self.train_at = faiss, dim, probe, train_at
         self.exact: ExactIndex | None = ExactIndex(dim)
         self.index: Any = None
 
@@ -330,7 +343,7 @@ class IvfIndex:
             return
         self.exact.add(keys)
         n = self.exact.n
-        if n >= IVF_TRAIN_AT:
+        if n >= self.train_at:
             nlist = max(1, min(int(4 * n**0.5), n // 39))
             self.index = self.faiss.IndexIVFFlat(self.faiss.IndexFlatIP(self.dim), self.dim, nlist,
                                                  self.faiss.METRIC_INNER_PRODUCT)
@@ -350,7 +363,7 @@ def make_index(policy: RetrievalOffload, dim: int) -> Any:
     if policy.index == "hnsw":
         return HnswIndex(dim, policy.ef)
     if policy.index == "ivf":
-        return IvfIndex(dim, policy.probe)
+        return IvfIndex(dim, policy.probe, max(IVF_TRAIN_AT, policy.exact_below))
     return ExactIndex(dim)
 
 
