@@ -81,7 +81,7 @@ class RetrievalOffload(Policy):
     (``bench/experiments/offload_recall.py``, the CPU) an exact search of 7.5K keys took 154 us per query on one
     thread and kept every answer token, where the inverted file at 5% of its lists took 40 us and found 0.40 of the
     top-100 (the needle's number at 0.26 of the answer tokens), at 50% 200 us and 0.86; HNSW at width 1024 809 us
-    and 0.97. Exact search grows with the keys (~0.65 ms per query at 32K), an index beyond."""
+    and 0.97. Exact search grows with the keys (~0.65 ms per query at 32K, extrapolated), an index beyond."""
 
     def validate(self) -> None:
         check_positive(self, sink=self.sink, window=self.window, top_k=self.top_k, ef=self.ef)
