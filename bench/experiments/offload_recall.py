@@ -34,22 +34,11 @@ from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
 from headwise.policies.retrieval_offload import ExactIndex, HnswIndex, IvfIndex
-from headwise.profile.probe import Probe, probing
+from headwise.profile.probe import probing
+from headwise.profile.seer import QKProbe
 
 COPY_MASS = 0.3
 PREFILL_CHUNK = 512
-
-
-class Recorder(Probe):
-    """Keeps the rotated queries and keys of the layers asked for (one forward over the whole prompt)."""
-
-    def __init__(self, layers: set[int]):
-        self.layers = layers
-        self.seen: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, window: int | None) -> None:
-        if layer in self.layers:
-            self.seen[layer] = (query[0].detach().float(), key[0].detach().float(), scale)
 
 
 class QueryRouted:
@@ -132,7 +121,7 @@ def main() -> None:
     faiss.omp_set_num_threads(1)  # searches and builds timed on one thread, as ann_choice.py times them
     lm = load_model(args.model, device="cpu", dtype=torch.float32)
     spec = lm.spec
-    rec = Recorder({i for i in range(spec.num_layers) if spec.native_window(i) is None})
+    rec = QKProbe({i for i in range(spec.num_layers) if spec.native_window(i) is None})  # the global layers
     names = [n for n, _ in searches(args)] + query_routed(args)
     rows: list[dict[str, Any]] = []
     t0 = time.time()
@@ -147,7 +136,7 @@ def main() -> None:
             answer_q = torch.arange(first - 1, ids.shape[1] - 1)  # the queries predicting the answer's tokens
             n0, n1 = sample.meta["needle_token_span"]
             host_end = int(answer_q[0]) - args.window + 1  # host tokens at the first answer query (sink .. host_end - 1)
-            rec.seen.clear()
+            rec.qk.clear()
             with torch.no_grad(), probing(lm.model):
                 lm.model(input_ids=ids, use_cache=False, headwise_probe=rec)
             stats = {n: {"recall": [], "mass": [], "copy": [], "build_s": 0.0, "keys": 0, "search_s": 0.0, "queries": 0}
@@ -155,7 +144,8 @@ def main() -> None:
             copying_steps = {n: torch.ones(len(answer_q), dtype=torch.bool) for n in names}
             triples = 0
             scanned: dict[str, list[float]] = {n: [] for n in query_routed(args)}
-            for _layer, (q, k, scale) in sorted(rec.seen.items()):
+            for _layer, (q, k, scale) in sorted(rec.qk.items()):
+                q, k = q[0].float(), k[0].float()
                 G = q.shape[0] // k.shape[0]
                 for kv in range(k.shape[0]):
                     host = k[kv, args.sink : host_end].numpy()
@@ -179,12 +169,13 @@ def main() -> None:
                         needle = probs[:, n0:n1].sum(-1)  # dense attention on the needle (all host here)
                         copy = needle > COPY_MASS
                         triples += int(copy.sum())
-                        exact = built["exact"].search(qs.numpy(), args.top_k)
-                        for name, index in built.items():
+                        for name, index in built.items():  # "exact" first: the others are measured against it
                             ts = time.perf_counter()
                             got = index.search(qs.numpy(), args.top_k)
                             stats[name]["search_s"] += time.perf_counter() - ts
                             stats[name]["queries"] += len(qs)
+                            if name == "exact":
+                                exact = got
                             for i in range(len(answer_q)):
                                 ret = {int(t) for t in got[i] if t >= 0}
                                 stats[name]["recall"].append(len(ret & {int(t) for t in exact[i]}) / args.top_k)
