@@ -207,7 +207,7 @@ class LongHeads(Policy):
         per_query = q.shape[1] * (self.top_k + 3) * D if kernel else self._choosers(Hkv, q.shape[1]) * self.window * D
         local = None
         if self.by_keys:  # scoring: each query's logits over every key of the complete chunks
-            if q.shape[1] // Hkv * (L - n_full) >= self.chunk_size:  # enough queries: rotate the keys once
+            if self._rotate_keys(q.shape[1] // Hkv * (L - n_full)):  # enough queries: rotate the keys once
                 local = local_keys(store, ctx.rope)
                 per_query = max(per_query, q.shape[1] * (store.n_reps * self.chunk_size + D))
             else:  # a few queries: each rotated once per complete chunk
@@ -218,6 +218,11 @@ class LongHeads(Policy):
             pos = torch.arange(start + a, start + b, device=q.device)
             outs.append(self.attend_chosen(q[:, :, a:b], pos, store, ctx.scale, ctx.rope, kernel, local))
         return torch.cat(outs, dim=2)
+
+    def _rotate_keys(self, queries: int) -> bool:
+        """Whether max scores for ``queries`` query vectors per KV head rotate the keys once to their offsets (at least
+        a chunk's worth of queries) rather than each query once per chunk (``chunk_scores``)."""
+        return queries >= self.chunk_size
 
     def _choosers(self, kv_heads: int, q_heads: int) -> int:
         return q_heads if self.per_query_head else kv_heads
@@ -263,7 +268,7 @@ class LongHeads(Policy):
         if self.by_keys:  # each chunk's best logit at the paper's positions: q~ . R(o) k over its keys
             n, C = store.n_reps, self.chunk_size
             assert store.keys is not None
-            if local is None and G * Lb < C:  # each query rotated by c C - p against chunk c's keys as stored
+            if local is None and not self._rotate_keys(G * Lb):  # each query rotated by c C - p against the keys
                 keys = store.keys[:, :, : n * C].view(B, Hkv, n, C, D)  # the cache's dtype (products accumulate in fp32)
                 shift = (torch.arange(n, device=q.device) * C)[None, :] - pos[:, None]  # [Lb, n]: R(c C - p) q
                 qc = rotate(q.view(B, Hkv, G, Lb, 1, D), shift, rope).to(keys.dtype).view(B, Hkv, G * Lb, n, D)
