@@ -11,10 +11,10 @@
 #   bench/long_context_eval.sh smollm2 SECONDS   # smollm2-135m (trained to 8K): dense, longheads-max@2048,
 #                                                # longheads@2048 at 16k, 32k
 #   bench/long_context_eval.sh offload SECONDS   # gemma3-270m: dense, offload (its default: exact below 32768 host
-#                                                # keys, the inverted file past), HNSW at
-#                                                # width 1024 and the inverted file at half its lists (offload-hnsw@100/1024,
-#                                                # offload-ivf@100/0.5) at 8k, 16k and 32752 tokens (32K less the answer,
-#                                                # within the context); needs faiss-cpu: carry its wheel
+#                                                # keys, the inverted file past) and HNSW at width 1024
+#                                                # (offload-hnsw@100/1024) at 8k, 16k and 32752 tokens (32K less the
+#                                                # answer, within the context; an inverted file scores every key there,
+#                                                # so offload-ivf would repeat offload); needs faiss-cpu: carry its wheel
 #                                                # (docs/ARCHITECTURE.md, RetrievalAttention)
 #
 # Needs the bundled weights on the machine (../shared/tools/weights-to-device.sh, as `bench/retrieval_quality.sh
@@ -31,7 +31,7 @@ SHARDS=${SHARDS:-12}
 case $name in
 gemma) MODEL=gemma3-270m; PLANS=${PLANS:-dense,longheads-max}; LENGTHS=${LENGTHS:-16k,32k,64k} ;;
 smollm2) MODEL=smollm2-135m; PLANS=${PLANS:-dense,longheads-max@2048,longheads@2048}; LENGTHS=${LENGTHS:-16k,32k} ;;
-offload) MODEL=gemma3-270m; PLANS=${PLANS:-dense,offload,offload-hnsw@100/1024,offload-ivf@100/0.5}
+offload) MODEL=gemma3-270m; PLANS=${PLANS:-dense,offload,offload-hnsw@100/1024}
   LENGTHS=${LENGTHS:-8k,16k,32752} ;;
 *) echo "unknown run '$name': gemma, smollm2 or offload" >&2; exit 2 ;;
 esac
