@@ -20,12 +20,12 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def case(B: int, Hkv: int, G: int, Lb: int, n: int, C: int, D: int, chunks: int, dtype: torch.dtype, seed: int = 0):
-    """Random queries per slot; keys and values as a strided view of a larger buffer (the store's); each query's
-    table: distinct chunks, its own last; ``own`` offsets including 0 and C - 1."""
+    """Random queries per slot; keys and values ``[B, Hkv, chunks * C, D]`` as a strided view of a larger buffer (the
+    store's); each query's table: distinct chunks, its own last; ``own`` offsets including 0 and C - 1."""
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, Hkv, G, Lb, n, D, generator=g).to(DEVICE, dtype)
-    buf = torch.randn(B, Hkv, chunks + 1, C, D + 8, generator=g).to(DEVICE, dtype) * 2
-    keys, values = buf[:, :, :chunks, :, :D], buf[:, :, 1:, :, 8:]  # overlapping, strided, D contiguous
+    buf = torch.randn(B, Hkv, (chunks + 1) * C, D + 8, generator=g).to(DEVICE, dtype) * 2
+    keys, values = buf[:, :, : chunks * C, :D], buf[:, :, C:, 8:]  # overlapping, strided, D contiguous
     table = torch.stack([torch.randperm(chunks, generator=g)[:n] for _ in range(B * Hkv * Lb)]).view(B, Hkv, Lb, n)
     own = torch.randint(0, C, (Lb,), generator=g)
     own[0], own[-1] = 0, C - 1
@@ -38,8 +38,8 @@ def test_the_kernel_matches_its_reference(B, Hkv, G, Lb, n, C, D):
     """Ragged shapes: G not a power of two, D 40 (a padded tile), chunks of 24 (a partial key tile), 8 (below the
     tile), one query's own chunk with only its first token visible, another with all of it."""
     q, keys, values, table, own = case(B, Hkv, G, Lb, n, C, D, chunks=7, dtype=torch.float32)
-    want = chosen_chunk_attention_ref(q, keys, values, table, own, D ** -0.5)
-    got = chosen_chunk_attention(q, keys, values, table, own, D ** -0.5, block_c=16)
+    want = chosen_chunk_attention_ref(q, keys, values, table, own, D ** -0.5, C)
+    got = chosen_chunk_attention(q, keys, values, table, own, D ** -0.5, C, block_c=16)
     assert got.shape == (B, Hkv * G, Lb, D)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)  # fp32 products in full fp32 (not TF32) on a GPU
 
@@ -49,31 +49,51 @@ def test_one_chooser_per_query_head_reads_its_kv_heads_chunks():
     table; chooser ``j`` reads KV head ``j // 3``."""
     q, keys, values, table, own = case(2, 6, 1, 4, 3, 24, 40, chunks=7, dtype=torch.float32, seed=7)
     keys, values = keys[:, ::3], values[:, ::3]  # 2 KV heads under the 6 choosers' tables
-    want = chosen_chunk_attention_ref(q, keys, values, table, own, 40 ** -0.5)
-    got = chosen_chunk_attention(q, keys, values, table, own, 40 ** -0.5, block_c=16)
+    want = chosen_chunk_attention_ref(q, keys, values, table, own, 40 ** -0.5, 24)
+    got = chosen_chunk_attention(q, keys, values, table, own, 40 ** -0.5, 24, block_c=16)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     for j in (0, 4):  # against one chooser run alone over its own KV head
         alone = chosen_chunk_attention_ref(q[:, j : j + 1], keys[:, j // 3 : j // 3 + 1], values[:, j // 3 : j // 3 + 1],
-                                           table[:, j : j + 1], own, 40 ** -0.5)
+                                           table[:, j : j + 1], own, 40 ** -0.5, 24)
         torch.testing.assert_close(got[:, j : j + 1], alone, atol=1e-4, rtol=1e-4)
 
 
 def test_bf16_stays_within_flash_attentions_tolerance():
     q, keys, values, table, own = case(1, 2, 4, 4, 3, 32, 64, chunks=5, dtype=torch.bfloat16, seed=3)
-    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.125)
-    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.125)
-    got = chosen_chunk_attention(q, keys, values, table, own, 0.125)
+    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.125, 32)
+    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.125, 32)
+    got = chosen_chunk_attention(q, keys, values, table, own, 0.125, 32)
     assert got.dtype == torch.bfloat16
     assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-2
+
+
+def test_a_store_ending_inside_its_newest_chunk_is_read_no_further_than_its_last_token():
+    """The store holds the tokens it has (no more than a dense head): its newest chunk is partial. Queries whose own
+    chunk is that one see the same as over whole chunks with anything in the missing tail; the kernel reads none of
+    it (the buffer past the last token is NaN here)."""
+    B, Hkv, G, Lb, n, C, D, chunks = 1, 2, 3, 4, 3, 16, 32, 6
+    q, keys, values, table, own = case(B, Hkv, G, Lb, n, C, D, chunks=chunks, dtype=torch.float32, seed=11)
+    T = chunks * C - 5  # the last chunk holds 11 of its 16 tokens
+    table[..., -1] = chunks - 1
+    table[..., :-1] = torch.stack([torch.randperm(chunks - 1)[: n - 1] for _ in range(B * Hkv * Lb)]).view(
+        B, Hkv, Lb, n - 1).to(table.device)
+    own = torch.tensor([0, 4, 9, 10], device=own.device)  # up to the last token held
+    whole = chosen_chunk_attention_ref(q, keys, values, table, own, D ** -0.5, C)
+    cut_k, cut_v = keys.clone(), values.clone()
+    cut_k[:, :, T:], cut_v[:, :, T:] = float("nan"), float("nan")
+    want = chosen_chunk_attention_ref(q, cut_k[:, :, :T], cut_v[:, :, :T], table, own, D ** -0.5, C)
+    got = chosen_chunk_attention(q, cut_k[:, :, :T], cut_v[:, :, :T], table, own, D ** -0.5, C, block_c=16)
+    torch.testing.assert_close(want, whole, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.gpu
 def test_real_shapes_on_a_gpu():
     """Gemma 3's global heads as LongHeads runs them: 4 query heads per KV head, d 256, chunks of 256, 16 slots."""
     q, keys, values, table, own = case(1, 1, 4, 64, 16, 256, 256, chunks=40, dtype=torch.bfloat16, seed=5)
-    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.0625)
-    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.0625)
-    got = chosen_chunk_attention(q, keys, values, table, own, 0.0625)
+    exact = chosen_chunk_attention_ref(q.float(), keys.float(), values.float(), table, own, 0.0625, 256)
+    ref = chosen_chunk_attention_ref(q, keys, values, table, own, 0.0625, 256)
+    got = chosen_chunk_attention(q, keys, values, table, own, 0.0625, 256)
     assert (got.float() - exact).abs().max() <= 2 * (ref.float() - exact).abs().max() + 1e-2
 
 

@@ -352,8 +352,8 @@ def test_bound_scores_hold_two_vectors_per_chunk_and_no_queries():
     policy = LongHeads(chunk_size=5, top_k=2, chunk_score="bound", bound_page=5)
     spec, plan, cache = filled_cache(policy)
     assert cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
-    assert policy.kv_tokens(61) == 65 + 12 and LongHeads(chunk_size=5, top_k=2).kv_tokens(61) == 65 + 6
-    assert LongHeads(chunk_size=8, top_k=2, chunk_score="bound", bound_page=2).kv_tokens(61) == 64 + 7 * 4
+    assert policy.kv_tokens(61) == 61 + 12 and LongHeads(chunk_size=5, top_k=2).kv_tokens(61) == 61 + 6
+    assert LongHeads(chunk_size=8, top_k=2, chunk_score="bound", bound_page=2).kv_tokens(61) == 61 + 7 * 4
     with pytest.raises(PlanError, match="chunk_score"):
         build_policy({"policy": "longheads", "params": {"chunk_score": "mean"}})
     with pytest.raises(PlanError, match="bound_page"):
@@ -440,5 +440,28 @@ def naive_max_choice(policy: LongHeads, q_pre: torch.Tensor, k_pre: torch.Tensor
 def test_max_scores_hold_the_keys_and_values_only():
     policy = LongHeads(chunk_size=5, top_k=2, chunk_score="max", choose_per="query_head")
     spec, plan, cache = filled_cache(policy)
-    assert policy.kv_tokens(61) == 65 and cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
+    assert policy.kv_tokens(61) == 61 and cache.kv_bytes() == plan.kv_bytes(spec, 61, 4)
     assert policy.short() == "longheads2x5mq"
+
+
+@pytest.mark.parametrize("tokens", [1, 39, 40, 41, 61, 64])
+def test_max_scores_hold_no_more_than_dense_at_any_length(tokens):
+    """A chosen chunk is read in place up to the last token, so the store keeps a dense head's slots, not whole
+    chunks (it held up to ``chunk_size - 1`` unwritten slots more than dense before): the tensors a filled cache holds
+    (``HeadwiseCache.kv_bytes``) equal a dense cache's at lengths inside and past the window and at chunk edges."""
+    policy = LongHeads(chunk_size=8, top_k=2, chunk_score="max")  # window 40
+    spec = ModelSpec("llama", 2, 6, 2, 12, 4096, (None, None), (tuple(INV.tolist()),) * 2)
+    held = {}
+    for name, plan in (("longheads", HeadPlan.uniform(spec, policy.to_spec())), ("dense", HeadPlan.dense(spec))):
+        cache = HeadwiseCache(spec, plan, "cpu", torch.float32)
+        cache.reserve(tokens)
+        q, k, v = random_qkv(B=1, T=tokens)
+        for layer in cache.layers:
+            store = cache._ensure_store(layer.groups[0])
+            if name == "dense":
+                store.append(k, v)
+            else:
+                policy.attend(q, k, v, store, AttendContext(start=0, scale=0.3, rope=INV))
+        held[name] = cache.kv_bytes()
+    assert held["longheads"] == held["dense"] == 2 * 2 * 2 * tokens * 12 * 4
+

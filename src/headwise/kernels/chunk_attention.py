@@ -4,11 +4,12 @@ Layout
     ``q_slots: [B, Ht, G, Lb, n, D]``: ``Ht`` *choosers* of ``G`` query heads each, for ``Lb`` queries, rotated once per
     slot ``s`` of the ``n`` chunks the query attends (the query as seen from slot ``s``'s re-assigned positions; the
     policy makes them). A chooser is a KV head's whole group (``Ht = Hkv``) or one of its query heads (``Ht = Hkv *
-    group``, ``G = 1``): choosers ``h * Ht / Hkv ..`` read KV head ``h``. ``keys, values: [B, Hkv, chunks, C, D]``: the
-    store's keys and values in whole chunks of ``C`` tokens (any strides, ``D`` contiguous). ``table: [B, Ht, Lb, n]``:
-    chunk index of every slot, per chooser; the last slot is the query's own chunk, of which only offsets ``<= own[i]``
-    are visible (``own: [Lb]``, the query's offset in it); every other slot is a whole chunk. Output ``[B, Ht * G, Lb,
-    D]`` (query heads in the model's order).
+    group``, ``G = 1``): choosers ``h * Ht / Hkv ..`` read KV head ``h``. ``keys, values: [B, Hkv, T, D]``: the store's
+    ``T`` tokens (any strides, ``D`` contiguous), chunk ``c`` being tokens ``c * C .. c * C + C - 1``; ``T`` need not
+    be a whole number of chunks (the store holds the tokens it has, no more: its newest chunk is partial). ``table:
+    [B, Ht, Lb, n]``: chunk index of every slot, per chooser; the last slot is the query's own chunk, of which only
+    offsets ``<= own[i]`` are visible (``own: [Lb]``, the query's offset in it); every other slot is a whole chunk.
+    Tokens at or past ``T`` are never read. Output ``[B, Ht * G, Lb, D]`` (query heads in the model's order).
 
 Algorithm
     One program per (query, batch row x chooser): the chooser's ``G`` query heads as the rows of one tile (padded to
@@ -23,8 +24,8 @@ Limits
 
 Tested
     tests/test_chunk_attention.py: kernel against reference under the interpreter on awkward shapes (D 40, G 3,
-    chunks of 24 tokens with a partial tile, one query's own chunk at its first and last offsets), and the policy's
-    prefill with the kernel against without.
+    chunks of 24 tokens with a partial tile, one query's own chunk at its first and last offsets, a store ending
+    inside its newest chunk), and the policy's prefill with the kernel against without.
 """
 
 from __future__ import annotations
@@ -45,18 +46,20 @@ __all__ = ["chosen_chunk_attention", "chosen_chunk_attention_ref"]
 
 
 def chosen_chunk_attention_ref(q_slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
-                               own: torch.Tensor, scale: float) -> torch.Tensor:
+                               own: torch.Tensor, scale: float, chunk_size: int) -> torch.Tensor:
     """Plain PyTorch: the chunks gathered, one softmax over every slot's keys (module docstring for the shapes)."""
     B, Ht, G, Lb, n, D = q_slots.shape
-    C = keys.shape[3]
-    bi = torch.arange(B, device=keys.device).view(B, 1, 1, 1)
-    hi = torch.arange(Ht, device=keys.device).view(1, Ht, 1, 1) // (Ht // keys.shape[1])  # each chooser's KV head
-    k, v = keys[bi, hi, table], values[bi, hi, table]  # [B, Ht, Lb, n, C, D]: whole chunks
+    C, T = chunk_size, keys.shape[2]
+    bi = torch.arange(B, device=keys.device).view(B, 1, 1, 1, 1)
+    hi = torch.arange(Ht, device=keys.device).view(1, Ht, 1, 1, 1) // (Ht // keys.shape[1])  # each chooser's KV head
+    token = table[..., None].long() * C + torch.arange(C, device=keys.device)  # [B, Ht, Lb, n, C]
+    k, v = keys[bi, hi, token.clamp(max=T - 1)], values[bi, hi, token.clamp(max=T - 1)]  # [B, Ht, Lb, n, C, D]
     # Batched matmuls over the gathered blocks: [.., C, D] @ [.., D, G].
     logits = torch.matmul(k, q_slots.to(k.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B, Ht, Lb, n, C, G]
     future = torch.zeros(Lb, n, C, dtype=torch.bool, device=keys.device)
     future[:, -1] = torch.arange(C, device=keys.device)[None, :] > own[:, None]  # own chunk: offsets up to the query's
-    logits = logits.masked_fill(future[None, None, :, :, :, None], -math.inf)
+    hidden = future[None, None] | (token >= T)  # past the store's tokens: never visible
+    logits = logits.masked_fill(hidden[..., None], -math.inf)
     probs = torch.softmax(logits.view(B, Ht, Lb, n * C, G), dim=3).to(v.dtype)
     out = torch.matmul(probs.transpose(-1, -2), v.reshape(B, Ht, Lb, n * C, D))  # [B, Ht, Lb, G, D]
     return out.permute(0, 1, 3, 2, 4).reshape(B, Ht * G, Lb, D).to(q_slots.dtype)
@@ -89,11 +92,11 @@ if HAVE_TRITON:
     def _chosen_chunks_fwd(
         Q, K, V, T, Own, Out,
         sq_b, sq_h, sq_g, sq_l, sq_s,
-        sk_b, sk_h, sk_c, sk_t,
-        sv_b, sv_h, sv_c, sv_t,
+        sk_b, sk_h, sk_t,
+        sv_b, sv_h, sv_t,
         st_b, st_h, st_l,
         so_b, so_h, so_l,
-        Ht, per_kv, G, D, C, n_slots, scale,
+        Ht, per_kv, G, D, C, n_tokens, n_slots, scale,
         BLOCK_G: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr,
         INTERPRET: tl.constexpr, IEEE: tl.constexpr,
     ):
@@ -118,8 +121,9 @@ if HAVE_TRITON:
             q = tl.load(q_base + s * sq_s + offs_g[:, None] * sq_g + offs_d[None, :],
                         mask=g_ok[:, None] & d_ok[None, :], other=0.0)
             visible = tl.where(s == n_slots - 1, own + 1, C)  # the query's own chunk: offsets up to its own
-            k_base = K + b * sk_b + (h // per_kv) * sk_h + chunk * sk_c
-            v_base = V + b * sv_b + (h // per_kv) * sv_h + chunk * sv_c
+            visible = tl.minimum(visible, n_tokens - chunk * C)  # never a token past the store's
+            k_base = K + b * sk_b + (h // per_kv) * sk_h + chunk * C * sk_t
+            v_base = V + b * sv_b + (h // per_kv) * sv_h + chunk * C * sv_t
             if INTERPRET:
                 t0 = 0
                 while t0 < C:
@@ -137,12 +141,13 @@ if HAVE_TRITON:
 
 
 def chosen_chunk_attention(q_slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, table: torch.Tensor,
-                           own: torch.Tensor, scale: float, block_c: int = 64) -> torch.Tensor:
+                           own: torch.Tensor, scale: float, chunk_size: int, block_c: int = 64) -> torch.Tensor:
     """The Triton kernel (module docstring); same arguments and result as ``chosen_chunk_attention_ref``."""
     if not HAVE_TRITON:
         raise RuntimeError("chosen_chunk_attention needs triton; use chosen_chunk_attention_ref without it")
     B, Ht, G, Lb, n, D = q_slots.shape
-    Bk, Hk, _, C, Dk = keys.shape
+    Bk, Hk, T, Dk = keys.shape
+    C = chunk_size
     assert (Bk, Dk) == (B, D) and Ht % Hk == 0 and values.shape == keys.shape, \
         f"q {tuple(q_slots.shape)}, k {tuple(keys.shape)}"
     assert tuple(table.shape) == (B, Ht, Lb, n) and tuple(own.shape) == (Lb,), "table [B, Ht, Lb, n], own [Lb]"
@@ -158,11 +163,11 @@ def chosen_chunk_attention(q_slots: torch.Tensor, keys: torch.Tensor, values: to
     _chosen_chunks_fwd[(Lb, B * Ht)](
         q_slots, keys, values, table, own, out,
         *q_slots.stride()[:5],
-        *keys.stride()[:4],
-        *values.stride()[:4],
+        *keys.stride()[:3],
+        *values.stride()[:3],
         *table.stride()[:3],
         out.stride(0), out.stride(1), out.stride(2),
-        Ht, Ht // Hk, G, D, C, n, scale,
+        Ht, Ht // Hk, G, D, C, T, n, scale,
         BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_C=block_c, BLOCK_D=max(16, triton.next_power_of_2(D)),
         INTERPRET=INTERPRET, IEEE=keys.dtype == torch.float32, num_warps=4, num_stages=2,
     )

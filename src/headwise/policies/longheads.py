@@ -66,7 +66,10 @@ scores two vectors per page of a complete chunk (one slot per ``bound_page`` tok
 holds the queries of the chunk being filled (``group * chunk_size`` vectors per KV head, at most), which its chunk
 summary needs; ``HeadwiseCache.kv_bytes`` counts them, the plan cannot (it does not know the group size); nor
 does it count the ``group - 1`` more representatives per chunk and KV head that the paper's scores keep per query
-head. Max scores keep nothing besides the whole chunks.
+head. Max scores keep nothing besides the tokens: exactly dense's KV. The store holds the tokens it has, no more
+(its newest chunk may be partial: the kernel never reads past the last token), so a LongHeads head with max scores
+never holds more than a dense head; the paper's and bound scores hold their scoring vectors beside them (1/512 and
+1/16 more with chunks of 256), which no scheme that scores chunks by kept vectors can avoid.
 
 Paths: past ``window`` a query block's chunks are chosen and its queries rotated once per chosen chunk in PyTorch;
 with kernels on (a GPU, or TRITON_INTERPRET=1) the Triton kernel ``kernels/chunk_attention.py`` reads the chosen
@@ -152,7 +155,7 @@ class LongHeads(Policy):
         return self.window
 
     def kv_tokens(self, seq_len: int) -> int:
-        return self._slots(seq_len) + -(-(seq_len // self.chunk_size) * self._vectors() // 2)
+        return seq_len + -(-(seq_len // self.chunk_size) * self._vectors() // 2)
 
     @property
     def by_keys(self) -> bool:
@@ -164,15 +167,11 @@ class LongHeads(Policy):
         none (``max``)."""
         return 2 * (self.chunk_size // self.bound_page) if self.bounds else 0 if self.by_keys else 1
 
-    def _slots(self, seq_len: int) -> int:
-        """Token slots: whole chunks (a chosen chunk is read as one block)."""
-        return -(-seq_len // self.chunk_size) * self.chunk_size
-
     def kv_bytes(self, seq_len: int, head_dim: int, dtype_bytes: int = 2) -> int:
-        """Keys and values in whole chunks and one representative key per complete chunk, or with bound scores its
+        """Keys and values of every token and one representative key per complete chunk, or with bound scores its
         pages' minimum and maximum keys (the queries of the chunk being filled are not counted: see the module
         docstring)."""
-        return (2 * self._slots(seq_len) + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
+        return (2 * seq_len + self._vectors() * (seq_len // self.chunk_size)) * head_dim * dtype_bytes
 
     def short(self) -> str:
         return (f"longheads{self.top_k}x{self.chunk_size}" + ("b" if self.bounds else "m" if self.by_keys else "")
@@ -300,16 +299,18 @@ class LongHeads(Policy):
         a_q = (n - 1) * C + pos % C  # the query's re-assigned position
         shift = (table - slot) * C + (a_q - pos)[:, None]  # rotate the query by this for slot s: [B, Ht, Lb, n]
         q_slots = rotate(q.view(B, Ht, Hq // Ht, Lb, 1, D), shift[:, :, None], rope)  # [B, Ht, Hq / Ht, Lb, n, D]
-        keys_c, values_c = store.chunks()  # [B, Hkv, chunks, C, D]
+        assert store.keys is not None and store.values is not None
+        keys, values = store.keys[:, :, : store.length], store.values[:, :, : store.length]  # chunk c: c * C ..
         attend = chosen_chunk_attention if kernel else chosen_chunk_attention_ref
-        return attend(q_slots, keys_c, values_c, table, pos % C, scale).to(q.dtype)
+        return attend(q_slots, keys, values, table, pos % C, scale, C).to(q.dtype)
 
 
 class ChunkStore(DenseStore):
-    """``DenseStore`` (keys as the model rotated them) in whole chunks + LongHeads' chunk representatives.
+    """``DenseStore`` (keys as the model rotated them; chunk ``c`` is tokens ``c * chunk_size ..``) + LongHeads'
+    chunk representatives.
 
-    The buffers hold a whole number of chunks, zeroed past the tokens written, so a chosen chunk is read as one block
-    (``chunks``) and the unwritten tail of the newest chunk (masked out) holds no NaN.
+    The key and value buffers are a dense head's: the tokens reserved, no more (the newest chunk is partial until it
+    completes; the attention never reads past the last token).
 
     ``reps: [batch, heads, chunk_capacity, head_dim]`` (``heads`` the query heads with ``per_query_head``), first
     ``n_reps`` valid: the representative key of every complete chunk (``chunk_representatives``). ``pending: [batch,
@@ -344,25 +345,8 @@ class ChunkStore(DenseStore):
         return self.chunk_size // self.bound_page if self.bounds else 0
 
     def reserve(self, total: int) -> None:
-        slots = -(-total // self.chunk_size) * self.chunk_size
-        if slots > self.capacity:
-            super().reserve(slots)
-            assert self.keys is not None and self.values is not None
-            self.keys[:, :, self.length :].zero_()
-            self.values[:, :, self.length :].zero_()
+        super().reserve(total)
         self._grow_reps(total // self.chunk_size)
-
-    def append(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        need = self.length + k.shape[2]
-        if need > self.capacity:  # grow by doubling, in whole chunks
-            self.reserve(max(need, 2 * self.capacity))
-        super().append(k, v)
-
-    def chunks(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values as ``[batch, heads, chunks, chunk_size, head_dim]`` views (every allocated chunk)."""
-        assert self.keys is not None and self.values is not None
-        shape = (self.batch, self.heads, self.capacity // self.chunk_size, self.chunk_size, self.head_dim)
-        return self.keys.view(shape), self.values.view(shape)
 
     def _chunks_held(self) -> int:
         return self.kmin.shape[2] // self.pages_per_chunk if self.bounds else self.reps.shape[2]
