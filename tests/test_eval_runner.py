@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -231,6 +232,15 @@ def _cfg(tmp_path, **kw):
 def test_length_above_context_stops_when_asked(smollm2, tmp_path):
     with pytest.raises(ContextLengthError, match="exceeds smollm2-135m's context of 8192"):
         run_eval(_cfg(tmp_path, lengths=[9000], on_too_long="stop"), smollm2)
+
+
+def test_a_length_just_under_the_context_names_the_longest_that_fits(smollm2, tmp_path):
+    """8100 + the answer is under 8192, but prompts may run 2% over their length: the error says so and names the
+    longest length that fits (it once read as if 8100 + 4 were past 8192)."""
+    with pytest.raises(ContextLengthError, match="2% over") as info:
+        run_eval(_cfg(tmp_path, lengths=[8100], on_too_long="stop"), smollm2)
+    fits = int(re.search(r"longest that fits is (\d+)", str(info.value)).group(1))
+    assert 7900 < fits < 8100
 
 
 def test_length_above_context_is_skipped_with_a_note(smollm2, tmp_path):

@@ -324,6 +324,21 @@ def check_plan_specs(items: Sequence[str]) -> None:
             )
 
 
+def _prompt_room(length: int, new_tokens: int) -> int:
+    """Tokens a prompt of nominal ``length`` and its answer may take: prompts may run 2% over their length."""
+    return int(length * 1.02) + new_tokens
+
+
+def _longest_fitting(limit: int, new_tokens: int) -> int:
+    """The longest nominal prompt length whose prompts and ``new_tokens`` fit a context of ``limit`` tokens."""
+    fits = max(0, (limit - new_tokens) * 50 // 51)
+    while _prompt_room(fits + 1, new_tokens) <= limit:
+        fits += 1
+    while fits and _prompt_room(fits, new_tokens) > limit:
+        fits -= 1
+    return fits
+
+
 def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
     """Turn ``--plans`` items into ``PlanEntry``s, in order. Plan files are loaded and checked against the
     model now; the first one is the reference that ``@equal`` baselines match."""
@@ -553,7 +568,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     plans: dict[tuple[str, int], HeadPlan] = {}
     lengths: list[int] = []
     for L in cfg.lengths:
-        need = int(L * 1.02) + longest_answer  # prompts may run 2% over their nominal length
+        need = _prompt_room(L, longest_answer)
         for e in entries:
             try:
                 plan = e.plan_for(L)
@@ -563,7 +578,10 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
                 continue
             limit = plan.max_context(spec)
             if limit and need > limit:
-                msg = f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of {limit} tokens"
+                fits = _longest_fitting(limit, longest_answer)
+                msg = (f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of {limit} tokens: "
+                       + (f"a prompt may run 2% over its length, so the longest that fits is {fits}" if fits
+                          else "no prompt fits beside the answer"))
                 if cfg.on_too_long == "stop":
                     raise ContextLengthError(f"{e.label}: {msg}; drop it from --lengths or pass --on-too-long skip")
                 notes.append(f"{e.label}: {msg}: skipped")
