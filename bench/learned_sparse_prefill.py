@@ -84,9 +84,9 @@ def part_gates(args: argparse.Namespace) -> dict[str, Any]:
     from headwise.models import load_model
     from headwise.policies import AShape, BlockTopK, Seer, VerticalSlash
     from headwise.profile.patterns import BLOCK
-    from headwise.profile.probe import probing
+    from headwise.profile.probe import QKProbe, probing
     from headwise.profile.runner import Settings
-    from headwise.profile.seer import QKProbe, profile_texts, train_gates
+    from headwise.profile.seer import profile_texts, train_gates
 
     out: dict[str, Any] = {}
     s = Settings.gpu()

@@ -11,7 +11,7 @@ from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
 from headwise.profile.duo import train_gates
 from headwise.profile.mass import SPAN_OPTIONS, MassProbe
-from headwise.profile.probe import HeadMask, Probe, probe_attention, probing
+from headwise.profile.probe import HeadMask, Probe, QKProbe, probe_attention, probing
 from headwise.profile.razor import RepeatProbe
 from headwise.profile.retrieval import ArgmaxProbe, copy_events
 from headwise.profile.runner import check_reachable, group_max
@@ -111,6 +111,26 @@ def test_probe_forward_equals_the_models_own_sdpa_forward(tiny):
         with probing(tiny.model):
             got = tiny.model(ids, headwise_probe=Probe()).logits
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_qk_probe_keeps_the_chosen_layers_queries_and_keys_as_made_or_in_fp32_on_the_host():
+    """One probe for SeerAttention's gates (tensors as the model made them) and the pattern search (``to_host``: fp32
+    host copies, so a GPU's memory stays free): the chosen layers only, queries before GQA, keys per KV head."""
+    from tiny import tiny_model
+
+    lm = tiny_model("llama", seed=3)
+    spec, model = lm.spec, lm.model.to(torch.bfloat16)
+    ids = torch.randint(0, model.config.vocab_size, (1, 24))
+    kept, host = QKProbe({0}), QKProbe({1}, to_host=True)
+    with torch.no_grad(), probing(model):
+        model(ids, headwise_probe=kept)
+        model(ids, headwise_probe=host)
+    assert set(kept.qk) == {0} and set(host.qk) == {1}
+    q, k, _ = kept.qk[0]
+    assert q.dtype == k.dtype == torch.bfloat16
+    assert q.shape == (1, spec.num_q_heads, 24, spec.head_dim) and k.shape == (1, spec.num_kv_heads, 24, spec.head_dim)
+    hq, hk, scale = host.qk[1]
+    assert hq.dtype == hk.dtype == torch.float32 and hq.device.type == "cpu" and scale == spec.head_dim ** -0.5
 
 
 def test_gate_training_moves_only_the_gates(tiny):

@@ -34,8 +34,7 @@ from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
 from headwise.policies.retrieval_offload import ExactIndex, HnswIndex, IvfIndex
-from headwise.profile.probe import probing
-from headwise.profile.seer import QKProbe
+from headwise.profile.probe import QKProbe, probing
 
 COPY_MASS = 0.3
 PREFILL_CHUNK = 512

@@ -32,7 +32,7 @@ from headwise.metrics import attention_recall
 from headwise.models import LoadedModel
 from headwise.policies import AShape, BlockTopK, Full, Policy, Seer, VerticalSlash
 from headwise.policies.seer import SeerGates
-from headwise.profile.probe import Probe, probing
+from headwise.profile.probe import QKProbe, probing
 
 BLOCK = 64
 
@@ -51,17 +51,6 @@ def candidates(length: int, seer: bool = False) -> list[Policy]:
         if seer:
             out.append(Seer(topk=k, block_size=BLOCK))
     return out
-
-
-class _QKProbe(Probe):
-    def __init__(self, layers: set[int]):
-        self.layers = layers
-        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float,
-                window: int | None) -> None:
-        if layer in self.layers:
-            self.qk[layer] = (query.detach().float().cpu(), key.detach().float().cpu(), scale)
 
 
 def _density(mask: torch.Tensor) -> torch.Tensor:
@@ -90,7 +79,7 @@ def search_patterns(lm: LoadedModel, heads: list[tuple[int, int]], length: int =
     heads = [h for h in heads if spec.layer_windows[h[0]] is None]
     if not heads:
         return {}
-    probe = _QKProbe({i for i, _ in heads})
+    probe = QKProbe({i for i, _ in heads}, to_host=True)
     ids = lm.tokenizer(shakespeare(length * 8), return_tensors="pt").input_ids[:, :length]
     device = next(lm.model.parameters()).device
     with torch.inference_mode(), probing(lm.model):

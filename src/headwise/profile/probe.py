@@ -63,6 +63,21 @@ class Probe:
         """Sees the layer's rotated query [B, Hq, L, D] and keys [B, Hkv, S, D] (pattern search)."""
 
 
+class QKProbe(Probe):
+    """Keeps every chosen layer's rotated queries and keys of one forward: as the model made them, or with
+    ``to_host`` as fp32 tensors in host memory (the GPU's memory stays free while a search walks many layers)."""
+
+    def __init__(self, layers: set[int], to_host: bool = False):
+        self.layers = layers
+        self.to_host = to_host
+        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+
+    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, window: int | None) -> None:
+        if layer in self.layers:
+            q, k = query.detach(), key.detach()
+            self.qk[layer] = (q.float().cpu(), k.float().cpu(), scale) if self.to_host else (q, k, scale)
+
+
 def allowed_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """bool [Lq, S]: causal, and inside the layer's native sliding window when it has one."""
     ok = k_pos[None, :] <= q_pos[:, None]

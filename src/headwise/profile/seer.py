@@ -24,22 +24,10 @@ from headwise.kernels.prefill_index import density
 from headwise.metrics import attention_recall
 from headwise.models import LoadedModel
 from headwise.policies.seer import LayerGate, Seer, SeerGates
-from headwise.profile.probe import Probe, probing
+from headwise.profile.probe import QKProbe, probing
 
 ROW_BLOCK = 512
 """Query rows whose attention map is materialised at once for the targets."""
-
-
-class QKProbe(Probe):
-    """Keeps every chosen layer's rotated queries and keys of one forward."""
-
-    def __init__(self, layers: set[int]):
-        self.layers = layers
-        self.qk: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-
-    def capture(self, layer: int, query: torch.Tensor, key: torch.Tensor, scale: float, window: int | None) -> None:
-        if layer in self.layers:
-            self.qk[layer] = (query.detach(), key.detach(), scale)
 
 
 @torch.no_grad()
