@@ -50,7 +50,7 @@ from typing import Any
 from headwise.bench.record import device_name, git_commit
 from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
 from headwise.eval.scoring import score, wilson
-from headwise.eval.tasks import TASKS, make_sample, task_info
+from headwise.eval.tasks import LENGTH_TOLERANCE, TASKS, make_sample, task_info
 from headwise.plan import HeadPlan, deal_heads
 
 FIDELITY = "fidelity"
@@ -325,13 +325,14 @@ def check_plan_specs(items: Sequence[str]) -> None:
 
 
 def _prompt_room(length: int, new_tokens: int) -> int:
-    """Tokens a prompt of nominal ``length`` and its answer may take: prompts may run 2% over their length."""
-    return int(length * 1.02) + new_tokens
+    """Tokens a prompt of nominal ``length`` and its answer may take: a task's prompt may run ``LENGTH_TOLERANCE``
+    over its length."""
+    return int(length * (1 + LENGTH_TOLERANCE)) + new_tokens
 
 
 def _longest_fitting(limit: int, new_tokens: int) -> int:
     """The longest nominal prompt length whose prompts and ``new_tokens`` fit a context of ``limit`` tokens."""
-    fits = max(0, (limit - new_tokens) * 50 // 51)
+    fits = max(0, int((limit - new_tokens) / (1 + LENGTH_TOLERANCE)))  # then exact, either way
     while _prompt_room(fits + 1, new_tokens) <= limit:
         fits += 1
     while fits and _prompt_room(fits, new_tokens) > limit:
@@ -580,7 +581,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
             if limit and need > limit:
                 fits = _longest_fitting(limit, longest_answer)
                 msg = (f"length {L} (+{longest_answer} new tokens) exceeds {lm.name}'s context of {limit} tokens: "
-                       + (f"a prompt may run 2% over its length, so the longest that fits is {fits}" if fits
+                       + (f"a prompt may run {LENGTH_TOLERANCE:.0%} over its length, so the longest that fits is {fits}" if fits
                           else "no prompt fits beside the answer"))
                 if cfg.on_too_long == "stop":
                     raise ContextLengthError(f"{e.label}: {msg}; drop it from --lengths or pass --on-too-long skip")
