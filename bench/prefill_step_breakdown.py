@@ -18,8 +18,9 @@ through ``Engine.step`` and then, for each plan and each number of decode rows b
 ``floor`` times the pieces alone on the same shapes, per layer and for all layers: the layer's linear layers on the
 chunk (its weights, ``F.linear``); ``causal_attention`` (the engine's SDPA path: flash on a GPU) of the chunk over
 ``prefix + chunk`` keys for all query heads and for the plan's full heads; the streaming heads' chunk as
-``Streaming.attend`` computes it (SDPA with a boolean sink + window mask over the sinks, the ring and the chunk,
-GQA: SDPA's math path on a GPU) and ``causal_attention`` on the same shapes (what a flash kernel would pay).
+``Streaming.attend`` computed it with kernels off (SDPA with a boolean sink + window mask over the sinks, the ring and
+the chunk), as it computes it with kernels on (``kernels/sink_window.py``, on a GPU: ``streaming_kernel_ms``) and
+``causal_attention`` on the same shapes (what a flash kernel would pay for all of them).
 
     PYTHONPATH=src python3 bench/prefill_step_breakdown.py OUT.json --model random:llama-3-8b,layers=8 \\
         --prefix 65536 --chunk 2048 --kv-gb 15 --plans dense,duo25 --decode-rows 0,8
@@ -186,12 +187,19 @@ def floor(lm: LoadedModel, plans: list[str], args: argparse.Namespace) -> dict[s
             old_pos = torch.where(slots < p.sink, slots, last - (last - slots) % p.window)
             new_pos = torch.arange(args.prefix, args.prefix + L, device=device)
             mask = p.allowed(new_pos[:, None], torch.cat([old_pos, new_pos])[None, :])
-            masked, sdpa_gqa, flash = streaming_chunk(rand(1, n * group, L, D), rand(1, n, held + L, D),
-                                            rand(1, n, held + L, D), mask, scale, reps)
+            q, k, v = rand(1, n * group, L, D), rand(1, n, held + L, D), rand(1, n, held + L, D)
+            masked, sdpa_gqa, flash = streaming_chunk(q, k, v, mask, scale, reps)
             entry |= {"streaming_masked_sdpa_ms": round(masked, 4), "streaming_masked_sdpa_all_layers_ms":
                       round(layers * masked, 3), "streaming_masked_sdpa_gqa_ms": round(sdpa_gqa, 4),
                       "streaming_same_shape_causal_ms": round(flash, 4),
                       "streaming_same_shape_causal_all_layers_ms": round(layers * flash, 3)}
+            if device.type == "cuda":  # the Triton kernel the policy runs with kernels on, over the same ring and chunk
+                from headwise.kernels.sink_window import sink_window_attention
+
+                call = (q, k[:, :, held:], v[:, :, held:], k[:, :, :held], v[:, :, :held], old_pos, args.prefix,
+                        p.sink, p.window, scale)
+                ms = _time_ms(lambda call=call: sink_window_attention(*call), device, reps)
+                entry |= {"streaming_kernel_ms": round(ms, 4), "streaming_kernel_all_layers_ms": round(layers * ms, 3)}
         out[name] = entry
     return out
 

@@ -51,8 +51,8 @@ def test_the_triton_estimate_equals_the_reference(B, Hq, Hkv, L, offset, last_q,
     want_v, want_s = reference(q, keys, offset, D**-0.5, last_q)
     R = min(last_q, L)
     scores = last_query_scores(q.to(DEVICE), keys.to(DEVICE), D**-0.5, last_q)
-    for splits in (None, 3):
-        vertical, slash = vertical_slash_sums(scores, offset + L - R, splits=splits, block_n=16)
+    for splits, sums_n in ((None, None), (3, 16)):
+        vertical, slash = vertical_slash_sums(scores, offset + L - R, splits=splits, block_n=16, sums_block_n=sums_n)
         assert torch.allclose(vertical.cpu(), want_v, atol=1e-5, rtol=1e-4)
         assert torch.allclose(slash.cpu(), want_s, atol=1e-5, rtol=1e-4)
         # Each row's probabilities sum to one: the masses sum to the rows.

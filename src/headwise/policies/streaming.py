@@ -22,6 +22,7 @@ from typing import ClassVar
 import torch
 
 from headwise.errors import PlanError
+from headwise.kernels.common import INTERPRET
 from headwise.policies.base import (
     AttendContext,
     PagedLayout,
@@ -89,6 +90,13 @@ class Streaming(Policy):
         if L == 1 and ctx.use_kernels and not self.compensation:
             return self._decode_kernel(q, k, v, store, ctx)
         old_k, old_v, old_pos = store.view()
+        if ctx.use_kernels and not self.compensation and (q.is_cuda or INTERPRET) and q.shape[-1] <= 256:
+            # Triton: the ring and the chunk read where they lie, only the keys a query tile may see
+            from headwise.kernels.sink_window import sink_window_attention
+
+            out = sink_window_attention(q, k, v, old_k, old_v, old_pos, ctx.start, self.sink, self.window, ctx.scale)
+            store.append(k, v)
+            return out
         new_pos = torch.arange(ctx.start, ctx.start + L, device=q.device)
         keys = torch.cat([old_k, k], dim=2)
         values = torch.cat([old_v, v], dim=2)
