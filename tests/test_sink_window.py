@@ -51,9 +51,10 @@ def test_kernel_equals_the_reference(seen, L, sink, window, Hq, Hkv, D):
     q = torch.randn(B, Hq, L, D, generator=g)
     k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
     rk, rv, rp = _ring(seen, sink, window, B, Hkv, D, g, empty=3 if seen else 0)
-    got = sink_window_attention(q, k, v, rk, rv, rp, seen, sink, window, scale=0.3)
     want = sink_window_reference(q, k, v, rk, rv, rp, seen, sink, window, scale=0.3)
-    torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
+    for tiles in (None, {"block_m": 16, "block_n": 32}):  # the default (64 x 32 here), and fp32's on a GPU
+        got = sink_window_attention(q, k, v, rk, rv, rp, seen, sink, window, scale=0.3, config=tiles)
+        torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
 
 def test_the_reference_is_streaming_s_mask():

@@ -104,27 +104,42 @@ def _sink_window_fwd(
         ring_hi = R
     rk = RK + b * srk_b + kvh * srk_h
     rv = RV + b * srv_b + kvh * srv_h
-    n0 = 0
-    while n0 < ring_hi:  # while loops: Triton's interpreter runs no range() over a kernel argument
-        m_i, l_i, acc = _visit(q, rk, rv, srk_n, srv_n, n0, ring_hi, RPOS, 0, qpos, m_i, l_i, acc, offs_n, offs_d,
-                               mask_d, sink, window, scale_log2e, True, INTERPRET, IEEE)
-        n0 += BLOCK_N
-
     ck = K + b * sk_b + kvh * sk_h
     cv = V + b * sv_b + kvh * sv_h
     last = tl.minimum(L, r0 + BLOCK_M)  # past the tile's last row: no key
     # The chunk's sink rows (a chunk that starts before ``sink``), then its rows within the window of the tile.
     sinks_hi = tl.minimum(tl.maximum(sink - q_start, 0), last)
-    n0 = 0
-    while n0 < sinks_hi:
-        m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, n0, sinks_hi, RPOS, q_start, qpos, m_i, l_i, acc, offs_n,
-                               offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
-        n0 += BLOCK_N
-    n0 = tl.maximum(sinks_hi, r0 - window + 1)
-    while n0 < last:
-        m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, n0, last, RPOS, q_start, qpos, m_i, l_i, acc, offs_n,
-                               offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
-        n0 += BLOCK_N
+    lo = tl.maximum(sinks_hi, r0 - window + 1)
+    n_ring = (ring_hi + BLOCK_N - 1) // BLOCK_N
+    n_sinks = (sinks_hi + BLOCK_N - 1) // BLOCK_N
+    n_win = (tl.maximum(last - lo, 0) + BLOCK_N - 1) // BLOCK_N
+    # Runtime trip counts; the interpreter takes no runtime ``range`` bound, hence its ``while`` (paged_prefill.py).
+    if INTERPRET:
+        i = 0
+        while i < n_ring:
+            m_i, l_i, acc = _visit(q, rk, rv, srk_n, srv_n, i * BLOCK_N, ring_hi, RPOS, 0, qpos, m_i, l_i, acc,
+                                   offs_n, offs_d, mask_d, sink, window, scale_log2e, True, INTERPRET, IEEE)
+            i += 1
+        i = 0
+        while i < n_sinks:
+            m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, i * BLOCK_N, sinks_hi, RPOS, q_start, qpos, m_i, l_i, acc,
+                                   offs_n, offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
+            i += 1
+        i = 0
+        while i < n_win:
+            m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, lo + i * BLOCK_N, last, RPOS, q_start, qpos, m_i, l_i,
+                                   acc, offs_n, offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
+            i += 1
+    else:
+        for i in range(0, n_ring):
+            m_i, l_i, acc = _visit(q, rk, rv, srk_n, srv_n, i * BLOCK_N, ring_hi, RPOS, 0, qpos, m_i, l_i, acc,
+                                   offs_n, offs_d, mask_d, sink, window, scale_log2e, True, INTERPRET, IEEE)
+        for i in range(0, n_sinks):
+            m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, i * BLOCK_N, sinks_hi, RPOS, q_start, qpos, m_i, l_i, acc,
+                                   offs_n, offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
+        for i in range(0, n_win):
+            m_i, l_i, acc = _visit(q, ck, cv, sk_n, sv_n, lo + i * BLOCK_N, last, RPOS, q_start, qpos, m_i, l_i,
+                                   acc, offs_n, offs_d, mask_d, sink, window, scale_log2e, False, INTERPRET, IEEE)
 
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
@@ -133,13 +148,14 @@ def _sink_window_fwd(
 
 
 def default_config(head_dim: int, dtype: torch.dtype) -> dict[str, int]:
-    """Tiles and launch settings, untuned (a streaming chunk reads a few hundred keys per query, a small launch beside
-    the layer's matrix products). Chosen so that sm_90 code spills no register (ptxas, built ahead of time): 64 x 32
-    tiles with 4 warps up to head_dim 128 (185 registers a thread in bf16), 8 warps at 256; fp32's full-precision
-    products take 32 x 32 tiles, 1 stage."""
-    if dtype == torch.float32:
-        return {"block_m": 32, "block_n": 32, "num_warps": 4, "num_stages": 1}
-    return {"block_m": 64, "block_n": 32, "num_warps": 4 if head_dim <= 128 else 8, "num_stages": 2}
+    """Tiles and launch settings, untuned on a GPU (a streaming chunk reads a few hundred keys per query, a small
+    launch beside the layer's matrix products), chosen so that the sm_90 code, built ahead of time on a machine without
+    a GPU (``triton.compile`` for ``GPUTarget("cuda", 90, 64)``, ``ptxas -v``), spills no register with its key loads
+    pipelined: 64 x 32 tiles, 4 warps, 2 stages up to head_dim 128 (255 registers a thread in bf16); 32 x 32 at 256.
+    fp32's full-precision products spill a little at any tile (16 x 32 the least): not a serving dtype."""
+    if dtype == torch.float32 and not INTERPRET:  # (the interpreter has no registers: fewer, larger programs)
+        return {"block_m": 16, "block_n": 32, "num_warps": 4, "num_stages": 1}
+    return {"block_m": 64 if head_dim <= 128 else 32, "block_n": 32, "num_warps": 4, "num_stages": 2}
 
 
 def sink_window_attention(
