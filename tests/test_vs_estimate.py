@@ -15,7 +15,7 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 from headwise.kernels.prefill_index import indices_to_mask
-from headwise.kernels.vs_estimate import vertical_slash_index, vertical_slash_sums
+from headwise.kernels.vs_estimate import vertical_slash_index, vertical_slash_sums, vertical_slash_top
 from headwise.policies.vertical_slash import (
     VerticalSlash,
     last_query_attention,
@@ -173,3 +173,16 @@ def test_the_estimate_at_a_real_shape_on_the_gpu():
     want = vertical_slash_blocks(cols, offs, S - L, L, 64)
     got = vertical_slash_index(cols, offs, (S - L) // 64, want[0].shape[2], 64)
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("nv,ns", [(6, 6), (5, 9)])
+def test_one_topk_over_both_sums_chooses_what_two_choose(nv, ns):
+    """``vertical_slash_top`` (one ``topk`` over both sums when the sizes match, two otherwise) chooses the same
+    columns and offsets as ``topk`` of each of ``vertical_slash_sums``' outputs, as sets."""
+    g = torch.Generator().manual_seed(5)
+    scores = torch.randn(2, 3, 16, 150, generator=g).to(DEVICE)
+    vertical, slash = vertical_slash_sums(scores, 134)
+    cols, offs = vertical_slash_top(scores, 134, nv, ns)
+    assert cols.shape == (2, 3, nv) and offs.shape == (2, 3, ns)
+    assert torch.equal(cols.sort(-1).values, vertical.topk(nv, -1).indices.sort(-1).values)
+    assert torch.equal(offs.sort(-1).values, slash.topk(ns, -1).indices.sort(-1).values)

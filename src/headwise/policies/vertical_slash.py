@@ -135,18 +135,15 @@ class VerticalSlash(PrefillPattern):
         R = min(self.last_q, L)
         kernel = kernel and R <= VS_MAX_ROWS
         if kernel:
-            from headwise.kernels.vs_estimate import vertical_slash_sums  # Triton
+            from headwise.kernels.vs_estimate import vertical_slash_index, vertical_slash_top  # Triton
 
-            vertical, slash = vertical_slash_sums(last_query_scores(q, keys, scale, self.last_q), q_offset + L - R)
-        else:
-            probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
-            vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
-        # The Triton index takes the columns and offsets in any order (it tests each key block against all of
-        # them), so it skips topk's sort; the PyTorch reference keeps it.
-        cols = vertical.topk(min(self.vertical_size, S), dim=-1, sorted=not kernel).indices  # [B, Hq, nv]
-        offs = slash.topk(min(self.slash_size, S), dim=-1, sorted=not kernel).indices  # [B, Hq, ns]
-        if kernel:
-            from headwise.kernels.vs_estimate import vertical_slash_index  # Triton
-
+            # The Triton index takes the columns and offsets in any order (it tests each key block against all of
+            # them), so topk skips its sort, and one topk takes both when their sizes match.
+            cols, offs = vertical_slash_top(last_query_scores(q, keys, scale, self.last_q), q_offset + L - R,
+                                            min(self.vertical_size, S), min(self.slash_size, S))
             return vertical_slash_index(cols, offs, q_offset // bs, n_query_blocks(L, q_offset, bs), bs)
+        probs = last_query_attention(q, keys, q_offset, scale, self.last_q)
+        vertical, slash = vertical_slash_scores(probs, q_offset + L - R)
+        cols = vertical.topk(min(self.vertical_size, S), dim=-1).indices  # [B, Hq, nv]
+        offs = slash.topk(min(self.slash_size, S), dim=-1).indices  # [B, Hq, ns]
         return vertical_slash_blocks(cols, offs, q_offset, L, bs)
