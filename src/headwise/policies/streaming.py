@@ -12,6 +12,11 @@ updated as tokens leave the window, so it also serves chunked prefill and long g
 
 A Gemma 3 sliding-window layer is ``streaming(sink=0, window=512)`` exactly (transformers' sliding mask keeps
 ``p - j < window``).
+
+A prompt chunk runs, with kernels on (CUDA, or the CPU under TRITON_INTERPRET=1) and no compensation slot, on
+``kernels/sink_window.py`` (the ring and the chunk read in place, only the keys each query tile may see); otherwise
+under one mask over the ring and the chunk, or in bands of ``BAND_ROWS`` queries when that does less work
+(``sink_window_banded``, the reference's long-chunk form).
 """
 
 from __future__ import annotations
