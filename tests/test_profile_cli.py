@@ -129,6 +129,34 @@ def test_an_act_objective_without_act_or_with_from_scores_is_a_one_line_error(ex
     assert not (tmp_path / "p.json").exists()
 
 
+@pytest.mark.parametrize("ring", ["7", "128", "-1"])
+def test_a_min_ring_out_of_range_is_a_one_line_error(ring, tmp_path, capsys):
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(tmp_path / "p.json"), "--min-ring", ring])
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and ("ring" in err or "--min-ring" in err) and "\n" not in err
+    assert not (tmp_path / "p.json").exists()
+
+
+def test_a_min_ring_reaches_budgets_below_the_spans_and_stays_in_the_command(tmp_path, capsys):
+    """SmolLM2 from the shipped plan's scores at 1K: 0.1 is below its all-streaming floor with 128-token rings (a
+    one-line error); ``--min-ring 32`` solves it, within the budget, and the plan's command carries the flag."""
+    from pathlib import Path
+
+    from headwise.models import load_model
+    from headwise.plan import HeadPlan
+
+    ranking = Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m.json"
+    args = ["profile", "smollm2-135m", "--budget", "0.1", "--from-scores", str(ranking), "--target-len", "1024",
+            "--method", "ablation", "--full-share", "1.0", "--no-progress", "--quantize"]
+    assert main([*args, "-o", str(tmp_path / "no.json")]) == 2
+    assert "smallest streaming plan" in capsys.readouterr().err
+    out = tmp_path / "ring.json"
+    assert main([*args, "-o", str(out), "--min-ring", "32"]) == 0, capsys.readouterr().err
+    plan = HeadPlan.load(out)
+    assert "--min-ring 32" in plan.meta["created_by"]
+    assert plan.kv_fraction(load_model("smollm2-135m").spec, 1024) <= 0.1 + 1e-9
+
+
 @pytest.mark.parametrize(("kind", "budget"), [("longheads", "0.5"), ("longheads", "1.0"), ("offload", "0.5")])
 def test_full_heads_run_as_longheads_or_offload(kind, budget, tmp_path, capsys):
     """``--full-heads``: the heads the solver keeps whole become LongHeads (max chunk scores) or RetrievalAttention

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -259,6 +261,43 @@ def test_the_2_bit_rung_keeps_global_heads_reachable_below_what_4_bits_allow():
     assert len(quantized(two)) > len(quantized(four)) and all(p.bits >= 4 for p in quantized(four))
     for sol in (four, two, two_keys):
         assert held_fraction(spec, sol.policies, 4096) <= 0.25 + 1e-9
-    assert QuantMenu(two_bit=True).flags() == ["--quant-2bit"]
+    assert QuantMenu(two_bit=True).flags() == ["--quantize", "--quant-2bit"]
     with pytest.raises(InputError, match="--quant-2bit"):
         QuantMenu(global_key_bits=2)
+
+
+def test_a_smaller_ring_floor_lets_two_global_heads_stay_whole_far_below_the_spans_floor():
+    """Below ~0.19 of dense at 4K no Gemma 3 plan with 128-token rings keeps two global heads (run 23: at 0.16 one, and
+    no passkey). ``QuantMenu(min_ring=32)`` (``--min-ring 32``) adds a 32-token ring under the spans (a window of 32
+    on a sliding layer, 16 sinks and 16 recent tokens on a global one), valued below every span: at 0.12 two global
+    heads stay whole in 2 bits, the plan holds at most 0.12 of dense at 4K, and where the budget allows 128-token
+    rings the solver still grows rings before it takes the last resort (0.5: no 32-token ring)."""
+    from headwise.errors import InputError
+    from headwise.policies import Full, Quantized
+    from headwise.profile.solver import QuantMenu, head_options, held_fraction
+
+    spec, scores, value = _gemma_run10_scores()
+    menu = QuantMenu(global_key_bits=2, residual=64, two_bit=True, min_ring=32)
+
+    def whole(sol):
+        return [i for i in (5, 11, 17) if isinstance(sol.policies[i][0], Full | Quantized)]
+
+    with pytest.raises(BudgetError, match="smallest streaming plan"):
+        solve(spec, scores, 0.1, 4096, value, full_share=1.0, quantize=replace(menu, min_ring=0))
+    assert whole(solve(spec, scores, 0.12, 4096, value, full_share=1.0, quantize=replace(menu, min_ring=0))) == []
+    sol = solve(spec, scores, 0.12, 4096, value, full_share=1.0, quantize=menu)
+    assert len(whole(sol)) >= 2 and held_fraction(spec, sol.policies, 4096) <= 0.12 + 1e-9
+    rings = {p for row in sol.policies for p in row if isinstance(p, Streaming) and p.sink + p.window == 32}
+    assert rings == {Streaming(sink=0, window=32), Streaming(sink=16, window=16)}
+    opts = head_options(spec, 0, 4096, value[0, 0], menu)  # a sliding layer: the ring first, valued below every span
+    assert opts[0].policy == Streaming(sink=0, window=32) and opts[0].cost == 32 and opts[0].value == 0.0
+    assert opts[1].cost == 128 and opts[1].value > 0
+    roomy = solve(spec, scores, 0.5, 4096, value, full_share=1.0, quantize=menu)
+    assert not any(isinstance(p, Streaming) and p.sink + p.window < 128 for row in roomy.policies for p in row)
+    assert menu.flags() == ["--min-ring", "32", "--quantize", "--quant-2bit", "--quant-global-key-bits", "2",
+                            "--quant-residual", "64"]
+    assert QuantMenu(quantized=False, min_ring=48).flags() == ["--min-ring", "48"]
+    assert QuantMenu(quantized=False, min_ring=48).options(True) == ()
+    for bad in (7, 128, True, 40.0):
+        with pytest.raises(InputError, match="smallest streaming ring"):
+            QuantMenu(min_ring=bad)

@@ -57,7 +57,7 @@ import torch
 
 from headwise.errors import BudgetError, InputError
 from headwise.kernels.kv_quant import BITS
-from headwise.policies import Full, Policy, Quantized
+from headwise.policies import Full, Policy, Quantized, Streaming
 from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
 from headwise.spec import ModelSpec
 
@@ -103,8 +103,21 @@ class QuantMenu:
     global_key_bits: int = 4
     residual: int = 128
     two_bit: bool = False
+    quantized: bool = True
+    """False: no quantized option (a menu that only changes the streaming floor, ``min_ring``)."""
+    min_ring: int = 0
+    """A streaming option below the smallest span (whose ring holds 128 tokens: 64 sinks + 64 recent on a global
+    layer, a 128-token window on a sliding one): every head may also stream with a ring of ``min_ring`` tokens (a
+    window of ``min_ring`` on a native sliding-window layer; half sinks, half recent tokens on a global one), valued
+    below every measured span, so the solver takes it only where the budget leaves nothing else. 0: none (the floor
+    every plan before 2026-12-05 was solved with). Below ~0.19 of dense at 4K no plan with 128-token rings keeps two
+    of Gemma 3's global heads (docs/quality.md, run 23); with rings of 32 two fit in 2 bits at ~0.11."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.min_ring, int) or isinstance(self.min_ring, bool) or not (
+                self.min_ring == 0 or MIN_RING <= self.min_ring < SPAN_FLOOR):
+            raise InputError(f"the smallest streaming ring must be 0 (none) or {MIN_RING} to {SPAN_FLOOR - 1} tokens "
+                             f"(the spans' smallest ring holds {SPAN_FLOOR}), got {self.min_ring!r}")
         if self.global_key_bits not in BITS:
             raise InputError(f"the fewest key bits of a quantized head on a global layer must be 2, 4 or 8, got "
                               f"{self.global_key_bits!r}")
@@ -114,24 +127,41 @@ class QuantMenu:
             raise InputError(f"the quantized heads' residual must be a positive number of tokens, got {self.residual!r}")
 
     def options(self, global_layer: bool) -> tuple[Quantized, ...]:
-        """The options of a head, cheapest first."""
+        """The quantized options of a head, cheapest first."""
+        if not self.quantized:
+            return ()
         menu = (TWO_BIT_OPTIONS if self.two_bit else ()) + QUANT_OPTIONS
         opts = tuple(replace(q, residual=self.residual) for q in menu)
         return tuple(q for q in opts if q.k_bits >= self.global_key_bits) if global_layer else opts
 
     def flags(self) -> list[str]:
-        """The ``headwise profile`` arguments that ask for this menu (beside ``--quantize``)."""
-        out = ["--quant-2bit"] if self.two_bit else []
+        """The ``headwise profile`` arguments that ask for this menu."""
+        out = ["--min-ring", str(self.min_ring)] if self.min_ring else []
+        if not self.quantized:
+            return out
+        out += ["--quantize"] + (["--quant-2bit"] if self.two_bit else [])
         out += [] if self.global_key_bits == 4 else ["--quant-global-key-bits", str(self.global_key_bits)]
         return out + ([] if self.residual == 128 else ["--quant-residual", str(self.residual)])
+
+    def ring(self, native: int | None) -> Streaming:
+        """The ``min_ring`` option's policy on a layer (``native``: its sliding window, None on a global layer)."""
+        if native is not None:
+            return Streaming(sink=0, window=self.min_ring)
+        return Streaming(sink=self.min_ring // 2, window=self.min_ring - self.min_ring // 2)
 
 
 Quantize = bool | QuantMenu
 """``solve``'s ``quantize``: False (no quantized options), True (``QuantMenu()``) or a menu."""
 
 
+MIN_RING = 8
+"""The smallest ``QuantMenu.min_ring``."""
+SPAN_FLOOR = 128
+"""Tokens the smallest streaming span holds (``mass.SPAN_OPTIONS``' 64 + ``mass.STREAM_SINK``)."""
+
+
 def quant_menu(quantize: Quantize) -> QuantMenu | None:
-    """The menu ``quantize`` asks for (None: no quantized options)."""
+    """The menu ``quantize`` asks for (None: no quantized option and the spans' floor)."""
     if isinstance(quantize, QuantMenu):
         return quantize
     return QuantMenu() if quantize else None
@@ -211,6 +241,12 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
         if cost not in seen or value > seen[cost].value:
             seen[cost] = Option(pol, cost, value, span)
     opts = sorted(seen.values(), key=lambda x: x.cost)
+    menu = quant_menu(quantize)
+    if menu is not None and menu.min_ring:
+        pol = menu.ring(native)
+        cost = pol.kv_tokens(target_len)
+        if cost < full_cost and (not opts or cost < opts[0].cost):
+            opts.insert(0, Option(pol, cost, 0.0))  # below every measured span's recall: the last resort
     # keep only options that buy something: with recall data a bigger span must keep more mass
     if recall is not None:
         pruned: list[Option] = []
@@ -218,7 +254,6 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
             if not pruned or opt.value > pruned[-1].value:
                 pruned.append(opt)
         opts = pruned
-    menu = quant_menu(quantize)
     for pol in menu.options(native is None) if menu is not None else ():
         held = pol if native is None else pol.for_native_window(native, spec.head_dim)
         cost = slot_cost(held, spec, target_len)
