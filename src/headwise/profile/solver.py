@@ -45,7 +45,9 @@ Costs count bytes for 16-bit KV (``dtype_bytes=2``).
 Streaming spans are MoA's elastic ``window = a + b*N`` (https://arxiv.org/abs/2406.14909) evaluated at
 ``N = target_len`` (a plan stores fixed windows; a longer input keeps the window chosen for the target).
 Global layers stream with ``sink=64`` (DuoAttention); on a native sliding-window layer the span is a shorter
-window with ``sink=0``, so the head never sees a token the model's own window hides.
+window with ``sink=0``, so the head never sees a token the model's own window hides. The smallest span holds 128
+tokens; ``QuantMenu(min_ring=N)`` (``--min-ring``) adds a ring of ``N`` below it, valued below every span, for budgets
+the spans cannot reach.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ import torch
 from headwise.errors import BudgetError, InputError
 from headwise.kernels.kv_quant import BITS
 from headwise.policies import Full, Policy, Quantized, Streaming
-from headwise.profile.mass import SPAN_OPTIONS, span_window, streaming_option
+from headwise.profile.mass import SPAN_OPTIONS, STREAM_SINK, span_window, streaming_option
 from headwise.spec import ModelSpec
 
 
@@ -156,8 +158,8 @@ Quantize = bool | QuantMenu
 
 MIN_RING = 8
 """The smallest ``QuantMenu.min_ring``."""
-SPAN_FLOOR = 128
-"""Tokens the smallest streaming span holds (``mass.SPAN_OPTIONS``' 64 + ``mass.STREAM_SINK``)."""
+SPAN_FLOOR = min(a for a, _ in SPAN_OPTIONS) + STREAM_SINK
+"""Tokens the smallest streaming span holds at any length (64 + ``mass.STREAM_SINK``: 128)."""
 
 
 def quant_menu(quantize: Quantize) -> QuantMenu | None:
