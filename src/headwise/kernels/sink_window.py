@@ -29,7 +29,9 @@ Tested
     tests/test_sink_window.py under TRITON_INTERPRET=1 against the masked reference: first chunks (empty ring), chunks
     that start inside the sinks, a ring that has wrapped, sink 0 (a native sliding window), windows shorter and
     longer than a tile, chunks that are not multiples of a tile, GQA 1:1 and 4:1, head_dim 16, 40 and 64, strided
-    views of a layer's heads, a ring with empty slots; and the engine's prompt chunks on it (the same greedy tokens).
+    views of a layer's heads, a ring with empty slots; and the engine's prompt chunks on it (tests/test_paged_cache.py
+    with kernels on: the same greedy tokens). Built ahead of time for sm_90 without spills (``default_config``); not
+    yet run on a GPU (the tests marked ``gpu`` in tests/test_sink_window.py, 8192-token chunks at d 128 and 256).
 """
 
 from __future__ import annotations
