@@ -52,7 +52,8 @@ def test_kernel_equals_the_reference(seen, L, sink, window, Hq, Hkv, D):
     k, v = torch.randn(B, Hkv, L, D, generator=g), torch.randn(B, Hkv, L, D, generator=g)
     rk, rv, rp = _ring(seen, sink, window, B, Hkv, D, g, empty=3 if seen else 0)
     want = sink_window_reference(q, k, v, rk, rv, rp, seen, sink, window, scale=0.3)
-    for tiles in (None, {"block_m": 16, "block_n": 32}):  # the default (64 x 32 here), and fp32's on a GPU
+    small = L * (window + 64) <= 130 * 120  # fp32's GPU tiles (16 x 32: 4x the programs) on the small cases only
+    for tiles in (None, {"block_m": 16, "block_n": 32}) if small else (None,):  # the default (64 x 32 here)
         got = sink_window_attention(q, k, v, rk, rv, rp, seen, sink, window, scale=0.3, config=tiles)
         torch.testing.assert_close(got, want, atol=2e-6, rtol=2e-5)
 
