@@ -53,7 +53,8 @@ def chosen_chunk_attention_ref(q_slots: torch.Tensor, keys: torch.Tensor, values
     bi = torch.arange(B, device=keys.device).view(B, 1, 1, 1, 1)
     hi = torch.arange(Ht, device=keys.device).view(1, Ht, 1, 1, 1) // (Ht // keys.shape[1])  # each chooser's KV head
     token = table[..., None].long() * C + torch.arange(C, device=keys.device)  # [B, Ht, Lb, n, C]
-    k, v = keys[bi, hi, token.clamp(max=T - 1)], values[bi, hi, token.clamp(max=T - 1)]  # [B, Ht, Lb, n, C, D]
+    held = token.clamp(max=T - 1)  # past the store's tokens: masked below
+    k, v = keys[bi, hi, held], values[bi, hi, held]  # [B, Ht, Lb, n, C, D]
     # Batched matmuls over the gathered blocks: [.., C, D] @ [.., D, G].
     logits = torch.matmul(k, q_slots.to(k.dtype).permute(0, 1, 3, 4, 5, 2)).float() * scale  # [B, Ht, Lb, n, C, G]
     future = torch.zeros(Lb, n, C, dtype=torch.bool, device=keys.device)

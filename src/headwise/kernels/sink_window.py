@@ -213,19 +213,18 @@ def sink_window_reference(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor,
     ring_pos: torch.Tensor, q_start: int, sink: int, window: int, scale: float | None = None,
 ) -> torch.Tensor:
-    """``sink_window_attention`` in plain PyTorch, fp32: the ring and the chunk concatenated, one mask
-    (``Streaming.allowed`` with empty slots masked), softmax, weighted sum. Returns q's dtype."""
-    Hq, L, D = q.shape[1:]
-    Hkv = k.shape[1]
+    """``sink_window_attention`` in plain PyTorch, fp32: the ring and the chunk concatenated under one mask
+    (``Streaming.allowed``, which also hides empty slots), ``masked_attention``. Returns q's dtype."""
+    from headwise.policies.base import masked_attention
+    from headwise.policies.streaming import Streaming
+
+    L, D = q.shape[2], q.shape[3]
     scale = D**-0.5 if scale is None else scale
-    keys = torch.cat([ring_k, k], dim=2).float().repeat_interleave(Hq // Hkv, dim=1)
-    values = torch.cat([ring_v, v], dim=2).float().repeat_interleave(Hq // Hkv, dim=1)
-    kp = torch.cat([ring_pos.to(q.device, torch.long), torch.arange(q_start, q_start + L, device=q.device)])[None, :]
-    qp = torch.arange(q_start, q_start + L, device=q.device)[:, None]
-    mask = (kp >= 0) & (kp <= qp) & ((kp < sink) | (qp - kp < window))
-    scores = torch.einsum("bhqd,bhkd->bhqk", q.float(), keys) * scale
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
-    return torch.einsum("bhqk,bhkd->bhqd", probs, values).to(q.dtype)
+    new_pos = torch.arange(q_start, q_start + L, device=q.device)
+    k_pos = torch.cat([ring_pos.to(q.device, torch.long), new_pos])
+    mask = Streaming(sink=sink, window=window).allowed(new_pos[:, None], k_pos[None, :])
+    keys, values = torch.cat([ring_k, k], dim=2).float(), torch.cat([ring_v, v], dim=2).float()
+    return masked_attention(q.float(), keys, values, mask, scale).to(q.dtype)
 
 
 __all__ = ["default_config", "sink_window_attention", "sink_window_reference"]

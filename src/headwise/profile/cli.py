@@ -158,8 +158,9 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--duo-steps", str(args.duo_steps)]
     if args.fit_lengths:
         parts += ["--fit-lengths", args.fit_lengths]
-    if args.quantize or args.min_ring:
-        parts += quant_menu_from_args(args).flags()
+    menu = solver_menu(args)
+    if menu:
+        parts += menu.flags()
     if args.ablation_base != "full":
         parts += ["--ablation-base", args.ablation_base]
     if args.ablation_switch != "streaming":
@@ -218,9 +219,11 @@ def _settings(args: argparse.Namespace, device: str) -> Settings:
     return s
 
 
-def quant_menu_from_args(args: argparse.Namespace) -> QuantMenu:
-    """The solver's menu from ``--quantize`` (with ``--quant-global-key-bits``, ``--quant-residual`` and
-    ``--quant-2bit``) and ``--min-ring``."""
+def solver_menu(args: argparse.Namespace) -> QuantMenu | bool:
+    """``solve``'s ``quantize``: the menu that ``--quantize`` (with ``--quant-global-key-bits``, ``--quant-residual``
+    and ``--quant-2bit``) and ``--min-ring`` ask for, or False when neither does."""
+    if not (args.quantize or args.min_ring):
+        return False
     return QuantMenu(global_key_bits=args.quant_global_key_bits, residual=args.quant_residual,
                      two_bit=args.quant_2bit, quantized=args.quantize, min_ring=args.min_ring)
 
@@ -230,8 +233,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128 or args.quant_2bit):
         raise InputError("--quant-global-key-bits, --quant-residual and --quant-2bit choose among the quantized "
                          "options: give --quantize too")
-    # a bad residual or ring fails before loading
-    quantize = quant_menu_from_args(args) if args.quantize or args.min_ring else False
+    quantize = solver_menu(args)  # a bad residual or ring fails before loading
     if args.target_len < 1:
         raise InputError(f"--target-len must be a positive number of tokens, got {args.target_len}")
     from headwise.eval.runner import parse_length
