@@ -18,7 +18,8 @@
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
 # CURVE_BASELINES / SELECT_UNDER / CURVE_PROFILE_ARGS (e.g. "--quant-global-key-bits 8 --quant-residual 64") the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
-# table's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk); PROFILE_DTYPE
+# table's and the curve's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk, so
+# `knorm@equal` compresses once after the prompt as kvpress's press does); PROFILE_DTYPE
 # (default float32) the profiler's dtype; PROFILE_ONLY=1 ends the profile phase after the plans are written. PACK names
 # the archive in $OUT (default quality), so two phases may run side by side in one call with their own WORK.
 #
@@ -133,7 +134,7 @@ curve)
   secs=$(left)
   for b in "${budgets[@]}"; do
     SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${baselines//@B/@$b} \
-      --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES > "$WORK/logs/curve-q$b.out" 2>&1 &
+      --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-} > "$WORK/logs/curve-q$b.out" 2>&1 &
   done
   wait
   tail -n 30 "$WORK"/logs/curve-q*.out
