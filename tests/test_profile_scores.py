@@ -226,6 +226,7 @@ def test_weighted_span_error_turns_each_layers_error_into_its_measured_kl():
 
 
 def test_profile_records_calibrated_spans_and_resolving_at_another_target_measures_them_again(tiny, capsys):
+    from headwise.profile.mass import QUANT_PROBE
     from headwise.profile.runner import Settings, Spans, profile_model, resolve_from_scores
 
     plan = profile_model(tiny, 0.5, target_len=512, settings=Settings.fast(), progress=False)
@@ -237,6 +238,8 @@ def test_profile_records_calibrated_spans_and_resolving_at_another_target_measur
     assert meta["span_recall_target_len"] == 512 and len(meta["layer_kl"]) == 2
     spans = Spans.from_meta(meta)
     assert spans is not None and spans.error is not None and spans.error.shape == (2, 2, len(SPAN_OPTIONS))
+    assert spans.quant_error is not None and spans.quant_error.shape == (2, 2, len(QUANT_PROBE))
+    assert meta["quant_error_options"]["key_value_bits"] == [list(o) for o in QUANT_PROBE]
     assert meta["solution"]["kv_tokens"] <= meta["solution"]["cap_tokens"]
     again = resolve_from_scores(tiny, plan, 0.4, 512, "retrieval")
     assert again.meta["solution"]["kv_fraction"] <= 0.4
@@ -245,4 +248,32 @@ def test_profile_records_calibrated_spans_and_resolving_at_another_target_measur
     assert longer.meta["span_recall_target_len"] == 1024 and longer.meta["span_recall_remeasured_from"] == 512
     assert longer.meta["scores"]["retrieval_kv"] == meta["scores"]["retrieval_kv"]
     assert longer.meta["span_recall_kv"] != meta["span_recall_kv"]
+    # the quantized options' errors are measured again with them (on the same text: no window depends on the target)
+    assert longer.meta["quant_error_kv"] == meta["quant_error_kv"]
     assert longer.meta["solution"]["kv_fraction"] <= 0.4 and longer.meta["target_len"] == 1024
+
+
+def test_quant_error_grows_as_bits_fall(tiny):
+    """The probe's measured error of each quantized option (keys and values as KIVI codes outside the residual):
+    every option errs on a random model's keys and values, and fewer bits err more, for values at equal key bits
+    and for keys at equal value bits. (2-bit keys over 2-bit values need not err more than 4-bit keys over them:
+    a random model attends almost evenly, so its output barely moves with the keys.)"""
+    from headwise.profile.mass import QUANT_PROBE, mass_scores
+
+    mass = mass_scores(tiny, 512, progress=False, target_len=512)
+    err = mass.quant_error
+    assert err is not None and err.shape == (2, 2, len(QUANT_PROBE))
+    total = err.sum(dim=(0, 1))
+    by = dict(zip(QUANT_PROBE, total.tolist(), strict=True))
+    assert by[(8, 8)] > 0
+    assert by[(4, 2)] > by[(4, 4)] > by[(8, 4)] > by[(8, 8)]
+    assert by[(2, 2)] > by[(4, 4)]
+
+
+def test_quant_error_is_zero_where_nothing_is_old_enough_to_be_coded(tiny):
+    """A text shorter than the residual plus a group holds no codes: the quantized options change nothing."""
+    from headwise.profile.mass import QUANT_PROBE_RESIDUAL, mass_scores
+
+    mass = mass_scores(tiny, 128, bins=[128], progress=False, target_len=128)
+    assert QUANT_PROBE_RESIDUAL + 32 > 128 - 128 + 1  # the bin's first query is token 0
+    assert mass.quant_error is not None and float(mass.quant_error.abs().max()) == 0.0

@@ -32,6 +32,13 @@ profile, used to look at how spans should scale).
   error; every span error of the layer is scaled by it (``weighted_span_error``). On SmolLM2 this factor
   ranges over more than 10x between layers (docs/profiling.md). The solver then minimises a predicted total KL.
 
+* ``quant_error[kv_head, (key bits, value bits)]``: the same relative output error, for a head whose keys and
+  values are held as KIVI codes (``QUANT_PROBE``, group ``Quantized.group``, residual ``QUANT_PROBE_RESIDUAL``):
+  the keys of each bin older than its first query's residual are quantized and dequantized as the store does
+  (``policies.quantized.fake_quantize``), the weights recomputed from them and the output from the quantized
+  values. Weighted by the same per-layer KL factor (``weighted_span_error``), it puts every quantized option on the
+  spans' scale, where before each had a constant (``solver.QUANT_FIDELITY``).
+
 The solver trades ``1 - weighted span_error`` (else the mass recall) against cost; ``1 - recall`` of the default
 streaming span is the ``mass`` head score (what a head loses if it streams).
 """
@@ -45,8 +52,9 @@ import torch
 from tqdm.auto import tqdm
 
 from headwise.models import LoadedModel
-from headwise.policies import Full, Policy, Streaming
-from headwise.profile.probe import Probe, probing
+from headwise.policies import Full, Policy, Quantized, Streaming
+from headwise.policies.quantized import fake_quantize
+from headwise.profile.probe import Probe, Rescore, probing
 from headwise.profile.select import text_kl
 
 SINK_TOKENS = 4
@@ -59,6 +67,12 @@ SPAN_OPTIONS: tuple[tuple[int, float], ...] = tuple(
     (a, b) for a in (64, 128, 256, 512) for b in (0.0, 1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2)
 )
 """(a, b) of window = a + b*N: fixed windows (b = 0) and windows growing with the input length."""
+QUANT_PROBE: tuple[tuple[int, int], ...] = ((2, 2), (4, 2), (4, 4), (8, 4), (8, 8))
+"""(key bits, value bits) of the quantized options whose output error the probe measures (every option the
+solver's menus offer, ``solver.QUANT_OPTIONS`` and ``TWO_BIT_OPTIONS``)."""
+QUANT_PROBE_RESIDUAL = 64
+"""Full-precision residual of the measured quantized options: the shortest a shipped menu uses (``--quant-residual
+64``); a longer residual keeps more recent tokens exact, so it errs no more than this."""
 CALIB_WINDOW = 256
 """Window of the streaming span that ``layer_sensitivity`` applies to one layer at a time."""
 BIN = 128
@@ -96,6 +110,8 @@ class MassProbe(Probe):
         self.windows = sorted({span_window(o, target_len) for o in SPAN_OPTIONS}) if target_len else []
         self.err = torch.zeros(num_layers, self.num_kv_heads, len(self.windows))
         self.out_norm = torch.zeros(num_layers)
+        self.quant_err = torch.zeros(num_layers, self.num_kv_heads, len(QUANT_PROBE))
+        self.quant_seen = False
 
     def rows(self, layer: int, q_len: int) -> slice | None:
         first = self.q_start
@@ -128,7 +144,8 @@ class MassProbe(Probe):
             self.count[layer, i] += float(w.shape[0] * w.shape[2])
 
     def observe_values(self, layer: int, weights: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
-                       k_pos: torch.Tensor, module: torch.nn.Module) -> None:
+                       k_pos: torch.Tensor, module: torch.nn.Module, keys: torch.Tensor | None = None,
+                       rescore: Rescore | None = None) -> None:
         o_proj = getattr(module, "o_proj", None)
         if not isinstance(getattr(o_proj, "weight", None), torch.Tensor):
             self.wants_values = False  # no o_proj to measure through: the solver falls back to mass recall
@@ -138,6 +155,14 @@ class MassProbe(Probe):
         w_o = o_proj.weight.float().view(-1, Hq, D)  # [hidden, Hq, D]: each query head's slice of o_proj
         native = self.layer_windows[layer] if layer < len(self.layer_windows) else None
         policies = [streaming_option(native, win) for win in self.windows]
+        coded: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each QUANT_PROBE option's keys and values
+
+        def error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
+            """[H] squared norm of the change ``out - dense`` makes in the residual stream, per KV head."""
+            res = torch.einsum("bhld,ehd->bhle", out - dense, w_o)  # [B, Hq, l, hidden]
+            res = res.view(B, H, Hq // H, *res.shape[2:]).sum(2)  # a KV head's query heads act together
+            return res.pow(2).sum(dim=(0, 2, 3)).cpu()
+
         for n in self.bins:
             sel = (q_pos >= n - BIN) & (q_pos < n)
             if not bool(sel.any()):
@@ -148,9 +173,36 @@ class MassProbe(Probe):
             for a, policy in enumerate(policies):
                 kept = w * policy.allowed(q_pos[sel][:, None], k_pos[None, :])  # the keys the policy keeps
                 out = (kept @ values) / kept.sum(-1, keepdim=True).clamp(min=1e-30)
-                res = torch.einsum("bhld,ehd->bhle", out - dense, w_o)  # [B, Hq, l, hidden]
-                res = res.view(B, H, Hq // H, *res.shape[2:]).sum(2)  # a KV head's query heads act together
-                self.err[layer, :, a] += res.pow(2).sum(dim=(0, 2, 3)).cpu()
+                self.err[layer, :, a] += error(out, dense)
+            if keys is None or rescore is None:
+                continue
+            self.quant_seen = True
+            if coded is None:
+                coded = self._coded(keys, values[:, :: Hq // H])
+            # the keys already held as codes when the bin's first query is decoded: whole groups, oldest first
+            group = Quantized().group
+            cut = max(0, int(q_pos[sel][0]) + 1 - QUANT_PROBE_RESIDUAL - int(k_pos[0])) // group * group
+            if cut == 0:
+                continue
+            for o, (kq, vq) in enumerate(coded):
+                k = torch.cat([kq[:, :, :cut], keys[:, :, cut:]], dim=2)
+                v = torch.cat([vq[:, :, :cut], values[:, :: Hq // H, cut:]], dim=2).repeat_interleave(Hq // H, dim=1)
+                self.quant_err[layer, :, o] += error(rescore(k, sel) @ v, dense)
+
+    @staticmethod
+    def _coded(keys: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Each ``QUANT_PROBE`` option's dequantized keys and values ``[B, Hkv, n, D]`` of the whole groups of
+        ``keys, values: [B, Hkv, S, D]`` (a group's codes depend on its own tokens only)."""
+        n = keys.shape[2] // Quantized().group * Quantized().group
+        return [fake_quantize(keys[:, :, :n], values[:, :, :n], Quantized(bits=vb, key_bits=kb))
+                for kb, vb in QUANT_PROBE]
+
+    def quant_error(self) -> torch.Tensor | None:
+        """[layers, kv_heads, len(QUANT_PROBE)] relative output error of each quantized option (None if not
+        measured)."""
+        if not self.wants_values or not self.quant_seen or not bool((self.out_norm > 0).all()):
+            return None
+        return self.quant_err / self.out_norm[:, None, None]
 
     def span_error(self) -> torch.Tensor | None:
         """[layers, kv_heads, len(SPAN_OPTIONS)] relative output error of each option's window (None if not measured)."""
@@ -172,6 +224,8 @@ class MassResult:
     """[layers, q_heads, len(SPAN_OPTIONS), len(bins)] share kept by each elastic streaming span."""
     span_error: torch.Tensor | None = None
     """[layers, kv_heads, len(SPAN_OPTIONS)] relative output error of each span at the target length, or None."""
+    quant_error: torch.Tensor | None = None
+    """[layers, kv_heads, len(QUANT_PROBE)] relative output error of each quantized option, or None."""
 
     def streaming_loss(self, window: int = LOCAL_WINDOW) -> torch.Tensor:
         """[layers, q_heads] mass lost by ``streaming(STREAM_SINK, window)`` at the longest bin."""
@@ -208,7 +262,7 @@ def mass_scores(lm: LoadedModel, length: int = 2048, bins: Sequence[int] | None 
     sink = (probe.sink / count[:, None]).mean(-1)
     local = (probe.local / count[:, None]).mean(-1)
     recall = probe.recall / count[:, None, None]
-    return MassResult(bins, sink, local, recall, probe.span_error())
+    return MassResult(bins, sink, local, recall, probe.span_error(), probe.quant_error())
 
 
 def text_for_profile(lm: LoadedModel, length: int) -> torch.Tensor:
@@ -243,9 +297,12 @@ def layer_sensitivity(lm: LoadedModel, length: int, window: int = CALIB_WINDOW, 
     return kl
 
 
-def weighted_span_error(span_error: torch.Tensor, layer_kl: torch.Tensor, window: int = CALIB_WINDOW) -> torch.Tensor:
+def weighted_span_error(span_error: torch.Tensor, layer_kl: torch.Tensor, window: int = CALIB_WINDOW,
+                        other: torch.Tensor | None = None) -> torch.Tensor:
     """Scale each layer's span errors [layers, kv_heads, options] by its KL per unit of error (the calibration
-    window's error summed over the layer's heads); a layer whose calibration error is zero keeps weight 0."""
+    window's error summed over the layer's heads); a layer whose calibration error is zero keeps weight 0. With
+    ``other`` (errors [layers, kv_heads, k] on the same relative scale, e.g. ``quant_error``), ``other`` is scaled
+    by the same factors instead."""
     calib = span_error[:, :, SPAN_OPTIONS.index((window, 0.0))].sum(-1)
     per_unit = torch.where(calib > 1e-12, layer_kl / calib.clamp(min=1e-12), torch.zeros_like(layer_kl))
-    return span_error * per_unit[:, None, None]
+    return (span_error if other is None else other) * per_unit[:, None, None]

@@ -8,8 +8,10 @@ functions). The probe decides what to look at:
 * ``observe(layer, weights, q_pos, k_pos)`` receives exact softmax weights ``[B, Hq, Lq, S]`` of the query rows
   it asked for (``rows(layer, L)``), with absolute query and key positions; query heads are in model order
   (GQA: the ``group_size`` query heads of KV head 0 first).
-* ``observe_values(layer, weights, values, q_pos, k_pos, module)`` (only if ``wants_values``) also gets the
-  values ``[B, Hq, S, D]`` (expanded to the query heads) and the attention module (for ``o_proj``);
+* ``observe_values(layer, weights, values, q_pos, k_pos, module, keys, rescore)`` (only if ``wants_values``) also
+  gets the values ``[B, Hq, S, D]`` (expanded to the query heads), the attention module (for ``o_proj``), the keys
+  ``[B, Hkv, S, D]`` and ``rescore(k, sel)``: the weights of the same rows (``sel``: a boolean mask over them)
+  over other keys ``k: [B, Hkv, S, D]``, with the layer's scale, mask and soft-cap (what quantized keys change);
 * ``capture(layer, query, key, scale, window)`` sees the rotated queries and keys (pattern search);
 * ``edit(layer, out)`` may change the attention output ``[B, Hq, L, D]`` before ``o_proj`` (head masking).
 
@@ -22,7 +24,7 @@ cache is trimmed from the left), so key positions follow from it.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -33,6 +35,8 @@ from transformers import AttentionInterface
 from headwise.attention import attention_implementation
 
 PROBE_NAME = "headwise-probe"
+Rescore = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+"""``rescore(k, sel)``: softmax weights ``[B, Hq, sel.sum(), S]`` of the selected query rows over keys ``k``."""
 _ROW_BLOCK = 512  # query rows whose weights are materialised at once (memory: Hq * 512 * S floats)
 
 
@@ -51,8 +55,10 @@ class Probe:
         """weights: [B, Hq, Lq, S] (float32) for query positions ``q_pos: [Lq]`` and keys ``k_pos: [S]``."""
 
     def observe_values(self, layer: int, weights: torch.Tensor, values: torch.Tensor, q_pos: torch.Tensor,
-                       k_pos: torch.Tensor, module: torch.nn.Module) -> None:
-        """weights as in ``observe``; values: [B, Hq, S, D] (float32); module: the layer's attention module."""
+                       k_pos: torch.Tensor, module: torch.nn.Module, keys: torch.Tensor | None = None,
+                       rescore: Rescore | None = None) -> None:
+        """weights as in ``observe``; values: [B, Hq, S, D] (float32); module: the layer's attention module; keys:
+        [B, Hkv, S, D] (float32); ``rescore``: the weights of these rows over other keys (module docstring)."""
 
     def edit(self, layer: int, out: torch.Tensor) -> torch.Tensor:
         """out: [B, Hq, L, D] attention output of the layer's query heads; return the (edited) output."""
@@ -127,9 +133,22 @@ def probe_attention(
             weights = torch.softmax(scores, dim=-1)
             probe.observe(layer, weights, q_pos[s:e], k_pos)
             if v_full is not None:
-                probe.observe_values(layer, weights, v_full, q_pos[s:e], k_pos, module)
+                probe.observe_values(layer, weights, v_full, q_pos[s:e], k_pos, module, key.float(),
+                                     _rescorer(query[:, :, s:e], mask[s:e], scale, softcap, group))
     out = probe.edit(layer, out)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _rescorer(query: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None, group: int) -> Rescore:
+    """``Rescore`` of query rows ``[B, Hq, l, D]`` under ``mask: [l, S]``."""
+
+    def rescore(k: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        scores = torch.matmul(query[:, :, sel].float(), k.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        return torch.softmax(scores.masked_fill(~mask[sel], float("-inf")), dim=-1)
+
+    return rescore
 
 
 def _explicit(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float,

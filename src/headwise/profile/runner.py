@@ -164,6 +164,10 @@ class Spans:
     """relative output error, or None where the model has no ``o_proj`` to measure through"""
     layer_kl: torch.Tensor | None
     """[layers] KL when the layer alone streams at ``CALIB_WINDOW`` (None: not calibrated)"""
+    quant_error: torch.Tensor | None = None
+    """[layers, kv_heads, len(mass.QUANT_PROBE)] relative output error of each quantized option (``mass.py``), or None;
+    recorded in the plan (``mass.weighted_span_error(..., other=)`` puts it on the spans' KL scale), not traded by
+    the solver (whole heads are chosen by score: ``solver.py``)"""
 
     @property
     def weighted_error(self) -> torch.Tensor | None:
@@ -185,15 +189,21 @@ class Spans:
             out["span_error_kv"] = r(self.error)
         if self.layer_kl is not None:
             out["layer_kl"] = [float(f"{v:.4g}") for v in self.layer_kl.tolist()]
+        if self.quant_error is not None:
+            from headwise.profile.mass import QUANT_PROBE, QUANT_PROBE_RESIDUAL
+
+            out["quant_error_kv"] = r(self.quant_error)
+            out["quant_error_options"] = {"key_value_bits": [list(o) for o in QUANT_PROBE],
+                                          "residual": QUANT_PROBE_RESIDUAL}
         return out
 
     @classmethod
     def from_meta(cls, meta: dict[str, Any]) -> Spans | None:
         if "span_recall_kv" not in meta:
             return None
-        err, kl = meta.get("span_error_kv"), meta.get("layer_kl")
+        err, kl, qerr = meta.get("span_error_kv"), meta.get("layer_kl"), meta.get("quant_error_kv")
         return cls(torch.tensor(meta["span_recall_kv"]), None if err is None else torch.tensor(err),
-                   None if kl is None else torch.tensor(kl))
+                   None if kl is None else torch.tensor(kl), None if qerr is None else torch.tensor(qerr))
 
 
 def profile_length(spec: ModelSpec, target_len: int, mass_length: int = 0) -> int:
@@ -217,7 +227,7 @@ def measure_spans(lm: LoadedModel, target_len: int, calibrate: bool = True, prog
     # span recall of a KV head = mean over its query heads and over the profiled bins
     recall = mass.span_recall.mean(-1).view(spec.num_layers, spec.num_kv_heads, g, len(SPAN_OPTIONS)).mean(2)
     layer_kl = layer_sensitivity(lm, length, progress=progress) if calibrate and mass.span_error is not None else None
-    return Spans(recall, mass.span_error, layer_kl)
+    return Spans(recall, mass.span_error, layer_kl, mass.quant_error)
 
 
 def group_max(x: torch.Tensor, group: int) -> torch.Tensor:
@@ -729,7 +739,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         known = source.meta.get("settings", {})
         spans = measure_spans(lm, target_len, bool(known.get("calibrate", True)), progress,
                               length=profile_length(lm.spec, target_len, int(known.get("mass_length", 0))))
-        for k in ("span_error_kv", "layer_kl"):
+        for k in ("span_error_kv", "layer_kl", "quant_error_kv", "quant_error_options"):
             meta.pop(k, None)
         meta.update({"span_recall_target_len": target_len, "span_recall_remeasured_from": was, **spans.meta()})
     selection: dict[str, Any] = {}

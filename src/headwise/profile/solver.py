@@ -72,13 +72,6 @@ def check_budget(budget: float) -> None:
         )
 
 
-QUANT_FIDELITY: dict[tuple[int, int], float] = {(8, 8): 0.999, (8, 4): 0.995, (4, 4): 0.99, (4, 2): 0.98, (2, 2): 0.97}
-"""Value (fidelity, 1 for ``full``) of a quantized option, by (key bits, value bits): a documented constant, not a
-per-head measurement. KIVI reports 8- and 4-bit caches within noise of fp16 on LongBench; on SmolLM2-135M with every
-head quantized (bench/results/quantized_fidelity_2026-12-02.json) 8-bit kept top-1 agreement 1.0 (KL 7.5e-6) and
-4-bit 0.99 (KL 1.8e-3). 8-bit keys over 4-bit values sit between (keys are the harder half, KIVI). 2-bit codes
-(KIVI-2, and 4-bit keys over 2-bit values) are below 4-bit, unmeasured on the bundled models. Only the order matters
-to the solver: full > 8-bit > 8-bit keys > 4-bit > 4-bit keys over 2-bit values > 2-bit."""
 QUANT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=4), Quantized(bits=4, key_bits=8), Quantized(bits=8))
 """The quantized options offered with ``solve(quantize=True)``, cheapest first (KIVI's group 32, residual 128)."""
 TWO_BIT_OPTIONS: tuple[Quantized, ...] = (Quantized(bits=2), Quantized(bits=2, key_bits=4))
@@ -175,7 +168,12 @@ class Option:
     cost: int
     """KV token slots at the target length."""
     value: float
-    """Attention mass kept (1 for full)."""
+    """What step 3 trades against cost: a span's ``1 - weighted output error`` or its mass kept (``runner.span_value``);
+    1 for ``full`` and every ``quantized`` option (every token kept). No step compares a whole option's value with a
+    span's: step 2 makes heads whole by score, and raises their precision by score while it fits. The quantized
+    options' measured output errors (``mass.quant_error``) are recorded in the plan's meta: on SmolLM2 at 2K, 4-bit
+    keys over 2-bit values err ~0.03 nats summed over every head, a seventh of every head at its smallest span
+    (docs/quality.md), so valuing them on the spans' scale would not have kept fewer heads in 2 bits."""
     span: tuple[int, float] | None = None
 
 
@@ -260,7 +258,7 @@ def head_options(spec: ModelSpec, layer: int, target_len: int, recall: torch.Ten
         held = pol if native is None else pol.for_native_window(native, spec.head_dim)
         cost = slot_cost(held, spec, target_len)
         if cost < full_cost:
-            opts.append(Option(pol, cost, QUANT_FIDELITY[(pol.k_bits, pol.bits)]))
+            opts.append(Option(pol, cost, 1.0))  # every token kept; which heads stay whole is step 2's, by score
     opts.append(Option(Full(), full_cost, 1.0))
     return opts
 
