@@ -36,8 +36,10 @@ profile, used to look at how spans should scale).
   values are held as KIVI codes (``QUANT_PROBE``, group ``Quantized.group``, residual ``QUANT_PROBE_RESIDUAL``):
   the keys of each bin older than its first query's residual are quantized and dequantized as the store does
   (``policies.quantized.fake_quantize``), the weights recomputed from them and the output from the quantized
-  values. Weighted by the same per-layer KL factor (``weighted_span_error``), it puts every quantized option on the
-  spans' scale, where before each had a constant (``solver.QUANT_FIDELITY``).
+  values. Weighted by the same per-layer KL factor (``weighted_span_error(..., other=)``), it puts every quantized
+  option on the spans' scale. Recorded in a plan's meta (``quant_error_kv``), not traded by the solver (whole heads
+  are chosen by score, ``solver.py``): on SmolLM2 at 2K it does not see what 2-bit values cost passkeys
+  (docs/quality.md).
 
 The solver trades ``1 - weighted span_error`` (else the mass recall) against cost; ``1 - recall`` of the default
 streaming span is the ``mass`` head score (what a head loses if it streams).
