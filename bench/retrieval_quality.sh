@@ -129,11 +129,13 @@ curve)
   done
   wait
   tail -n 8 "$WORK"/logs/plan-q*.log
+  # each phase evaluates its own WORK's plans: two curve phases side by side (their own WORK, PACK) once both read
+  # plans/$MODEL-qB.json, which the later copy overwrote (run 25 evaluated one menu's plans twice)
   cp "$WORK"/plans/$MODEL-q*.json plans/
   per=$(( SHARDS / ${#budgets[@]} )); [ "$per" -ge 1 ] || per=1
   secs=$(left)
   for b in "${budgets[@]}"; do
-    SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans plans/$MODEL-q$b.json,${baselines//@B/@$b} \
+    SHARDS=$per sharded_eval "curve-q$b" "$secs" --plans "$WORK/plans/$MODEL-q$b.json",${baselines//@B/@$b} \
       --tasks ${CURVE_TASKS:-passkey} --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-} > "$WORK/logs/curve-q$b.out" 2>&1 &
   done
   wait
