@@ -270,10 +270,22 @@ def test_quant_error_grows_as_bits_fall(tiny):
     assert by[(2, 2)] > by[(4, 4)]
 
 
+def test_quant_probe_measures_every_option_the_solvers_menus_offer():
+    """``QUANT_PROBE`` is written out in mass.py (the solver imports mass, not the other way round): it must name
+    exactly the (key bits, value bits) of the menus' options, so every option a plan can hold has a measured error."""
+    from headwise.profile.mass import QUANT_GROUP, QUANT_PROBE
+    from headwise.profile.solver import QUANT_OPTIONS, TWO_BIT_OPTIONS
+
+    menu = QUANT_OPTIONS + TWO_BIT_OPTIONS
+    assert sorted((q.k_bits, q.bits) for q in menu) == sorted(QUANT_PROBE)
+    assert {q.group for q in menu} == {QUANT_GROUP}
+
+
 def test_quant_error_is_zero_where_nothing_is_old_enough_to_be_coded(tiny):
     """A text shorter than the residual plus a group holds no codes: the quantized options change nothing."""
-    from headwise.profile.mass import QUANT_PROBE_RESIDUAL, mass_scores
+    from headwise.profile.mass import BIN, QUANT_GROUP, QUANT_PROBE_RESIDUAL, mass_scores
 
     mass = mass_scores(tiny, 128, bins=[128], progress=False, target_len=128)
-    assert QUANT_PROBE_RESIDUAL + 32 > 128 - 128 + 1  # the bin's first query is token 0
+    first_query = 128 - BIN
+    assert first_query + 1 - QUANT_PROBE_RESIDUAL < QUANT_GROUP  # not one whole group is older than its residual
     assert mass.quant_error is not None and float(mass.quant_error.abs().max()) == 0.0

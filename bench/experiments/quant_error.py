@@ -53,7 +53,7 @@ def main() -> None:
                 if isinstance(pol, Quantized):
                     key = f"k{pol.k_bits}v{pol.bits}"
                     by[key] = by.get(key, 0.0) + float(wq[i, j, QUANT_PROBE.index((pol.k_bits, pol.bits))])
-                elif isinstance(pol, Streaming) and pol.kv_tokens(target) <= pol.sink + pol.window:
+                elif isinstance(pol, Streaming):
                     streaming += float(ws[i, j, 0])  # the smallest span's error: a floor for rings below it
         plans[path] = {"quantized_weighted_error_by_option": {k: round(v, 5) for k, v in by.items()},
                        "streaming_heads_smallest_span_weighted_error": round(streaming, 5)}

@@ -75,6 +75,8 @@ solver's menus offer, ``solver.QUANT_OPTIONS`` and ``TWO_BIT_OPTIONS``)."""
 QUANT_PROBE_RESIDUAL = 64
 """Full-precision residual of the measured quantized options: the shortest a shipped menu uses (``--quant-residual
 64``); a longer residual keeps more recent tokens exact, so it errs no more than this."""
+QUANT_GROUP = Quantized().group
+"""KIVI's group of the measured options (``Quantized``'s default, as every menu's)."""
 CALIB_WINDOW = 256
 """Window of the streaming span that ``layer_sensitivity`` applies to one layer at a time."""
 BIN = 128
@@ -158,6 +160,7 @@ class MassProbe(Probe):
         native = self.layer_windows[layer] if layer < len(self.layer_windows) else None
         policies = [streaming_option(native, win) for win in self.windows]
         coded: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # each QUANT_PROBE option's keys and values
+        v_kv = values[:, :: Hq // H]  # [B, H, S, D]: each KV head's values (the first query head of its group)
 
         def error(out: torch.Tensor, dense: torch.Tensor) -> torch.Tensor:
             """[H] squared norm of the change ``out - dense`` makes in the residual stream, per KV head."""
@@ -180,22 +183,21 @@ class MassProbe(Probe):
                 continue
             self.quant_seen = True
             if coded is None:
-                coded = self._coded(keys, values[:, :: Hq // H])
+                coded = self._coded(keys, v_kv)
             # the keys already held as codes when the bin's first query is decoded: whole groups, oldest first
-            group = Quantized().group
-            cut = max(0, int(q_pos[sel][0]) + 1 - QUANT_PROBE_RESIDUAL - int(k_pos[0])) // group * group
+            cut = max(0, int(q_pos[sel][0]) + 1 - QUANT_PROBE_RESIDUAL - int(k_pos[0])) // QUANT_GROUP * QUANT_GROUP
             if cut == 0:
                 continue
             for o, (kq, vq) in enumerate(coded):
                 k = torch.cat([kq[:, :, :cut], keys[:, :, cut:]], dim=2)
-                v = torch.cat([vq[:, :, :cut], values[:, :: Hq // H, cut:]], dim=2).repeat_interleave(Hq // H, dim=1)
+                v = torch.cat([vq[:, :, :cut], v_kv[:, :, cut:]], dim=2).repeat_interleave(Hq // H, dim=1)
                 self.quant_err[layer, :, o] += error(rescore(k, sel) @ v, dense)
 
     @staticmethod
     def _coded(keys: torch.Tensor, values: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Each ``QUANT_PROBE`` option's dequantized keys and values ``[B, Hkv, n, D]`` of the whole groups of
         ``keys, values: [B, Hkv, S, D]`` (a group's codes depend on its own tokens only)."""
-        n = keys.shape[2] // Quantized().group * Quantized().group
+        n = keys.shape[2] // QUANT_GROUP * QUANT_GROUP
         return [fake_quantize(keys[:, :, :n], values[:, :, :n], Quantized(bits=vb, key_bits=kb))
                 for kb, vb in QUANT_PROBE]
 

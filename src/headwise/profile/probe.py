@@ -123,30 +123,34 @@ def probe_attention(
     if rows is not None:
         k_full = key.repeat_interleave(group, dim=1).float()
         v_full = value.repeat_interleave(group, dim=1).float() if probe.wants_values else None
+        k_kv = key.float() if probe.wants_values else None
         start, stop = rows.indices(L)[:2]
         for s in range(start, stop, _ROW_BLOCK):
             e = min(stop, s + _ROW_BLOCK)
-            scores = torch.matmul(query[:, :, s:e].float(), k_full.transpose(-1, -2)) * scale
-            if softcap is not None:
-                scores = torch.tanh(scores / softcap) * softcap
-            scores = scores.masked_fill(~mask[s:e], float("-inf"))
-            weights = torch.softmax(scores, dim=-1)
+            weights = _weights(query[:, :, s:e], k_full, mask[s:e], scale, softcap)
             probe.observe(layer, weights, q_pos[s:e], k_pos)
             if v_full is not None:
-                probe.observe_values(layer, weights, v_full, q_pos[s:e], k_pos, module, key.float(),
+                probe.observe_values(layer, weights, v_full, q_pos[s:e], k_pos, module, k_kv,
                                      _rescorer(query[:, :, s:e], mask[s:e], scale, softcap, group))
     out = probe.edit(layer, out)
     return out.transpose(1, 2).contiguous(), None
 
 
+def _weights(query: torch.Tensor, k_full: torch.Tensor, mask: torch.Tensor, scale: float,
+             softcap: float | None) -> torch.Tensor:
+    """Exact float32 softmax weights ``[B, Hq, l, S]`` of query rows ``[B, Hq, l, D]`` over keys expanded to the query
+    heads ``k_full: [B, Hq, S, D]``, under ``mask: [l, S]`` (soft-capped first where the model does)."""
+    scores = torch.matmul(query.float(), k_full.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    return torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+
+
 def _rescorer(query: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None, group: int) -> Rescore:
-    """``Rescore`` of query rows ``[B, Hq, l, D]`` under ``mask: [l, S]``."""
+    """``Rescore`` of query rows ``[B, Hq, l, D]`` under ``mask: [l, S]``: ``_weights`` over other keys."""
 
     def rescore(k: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
-        scores = torch.matmul(query[:, :, sel].float(), k.repeat_interleave(group, dim=1).transpose(-1, -2)) * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        return torch.softmax(scores.masked_fill(~mask[sel], float("-inf")), dim=-1)
+        return _weights(query[:, :, sel], k.repeat_interleave(group, dim=1), mask[sel], scale, softcap)
 
     return rescore
 
