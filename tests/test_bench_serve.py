@@ -132,6 +132,46 @@ def test_decode_steps_report_their_read_rate_from_the_weights_and_the_pages_held
                                                              Load(mix=((1, 20),), output_len=3), log=lambda line: None)
 
 
+def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
+    """Every step that reads prompt tokens is timed with the decode rows it carried, except the profiled ones, which
+    land in ``profiled_steps`` with what they carried and their kernels (here, on the CPU, their operators)."""
+    lm = tiny_model("llama", vocab_size=512)
+    pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
+    engine = Engine(lm, chunk_size=16, pool=pool)
+    carried: list[tuple[int, int]] = []  # (prompt tokens, decode rows) of each step, in order
+    step = engine.step
+
+    def recorded():
+        info = step()
+        carried.append((info.prefill_tokens, info.decode_rows))
+        return info
+
+    engine.step = recorded
+    # Three prompts of 40 tokens, 16-token chunks (a step takes chunks until 16 prompt tokens are spent: 7 steps
+    # read the 120 tokens): the later chunks ride with earlier decodes.
+    out = run_in_process(engine, Load(requests=3, prompt_len=40, output_len=5), log=lambda line: None,
+                         profile_steps=(2, 5))
+    prompt = [i + 1 for i, (tokens, _) in enumerate(carried) if tokens]
+    assert len(prompt) == 7 and 2 in prompt and 5 in prompt
+    assert out["prompt_steps"] == len(prompt) - 2, "the two profiled steps are left out"
+    rows = [carried[i - 1][1] for i in prompt if i not in (2, 5)]
+    assert max(rows) >= 1, "some prompt step carried decode rows"
+    assert out["prompt_step_decode_rows"]["mean"] == pytest.approx(sum(rows) / len(rows), rel=1e-6)
+    assert 0 < out["prompt_step_ms"]["p50"] <= 1e3 * out["prompt_steps_s"]
+    assert [p["step"] for p in out["profiled_steps"]] == [2, 5]
+    for p in out["profiled_steps"]:
+        assert (p["prefill_tokens"], p["decode_rows"]) == carried[p["step"] - 1]
+        assert p["ops"] and "gpu_busy_ms" in p
+    assert out["output_tokens"] == 15
+
+
+def test_profile_steps_are_numbers_from_one():
+    with pytest.raises(SystemExit):
+        main(["bench", "serve", "--model", "random:tiny-llama", "--profile-steps", "0,3"])
+    with pytest.raises(SystemExit):
+        main(["bench", "serve", "--model", "random:tiny-llama", "--profile-steps", "a"])
+
+
 def test_multi_step_decode_steps_report_per_forward_times_and_rates():
     """Under ``multi_step``, a decode-only step runs several forwards: its time and read rate are per forward."""
     lm = tiny_model("llama", vocab_size=512)

@@ -19,8 +19,10 @@ were replayed from a CUDA graph, and their wall time per forward (mean, p50, p99
 over its forwards; ``--cuda-graphs off`` for the eager batched step); on CUDA with a pool, the rate at which those steps read their bytes (the weights but the input
 embedding table, plus the KV pages held: what a decode step reads, at most) against the copy bandwidth measured in the
 same run; with a mix, per prompt length too (``by_prompt_len``: tokens/s over the time to the group's last
-token). ``--kv-memory GB|N%`` gives each driver a page pool of that size (``pool.KVMemory``), the same one
-``headwise serve --kv-memory`` builds.
+token). In-process, the steps that read prompt tokens are timed as well (their wall time and the decode rows each
+carried), and ``--profile-steps N,...`` runs those steps under torch.profiler: their kernels land in the results
+(``profiled_steps``), to see where a mix's prompt steps spend their time. ``--kv-memory GB|N%`` gives each driver a
+page pool of that size (``pool.KVMemory``), the same one ``headwise serve --kv-memory`` builds.
 
 ``--max-seconds S`` stops the drivers S seconds after the command started (model building included): the
 in-process results then cover what was measured (requests finished, tokens generated so far, TTFT of those that
@@ -31,12 +33,13 @@ got a first token, peaks) and say ``"partial": true``, so a run on a time-limite
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,12 +179,19 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
-                   log: Callable[[str], None] = print, weights: int | None = None) -> dict[str, Any]:
+                   log: Callable[[str], None] = print, weights: int | None = None,
+                   profile_steps: Collection[int] = (), profile_top: int = 30) -> dict[str, Any]:
     """Drive ``engine`` directly: add each request at its arrival time, step until every one has finished, or until
     ``time.perf_counter()`` passes ``deadline``: then the live sequences are aborted and the results, marked
     ``partial``, cover what was measured. Every ``progress_s`` seconds (0: never) a progress line goes to ``log``.
     ``weights`` (bytes a forward reads, ``weight_bytes_read``) with a pool: each decode-only step's read rate, its
-    weights plus the KV pages held, in GB/s (``decode_only_read_gb_per_s``)."""
+    weights plus the KV pages held, in GB/s (``decode_only_read_gb_per_s``).
+
+    Steps that read prompt tokens are timed too (``prompt_step_ms``, with the decode rows they carried,
+    ``prompt_step_decode_rows``, and their summed seconds, ``prompt_steps_s``): where a mix's time goes. The steps
+    numbered in ``profile_steps`` (1 = the first) run under torch.profiler (``bench.timing.profile_call``, its
+    ``profile_top`` kernels); each lands in ``profiled_steps`` with what it carried. A profiled step is slower than
+    the others (the profiler's own cost), so its time is left out of the quantiles and totals above."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -189,6 +199,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     t0 = time.perf_counter()
     peak, peak_kv, preempted, prefilled, steps, graph_steps = 0, 0, 0, 0, 0, 0
     decode_ms: list[float] = []  # steps that only decoded
+    prompt_ms: list[float] = []  # steps that read prompt tokens
+    prompt_rows: list[float] = []  # the decode rows those carried
+    profiled: list[dict[str, Any]] = []
+    wanted = set(profile_steps)
     read_rate: list[float] = []  # their bytes read per second, GB/s (with ``weights`` and a pool)
     partial = False
     next_log = t0 + progress_s
@@ -216,8 +230,20 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             wake = t0 + arrivals[len(seqs)]
             time.sleep(max(0.0, min(wake, deadline if deadline is not None else wake) - clock))
             continue
-        info = engine.step()
         steps += 1
+        if steps in wanted:
+            from headwise.bench.timing import profile_call
+
+            ran: list[Any] = []
+            prof = profile_call(lambda: ran.append(engine.step()), engine.lm.device, profile_top)
+            info = ran[0]
+            profiled.append({"step": steps, "seconds": round(info.seconds, 4), "prefill_tokens": info.prefill_tokens,
+                             "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
+        else:
+            info = engine.step()
+            if info.prefill_tokens:
+                prompt_ms.append(1e3 * info.seconds)
+                prompt_rows.append(info.decode_rows)
         prefilled += info.prefill_tokens
         # Ran in this step: the live sequences holding a cache, and those that finished in it.
         peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
@@ -248,7 +274,11 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     out |= {"partial": partial, "added": len(seqs), "peak_concurrency": peak, "steps": steps,
             "prompt_tokens_read": prefilled, "peak_kv_bytes": peak_kv, "preemptions": preempted,
             "decode_only_steps": len(decode_ms), "decode_only_graph_steps": graph_steps,
-            "decode_only_step_ms": _quantiles(decode_ms)}
+            "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
+            "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
+            "prompt_step_decode_rows": _quantiles(prompt_rows)}
+    if profiled:
+        out["profiled_steps"] = profiled
     if read_rate:
         out["decode_only_read_gb_per_s"] = _quantiles(read_rate)
     if len(load.groups()) > 1:
@@ -381,7 +411,7 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
         warm = _warm_up(engine, load) if args.warmup else None
         if mode == "in-process":
             results[mode] = run_in_process(engine, load, deadline, args.progress_s,
-                                           lambda line: print(line, flush=True), weights)
+                                           lambda line: print(line, flush=True), weights, args.profile_steps)
             rate = results[mode].get("decode_only_read_gb_per_s")
             if rate is not None:
                 results[mode]["decode_only_read_of_copy_p50"] = round(rate["p50"] / results["copy_gb_per_s"], 3)
@@ -398,6 +428,17 @@ def _run(args: Any, lm: Any, modes: list[str], plan: Any, deadline: float | None
             torch.cuda.empty_cache()
     results["load_average_1_5_15"] = [round(x, 2) for x in os.getloadavg()]  # a shared machine is noisy: say how busy
     return results
+
+
+def _step_numbers(text: str) -> tuple[int, ...]:
+    """``--profile-steps``: step numbers, each at least 1."""
+    try:
+        steps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"step numbers separated by commas, e.g. 40,120; got {text!r}") from None
+    if any(n < 1 for n in steps):
+        raise argparse.ArgumentTypeError(f"steps are numbered from 1, got {text!r}")
+    return steps
 
 
 def add_arguments(p: Any) -> None:
@@ -444,5 +485,8 @@ def add_arguments(p: Any) -> None:
                         "measured, marked partial (default: run to the end)")
     g.add_argument("--progress-s", type=float, default=0.0,
                    help="print an in-process progress line every this many seconds (default 0: none)")
+    g.add_argument("--profile-steps", type=_step_numbers, default=(), metavar="N[,N...]",
+                   help="in-process: run these steps (1 = the first) under torch.profiler and record their kernels and "
+                        "what they carried in the results (profiled_steps); they are left out of the step timings")
     g.add_argument("--warmup", action="store_true",
                    help="run one short request through each driver's engine before measuring (kernels compiled)")
