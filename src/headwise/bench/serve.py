@@ -235,7 +235,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             from headwise.bench.timing import profile_call
 
             ran: list[Any] = []
-            prof = profile_call(lambda: ran.append(engine.step()), engine.lm.device, profile_top)
+            prof = profile_call(lambda ran=ran: ran.append(engine.step()), engine.lm.device, profile_top)
             info = ran[0]
             profiled.append({"step": steps, "seconds": round(info.seconds, 4), "prefill_tokens": info.prefill_tokens,
                              "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
