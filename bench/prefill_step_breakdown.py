@@ -27,7 +27,10 @@ the chunk), as it computes it with kernels on (``kernels/sink_window.py``, on a 
     PYTHONPATH=src python3 bench/prefill_step_breakdown.py /tmp/x.json --model random:tiny-llama --device cpu \\
         --prefix 64 --chunk 32 --kv-gb 0.01 --reps 1      (CPU smoke test of the script; tests/test_bench_prefill_step.py)
 
-Its last stdout line is the JSON document.
+Its last stdout line is the JSON document. A case that could not run as asked is refused before its prefill: a
+sequence longer than the model's context (the message names the longest ``--prefix`` that fits), or decode rows the
+pool cannot hold beside the chunk's sequence (it names how many fit), where the engine would otherwise hold rows
+back and the first timed step be refused after minutes of prefill.
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ from headwise.models import LoadedModel, load_model
 from headwise.plan import HeadPlan
 from headwise.policies.base import causal_attention, masked_attention
 from headwise.policies.streaming import Streaming
-from headwise.pool import KVMemory
+from headwise.pool import KVMemory, PagePool, SequencePages
 
 GPU_COMMAND = ("PYTHONPATH=src python3 bench/prefill_step_breakdown.py $OUT/prefill_step_breakdown_h200.json "
                "--model random:llama-3-8b,layers=8 --prefix 65536 --chunk 2048 --kv-gb 15 --plans dense,duo25 "
@@ -77,12 +80,32 @@ def _random_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
     return torch.randint(256, vocab, (n,), generator=gen).tolist()
 
 
+def check_fits(pool: PagePool, plan: HeadPlan, args: argparse.Namespace, decode_rows: int) -> None:
+    """Refuse, before any prefill, a case whose timed steps could not carry one chunk and every decode row: the
+    sequences' pages at their longest (the decode rows' prompts and tokens, the chunk's sequence through its profiled
+    step) must fit the pool, or the engine would hold rows back (or preempt them) and the step would be refused only
+    after the prefill. Says how many rows would fit."""
+    pages = SequencePages(pool, plan)
+    long = pages.pages_at(args.prefix + args.chunk * (args.reps + 1))
+    steps = args.prefix // args.chunk + args.reps + 4
+    row = pages.pages_at(args.decode_len + steps + decode_rows + 16)
+    if long + decode_rows * row <= pool.num_pages:
+        return
+    fit = max(0, (pool.num_pages - long) // row) if long <= pool.num_pages else 0
+    raise InputError(f"--kv-gb {args.kv_gb} holds {pool.num_pages} pages under plan {plan.digest()}: the chunk's sequence "
+                     f"needs {long} at its profiled step and each of {decode_rows} decode rows of --decode-len "
+                     f"{args.decode_len} needs {row}; at most {fit} rows fit (fewer --decode-rows, a shorter "
+                     "--decode-len or a larger --kv-gb)")
+
+
 def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_rows: int) -> dict[str, Any]:
     """Prefill one sequence to ``args.prefix`` beside ``decode_rows`` short decoding sequences, then time and
     profile chunk steps (module docstring)."""
     device, chunk = lm.device, args.chunk
     pool = KVMemory.parse(str(args.kv_gb)).pool(lm.spec, device, lm.dtype.itemsize)
-    engine = Engine(lm, make_plan(plan_name, lm), chunk_size=chunk, pool=pool, compile_layers=args.compile_layers)
+    plan = make_plan(plan_name, lm)
+    check_fits(pool, plan, args, decode_rows)
+    engine = Engine(lm, plan, chunk_size=chunk, pool=pool, compile_layers=args.compile_layers)
     vocab = lm.model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(args.seed)
     steps = args.prefix // chunk + args.reps + 4
@@ -232,10 +255,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def check_context(lm: LoadedModel, args: argparse.Namespace) -> None:
+    """The chunk's sequence (``--prefix`` plus ``--reps`` + 2 chunks: the timed steps, the profiled one and one more)
+    must fit the model's context: refused before any pool or prefill, with the longest prefix that fits."""
+    need = args.prefix + args.chunk * (args.reps + 2) + 1
+    if need > lm.spec.max_context:
+        most = (lm.spec.max_context - 1 - args.chunk * (args.reps + 2)) // args.chunk * args.chunk
+        hint = f"--prefix {most} at most" if most >= args.chunk else "a smaller --chunk or fewer --reps"
+        raise InputError(f"--prefix {args.prefix} + {args.reps + 2} chunks of {args.chunk} tokens + 1 exceeds "
+                         f"{args.model}'s context of {lm.spec.max_context} tokens: {hint}")
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     lm = load_model(args.model, args.device, args.dtype)
+    check_context(lm, args)
     plans = [s.strip() for s in args.plans.split(",") if s.strip()]
     rows = [int(x) for x in args.decode_rows.split(",") if x.strip()]
     torch.manual_seed(args.seed)

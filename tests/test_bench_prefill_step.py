@@ -43,3 +43,31 @@ def test_breakdown_times_and_profiles_a_chunk_step_of_each_plan_on_cpu(tmp_path)
 def test_breakdown_refuses_a_prefix_that_is_not_whole_chunks(tmp_path):
     with pytest.raises(InputError, match="multiple of --chunk"):
         _module().parse_args([str(tmp_path / "x.json"), "--prefix", "40", "--chunk", "16"])
+
+
+def test_breakdown_refuses_decode_rows_the_pool_cannot_hold_before_any_prefill(tmp_path):
+    """A pool too small for the rows is refused up front, with the number of rows that fit; that many run."""
+    mod = _module()
+    argv = [str(tmp_path / "x.json"), "--model", "random:tiny-llama", "--device", "cpu", "--prefix", "32",
+            "--chunk", "16", "--kv-gb", "0.0003", "--reps", "1", "--floor-reps", "1", "--plans", "dense", "--top", "3"]
+    with pytest.raises(InputError, match=r"at most (\d+) rows fit") as err:
+        mod.main([*argv, "--decode-rows", "64"])
+    fit = int(err.value.args[0].split("at most ")[1].split(" rows")[0])
+    assert 1 <= fit < 64
+    doc = mod.main([*argv, "--decode-rows", str(fit)])
+    assert doc["results"]["cases"][0]["decode_rows"] == fit
+
+
+def test_breakdown_refuses_a_sequence_longer_than_the_context_and_names_the_longest_prefix(tmp_path):
+    mod = _module()
+    args = mod.parse_args([str(tmp_path / "x.json"), "--model", "random:tiny-llama", "--prefix", "16",
+                           "--chunk", "16"])
+    lm = mod.load_model("random:tiny-llama", "cpu", None)
+    args.prefix = lm.spec.max_context // 16 * 16
+    with pytest.raises(InputError, match=r"exceeds random:tiny-llama's context .*--prefix \d+ at most") as err:
+        mod.check_context(lm, args)
+    args.prefix = int(err.value.args[0].split("--prefix ")[-1].split(" at most")[0])
+    mod.check_context(lm, args)  # the longest prefix the message names fits; one chunk more does not
+    args.prefix += 16
+    with pytest.raises(InputError, match="exceeds"):
+        mod.check_context(lm, args)
