@@ -80,15 +80,24 @@ def _random_ids(n: int, vocab: int, gen: torch.Generator) -> list[int]:
     return torch.randint(256, vocab, (n,), generator=gen).tolist()
 
 
+def _long_len(args: argparse.Namespace) -> int:
+    """The chunk's sequence: ``--prefix``, the ``--reps`` timed chunks, the profiled one and one more."""
+    return args.prefix + args.chunk * (args.reps + 2)
+
+
+def _row_new_tokens(args: argparse.Namespace, decode_rows: int) -> int:
+    """New tokens each decode row may take: one a step through the prefix and the timed and profiled steps, and room."""
+    return args.prefix // args.chunk + args.reps + 4 + decode_rows + 16
+
+
 def check_fits(pool: PagePool, plan: HeadPlan, args: argparse.Namespace, decode_rows: int) -> None:
     """Refuse, before any prefill, a case whose timed steps could not carry one chunk and every decode row: the
     sequences' pages at their longest (the decode rows' prompts and tokens, the chunk's sequence through its profiled
     step) must fit the pool, or the engine would hold rows back (or preempt them) and the step would be refused only
     after the prefill. Says how many rows would fit."""
     pages = SequencePages(pool, plan)
-    long = pages.pages_at(args.prefix + args.chunk * (args.reps + 1))
-    steps = args.prefix // args.chunk + args.reps + 4
-    row = pages.pages_at(args.decode_len + steps + decode_rows + 16)
+    long = pages.pages_at(_long_len(args) - args.chunk)  # what it holds through its profiled step
+    row = pages.pages_at(args.decode_len + _row_new_tokens(args, decode_rows))
     if long + decode_rows * row <= pool.num_pages:
         return
     fit = max(0, (pool.num_pages - long) // row) if long <= pool.num_pages else 0
@@ -108,14 +117,13 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
     engine = Engine(lm, plan, chunk_size=chunk, pool=pool, compile_layers=args.compile_layers)
     vocab = lm.model.get_input_embeddings().num_embeddings
     gen = torch.Generator().manual_seed(args.seed)
-    steps = args.prefix // chunk + args.reps + 4
     decoders = [engine.add(_random_ids(args.decode_len, vocab, gen),
-                           SamplingParams(max_new_tokens=steps + decode_rows + 16, stop_token_ids=[]))
+                           SamplingParams(max_new_tokens=_row_new_tokens(args, decode_rows), stop_token_ids=[]))
                 for _ in range(decode_rows)]
     t0 = time.perf_counter()
     while any(s.prefilled < len(s.prompt_ids) for s in decoders):
         engine.step()
-    long = engine.add(_random_ids(args.prefix + chunk * (args.reps + 2), vocab, gen),
+    long = engine.add(_random_ids(_long_len(args), vocab, gen),
                       SamplingParams(max_new_tokens=1, stop_token_ids=[]))
     while long.prefilled < args.prefix:
         engine.step()
@@ -258,9 +266,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def check_context(lm: LoadedModel, args: argparse.Namespace) -> None:
     """The chunk's sequence (``--prefix`` plus ``--reps`` + 2 chunks: the timed steps, the profiled one and one more)
     must fit the model's context: refused before any pool or prefill, with the longest prefix that fits."""
-    need = args.prefix + args.chunk * (args.reps + 2) + 1
-    if need > lm.spec.max_context:
-        most = (lm.spec.max_context - 1 - args.chunk * (args.reps + 2)) // args.chunk * args.chunk
+    if _long_len(args) + 1 > lm.spec.max_context:
+        most = (lm.spec.max_context - 1 - (_long_len(args) - args.prefix)) // args.chunk * args.chunk
         hint = f"--prefix {most} at most" if most >= args.chunk else "a smaller --chunk or fewer --reps"
         raise InputError(f"--prefix {args.prefix} + {args.reps + 2} chunks of {args.chunk} tokens + 1 exceeds "
                          f"{args.model}'s context of {lm.spec.max_context} tokens: {hint}")

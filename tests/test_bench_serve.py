@@ -163,6 +163,13 @@ def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
         assert (p["prefill_tokens"], p["decode_rows"]) == carried[p["step"] - 1]
         assert p["ops"] and "gpu_busy_ms" in p
     assert out["output_tokens"] == 15
+    decode_only = [i + 1 for i, (tokens, rows) in enumerate(carried) if rows and not tokens]
+    assert out["decode_only_steps"] == len(decode_only)
+    # A profiled decode-only step is left out of the decode-only timings as well.
+    again = run_in_process(Engine(lm, chunk_size=16, pool=pool), Load(requests=3, prompt_len=40, output_len=5),
+                           log=lambda line: None, profile_steps=(decode_only[0],))
+    assert again["decode_only_steps"] == len(decode_only) - 1 and again["prompt_steps"] == len(prompt)
+    assert again["profiled_steps"][0]["prefill_tokens"] == 0 and again["profiled_steps"][0]["decode_rows"] >= 1
 
 
 def test_profile_steps_are_numbers_from_one():

@@ -231,7 +231,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             time.sleep(max(0.0, min(wake, deadline if deadline is not None else wake) - clock))
             continue
         steps += 1
-        if steps in wanted:
+        profiling = steps in wanted
+        if profiling:
             from headwise.bench.timing import profile_call
 
             ran: list[Any] = []
@@ -254,7 +255,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 else sum(s.kv_bytes for s in engine.live))
         held += sum(s.stats.kv_bytes for s in info.finished)
         peak_kv = max(peak_kv, held)
-        if info.decode_rows and not info.prefill_tokens:
+        if info.decode_rows and not info.prefill_tokens and not profiling:
             per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
             decode_ms.append(1e3 * per_forward)
             graph_steps += info.graph
@@ -487,6 +488,7 @@ def add_arguments(p: Any) -> None:
                    help="print an in-process progress line every this many seconds (default 0: none)")
     g.add_argument("--profile-steps", type=_step_numbers, default=(), metavar="N[,N...]",
                    help="in-process: run these steps (1 = the first) under torch.profiler and record their kernels and "
-                        "what they carried in the results (profiled_steps); they are left out of the step timings")
+                        "what they carried in the results (profiled_steps); they are left out of the step timings, "
+                        "but the profiler's cost is in the run's wall time: take tokens/s from a run without it")
     g.add_argument("--warmup", action="store_true",
                    help="run one short request through each driver's engine before measuring (kernels compiled)")
