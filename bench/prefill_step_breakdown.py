@@ -113,6 +113,7 @@ def step_case(lm: LoadedModel, plan_name: str, args: argparse.Namespace, decode_
     device, chunk = lm.device, args.chunk
     pool = KVMemory.parse(str(args.kv_gb)).pool(lm.spec, device, lm.dtype.itemsize)
     plan = make_plan(plan_name, lm)
+    check_context(lm, plan, args)
     check_fits(pool, plan, args, decode_rows)
     engine = Engine(lm, plan, chunk_size=chunk, pool=pool, compile_layers=args.compile_layers)
     vocab = lm.model.get_input_embeddings().num_embeddings
@@ -263,21 +264,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def check_context(lm: LoadedModel, args: argparse.Namespace) -> None:
+def check_context(lm: LoadedModel, plan: HeadPlan, args: argparse.Namespace) -> None:
     """The chunk's sequence (``--prefix`` plus ``--reps`` + 2 chunks: the timed steps, the profiled one and one more)
-    must fit the model's context: refused before any pool or prefill, with the longest prefix that fits."""
-    if _long_len(args) + 1 > lm.spec.max_context:
-        most = (lm.spec.max_context - 1 - (_long_len(args) - args.prefix)) // args.chunk * args.chunk
+    must fit the context ``plan`` may run in (``HeadPlan.max_context``, as ``Engine.check_length`` asks): refused
+    before any prefill, with the longest prefix that fits."""
+    limit = plan.max_context(lm.spec)
+    if limit and _long_len(args) + 1 > limit:
+        most = (limit - 1 - (_long_len(args) - args.prefix)) // args.chunk * args.chunk
         hint = f"--prefix {most} at most" if most >= args.chunk else "a smaller --chunk or fewer --reps"
         raise InputError(f"--prefix {args.prefix} + {args.reps + 2} chunks of {args.chunk} tokens + 1 exceeds "
-                         f"{args.model}'s context of {lm.spec.max_context} tokens: {hint}")
+                         f"{args.model}'s context of {limit} tokens: {hint}")
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
     lm = load_model(args.model, args.device, args.dtype)
-    check_context(lm, args)
     plans = [s.strip() for s in args.plans.split(",") if s.strip()]
     rows = [int(x) for x in args.decode_rows.split(",") if x.strip()]
     torch.manual_seed(args.seed)

@@ -63,11 +63,12 @@ def test_breakdown_refuses_a_sequence_longer_than_the_context_and_names_the_long
     args = mod.parse_args([str(tmp_path / "x.json"), "--model", "random:tiny-llama", "--prefix", "16",
                            "--chunk", "16"])
     lm = mod.load_model("random:tiny-llama", "cpu", None)
+    plan = mod.make_plan("dense", lm)
     args.prefix = lm.spec.max_context // 16 * 16
     with pytest.raises(InputError, match=r"exceeds random:tiny-llama's context .*--prefix \d+ at most") as err:
-        mod.check_context(lm, args)
+        mod.check_context(lm, plan, args)
     args.prefix = int(err.value.args[0].split("--prefix ")[-1].split(" at most")[0])
-    mod.check_context(lm, args)  # the longest prefix the message names fits; one chunk more does not
+    mod.check_context(lm, plan, args)  # the longest prefix the message names fits; one chunk more does not
     args.prefix += 16
     with pytest.raises(InputError, match="exceeds"):
-        mod.check_context(lm, args)
+        mod.check_context(lm, plan, args)
