@@ -353,3 +353,51 @@ def test_streaming_heads_become_knorm_heads_of_the_same_slots_on_global_layers_o
 def test_an_unknown_switch_is_refused(tiny_llama):
     with pytest.raises(HeadwiseError, match="knorm"):
         ablation_ranking(tiny_llama, _answered_by_dense(tiny_llama), switch="quest", progress=False)
+
+
+def test_a_ring_switch_masks_the_solvers_ring_per_layer():
+    """``ring``: a switched head's mask is the solver's smallest ring on its layer (``solver.ring_policy``): half sinks
+    and half recent tokens on a global layer, a window of ``ring`` on a native sliding one, whatever sink/window say."""
+    from headwise.profile.solver import QuantMenu, ring_policy
+
+    lm = tiny_model("gemma3_text", num_hidden_layers=3)  # layers 0, 1 slide over 16 tokens; layer 2 is global
+    spec = lm.spec
+    n = 40
+    masks = _Masks(lm, 2, 4, ring=10)
+    masks.streamed = {(i, 0) for i in range(spec.num_layers)}
+    got = masks(n)
+    want = plan_masks(spec, [[ring_policy(10, spec.native_window(i))] for i in range(spec.num_layers)], n,
+                      torch.device("cpu"))
+    for i in range(spec.num_layers):
+        native = spec.native_window(i)
+        assert torch.equal(got[i][0], want[i][0])
+        assert ring_policy(10, native) == QuantMenu(min_ring=10).ring(native)
+    pos = torch.arange(n)
+    assert int(got[2][0][n - 1].sum()) == 10 and bool(got[2][0][n - 1][:5].all())  # 5 sinks + 5 recent
+    assert int(got[0][0][n - 1].sum()) == 10 and bool(got[0][0][n - 1][pos >= n - 10].all())  # a 10-token window
+    # without a ring the switch is sink + window, as before
+    plain = _Masks(lm, 2, 4)
+    plain.streamed = {(2, 0)}
+    assert int(plain(n)[2][0][n - 1].sum()) == 6
+
+
+def test_the_ranking_records_its_ring_and_refuses_a_knorm_ring(tiny_llama):
+    probes = _answered_by_dense(tiny_llama)
+    res = ablation_ranking(tiny_llama, probes, sink=2, window=4, drop=0.5, progress=False, ring=8)
+    assert res.meta()["ring"] == 8 and "ring" not in ablation_ranking(
+        tiny_llama, probes, sink=2, window=4, drop=0.5, progress=False).meta()
+    with pytest.raises(HeadwiseError, match="ring"):
+        ablation_ranking(tiny_llama, probes, progress=False, switch="knorm", ring=8)
+
+
+def test_the_cli_min_ring_sets_the_rankings_ring(tiny_llama, tmp_path, monkeypatch):
+    """``--min-ring`` through ``headwise profile``: the ablation ranking switches heads to that ring, and the plan's
+    meta says so."""
+    from headwise.cli import main
+
+    seen = _profile_the_tiny_model(tiny_llama, monkeypatch)
+    out = tmp_path / "plan.json"
+    rc = main(["profile", "smollm2-135m", "--budget", "0.3", "-o", str(out), "--fast", "--no-progress",
+               "--method", "ablation", "--target-len", "512", "--full-share", "1.0", "--quantize", "--min-ring", "32"])
+    assert rc == 0 and seen["ring"] == 32
+    assert json.loads(out.read_text())["meta"]["ablation"]["ring"] == 32

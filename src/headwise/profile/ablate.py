@@ -75,6 +75,7 @@ from headwise.profile.select import (
     subset,
     text_kl,
 )
+from headwise.profile.solver import ring_policy
 
 CAP = 10.0
 """Largest excess NLL (nats) one probe counts for."""
@@ -121,6 +122,8 @@ class AblationResult:
     """With a text term, ``curve``'s rounds split: (heads not switched, retrieval excess, text KL in nats)."""
     switch: str = "streaming"
     """What a switched head runs (a ``SWITCHES`` entry)."""
+    ring: int = 0
+    """With a ring (``--min-ring``), the tokens a switched head keeps (0: ``sink`` + ``window``)."""
 
     def meta(self) -> dict[str, Any]:
         text = {"text": self.text, "curve_parts": [[n, round(r, 4), round(k, 4)] for n, r, k in self.parts]}
@@ -128,6 +131,7 @@ class AblationResult:
                 "probes_kept": self.probes, "probes_asked": self.probes_asked, "forwards": self.forwards,
                 "seconds": round(self.seconds, 1), "finished": self.finished, "text_weight": self.text_weight,
                 **({"switch": self.switch} if self.switch != "streaming" else {}),
+                **({"ring": self.ring} if self.ring else {}),
                 **(text if self.text_weight else {}),
                 "order": [list(h) for h in self.order],
                 "curve": [[n, round(loss, 4)] for n, loss in self.curve]}
@@ -138,12 +142,14 @@ class _Masks:
     quantized head's mask is a full one's). With a quantized ``base``, the rounding of the heads not streamed."""
 
     def __init__(self, lm: LoadedModel, sink: int, window: int, base: Policy = BASES["full"],
-                 chunk: int = DEFAULT_CHUNK, kernels: bool = False, switch: str = "streaming") -> None:
+                 chunk: int = DEFAULT_CHUNK, kernels: bool = False, switch: str = "streaming", ring: int = 0) -> None:
         self.spec = lm.spec
         self.device = next(lm.model.parameters()).device
         # a knorm head's mask is a full one: what it keeps comes from the keys, in ``rounding`` (select.KNormKeep)
-        self.stream: Policy = Streaming(sink=sink, window=window) if switch == "streaming" else \
-            KNorm(tokens=sink, window=window)
+        self.streams: list[Policy] = [
+            ring_policy(ring, self.spec.native_window(i)) if ring else
+            Streaming(sink=sink, window=window) if switch == "streaming" else KNorm(tokens=sink, window=window)
+            for i in range(self.spec.num_layers)]
         self.base, self.chunk, self.kernels = base, chunk, kernels
         self._cache: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self.streamed: set[Head] = set()
@@ -152,7 +158,7 @@ class _Masks:
         if n not in self._cache:  # one entry per probe length (two); the masks are select.plan_masks' own
             layers = self.spec.num_layers
             full = [m[0] for m in plan_masks(self.spec, [[Full()]] * layers, n, self.device)]
-            stream = [m[0] for m in plan_masks(self.spec, [[self.stream]] * layers, n, self.device)]
+            stream = [m[0] for m in plan_masks(self.spec, [[p] for p in self.streams], n, self.device)]
             self._cache[n] = (full, stream)
         return self._cache[n]
 
@@ -164,7 +170,7 @@ class _Masks:
     def rounding(self, prompt_len: int, total: int) -> list[list[Emulated]]:
         """``select.plan_rounding`` of the plan the masks stand for: the heads not streamed in ``base``, and the
         switched ones' key choice under ``knorm``."""
-        policies = [[self.stream if (i, j) in self.streamed else self.base for j in range(self.spec.num_kv_heads)]
+        policies = [[self.streams[i] if (i, j) in self.streamed else self.base for j in range(self.spec.num_kv_heads)]
                     for i in range(self.spec.num_layers)]
         return plan_rounding(self.spec, policies, prompt_len, total, self.device, self.chunk, self.kernels)
 
@@ -223,14 +229,16 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
                      batch: int = 8, time_limit_s: float | None = None, progress: bool = True, base: str = "full",
                      chunk: int = DEFAULT_CHUNK, kernels: bool | None = None, text: torch.Tensor | None = None,
                      text_weight: float = 0.0, text_positions: int = TEXT_POSITIONS,
-                     switch: str = "streaming") -> AblationResult:
+                     switch: str = "streaming", ring: int = 0) -> AblationResult:
     """Backward elimination (module docstring). ``probes``: from ``select.probe_set``. ``base``: a ``BASES`` key;
     with a quantized one, ``chunk`` is the prefill chunk the rounding is emulated for and ``kernels`` whether decode
     steps run on the decode kernel (default: on a GPU, as the engine does). ``text``: ids ``[n, T]`` of held-in text
     (``ablation_text``); with ``text_weight`` > 0 the loss adds ``text_weight`` x the mean KL(dense || switched), in
     nats, over the last ``text_positions`` positions of each row (module docstring, "Text"). ``switch``: what a
     switched head runs (``SWITCHES``): ``streaming``, or ``knorm`` with ``sink`` tokens kept by key norm beside the
-    newest ``window``."""
+    newest ``window``. ``ring`` (``--min-ring``): a switched head keeps the ring the solver's smallest option holds
+    instead (``ring_policy``: half sinks, half recent tokens on a global layer, a ``ring``-token window on a native
+    sliding one), so the losses, the text term's above all, are those of the switch the plan will make."""
     if not 0.0 < drop < 1.0:
         raise HeadwiseError(f"drop must be in (0, 1), got {drop}")
     if not text_weight >= 0.0 or not math.isfinite(text_weight):
@@ -241,6 +249,8 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
         raise HeadwiseError(f"unknown ablation base '{base}'; choose one of {', '.join(BASES)}")
     if switch not in SWITCHES:
         raise HeadwiseError(f"unknown ablation switch '{switch}'; choose one of {', '.join(SWITCHES)}")
+    if ring < 0 or (ring and switch != "streaming"):
+        raise HeadwiseError(f"a ring switch is a streaming one of at least 1 token, got ring {ring} with switch {switch}")
     spec = lm.spec
     t0 = time.perf_counter()
     heads: list[Head] = [(i, j) for i in range(spec.num_layers) for j in range(spec.num_kv_heads)]
@@ -255,7 +265,7 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     device = next(lm.model.parameters()).device
     kernels = device.type == "cuda" if kernels is None else kernels
     rounded = isinstance(BASES[base], Quantized)
-    masks = _Masks(lm, sink, window, BASES[base], chunk, kernels, switch)
+    masks = _Masks(lm, sink, window, BASES[base], chunk, kernels, switch, ring)
     emulated = rounded or switch == "knorm"
     forwards = 1
     keep = min(text.shape[1], text_positions) if text is not None else 0
@@ -288,7 +298,7 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     split = [(n, *parts[frozenset(order[: len(order) - n])]) for n, _ in curve] if dense_text is not None else []
     shape = {"rows": text.shape[0], "tokens": text.shape[1], "positions": keep} if text is not None and dense_text is not None else {}
     return AblationResult(score, order, curve, int(hits.sum()), asked, forwards, time.perf_counter() - t0, finished,
-                          base, how, text_weight, shape, split, switch)
+                          base, how, text_weight, shape, split, switch, ring)
 
 
 def ablation_text(lm: LoadedModel, tokens: int, length: int) -> torch.Tensor:

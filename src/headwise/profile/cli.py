@@ -103,7 +103,8 @@ def register(subparsers: Any) -> None:
                    help="let the solver stream a head with a ring this small (8-127 tokens: a window on a sliding "
                         "layer, half sinks and half recent tokens on a global one) where the budget leaves nothing "
                         "else; the smallest ring otherwise holds 128 (default 0: none). Low budgets: 32 lets Gemma 3 "
-                        "keep two global heads in 2 bits at ~0.11 of dense at 4K")
+                        "keep two global heads in 2 bits at ~0.11 of dense at 4K. With --method ablation the ranking "
+                        "switches heads to this ring too")
     p.add_argument("--ablation-base", choices=ABLATION_BASES, default="full",
                    help="policy of the heads the ablation ranking has not switched to streaming (default full; "
                         "quantized4: measure 4-bit -> streaming switches, for --quantize plans with few full heads; "
@@ -261,6 +262,9 @@ def run(args: argparse.Namespace) -> int:
                                                  or args.select_under is not None or args.select_deals):
         raise InputError(f"--ablation-switch {args.ablation_switch} needs --method ablation and --full-share, without "
                          "--from-scores, --select-under or --select-deals (the plan selection judges streaming plans)")
+    if args.min_ring and args.ablation_switch != "streaming":
+        raise InputError(f"--min-ring sets the ring the ablation ranking switches heads to; it cannot be combined with "
+                         f"--ablation-switch {args.ablation_switch}")
     if settings.ablation_text_weight and (args.from_scores or args.method != "ablation"):
         raise InputError("--ablation-text-weight weighs a term of the ablation ranking's loss: it needs --method ablation "
                          "and no --from-scores")

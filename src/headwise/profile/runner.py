@@ -34,7 +34,7 @@ from headwise.plan import HeadPlan
 from headwise.policies import Policy
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
-from headwise.profile.solver import Quantize, check_budget, check_room, solve
+from headwise.profile.solver import Quantize, check_budget, check_room, quant_menu, solve
 from headwise.spec import ModelSpec
 
 METHODS = ("retrieval", "duo", "razor", "mass", "ablation")
@@ -317,6 +317,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if settings.ablation_text_weight and method != "ablation":
         raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
+    # with --min-ring the ranking switches heads to that ring (what the plan's streaming heads hold at low budgets)
+    menu = quant_menu(quantize)
+    if menu is not None and menu.min_ring and ablation_switch != "streaming" and method == "ablation":
+        raise HeadwiseError(f"--min-ring sets the ring the ablation ranking switches heads to; it cannot be combined "
+                            f"with --ablation-switch {ablation_switch}")
     spec = lm.spec
     check_reachable(lm)
     timings: dict[str, float] = {}
@@ -361,7 +366,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                                                  settings.ablation_probes, seed=ABLATION_SEED),
                                    drop=settings.ablation_drop, time_limit_s=settings.ablation_time_limit_s,
                                    progress=progress, base=ablation_base, text=text, text_weight=w,
-                                   switch=ablation_switch)
+                                   switch=ablation_switch, ring=menu.min_ring if menu is not None else 0)
         kv_scores["ablation"] = abl.score
         ablation_meta = abl.meta()
     with phase(timings, "layer_sensitivity", log):

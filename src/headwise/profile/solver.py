@@ -140,9 +140,15 @@ class QuantMenu:
 
     def ring(self, native: int | None) -> Streaming:
         """The ``min_ring`` option's policy on a layer (``native``: its sliding window, None on a global layer)."""
-        if native is not None:
-            return Streaming(sink=0, window=self.min_ring)
-        return Streaming(sink=self.min_ring // 2, window=self.min_ring - self.min_ring // 2)
+        return ring_policy(self.min_ring, native)
+
+
+def ring_policy(ring: int, native: int | None) -> Streaming:
+    """A ``ring``-token streaming head on a layer (``native``: its sliding window, None on a global layer): half sinks,
+    half recent tokens on a global layer, a window of ``ring`` on a sliding one."""
+    if native is not None:
+        return Streaming(sink=0, window=ring)
+    return Streaming(sink=ring // 2, window=ring - ring // 2)
 
 
 Quantize = bool | QuantMenu
