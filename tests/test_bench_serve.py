@@ -139,11 +139,13 @@ def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
     pool = PagePool(lm.spec, 1 << 24, dtype_bytes=4, page_size=4)
     engine = Engine(lm, chunk_size=16, pool=pool)
     carried: list[tuple[int, int]] = []  # (prompt tokens, decode rows) of each step, in order
+    starts: list[list[int]] = []  # the prompt positions each step's chunks started at
     step = engine.step
 
     def recorded():
         info = step()
         carried.append((info.prefill_tokens, info.decode_rows))
+        starts.append(info.chunk_starts)
         return info
 
     engine.step = recorded
@@ -159,6 +161,14 @@ def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
     assert out["prompt_step_decode_rows"]["mean"] == pytest.approx(sum(rows) / len(rows), rel=1e-6)
     assert 0 < out["prompt_step_ms"]["p50"] <= 1e3 * out["prompt_steps_s"]
     assert [p["step"] for p in out["profiled_steps"]] == [2, 5]
+    # the slowest prompt steps (here all five timed ones, slowest first) with what they carried
+    slow = out["slowest_prompt_steps"]
+    assert sorted(p["step"] for p in slow) == [i for i in prompt if i not in (2, 5)]
+    assert [p["ms"] for p in slow] == sorted((p["ms"] for p in slow), reverse=True)
+    for p in slow:
+        assert p["decode_rows"] == carried[p["step"] - 1][1] and p["chunk_starts"] == starts[p["step"] - 1]
+        assert p["compiled_graphs"] == 0 and p["preempted"] == 0
+    assert sorted(x for s in starts for x in s) == sorted([0, 16, 32] * 3)
     for p in out["profiled_steps"]:
         assert (p["prefill_tokens"], p["decode_rows"]) == carried[p["step"] - 1]
         assert p["ops"] and "gpu_busy_ms" in p

@@ -73,6 +73,7 @@ class StepInfo:
     decode_rows: int = 0  # sequences that fed back a token
     preempted: int = 0  # sequences preempted to free pages
     prefill_tokens: int = 0  # prompt tokens read
+    chunk_starts: list[int] = field(default_factory=list)  # prompt position each prompt chunk read starts at
     decode_steps: int = 0  # forwards each decode row ran: 1, or up to ``Engine.multi_step`` in a multi-step
     graph: bool = False  # the step was replayed from a CUDA graph (a lone sequence's, or the pool's at ``padded``)
     padded: int = 0  # the padded batch size of a decode step run on static buffers over the pool (0: none)
@@ -643,6 +644,7 @@ class Engine:
         for s in decode:
             s.fed += 1
         for (s, c) in chunks:
+            info.chunk_starts.append(s.prefilled)
             s.prefilled += len(c)
             info.prefill_tokens += len(c)
             if s.prefilled == len(s.prompt_ids) and s.generated:

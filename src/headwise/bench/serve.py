@@ -178,6 +178,19 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
     return total
 
 
+SLOWEST = 8
+"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): which chunks, decode rows and graphs compiled."""
+
+
+def _compile_count() -> int:
+    """Graphs torch.compile has made in this process so far (dynamo's ``unique_graphs``; 0 where it is not loaded): a
+    step during which it grows compiled (or recompiled) a graph."""
+    import sys
+
+    utils = sys.modules.get("torch._dynamo.utils")
+    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+
+
 def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
                    log: Callable[[str], None] = print, weights: int | None = None,
                    profile_steps: Collection[int] = (), profile_top: int = 30) -> dict[str, Any]:
@@ -191,7 +204,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     ``prompt_step_decode_rows``, and their summed seconds, ``prompt_steps_s``): where a mix's time goes. The steps
     numbered in ``profile_steps`` (1 = the first) run under torch.profiler (``bench.timing.profile_call``, its
     ``profile_top`` kernels); each lands in ``profiled_steps`` with what it carried. A profiled step is slower than
-    the others (the profiler's own cost), so its time is left out of the quantiles and totals above."""
+    the others (the profiler's own cost), so its time is left out of the quantiles and totals above. The ``SLOWEST``
+    slowest prompt steps are kept in ``slowest_prompt_steps``: their step number, milliseconds, decode rows, the
+    prompt positions their chunks started at, the live sequences, preemptions and the graphs torch.compile made
+    during them (a recompile shows there)."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -201,6 +217,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     decode_ms: list[float] = []  # steps that only decoded
     prompt_ms: list[float] = []  # steps that read prompt tokens
     prompt_rows: list[float] = []  # the decode rows those carried
+    slowest: list[dict[str, Any]] = []  # the SLOWEST slowest prompt steps, with what they carried
+    compiles = _compile_count()
     profiled: list[dict[str, Any]] = []
     wanted = set(profile_steps)
     read_rate: list[float] = []  # their bytes read per second, GB/s (with ``weights`` and a pool)
@@ -242,9 +260,14 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                              "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
         else:
             info = engine.step()
+            compiled, compiles = _compile_count() - compiles, _compile_count()
             if info.prefill_tokens:
                 prompt_ms.append(1e3 * info.seconds)
                 prompt_rows.append(info.decode_rows)
+                slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
+                                "chunk_starts": info.chunk_starts, "live": len(engine.live), "preempted": info.preempted,
+                                "compiled_graphs": compiled})
+                slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
         prefilled += info.prefill_tokens
         # Ran in this step: the live sequences holding a cache, and those that finished in it.
         peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
@@ -277,7 +300,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "decode_only_steps": len(decode_ms), "decode_only_graph_steps": graph_steps,
             "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
             "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
-            "prompt_step_decode_rows": _quantiles(prompt_rows)}
+            "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest}
     if profiled:
         out["profiled_steps"] = profiled
     if read_rate:
