@@ -77,10 +77,12 @@ def test_a_mix_offers_its_groups_in_order_and_one_length_keeps_the_old_prompts()
 
 def test_the_duo25_presets_make_a_quarter_of_the_heads_full_and_the_rest_streaming():
     spec = ModelSpec.from_config(random_model.config("random:llama-3-8b"))
-    for name, first in (("duo25", Full), ("duo25-vs", VerticalSlash)):
+    for name, first in (("duo25", Full), ("duo25-vs", VerticalSlash), ("duo25-vst", VerticalSlash)):
         plan = preset_plan(name, spec)
         for row in plan.policies():
             assert [type(p) for p in row] == [first] * 2 + [Streaming] * 6
+            if first is VerticalSlash:
+                assert row[0].columns == ("tokens" if name == "duo25-vst" else "blocks")
             assert row[2] == Streaming(sink=64, window=256)
             assert all(getattr(p, "decode", Full()) == Full() for p in row[:2]), "full heads keep every token"
         assert 0.25 < plan.kv_fraction(spec, 32768) < 0.26
@@ -88,11 +90,12 @@ def test_the_duo25_presets_make_a_quarter_of_the_heads_full_and_the_rest_streami
         HeadPlan.split(tiny_model("llama").spec, 0.25, {"policy": "full"}, {"policy": "streaming"})
 
 
-def test_bench_serve_runs_a_mix_on_a_random_model_in_process_and_writes_the_json(tmp_path, capsys):
-    rc = main(["bench", "serve", "--model", "random:tiny-llama", "--plan", "duo25-vs", "--mix", "3x40,2x70",
+@pytest.mark.parametrize("plan", ["duo25-vs", "duo25-vst"])
+def test_bench_serve_runs_a_mix_on_a_random_model_in_process_and_writes_the_json(tmp_path, capsys, plan):
+    rc = main(["bench", "serve", "--model", "random:tiny-llama", "--plan", plan, "--mix", "3x40,2x70",
                "--output-len", "4", "--chunk-size", "32", "--kv-memory", "0.01", "--warmup", "--out-dir", str(tmp_path)])
     assert rc == 0 and "skipping --mode http" in capsys.readouterr().out
-    (path,) = tmp_path.glob("serve_duo25-vs_*.json")
+    (path,) = tmp_path.glob(f"serve_{plan}_*.json")
     res = json.loads(path.read_text())["results"]
     out = res["in-process"]
     assert not out["partial"] and out["finished"] == 5 and out["output_tokens"] == 20 and "http" not in res

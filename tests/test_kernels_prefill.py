@@ -21,6 +21,7 @@ if not ON_GPU:
 
 import headwise.kernels.block_sparse as bsmod  # noqa: E402
 from headwise.kernels.prefill_index import (  # noqa: E402
+    columns_to_mask,
     compact_rows,
     flex_block_mask,
     indices_to_mask,
@@ -104,6 +105,63 @@ def test_kernel_matches_reference(case):
     err = (out.float() - ref).abs().max().item()
     err_pt = (pt.float() - ref).abs().max().item()
     assert err <= 2 * err_pt + (1e-3 if dtype == torch.bfloat16 else 1e-5), (err, err_pt)
+
+
+def random_columns(index, q_len, k_len, q_offset, bs, n, seed, per_head_share=True):
+    """Token columns for ``index``'s rows: up to ``n`` random earlier keys per row, none in a block the row lists (a
+    key would count twice); with ``per_head_share`` head h keeps about h / (H - 1) of them, so counts differ."""
+    idx, _ = index
+    B, H, nq, _ = idx.shape
+    g = torch.Generator().manual_seed(seed)
+    rows = query_block_ids(q_len, q_offset, bs)
+    cand = torch.randint(0, k_len, (B, H, nq, n), generator=g)
+    listed = (idx[..., None, :].long() == (cand // bs)[..., :, None]).any(-1)
+    keep = ((cand // bs) < rows[None, None, :, None]) & ~listed
+    if per_head_share:
+        keep &= torch.rand(B, H, nq, n, generator=g) <= (torch.arange(H)[None, :, None, None] / max(1, H - 1))
+    return compact_rows(cand, keep)
+
+
+@pytest.mark.parametrize("case", ["gqa_lq97_d64_tiles16", "offset_lq130_d128"])
+def test_token_columns_match_the_reference(case):
+    """Token columns beside the blocks (``col_idx`` / ``col_count``): the kernel gathers them and equals the fp32
+    reference, within the yardstick of PyTorch on the same mask; heads with no column, and rows with only one."""
+    B, Hq, Hkv, Lq, off, D, bs, cfg = CASES[case]
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
+    k = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
+    v = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
+    index = random_index(B, Hq, Lq, off + Lq, off, bs, seed=6)
+    cidx, ccount = random_columns(index, Lq, off + Lq, off, bs, n=120, seed=7)
+    assert int(ccount[:, 0].sum()) == 0 and int(ccount.max()) > cfg["block_n"], "no columns, and more than a tile"
+    idx, count = (t.to(DEVICE) for t in index)
+    cidx, ccount = cidx.to(DEVICE), ccount.to(DEVICE)
+    scale = D**-0.5
+    out = bsmod.block_sparse_attention(q, k, v, idx, count, bs, off, scale, config=cfg, col_idx=cidx, col_count=ccount)
+    ref = bsmod.block_sparse_attention_ref(q.float(), k.float(), v.float(), idx, count, bs, off, scale, cidx, ccount)
+    without = bsmod.block_sparse_attention_ref(q.float(), k.float(), v.float(), idx, count, bs, off, scale)
+    mask = indices_to_mask(idx, count, bs, Lq, off + Lq, off) | columns_to_mask(cidx, ccount, bs, Lq, off + Lq, off)
+    mask = bsmod.expand_index_heads(mask, Hq, Hkv)
+    grp = Hq // Hkv
+    pt = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(grp, 1), v.repeat_interleave(grp, 1),
+                                                          attn_mask=mask, scale=scale)
+    err = (out.float() - ref).abs().max().item()
+    err_pt = (pt.float() - ref).abs().max().item()
+    assert err <= 2 * err_pt + (1e-3 if dtype == torch.bfloat16 else 1e-5), (err, err_pt)
+    assert (ref - without).abs().max().item() > 1e-2, "the columns change the output"
+
+
+def test_columns_to_mask_marks_listed_earlier_keys_only():
+    """A row's columns are keys of its query block's list, causal per query; -1 padding and counts respected."""
+    bs, q_len, k_len, off = 4, 6, 14, 8  # queries 8..13: blocks 2 and 3
+    cidx = torch.tensor([[[[1, 6, -1], [5, 12, 13]]]], dtype=torch.int32)
+    ccount = torch.tensor([[[2, 2]]], dtype=torch.int32)  # row 1 lists 5 and 12 (13 is past its count)
+    mask = columns_to_mask(cidx, ccount, bs, q_len, k_len, off)[0, 0]
+    assert mask.shape == (q_len, k_len)
+    assert mask[:4].nonzero()[:, 1].unique().tolist() == [1, 6]  # block 2's queries
+    assert mask[4].nonzero().flatten().tolist() == [5, 12] and mask[5].nonzero().flatten().tolist() == [5, 12]
+    assert not mask[:, 13].any()
 
 
 def test_shared_index_broadcasts_over_batch_and_heads():

@@ -50,10 +50,11 @@ def test_a_shape_changes_the_output_when_it_drops_keys():
     "pattern",
     [
         VerticalSlash(vertical_size=L, slash_size=L, last_q=16, block_size=16),
+        VerticalSlash(vertical_size=L, slash_size=L, last_q=16, block_size=16, columns="tokens"),
         BlockTopK(topk=L, block_size=16),
         BlockTopK(topk=L, block_size=16, hierarchical=True),
     ],
-    ids=["vertical_slash", "block_topk", "block_topk_hierarchical"],
+    ids=["vertical_slash", "vertical_slash_token_columns", "block_topk", "block_topk_hierarchical"],
 )
 def test_pattern_with_budget_covering_everything_is_dense(pattern):
     lm = tiny_model("llama")
@@ -113,6 +114,18 @@ def test_vertical_slash_finds_a_planted_column_and_diagonal():
     assert mask[rows[rows >= col], col].all(), "planted column missing"
     causal = torch.ones(S, S, dtype=torch.bool).tril()
     assert mask.sum() < 0.8 * causal.sum(), "should not be dense"
+    # with token columns a planted column past the sinks' block is kept as itself: the rest of its block is not
+    late_col = 21  # block 1; rows of blocks 5 (80-95) list blocks 0, 2, 3 and 5 for the diagonal, not block 1
+    keys2 = eye[torch.arange(S) + o].clone()
+    keys2[late_col] += 9.0 * eye[shared]
+    kw = {"vertical_size": 1, "slash_size": 1, "last_q": 16, "block_size": bs}
+    tmask = VerticalSlash(**kw, columns="tokens").mask(q[None, None], keys2[None, None], 0, 1.0)[0, 0]
+    bmask = VerticalSlash(**kw).mask(q[None, None], keys2[None, None], 0, 1.0)[0, 0]
+    assert tmask[rows[rows >= late_col], late_col].all() and tmask[rows[rows >= o], rows[rows >= o] - o].all()
+    late = rows >= 5 * bs
+    others = [j for j in range(bs, 2 * bs) if j != late_col]
+    assert not tmask[late][:, others].any() and bmask[late][:, others].all()
+    assert bool((bmask | ~tmask).all())
 
 
 @pytest.mark.parametrize("B,H,R,S,first", [(1, 1, 1, 9, 8), (2, 3, 7, 40, 33), (1, 2, 16, 100, 84), (2, 2, 5, 5, 0)])
@@ -237,13 +250,15 @@ def test_kernel_path_matches_reference_path_in_the_engine():
     """On CUDA, the Triton kernel (use_kernels) and the reference mask path give the same logits (bf16)."""
     lm = tiny_model("llama")
     lm.model.to("cuda", torch.bfloat16)
-    plan = plan_of(lm, lambda i, h: VerticalSlash(vertical_size=8, slash_size=8, last_q=16, block_size=16)
-                   if h == 0 else AShape(sink=16, local=32, block_size=16))
-    ids = torch.randint(0, 128, (2, L), device="cuda")
-    ref = Engine(lm, plan, chunk_size=48, use_kernels=False).logits(ids).float()
-    ker = Engine(lm, plan, chunk_size=48, use_kernels=True).logits(ids).float()
-    dense = Engine(lm, chunk_size=48, use_kernels=False).logits(ids).float()
-    assert (ker - ref).abs().max().item() <= 0.05 + 0.1 * (ref - dense).abs().max().item()
+    for columns in ("blocks", "tokens"):
+        plan = plan_of(lm, lambda i, h, c=columns: VerticalSlash(vertical_size=8, slash_size=8, last_q=16,
+                                                                   block_size=16, columns=c)
+                       if h == 0 else AShape(sink=16, local=32, block_size=16))
+        ids = torch.randint(0, 128, (2, L), device="cuda")
+        ref = Engine(lm, plan, chunk_size=48, use_kernels=False).logits(ids).float()
+        ker = Engine(lm, plan, chunk_size=48, use_kernels=True).logits(ids).float()
+        dense = Engine(lm, chunk_size=48, use_kernels=False).logits(ids).float()
+        assert (ker - ref).abs().max().item() <= 0.05 + 0.1 * (ref - dense).abs().max().item(), columns
 
 
 @pytest.mark.gpu

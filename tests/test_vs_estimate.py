@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("Triton kernels need a GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-from headwise.kernels.prefill_index import indices_to_mask
+from headwise.kernels.prefill_index import columns_to_mask, indices_to_mask
 from headwise.kernels.vs_estimate import vertical_slash_index, vertical_slash_sums, vertical_slash_top
 from headwise.policies.vertical_slash import (
     VerticalSlash,
@@ -186,3 +186,63 @@ def test_one_topk_over_both_sums_chooses_what_two_choose(nv, ns):
     assert cols.shape == (2, 3, nv) and offs.shape == (2, 3, ns)
     assert torch.equal(cols.sort(-1).values, vertical.topk(nv, -1).indices.sort(-1).values)
     assert torch.equal(offs.sort(-1).values, slash.topk(ns, -1).indices.sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    "B,H,nv,ns,q_offset,q_len,bs,S",
+    [
+        (1, 1, 1, 1, 0, 5, 16, 5),  # one row, fewer keys than a block
+        (2, 3, 5, 3, 100, 70, 16, 170),  # rows from block 6 to 10; no power of two anywhere
+        (1, 2, 64, 64, 65536 - 512, 512, 64, 65536),  # real sizes: rows past the first tiles of 128 blocks
+        (1, 1, 7, 9, 37, 1, 8, 38),  # one query, q_offset inside a block
+    ],
+)
+def test_the_triton_index_with_token_columns_equals_the_reference(B, H, nv, ns, q_offset, q_len, bs, S):
+    """Token columns (``columns="tokens"``): the blocks leave the columns out, and each row lists the columns before
+    its block that no listed block holds, sorted, once each (duplicates, a column in block 0, columns inside a
+    diagonal's block and after the row among them), as ``vertical_slash_blocks`` does."""
+    g = torch.Generator().manual_seed(S + nv + 1)
+    cols = torch.randint(0, S, (B, H, nv), generator=g)
+    offs = torch.randint(0, S, (B, H, ns), generator=g)
+    cols[..., 0] = 0
+    if nv > 2:
+        cols[..., 1] = cols[..., 2]
+    if nv > 4:  # a column in the block a diagonal lists for the last row
+        last = (q_offset + q_len - 1) // bs
+        cols[..., 3] = (last - offs[..., 0] // bs).clamp(min=0) * bs
+    want = vertical_slash_blocks(cols, offs, q_offset, q_len, bs, token_columns=True)
+    got = vertical_slash_index(cols.to(DEVICE), offs.to(DEVICE), q_offset // bs, want[0].shape[2], bs,
+                               token_columns=True)
+    assert len(got) == len(want) == 4
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a.cpu(), b)
+    # the blocks and the columns together cover what the block columns do, and the columns are their own keys
+    blocks = vertical_slash_blocks(cols, offs, q_offset, q_len, bs)
+    whole = indices_to_mask(*blocks, bs, q_len, S, q_offset)
+    toks = indices_to_mask(*want[:2], bs, q_len, S, q_offset) | columns_to_mask(*want[2:], bs, q_len, S, q_offset)
+    assert bool((whole | ~toks).all()), "token columns attend a subset of the block columns' keys"
+    pos = torch.arange(q_offset, q_offset + q_len)
+    for b in range(B):
+        for h in range(H):
+            for c in cols[b, h].tolist():
+                assert bool(toks[b, h, pos >= c, c].all()), f"column {c} is attended by every query at or after it"
+
+
+def test_token_columns_attend_fewer_keys_and_keep_the_digest_of_block_plans():
+    """The policy with ``columns="tokens"``: its mask is inside the block columns' one, attends fewer keys when
+    columns are scattered, and a plan without token columns writes the parameters it wrote before (its digest)."""
+    g = torch.Generator().manual_seed(3)
+    q, keys = torch.randn(1, 2, 96, 16, generator=g), torch.randn(1, 2, 400, 16, generator=g)
+    blocks = VerticalSlash(vertical_size=12, slash_size=4, last_q=16, block_size=16)
+    tokens = VerticalSlash(vertical_size=12, slash_size=4, last_q=16, block_size=16, columns="tokens")
+    a, b = blocks.mask(q, keys, 304, 0.25), tokens.mask(q, keys, 304, 0.25)
+    assert bool((a | ~b).all()) and int(b.sum()) < int(a.sum())
+    assert "columns" not in blocks.to_spec().get("params", {}) and tokens.to_spec()["params"]["columns"] == "tokens"
+    assert tokens.short() == "VS12/4t"
+    with pytest.raises(Exception, match="columns"):
+        VerticalSlash(columns="rows").validate()
+    got = tokens.build_index(q.to(DEVICE), keys.to(DEVICE), q_offset=304, scale=0.25, kernel=True)
+    want = tokens.build_index(q, keys, q_offset=304, scale=0.25)
+    assert len(got) == 4
+    assert torch.equal(indices_to_mask(*got[:2], 16, 96, 400, 304).cpu() | columns_to_mask(
+        *got[2:], 16, 96, 400, 304).cpu(), b) and len(want) == 4

@@ -28,7 +28,7 @@ page pool of that size (``pool.KVMemory``), the same one ``headwise serve --kv-m
 in-process results then cover what was measured (requests finished, tokens generated so far, TTFT of those that
 got a first token, peaks) and say ``"partial": true``, so a run on a time-limited machine always leaves its JSON.
 ``--progress-s`` prints a progress line that often. ``--plan`` also takes the presets of ``PLAN_PRESETS``
-(``duo25``, ``duo25-vs``), built for the model's shape with ``HeadPlan.split``.
+(``duo25``, ``duo25-vs``, ``duo25-vst``), built for the model's shape with ``HeadPlan.split``.
 """
 
 from __future__ import annotations
@@ -51,13 +51,17 @@ from headwise.errors import InputError
 
 # Streaming heads as DuoAttention's (sink 64 + window 256): in chunked prefill their pattern is DuoAttention's
 # A-shape, token-exact (``policies/streaming.py``). The full heads keep every token; in ``duo25-vs`` their prefill
-# is MInference's vertical-slash (``policies/vertical_slash.py``, default budgets), decoding ``full``.
+# is MInference's vertical-slash (``policies/vertical_slash.py``, default budgets), decoding ``full``; ``duo25-vst``
+# attends the vertical columns one key at a time (``columns="tokens"``) instead of their whole blocks.
 _STREAMING = {"policy": "streaming", "params": {"sink": 64, "window": 256}}
 PLAN_PRESETS: dict[str, tuple[str, dict[str, Any], dict[str, Any]]] = {
     "duo25": ("25% full (dense prefill) + 75% streaming (sink 64 + window 256, A-shape prefill)",
               {"policy": "full"}, _STREAMING),
     "duo25-vs": ("25% full (vertical-slash prefill) + 75% streaming (sink 64 + window 256, A-shape prefill)",
                  {"policy": "vertical_slash"}, _STREAMING),
+    "duo25-vst": ("25% full (vertical-slash prefill, token columns as MInference's) + 75% streaming (sink 64 + "
+                  "window 256, A-shape prefill)", {"policy": "vertical_slash", "params": {"columns": "tokens"}},
+                  _STREAMING),
 }
 
 

@@ -21,6 +21,12 @@ blocks (keys ``[kb * block_size, (kb + 1) * block_size)``), sorted ascending, pa
 ``block_count: int32 [Bi, Hi, n_q_blocks]`` says how many entries are valid. ``Bi`` is 1 (shared by the batch)
 or B; ``Hi`` is 1 (shared by all heads), the number of KV heads, or the number of query heads.
 
+Token columns (optional, ``col_idx`` / ``col_count``, indexed as the blocks: int32 [Bi, Hi, n_q_blocks,
+max_cols], -1 padded, ``col_count`` valid entries first): single key positions a query block attends besides its
+blocks, gathered ``BLOCK_N`` at a time into one tile (MInference's vertical columns, ``policies/vertical_slash.py``
+``columns="tokens"``), causal per query. None may lie in a block its row lists (the key would count twice); a
+program with no columns runs as before (``HAS_COLS`` is a compile-time switch).
+
 Why indices may be per *query* head: MInference estimates vertical-slash and block patterns per query head,
 and query heads that share a KV head (GQA) do attend differently; forcing one pattern per KV head would have
 to take the union and lose sparsity. Each program loads its KV head's tiles, so query heads of one group
@@ -32,7 +38,7 @@ forward only (no autograd).
 
 Tested: ``tests/test_kernels_prefill.py`` against ``block_sparse_attention_ref`` under TRITON_INTERPRET=1 on
 CPU (Lq 97 and 130, head_dim 64 and 128, GQA, q_offset > 0, per-head block counts, rows with only the
-diagonal) and with the real kernel in bf16 on an H100 (same file; plus the engine-level
+diagonal; token columns: heads with none, rows with more than a tile) and with the real kernel in bf16 on an H100 (same file; plus the engine-level
 ``test_kernel_path_matches_reference_path_in_the_engine``). At Llama-3-8B shapes the benchmark
 (``headwise.bench.prefill``) checks it against the fp32 reference at 8K tokens (max error equal to plain
 bf16 PyTorch's, 9.1e-3) and against FlexAttention on the same block mask at 128K.
@@ -43,6 +49,7 @@ from __future__ import annotations
 import torch
 
 from headwise.kernels.prefill_index import (
+    columns_to_mask,
     density,
     expand_index_heads,
     flex_block_mask,
@@ -77,18 +84,21 @@ if HAVE_TRITON:
 
     @triton.jit
     def _block_sparse_fwd(
-        Q, K, V, Out, BlockIdx, BlockCount,
+        Q, K, V, Out, BlockIdx, BlockCount, ColIdx, ColCount,
         sq_b, sq_h, sq_m,
         sk_b, sk_h, sk_n,
         sv_b, sv_h, sv_n,
         so_b, so_h, so_m,
         si_b, si_h, si_q,
         sc_b, sc_h,
+        sj_b, sj_h, sj_q,
+        scc_b, scc_h,
         n_q_heads, group, idx_head_div, Lq, Lk, q_offset, first_qblock, n_tiles, scale_log2e,
         HEAD_DIM: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_SIZE: tl.constexpr,
+        HAS_COLS: tl.constexpr,
     ):
         SUB: tl.constexpr = BLOCK_SIZE // BLOCK_N  # kernel key tiles per index block
         tile = n_tiles - 1 - tl.program_id(0)  # later (usually heavier) tiles first
@@ -157,6 +167,27 @@ if HAVE_TRITON:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
 
+        if HAS_COLS:  # token columns (MInference's verticals): gathered BLOCK_N keys at a time, each row causal
+            col_row = ColIdx + b * sj_b + ih * sj_h + qrow * sj_q
+            ccount = tl.load(ColCount + b * scc_b + ih * scc_h + qrow)
+            for c0 in range(0, ccount, BLOCK_N):
+                offs_c = c0 + offs_n
+                c_ok = offs_c < ccount
+                kpos = tl.load(col_row + offs_c, mask=c_ok, other=0)
+                c_ok = c_ok & (kpos >= 0) & (kpos < Lk)
+                k = tl.load(k_base + kpos[:, None] * sk_n + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+                v = tl.load(v_base + kpos[:, None] * sv_n + offs_d[None, :], mask=c_ok[:, None], other=0.0)
+                qk = tl.dot(q, tl.trans(k)) * scale_log2e
+                allowed = (kpos[None, :] <= offs_m[:, None]) & c_ok[None, :]
+                qk = tl.where(allowed, qk, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(qk, 1))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+                p = tl.math.exp2(qk - m_safe[:, None])
+                alpha = tl.math.exp2(m_i - m_safe)
+                l_i = l_i * alpha + tl.sum(p, 1)
+                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+                m_i = m_new
+
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
         o_ptr = Out + b * so_b + h * so_h + rows[:, None] * so_m + offs_d[None, :]
@@ -184,6 +215,8 @@ def _launch(
     q_offset: int,
     scale: float,
     config: dict[str, int] | None = None,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Check shapes, allocate the output, pick the grid and run the kernel. Shapes as in the public function."""
     if not HAVE_TRITON:
@@ -205,6 +238,15 @@ def _launch(
     assert Hi in (1, Hkv, Hq), f"index heads {Hi} must be 1, {Hkv} (KV heads) or {Hq} (query heads)"
     assert block_idx.dtype == torch.int32 and block_count.dtype == torch.int32, "indices must be int32"
     assert block_idx.stride(-1) == 1, "block_idx rows must be contiguous"
+    has_cols = col_idx is not None
+    if col_idx is not None:
+        assert col_count is not None and col_idx.dim() == 4, "col_idx [B, H, nqb, max] needs col_count [B, H, nqb]"
+        assert tuple(col_idx.shape[:3]) == (Bi, Hi, nqb_i) and tuple(col_count.shape) == (Bi, Hi, nqb_i), \
+            "token columns must be indexed as the blocks are"
+        assert col_idx.dtype == torch.int32 and col_count.dtype == torch.int32, "indices must be int32"
+        assert col_idx.stride(-1) == 1, "col_idx rows must be contiguous"
+    else:
+        col_idx, col_count = block_idx, block_count  # not read (HAS_COLS=False)
     cfg = dict(default_config(D, block_size))
     if config:
         cfg.update(config)
@@ -215,15 +257,17 @@ def _launch(
     n_tiles = n_query_blocks(Lq, q_offset, bm)
     grid = (n_tiles, B * Hq)
     _block_sparse_fwd[grid](
-        q, k, v, out, block_idx, block_count,
+        q, k, v, out, block_idx, block_count, col_idx, col_count,
         q.stride(0), q.stride(1), q.stride(2),
         k.stride(0), k.stride(1), k.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         block_idx.stride(0) if Bi > 1 else 0, block_idx.stride(1) if Hi > 1 else 0, block_idx.stride(2),
         block_count.stride(0) if Bi > 1 else 0, block_count.stride(1) if Hi > 1 else 0,
+        col_idx.stride(0) if Bi > 1 else 0, col_idx.stride(1) if Hi > 1 else 0, col_idx.stride(2),
+        col_count.stride(0) if Bi > 1 else 0, col_count.stride(1) if Hi > 1 else 0,
         Hq, Hq // Hkv, Hq // Hi, Lq, Lk, q_offset, q_offset // block_size, n_tiles, scale * _LOG2E,
-        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=block_size,
+        HEAD_DIM=D, BLOCK_M=bm, BLOCK_N=bn, BLOCK_SIZE=block_size, HAS_COLS=has_cols,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -240,20 +284,25 @@ def block_sparse_attention(
     q_offset: int = 0,
     scale: float | None = None,
     config: dict[str, int] | None = None,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of ``q`` over the listed key blocks only (Triton).
+    """Causal attention of ``q`` over the listed key blocks only (Triton), and the listed token columns.
 
     q: [B, Hq, Lq, D] at absolute positions ``q_offset .. q_offset+Lq-1``; k, v: [B, Hkv, Lk, D] at positions
     ``0 .. Lk-1`` (query head h reads KV head ``h // (Hq // Hkv)``). block_idx: int32 [Bi, Hi, n_q_blocks,
     max_blocks], sorted, -1 padded; block_count: int32 [Bi, Hi, n_q_blocks] (module docstring: format).
-    ``config`` overrides the kernel tiles (``block_m``, ``block_n``, ``num_warps``, ``num_stages``).
-    Returns [B, Hq, Lq, D] in q's dtype.
+    col_idx / col_count (optional, indexed as the blocks): single key positions each query block also attends,
+    gathered ``block_n`` at a time (MInference's vertical columns); none may lie in a listed block of its row (a
+    key would count twice). ``config`` overrides the kernel tiles (``block_m``, ``block_n``, ``num_warps``,
+    ``num_stages``). Returns [B, Hq, Lq, D] in q's dtype.
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     cfg = config or {}
     return _block_sparse_op(
         q, k, v, block_idx, block_count, block_size, q_offset, scale,
         cfg.get("block_m", 0), cfg.get("block_n", 0), cfg.get("num_warps", 0), cfg.get("num_stages", 0),
+        col_idx, col_count,
     )
 
 
@@ -273,14 +322,17 @@ def _block_sparse_op(
     block_n: int,
     num_warps: int,
     num_stages: int,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     given = {"block_m": block_m, "block_n": block_n, "num_warps": num_warps, "num_stages": num_stages}
     config = {key: value for key, value in given.items() if value}
-    return _launch(q, k, v, block_idx, block_count, block_size, q_offset, scale, config)
+    return _launch(q, k, v, block_idx, block_count, block_size, q_offset, scale, config, col_idx, col_count)
 
 
 @_block_sparse_op.register_fake
-def _(q, k, v, block_idx, block_count, block_size, q_offset, scale, block_m, block_n, num_warps, num_stages):
+def _(q, k, v, block_idx, block_count, block_size, q_offset, scale, block_m, block_n, num_warps, num_stages,
+      col_idx=None, col_count=None):
     return torch.empty_like(q)
 
 
@@ -293,6 +345,8 @@ def block_sparse_attention_ref(
     block_size: int,
     q_offset: int = 0,
     scale: float | None = None,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The same computation in plain PyTorch, fp32: build the dense mask from the index, softmax, weighted sum.
 
@@ -302,6 +356,8 @@ def block_sparse_attention_ref(
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     mask = indices_to_mask(block_idx, block_count, block_size, Lq, Lk, q_offset)
+    if col_idx is not None and col_count is not None:
+        mask = mask | columns_to_mask(col_idx, col_count, block_size, Lq, Lk, q_offset)
     mask = expand_index_heads(mask, Hq, Hkv)  # [Bi, Hq, Lq, Lk]
     kf = k.float().repeat_interleave(Hq // Hkv, dim=1)
     vf = v.float().repeat_interleave(Hq // Hkv, dim=1)

@@ -75,6 +75,28 @@ def indices_to_mask(
     return mask & (k_pos[None, :] <= q_pos[:, None])
 
 
+def columns_to_mask(
+    col_idx: torch.Tensor,
+    col_count: torch.Tensor,
+    block_size: int,
+    q_len: int,
+    k_len: int,
+    q_offset: int = 0,
+) -> torch.Tensor:
+    """Dense token mask of token columns: bool [Bi, Hi, q_len, k_len], True where key ``j`` is one of the columns
+    listed for query row ``r``'s absolute block (``col_idx`` int32 [Bi, Hi, n_q_blocks, max_cols], -1 padded,
+    ``col_count`` valid entries first) and ``j <= q_offset + r``: ``kernels/block_sparse.py``'s token columns."""
+    Bi, Hi, nqb, mc = col_idx.shape
+    valid = torch.arange(mc, device=col_idx.device) < col_count[..., None]
+    listed = torch.zeros(Bi, Hi, nqb, k_len + 1, dtype=torch.bool, device=col_idx.device)
+    col = torch.where(valid & (col_idx >= 0) & (col_idx < k_len), col_idx.long(), k_len)
+    listed.scatter_(-1, col, True)
+    q_pos = torch.arange(q_offset, q_offset + q_len, device=col_idx.device)
+    k_pos = torch.arange(k_len, device=col_idx.device)
+    row_block = q_pos // block_size - q_offset // block_size
+    return listed[:, :, row_block, :k_len] & (k_pos[None, :] <= q_pos[:, None])
+
+
 def expand_index_heads(x: torch.Tensor, q_heads: int, kv_heads: int) -> torch.Tensor:
     """Map an index-like tensor ``[Bi, Hi, ...]`` with Hi in {1, kv_heads, q_heads} to query heads ``[Bi, q_heads, ...]``."""
     Hi = x.shape[1]

@@ -23,6 +23,7 @@ Algorithm
     them in order (a prefix sum gives each its slot): the block-sparse kernel's format without the candidate tensor and
     the two sorts of ``prefill_index.compact_rows`` (``policies/vertical_slash.vertical_slash_blocks``, the reference).
     Both exist to cut the host's work per layer: a vertical-slash chunk step ran some 60 small operators per layer.
+    With token columns the same program also writes the row's columns that its blocks do not hold (``col_idx``).
 
     The reference this replaces made an fp32 copy of the scores, a softmax, an int64 offset index of ``R x S``, a
     gather, a mask and two sums (about a dozen kernels and ten passes over ``R x S`` per layer and chunk); here the
@@ -187,8 +188,9 @@ def vertical_slash_top(scores: torch.Tensor, first: int, n_vertical: int, n_slas
 
 @triton.jit
 def _index_kernel(
-    COLS, OFFS, IDX, COUNT, nv, ns, first_block, n_rows, width,
+    COLS, OFFS, IDX, COUNT, CIDX, CCOUNT, nv, ns, first_block, n_rows, width,
     BS: tl.constexpr, NV: tl.constexpr, NS: tl.constexpr, TILE: tl.constexpr, WIDTH: tl.constexpr,
+    TOKENS: tl.constexpr,
 ):
     h = tl.program_id(0)
     r = tl.program_id(1)
@@ -204,7 +206,8 @@ def _index_kernel(
     while t0 <= a:  # key blocks 0 .. a, a tile at a time: listed once each, in order
         t = t0 + tl.arange(0, TILE)
         hit = (t == 0) | (t == a)
-        hit = hit | (tl.max((vert[:, None] == t[None, :]).to(tl.int32), 0) > 0)
+        if not TOKENS:  # token columns are not blocks (below)
+            hit = hit | (tl.max((vert[:, None] == t[None, :]).to(tl.int32), 0) > 0)
         hit = hit | (tl.max((near[:, None] == t[None, :]).to(tl.int32), 0) > 0)
         hit = hit | (tl.max((far[:, None] == t[None, :]).to(tl.int32), 0) > 0)
         hit = hit & (t <= a)
@@ -213,29 +216,55 @@ def _index_kernel(
         tl.store(out + slot, t, mask=hit)
         count += tl.sum(n, 0)
         t0 += TILE
-    rest = tl.arange(0, WIDTH)  # -1 after the listed blocks (WIDTH: width = nv + 2 ns + 2, to a power of two)
+    rest = tl.arange(0, WIDTH)  # -1 after the listed blocks (WIDTH: width, to a power of two)
     tl.store(out + rest, -1, mask=(rest >= count) & (rest < width))
     tl.store(COUNT + h * n_rows + r, count)
+    if TOKENS:  # the columns (sorted by the caller) before block a that no listed block holds, each once, in order
+        j = tl.arange(0, NV)
+        prev = tl.load(COLS + h * nv + j - 1, mask=(j > 0) & (j < nv), other=-1)
+        listed = (vert == 0) | (tl.max((near[None, :] == vert[:, None]).to(tl.int32), 1) > 0)
+        listed = listed | (tl.max((far[None, :] == vert[:, None]).to(tl.int32), 1) > 0)
+        keep = (j < nv) & (cols >= 0) & (vert < a) & ~listed & (cols != prev)
+        n = keep.to(tl.int32)
+        slot = tl.cumsum(n, 0) - 1
+        cout = CIDX + (h * n_rows + r).to(tl.int64) * nv
+        tl.store(cout + slot, cols, mask=keep)
+        kept = tl.sum(n, 0)
+        tl.store(cout + j, -1, mask=(j >= kept) & (j < nv))
+        tl.store(CCOUNT + h * n_rows + r, kept)
 
 
 def vertical_slash_index(cols: torch.Tensor, offs: torch.Tensor, first_block: int, n_rows: int,
-                         block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+                         block_size: int, token_columns: bool = False) -> tuple[torch.Tensor, ...]:
     """The block-sparse kernel's index of a vertical-slash pattern (Triton), as ``VerticalSlash.build_index`` makes it
     with candidates and ``compact_rows``: for query block ``a = first_block + r`` of each head, the sorted key blocks
     ``{0, a} | {c // bs for c in cols} | {a - o // bs, a - ceil(o / bs) for o in offs}`` within ``0 .. a``.
 
     cols: int [B, H, nv] (key columns), offs: int [B, H, ns] (diagonal offsets), both >= 0. Returns block_idx int32
-    [B, H, n_rows, nv + 2 ns + 2] (-1 padded) and block_count int32 [B, H, n_rows]. One program per (head, row) walks
-    the row's key blocks a tile at a time and writes the listed ones in order: no sort, no candidate tensor."""
+    [B, H, n_rows, nv + 2 ns + 2] (2 ns + 2 with token columns; -1 padded) and block_count int32 [B, H, n_rows]. One
+    program per (head, row) walks
+    the row's key blocks a tile at a time and writes the listed ones in order: no sort, no candidate tensor.
+
+    ``token_columns``: the columns are single keys, not blocks (``policies/vertical_slash.vertical_slash_blocks``,
+    the reference): the blocks leave them out, and col_idx int32 [B, H, n_rows, nv] / col_count [B, H, n_rows] list
+    per row the columns before block ``a`` that no listed block holds, sorted, once each (the columns are sorted
+    here first, one launch)."""
     B, H, nv = cols.shape
     ns = offs.shape[-1]
-    width = nv + 2 * ns + 2
+    width = (0 if token_columns else nv) + 2 * ns + 2
     idx = torch.empty(B, H, n_rows, width, device=cols.device, dtype=torch.int32)
     count = torch.empty(B, H, n_rows, device=cols.device, dtype=torch.int32)
+    if token_columns:
+        cols = cols.sort(dim=-1).values
+        col_idx = torch.empty(B, H, n_rows, nv, device=cols.device, dtype=torch.int32)
+        col_count = torch.empty(B, H, n_rows, device=cols.device, dtype=torch.int32)
+    else:
+        col_idx, col_count = idx, count  # not written (TOKENS=False)
     if n_rows:
         _index_kernel[(B * H, n_rows)](
-            cols.contiguous(), offs.contiguous(), idx, count, nv, ns, first_block, n_rows, width,
+            cols.contiguous(), offs.contiguous(), idx, count, col_idx, col_count, nv, ns, first_block, n_rows, width,
             BS=block_size, NV=max(2, triton.next_power_of_2(nv)), NS=max(2, triton.next_power_of_2(ns)), TILE=128,
-            WIDTH=triton.next_power_of_2(width), num_warps=8,  # 4 warps spill 1 KB a thread for sm_90 (ptxas)
+            WIDTH=triton.next_power_of_2(width), TOKENS=token_columns,
+            num_warps=8,  # 4 warps spill 1 KB a thread for sm_90 (ptxas)
         )
-    return idx, count
+    return (idx, count, col_idx, col_count) if token_columns else (idx, count)

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.kernels.prefill_index import indices_to_mask
+from headwise.kernels.prefill_index import columns_to_mask, indices_to_mask
 from headwise.policies.base import AttendContext, PagedLayout, Policy, masked_attention
 from headwise.policies.full import Full
 from headwise.policies.stores import DenseStore
@@ -110,19 +110,22 @@ class PrefillPattern(DecodeDelegate, Policy):
     @abstractmethod
     def build_index(
         self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, ...]:
         """Block index of a chunk (plan step): q [B, Hq, L, D] at positions ``q_offset ..``; keys [B, Hkv, S, D]
         (store + chunk, ``S = q_offset + L``). Returns block_idx int32 [Bi, Hi, n_q_blocks, M] and block_count
-        int32 [Bi, Hi, n_q_blocks] (``kernels/block_sparse.py``: format; Bi in {1, B}, Hi in {1, Hkv, Hq})."""
+        int32 [Bi, Hi, n_q_blocks] (``kernels/block_sparse.py``: format; Bi in {1, B}, Hi in {1, Hkv, Hq}), and a
+        pattern with token columns also col_idx and col_count in the same format (single keys, not blocks)."""
 
-    def index(self, q: torch.Tensor, keys: torch.Tensor, ctx: AttendContext) -> tuple[torch.Tensor, torch.Tensor]:
-        """The index ``attend`` uses: ``build_index`` at the chunk's start (``seer`` also reads the context's gate)."""
+    def index(self, q: torch.Tensor, keys: torch.Tensor, ctx: AttendContext) -> tuple[torch.Tensor, ...]:
+        """The index ``attend`` uses: ``build_index`` at the chunk's start (``seer`` also reads the context's gate):
+        block_idx and block_count, then col_idx and col_count where the pattern has token columns
+        (``vertical_slash``'s ``columns="tokens"``)."""
         return self.build_index(q, keys, ctx.start, ctx.scale)
 
     def mask(self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
         """The pattern as a dense token mask bool [Bi, Hi, L, S] (reference and pictures)."""
-        idx, count = self.build_index(q, keys, q_offset, scale)
-        return indices_to_mask(idx, count, self.block_size, q.shape[2], keys.shape[2], q_offset)
+        return _index_mask(self.build_index(q, keys, q_offset, scale), self.block_size, q.shape[2], keys.shape[2],
+                           q_offset)
 
     def attend(self, q, k, v, store: Any, ctx: AttendContext) -> torch.Tensor:
         if q.shape[2] == 1:
@@ -136,18 +139,28 @@ class PrefillPattern(DecodeDelegate, Policy):
             raise PlanError(f"policy '{self.name}': the decode policy's store must keep every token")
         store.append(k, v)  # the decode policy's store commits (Quest's page bounds included)
         keys, values = store.view()
-        idx, count = self.index(q, keys, ctx)
+        index = self.index(q, keys, ctx)
         if ctx.use_kernels and q.is_cuda:
             from headwise.kernels.block_sparse import SUPPORTED_HEAD_DIMS, block_sparse_attention  # Triton
 
             if q.shape[-1] in SUPPORTED_HEAD_DIMS:
-                return block_sparse_attention(q, keys, values, idx, count, self.block_size, ctx.start, ctx.scale)
+                idx, count, *cols = index
+                return block_sparse_attention(q, keys, values, idx, count, self.block_size, ctx.start, ctx.scale,
+                                              None, *cols)
             _warn_once(f"block-sparse kernel has no head_dim {q.shape[-1]} (has {SUPPORTED_HEAD_DIMS}); "
                        f"policy '{self.name}' uses the masked-SDPA reference")
-        mask = indices_to_mask(idx, count, self.block_size, q.shape[2], keys.shape[2], ctx.start)
+        mask = _index_mask(index, self.block_size, q.shape[2], keys.shape[2], ctx.start)
         if mask.shape[1] not in (1, q.shape[1]):  # per-KV-head index: one mask per query head
             mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
         return masked_attention(q, keys, values, mask, ctx.scale)
+
+
+def _index_mask(index: tuple[torch.Tensor, ...], block_size: int, q_len: int, k_len: int, q_offset: int) -> torch.Tensor:
+    """The dense token mask of a pattern's index: its blocks, and its token columns if it has them."""
+    mask = indices_to_mask(index[0], index[1], block_size, q_len, k_len, q_offset)
+    if len(index) == 4:
+        mask = mask | columns_to_mask(index[2], index[3], block_size, q_len, k_len, q_offset)
+    return mask
 
 
 _warned: set[str] = set()
