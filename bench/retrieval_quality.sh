@@ -16,7 +16,8 @@
 # the ablation ranking on 4-bit heads for low budgets: BUDGET=0.3 PROFILE_ARGS="--quantize --full-share 1.0
 # --ablation-base quantized4 --ablation-time-limit 600").
 # TASKS narrows the main table (e.g. to the tasks where dense scores >= 0.5); CURVE_TASKS / CURVE_BUDGETS /
-# CURVE_BASELINES / SELECT_UNDER / CURVE_PROFILE_ARGS (e.g. "--quant-global-key-bits 8 --quant-residual 64") the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
+# CURVE_BASELINES / SELECT_UNDER / CURVE_FULL_SHARE (default 1.0) / CURVE_PROFILE_ARGS (e.g. "--quant-global-key-bits 8
+# --quant-residual 64") the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
 # table's and the curve's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk, so
 # `knorm@equal` compresses once after the prompt as kvpress's press does); PROFILE_DTYPE
@@ -124,7 +125,7 @@ curve)
   for b in "${budgets[@]}"; do
     under=$(for u in ${SELECT_UNDER:-}; do awk -v u="$u" -v b="$b" 'BEGIN { exit !(u < b) }' && printf '%s,' "$u"; done)
     select=(); [ -z "$under" ] || select=(--select-under "${under%,}")
-    hw profile $MODEL --budget "$b" --target-len "$TARGET_LEN" --method "$METHOD" --from-scores "$SCORES" --full-share 1.0 \
+    hw profile $MODEL --budget "$b" --target-len "$TARGET_LEN" --method "$METHOD" --from-scores "$SCORES" --full-share "${CURVE_FULL_SHARE:-1.0}" \
       --quantize ${CURVE_PROFILE_ARGS:-} "${select[@]}" -o "$WORK/plans/$MODEL-q$b.json" --no-progress > "$WORK/logs/plan-q$b.log" 2>&1 &
   done
   wait
