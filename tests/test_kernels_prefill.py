@@ -87,14 +87,20 @@ CASES = {
 }
 
 
+def case_qkv(case, seed):
+    """Random q, k, v of a ``CASES`` shape, in bf16 on a GPU (fp32 under the interpreter), and that dtype."""
+    B, Hq, Hkv, Lq, off, D, _, _ = CASES[case]
+    dtype = torch.bfloat16 if ON_GPU else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
+    k, v = (torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype) for _ in range(2))
+    return q, k, v, dtype
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_reference(case):
-    B, Hq, Hkv, Lq, off, D, bs, cfg = CASES[case]
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    g = torch.Generator().manual_seed(1)
-    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
-    v = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
+    B, Hq, _, Lq, off, D, bs, cfg = CASES[case]
+    q, k, v, dtype = case_qkv(case, seed=1)
     idx, count = random_index(B, Hq, Lq, off + Lq, off, bs, seed=2, diag_only_rows=(0,))
     idx, count = idx.to(DEVICE), count.to(DEVICE)
     assert len(set(count[0, :, -1].tolist())) > 1, "heads should differ in block counts"
@@ -127,11 +133,7 @@ def test_token_columns_match_the_reference(case):
     """Token columns beside the blocks (``col_idx`` / ``col_count``): the kernel gathers them and equals the fp32
     reference, within the yardstick of PyTorch on the same mask; heads with no column, and rows with only one."""
     B, Hq, Hkv, Lq, off, D, bs, cfg = CASES[case]
-    dtype = torch.bfloat16 if ON_GPU else torch.float32
-    g = torch.Generator().manual_seed(5)
-    q = torch.randn(B, Hq, Lq, D, generator=g).to(DEVICE, dtype)
-    k = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
-    v = torch.randn(B, Hkv, off + Lq, D, generator=g).to(DEVICE, dtype)
+    q, k, v, dtype = case_qkv(case, seed=5)
     index = random_index(B, Hq, Lq, off + Lq, off, bs, seed=6)
     cidx, ccount = random_columns(index, Lq, off + Lq, off, bs, n=120, seed=7)
     assert int(ccount[:, 0].sum()) == 0 and int(ccount.max()) > cfg["block_n"], "no columns, and more than a tile"

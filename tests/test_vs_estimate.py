@@ -25,6 +25,13 @@ from headwise.policies.vertical_slash import (
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+INDEX_CASES = [
+    (1, 1, 1, 1, 0, 5, 16, 5),  # one row, fewer keys than a block
+    (2, 3, 5, 3, 100, 70, 16, 170),  # rows from block 6 to 10; no power of two anywhere
+    (1, 2, 64, 64, 65536 - 512, 512, 64, 65536),  # real sizes: rows past the first tiles of 128 blocks
+    (1, 1, 7, 9, 37, 1, 8, 38),  # one query, q_offset inside a block
+]
+"""(B, H, columns, offsets, q_offset, q_len, block size, keys) of the index tests."""
 
 
 def reference(q, keys, q_offset, scale, last_q):
@@ -113,15 +120,7 @@ def test_the_kernel_path_takes_unsorted_top_columns_and_builds_the_same_index():
                        indices_to_mask(*want, 16, 80, 200, 120))
 
 
-@pytest.mark.parametrize(
-    "B,H,nv,ns,q_offset,q_len,bs,S",
-    [
-        (1, 1, 1, 1, 0, 5, 16, 5),  # one row, fewer keys than a block
-        (2, 3, 5, 3, 100, 70, 16, 170),  # rows from block 6 to 10; no power of two anywhere
-        (1, 2, 64, 64, 65536 - 512, 512, 64, 65536),  # real sizes: rows past the first tiles of 128 blocks
-        (1, 1, 7, 9, 37, 1, 8, 38),  # one query, q_offset inside a block
-    ],
-)
+@pytest.mark.parametrize("B,H,nv,ns,q_offset,q_len,bs,S", INDEX_CASES)
 def test_the_triton_index_equals_candidates_and_compact_rows(B, H, nv, ns, q_offset, q_len, bs, S):
     """Duplicates (a column in the first block, offsets in one block, columns of one block), offsets past the
     rows (blocks before 0) and columns past a row (blocks after it): the same rows, in order, -1 padded."""
@@ -188,15 +187,7 @@ def test_one_topk_over_both_sums_chooses_what_two_choose(nv, ns):
     assert torch.equal(offs.sort(-1).values, slash.topk(ns, -1).indices.sort(-1).values)
 
 
-@pytest.mark.parametrize(
-    "B,H,nv,ns,q_offset,q_len,bs,S",
-    [
-        (1, 1, 1, 1, 0, 5, 16, 5),  # one row, fewer keys than a block
-        (2, 3, 5, 3, 100, 70, 16, 170),  # rows from block 6 to 10; no power of two anywhere
-        (1, 2, 64, 64, 65536 - 512, 512, 64, 65536),  # real sizes: rows past the first tiles of 128 blocks
-        (1, 1, 7, 9, 37, 1, 8, 38),  # one query, q_offset inside a block
-    ],
-)
+@pytest.mark.parametrize("B,H,nv,ns,q_offset,q_len,bs,S", INDEX_CASES)
 def test_the_triton_index_with_token_columns_equals_the_reference(B, H, nv, ns, q_offset, q_len, bs, S):
     """Token columns (``columns="tokens"``): the blocks leave the columns out, and each row lists the columns before
     its block that no listed block holds, sorted, once each (duplicates, a column in block 0, columns inside a

@@ -1,7 +1,7 @@
 """Block-sparse causal attention with per-head block indices (prefill), in Triton.
 
-Layers: ``_block_sparse_fwd`` (@triton.jit) -> ``_launch`` (asserts, allocation, grid) -> the
-``headwise::block_sparse_attention`` torch.library op (+ fake for torch.compile) -> ``block_sparse_attention``.
+Layers: ``_block_sparse_fwd`` (@triton.jit, ``_masked_tile`` for the tiles that need a mask) -> ``_launch``
+(asserts, allocation, grid) -> the ``headwise::block_sparse_attention`` torch.library op (+ fake for torch.compile) -> ``block_sparse_attention``.
 
 Algorithm. FlashAttention-2 forward: one program per (query tile of ``BLOCK_M`` rows, batch, query head);
 it walks only the key blocks listed for its query block, ``BLOCK_N`` keys at a time, with the online softmax
@@ -83,6 +83,23 @@ __all__ = [
 if HAVE_TRITON:
 
     @triton.jit
+    def _masked_tile(q, k_base, v_base, kpos, k_ok, offs_m, offs_d, sk_n, sv_n, scale_log2e, m_i, l_i, acc):
+        """One key tile at positions ``kpos`` (those with ``k_ok`` exist) into the online softmax, each query row
+        seeing only keys at or before it; returns the new (m_i, l_i, acc)."""
+        k = tl.load(k_base + kpos[:, None] * sk_n + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(v_base + kpos[:, None] * sv_n + offs_d[None, :], mask=k_ok[:, None], other=0.0)
+        qk = tl.dot(q, tl.trans(k)) * scale_log2e
+        allowed = (kpos[None, :] <= offs_m[:, None]) & k_ok[None, :]
+        qk = tl.where(allowed, qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
+        p = tl.math.exp2(qk - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _block_sparse_fwd(
         Q, K, V, Out, BlockIdx, BlockCount, ColIdx, ColCount,
         sq_b, sq_h, sq_m,
@@ -151,42 +168,19 @@ if HAVE_TRITON:
 
         for t in range(n_full * SUB, count * SUB):
             kb = tl.load(idx_row + t // SUB)
-            n0 = kb * BLOCK_SIZE + (t % SUB) * BLOCK_N
-            kpos = n0 + offs_n
-            k_ok = kpos < Lk
-            k = tl.load(k_base + kpos[:, None] * sk_n + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            v = tl.load(v_base + kpos[:, None] * sv_n + offs_d[None, :], mask=k_ok[:, None], other=0.0)
-            qk = tl.dot(q, tl.trans(k)) * scale_log2e
-            allowed = (kpos[None, :] <= offs_m[:, None]) & k_ok[None, :]
-            qk = tl.where(allowed, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing allowed yet
-            p = tl.math.exp2(qk - m_safe[:, None])
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+            kpos = kb * BLOCK_SIZE + (t % SUB) * BLOCK_N + offs_n
+            m_i, l_i, acc = _masked_tile(q, k_base, v_base, kpos, kpos < Lk, offs_m, offs_d, sk_n, sv_n, scale_log2e,
+                                         m_i, l_i, acc)
 
         if HAS_COLS:  # token columns (MInference's verticals): gathered BLOCK_N keys at a time, each row causal
             col_row = ColIdx + b * sj_b + ih * sj_h + qrow * sj_q
             ccount = tl.load(ColCount + b * scc_b + ih * scc_h + qrow)
             for c0 in range(0, ccount, BLOCK_N):
-                offs_c = c0 + offs_n
-                c_ok = offs_c < ccount
-                kpos = tl.load(col_row + offs_c, mask=c_ok, other=0)
+                c_ok = c0 + offs_n < ccount
+                kpos = tl.load(col_row + c0 + offs_n, mask=c_ok, other=0)
                 c_ok = c_ok & (kpos >= 0) & (kpos < Lk)
-                k = tl.load(k_base + kpos[:, None] * sk_n + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-                v = tl.load(v_base + kpos[:, None] * sv_n + offs_d[None, :], mask=c_ok[:, None], other=0.0)
-                qk = tl.dot(q, tl.trans(k)) * scale_log2e
-                allowed = (kpos[None, :] <= offs_m[:, None]) & c_ok[None, :]
-                qk = tl.where(allowed, qk, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(qk, 1))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-                p = tl.math.exp2(qk - m_safe[:, None])
-                alpha = tl.math.exp2(m_i - m_safe)
-                l_i = l_i * alpha + tl.sum(p, 1)
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-                m_i = m_new
+                m_i, l_i, acc = _masked_tile(q, k_base, v_base, kpos, c_ok, offs_m, offs_d, sk_n, sv_n, scale_log2e,
+                                             m_i, l_i, acc)
 
         l_safe = tl.where(l_i == 0.0, 1.0, l_i)
         out = acc / l_safe[:, None]
