@@ -183,7 +183,8 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 SLOWEST = 8
-"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): which chunks, decode rows and graphs compiled."""
+"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): their chunks, decode rows and the graphs
+compiled during them."""
 
 
 def _compile_count() -> int:
@@ -269,8 +270,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 prompt_ms.append(1e3 * info.seconds)
                 prompt_rows.append(info.decode_rows)
                 slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
-                                "chunk_starts": info.chunk_starts, "live": len(engine.live), "preempted": info.preempted,
-                                "compiled_graphs": compiled})
+                                "chunk_starts": info.chunk_starts, "live": len(engine.live),
+                                "preempted": info.preempted, "compiled_graphs": compiled})
                 slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
         prefilled += info.prefill_tokens
         # Ran in this step: the live sequences holding a cache, and those that finished in it.

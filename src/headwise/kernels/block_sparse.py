@@ -1,7 +1,8 @@
 """Block-sparse causal attention with per-head block indices (prefill), in Triton.
 
 Layers: ``_block_sparse_fwd`` (@triton.jit, ``_masked_tile`` for the tiles that need a mask) -> ``_launch``
-(asserts, allocation, grid) -> the ``headwise::block_sparse_attention`` torch.library op (+ fake for torch.compile) -> ``block_sparse_attention``.
+(asserts, allocation, grid) -> the ``headwise::block_sparse_attention`` torch.library op (+ fake for
+torch.compile) -> ``block_sparse_attention``.
 
 Algorithm. FlashAttention-2 forward: one program per (query tile of ``BLOCK_M`` rows, batch, query head);
 it walks only the key blocks listed for its query block, ``BLOCK_N`` keys at a time, with the online softmax
@@ -38,8 +39,9 @@ forward only (no autograd).
 
 Tested: ``tests/test_kernels_prefill.py`` against ``block_sparse_attention_ref`` under TRITON_INTERPRET=1 on
 CPU (Lq 97 and 130, head_dim 64 and 128, GQA, q_offset > 0, per-head block counts, rows with only the
-diagonal; token columns: heads with none, rows with more than a tile) and with the real kernel in bf16 on an H100 (same file; plus the engine-level
-``test_kernel_path_matches_reference_path_in_the_engine``). At Llama-3-8B shapes the benchmark
+diagonal; token columns: heads with none, rows with more than a tile) and with the real kernel in bf16 on an H100
+(same file; plus the engine-level ``test_kernel_path_matches_reference_path_in_the_engine``; token columns not yet
+on a GPU). At Llama-3-8B shapes the benchmark
 (``headwise.bench.prefill``) checks it against the fp32 reference at 8K tokens (max error equal to plain
 bf16 PyTorch's, 9.1e-3) and against FlexAttention on the same block mask at 128K.
 """

@@ -155,7 +155,8 @@ class PrefillPattern(DecodeDelegate, Policy):
         return masked_attention(q, keys, values, mask, ctx.scale)
 
 
-def _index_mask(index: tuple[torch.Tensor, ...], block_size: int, q_len: int, k_len: int, q_offset: int) -> torch.Tensor:
+def _index_mask(index: tuple[torch.Tensor, ...], block_size: int, q_len: int, k_len: int,
+                q_offset: int) -> torch.Tensor:
     """The dense token mask of a pattern's index: its blocks, and its token columns if it has them."""
     mask = indices_to_mask(index[0], index[1], block_size, q_len, k_len, q_offset)
     if len(index) == 4:

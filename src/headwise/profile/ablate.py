@@ -250,7 +250,8 @@ def ablation_ranking(lm: LoadedModel, probes: ProbeSet, sink: int = 64, window: 
     if switch not in SWITCHES:
         raise HeadwiseError(f"unknown ablation switch '{switch}'; choose one of {', '.join(SWITCHES)}")
     if ring < 0 or (ring and switch != "streaming"):
-        raise HeadwiseError(f"a ring switch is a streaming one of at least 1 token, got ring {ring} with switch {switch}")
+        raise HeadwiseError(f"a ring switch is a streaming one of at least 1 token, got ring {ring} with switch "
+                            f"{switch}")
     spec = lm.spec
     t0 = time.perf_counter()
     heads: list[Head] = [(i, j) for i in range(spec.num_layers) for j in range(spec.num_kv_heads)]
