@@ -228,7 +228,7 @@ def _index_kernel(
         n = keep.to(tl.int32)
         slot = tl.cumsum(n, 0) - 1
         cout = CIDX + (h * n_rows + r).to(tl.int64) * nv
-        tl.store(cout + slot, cols, mask=keep)
+        tl.store(cout + slot, cols.to(tl.int32), mask=keep)
         kept = tl.sum(n, 0)
         tl.store(cout + j, -1, mask=(j >= kept) & (j < nv))
         tl.store(CCOUNT + h * n_rows + r, kept)
