@@ -170,7 +170,8 @@ def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
     assert [p["ms"] for p in slow] == sorted((p["ms"] for p in slow), reverse=True)
     for p in slow:
         assert p["decode_rows"] == carried[p["step"] - 1][1] and p["chunk_starts"] == starts[p["step"] - 1]
-        assert p["compiled_graphs"] == 0 and p["preempted"] == 0
+        assert p["compiled_graphs"] == 0 and p["preempted"] == 0 and 0 <= p["gc_ms"] <= p["ms"]
+    assert out["gc_s"] >= 0
     assert sorted(x for s in starts for x in s) == sorted([0, 16, 32] * 3)
     for p in out["profiled_steps"]:
         assert (p["prefill_tokens"], p["decode_rows"]) == carried[p["step"] - 1]
@@ -242,3 +243,17 @@ def test_plan_split_writes_the_presets_plan_from_a_random_models_config_alone(tm
                  "streaming", "--rest-params", "sink=64,window=256", "-o", str(out)]) == 0
     spec = ModelSpec.from_config(random_model.config("random:llama-3-8b"))
     assert HeadPlan.load(out).policies() == preset_plan("duo25-vs", spec).policies()
+
+
+def test_the_gc_clock_counts_collections_only_while_installed():
+    import gc
+
+    from headwise.bench.serve import _GcClock
+
+    with _GcClock() as clock:
+        gc.collect()
+        gc.collect()
+    assert clock.seconds > 0
+    took = clock.seconds
+    gc.collect()
+    assert clock.seconds == took and clock._callback not in gc.callbacks

@@ -34,6 +34,7 @@ got a first token, peaks) and say ``"partial": true``, so a run on a time-limite
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -187,6 +188,27 @@ SLOWEST = 8
 compiled during them."""
 
 
+class _GcClock:
+    """Seconds Python's garbage collector spends while installed (a ``with`` block), through ``gc.callbacks``."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _callback(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._t0
+
+    def __enter__(self) -> _GcClock:
+        gc.callbacks.append(self._callback)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._callback)
+
+
 def _compile_count() -> int:
     """Graphs torch.compile has made in this process so far (dynamo's ``unique_graphs``; 0 where it is not loaded): a
     step during which it grows compiled (or recompiled) a graph."""
@@ -211,8 +233,9 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     ``profile_top`` kernels); each lands in ``profiled_steps`` with what it carried. A profiled step is slower than
     the others (the profiler's own cost), so its time is left out of the quantiles and totals above. The ``SLOWEST``
     slowest prompt steps are kept in ``slowest_prompt_steps``: their step number, milliseconds, decode rows, the
-    prompt positions their chunks started at, the live sequences, preemptions and the graphs torch.compile made
-    during them (a recompile shows there)."""
+    prompt positions their chunks started at, the live sequences, preemptions, the graphs torch.compile made during
+    them (a recompile shows there) and the milliseconds Python's garbage collector took in them (``gc_ms``; the
+    whole run's in ``gc_s``)."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -237,58 +260,61 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 f"({tokens / max(clock - t0, 1e-9):.1f}/s), peak concurrency {peak}, peak KV {peak_kv / 1e9:.2f} GB, "
                 f"{preempted} preemptions")
 
-    while len(seqs) < load.requests or engine.live:
-        clock = time.perf_counter()
-        if deadline is not None and clock >= deadline:
-            partial = True
-            break
-        if progress_s > 0 and clock >= next_log:
-            log(progress(clock))
-            next_log = clock + progress_s
-        while len(seqs) < load.requests and arrivals[len(seqs)] <= clock - t0:
-            seq = engine.add(prompts[len(seqs)], params)
-            seq.arrived = t0 + arrivals[len(seqs)]
-            seqs.append(seq)
-        if not engine.live:
-            wake = t0 + arrivals[len(seqs)]
-            time.sleep(max(0.0, min(wake, deadline if deadline is not None else wake) - clock))
-            continue
-        steps += 1
-        profiling = steps in wanted
-        if profiling:
-            from headwise.bench.timing import profile_call
+    with _GcClock() as gc_clock:
+        while len(seqs) < load.requests or engine.live:
+            clock = time.perf_counter()
+            if deadline is not None and clock >= deadline:
+                partial = True
+                break
+            if progress_s > 0 and clock >= next_log:
+                log(progress(clock))
+                next_log = clock + progress_s
+            while len(seqs) < load.requests and arrivals[len(seqs)] <= clock - t0:
+                seq = engine.add(prompts[len(seqs)], params)
+                seq.arrived = t0 + arrivals[len(seqs)]
+                seqs.append(seq)
+            if not engine.live:
+                wake = t0 + arrivals[len(seqs)]
+                time.sleep(max(0.0, min(wake, deadline if deadline is not None else wake) - clock))
+                continue
+            steps += 1
+            profiling = steps in wanted
+            if profiling:
+                from headwise.bench.timing import profile_call
 
-            ran: list[Any] = []
-            prof = profile_call(lambda ran=ran: ran.append(engine.step()), engine.lm.device, profile_top)
-            info = ran[0]
-            profiled.append({"step": steps, "seconds": round(info.seconds, 4), "prefill_tokens": info.prefill_tokens,
-                             "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
-        else:
-            info = engine.step()
-            compiled, compiles = _compile_count() - compiles, _compile_count()
-            if info.prefill_tokens:
-                prompt_ms.append(1e3 * info.seconds)
-                prompt_rows.append(info.decode_rows)
-                slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
-                                "chunk_starts": info.chunk_starts, "live": len(engine.live),
-                                "preempted": info.preempted, "compiled_graphs": compiled})
-                slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
-        prefilled += info.prefill_tokens
-        # Ran in this step: the live sequences holding a cache, and those that finished in it.
-        peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
-        preempted += info.preempted
-        # What the live sequences hold, plus what those that finished in the step held. Under a pool, the pages
-        # taken (only sequences hold pages): O(1) rather than a walk over every sequence's page lists each step.
-        held = ((pool.num_pages - pool.free_pages) * pool.page_bytes if pool is not None
-                else sum(s.kv_bytes for s in engine.live))
-        held += sum(s.stats.kv_bytes for s in info.finished)
-        peak_kv = max(peak_kv, held)
-        if info.decode_rows and not info.prefill_tokens and not profiling:
-            per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
-            decode_ms.append(1e3 * per_forward)
-            graph_steps += info.graph
-            if weights is not None and pool is not None and per_forward > 0:
-                read_rate.append((weights + held) / per_forward / 1e9)
+                ran: list[Any] = []
+                prof = profile_call(lambda ran=ran: ran.append(engine.step()), engine.lm.device, profile_top)
+                info = ran[0]
+                profiled.append({"step": steps, "seconds": round(info.seconds, 4), "prefill_tokens": info.prefill_tokens,
+                                 "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
+            else:
+                gc_before = gc_clock.seconds
+                info = engine.step()
+                compiled, compiles = _compile_count() - compiles, _compile_count()
+                if info.prefill_tokens:
+                    prompt_ms.append(1e3 * info.seconds)
+                    prompt_rows.append(info.decode_rows)
+                    slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
+                                    "chunk_starts": info.chunk_starts, "live": len(engine.live),
+                                    "preempted": info.preempted, "compiled_graphs": compiled,
+                                    "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
+                    slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
+            prefilled += info.prefill_tokens
+            # Ran in this step: the live sequences holding a cache, and those that finished in it.
+            peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
+            preempted += info.preempted
+            # What the live sequences hold, plus what those that finished in the step held. Under a pool, the pages
+            # taken (only sequences hold pages): O(1) rather than a walk over every sequence's page lists each step.
+            held = ((pool.num_pages - pool.free_pages) * pool.page_bytes if pool is not None
+                    else sum(s.kv_bytes for s in engine.live))
+            held += sum(s.stats.kv_bytes for s in info.finished)
+            peak_kv = max(peak_kv, held)
+            if info.decode_rows and not info.prefill_tokens and not profiling:
+                per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
+                decode_ms.append(1e3 * per_forward)
+                graph_steps += info.graph
+                if weights is not None and pool is not None and per_forward > 0:
+                    read_rate.append((weights + held) / per_forward / 1e9)
     stop = time.perf_counter()
     if partial:
         line = progress(stop)
@@ -305,7 +331,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "decode_only_steps": len(decode_ms), "decode_only_graph_steps": graph_steps,
             "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
             "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
-            "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest}
+            "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest,
+            "gc_s": round(gc_clock.seconds, 3)}
     if profiled:
         out["profiled_steps"] = profiled
     if read_rate:
