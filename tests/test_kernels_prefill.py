@@ -113,9 +113,9 @@ def test_kernel_matches_reference(case):
     assert err <= 2 * err_pt + (1e-3 if dtype == torch.bfloat16 else 1e-5), (err, err_pt)
 
 
-def random_columns(index, q_len, k_len, q_offset, bs, n, seed, per_head_share=True):
+def random_columns(index, q_len, k_len, q_offset, bs, n, seed):
     """Token columns for ``index``'s rows: up to ``n`` random earlier keys per row, none in a block the row lists (a
-    key would count twice); with ``per_head_share`` head h keeps about h / (H - 1) of them, so counts differ."""
+    key would count twice); head h keeps about h / (H - 1) of them, so counts differ (head 0 has none)."""
     idx, _ = index
     B, H, nq, _ = idx.shape
     g = torch.Generator().manual_seed(seed)
@@ -123,8 +123,7 @@ def random_columns(index, q_len, k_len, q_offset, bs, n, seed, per_head_share=Tr
     cand = torch.randint(0, k_len, (B, H, nq, n), generator=g)
     listed = (idx[..., None, :].long() == (cand // bs)[..., :, None]).any(-1)
     keep = ((cand // bs) < rows[None, None, :, None]) & ~listed
-    if per_head_share:
-        keep &= torch.rand(B, H, nq, n, generator=g) <= (torch.arange(H)[None, :, None, None] / max(1, H - 1))
+    keep &= torch.rand(B, H, nq, n, generator=g) <= (torch.arange(H)[None, :, None, None] / max(1, H - 1))
     return compact_rows(cand, keep)
 
 
