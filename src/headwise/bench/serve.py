@@ -279,6 +279,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 continue
             steps += 1
             profiling = steps in wanted
+            gc_before = gc_clock.seconds
             if profiling:
                 from headwise.bench.timing import profile_call
 
@@ -288,17 +289,18 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 profiled.append({"step": steps, "seconds": round(info.seconds, 4), "prefill_tokens": info.prefill_tokens,
                                  "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
             else:
-                gc_before = gc_clock.seconds
                 info = engine.step()
-                compiled, compiles = _compile_count() - compiles, _compile_count()
-                if info.prefill_tokens:
-                    prompt_ms.append(1e3 * info.seconds)
-                    prompt_rows.append(info.decode_rows)
-                    slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
-                                    "chunk_starts": info.chunk_starts, "live": len(engine.live),
-                                    "preempted": info.preempted, "compiled_graphs": compiled,
-                                    "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
-                    slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
+            # graphs compiled in this step (a profiled step's too: counted here, not in the next step's)
+            made = _compile_count()
+            compiled, compiles = made - compiles, made
+            if not profiling and info.prefill_tokens:
+                prompt_ms.append(1e3 * info.seconds)
+                prompt_rows.append(info.decode_rows)
+                slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
+                                "chunk_starts": info.chunk_starts, "live": len(engine.live),
+                                "preempted": info.preempted, "compiled_graphs": compiled,
+                                "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
+                slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
             prefilled += info.prefill_tokens
             # Ran in this step: the live sequences holding a cache, and those that finished in it.
             peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
