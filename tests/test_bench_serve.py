@@ -237,6 +237,21 @@ def test_max_seconds_stops_the_run_and_keeps_what_was_measured(tmp_path):
     assert res["compile_layers"] is True
 
 
+def test_warmup_compiles_every_step_shape_the_mix_runs(tmp_path):
+    """With ``--compile-layers``, the warm-up's two overlapping requests run the steps the mix runs (one sequence's
+    chunk, two sequences' chunks, a chunk beside a decoding row), so the measured run compiles no graph: run 18 spent
+    3.7 s of each plan's mix compiling in its first step with two sequences."""
+    rc = main(["bench", "serve", "--model", "random:tiny-llama", "--plan", "duo25-vs", "--mix", "3x40,2x70",
+               "--output-len", "4", "--chunk-size", "32", "--kv-memory", "0.01", "--warmup", "--compile-layers",
+               "--out-dir", str(tmp_path)])
+    (path,) = tmp_path.glob("serve_duo25-vs_*.json")
+    out = json.loads(path.read_text())["results"]["in-process"]
+    assert rc == 0 and out["finished"] == 5
+    steps = out["slowest_prompt_steps"]
+    assert any(len(s["chunk_starts"]) == 2 for s in steps) and any(s["decode_rows"] for s in steps)
+    assert sum(s["compiled_graphs"] for s in steps) == 0, steps
+
+
 def test_plan_split_writes_the_presets_plan_from_a_random_models_config_alone(tmp_path):
     out = tmp_path / "p.json"
     assert main(["plan", "split", "random:llama-3-8b", "--share", "0.25", "--first", "vertical_slash", "--rest",
