@@ -6,13 +6,22 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import sys
 import time
+import types
 
 import pytest
 import torch
 
 from headwise import random_model
-from headwise.bench.serve import Load, parse_mix, preset_plan, run_in_process, weight_bytes_read
+from headwise.bench.serve import (
+    Load,
+    _StepCounters,
+    parse_mix,
+    preset_plan,
+    run_in_process,
+    weight_bytes_read,
+)
 from headwise.cli import main
 from headwise.engine import Engine
 from headwise.errors import InputError, ModelLoadError, PlanError
@@ -250,6 +259,26 @@ def test_warmup_compiles_every_step_shape_the_mix_runs(tmp_path):
     steps = out["slowest_prompt_steps"]
     assert any(len(s["chunk_starts"]) == 2 for s in steps) and any(s["decode_rows"] for s in steps)
     assert sum(s["compiled_graphs"] for s in steps) == 0, steps
+
+
+def test_step_counters_count_headwise_triton_kernels_behind_their_wrappers(monkeypatch):
+    """The kernels a step loaded: each JITFunction's per-device cache entries, found in headwise's modules also behind
+    an autotuner's ``fn``, counted once however many names hold them; a module imported later is looked at too."""
+    from triton.runtime.jit import JITFunction
+
+    def kernel(x):
+        pass
+
+    jit = JITFunction(kernel)
+    module = types.ModuleType("headwise._counted_kernels")
+    module.k, module.tuned, module.other = jit, types.SimpleNamespace(fn=types.SimpleNamespace(fn=jit)), object()
+    counters = _StepCounters(torch.device("cpu"))
+    base = counters.last["triton_kernels"]
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    jit.device_caches[0] = ({"a": 1, "b": 2}, {}, None, None, None)  # two specializations on device 0
+    assert counters.delta() == {"compiled_graphs": 0, "triton_kernels": 2, "alloc_retries": 0, "cuda_mallocs": 0}
+    jit.device_caches[0][0]["c"] = 3
+    assert counters.delta()["triton_kernels"] == 1 and counters.last["triton_kernels"] == base + 3
 
 
 def test_plan_split_writes_the_presets_plan_from_a_random_models_config_alone(tmp_path):

@@ -34,6 +34,7 @@ got a first token, peaks) and say ``"partial": true``, so a run on a time-limite
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -184,8 +185,8 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 SLOWEST = 8
-"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): their chunks, decode rows and the graphs
-compiled during them."""
+"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): their chunks, decode rows and what was
+compiled, loaded and allocated during them."""
 
 
 class _GcClock:
@@ -209,13 +210,67 @@ class _GcClock:
         gc.callbacks.remove(self._callback)
 
 
-def _compile_count() -> int:
-    """Graphs torch.compile has made in this process so far (dynamo's ``unique_graphs``; 0 where it is not loaded): a
-    step during which it grows compiled (or recompiled) a graph."""
-    import sys
+class _StepCounters:
+    """What a step's one-off costs grow, read before and after it (``delta``): graphs torch.compile made (dynamo's
+    ``unique_graphs``; a recompile shows there), Triton kernels of headwise's modules loaded (each kernel's
+    specializations in its per-device cache: compiled, or read from Triton's disk cache; a launch with new integer
+    properties, e.g. a length now divisible by 16, makes one), and on CUDA the allocator's cudaMalloc calls and retries
+    (a retry frees every cached block and synchronizes: a pool that leaves the activations too little room shows
+    there). Counters that cannot be read (no dynamo loaded, no Triton, another Triton's internals) stay 0."""
 
-    utils = sys.modules.get("torch._dynamo.utils")
-    return int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self._modules = -1
+        self._kernels: list[Any] = []
+        self.last = self.read()
+
+    def _jit_functions(self) -> list[Any]:
+        """headwise's Triton kernels (JITFunctions, also behind an autotuner or heuristics), found again only when a
+        module was imported since the last look."""
+        import sys
+
+        if len(sys.modules) == self._modules:
+            return self._kernels
+        self._modules = len(sys.modules)
+        try:
+            from triton.runtime.jit import JITFunction
+        except Exception:  # no Triton (or none that imports): no kernels to count
+            return self._kernels
+        found: dict[int, Any] = {}
+        for name, module in list(sys.modules.items()):
+            if not name.startswith("headwise.") or module is None:
+                continue
+            for obj in list(vars(module).values()):
+                for _ in range(3):  # Autotuner(Heuristics(JITFunction)): each wrapper keeps the next in ``fn``
+                    if isinstance(obj, JITFunction) or obj is None:
+                        break
+                    obj = getattr(obj, "fn", None)
+                if isinstance(obj, JITFunction):
+                    found[id(obj)] = obj
+        self._kernels = list(found.values())
+        return self._kernels
+
+    def read(self) -> dict[str, int]:
+        import sys
+
+        utils = sys.modules.get("torch._dynamo.utils")
+        out = {"compiled_graphs": int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0,
+               "triton_kernels": 0, "alloc_retries": 0, "cuda_mallocs": 0}
+        for fn in self._jit_functions():
+            with contextlib.suppress(Exception):  # another Triton's cache layout: not counted
+                out["triton_kernels"] += sum(len(caches[0]) for caches in fn.device_caches.values())
+        if self.cuda:
+            stats = torch.cuda.memory_stats()
+            out["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
+            out["cuda_mallocs"] = int(stats.get("num_device_alloc", 0))
+        return out
+
+    def delta(self) -> dict[str, int]:
+        """What grew since the last ``delta`` (or since made)."""
+        now = self.read()
+        grown = {k: now[k] - self.last[k] for k in now}
+        self.last = now
+        return grown
 
 
 def run_in_process(engine: Engine, load: Load, deadline: float | None = None, progress_s: float = 0.0,
@@ -233,9 +288,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     ``profile_top`` kernels); each lands in ``profiled_steps`` with what it carried. A profiled step is slower than
     the others (the profiler's own cost), so its time is left out of the quantiles and totals above. The ``SLOWEST``
     slowest prompt steps are kept in ``slowest_prompt_steps``: their step number, milliseconds, decode rows, the
-    prompt positions their chunks started at, the live sequences, preemptions, the graphs torch.compile made during
-    them (a recompile shows there) and the milliseconds Python's garbage collector took in them (``gc_ms``; the
-    whole run's in ``gc_s``)."""
+    prompt positions their chunks started at, the live sequences, preemptions, what ``_StepCounters`` saw grow
+    during them (graphs torch.compile made, Triton kernels loaded, cudaMalloc calls and allocator retries; the whole
+    run's in ``during_run``) and the milliseconds Python's garbage collector took in them (``gc_ms``; the whole run's
+    in ``gc_s``)."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -246,7 +302,8 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     prompt_ms: list[float] = []  # steps that read prompt tokens
     prompt_rows: list[float] = []  # the decode rows those carried
     slowest: list[dict[str, Any]] = []  # the SLOWEST slowest prompt steps, with what they carried
-    compiles = _compile_count()
+    counters = _StepCounters(engine.lm.device)
+    totals = dict.fromkeys(counters.last, 0)  # what the counters grew over the run
     profiled: list[dict[str, Any]] = []
     wanted = set(profile_steps)
     read_rate: list[float] = []  # their bytes read per second, GB/s (with ``weights`` and a pool)
@@ -290,15 +347,15 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                                  "decode_rows": info.decode_rows, "live": len(engine.live), **prof})
             else:
                 info = engine.step()
-            # graphs compiled in this step (a profiled step's too: counted here, not in the next step's)
-            made = _compile_count()
-            compiled, compiles = made - compiles, made
+            # what this step compiled, loaded and allocated (a profiled step's too: counted here, not in the next's)
+            grown = counters.delta()
+            totals = {k: totals[k] + grown[k] for k in totals}
             if not profiling and info.prefill_tokens:
                 prompt_ms.append(1e3 * info.seconds)
                 prompt_rows.append(info.decode_rows)
                 slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
                                 "chunk_starts": info.chunk_starts, "live": len(engine.live),
-                                "preempted": info.preempted, "compiled_graphs": compiled,
+                                "preempted": info.preempted, **grown,
                                 "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
                 slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
             prefilled += info.prefill_tokens
@@ -334,7 +391,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
             "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
             "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest,
-            "gc_s": round(gc_clock.seconds, 3)}
+            "gc_s": round(gc_clock.seconds, 3), "during_run": totals}
     if profiled:
         out["profiled_steps"] = profiled
     if read_rate:
@@ -553,4 +610,5 @@ def add_arguments(p: Any) -> None:
                         "what they carried in the results (profiled_steps); they are left out of the step timings, "
                         "but the profiler's cost is in the run's wall time: take tokens/s from a run without it")
     g.add_argument("--warmup", action="store_true",
-                   help="run one short request through each driver's engine before measuring (kernels compiled)")
+                   help="run two short requests through each driver's engine before measuring (kernels and graphs "
+                        "compiled)")
