@@ -10,6 +10,9 @@
 #   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
 #   bench/offered_load.sh dense SECONDS        # dense plan
 #   bench/offered_load.sh plan SECONDS         # duo25 (PLAN=duo25-vs: vertical-slash prefill on the full heads)
+#   bench/offered_load.sh prep SECONDS         # a fresh machine's first call: bench/mixed_batch_decode.py's sweep
+#                                              # (MIXED_ARGS), then a 2-layer pass of PLAN and of dense at the mix's
+#                                              # shapes, so the measured runs find Triton's kernels compiled
 #
 # LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
 # that each plan admits the same number of sequences as the 32-layer run: every per-layer cost scales together, so
@@ -18,7 +21,8 @@
 # docs/serving.md) change the run. On a device whose checkout's git metadata is stale, HEADWISE_COMMIT=<commit> names
 # the tree in the results (src/headwise/bench/record.py).
 set -uo pipefail
-phase=${1:?phase: probe, dense or plan}
+T0=$(date +%s)
+phase=${1:?phase: probe, dense, plan or prep}
 SECONDS_LEFT=${2:-600}
 LAYERS=${LAYERS:-32}
 MIX=${MIX:-64x32768,16x131072}
@@ -59,5 +63,18 @@ probe)
   ;;
 dense) serve dense ;;
 plan) serve "$PLAN" ;;
-*) echo "unknown phase $phase (probe, dense, plan)" >&2; exit 2 ;;
+prep)
+  # the split sweep of the full heads' decode over rows of two lengths (~1 minute on an H100), then each plan through
+  # 2 layers with the pool per layer of the measured runs: what they compile is compiled here (their JSONs in
+  # $OUT/prep say how much: during_run)
+  timeout $(( SECONDS_LEFT / 3 )) python3 bench/mixed_batch_decode.py "$OUT/mixed_decode.json" ${MIXED_ARGS:-} 2>&1 | tail -22
+  per=$(( (SECONDS_LEFT - $(date +%s) + T0 - 45) / 2 )); [ "$per" -ge 30 ] || per=30
+  for p in "$PLAN" dense; do
+    python3 -m headwise.cli bench serve --model "${MODEL%%,layers=*},layers=2" --plan "$p" --mix "$MIX" \
+      --output-len "$OUTPUT_LEN" --kv-memory "$(python3 -c "print(round($KV_GB * 2 / $LAYERS, 4))")" \
+      --chunk-size "$CHUNK" --mode in-process --warmup --max-seconds "$per" --out-dir "$OUT/prep" $EXTRA 2>&1 \
+      | grep -v '^{"command"' | tail -2 | cut -c1-600
+  done
+  ;;
+*) echo "unknown phase $phase (probe, dense, plan or prep)" >&2; exit 2 ;;
 esac
