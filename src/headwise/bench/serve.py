@@ -39,6 +39,7 @@ import gc
 import json
 import math
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Collection
@@ -227,8 +228,6 @@ class _StepCounters:
     def _jit_functions(self) -> list[Any]:
         """headwise's Triton kernels (JITFunctions, also behind an autotuner or heuristics), found again only when a
         module was imported since the last look."""
-        import sys
-
         if len(sys.modules) == self._modules:
             return self._kernels
         self._modules = len(sys.modules)
@@ -251,8 +250,6 @@ class _StepCounters:
         return self._kernels
 
     def read(self) -> dict[str, int]:
-        import sys
-
         utils = sys.modules.get("torch._dynamo.utils")
         out = {"compiled_graphs": int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0,
                "triton_kernels": 0, "alloc_retries": 0, "cuda_mallocs": 0}
@@ -303,7 +300,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     prompt_rows: list[float] = []  # the decode rows those carried
     slowest: list[dict[str, Any]] = []  # the SLOWEST slowest prompt steps, with what they carried
     counters = _StepCounters(engine.lm.device)
-    totals = dict.fromkeys(counters.last, 0)  # what the counters grew over the run
+    before = counters.last  # the run's totals: the last reading less this one
     profiled: list[dict[str, Any]] = []
     wanted = set(profile_steps)
     read_rate: list[float] = []  # their bytes read per second, GB/s (with ``weights`` and a pool)
@@ -349,7 +346,6 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 info = engine.step()
             # what this step compiled, loaded and allocated (a profiled step's too: counted here, not in the next's)
             grown = counters.delta()
-            totals = {k: totals[k] + grown[k] for k in totals}
             if not profiling and info.prefill_tokens:
                 prompt_ms.append(1e3 * info.seconds)
                 prompt_rows.append(info.decode_rows)
@@ -391,7 +387,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
             "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
             "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest,
-            "gc_s": round(gc_clock.seconds, 3), "during_run": totals}
+            "gc_s": round(gc_clock.seconds, 3), "during_run": {k: counters.last[k] - before[k] for k in before}}
     if profiled:
         out["profiled_steps"] = profiled
     if read_rate:

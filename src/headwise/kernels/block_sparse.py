@@ -40,8 +40,8 @@ forward only (no autograd).
 Tested: ``tests/test_kernels_prefill.py`` against ``block_sparse_attention_ref`` under TRITON_INTERPRET=1 on
 CPU (Lq 97 and 130, head_dim 64 and 128, GQA, q_offset > 0, per-head block counts, rows with only the
 diagonal; token columns: heads with none, rows with more than a tile) and with the real kernel in bf16 on an H100
-(same file; plus the engine-level ``test_kernel_path_matches_reference_path_in_the_engine``; token columns not yet
-on a GPU). At Llama-3-8B shapes the benchmark
+(same file, token columns included; plus the engine-level ``test_kernel_path_matches_reference_path_in_the_engine``).
+At Llama-3-8B shapes the benchmark
 (``headwise.bench.prefill``) checks it against the fp32 reference at 8K tokens (max error equal to plain
 bf16 PyTorch's, 9.1e-3) and against FlexAttention on the same block mask at 128K.
 """
@@ -51,7 +51,6 @@ from __future__ import annotations
 import torch
 
 from headwise.kernels.prefill_index import (
-    columns_to_mask,
     density,
     expand_index_heads,
     flex_block_mask,
@@ -351,9 +350,7 @@ def block_sparse_attention_ref(
     Hq, Lq, D = q.shape[1:]
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
-    mask = indices_to_mask(block_idx, block_count, block_size, Lq, Lk, q_offset)
-    if col_idx is not None and col_count is not None:
-        mask = mask | columns_to_mask(col_idx, col_count, block_size, Lq, Lk, q_offset)
+    mask = indices_to_mask(block_idx, block_count, block_size, Lq, Lk, q_offset, col_idx, col_count)
     mask = expand_index_heads(mask, Hq, Hkv)  # [Bi, Hq, Lq, Lk]
     kf = k.float().repeat_interleave(Hq // Hkv, dim=1)
     vf = v.float().repeat_interleave(Hq // Hkv, dim=1)

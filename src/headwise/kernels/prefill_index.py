@@ -56,9 +56,12 @@ def indices_to_mask(
     q_len: int,
     k_len: int,
     q_offset: int = 0,
+    col_idx: torch.Tensor | None = None,
+    col_count: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense token mask of an index: bool [Bi, Hi, q_len, k_len], True where query row ``r`` (position
-    ``q_offset + r``) may attend key ``j``: ``j``'s block is listed for ``r``'s absolute block and ``j <= q_offset + r``.
+    ``q_offset + r``) may attend key ``j``: ``j``'s block is listed for ``r``'s absolute block and ``j <= q_offset + r``;
+    with token columns (``col_idx`` / ``col_count``, ``columns_to_mask``) also where ``j`` is one of them.
     """
     Bi, Hi, nqb, mb = block_idx.shape
     nkb = -(-k_len // block_size)
@@ -72,7 +75,10 @@ def indices_to_mask(
     k_pos = torch.arange(k_len, device=block_idx.device)
     row_block = q_pos // block_size - q_offset // block_size  # index row of each query
     mask = listed[:, :, row_block][..., k_pos // block_size]  # [Bi, Hi, q_len, k_len]
-    return mask & (k_pos[None, :] <= q_pos[:, None])
+    mask = mask & (k_pos[None, :] <= q_pos[:, None])
+    if col_idx is not None and col_count is not None:
+        mask = mask | columns_to_mask(col_idx, col_count, block_size, q_len, k_len, q_offset)
+    return mask
 
 
 def columns_to_mask(

@@ -242,8 +242,8 @@ def vertical_slash_index(cols: torch.Tensor, offs: torch.Tensor, first_block: in
 
     cols: int [B, H, nv] (key columns), offs: int [B, H, ns] (diagonal offsets), both >= 0. Returns block_idx int32
     [B, H, n_rows, nv + 2 ns + 2] (2 ns + 2 with token columns; -1 padded) and block_count int32 [B, H, n_rows]. One
-    program per (head, row) walks
-    the row's key blocks a tile at a time and writes the listed ones in order: no sort, no candidate tensor.
+    program per (head, row) walks the row's key blocks a tile at a time and writes the listed ones in order: no sort,
+    no candidate tensor.
 
     ``token_columns``: the columns are single keys, not blocks (``policies/vertical_slash.vertical_slash_blocks``,
     the reference): the blocks leave them out, and col_idx int32 [B, H, n_rows, nv] / col_count [B, H, n_rows] list

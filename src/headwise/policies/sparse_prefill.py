@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 
 from headwise.errors import PlanError
-from headwise.kernels.prefill_index import columns_to_mask, indices_to_mask
+from headwise.kernels.prefill_index import indices_to_mask
 from headwise.policies.base import AttendContext, PagedLayout, Policy, masked_attention
 from headwise.policies.full import Full
 from headwise.policies.stores import DenseStore
@@ -124,8 +124,8 @@ class PrefillPattern(DecodeDelegate, Policy):
 
     def mask(self, q: torch.Tensor, keys: torch.Tensor, q_offset: int, scale: float) -> torch.Tensor:
         """The pattern as a dense token mask bool [Bi, Hi, L, S] (reference and pictures)."""
-        return _index_mask(self.build_index(q, keys, q_offset, scale), self.block_size, q.shape[2], keys.shape[2],
-                           q_offset)
+        idx, count, *cols = self.build_index(q, keys, q_offset, scale)
+        return indices_to_mask(idx, count, self.block_size, q.shape[2], keys.shape[2], q_offset, *cols)
 
     def attend(self, q, k, v, store: Any, ctx: AttendContext) -> torch.Tensor:
         if q.shape[2] == 1:
@@ -139,29 +139,19 @@ class PrefillPattern(DecodeDelegate, Policy):
             raise PlanError(f"policy '{self.name}': the decode policy's store must keep every token")
         store.append(k, v)  # the decode policy's store commits (Quest's page bounds included)
         keys, values = store.view()
-        index = self.index(q, keys, ctx)
+        idx, count, *cols = self.index(q, keys, ctx)  # cols: a pattern's token columns, if it has them
         if ctx.use_kernels and q.is_cuda:
             from headwise.kernels.block_sparse import SUPPORTED_HEAD_DIMS, block_sparse_attention  # Triton
 
             if q.shape[-1] in SUPPORTED_HEAD_DIMS:
-                idx, count, *cols = index
                 return block_sparse_attention(q, keys, values, idx, count, self.block_size, ctx.start, ctx.scale,
                                               None, *cols)
             _warn_once(f"block-sparse kernel has no head_dim {q.shape[-1]} (has {SUPPORTED_HEAD_DIMS}); "
                        f"policy '{self.name}' uses the masked-SDPA reference")
-        mask = _index_mask(index, self.block_size, q.shape[2], keys.shape[2], ctx.start)
+        mask = indices_to_mask(idx, count, self.block_size, q.shape[2], keys.shape[2], ctx.start, *cols)
         if mask.shape[1] not in (1, q.shape[1]):  # per-KV-head index: one mask per query head
             mask = mask.repeat_interleave(q.shape[1] // mask.shape[1], dim=1)
         return masked_attention(q, keys, values, mask, ctx.scale)
-
-
-def _index_mask(index: tuple[torch.Tensor, ...], block_size: int, q_len: int, k_len: int,
-                q_offset: int) -> torch.Tensor:
-    """The dense token mask of a pattern's index: its blocks, and its token columns if it has them."""
-    mask = indices_to_mask(index[0], index[1], block_size, q_len, k_len, q_offset)
-    if len(index) == 4:
-        mask = mask | columns_to_mask(index[2], index[3], block_size, q_len, k_len, q_offset)
-    return mask
 
 
 _warned: set[str] = set()
