@@ -170,7 +170,7 @@ def batch_decode(
     tokens_per_iter: int = _TOKENS_PER_ITER,
     num_warps: int = 4,
     num_stages: int = 2,
-    programs_per_sm: int = 2,
+    programs_per_sm: int = 4,
 ) -> torch.Tensor:
     """Attention of one new token per sequence over a head group's pages in the pool, the whole batch in one launch.
 
