@@ -1,0 +1,55 @@
+"""Do the profiler's held-in probes see what the evaluation saw? Runs plan files and dense on ``select.probe_set``'s
+held-in retrieval probes (the probes ``--select-under`` and ``--select-deals`` judge plans with; not the evaluation's
+generators) and reports what each answers exactly, by haystack, and its mean answer NLL. Run 28 of docs/quality.md
+found, on the evaluation's own 2K passkeys, that 32-token rings on SmolLM2's layer 3 find every passkey (dense 75%);
+if the held-in probes rank those plans the same way, a profiler step could find such changes without the evaluation.
+
+    PYTHONPATH=src python bench/experiments/held_in_probe_check.py smollm2-135m OUT.json PLAN.json... \\
+        --lengths 2048 --probes 24
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+
+def main(argv: list[str] | None = None) -> None:
+    from headwise.bench.record import result_doc, write_result
+    from headwise.models import load_model
+    from headwise.plan import HeadPlan
+    from headwise.profile.select import measure_budgets, probe_set
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("plans", nargs="+", type=Path)
+    ap.add_argument("--lengths", default="2048")
+    ap.add_argument("--probes", type=int, default=24, help="probes per length")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    lm = load_model(args.model, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
+    lengths = [int(x) for x in args.lengths.split(",")]
+    probes = probe_set(lm.tokenizer, lengths, args.probes)
+    cands = [SimpleNamespace(name=p.stem, solution=SimpleNamespace(policies=HeadPlan.load(p).policies()))
+             for p in args.plans]
+    t0 = time.perf_counter()
+    dense = measure_budgets(lm, cands, probes)  # type: ignore[arg-type]
+    rows = [{"plan": "dense", "answered": int(dense.sum()), "of": int(dense.numel())}]
+    for c in cands:
+        rows.append({"plan": c.name, "answered": c.answered, "kept_of_dense": c.kept, "nll": round(c.nll, 4),
+                     "by_haystack": c.by_haystack, "by_length": c.by_length})
+    for r in rows:
+        print(json.dumps(r))
+    command = "python bench/experiments/held_in_probe_check.py " + " ".join(argv or __import__("sys").argv[1:])
+    write_result(result_doc(command, {"lengths": lengths, "probes_per_length": args.probes,
+                                      "seconds": round(time.perf_counter() - t0, 1), "rows": rows}), args.out)
+
+
+if __name__ == "__main__":
+    main()
