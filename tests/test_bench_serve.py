@@ -276,12 +276,13 @@ def test_step_counters_count_headwise_triton_kernels_behind_their_wrappers(monke
     base = counters.last["triton_kernels"]
     monkeypatch.setitem(sys.modules, module.__name__, module)
     jit.device_caches[0] = ({"a": 1, "b": 2}, {}, None, None, None)  # two specializations on device 0
+    name = f"{kernel.__module__}.kernel 0"
     assert counters.delta() == {"compiled_graphs": 0, "triton_kernels": 2, "alloc_retries": 0, "cuda_mallocs": 0,
-                                "triton_loaded": ["kernel 0 a", "kernel 0 b"]}
+                                "triton_loaded": [f"{name} a", f"{name} b"]}
     jit.device_caches[0][0]["c"] = 3
     grown = counters.delta()
     assert grown["triton_kernels"] == 1 and counters.last["triton_kernels"] == base + 3
-    assert grown["triton_loaded"] == ["kernel 0 c"]
+    assert grown["triton_loaded"] == [f"{name} c"]
     assert counters.delta()["triton_loaded"] == []
 
 

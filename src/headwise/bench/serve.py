@@ -218,16 +218,15 @@ class _StepCounters:
     properties, e.g. a length now divisible by 16, makes one), and on CUDA the allocator's cudaMalloc calls and retries
     (a retry frees every cached block and synchronizes: a pool that leaves the activations too little room shows
     there). Counters that cannot be read (no dynamo loaded, no Triton, another Triton's internals) stay 0. ``delta``
-    also names the specializations loaded (``triton_loaded``: the kernel and the start of its cache key, which holds
-    the integer arguments' properties), so a slow step says which launch made a new one."""
+    also names the specializations loaded (``triton_loaded``: the kernel and its cache key, which holds the integer
+    arguments' properties), so a slow step says which launch made a new one."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
         self._modules = -1
         self._kernels: list[Any] = []
-        self._keys: set[str] = set()
-        self.last = self.read()
         self._keys = self._kernel_keys()
+        self.last = self.read(self._keys)
 
     def _jit_functions(self) -> list[Any]:
         """headwise's Triton kernels (JITFunctions, also behind an autotuner or heuristics), found again only when a
@@ -253,11 +252,12 @@ class _StepCounters:
         self._kernels = list(found.values())
         return self._kernels
 
-    def read(self) -> dict[str, int]:
+    def read(self, keys: set[str] | None = None) -> dict[str, int]:
+        """The counters now (``keys``: ``_kernel_keys()`` just taken, else taken here)."""
         utils = sys.modules.get("torch._dynamo.utils")
         out = {"compiled_graphs": int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0,
                "triton_kernels": 0, "alloc_retries": 0, "cuda_mallocs": 0}
-        out["triton_kernels"] = len(self._kernel_keys())
+        out["triton_kernels"] = len(self._kernel_keys() if keys is None else keys)
         if self.cuda:
             stats = torch.cuda.memory_stats()
             out["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
@@ -265,22 +265,22 @@ class _StepCounters:
         return out
 
     def _kernel_keys(self) -> set[str]:
-        """Every specialization in headwise's kernels' per-device caches, as ``name key``."""
+        """Every specialization in headwise's kernels' per-device caches, as ``module.name device key``."""
         keys: set[str] = set()
         for fn in self._jit_functions():
             with contextlib.suppress(Exception):  # another Triton's cache layout: not counted
-                name = getattr(fn, "__name__", None) or fn.fn.__name__
+                name = f"{fn.fn.__module__}.{fn.fn.__name__}"
                 for device, caches in fn.device_caches.items():
                     keys.update(f"{name} {device} {key}" for key in caches[0])
         return keys
 
     def delta(self) -> dict[str, Any]:
         """What grew since the last ``delta`` (or since made): the counters, and ``triton_loaded``, the new
-        specializations (kernel name and the first 160 characters of its key), sorted."""
-        now = self.read()
-        grown: dict[str, Any] = {k: now[k] - self.last[k] for k in now}
+        specializations (``_kernel_keys``' strings: the key holds each argument's specialization), sorted."""
         keys = self._kernel_keys()
-        grown["triton_loaded"] = sorted(k[:160] for k in keys - self._keys)
+        now = self.read(keys)
+        grown: dict[str, Any] = {k: now[k] - self.last[k] for k in now}
+        grown["triton_loaded"] = sorted(keys - self._keys)
         self.last, self._keys = now, keys
         return grown
 
