@@ -159,3 +159,29 @@ def test_the_benchmark_workloads_compute_what_the_reference_does():
 
     errors = check(2, 97, PAGE, DEVICE, torch.float32, quest_budget=3 * PAGE)
     assert max(errors.values()) < 1e-4, errors
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Triton specializes kernels only when it compiles them")
+def test_a_new_length_split_or_table_width_compiles_no_new_kernel():
+    """A mixed serving step runs the kernel eagerly with the rows' longest length, its split sizes and the tables'
+    width as they are that step: each new value must reuse the compiled kernel (Triton makes a new specialization
+    for an int equal to 1 or divisible by 16 unless told not to; run 19's slow steps each loaded one or two)."""
+    from headwise.kernels.batch_decode import _batch_decode_kernel
+    from headwise.kernels.paged_decode import _merge_splits_kernel
+
+    def compiled() -> tuple[int, int]:
+        return tuple(sum(len(c[0]) for c in k.device_caches.values())  # type: ignore[return-value]
+                     for k in (_batch_decode_kernel, _merge_splits_kernel))
+
+    pool = Pool([300, 97], heads=2, group=4, dim=64, dtype=torch.float32, page_slots=384, seed=5)
+    before = None
+    # 3 or 4 splits after rounding (one merge block size); lengths, table strides and the lse strides each both
+    # divisible by 16 and not, and one split of a single iteration
+    for max_len, width, splits in [(300, 20, 3), (320, 20, 4), (257, 24, 3), (161, 11, 4), (208, 13, 4)]:
+        lengths = pool.lengths_t.clamp(max=max_len)
+        table = pool.table[:, :, :width].contiguous()  # a table of another width: other strides
+        out = batch_decode(pool.q, pool.k_pool, pool.v_pool, table, lengths, max_len, PAGE, num_splits=splits)
+        ref = batch_decode_reference(pool.q, pool.k_pool, pool.v_pool, table, lengths, PAGE)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        before = before or compiled()
+        assert compiled() == before, (max_len, width, splits)

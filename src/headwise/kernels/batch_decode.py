@@ -41,7 +41,8 @@ Tested
     tests/test_kernels_batch_decode.py, under TRITON_INTERPRET=1 against ``batch_decode_reference`` (fp32, a
     Python loop over rows that gathers each row's pages; ``kernels/decode_reference.py``) and against the policies' own semantics
     (StreamingLLM's mask over positions, Quest's selected pages): ragged lengths with partial pages, a zero-length
-    row, an empty batch, ring wrap, GQA 4:1 and 1:1, pages shuffled over the pool, one and several splits.
+    row, an empty batch, ring wrap, GQA 4:1 and 1:1, pages shuffled over the pool, one and several splits; on a GPU,
+    that new lengths, split sizes and table widths reuse one compiled kernel (``_PER_STEP_INTS``).
 """
 
 from __future__ import annotations
@@ -96,7 +97,15 @@ def _attend_pool_block(
     return m_new, l_i, acc
 
 
-@triton.jit
+# Host ints that change from one step to the next where a mixed step runs this kernel eagerly (the rows' longest
+# length, the split sizes, the tables' widths): left unspecialized, so a new length never compiles a new kernel in
+# the middle of a serving run (Triton specializes an int that equals 1 or is divisible by 16; with a few such ints a
+# run met new combinations for minutes: docs/serving.md, run 19).
+_PER_STEP_INTS = ["max_len", "pages_per_split", "iters_per_split", "n_splits",
+                  "stride_tb", "stride_th", "stride_sb", "stride_sh", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_PER_STEP_INTS)
 def _batch_decode_kernel(
     Q, K, V, TABLE, SEL, LENGTHS, O_PART, LSE_PART, Out,
     n_heads, max_len, ring, n_sel, pages_per_split, iters_per_split, n_splits, scale_log2e,

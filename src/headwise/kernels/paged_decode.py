@@ -301,7 +301,7 @@ def _sparse_decode_kernel(
             tl.atomic_xchg(COUNTERS + pid_bh, 0, sem="relaxed", scope="gpu")
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_splits", "n_splits2", "stride_lb", "stride_lh"])  # as batch_decode's per-step ints
 def _merge_splits_kernel(
     O_PART, LSE_PART, Out, n_q_heads, n_splits, n_q_first, n_splits2,
     stride_pb, stride_ph, stride_ps,
