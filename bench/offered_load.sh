@@ -10,7 +10,8 @@
 #   bench/offered_load.sh probe [SECONDS]      # GPU, versions, the dense chunk attention's cost, its GPU test
 #   bench/offered_load.sh dense SECONDS        # dense plan
 #   bench/offered_load.sh plan SECONDS         # duo25 (PLAN=duo25-vs: vertical-slash prefill on the full heads)
-#   bench/offered_load.sh prep SECONDS         # a fresh machine's first call: bench/mixed_batch_decode.py's sweep
+#   bench/offered_load.sh prep SECONDS         # a fresh machine's first call: the decode kernel's GPU test of
+#                                              # its unspecialized ints, bench/mixed_batch_decode.py's sweep
 #                                              # (MIXED_ARGS), then a 2-layer pass of PLAN and of dense at the mix's
 #                                              # shapes, so the measured runs find Triton's kernels compiled
 #
@@ -67,6 +68,8 @@ prep)
   # the split sweep of the full heads' decode over rows of two lengths (~1 minute on an H100), then each plan through
   # 2 layers with the pool per layer of the measured runs: what they compile is compiled here (their JSONs in
   # $OUT/prep say how much: during_run)
+  # the decode kernel's per-step ints reuse one compiled kernel (run 19's slow steps), then the split sweep
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_batch_decode.py -k compiles_no_new 2>&1 | tail -2
   timeout $(( SECONDS_LEFT / 3 )) python3 bench/mixed_batch_decode.py "$OUT/mixed_decode.json" ${MIXED_ARGS:-} 2>&1 | tail -22
   per=$(( (SECONDS_LEFT - $(date +%s) + T0 - 45) / 2 )); [ "$per" -ge 30 ] || per=30
   for p in "$PLAN" dense; do
