@@ -188,6 +188,12 @@ def test_prompt_steps_are_timed_and_the_asked_steps_profiled():
     assert out["output_tokens"] == 15
     decode_only = [i + 1 for i, (tokens, rows) in enumerate(carried) if rows and not tokens]
     assert out["decode_only_steps"] == len(decode_only)
+    slow_decode = out["slowest_decode_only_steps"]  # the decode-only steps, slowest first, with what they ran
+    assert len(decode_only) <= 8 and sorted(p["step"] for p in slow_decode) == decode_only
+    assert [p["ms"] for p in slow_decode] == sorted((p["ms"] for p in slow_decode), reverse=True)
+    assert slow_decode[0]["ms"] >= out["decode_only_step_ms"]["p50"]
+    for p in slow_decode:  # on the CPU no step replays a graph
+        assert p["rows"] == carried[p["step"] - 1][1] and p["forwards"] >= 1 and p["graph"] is False
     # A profiled decode-only step is left out of the decode-only timings as well.
     again = run_in_process(Engine(lm, chunk_size=16, pool=pool), Load(requests=3, prompt_len=40, output_len=5),
                            log=lambda line: None, profile_steps=(decode_only[0],))

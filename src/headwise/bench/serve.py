@@ -303,7 +303,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     prompt positions their chunks started at, the live sequences, preemptions, what ``_StepCounters`` saw grow
     during them (graphs torch.compile made, Triton kernels loaded, cudaMalloc calls and allocator retries; the whole
     run's in ``during_run``) and the milliseconds Python's garbage collector took in them (``gc_ms``; the whole run's
-    in ``gc_s``)."""
+    in ``gc_s``). The ``SLOWEST`` slowest decode-only steps are kept likewise (``slowest_decode_only_steps``: ms a
+    forward, forwards, rows, the padded size, whether the step replayed a graph, the live sequences and what the
+    counters saw grow): a step that captured a graph (the first at a padded size after the batch's buffers grew)
+    shows there with ``graph`` false."""
     prompts, arrivals, lens = load.prompts(_vocab(engine)), load.arrivals(), load.prompt_lens()
     params = SamplingParams(max_new_tokens=load.output_len, stop_token_ids=[])
     pool = engine.pool
@@ -314,6 +317,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
     prompt_ms: list[float] = []  # steps that read prompt tokens
     prompt_rows: list[float] = []  # the decode rows those carried
     slowest: list[dict[str, Any]] = []  # the SLOWEST slowest prompt steps, with what they carried
+    slowest_decode: list[dict[str, Any]] = []  # the SLOWEST slowest decode-only steps (ms a forward)
     counters = _StepCounters(engine.lm.device)
     before = counters.last  # the run's totals: the last reading less this one
     profiled: list[dict[str, Any]] = []
@@ -383,6 +387,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
                 decode_ms.append(1e3 * per_forward)
                 graph_steps += info.graph
+                slowest_decode.append({"step": steps, "ms": round(1e3 * per_forward, 2), "forwards": info.decode_steps,
+                                       "rows": info.decode_rows, "padded": info.padded, "graph": info.graph,
+                                       "live": len(engine.live), **grown})
+                slowest_decode = sorted(slowest_decode, key=lambda x: -x["ms"])[:SLOWEST]
                 if weights is not None and pool is not None and per_forward > 0:
                     read_rate.append((weights + held) / per_forward / 1e9)
     stop = time.perf_counter()
@@ -402,6 +410,7 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             "decode_only_step_ms": _quantiles(decode_ms), "prompt_steps": len(prompt_ms),
             "prompt_steps_s": round(sum(prompt_ms) / 1e3, 3), "prompt_step_ms": _quantiles(prompt_ms),
             "prompt_step_decode_rows": _quantiles(prompt_rows), "slowest_prompt_steps": slowest,
+            "slowest_decode_only_steps": slowest_decode,
             "gc_s": round(gc_clock.seconds, 3), "during_run": {k: counters.last[k] - before[k] for k in before}}
     if profiled:
         out["profiled_steps"] = profiled
