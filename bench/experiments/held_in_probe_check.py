@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -46,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
                      "by_haystack": c.by_haystack, "by_length": c.by_length})
     for r in rows:
         print(json.dumps(r))
-    command = "python bench/experiments/held_in_probe_check.py " + " ".join(argv or __import__("sys").argv[1:])
+    command = " ".join(["python", "bench/experiments/held_in_probe_check.py", *(sys.argv[1:] if argv is None else argv)])
     write_result(result_doc(command, {"lengths": lengths, "probes_per_length": args.probes,
                                       "seconds": round(time.perf_counter() - t0, 1), "rows": rows}), args.out)
 

@@ -186,8 +186,13 @@ def weight_bytes_read(model: torch.nn.Module) -> int:
 
 
 SLOWEST = 8
-"""Prompt steps ``run_in_process`` keeps the composition of (the slowest): their chunks, decode rows and what was
-compiled, loaded and allocated during them."""
+"""Prompt steps and decode-only steps ``run_in_process`` keeps the composition of (the slowest of each): what they
+carried and what was compiled, loaded and allocated during them."""
+
+
+def _keep_slowest(kept: list[dict[str, Any]], step: dict[str, Any]) -> list[dict[str, Any]]:
+    """``kept`` with ``step`` added, the ``SLOWEST`` slowest by ``"ms"``, slowest first."""
+    return sorted([*kept, step], key=lambda x: -x["ms"])[:SLOWEST]
 
 
 class _GcClock:
@@ -252,12 +257,11 @@ class _StepCounters:
         self._kernels = list(found.values())
         return self._kernels
 
-    def read(self, keys: set[str] | None = None) -> dict[str, int]:
-        """The counters now (``keys``: ``_kernel_keys()`` just taken, else taken here)."""
+    def read(self, keys: set[str]) -> dict[str, int]:
+        """The counters now, ``keys`` being ``_kernel_keys()`` just taken."""
         utils = sys.modules.get("torch._dynamo.utils")
         out = {"compiled_graphs": int(utils.counters["stats"]["unique_graphs"]) if utils is not None else 0,
-               "triton_kernels": 0, "alloc_retries": 0, "cuda_mallocs": 0}
-        out["triton_kernels"] = len(self._kernel_keys() if keys is None else keys)
+               "triton_kernels": len(keys), "alloc_retries": 0, "cuda_mallocs": 0}
         if self.cuda:
             stats = torch.cuda.memory_stats()
             out["alloc_retries"] = int(stats.get("num_alloc_retries", 0))
@@ -368,11 +372,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
             if not profiling and info.prefill_tokens:
                 prompt_ms.append(1e3 * info.seconds)
                 prompt_rows.append(info.decode_rows)
-                slowest.append({"step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
-                                "chunk_starts": info.chunk_starts, "live": len(engine.live),
-                                "preempted": info.preempted, **grown,
-                                "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
-                slowest = sorted(slowest, key=lambda x: -x["ms"])[:SLOWEST]
+                slowest = _keep_slowest(slowest, {
+                    "step": steps, "ms": round(1e3 * info.seconds, 1), "decode_rows": info.decode_rows,
+                    "chunk_starts": info.chunk_starts, "live": len(engine.live), "preempted": info.preempted, **grown,
+                    "gc_ms": round(1e3 * (gc_clock.seconds - gc_before), 1)})
             prefilled += info.prefill_tokens
             # Ran in this step: the live sequences holding a cache, and those that finished in it.
             peak = max(peak, sum(s.cache is not None for s in engine.live) + len(info.finished))
@@ -387,10 +390,10 @@ def run_in_process(engine: Engine, load: Load, deadline: float | None = None, pr
                 per_forward = info.seconds / max(1, info.decode_steps)  # a multi-step ran several forwards
                 decode_ms.append(1e3 * per_forward)
                 graph_steps += info.graph
-                slowest_decode.append({"step": steps, "ms": round(1e3 * per_forward, 2), "forwards": info.decode_steps,
-                                       "rows": info.decode_rows, "padded": info.padded, "graph": info.graph,
-                                       "live": len(engine.live), **grown})
-                slowest_decode = sorted(slowest_decode, key=lambda x: -x["ms"])[:SLOWEST]
+                slowest_decode = _keep_slowest(slowest_decode, {
+                    "step": steps, "ms": round(1e3 * per_forward, 2), "forwards": info.decode_steps,
+                    "rows": info.decode_rows, "padded": info.padded, "graph": info.graph, "live": len(engine.live),
+                    **grown})
                 if weights is not None and pool is not None and per_forward > 0:
                     read_rate.append((weights + held) / per_forward / 1e9)
     stop = time.perf_counter()
