@@ -117,8 +117,19 @@ def earlier_cells(doc: dict[str, Any], rows: list[dict[str, Any]], task: str, so
 
 COLOR = {"plan": "tab:blue", "random": "tab:orange", "streaming": "tab:green", "quest": "tab:red",
          "random-full": "tab:olive"}
-MARKER = {"plan": "o", "random": "s", "streaming": "v", "quest": "D", "random-full": "P"}
 PRESS_COLORS = ("tab:purple", "tab:brown", "tab:pink", "tab:cyan", "tab:gray")
+RUN_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
+"""One marker per run: the kind is the colour (the plan's a shade of blue per run, darker in the order the runs are
+given), the run the marker, so a curve of several runs reads apart."""
+
+
+def run_style(kind: str, i: int, n_runs: int, color: dict[str, str]) -> dict[str, Any]:
+    """Line style of ``kind``'s points from the ``i``-th of ``n_runs`` runs: plans solid, baselines dashed."""
+    c = color[kind]
+    if kind == "plan" and n_runs > 1:
+        c = plt.get_cmap("Blues")(0.45 + 0.5 * i / (n_runs - 1))
+    return {"color": c, "marker": RUN_MARKERS[i % len(RUN_MARKERS)], "linestyle": "-" if kind == "plan" else "--",
+            "mfc": c if kind == "plan" else "white"}
 
 
 def kv_x(r: dict[str, Any]) -> float | None:
@@ -130,12 +141,11 @@ def kv_x(r: dict[str, Any]) -> float | None:
 def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
     """Top row: accuracy per length (dense's interval shaded); bottom row: kept of dense, paired."""
     lengths = sorted({r["length"] for r in rows if r["kind"] != "dense"}) or sorted({r["length"] for r in rows})
-    fig, axes = plt.subplots(2, len(lengths), figsize=(5.2 * len(lengths), 8.2), constrained_layout=True,
+    fig, axes = plt.subplots(2, len(lengths), figsize=(5.2 * len(lengths) + 2.8, 8.2), constrained_layout=True,
                              squeeze=False)
     runs = [r for r in dict.fromkeys(x["run"] for x in rows) if r != "dense"]
     presses = sorted({r["kind"] for r in rows if r["kind"].startswith("kvpress:")})
     color = {**COLOR, **{k: PRESS_COLORS[i % len(PRESS_COLORS)] for i, k in enumerate(presses)}}
-    marker = {**MARKER, **dict.fromkeys(presses, "P")}
     metrics = (("score", "ci95", "accuracy (%), Wilson 95%"),
                ("kept_share", "kept_ci95", "kept of dense (%): paired, Wilson 95%"))
     for row, (value, ci, ylabel) in enumerate(metrics):
@@ -149,23 +159,27 @@ def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
                     y = [100 * r[value] for r in pts]
                     err = [[100 * (r[value] - r[ci][0]) for r in pts], [100 * (r[ci][1] - r[value]) for r in pts]]
                     # a baseline at the plan's measured KV (@equal) or at the budget itself (@B): same name
-                    name = kind
-                    ax.errorbar([kv_x(r) for r in pts], y, yerr=err, marker=marker[kind], color=color[kind],
-                                capsize=3, markersize=5, linestyle="-" if i == 0 else "--",
-                                mfc=color[kind] if i == 0 else "white", label=f"{name} ({run})")
+                    ax.errorbar([kv_x(r) for r in pts], y, yerr=err, capsize=3, markersize=5,
+                                label=f"{kind} ({run})", **run_style(kind, i, len(runs), color))
+            heading = f"{task} at {L // 1024}K tokens"
             for r in rows:
-                if row == 0 and r["kind"] == "dense" and r["length"] == L:
-                    ax.axhspan(100 * r["ci95"][0], 100 * r["ci95"][1], color="grey", alpha=0.15)
-                    ax.axhline(100 * r["score"], color="grey", linewidth=1,
-                               label=f"dense ({100 * r['score']:.0f}%, n={r['n']})")
+                if r["kind"] == "dense" and r["length"] == L:
+                    heading += f" (dense {100 * r['score']:.0f}%, n = {r['n']})"
+                    if row == 0:
+                        ax.axhspan(100 * r["ci95"][0], 100 * r["ci95"][1], color="grey", alpha=0.15)
+                        ax.axhline(100 * r["score"], color="grey", linewidth=1, label="dense (its 95% shaded)")
             if row == 1:
                 ax.axhline(95, color="grey", linewidth=1, linestyle=":", label="95% of dense")
-            ax.set_title(f"{task} at {L // 1024}K tokens", fontsize=10)
+            ax.set_title(heading, fontsize=10)
             ax.set_xlabel("KV held, % of dense (CUDA allocator, at this length)")
             ax.set_ylabel(ylabel)
             ax.set_ylim(-5, 105)
             ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
+    legend: dict[str, Any] = {}  # every axis's lines once (a run may hold cells at some lengths only)
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    fig.legend(legend.values(), legend.keys(), fontsize=7, loc="outside right upper")
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)

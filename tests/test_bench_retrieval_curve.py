@@ -26,7 +26,7 @@ def _results(plans: dict[str, list[float]], depths=(0.1, 0.9)) -> dict:
             "commit": "abc", "device": "test"}
 
 
-def test_cells_pair_with_dense_sample_by_sample(tmp_path):
+def test_cells_pair_with_dense_sample_by_sample(tmp_path, monkeypatch):
     mod = _module()
     run = tmp_path / "run" / "eval-curve-q0.25"
     run.mkdir(parents=True)
@@ -41,8 +41,18 @@ def test_cells_pair_with_dense_sample_by_sample(tmp_path):
     assert (plan["kept"], plan["kept_n"], plan["budget"]) == (3, 4, 0.25)
     assert (rnd["kept"], rnd["kept_n"]) == (1, 4)
     assert rows[("dense", "dense")]["n"] == 6
-    mod.plot(list(rows.values()), "passkey", "t", tmp_path / "c.png")
+    titles = []
+    real_savefig = mod.plt.Figure.savefig
+
+    def savefig(fig, path, **kw):  # what the figure says, read as it is written
+        titles.append((fig.get_suptitle(), [ax.get_title() for ax in fig.axes]))
+        real_savefig(fig, path, **kw)
+
+    monkeypatch.setattr(mod.plt.Figure, "savefig", savefig)
+    mod.plot(list(rows.values()), "passkey", "the title", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+    assert titles[0][0] == "the title"
+    assert titles[0][1][0] == "passkey at 1K tokens (dense 67%, n = 6)"
 
 
 def test_baselines_at_a_budget_are_baselines():
@@ -56,3 +66,16 @@ def test_baselines_at_a_budget_are_baselines():
     assert mod.kind_of("kvpress:knorm@equal") == "kvpress:knorm"
     assert mod.kind_of("smollm2-135m-q0.5") == "plan"
     assert mod.kind_of("streaming@wide") == "plan"
+
+
+def test_each_run_reads_apart_in_the_plot():
+    """Several runs on one axis: each run its own marker, each run's plan its own shade; a kind keeps its colour
+    across runs for the baselines, which are dashed with open markers."""
+    mod = _module()
+    styles = [mod.run_style("plan", i, 4, mod.COLOR) for i in range(4)]
+    assert len({s["marker"] for s in styles}) == 4
+    assert len({tuple(s["color"]) for s in styles}) == 4
+    base = [mod.run_style("streaming", i, 4, mod.COLOR) for i in range(2)]
+    assert base[0]["color"] == base[1]["color"] == mod.COLOR["streaming"]
+    assert base[0]["marker"] != base[1]["marker"] and base[0]["linestyle"] == "--" and base[0]["mfc"] == "white"
+    assert mod.run_style("plan", 0, 1, mod.COLOR)["color"] == mod.COLOR["plan"]

@@ -51,6 +51,18 @@ def test_all_full_candidate_scores_as_dense(tiny):
     assert probes.ids[300].shape[0] == 3 and probes.ids[300].shape[1] > 300
 
 
+def test_probe_set_asks_for_one_fact_among_as_many_as_told(tiny):
+    """``distractors`` reaches each probe: with 0 every probe holds its one fact (a passkey's shape), and the rows
+    are the prompts of ``retrieval_probe`` with that count (the default, 2, the profiler's keyed facts)."""
+    from headwise.probes import retrieval_probe
+
+    single, keyed = probe_set(tiny.tokenizer, [300], 3, distractors=0), probe_set(tiny.tokenizer, [300], 3)
+    assert not torch.equal(single.ids[300], keyed.ids[300])
+    first = retrieval_probe(tiny.tokenizer, 300, 0.5 / 3, 1_000_003, 0)
+    assert first.distractors == 0
+    assert single.ids[300][0, :300].tolist() == first.ids
+
+
 def test_a_quantized_head_is_scored_with_every_token_visible():
     from headwise.policies.quantized import Quantized
 

@@ -5,7 +5,10 @@ found, on the evaluation's own 2K passkeys, that 32-token rings on SmolLM2's lay
 if the held-in probes rank those plans the same way, a profiler step could find such changes without the evaluation.
 
     PYTHONPATH=src python bench/experiments/held_in_probe_check.py smollm2-135m OUT.json PLAN.json... \\
-        --lengths 2048 --probes 24
+        --lengths 2048 --probes 24 [--distractors 0]
+
+``--distractors 0`` asks each probe for its one fact (the passkey's shape, in the probes' own haystacks, values and
+wordings) instead of one of three keyed facts.
 """
 from __future__ import annotations
 
@@ -31,12 +34,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("plans", nargs="+", type=Path)
     ap.add_argument("--lengths", default="2048")
     ap.add_argument("--probes", type=int, default=24, help="probes per length")
+    ap.add_argument("--distractors", type=int, default=2,
+                    help="other facts beside the one asked for (the profiler's probes: 2; 0: one fact, as a passkey)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     lm = load_model(args.model, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
     lengths = [int(x) for x in args.lengths.split(",")]
-    probes = probe_set(lm.tokenizer, lengths, args.probes)
+    probes = probe_set(lm.tokenizer, lengths, args.probes, distractors=args.distractors)
     cands = [SimpleNamespace(name=p.stem, solution=SimpleNamespace(policies=HeadPlan.load(p).policies()))
              for p in args.plans]
     t0 = time.perf_counter()
@@ -49,6 +54,7 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(r))
     command = " ".join(["python", "bench/experiments/held_in_probe_check.py", *(sys.argv[1:] if argv is None else argv)])
     write_result(result_doc(command, {"lengths": lengths, "probes_per_length": args.probes,
+                                      "distractors": args.distractors,
                                       "seconds": round(time.perf_counter() - t0, 1), "rows": rows}), args.out)
 
 

@@ -246,8 +246,9 @@ def _answer_ids(tokenizer: Any, probe: Any) -> list[int] | None:
     return whole[len(base):]
 
 
-def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003) -> ProbeSet:
-    """``n`` retrieval probes per length (depths spread over (0, 1)), each with its answer tokens."""
+def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003, distractors: int = 2) -> ProbeSet:
+    """``n`` retrieval probes per length (depths spread over (0, 1)), each with its answer tokens; each asks for one
+    of ``distractors + 1`` facts of one format (0: a single fact, as a passkey is)."""
     from headwise.probes import retrieval_probe
 
     ids: dict[int, torch.Tensor] = {}
@@ -257,7 +258,7 @@ def probe_set(tokenizer: Any, lengths: list[int], n: int, seed: int = 1_000_003)
         rows, ans, hay = [], [], []
         k = 0
         while len(rows) < n:
-            p = retrieval_probe(tokenizer, L, (len(rows) + 0.5) / n, seed + k)
+            p = retrieval_probe(tokenizer, L, (len(rows) + 0.5) / n, seed + k, distractors)
             k += 1
             a = _answer_ids(tokenizer, p)
             if a is None or len(p.ids) != L:
