@@ -591,6 +591,14 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
             plans[(e.label, L)] = plan
         if any((e.label, L) in plans for e in entries):
             lengths.append(L)
+        same: dict[str, list[str]] = {}  # e.g. random-full@equal where no whole head fits: streaming@equal itself
+        for e in entries:
+            if (e.label, L) in plans:
+                same.setdefault(plans[(e.label, L)].digest(), []).append(e.label)
+        for labels in same.values():
+            if len(labels) > 1:
+                notes.append(f"at {L} tokens {' and '.join(labels)} are one plan "
+                             f"({plans[(labels[0], L)].summary(spec, L)}): their rows are the same runs")
 
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
