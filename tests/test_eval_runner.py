@@ -252,7 +252,7 @@ def test_length_above_context_is_skipped_with_a_note(smollm2, tmp_path):
 def test_plans_that_are_one_plan_at_a_length_say_so(smollm2, tmp_path):
     """random-full@F with no room for a whole head is streaming@F itself: the table shows two rows of the same runs,
     and a note says why (it read as a coincidence in run 29)."""
-    ref, path = _streaming_plan_with_full_heads(smollm2.spec, 192, 3, tmp_path)
+    _, path = _streaming_plan_with_full_heads(smollm2.spec, 192, 3, tmp_path)
     res = run_eval(_cfg(tmp_path, plans=[str(path), "random-full@0.05", "streaming@0.05"], lengths=[1024]), smollm2)
     assert any(n.startswith("at 1024 tokens random-full@0.05 and streaming@0.05 are one plan") for n in res["notes"])
     assert not any(str(path) in n for n in res["notes"] if "one plan" in n)
