@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from bench_modules import bench_module
 
+from bench_modules import bench_module
 from headwise.plan import HeadPlan
 
 
