@@ -1,8 +1,11 @@
 """A plan with every quantized head's key and value bits swapped: 4-bit keys over 2-bit values become 2-bit keys
 over 4-bit values, at the same bytes. A diagnostic of which side a task needs: on the CPU (session 36 of
 docs/quality.md) SmolLM2's 0.2 plan with 4-bit keys over 2-bit values on 53 heads found 3 of 40 2K passkeys (dense
-22) at a text KL of 0.054; the same plan with the bits swapped found 28 at 0.098. The solver offers no such option
-yet (``profile/solver.py``'s ``TWO_BIT_OPTIONS``), so this makes the plan to evaluate.
+22) at a text KL of 0.054; the same plan with the bits swapped found 28 at 0.098. On the GPU (run 31, H100, n = 100)
+the swapped 0.2 plan found 94% of the 2K passkeys (dense 76) at a KL of 0.096 but 76% of the needles (dense 100) and
+28% of the multi-key needles (dense 46), and the 0.25 one less of everything: 2-bit keys on many heads misdirect
+attention, so the solver does not offer them (``profile/solver.py``'s ``TWO_BIT_OPTIONS``) and this stays a
+diagnostic.
 
     python bench/experiments/swap_kv_bits.py PLAN.json OUT.json [--from 4/2]
 
