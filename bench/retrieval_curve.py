@@ -183,6 +183,17 @@ def plot(rows: list[dict[str, Any]], task: str, title: str, path: Path) -> None:
     fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    small_png(path)
+
+
+def small_png(path: Path, colors: int = 64) -> None:
+    """Rewrite the plot at ``path`` with a palette of ``colors`` (a third of the bytes: the repository's results ride
+    along with every device upload, docs/quality.md)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        small = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    small.save(path, optimize=True)
 
 
 def main() -> None:

@@ -51,6 +51,10 @@ def test_cells_pair_with_dense_sample_by_sample(tmp_path, monkeypatch):
     monkeypatch.setattr(mod.plt.Figure, "savefig", savefig)
     mod.plot(list(rows.values()), "passkey", "the title", tmp_path / "c.png")
     assert (tmp_path / "c.png").stat().st_size > 0
+    from PIL import Image
+
+    with Image.open(tmp_path / "c.png") as im:  # palette colours: a third of the bytes of the RGBA figure
+        assert im.mode == "P" and len(im.getcolors() or []) <= 64
     assert titles[0][0] == "the title"
     assert titles[0][1][0] == "passkey at 1K tokens (dense 67%, n = 6)"
 
