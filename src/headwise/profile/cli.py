@@ -28,11 +28,13 @@ from headwise.profile.runner import (
     FULL_SHARE,
     METHODS,
     Settings,
+    check_select_2bit,
     check_select_deals,
     check_select_under,
     draw_plan,
     parse_budgets,
     print_deals,
+    print_rings,
     print_selection,
     profile_model,
     resolve_from_scores,
@@ -71,9 +73,13 @@ def register(subparsers: Any) -> None:
                    help="also deal the solved plan's per-head policies to other heads N times (within global and within "
                         "sliding layers: the same KV bytes) and write whichever of the plan and its deals answers the "
                         "most held-in retrieval probes, the plan on a tie (default 0: off; docs/profiling.md)")
+    p.add_argument("--select-2bit", action="store_true",
+                   help="with --quant-2bit, judge each head the solver holds in 2-bit values against the smallest ring "
+                        "(--min-ring, else 128 tokens) on held-in retrieval probes, and stream those whose ring answers "
+                        "more (the plan then holds less than --budget; docs/profiling.md)")
     p.add_argument("--select-lengths", default="", metavar="L1,L2",
-                   help="prompt lengths the --select-under and --select-deals probes run at (default: --target-len and "
-                        "twice it)")
+                   help="prompt lengths the --select-under, --select-2bit and --select-deals probes run at (default: "
+                        "--target-len and twice it)")
     p.add_argument("--select-probes", type=int, default=None, metavar="N",
                    help="held-in retrieval probes per length that candidate plans are judged on (default 64 on a GPU, "
                         "8 on a CPU, 2 with --fast)")
@@ -180,6 +186,8 @@ def command_line(args: argparse.Namespace) -> str:
         parts += ["--full-share", str(args.full_share)]
     if args.select_under is not None:
         parts += ["--select-under", args.select_under]
+    if args.select_2bit:
+        parts.append("--select-2bit")
     if args.select_deals:
         parts += ["--select-deals", str(args.select_deals)]
     if args.select_lengths:
@@ -242,9 +250,11 @@ def run(args: argparse.Namespace) -> int:
     select_under = parse_budgets(args.select_under) if args.select_under is not None else ()
     check_select_under(args.budget, select_under, args.full_share)
     check_select_deals(args.select_deals)
-    if args.select_lengths and not (select_under or args.select_deals):
-        raise InputError("--select-lengths sets where the --select-under or --select-deals candidates are measured: "
-                         "give --select-under or --select-deals")
+    if args.select_2bit:
+        check_select_2bit(quantize)
+    if args.select_lengths and not (select_under or args.select_deals or args.select_2bit):
+        raise InputError("--select-lengths sets where the --select-under, --select-2bit or --select-deals candidates are "
+                         "measured: give one of them")
     select_lengths = tuple(parse_length(x) for x in args.select_lengths.split(",") if x.strip())
     import torch
 
@@ -259,9 +269,11 @@ def run(args: argparse.Namespace) -> int:
                          "needs --method ablation and no --from-scores (a re-solve measures nothing; its ranking's base "
                          "is in the source plan's meta.ablation.base)")
     if args.ablation_switch != "streaming" and (args.from_scores or args.method != "ablation" or args.full_share is None
-                                                 or args.select_under is not None or args.select_deals):
+                                                 or args.select_under is not None or args.select_deals
+                                                 or args.select_2bit):
         raise InputError(f"--ablation-switch {args.ablation_switch} needs --method ablation and --full-share, without "
-                         "--from-scores, --select-under or --select-deals (the plan selection judges streaming plans)")
+                         "--from-scores, --select-under, --select-2bit or --select-deals (the plan selection judges "
+                         "streaming plans)")
     if args.min_ring and args.ablation_switch != "streaming":
         raise InputError(f"--min-ring sets the ring the ablation ranking switches heads to; it cannot be combined with "
                          f"--ablation-switch {args.ablation_switch}")
@@ -289,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
                                        select_probes=settings.select_probes, quantize=quantize, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
                                        select_lengths=select_lengths, progress=not args.no_progress,
-                                       select_deals=args.select_deals)
+                                       select_deals=args.select_deals, select_2bit=args.select_2bit)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
@@ -298,7 +310,8 @@ def run(args: argparse.Namespace) -> int:
                                  train_seer_gates=args.train_gates, ranks=args.tp,
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
-                                 ablation_switch=args.ablation_switch, select_deals=args.select_deals)
+                                 ablation_switch=args.ablation_switch, select_deals=args.select_deals,
+                                 select_2bit=args.select_2bit)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         if args.full_heads != "full":
             plan = plan.replaced("full", FULL_HEADS[args.full_heads])
@@ -312,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     sol = plan.meta["solution"]
     if plan.meta.get("selection", {}).get("by") == "budget":
         print_selection(plan.meta["selection"])
+    if "select_2bit" in plan.meta:
+        print_rings(plan.meta["select_2bit"])
     if "select_deals" in plan.meta:
         print_deals(plan.meta["select_deals"])
     print(f"wrote {out} ({plan.summary(lm.spec, args.target_len)}; {sol['kv_tokens']} of {sol['cap_tokens']} "

@@ -272,7 +272,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
                   select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming",
-                  select_deals: int = 0) -> HeadPlan:
+                  select_deals: int = 0, select_2bit: bool = False) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -292,7 +292,9 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     heads on global layers become ``knorm`` heads of the same slots (``streaming_to_knorm``); it needs ``full_share``
     (the selection among shares and budgets judges streaming plans). ``select_deals``: the solved plan competes with
     that many re-deals of its policies over the heads on held-in probes at ``select_lengths``
-    (``select_among_deals``; recorded in ``meta["select_deals"]``)."""
+    (``select_among_deals``; recorded in ``meta["select_deals"]``). ``select_2bit``: before the deals, each head the
+    plan holds in 2-bit values competes with the menu's ring on those probes (``select_2bit_rings``; recorded in
+    ``meta["select_2bit"]``)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -307,13 +309,17 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                             f"ablation, not {method}")
     if ablation_switch not in ABLATION_SWITCHES:
         raise HeadwiseError(f"unknown --ablation-switch '{ablation_switch}'; choose one of {', '.join(ABLATION_SWITCHES)}")
-    if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under or select_deals):
+    if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under or select_deals
+                                           or select_2bit):
         raise HeadwiseError(f"--ablation-switch {ablation_switch} needs --method ablation and --full-share, without "
                             "--select-under or --select-deals: the plan selection judges the solver's streaming plans, "
                             "not their knorm twins")
     settings = settings or Settings()
     if select_deals:  # before the profiling, not after it
         check_probe_lengths(lm, settings.select_probes, select_lengths, "--select-deals")
+    if select_2bit:
+        check_select_2bit(quantize)
+        check_probe_lengths(lm, settings.select_probes, select_lengths, "--select-2bit")
     if settings.ablation_text_weight and method != "ablation":
         raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
@@ -385,6 +391,11 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
             full_share = FULL_SHARE if full_share is None else full_share
             sol = solve(spec, kv_scores[method], budget, target_len, spans.value, full_share=full_share,
                         quantize=quantize, ranks=ranks, fit_lengths=fit_lengths)
+    rings: dict[str, Any] = {}
+    if select_2bit:
+        with phase(timings, "select_2bit", log):
+            sol, rings = select_2bit_rings(lm, sol, quantize, budget, target_len, settings.select_probes,
+                                           select_lengths)
     deals: dict[str, Any] = {}
     if select_deals:
         with phase(timings, "select_deals", log):
@@ -470,6 +481,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
         meta["act"] = act_meta
     if selection:
         meta["selection"] = selection
+    if rings:
+        meta["select_2bit"] = rings
     if deals:
         meta["select_deals"] = deals
     if settings.prefill_density is not None:
@@ -653,6 +666,89 @@ def select_among_deals(lm: LoadedModel, sol: Any, n_deals: int, budget: float, t
     return best.solution, info
 
 
+def two_bit_heads(policies: list[list[Any]]) -> list[tuple[int, int]]:
+    """(layer, KV head) of every ``quantized`` head holding 2-bit values (KIVI-2, or 4-bit keys over 2-bit values)."""
+    from headwise.policies import Quantized
+
+    return [(i, j) for i, row in enumerate(policies) for j, p in enumerate(row) if isinstance(p, Quantized) and p.bits == 2]
+
+
+def ringed_solution(spec: Any, sol: Any, heads: list[tuple[int, int]], ring: int, target_len: int) -> Any:
+    """``sol`` (``solver.Solution``) with ``heads`` streaming on a ``ring``-token ring (``solver.ring_policy``: a window
+    on a native sliding layer, half sinks on a global one) instead of their quantized codes, its KV recounted."""
+    import copy
+    import dataclasses
+
+    from headwise.plan import HeadPlan
+    from headwise.profile.solver import ring_policy
+
+    policies = copy.deepcopy(sol.policies)
+    for i, j in heads:
+        policies[i][j] = ring_policy(ring, spec.native_window(i))
+
+    def held(pols: list[list[Any]]) -> int:
+        return HeadPlan.from_policies(spec, pols).kv_tokens(spec, target_len, peak=True)
+
+    kv = sol.kv_tokens - (held(sol.policies) - held(policies))
+    moved = set(heads)
+    return dataclasses.replace(sol, policies=policies, kv_tokens=kv,
+                               quantized_heads=[h for h in sol.quantized_heads if tuple(h) not in moved])
+
+
+def check_select_2bit(quantize: Quantize) -> Any:
+    """The menu ``quantize`` asks for; ``InputError`` unless it offers 2-bit codes (``--select-2bit`` judges them)."""
+    menu = quant_menu(quantize)
+    if menu is None or not menu.quantized or not menu.two_bit:
+        raise InputError("--select-2bit judges the heads the solver holds in 2-bit codes: give --quantize --quant-2bit")
+    return menu
+
+
+def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: float, target_len: int, n_probes: int,
+                      lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
+    """Each head the solved plan ``sol`` holds in 2-bit values, judged against the menu's smallest ring (``min_ring``,
+    else the spans' 128-token floor) on held-in probes: one candidate per such head with that head on the ring, then,
+    where several beat the plan, one with all of those on rings; the candidate answering the most probes exactly is
+    kept, the plan on a tie (``select.choose_ring``). Judged as ``select_under_budget`` judges budgets
+    (``measure_on_probes``, the quantized heads rounded as their stores hold them). Why: the solver values every
+    quantized option above every ring (it keeps every token), but on Gemma 3 (docs/quality.md, run 31) one sliding
+    head in 2-bit codes cost the 0.25 plan most of its multi-key needles (18-24% where the 0.2 plan, with that head on
+    a 32-token ring, kept 43-60%), and the held-in probes saw it (9 of 24 answered against 15). A ring never holds
+    more than the codes it replaces, so the plan kept holds at most the solved plan's KV. Returns the solution kept
+    and ``meta["select_2bit"]``."""
+    from headwise.profile.select import RingCandidate, choose_ring
+    from headwise.profile.solver import SPAN_FLOOR
+
+    menu = check_select_2bit(quantize)
+    check_probe_lengths(lm, n_probes, lengths, "--select-2bit")
+    heads = two_bit_heads(sol.policies)
+    ring = menu.min_ring or SPAN_FLOOR
+    cands = [RingCandidate(budget, sol)]
+    cands += [RingCandidate(budget, ringed_solution(lm.spec, sol, [h], ring, target_len), ringed=[h]) for h in heads]
+    common = measure_on_probes(lm, cands, target_len, n_probes, lengths) if heads else {}
+    better = [c.ringed[0] for c in cands[1:] if c.answered > cands[0].answered]
+    if len(better) > 1:
+        both = RingCandidate(budget, ringed_solution(lm.spec, sol, better, ring, target_len), ringed=better)
+        measure_on_probes(lm, [both], target_len, n_probes, lengths)  # the same seeded probes
+        cands.append(both)
+    best = choose_ring(cands)
+    info = {"ring": ring, "heads": [list(h) for h in heads], **common, "candidates": [c.info() for c in cands],
+            "ringed": [list(h) for h in best.ringed]}
+    return best.solution, info
+
+
+def print_rings(rings: dict[str, Any]) -> None:
+    """One line on stdout: which 2-bit heads ``--select-2bit`` moved to the ring, and what the candidates answered."""
+    cands = rings["candidates"]
+    if len(cands) == 1:
+        print("--select-2bit: no head in 2-bit values; the plan is as solved")
+        return
+    moved = ", ".join(f"layer {i} head {j}" for i, j in rings["ringed"]) or "none"
+    singles = [c["probes_answered"] for c in cands[1:] if len(c["ringed"]) == 1]
+    print(f"--select-2bit: moved to the {rings['ring']}-token ring: {moved} (probes answered exactly of "
+          f"{rings['probes']}: plan {cands[0]['probes_answered']}, one head ringed {min(singles)}-{max(singles)} over "
+          f"{len(singles)} heads, dense {rings['dense_probes_answered']})")
+
+
 def print_deals(deals: dict[str, Any]) -> None:
     """One line on stdout: which of the solved plan and its deals ``--select-deals`` kept, and what each answered."""
     cands = deals["candidates"]
@@ -716,10 +812,11 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
                         quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = (),
-                        progress: bool = False, select_deals: int = 0) -> HeadPlan:
+                        progress: bool = False, select_deals: int = 0, select_2bit: bool = False) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``; with
-    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; with ``select_deals``, that many
+    ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; with ``select_2bit``, each head in
+    2-bit values against the menu's ring on them: ``select_2bit_rings``; with ``select_deals``, that many
     re-deals of the solved plan's policies on them: ``select_among_deals``; and, when ``target_len`` is not
     the length the source's span recalls were measured at, those recalls again at ``target_len``).
 
@@ -762,10 +859,13 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         sol = solve(lm.spec, torch.tensor(meta["scores"][key]), budget, target_len,
                     None if spans is None else spans.value, full_share=full_share, quantize=quantize, ranks=ranks,
                     fit_lengths=fit_lengths)
-    for key in ("selection", "select_deals"):
+    for key in ("selection", "select_deals", "select_2bit"):
         meta.pop(key, None)
     if selection:
         meta["selection"] = selection
+    if select_2bit:
+        sol, meta["select_2bit"] = select_2bit_rings(lm, sol, quantize, budget, target_len, select_probes,
+                                                     select_lengths)
     if select_deals:
         sol, meta["select_deals"] = select_among_deals(lm, sol, select_deals, budget, target_len, select_probes,
                                                        select_lengths, fit_lengths)

@@ -514,6 +514,24 @@ class DealCandidate(BudgetCandidate):
         return {"deal": self.deal, "differs": [list(h) for h in self.differs], **super().info()}
 
 
+@dataclass
+class RingCandidate(BudgetCandidate):
+    """The plan with ``ringed`` heads, held in 2-bit values by the solver, streaming on the menu's smallest ring
+    instead (``--select-2bit``; none: the plan itself): less KV, every other head as solved."""
+
+    ringed: list[tuple[int, int]] = field(default_factory=list)
+    """(layer, KV head) moved from 2-bit codes to the ring."""
+
+    def info(self) -> dict[str, Any]:
+        return {"ringed": [list(h) for h in self.ringed], **super().info()}
+
+
+def choose_ring(candidates: list[RingCandidate]) -> RingCandidate:
+    """The candidate that answers the most probes exactly; of those that tie, the plan itself (the probes saw nothing
+    the ring would buy), else the fewest heads moved, then the lowest mean answer NLL."""
+    return max(candidates, key=lambda c: (c.answered, not c.ringed, -len(c.ringed), -c.nll))
+
+
 def choose_deal(candidates: list[DealCandidate]) -> DealCandidate:
     """The candidate that answers the most probes exactly; of those that tie, the solved plan, else the lowest mean
     answer NLL (then the first deal)."""

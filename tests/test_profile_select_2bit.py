@@ -1,0 +1,149 @@
+"""``--select-2bit``: each head the solver holds in 2-bit values against the menu's smallest ring, on held-in probes."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from headwise.cli import main
+from headwise.plan import HeadPlan
+from headwise.policies import Policy
+from headwise.policies.quantized import Quantized
+from headwise.policies.streaming import Streaming
+from headwise.profile import cli as profile_cli
+from headwise.profile import select
+from headwise.profile.runner import resolve_from_scores, two_bit_heads
+from headwise.profile.select import RingCandidate, choose_ring
+from headwise.profile.solver import QuantMenu
+from tiny import tiny_model
+
+MENU = QuantMenu(two_bit=True, global_key_bits=2, min_ring=32)
+"""2-bit codes everywhere (also on the global layer) and 32-token rings: at 0.4 the tiny Gemma below holds three heads
+in 2-bit values (layer 1 head 1 and both heads of global layer 2)."""
+TWO_BIT = [(1, 1), (2, 0), (2, 1)]
+
+
+@pytest.fixture(scope="module")
+def gemma(smollm2):
+    """A 4-layer random Gemma 3 (layer 2 global, the others sliding-window 256; 2 KV heads) reading SmolLM2's
+    tokenizer, so the held-in probes run through it."""
+    lm = tiny_model("gemma3_text", vocab_size=len(smollm2.tokenizer), sliding_window=256)
+    return dataclasses.replace(lm, tokenizer=smollm2.tokenizer)
+
+
+@pytest.fixture
+def source(gemma) -> HeadPlan:
+    spec = gemma.spec
+    scores = [[0.9, 0.1], [0.2, 0.8], [0.5, 0.7], [0.3, 0.4]]
+    return HeadPlan.from_policies(spec, [[Streaming(sink=0, window=128)] * 2] * 4, gemma.name, method="retrieval",
+                                  target_len=512, scores={"retrieval_kv": scores})
+
+
+def _solve(gemma, source, **kw) -> HeadPlan:
+    return resolve_from_scores(gemma, source, 0.4, 512, "retrieval", full_share=1.0, quantize=MENU, **kw)
+
+
+def _scored_by(monkeypatch, answered):
+    """``select.probe_losses`` replaced: dense answers every probe; a plan answers ``answered(policies)`` of them."""
+    def fake(lm, policies, probes, batch=8):
+        n = sum(x.shape[0] for x in probes.ids.values())
+        k = n if policies is None else min(n, answered(policies))
+        return torch.arange(n) < k, torch.ones(n)
+
+    monkeypatch.setattr(select, "probe_losses", fake)
+
+
+def _ringed(policies: list[list[Policy]]) -> list[tuple[int, int]]:
+    return [h for h in TWO_BIT if isinstance(policies[h[0]][h[1]], Streaming)]
+
+
+def test_the_menu_puts_three_heads_in_two_bits(gemma, source):
+    assert two_bit_heads(_solve(gemma, source).policies()) == TWO_BIT
+
+
+def test_a_head_whose_ring_answers_more_streams_and_the_plan_holds_less(gemma, source, monkeypatch):
+    """Layer 1's 2-bit head misleads the probes: ringed, the plan answers 3 instead of 1; the others change nothing."""
+    solved = _solve(gemma, source)
+    _scored_by(monkeypatch, lambda pols: 3 if (1, 1) in _ringed(pols) else 1)
+    plan = _solve(gemma, source, select_2bit=True, select_probes=4, select_lengths=(300,))
+    rings = plan.meta["select_2bit"]
+    assert rings["ring"] == 32 and rings["heads"] == [list(h) for h in TWO_BIT]
+    assert [c["ringed"] for c in rings["candidates"]] == [[], [[1, 1]], [[2, 0]], [[2, 1]]]
+    assert rings["ringed"] == [[1, 1]]
+    pols = plan.policies()
+    assert pols[1][1] == Streaming(sink=0, window=32)  # a window of the ring on a sliding layer
+    assert all(pols[i][j] == solved.policies()[i][j] for i in range(4) for j in range(2) if (i, j) != (1, 1))
+    for L in (64, 512, 4096):  # never more than the solved plan, nor more than dense, at any length
+        assert plan.kv_bytes(gemma.spec, L, peak=True) <= solved.kv_bytes(gemma.spec, L, peak=True)
+    sol = plan.meta["solution"]
+    assert sol["kv_tokens"] < solved.meta["solution"]["kv_tokens"]
+    assert sol["kv_tokens"] == plan.kv_tokens(gemma.spec, 512, peak=True)
+    assert [1, 1] not in sol["quantized_heads"]
+
+
+def test_the_plan_wins_a_tie(gemma, source, monkeypatch):
+    solved = _solve(gemma, source)
+    _scored_by(monkeypatch, lambda pols: 2)
+    plan = _solve(gemma, source, select_2bit=True, select_probes=2, select_lengths=(300,))
+    assert plan.meta["select_2bit"]["ringed"] == [] and plan.policies() == solved.policies()
+
+
+def test_several_heads_that_each_help_are_tried_together(gemma, source, monkeypatch):
+    """Each global head's ring helps alone (2 of 4), both together more (4): the candidate with both is measured
+    and kept; the ring on the global layer holds half sinks."""
+    _scored_by(monkeypatch, lambda pols: {0: 1, 1: 2, 2: 4}[len([h for h in _ringed(pols) if h[0] == 2])])
+    plan = _solve(gemma, source, select_2bit=True, select_probes=4, select_lengths=(300,))
+    rings = plan.meta["select_2bit"]
+    assert rings["candidates"][-1]["ringed"] == [[2, 0], [2, 1]] and rings["ringed"] == [[2, 0], [2, 1]]
+    assert plan.policies()[2] == [Streaming(sink=16, window=16)] * 2
+    assert isinstance(plan.policies()[1][1], Quantized)
+
+
+def test_a_tie_between_rings_goes_to_fewer_heads_moved():
+    sol = object()
+    cands = [RingCandidate(0.4, sol, answered=1), RingCandidate(0.4, sol, answered=3, ringed=[(1, 1)]),
+             RingCandidate(0.4, sol, answered=3, ringed=[(1, 1), (2, 0)], nll=0.1),
+             RingCandidate(0.4, sol, answered=3, ringed=[(2, 0)], nll=0.5)]
+    assert choose_ring(cands).ringed == [(1, 1)]
+
+
+def test_rings_run_on_the_real_probes(gemma, source):
+    """No scoring replaced: every candidate runs as masks with its quantized heads rounded."""
+    plan = _solve(gemma, source, select_2bit=True, select_probes=1, select_lengths=(300,))
+    rings = plan.meta["select_2bit"]
+    assert rings["probes"] == 1 and len(rings["candidates"]) >= 4
+    assert all(c["probe_nll"] > 0 for c in rings["candidates"])
+
+
+def test_select_2bit_through_the_cli(gemma, source, monkeypatch, tmp_path, capsys):
+    src = tmp_path / "src.json"
+    source.save(src)
+    monkeypatch.setattr(profile_cli, "load_from_args", lambda args: gemma)
+    _scored_by(monkeypatch, lambda pols: 3 if (1, 1) in _ringed(pols) else 1)
+    out = tmp_path / "p.json"
+    rc = main(["profile", "tiny", "--budget", "0.4", "-o", str(out), "--from-scores", str(src), "--method",
+               "retrieval", "--target-len", "512", "--full-share", "1.0", "--quantize", "--quant-2bit",
+               "--quant-global-key-bits", "2", "--min-ring", "32", "--select-2bit", "--select-lengths", "300",
+               "--select-probes", "2"])
+    assert rc == 0
+    plan = HeadPlan.load(out)
+    assert "--select-2bit" in plan.meta["created_by"] and plan.meta["select_2bit"]["ringed"] == [[1, 1]]
+    assert "--select-2bit: moved to the 32-token ring: layer 1 head 1" in capsys.readouterr().out
+
+
+def test_select_2bit_without_two_bit_codes_is_a_one_line_error_before_loading(tmp_path, capsys):
+    rc = main(["profile", "no-such-model", "--budget", "0.4", "-o", str(tmp_path / "p.json"), "--quantize",
+               "--select-2bit"])
+    assert rc != 0
+    err = capsys.readouterr().err
+    assert "--select-2bit judges the heads the solver holds in 2-bit codes" in err and "Traceback" not in err
+
+
+def test_profiling_with_select_2bit_refuses_a_menu_without_two_bit_codes_before_measuring(gemma):
+    from headwise.errors import InputError
+    from headwise.profile.runner import profile_model
+
+    with pytest.raises(InputError, match="give --quantize --quant-2bit"):
+        profile_model(gemma, 0.4, 512, "retrieval", full_share=1.0, quantize=QuantMenu(), select_2bit=True)
