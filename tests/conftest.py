@@ -60,3 +60,15 @@ def tiny_llama(smollm2):
                       max_position_embeddings=1024, attn_implementation="sdpa")
     return LoadedModel("tiny-llama", LlamaForCausalLM(cfg).eval(), smollm2.tokenizer, ModelSpec.from_config(cfg),
                        "random")
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma(smollm2):
+    """A 4-layer random Gemma 3 (layer 2 global, the others sliding-window 256; 2 KV heads) reading SmolLM2's
+    tokenizer, so the held-in probes run through it."""
+    import dataclasses
+
+    from tiny import tiny_model
+
+    lm = tiny_model("gemma3_text", vocab_size=len(smollm2.tokenizer), sliding_window=256)
+    return dataclasses.replace(lm, tokenizer=smollm2.tokenizer)

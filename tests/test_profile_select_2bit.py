@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -17,7 +15,6 @@ from headwise.profile import select
 from headwise.profile.runner import resolve_from_scores, two_bit_heads
 from headwise.profile.select import RingCandidate, choose_ring
 from headwise.profile.solver import QuantMenu
-from tiny import tiny_model
 
 MENU = QuantMenu(two_bit=True, global_key_bits=2, min_ring=32)
 """2-bit codes everywhere (also on the global layer) and 32-token rings: at 0.4 the tiny Gemma below holds three heads
@@ -25,12 +22,9 @@ in 2-bit values (layer 1 head 1 and both heads of global layer 2)."""
 TWO_BIT = [(1, 1), (2, 0), (2, 1)]
 
 
-@pytest.fixture(scope="module")
-def gemma(smollm2):
-    """A 4-layer random Gemma 3 (layer 2 global, the others sliding-window 256; 2 KV heads) reading SmolLM2's
-    tokenizer, so the held-in probes run through it."""
-    lm = tiny_model("gemma3_text", vocab_size=len(smollm2.tokenizer), sliding_window=256)
-    return dataclasses.replace(lm, tokenizer=smollm2.tokenizer)
+@pytest.fixture
+def gemma(tiny_gemma):
+    return tiny_gemma
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections import Counter
 
 import pytest
@@ -19,7 +18,6 @@ from headwise.profile import select
 from headwise.profile.runner import DEAL_SEED, resolve_from_scores
 from headwise.profile.select import DealCandidate, choose_deal
 from headwise.spec import ModelSpec
-from tiny import tiny_model
 
 GEMMA = ModelSpec("gemma3_text", 18, 4, 1, 256, 32768, tuple(None if i % 6 == 5 else 512 for i in range(18)))
 """Gemma 3 270M's shape: layers 5, 11 and 17 global, the rest sliding-window 512, one KV head each."""
@@ -60,12 +58,9 @@ def test_the_profilers_deals_are_not_the_evaluations_random_draws():
     assert deal_heads(GEMMA, plan, f"{RANDOM_SEED}:3") == random_baseline(GEMMA, reference, "g", 3).policies()
 
 
-@pytest.fixture(scope="module")
-def gemma(smollm2):
-    """A 4-layer random Gemma 3 (layer 2 global, the others sliding-window 256; 2 KV heads) reading SmolLM2's
-    tokenizer, so the held-in probes run through it."""
-    lm = tiny_model("gemma3_text", vocab_size=len(smollm2.tokenizer), sliding_window=256)
-    return dataclasses.replace(lm, tokenizer=smollm2.tokenizer)
+@pytest.fixture
+def gemma(tiny_gemma):
+    return tiny_gemma
 
 
 @pytest.fixture
