@@ -158,5 +158,5 @@ def test_select_deals_refuses_knorm_twins_before_measuring(gemma):
     from headwise.errors import HeadwiseError
     from headwise.profile.runner import profile_model
 
-    with pytest.raises(HeadwiseError, match="without --select-under or --select-deals"):
+    with pytest.raises(HeadwiseError, match="without --select-under, --select-2bit or --select-deals"):
         profile_model(gemma, 0.6, 512, "ablation", full_share=1.0, ablation_switch="knorm", select_deals=2)

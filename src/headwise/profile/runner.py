@@ -312,8 +312,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if ablation_switch != "streaming" and (method != "ablation" or full_share is None or select_under or select_deals
                                            or select_2bit):
         raise HeadwiseError(f"--ablation-switch {ablation_switch} needs --method ablation and --full-share, without "
-                            "--select-under or --select-deals: the plan selection judges the solver's streaming plans, "
-                            "not their knorm twins")
+                            "--select-under, --select-2bit or --select-deals: the plan selection judges the solver's "
+                            "streaming plans, not their knorm twins")
     settings = settings or Settings()
     if select_deals:  # before the profiling, not after it
         check_probe_lengths(lm, settings.select_probes, select_lengths, "--select-deals")
