@@ -127,7 +127,7 @@ def test_select_lengths_set_where_the_candidates_are_measured(tiny_llama, source
     (["--select-under", "0.25,half", "--full-share", "1.0"], "comma-separated list of budgets"),
     (["--select-under", "0,0.25", "--full-share", "1.0"], "(0, 0.5]"),
     (["--select-under", "0.25"], "--full-share"),
-    (["--select-lengths", "2k"], "give --select-under"),
+    (["--select-lengths", "2k"], "--select-lengths sets where the --select-under, --select-2bit or --select-deals"),
     (["--select-probes", "0"], "--select-probes must be at least 1"),
     (["--select-deals", "-1"], "--select-deals is how many re-deals"),
 ])
