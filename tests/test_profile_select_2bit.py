@@ -39,14 +39,19 @@ def _solve(gemma, source, **kw) -> HeadPlan:
     return resolve_from_scores(gemma, source, 0.4, 512, "retrieval", full_share=1.0, quantize=MENU, **kw)
 
 
-def _scored_by(monkeypatch, answered):
-    """``select.probe_losses`` replaced: dense answers every probe; a plan answers ``answered(policies)`` of them."""
+def _scored_by(monkeypatch, answered) -> list[int]:
+    """``select.probe_losses`` replaced: dense answers every probe; a plan answers ``answered(policies)`` of them.
+    Returns a list that counts dense's runs."""
+    dense_runs: list[int] = []
+
     def fake(lm, policies, probes, batch=8):
+        dense_runs.extend([1] if policies is None else [])
         n = sum(x.shape[0] for x in probes.ids.values())
         k = n if policies is None else min(n, answered(policies))
         return torch.arange(n) < k, torch.ones(n)
 
     monkeypatch.setattr(select, "probe_losses", fake)
+    return dense_runs
 
 
 def _ringed(policies: list[list[Policy]]) -> list[tuple[int, int]]:
@@ -87,8 +92,9 @@ def test_the_plan_wins_a_tie(gemma, source, monkeypatch):
 def test_several_heads_that_each_help_are_tried_together(gemma, source, monkeypatch):
     """Each global head's ring helps alone (2 of 4), both together more (4): the candidate with both is measured
     and kept; the ring on the global layer holds half sinks."""
-    _scored_by(monkeypatch, lambda pols: {0: 1, 1: 2, 2: 4}[len([h for h in _ringed(pols) if h[0] == 2])])
+    dense_runs = _scored_by(monkeypatch, lambda pols: {0: 1, 1: 2, 2: 4}[len([h for h in _ringed(pols) if h[0] == 2])])
     plan = _solve(gemma, source, select_2bit=True, select_probes=4, select_lengths=(300,))
+    assert len(dense_runs) == 1  # the candidate with both heads runs on the same probes, dense not again
     rings = plan.meta["select_2bit"]
     assert rings["candidates"][-1]["ringed"] == [[2, 0], [2, 1]] and rings["ringed"] == [[2, 0], [2, 1]]
     assert plan.policies()[2] == [Streaming(sink=16, window=16)] * 2

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -591,15 +591,21 @@ def check_probe_lengths(lm: LoadedModel, n_probes: int, lengths: tuple[int, ...]
 
 
 def measure_on_probes(lm: LoadedModel, cands: list[Any], target_len: int, n_probes: int,
-                      lengths: tuple[int, ...]) -> dict[str, Any]:
+                      lengths: tuple[int, ...], more: Callable[[list[Any]], list[Any]] | None = None) -> dict[str, Any]:
     """Run ``cands`` (``select.BudgetCandidate``s) and dense on ``n_probes`` held-in probes per length
     (``select.probe_set``'s seed, not the ablation's) at ``lengths`` (default: ``probe_lengths``), filling in what
-    each answers (``select.measure_budgets``); returns what the probes and dense's answers were, for the meta."""
+    each answers (``select.measure_budgets``); ``more``, given the measured ``cands``, returns further candidates to
+    run on the same probes (appended to ``cands``; dense is not run again). Returns what the probes and dense's
+    answers were, for the meta."""
     from headwise.profile.select import hits_by_haystack, measure_budgets, probe_set
 
     use = sorted(set(lengths)) or probe_lengths(lm.spec, target_len)
     probes = probe_set(lm.tokenizer, use, n_probes)
     dense = measure_budgets(lm, cands, probes)
+    extra = more(cands) if more is not None else []
+    if extra:
+        measure_budgets(lm, extra, probes, dense=dense)
+        cands.extend(extra)
     return {"probes_per_length": n_probes, "lengths": use, "dense_probes_answered": int(dense.sum()),
             "probes": int(dense.numel()), "dense_by_haystack": hits_by_haystack(probes, dense),
             "probes_by_haystack": hits_by_haystack(probes, torch.ones_like(dense))}
@@ -724,12 +730,13 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
     ring = menu.min_ring or SPAN_FLOOR
     cands = [RingCandidate(budget, sol)]
     cands += [RingCandidate(budget, ringed_solution(lm.spec, sol, [h], ring, target_len), ringed=[h]) for h in heads]
-    common = measure_on_probes(lm, cands, target_len, n_probes, lengths) if heads else {}
-    better = [c.ringed[0] for c in cands[1:] if c.answered > cands[0].answered]
-    if len(better) > 1:
-        both = RingCandidate(budget, ringed_solution(lm.spec, sol, better, ring, target_len), ringed=better)
-        measure_on_probes(lm, [both], target_len, n_probes, lengths)  # the same seeded probes
-        cands.append(both)
+
+    def together(measured: list[RingCandidate]) -> list[RingCandidate]:  # the heads whose ring alone beat the plan
+        better = [c.ringed[0] for c in measured[1:] if c.answered > measured[0].answered]
+        return [RingCandidate(budget, ringed_solution(lm.spec, sol, better, ring, target_len), ringed=better)
+                ] if len(better) > 1 else []
+
+    common = measure_on_probes(lm, cands, target_len, n_probes, lengths, more=together) if heads else {}
     best = choose_ring(cands)
     info = {"ring": ring, "heads": [list(h) for h in heads], **common, "candidates": [c.info() for c in cands],
             "ringed": [list(h) for h in best.ringed]}

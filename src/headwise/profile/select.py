@@ -480,10 +480,11 @@ class BudgetCandidate:
 
 
 def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: ProbeSet,
-                    batch: int = 8) -> torch.Tensor:
-    """Run every candidate (and dense) on ``probes``, filling in what each answers; returns dense's hits (bool
-    ``[n]``, ``probe_losses`` order)."""
-    dense, _ = probe_losses(lm, None, probes, batch)
+                    batch: int = 8, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """Run every candidate (and dense, unless its hits on these ``probes`` are given) on ``probes``, filling in what
+    each answers; returns dense's hits (bool ``[n]``, ``probe_losses`` order)."""
+    if dense is None:
+        dense, _ = probe_losses(lm, None, probes, batch)
     tokens = answer_tokens(probes)
     sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
     for c in candidates:
@@ -529,7 +530,7 @@ class RingCandidate(BudgetCandidate):
 def choose_ring(candidates: list[RingCandidate]) -> RingCandidate:
     """The candidate that answers the most probes exactly; of those that tie, the plan itself (the probes saw nothing
     the ring would buy), else the fewest heads moved, then the lowest mean answer NLL."""
-    return max(candidates, key=lambda c: (c.answered, not c.ringed, -len(c.ringed), -c.nll))
+    return max(candidates, key=lambda c: (c.answered, -len(c.ringed), -c.nll))
 
 
 def choose_deal(candidates: list[DealCandidate]) -> DealCandidate:
