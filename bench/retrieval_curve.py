@@ -48,15 +48,25 @@ def kind_of(plan: str) -> str:
     return "plan"
 
 
+def at_budget(plan: str) -> float | None:
+    """The budget a baseline named at one runs at (``quest@0.3``: 0.3), else None: one eval may hold baselines at
+    several budgets (the folder's ``qB`` then names only the first)."""
+    _, at, budget = plan.split(":")[0].partition("@")
+    if at and kind_of(plan) != "plan" and re.fullmatch(r"[0-9.]+", budget):
+        return float(budget)
+    return None
+
+
 def cells(results: dict[str, Any], task: str, run: str, budget: float | None) -> list[dict[str, Any]]:
     """One row per plan x length of ``task``: accuracy, n, Wilson 95%, KV measured (allocator) at that length."""
     perf = {(p["plan"], p["length"]): p for p in results["performance"]}
     out = []
+    budget_of = {a["plan"]: at_budget(a["plan"]) for a in results["accuracy"]}
     for a in results["accuracy"]:
         if a["task"] != task or a.get("pooled"):  # the draws' pool: each draw is a point of its own
             continue
         p = perf.get((a["plan"], a["length"]), {})
-        out.append({"run": run, "budget": budget, "kind": kind_of(a["plan"]), "plan": a["plan"], "task": task,
+        out.append({"run": run, "budget": budget_of[a["plan"]] or budget, "kind": kind_of(a["plan"]), "plan": a["plan"], "task": task,
                     "length": a["length"], "n": a["n"], "score": a["score"], "ci95": a["ci95"],
                     "kv_fraction_measured": p.get("kv_fraction_measured"), "kv_fraction": p.get("kv_fraction"),
                     "command": results["command"], "commit": results["commit"], "device": results["device"]})

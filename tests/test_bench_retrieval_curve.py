@@ -83,3 +83,16 @@ def test_each_run_reads_apart_in_the_plot():
     assert base[0]["color"] == base[1]["color"] == mod.COLOR["streaming"]
     assert base[0]["marker"] != base[1]["marker"] and base[0]["linestyle"] == "--" and base[0]["mfc"] == "white"
     assert mod.run_style("plan", 0, 1, mod.COLOR)["color"] == mod.COLOR["plan"]
+
+
+def test_a_baseline_named_at_a_budget_keeps_its_budget(tmp_path):
+    """One eval may run a baseline at several budgets (``quest@0.1,quest@0.3``): each cell keeps the budget in its
+    name, not the folder's; plans and ``@equal`` baselines keep the folder's."""
+    mod = _module()
+    run = tmp_path / "run" / "eval-curve-q0.1"
+    run.mkdir(parents=True)
+    (run / "results.json").write_text(json.dumps(_results({"quest@0.1": [1, 0], "quest@0.3": [1, 1],
+                                                           "streaming@equal": [0, 0], "x-q0.1": [1, 1]})))
+    got = {r["plan"]: r["budget"] for r in mod.collect([("q", tmp_path / "run")], None, "passkey")}
+    assert got == {"quest@0.1": 0.1, "quest@0.3": 0.3, "streaming@equal": 0.1, "x-q0.1": 0.1}
+    assert mod.at_budget("streaming@wide") is None and mod.at_budget("random@equal:3") is None
