@@ -90,19 +90,21 @@ def _scored_by(monkeypatch, answered, nll=lambda policies: 1.0):
 
 
 def test_the_best_scoring_deal_is_kept_and_recorded(gemma, source, monkeypatch):
-    """Probes answered = the 8-bit head's layer: the solved plan has it on layer 0, some deal puts it on layer 3."""
+    """Probes answered = twice the 8-bit head's layer: the solved plan has it on layer 0, some deal on layer 3 (6 of
+    8, beyond chance: p = 1/64)."""
     solved = source_solved(gemma, source)
     assert sorted(_by_group(gemma.spec, solved)[256].values()) == [1, 1, 4]  # 8-bit, 4-bit, 4 streaming
-    _scored_by(monkeypatch, lambda pols: next(i for i, row in enumerate(pols) for p in row
-                                              if isinstance(p, Quantized) and p.bits == 8))
+    _scored_by(monkeypatch, lambda pols: 2 * next(i for i, row in enumerate(pols) for p in row
+                                                  if isinstance(p, Quantized) and p.bits == 8))
     plan = resolve_from_scores(gemma, source, 0.6, 512, "retrieval", full_share=1.0, quantize=True,
-                               select_deals=6, select_lengths=(300,), select_probes=4)
+                               select_deals=6, select_lengths=(300,), select_probes=8)
     deals = plan.meta["select_deals"]
     cands = deals["candidates"]
     assert deals["deals"] == 6 and [c["deal"] for c in cands] == [None, *range(6)]
     assert cands[0]["differs"] == [] and all(c["differs"] for c in cands[1:])
     best = max(c["probes_answered"] for c in cands)
-    assert best == 3 > cands[0]["probes_answered"]
+    assert best == 6 > cands[0]["probes_answered"]
+    assert all(c["p_vs_plan"] == round(select.sign_test(c["probes_answered"], 0), 4) for c in cands[1:])
     assert deals["kept"] == next(c["deal"] for c in cands if c["probes_answered"] == best)
     assert plan.policies() == deal_heads(gemma.spec, solved, f"{DEAL_SEED}:{deals['kept']}")
     assert plan.meta["solution"]["kv_fraction"] == cands[0]["kv_fraction"]
@@ -121,11 +123,14 @@ def test_the_solved_plan_wins_a_tie(gemma, source, monkeypatch):
 
 
 def test_a_tie_among_deals_goes_to_the_lower_nll():
-    sol = object()
-    cands = [DealCandidate(0.5, sol, answered=3, nll=0.5), DealCandidate(0.5, sol, answered=4, nll=0.9, deal=0),
-             DealCandidate(0.5, sol, answered=4, nll=0.7, deal=1), DealCandidate(0.5, sol, answered=2, nll=0.1, deal=2)]
+    sol, sure = object(), select.Versus(6, 0, 1 / 64)
+    cands = [DealCandidate(0.5, sol, answered=3, nll=0.5), DealCandidate(0.5, sol, answered=9, nll=0.9, deal=0, versus=sure),
+             DealCandidate(0.5, sol, answered=9, nll=0.7, deal=1, versus=sure),
+             DealCandidate(0.5, sol, answered=2, nll=0.1, deal=2, versus=sure)]
     assert choose_deal(cands).deal == 1
-    cands[0].answered = 4
+    cands[1].versus = cands[2].versus = select.Versus(6, 2, select.sign_test(6, 2))  # ahead by 4 of 8: chance
+    assert choose_deal(cands).deal is None
+    cands[0].answered = 9
     assert choose_deal(cands).deal is None  # the solved plan first on a tie, whatever its NLL
 
 

@@ -646,7 +646,7 @@ def select_among_deals(lm: LoadedModel, sol: Any, n_deals: int, budget: float, t
     passkeys at 2K/4K/8K where five random deals of the same policies kept 92-100/79-99/71-94 (docs/profiling.md).
     Returns the solution kept and ``meta["select_deals"]``."""
     from headwise.plan import HeadPlan, deal_heads
-    from headwise.profile.select import DealCandidate, choose_deal
+    from headwise.profile.select import DealCandidate, choose_deal, versus_plan
 
     check_select_deals(n_deals)
     check_probe_lengths(lm, n_probes, lengths, "--select-deals")
@@ -666,6 +666,7 @@ def select_among_deals(lm: LoadedModel, sol: Any, n_deals: int, budget: float, t
         differs = [(i, j) for i, row in enumerate(policies) for j, p in enumerate(row) if p != sol.policies[i][j]]
         cands.append(DealCandidate(budget, dealt_solution(sol, policies), deal=k, differs=differs))
     common = measure_on_probes(lm, cands, target_len, n_probes, lengths)
+    versus_plan(cands[0], cands[1:])
     best = choose_deal(cands)
     info = {"deals": n_deals, "seed": f"{DEAL_SEED}:K", **common, "candidates": [c.info() for c in cands],
             "kept": best.deal}
@@ -718,10 +719,11 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
     (``measure_on_probes``, the quantized heads rounded as their stores hold them). Why: the solver values every
     quantized option above every ring (it keeps every token), but on Gemma 3 (docs/quality.md, run 31) one sliding
     head in 2-bit codes cost the 0.25 plan most of its multi-key needles (18-24% where the 0.2 plan, with that head on
-    a 32-token ring, kept 43-60%), and the held-in probes saw it (9 of 24 answered against 15). A ring never holds
-    more than the codes it replaces, so the plan kept holds at most the solved plan's KV. Returns the solution kept
-    and ``meta["select_2bit"]``."""
-    from headwise.profile.select import RingCandidate, choose_ring
+    a 32-token ring, kept 43-60%), and the held-in probes saw it (9 of 24 answered against 15). A candidate replaces
+    the plan only if it answers more probes beyond chance (``select.SELECT_ALPHA``). A ring never holds more than the
+    codes it replaces, so the plan kept holds at most the solved plan's KV. Returns the solution kept and
+    ``meta["select_2bit"]``."""
+    from headwise.profile.select import RingCandidate, choose_ring, versus_plan
     from headwise.profile.solver import SPAN_FLOOR
 
     menu = check_select_2bit(quantize)
@@ -736,7 +738,10 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
         return [RingCandidate(budget, ringed_solution(lm.spec, sol, better, ring, target_len), ringed=better)
                 ] if len(better) > 1 else []
 
-    common = measure_on_probes(lm, cands, target_len, n_probes, lengths, more=together) if heads else {}
+    common: dict[str, Any] = {}
+    if heads:
+        common = measure_on_probes(lm, cands, target_len, n_probes, lengths, more=together)
+        versus_plan(cands[0], cands[1:])
     best = choose_ring(cands)
     info = {"ring": ring, "heads": [list(h) for h in heads], **common, "candidates": [c.info() for c in cands],
             "ringed": [list(h) for h in best.ringed]}
@@ -751,9 +756,22 @@ def print_rings(rings: dict[str, Any]) -> None:
         return
     moved = ", ".join(f"layer {i} head {j}" for i, j in rings["ringed"]) or "none"
     singles = [c["probes_answered"] for c in cands[1:] if len(c["ringed"]) == 1]
+    together = [f", {len(c['ringed'])} together {c['probes_answered']}" for c in cands[1:] if len(c["ringed"]) > 1]
     print(f"--select-2bit: moved to the {rings['ring']}-token ring: {moved} (probes answered exactly of "
           f"{rings['probes']}: plan {cands[0]['probes_answered']}, one head ringed {min(singles)}-{max(singles)} over "
-          f"{len(singles)} heads, dense {rings['dense_probes_answered']})")
+          f"{len(singles)} heads{''.join(together)}, dense {rings['dense_probes_answered']}){_untold(cands[1:])}")
+
+
+def _untold(cands: list[dict[str, Any]]) -> str:
+    """Where no candidate moved the plan but one answered more probes: that its lead was within chance."""
+    from headwise.profile.select import SELECT_ALPHA
+
+    ahead = [c for c in cands if c["gained_vs_plan"] > c["lost_vs_plan"]]
+    if not ahead or any(c["p_vs_plan"] < SELECT_ALPHA for c in ahead):
+        return ""
+    best = min(ahead, key=lambda c: c["p_vs_plan"])
+    return (f"; the best lead, {best['gained_vs_plan']} probes gained and {best['lost_vs_plan']} lost, is within "
+            f"chance (sign test p = {best['p_vs_plan']:.2g}, needs < {SELECT_ALPHA:g}): the plan is kept")
 
 
 def print_deals(deals: dict[str, Any]) -> None:
@@ -763,7 +781,7 @@ def print_deals(deals: dict[str, Any]) -> None:
     answered = [c["probes_answered"] for c in cands[1:]]
     print(f"--select-deals: kept {kept} (probes answered exactly of {deals['probes']}: solved plan "
           f"{cands[0]['probes_answered']}, {len(answered)} deals {min(answered, default=0)}-{max(answered, default=0)}, "
-          f"dense {deals['dense_probes_answered']})")
+          f"dense {deals['dense_probes_answered']}){_untold(cands[1:])}")
 
 
 def select_under_budget(lm: LoadedModel, score: torch.Tensor, budget: float, under: tuple[float, ...],

@@ -28,12 +28,16 @@ ranking gives at the budget and at smaller ones (``BudgetCandidate``), because a
 less retrieval than a smaller one's (docs/profiling.md); ``choose_budget`` keeps the most exact answers, the
 cheaper plan on a tie. ``--select-deals`` (``runner.select_among_deals``) judges the solved plan against re-deals of its
 own policies over the heads (``DealCandidate``, same KV bytes); ``choose_deal`` keeps the most exact answers, the
-solved plan on a tie, then the lower answer NLL.
+solved plan on a tie, then the lower answer NLL. ``--select-2bit`` (``runner.select_2bit_rings``) judges the plan
+against itself with heads it holds in 2-bit codes on rings (``RingCandidate``); ``choose_ring`` as ``choose_deal``.
+A deal or a ring replaces the solved plan only where it answers more probes than chance would (``SELECT_ALPHA``,
+``versus_plan``): the probes are few, and a move on a difference of a few of them can cost what they do not test.
 """
 
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -470,6 +474,8 @@ class BudgetCandidate:
     """Of the probes dense answers exactly, those this plan answers too."""
     nll: float = 0.0
     """Mean answer-token NLL over all probes."""
+    hits: torch.Tensor | None = field(default=None, repr=False)
+    """Which probes it answers exactly (bool ``[n]``, ``probe_losses`` order), for pairing with another candidate."""
 
     def info(self) -> dict[str, Any]:
         return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
@@ -489,6 +495,7 @@ def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: 
     sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
     for c in candidates:
         hits, nll = probe_losses(lm, c.solution.policies, probes, batch)
+        c.hits = hits
         c.answered, c.kept, c.nll = int(hits.sum()), int((hits & dense).sum()), float(nll.sum()) / max(1, tokens)
         c.by_length = {L: int(h.sum()) for (L, _), h in zip(sizes, hits.split([n for _, n in sizes]))}
         c.by_haystack = hits_by_haystack(probes, hits)
@@ -501,6 +508,51 @@ def choose_budget(candidates: list[BudgetCandidate]) -> BudgetCandidate:
     return max(candidates, key=lambda c: (c.answered, -c.solution.fraction, -c.budget))
 
 
+SELECT_ALPHA = 0.05
+"""A re-deal (``--select-deals``) or a ring (``--select-2bit``) replaces the solved plan only if it answers more of the
+same held-in probes than the plan by more than chance: a one-sided exact sign test on the probes one of the two
+answers and the other does not (``sign_test``), p < ``SELECT_ALPHA``; so at least 5 more, and more where some are
+lost. Each candidate is tested against the plan on its own (no correction for their number: the guard is against
+moves on a handful of probes, not a proof). Why: on Gemma 3 at 0.2 (docs/quality.md, run 32, H100) ``--select-2bit``
+moved four heads on 45 probes answered against the plan's 41 of 64, and the plan written found 21% of the 2K passkeys
+where the solved plan found 84%; at 0.25 and 0.3 it moved heads on 44 against 25 and 40 against 30, and the plans
+written kept dense's share of passkeys and multi-key needles where the solved ones lost them."""
+
+
+def sign_test(gained: int, lost: int) -> float:
+    """One-sided exact sign test (McNemar's, exact): the chance of at least ``gained`` of ``gained + lost``
+    discordant probes going the candidate's way were each a coin toss. 1.0 when there are none."""
+    n = gained + lost
+    return sum(math.comb(n, k) for k in range(gained, n + 1)) / 2**n
+
+
+@dataclass
+class Versus:
+    """A candidate against the solved plan, on the same probes: answered by it and not the plan, the reverse, and
+    the sign test's p (``sign_test``)."""
+
+    gained: int = 0
+    lost: int = 0
+    p: float = 1.0
+
+    def info(self) -> dict[str, Any]:
+        return {"gained_vs_plan": self.gained, "lost_vs_plan": self.lost, "p_vs_plan": round(self.p, 4)}
+
+
+def versus_plan(plan: BudgetCandidate, candidates: list[Any]) -> None:
+    """Fill each candidate's ``versus`` (a ``DealCandidate`` or ``RingCandidate``) against ``plan``, all measured on
+    the same probes (``measure_budgets``)."""
+    if plan.hits is None:
+        raise HeadwiseError("versus_plan: the plan has not been run on the probes")
+    for c in candidates:
+        gained, lost = int((c.hits & ~plan.hits).sum()), int((plan.hits & ~c.hits).sum())
+        c.versus = Versus(gained, lost, sign_test(gained, lost))
+
+
+def _may_replace(c: Any, is_plan: bool) -> bool:
+    return is_plan or c.versus.p < SELECT_ALPHA
+
+
 @dataclass
 class DealCandidate(BudgetCandidate):
     """The budget's solved plan (``deal`` None) or one re-deal of its policies over the KV heads (``--select-deals``,
@@ -510,9 +562,12 @@ class DealCandidate(BudgetCandidate):
     """Which deal (its seed is ``runner.DEAL_SEED``:``deal``); None: the solved plan itself."""
     differs: list[tuple[int, int]] = field(default_factory=list)
     """(layer, KV head) whose policy differs from the solved plan's."""
+    versus: Versus = field(default_factory=Versus)
+    """Against the solved plan on the same probes (``versus_plan``); untested, it cannot replace the plan."""
 
     def info(self) -> dict[str, Any]:
-        return {"deal": self.deal, "differs": [list(h) for h in self.differs], **super().info()}
+        return {"deal": self.deal, "differs": [list(h) for h in self.differs], **super().info(),
+                **({} if self.deal is None else self.versus.info())}
 
 
 @dataclass
@@ -522,18 +577,25 @@ class RingCandidate(BudgetCandidate):
 
     ringed: list[tuple[int, int]] = field(default_factory=list)
     """(layer, KV head) moved from 2-bit codes to the ring."""
+    versus: Versus = field(default_factory=Versus)
+    """Against the plan on the same probes (``versus_plan``); untested, it cannot replace the plan."""
 
     def info(self) -> dict[str, Any]:
-        return {"ringed": [list(h) for h in self.ringed], **super().info()}
+        return {"ringed": [list(h) for h in self.ringed], **super().info(),
+                **(self.versus.info() if self.ringed else {})}
 
 
 def choose_ring(candidates: list[RingCandidate]) -> RingCandidate:
-    """The candidate that answers the most probes exactly; of those that tie, the plan itself (the probes saw nothing
-    the ring would buy), else the fewest heads moved, then the lowest mean answer NLL."""
-    return max(candidates, key=lambda c: (c.answered, -len(c.ringed), -c.nll))
+    """Of the plan itself and the candidates that answer more probes than it beyond chance (``SELECT_ALPHA``), the one
+    that answers the most exactly; of those that tie, the plan, else the fewest heads moved, then the lowest mean
+    answer NLL."""
+    return max((c for c in candidates if _may_replace(c, not c.ringed)),
+               key=lambda c: (c.answered, -len(c.ringed), -c.nll))
 
 
 def choose_deal(candidates: list[DealCandidate]) -> DealCandidate:
-    """The candidate that answers the most probes exactly; of those that tie, the solved plan, else the lowest mean
-    answer NLL (then the first deal)."""
-    return max(candidates, key=lambda c: (c.answered, c.deal is None, -c.nll, -(c.deal or 0)))
+    """Of the solved plan and the deals that answer more probes than it beyond chance (``SELECT_ALPHA``), the one that
+    answers the most exactly; of those that tie, the solved plan, else the lowest mean answer NLL (then the first
+    deal)."""
+    return max((c for c in candidates if _may_replace(c, c.deal is None)),
+               key=lambda c: (c.answered, c.deal is None, -c.nll, -(c.deal or 0)))
