@@ -61,13 +61,12 @@ def cells(results: dict[str, Any], task: str, run: str, budget: float | None) ->
     """One row per plan x length of ``task``: accuracy, n, Wilson 95%, KV measured (allocator) at that length."""
     perf = {(p["plan"], p["length"]): p for p in results["performance"]}
     out = []
-    budget_of = {a["plan"]: at_budget(a["plan"]) for a in results["accuracy"]}
     for a in results["accuracy"]:
         if a["task"] != task or a.get("pooled"):  # the draws' pool: each draw is a point of its own
             continue
         p = perf.get((a["plan"], a["length"]), {})
-        out.append({"run": run, "budget": budget_of[a["plan"]] or budget, "kind": kind_of(a["plan"]), "plan": a["plan"], "task": task,
-                    "length": a["length"], "n": a["n"], "score": a["score"], "ci95": a["ci95"],
+        out.append({"run": run, "budget": at_budget(a["plan"]) or budget, "kind": kind_of(a["plan"]), "plan": a["plan"],
+                    "task": task, "length": a["length"], "n": a["n"], "score": a["score"], "ci95": a["ci95"],
                     "kv_fraction_measured": p.get("kv_fraction_measured"), "kv_fraction": p.get("kv_fraction"),
                     "command": results["command"], "commit": results["commit"], "device": results["device"]})
     return out
