@@ -81,8 +81,14 @@ def paired_ratio(both: int, only_plan: int, only_ref: int, neither: int, z: floa
         centre = math.log(p1 / p2)
         out["ratio_ci95"] = [round(math.exp(centre - z * se), 4), round(math.exp(centre + z * se), 4)]
     k, m = min(b, c), b + c
-    out["mcnemar_p"] = round(min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m), 4) if m else 1.0
+    out["mcnemar_p"] = round(min(1.0, 2 * half_binomial_tail(k, m)), 4) if m else 1.0
     return out
+
+
+def half_binomial_tail(k: int, m: int) -> float:
+    """P(X <= k) for X ~ Binomial(m, 1/2): the tail of the exact sign test (McNemar's on ``m`` discordant pairs); 1.0
+    when ``m`` is 0."""
+    return sum(math.comb(m, i) for i in range(k + 1)) / 2**m
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:

@@ -37,7 +37,6 @@ A deal or a ring replaces the solved plan only where it answers more probes than
 from __future__ import annotations
 
 import itertools
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -521,9 +520,11 @@ written kept dense's share of passkeys and multi-key needles where the solved on
 
 def sign_test(gained: int, lost: int) -> float:
     """One-sided exact sign test (McNemar's, exact): the chance of at least ``gained`` of ``gained + lost``
-    discordant probes going the candidate's way were each a coin toss. 1.0 when there are none."""
-    n = gained + lost
-    return sum(math.comb(n, k) for k in range(gained, n + 1)) / 2**n
+    discordant probes going the candidate's way were each a coin toss (by symmetry, at most ``lost`` going the plan's:
+    ``scoring.half_binomial_tail``, whose two-sided form is the evaluation's McNemar p). 1.0 when there are none."""
+    from headwise.eval.scoring import half_binomial_tail
+
+    return half_binomial_tail(lost, gained + lost)
 
 
 @dataclass
