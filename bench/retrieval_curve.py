@@ -101,7 +101,9 @@ def collect(runs: list[tuple[str, Path]], dense_dir: Path | None, task: str) -> 
                 seen.add(key)
                 k = kept.get((r["plan"], task, r["length"]))
                 if k:
-                    r.update(kept=k["kept"], kept_n=k["n"], kept_share=k["share"], kept_ci95=k["ci95"])
+                    ratio = k["accuracy_ratio"]  # Bonett-Price 95%: "keeps 0.95 of dense's accuracy"
+                    r.update(kept=k["kept"], kept_n=k["n"], kept_share=k["share"], kept_ci95=k["ci95"],
+                             accuracy_ratio=ratio["ratio"], accuracy_ratio_ci95=ratio["ratio_ci95"])
                 rows.append(r)
     if dense is not None:
         rows += [r for r in cells(dense, task, "dense", None) if r["kind"] == "dense"]

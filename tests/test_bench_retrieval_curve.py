@@ -39,6 +39,7 @@ def test_cells_pair_with_dense_sample_by_sample(tmp_path, monkeypatch):
     rows = {(r["run"], r["kind"]): r for r in mod.collect([("v2", tmp_path / "run")], dense, "passkey")}
     plan, rnd = rows[("v2", "plan")], rows[("v2", "random")]
     assert (plan["kept"], plan["kept_n"], plan["budget"]) == (3, 4, 0.25)
+    assert plan["accuracy_ratio"] == round(5 / 4, 4) and len(plan["accuracy_ratio_ci95"]) == 2  # 5 right of dense's 4
     assert (rnd["kept"], rnd["kept_n"]) == (1, 4)
     assert rows[("dense", "dense")]["n"] == 6
     titles = []
