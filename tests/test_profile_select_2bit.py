@@ -180,3 +180,117 @@ def test_profiling_with_select_2bit_refuses_a_menu_without_two_bit_codes_before_
 
     with pytest.raises(InputError, match="give --quantize --quant-2bit"):
         profile_model(gemma, 0.4, 512, "retrieval", full_share=1.0, quantize=QuantMenu(), select_2bit=True)
+
+
+def _text_costs(monkeypatch, cost) -> list[int]:
+    """``select.plan_text_logprobs`` and ``select.text_kl`` replaced: a plan's KL from dense on the held-in text is
+    ``cost(policies)`` nats (dense 0). Returns a list that counts the text forwards."""
+    runs: list[int] = []
+
+    def fake_logprobs(lm, policies, text, keep, batch=8):
+        runs.append(1)
+        assert text.dim() == 2 and 0 < keep <= text.shape[1]
+        return torch.tensor(0.0 if policies is None else float(cost(policies)))
+
+    monkeypatch.setattr(select, "plan_text_logprobs", fake_logprobs)
+    monkeypatch.setattr(select, "text_kl", lambda dense, plan: float(plan - dense))
+    return runs
+
+
+def test_a_ring_that_costs_the_text_is_not_kept(gemma, source, monkeypatch, capsys):
+    """Run 32's 0.3 plan in small: the ring the probes prefer (7 of 8 against 1) adds 0.2 nats of text KL; within the
+    default allowance (0.05) the plan is kept, with 'off' (probes alone) the ring is."""
+    solved = _solve(gemma, source)
+    _scored_by(monkeypatch, lambda pols: 7 if (1, 1) in _ringed(pols) else 1)
+    _text_costs(monkeypatch, lambda pols: 0.1 + (0.2 if (1, 1) in _ringed(pols) else 0.0))
+    plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,))
+    rings = plan.meta["select_2bit"]
+    assert rings["ringed"] == [] and plan.policies() == solved.policies()
+    assert rings["text"]["allowance"] == select.SELECT_TEXT_ALLOWANCE and rings["text"]["measured"]
+    assert rings["candidates"][0]["text_kl"] == 0.1 and rings["candidates"][1]["text_kl"] == pytest.approx(0.3)
+    assert rings["text"]["steps"] == [{"ringed": [[1, 1]], "text_kl": 0.3, "within": False}]
+    from headwise.profile.runner import print_rings
+
+    print_rings(rings)
+    out = capsys.readouterr().out
+    assert "moved to the 32-token ring: none" in out
+    assert "held-in text KL: plan 0.100 nats; over the 0.05-nat allowance and not kept (layer.head): 1.1 +0.200" in out
+    plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,), select_text_allowance=None)
+    assert plan.meta["select_2bit"]["ringed"] == [[1, 1]] and "text" not in plan.meta["select_2bit"]
+
+
+def test_rings_join_the_set_while_the_text_allows(gemma, source, monkeypatch):
+    """Three rings each beat the plan within chance (3 of 8 against 1) and the three together beyond it (7), but each
+    ring adds 0.02 nats of text: the set is built the most probes first while it stays within 0.05, so two heads
+    are tried together (5 of 8, 4 gained: within chance at 8 probes, so the plan stays; at an allowance of 0.1 the
+    three together are kept)."""
+    _scored_by(monkeypatch, lambda pols: 1 + 2 * len(_ringed(pols)))
+    forwards = _text_costs(monkeypatch, lambda pols: 0.02 * len(_ringed(pols)))
+    plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,))
+    rings = plan.meta["select_2bit"]
+    steps = rings["text"]["steps"]
+    assert [s["within"] for s in steps] == [True, True, False] and len(steps[2]["ringed"]) == 3
+    assert rings["candidates"][-1]["ringed"] == steps[1]["ringed"] and rings["candidates"][-1]["probes_answered"] == 5
+    assert rings["candidates"][-1]["text_kl"] == pytest.approx(0.04)
+    assert rings["ringed"] == []  # 4 gained, none lost: p = 1/16
+    assert len(forwards) == 1 + 1 + 3 + 2  # dense, the plan, each ring, the two sets of several
+    plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,), select_text_allowance=0.1)
+    assert plan.meta["select_2bit"]["ringed"] == [list(h) for h in TWO_BIT]
+    assert all(s["within"] for s in plan.meta["select_2bit"]["text"]["steps"])
+
+
+def test_probe_hits_are_recorded_for_pairing_later(gemma, source, monkeypatch):
+    _scored_by(monkeypatch, lambda pols: 7 if (1, 1) in _ringed(pols) else 1)
+    _text_costs(monkeypatch, lambda pols: 0.0)
+    plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,))
+    cands = plan.meta["select_2bit"]["candidates"]
+    assert cands[0]["probe_hits"] == "10000000" and cands[1]["probe_hits"] == "11111110"
+
+
+def test_the_text_term_on_the_real_model(gemma):
+    """No scoring replaced: a plan's text log-probs under its masks; dense's own KL is 0 and a plan that streams every
+    head on a 32-token window loses text."""
+    from headwise.profile.ablate import ablation_text
+
+    text = ablation_text(gemma, 512, 256)
+    dense = select.plan_text_logprobs(gemma, None, text, 64)
+    assert dense.shape[:2] == (2, 64)
+    assert select.text_kl(dense, dense) == 0.0
+    ringed = [[Streaming(sink=0, window=32)] * 2] * 4
+    assert select.text_kl(dense, select.plan_text_logprobs(gemma, ringed, text, 64)) > 1e-4
+
+
+@pytest.mark.parametrize(("value", "said"), [("abc", "takes nats (e.g. 0.05) or 'off'"), ("-0.1", "a number >= 0"),
+                                             ("nan", "a number >= 0")])
+def test_a_bad_text_allowance_is_a_one_line_error(tmp_path, capsys, value, said):
+    rc = main(["profile", "no-such-model", "--budget", "0.4", "-o", str(tmp_path / "p.json"), "--quantize",
+               "--quant-2bit", "--select-2bit", "--select-text-allowance", value])
+    err = capsys.readouterr().err
+    assert rc != 0 and said in err and "Traceback" not in err
+
+
+def test_a_text_allowance_without_select_2bit_is_refused(tmp_path, capsys):
+    rc = main(["profile", "no-such-model", "--budget", "0.4", "-o", str(tmp_path / "p.json"),
+               "--select-text-allowance", "0.1"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "give --select-2bit" in err and "Traceback" not in err
+
+
+def test_the_set_grows_while_the_text_allows():
+    from headwise.profile.runner import rings_within_text
+
+    sets = {((1, 1), (2, 0)): 0.14, ((1, 1), (2, 0), (2, 1)): 0.2, ((1, 1), (2, 1)): 0.16}
+    chosen, kl, steps = rings_within_text([((2, 0), 0.11), ((1, 1), 0.12), ((2, 1), 0.3)],
+                                          lambda hs: sets[tuple(hs)], 0.1, 0.05)
+    assert chosen == [(1, 1), (2, 0)] and kl == 0.14
+    assert [s["within"] for s in steps] == [True, True, False]
+    assert steps[1]["ringed"] == [[1, 1], [2, 0]]  # sorted, as the candidate's ringed heads
+    chosen, kl, steps = rings_within_text([((2, 1), 0.3), ((1, 1), 0.12)], lambda hs: sets[tuple(hs)], 0.1, 0.05)
+    assert chosen == [(1, 1)] and kl == 0.12 and steps[0] == {"ringed": [[2, 1]], "text_kl": 0.3, "within": False}
+
+
+def test_the_text_positions_stay_bounded():
+    from headwise.profile.runner import select_text_positions
+
+    assert select_text_positions(2, 4096) == 512 and select_text_positions(16, 512) == 64
+    assert select_text_positions(1, 100) == 100 and select_text_positions(200, 512) == 16

@@ -31,6 +31,7 @@ from headwise.profile.runner import (
     check_select_2bit,
     check_select_deals,
     check_select_under,
+    check_text_allowance,
     draw_plan,
     parse_budgets,
     print_deals,
@@ -39,6 +40,7 @@ from headwise.profile.runner import (
     profile_model,
     resolve_from_scores,
 )
+from headwise.profile.select import SELECT_TEXT_ALLOWANCE
 from headwise.profile.solver import QuantMenu, check_budget
 
 FULL_HEADS: dict[str, dict[str, Any]] = {
@@ -77,6 +79,10 @@ def register(subparsers: Any) -> None:
                    help="with --quant-2bit, judge each head the solver holds in 2-bit values against the smallest ring "
                         "(--min-ring, else 128 tokens) on held-in retrieval probes, and stream those whose ring answers "
                         "more (the plan then holds less than --budget; docs/profiling.md)")
+    p.add_argument("--select-text-allowance", default=None, metavar="NATS",
+                   help="with --select-2bit, the KL from dense on held-in text (nats per position) a ring may add to "
+                        f"the plan's: rings that lose more text are not kept (default {SELECT_TEXT_ALLOWANCE:g}; 'off': "
+                        "judge rings on the probes alone; docs/profiling.md)")
     p.add_argument("--select-lengths", default="", metavar="L1,L2",
                    help="prompt lengths the --select-under, --select-2bit and --select-deals probes run at (default: "
                         "--target-len and twice it)")
@@ -237,6 +243,23 @@ def solver_menu(args: argparse.Namespace) -> QuantMenu | bool:
                      two_bit=args.quant_2bit, quantized=args.quantize, min_ring=args.min_ring)
 
 
+def parse_text_allowance(value: str | None, select_2bit: bool) -> float | None:
+    """``--select-text-allowance``: nats (a number >= 0), ``off`` (None: no text term), or not given (the default,
+    ``select.SELECT_TEXT_ALLOWANCE``). ``InputError`` for anything else, or when given without ``--select-2bit``."""
+    if value is None:
+        return SELECT_TEXT_ALLOWANCE
+    if not select_2bit:
+        raise InputError("--select-text-allowance bounds the text --select-2bit's rings may cost: give --select-2bit")
+    if value.strip().lower() == "off":
+        return None
+    try:
+        nats = float(value)
+    except ValueError:
+        raise InputError(f"--select-text-allowance takes nats (e.g. 0.05) or 'off', got {value!r}") from None
+    check_text_allowance(nats)
+    return nats
+
+
 def run(args: argparse.Namespace) -> int:
     check_budget(args.budget)  # before loading anything: a bad budget fails in a blink
     if not args.quantize and (args.quant_global_key_bits != 4 or args.quant_residual != 128 or args.quant_2bit):
@@ -252,6 +275,7 @@ def run(args: argparse.Namespace) -> int:
     check_select_deals(args.select_deals)
     if args.select_2bit:
         check_select_2bit(quantize)
+    text_allowance = parse_text_allowance(args.select_text_allowance, args.select_2bit)
     if args.select_lengths and not (select_under or args.select_deals or args.select_2bit):
         raise InputError("--select-lengths sets where the --select-under, --select-2bit or --select-deals candidates are "
                          "measured: give one of them")
@@ -301,7 +325,9 @@ def run(args: argparse.Namespace) -> int:
                                        select_probes=settings.select_probes, quantize=quantize, ranks=args.tp,
                                        fit_lengths=fit_lengths, select_under=select_under,
                                        select_lengths=select_lengths, progress=not args.no_progress,
-                                       select_deals=args.select_deals, select_2bit=args.select_2bit)
+                                       select_deals=args.select_deals, select_2bit=args.select_2bit,
+                                       select_text_allowance=text_allowance,
+                                       select_text_tokens=settings.select_text_tokens)
         else:
             plan = profile_model(lm, args.budget, args.target_len, args.method,
                                  settings, progress=not args.no_progress,
@@ -311,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
                                  fit_lengths=fit_lengths, ablation_base=args.ablation_base,
                                  select_under=select_under, select_lengths=select_lengths,
                                  ablation_switch=args.ablation_switch, select_deals=args.select_deals,
-                                 select_2bit=args.select_2bit)
+                                 select_2bit=args.select_2bit, select_text_allowance=text_allowance)
             plan.meta["timings_s"]["total_s"] = round(time.perf_counter() - t0, 2)
         if args.full_heads != "full":
             plan = plan.replaced("full", FULL_HEADS[args.full_heads])

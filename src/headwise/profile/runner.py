@@ -19,6 +19,7 @@ Streaming spans always come from the mass profile (``solver.py``).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from headwise.plan import HeadPlan
 from headwise.policies import Policy
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
+from headwise.profile.select import SELECT_TEXT_ALLOWANCE
 from headwise.profile.solver import Quantize, check_budget, check_room, quant_menu, solve
 from headwise.spec import ModelSpec
 
@@ -45,6 +47,22 @@ ABLATION_SWITCHES = ("streaming", "knorm")
 DEFAULT_METHOD = "duo"
 """The deciding score by default: DuoAttention's gates, trained on the retrieval probes (docs/profiling.md and
 docs/results.md hold the GPU evaluation behind the choice)."""
+
+
+SELECT_TEXT_TOKENS = 8192
+"""Tokens of held-in text (``ablate.ablation_text``, in rows of the target length) ``--select-2bit``'s text term is
+measured on, over the last positions of each row (``select_text_positions``)."""
+SELECT_TEXT_POSITIONS = 1024
+"""Positions, over all rows, whose next-token log-probs ``--select-2bit``'s text term holds for dense and for each
+candidate (x the vocabulary, in fp32: 1 GiB each on Gemma 3's 262,144 tokens)."""
+
+
+def select_text_positions(rows: int, tokens: int) -> int:
+    """The last positions of each of ``rows`` rows of ``tokens`` the text term is taken over: ``ablate.TEXT_POSITIONS``,
+    fewer where the rows are many (``SELECT_TEXT_POSITIONS`` in all), at least 16, at most the row."""
+    from headwise.profile.ablate import TEXT_POSITIONS
+
+    return min(tokens, TEXT_POSITIONS, max(16, SELECT_TEXT_POSITIONS // max(1, rows)))
 
 
 @dataclass(frozen=True)
@@ -80,6 +98,8 @@ class Settings:
     """Weight of the text term in the ablation's loss (``ablate.py``, "Text"): 0, retrieval only."""
     ablation_text_tokens: int = 8192
     """Tokens of held-in text for that term, in rows of the target length (used only with a weight above 0)."""
+    select_text_tokens: int = SELECT_TEXT_TOKENS
+    """Tokens of held-in text ``--select-2bit``'s text term is measured on (``select_2bit_rings``)."""
     act_length: int = 1024
     """Tokens of held-in and of held-out text, or of each retrieval probe, for ACT's per-head choice (``act.py``)."""
     act_probes: int = 16
@@ -94,6 +114,7 @@ class Settings:
     def fast(cls, prefill_density: float | None = None) -> Settings:
         return cls((512,), (0.5,), ("passkey",), 512, 64, 1, 3, 256, 60.0, 1, 2, prefill_density, 512,
                    ablation_probes=2, ablation_drop=0.5, ablation_time_limit_s=60.0, ablation_text_tokens=512,
+                   select_text_tokens=512,
                    act_length=256, act_probes=2, seer_steps=4, seer_seq_len=256)
 
     @classmethod
@@ -272,7 +293,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
                   train_seer_gates: bool = False, fit_lengths: tuple[int, ...] = (),
                   ablation_base: str = "full", select_under: tuple[float, ...] = (),
                   select_lengths: tuple[int, ...] = (), ablation_switch: str = "streaming",
-                  select_deals: int = 0, select_2bit: bool = False) -> HeadPlan:
+                  select_deals: int = 0, select_2bit: bool = False,
+                  select_text_allowance: float | None = SELECT_TEXT_ALLOWANCE) -> HeadPlan:
     """Measure, solve and return the plan (not saved: the caller saves it atomically).
 
     ``full_share`` None: the plan is chosen among candidates (each available ranking, ``method``'s first, x
@@ -294,7 +316,8 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     that many re-deals of its policies over the heads on held-in probes at ``select_lengths``
     (``select_among_deals``; recorded in ``meta["select_deals"]``). ``select_2bit``: before the deals, each head the
     plan holds in 2-bit values competes with the menu's ring on those probes (``select_2bit_rings``; recorded in
-    ``meta["select_2bit"]``)."""
+    ``meta["select_2bit"]``), a ring kept only within ``select_text_allowance`` nats of the plan's text KL (None: no
+    text term)."""
     from headwise.profile.mass import SPAN_OPTIONS, mass_scores
     from headwise.profile.razor import razor_scores
     from headwise.profile.retrieval import retrieval_scores
@@ -320,6 +343,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if select_2bit:
         check_select_2bit(quantize)
         check_probe_lengths(lm, settings.select_probes, select_lengths, "--select-2bit")
+        check_text_allowance(select_text_allowance)
     if settings.ablation_text_weight and method != "ablation":
         raise HeadwiseError(f"an ablation text weight weighs the text term of the ablation ranking; it needs --method "
                             f"ablation, not {method}")
@@ -395,7 +419,7 @@ def profile_model(lm: LoadedModel, budget: float, target_len: int = 4096, method
     if select_2bit:
         with phase(timings, "select_2bit", log):
             sol, rings = select_2bit_rings(lm, sol, quantize, budget, target_len, settings.select_probes,
-                                           select_lengths)
+                                           select_lengths, select_text_allowance, settings.select_text_tokens)
     deals: dict[str, Any] = {}
     if select_deals:
         with phase(timings, "select_deals", log):
@@ -711,41 +735,105 @@ def check_select_2bit(quantize: Quantize) -> Any:
 
 
 def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: float, target_len: int, n_probes: int,
-                      lengths: tuple[int, ...] = ()) -> tuple[Any, dict[str, Any]]:
+                      lengths: tuple[int, ...] = (), text_allowance: float | None = SELECT_TEXT_ALLOWANCE,
+                      text_tokens: int = SELECT_TEXT_TOKENS) -> tuple[Any, dict[str, Any]]:
     """Each head the solved plan ``sol`` holds in 2-bit values, judged against the menu's smallest ring (``min_ring``,
     else the spans' 128-token floor) on held-in probes: one candidate per such head with that head on the ring, then,
-    where several beat the plan, one with all of those on rings; the candidate answering the most probes exactly is
+    where several beat the plan, one with those on rings together; the candidate answering the most probes exactly is
     kept, the plan on a tie (``select.choose_ring``). Judged as ``select_under_budget`` judges budgets
     (``measure_on_probes``, the quantized heads rounded as their stores hold them). Why: the solver values every
     quantized option above every ring (it keeps every token), but on Gemma 3 (docs/quality.md, run 31) one sliding
     head in 2-bit codes cost the 0.25 plan most of its multi-key needles (18-24% where the 0.2 plan, with that head on
     a 32-token ring, kept 43-60%), and the held-in probes saw it (9 of 24 answered against 15). A candidate replaces
-    the plan only if it answers more probes beyond chance (``select.SELECT_ALPHA``). A ring never holds more than the
-    codes it replaces, so the plan kept holds at most the solved plan's KV. Returns the solution kept and
-    ``meta["select_2bit"]``."""
-    from headwise.profile.select import RingCandidate, choose_ring, versus_plan
+    the plan only if it answers more probes beyond chance (``select.SELECT_ALPHA``).
+
+    ``text_allowance`` (nats, default ``select.SELECT_TEXT_ALLOWANCE``; None: no text term): the plan
+    and each ring that beats it are also run on ``text_tokens`` of held-in text (``ablate.ablation_text``), and a
+    candidate may replace the plan only if its KL from dense there exceeds the plan's by at most the allowance
+    (``select.within_text``); the heads tried together are those rings, the most probes first, each added only while
+    the set stays within it (one text forward per step). Why: on Gemma 3 at 0.3 (runs 32-33) the five rings the
+    probes preferred lost 0.33 nats of text where one of them lost 0.01 and kept most of the multi-key needles.
+
+    A ring never holds more than the codes it replaces, so the plan kept holds at most the solved plan's KV. Returns
+    the solution kept and ``meta["select_2bit"]``."""
+    from headwise.profile.ablate import ablation_text
+    from headwise.profile.select import RingCandidate, choose_ring, plan_text_logprobs, text_kl, versus_plan
     from headwise.profile.solver import SPAN_FLOOR
 
     menu = check_select_2bit(quantize)
     check_probe_lengths(lm, n_probes, lengths, "--select-2bit")
+    check_text_allowance(text_allowance)
     heads = two_bit_heads(sol.policies)
     ring = menu.min_ring or SPAN_FLOOR
     cands = [RingCandidate(budget, sol)]
     cands += [RingCandidate(budget, ringed_solution(lm.spec, sol, [h], ring, target_len), ringed=[h]) for h in heads]
+    text_info: dict[str, Any] = {}
+    steps: list[dict[str, Any]] = []
+
+    def kl_of(policies: list[list[Any]]) -> float:
+        return text_kl(text_info["dense"], plan_text_logprobs(lm, policies, text_info["ids"], text_info["keep"]))
 
     def together(measured: list[RingCandidate]) -> list[RingCandidate]:  # the heads whose ring alone beat the plan
-        better = [c.ringed[0] for c in measured[1:] if c.answered > measured[0].answered]
-        return [RingCandidate(budget, ringed_solution(lm.spec, sol, better, ring, target_len), ringed=better)
-                ] if len(better) > 1 else []
+        plan = measured[0]
+        better = sorted((c for c in measured[1:] if c.answered > plan.answered), key=lambda c: (-c.answered, c.nll))
+        chosen = [c.ringed[0] for c in better]
+        if text_allowance is not None and better:
+            ids = ablation_text(lm, text_tokens, profile_length(lm.spec, target_len))
+            keep = select_text_positions(*ids.shape)
+            text_info.update(ids=ids, keep=keep, dense=plan_text_logprobs(lm, None, ids, keep))
+            plan.text_kl = kl_of(plan.solution.policies)
+            for c in better:
+                c.text_kl = kl_of(c.solution.policies)
+            chosen, text_info["together_kl"], found = rings_within_text(
+                [(c.ringed[0], c.text_kl) for c in better],
+                lambda hs: kl_of(ringed_solution(lm.spec, sol, hs, ring, target_len).policies),
+                plan.text_kl, text_allowance)
+            steps.extend(found)
+        chosen = sorted(chosen)
+        if len(chosen) < 2:
+            return []
+        both = RingCandidate(budget, ringed_solution(lm.spec, sol, chosen, ring, target_len), ringed=chosen)
+        both.text_kl = text_info.get("together_kl")
+        return [both]
 
     common: dict[str, Any] = {}
     if heads:
         common = measure_on_probes(lm, cands, target_len, n_probes, lengths, more=together)
         versus_plan(cands[0], cands[1:])
-    best = choose_ring(cands)
-    info = {"ring": ring, "heads": [list(h) for h in heads], **common, "candidates": [c.info() for c in cands],
-            "ringed": [list(h) for h in best.ringed]}
+    best = choose_ring(cands, text_allowance)
+    text = {} if text_allowance is None else {"text": {
+        "allowance": text_allowance, "measured": "ids" in text_info,
+        **({"rows": int(text_info["ids"].shape[0]), "tokens": int(text_info["ids"].shape[1]),
+            "positions": text_info["keep"], "steps": steps} if "ids" in text_info else {})}}
+    info = {"ring": ring, "heads": [list(h) for h in heads], **common, **text,
+            "candidates": [c.info() for c in cands], "ringed": [list(h) for h in best.ringed]}
     return best.solution, info
+
+
+def rings_within_text(order: list[tuple[tuple[int, int], float]], kl_of: Callable[[list[tuple[int, int]]], float],
+                      plan_kl: float, allowance: float) -> tuple[list[tuple[int, int]], float | None, list[dict[str, Any]]]:
+    """The set of rings ``--select-2bit`` tries together under its text term: the heads of ``order`` (each with its
+    own ring's KL on held-in text), in that order, each added while the set's KL (``kl_of(sorted heads)``; a set of
+    one is its own) stays within ``allowance`` nats of ``plan_kl``. Returns the heads (sorted), the set's KL (None for
+    none) and one step per head tried (``ringed``, ``text_kl``, ``within``)."""
+    chosen: list[tuple[int, int]] = []
+    last: float | None = None
+    steps: list[dict[str, Any]] = []
+    for head, own in order:
+        trial = sorted([*chosen, head])
+        kl = own if len(trial) == 1 else kl_of(trial)
+        fits = kl - plan_kl <= allowance
+        steps.append({"ringed": [list(h) for h in trial], "text_kl": round(kl, 4), "within": fits})
+        if fits:
+            chosen, last = trial, kl
+    return chosen, last, steps
+
+
+def check_text_allowance(allowance: float | None) -> None:
+    """Raise ``InputError`` unless ``allowance`` (``--select-text-allowance``) is None or a number of nats >= 0."""
+    if allowance is not None and not (allowance >= 0.0 and math.isfinite(allowance)):
+        raise InputError(f"--select-text-allowance is the KL in nats a ring may add to the plan's on held-in text: a "
+                         f"number >= 0, or 'off' for no text term; got {allowance}")
 
 
 def print_rings(rings: dict[str, Any]) -> None:
@@ -759,7 +847,27 @@ def print_rings(rings: dict[str, Any]) -> None:
     together = [f", {len(c['ringed'])} together {c['probes_answered']}" for c in cands[1:] if len(c["ringed"]) > 1]
     print(f"--select-2bit: moved to the {rings['ring']}-token ring: {moved} (probes answered exactly of "
           f"{rings['probes']}: plan {cands[0]['probes_answered']}, one head ringed {min(singles)}-{max(singles)} over "
-          f"{len(singles)} heads{''.join(together)}, dense {rings['dense_probes_answered']}){_untold(cands[1:])}")
+          f"{len(singles)} heads{''.join(together)}, dense {rings['dense_probes_answered']}){_untold(cands[1:])}"
+          f"{_text_told(rings)}")
+
+
+def _text_told(rings: dict[str, Any]) -> str:
+    """What the text term (``--select-text-allowance``) measured: the plan's KL on held-in text, what the rings kept
+    add to it, and the rings or sets it kept out."""
+    text = rings.get("text")
+    if not text or not text.get("measured"):
+        return ""
+    cands = rings["candidates"]
+    plan_kl = cands[0]["text_kl"]
+    kept = next((c for c in cands if c["ringed"] == rings["ringed"]), cands[0])
+    out = [f"held-in text KL: plan {plan_kl:.3f} nats"]
+    if rings["ringed"]:
+        out.append(f"with the rings kept {kept['text_kl']:.3f}")
+    over = [s for s in text["steps"] if not s["within"]]
+    if over:
+        said = ", ".join(f"{'+'.join(f'{i}.{j}' for i, j in s['ringed'])} +{s['text_kl'] - plan_kl:.3f}" for s in over)
+        out.append(f"over the {text['allowance']:g}-nat allowance and not kept (layer.head): {said}")
+    return "; " + "; ".join(out)
 
 
 def _untold(cands: list[dict[str, Any]]) -> str:
@@ -837,11 +945,14 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
                         command: str = "", full_share: float | None = FULL_SHARE, select_probes: int = 0,
                         quantize: Quantize = False, ranks: int = 1, fit_lengths: tuple[int, ...] = (),
                         select_under: tuple[float, ...] = (), select_lengths: tuple[int, ...] = (),
-                        progress: bool = False, select_deals: int = 0, select_2bit: bool = False) -> HeadPlan:
+                        progress: bool = False, select_deals: int = 0, select_2bit: bool = False,
+                        select_text_allowance: float | None = SELECT_TEXT_ALLOWANCE,
+                        select_text_tokens: int = SELECT_TEXT_TOKENS) -> HeadPlan:
     """Re-solve a budget from the scores a previous profile recorded in its plan's metadata (no measuring but,
     with ``full_share`` None and ``select_probes``, the candidates' retrieval on held-in probes: ``_select``; with
     ``select_under``, the smaller budgets' plans on them: ``select_under_budget``; with ``select_2bit``, each head in
-    2-bit values against the menu's ring on them: ``select_2bit_rings``; with ``select_deals``, that many
+    2-bit values against the menu's ring on them, within ``select_text_allowance`` nats of the plan's text KL on
+    ``select_text_tokens`` of held-in text: ``select_2bit_rings``; with ``select_deals``, that many
     re-deals of the solved plan's policies on them: ``select_among_deals``; and, when ``target_len`` is not
     the length the source's span recalls were measured at, those recalls again at ``target_len``).
 
@@ -849,6 +960,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
     check_budget(budget)
     check_select_under(budget, select_under, full_share)
     check_select_deals(select_deals)
+    check_text_allowance(select_text_allowance)
     source.check_model(lm.spec)
     meta = dict(source.meta)
     key = f"{method}_kv"
@@ -890,7 +1002,7 @@ def resolve_from_scores(lm: LoadedModel, source: HeadPlan, budget: float, target
         meta["selection"] = selection
     if select_2bit:
         sol, meta["select_2bit"] = select_2bit_rings(lm, sol, quantize, budget, target_len, select_probes,
-                                                     select_lengths)
+                                                     select_lengths, select_text_allowance, select_text_tokens)
     if select_deals:
         sol, meta["select_deals"] = select_among_deals(lm, sol, select_deals, budget, target_len, select_probes,
                                                        select_lengths, fit_lengths)

@@ -282,16 +282,34 @@ def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: P
     decoding writes the answer first) and the answer's summed token NLL, under the plan (``None``: dense), its
     quantized heads rounded as the engine's caches hold them (``plan_rounding``: prefill in ``DEFAULT_CHUNK``-token
     chunks, decode steps on the kernel on a GPU). Returns (bool ``[n]``, float ``[n]``) on the CPU."""
+    if policies is None:
+        return masked_probe_losses(lm, None, probes, batch)
+    masks_for, rounding_for = _plan_forward(lm, policies)
+    return masked_probe_losses(lm, masks_for, probes, batch, rounding_for)
+
+
+def _plan_forward(lm: LoadedModel, policies: list[list[Policy]],
+                  ) -> tuple[Callable[[int], list[torch.Tensor]], Callable[[int, int], list[list[Emulated]]] | None]:
+    """The plan's ``masks_for`` and ``rounding_for`` (None where no head is rounded), as ``probe_losses`` and
+    ``plan_text_logprobs`` run it: prefill in ``DEFAULT_CHUNK``-token chunks, decode steps on the kernel on a GPU."""
     from headwise.engine import DEFAULT_CHUNK
 
     device = next(lm.model.parameters()).device
-    if policies is None:
-        return masked_probe_losses(lm, None, probes, batch)
     rounding_for = None
     if any(isinstance(p, Quantized | KNorm) for row in policies for p in row):
         def rounding_for(prompt_len: int, total: int) -> list[list[Emulated]]:
             return plan_rounding(lm.spec, policies, prompt_len, total, device, DEFAULT_CHUNK, device.type == "cuda")
-    return masked_probe_losses(lm, lambda n: plan_masks(lm.spec, policies, n, device), probes, batch, rounding_for)
+    return (lambda n: plan_masks(lm.spec, policies, n, device)), rounding_for
+
+
+def plan_text_logprobs(lm: LoadedModel, policies: list[list[Policy]] | None, text: torch.Tensor, keep: int,
+                       batch: int = 8) -> torch.Tensor:
+    """``masked_text_logprobs`` under the plan (``None``: dense), its quantized heads rounded as ``probe_losses``
+    rounds them (each row a prompt prefilled whole)."""
+    if policies is None:
+        return masked_text_logprobs(lm, None, text, keep, batch)
+    masks_for, rounding_for = _plan_forward(lm, policies)
+    return masked_text_logprobs(lm, masks_for, text, keep, batch, rounding_for)
 
 
 def _masked_logits(model: torch.nn.Module, x: torch.Tensor, masks: list[torch.Tensor] | None,
@@ -475,13 +493,17 @@ class BudgetCandidate:
     """Mean answer-token NLL over all probes."""
     hits: torch.Tensor | None = field(default=None, repr=False)
     """Which probes it answers exactly (bool ``[n]``, ``probe_losses`` order), for pairing with another candidate."""
+    text_kl: float | None = None
+    """KL from dense on held-in text, nats per position (``plan_text_logprobs``), where measured."""
 
     def info(self) -> dict[str, Any]:
         return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
                 "plan": composition(self.solution.policies), "probes_answered": self.answered,
                 "answered_by_length": {str(k): v for k, v in (self.by_length or {}).items()},
                 "answered_by_haystack": dict(sorted((self.by_haystack or {}).items())),
-                "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4)}
+                "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4),
+                **({} if self.hits is None else {"probe_hits": "".join("1" if h else "0" for h in self.hits.tolist())}),
+                **({} if self.text_kl is None else {"text_kl": round(self.text_kl, 4)})}
 
 
 def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: ProbeSet,
@@ -586,11 +608,30 @@ class RingCandidate(BudgetCandidate):
                 **(self.versus.info() if self.ringed else {})}
 
 
-def choose_ring(candidates: list[RingCandidate]) -> RingCandidate:
-    """Of the plan itself and the candidates that answer more probes than it beyond chance (``SELECT_ALPHA``), the one
-    that answers the most exactly; of those that tie, the plan, else the fewest heads moved, then the lowest mean
-    answer NLL."""
-    return max((c for c in candidates if _may_replace(c, not c.ringed)),
+SELECT_TEXT_ALLOWANCE = 0.05
+"""``--select-2bit``'s text term (``--select-text-allowance``): a ring, or a set of rings, may replace the plan only if
+its KL from dense on held-in text exceeds the plan's by at most this many nats per position. Why: on Gemma 3 at 0.3
+(docs/quality.md, runs 32-33, H100) the five rings the probes preferred kept dense's multi-key needles but lost 0.33-0.36
+nats of text on the evaluation's Shakespeare (perplexity 55 against 38), where layer 10's ring alone, +0.01 nats over
+the solved plan's 0.11-0.14, kept 0.92-1.00 of them (n = 400) against the solved plan's 0.6-0.7; one head's ring cost
+0.01-0.08 nats there (CPU). 0.05 lets a ring or two through and stops the set that trades the text away."""
+
+
+def within_text(c: BudgetCandidate, plan: BudgetCandidate, allowance: float | None) -> bool:
+    """Whether ``c`` keeps the text within ``allowance`` nats of ``plan``'s (None: no text term); unmeasured, it does
+    not."""
+    if allowance is None:
+        return True
+    return c.text_kl is not None and plan.text_kl is not None and c.text_kl - plan.text_kl <= allowance
+
+
+def choose_ring(candidates: list[RingCandidate], allowance: float | None = None) -> RingCandidate:
+    """Of the plan itself (``candidates[0]``) and the candidates that answer more probes than it beyond chance
+    (``SELECT_ALPHA``) and, with an ``allowance``, lose at most that many nats of held-in text more than it
+    (``within_text``), the one that answers the most exactly; of those that tie, the plan, else the fewest heads
+    moved, then the lowest mean answer NLL."""
+    plan = candidates[0]
+    return max((c for c in candidates if not c.ringed or (_may_replace(c, False) and within_text(c, plan, allowance))),
                key=lambda c: (c.answered, -len(c.ringed), -c.nll))
 
 
