@@ -32,6 +32,9 @@ solved plan on a tie, then the lower answer NLL. ``--select-2bit`` (``runner.sel
 against itself with heads it holds in 2-bit codes on rings (``RingCandidate``); ``choose_ring`` as ``choose_deal``.
 A deal or a ring replaces the solved plan only where it answers more probes than chance would (``SELECT_ALPHA``,
 ``versus_plan``): the probes are few, and a move on a difference of a few of them can cost what they do not test.
+A ring must also keep the text: its KL from dense on held-in text may exceed the plan's by at most
+``SELECT_TEXT_ALLOWANCE`` nats (``within_text``; ``plan_text_logprobs`` runs a plan on text as ``probe_losses`` runs it
+on probes), because the probes do not see what a ring costs the text.
 """
 
 from __future__ import annotations
@@ -613,7 +616,7 @@ SELECT_TEXT_ALLOWANCE = 0.05
 its KL from dense on held-in text exceeds the plan's by at most this many nats per position. Why: on Gemma 3 at 0.3
 (docs/quality.md, runs 32-33, H100) the five rings the probes preferred kept dense's multi-key needles but lost 0.33-0.36
 nats of text on the evaluation's Shakespeare (perplexity 55 against 38), where layer 10's ring alone, +0.01 nats over
-the solved plan's 0.11-0.14, kept 0.92-1.00 of them (n = 400) against the solved plan's 0.6-0.7. On the held-in text
+the solved plan's 0.11-0.14, kept 0.92-1.00 of them (n = 400) against the solved plan's 0.61-0.73. On the held-in text
 this term measures, those five rings cost 0.006-0.065 nats each (CPU, session 39): 0.05 lets three of them through
 together (layers 0, 7, 10: +0.039) and stops the two that cost the most."""
 
