@@ -54,6 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default=None)
     ap.add_argument("--device", default=None)
     ap.add_argument("--result", type=Path, default=None)
+    argv = sys.argv[1:] if argv is None else argv
     args = ap.parse_args(argv)
     heads = parse_heads(args.heads)
     lm = load_model(args.model, device=args.device, dtype=args.dtype)
@@ -90,7 +91,8 @@ def main(argv: list[str] | None = None) -> dict:
                "steps": steps, "kept": [list(h) for h in chosen],
                "kept_text_kl": None if set_kl is None else round(set_kl, 4)}
     if args.result:
-        write_result(result_doc("python " + shlex.join(sys.argv), results, lm.device), args.result)
+        write_result(result_doc("python bench/experiments/ring_text_steps.py " + shlex.join(argv), results, lm.device),
+                     args.result)
     return results
 
 
