@@ -214,7 +214,7 @@ def test_a_ring_that_costs_the_text_is_not_kept(gemma, source, monkeypatch, caps
     print_rings(rings)
     out = capsys.readouterr().out
     assert "moved to the 32-token ring: none" in out
-    assert "held-in text KL: plan 0.100 nats; over the 0.05-nat allowance and not kept (layer.head): 1.1 +0.200" in out
+    assert "held-in text KL: plan 0.100 nats; over the 0.05-nat allowance and not kept (layer.head): 1.1 (+0.200)" in out
     plan = _solve(gemma, source, select_2bit=True, select_probes=8, select_lengths=(300,), select_text_allowance=None)
     assert plan.meta["select_2bit"]["ringed"] == [[1, 1]] and "text" not in plan.meta["select_2bit"]
 

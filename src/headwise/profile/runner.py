@@ -865,7 +865,8 @@ def _text_told(rings: dict[str, Any]) -> str:
         out.append(f"with the rings kept {kept['text_kl']:.3f}")
     over = [s for s in text["steps"] if not s["within"]]
     if over:
-        said = ", ".join(f"{'+'.join(f'{i}.{j}' for i, j in s['ringed'])} +{s['text_kl'] - plan_kl:.3f}" for s in over)
+        said = " / ".join(f"{', '.join(f'{i}.{j}' for i, j in s['ringed'])} (+{s['text_kl'] - plan_kl:.3f})"
+                          for s in over)
         out.append(f"over the {text['allowance']:g}-nat allowance and not kept (layer.head): {said}")
     return "; " + "; ".join(out)
 
