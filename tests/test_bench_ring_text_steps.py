@@ -28,4 +28,4 @@ def test_ring_text_steps_on_a_tiny_model(tiny_gemma, tmp_path, monkeypatch):
     assert res["plan_text_kl"] >= 0 and res["steps"][1]["text_kl"] > res["plan_text_kl"]
     doc = json.loads(out.read_text())
     assert doc["results"]["kept"] == res["kept"] and "ring_text_steps.py" in doc["command"]
-    assert Streaming(sink=16, window=16) == mod.ring_policy(32, None)  # the global layer's ring: half sinks
+    assert mod.ringed_policies(spec, pols, [(2, 0)], 32)[2][0] == Streaming(sink=16, window=16)  # global: half sinks

@@ -15,7 +15,6 @@ whether a set replaces the plan.
 from __future__ import annotations
 
 import argparse
-import copy
 import shlex
 import sys
 from pathlib import Path
@@ -23,15 +22,8 @@ from pathlib import Path
 from headwise.bench.record import result_doc, write_result
 from headwise.models import load_model
 from headwise.plan import HeadPlan
-from headwise.profile.ablate import ablation_text
-from headwise.profile.runner import (
-    SELECT_TEXT_TOKENS,
-    profile_length,
-    rings_within_text,
-    select_text_positions,
-)
-from headwise.profile.select import SELECT_TEXT_ALLOWANCE, plan_text_logprobs, text_kl
-from headwise.profile.solver import ring_policy
+from headwise.profile.runner import SELECT_TEXT_TOKENS, HeldInText, ringed_policies, rings_within_text
+from headwise.profile.select import SELECT_TEXT_ALLOWANCE
 
 
 def parse_heads(text: str) -> list[tuple[int, int]]:
@@ -62,30 +54,23 @@ def main(argv: list[str] | None = None) -> dict:
     base.check_model(lm.spec)
     policies = base.policies()
 
-    def ringed(hs: list[tuple[int, int]]) -> list[list]:
-        pols = copy.deepcopy(policies)
-        for i, j in hs:
-            pols[i][j] = ring_policy(args.ring, lm.spec.native_window(i))
-        return pols
+    text = HeldInText.load(lm, args.tokens, args.target_len)
 
-    ids = ablation_text(lm, args.tokens, profile_length(lm.spec, args.target_len))
-    keep = select_text_positions(*ids.shape)
-    dense = plan_text_logprobs(lm, None, ids, keep)
+    def kl(hs: list[tuple[int, int]]) -> float:
+        return text.kl(ringed_policies(lm.spec, policies, hs, args.ring))
 
-    def kl(pols: list[list]) -> float:
-        return text_kl(dense, plan_text_logprobs(lm, pols, ids, keep))
-
-    plan_kl = kl(policies)
-    singles = {h: kl(ringed([h])) for h in heads}
-    chosen, set_kl, steps = rings_within_text([(h, singles[h]) for h in heads], lambda hs: kl(ringed(hs)), plan_kl,
-                                              args.allowance)
-    print(f"held-in text: {ids.shape[0]} rows of {ids.shape[1]} tokens, last {keep} positions; plan KL {plan_kl:.4f}")
+    plan_kl = kl([])
+    singles = {h: kl([h]) for h in heads}
+    chosen, set_kl, steps = rings_within_text([(h, singles[h]) for h in heads], kl, plan_kl, args.allowance)
+    shape = text.info()
+    print(f"held-in text: {shape['rows']} rows of {shape['tokens']} tokens, last {shape['positions']} positions; "
+          f"plan KL {plan_kl:.4f}")
     for h in heads:
         print(f"  layer {h[0]} head {h[1]} alone: {singles[h]:.4f} (+{singles[h] - plan_kl:.4f})")
     for s in steps:
         print(f"  set {s['ringed']}: {s['text_kl']:.4f} (+{s['text_kl'] - plan_kl:.4f}) {'kept' if s['within'] else 'over'}")
     results = {"plan": str(args.plan), "plan_digest": base.digest(), "ring": args.ring, "allowance": args.allowance,
-               "text": {"rows": int(ids.shape[0]), "tokens": int(ids.shape[1]), "positions": keep},
+               "text": shape,
                "plan_text_kl": round(plan_kl, 4),
                "singles": [{"ringed": list(h), "text_kl": round(v, 4)} for h, v in singles.items()],
                "steps": steps, "kept": [list(h) for h in chosen],

@@ -704,18 +704,28 @@ def two_bit_heads(policies: list[list[Any]]) -> list[tuple[int, int]]:
     return [(i, j) for i, row in enumerate(policies) for j, p in enumerate(row) if isinstance(p, Quantized) and p.bits == 2]
 
 
+def ringed_policies(spec: ModelSpec, policies: list[list[Policy]], heads: list[tuple[int, int]],
+                    ring: int) -> list[list[Policy]]:
+    """A copy of ``policies`` with ``heads`` streaming on a ``ring``-token ring (``solver.ring_policy``: a window on a
+    native sliding layer, half sinks on a global one)."""
+    import copy
+
+    from headwise.profile.solver import ring_policy
+
+    out = copy.deepcopy(policies)
+    for i, j in heads:
+        out[i][j] = ring_policy(ring, spec.native_window(i))
+    return out
+
+
 def ringed_solution(spec: Any, sol: Any, heads: list[tuple[int, int]], ring: int, target_len: int) -> Any:
     """``sol`` (``solver.Solution``) with ``heads`` streaming on a ``ring``-token ring (``solver.ring_policy``: a window
     on a native sliding layer, half sinks on a global one) instead of their quantized codes, its KV recounted."""
-    import copy
     import dataclasses
 
     from headwise.plan import HeadPlan
-    from headwise.profile.solver import ring_policy
 
-    policies = copy.deepcopy(sol.policies)
-    for i, j in heads:
-        policies[i][j] = ring_policy(ring, spec.native_window(i))
+    policies = ringed_policies(spec, sol.policies, heads, ring)
 
     def held(pols: list[list[Any]]) -> int:
         return HeadPlan.from_policies(spec, pols).kv_tokens(spec, target_len, peak=True)
@@ -732,6 +742,36 @@ def check_select_2bit(quantize: Quantize) -> Any:
     if menu is None or not menu.quantized or not menu.two_bit:
         raise InputError("--select-2bit judges the heads the solver holds in 2-bit codes: give --quantize --quant-2bit")
     return menu
+
+
+@dataclass
+class HeldInText:
+    """``--select-2bit``'s text term: held-in text (``ablate.ablation_text``, ``SELECT_TEXT_TOKENS`` in rows of the
+    target length) and dense's next-token log-probs on its last ``keep`` positions per row
+    (``select_text_positions``); ``kl(policies)`` runs a plan on it (``select.plan_text_logprobs``)."""
+
+    lm: LoadedModel
+    ids: torch.Tensor
+    keep: int
+    dense: torch.Tensor
+
+    @classmethod
+    def load(cls, lm: LoadedModel, tokens: int, target_len: int) -> HeldInText:
+        from headwise.profile.ablate import ablation_text
+        from headwise.profile.select import plan_text_logprobs
+
+        ids = ablation_text(lm, tokens, profile_length(lm.spec, target_len))
+        keep = select_text_positions(*ids.shape)
+        return cls(lm, ids, keep, plan_text_logprobs(lm, None, ids, keep))
+
+    def kl(self, policies: list[list[Policy]]) -> float:
+        """KL(dense || plan) in nats per position."""
+        from headwise.profile.select import plan_text_logprobs, text_kl
+
+        return text_kl(self.dense, plan_text_logprobs(self.lm, policies, self.ids, self.keep))
+
+    def info(self) -> dict[str, int]:
+        return {"rows": int(self.ids.shape[0]), "tokens": int(self.ids.shape[1]), "positions": self.keep}
 
 
 def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: float, target_len: int, n_probes: int,
@@ -756,8 +796,7 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
 
     A ring never holds more than the codes it replaces, so the plan kept holds at most the solved plan's KV. Returns
     the solution kept and ``meta["select_2bit"]``."""
-    from headwise.profile.ablate import ablation_text
-    from headwise.profile.select import RingCandidate, choose_ring, plan_text_logprobs, text_kl, versus_plan
+    from headwise.profile.select import RingCandidate, choose_ring, versus_plan
     from headwise.profile.solver import SPAN_FLOOR
 
     menu = check_select_2bit(quantize)
@@ -767,33 +806,27 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
     ring = menu.min_ring or SPAN_FLOOR
     cands = [RingCandidate(budget, sol)]
     cands += [RingCandidate(budget, ringed_solution(lm.spec, sol, [h], ring, target_len), ringed=[h]) for h in heads]
-    text_info: dict[str, Any] = {}
+    text: HeldInText | None = None  # loaded only when a ring beats the plan
     steps: list[dict[str, Any]] = []
 
-    def kl_of(policies: list[list[Any]]) -> float:
-        return text_kl(text_info["dense"], plan_text_logprobs(lm, policies, text_info["ids"], text_info["keep"]))
-
     def together(measured: list[RingCandidate]) -> list[RingCandidate]:  # the heads whose ring alone beat the plan
+        nonlocal text
         plan = measured[0]
         better = sorted((c for c in measured[1:] if c.answered > plan.answered), key=lambda c: (-c.answered, c.nll))
-        chosen = [c.ringed[0] for c in better]
+        chosen, set_kl = sorted(c.ringed[0] for c in better), None
         if text_allowance is not None and better:
-            ids = ablation_text(lm, text_tokens, profile_length(lm.spec, target_len))
-            keep = select_text_positions(*ids.shape)
-            text_info.update(ids=ids, keep=keep, dense=plan_text_logprobs(lm, None, ids, keep))
-            plan.text_kl = kl_of(plan.solution.policies)
+            held = text = HeldInText.load(lm, text_tokens, target_len)
+            plan.text_kl = held.kl(plan.solution.policies)
             for c in better:
-                c.text_kl = kl_of(c.solution.policies)
-            chosen, text_info["together_kl"], found = rings_within_text(
+                c.text_kl = held.kl(c.solution.policies)
+            chosen, set_kl, found = rings_within_text(
                 [(c.ringed[0], c.text_kl) for c in better],
-                lambda hs: kl_of(ringed_solution(lm.spec, sol, hs, ring, target_len).policies),
-                plan.text_kl, text_allowance)
+                lambda hs: held.kl(ringed_policies(lm.spec, sol.policies, hs, ring)), plan.text_kl, text_allowance)
             steps.extend(found)
-        chosen = sorted(chosen)
         if len(chosen) < 2:
             return []
         both = RingCandidate(budget, ringed_solution(lm.spec, sol, chosen, ring, target_len), ringed=chosen)
-        both.text_kl = text_info.get("together_kl")
+        both.text_kl = set_kl
         return [both]
 
     common: dict[str, Any] = {}
@@ -801,11 +834,10 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
         common = measure_on_probes(lm, cands, target_len, n_probes, lengths, more=together)
         versus_plan(cands[0], cands[1:])
     best = choose_ring(cands, text_allowance)
-    text = {} if text_allowance is None else {"text": {
-        "allowance": text_allowance, "measured": "ids" in text_info,
-        **({"rows": int(text_info["ids"].shape[0]), "tokens": int(text_info["ids"].shape[1]),
-            "positions": text_info["keep"], "steps": steps} if "ids" in text_info else {})}}
-    info = {"ring": ring, "heads": [list(h) for h in heads], **common, **text,
+    told = {} if text_allowance is None else {"text": {
+        "allowance": text_allowance, "measured": text is not None,
+        **({} if text is None else {**text.info(), "steps": steps})}}
+    info = {"ring": ring, "heads": [list(h) for h in heads], **common, **told,
             "candidates": [c.info() for c in cands], "ringed": [list(h) for h in best.ringed]}
     return best.solution, info
 
