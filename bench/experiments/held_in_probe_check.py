@@ -8,7 +8,8 @@ if the held-in probes rank those plans the same way, a profiler step could find 
         --lengths 2048 --probes 24 [--distractors 0]
 
 ``--distractors 0`` asks each probe for its one fact (the passkey's shape, in the probes' own haystacks, values and
-wordings) instead of one of three keyed facts.
+wordings) instead of one of three keyed facts. Each row records which probes it answered (``hits``, depth order) and
+how many in each quarter of depth (``by_quarter``: the last quarter holds the facts nearest the question).
 """
 from __future__ import annotations
 
@@ -20,6 +21,22 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+
+
+def hit_string(hits: torch.Tensor) -> str:
+    """Which probes were answered, '1' or '0' each, in ``probe_set`` order: length by length, each length's probes at
+    depths (i + 0.5) / n from the start of the context."""
+    return "".join("1" if h else "0" for h in hits.tolist())
+
+
+def by_quarter(hits: torch.Tensor, lengths: list[int], n: int) -> dict[str, list[int]]:
+    """Per length, the probes answered in each quarter of depth (the last quarter: the facts nearest the question,
+    within a quarter of the length of it)."""
+    out = {}
+    for k, L in enumerate(lengths):
+        row = hits[k * n:(k + 1) * n].tolist()
+        out[str(L)] = [sum(row[i] for i in range(n) if q / 4 <= (i + 0.5) / n < (q + 1) / 4) for q in range(4)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -46,10 +63,12 @@ def main(argv: list[str] | None = None) -> None:
              for p in args.plans]
     t0 = time.perf_counter()
     dense = measure_budgets(lm, cands, probes)  # type: ignore[arg-type]
-    rows = [{"plan": "dense", "answered": int(dense.sum()), "of": int(dense.numel())}]
+    rows = [{"plan": "dense", "answered": int(dense.sum()), "of": int(dense.numel()),
+             "by_quarter": by_quarter(dense, lengths, args.probes), "hits": hit_string(dense)}]
     for c in cands:
         rows.append({"plan": c.name, "answered": c.answered, "kept_of_dense": c.kept, "nll": round(c.nll, 4),
-                     "by_haystack": c.by_haystack, "by_length": c.by_length})
+                     "by_haystack": c.by_haystack, "by_length": c.by_length,
+                     "by_quarter": by_quarter(c.hits, lengths, args.probes), "hits": hit_string(c.hits)})
     for r in rows:
         print(json.dumps(r))
     command = " ".join(["python", "bench/experiments/held_in_probe_check.py", *(sys.argv[1:] if argv is None else argv)])
