@@ -22,11 +22,7 @@ from types import SimpleNamespace
 
 import torch
 
-
-def hit_string(hits: torch.Tensor) -> str:
-    """Which probes were answered, '1' or '0' each, in ``probe_set`` order: length by length, each length's probes at
-    depths (i + 0.5) / n from the start of the context."""
-    return "".join("1" if h else "0" for h in hits.tolist())
+from headwise.profile.select import hit_string
 
 
 def by_quarter(hits: torch.Tensor, lengths: list[int], n: int) -> dict[str, list[int]]:

@@ -35,7 +35,7 @@ from headwise.plan import HeadPlan
 from headwise.policies import Policy
 from headwise.profile.mass import MassResult
 from headwise.profile.probe import Probe, probing
-from headwise.profile.select import SELECT_TEXT_ALLOWANCE
+from headwise.profile.select import SELECT_TEXT_ALLOWANCE, kl_within
 from headwise.profile.solver import Quantize, check_budget, check_room, quant_menu, solve
 from headwise.spec import ModelSpec
 
@@ -854,7 +854,7 @@ def rings_within_text(order: list[tuple[tuple[int, int], float]], kl_of: Callabl
     for head, own in order:
         trial = sorted([*chosen, head])
         kl = own if len(trial) == 1 else kl_of(trial)
-        fits = kl - plan_kl <= allowance
+        fits = kl_within(kl, plan_kl, allowance)
         steps.append({"ringed": [list(h) for h in trial], "text_kl": round(kl, 4), "within": fits})
         if fits:
             chosen, last = trial, kl

@@ -478,6 +478,12 @@ def composition(policies: list[list[Policy]]) -> str:
                                                       if kv[0] in order else len(order)))
 
 
+def hit_string(hits: torch.Tensor) -> str:
+    """Which probes were answered, '1' or '0' each, in ``probe_losses`` order (``probe_set``: length by length, each
+    length's probes at depths (i + 0.5) / n), so a later reader can pair or slice them."""
+    return "".join("1" if h else "0" for h in hits.tolist())
+
+
 @dataclass
 class BudgetCandidate:
     """One budget's plan solved from the shared ranking (``--select-under``), with what it keeps of the probes."""
@@ -505,7 +511,7 @@ class BudgetCandidate:
                 "answered_by_length": {str(k): v for k, v in (self.by_length or {}).items()},
                 "answered_by_haystack": dict(sorted((self.by_haystack or {}).items())),
                 "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4),
-                **({} if self.hits is None else {"probe_hits": "".join("1" if h else "0" for h in self.hits.tolist())}),
+                **({} if self.hits is None else {"probe_hits": hit_string(self.hits)}),
                 **({} if self.text_kl is None else {"text_kl": round(self.text_kl, 4)})}
 
 
@@ -626,7 +632,12 @@ def within_text(c: BudgetCandidate, plan: BudgetCandidate, allowance: float | No
     not."""
     if allowance is None:
         return True
-    return c.text_kl is not None and plan.text_kl is not None and c.text_kl - plan.text_kl <= allowance
+    return c.text_kl is not None and plan.text_kl is not None and kl_within(c.text_kl, plan.text_kl, allowance)
+
+
+def kl_within(kl: float, plan_kl: float, allowance: float) -> bool:
+    """The text term's test: ``kl`` exceeds ``plan_kl`` by at most ``allowance`` nats."""
+    return kl - plan_kl <= allowance
 
 
 def choose_ring(candidates: list[RingCandidate], allowance: float | None = None) -> RingCandidate:
