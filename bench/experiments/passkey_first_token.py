@@ -1,0 +1,146 @@
+"""How close is the first answer token? For ``headwise eval --export-prompts`` prompts, the next-token logits after
+the whole prompt under dense (or a plan) in each dtype, and the margin between the best token that starts the answer
+and the best token that does not (``margin > 0``: greedy decoding starts the answer).
+
+SmolLM2's 2K passkey is decided at that token: the model continues "The pass key is" with " the pass key..." or
+with the digits, and on many prompts the two are a fraction of a logit apart, so a change of numerics (bf16 on
+another kernel, another library's forward) moves dense's accuracy on that cell. This measures how many prompts sit
+that close, and how many change their first token between dtypes.
+
+    headwise eval smollm2-135m --tasks passkey --lengths 2k --samples 100 --export-prompts prompts.jsonl
+    PYTHONPATH=src python bench/experiments/passkey_first_token.py smollm2-135m prompts.jsonl OUT.json \\
+        --dtypes float32,bfloat16 [--plans PLAN.json ...]
+
+Each run after the first is also held to the first (dense in the first dtype): the largest logit difference and
+KL(first ‖ this run) at that position, per prompt, averaged.
+
+A token "starts the answer" when its text, leading spaces kept, is a non-empty prefix of " " + the answer (a lone
+space included: the model may write the space and the digits apart).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def answer_start_ids(answer: str, vocab: list[str]) -> list[int]:
+    """Ids of the tokens whose text is a non-empty prefix of ``" " + answer``."""
+    target = " " + answer
+    return [i for i, t in enumerate(vocab) if t and target.startswith(t)]
+
+
+def margin(logits: torch.Tensor, good: list[int]) -> tuple[float, int]:
+    """(best answer-start logit - best other logit, argmax id)."""
+    mask = torch.zeros_like(logits, dtype=torch.bool)
+    mask[good] = True
+    best_good = logits[mask].max()
+    best_other = logits[~mask].max()
+    return float(best_good - best_other), int(logits.argmax())
+
+
+def summary(margins: list[float]) -> dict[str, Any]:
+    m = torch.tensor(margins)
+    return {"n": len(margins), "first_token_right": int((m > 0).sum()),
+            "within_0.1": int((m.abs() < 0.1).sum()), "within_0.5": int((m.abs() < 0.5).sum()),
+            "within_1": int((m.abs() < 1.0).sum()), "median_abs": round(float(m.abs().median()), 4)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    from headwise.bench.record import result_doc, write_result
+    from headwise.engine import Engine
+    from headwise.models import load_model
+    from headwise.plan import HeadPlan
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("prompts", type=Path, help="a `headwise eval --export-prompts` file")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--plans", nargs="*", type=Path, default=[], help="plan files (dense is always run)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
+    ap.add_argument("--generate", action="store_true",
+                    help="also the first token the engine's own generate() picks (the evaluation's path: prompt "
+                         "chunks through Engine.step), per engine run: 'generate_first_token_right'")
+    ap.add_argument("--transformers", action="store_true",
+                    help="also transformers' own forward of the loaded model (row 'transformers'), beside the engine's")
+    args = ap.parse_args(argv)
+    rows = [json.loads(line) for line in args.prompts.read_text().splitlines() if line.strip()]
+    if args.limit:
+        rows = rows[:args.limit]
+    results: dict[str, Any] = {"prompts": str(args.prompts), "n": len(rows), "by": {}}
+    per_prompt: dict[str, dict[str, Any]] = {f"{r['depth']},{r['seed']},{r['idx']}": {"answers": r["answers"]}
+                                               for r in rows}
+    reference: dict[str, torch.Tensor] = {}
+    t0 = time.perf_counter()
+    cmd = "python bench/experiments/passkey_first_token.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+    def write(partial: bool) -> None:
+        keys = list(results["by"])
+        if len(keys) > 1:  # prompts whose first token changes between the first run and each other
+            results["first_token_changes_vs_" + keys[0]] = {
+                k: sum((p[keys[0]]["margin"] > 0) != (p[k]["margin"] > 0) for p in per_prompt.values())
+                for k in keys[1:]}
+        results["per_prompt"] = per_prompt
+        results["seconds"] = round(time.perf_counter() - t0, 1)
+        results["partial"] = partial
+        write_result(result_doc(cmd, results, device=args.device), args.out)
+
+    for dtype in args.dtypes.split(","):
+        lm = load_model(args.model, device=args.device, dtype=dtype)
+        vocab = [lm.tokenizer.decode([i]) for i in range(len(lm.tokenizer))]
+        runs: list[tuple[str, Any]] = [("dense", Engine(lm, None))]
+        if args.transformers:
+            runs.append(("transformers", None))
+        runs += [(p.stem, Engine(lm, HeadPlan.load(p))) for p in args.plans]
+        for name, engine in runs:
+            margins: list[float] = []
+            diffs: list[float] = []
+            kls: list[float] = []
+            for r in rows:
+                ids = torch.tensor([r["input_ids"]])
+                if engine is None:
+                    with torch.inference_mode():
+                        logits = lm.model(input_ids=ids.to(lm.device), logits_to_keep=1).logits[0, -1].float().cpu()
+                else:
+                    logits = engine.logits(ids, positions=torch.tensor([ids.shape[1] - 1]))[0, -1].float().cpu()
+                m, top = margin(logits, answer_start_ids(r["answers"][0], vocab))
+                margins.append(m)
+                key = f"{r['depth']},{r['seed']},{r['idx']}"
+                if key not in reference:  # the first run (dense in the first dtype) is what the others are held to
+                    reference[key] = logits
+                ref = reference[key]
+                diffs.append(float((logits - ref).abs().max()))
+                kls.append(float(torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1),
+                                                            log_target=True, reduction="sum")))
+                per_prompt[f"{r['depth']},{r['seed']},{r['idx']}"][f"{name}/{dtype}"] = {
+                    "margin": round(m, 4), "top": vocab[top]}
+            if args.generate and engine is not None:
+                right = 0
+                for r in rows:
+                    first = next(ev.token_id for ev in engine.generate(r["input_ids"], max_new_tokens=1,
+                                                                         temperature=0.0) if ev.token_id >= 0)
+                    good = first in answer_start_ids(r["answers"][0], vocab)
+                    right += good
+                    per_prompt[f"{r['depth']},{r['seed']},{r['idx']}"][f"{name}/{dtype}"]["generate"] = vocab[first]
+                gen = {"generate_first_token_right": right}
+            else:
+                gen = {}
+            results["by"][f"{name}/{dtype}"] = summary(margins) | gen | {
+                "max_abs_logit_diff_vs_first": round(max(diffs), 4),
+                "mean_max_abs_logit_diff_vs_first": round(sum(diffs) / len(diffs), 4),
+                "mean_kl_first_to_this_nats": round(sum(kls) / len(kls), 6)}
+            print(name, dtype, results["by"][f"{name}/{dtype}"], flush=True)
+            write(partial=True)  # a long CPU run keeps what it has measured if it is cut short
+    write(partial=False)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
