@@ -12,7 +12,11 @@ keeps every generated token. Here a head holds ``tokens + window`` slots at most
 window competes with the kept ones, so the selection is the same whatever the chunking, up to ties). Within a prompt
 chunk, attention is exact and causal over the kept tokens and the whole chunk, so a prompt that fits one chunk is
 prefilled as the press prefills it (densely) and then compressed as it compresses (smallest norms), the window
-aside; a longer prompt's later chunks see the earlier chunks' kept tokens only.
+aside; a longer prompt's later chunks see the earlier chunks' kept tokens only. The press cuts the cache before the
+last prompt token is read (it prefills the context, then runs the last token over the cut cache); a chunk holding
+the whole prompt gives that token the uncut prompt, so the first answer token is dense's (docs/quality.md, "The
+KNorm cell in fp32"). With ``window=0`` and a chunk that stops one token short of the prompt the cut comes first,
+as in the press, but the generated tokens then compete by norm too (the press keeps them all).
 """
 
 from __future__ import annotations
