@@ -18,8 +18,8 @@ Plan specs (``--plans``, comma-separated):
   (``expand_plan_items``); the accuracy table then also has their samples pooled (``pooled_random_rows``), the
   expected accuracy of random placement, where one draw is a lottery.
 - ``knorm@equal`` / ``knorm@F``: KNorm (``policies/knorm.py``, Devoto et al. 2024; kvpress's KnormPress's ranking
-  inside headwise's engine, cut after each prompt chunk rather than before the last prompt token) on every KV head, each holding as many tokens as the streaming baseline's: the keys of smallest
-  norm and the newest 64.
+  inside headwise's engine, cut after each prompt chunk rather than before the last prompt token) on every KV head,
+  each holding as many tokens as the streaming baseline's: the keys of smallest norm and the newest 64.
 - ``random-full@equal[:SEED]`` / ``random-full@F[:SEED]``: DuoAttention's random baseline: as many global-layer KV
   heads as the memory allows, drawn at random, keep every token and the rest stream (``random_full_baseline``); at
   the same KV slots as ``streaming@…``. Where no full head fits it is the streaming baseline.
