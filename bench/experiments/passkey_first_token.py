@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     from headwise.engine import Engine
     from headwise.models import load_model
     from headwise.plan import HeadPlan
+    from headwise.profile.select import text_kl
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -75,18 +76,20 @@ def main(argv: list[str] | None = None) -> None:
     if args.limit:
         rows = rows[:args.limit]
     results: dict[str, Any] = {"prompts": str(args.prompts), "n": len(rows), "by": {}}
-    per_prompt: dict[str, dict[str, Any]] = {f"{r['depth']},{r['seed']},{r['idx']}": {"answers": r["answers"]}
-                                               for r in rows}
+    keys = [f"{r['depth']},{r['seed']},{r['idx']}" for r in rows]
+    per_prompt: dict[str, dict[str, Any]] = {k: {"answers": r["answers"]} for k, r in zip(keys, rows)}
+    vocab: list[str] = []  # the tokenizer's, decoded once
+    good: list[list[int]] = []  # per prompt, the ids that start its answer
     reference: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
     cmd = "python bench/experiments/passkey_first_token.py " + " ".join(argv if argv is not None else sys.argv[1:])
 
     def write(partial: bool) -> None:
-        keys = list(results["by"])
-        if len(keys) > 1:  # prompts whose first token changes between the first run and each other
-            results["first_token_changes_vs_" + keys[0]] = {
-                k: sum((p[keys[0]]["margin"] > 0) != (p[k]["margin"] > 0) for p in per_prompt.values())
-                for k in keys[1:]}
+        done = list(results["by"])
+        if len(done) > 1:  # prompts whose first token changes between the first run and each other
+            results["first_token_changes_vs_" + done[0]] = {
+                k: sum((p[done[0]]["margin"] > 0) != (p[k]["margin"] > 0) for p in per_prompt.values())
+                for k in done[1:]}
         results["per_prompt"] = per_prompt
         results["seconds"] = round(time.perf_counter() - t0, 1)
         results["partial"] = partial
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> None:
 
     for dtype in args.dtypes.split(","):
         lm = load_model(args.model, device=args.device, dtype=dtype)
-        vocab = [lm.tokenizer.decode([i]) for i in range(len(lm.tokenizer))]
+        if not vocab:
+            vocab = [lm.tokenizer.decode([i]) for i in range(len(lm.tokenizer))]
+            good = [answer_start_ids(r["answers"][0], vocab) for r in rows]
         runs: list[tuple[str, Any]] = [("dense", Engine(lm, None))]
         if args.transformers:
             runs.append(("transformers", None))
@@ -103,32 +108,29 @@ def main(argv: list[str] | None = None) -> None:
             margins: list[float] = []
             diffs: list[float] = []
             kls: list[float] = []
-            for r in rows:
+            for key, r, starts in zip(keys, rows, good):
                 ids = torch.tensor([r["input_ids"]])
                 if engine is None:
                     with torch.inference_mode():
                         logits = lm.model(input_ids=ids.to(lm.device), logits_to_keep=1).logits[0, -1].float().cpu()
                 else:
                     logits = engine.logits(ids, positions=torch.tensor([ids.shape[1] - 1]))[0, -1].float().cpu()
-                m, top = margin(logits, answer_start_ids(r["answers"][0], vocab))
+                m, top = margin(logits, starts)
                 margins.append(m)
-                key = f"{r['depth']},{r['seed']},{r['idx']}"
                 if key not in reference:  # the first run (dense in the first dtype) is what the others are held to
                     reference[key] = logits
                 ref = reference[key]
                 diffs.append(float((logits - ref).abs().max()))
-                kls.append(float(torch.nn.functional.kl_div(logits.log_softmax(-1), ref.log_softmax(-1),
-                                                            log_target=True, reduction="sum")))
-                per_prompt[f"{r['depth']},{r['seed']},{r['idx']}"][f"{name}/{dtype}"] = {
+                kls.append(text_kl(ref.log_softmax(-1), logits.log_softmax(-1)))
+                per_prompt[key][f"{name}/{dtype}"] = {
                     "margin": round(m, 4), "top": vocab[top]}
             if args.generate and engine is not None:
                 right = 0
-                for r in rows:
+                for key, r, starts in zip(keys, rows, good):
                     first = next(ev.token_id for ev in engine.generate(r["input_ids"], max_new_tokens=1,
                                                                          temperature=0.0) if ev.token_id >= 0)
-                    good = first in answer_start_ids(r["answers"][0], vocab)
-                    right += good
-                    per_prompt[f"{r['depth']},{r['seed']},{r['idx']}"][f"{name}/{dtype}"]["generate"] = vocab[first]
+                    right += first in starts
+                    per_prompt[key][f"{name}/{dtype}"]["generate"] = vocab[first]
                 gen = {"generate_first_token_right": right}
             else:
                 gen = {}
