@@ -21,16 +21,19 @@ from pathlib import Path
 from typing import Any
 
 from headwise.errors import InputError
-from headwise.eval.runner import DEFAULT_CHUNK, SampleCache, model_key
+from headwise.eval.runner import DEFAULT_CHUNK, SampleCache, dtype_tag, model_key
 
 
 def doc_model_key(doc: dict[str, Any]) -> str:
-    """The key's model part (``runner.model_key``) for the document's model, shape and prefill chunk."""
+    """The key's model part (``runner.model_key``) for the document's model, shape, prefill chunk and dtype (where it
+    is not its device's default: ``runner.dtype_tag``; a document that names no dtype ran in the default)."""
     spec = doc.get("spec") or {}
     words = shlex.split(str(doc.get("command", "")))
     chunk = int(words[words.index("--chunk-size") + 1]) if "--chunk-size" in words[:-1] else DEFAULT_CHUNK
+    on_gpu = not str(doc.get("device", "")).startswith("cpu")
+    dtype = dtype_tag(str(doc["dtype"]), on_gpu) if doc.get("dtype") else None
     try:
-        return model_key(doc["model"], spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], chunk)
+        return model_key(doc["model"], spec["num_layers"], spec["num_kv_heads"], spec["head_dim"], chunk, dtype)
     except KeyError as exc:
         raise InputError(f"the document has no {exc.args[0]!r}: not a headwise eval results file") from exc
 

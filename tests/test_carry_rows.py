@@ -60,3 +60,14 @@ def test_rows_of_a_well_tokenized_gemma_run_and_of_smollm2_runs_are_carried():
     assert len(gemma) == 900 and all(json.loads(r["key"])[0] == "gemma3-270m:18x1x256" for r in gemma)
     smol = mod.carry_rows(_results("retrieval_quality_smollm2-135m_h200_run8_2026-12-02.json"), {"dense"})
     assert smol and "-v1)" in _results("retrieval_quality_smollm2-135m_h200_run8_2026-12-02.json")["model_source"]
+
+
+@pytest.mark.parametrize(("device", "dtype", "tag"), [
+    ("NVIDIA H100 80GB HBM3", "bfloat16", ""), ("NVIDIA H100 80GB HBM3", "float32", ":float32"),
+    ("cpu: AMD EPYC, 2 threads", "float32", ""), ("cpu: AMD EPYC, 2 threads", "bfloat16", ":bfloat16"),
+    ("NVIDIA H200", None, "")])
+def test_carried_keys_name_the_dtype_where_it_is_not_the_devices_default(device, dtype, tag):
+    mod = bench_module("carry_rows.py")
+    doc = {"model": "m", "spec": {"num_layers": 2, "num_kv_heads": 3, "head_dim": 4}, "device": device,
+           "command": "headwise eval m", **({"dtype": dtype} if dtype else {})}
+    assert mod.doc_model_key(doc) == "m:2x3x4" + tag

@@ -15,7 +15,9 @@ from headwise.eval.report import write_report
 from headwise.eval.runner import (
     EvalConfig,
     check_plan_specs,
+    dtype_tag,
     measure_kv,
+    model_key,
     parse_length,
     parse_tasks,
     quest_baseline,
@@ -293,6 +295,28 @@ def test_rows_of_another_prefill_chunk_size_are_not_reused(smollm2, tmp_path):
     other = _cfg(tmp_path, plans=["dense"], tasks=["passkey"], chunk_size=32)
     assert run_eval(other, smollm2)["runs_this_time"] == 1  # a prompt of 96 tokens in chunks of 32: run again
     assert run_eval(other, smollm2)["runs_this_time"] == 0
+
+
+def test_rows_of_another_dtype_are_not_reused(smollm2, tmp_path):
+    """A run in bfloat16 on the CPU (not its default) does not resume from the float32 rows in the same directory,
+    nor they from it: on SmolLM2's 2K passkey the dtype alone moves dense by 13 points (docs/quality.md)."""
+    from headwise.models import load_model
+
+    cfg = _cfg(tmp_path, plans=["dense"], tasks=["passkey"])
+    assert run_eval(cfg, smollm2)["runs_this_time"] == 1
+    bf16 = load_model("smollm2-135m", device="cpu", dtype="bfloat16")
+    assert run_eval(cfg, bf16)["runs_this_time"] == 1  # float32's row is not bfloat16's
+    assert run_eval(cfg, bf16)["runs_this_time"] == 0
+    assert run_eval(cfg, smollm2)["runs_this_time"] == 0  # float32's row kept its old key
+    keys = [json.loads(json.loads(line)["key"])[0] for line in (cfg.out / "samples.jsonl").read_text().splitlines()]
+    assert set(keys) == {"smollm2-135m:30x3x64", "smollm2-135m:30x3x64:bfloat16"}
+
+
+def test_sample_keys_name_a_dtype_only_where_it_is_not_the_devices_default():
+    assert dtype_tag("float32", on_gpu=False) is None and dtype_tag("bfloat16", on_gpu=True) is None
+    assert dtype_tag("float32", on_gpu=True) == "float32" and dtype_tag("bfloat16", on_gpu=False) == "bfloat16"
+    assert model_key("m", 2, 3, 4) == "m:2x3x4"
+    assert model_key("m", 2, 3, 4, 32, "float32") == "m:2x3x4:chunk32:float32"
 
 
 @pytest.mark.parametrize("prompt", [40, 45])

@@ -431,12 +431,25 @@ DEFAULT_CHUNK = 512
 """The prefill chunk of ``headwise eval`` (``--chunk-size``) unless told otherwise."""
 
 
-def model_key(name: str, num_layers: int, num_kv_heads: int, head_dim: int, chunk_size: int = DEFAULT_CHUNK) -> str:
-    """The model part of the sample keys: the model, its layer shape, and the prefill chunk when it is not the default
+def model_key(name: str, num_layers: int, num_kv_heads: int, head_dim: int, chunk_size: int = DEFAULT_CHUNK,
+              dtype: str | None = None) -> str:
+    """The model part of the sample keys: the model, its layer shape, the prefill chunk when it is not the default
     (the chunk changes what a plan computes: a knorm head compresses after every chunk, a quantized head attends its
-    chunk unrounded), so rows of another chunk size are not reused while rows of the default keep their old keys."""
+    chunk unrounded) and ``dtype`` when given (``dtype_tag``: a dtype that is not its device's default), so rows of
+    another chunk size or of a float32 run on a GPU are not reused, while rows of the defaults keep their old keys."""
     key = f"{name}:{num_layers}x{num_kv_heads}x{head_dim}"
-    return key if chunk_size == DEFAULT_CHUNK else f"{key}:chunk{chunk_size}"
+    if chunk_size != DEFAULT_CHUNK:
+        key += f":chunk{chunk_size}"
+    return f"{key}:{dtype}" if dtype else key
+
+
+def dtype_tag(dtype: str, on_gpu: bool) -> str | None:
+    """``dtype`` (a name: float32, bfloat16, float16) for the sample keys, or None where it is what a model loads in
+    on that device unless told (``models.default_dtype``: bfloat16 on a GPU, float32 on the CPU). A SmolLM2 passkey is
+    decided at a first token within a logit (docs/quality.md), so a run in one dtype must never resume from rows of
+    another."""
+    default = "bfloat16" if on_gpu else "float32"
+    return None if dtype == default else dtype
 
 
 class SampleCache:
@@ -604,7 +617,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     name = "samples.jsonl" if cfg.shard is None else f"samples-shard-{cfg.shard[0]}-of-{cfg.shard[1]}.jsonl"
     cache = SampleCache(out / name)
-    mkey = model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.chunk_size)
+    mkey = model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.chunk_size,
+                     dtype_tag(str(lm.dtype).replace("torch.", ""), lm.device.type == "cuda"))
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = job_order(lengths, gen_tasks, cfg.depths, cfg.samples)
     if cfg.shard is not None:
