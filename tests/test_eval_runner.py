@@ -13,9 +13,11 @@ from headwise.engine import Engine
 from headwise.errors import ContextLengthError, InputError, PlanError
 from headwise.eval.report import write_report
 from headwise.eval.runner import (
+    KIVI_MENU,
     EvalConfig,
     check_plan_specs,
     dtype_tag,
+    kivi_baseline,
     measure_kv,
     model_key,
     parse_length,
@@ -106,6 +108,38 @@ def test_equal_memory_of_a_quantized_plan_is_counted_in_the_runs_element_size(sm
     assert want > ref.kv_bytes(spec, 2048, 4) + spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4
     assert smollm2.dtype.itemsize == 4
     assert want - spec.num_layers * spec.num_kv_heads * 2 * spec.head_dim * 4 < base.kv_bytes(spec, 2048, 4) <= want
+
+
+@pytest.mark.parametrize(("length", "fraction"), [(1024, 0.25), (2048, 0.3), (2048, 0.45), (8192, 0.6)])
+def test_the_kivi_baseline_spreads_the_plans_bytes_evenly_at_the_most_bits_that_fit(smollm2, length, fraction):
+    """``kivi_baseline``: every head quantized alike, at no more than the target at that length, and at the best of
+    the menu that fits (the candidate before it would hold more); where none fits, the cheapest."""
+    spec = smollm2.spec
+    target = fraction * spec.dense_kv_tokens(length)
+    plan = kivi_baseline(spec, "smollm2-135m", target, length, "kivi@equal", 2)
+    heads = {json.dumps(h, sort_keys=True) for row in plan.layers for h in row}
+    assert len(heads) == 1 and json.loads(heads.pop())["policy"] == "quantized"
+    params = plan.layers[0][0]["params"]
+    assert plan.kv_tokens(spec, length, 2, peak=True) <= target
+    i = KIVI_MENU.index((params["bits"], params["residual"]))
+    if i:  # the better candidate does not fit
+        b, r = KIVI_MENU[i - 1]
+        better = HeadPlan.uniform(spec, {"policy": "quantized", "params": {"bits": b, "group": 32, "residual": r}}, "t")
+        assert better.kv_tokens(spec, length, 2, peak=True) > target
+    tight = kivi_baseline(spec, "smollm2-135m", 0.05 * spec.dense_kv_tokens(length), length, "kivi@0.05", 2)
+    assert tuple(tight.layers[0][0]["params"][k] for k in ("bits", "residual")) == KIVI_MENU[-1]
+
+
+def test_kivi_baselines_resolve_and_hold_what_they_are_given(smollm2):
+    entries = resolve_plans(["plans/smollm2-135m.json", "kivi@equal", "kivi@0.45"], smollm2)
+    spec, ref = smollm2.spec, entries[0].plan_for(2048)
+    assert [e.label for e in entries] == ["smollm2-135m", "kivi@equal", "kivi@0.45"]
+    eq, wide = entries[1].plan_for(2048), entries[2].plan_for(2048)
+    assert eq.kv_tokens(spec, 2048, 4, peak=True) <= ref.kv_tokens(spec, 2048, 4, peak=True)
+    assert wide.kv_tokens(spec, 2048, 4, peak=True) <= 0.45 * spec.dense_kv_tokens(2048)
+    assert wide.layers[0][0]["params"]["bits"] > eq.layers[0][0]["params"]["bits"]
+    with pytest.raises(InputError, match="kivi@equal matches the memory of a plan file"):
+        resolve_plans(["kivi@equal"], smollm2)
 
 
 def _streaming_plan_with_full_heads(spec, window: int, every: int, tmp_path):

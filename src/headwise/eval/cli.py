@@ -34,7 +34,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--plans", default="dense",
                    help="comma-separated: dense, PLAN.json, streaming@equal, random@equal[:SEED], random@equal*N (N draws, "
                         "pooled in the accuracy table too), random-full@equal[:SEED], quest@equal, streaming@0.25, "
-                        "quest@0.25, knorm@equal, knorm@0.25, longheads, longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K[/EF|/PROBE]]")
+                        "quest@0.25, knorm@equal, knorm@0.25, kivi@equal, kivi@0.25, longheads, longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K[/EF|/PROBE]]")
     p.add_argument("--tasks", default="all", help="comma-separated task names, or 'all' (default)")
     p.add_argument("--lengths", default="1k", help="prompt lengths in tokens, e.g. 1k,2k,4k (default 1k)")
     p.add_argument("--depths", default=None, help="needle depths for passkey/needle (default 0,0.25,0.5,0.75,1)")

@@ -23,6 +23,8 @@ Plan specs (``--plans``, comma-separated):
 - ``random-full@equal[:SEED]`` / ``random-full@F[:SEED]``: DuoAttention's random baseline: as many global-layer KV
   heads as the memory allows, drawn at random, keep every token and the rest stream (``random_full_baseline``); at
   the same KV slots as ``streaming@…``. Where no full head fits it is the streaming baseline.
+- ``kivi@equal`` / ``kivi@F``: KIVI on every KV head (``kivi_baseline``): the most bits (8, 4, 2) and then the longest
+  full-precision residual whose peak fits the same KV as the plan's: its bytes spread evenly, every token kept.
 - ``quest@equal`` / ``quest@F``: Quest page selection (policy ``page_topk``) on every global-layer KV head,
   attending as many tokens per decode step as the streaming baseline holds per head. Quest keeps the whole
   cache (it selects pages to read, it does not drop them), so its KV bytes are dense plus page bounds: it
@@ -233,6 +235,27 @@ def knorm_baseline(spec: Any, name: str, target_tokens: float, length: int, labe
     return _plan(spec, _rows(spec, head, b, length), name, f"KNorm baseline ({label}) at {length} tokens")
 
 
+KIVI_MENU = ((8, 128), (8, 32), (4, 128), (4, 64), (4, 32), (2, 128), (2, 64), (2, 32))
+"""The uniform KIVI baseline's candidates, best first: (bits, residual tokens), groups of 32 (KIVI's and transformers'
+``QuantizedCache``'s 2 and 4 bits, 8 bits as the profiler offers them)."""
+
+
+def kivi_baseline(spec: Any, name: str, target_tokens: float, length: int, label: str, itemsize: int) -> HeadPlan:
+    """KIVI on every KV head (``policies/quantized.py``; as transformers' quantized cache quantizes every layer): the
+    first of ``KIVI_MENU`` (most bits, then the longest residual) whose peak while decoding a request of ``length``
+    tokens fits ``target_tokens`` (KV slots of ``itemsize``-byte elements, as ``HeadPlan.kv_tokens`` counts them).
+    Every token stays reachable, so it tells whether a plan's choice of heads beats spreading its bytes evenly. Where
+    not even the last fits, the last, which then holds more than the target (its KV fraction in the results says so).
+    Native sliding layers quantize their window (``quantized``'s ``window``), as the profiled plans' heads do there."""
+    plan = HeadPlan.dense(spec, name)
+    for bits, residual in KIVI_MENU:
+        head = {"policy": "quantized", "params": {"bits": bits, "group": 32, "residual": residual}}
+        plan = HeadPlan.uniform(spec, head, name, created_by=f"KIVI baseline ({label}) at {length} tokens")
+        if plan.kv_tokens(spec, length, itemsize, peak=True) <= target_tokens:
+            break
+    return plan
+
+
 def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: str) -> HeadPlan:
     plan = HeadPlan.uniform(spec, {"policy": "full"}, name, created_by=created_by)
     plan.layers = rows
@@ -240,7 +263,7 @@ def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: st
     return plan
 
 
-_BASELINE = re.compile(r"(streaming|quest|knorm|random-full)@(equal|[0-9.]+)(?::([0-9]+))?|random@equal(?::[0-9]+)?")
+_BASELINE = re.compile(r"(streaming|quest|knorm|kivi|random-full)@(equal|[0-9.]+)(?::([0-9]+))?|random@equal(?::[0-9]+)?")
 _RANDOM_DRAWS = re.compile(r"random@equal\*([0-9]+)")
 _RANDOM_LABEL = re.compile(r"random@equal(?::([0-9]+))?")
 MAX_DRAWS = 20
@@ -318,6 +341,7 @@ def check_plan_specs(items: Sequence[str]) -> None:
             raise InputError(
                 f"unknown plan '{item}': give 'dense', a plan file (.json), or a baseline "
                 "streaming@equal, streaming@FRACTION, quest@equal, quest@FRACTION, knorm@equal, knorm@FRACTION, "
+                "kivi@equal, kivi@FRACTION, "
                 "random@equal[:SEED], random@equal*N, random-full@equal[:SEED], random-full@FRACTION[:SEED], "
                 "longheads, "
                 "longheads@WINDOW[/CHUNK], longheads-bound|-max[-qhead][@WINDOW[/CHUNK]], offload[-ivf|-hnsw|-exact][@TOP_K[/EF|/PROBE]]"
@@ -417,6 +441,11 @@ def resolve_plans(items: Sequence[str], lm: Any) -> list[PlanEntry]:
                 desc = f"random full heads (draw {int(draw or 0)}), the rest streaming, " + desc.partition(" ")[2]
                 entries.append(PlanEntry(item, desc, lambda L, t=target, lab=item, d=int(draw or 0):
                                          random_full_baseline(spec, lm.name, t(L), L, lab, d)))
+                continue
+            if kind == "kivi":
+                desc = "KIVI on every head, " + desc.partition(" ")[2]
+                entries.append(PlanEntry(item, desc, lambda L, t=target, lab=item, n=lm.dtype.itemsize:
+                                         kivi_baseline(spec, lm.name, t(L), L, lab, n)))
                 continue
             build = {"streaming": streaming_baseline, "quest": quest_baseline, "knorm": knorm_baseline}[kind]
             entries.append(PlanEntry(item, desc, lambda L, b=build, t=target, lab=item: b(spec, lm.name, t(L), L, lab)))
