@@ -3,6 +3,7 @@ server, covered by the server tests)."""
 
 from __future__ import annotations
 
+import gc
 import itertools
 import json
 import math
@@ -111,6 +112,8 @@ def test_bench_serve_runs_a_mix_on_a_random_model_in_process_and_writes_the_json
     assert {k: v["finished"] for k, v in out["by_prompt_len"].items()} == {"40": 3, "70": 2}
     assert out["prompt_tokens_read"] == 3 * 40 + 2 * 70 and out["peak_concurrency"] >= 2
     assert res["plan_summary"].startswith("6×streaming, 2×vertical_slash")
+    assert out["gc_frozen_objects"] > 1000  # the model and the engine, frozen after the warm-up
+    assert gc.get_freeze_count() == 0  # and thawed when the run ends
 
 
 def test_decode_steps_report_their_read_rate_from_the_weights_and_the_pages_held():

@@ -18,6 +18,7 @@ each forward to the other ranks before it runs it.
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import math
@@ -829,6 +830,18 @@ class GraphDecoder:
             return
         cache.restore_host_counters(saved)  # capturing ran the step's host code, not the step
         self.graph = graph
+
+
+def freeze_heap() -> int:
+    """Move every object alive now out of the garbage collector's generations (a collection, then ``gc.freeze``), as
+    vLLM does once its engine has started. The model, torch.compile's graphs and Triton's kernels live as long as the
+    process; a full collection during a step would walk them all again (465 ms inside one prompt step of issue 13's
+    mix on an H200, docs/serving.md run 20). Objects made later are collected as usual; ``gc.unfreeze`` undoes it.
+    The server calls it once the engine is built, ``headwise bench serve`` after its warm-up. Returns how many objects
+    are frozen."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def _sync_fn(device: torch.device):

@@ -106,7 +106,7 @@ def server_config(args: argparse.Namespace):
 
 def build(args: argparse.Namespace, lm: Any = None):
     """Load the model (unless given: ``lm``) and plan and build (app, scheduler) from parsed arguments."""
-    from headwise.engine import Engine
+    from headwise.engine import Engine, freeze_heap
     from headwise.plan import HeadPlan
     from headwise.pool import KVMemory
     from headwise.server.app import create_app
@@ -143,6 +143,7 @@ def build(args: argparse.Namespace, lm: Any = None):
         budget = int(args.kv_budget_gb * 1e9) if args.kv_budget_gb else default_kv_budget(lm.device.type)
     scheduler = Scheduler(engine, max_batch=args.max_batch, kv_budget_bytes=budget, max_queue=args.max_queue)
     app = create_app(scheduler, args.served_model_name or lm.name, config)
+    freeze_heap()  # the model and the engine live as long as the server: no collection walks them during a step
     return app, scheduler
 
 
