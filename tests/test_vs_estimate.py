@@ -174,6 +174,34 @@ def test_the_estimate_at_a_real_shape_on_the_gpu():
     assert torch.equal(got[1], want[1]) and torch.equal(got[0], want[0])
 
 
+@pytest.mark.gpu
+def test_a_new_prefix_length_compiles_no_new_estimate_kernel():
+    """Each prompt chunk of a serving step estimates over its own prefix: the key count, the split count and size and
+    the statistics' strides change with it, and each new value (divisible by 16 or not, equal to 1 or not) must reuse
+    the compiled kernels (run 20's slow prompt steps each loaded one). Results still match the reference."""
+    if not torch.cuda.is_available():
+        pytest.skip("Triton specializes kernels only when it compiles them")
+    from headwise.kernels.vs_estimate import _lse_kernel, _row_stats_kernel, _sums_kernel
+
+    def compiled() -> tuple[int, ...]:
+        return tuple(sum(len(c[0]) for c in k.device_caches.values()) for k in (_row_stats_kernel, _lse_kernel,
+                                                                                  _sums_kernel))
+
+    g = torch.Generator(device="cuda").manual_seed(3)
+    before = None
+    # prefixes of whole 64-key blocks (the row stride divisible by 16, as whole chunks keep it): splits of 1, 2, 3,
+    # 16 and 17 programs, each of 1, 5, 16 or 17 iterations
+    for keys, splits in [(1024, 1), (1024, 16), (3072, 3), (16384, 16), (17408, 17), (5120, 16), (2176, 2)]:
+        q = torch.randn(1, 4, 64, 64, device="cuda", generator=g)
+        k = torch.randn(1, 4, keys, 64, device="cuda", generator=g)
+        first = keys - 8
+        v, s = vertical_slash_sums(last_query_scores(q, k, 64**-0.5, 8), first, splits=splits)
+        want_v, want_s = reference(q, k, keys - 64, 64**-0.5, 8)
+        assert torch.allclose(v, want_v, atol=1e-6, rtol=1e-3) and torch.allclose(s, want_s, atol=1e-6, rtol=1e-3)
+        before = before or compiled()
+        assert compiled() == before, (keys, splits)
+
+
 @pytest.mark.parametrize("nv,ns", [(6, 6), (5, 9)])
 def test_one_topk_over_both_sums_chooses_what_two_choose(nv, ns):
     """``vertical_slash_top`` (one ``topk`` over both sums when the sizes match, two otherwise) chooses the same
