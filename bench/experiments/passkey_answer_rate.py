@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
         prompts = None
         if args.prompts:
             prompts = {sample_key(p): p for p in map(json.loads, args.prompts.read_text().splitlines()) if p}
-        for path in args.results:
-            table[path.name] = split(rows_of(path, prompts), args.length)
+        for path in args.results:  # keyed by file name; a name given twice is told apart by its folder
+            name = path.name if path.name not in table else f"{path.parent.name}/{path.name}"
+            table[name] = split(rows_of(path, prompts), args.length)
     except (OSError, json.JSONDecodeError, InputError) as exc:
         print(f"passkey_answer_rate: {exc}", file=sys.stderr)
         return 2
