@@ -48,8 +48,8 @@ import triton.language as tl
 MAX_ROWS = 128
 # Ints that change with each prompt chunk's prefix length (its keys, the split count and sizes, the statistics'
 # strides): left unspecialized, so a new value divisible by 16 or equal to 1 reuses the compiled kernel instead of
-# compiling another in the middle of a serving step (three of the slowest prompt steps of run 20's mix on an H200, 0.6
-# to 0.9 s against a 451 ms median, each loaded one). The scores' row stride stays specialized: it sets the loads'
+# compiling another in the middle of a serving step (two of the slowest prompt steps of run 20's mix on an H200, 608
+# and 916 ms against a 451 ms median, loaded one or two). The scores' row stride stays specialized: it sets the loads'
 # alignment, and a chunked prefix of whole chunks keeps it divisible by 16.
 _ROW_STATS_INTS = ["n_rows", "n_keys", "first", "iters", "stride_mh", "stride_mr"]
 _LSE_INTS = ["n_rows", "n_splits", "stride_mh", "stride_mr"]
