@@ -189,9 +189,10 @@ def test_a_new_prefix_length_compiles_no_new_estimate_kernel():
 
     g = torch.Generator(device="cuda").manual_seed(3)
     before = None
-    # prefixes of whole 64-key blocks (the row stride divisible by 16, as whole chunks keep it): splits of 1, 2, 3,
-    # 16 and 17 programs, each of 1, 5, 16 or 17 iterations
-    for keys, splits in [(1024, 1), (1024, 16), (3072, 3), (16384, 16), (17408, 17), (5120, 16), (2176, 2)]:
+    # prefixes of whole 64-key blocks (the row stride divisible by 16, as whole chunks keep it): 17, 20, 24 and 32
+    # splits (one power of two: the merge's block of splits is a constexpr, one kernel per power of two), each of 1,
+    # 5, 16 or 17 iterations
+    for keys, splits in [(17408, 17), (2048, 32), (32768, 32), (6400, 20), (26112, 24)]:
         q = torch.randn(1, 4, 64, 64, device="cuda", generator=g)
         k = torch.randn(1, 4, keys, 64, device="cuda", generator=g)
         first = keys - 8

@@ -50,7 +50,8 @@ MAX_ROWS = 128
 # strides): left unspecialized, so a new value divisible by 16 or equal to 1 reuses the compiled kernel instead of
 # compiling another in the middle of a serving step (two of the slowest prompt steps of run 20's mix on an H200, 608
 # and 916 ms against a 451 ms median, loaded one or two). The scores' row stride stays specialized: it sets the loads'
-# alignment, and a chunked prefix of whole chunks keeps it divisible by 16.
+# alignment, and a chunked prefix of whole chunks keeps it divisible by 16. The log-sum-exp kernel's block of splits
+# is a constexpr (the split count's power of two): one kernel per power of two, at most six, which a warm-up meets.
 _ROW_STATS_INTS = ["n_rows", "n_keys", "first", "iters", "stride_mh", "stride_mr"]
 _LSE_INTS = ["n_rows", "n_splits", "stride_mh", "stride_mr"]
 _SUMS_INTS = ["n_rows", "n_keys", "first"]
