@@ -25,14 +25,11 @@ from typing import Any
 
 from headwise.bench.record import result_doc, write_result
 from headwise.errors import InputError
+from headwise.eval.external import sample_key
 from headwise.eval.scoring import score, wilson
 
 ANSWERS = re.compile(r"\s*\d")
 """An output that answers: its first non-space character is a digit (the evaluation's passkeys are digits)."""
-
-
-def sample_key(r: dict[str, Any]) -> tuple[Any, ...]:
-    return (r["task"], r["length"], r["depth"], r["seed"], r["idx"])
 
 
 def rows_of(path: Path, prompts: dict[tuple[Any, ...], dict[str, Any]] | None = None) -> list[dict[str, Any]]:

@@ -96,7 +96,8 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _sample_key(r: dict[str, Any]) -> tuple[Any, ...]:
+def sample_key(r: dict[str, Any]) -> tuple[Any, ...]:
+    """A sample's identity across environments: (task, length, depth, seed, index)."""
     return r["task"], r["length"], r["depth"], r["seed"], r["idx"]
 
 
@@ -123,8 +124,8 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
     itemsize = {"float32": 4, "float16": 2, "bfloat16": 2}.get(results.get("dtype", ""), 2)
     by_sample = {}
     for p in prompts or []:
-        by_sample[_sample_key(p)] = p
-    headwise_tokens = {_sample_key(r): r.get("prompt_tokens") for r in results.get("rows", [])}
+        by_sample[sample_key(p)] = p
+    headwise_tokens = {sample_key(r): r.get("prompt_tokens") for r in results.get("rows", [])}
     gen_tasks = {t for t in results["tasks"] if t != FIDELITY}
 
     new_rows: list[dict[str, Any]] = []
@@ -143,7 +144,7 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
         if o["task"] not in gen_tasks or o["length"] not in results["lengths"]:
             raise InputError(f"external output {n} is {o['task']} at {o['length']} tokens, which the results do not "
                              f"hold (tasks {sorted(gen_tasks)}, lengths {results['lengths']})")
-        key = _sample_key(o)
+        key = sample_key(o)
         seen = headwise_tokens.get(key)
         if seen is not None and seen != o["prompt_tokens"]:
             raise InputError(f"external output {n} ({o['task']} {o['length']} depth {o['depth']} idx {o['idx']}) read "

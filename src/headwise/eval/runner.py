@@ -247,13 +247,15 @@ def kivi_baseline(spec: Any, name: str, target_tokens: float, length: int, label
     Every token stays reachable, so it tells whether a plan's choice of heads beats spreading its bytes evenly. Where
     not even the last fits, the last, which then holds more than the target (its KV fraction in the results says so).
     Native sliding layers quantize their window (``quantized``'s ``window``), as the profiled plans' heads do there."""
-    plan = HeadPlan.dense(spec, name)
-    for bits, residual in KIVI_MENU:
+    def kivi(bits: int, residual: int) -> HeadPlan:
         head = {"policy": "quantized", "params": {"bits": bits, "group": 32, "residual": residual}}
-        plan = HeadPlan.uniform(spec, head, name, created_by=f"KIVI baseline ({label}) at {length} tokens")
+        return HeadPlan.uniform(spec, head, name, created_by=f"KIVI baseline ({label}) at {length} tokens")
+
+    for bits, residual in KIVI_MENU[:-1]:
+        plan = kivi(bits, residual)
         if plan.kv_tokens(spec, length, itemsize, peak=True) <= target_tokens:
-            break
-    return plan
+            return plan
+    return kivi(*KIVI_MENU[-1])
 
 
 def _plan(spec: Any, rows: list[list[dict[str, Any]]], name: str, created_by: str) -> HeadPlan:
@@ -477,8 +479,14 @@ def dtype_tag(dtype: str, on_gpu: bool) -> str | None:
     on that device unless told (``models.default_dtype``: bfloat16 on a GPU, float32 on the CPU). A SmolLM2 passkey is
     decided at a first token within a logit (docs/quality.md), so a run in one dtype must never resume from rows of
     another."""
-    default = "bfloat16" if on_gpu else "float32"
-    return None if dtype == default else dtype
+    from headwise.models import default_dtype
+
+    return None if dtype == dtype_name(default_dtype("cuda" if on_gpu else "cpu")) else dtype
+
+
+def dtype_name(dtype: Any) -> str:
+    """A torch dtype's name as results files write it (``torch.bfloat16`` -> ``bfloat16``)."""
+    return str(dtype).replace("torch.", "")
 
 
 class SampleCache:
@@ -647,7 +655,7 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     name = "samples.jsonl" if cfg.shard is None else f"samples-shard-{cfg.shard[0]}-of-{cfg.shard[1]}.jsonl"
     cache = SampleCache(out / name)
     mkey = model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.chunk_size,
-                     dtype_tag(str(lm.dtype).replace("torch.", ""), lm.device.type == "cuda"))
+                     dtype_tag(dtype_name(lm.dtype), lm.device.type == "cuda"))
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = job_order(lengths, gen_tasks, cfg.depths, cfg.samples)
     if cfg.shard is not None:
@@ -970,7 +978,7 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
         "model": lm.name,
         "model_source": lm.source,
         "spec": spec.to_dict(),
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        "dtype": dtype_name(lm.dtype),
         "device": device_name(lm.device),
         "commit": git_commit(),
         "seed": cfg.seed,
