@@ -68,8 +68,10 @@ prep)
   # the split sweep of the full heads' decode over rows of two lengths (~1 minute on an H100), then each plan through
   # 2 layers with the pool per layer of the measured runs: what they compile is compiled here (their JSONs in
   # $OUT/prep say how much: during_run)
-  # the decode kernel's per-step ints reuse one compiled kernel (run 19's slow steps), then the split sweep
-  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_batch_decode.py -k compiles_no_new 2>&1 | tail -2
+  # the decode kernel's and the vertical-slash estimate's per-step ints reuse compiled kernels (run 19's and run 20's
+  # slow steps), then the split sweep
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_batch_decode.py tests/test_vs_estimate.py \
+    -k compiles_no_new 2>&1 | tail -2
   timeout $(( SECONDS_LEFT / 3 )) python3 bench/mixed_batch_decode.py "$OUT/mixed_decode.json" ${MIXED_ARGS:-} 2>&1 | tail -22
   per=$(( (SECONDS_LEFT - $(date +%s) + T0 - 45) / 2 )); [ "$per" -ge 30 ] || per=30
   for p in "$PLAN" dense; do
