@@ -78,3 +78,29 @@ def test_a_plan_no_gpu_run_scored_is_refused_in_a_line(tmp_path, capsys):
     (tmp_path / "bad.json").write_text("{")
     assert mod.main([str(tmp_path / "plan.json"), str(tmp_path / "bad.json")]) == 2
     assert "not a readable results file" in capsys.readouterr().err
+
+
+def test_a_cell_must_hold_in_every_large_run(tmp_path):
+    """A second GPU run of >= 300 samples (another dtype, say) where the plan keeps only 0.8 of dense's accuracy
+    makes the cell not met, though the largest run meets it."""
+    mod = bench_module("quality_summary.py")
+    plan = HeadPlan.dense(SPEC, "tiny")
+    plan.save(tmp_path / "plan.json")
+    digest = plan.digest()
+
+    def run(n, dense_right, plan_right, name):
+        rows = _rows("dense", "d-dense", [i < dense_right for i in range(n)]) + _rows(
+            "mine", digest, [i < plan_right for i in range(n)])
+        doc = _doc(digest, "NVIDIA H100 80GB HBM3", {("dense", "passkey", 1024): (dense_right / n, n),
+                                                    ("mine", "passkey", 1024): (plan_right / n, n)},
+                   {"dense": 1.0, "mine": 0.3}, rows)
+        (tmp_path / name).write_text(json.dumps(doc))
+        return str(tmp_path / name)
+
+    big = run(400, 300, 300, "big.json")
+    cell = mod.cells(str(tmp_path / "plan.json"), [big])[0]
+    assert cell["met"] and cell["held_in_large_runs"]
+    other = run(300, 250, 200, "other.json")
+    cell = mod.cells(str(tmp_path / "plan.json"), [big, other])[0]
+    assert cell["file"] == big and not cell["held_in_large_runs"] and cell["met"] is False
+    assert [r["n"] for r in cell["runs"]] == [400, 300] and "a run of >= 300" in mod.markdown([cell])
