@@ -18,6 +18,7 @@ from typing import Any
 
 from headwise.errors import HeadwiseError, InputError
 from headwise.model_args import add_model_args, load_from_args
+from headwise.models import dtype_name
 from headwise.tp import add_tp_args
 
 # Subcommand modules; each exposes ``register(subparsers)``.
@@ -55,7 +56,7 @@ def cmd_info(args: argparse.Namespace) -> int:
         "head_dim": s.head_dim,
         "max_context": s.max_context,
         "sliding_window_layers": n_window,
-        "dtype": str(lm.dtype).replace("torch.", ""),
+        "dtype": dtype_name(lm.dtype),
         "kv_bytes_per_token": s.kv_bytes_per_token(dtype_bytes),
         "parameters": sum(p.numel() for p in lm.model.parameters()),
     }

@@ -435,6 +435,11 @@ def default_dtype(device: str | torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """A torch dtype's name as results files and ``headwise info`` write it (``torch.bfloat16`` -> ``bfloat16``)."""
+    return str(dtype).replace("torch.", "")
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL, device: str | None = None, dtype: torch.dtype | str | None = None
 ) -> LoadedModel:

@@ -53,6 +53,7 @@ from headwise.bench.record import device_name, git_commit
 from headwise.errors import ContextLengthError, HeadwiseError, InputError, PlanError
 from headwise.eval.scoring import score, wilson
 from headwise.eval.tasks import LENGTH_TOLERANCE, TASKS, make_sample, task_info
+from headwise.models import default_dtype, dtype_name
 from headwise.plan import HeadPlan, deal_heads
 
 FIDELITY = "fidelity"
@@ -479,14 +480,7 @@ def dtype_tag(dtype: str, on_gpu: bool) -> str | None:
     on that device unless told (``models.default_dtype``: bfloat16 on a GPU, float32 on the CPU). A SmolLM2 passkey is
     decided at a first token within a logit (docs/quality.md), so a run in one dtype must never resume from rows of
     another."""
-    from headwise.models import default_dtype
-
     return None if dtype == dtype_name(default_dtype("cuda" if on_gpu else "cpu")) else dtype
-
-
-def dtype_name(dtype: Any) -> str:
-    """A torch dtype's name as results files write it (``torch.bfloat16`` -> ``bfloat16``)."""
-    return str(dtype).replace("torch.", "")
 
 
 class SampleCache:
