@@ -50,7 +50,7 @@ def eval_docs(doc: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 
 def _gpu(doc: dict[str, Any]) -> bool:
-    return "NVIDIA" in str(doc.get("device", "")) or "H100" in str(doc.get("device", ""))
+    return "NVIDIA" in str(doc.get("device", ""))
 
 
 def _label_of(doc: dict[str, Any], digest: str, length: int) -> str | None:
@@ -68,7 +68,8 @@ def _kv(doc: dict[str, Any], label: str, length: int) -> float | None:
 def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
     """One record per (task, length) the plan was scored on by a GPU run (see the module's docstring)."""
     digest = HeadPlan.load(plan_path).digest()
-    found: dict[tuple[str, int], list[tuple[dict[str, Any], str, str]]] = {}  # cell -> [(doc, label, file)]
+    # cell -> every run of it: (the plan's accuracy, dense's, the paired ratio, the document, the plan's label, file)
+    found: dict[tuple[str, int], list[tuple[Any, ...]]] = {}
     baselines: dict[tuple[str, int, str], dict[str, Any]] = {}  # (task, length, baseline) -> its largest cell
     for path in files:
         try:
@@ -78,25 +79,25 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
         for doc in eval_docs(top):
             if not _gpu(doc):
                 continue
+            acc = {(a["plan"], a["task"], a["length"]): a for a in doc["accuracy"]}
+            ratios: dict[tuple[str, str, int], Any] | None = None  # the document's paired ratios, made once
             for a in doc["accuracy"]:
                 label = _label_of(doc, digest, a["length"])
                 if label is None or a.get("pooled"):
                     continue
                 if a["plan"] == label:
-                    found.setdefault((a["task"], a["length"]), []).append((doc, label, path))
+                    if ratios is None:
+                        ratios = {(r["plan"], r["task"], r["length"]): r["accuracy_ratio"] for r in retention(doc)}
+                    cell = (a["task"], a["length"])
+                    found.setdefault(cell, []).append((a, acc.get(("dense", *cell)), ratios.get((label, *cell)), doc,
+                                                       label, path))
                 elif "@" in a["plan"] and a["plan"] not in NOT_BASELINES:
                     bkey = (a["task"], a["length"], a["plan"])
                     if a["n"] > baselines.get(bkey, {"n": 0})["n"]:
                         baselines[bkey] = {**a, "file": path, "kv_fraction": _kv(doc, a["plan"], a["length"]),
                                            "plan_kv_fraction": _kv(doc, label, a["length"])}
     out = []
-    for (task, length), candidates in sorted(found.items()):
-        scored = []
-        for doc, label, path in candidates:
-            acc = {(a["plan"], a["task"], a["length"]): a for a in doc["accuracy"]}
-            ratio = next((r["accuracy_ratio"] for r in retention(doc) if (r["plan"], r["task"], r["length"]) ==
-                          (label, task, length)), None)
-            scored.append((acc[(label, task, length)], acc.get(("dense", task, length)), ratio, doc, label, path))
+    for (task, length), scored in sorted(found.items()):
         # the most samples; among runs of as many, one that paired the plan with dense prompt by prompt
         plan, dense, ratio, doc, label, path = max(scored, key=lambda c: (c[0]["n"], c[2] is not None))
         kv = _kv(doc, label, length)
