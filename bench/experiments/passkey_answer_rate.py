@@ -25,7 +25,7 @@ from typing import Any
 
 from headwise.bench.record import result_doc, write_result
 from headwise.errors import InputError
-from headwise.eval.external import sample_key
+from headwise.eval.external import read_jsonl, sample_key
 from headwise.eval.scoring import score, wilson
 
 ANSWERS = re.compile(r"\s*\d")
@@ -35,9 +35,8 @@ ANSWERS = re.compile(r"\s*\d")
 def rows_of(path: Path, prompts: dict[tuple[Any, ...], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
     """The generation rows of a results document, or of a ``samples*.jsonl`` file (one row a line); an external
     output line (``label``, no ``score``) is scored against its exported prompt in ``prompts``."""
-    text = path.read_text()
     if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+        rows = read_jsonl(path, "samples")
         for r in rows:
             if "score" not in r and "label" in r:
                 src = (prompts or {}).get(sample_key(r))
@@ -45,7 +44,7 @@ def rows_of(path: Path, prompts: dict[tuple[Any, ...], dict[str, Any]] | None = 
                     raise InputError(f"{path}: an external output with no prompt to score it against (--prompts)")
                 r |= {"plan": r["label"], "score": score(src["scoring"], r["output"], src["answers"])}
         return rows
-    doc = json.loads(text)
+    doc = json.loads(path.read_text())
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if not isinstance(rows, list):
         raise InputError(f"{path}: no 'rows' (not a headwise eval results file)")
@@ -87,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         prompts = None
         if args.prompts:
-            prompts = {sample_key(p): p for p in map(json.loads, args.prompts.read_text().splitlines()) if p}
+            prompts = {sample_key(p): p for p in read_jsonl(args.prompts, "exported prompts")}
         for path in args.results:  # keyed by file name; a name given twice is told apart by its folder
             name = path.name if path.name not in table else f"{path.parent.name}/{path.name}"
             table[name] = split(rows_of(path, prompts), args.length)
