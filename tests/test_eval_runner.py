@@ -582,6 +582,16 @@ def test_rows_reused_without_timings_count_for_accuracy_not_speed(tiny_llama, tm
     only = next(p for p in run_eval(EvalConfig(**cfg, out=tmp_path / "c"), tiny_llama)["performance"]
                 if p["plan"] == "dense")
     assert (only["runs"], only["prefill_s"], only["kv_bytes"]) == (0, None, before["kv_bytes"])
+    # rows carried from a results file (bench/carry_rows.py: stats keep new_tokens, kv_fraction and finish_reason)
+    # beside new rows: run 37's collect raised KeyError 'kv_bytes'; the bytes are the new rows', the fraction all rows'
+    (tmp_path / "d").mkdir()
+    carried = ("new_tokens", "kv_fraction", "finish_reason")
+    (tmp_path / "d" / "samples-reused.jsonl").write_text("".join(
+        json.dumps(r | {"stats": {k: v for k, v in r["stats"].items() if k in carried}} if r.get("task") == "passkey"
+                   and r.get("depth") == 0.25 else r) + "\n" for r in rows))
+    mixed = next(p for p in run_eval(EvalConfig(**cfg, out=tmp_path / "d"), tiny_llama)["performance"]
+                 if p["plan"] == "dense")
+    assert (mixed["runs"], mixed["kv_bytes"], mixed["kv_fraction"]) == (1, before["kv_bytes"], before["kv_fraction"])
 
 
 def test_the_report_names_the_cells_a_run_left_short():

@@ -933,11 +933,12 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
             # Rows reused from a results file that kept no timings (slim rows: KV counts only) count for the KV
             # held, not for speed: the times and rates are over the timed rows, ``runs`` counts them.
             timed = [s for s in st if "prefill_s" in s]
+            sized = [s for s in st if "kv_bytes" in s]  # rows carried from a file that kept the fraction only
             mem = cache.get(SampleCache.key(model_key, plan.digest(), MEMORY, L, None, cfg.seed, 0)) or {}
             perf_rows.append({
                 "plan": e.label, "length": L,
-                "kv_bytes": round(_mean([s["kv_bytes"] for s in st])) if st else None,
-                "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in st])) if st else None,
+                "kv_bytes": round(_mean([s["kv_bytes"] for s in sized])) if sized else None,
+                "dense_kv_bytes": round(_mean([s["dense_kv_bytes"] for s in sized])) if sized else None,
                 "kv_fraction": round(_mean([s["kv_fraction"] for s in st]), 4) if st else None,
                 # The plan's count: the most it holds while a request of L tokens runs, and after exactly L tokens.
                 "planned_kv_fraction": round(plan.kv_fraction(spec, L, dtype_bytes, peak=True), 4),
