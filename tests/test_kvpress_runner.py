@@ -80,16 +80,25 @@ def test_presses_run_at_a_plans_memory_and_undressed_kvpress_answers_as_headwise
     for r in rows:
         d = dense[(r["depth"], r["idx"])]
         assert d["kv_tokens"] == r["prompt_tokens"] * heads
-        if r["label"] != "kvpress:none":
+        n = r["prompt_tokens"] - 1
+        if r["label"] == "kvpress:none":
+            assert r["kv_tokens_peak"] == r["kv_tokens"]  # dense holds the most after the last prompt token
+        else:
             # every layer and KV head keeps int(n * F) of the n prefilled tokens, plus the last prompt token
             assert r["kv_fraction_target"] == pytest.approx(target)
-            n = r["prompt_tokens"] - 1
-            assert r["kv_tokens"] == (int(n * (1 - round(1 - target, 6))) + 1) * heads
+            kept = int(n * (1 - round(1 - target, 6)))
+            assert r["kv_tokens"] == (kept + 1) * heads
+            # the press cuts each layer in its own forward hook: at its peak the layers before the last hold their
+            # cut caches, the last its whole context and its cut copy (not dense's KV, nor only the cut cache)
+            layers = smollm2.spec.num_layers
+            assert r["kv_tokens_peak"] == (layers * kept + n) * smollm2.spec.num_kv_heads
 
     # the outputs merge into the eval of the same prompts, their memory beside the plan they match
     merged = merge_outputs(res, rows, prompts)
     perf = {r["plan"]: r for r in merged["performance"]}
     assert perf["kvpress:snapkv@equal"]["kv_fraction"] == pytest.approx(target, abs=0.01)
+    assert perf["kvpress:snapkv@equal"]["kv_fraction_peak"] == pytest.approx(
+        target + 1 / smollm2.spec.num_layers, abs=0.02)
     kept = {r["plan"]: r for r in retention(merged)}
     if "kvpress:none" in kept:  # dense answered something at this length: undressed kvpress keeps all of it
         assert kept["kvpress:none"]["kept"] == kept["kvpress:none"]["n"]

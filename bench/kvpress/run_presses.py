@@ -19,7 +19,9 @@ prefix, and headwise's plans see it whole, so here the whole prompt is the conte
 SnapKV see the question in their observation window, as in the SnapKV paper).
 
 KV memory: after the prompt, the token slots the cache's tensors hold, summed over layers and KV heads
-(``kv_tokens``, and per layer), their bytes (``kv_bytes``) and, on CUDA, what the allocator gave out from before the
+(``kv_tokens``, and per layer); the most they held at any moment while the prompt ran (``kv_tokens_peak``,
+``PeakSlots``: the press cuts layer by layer inside the prefill forward, so its peak is its cut cache plus about one
+layer's whole context, not dense's); their bytes (``kv_bytes``) and, on CUDA, what the allocator gave out from before the
 cache was made to after the prompt, less the last logits (``kv_bytes_allocator``). kvpress's uniform presses
 really shorten the cache tensors; presses that mask instead (DuoAttention, AdaKV) would hold dense-sized tensors,
 and are counted so.
@@ -231,6 +233,47 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _slots(layer: Any) -> int:
+    """Token slots (KV heads x tokens) a cache layer's keys hold; 0 before its first update."""
+    keys = getattr(layer, "keys", None)
+    return int(keys.shape[1] * keys.shape[2]) if isinstance(keys, torch.Tensor) and keys.dim() == 4 else 0
+
+
+class PeakSlots:
+    """The most token slots the cache holds while the context is prefilled, counted from its tensors.
+
+    kvpress cuts each layer's cache in that layer's forward hook, during the one prefill forward: when layer ``i``'s
+    attention has run, the layers before it hold their cut caches, layer ``i`` the whole context, and the press's cut
+    copy of layer ``i`` is made while the whole is still held. So the peak is about the cut cache plus one layer's
+    whole context (``kept / n + 1 / layers`` of dense for a uniform press), not dense's KV. ``before`` registers a hook
+    on every attention layer ahead of the press's (it sees the layer whole); ``after``, registered behind them, adds the
+    cut copy (``cut``: a press ran)."""
+
+    def __init__(self, cache: Any, cut: bool) -> None:
+        self.cache, self.cut, self.held, self.peak = cache, cut, 0, 0
+
+    @contextlib.contextmanager
+    def _hooks(self, model: Any, hook: Any) -> Any:
+        handles = [layer.self_attn.register_forward_hook(hook, with_kwargs=True) for layer in model.model.layers]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+
+    def before(self, model: Any) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            self.held = sum(_slots(layer) for layer in self.cache.layers)
+            self.peak = max(self.peak, self.held)
+        return self._hooks(model, hook)
+
+    def after(self, model: Any) -> Any:
+        def hook(module: Any, args: Any, kwargs: Any, output: Any) -> None:
+            if self.cut:
+                self.peak = max(self.peak, self.held + _slots(self.cache.layers[module.layer_idx]))
+        return self._hooks(model, hook)
+
+
 @torch.no_grad()
 def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> dict[str, Any]:
     """Greedy generation of one prompt under ``press`` (None: dense), as kvpress's pipeline decodes."""
@@ -242,12 +285,14 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
     _sync(device)
     m0 = torch.cuda.memory_allocated(device) if cuda else 0
     cache = DynamicCache()
+    peak = PeakSlots(cache, cut=press is not None)
     t0 = time.perf_counter()
-    if press is None:
-        model.model(input_ids=context, past_key_values=cache)
-    else:
-        with press(model):
+    with peak.before(model):  # registered ahead of the press's hooks: they see each layer whole, before its cut
+        if press is None:
             model.model(input_ids=context, past_key_values=cache)
+        else:
+            with press(model), peak.after(model):
+                model.model(input_ids=context, past_key_values=cache)
     position = torch.tensor([[len(ids) - 1]], device=device)
     out = model(input_ids=torch.tensor([ids[-1:]], device=device), past_key_values=cache, position_ids=position,
                 logits_to_keep=1)
@@ -270,6 +315,7 @@ def run_sample(model: Any, press: Any, ids: list[int], max_new_tokens: int) -> d
     _sync(device)
     t2 = time.perf_counter()
     return {"output_ids": generated, "kv_tokens": sum(per_layer), "kv_tokens_per_layer": per_layer,
+            "kv_tokens_peak": max(peak.peak, sum(per_layer)),
             "kv_bytes": int(kv_bytes), "kv_bytes_allocator": allocated,
             "prefill_s": round(t1 - t0, 5), "decode_s": round(t2 - t1, 5)}
 
@@ -387,7 +433,8 @@ def _main(args: argparse.Namespace) -> int:
                     "output": tok.decode(res["output_ids"], skip_special_tokens=True),
                     "output_ids": res["output_ids"], "prompt_tokens": len(p["input_ids"]),
                     "new_tokens": len(res["output_ids"]), "kv_tokens": res["kv_tokens"],
-                    "kv_tokens_per_layer": res["kv_tokens_per_layer"], "kv_bytes": res["kv_bytes"],
+                    "kv_tokens_per_layer": res["kv_tokens_per_layer"], "kv_tokens_peak": res["kv_tokens_peak"],
+                    "kv_bytes": res["kv_bytes"],
                     "kv_bytes_allocator": res["kv_bytes_allocator"],
                     "kv_fraction_target": f, "dtype": str(dtype).replace("torch.", ""), "device": args.device,
                     "prefill_s": res["prefill_s"], "decode_s": res["decode_s"],

@@ -38,7 +38,7 @@ FORMAT_VERSION = 1
 OUTPUT_FIELDS = ("format", "label", "method", "task", "length", "depth", "seed", "idx", "output", "prompt_tokens",
                  "new_tokens", "kv_tokens")
 """What every output line must carry (``run_presses.py`` also writes ``method_version``, ``dtype``, ``device``,
-``prefill_s``, ``decode_s`` and ``kv_fraction_target``, used when present)."""
+``prefill_s``, ``decode_s``, ``kv_fraction_target`` and ``kv_tokens_peak``, used when present)."""
 
 
 def model_key(lm: Any) -> str:
@@ -172,6 +172,9 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
                 "prompt_tokens": o["prompt_tokens"], "new_tokens": o["new_tokens"],
                 "prefill_s": o.get("prefill_s"), "decode_s": o.get("decode_s"),
                 "kv_bytes_allocator": o.get("kv_bytes_allocator"),
+                # the most its cache held while the prompt ran (``kv_tokens_peak``; outputs written before
+                # 2026-12-07 did not count it)
+                **({"kv_fraction_peak": o["kv_tokens_peak"] / dense_tokens} if "kv_tokens_peak" in o else {}),
             },
         })
 
@@ -199,6 +202,7 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
             target = per_len[L][1].get("kv_fraction_target")
             times = [s for s in st if s["prefill_s"] is not None and s["decode_s"] is not None]
             alloc = [s["kv_bytes_allocator"] for s in st if s["kv_bytes_allocator"] is not None]
+            peaks = [s["kv_fraction_peak"] for s in st if "kv_fraction_peak" in s]
             pre = sum(s["prefill_s"] for s in times)
             dec = sum(s["decode_s"] for s in times)
             perf.append({
@@ -212,6 +216,9 @@ def merge_outputs(results: dict[str, Any], outputs: Iterable[dict[str, Any]],
                 "kv_bytes_allocator": round(sum(alloc) / len(alloc)) if alloc else None,
                 # the held cache's tensors, counted after each prompt by the external runner
                 "kv_fraction_measured": round(frac, 4),
+                # and the most they held while the prompt ran (kvpress cuts layer by layer inside the prefill
+                # forward: its cut cache plus about one layer's whole context)
+                "kv_fraction_peak": round(sum(peaks) / len(peaks), 4) if len(peaks) == len(st) else None,
                 "planned_kv_bytes": None,
                 "prefill_s": round(pre / len(times), 4) if times else None,
                 "decode_s": round(dec / len(times), 4) if times else None,
