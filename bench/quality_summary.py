@@ -65,6 +65,12 @@ def _kv(doc: dict[str, Any], label: str, length: int) -> float | None:
     return row.get("kv_fraction_measured") or row.get("kv_fraction")
 
 
+def _equal(b: dict[str, Any]) -> bool:
+    """Whether a baseline's cell held at most the plan's KV beside it in its run (``EQUAL_SLACK``; unknown: yes)."""
+    return (b["kv_fraction"] is None or b["plan_kv_fraction"] is None
+            or b["kv_fraction"] <= b["plan_kv_fraction"] + EQUAL_SLACK)
+
+
 def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
     """One record per (task, length) the plan was scored on by a GPU run (see the module's docstring)."""
     digest = HeadPlan.load(plan_path).digest()
@@ -93,9 +99,14 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
                                                        label, path))
                 elif "@" in a["plan"] and a["plan"] not in NOT_BASELINES:
                     bkey = (a["task"], a["length"], a["plan"])
-                    if a["n"] > baselines.get(bkey, {"n": 0})["n"]:
-                        baselines[bkey] = {**a, "file": path, "kv_fraction": _kv(doc, a["plan"], a["length"]),
-                                           "plan_kv_fraction": _kv(doc, label, a["length"])}
+                    b = {**a, "file": path, "kv_fraction": _kv(doc, a["plan"], a["length"]),
+                         "plan_kv_fraction": _kv(doc, label, a["length"])}
+                    # an ``@equal`` baseline is at the first plan file of its run: in a run that scored another plan
+                    # first, this plan's cell has it at that plan's KV. Of a label's cells, the largest held at this
+                    # plan's KV is kept; one held at more only where none was
+                    if (_equal(b), a["n"]) > (_equal(baselines[bkey]), baselines[bkey]["n"]) if bkey in baselines \
+                            else True:
+                        baselines[bkey] = b
     out = []
     for (task, length), scored in sorted(found.items()):
         # the most samples; among runs of as many, one that paired the plan with dense prompt by prompt
@@ -105,8 +116,7 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
                         key=lambda b: -b["score"])
         # a baseline that held more KV than the plan beside it in its run (Quest keeps every token) is shown, not
         # counted as equal memory
-        equal = [b for b in others if b["kv_fraction"] is None or b["plan_kv_fraction"] is None
-                 or b["kv_fraction"] <= b["plan_kv_fraction"] + EQUAL_SLACK]
+        equal = [b for b in others if _equal(b)]
         applies = dense is not None and dense["score"] >= DENSE_FLOOR
         beaten = [b["plan"] for b in equal if plan["ci95"][0] > b["ci95"][1]]
         # every GPU run of this cell with >= MIN_N samples and dense beside it: the cell must hold in each (a cell

@@ -66,6 +66,16 @@ def test_a_cell_is_met_only_above_every_equal_memory_baseline(tmp_path):
     table = mod.markdown([cell])
     assert "`kvpress:knorm@equal` 97" in table and "**no**" in table and "`quest@equal` (106% of dense)" in table
 
+    # a larger run that scored another plan first: its streaming@equal sits at that plan's KV, above this plan's; the
+    # cell held at this plan's KV stays the one counted (run 37 hid run 15's streaming@equal this way)
+    other = _doc(digest, "NVIDIA H100 80GB HBM3", {("mine", "passkey", 1024): (0.92, 400),
+                                                  ("streaming@equal", "passkey", 1024): (0.5, 400)},
+                 {"mine": 0.3, "streaming@equal": 0.4}, plans=["mine", "streaming@equal"])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    cell = mod.cells(str(plan_path), [str(tmp_path / "run.json"), str(tmp_path / "other.json")])[0]
+    streaming = [b for b in cell["baselines"] if b["plan"] == "streaming@equal"]
+    assert [(b["n"], b["equal_memory"]) for b in streaming] == [(n, True)] and cell["beaten"] == ["streaming@equal"]
+
 
 def test_a_plan_no_gpu_run_scored_is_refused_in_a_line(tmp_path, capsys):
     mod = bench_module("quality_summary.py")
