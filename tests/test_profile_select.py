@@ -51,6 +51,28 @@ def test_all_full_candidate_scores_as_dense(tiny):
     assert probes.ids[300].shape[0] == 3 and probes.ids[300].shape[1] > 300
 
 
+def test_first_tokens_are_the_greedy_start_and_count_against_dense(tiny):
+    """``probe_outcomes``' first token is what the model writes first after each probe's prompt (its argmax there,
+    the answer not yet fed), and ``measure_budgets`` counts the probes a plan starts differently from dense: none
+    for a plan of full heads, as many as differ for a streaming one."""
+    from types import SimpleNamespace
+
+    from headwise.profile.select import BudgetCandidate, measure_budgets, probe_outcomes
+
+    probes = probe_set(tiny.tokenizer, [300], 4)
+    hits, nll, first = probe_outcomes(tiny, None, probes)
+    with torch.no_grad():
+        want = tiny.model(input_ids=probes.ids[300][:, :300]).logits[:, -1].argmax(-1)
+    assert torch.equal(first, want) and hits.shape == nll.shape == first.shape == (4,)
+    ring = [[Streaming(sink=2, window=8)] * 2] * 2
+    full = BudgetCandidate(1.0, SimpleNamespace(policies=[[Full(), Full()], [Full(), Full()]], fraction=1.0))
+    narrow = BudgetCandidate(0.1, SimpleNamespace(policies=ring, fraction=0.1))
+    measure_budgets(tiny, [full, narrow], probes)
+    _, _, ringed = probe_outcomes(tiny, ring, probes)
+    assert full.first_flips == 0 and narrow.first_flips == int((ringed != first).sum())
+    assert narrow.info()["first_tokens_changed"] == narrow.first_flips
+
+
 def test_probe_set_asks_for_one_fact_among_as_many_as_told(tiny):
     """``distractors`` reaches each probe: with 0 every probe holds its one fact (a passkey's shape), and the rows
     are the prompts of ``retrieval_probe`` with that count (the default, 2, the profiler's keyed facts)."""

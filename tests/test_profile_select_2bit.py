@@ -40,7 +40,7 @@ def _solve(gemma, source, **kw) -> HeadPlan:
 
 
 def _scored_by(monkeypatch, answered) -> list[int]:
-    """``select.probe_losses`` replaced: dense answers every probe; a plan answers ``answered(policies)`` of them.
+    """``select.probe_outcomes`` replaced (every first token 0): dense answers every probe; a plan answers ``answered(policies)`` of them.
     Returns a list that counts dense's runs."""
     dense_runs: list[int] = []
 
@@ -48,9 +48,9 @@ def _scored_by(monkeypatch, answered) -> list[int]:
         dense_runs.extend([1] if policies is None else [])
         n = sum(x.shape[0] for x in probes.ids.values())
         k = n if policies is None else min(n, answered(policies))
-        return torch.arange(n) < k, torch.ones(n)
+        return torch.arange(n) < k, torch.ones(n), torch.zeros(n, dtype=torch.long)
 
-    monkeypatch.setattr(select, "probe_losses", fake)
+    monkeypatch.setattr(select, "probe_outcomes", fake)
     return dense_runs
 
 

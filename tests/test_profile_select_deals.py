@@ -79,14 +79,15 @@ def source_solved(gemma, source) -> list[list[Policy]]:
 
 
 def _scored_by(monkeypatch, answered, nll=lambda policies: 1.0):
-    """``select.probe_losses`` replaced: dense answers every probe; a plan answers ``answered(policies)`` of them,
+    """``select.probe_outcomes`` replaced (every first token 0): dense answers every probe; a plan answers ``answered(policies)`` of them,
     at an answer NLL of ``nll(policies)`` per probe."""
     def fake(lm, policies, probes, batch=8):
         n = sum(x.shape[0] for x in probes.ids.values())
         k = n if policies is None else min(n, answered(policies))
-        return torch.arange(n) < k, torch.full((n,), 1.0 if policies is None else nll(policies))
+        return (torch.arange(n) < k, torch.full((n,), 1.0 if policies is None else nll(policies)),
+                torch.zeros(n, dtype=torch.long))
 
-    monkeypatch.setattr(select, "probe_losses", fake)
+    monkeypatch.setattr(select, "probe_outcomes", fake)
 
 
 def test_the_best_scoring_deal_is_kept_and_recorded(gemma, source, monkeypatch):

@@ -12,12 +12,19 @@ are used here to check the selection, never by it.
     PYTHONPATH=src python bench/experiments/budget_passkey_masked.py OUT.json \
         --scores bench/results/retrieval_plan_smollm2-135m_h200_ablation2_2026-12-02.json \
         --budgets 0.25,0.3,0.375,0.5,0.75 --lengths 1024,2048 --per-depth 20 --probes 64
+
+``--plans A.json B.json`` scores plan files as they are beside (or, with ``--budgets ''``, instead of) the re-solved
+budgets, e.g. a plan and the same plan with 8-bit keys: do the held-in probes see what key precision does to the
+passkey? ``--per-depth 0`` skips the passkey prompts (the probes only). Each candidate also counts the prompts whose
+first greedy token differs from dense's (``first_tokens_changed``: fidelity at the decision point), on the probes and
+on the passkey prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -25,9 +32,9 @@ import torch
 from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
-from headwise.plan import HeadPlan
+from headwise.plan import HeadPlan, resolve
 from headwise.profile.runner import Spans
-from headwise.profile.select import BudgetCandidate, ProbeSet, measure_budgets, probe_losses, probe_set
+from headwise.profile.select import BudgetCandidate, ProbeSet, measure_budgets, probe_outcomes, probe_set
 from headwise.profile.solver import solve
 
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
@@ -56,39 +63,58 @@ def main() -> None:
     ap.add_argument("--per-depth", type=int, default=20)
     ap.add_argument("--probes", type=int, default=64, help="held-in probes per length")
     ap.add_argument("--device", default=None)
+    ap.add_argument("--plans", nargs="*", default=[], help="plan files scored as they are, beside the budgets")
+    ap.add_argument("--passkey-lengths", default=None, help="the passkey prompts' lengths (default: --lengths)")
     args = ap.parse_args()
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     lm = load_model(args.model, device=device)
     meta = HeadPlan.load(args.scores).meta
     spans = Spans.from_meta(meta)
     target = int(meta["target_len"])
-    score = torch.tensor(meta["scores"][f"{args.method}_kv"])
     lengths = [int(x) for x in args.lengths.split(",")]
+    score = torch.tensor(meta["scores"][f"{args.method}_kv"])
     cands = [BudgetCandidate(b, solve(lm.spec, score, b, target, None if spans is None else spans.value,
-                                      full_share=1.0, quantize=True)) for b in map(float, args.budgets.split(","))]
+                                      full_share=1.0, quantize=True))
+             for b in (float(x) for x in args.budgets.split(",") if x.strip())]
+    named = {}
+    for path in args.plans:  # as they are: the budget field holds the KV they hold at the longest length, at peak
+        plan = HeadPlan.load(path)
+        frac = plan.kv_fraction(lm.spec, max(lengths), peak=True)
+        cands.append(BudgetCandidate(round(frac, 4), SimpleNamespace(policies=resolve(plan.policies(), lm.spec),
+                                                                     fraction=frac)))
+        named[id(cands[-1])] = path
     t = time.perf_counter()
     dense_probes = measure_budgets(lm, cands, probe_set(lm.tokenizer, lengths, args.probes))
     probe_s = time.perf_counter() - t
     rows: list[dict[str, Any]] = []
-    for L in lengths:
+    for L in [int(x) for x in (args.passkey_lengths or args.lengths).split(",")] if args.per_depth else []:
         prompts = passkey_prompts(lm.tokenizer, L, args.per_depth)
-        for name, policies in [("dense", None)] + [(f"{c.budget:g}", c.solution.policies) for c in cands]:
+        dense_first: list[int] = []
+        for name, policies in [("dense", None)] + [(named.get(id(c), f"{c.budget:g}"), c.solution.policies)
+                                                     for c in cands]:
             t = time.perf_counter()
             hits = {d: 0 for d in DEPTHS}
+            first = []
             for depth, ps in prompts:
-                hit, _ = probe_losses(lm, policies, ps, batch=1)
+                hit, _, tok = probe_outcomes(lm, policies, ps, batch=1)
                 hits[depth] += int(hit.all())
+                first.append(int(tok[0]))
+            dense_first = dense_first or first
             rows.append({"plan": name, "length": L, "passkey_exact": sum(hits.values()), "n": len(prompts),
-                         "by_depth": {str(d): h for d, h in hits.items()}, "seconds": round(time.perf_counter() - t, 1)})
+                         "by_depth": {str(d): h for d, h in hits.items()},
+                         "first_tokens_changed": sum(a != b for a, b in zip(first, dense_first)),
+                         "seconds": round(time.perf_counter() - t, 1)})
             print(rows[-1], flush=True)
-    cand_rows = [c.info() for c in cands]
+    cand_rows = [c.info() | ({"plan_file": named[id(c)]} if id(c) in named else {}) for c in cands]
     for c in cand_rows:
-        print({k: c[k] for k in ("budget", "kv_fraction", "plan", "probes_answered", "answered_by_length")}, flush=True)
+        print({k: c.get(k) for k in ("budget", "kv_fraction", "plan", "probes_answered", "answered_by_length",
+                                     "first_tokens_changed")}, flush=True)
     write_result(result_doc(
         "PYTHONPATH=src python bench/experiments/budget_passkey_masked.py " + " ".join(
             [args.out, "--scores", args.scores, "--model", args.model, "--method", args.method, "--budgets",
              args.budgets, "--lengths", args.lengths, "--per-depth", str(args.per_depth), "--probes",
-             str(args.probes)]),
+             str(args.probes)] + (["--plans", *args.plans] if args.plans else [])
+            + (["--passkey-lengths", args.passkey_lengths] if args.passkey_lengths else [])),
         {"device": device, "dtype": str(lm.dtype), "probes_seconds": round(probe_s, 1),
          "dense_probes_answered": int(dense_probes.sum()), "probes": int(dense_probes.numel()),
          "candidates": cand_rows, "passkey_masked": rows}), args.out)

@@ -285,10 +285,20 @@ def probe_losses(lm: LoadedModel, policies: list[list[Policy]] | None, probes: P
     decoding writes the answer first) and the answer's summed token NLL, under the plan (``None``: dense), its
     quantized heads rounded as the engine's caches hold them (``plan_rounding``: prefill in ``DEFAULT_CHUNK``-token
     chunks, decode steps on the kernel on a GPU). Returns (bool ``[n]``, float ``[n]``) on the CPU."""
+    hits, nll, _ = probe_outcomes(lm, policies, probes, batch)
+    return hits, nll
+
+
+def probe_outcomes(lm: LoadedModel, policies: list[list[Policy]] | None, probes: ProbeSet,
+                   batch: int = 8) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``probe_losses`` and, per probe, the token greedy decoding writes first after the prompt (long ``[n]``).
+    Compared with dense's, the first tokens count the probes whose answer a plan starts differently, whether or not
+    dense's start is right: fidelity at the decision point, which exact answers alone do not show (a plan can turn
+    as many wrong first tokens right as right ones wrong)."""
     if policies is None:
-        return masked_probe_losses(lm, None, probes, batch)
+        return _masked_probe_outcomes(lm, None, probes, batch)
     masks_for, rounding_for = _plan_forward(lm, policies)
-    return masked_probe_losses(lm, masks_for, probes, batch, rounding_for)
+    return _masked_probe_outcomes(lm, masks_for, probes, batch, rounding_for)
 
 
 def _plan_forward(lm: LoadedModel, policies: list[list[Policy]],
@@ -333,9 +343,18 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
     """``probe_losses`` with the masks given by ``masks_for(sequence length)`` (``plan_masks``' layout; None:
     dense), for callers that assemble masks faster than from policies (``ablate.py``); ``rounding_for(prompt
     length, sequence length)``: the quantized heads' rounding (``plan_rounding``'s layout; None: none)."""
+    hits, nll, _ = _masked_probe_outcomes(lm, masks_for, probes, batch, rounding_for)
+    return hits, nll
+
+
+@torch.no_grad()
+def _masked_probe_outcomes(lm: LoadedModel, masks_for: Callable[[int], list[torch.Tensor]] | None, probes: ProbeSet,
+                           batch: int = 8, rounding_for: Callable[[int, int], list[list[Emulated]]] | None = None,
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``masked_probe_losses`` and each probe's first greedy token (``probe_outcomes``)."""
     model = lm.model
     device = next(model.parameters()).device
-    hit_rows, nll_rows = [], []
+    hit_rows, nll_rows, first_rows = [], [], []
     for L, ids in probes.ids.items():
         ans = probes.answer[L].to(device)
         A = ans.shape[1]
@@ -346,12 +365,14 @@ def masked_probe_losses(lm: LoadedModel, masks_for: Callable[[int], list[torch.T
             pred = logits[:, :A].float()  # position L-1+j predicts answer token j
             a = ans[s : s + batch]
             valid = a >= 0
-            hit_rows.append(((pred.argmax(-1) == a) | ~valid).all(-1).cpu())
+            greedy = pred.argmax(-1)
+            hit_rows.append(((greedy == a) | ~valid).all(-1).cpu())
+            first_rows.append(greedy[:, 0].cpu())
             lp = torch.log_softmax(pred, -1).gather(-1, a.clamp(min=0)[..., None])[..., 0]
             nll_rows.append(-(lp * valid).sum(-1).cpu())
     if not hit_rows:
-        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
-    return torch.cat(hit_rows), torch.cat(nll_rows)
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(hit_rows), torch.cat(nll_rows), torch.cat(first_rows)
 
 
 @torch.no_grad()
@@ -504,6 +525,8 @@ class BudgetCandidate:
     """Which probes it answers exactly (bool ``[n]``, ``probe_losses`` order), for pairing with another candidate."""
     text_kl: float | None = None
     """KL from dense on held-in text, nats per position (``plan_text_logprobs``), where measured."""
+    first_flips: int | None = None
+    """Probes whose first greedy token differs from dense's (``probe_outcomes``), where dense ran beside it."""
 
     def info(self) -> dict[str, Any]:
         return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
@@ -512,20 +535,24 @@ class BudgetCandidate:
                 "answered_by_haystack": dict(sorted((self.by_haystack or {}).items())),
                 "kept_of_dense": self.kept, "probe_nll": round(self.nll, 4),
                 **({} if self.hits is None else {"probe_hits": hit_string(self.hits)}),
-                **({} if self.text_kl is None else {"text_kl": round(self.text_kl, 4)})}
+                **({} if self.text_kl is None else {"text_kl": round(self.text_kl, 4)}),
+                **({} if self.first_flips is None else {"first_tokens_changed": self.first_flips})}
 
 
 def measure_budgets(lm: LoadedModel, candidates: list[BudgetCandidate], probes: ProbeSet,
                     batch: int = 8, dense: torch.Tensor | None = None) -> torch.Tensor:
     """Run every candidate (and dense, unless its hits on these ``probes`` are given) on ``probes``, filling in what
-    each answers; returns dense's hits (bool ``[n]``, ``probe_losses`` order)."""
+    each answers (and, where dense ran here, how many first tokens it changed); returns dense's hits (bool ``[n]``,
+    ``probe_losses`` order)."""
+    dense_first = None
     if dense is None:
-        dense, _ = probe_losses(lm, None, probes, batch)
+        dense, _, dense_first = probe_outcomes(lm, None, probes, batch)
     tokens = answer_tokens(probes)
     sizes = [(L, x.shape[0]) for L, x in probes.ids.items()]
     for c in candidates:
-        hits, nll = probe_losses(lm, c.solution.policies, probes, batch)
+        hits, nll, first = probe_outcomes(lm, c.solution.policies, probes, batch)
         c.hits = hits
+        c.first_flips = None if dense_first is None else int((first != dense_first).sum())
         c.answered, c.kept, c.nll = int(hits.sum()), int((hits & dense).sum()), float(nll.sum()) / max(1, tokens)
         c.by_length = {L: int(h.sum()) for (L, _), h in zip(sizes, hits.split([n for _, n in sizes]))}
         c.by_haystack = hits_by_haystack(probes, hits)
