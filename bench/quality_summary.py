@@ -104,8 +104,8 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
                     # an ``@equal`` baseline is at the first plan file of its run: in a run that scored another plan
                     # first, this plan's cell has it at that plan's KV. Of a label's cells, the largest held at this
                     # plan's KV is kept; one held at more only where none was
-                    if (_equal(b), a["n"]) > (_equal(baselines[bkey]), baselines[bkey]["n"]) if bkey in baselines \
-                            else True:
+                    had = baselines.get(bkey)
+                    if had is None or (_equal(b), a["n"]) > (_equal(had), had["n"]):
                         baselines[bkey] = b
     out = []
     for (task, length), scored in sorted(found.items()):
