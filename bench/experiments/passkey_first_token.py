@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--limit", type=int, default=0, help="only the first N prompts")
     ap.add_argument("--generate", action="store_true",
                     help="also the first token the engine's own generate() picks (the evaluation's path: prompt "
-                         "chunks through Engine.step), per engine run: 'generate_first_token_right'")
+                         "chunks through Engine.step), per engine run: 'generate_first_token_right', and the margin "
+                         "and distance to the first run of the logits it picks it from ('generate_*')")
     ap.add_argument("--transformers", action="store_true",
                     help="also transformers' own forward of the loaded model (row 'transformers'), beside the engine's")
     args = ap.parse_args(argv)
@@ -126,12 +127,36 @@ def main(argv: list[str] | None = None) -> None:
                     "margin": round(m, 4), "top": vocab[top]}
             if args.generate and engine is not None:
                 right = 0
+                gen_margins: list[float] = []
+                gen_diffs: list[float] = []
+                gen_kls: list[float] = []
+                seen: list[torch.Tensor] = []  # the logits generate() samples its first token from
+                sample = engine._sample
+
+                def spy(rows_: list[Any], sample: Any = sample, seen: list[torch.Tensor] = seen) -> Any:
+                    seen.extend(lg.float().cpu() for _, lg in rows_)
+                    return sample(rows_)
+
+                engine._sample = spy  # type: ignore[method-assign]  # a diagnostic's look at the step's logits
                 for key, r, starts in zip(keys, rows, good):
+                    seen.clear()
                     first = next(ev.token_id for ev in engine.generate(r["input_ids"], max_new_tokens=1,
                                                                          temperature=0.0) if ev.token_id >= 0)
                     right += first in starts
-                    per_prompt[key][f"{name}/{dtype}"]["generate"] = vocab[first]
+                    entry = per_prompt[key][f"{name}/{dtype}"]
+                    entry["generate"] = vocab[first]
+                    if seen:
+                        m, _ = margin(seen[0], starts)
+                        gen_margins.append(m)
+                        entry["generate_margin"] = round(m, 4)
+                        gen_diffs.append(float((seen[0] - reference[key]).abs().max()))
+                        gen_kls.append(text_kl(reference[key].log_softmax(-1), seen[0].log_softmax(-1)))
+                engine._sample = sample  # type: ignore[method-assign]
                 gen = {"generate_first_token_right": right}
+                if gen_margins:
+                    gen |= {"generate_" + k: v for k, v in summary(gen_margins).items()} | {
+                        "generate_mean_max_abs_logit_diff_vs_first": round(sum(gen_diffs) / len(gen_diffs), 4),
+                        "generate_mean_kl_first_to_this_nats": round(sum(gen_kls) / len(gen_kls), 6)}
             else:
                 gen = {}
             results["by"][f"{name}/{dtype}"] = summary(margins) | gen | {
