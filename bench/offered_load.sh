@@ -12,7 +12,7 @@
 #   bench/offered_load.sh plan SECONDS         # duo25 (PLAN=duo25-vs: vertical-slash prefill on the full heads)
 #   bench/offered_load.sh prep SECONDS         # a fresh machine's first call: the decode kernel's GPU test of
 #                                              # its unspecialized ints, bench/mixed_batch_decode.py's sweep
-#                                              # (MIXED_ARGS), then a 2-layer pass of PLAN and of dense at the mix's
+#                                              # (MIXED_ARGS; SWEEP=0 skips it), then a 2-layer pass of PLAN and of dense at the mix's
 #                                              # shapes, so the measured runs find Triton's kernels compiled
 #
 # LAYERS (default 32) builds fewer layers; the pool then shrinks with them (KV_GB defaults to 60 x LAYERS / 32) so
@@ -73,7 +73,8 @@ prep)
   timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_kernels_batch_decode.py tests/test_vs_estimate.py \
     -k compiles_no_new 2>&1 | tail -2
   timeout 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_batch_graphs.py tests/test_graph_decode.py 2>&1 | tail -2
-  timeout $(( SECONDS_LEFT / 3 )) python3 bench/mixed_batch_decode.py "$OUT/mixed_decode.json" ${MIXED_ARGS:-} 2>&1 | tail -22
+  [ "${SWEEP:-1}" = 0 ] || timeout $(( SECONDS_LEFT / 3 )) python3 bench/mixed_batch_decode.py "$OUT/mixed_decode.json" \
+    ${MIXED_ARGS:-} 2>&1 | tail -22
   per=$(( (SECONDS_LEFT - $(date +%s) + T0 - 45) / 2 )); [ "$per" -ge 30 ] || per=30
   for p in "$PLAN" dense; do
     python3 -m headwise.cli bench serve --model "${MODEL%%,layers=*},layers=2" --plan "$p" --mix "$MIX" \
