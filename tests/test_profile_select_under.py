@@ -146,3 +146,16 @@ def test_a_listed_budget_too_small_for_any_plan_is_named(tiny_llama, source):
     with pytest.raises(BudgetError, match=r"--select-under 0\.05: .*drop it from the list"):
         resolve_from_scores(tiny_llama, source, 0.6, 512, "retrieval", full_share=1.0, select_probes=1,
                             select_under=(0.05, 0.3))
+
+
+def test_a_plan_file_is_scored_as_it_is(smollm2):
+    """``BudgetCandidate.from_plan``: the shipped plan's own policies (resolved for the model), its KV at its peak as
+    the budget, and measured like a re-solved candidate (what the experiments that score plan files beside the budgets
+    rely on)."""
+    plan = HeadPlan.load(Path(__file__).resolve().parents[1] / "plans" / "smollm2-135m.json")
+    c = BudgetCandidate.from_plan(plan, smollm2.spec, 2048)
+    assert c.solution.fraction == pytest.approx(plan.kv_fraction(smollm2.spec, 2048, peak=True))
+    assert c.budget == round(c.solution.fraction, 4) and 0.2 < c.budget < 0.3
+    kinds = {type(p) for layer in c.solution.policies for p in layer}
+    assert kinds == {Quantized, Streaming} and len(c.solution.policies) == smollm2.spec.num_layers
+    assert c.info()["kv_fraction"] == c.budget

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -32,7 +31,7 @@ import torch
 from headwise.bench.record import result_doc, write_result
 from headwise.eval.tasks import make_sample
 from headwise.models import load_model
-from headwise.plan import HeadPlan, resolve
+from headwise.plan import HeadPlan
 from headwise.profile.runner import Spans
 from headwise.profile.select import BudgetCandidate, ProbeSet, measure_budgets, probe_outcomes, probe_set
 from headwise.profile.solver import solve
@@ -78,10 +77,7 @@ def main() -> None:
              for b in (float(x) for x in args.budgets.split(",") if x.strip())]
     named = {}
     for path in args.plans:  # as they are: the budget field holds the KV they hold at the longest length, at peak
-        plan = HeadPlan.load(path)
-        frac = plan.kv_fraction(lm.spec, max(lengths), peak=True)
-        cands.append(BudgetCandidate(round(frac, 4), SimpleNamespace(policies=resolve(plan.policies(), lm.spec),
-                                                                     fraction=frac)))
+        cands.append(BudgetCandidate.from_plan(HeadPlan.load(path), lm.spec, max(lengths)))
         named[id(cands[-1])] = path
     t = time.perf_counter()
     dense_probes = measure_budgets(lm, cands, probe_set(lm.tokenizer, lengths, args.probes))

@@ -18,7 +18,6 @@ import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
     from headwise.bench.record import result_doc, write_result
     from headwise.models import load_model
     from headwise.plan import HeadPlan
-    from headwise.profile.select import measure_budgets, probe_set
+    from headwise.profile.select import BudgetCandidate, measure_budgets, probe_set
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -55,14 +54,13 @@ def main(argv: list[str] | None = None) -> None:
     lm = load_model(args.model, device=args.device, dtype=torch.float32 if args.device == "cpu" else torch.bfloat16)
     lengths = [int(x) for x in args.lengths.split(",")]
     probes = probe_set(lm.tokenizer, lengths, args.probes, distractors=args.distractors)
-    cands = [SimpleNamespace(name=p.stem, solution=SimpleNamespace(policies=HeadPlan.load(p).policies()))
-             for p in args.plans]
+    cands = [BudgetCandidate.from_plan(HeadPlan.load(p), lm.spec, max(lengths)) for p in args.plans]
     t0 = time.perf_counter()
-    dense = measure_budgets(lm, cands, probes)  # type: ignore[arg-type]
+    dense = measure_budgets(lm, cands, probes)
     rows = [{"plan": "dense", "answered": int(dense.sum()), "of": int(dense.numel()),
              "by_quarter": by_quarter(dense, lengths, args.probes), "hits": hit_string(dense)}]
-    for c in cands:
-        rows.append({"plan": c.name, "answered": c.answered, "kept_of_dense": c.kept, "nll": round(c.nll, 4),
+    for p, c in zip(args.plans, cands):
+        rows.append({"plan": p.stem, "answered": c.answered, "kept_of_dense": c.kept, "nll": round(c.nll, 4),
                      "by_haystack": c.by_haystack, "by_length": c.by_length,
                      "by_quarter": by_quarter(c.hits, lengths, args.probes), "hits": hit_string(c.hits)})
     for r in rows:

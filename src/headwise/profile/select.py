@@ -52,6 +52,7 @@ from transformers import AttentionInterface
 from headwise.attention import attention_implementation
 from headwise.errors import HeadwiseError
 from headwise.models import LoadedModel
+from headwise.plan import HeadPlan, resolve
 from headwise.policies import Full, Policy
 from headwise.policies.knorm import KNorm
 from headwise.policies.quantized import Quantized, fake_quantize
@@ -506,6 +507,14 @@ def hit_string(hits: torch.Tensor) -> str:
 
 
 @dataclass
+class PlanAsIs:
+    """What ``BudgetCandidate.solution`` needs of a plan file scored as it is: its policies and KV fraction."""
+
+    policies: list[list[Policy]]
+    fraction: float
+
+
+@dataclass
 class BudgetCandidate:
     """One budget's plan solved from the shared ranking (``--select-under``), with what it keeps of the probes."""
 
@@ -527,6 +536,13 @@ class BudgetCandidate:
     """KL from dense on held-in text, nats per position (``plan_text_logprobs``), where measured."""
     first_flips: int | None = None
     """Probes whose first greedy token differs from dense's (``probe_outcomes``), where dense ran beside it."""
+
+    @classmethod
+    def from_plan(cls, plan: HeadPlan, spec: ModelSpec, length: int) -> BudgetCandidate:
+        """A plan file scored as it is (not re-solved): its policies resolved for ``spec``; ``budget`` and the
+        solution's ``fraction`` are the KV it holds at ``length`` at its peak, as a share of dense's."""
+        frac = plan.kv_fraction(spec, length, peak=True)
+        return cls(round(frac, 4), PlanAsIs(resolve(plan.policies(), spec), frac))
 
     def info(self) -> dict[str, Any]:
         return {"budget": self.budget, "kv_fraction": round(self.solution.fraction, 4),
