@@ -16,8 +16,14 @@ def test_answer_start_and_margin():
     logits = torch.tensor([0.0, 1.0, 3.0, 5.0, 2.5, 0.0, 0.0, 0.0])
     m, top = mod.margin(logits, [1, 4, 5])
     assert top == 3 and abs(m - (2.5 - 5.0)) < 1e-6
-    s = mod.summary([0.05, -0.3, 2.0, -0.8])
+    s = mod.summary([0.05, -0.3, 2.0, -0.8], [True, False, True, False])
     assert s["first_token_right"] == 2 and s["within_0.1"] == 1 and s["within_0.5"] == 2 and s["within_1"] == 3
+    # an exact tie (bf16 logits hold ~3 significant digits): argmax takes the lower id, here the answer's " "
+    tied = torch.tensor([0.0, 4.0, 4.0, 1.0, 0.0, 0.0, 0.0, 0.0])
+    m, top = mod.margin(tied, [1, 4, 5])
+    assert m == 0.0 and top == 1
+    s = mod.summary([m], [top in [1, 4, 5]])
+    assert s["first_token_right"] == 1 and s["margin_positive"] == 0 and s["exact_ties"] == 1
 
 
 def test_first_token_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
@@ -34,8 +40,12 @@ def test_first_token_on_a_tiny_model(tiny_llama, tmp_path, monkeypatch):
     # on the CPU the dense engine runs transformers' own attention: the same first token on every prompt
     assert res["first_token_changes_vs_dense/float32"] == {"transformers/float32": 0}
     assert res["by"]["transformers/float32"]["max_abs_logit_diff_vs_first"] < 1e-4
-    # generate() takes the token the margin says: right exactly where the margin is positive
+    # generate() takes the forward's argmax
     dense = res["by"]["dense/float32"]
     assert dense["generate_first_token_right"] == dense["first_token_right"]
     for p in res["per_prompt"].values():
         assert isinstance(p["dense/float32"]["margin"], float)
+    # an earlier run's records counted again with the argmax rule: the same counts as the run's own
+    again = mod.rescore(json.loads(out.read_text()))
+    assert again["dense/float32"]["first_token_right"] == dense["first_token_right"]
+    assert again["dense/float32"]["generate_token_is_argmax"] == 2

@@ -14,6 +14,10 @@ that close, and how many change their first token between dtypes.
 Each run after the first is also held to the first (dense in the first dtype): the largest logit difference and
 KL(first ‖ this run) at that position, per prompt, averaged.
 
+``rescore EARLIER.json OUT.json`` counts an earlier run's per-prompt records again with the argmax rule (runs before
+2026-12-07 counted an exact tie of the margin, common in bf16 logits, as a wrong first token; greedy decoding's
+argmax gives it to the lower token id).
+
 A token "starts the answer" when its text, leading spaces kept, is a non-empty prefix of " " + the answer (a lone
 space included: the model may write the space and the digits apart).
 """
@@ -23,6 +27,7 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -44,15 +49,49 @@ def margin(logits: torch.Tensor, good: list[int]) -> tuple[float, int]:
     return float(best_good - best_other), int(logits.argmax())
 
 
-def summary(margins: list[float]) -> dict[str, Any]:
+def summary(margins: list[float], right: list[bool]) -> dict[str, Any]:
+    """``first_token_right``: prompts whose argmax starts the answer (what greedy decoding writes: an exact tie goes
+    to the lower token id, as ``argmax`` breaks it); ``exact_ties``: margins of exactly 0, common in bf16 logits,
+    ``margin_positive`` those above 0."""
     m = torch.tensor(margins)
-    return {"n": len(margins), "first_token_right": int((m > 0).sum()),
+    return {"n": len(margins), "first_token_right": sum(right), "margin_positive": int((m > 0).sum()),
+            "exact_ties": int((m == 0).sum()),
             "within_0.1": int((m.abs() < 0.1).sum()), "within_0.5": int((m.abs() < 0.5).sum()),
             "within_1": int((m.abs() < 1.0).sum()), "median_abs": round(float(m.abs().median()), 4)}
 
 
+def rescore(doc: dict[str, Any]) -> dict[str, Any]:
+    """An earlier run's per-prompt records counted with the argmax rule (``summary``): per run, the prompts whose
+    argmax (``top``) and, where recorded, generate()'s token start the answer, and the exact ties. Runs written
+    before 2026-12-07 counted a prompt right only where its margin was above 0, an exact tie as wrong."""
+    per_prompt = doc["results"]["per_prompt"]
+    runs = sorted({k for p in per_prompt.values() for k in p if k != "answers"})
+    out: dict[str, Any] = {}
+    for run in runs:
+        rows = [(p[run], " " + p["answers"][0]) for p in per_prompt.values() if run in p]
+        out[run] = summary([e["margin"] for e, _ in rows], [bool(e["top"]) and a.startswith(e["top"]) for e, a in rows])
+        gen = [bool(e["generate"]) and a.startswith(e["generate"]) for e, a in rows if "generate" in e]
+        if gen:
+            out[run]["generate_first_token_right"] = sum(gen)
+            out[run]["generate_token_is_argmax"] = sum(e["generate"] == e["top"] for e, _ in rows if "generate" in e)
+        out[run]["exact_ties_by_argmax"] = dict(sorted(Counter(e["top"] for e, _ in rows if e["margin"] == 0).items()))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     from headwise.bench.record import result_doc, write_result
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["rescore"]:  # rescore EARLIER.json OUT.json
+        if len(argv) != 3:
+            raise SystemExit("usage: passkey_first_token.py rescore EARLIER.json OUT.json")
+        earlier = json.loads(Path(argv[1]).read_text())
+        write_result(result_doc("python bench/experiments/passkey_first_token.py " + " ".join(argv),
+                                {"rescored": argv[1], "command_of_the_run": earlier.get("command"),
+                                 "device_of_the_run": earlier.get("device"), "by": rescore(earlier)},
+                                device="cpu"), argv[2])
+        print(json.dumps(rescore(earlier), indent=1))
+        return
     from headwise.engine import Engine
     from headwise.models import load_model
     from headwise.plan import HeadPlan
@@ -83,13 +122,13 @@ def main(argv: list[str] | None = None) -> None:
     good: list[list[int]] = []  # per prompt, the ids that start its answer
     reference: dict[str, torch.Tensor] = {}
     t0 = time.perf_counter()
-    cmd = "python bench/experiments/passkey_first_token.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cmd = "python bench/experiments/passkey_first_token.py " + " ".join(argv)
 
     def write(partial: bool) -> None:
         done = list(results["by"])
         if len(done) > 1:  # prompts whose first token changes between the first run and each other
             results["first_token_changes_vs_" + done[0]] = {
-                k: sum((p[done[0]]["margin"] > 0) != (p[k]["margin"] > 0) for p in per_prompt.values())
+                k: sum(p[done[0]]["right"] != p[k]["right"] for p in per_prompt.values())
                 for k in done[1:]}
         results["per_prompt"] = per_prompt
         results["seconds"] = round(time.perf_counter() - t0, 1)
@@ -107,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         runs += [(p.stem, Engine(lm, HeadPlan.load(p))) for p in args.plans]
         for name, engine in runs:
             margins: list[float] = []
+            rights: list[bool] = []
             diffs: list[float] = []
             kls: list[float] = []
             for key, r, starts in zip(keys, rows, good):
@@ -118,16 +158,18 @@ def main(argv: list[str] | None = None) -> None:
                     logits = engine.logits(ids, positions=torch.tensor([ids.shape[1] - 1]))[0, -1].float().cpu()
                 m, top = margin(logits, starts)
                 margins.append(m)
+                rights.append(top in starts)
                 if key not in reference:  # the first run (dense in the first dtype) is what the others are held to
                     reference[key] = logits
                 ref = reference[key]
                 diffs.append(float((logits - ref).abs().max()))
                 kls.append(text_kl(ref.log_softmax(-1), logits.log_softmax(-1)))
                 per_prompt[key][f"{name}/{dtype}"] = {
-                    "margin": round(m, 4), "top": vocab[top]}
+                    "margin": round(m, 4), "top": vocab[top], "right": top in starts}
             if args.generate and engine is not None:
                 right = 0
                 gen_margins: list[float] = []
+                gen_rights: list[bool] = []
                 gen_diffs: list[float] = []
                 gen_kls: list[float] = []
                 seen: list[torch.Tensor] = []  # the logits generate() samples its first token from
@@ -146,20 +188,21 @@ def main(argv: list[str] | None = None) -> None:
                     entry = per_prompt[key][f"{name}/{dtype}"]
                     entry["generate"] = vocab[first]
                     if seen:
-                        m, _ = margin(seen[0], starts)
+                        m, top = margin(seen[0], starts)
                         gen_margins.append(m)
+                        gen_rights.append(top in starts)
                         entry["generate_margin"] = round(m, 4)
                         gen_diffs.append(float((seen[0] - reference[key]).abs().max()))
                         gen_kls.append(text_kl(reference[key].log_softmax(-1), seen[0].log_softmax(-1)))
                 engine._sample = sample  # type: ignore[method-assign]
                 gen = {"generate_first_token_right": right}
                 if gen_margins:
-                    gen |= {"generate_" + k: v for k, v in summary(gen_margins).items()} | {
+                    gen |= {"generate_" + k: v for k, v in summary(gen_margins, gen_rights).items()} | {
                         "generate_mean_max_abs_logit_diff_vs_first": round(sum(gen_diffs) / len(gen_diffs), 4),
                         "generate_mean_kl_first_to_this_nats": round(sum(gen_kls) / len(gen_kls), 6)}
             else:
                 gen = {}
-            results["by"][f"{name}/{dtype}"] = summary(margins) | gen | {
+            results["by"][f"{name}/{dtype}"] = summary(margins, rights) | gen | {
                 "max_abs_logit_diff_vs_first": round(max(diffs), 4),
                 "mean_max_abs_logit_diff_vs_first": round(sum(diffs) / len(diffs), 4),
                 "mean_kl_first_to_this_nats": round(sum(kls) / len(kls), 6)}
