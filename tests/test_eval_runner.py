@@ -346,6 +346,49 @@ def test_rows_of_another_dtype_are_not_reused(smollm2, tmp_path):
     assert set(keys) == {"smollm2-135m:30x3x64", "smollm2-135m:30x3x64:bfloat16"}
 
 
+def test_float32_logits_are_a_run_of_their_own_and_leave_the_model_as_it_was(smollm2, tmp_path):
+    """``--fp32-logits`` on a bfloat16 model: its rows do not resume from (nor feed) a bfloat16 run's, since the
+    logits' rounding decides greedy ties; the results say so; the model's own head is back after the run. On a
+    float32 model the logits are float32 already: the same rows."""
+    from headwise.models import Fp32Logits, load_model
+
+    bf16 = load_model("smollm2-135m", device="cpu", dtype="bfloat16")
+    head = bf16.model.get_output_embeddings()
+    cfg = _cfg(tmp_path, plans=["dense"], tasks=["passkey"])
+    f32 = _cfg(tmp_path, plans=["dense"], tasks=["passkey"], fp32_logits=True)
+    assert run_eval(cfg, bf16)["runs_this_time"] == 1
+    res = run_eval(f32, bf16)
+    assert res["runs_this_time"] == 1 and res["logits_dtype"] == "float32"
+    assert run_eval(f32, bf16)["runs_this_time"] == 0 and run_eval(cfg, bf16)["runs_this_time"] == 0
+    assert bf16.model.get_output_embeddings() is head and not isinstance(head, Fp32Logits)
+    assert "logits_dtype" not in run_eval(cfg, bf16)
+    assert run_eval(cfg, smollm2)["runs_this_time"] == 1 and run_eval(f32, smollm2)["runs_this_time"] == 0
+
+
+def test_float32_logits_are_the_heads_product_unrounded(tiny_llama):
+    """``models.fp32_logits``: inside, a bfloat16 model's logits are float32 and equal the float32 product of its
+    last hidden state and head weight (bfloat16 logits of a 49K vocabulary hold a few thousand distinct values)."""
+    import copy
+
+    import torch
+
+    from headwise.models import LoadedModel, fp32_logits
+
+    model = copy.deepcopy(tiny_llama.model).to(torch.bfloat16)
+    lm = LoadedModel("tiny-llama", model, tiny_llama.tokenizer, tiny_llama.spec, "random")
+    ids = torch.tensor([[5, 17, 300, 42, 7, 99]])
+    engine = Engine(lm, None)
+    rounded = engine.logits(ids)[0, -1]
+    hidden = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][0, -1]
+    with fp32_logits(lm):
+        exact = engine.logits(ids)[0, -1]
+    assert rounded.dtype == torch.bfloat16 and exact.dtype == torch.float32
+    want = hidden.float() @ model.get_output_embeddings().weight.float().T
+    assert torch.allclose(exact, want, atol=1e-4)
+    assert (exact - rounded.float()).abs().max() <= exact.abs().max() / 128  # bfloat16's rounding, no more
+    assert exact.unique().numel() > rounded.unique().numel()
+
+
 def test_sample_keys_name_a_dtype_only_where_it_is_not_the_devices_default():
     assert dtype_tag("float32", on_gpu=False) is None and dtype_tag("bfloat16", on_gpu=True) is None
     assert dtype_tag("float32", on_gpu=True) == "float32" and dtype_tag("bfloat16", on_gpu=False) == "bfloat16"

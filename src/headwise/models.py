@@ -468,3 +468,38 @@ def load_model(
     spec = ModelSpec.from_config(model.config)
     _check_supported(spec, source)
     return LoadedModel(name_or_path, model, tok, spec, source)
+
+
+class Fp32Logits(torch.nn.Module):
+    """A model's LM head with its output kept in float32: the logits are computed from float32 copies of the hidden
+    state and the head's weight, so that no two of them round to one bfloat16 value. In bfloat16 the logits hold about
+    three significant digits and, where greedy decoding is decided within a fraction of a logit, two tokens often tie
+    exactly and ``argmax`` takes the lower id (docs/quality.md, run 38). Costs a float32 copy of the head's weight per
+    forward: meant for evaluation (``headwise eval --fp32-logits``), not serving."""
+
+    def __init__(self, head: torch.nn.Module) -> None:
+        super().__init__()
+        self.head = head
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.head.weight  # type: ignore[return-value]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = getattr(self.head, "bias", None)
+        return torch.nn.functional.linear(x.float(), self.head.weight.float(),  # type: ignore[operator]
+                                          None if bias is None else bias.float())
+
+
+@contextlib.contextmanager
+def fp32_logits(lm: LoadedModel) -> Iterator[None]:
+    """While open, ``lm``'s model computes its logits in float32 (``Fp32Logits``); its own head comes back after."""
+    head = lm.model.get_output_embeddings()
+    if head is None or isinstance(head, Fp32Logits) or not isinstance(getattr(head, "weight", None), torch.Tensor):
+        yield
+        return
+    lm.model.set_output_embeddings(Fp32Logits(head))
+    try:
+        yield
+    finally:
+        lm.model.set_output_embeddings(head)

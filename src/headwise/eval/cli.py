@@ -46,6 +46,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--on-too-long", choices=("skip", "stop"), default="skip",
                    help="a length above the model's context: skip it with a note (default) or stop")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk in tokens (default 512)")
+    p.add_argument("--fp32-logits", action="store_true",
+                   help="compute the logits in float32 (a bfloat16 model's round to ~3 digits, and greedy decoding "
+                        "breaks the exact ties by token id); rows are kept apart from runs without it")
     p.add_argument("--shard", default=None, metavar="I/N",
                    help="run only every N-th sample from the I-th (parallel processes on one GPU); a run "
                         "without --shard then collects every shard's rows and writes the report")
@@ -117,6 +120,7 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
         dtype=args.dtype,
         chunk_size=args.chunk_size,
+        fp32_logits=args.fp32_logits,
         command=command_line(),
         progress=not args.no_progress,
         shard=parse_shard(args.shard) if args.shard else None,

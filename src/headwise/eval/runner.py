@@ -537,6 +537,8 @@ class EvalConfig:
     collect_only: bool = False
     """Generate nothing: write the results from the rows already in ``out`` (fidelity and memory rows that are
     missing are still measured: a few forwards per plan)."""
+    fp32_logits: bool = False
+    """Compute the logits in float32 (``models.fp32_logits``); rows are kept apart from a run without it."""
     shard: tuple[int, int] | None = None
     """``(i, n)``: run only every ``n``-th sample from the ``i``-th (several processes share a GPU), writing
     ``samples-shard-i-of-n.jsonl``; a run without a shard then finds every row and writes the results."""
@@ -587,7 +589,21 @@ def _tqdm(enabled: bool, **kw: Any) -> Any:
 
 
 def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
-    """Run every plan on every task × length (× depth) sample; write ``OUT/results.json``; return it."""
+    """Run every plan on every task × length (× depth) sample; write ``OUT/results.json``; return it. With
+    ``cfg.fp32_logits`` the model's logits are computed in float32 for the run (``models.fp32_logits``)."""
+    if not cfg.fp32_logits:
+        return _run_eval(cfg, lm)
+    if lm is None:
+        from headwise.models import load_model
+
+        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    from headwise.models import fp32_logits
+
+    with fp32_logits(lm):
+        return _run_eval(cfg, lm)
+
+
+def _run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     from headwise.engine import Engine
 
     tasks = parse_tasks(",".join(cfg.tasks)) if cfg.tasks else list(DEFAULT_TASKS)
@@ -650,6 +666,8 @@ def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     cache = SampleCache(out / name)
     mkey = model_key(lm.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, cfg.chunk_size,
                      dtype_tag(dtype_name(lm.dtype), lm.device.type == "cuda"))
+    if cfg.fp32_logits and dtype_name(lm.dtype) != "float32":  # float32 logits break greedy ties: rows of their own
+        mkey += ":logits32"
     gen_tasks = [t for t in tasks if t in TASKS]
     jobs = job_order(lengths, gen_tasks, cfg.depths, cfg.samples)
     if cfg.shard is not None:
@@ -974,6 +992,7 @@ def _collect(cfg: EvalConfig, lm: Any, entries: list[PlanEntry], plans: dict[tup
         "model_source": lm.source,
         "spec": spec.to_dict(),
         "dtype": dtype_name(lm.dtype),
+        **({"logits_dtype": "float32"} if cfg.fp32_logits else {}),
         "device": device_name(lm.device),
         "commit": git_commit(),
         "seed": cfg.seed,
