@@ -37,6 +37,7 @@ runs what is missing, so an interrupted run resumes where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -591,20 +592,7 @@ def _tqdm(enabled: bool, **kw: Any) -> Any:
 def run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
     """Run every plan on every task × length (× depth) sample; write ``OUT/results.json``; return it. With
     ``cfg.fp32_logits`` the model's logits are computed in float32 for the run (``models.fp32_logits``)."""
-    if not cfg.fp32_logits:
-        return _run_eval(cfg, lm)
-    if lm is None:
-        from headwise.models import load_model
-
-        lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
     from headwise.models import fp32_logits
-
-    with fp32_logits(lm):
-        return _run_eval(cfg, lm)
-
-
-def _run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
-    from headwise.engine import Engine
 
     tasks = parse_tasks(",".join(cfg.tasks)) if cfg.tasks else list(DEFAULT_TASKS)
     if cfg.samples < 1:
@@ -618,6 +606,14 @@ def _run_eval(cfg: EvalConfig, lm: Any = None) -> dict[str, Any]:
         from headwise.models import load_model
 
         lm = load_model(cfg.model, device=cfg.device, dtype=cfg.dtype)
+    with fp32_logits(lm) if cfg.fp32_logits else contextlib.nullcontext():
+        return _run_loaded(cfg, lm, tasks)
+
+
+def _run_loaded(cfg: EvalConfig, lm: Any, tasks: list[str]) -> dict[str, Any]:
+    """``run_eval`` once its arguments are checked and ``lm`` is loaded."""
+    from headwise.engine import Engine
+
     entries = resolve_plans(cfg.plans, lm)
     spec = lm.spec
     notes: list[str] = []
