@@ -34,10 +34,14 @@ from typing import Any
 import torch
 
 
+def starts_answer(token: str, answer: str) -> bool:
+    """Whether ``token``'s text is a non-empty prefix of ``" " + answer``."""
+    return bool(token) and (" " + answer).startswith(token)
+
+
 def answer_start_ids(answer: str, vocab: list[str]) -> list[int]:
-    """Ids of the tokens whose text is a non-empty prefix of ``" " + answer``."""
-    target = " " + answer
-    return [i for i, t in enumerate(vocab) if t and target.startswith(t)]
+    """Ids of the tokens whose text starts the answer (``starts_answer``)."""
+    return [i for i, t in enumerate(vocab) if starts_answer(t, answer)]
 
 
 def margin(logits: torch.Tensor, good: list[int]) -> tuple[float, int]:
@@ -68,9 +72,9 @@ def rescore(doc: dict[str, Any]) -> dict[str, Any]:
     runs = sorted({k for p in per_prompt.values() for k in p if k != "answers"})
     out: dict[str, Any] = {}
     for run in runs:
-        rows = [(p[run], " " + p["answers"][0]) for p in per_prompt.values() if run in p]
-        out[run] = summary([e["margin"] for e, _ in rows], [bool(e["top"]) and a.startswith(e["top"]) for e, a in rows])
-        gen = [bool(e["generate"]) and a.startswith(e["generate"]) for e, a in rows if "generate" in e]
+        rows = [(p[run], p["answers"][0]) for p in per_prompt.values() if run in p]
+        out[run] = summary([e["margin"] for e, _ in rows], [starts_answer(e["top"], a) for e, a in rows])
+        gen = [starts_answer(e["generate"], a) for e, a in rows if "generate" in e]
         if gen:
             out[run]["generate_first_token_right"] = sum(gen)
             out[run]["generate_token_is_argmax"] = sum(e["generate"] == e["top"] for e, _ in rows if "generate" in e)
@@ -86,11 +90,11 @@ def main(argv: list[str] | None = None) -> None:
         if len(argv) != 3:
             raise SystemExit("usage: passkey_first_token.py rescore EARLIER.json OUT.json")
         earlier = json.loads(Path(argv[1]).read_text())
+        by = rescore(earlier)
         write_result(result_doc("python bench/experiments/passkey_first_token.py " + " ".join(argv),
                                 {"rescored": argv[1], "command_of_the_run": earlier.get("command"),
-                                 "device_of_the_run": earlier.get("device"), "by": rescore(earlier)},
-                                device="cpu"), argv[2])
-        print(json.dumps(rescore(earlier), indent=1))
+                                 "device_of_the_run": earlier.get("device"), "by": by}, device="cpu"), argv[2])
+        print(json.dumps(by, indent=1))
         return
     from headwise.engine import Engine
     from headwise.models import load_model
@@ -167,7 +171,6 @@ def main(argv: list[str] | None = None) -> None:
                 per_prompt[key][f"{name}/{dtype}"] = {
                     "margin": round(m, 4), "top": vocab[top], "right": top in starts}
             if args.generate and engine is not None:
-                right = 0
                 gen_margins: list[float] = []
                 gen_rights: list[bool] = []
                 gen_diffs: list[float] = []
@@ -184,20 +187,17 @@ def main(argv: list[str] | None = None) -> None:
                     seen.clear()
                     first = next(ev.token_id for ev in engine.generate(r["input_ids"], max_new_tokens=1,
                                                                          temperature=0.0) if ev.token_id >= 0)
-                    right += first in starts
                     entry = per_prompt[key][f"{name}/{dtype}"]
                     entry["generate"] = vocab[first]
-                    if seen:
-                        m, top = margin(seen[0], starts)
-                        gen_margins.append(m)
-                        gen_rights.append(top in starts)
-                        entry["generate_margin"] = round(m, 4)
-                        gen_diffs.append(float((seen[0] - reference[key]).abs().max()))
-                        gen_kls.append(text_kl(reference[key].log_softmax(-1), seen[0].log_softmax(-1)))
+                    m, _ = margin(seen[0], starts)  # the logits of the first step: generate() always samples there
+                    gen_margins.append(m)
+                    gen_rights.append(first in starts)
+                    entry["generate_margin"] = round(m, 4)
+                    gen_diffs.append(float((seen[0] - reference[key]).abs().max()))
+                    gen_kls.append(text_kl(reference[key].log_softmax(-1), seen[0].log_softmax(-1)))
                 engine._sample = sample  # type: ignore[method-assign]
-                gen = {"generate_first_token_right": right}
-                if gen_margins:
-                    gen |= {"generate_" + k: v for k, v in summary(gen_margins, gen_rights).items()} | {
+                # generate_first_token_right: the prompts whose sampled first token starts the answer
+                gen = {"generate_" + k: v for k, v in summary(gen_margins, gen_rights).items()} | {
                         "generate_mean_max_abs_logit_diff_vs_first": round(sum(gen_diffs) / len(gen_diffs), 4),
                         "generate_mean_kl_first_to_this_nats": round(sum(gen_kls) / len(gen_kls), 6)}
             else:
