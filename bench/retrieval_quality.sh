@@ -19,7 +19,7 @@
 # CURVE_BASELINES / SELECT_UNDER / CURVE_FULL_SHARE (default 1.0) / CURVE_PROFILE_ARGS (e.g. "--quant-global-key-bits 8
 # --quant-residual 64") the curve; SCORES the ranking it re-solves (a plan file of this model with scores in it); SAMPLES
 # the prompts per cell (default 100); QUEST=0 skips the eval phase's Quest pass; EVAL_ARGS adds arguments to the main
-# table's and the curve's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk, so
+# table's, the Quest pass's and the curve's `headwise eval` (e.g. EVAL_ARGS="--chunk-size 2048": a 2K prompt prefilled in one chunk, so
 # `knorm@equal` compresses once after the prompt as kvpress's press does); PROFILE_DTYPE
 # (default float32) the profiler's dtype; PROFILE_ONLY=1 ends the profile phase after the plans are written. PACK names
 # the archive in $OUT (default quality), so two phases may run side by side in one call with their own WORK.
@@ -106,10 +106,10 @@ eval)
   mkdir -p "$WORK/eval-main" && cp .carry/samples-*.jsonl "$WORK/eval-main/" 2>/dev/null
   sharded_eval main "$(left)" --plans "$PLANS" --tasks $TASKS,fidelity --lengths "$LENGTHS" --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}
   case "$PLANS:${QUEST:-1}" in *quest*|*:0) pack; exit 0 ;; esac  # QUEST=0: no Quest pass
-  mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table
+  mkdir -p "$WORK/eval-quest"  # the plan's rows come from the main table (the same EVAL_ARGS, so the same keys)
   for f in "$WORK"/eval-main/samples-shard*.jsonl; do cp "$f" "$WORK/eval-quest/samples-main-${f##*/}"; done
   sharded_eval quest "$(left)" --plans plans/$MODEL.json,quest@equal --tasks $TASKS --lengths "$LENGTHS" \
-    --depths $DEPTHS --samples $SAMPLES
+    --depths $DEPTHS --samples $SAMPLES ${EVAL_ARGS:-}
   pack
   ;;
 curve)

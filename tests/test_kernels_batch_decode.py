@@ -175,9 +175,11 @@ def test_a_new_length_split_or_table_width_compiles_no_new_kernel():
 
     pool = Pool([300, 97], heads=2, group=4, dim=64, dtype=torch.float32, page_slots=384, seed=5)
     before = None
-    # 3 or 4 splits after rounding (one merge block size); lengths, table strides and the lse strides each both
-    # divisible by 16 and not, and one split of a single iteration
-    for max_len, width, splits in [(300, 20, 3), (320, 20, 4), (257, 24, 3), (161, 11, 4), (208, 13, 4)]:
+    # 2 to 5 splits after rounding (the merge's block of splits is one constexpr up to 64: one kernel for every
+    # count); lengths, table strides and the lse strides each both divisible by 16 and not, and one split of a
+    # single iteration
+    for max_len, width, splits in [(300, 20, 3), (320, 20, 4), (257, 24, 3), (161, 11, 4), (208, 13, 4),
+                                   (300, 20, 2), (320, 20, 5)]:
         lengths = pool.lengths_t.clamp(max=max_len)
         table = pool.table[:, :, :width].contiguous()  # a table of another width: other strides
         out = batch_decode(pool.q, pool.k_pool, pool.v_pool, table, lengths, max_len, PAGE, num_splits=splits)

@@ -20,7 +20,7 @@ from headwise.kernels.decode_reference import (
     sparse_decode_reference,
     top_pages_reference,
 )
-from headwise.kernels.paged_decode import sparse_decode, topk_sparse_decode
+from headwise.kernels.paged_decode import merge_splits, sparse_decode, topk_sparse_decode
 from headwise.kernels.quest import quest_page_scores, select_pages
 from headwise.policies.stores import PagedStore
 
@@ -263,3 +263,26 @@ def test_quest_kernel_reads_8bit_bounds_with_their_scales():
     for p in range(store.num_pages):
         assert bool((out[:, :, p] >= qk[:, :, p * PAGE : (p + 1) * PAGE].amax(dim=-1) - 1e-4).all())
     assert bool((out >= exact - 1e-4).all())
+
+
+@pytest.mark.parametrize(("splits", "splits2"), [(1, 1), (3, 63), (64, 2), (65, 130)])
+def test_merge_weighs_each_split_by_its_log_sum_exp(splits, splits2):
+    """``merge_splits`` with split counts on both sides of its one block of 64 (one compiled kernel up to there), a
+    second head group with its own count, stale values past each head's count and a head with no keys at all: the
+    softmax-weighted mean of the partial outputs, as plain PyTorch computes it."""
+    g = torch.Generator().manual_seed(7)
+    B, Hq, D, first = 2, 6, 40, 4  # heads 4 and 5 are the second group
+    most = max(splits, splits2)
+    o_part = torch.randn(B, Hq, most + 3, D, generator=g)
+    lse_part = torch.randn(B, Hq, most + 3, generator=g) * 4  # log2 units
+    lse_part[1, 2] = float("-inf")  # no keys: the output is 0
+    out = torch.empty(B, Hq, D)
+    args = [t.to(DEVICE) for t in (o_part, lse_part, out)]
+    merge_splits(*args, splits, first, splits2)
+    want = torch.empty(B, Hq, D)
+    for h in range(Hq):
+        n = splits if h < first else splits2
+        w = torch.exp2(lse_part[:, h, :n] - lse_part[:, h, :n].amax(-1, keepdim=True)).nan_to_num(0.0)
+        want[:, h] = (w[..., None] * o_part[:, h, :n]).sum(1) / w.sum(-1, keepdim=True).clamp_min(1e-30)
+    want[1, 2] = 0.0
+    torch.testing.assert_close(args[2].cpu(), want, rtol=1e-5, atol=1e-5)

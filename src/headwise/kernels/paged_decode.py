@@ -62,6 +62,10 @@ from headwise.kernels.quest import _select_top_pages
 
 _LOG2E = 1.4426950408889634
 _MAX_SPLITS = 512  # the merge kernel holds all splits of a column block in registers
+# The merge's block of splits (a constexpr) is at least this many: every split count up to it shares one compiled
+# kernel. One per power of two loaded 2-, 4-, 8- and 16-split kernels in the middle of serving run 21's mix (H100), 100-1,100
+# ms each, as the batch's rows and lengths moved the split count; a masked lane reads no memory.
+_MERGE_MIN_BLOCK_S = 64
 _TOKENS_PER_ITER = 64  # K/V rows per inner iteration: enough for a tensor-core tile, small enough for registers
 
 
@@ -480,13 +484,14 @@ def merge_splits(o_part: torch.Tensor, lse_part: torch.Tensor, out: torch.Tensor
     n_splits2 = n_splits if n_splits2 is None else n_splits2
     most = max(n_splits, n_splits2)
     assert most <= _MAX_SPLITS, f"at most {_MAX_SPLITS} splits"
-    block_dm = min(triton.next_power_of_2(D), max(16, 8192 // triton.next_power_of_2(most)))
+    block_s = max(_MERGE_MIN_BLOCK_S, triton.next_power_of_2(most))
+    block_dm = min(triton.next_power_of_2(D), max(16, 8192 // block_s))
     _merge_splits_kernel[(B * Hq, triton.cdiv(D, block_dm))](
         o_part, lse_part, out, Hq, n_splits, n_q_first, n_splits2,
         o_part.stride(0), o_part.stride(1), o_part.stride(2),
         lse_part.stride(0), lse_part.stride(1),
         out.stride(0), out.stride(1),
-        HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=triton.next_power_of_2(most),
+        HEAD_DIM=D, BLOCK_DM=block_dm, BLOCK_S=block_s,
         num_warps=4,
     )
 

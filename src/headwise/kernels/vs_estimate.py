@@ -51,7 +51,9 @@ MAX_ROWS = 128
 # compiling another in the middle of a serving step (two of the slowest prompt steps of run 20's mix on an H200, 608
 # and 916 ms against a 451 ms median, loaded one or two). The scores' row stride stays specialized: it sets the loads'
 # alignment, and a chunked prefix of whole chunks keeps it divisible by 16. The log-sum-exp kernel's block of splits
-# is a constexpr (the split count's power of two): one kernel per power of two, at most six, which a warm-up meets.
+# is a constexpr: one block of ``_LSE_BLOCK_S`` (the most splits the default chooses) for every count, since one per
+# power of two, which a short warm-up does not meet, still loaded a kernel mid-run (serving run 21: a 1.1 s prompt step).
+_LSE_BLOCK_S = 64
 _ROW_STATS_INTS = ["n_rows", "n_keys", "first", "iters", "stride_mh", "stride_mr"]
 _LSE_INTS = ["n_rows", "n_splits", "stride_mh", "stride_mr"]
 _SUMS_INTS = ["n_rows", "n_keys", "first"]
@@ -146,7 +148,7 @@ def _vertical_slash_both(scores: torch.Tensor, first: int, splits: int | None = 
     BH = B * H
     block_r = max(16, triton.next_power_of_2(R))
     if splits is None:  # enough programs to fill the device for the statistics, each over >= 1024 keys (<= 64 splits)
-        splits = max(1, min(triton.cdiv(S, 1024), triton.cdiv(264, BH), 64))
+        splits = max(1, min(triton.cdiv(S, 1024), triton.cdiv(264, BH), _LSE_BLOCK_S))
     per = triton.cdiv(triton.cdiv(S, splits), block_n) * block_n
     splits = triton.cdiv(S, per)
     m = torch.empty(BH, R, splits, device=scores.device, dtype=torch.float32)
@@ -157,7 +159,7 @@ def _vertical_slash_both(scores: torch.Tensor, first: int, splits: int | None = 
     )
     lse = torch.empty(BH, block_r, device=scores.device, dtype=torch.float32)
     _lse_kernel[(BH,)](m, sumexp, lse, R, splits, m.stride(0), m.stride(1), BLOCK_R=block_r,
-                       BLOCK_S=max(2, triton.next_power_of_2(splits)))
+                       BLOCK_S=max(_LSE_BLOCK_S, triton.next_power_of_2(splits)))
     both = torch.empty(2, BH, S, device=scores.device, dtype=torch.float32)  # one buffer: one topk may take both
     sums_n = sums_block_n or max(block_n, 128)
     _sums_kernel[(BH, triton.cdiv(S, sums_n))](
