@@ -474,7 +474,7 @@ class Fp32Logits(torch.nn.Module):
     """A model's LM head with its output kept in float32: the logits are computed from float32 copies of the hidden
     state and the head's weight, so that no two of them round to one bfloat16 value. In bfloat16 the logits hold about
     three significant digits and, where greedy decoding is decided within a fraction of a logit, two tokens often tie
-    exactly and ``argmax`` takes the lower id (docs/quality.md, run 38). Costs a float32 copy of the head's weight per
+    exactly and ``argmax`` takes the lower id (docs/quality-runs.md, run 38). Costs a float32 copy of the head's weight per
     forward: meant for evaluation (``headwise eval --fp32-logits``), not serving."""
 
     def __init__(self, head: torch.nn.Module) -> None:

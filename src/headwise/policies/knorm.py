@@ -3,7 +3,7 @@
 Devoto et al., 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression"
 (https://arxiv.org/abs/2406.11430), as kvpress's ``KnormPress`` runs it: a key's L2 norm alone ranks it (a low norm
 goes with high attention), no query is needed, so the ranking costs one norm per token. On SmolLM2 at the shipped
-plan's KV it keeps more 2K passkeys than dense and loses most needles (docs/quality.md, run 14): a head-level choice
+plan's KV it keeps more 2K passkeys than dense and loses most needles (docs/quality-runs.md, run 14): a head-level choice
 for the solver, not a whole-model one.
 
 How it differs from the press. kvpress compresses each layer once, after a dense prefill of the whole prompt, and
@@ -14,7 +14,7 @@ chunk, attention is exact and causal over the kept tokens and the whole chunk, s
 prefilled as the press prefills it (densely) and then compressed as it compresses (smallest norms), the window
 aside; a longer prompt's later chunks see the earlier chunks' kept tokens only. The press cuts the cache before the
 last prompt token is read (it prefills the context, then runs the last token over the cut cache); a chunk holding
-the whole prompt gives that token the uncut prompt, so the first answer token is dense's (docs/quality.md, "The
+the whole prompt gives that token the uncut prompt, so the first answer token is dense's (docs/quality-runs.md, "The
 KNorm cell in fp32"). With ``window=0`` and a chunk that stops one token short of the prompt the cut comes first,
 as in the press, but the generated tokens then compete by norm too (the press keeps them all).
 """

@@ -34,7 +34,7 @@ a separate set of probes. Each round's loss is kept (``AblationResult.curve``): 
 of the number of full heads, measured.
 
 Text (``text_weight``, off by default): the retrieval loss keeps the heads the probes need and nothing else, so a
-plan that keeps the passkey can still lose text fidelity (Gemma 3 270M, docs/quality.md "Run 11": KL 0.13-0.18 nats
+plan that keeps the passkey can still lose text fidelity (Gemma 3 270M, docs/quality-runs.md "Run 11": KL 0.13-0.18 nats
 vs dense on Shakespeare). With a weight, each loss adds ``text_weight`` x the mean KL(dense || switched), in nats,
 of the next-token distributions at the last ``TEXT_POSITIONS`` positions of held-in text rows (``ablation_text``:
 the profiler's Shakespeare, not the evaluation's), under the same masks and rounding as the probes (each row one

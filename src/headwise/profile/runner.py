@@ -782,7 +782,7 @@ def select_2bit_rings(lm: LoadedModel, sol: Any, quantize: Quantize, budget: flo
     where several beat the plan, one with those on rings together; the candidate answering the most probes exactly is
     kept, the plan on a tie (``select.choose_ring``). Judged as ``select_under_budget`` judges budgets
     (``measure_on_probes``, the quantized heads rounded as their stores hold them). Why: the solver values every
-    quantized option above every ring (it keeps every token), but on Gemma 3 (docs/quality.md, run 31) one sliding
+    quantized option above every ring (it keeps every token), but on Gemma 3 (docs/quality-runs.md, run 31) one sliding
     head in 2-bit codes cost the 0.25 plan most of its multi-key needles (18-24% where the 0.2 plan, with that head on
     a 32-token ring, kept 43-60%), and the held-in probes saw it (9 of 24 answered against 15). A candidate replaces
     the plan only if it answers more probes beyond chance (``select.SELECT_ALPHA``).

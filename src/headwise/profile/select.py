@@ -586,7 +586,7 @@ SELECT_ALPHA = 0.05
 same held-in probes than the plan by more than chance: a one-sided exact sign test on the probes one of the two
 answers and the other does not (``sign_test``), p < ``SELECT_ALPHA``; so at least 5 more, and more where some are
 lost. Each candidate is tested against the plan on its own (no correction for their number: the guard is against
-moves on a handful of probes, not a proof). Why: on Gemma 3 at 0.2 (docs/quality.md, run 32, H100) ``--select-2bit``
+moves on a handful of probes, not a proof). Why: on Gemma 3 at 0.2 (docs/quality-runs.md, run 32, H100) ``--select-2bit``
 moved four heads on 45 probes answered against the plan's 41 of 64, and the plan written found 21% of the 2K passkeys
 where the solved plan found 84%; at 0.25 and 0.3 it moved heads on 44 against 25 and 40 against 30, and the plans
 written kept dense's share of passkeys and multi-key needles where the solved ones lost them."""
@@ -663,7 +663,7 @@ class RingCandidate(BudgetCandidate):
 SELECT_TEXT_ALLOWANCE = 0.05
 """``--select-2bit``'s text term (``--select-text-allowance``): a ring, or a set of rings, may replace the plan only if
 its KL from dense on held-in text exceeds the plan's by at most this many nats per position. Why: on Gemma 3 at 0.3
-(docs/quality.md, runs 32-33, H100) the five rings the probes preferred kept dense's multi-key needles but lost 0.33-0.36
+(docs/quality-runs.md, runs 32-33, H100) the five rings the probes preferred kept dense's multi-key needles but lost 0.33-0.36
 nats of text on the evaluation's Shakespeare (perplexity 55 against 38), where layer 10's ring alone, +0.01 nats over
 the solved plan's 0.11-0.14, kept 0.92-1.00 of them (n = 400) against the solved plan's 0.61-0.73. On the held-in text
 this term measures, those five rings cost 0.006-0.065 nats each (CPU, session 39): 0.05 lets three of them through

@@ -87,7 +87,7 @@ class QuantMenu:
     ``global_key_bits`` 8 leaves out 4-bit keys on global layers: a head there kept whole holds at least 8-bit keys
     over 4-bit values (``solve`` drops the floor where it would keep fewer global heads whole). Those heads are the
     ones that find a key anywhere in the context, and with several similar keys (the multi-key needle's
-    distractors) 4-bit keys pick the wrong one (docs/quality.md, run 19: Gemma 3's
+    distractors) 4-bit keys pick the wrong one (docs/quality-runs.md, run 19: Gemma 3's
     three global heads at 4 bits answered 9 of 20 needles they lost on the GPU, with 8-bit keys 17, as dense).
     Heads on native sliding-window layers keep every option. ``residual``: KIVI's full-precision residual of every
     option (128 as KIVI; a shorter one holds less at the peak, which matters on a 512-token window). ``two_bit``:
@@ -106,7 +106,7 @@ class QuantMenu:
     window of ``min_ring`` on a native sliding-window layer; half sinks, half recent tokens on a global one), valued
     below every measured span, so the solver takes it only where the budget leaves nothing else. 0: none (the floor
     every plan before 2026-12-05 was solved with). Below ~0.19 of dense at 4K no plan with 128-token rings keeps two
-    of Gemma 3's global heads (docs/quality.md, run 23); with rings of 32 two fit in 2 bits at ~0.11."""
+    of Gemma 3's global heads (docs/quality-runs.md, run 23); with rings of 32 two fit in 2 bits at ~0.11."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.min_ring, int) or isinstance(self.min_ring, bool) or not (
@@ -294,7 +294,7 @@ def solve(spec: ModelSpec, scores: torch.Tensor, budget: float, target_len: int,
     (``QuantMenu(global_key_bits=8)``), the floor gives way where it costs reach: if the plan solved with it keeps
     fewer global-layer heads whole (quantized or full) than the same menu with 4-bit keys allowed, the latter is
     returned (``Solution.global_key_bits`` says which). On Gemma 3 at budget 0.25 the floor kept one of its three
-    global heads and streamed two, and that plan found no passkey on the H200 (docs/quality.md, run 21); 4-bit keys
+    global heads and streamed two, and that plan found no passkey on the H200 (docs/quality-runs.md, run 21); 4-bit keys
     keep two of them. Where every global head fits at 8 bits (Gemma 3 at 0.35 and up) nothing changes."""
     menu = quant_menu(quantize)
     sol = _fit_solve(spec, scores, budget, target_len, recall, min_score, full_share, quantize, ranks, fit_lengths)
