@@ -190,8 +190,8 @@ def test_a_new_prefix_length_compiles_no_new_estimate_kernel():
     g = torch.Generator(device="cuda").manual_seed(3)
     before = None
     # prefixes of whole 64-key blocks (the row stride divisible by 16, as whole chunks keep it): 2 to 64 splits (the
-    # merge's block of splits is one constexpr for every count up to 64: serving run 21 loaded a kernel per power of two
-    # mid-run), each of 1 to 17 iterations
+    # log-sum-exp kernel's block of splits is one constexpr for every count up to 64: serving run 21 loaded one per
+    # power of two mid-run), each of 1 to 32 iterations
     for keys, splits in [(17408, 17), (2048, 32), (32768, 32), (6400, 20), (26112, 24), (4096, 2), (8192, 5),
                          (32768, 64), (16384, 9)]:
         q = torch.randn(1, 4, 64, 64, device="cuda", generator=g)
