@@ -10,6 +10,10 @@
 # /tmp/kvsite is first on their PYTHONPATH; headwise's commands here never see it.
 # MODEL (smollm2-135m), EVAL (main), PLAN ($MODEL: the label the eval gave the plan whose memory is
 # matched), PRESSES, TASKS, LENGTHS, DEPTHS, SAMPLES (100), SHARDS (8 processes on the one GPU) change what runs.
+# KV_FRACTION (e.g. 2048=0.2261) sets the presses' kept share after the prompt instead of matching the plan's
+# measured KV after it (the press cuts layer by layer inside the prefill, so its peak is ~0.03 of dense higher: 0.2261
+# puts SmolLM2's 2K peak at the plan's 25.9%); KV_DTYPE (float32, bfloat16) the presses' dtype (run_presses.py's
+# default otherwise), e.g. float32 beside an eval run with `--dtype float32` or `--fp32-logits`.
 # HWPY / KVPY (python3) name the interpreters; the whole run phase was tried on a CPU with
 #   WORK=/tmp/kvsim SHARDS=2 TASKS=passkey LENGTHS=512 DEPTHS=0.25,0.75 SAMPLES=2 HEADWISE_CACHE=~/.cache/headwise \
 #   HWPY=.venv/bin/python KVPY=.venv-kvpress/bin/python bench/kvpress/gpu.sh run 600
@@ -51,9 +55,11 @@ run)
   [ -f "$KV/prompts.jsonl" ] || hw eval "$MODEL" --tasks "$TASKS" --lengths "$LENGTHS" --depths "$DEPTHS" \
     --samples "$SAMPLES" --export-prompts "$KV/prompts.jsonl" || exit 1
   secs=$(( arg - ($(date +%s) - T0) - 60 ))
+  memory=(--match "$results:$PLAN")
+  [ -n "${KV_FRACTION:-}" ] && memory=(--kv-fraction "$KV_FRACTION")
   for i in $(seq 0 $((SHARDS - 1))); do
     PYTHONPATH=/tmp/kvsite timeout "$secs" $KVPY bench/kvpress/run_presses.py "$KV/prompts.jsonl" \
-      --presses "$PRESSES" --match "$results:$PLAN" --shard "$i/$SHARDS" --out "$KV/outputs-$i.jsonl" \
+      --presses "$PRESSES" "${memory[@]}" ${KV_DTYPE:+--dtype "$KV_DTYPE"} --shard "$i/$SHARDS" --out "$KV/outputs-$i.jsonl" \
       > "$KV/logs/shard$i.log" 2>&1 &
   done
   wait
