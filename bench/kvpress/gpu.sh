@@ -3,6 +3,8 @@
 # joined the weights and run the eval in $WORK/eval-$EVAL (same MODEL, TASKS, LENGTHS, DEPTHS, samples and seed).
 #
 #   bench/kvpress/gpu.sh setup          # .whl-kvpress/ (bench/kvpress/wheels.sh; carry it) into /tmp/kvsite
+#                                       # (KV_WHEELS=DIR: from DIR, e.g. /tmp/kvwhl after calls that copied the
+#                                       # wheels there a few at a time, when the tree leaves no room for all)
 #   bench/kvpress/gpu.sh run SECONDS    # export the eval's prompts, run the presses at the plan's measured KV
 #                                       # fraction per length, merge into $WORK/eval-$EVAL/results.json, pack
 #
@@ -41,7 +43,7 @@ hw() { PYTHONPATH=/tmp/site:$PWD/src $HWPY -m headwise.cli "$@"; }
 case $phase in
 setup)
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/kvsite \
-    .whl-kvpress/*.whl || exit 1
+    "${KV_WHEELS:-.whl-kvpress}"/*.whl || exit 1
   # kvpress imports datasets at import time; where it is missing (or needs another huggingface_hub), the stand-in
   PYTHONPATH=/tmp/kvsite $KVPY -c "import datasets" 2>/dev/null || cp -r bench/kvpress/offline/datasets /tmp/kvsite/
   PYTHONPATH=/tmp/kvsite $KVPY -c "import kvpress, transformers, torch; from importlib.metadata import version; \
