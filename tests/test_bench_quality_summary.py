@@ -98,19 +98,22 @@ def test_a_cell_must_hold_in_every_large_run(tmp_path):
     plan.save(tmp_path / "plan.json")
     digest = plan.digest()
 
-    def run(n, dense_right, plan_right, name):
+    def run(n, dense_right, plan_right, name, **numerics):
         rows = _rows("dense", "d-dense", [i < dense_right for i in range(n)]) + _rows(
             "mine", digest, [i < plan_right for i in range(n)])
         doc = _doc(digest, "NVIDIA H100 80GB HBM3", {("dense", "passkey", 1024): (dense_right / n, n),
                                                     ("mine", "passkey", 1024): (plan_right / n, n)},
                    {"dense": 1.0, "mine": 0.3}, rows)
-        (tmp_path / name).write_text(json.dumps(doc))
+        (tmp_path / name).write_text(json.dumps(doc | numerics))
         return str(tmp_path / name)
 
     big = run(400, 300, 300, "big.json")
     cell = mod.cells(str(tmp_path / "plan.json"), [big])[0]
     assert cell["met"] and cell["held_in_large_runs"]
-    other = run(300, 250, 200, "other.json")
+    other = run(300, 250, 200, "other.json", dtype="bfloat16", logits_dtype="float32")
     cell = mod.cells(str(tmp_path / "plan.json"), [big, other])[0]
     assert cell["file"] == big and not cell["held_in_large_runs"] and cell["met"] is False
-    assert [r["n"] for r in cell["runs"]] == [400, 300] and "a run of >= 300" in mod.markdown([cell])
+    assert [r["n"] for r in cell["runs"]] == [400, 300] and cell["runs"][1]["logits_dtype"] == "float32"
+    # the met column names the run that failed, with its card and numerics (not the one that held)
+    assert "a run of >= 300: 0.800 [" in mod.markdown([cell])
+    assert "], H100, bfloat16, fp32 logits)" in mod.markdown([cell])
