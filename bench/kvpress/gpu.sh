@@ -7,6 +7,8 @@
 #                                       # wheels there a few at a time, when the tree leaves no room for all)
 #   bench/kvpress/gpu.sh run SECONDS    # export the eval's prompts, run the presses at the plan's measured KV
 #                                       # fraction per length, merge into $WORK/eval-$EVAL/results.json, pack
+#   bench/kvpress/gpu.sh merge          # only the merge and pack, of outputs-*.jsonl already in $WORK/kvpress
+#                                       # (e.g. presses run beside the eval: logs in $WORK/kvpress/logs/shard*.log)
 #
 # transformers 4.57.6 (kvpress 0.5.5 needs < 5.3) shadows the machine's 5.17 only in run_presses.py's processes:
 # /tmp/kvsite is first on their PYTHONPATH; headwise's commands here never see it.
@@ -65,6 +67,12 @@ run)
       > "$KV/logs/shard$i.log" 2>&1 &
   done
   wait
+  bash "$0" merge
+  ;;
+merge)
+  # the shards' outputs (of `run`, or of run_presses.py processes started beside the eval) into the eval's table
+  results=$WORK/eval-$EVAL/results.json
+  [ -f "$results" ] || { echo "no $results: run bench/retrieval_quality.sh first"; exit 2; }
   tail -n 2 "$KV"/logs/shard*.log
   # every complete line of every shard (a shard cut by the timeout may leave half a line)
   $HWPY -c 'import json, sys
@@ -82,5 +90,5 @@ for f in sys.argv[1:]:
   echo "kvpress run took $(( $(date +%s) - T0 )) s"
   [ -n "${OUT:-}" ] && (cd "$KV" && tar czf "$OUT/kvpress.tgz" eval outputs.jsonl logs) && ls -la "$OUT"
   ;;
-*) echo "unknown phase $phase (setup, run)"; exit 2 ;;
+*) echo "unknown phase $phase (setup, run, merge)"; exit 2 ;;
 esac
