@@ -20,7 +20,7 @@ def _key(i: int) -> dict:
 
 def _write(tmp_path: Path, press_right: list[bool], plan_right: list[bool | None]) -> tuple[Path, Path, Path]:
     prompts = [_key(i) | {"answers": ["12345"], "scoring": "contains"} for i in range(len(press_right))]
-    outputs = [_key(i) | {"label": "kvpress:knorm@equal", "output": " 12345." if ok else " the pass key."}
+    outputs = [_key(i) | {"label": "kvpress:knorm@equal", "method": {"compression_ratio": 0.77}, "output": " 12345." if ok else " the pass key."}
                for i, ok in enumerate(press_right)]
     rows = [_key(i) | {"plan": "dense", "output": "x", "score": 1.0 if ok else 0.0}
             for i, ok in enumerate(plan_right) if ok is not None]
@@ -38,14 +38,14 @@ def test_pairs_only_the_prompts_both_ran_and_counts_each_side(tmp_path):
     out = tmp_path / "pair.json"
     assert pair_outputs.main([str(out), str(o), "--prompts", str(p), "--against", f"{r}:dense"]) == 0
     doc = json.loads(out.read_text())["results"]
-    cell = doc["paired"]["kvpress:knorm@equal"][f"{r}:dense"]
+    cell = doc["paired"]["kvpress:knorm@equal (compression_ratio 0.77)"][f"{r}:dense"]
     assert cell["pairs"] == 4
     assert cell["press"]["correct"] == 3 and cell["plan"]["correct"] == 2
     ratio = cell["press_over_plan"]
     assert (ratio["both"], ratio["only_plan"], ratio["only_ref"]) == (1, 2, 1)  # only_plan: the press alone
     assert ratio["ratio"] == pytest.approx(1.5)
     assert cell["plan_device"] == "NVIDIA H100"
-    assert doc["presses"]["kvpress:knorm@equal"]["n"] == 5  # every output, paired or not
+    assert doc["presses"]["kvpress:knorm@equal (compression_ratio 0.77)"]["n"] == 5  # every output, paired or not
 
 
 def test_a_label_missing_from_the_results_is_a_clear_error(tmp_path, capsys):
@@ -54,3 +54,21 @@ def test_a_label_missing_from_the_results_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no rows of plan 'nope'" in err and "dense" in err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_the_same_outputs_given_twice_are_refused(tmp_path, capsys):
+    p, o, r = _write(tmp_path, [True, False], [True, True])
+    assert pair_outputs.main([str(tmp_path / "x.json"), str(o), str(o), "--prompts", str(p),
+                              "--against", f"{r}:dense"]) == 2
+    assert "two outputs" in capsys.readouterr().err
+
+
+def test_a_label_with_a_colon_names_the_rows_of_a_press_in_a_merged_file(tmp_path):
+    p, o, r = _write(tmp_path, [True, True], [True, False])
+    doc = json.loads(r.read_text())
+    doc["rows"] = [dict(x, plan="kvpress:knorm@equal") for x in doc["rows"] if x["plan"] == "dense"]
+    r.write_text(json.dumps(doc))
+    out = tmp_path / "pair.json"
+    assert pair_outputs.main([str(out), str(o), "--prompts", str(p), "--against", f"{r}:kvpress:knorm@equal"]) == 0
+    (cell,) = json.loads(out.read_text())["results"]["paired"]["kvpress:knorm@equal (compression_ratio 0.77)"].values()
+    assert (cell["press"]["correct"], cell["plan"]["correct"]) == (2, 1)

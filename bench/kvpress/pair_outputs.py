@@ -25,15 +25,25 @@ from headwise.eval.external import read_jsonl, sample_key
 from headwise.eval.scoring import paired_ratio, score, wilson
 
 
+def press_name(o: dict[str, Any]) -> str:
+    """An output's press: its label and, where it has one, its compression ratio (two runs of one press at two
+    memories share a label)."""
+    ratio = (o.get("method") or {}).get("compression_ratio")
+    return str(o["label"]) if ratio is None else f"{o['label']} (compression_ratio {ratio})"
+
+
 def scored_outputs(outputs: list[dict[str, Any]], prompts: list[dict[str, Any]]) -> dict[str, dict[tuple, float]]:
-    """Per press label: sample key -> score of its output against the exported prompt's answers."""
+    """Per press (``press_name``): sample key -> score of its output against the exported prompt's answers."""
     by_key = {sample_key(p): p for p in prompts}
     out: dict[str, dict[tuple, float]] = {}
     for o in outputs:
         p = by_key.get(sample_key(o))
         if p is None:
             raise InputError(f"an output of {o.get('label')!r} ({sample_key(o)}) has no exported prompt to score it")
-        out.setdefault(str(o["label"]), {})[sample_key(o)] = score(p["scoring"], o["output"], p["answers"])
+        mine = out.setdefault(press_name(o), {})
+        if sample_key(o) in mine:
+            raise InputError(f"{press_name(o)} has two outputs for {sample_key(o)}: one file given twice?")
+        mine[sample_key(o)] = score(p["scoring"], o["output"], p["answers"])
     return out
 
 
@@ -83,8 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         versions = sorted({str(o.get("method_version")) for o in outputs})
         table: dict[str, Any] = {}
         for spec in args.against:
-            path, sep, label = spec.rpartition(":")
-            if not sep or not path:
+            # a label may hold a colon (kvpress:knorm@equal): split after the file's .json where there is one
+            path, sep, label = spec.partition(".json:") if ".json:" in spec else spec.rpartition(":")
+            path += ".json" if sep == ".json:" else ""
+            if not sep or not path or not label:
                 raise InputError(f"--against {spec!r}: expected FILE:LABEL")
             doc = json.loads(Path(path).read_text())
             rows = plan_rows(doc, label, path)
