@@ -110,8 +110,9 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
                         baselines[bkey] = b
     out = []
     for (task, length), scored in sorted(found.items()):
-        # the most samples; among runs of as many, one that paired the plan with dense prompt by prompt
-        plan, dense, ratio, doc, label, path = max(scored, key=lambda c: (c[0]["n"], c[2] is not None))
+        # the most samples; among runs of as many, one that paired the plan with dense prompt by prompt, then one in
+        # the numerics plans are served in (bf16: its KV share is the one that counts; fp32 runs are diagnostics)
+        plan, dense, ratio, doc, label, path = max(scored, key=lambda c: (c[0]["n"], c[2] is not None, _served(c[3])))
         kv = _kv(doc, label, length)
         others = sorted((b for (t, n, _), b in baselines.items() if (t, n) == (task, length)),
                         key=lambda b: -b["score"])
@@ -150,6 +151,12 @@ def _pct(a: dict[str, Any] | None) -> str:
         return "-"
     lo, hi = a["ci95"]
     return f"{100 * a['score']:.0f} [{100 * lo:.0f}–{100 * hi:.0f}]"
+
+
+def _served(doc: dict[str, Any]) -> bool:
+    """Whether a run used the numerics a plan is served in on a GPU: bf16 weights and logits (a run that names no
+    dtype ran in its device's default, bf16 on a GPU)."""
+    return doc.get("dtype") in (None, "bfloat16") and doc.get("logits_dtype") in (None, "bfloat16")
 
 
 def _holds(run: dict[str, Any]) -> bool:

@@ -117,3 +117,25 @@ def test_a_cell_must_hold_in_every_large_run(tmp_path):
     # the met column names the run that failed, with its card and numerics (not the one that held)
     assert "a run of >= 300: 0.800 [" in mod.markdown([cell])
     assert "], H100, bfloat16, fp32 logits)" in mod.markdown([cell])
+
+
+def test_of_runs_as_large_the_one_in_served_numerics_is_shown(tmp_path):
+    """An fp32 run as large as a bf16 one is a diagnostic: the table's row (and its KV share, which in fp32 bytes is
+    not what the plan holds when served) comes from the bf16 run, whichever file comes first."""
+    mod = bench_module("quality_summary.py")
+    plan = HeadPlan.dense(SPEC, "tiny")
+    plan.save(tmp_path / "plan.json")
+    digest = plan.digest()
+
+    def run(name, **numerics):
+        rows = _rows("dense", "d-dense", [i < 300 for i in range(400)]) + _rows("mine", digest,
+                                                                               [i < 300 for i in range(400)])
+        doc = _doc(digest, "NVIDIA H100 80GB HBM3", {("dense", "passkey", 1024): (0.75, 400),
+                                                    ("mine", "passkey", 1024): (0.75, 400)},
+                   {"dense": 1.0, "mine": 0.3}, rows)
+        (tmp_path / name).write_text(json.dumps(doc | numerics))
+        return str(tmp_path / name)
+
+    fp32, bf16 = run("fp32.json", dtype="float32"), run("bf16.json", dtype="bfloat16")
+    for files in ([fp32, bf16], [bf16, fp32]):
+        assert mod.cells(str(tmp_path / "plan.json"), files)[0]["file"] == bf16
