@@ -87,7 +87,7 @@ for f in sys.argv[1:]:
     --prompts "$KV/prompts.jsonl" --out "$KV/eval" | tail -c 300
   cp "$WORK/eval-$EVAL"/*.png "$KV/eval/" 2>/dev/null
   hw eval --report-only "$KV/eval" | tail -n 60
-  echo "kvpress run took $(( $(date +%s) - T0 )) s"
+  echo "merged in $(( $(date +%s) - T0 )) s"
   [ -n "${OUT:-}" ] && (cd "$KV" && tar czf "$OUT/kvpress.tgz" eval outputs.jsonl logs) && ls -la "$OUT"
   ;;
 *) echo "unknown phase $phase (setup, run, merge)"; exit 2 ;;
