@@ -129,9 +129,8 @@ def cells(plan_path: str, files: list[str]) -> list[dict[str, Any]]:
         held = all(_holds(r) for r in runs if r["n"] >= MIN_N_HELD)
         met = None
         if applies:
-            met = bool(ratio and ratio.get("ratio") is not None and ratio["ratio"] >= KEEP
-                       and ratio["ratio_ci95"][0] >= KEEP_LO and held and kv is not None and kv <= KV_MAX
-                       and len(beaten) == len(equal))
+            met = bool(ratio and ratio.get("ratio") is not None and _holds(ratio) and held
+                       and kv is not None and kv <= KV_MAX and len(beaten) == len(equal))
         out.append({"task": task, "length": length, "file": path, "device": doc.get("device"), "label": label,
                     "dense": _acc(dense), "plan": _acc(plan), "ratio": None if ratio is None else
                     {k: ratio[k] for k in ("ratio", "ratio_ci95", "only_plan", "only_ref", "pairs")},
