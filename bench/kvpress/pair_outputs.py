@@ -66,10 +66,11 @@ def _acc(scores: list[float]) -> dict[str, Any]:
 
 
 def pair(press: dict[tuple, float], plan: dict[tuple, float]) -> dict[str, Any]:
-    """The press against one plan on the prompts both ran (scores above 0.5 count as right)."""
+    """The press against one plan on the prompts both ran (a prompt answered fully, score 1, counts as right, as
+    ``report.retention`` counts it)."""
     keys = sorted(set(press) & set(plan), key=repr)
-    p = [press[k] > 0.5 for k in keys]
-    q = [plan[k] > 0.5 for k in keys]
+    p = [press[k] >= 1.0 for k in keys]
+    q = [plan[k] >= 1.0 for k in keys]
     both = sum(a and b for a, b in zip(p, q, strict=True))
     only_press = sum(a and not b for a, b in zip(p, q, strict=True))
     only_plan = sum(b and not a for a, b in zip(p, q, strict=True))
@@ -92,13 +93,16 @@ def main(argv: list[str] | None = None) -> int:
         presses = scored_outputs(outputs, read_jsonl(args.prompts, "exported prompts"))
         versions = sorted({str(o.get("method_version")) for o in outputs})
         table: dict[str, Any] = {}
+        docs: dict[str, dict[str, Any]] = {}  # a file named for several labels is read once
         for spec in args.against:
             # a label may hold a colon (kvpress:knorm@equal): split after the file's .json where there is one
             path, sep, label = spec.partition(".json:") if ".json:" in spec else spec.rpartition(":")
             path += ".json" if sep == ".json:" else ""
             if not sep or not path or not label:
                 raise InputError(f"--against {spec!r}: expected FILE:LABEL")
-            doc = json.loads(Path(path).read_text())
+            if path not in docs:
+                docs[path] = json.loads(Path(path).read_text())
+            doc = docs[path]
             rows = plan_rows(doc, label, path)
             for name, scores in presses.items():
                 cell = pair(scores, rows)
